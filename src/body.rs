@@ -1,0 +1,236 @@
+//! Bodies: the response body the layer returns, and request bodies it can rebuild.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::service::Recorder;
+
+/// A request body type the layer can rebuild from the bytes it buffered.
+///
+/// To fingerprint a covered request the layer reads its whole body (up to the limit), then
+/// hands the service behind it a body of the same type holding the same bytes. Request
+/// trailers, rare outside gRPC streaming, are not carried over.
+///
+/// Implemented for axum's body (feature `axum`, on by default), tonic's body (feature
+/// `tonic`), `String`, and `http-body-util`'s `Full<Bytes>`, `BoxBody` and `UnsyncBoxBody`.
+/// hyper's `Incoming` cannot be built by anyone but hyper: put the layer behind a
+/// `map_request_body` that turns it into one of these (see the hyper example).
+///
+/// Implement it for your own body type:
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower_idempotency::RebuildBody;
+///
+/// struct MyBody(http_body_util::Full<Bytes>);
+///
+/// impl RebuildBody for MyBody {
+///     fn from_bytes(bytes: Bytes) -> Self {
+///         MyBody(http_body_util::Full::new(bytes))
+///     }
+/// }
+/// ```
+pub trait RebuildBody: Sized {
+    /// A body yielding exactly `bytes`.
+    fn from_bytes(bytes: Bytes) -> Self;
+}
+
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+impl RebuildBody for axum_core::body::Body {
+    fn from_bytes(bytes: Bytes) -> Self {
+        axum_core::body::Body::from(bytes)
+    }
+}
+
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+impl RebuildBody for tonic::body::Body {
+    fn from_bytes(bytes: Bytes) -> Self {
+        tonic::body::Body::new(http_body_util::Full::new(bytes))
+    }
+}
+
+impl RebuildBody for String {
+    /// Bodies that are not UTF-8 are rebuilt lossily; prefer a byte body for such content.
+    fn from_bytes(bytes: Bytes) -> Self {
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl RebuildBody for http_body_util::Full<Bytes> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        http_body_util::Full::new(bytes)
+    }
+}
+
+impl<E: 'static> RebuildBody for http_body_util::combinators::BoxBody<Bytes, E> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        use http_body_util::BodyExt;
+        http_body_util::Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed()
+    }
+}
+
+impl<E: 'static> RebuildBody for http_body_util::combinators::UnsyncBoxBody<Bytes, E> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        use http_body_util::BodyExt;
+        http_body_util::Full::new(bytes)
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    }
+}
+
+pin_project! {
+    /// The response body of [`Idempotency`](crate::Idempotency).
+    ///
+    /// It is one of: the inner service's body passed through untouched (uncovered
+    /// requests); the inner body streamed to the client while a copy is recorded (the first
+    /// run of an operation); a stored body replayed with its trailers; or a problem body.
+    pub struct IdempotencyBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Passthrough { #[pin] inner: B },
+        Live { inner: Recorder<B> },
+        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+    }
+}
+
+impl<B> IdempotencyBody<B> {
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            kind: Kind::Passthrough { inner },
+        }
+    }
+
+    pub(crate) fn live(inner: Recorder<B>) -> Self {
+        Self {
+            kind: Kind::Live { inner },
+        }
+    }
+
+    pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for IdempotencyBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Passthrough { .. } => "Passthrough",
+            Kind::Live { .. } => "Live",
+            Kind::Full { .. } => "Full",
+        };
+        f.debug_struct("IdempotencyBody")
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+impl<B> Body for IdempotencyBody<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Passthrough { inner } => inner.poll_frame(cx),
+            KindProj::Live { inner } => Pin::new(inner).poll_frame(cx),
+            KindProj::Full { data, trailers } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                if let Some(trailers) = trailers.take() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Passthrough { inner } => inner.is_end_stream(),
+            Kind::Live { inner } => inner.is_end_stream(),
+            Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Passthrough { inner } => inner.size_hint(),
+            Kind::Live { inner } => inner.size_hint(),
+            Kind::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+/// Reads a request body up to `limit` bytes.
+pub(crate) async fn buffer<B>(body: B, limit: usize) -> Result<Bytes, BufferError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: fmt::Display,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Err(BufferError::TooLarge);
+    }
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<bytes::BytesMut> = None;
+    let mut len = 0usize;
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = frame.map_err(|e| BufferError::Read(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len += data.len();
+        if len > limit {
+            return Err(BufferError::TooLarge);
+        }
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut buf = bytes::BytesMut::with_capacity(len.max(f.len() * 2));
+                buf.extend_from_slice(f);
+                buf.extend_from_slice(&data);
+                rest = Some(buf);
+            }
+            (Some(_), Some(buf)) => buf.extend_from_slice(&data),
+        }
+    }
+    Ok(match (first, rest) {
+        (_, Some(buf)) => buf.freeze(),
+        (Some(first), None) => first,
+        (None, None) => Bytes::new(),
+    })
+}
+
+pub(crate) enum BufferError {
+    TooLarge,
+    Read(String),
+}

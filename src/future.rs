@@ -1,0 +1,86 @@
+//! The response future of [`Idempotency`](crate::Idempotency).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::Response;
+use pin_project_lite::pin_project;
+
+use crate::body::IdempotencyBody;
+
+type Covered<B, E> =
+    Pin<Box<dyn Future<Output = Result<Response<IdempotencyBody<B>>, E>> + Send + 'static>>;
+
+pin_project! {
+    /// The response future of [`Idempotency`](crate::Idempotency).
+    ///
+    /// Uncovered requests poll the inner future in place, with no allocation; answers the
+    /// layer gives at once are ready; covered requests, which await the store, run as one
+    /// boxed future (every store call is an `async_trait` future already).
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        state: State<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B, E> {
+        Passthrough { #[pin] fut: F },
+        Ready { res: Option<Response<IdempotencyBody<B>>> },
+        Covered { fut: Covered<B, E> },
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    pub(crate) fn passthrough(fut: F) -> Self {
+        Self {
+            state: State::Passthrough { fut },
+        }
+    }
+
+    pub(crate) fn ready(res: Response<IdempotencyBody<B>>) -> Self {
+        Self {
+            state: State::Ready { res: Some(res) },
+        }
+    }
+
+    pub(crate) fn covered(fut: Covered<B, E>) -> Self {
+        Self {
+            state: State::Covered { fut },
+        }
+    }
+}
+
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Passthrough { .. } => "Passthrough",
+            State::Ready { .. } => "Ready",
+            State::Covered { .. } => "Covered",
+        };
+        f.debug_struct("ResponseFuture").field("state", &state).finish()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<IdempotencyBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Passthrough { fut } => {
+                let res = ready!(fut.poll(cx))?;
+                Poll::Ready(Ok(res.map(IdempotencyBody::passthrough)))
+            }
+            StateProj::Ready { res } => Poll::Ready(Ok(res
+                .take()
+                .expect("ResponseFuture polled after completion"))),
+            StateProj::Covered { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Idempotency keys: parsing, validation and the caller scope.
+
+use std::fmt;
+
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+
+use crate::fingerprint::hex;
+
+/// A validated idempotency key, as the client sent it (without the sf-string quotes).
+///
+/// The layer puts the key of every covered request into the request's extensions, so the
+/// service behind can read it without parsing the header again:
+///
+/// ```
+/// use tower_idempotency::IdempotencyKey;
+///
+/// fn handler(req: http::Request<()>) -> Option<String> {
+///     req.extensions().get::<IdempotencyKey>().map(|k| k.as_str().to_owned())
+/// }
+/// # assert!(handler(http::Request::new(())).is_none());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub(crate) fn generate() -> Self {
+        Self(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// The key as an RFC 9651 sf-string header value (`"…"`).
+    pub(crate) fn to_header_value(&self) -> HeaderValue {
+        let mut out = String::with_capacity(self.0.len() + 2);
+        out.push('"');
+        for c in self.0.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+        HeaderValue::try_from(out).expect("a validated key is a valid header value")
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("IdempotencyKey").field(&self.0).finish()
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How the key header is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum KeyParsing {
+    /// Accept an RFC 9651 sf-string (`"abc"`) or a bare value (`abc`) of printable ASCII
+    /// without spaces or quotes. Most clients send bare values. The default.
+    #[default]
+    Lenient,
+    /// Accept only an RFC 9651 sf-string, as the IETF draft specifies.
+    Strict,
+}
+
+/// Why a key header was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The header is absent.
+    #[error("the Idempotency-Key header is missing")]
+    Missing,
+    /// The header appears more than once.
+    #[error("the Idempotency-Key header appears more than once")]
+    Repeated,
+    /// The key is empty.
+    #[error("the Idempotency-Key is empty")]
+    Empty,
+    /// The key is longer than the configured maximum.
+    #[error("the Idempotency-Key is {len} characters long, more than the maximum of {max}")]
+    TooLong {
+        /// The key's length.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// The key holds characters other than printable ASCII.
+    #[error("the Idempotency-Key must be printable ASCII")]
+    NotPrintable,
+    /// The header is not an RFC 9651 sf-string (strict parsing), or is a malformed one.
+    #[error("the Idempotency-Key must be a Structured Field String, such as \"8e03978e\"")]
+    NotSfString,
+}
+
+/// Parses and validates a key header value.
+///
+/// ```
+/// use http::HeaderValue;
+/// use tower_idempotency::{parse_key, KeyError, KeyParsing};
+///
+/// let quoted = HeaderValue::from_static("\"8e03978e-40d5\"");
+/// assert_eq!(parse_key(&quoted, KeyParsing::Strict, 255).unwrap().as_str(), "8e03978e-40d5");
+/// let bare = HeaderValue::from_static("8e03978e-40d5");
+/// assert_eq!(parse_key(&bare, KeyParsing::Lenient, 255).unwrap().as_str(), "8e03978e-40d5");
+/// assert_eq!(parse_key(&bare, KeyParsing::Strict, 255), Err(KeyError::NotSfString));
+/// ```
+pub fn parse_key(
+    value: &HeaderValue,
+    parsing: KeyParsing,
+    max_len: usize,
+) -> Result<IdempotencyKey, KeyError> {
+    let bytes = value.as_bytes();
+    let key = if bytes.first() == Some(&b'"') || parsing == KeyParsing::Strict {
+        let item: sfv::Item = sfv::Parser::new(bytes)
+            .parse()
+            .map_err(|_| KeyError::NotSfString)?;
+        match item.bare_item.as_string() {
+            Some(s) => s.as_str().to_owned(),
+            None => return Err(KeyError::NotSfString),
+        }
+    } else {
+        if !bytes.iter().all(|b| (0x21..=0x7e).contains(b) && *b != b'"') {
+            return Err(KeyError::NotPrintable);
+        }
+        // Checked above: every byte is ASCII.
+        String::from_utf8_lossy(bytes).into_owned()
+    };
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > max_len {
+        return Err(KeyError::TooLong {
+            len: key.len(),
+            max: max_len,
+        });
+    }
+    if !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(KeyError::NotPrintable);
+    }
+    Ok(IdempotencyKey(key))
+}
+
+/// Who sent a request: keys are only ever shared within one scope.
+///
+/// A scope is a SHA-256 digest of an identity the layer derives from the request (by default
+/// the `Authorization` header), so raw credentials never reach the store. Requests with no
+/// identity share the anonymous scope.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Scope(String);
+
+impl Scope {
+    /// The scope of requests without an identity.
+    pub fn anonymous() -> Self {
+        Self("anon".to_owned())
+    }
+
+    /// The scope of the given identity (a credential, a tenant or user id, …).
+    ///
+    /// ```
+    /// use tower_idempotency::Scope;
+    ///
+    /// assert_eq!(Scope::of(b"tenant-1"), Scope::of(b"tenant-1"));
+    /// assert_ne!(Scope::of(b"tenant-1"), Scope::of(b"tenant-2"));
+    /// assert_ne!(Scope::of(b""), Scope::anonymous());
+    /// ```
+    pub fn of(identity: &[u8]) -> Self {
+        Self(hex(&Sha256::digest(identity)))
+    }
+
+    /// The scope as text: `anon` or 64 hexadecimal digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Scope").field(&self.0).finish()
+    }
+}
+
+/// The key under which a store keeps an operation: the caller's scope and the client's key.
+///
+/// Its text form is `scope:key`; it is printable ASCII, at most 64 + 1 + the key limit long.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct StoreKey(String);
+
+impl StoreKey {
+    /// The store key for a client's key in a scope.
+    ///
+    /// ```
+    /// use tower_idempotency::{Scope, StoreKey};
+    ///
+    /// let a = StoreKey::new(&Scope::of(b"alice"), "k1");
+    /// let b = StoreKey::new(&Scope::of(b"bob"), "k1");
+    /// assert_ne!(a, b);
+    /// assert!(a.as_str().ends_with(":k1"));
+    /// ```
+    pub fn new(scope: &Scope, key: &str) -> Self {
+        let mut s = String::with_capacity(scope.0.len() + 1 + key.len());
+        s.push_str(&scope.0);
+        s.push(':');
+        s.push_str(key);
+        Self(s)
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StoreKey").field(&self.0).finish()
+    }
+}
+
+impl fmt::Display for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: &[u8], p: KeyParsing) -> Result<IdempotencyKey, KeyError> {
+        parse_key(&HeaderValue::from_bytes(v).unwrap(), p, 255)
+    }
+
+    #[test]
+    fn lenient_accepts_quoted_and_bare() {
+        assert_eq!(parse(b"\"abc\"", KeyParsing::Lenient).unwrap().as_str(), "abc");
+        assert_eq!(parse(b"abc-1_2.3", KeyParsing::Lenient).unwrap().as_str(), "abc-1_2.3");
+        assert_eq!(
+            parse(b"\"a \\\"q\\\" b\"", KeyParsing::Lenient).unwrap().as_str(),
+            "a \"q\" b"
+        );
+        // sf-string parameters are allowed and ignored.
+        assert_eq!(parse(b"\"abc\";v=1", KeyParsing::Lenient).unwrap().as_str(), "abc");
+    }
+
+    #[test]
+    fn strict_accepts_only_sf_strings() {
+        assert_eq!(parse(b"\"abc\"", KeyParsing::Strict).unwrap().as_str(), "abc");
+        assert_eq!(parse(b"abc", KeyParsing::Strict), Err(KeyError::NotSfString));
+        assert_eq!(parse(b"42", KeyParsing::Strict), Err(KeyError::NotSfString));
+    }
+
+    #[test]
+    fn refuses_malformed_keys() {
+        for p in [KeyParsing::Lenient, KeyParsing::Strict] {
+            assert_eq!(parse(b"\"\"", p), Err(KeyError::Empty));
+            assert_eq!(parse(b"\"abc", p), Err(KeyError::NotSfString));
+            assert_eq!(parse(b"\"a\"b", p), Err(KeyError::NotSfString));
+        }
+        assert_eq!(parse(b"", KeyParsing::Lenient), Err(KeyError::Empty));
+        assert_eq!(parse(b"a b", KeyParsing::Lenient), Err(KeyError::NotPrintable));
+        assert_eq!(parse(b"a\tb", KeyParsing::Lenient), Err(KeyError::NotPrintable));
+        assert_eq!(parse(&[b'a', 0xff], KeyParsing::Lenient), Err(KeyError::NotPrintable));
+        let long = "x".repeat(256);
+        assert_eq!(
+            parse(long.as_bytes(), KeyParsing::Lenient),
+            Err(KeyError::TooLong { len: 256, max: 255 })
+        );
+        assert!(parse("x".repeat(255).as_bytes(), KeyParsing::Lenient).is_ok());
+    }
+
+    #[test]
+    fn generated_keys_round_trip_as_sf_strings() {
+        let key = IdempotencyKey::generate();
+        let value = key.to_header_value();
+        assert_eq!(parse_key(&value, KeyParsing::Strict, 255).unwrap(), key);
+        let tricky = IdempotencyKey("a\"b\\c".to_owned());
+        let value = tricky.to_header_value();
+        assert_eq!(parse_key(&value, KeyParsing::Strict, 255).unwrap(), tricky);
+    }
+}

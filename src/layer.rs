@@ -1,0 +1,468 @@
+//! [`IdempotencyLayer`] and its configuration.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderName, Method, StatusCode};
+use tower_layer::Layer;
+
+use crate::fingerprint::Fingerprint;
+use crate::key::{KeyParsing, Scope};
+use crate::policy::{self, Disconnect, InFlight, MissingKey, StoreFailure};
+use crate::problem::DEFAULT_TYPE_BASE;
+use crate::service::Idempotency;
+use crate::store::IdempotencyStore;
+
+type CoverFn = dyn Fn(&Parts) -> bool + Send + Sync;
+type ScopeFn = dyn Fn(&Parts) -> Scope + Send + Sync;
+type FingerprintFn = dyn Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync;
+type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
+type GrpcFn = dyn Fn(u32) -> bool + Send + Sync;
+type HeaderFn = dyn Fn(&HeaderName) -> bool + Send + Sync;
+
+pub(crate) enum Cover {
+    Methods(Vec<Method>),
+    When(Arc<CoverFn>),
+}
+
+pub(crate) struct Config {
+    pub(crate) store: Arc<dyn IdempotencyStore>,
+    pub(crate) header: HeaderName,
+    pub(crate) parsing: KeyParsing,
+    pub(crate) max_key_len: usize,
+    pub(crate) missing: MissingKey,
+    pub(crate) cover: Cover,
+    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) fingerprint: Option<Arc<FingerprintFn>>,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) storable: Arc<StatusFn>,
+    pub(crate) grpc_storable: Arc<GrpcFn>,
+    pub(crate) replay_header: Option<Arc<HeaderFn>>,
+    pub(crate) lease: Duration,
+    pub(crate) ttl: Duration,
+    pub(crate) in_flight: InFlight,
+    pub(crate) store_failure: StoreFailure,
+    pub(crate) disconnect: Disconnect,
+    pub(crate) retry_after: Duration,
+    pub(crate) type_base: String,
+    pub(crate) link: bool,
+}
+
+impl Clone for Config {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            header: self.header.clone(),
+            parsing: self.parsing,
+            max_key_len: self.max_key_len,
+            missing: self.missing,
+            cover: match &self.cover {
+                Cover::Methods(m) => Cover::Methods(m.clone()),
+                Cover::When(f) => Cover::When(Arc::clone(f)),
+            },
+            scope: self.scope.clone(),
+            fingerprint: self.fingerprint.clone(),
+            max_request_body: self.max_request_body,
+            max_response_body: self.max_response_body,
+            storable: Arc::clone(&self.storable),
+            grpc_storable: Arc::clone(&self.grpc_storable),
+            replay_header: self.replay_header.clone(),
+            lease: self.lease,
+            ttl: self.ttl,
+            in_flight: self.in_flight,
+            store_failure: self.store_failure,
+            disconnect: self.disconnect,
+            retry_after: self.retry_after,
+            type_base: self.type_base.clone(),
+            link: self.link,
+        }
+    }
+}
+
+impl Config {
+    pub(crate) fn covers(&self, parts: &Parts) -> bool {
+        match &self.cover {
+            Cover::Methods(methods) => methods.contains(&parts.method),
+            Cover::When(f) => f(parts),
+        }
+    }
+
+    pub(crate) fn scope_of(&self, parts: &Parts) -> Scope {
+        match &self.scope {
+            Some(f) => f(parts),
+            None => match parts.headers.get(http::header::AUTHORIZATION) {
+                Some(v) => Scope::of(v.as_bytes()),
+                None => Scope::anonymous(),
+            },
+        }
+    }
+
+    pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &Bytes) -> Fingerprint {
+        match &self.fingerprint {
+            Some(f) => f(parts, body),
+            None => Fingerprint::of_request(parts, body),
+        }
+    }
+}
+
+/// Makes non-idempotent requests safe to retry with an `Idempotency-Key`.
+///
+/// The first request with a key runs and its response is stored; a retry with the same key
+/// and payload gets the stored response with `Idempotent-Replayed: true`; a concurrent
+/// duplicate gets `409` (or waits); the same key with another payload gets `422`. See the
+/// [crate documentation](crate) for the whole flow.
+///
+/// The layer only holds configuration; every setter takes and returns it by value and
+/// documents its default.
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// let app: Router = Router::new()
+///     .route("/orders", post(|| async { "created" }))
+///     .layer(IdempotencyLayer::new(MemoryStore::new()));
+/// ```
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    config: Arc<Config>,
+}
+
+impl fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("IdempotencyLayer")
+            .field("header", &c.header)
+            .field("parsing", &c.parsing)
+            .field("max_key_len", &c.max_key_len)
+            .field("missing", &c.missing)
+            .field("max_request_body", &c.max_request_body)
+            .field("max_response_body", &c.max_response_body)
+            .field("lease", &c.lease)
+            .field("ttl", &c.ttl)
+            .field("in_flight", &c.in_flight)
+            .field("store_failure", &c.store_failure)
+            .field("disconnect", &c.disconnect)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+impl Default for IdempotencyLayer {
+    /// A layer on a fresh [`MemoryStore`](crate::MemoryStore) with every default.
+    fn default() -> Self {
+        Self::new(crate::MemoryStore::new())
+    }
+}
+
+impl IdempotencyLayer {
+    /// A layer on `store` with every default.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new());
+    /// // A shared trait object works too.
+    /// let shared: Arc<dyn IdempotencyStore> = Arc::new(MemoryStore::new());
+    /// let layer = IdempotencyLayer::new(shared);
+    /// ```
+    pub fn new(store: impl IdempotencyStore) -> Self {
+        Self::with_store(Arc::new(store))
+    }
+
+    fn with_store(store: Arc<dyn IdempotencyStore>) -> Self {
+        Self {
+            config: Arc::new(Config {
+                store,
+                header: HeaderName::from_static("idempotency-key"),
+                parsing: KeyParsing::Lenient,
+                max_key_len: 255,
+                missing: MissingKey::Required,
+                cover: Cover::Methods(vec![Method::POST, Method::PATCH]),
+                scope: None,
+                fingerprint: None,
+                max_request_body: 1024 * 1024,
+                max_response_body: 1024 * 1024,
+                storable: Arc::new(policy::default_storable),
+                grpc_storable: Arc::new(policy::default_grpc_storable),
+                replay_header: None,
+                lease: Duration::from_secs(30),
+                ttl: Duration::from_secs(24 * 60 * 60),
+                in_flight: InFlight::Reject,
+                store_failure: StoreFailure::FailClosed,
+                disconnect: Disconnect::Finish,
+                retry_after: Duration::from_secs(1),
+                type_base: DEFAULT_TYPE_BASE.to_owned(),
+                link: false,
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The request header that carries the key. Default: `Idempotency-Key`.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .header_name(HeaderName::from_static("x-request-key"));
+    /// ```
+    pub fn header_name(self, name: HeaderName) -> Self {
+        self.edit(|c| c.header = name)
+    }
+
+    /// How the key header is parsed. Default: [`KeyParsing::Lenient`] (an sf-string or a
+    /// bare value).
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, KeyParsing};
+    /// let layer = IdempotencyLayer::default().key_parsing(KeyParsing::Strict);
+    /// ```
+    pub fn key_parsing(self, parsing: KeyParsing) -> Self {
+        self.edit(|c| c.parsing = parsing)
+    }
+
+    /// The longest key accepted, in characters. Default: 255.
+    ///
+    /// ```
+    /// let layer = tower_idempotency::IdempotencyLayer::default().max_key_len(64);
+    /// ```
+    pub fn max_key_len(self, max: usize) -> Self {
+        self.edit(|c| c.max_key_len = max)
+    }
+
+    /// What to do with a covered request without a key. Default: [`MissingKey::Required`].
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, policy::MissingKey};
+    /// let layer = IdempotencyLayer::default().missing_key(MissingKey::Generate);
+    /// ```
+    pub fn missing_key(self, policy: MissingKey) -> Self {
+        self.edit(|c| c.missing = policy)
+    }
+
+    /// The methods covered by the layer; requests with other methods pass through
+    /// untouched. Default: `POST` and `PATCH`.
+    ///
+    /// ```
+    /// use http::Method;
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .methods([Method::POST, Method::PATCH, Method::DELETE]);
+    /// ```
+    pub fn methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
+        let methods = methods.into_iter().collect();
+        self.edit(|c| c.cover = Cover::Methods(methods))
+    }
+
+    /// Covers the requests for which `f` returns true, instead of a method list.
+    /// Default: `POST` and `PATCH` requests are covered.
+    ///
+    /// ```
+    /// use http::Method;
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .cover_when(|req| req.method == Method::POST && req.uri.path().starts_with("/payments"));
+    /// ```
+    pub fn cover_when(self, f: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
+        self.edit(|c| c.cover = Cover::When(Arc::new(f)))
+    }
+
+    /// Derives the caller's scope from the request, so that one caller can never be served
+    /// another's response. Default: [`Scope::of`] the `Authorization` header, or
+    /// [`Scope::anonymous`] without one (all anonymous callers then share keys).
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, Scope};
+    ///
+    /// #[derive(Clone)]
+    /// struct TenantId(String);
+    ///
+    /// let layer = IdempotencyLayer::default().scope_by(|req| {
+    ///     match req.extensions.get::<TenantId>() {
+    ///         Some(t) => Scope::of(t.0.as_bytes()),
+    ///         None => Scope::anonymous(),
+    ///     }
+    /// });
+    /// ```
+    pub fn scope_by(self, f: impl Fn(&Parts) -> Scope + Send + Sync + 'static) -> Self {
+        self.edit(|c| c.scope = Some(Arc::new(f)))
+    }
+
+    /// Computes request fingerprints with `f`. Default: [`Fingerprint::of_request`]
+    /// (method, path and query, content type, body).
+    ///
+    /// ```
+    /// use tower_idempotency::{Fingerprint, IdempotencyLayer};
+    ///
+    /// // Only the body counts.
+    /// let layer = IdempotencyLayer::default()
+    ///     .fingerprint_with(|_req, body| Fingerprint::of_fields([body.as_ref()]));
+    /// ```
+    pub fn fingerprint_with(
+        self,
+        f: impl Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync + 'static,
+    ) -> Self {
+        self.edit(|c| c.fingerprint = Some(Arc::new(f)))
+    }
+
+    /// The largest request body buffered for the fingerprint; a larger one gets `413` and
+    /// nothing runs. Default: 1 MiB.
+    ///
+    /// ```
+    /// let layer = tower_idempotency::IdempotencyLayer::default().max_request_body(64 * 1024);
+    /// ```
+    pub fn max_request_body(self, bytes: usize) -> Self {
+        self.edit(|c| c.max_request_body = bytes)
+    }
+
+    /// The largest response body stored for replay. A larger response still reaches the
+    /// client whole, but only a tombstone is stored, and a retry gets `410`
+    /// (`response-not-stored`) instead of a second run. Default: 1 MiB.
+    ///
+    /// ```
+    /// let layer = tower_idempotency::IdempotencyLayer::default().max_response_body(8 << 20);
+    /// ```
+    pub fn max_response_body(self, bytes: usize) -> Self {
+        self.edit(|c| c.max_response_body = bytes)
+    }
+
+    /// Which HTTP statuses are stored; a response with another status releases the key so a
+    /// retry runs again. Default: [`policy::default_storable`] (all but 5xx, 408, 409, 425
+    /// and 429).
+    ///
+    /// ```
+    /// // Only successes are kept: a retry of a failed request runs again.
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .storable_when(|status| status.is_success());
+    /// ```
+    pub fn storable_when(self, f: impl Fn(StatusCode) -> bool + Send + Sync + 'static) -> Self {
+        self.edit(|c| c.storable = Arc::new(f))
+    }
+
+    /// Which gRPC status codes are stored (for gRPC responses, whose HTTP status is always
+    /// 200). Default: [`policy::default_grpc_storable`].
+    ///
+    /// ```
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .grpc_storable_when(|code| code == 0);
+    /// ```
+    pub fn grpc_storable_when(self, f: impl Fn(u32) -> bool + Send + Sync + 'static) -> Self {
+        self.edit(|c| c.grpc_storable = Arc::new(f))
+    }
+
+    /// Which response headers are stored and replayed, besides the hop-by-hop headers and
+    /// `Date`, which never are. Default: every other header.
+    ///
+    /// ```
+    /// use http::header::SET_COOKIE;
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .replay_headers(|name| name != SET_COOKIE);
+    /// ```
+    pub fn replay_headers(
+        self,
+        f: impl Fn(&HeaderName) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.edit(|c| c.replay_header = Some(Arc::new(f)))
+    }
+
+    /// How long a claim holds its key while the operation runs; the layer extends it while
+    /// the operation goes on, so a crashed owner blocks its key for about this long.
+    /// Default: 30 seconds.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_idempotency::IdempotencyLayer::default().lease(Duration::from_secs(10));
+    /// ```
+    pub fn lease(self, lease: Duration) -> Self {
+        self.edit(|c| c.lease = lease.max(Duration::from_millis(10)))
+    }
+
+    /// How long a completed record is kept for replay. Default: 24 hours.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .ttl(Duration::from_secs(7 * 24 * 3600));
+    /// ```
+    pub fn ttl(self, ttl: Duration) -> Self {
+        self.edit(|c| c.ttl = ttl)
+    }
+
+    /// What a request gets while another with its key runs. Default: [`InFlight::Reject`]
+    /// (`409` with `Retry-After`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, policy::InFlight};
+    /// let layer = IdempotencyLayer::default().on_in_flight(InFlight::Wait(Duration::from_secs(10)));
+    /// ```
+    pub fn on_in_flight(self, policy: InFlight) -> Self {
+        self.edit(|c| c.in_flight = policy)
+    }
+
+    /// What a request gets when the store fails. Default: [`StoreFailure::FailClosed`]
+    /// (`503` with `Retry-After`).
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, policy::StoreFailure};
+    /// let layer = IdempotencyLayer::default().on_store_failure(StoreFailure::FailOpen);
+    /// ```
+    pub fn on_store_failure(self, policy: StoreFailure) -> Self {
+        self.edit(|c| c.store_failure = policy)
+    }
+
+    /// What happens to an operation whose client goes away. Default: [`Disconnect::Finish`].
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, policy::Disconnect};
+    /// let layer = IdempotencyLayer::default().on_disconnect(Disconnect::Release);
+    /// ```
+    pub fn on_disconnect(self, policy: Disconnect) -> Self {
+        self.edit(|c| c.disconnect = policy)
+    }
+
+    /// The `Retry-After` sent with `409` and `503` answers. Default: 1 second (for `409`,
+    /// never more than the lease still runs).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .retry_after(Duration::from_secs(5));
+    /// ```
+    pub fn retry_after(self, after: Duration) -> Self {
+        self.edit(|c| c.retry_after = after)
+    }
+
+    /// The base of the problem `type` URIs, for example your API's error documentation;
+    /// setting it also adds a `Link: <…>; rel="describedby"` header to every problem.
+    /// Default: this crate's [`problem`](crate::problem) documentation, without `Link`.
+    ///
+    /// ```
+    /// // Problems then have "type": "https://api.example.com/errors/key-reused", ...
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .problem_type_base("https://api.example.com/errors/");
+    /// ```
+    pub fn problem_type_base(self, base: impl Into<String>) -> Self {
+        let base = base.into();
+        self.edit(|c| {
+            c.type_base = base;
+            c.link = true;
+        })
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::new(inner, Arc::clone(&self.config))
+    }
+}

@@ -1,0 +1,85 @@
+//! Tower middleware that makes non-idempotent HTTP and gRPC operations safe to retry.
+//!
+//! A client that timed out cannot know whether its payment went through. It resends the
+//! request with the same `Idempotency-Key` header, and [`IdempotencyLayer`] makes sure the
+//! operation runs once and every retry gets the same answer, as the IETF draft
+//! *The Idempotency-Key HTTP Header Field* describes.
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! let app: Router = Router::new()
+//!     .route("/payments", post(|body: String| async move { format!("charged {body}") }))
+//!     .layer(IdempotencyLayer::new(MemoryStore::new()));
+//! ```
+//!
+//! # What a request goes through
+//!
+//! 1. **Cover.** By default `POST` and `PATCH` requests are covered
+//!    ([`IdempotencyLayer::methods`], [`IdempotencyLayer::cover_when`]); others pass through
+//!    untouched.
+//! 2. **Key.** The `Idempotency-Key` header is parsed as an RFC 9651 sf-string or, by
+//!    default, a bare value ([`KeyParsing`]). A missing key is refused with `400`, passed
+//!    through, or replaced by a fresh UUID ([`MissingKey`](policy::MissingKey)). The key is
+//!    put in the request's extensions as an [`IdempotencyKey`].
+//! 3. **Scope.** The key is stored within the caller's [`Scope`]: by default a SHA-256 of
+//!    the `Authorization` header; requests without one share the anonymous scope.
+//! 4. **Fingerprint.** The body is buffered (up to 1 MiB by default; over that, `413`) and
+//!    hashed with the method, path and content type into a [`Fingerprint`]. The service
+//!    behind receives the same bytes in the same body type ([`RebuildBody`]).
+//! 5. **Claim.** One store call answers: the key is free (run), in flight (`409` with
+//!    `Retry-After`, or wait: [`InFlight`](policy::InFlight)), or completed (replay). A
+//!    different fingerprint under the same key is `422`.
+//! 6. **Run.** The operation runs on its own task, so it finishes and is stored even if the
+//!    client disconnects ([`Disconnect`](policy::Disconnect)); a heartbeat extends the lease
+//!    while it runs; an error or a panic releases the key.
+//! 7. **Record.** The response streams to the client while a copy is kept; when the body
+//!    ends, a storable outcome is completed (by default all but 5xx, 408, 409, 425, 429),
+//!    others release the key. A body over the response limit leaves a tombstone.
+//! 8. **Replay.** Status, headers, body and trailers come back byte for byte, with
+//!    `Idempotent-Replayed: true`. Hop-by-hop headers and `Date` are not stored.
+//!
+//! Store failures fail closed with `503` by default ([`StoreFailure`](policy::StoreFailure)).
+//! Every answer of the layer's own is an RFC 9457 problem, or a gRPC status for gRPC
+//! requests: see [`problem`]. Every covered response carries an [`IdempotencyOutcome`] in
+//! its extensions, and every covered request is traced in an `idempotency` span.
+//!
+//! # Stores
+//!
+//! [`IdempotencyStore`] is one small async trait. [`MemoryStore`] (feature `memory`, on by
+//! default) serves a single instance.
+//!
+//! # Features
+//!
+//! | Feature | Default | What it adds |
+//! |---|---|---|
+//! | `memory` | yes | [`MemoryStore`] |
+//! | `axum` | yes | [`RebuildBody`] for axum's body |
+//! | `tonic` | no | [`RebuildBody`] for tonic's body |
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![forbid(unsafe_code)]
+#![deny(missing_docs, unreachable_pub, missing_debug_implementations)]
+#![warn(rust_2018_idioms)]
+
+pub mod body;
+pub mod fingerprint;
+pub mod future;
+pub mod key;
+mod layer;
+pub mod policy;
+pub mod problem;
+pub mod record;
+mod service;
+pub mod store;
+
+pub use body::{IdempotencyBody, RebuildBody};
+pub use fingerprint::Fingerprint;
+pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope, StoreKey, parse_key};
+pub use layer::IdempotencyLayer;
+pub use record::Record;
+pub use service::{Idempotency, IdempotencyOutcome, REPLAYED_HEADER};
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use store::memory::{MemoryStore, MemoryStoreBuilder};
+pub use store::{Claim, IdempotencyStore, LeaseToken, StoreError};

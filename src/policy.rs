@@ -1,0 +1,109 @@
+//! The layer's decisions: what to do without a key, with a key in flight, when the store
+//! fails, when the client goes away, and which outcomes to keep.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// What to do with a covered request that has no key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MissingKey {
+    /// Answer `400 Bad Request` (gRPC `INVALID_ARGUMENT`). The default.
+    #[default]
+    Required,
+    /// Pass the request through unprotected.
+    Optional,
+    /// Assign a fresh UUID key, set it on the request for the services behind, and echo it
+    /// on the response.
+    Generate,
+}
+
+/// What to do with a request whose key another request still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InFlight {
+    /// Answer `409 Conflict` with `Retry-After` (gRPC `ABORTED`). The default.
+    Reject,
+    /// Wait up to this long for the first request's outcome and replay it; answer `409`
+    /// when the time runs out. If the first request fails and releases the key, the waiting
+    /// request runs in its place.
+    Wait(Duration),
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        Self::Reject
+    }
+}
+
+/// What to do when the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StoreFailure {
+    /// Answer `503 Service Unavailable` with `Retry-After` (gRPC `UNAVAILABLE`); nothing
+    /// runs. The default.
+    #[default]
+    FailClosed,
+    /// Run the request without protection and log a warning.
+    FailOpen,
+}
+
+/// What to do when the client goes away while its operation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Disconnect {
+    /// Finish the operation and its response body on a spawned task and store the outcome,
+    /// so the client's retry gets the real answer. The default.
+    #[default]
+    Finish,
+    /// Cancel the operation and release the key, so a retry runs it again.
+    Release,
+}
+
+/// The default storable test: every status but 5xx, 408, 409, 425 and 429, which say that
+/// the request may be retried.
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_idempotency::policy::default_storable;
+///
+/// assert!(default_storable(StatusCode::CREATED));
+/// assert!(default_storable(StatusCode::UNPROCESSABLE_ENTITY));
+/// assert!(!default_storable(StatusCode::TOO_MANY_REQUESTS));
+/// assert!(!default_storable(StatusCode::BAD_GATEWAY));
+/// ```
+pub fn default_storable(status: StatusCode) -> bool {
+    !(status.is_server_error()
+        || matches!(status.as_u16(), 408 | 409 | 425 | 429))
+}
+
+/// The default storable test for gRPC responses: every status but `UNAVAILABLE` (14),
+/// `INTERNAL` (13), `UNKNOWN` (2), `DEADLINE_EXCEEDED` (4), `RESOURCE_EXHAUSTED` (8),
+/// `ABORTED` (10) and `CANCELLED` (1), which say that the call may be retried.
+///
+/// ```
+/// use tower_idempotency::policy::default_grpc_storable;
+///
+/// assert!(default_grpc_storable(0));
+/// assert!(default_grpc_storable(3)); // INVALID_ARGUMENT: the same call fails the same way
+/// assert!(!default_grpc_storable(14));
+/// ```
+pub fn default_grpc_storable(code: u32) -> bool {
+    !matches!(code, 1 | 2 | 4 | 8 | 10 | 13 | 14)
+}
+
+/// Whether a response header is kept for replay by default: everything but the hop-by-hop
+/// headers and `Date`.
+pub(crate) fn is_replayable_header(name: &http::HeaderName) -> bool {
+    use http::header;
+    !(name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::DATE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection")
+}

@@ -1,0 +1,272 @@
+//! The answers the layer gives on its own: RFC 9457 problem details over HTTP, statuses over
+//! gRPC.
+//!
+//! Every rejection is an `application/problem+json` body with `type`, `title`, `status` and
+//! `detail`, or, for gRPC requests (`content-type: application/grpc…`), a trailers-only
+//! response carrying `grpc-status` and `grpc-message`.
+//!
+//! | Kind | HTTP | gRPC | When |
+//! |---|---|---|---|
+//! | `missing-key` | 400 | `INVALID_ARGUMENT` | a covered request has no key and keys are required |
+//! | `invalid-key` | 400 | `INVALID_ARGUMENT` | the key is empty, too long, not printable or not an sf-string |
+//! | `request-too-large` | 413 | `RESOURCE_EXHAUSTED` | the body is over the fingerprint limit; nothing ran |
+//! | `body-unreadable` | 400 | `INVALID_ARGUMENT` | the request body failed while being read; nothing ran |
+//! | `key-in-use` | 409 + `Retry-After` | `ABORTED` | the first request with this key still runs |
+//! | `key-reused` | 422 | `FAILED_PRECONDITION` | the key was used with another payload |
+//! | `response-not-stored` | 410 | `ALREADY_EXISTS` | the operation ran but its response was too large to keep |
+//! | `store-unavailable` | 503 + `Retry-After` | `UNAVAILABLE` | the store failed; nothing ran |
+//!
+//! The `type` of each is a URI made of a base and the kind, by default
+//! `https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/#` followed by the
+//! kind; [`IdempotencyLayer::problem_type_base`](crate::IdempotencyLayer::problem_type_base)
+//! points it at a service's own documentation, and then a `Link: <…>; rel="describedby"`
+//! header carries the same URI.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// The default base of problem `type` URIs.
+pub const DEFAULT_TYPE_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/#";
+
+/// What the layer refused, or could not do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// A covered request has no key and keys are required.
+    MissingKey,
+    /// The key is malformed.
+    InvalidKey,
+    /// The request body is over the fingerprint limit.
+    RequestTooLarge,
+    /// The request body could not be read.
+    BodyUnreadable,
+    /// The first request with this key still runs.
+    KeyInUse,
+    /// The key was used with another payload.
+    KeyReused,
+    /// The operation ran, but its response was too large to keep.
+    ResponseNotStored,
+    /// The store failed.
+    StoreUnavailable,
+}
+
+impl ProblemKind {
+    /// The kind's slug, the last part of its `type` URI.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing-key",
+            Self::InvalidKey => "invalid-key",
+            Self::RequestTooLarge => "request-too-large",
+            Self::BodyUnreadable => "body-unreadable",
+            Self::KeyInUse => "key-in-use",
+            Self::KeyReused => "key-reused",
+            Self::ResponseNotStored => "response-not-stored",
+            Self::StoreUnavailable => "store-unavailable",
+        }
+    }
+
+    /// The HTTP status of the answer.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::MissingKey | Self::InvalidKey | Self::BodyUnreadable => StatusCode::BAD_REQUEST,
+            Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::KeyInUse => StatusCode::CONFLICT,
+            Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::ResponseNotStored => StatusCode::GONE,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The gRPC status code of the answer.
+    pub fn grpc_code(self) -> u8 {
+        match self {
+            Self::MissingKey | Self::InvalidKey | Self::BodyUnreadable => 3, // INVALID_ARGUMENT
+            Self::RequestTooLarge => 8,               // RESOURCE_EXHAUSTED
+            Self::KeyInUse => 10,                     // ABORTED
+            Self::KeyReused => 9,                     // FAILED_PRECONDITION
+            Self::ResponseNotStored => 6,             // ALREADY_EXISTS
+            Self::StoreUnavailable => 14,             // UNAVAILABLE
+        }
+    }
+
+    /// The problem's title.
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::MissingKey => "Idempotency-Key is missing",
+            Self::InvalidKey => "Idempotency-Key is malformed",
+            Self::RequestTooLarge => "Request body is too large to fingerprint",
+            Self::BodyUnreadable => "Request body could not be read",
+            Self::KeyInUse => "A request with this Idempotency-Key is still being processed",
+            Self::KeyReused => "Idempotency-Key is already used",
+            Self::ResponseNotStored => "The operation ran but its response was not stored",
+            Self::StoreUnavailable => "Idempotency store is unavailable",
+        }
+    }
+}
+
+/// One answer of the layer's own.
+#[derive(Debug, Clone)]
+pub(crate) struct Problem {
+    pub(crate) kind: ProblemKind,
+    pub(crate) detail: String,
+    pub(crate) retry_after: Option<Duration>,
+}
+
+impl Problem {
+    pub(crate) fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    pub(crate) fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The answer as a response with an empty (gRPC) or JSON body.
+    pub(crate) fn into_response(
+        self,
+        grpc: bool,
+        type_base: &str,
+        link: bool,
+    ) -> Response<Bytes> {
+        let mut res = if grpc {
+            let mut res = Response::new(Bytes::new());
+            let h = res.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(u16::from(self.kind.grpc_code())));
+            let message = percent_encode(&format!("{}: {}", self.kind.title(), self.detail));
+            if let Ok(v) = HeaderValue::try_from(message) {
+                h.insert("grpc-message", v);
+            }
+            res
+        } else {
+            let type_uri = format!("{type_base}{}", self.kind.slug());
+            let status = self.kind.status();
+            let mut body = String::with_capacity(160 + self.detail.len());
+            body.push_str("{\"type\":");
+            json_string(&mut body, &type_uri);
+            body.push_str(",\"title\":");
+            json_string(&mut body, self.kind.title());
+            body.push_str(",\"status\":");
+            body.push_str(itoa(status.as_u16()).as_str());
+            body.push_str(",\"detail\":");
+            json_string(&mut body, &self.detail);
+            body.push('}');
+            let mut res = Response::new(Bytes::from(body));
+            *res.status_mut() = status;
+            let h = res.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            );
+            if link {
+                if let Ok(v) = HeaderValue::try_from(format!("<{type_uri}>; rel=\"describedby\"")) {
+                    h.insert(header::LINK, v);
+                }
+            }
+            res
+        };
+        if let Some(after) = self.retry_after {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        res
+    }
+}
+
+fn itoa(n: u16) -> String {
+    n.to_string()
+}
+
+/// Appends `s` as a JSON string literal.
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Percent-encodes a gRPC message as the gRPC HTTP/2 protocol asks: everything outside
+/// printable ASCII, and `%` itself.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a request is a gRPC call, by its content type.
+pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_problems_are_rfc9457_json() {
+        let res = Problem::new(ProblemKind::KeyInUse, "try \"later\"\n")
+            .retry_after(Duration::from_millis(1500))
+            .into_response(false, DEFAULT_TYPE_BASE, false);
+        assert_eq!(res.status(), StatusCode::CONFLICT);
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        assert_eq!(res.headers()["retry-after"], "2");
+        assert!(res.headers().get("link").is_none());
+        let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+        assert_eq!(body["status"], 409);
+        assert_eq!(body["detail"], "try \"later\"\n");
+        assert_eq!(body["type"], format!("{DEFAULT_TYPE_BASE}key-in-use"));
+        assert_eq!(body["title"], ProblemKind::KeyInUse.title());
+    }
+
+    #[test]
+    fn custom_type_base_adds_a_link() {
+        let res = Problem::new(ProblemKind::KeyReused, "x").into_response(
+            false,
+            "https://api.example.com/errors/",
+            true,
+        );
+        assert_eq!(
+            res.headers()["link"],
+            "<https://api.example.com/errors/key-reused>; rel=\"describedby\""
+        );
+    }
+
+    #[test]
+    fn grpc_problems_are_trailers_only() {
+        let res = Problem::new(ProblemKind::StoreUnavailable, "100% down ✗")
+            .into_response(true, DEFAULT_TYPE_BASE, false);
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(res.body().is_empty());
+        assert_eq!(res.headers()["grpc-status"], "14");
+        let msg = res.headers()["grpc-message"].to_str().unwrap();
+        assert!(msg.ends_with("100%25 down %E2%9C%97"), "{msg}");
+    }
+}

@@ -1,0 +1,325 @@
+//! The stored outcome of an operation and its binary encoding.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::fingerprint::Fingerprint;
+
+/// The outcome of an operation, as stored and replayed.
+///
+/// A record keeps the response status, every header value in order (duplicate names and
+/// values that are not UTF-8 included), the body as [`Bytes`] and the trailers, together with
+/// the fingerprint of the request that produced it.
+///
+/// A record whose body was over the layer's response limit is a *tombstone*: it keeps the
+/// status and headers but no body, so that a retry learns the operation already ran and is
+/// never run twice.
+///
+/// # Example
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{HeaderMap, StatusCode};
+/// use tower_idempotency::{Fingerprint, Record};
+///
+/// let mut headers = HeaderMap::new();
+/// headers.append("set-cookie", "a=1".parse().unwrap());
+/// headers.append("set-cookie", "b=2".parse().unwrap());
+/// let record = Record::new(StatusCode::CREATED, headers, Bytes::from_static(b"{}"), None)
+///     .with_fingerprint(Fingerprint::from_bytes([7; 32]));
+///
+/// let decoded = Record::decode(&record.encode()).unwrap();
+/// assert_eq!(decoded, record);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+    fingerprint: Fingerprint,
+    tombstone: bool,
+}
+
+/// A record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The encoding was written by a newer version of this crate.
+    #[error("unsupported record encoding version {0}")]
+    UnsupportedVersion(u8),
+    /// The bytes end before the record does.
+    #[error("record encoding is truncated")]
+    Truncated,
+    /// The bytes go on after the record ends.
+    #[error("record encoding has {0} trailing bytes")]
+    TrailingBytes(usize),
+    /// A field holds a value that cannot be part of a response.
+    #[error("record encoding holds an invalid {0}")]
+    Invalid(&'static str),
+}
+
+const MAGIC: u8 = 0xA7;
+const VERSION: u8 = 1;
+const FLAG_TOMBSTONE: u8 = 1;
+const FLAG_TRAILERS: u8 = 2;
+
+impl Record {
+    /// A record of a complete response.
+    pub fn new(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Self {
+        Self {
+            status,
+            headers,
+            body,
+            trailers,
+            fingerprint: Fingerprint::from_bytes([0; 32]),
+            tombstone: false,
+        }
+    }
+
+    /// A tombstone: the operation ran, but its body was too large to keep.
+    pub fn tombstone(status: StatusCode, headers: HeaderMap) -> Self {
+        Self {
+            tombstone: true,
+            ..Self::new(status, headers, Bytes::new(), None)
+        }
+    }
+
+    /// Sets the fingerprint of the request that produced this record.
+    pub fn with_fingerprint(mut self, fingerprint: Fingerprint) -> Self {
+        self.fingerprint = fingerprint;
+        self
+    }
+
+    /// The response status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The response headers, in the order they were produced.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The response body (empty for a tombstone).
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The response trailers, if the body ended with some.
+    pub fn trailers(&self) -> Option<&HeaderMap> {
+        self.trailers.as_ref()
+    }
+
+    /// The fingerprint of the request that produced this record.
+    pub fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
+    }
+
+    /// Whether this record is a tombstone (the body was too large to keep).
+    pub fn is_tombstone(&self) -> bool {
+        self.tombstone
+    }
+
+    /// An estimate of the bytes this record occupies, used for memory bounds.
+    pub fn size(&self) -> usize {
+        fn map_size(map: &HeaderMap) -> usize {
+            map.iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 32)
+                .sum()
+        }
+        std::mem::size_of::<Self>()
+            + self.body.len()
+            + map_size(&self.headers)
+            + self.trailers.as_ref().map_or(0, map_size)
+    }
+
+    /// Encodes the record in the versioned binary format that [`Record::decode`] reads.
+    ///
+    /// The format is: a magic byte and a version byte; flags; the status; the
+    /// fingerprint; the headers as a count and length-prefixed name/value pairs; the body,
+    /// length-prefixed; the trailers like the headers. All integers are big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = BytesMut::with_capacity(self.size());
+        out.put_u8(MAGIC);
+        out.put_u8(VERSION);
+        let mut flags = 0;
+        if self.tombstone {
+            flags |= FLAG_TOMBSTONE;
+        }
+        if self.trailers.is_some() {
+            flags |= FLAG_TRAILERS;
+        }
+        out.put_u8(flags);
+        out.put_u16(self.status.as_u16());
+        out.put_slice(self.fingerprint.as_bytes());
+        encode_map(&mut out, &self.headers);
+        out.put_u32(self.body.len() as u32);
+        out.put_slice(&self.body);
+        if let Some(trailers) = &self.trailers {
+            encode_map(&mut out, trailers);
+        }
+        out.to_vec()
+    }
+
+    /// Decodes a record written by [`Record::encode`].
+    pub fn decode(mut bytes: &[u8]) -> Result<Self, DecodeError> {
+        let buf = &mut bytes;
+        let magic = get_u8(buf)?;
+        if magic != MAGIC {
+            return Err(DecodeError::Invalid("magic byte"));
+        }
+        let version = get_u8(buf)?;
+        if version != VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        let flags = get_u8(buf)?;
+        let status = StatusCode::from_u16(get_u16(buf)?)
+            .map_err(|_| DecodeError::Invalid("status code"))?;
+        let fingerprint: [u8; 32] = take(buf, 32)?
+            .try_into()
+            .map_err(|_| DecodeError::Truncated)?;
+        let headers = decode_map(buf)?;
+        let body_len = get_u32(buf)? as usize;
+        let body = Bytes::copy_from_slice(take(buf, body_len)?);
+        let trailers = if flags & FLAG_TRAILERS != 0 {
+            Some(decode_map(buf)?)
+        } else {
+            None
+        };
+        if !buf.is_empty() {
+            return Err(DecodeError::TrailingBytes(buf.len()));
+        }
+        Ok(Self {
+            status,
+            headers,
+            body,
+            trailers,
+            fingerprint: Fingerprint::from_bytes(fingerprint),
+            tombstone: flags & FLAG_TOMBSTONE != 0,
+        })
+    }
+}
+
+fn encode_map(out: &mut BytesMut, map: &HeaderMap) {
+    out.put_u32(map.len() as u32);
+    for (name, value) in map {
+        out.put_u16(name.as_str().len() as u16);
+        out.put_slice(name.as_str().as_bytes());
+        out.put_u32(value.len() as u32);
+        out.put_slice(value.as_bytes());
+    }
+}
+
+fn decode_map(buf: &mut &[u8]) -> Result<HeaderMap, DecodeError> {
+    let count = get_u32(buf)? as usize;
+    // Every entry takes at least six bytes: do not trust a huge count.
+    if count > buf.len() / 6 {
+        return Err(DecodeError::Truncated);
+    }
+    let mut map = HeaderMap::with_capacity(count);
+    for _ in 0..count {
+        let name_len = get_u16(buf)? as usize;
+        let name = HeaderName::from_bytes(take(buf, name_len)?)
+            .map_err(|_| DecodeError::Invalid("header name"))?;
+        let value_len = get_u32(buf)? as usize;
+        let value = HeaderValue::from_bytes(take(buf, value_len)?)
+            .map_err(|_| DecodeError::Invalid("header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], DecodeError> {
+    if buf.len() < n {
+        return Err(DecodeError::Truncated);
+    }
+    let (head, tail) = buf.split_at(n);
+    *buf = tail;
+    Ok(head)
+}
+
+fn get_u8(buf: &mut &[u8]) -> Result<u8, DecodeError> {
+    if buf.remaining() < 1 {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(buf.get_u8())
+}
+
+fn get_u16(buf: &mut &[u8]) -> Result<u16, DecodeError> {
+    if buf.remaining() < 2 {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(buf.get_u16())
+}
+
+fn get_u32(buf: &mut &[u8]) -> Result<u32, DecodeError> {
+    if buf.remaining() < 4 {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(buf.get_u32())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tricky() -> Record {
+        let mut headers = HeaderMap::new();
+        headers.append("x-multi", HeaderValue::from_static("one"));
+        headers.append("x-multi", HeaderValue::from_static("two"));
+        headers.append("x-bytes", HeaderValue::from_bytes(&[0xff, 0xfe, b'a']).unwrap());
+        headers.append("content-type", HeaderValue::from_static("application/json"));
+        let mut trailers = HeaderMap::new();
+        trailers.append("grpc-status", HeaderValue::from_static("3"));
+        trailers.append("grpc-message", HeaderValue::from_static("bad%20thing"));
+        Record::new(
+            StatusCode::CREATED,
+            headers,
+            Bytes::from_static(&[0, 1, 2, 255, 254]),
+            Some(trailers),
+        )
+        .with_fingerprint(Fingerprint::from_bytes([9; 32]))
+    }
+
+    #[test]
+    fn round_trips_tricky_records() {
+        let record = tricky();
+        let decoded = Record::decode(&record.encode()).unwrap();
+        assert_eq!(decoded, record);
+        let order: Vec<_> = decoded.headers().get_all("x-multi").iter().collect();
+        assert_eq!(order, ["one", "two"]);
+    }
+
+    #[test]
+    fn round_trips_tombstones_and_empty_bodies() {
+        let t = Record::tombstone(StatusCode::OK, HeaderMap::new());
+        assert!(Record::decode(&t.encode()).unwrap().is_tombstone());
+        let e = Record::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new(), None);
+        let d = Record::decode(&e.encode()).unwrap();
+        assert_eq!(d, e);
+        assert!(d.trailers().is_none());
+    }
+
+    #[test]
+    fn rejects_damaged_encodings() {
+        let bytes = tricky().encode();
+        for cut in 0..bytes.len() {
+            assert!(Record::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(Record::decode(&longer), Err(DecodeError::TrailingBytes(1)));
+        let mut newer = bytes;
+        newer[1] = 99;
+        assert_eq!(
+            Record::decode(&newer),
+            Err(DecodeError::UnsupportedVersion(99))
+        );
+    }
+}

@@ -1,0 +1,571 @@
+//! An in-memory store for a single instance.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Claim, IdempotencyStore, LeaseToken, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::Record;
+
+/// Bytes counted for an entry besides its key and record.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// An in-memory [`IdempotencyStore`] on a sharded concurrent map (feature `memory`, on by
+/// default).
+///
+/// It suits a single instance: a retry that reaches another instance is not protected; use
+/// a shared store for fleets. Claims take one shard lock, so throughput scales with cores.
+///
+/// Its memory is bounded: when the records it holds pass
+/// [`max_bytes`](MemoryStoreBuilder::max_bytes), it drops expired entries first, then the
+/// oldest completed records, down to nine tenths of the cap. It never drops an in-flight
+/// claim. A record larger than the whole cap is kept as a tombstone (status and headers).
+/// Expired entries are also swept periodically by a task that ends when the last handle to
+/// the store is dropped.
+///
+/// Cloning a `MemoryStore` gives another handle to the same records.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// let store = MemoryStore::builder()
+///     .max_bytes(16 * 1024 * 1024)
+///     .sweep_interval(Duration::from_secs(5))
+///     .build();
+/// let layer = IdempotencyLayer::new(store);
+/// ```
+#[derive(Clone, Debug)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+/// Builds a [`MemoryStore`].
+#[derive(Debug, Clone)]
+pub struct MemoryStoreBuilder {
+    max_bytes: usize,
+    sweep_interval: Duration,
+}
+
+#[derive(Debug)]
+struct Inner {
+    map: DashMap<String, Entry>,
+    bytes: AtomicUsize,
+    max_bytes: usize,
+    seq: AtomicU64,
+    sweep_interval: Duration,
+    sweeper_started: AtomicBool,
+    evicting: Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: State,
+    expires_at: Instant,
+    size: usize,
+    seq: u64,
+}
+
+#[derive(Debug)]
+enum State {
+    InFlight {
+        token: LeaseToken,
+        fingerprint: Fingerprint,
+        waiters: Option<Arc<Notify>>,
+    },
+    Completed(Arc<Record>),
+}
+
+impl Entry {
+    fn wake(&self) {
+        if let State::InFlight {
+            waiters: Some(n), ..
+        } = &self.state
+        {
+            n.notify_waiters();
+        }
+    }
+}
+
+impl Default for MemoryStoreBuilder {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 * 1024 * 1024,
+            sweep_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl MemoryStoreBuilder {
+    /// The most bytes the store's records may take (estimated). Default: 64 MiB.
+    ///
+    /// ```
+    /// let store = tower_idempotency::MemoryStore::builder().max_bytes(1 << 20).build();
+    /// ```
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// How often expired entries are swept. Default: 10 seconds.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let store = tower_idempotency::MemoryStore::builder()
+    ///     .sweep_interval(Duration::from_secs(1))
+    ///     .build();
+    /// ```
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.sweep_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                bytes: AtomicUsize::new(0),
+                max_bytes: self.max_bytes,
+                seq: AtomicU64::new(0),
+                sweep_interval: self.sweep_interval,
+                sweeper_started: AtomicBool::new(false),
+                evicting: Mutex::new(()),
+            }),
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// A store with the default limits (64 MiB, swept every 10 seconds).
+    pub fn new() -> Self {
+        MemoryStoreBuilder::default().build()
+    }
+
+    /// A builder to set the limits.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
+    }
+
+    /// How many entries (claims and records, expired ones not yet swept included) it holds.
+    pub fn len(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    /// Whether it holds no entries.
+    pub fn is_empty(&self) -> bool {
+        self.inner.map.is_empty()
+    }
+
+    /// The estimated bytes its entries take.
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Removes every expired entry now.
+    pub fn sweep(&self) {
+        self.inner.sweep(Instant::now());
+    }
+
+    fn ensure_sweeper(&self) {
+        if self.inner.sweeper_started.load(Ordering::Relaxed)
+            || self.inner.sweeper_started.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.inner.sweeper_started.store(false, Ordering::Release);
+            return;
+        };
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let interval = self.inner.sweep_interval;
+        handle.spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                match weak.upgrade() {
+                    Some(inner) => inner.sweep(Instant::now()),
+                    None => return,
+                }
+            }
+        });
+    }
+
+    fn claim_now(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Claim {
+        let now = Instant::now();
+        let inner = &self.inner;
+        let fresh = |inner: &Inner| {
+            let token = LeaseToken::new();
+            let size = key.as_str().len() + ENTRY_OVERHEAD;
+            inner.bytes.fetch_add(size, Ordering::Relaxed);
+            let entry = Entry {
+                state: State::InFlight {
+                    token,
+                    fingerprint: *fingerprint,
+                    waiters: None,
+                },
+                expires_at: now + lease,
+                size,
+                seq: inner.seq.fetch_add(1, Ordering::Relaxed),
+            };
+            (token, entry)
+        };
+        match inner.map.entry(key.as_str().to_owned()) {
+            MapEntry::Occupied(mut occupied) => {
+                let entry = occupied.get_mut();
+                if entry.expires_at <= now {
+                    entry.wake();
+                    inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+                    let (token, new) = fresh(inner);
+                    *entry = new;
+                    return Claim::Acquired(token);
+                }
+                match &entry.state {
+                    State::InFlight { fingerprint, .. } => Claim::InFlight {
+                        fingerprint: *fingerprint,
+                        lease_remaining: Some(entry.expires_at - now),
+                    },
+                    State::Completed(record) => Claim::Completed(Arc::clone(record)),
+                }
+            }
+            MapEntry::Vacant(vacant) => {
+                let (token, new) = fresh(inner);
+                vacant.insert(new);
+                Claim::Acquired(token)
+            }
+        }
+    }
+
+    /// Runs `f` on the entry that `token` owns; `LeaseLost` if it owns none.
+    fn with_owned<T>(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        f: impl FnOnce(&mut Entry) -> T,
+    ) -> Result<T, StoreError> {
+        let now = Instant::now();
+        let mut entry = self
+            .inner
+            .map
+            .get_mut(key.as_str())
+            .ok_or(StoreError::LeaseLost)?;
+        match entry.state {
+            State::InFlight { token: owner, .. } if owner == token && entry.expires_at > now => {
+                Ok(f(&mut entry))
+            }
+            _ => Err(StoreError::LeaseLost),
+        }
+    }
+}
+
+impl Inner {
+    fn sweep(&self, now: Instant) {
+        self.map.retain(|_, entry| {
+            if entry.expires_at > now {
+                return true;
+            }
+            entry.wake();
+            self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+            false
+        });
+    }
+
+    fn evict(&self) {
+        if self.bytes.load(Ordering::Relaxed) <= self.max_bytes {
+            return;
+        }
+        let _one_at_a_time = self.evicting.lock().unwrap_or_else(|p| p.into_inner());
+        let target = self.max_bytes / 10 * 9;
+        self.sweep(Instant::now());
+        if self.bytes.load(Ordering::Relaxed) <= target {
+            return;
+        }
+        let mut completed: Vec<(u64, String)> = self
+            .map
+            .iter()
+            .filter(|e| matches!(e.state, State::Completed(_)))
+            .map(|e| (e.seq, e.key().clone()))
+            .collect();
+        completed.sort_unstable_by_key(|(seq, _)| *seq);
+        for (seq, key) in completed {
+            if self.bytes.load(Ordering::Relaxed) <= target {
+                break;
+            }
+            let removed = self.map.remove_if(&key, |_, e| {
+                e.seq == seq && matches!(e.state, State::Completed(_))
+            });
+            if let Some((_, e)) = removed {
+                self.bytes.fetch_sub(e.size, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MemoryStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.ensure_sweeper();
+        Ok(self.claim_now(key, fingerprint, lease))
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let overhead = key.as_str().len() + ENTRY_OVERHEAD;
+        let record = if record.size() + overhead > self.inner.max_bytes {
+            Record::tombstone(record.status(), record.headers().clone())
+                .with_fingerprint(*record.fingerprint())
+        } else {
+            record
+        };
+        let size = record.size() + overhead;
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let record = Arc::new(record);
+        self.with_owned(key, token, |entry| {
+            entry.wake();
+            self.inner.bytes.fetch_add(size, Ordering::Relaxed);
+            self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+            *entry = Entry {
+                state: State::Completed(record),
+                expires_at: Instant::now() + ttl,
+                size,
+                seq,
+            };
+        })?;
+        self.inner.evict();
+        Ok(())
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        let removed = self.inner.map.remove_if(key.as_str(), |_, e| {
+            matches!(e.state, State::InFlight { token: owner, .. } if owner == token)
+                && e.expires_at > Instant::now()
+        });
+        match removed {
+            Some((_, entry)) => {
+                entry.wake();
+                self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+                Ok(())
+            }
+            None => Err(StoreError::LeaseLost),
+        }
+    }
+
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.with_owned(key, token, |entry| {
+            entry.expires_at = Instant::now() + lease;
+        })
+    }
+
+    /// Waits without polling: completion and release wake the waiters at once.
+    async fn wait(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        timeout: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.ensure_sweeper();
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Register interest before looking, so that no wake-up is missed.
+            let registered = self.inner.map.get_mut(key.as_str()).and_then(|mut e| {
+                let expires_at = e.expires_at;
+                match &mut e.state {
+                    State::InFlight { waiters, .. } => Some((
+                        Arc::clone(waiters.get_or_insert_with(|| Arc::new(Notify::new()))),
+                        expires_at,
+                    )),
+                    State::Completed(_) => None,
+                }
+            });
+            let Some((notify, lease_end)) = registered else {
+                let claim = self.claim_now(key, fingerprint, lease);
+                if matches!(claim, Claim::InFlight { .. }) && Instant::now() < deadline {
+                    continue;
+                }
+                return Ok(claim);
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let claim = self.claim_now(key, fingerprint, lease);
+            if !matches!(claim, Claim::InFlight { .. }) {
+                return Ok(claim);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(claim);
+            }
+            // Wake at the latest when the owner's lease would end (it may have crashed).
+            let wake_at = deadline.min(lease_end.max(now + Duration::from_millis(1)));
+            let _ = tokio::time::timeout_at(wake_at, notified).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Scope;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    fn key(k: &str) -> StoreKey {
+        StoreKey::new(&Scope::anonymous(), k)
+    }
+
+    fn fp() -> Fingerprint {
+        Fingerprint::from_bytes([1; 32])
+    }
+
+    fn record(body: usize) -> Record {
+        Record::new(StatusCode::OK, HeaderMap::new(), Bytes::from(vec![b'x'; body]), None)
+    }
+
+    const LEASE: Duration = Duration::from_secs(30);
+    const TTL: Duration = Duration::from_secs(3600);
+
+    async fn complete_new(store: &MemoryStore, k: &str, body: usize) {
+        let Claim::Acquired(t) = store.claim(&key(k), &fp(), LEASE).await.unwrap() else {
+            panic!("expected to acquire {k}");
+        };
+        store.complete(&key(k), t, record(body), TTL).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn cap_evicts_oldest_completed_but_never_in_flight() {
+        let store = MemoryStore::builder().max_bytes(40_000).build();
+        // An in-flight claim made first must survive everything.
+        let Claim::Acquired(held) = store.claim(&key("held"), &fp(), LEASE).await.unwrap() else {
+            panic!()
+        };
+        for i in 0..10 {
+            complete_new(&store, &format!("k{i}"), 5_000).await;
+            assert!(store.bytes() <= 40_000, "cap broken: {}", store.bytes());
+        }
+        // The oldest completed records went first, the newest stay.
+        assert!(matches!(
+            store.claim(&key("k0"), &fp(), LEASE).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+        assert!(matches!(
+            store.claim(&key("k9"), &fp(), LEASE).await.unwrap(),
+            Claim::Completed(_)
+        ));
+        assert!(matches!(
+            store.claim(&key("held"), &fp(), LEASE).await.unwrap(),
+            Claim::InFlight { .. }
+        ));
+        store.complete(&key("held"), held, record(1), TTL).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cap_evicts_expired_before_live_records() {
+        let store = MemoryStore::builder().max_bytes(30_000).build();
+        let Claim::Acquired(t) = store.claim(&key("old"), &fp(), LEASE).await.unwrap() else {
+            panic!()
+        };
+        store
+            .complete(&key("old"), t, record(5_000), Duration::from_secs(10))
+            .await
+            .unwrap();
+        for i in 0..3 {
+            complete_new(&store, &format!("live{i}"), 5_000).await;
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        // "old" is expired but not yet swept: it is the one to go.
+        for i in 3..5 {
+            complete_new(&store, &format!("live{i}"), 5_000).await;
+        }
+        for i in 0..5 {
+            assert!(matches!(
+                store.claim(&key(&format!("live{i}")), &fp(), LEASE).await.unwrap(),
+                Claim::Completed(_)
+            ));
+        }
+        assert!(store.bytes() <= 30_000);
+    }
+
+    #[tokio::test]
+    async fn oversized_records_become_tombstones() {
+        let store = MemoryStore::builder().max_bytes(1_000).build();
+        complete_new(&store, "big", 10_000).await;
+        let Claim::Completed(r) = store.claim(&key("big"), &fp(), LEASE).await.unwrap() else {
+            panic!()
+        };
+        assert!(r.is_tombstone());
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweeper_removes_expired_entries_and_stops_with_the_store() {
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(1))
+            .build();
+        let Claim::Acquired(t) = store.claim(&key("a"), &fp(), LEASE).await.unwrap() else {
+            panic!()
+        };
+        store
+            .complete(&key("a"), t, record(10), Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert_eq!(store.len(), 1);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(store.len(), 0);
+        assert_eq!(store.bytes(), 0);
+        let weak = Arc::downgrade(&store.inner);
+        drop(store);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(weak.upgrade().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_is_woken_by_completion_without_polling() {
+        let store = MemoryStore::new();
+        let Claim::Acquired(t) = store.claim(&key("w"), &fp(), LEASE).await.unwrap() else {
+            panic!()
+        };
+        let waiter = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .wait(&key("w"), &fp(), LEASE, Duration::from_secs(60))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let started = Instant::now();
+        store.complete(&key("w"), t, record(3), TTL).await.unwrap();
+        let claim = waiter.await.unwrap().unwrap();
+        assert!(matches!(claim, Claim::Completed(_)));
+        assert!(Instant::now() - started < Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,243 @@
+//! The store protocol every backend implements, and the backends.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::Record;
+
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub mod memory;
+
+/// A lease token: proof of ownership of an in-flight claim.
+///
+/// Every successful claim carries a fresh token; [`IdempotencyStore::complete`],
+/// [`IdempotencyStore::release`] and [`IdempotencyStore::extend`] only act when the token
+/// still owns the claim, so an owner whose lease ran out cannot overwrite the work of the
+/// owner after it (fencing).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LeaseToken(u128);
+
+impl LeaseToken {
+    /// A fresh random token.
+    pub fn new() -> Self {
+        Self(uuid::Uuid::new_v4().as_u128())
+    }
+
+    /// A token from its 16 bytes (as a backend stored them).
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(u128::from_be_bytes(bytes))
+    }
+
+    /// The token's 16 bytes.
+    pub const fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    /// The token as 32 hexadecimal digits.
+    pub fn to_hex(self) -> String {
+        format!("{:032x}", self.0)
+    }
+
+    /// Parses the 32 hexadecimal digits written by [`LeaseToken::to_hex`].
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 32 {
+            return None;
+        }
+        u128::from_str_radix(s, 16).ok().map(Self)
+    }
+}
+
+impl Default for LeaseToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseToken({:08x}…)", (self.0 >> 96) as u32)
+    }
+}
+
+/// The answer to a claim.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Claim {
+    /// The key was free: the caller owns it until its lease ends, and must complete or
+    /// release it with this token.
+    Acquired(LeaseToken),
+    /// Another request holds the key.
+    InFlight {
+        /// The fingerprint of the request that holds it.
+        fingerprint: Fingerprint,
+        /// How long its lease still runs, if the store knows.
+        lease_remaining: Option<Duration>,
+    },
+    /// The operation already ran: here is its outcome.
+    Completed(Arc<Record>),
+}
+
+/// Errors of a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The token no longer owns the claim: its lease ran out and the key was released,
+    /// completed or claimed again. Nothing was changed.
+    #[error("the lease on this idempotency key was lost")]
+    LeaseLost,
+    /// The backend could not be reached or failed.
+    #[error("idempotency store backend failed")]
+    Backend(#[source] Box<dyn StdError + Send + Sync + 'static>),
+    /// A stored record could not be decoded.
+    #[error("stored idempotency record is damaged")]
+    Decode(#[source] crate::record::DecodeError),
+}
+
+impl StoreError {
+    /// Wraps a backend's error.
+    pub fn backend(err: impl StdError + Send + Sync + 'static) -> Self {
+        Self::Backend(Box::new(err))
+    }
+}
+
+/// Where idempotency records live.
+///
+/// The layer calls it once per covered request ([`claim`](Self::claim)), once when the
+/// operation ends ([`complete`](Self::complete) or [`release`](Self::release)), and while a
+/// long operation runs ([`extend`](Self::extend)). Every implementation must guarantee:
+///
+/// - **Atomic claim**: of any number of concurrent claims of one key, exactly one is
+///   [`Claim::Acquired`] until it completes, releases, or its lease runs out.
+/// - **Fencing**: `complete`, `release` and `extend` with a token that no longer owns the
+///   claim change nothing and return [`StoreError::LeaseLost`].
+/// - **Expiry**: a completed record lives for its TTL, a claim for its lease; expired
+///   entries are invisible to `claim` and are reclaimed without an external job.
+/// - **Fidelity**: a record is returned exactly as it was completed.
+///
+/// The `conformance` feature provides a test suite that checks all of this for any store.
+///
+/// The trait is object safe: the layer holds an `Arc<dyn IdempotencyStore>`.
+#[async_trait]
+pub trait IdempotencyStore: Send + Sync + 'static {
+    /// Claims `key` for a request with `fingerprint`, for `lease`, if it is free or expired.
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError>;
+
+    /// Stores the outcome of the operation that holds `key` with `token`; the record lives
+    /// for `ttl`.
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Frees `key` held with `token`, so that a retry may run the operation.
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError>;
+
+    /// Extends the lease on `key` held with `token` to `lease` from now.
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Waits up to `timeout` for `key` to stop being in flight, then claims it.
+    ///
+    /// Returns [`Claim::Completed`] when the operation finished, [`Claim::Acquired`] when it
+    /// was released (the caller now owns the key and must run the operation), or
+    /// [`Claim::InFlight`] when the time ran out. The default polls [`claim`](Self::claim)
+    /// with a growing pause (5 ms doubling up to 250 ms); backends with a push mechanism
+    /// replace it.
+    async fn wait(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        timeout: Duration,
+    ) -> Result<Claim, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let claim = self.claim(key, fingerprint, lease).await?;
+            let now = tokio::time::Instant::now();
+            if !matches!(claim, Claim::InFlight { .. }) || now >= deadline {
+                return Ok(claim);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+}
+
+#[async_trait]
+impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        (**self).claim(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        (**self).complete(key, token, record, ttl).await
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        (**self).release(key, token).await
+    }
+
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        (**self).extend(key, token, lease).await
+    }
+
+    async fn wait(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+        timeout: Duration,
+    ) -> Result<Claim, StoreError> {
+        (**self).wait(key, fingerprint, lease, timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_fresh_and_round_trip() {
+        let a = LeaseToken::new();
+        assert_ne!(a, LeaseToken::new());
+        assert_eq!(LeaseToken::from_bytes(a.to_bytes()), a);
+        assert_eq!(LeaseToken::from_hex(&a.to_hex()), Some(a));
+        assert_eq!(LeaseToken::from_hex("zz"), None);
+    }
+}
