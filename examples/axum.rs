@@ -1,1 +1,220 @@
-fn main(){}
+//! The orders demo: an axum service whose `POST /orders` is protected by the layer.
+//!
+//! ```text
+//! cargo run --example axum
+//! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: order-1' \
+//!      -H 'Content-Type: application/json' -d '{"item":"book","amount":12}'
+//! ```
+//!
+//! Environment:
+//! - `LISTEN_ADDR` (default `127.0.0.1:3000`): where to listen;
+//! - `IDEMPOTENCY_STORE` (default `memory`): `memory`, `redis://…` (feature `redis`) or
+//!   `postgres://…` (feature `postgres`);
+//! - `IDEMPOTENCY_ON_IN_FLIGHT` (default `reject`): `reject` answers 409 to a duplicate
+//!   that arrives while the first request runs, `wait` makes it wait for the result
+//!   (`IDEMPOTENCY_WAIT_MS`, default 10000);
+//! - `ORDER_LATENCY_MS` (default 0): how long creating an order takes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tower_idempotency::policy::InFlight;
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
+
+/// An order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Order {
+    /// Its id.
+    pub id: String,
+    /// What was ordered.
+    pub item: String,
+    /// How much it costs, in cents.
+    pub amount: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct NewOrder {
+    item: String,
+    amount: i64,
+}
+
+#[derive(Clone)]
+struct AppState {
+    orders: Arc<Mutex<Vec<Order>>>,
+    latency: Duration,
+}
+
+/// The demo's settings, read from the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to listen.
+    pub listen: String,
+    /// Which store.
+    pub store: String,
+    /// What a duplicate in flight gets.
+    pub in_flight: InFlight,
+    /// How long creating an order takes.
+    pub latency: Duration,
+}
+
+impl Settings {
+    /// Reads the settings from the environment.
+    pub fn from_env() -> Result<Self, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let latency = match var("ORDER_LATENCY_MS") {
+            None => 0,
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("ORDER_LATENCY_MS must be a number of milliseconds, not {v:?}"))?,
+        };
+        let wait_ms = match var("IDEMPOTENCY_WAIT_MS") {
+            None => 10_000,
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("IDEMPOTENCY_WAIT_MS must be a number of milliseconds, not {v:?}"))?,
+        };
+        let in_flight = match var("IDEMPOTENCY_ON_IN_FLIGHT").as_deref() {
+            None | Some("reject") => InFlight::Reject,
+            Some("wait") => InFlight::Wait(Duration::from_millis(wait_ms)),
+            Some(other) => {
+                return Err(format!(
+                    "IDEMPOTENCY_ON_IN_FLIGHT must be `reject` or `wait`, not {other:?}"
+                ));
+            }
+        };
+        Ok(Self {
+            listen: var("LISTEN_ADDR").unwrap_or_else(|| "127.0.0.1:3000".to_owned()),
+            store: var("IDEMPOTENCY_STORE").unwrap_or_else(|| "memory".to_owned()),
+            in_flight,
+            latency: Duration::from_millis(latency),
+        })
+    }
+}
+
+/// Opens the store named by `IDEMPOTENCY_STORE`.
+pub async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+    if url == "memory" {
+        return Ok(Arc::new(MemoryStore::new()));
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return open_redis(url).await;
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return open_postgres(url).await;
+    }
+    Err(format!(
+        "IDEMPOTENCY_STORE must be `memory`, `redis://…` or `postgres://…`, not {url:?}"
+    ))
+}
+
+#[cfg(feature = "redis")]
+async fn open_redis(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+    let store = tower_idempotency::RedisStore::connect(url)
+        .await
+        .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis(_url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+    Err("this build has no Redis store: run with `--features redis`".to_owned())
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+    let pool = tower_idempotency::sqlx::PgPool::connect(url)
+        .await
+        .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
+    let store = tower_idempotency::PostgresStore::new(pool);
+    store
+        .migrate()
+        .await
+        .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+    Err("this build has no PostgreSQL store: run with `--features postgres`".to_owned())
+}
+
+/// The demo application: `POST /orders` (key required), `GET /orders`, `GET /orders/{id}`.
+pub fn app(layer: IdempotencyLayer, latency: Duration) -> Router {
+    let state = AppState {
+        orders: Arc::new(Mutex::new(Vec::new())),
+        latency,
+    };
+    Router::new()
+        .route("/orders", post(create_order).get(list_orders))
+        .route("/orders/{id}", get(show_order))
+        .layer(layer)
+        .with_state(state)
+}
+
+async fn create_order(State(state): State<AppState>, Json(new): Json<NewOrder>) -> impl IntoResponse {
+    if !state.latency.is_zero() {
+        tokio::time::sleep(state.latency).await;
+    }
+    let order = Order {
+        id: uuid::Uuid::new_v4().to_string(),
+        item: new.item,
+        amount: new.amount,
+    };
+    state
+        .orders
+        .lock()
+        .expect("orders lock poisoned")
+        .push(order.clone());
+    let location = format!("/orders/{}", order.id);
+    (
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(order),
+    )
+}
+
+async fn list_orders(State(state): State<AppState>) -> Json<Vec<Order>> {
+    Json(state.orders.lock().expect("orders lock poisoned").clone())
+}
+
+async fn show_order(State(state): State<AppState>, Path(id): Path<String>) -> impl IntoResponse {
+    let orders = state.orders.lock().expect("orders lock poisoned");
+    match orders.iter().find(|o| o.id == id) {
+        Some(order) => Json(order.clone()).into_response(),
+        None => (StatusCode::NOT_FOUND, "no such order").into_response(),
+    }
+}
+
+#[allow(dead_code)]
+#[tokio::main]
+async fn main() {
+    if let Err(err) = serve().await {
+        eprintln!("error: {err}");
+        std::process::exit(1);
+    }
+}
+
+#[allow(dead_code)]
+async fn serve() -> Result<(), String> {
+    let settings = Settings::from_env()?;
+    let store = open_store(&settings.store).await?;
+    let layer = IdempotencyLayer::new(store).on_in_flight(settings.in_flight);
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("orders demo listening on http://{addr} (store: {})", settings.store);
+    println!(
+        "try: curl -i -X POST http://{addr}/orders -H 'Idempotency-Key: order-1' \
+         -H 'Content-Type: application/json' -d '{{\"item\":\"book\",\"amount\":12}}'"
+    );
+    axum::serve(listener, app(layer, settings.latency))
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -63,6 +63,9 @@
 #![warn(rust_2018_idioms)]
 
 pub mod body;
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
 pub mod fingerprint;
 pub mod future;
 pub mod key;
@@ -82,4 +85,16 @@ pub use service::{Idempotency, IdempotencyOutcome, REPLAYED_HEADER};
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use sqlx;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::postgres::PostgresStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::redis::RedisStore;
 pub use store::{Claim, IdempotencyStore, LeaseToken, StoreError};

@@ -1,0 +1,448 @@
+//! The store conformance suite (feature `conformance`): checks that an
+//! [`IdempotencyStore`] keeps the contract the layer relies on.
+//!
+//! Every check is a public async function that panics with an explanation when the store
+//! breaks the contract; [`store_conformance_tests!`](crate::store_conformance_tests) turns
+//! them into one `#[test]` each for a store of yours:
+//!
+//! ```no_run
+//! // tests/my_store.rs, with `tower-idempotency = { features = ["conformance"] }`
+//! // in [dev-dependencies].
+//! use tower_idempotency::MemoryStore;
+//!
+//! // Returning `None` skips the tests (for example when a server is not configured).
+//! async fn make_store() -> Option<MemoryStore> {
+//!     Some(MemoryStore::new())
+//! }
+//!
+//! tower_idempotency::store_conformance_tests!(memory_store, make_store);
+//! ```
+//!
+//! The checks use real time (leases of a few hundred milliseconds), fresh random keys, and
+//! up to 64 concurrent tasks on a multi-threaded runtime; they can share one server with
+//! other tests.
+//!
+//! | Check | What it proves |
+//! |---|---|
+//! | [`claim_then_in_flight`] | a free key is acquired; a second claim sees it in flight with its fingerprint |
+//! | [`atomic_claim`] | of 64 concurrent claims of one key exactly one acquires |
+//! | [`distinct_keys`] | claims of different keys do not interfere |
+//! | [`round_trip`] | a completed record comes back exactly (headers in order, binary values, trailers) |
+//! | [`empty_and_large_records`] | empty and 1 MiB bodies, records without trailers, tombstones |
+//! | [`fencing`] | stale tokens change nothing and get `LeaseLost` |
+//! | [`release_frees_key`] | a released key is claimed again with a fresh token |
+//! | [`lease_expiry`] | an expired claim is reclaimed; the old owner's `complete` is refused |
+//! | [`extend_keeps_claim`] | an extended claim outlives its first lease |
+//! | [`ttl_expiry`] | a record is replayed until its TTL ends, then the key is free |
+//! | [`wait_sees_completion`] | a waiter gets the record when the owner completes |
+//! | [`wait_acquires_after_release`] | a waiter acquires the key when the owner releases it |
+//! | [`wait_times_out`] | a waiter gives up in flight when the time runs out |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::fingerprint::Fingerprint;
+use crate::key::{Scope, StoreKey};
+use crate::record::Record;
+use crate::store::{Claim, IdempotencyStore, LeaseToken, StoreError};
+
+#[doc(hidden)]
+pub mod __private {
+    pub use tokio;
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(600);
+
+/// A fresh key no other test run uses.
+pub fn fresh_key() -> StoreKey {
+    StoreKey::new(
+        &Scope::of(b"conformance"),
+        &uuid::Uuid::new_v4().to_string(),
+    )
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+/// A record with everything that is hard to keep: repeated headers in order, a header value
+/// that is not UTF-8, a binary body and trailers.
+pub fn tricky_record() -> Record {
+    let mut headers = HeaderMap::new();
+    headers.append("content-type", HeaderValue::from_static("application/json"));
+    headers.append("set-cookie", HeaderValue::from_static("a=1; Path=/"));
+    headers.append("set-cookie", HeaderValue::from_static("b=2"));
+    headers.append("x-binary", HeaderValue::from_bytes(b"caf\xe9 \xff").expect("valid"));
+    headers.append("set-cookie", HeaderValue::from_static("c=3"));
+    let mut trailers = HeaderMap::new();
+    trailers.append("grpc-status", HeaderValue::from_static("0"));
+    trailers.append("x-checksum", HeaderValue::from_static("abc"));
+    trailers.append("x-checksum", HeaderValue::from_static("def"));
+    Record::new(
+        StatusCode::CREATED,
+        headers,
+        Bytes::from_static(b"\x00\x01binary\xff\xfe{\"id\":1}"),
+        Some(trailers),
+    )
+    .with_fingerprint(fp(42))
+}
+
+async fn acquire<S: IdempotencyStore + ?Sized>(
+    store: &S,
+    key: &StoreKey,
+    fingerprint: &Fingerprint,
+    lease: Duration,
+) -> LeaseToken {
+    match store.claim(key, fingerprint, lease).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("claim of a free key {key} must be Acquired, got {other:?}"),
+    }
+}
+
+async fn expect_completed<S: IdempotencyStore + ?Sized>(store: &S, key: &StoreKey) -> Arc<Record> {
+    match store.claim(key, &fp(0), LEASE).await {
+        Ok(Claim::Completed(record)) => record,
+        other => panic!("claim of a completed key {key} must be Completed, got {other:?}"),
+    }
+}
+
+fn expect_lost(result: Result<(), StoreError>, what: &str) {
+    match result {
+        Err(StoreError::LeaseLost) => {}
+        other => panic!("{what} with a stale token must fail with LeaseLost, got {other:?}"),
+    }
+}
+
+/// A free key is acquired; a second claim sees it in flight, with the holder's fingerprint
+/// and a remaining lease no longer than the lease.
+pub async fn claim_then_in_flight<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    acquire(store, &key, &fp(1), LEASE).await;
+    match store.claim(&key, &fp(2), LEASE).await {
+        Ok(Claim::InFlight {
+            fingerprint,
+            lease_remaining,
+        }) => {
+            assert_eq!(fingerprint, fp(1), "InFlight must carry the holder's fingerprint");
+            if let Some(rest) = lease_remaining {
+                assert!(rest <= LEASE, "remaining lease {rest:?} exceeds the lease");
+            }
+        }
+        other => panic!("a second claim must be InFlight, got {other:?}"),
+    }
+}
+
+/// Of 64 concurrent claims of one key, exactly one is acquired.
+pub async fn atomic_claim<S: IdempotencyStore + Clone>(store: &S) {
+    for _round in 0..3 {
+        let key = fresh_key();
+        let barrier = Arc::new(tokio::sync::Barrier::new(64));
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let store = store.clone();
+                let key = key.clone();
+                let barrier = Arc::clone(&barrier);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.claim(&key, &fp(1), LEASE).await
+                })
+            })
+            .collect();
+        let mut acquired = 0;
+        for task in tasks {
+            match task.await.expect("claim task panicked") {
+                Ok(Claim::Acquired(_)) => acquired += 1,
+                Ok(Claim::InFlight { .. }) => {}
+                other => panic!("a concurrent claim must be Acquired or InFlight, got {other:?}"),
+            }
+        }
+        assert_eq!(acquired, 1, "exactly one of 64 concurrent claims must acquire");
+    }
+}
+
+/// Claims of different keys do not interfere.
+pub async fn distinct_keys<S: IdempotencyStore + ?Sized>(store: &S) {
+    let a = fresh_key();
+    let b = fresh_key();
+    let ta = acquire(store, &a, &fp(1), LEASE).await;
+    let tb = acquire(store, &b, &fp(1), LEASE).await;
+    assert_ne!(ta, tb, "every acquisition must get a fresh token");
+    store
+        .complete(&a, ta, tricky_record(), TTL)
+        .await
+        .expect("complete must succeed");
+    assert!(matches!(
+        store.claim(&b, &fp(1), LEASE).await,
+        Ok(Claim::InFlight { .. })
+    ));
+    expect_lost(store.complete(&b, ta, tricky_record(), TTL).await, "complete of another key");
+}
+
+/// A completed record comes back exactly.
+pub async fn round_trip<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(42), LEASE).await;
+    store
+        .complete(&key, token, tricky_record(), TTL)
+        .await
+        .expect("complete must succeed");
+    let got = expect_completed(store, &key).await;
+    assert_eq!(*got, tricky_record(), "the record must round-trip exactly");
+    let cookies: Vec<_> = got.headers().get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1; Path=/", "b=2", "c=3"], "header order must be kept");
+    assert_eq!(
+        got.headers()["x-binary"].as_bytes(),
+        b"caf\xe9 \xff",
+        "non-UTF-8 bytes must be kept"
+    );
+}
+
+/// Empty and large bodies, records without trailers, and tombstones round-trip.
+pub async fn empty_and_large_records<S: IdempotencyStore + ?Sized>(store: &S) {
+    let big: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let records = [
+        Record::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new(), None),
+        Record::new(StatusCode::OK, HeaderMap::new(), Bytes::from(big), None),
+        Record::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::new(),
+            Some(HeaderMap::new()),
+        ),
+        Record::tombstone(StatusCode::ACCEPTED, tricky_record().headers().clone()),
+    ];
+    for record in records {
+        let record = record.with_fingerprint(fp(5));
+        let key = fresh_key();
+        let token = acquire(store, &key, &fp(5), LEASE).await;
+        store
+            .complete(&key, token, record.clone(), TTL)
+            .await
+            .expect("complete must succeed");
+        let got = expect_completed(store, &key).await;
+        assert_eq!(*got, record, "the record must round-trip exactly");
+    }
+}
+
+/// `complete`, `release` and `extend` with a stale token change nothing and fail with
+/// `LeaseLost`.
+pub async fn fencing<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let owner = acquire(store, &key, &fp(1), LEASE).await;
+    let stranger = LeaseToken::new();
+    expect_lost(store.complete(&key, stranger, tricky_record(), TTL).await, "complete");
+    expect_lost(store.release(&key, stranger).await, "release");
+    expect_lost(store.extend(&key, stranger, LEASE).await, "extend");
+    assert!(
+        matches!(store.claim(&key, &fp(1), LEASE).await, Ok(Claim::InFlight { .. })),
+        "a stale token must not change the claim"
+    );
+    store
+        .complete(&key, owner, tricky_record(), TTL)
+        .await
+        .expect("the owner's complete must succeed");
+    // Once completed, the owner's token owns nothing either.
+    expect_lost(store.complete(&key, owner, tricky_record(), TTL).await, "a second complete");
+    expect_lost(store.release(&key, owner).await, "release after complete");
+    expect_lost(store.extend(&key, owner, LEASE).await, "extend after complete");
+    assert_eq!(*expect_completed(store, &key).await, tricky_record());
+    // Keys never claimed are owned by nobody.
+    expect_lost(store.release(&fresh_key(), owner).await, "release of an unknown key");
+}
+
+/// A released key is claimed again, with a fresh token; the old one owns nothing.
+pub async fn release_frees_key<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let first = acquire(store, &key, &fp(1), LEASE).await;
+    store.release(&key, first).await.expect("release must succeed");
+    let second = acquire(store, &key, &fp(2), LEASE).await;
+    assert_ne!(first, second, "a new claim must get a fresh token");
+    expect_lost(store.complete(&key, first, tricky_record(), TTL).await, "complete");
+}
+
+/// A claim whose lease ran out is reclaimed; the stale owner's `complete` is refused and
+/// the new owner's succeeds.
+pub async fn lease_expiry<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let lease = Duration::from_millis(300);
+    let stale = acquire(store, &key, &fp(1), lease).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fresh = acquire(store, &key, &fp(1), LEASE).await;
+    expect_lost(
+        store.complete(&key, stale, tricky_record(), TTL).await,
+        "complete after the lease expired",
+    );
+    expect_lost(store.extend(&key, stale, LEASE).await, "extend after the lease expired");
+    store
+        .complete(&key, fresh, tricky_record(), TTL)
+        .await
+        .expect("the new owner's complete must succeed");
+    assert_eq!(*expect_completed(store, &key).await, tricky_record());
+}
+
+/// A claim extended before its lease ends outlives that lease.
+pub async fn extend_keeps_claim<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    store
+        .extend(&key, token, Duration::from_secs(5))
+        .await
+        .expect("extend must succeed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        matches!(store.claim(&key, &fp(1), LEASE).await, Ok(Claim::InFlight { .. })),
+        "an extended claim must still be in flight"
+    );
+    store
+        .complete(&key, token, tricky_record(), TTL)
+        .await
+        .expect("complete after extend must succeed");
+}
+
+/// A record is replayed until its TTL ends; then the key is free.
+pub async fn ttl_expiry<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    store
+        .complete(&key, token, tricky_record(), Duration::from_millis(400))
+        .await
+        .expect("complete must succeed");
+    expect_completed(store, &key).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    acquire(store, &key, &fp(1), LEASE).await;
+}
+
+/// A waiter gets the record as soon as the owner completes.
+pub async fn wait_sees_completion<S: IdempotencyStore + Clone>(store: &S) {
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(42), LEASE).await;
+    let waiter = {
+        let store = store.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            store
+                .wait(&key, &fp(42), LEASE, Duration::from_secs(10))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store
+        .complete(&key, token, tricky_record(), TTL)
+        .await
+        .expect("complete must succeed");
+    let started = tokio::time::Instant::now();
+    match waiter.await.expect("waiter panicked") {
+        Ok(Claim::Completed(record)) => assert_eq!(*record, tricky_record()),
+        other => panic!("a waiter must see the completed record, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a waiter must return soon after completion"
+    );
+}
+
+/// A waiter acquires the key when its owner releases it.
+pub async fn wait_acquires_after_release<S: IdempotencyStore + Clone>(store: &S) {
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    let waiter = {
+        let store = store.clone();
+        let key = key.clone();
+        tokio::spawn(async move { store.wait(&key, &fp(1), LEASE, Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.release(&key, token).await.expect("release must succeed");
+    match waiter.await.expect("waiter panicked") {
+        Ok(Claim::Acquired(new)) => assert_ne!(new, token),
+        other => panic!("a waiter must acquire a released key, got {other:?}"),
+    }
+}
+
+/// A waiter gives up, in flight, when its time runs out.
+pub async fn wait_times_out<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    acquire(store, &key, &fp(1), LEASE).await;
+    let started = tokio::time::Instant::now();
+    let claim = store
+        .wait(&key, &fp(1), LEASE, Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(claim, Ok(Claim::InFlight { .. })),
+        "a timed-out wait must answer InFlight, got {claim:?}"
+    );
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(250), "wait returned early: {waited:?}");
+    assert!(waited < Duration::from_secs(3), "wait overran its timeout: {waited:?}");
+}
+
+/// Runs `check` on a fresh multi-threaded runtime, or prints that it was skipped when the
+/// factory returns `None`. Used by [`store_conformance_tests!`](crate::store_conformance_tests).
+#[doc(hidden)]
+pub fn run<S, M, MF, C, CF>(name: &str, make: M, check: C)
+where
+    M: FnOnce() -> MF,
+    MF: std::future::Future<Output = Option<S>>,
+    C: FnOnce(S) -> CF,
+    CF: std::future::Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    rt.block_on(async {
+        match make().await {
+            Some(store) => check(store).await,
+            None => println!("skipped {name}: the store is not configured"),
+        }
+    });
+}
+
+/// Generates one `#[test]` per conformance check for a store (feature `conformance`).
+///
+/// `store_conformance_tests!(module_name, make_store)` makes a module of tests; `make_store`
+/// (a function visible in the calling module) is an `async fn() -> Option<S>` with `S: IdempotencyStore + Clone`, called once per test;
+/// `None` skips the test with a message.
+///
+/// ```no_run
+/// use tower_idempotency::MemoryStore;
+///
+/// async fn make_store() -> Option<MemoryStore> {
+///     Some(MemoryStore::new())
+/// }
+///
+/// tower_idempotency::store_conformance_tests!(memory_store, make_store);
+/// ```
+#[macro_export]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+macro_rules! store_conformance_tests {
+    ($module:ident, $make:path) => {
+        #[cfg(test)]
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::store_conformance_tests!(@tests $make;
+                claim_then_in_flight, atomic_claim, distinct_keys, round_trip,
+                empty_and_large_records, fencing, release_frees_key, lease_expiry,
+                extend_keeps_claim, ttl_expiry, wait_sees_completion,
+                wait_acquires_after_release, wait_times_out);
+        }
+    };
+    (@tests $make:path; $($check:ident),*) => {
+        $(
+            #[test]
+            fn $check() {
+                $crate::conformance::run(
+                    concat!(module_path!(), "::", stringify!($check)),
+                    || $make(),
+                    |store| async move { $crate::conformance::$check(&store).await },
+                );
+            }
+        )*
+    };
+}

@@ -1,0 +1,5 @@
+//! A PostgreSQL store (feature `postgres`).
+
+/// Placeholder.
+#[derive(Debug)]
+pub struct PostgresStore;

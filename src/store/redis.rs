@@ -1,0 +1,5 @@
+//! A Redis store (feature `redis`).
+
+/// Placeholder.
+#[derive(Debug)]
+pub struct RedisStore;
