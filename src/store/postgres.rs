@@ -1,5 +1,676 @@
 //! A PostgreSQL store (feature `postgres`).
+//!
+//! [`PostgresStore`] keeps every idempotency key of a fleet of instances in one table of a
+//! PostgreSQL database, through a [`sqlx::PgPool`] that you build and pass in. Expiry is
+//! judged by the database clock (`now()`), so instances whose clocks drift still agree on
+//! who owns a key.
+//!
+//! # The table
+//!
+//! [`PostgresStore::migrate`] creates it, if it does not exist yet, with this SQL (for the
+//! default name `idempotency_records`; the table name is quoted, so it is case-sensitive):
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS "idempotency_records" (
+//!     key         text        PRIMARY KEY,   -- scope:key (StoreKey)
+//!     token       bytea,                     -- lease token; NULL once completed
+//!     fingerprint bytea       NOT NULL,      -- the claiming request's fingerprint
+//!     record      bytea,                     -- Record::encode(); NULL while in flight
+//!     expires_at  timestamptz NOT NULL       -- lease end, or record TTL end
+//! );
+//! CREATE INDEX IF NOT EXISTS "idempotency_records_expires_at_idx"
+//!     ON "idempotency_records" (expires_at);
+//! ```
+//!
+//! Both statements run in one transaction that holds an advisory lock, so instances that
+//! migrate at the same time at start-up do not trip over each other. You may as well run
+//! this SQL with your own migration tool and never call `migrate`.
+//!
+//! # One statement per operation
+//!
+//! Each operation is one statement, so one round trip on a connection whose statements are
+//! already prepared (sqlx caches them per connection):
+//!
+//! - **claim** (and so **replay**): an `INSERT … ON CONFLICT (key) DO UPDATE … WHERE
+//!   expires_at <= now()` in a CTE, which takes a free or expired key, followed by a
+//!   `SELECT` of the holder's state (fingerprint, record, remaining lease) when it did not:
+//!
+//!   ```sql
+//!   WITH claimed AS (
+//!       INSERT INTO "idempotency_records" AS r (key, token, fingerprint, record, expires_at)
+//!       VALUES ($1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond')
+//!       ON CONFLICT (key) DO UPDATE
+//!           SET token = excluded.token, fingerprint = excluded.fingerprint,
+//!               record = NULL, expires_at = excluded.expires_at
+//!           WHERE r.expires_at <= now()
+//!       RETURNING 1
+//!   )
+//!   SELECT true, NULL::bytea, NULL::bytea, NULL::bigint FROM claimed
+//!   UNION ALL
+//!   SELECT false, h.fingerprint, h.record,
+//!          (extract(epoch FROM h.expires_at - now()) * 1000000)::bigint
+//!   FROM "idempotency_records" AS h
+//!   WHERE h.key = $1 AND h.expires_at > now() AND NOT EXISTS (SELECT 1 FROM claimed)
+//!   ```
+//!
+//!   The `SELECT` sees the snapshot taken when the statement started, while `ON CONFLICT`
+//!   sees the latest committed row. When another transaction inserts or reclaims the key
+//!   after that snapshot, the insert finds the conflict and does nothing, and the snapshot
+//!   shows no live row: the statement returns nothing. The store then runs it again, with a
+//!   fresh snapshot that shows the winner's row. This only happens under a race on one key.
+//! - **complete**: `UPDATE … SET token = NULL, record = $3, expires_at = now() + ttl WHERE
+//!   key = $1 AND token = $2 AND expires_at > now()`.
+//! - **release**: `DELETE … WHERE key = $1 AND token = $2 AND expires_at > now()`.
+//! - **extend**: `UPDATE … SET expires_at = now() + lease WHERE key = $1 AND token = $2 AND
+//!   expires_at > now()`.
+//!
+//! A fenced statement that changes no row answers [`StoreError::LeaseLost`].
+//!
+//! # Expiry and sweeping
+//!
+//! Expired rows are invisible to `claim` (it takes them over) and to the fenced
+//! statements, so removing them is only garbage collection. [`PostgresStore::sweep`] deletes
+//! them in batches of [`sweep_batch`](PostgresStore::sweep_batch) rows:
+//!
+//! ```sql
+//! DELETE FROM "idempotency_records"
+//! WHERE key IN (SELECT key FROM "idempotency_records" WHERE expires_at <= now()
+//!               ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+//!   AND expires_at <= now()
+//! ```
+//!
+//! `SKIP LOCKED` lets several instances sweep at once without waiting on each other, and
+//! the repeated `expires_at <= now()` spares a row that a claim took over meanwhile. The
+//! first claim on a store starts a background task on the current Tokio runtime that
+//! sweeps every [`sweep_interval`](PostgresStore::sweep_interval); the task ends when the
+//! last handle to the store is dropped.
+//!
+//! # Waiting
+//!
+//! [`IdempotencyStore::wait`] keeps the trait's default: it polls `claim` with a growing
+//! pause (5 ms doubling up to 250 ms). A push through `LISTEN`/`NOTIFY` would hold a
+//! dedicated connection per store and a trigger on the table; the poll costs one indexed
+//! read per attempt and needs nothing more than the table.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use tower_idempotency::sqlx::PgPool;
+//! use tower_idempotency::{IdempotencyLayer, PostgresStore};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = PgPool::connect("postgres://app@db.internal/app").await?;
+//! let store = PostgresStore::new(pool).table("idempotency.records");
+//! store.migrate().await?;
+//!
+//! let layer = IdempotencyLayer::new(store);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
 
-/// Placeholder.
-#[derive(Debug)]
-pub struct PostgresStore;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::PgRow;
+use sqlx::{AssertSqlSafe, PgPool, Row};
+
+use super::{Claim, IdempotencyStore, LeaseToken, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::{DecodeError, Record};
+
+const DEFAULT_TABLE: &str = "idempotency_records";
+const DEFAULT_SWEEP_BATCH: u32 = 1000;
+const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Durations are capped at about a hundred years, far inside `timestamptz`'s range.
+const MAX_MICROS: u128 = 100 * 365 * 24 * 3600 * 1_000_000;
+/// How often a claim that lost a race (see the module docs) is run again before giving up.
+const CLAIM_ATTEMPTS: usize = 16;
+
+/// A [`IdempotencyStore`] in a PostgreSQL table, shared by every instance that uses the same
+/// database (feature `postgres`).
+///
+/// Claim, complete, release, extend and replay are one SQL statement each; expiry follows
+/// the database clock; expired rows are deleted in batches by a background sweep. The module
+/// documentation ([`crate::store::postgres`]) shows the table and every statement.
+///
+/// Cloning a `PostgresStore` gives another handle to the same store (and pool).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_idempotency::PostgresStore;
+/// use tower_idempotency::sqlx::postgres::PgPoolOptions;
+///
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = PgPoolOptions::new()
+///     .max_connections(20)
+///     .connect("postgres://app@db.internal/app")
+///     .await?;
+/// let store = PostgresStore::new(pool)
+///     .table("idempotency_records")
+///     .sweep_batch(500)
+///     .sweep_interval(Duration::from_secs(30));
+/// store.migrate().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+/// A table name that is not `name` or `schema.name`, each part matching
+/// `[A-Za-z_][A-Za-z0-9_]*` and at most 63 bytes long.
+///
+/// [`PostgresStore::table`] does not panic on a bad name: the store keeps it, and
+/// [`PostgresStore::migrate`] and every operation then fail with
+/// [`StoreError::Backend`] wrapping this error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid idempotency table name {name:?}: expected `name` or `schema.name` of [A-Za-z_][A-Za-z0-9_]* (at most 63 bytes each)")]
+pub struct InvalidTableName {
+    name: String,
+}
+
+impl InvalidTableName {
+    /// The name that was refused.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The settings a store was built with.
+#[derive(Clone)]
+struct Config {
+    pool: PgPool,
+    table: String,
+    sweep_batch: u32,
+    sweep_interval: Duration,
+}
+
+struct Inner {
+    config: Config,
+    sql: Result<Sql, InvalidTableName>,
+    sweeper_started: AtomicBool,
+}
+
+/// The statements, built once for the table.
+struct Sql {
+    migrate: Arc<str>,
+    claim: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    extend: Arc<str>,
+    sweep: Arc<str>,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.config.table)
+            .field("table_valid", &self.sql.is_ok())
+            .field("sweep_batch", &self.config.sweep_batch)
+            .field("sweep_interval", &self.config.sweep_interval)
+            .field("pool", &self.config.pool)
+            .finish()
+    }
+}
+
+/// A claim ran again and again and always lost a race (see the module docs).
+#[derive(Debug, thiserror::Error)]
+#[error("the claim of an idempotency key kept losing races to concurrent claims")]
+struct ClaimContention;
+
+/// Validates `name` and quotes each of its parts; returns the quoted name and the quoted
+/// name of its expiry index.
+fn quote_table(name: &str) -> Result<(String, String), InvalidTableName> {
+    fn valid_part(part: &str) -> bool {
+        let mut bytes = part.bytes();
+        matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && part.len() <= 63
+    }
+    let invalid = || InvalidTableName {
+        name: name.to_owned(),
+    };
+    let (schema, table) = match name.split_once('.') {
+        Some((schema, table)) => (Some(schema), table),
+        None => (None, name),
+    };
+    if !valid_part(table) || !schema.is_none_or(valid_part) {
+        return Err(invalid());
+    }
+    let quoted = match schema {
+        Some(schema) => format!("\"{schema}\".\"{table}\""),
+        None => format!("\"{table}\""),
+    };
+    // An index lives in its table's schema and its name is not qualified. Longer names
+    // than 63 bytes would be truncated by the server; keep the suffix whole instead.
+    let suffix = "_expires_at_idx";
+    let stem = &table[..table.len().min(63 - suffix.len())];
+    Ok((quoted, format!("\"{stem}{suffix}\"")))
+}
+
+impl Sql {
+    fn new(table: &str) -> Result<Self, InvalidTableName> {
+        let (t, idx) = quote_table(table)?;
+        let migrate = format!(
+            "SELECT pg_advisory_xact_lock(hashtext('tower_idempotency.migrate')::bigint);\n\
+             CREATE TABLE IF NOT EXISTS {t} (\n\
+             \x20   key         text        PRIMARY KEY,\n\
+             \x20   token       bytea,\n\
+             \x20   fingerprint bytea       NOT NULL,\n\
+             \x20   record      bytea,\n\
+             \x20   expires_at  timestamptz NOT NULL\n\
+             );\n\
+             CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);"
+        );
+        let claim = format!(
+            "WITH claimed AS (\n\
+             \x20   INSERT INTO {t} AS r (key, token, fingerprint, record, expires_at)\n\
+             \x20   VALUES ($1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond')\n\
+             \x20   ON CONFLICT (key) DO UPDATE\n\
+             \x20       SET token = excluded.token, fingerprint = excluded.fingerprint,\n\
+             \x20           record = NULL, expires_at = excluded.expires_at\n\
+             \x20       WHERE r.expires_at <= now()\n\
+             \x20   RETURNING 1\n\
+             )\n\
+             SELECT true, NULL::bytea, NULL::bytea, NULL::bigint FROM claimed\n\
+             UNION ALL\n\
+             SELECT false, h.fingerprint, h.record,\n\
+             \x20      (extract(epoch FROM h.expires_at - now()) * 1000000)::bigint\n\
+             FROM {t} AS h\n\
+             WHERE h.key = $1 AND h.expires_at > now() AND NOT EXISTS (SELECT 1 FROM claimed)"
+        );
+        let complete = format!(
+            "UPDATE {t} SET token = NULL, record = $3, \
+             expires_at = now() + $4::bigint * interval '1 microsecond' \
+             WHERE key = $1 AND token = $2 AND expires_at > now()"
+        );
+        let release =
+            format!("DELETE FROM {t} WHERE key = $1 AND token = $2 AND expires_at > now()");
+        let extend = format!(
+            "UPDATE {t} SET expires_at = now() + $3::bigint * interval '1 microsecond' \
+             WHERE key = $1 AND token = $2 AND expires_at > now()"
+        );
+        let sweep = format!(
+            "DELETE FROM {t} WHERE key IN (\
+             SELECT key FROM {t} WHERE expires_at <= now() \
+             ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             AND expires_at <= now()"
+        );
+        Ok(Self {
+            migrate: migrate.into(),
+            claim: claim.into(),
+            complete: complete.into(),
+            release: release.into(),
+            extend: extend.into(),
+            sweep: sweep.into(),
+        })
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    // Capped well below i64::MAX, so the cast is lossless.
+    d.as_micros().min(MAX_MICROS) as i64
+}
+
+impl PostgresStore {
+    /// A store on `pool`, in the table `idempotency_records`, swept every 60 seconds in
+    /// batches of 1000 rows. Call [`migrate`](Self::migrate) once to create the table.
+    ///
+    /// ```no_run
+    /// use tower_idempotency::PostgresStore;
+    /// use tower_idempotency::sqlx::PgPool;
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = PostgresStore::new(PgPool::connect("postgres://localhost/app").await?);
+    /// store.migrate().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn new(pool: PgPool) -> Self {
+        Self::from_config(Config {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            sweep_batch: DEFAULT_SWEEP_BATCH,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+        })
+    }
+
+    fn from_config(config: Config) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                sql: Sql::new(&config.table),
+                config,
+                sweeper_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    fn edit(self, f: impl FnOnce(&mut Config)) -> Self {
+        let mut config = self.inner.config.clone();
+        f(&mut config);
+        Self::from_config(config)
+    }
+
+    /// The table that holds the records: `name` or `schema.name`, each part matching
+    /// `[A-Za-z_][A-Za-z0-9_]*` (at most 63 bytes). Default: `idempotency_records`.
+    ///
+    /// The name is quoted in every statement, so it is used exactly as given (case
+    /// included). An invalid name does not panic: [`migrate`](Self::migrate) and every
+    /// operation then fail with [`StoreError::Backend`] wrapping an [`InvalidTableName`].
+    ///
+    /// ```no_run
+    /// use tower_idempotency::PostgresStore;
+    /// use tower_idempotency::sqlx::PgPool;
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = PgPool::connect("postgres://localhost/app").await?;
+    /// let store = PostgresStore::new(pool).table("billing.idempotency_keys");
+    /// store.migrate().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn table(self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.edit(|c| c.table = name)
+    }
+
+    /// How many expired rows one sweep statement deletes at most; a sweep runs statements
+    /// until one deletes fewer. Default: 1000. Zero counts as one.
+    ///
+    /// ```no_run
+    /// use tower_idempotency::PostgresStore;
+    /// use tower_idempotency::sqlx::PgPool;
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = PgPool::connect("postgres://localhost/app").await?;
+    /// let store = PostgresStore::new(pool).sweep_batch(200);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn sweep_batch(self, rows: u32) -> Self {
+        self.edit(|c| c.sweep_batch = rows.max(1))
+    }
+
+    /// How often the background task sweeps expired rows. Default: 60 seconds.
+    /// `Duration::ZERO` turns the background task off (call [`sweep`](Self::sweep) yourself,
+    /// or never: expired rows are invisible to claims anyway).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use tower_idempotency::PostgresStore;
+    /// use tower_idempotency::sqlx::PgPool;
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = PgPool::connect("postgres://localhost/app").await?;
+    /// let store = PostgresStore::new(pool).sweep_interval(Duration::from_secs(300));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn sweep_interval(self, interval: Duration) -> Self {
+        self.edit(|c| c.sweep_interval = interval)
+    }
+
+    /// The pool the store uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.config.pool
+    }
+
+    /// The name of the table, as given to [`table`](Self::table).
+    pub fn table_name(&self) -> &str {
+        &self.inner.config.table
+    }
+
+    /// Creates the table and its expiry index if they do not exist (the SQL is in the
+    /// [module documentation](crate::store::postgres)). Safe to call from many instances at
+    /// once. Fails with [`StoreError::Backend`] when the table name is invalid
+    /// ([`InvalidTableName`]) or the database refuses.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        // Several statements in one simple query run in one implicit transaction, which
+        // holds the advisory lock until its end.
+        sqlx::raw_sql(AssertSqlSafe(Arc::clone(&sql.migrate)))
+            .execute(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(())
+    }
+
+    /// Deletes every expired row now, in batches of [`sweep_batch`](Self::sweep_batch),
+    /// and returns how many it deleted.
+    ///
+    /// The background task does this periodically; expired rows are never visible to
+    /// claims, so sweeping only reclaims space.
+    pub async fn sweep(&self) -> Result<u64, StoreError> {
+        self.inner.sweep().await
+    }
+
+    fn ensure_sweeper(&self) {
+        let interval = self.inner.config.sweep_interval;
+        if interval.is_zero()
+            || self.inner.sweeper_started.load(Ordering::Relaxed)
+            || self.inner.sweeper_started.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.inner.sweeper_started.store(false, Ordering::Release);
+            return;
+        };
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        handle.spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                match inner.sweep().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(rows = n, "swept expired idempotency records"),
+                    Err(err) => {
+                        tracing::warn!(error = &err as &dyn std::error::Error, "idempotency sweep failed")
+                    }
+                }
+            }
+        });
+    }
+
+    async fn claim_once(
+        &self,
+        sql: &Sql,
+        key: &StoreKey,
+        token: LeaseToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Option<Claim>, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(Arc::clone(&sql.claim)))
+            .bind(key.as_str())
+            .bind(&token.to_bytes()[..])
+            .bind(&fingerprint.as_bytes()[..])
+            .bind(micros(lease))
+            .fetch_optional(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        row.map(|row| read_claim(&row, token)).transpose()
+    }
+
+    async fn fenced(&self, query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>) -> Result<(), StoreError> {
+        let done = query
+            .execute(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if done.rows_affected() == 0 {
+            Err(StoreError::LeaseLost)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn read_claim(row: &PgRow, token: LeaseToken) -> Result<Claim, StoreError> {
+    let acquired: bool = row.try_get(0).map_err(StoreError::backend)?;
+    if acquired {
+        return Ok(Claim::Acquired(token));
+    }
+    let record: Option<Vec<u8>> = row.try_get(2).map_err(StoreError::backend)?;
+    if let Some(bytes) = record {
+        let record = Record::decode(&bytes).map_err(StoreError::Decode)?;
+        return Ok(Claim::Completed(Arc::new(record)));
+    }
+    let fingerprint: Vec<u8> = row.try_get(1).map_err(StoreError::backend)?;
+    let fingerprint: [u8; 32] = fingerprint
+        .try_into()
+        .map_err(|_| StoreError::Decode(DecodeError::Invalid("fingerprint")))?;
+    let remaining: Option<i64> = row.try_get(3).map_err(StoreError::backend)?;
+    Ok(Claim::InFlight {
+        fingerprint: Fingerprint::from_bytes(fingerprint),
+        lease_remaining: remaining.map(|us| Duration::from_micros(us.max(0) as u64)),
+    })
+}
+
+impl Inner {
+    fn sql(&self) -> Result<&Sql, StoreError> {
+        self.sql
+            .as_ref()
+            .map_err(|err| StoreError::backend(err.clone()))
+    }
+
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        let sql = self.sql()?;
+        let batch = self.config.sweep_batch;
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(AssertSqlSafe(Arc::clone(&sql.sweep)))
+                .bind(i64::from(batch))
+                .execute(&self.config.pool)
+                .await
+                .map_err(StoreError::backend)?
+                .rows_affected();
+            total += deleted;
+            if deleted < u64::from(batch) {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for PostgresStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.ensure_sweeper();
+        let sql = self.inner.sql()?;
+        let token = LeaseToken::new();
+        for _ in 0..CLAIM_ATTEMPTS {
+            if let Some(claim) = self.claim_once(sql, key, token, fingerprint, lease).await? {
+                return Ok(claim);
+            }
+            // Lost a race to a transaction that committed after our snapshot: run again.
+        }
+        Err(StoreError::backend(ClaimContention))
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        self.fenced(
+            sqlx::query(AssertSqlSafe(Arc::clone(&sql.complete)))
+                .bind(key.as_str())
+                .bind(token.to_bytes().to_vec())
+                .bind(record.encode())
+                .bind(micros(ttl)),
+        )
+        .await
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        self.fenced(
+            sqlx::query(AssertSqlSafe(Arc::clone(&sql.release)))
+                .bind(key.as_str())
+                .bind(token.to_bytes().to_vec()),
+        )
+        .await
+    }
+
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        self.fenced(
+            sqlx::query(AssertSqlSafe(Arc::clone(&sql.extend)))
+                .bind(key.as_str())
+                .bind(token.to_bytes().to_vec())
+                .bind(micros(lease)),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_validated_and_quoted() {
+        assert_eq!(
+            quote_table("idempotency_records").unwrap(),
+            (
+                "\"idempotency_records\"".to_owned(),
+                "\"idempotency_records_expires_at_idx\"".to_owned()
+            )
+        );
+        assert_eq!(
+            quote_table("app.Keys_1").unwrap().0,
+            "\"app\".\"Keys_1\"".to_owned()
+        );
+        assert_eq!(quote_table("_x").unwrap().0, "\"_x\"");
+        for bad in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "1abc",
+            "a-b",
+            "a.b.c",
+            "a\"b",
+            "a;drop table x",
+            "tâble",
+            &"x".repeat(64),
+        ] {
+            assert_eq!(
+                quote_table(bad),
+                Err(InvalidTableName {
+                    name: bad.to_owned()
+                }),
+                "{bad:?}"
+            );
+        }
+        let long = "y".repeat(63);
+        let (_, idx) = quote_table(&long).unwrap();
+        assert_eq!(idx.len(), 63 + 2);
+    }
+
+    #[test]
+    fn durations_are_capped() {
+        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
+        assert_eq!(micros(Duration::MAX), MAX_MICROS as i64);
+    }
+}

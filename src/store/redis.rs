@@ -1,5 +1,462 @@
-//! A Redis store (feature `redis`).
+//! A Redis store (feature `redis`), shared by every instance of a service.
+//!
+//! [`RedisStore`] keeps each operation under **one Redis key**, `{prefix}{store_key}`
+//! (for example `idempotency:anon:8e03978e-40d5`), and touches no other key, so it works on
+//! Redis Cluster as well as on a single server. Entries expire by themselves (`PX`): an
+//! in-flight claim when its lease ends, a completed record when its TTL ends; no sweep job is
+//! needed.
+//!
+//! # Value layout
+//!
+//! The key holds a single string whose first byte tells what it is:
+//!
+//! | State | Value |
+//! |---|---|
+//! | in flight | `L`, the 16-byte [`LeaseToken`], the 32-byte [`Fingerprint`] (49 bytes) |
+//! | completed | `R`, then the record's versioned binary encoding ([`Record::encode`]) |
+//!
+//! # Scripts and round trips
+//!
+//! Each operation is one Lua script, so it is atomic on the server and costs **exactly one
+//! round trip** (`EVALSHA`):
+//!
+//! | Operation | Script |
+//! |---|---|
+//! | `claim` (and replay) | key absent: `SET value PX lease`, answer *acquired*; in flight: answer the holder's fingerprint and `PTTL`; completed: answer the record |
+//! | `complete` | if the value starts with `L` + this token: `SET R… PX ttl`, else *lost* |
+//! | `release` | if the value starts with `L` + this token: `DEL`, else *lost* |
+//! | `extend` | if the value starts with `L` + this token: `PEXPIRE lease`, else *lost* |
+//!
+//! The fencing scripts read only the first 17 bytes of the value (`GETRANGE`), so checking
+//! a token never copies a stored record. A *lost* answer becomes [`StoreError::LeaseLost`].
+//!
+//! The scripts are loaded with `SCRIPT LOAD` (one pipelined round trip) by
+//! [`RedisStore::connect`] and then invoked by their SHA-1. Should the server not know a
+//! script (a store built with [`RedisStore::new`], a restarted or failed-over server), the
+//! call that finds out loads it and retries once, and every later call is one round trip
+//! again.
+//!
+//! [`wait`](IdempotencyStore::wait) polls `claim` with a growing pause (5 ms doubling up to
+//! 250 ms), as the trait's default does.
+//!
+//! Connection and I/O errors become [`StoreError::Backend`] (the layer answers `503` by
+//! default); a value it cannot read becomes [`StoreError::Decode`]. The
+//! [`ConnectionManager`] reconnects by itself, so the store serves again as soon as Redis is
+//! back.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::{IdempotencyLayer, RedisStore};
+//!
+//! # async fn run() -> Result<(), tower_idempotency::StoreError> {
+//! let store = RedisStore::connect("redis://127.0.0.1:6379")
+//!     .await?
+//!     .prefix("payments:idempotency:");
+//! let app: Router = Router::new()
+//!     .route("/payments", post(|body: String| async move { format!("charged {body}") }))
+//!     .layer(IdempotencyLayer::new(store));
+//! # Ok(())
+//! # }
+//! ```
 
-/// Placeholder.
-#[derive(Debug)]
-pub struct RedisStore;
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+
+use super::{Claim, IdempotencyStore, LeaseToken, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::{DecodeError, Record};
+
+const TAG_IN_FLIGHT: u8 = b'L';
+const TAG_RECORD: u8 = b'R';
+const DEFAULT_PREFIX: &str = "idempotency:";
+
+/// KEYS[1]: the key. ARGV[1]: the in-flight value, ARGV[2]: the lease in milliseconds.
+/// Answers 1 (acquired), {fingerprint, pttl} (in flight) or the stored value (completed).
+const CLAIM_LUA: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if string.sub(v, 1, 1) == 'L' then
+  return {string.sub(v, 18, 49), redis.call('PTTL', KEYS[1])}
+end
+return v
+"#;
+
+/// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: the record value, ARGV[3]: the TTL in
+/// milliseconds. Answers 1 (done) or 0 (lost).
+const COMPLETE_LUA: &str = r#"
+if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"#;
+
+/// KEYS[1]: the key. ARGV[1]: `L` + token. Answers 1 (done) or 0 (lost).
+const RELEASE_LUA: &str = r#"
+if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+return 1
+"#;
+
+/// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: the lease in milliseconds. Answers 1
+/// (done) or 0 (lost).
+const EXTEND_LUA: &str = r#"
+if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
+  return 0
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+struct Scripts {
+    claim: Script,
+    complete: Script,
+    release: Script,
+    extend: Script,
+}
+
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    claim: Script::new(CLAIM_LUA),
+    complete: Script::new(COMPLETE_LUA),
+    release: Script::new(RELEASE_LUA),
+    extend: Script::new(EXTEND_LUA),
+});
+
+/// An [`IdempotencyStore`] in Redis, for fleets of instances (feature `redis`).
+///
+/// One key per operation, one Lua script per store call, one round trip per claim,
+/// completion, release, extension and replay: see the [module documentation](self) for the
+/// layout and the scripts.
+///
+/// It talks to Redis through a [`ConnectionManager`], which multiplexes every call on one
+/// connection and reconnects by itself after a failure. Cloning a `RedisStore` gives
+/// another handle on the same connection.
+///
+/// ```no_run
+/// use tower_idempotency::{IdempotencyLayer, RedisStore};
+///
+/// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// let layer = IdempotencyLayer::new(store);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub struct RedisStore {
+    manager: ConnectionManager,
+    prefix: Arc<str>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to the Redis server at `url` (such as `redis://127.0.0.1:6379` or
+    /// `rediss://user:password@host:6380/2`) and loads the store's scripts.
+    ///
+    /// The connection is set to fail fast when Redis is down, so that the layer answers
+    /// `503` promptly instead of holding requests: each connection attempt times out after
+    /// 1 second, each command after 2 seconds, and a lost connection is retried twice
+    /// (50 ms, then up to 500 ms apart) before the call fails; the next call tries again. For
+    /// other settings, build a [`ConnectionManager`] yourself and use [`RedisStore::new`].
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::RedisStore::connect("redis://127.0.0.1:6379").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(StoreError::backend)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let manager = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(StoreError::backend)?;
+        let store = Self::new(manager);
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    /// A store on a connection you built, with the default prefix.
+    ///
+    /// The scripts are not loaded here: the first call of each finds the server without it,
+    /// loads it and retries (three commands, once); [`RedisStore::connect`] loads them
+    /// ahead.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use tower_idempotency::RedisStore;
+    /// use tower_idempotency::redis::{Client, aio::{ConnectionManager, ConnectionManagerConfig}};
+    ///
+    /// # async fn run() -> Result<(), tower_idempotency::redis::RedisError> {
+    /// let client = Client::open("redis://127.0.0.1:6379")?;
+    /// let config = ConnectionManagerConfig::new()
+    ///     .set_response_timeout(Some(Duration::from_millis(500)));
+    /// let manager = ConnectionManager::new_with_config(client, config).await?;
+    /// let store = RedisStore::new(manager);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn new(manager: ConnectionManager) -> Self {
+        Self {
+            manager,
+            prefix: Arc::from(DEFAULT_PREFIX),
+        }
+    }
+
+    /// The prefix of every Redis key the store writes, so that several services (or
+    /// environments) can share one Redis. Default: `idempotency:`.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::RedisStore::connect("redis://127.0.0.1:6379")
+    ///     .await?
+    ///     .prefix("orders:idem:");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Arc::from(prefix.into());
+        self
+    }
+
+    /// Loads the four scripts in one pipelined round trip.
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        for code in [CLAIM_LUA, COMPLETE_LUA, RELEASE_LUA, EXTEND_LUA] {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(code);
+        }
+        let mut con = self.manager.clone();
+        let _: Vec<String> = pipe
+            .query_async(&mut con)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(())
+    }
+
+    fn redis_key(&self, key: &StoreKey) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + key.as_str().len());
+        k.push_str(&self.prefix);
+        k.push_str(key.as_str());
+        k
+    }
+
+    /// Runs a fencing script (complete, release, extend): 1 is done, 0 is lost.
+    async fn fenced(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<(), StoreError> {
+        let mut con = self.manager.clone();
+        let done: i64 = invocation
+            .invoke_async(&mut con)
+            .await
+            .map_err(StoreError::backend)?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
+    }
+}
+
+/// `L` followed by the token: the prefix of the value a claim owns.
+fn owner_prefix(token: LeaseToken) -> [u8; 17] {
+    let mut out = [TAG_IN_FLIGHT; 17];
+    out[1..].copy_from_slice(&token.to_bytes());
+    out
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn damaged(what: &'static str) -> StoreError {
+    StoreError::Decode(DecodeError::Invalid(what))
+}
+
+fn bytes_of(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn parse_claim(reply: Value, token: LeaseToken) -> Result<Claim, StoreError> {
+    match reply {
+        Value::Int(1) => Ok(Claim::Acquired(token)),
+        Value::Array(items) => {
+            let [fingerprint, pttl] = items.as_slice() else {
+                return Err(damaged("redis claim reply"));
+            };
+            let fingerprint: [u8; 32] = bytes_of(fingerprint)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| damaged("in-flight fingerprint"))?;
+            let lease_remaining = match pttl {
+                Value::Int(ms) if *ms > 0 => Some(Duration::from_millis(*ms as u64)),
+                _ => None,
+            };
+            Ok(Claim::InFlight {
+                fingerprint: Fingerprint::from_bytes(fingerprint),
+                lease_remaining,
+            })
+        }
+        Value::BulkString(bytes) => match bytes.split_first() {
+            Some((&TAG_RECORD, encoded)) => Record::decode(encoded)
+                .map(|record| Claim::Completed(Arc::new(record)))
+                .map_err(StoreError::Decode),
+            _ => Err(damaged("redis value tag")),
+        },
+        _ => Err(damaged("redis claim reply")),
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for RedisStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let token = LeaseToken::new();
+        let mut value = [0u8; 49];
+        value[..17].copy_from_slice(&owner_prefix(token));
+        value[17..].copy_from_slice(fingerprint.as_bytes());
+        let mut con = self.manager.clone();
+        let reply: Value = SCRIPTS
+            .claim
+            .key(self.redis_key(key))
+            .arg(&value[..])
+            .arg(millis(lease))
+            .invoke_async(&mut con)
+            .await
+            .map_err(StoreError::backend)?;
+        parse_claim(reply, token)
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let encoded = record.encode();
+        let mut value = Vec::with_capacity(1 + encoded.len());
+        value.push(TAG_RECORD);
+        value.extend_from_slice(&encoded);
+        drop(encoded);
+        self.fenced(
+            SCRIPTS
+                .complete
+                .key(self.redis_key(key))
+                .arg(&owner_prefix(token)[..])
+                .arg(value)
+                .arg(millis(ttl)),
+        )
+        .await
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.fenced(
+            SCRIPTS
+                .release
+                .key(self.redis_key(key))
+                .arg(&owner_prefix(token)[..]),
+        )
+        .await
+    }
+
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.fenced(
+            SCRIPTS
+                .extend
+                .key(self.redis_key(key))
+                .arg(&owner_prefix(token)[..])
+                .arg(millis(lease)),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_claim_reply() {
+        let token = LeaseToken::new();
+        assert!(matches!(
+            parse_claim(Value::Int(1), token),
+            Ok(Claim::Acquired(t)) if t == token
+        ));
+        let in_flight = Value::Array(vec![Value::BulkString(vec![7; 32]), Value::Int(1500)]);
+        match parse_claim(in_flight, token) {
+            Ok(Claim::InFlight {
+                fingerprint,
+                lease_remaining,
+            }) => {
+                assert_eq!(fingerprint, Fingerprint::from_bytes([7; 32]));
+                assert_eq!(lease_remaining, Some(Duration::from_millis(1500)));
+            }
+            other => panic!("{other:?}"),
+        }
+        let record = Record::new(
+            http::StatusCode::CREATED,
+            http::HeaderMap::new(),
+            bytes::Bytes::from_static(b"{}"),
+            None,
+        );
+        let mut value = vec![TAG_RECORD];
+        value.extend(record.encode());
+        match parse_claim(Value::BulkString(value), token) {
+            Ok(Claim::Completed(got)) => assert_eq!(*got, record),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            Value::BulkString(b"Xjunk".to_vec()),
+            Value::BulkString(b"Rjunk".to_vec()),
+            Value::Array(vec![Value::BulkString(vec![1; 5]), Value::Int(1)]),
+            Value::Nil,
+        ] {
+            assert!(matches!(parse_claim(bad, token), Err(StoreError::Decode(_))));
+        }
+    }
+
+    #[test]
+    fn owner_prefix_is_tag_and_token() {
+        let token = LeaseToken::new();
+        let prefix = owner_prefix(token);
+        assert_eq!(prefix[0], b'L');
+        assert_eq!(prefix[1..], token.to_bytes());
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_secs(2)), 2000);
+    }
+}

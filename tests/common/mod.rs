@@ -1,0 +1,244 @@
+//! Helpers shared by the integration tests: requests, a counting handler, response
+//! collection and a fault-injecting store.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tower::{Service, ServiceExt};
+use tower_idempotency::{
+    Claim, Fingerprint, IdempotencyOutcome, IdempotencyStore, LeaseToken, Record, StoreError,
+    StoreKey,
+};
+
+/// A POST to /orders with an optional key and a body.
+pub fn post(key: Option<&str>, body: &str) -> Request<Body> {
+    let mut b = Request::post("/orders").header("content-type", "application/json");
+    if let Some(key) = key {
+        b = b.header("idempotency-key", key);
+    }
+    b.body(Body::from(body.to_owned())).unwrap()
+}
+
+/// What a test looks at in a response.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+    pub outcome: Option<IdempotencyOutcome>,
+}
+
+impl Answer {
+    pub fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Calls a service once and collects its whole response.
+pub async fn call<S, B>(svc: &S, req: Request<Body>) -> Answer
+where
+    S: Service<Request<Body>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let res = svc.clone().oneshot(req).await.expect("service error");
+    collect(res).await
+}
+
+/// Collects a response.
+pub async fn collect<B>(res: Response<B>) -> Answer
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let outcome = res.extensions().get::<IdempotencyOutcome>().copied();
+    let (parts, body) = res.into_parts();
+    let collected = body.collect().await.expect("body error");
+    let trailers = collected.trailers().cloned();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+        outcome,
+    }
+}
+
+/// A handler that counts its runs and answers 201 with a fresh id.
+#[derive(Clone, Default)]
+pub struct Counter(pub Arc<AtomicUsize>);
+
+impl Counter {
+    pub fn runs(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// A service answering `201 {"id": <uuid>, "body": <request body>}` after `delay`.
+    pub fn service(
+        &self,
+        delay: Duration,
+    ) -> impl Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        let count = Arc::clone(&self.0);
+        tower::service_fn(move |req: Request<Body>| {
+            let count = Arc::clone(&count);
+            async move {
+                count.fetch_add(1, Ordering::SeqCst);
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let json = serde_json::json!({
+                    "id": uuid::Uuid::new_v4().to_string(),
+                    "body": String::from_utf8_lossy(&body),
+                });
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .header("content-type", "application/json")
+                        .body(Body::from(json.to_string()))
+                        .unwrap(),
+                )
+            }
+        })
+    }
+}
+
+/// Which store operations fail or stall.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Fail this many of the next claims.
+    pub claim_failures: AtomicUsize,
+    /// Fail this many of the next completes.
+    pub complete_failures: AtomicUsize,
+    /// Fail this many of the next releases.
+    pub release_failures: AtomicUsize,
+    /// Fail this many of the next extends.
+    pub extend_failures: AtomicUsize,
+    /// Delay every complete by this many milliseconds.
+    pub complete_delay_ms: AtomicUsize,
+    /// Counts of calls.
+    pub claims: AtomicUsize,
+    pub completes: AtomicUsize,
+    pub releases: AtomicUsize,
+    pub extends: AtomicUsize,
+}
+
+fn take(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("injected fault")]
+pub struct Injected;
+
+/// A store wrapper that injects failures and delays on chosen operations and counts calls.
+#[derive(Clone)]
+pub struct FaultStore<S> {
+    pub inner: S,
+    pub faults: Arc<Faults>,
+}
+
+impl<S> FaultStore<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            faults: Arc::new(Faults::default()),
+        }
+    }
+}
+
+#[async_trait]
+impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.faults.claims.fetch_add(1, Ordering::SeqCst);
+        if take(&self.faults.claim_failures) {
+            return Err(StoreError::backend(Injected));
+        }
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.faults.completes.fetch_add(1, Ordering::SeqCst);
+        let delay = self.faults.complete_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+        }
+        if take(&self.faults.complete_failures) {
+            return Err(StoreError::backend(Injected));
+        }
+        self.inner.complete(key, token, record, ttl).await
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.faults.releases.fetch_add(1, Ordering::SeqCst);
+        if take(&self.faults.release_failures) {
+            return Err(StoreError::backend(Injected));
+        }
+        self.inner.release(key, token).await
+    }
+
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.faults.extends.fetch_add(1, Ordering::SeqCst);
+        if take(&self.faults.extend_failures) {
+            return Err(StoreError::backend(Injected));
+        }
+        self.inner.extend(key, token, lease).await
+    }
+}
+
+/// Waits until `f` holds, up to two seconds.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}

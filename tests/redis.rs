@@ -1,0 +1,434 @@
+//! The Redis store: the conformance suite, several instances on one Redis, an outage, and
+//! the round trips each operation costs.
+//!
+//! Every test needs `REDIS_URL` (for example `redis://127.0.0.1:6379`) and passes with
+//! "skipped: REDIS_URL not set" without it. The outage and round-trip tests start their own
+//! `redis-server` (which must be on `PATH`) on a free port and never touch the shared one.
+#![cfg(feature = "redis")]
+
+use std::convert::Infallible;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+use tower_idempotency::{
+    Claim, Fingerprint, IdempotencyBody, IdempotencyLayer, IdempotencyStore, LeaseToken,
+    REPLAYED_HEADER, Record, RedisStore, Scope, StoreKey,
+};
+
+fn redis_url() -> Option<String> {
+    let url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
+    if url.is_none() {
+        println!("skipped: REDIS_URL not set");
+    }
+    url
+}
+
+#[cfg(feature = "conformance")]
+mod conformance {
+    use super::*;
+
+    async fn make_store() -> Option<RedisStore> {
+        let url = redis_url()?;
+        let store = RedisStore::connect(&url)
+            .await
+            .expect("connect to REDIS_URL")
+            .prefix("tower-idempotency-test:");
+        Some(store)
+    }
+
+    tower_idempotency::store_conformance_tests!(redis_store, make_store);
+}
+
+/// A `redis-server` of the test's own, killed when dropped (panics included).
+struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn free_port() -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        listener.local_addr().expect("local addr").port()
+    }
+
+    fn start() -> Self {
+        let mut server = Self {
+            child: None,
+            port: Self::free_port(),
+        };
+        server.restart();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on its port and waits until it accepts connections.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "the server is already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+type Svc = tower_idempotency::Idempotency<
+    tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>,
+>;
+
+/// The store behind a layer in front of a handler that takes ~50 ms, counts its runs and
+/// answers 201 with a body no other run produces.
+fn layered(store: RedisStore, runs: Arc<AtomicUsize>) -> Svc {
+    let handler = tower::service_fn(move |_req: Request<Body>| {
+        let runs = Arc::clone(&runs);
+        async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            runs.fetch_add(1, Ordering::SeqCst);
+            let body = uuid::Uuid::new_v4().to_string();
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(Body::from(body))
+                    .expect("a response"),
+            )
+        }
+    });
+    IdempotencyLayer::new(store).layer(tower::util::BoxCloneSyncService::new(handler))
+}
+
+fn order(key: &str) -> Request<Body> {
+    Request::post("/orders")
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"item":"book","qty":1}"#))
+        .expect("a request")
+}
+
+async fn send(svc: &Svc, key: &str) -> (Response<()>, Bytes) {
+    let res: Response<IdempotencyBody<Body>> =
+        svc.clone().oneshot(order(key)).await.expect("infallible");
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.expect("a body").to_bytes();
+    (Response::from_parts(parts, ()), bytes)
+}
+
+fn replayed(res: &Response<()>) -> bool {
+    res.headers()
+        .get(REPLAYED_HEADER)
+        .is_some_and(|v| v == "true")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_instances_run_an_operation_once() {
+    let Some(url) = redis_url() else { return };
+    // Two instances of a service: separate stores, separate connections, one Redis.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let connect = || async {
+        RedisStore::connect(&url)
+            .await
+            .expect("connect")
+            .prefix("tower-idempotency-test:")
+    };
+    let instances = [
+        layered(connect().await, Arc::clone(&runs)),
+        layered(connect().await, Arc::clone(&runs)),
+    ];
+    let key = uuid::Uuid::new_v4().to_string();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let svc = instances[i % 2].clone();
+        let key = key.clone();
+        tasks.spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (res, body) = send(&svc, &key).await;
+                match res.status() {
+                    StatusCode::CREATED => return (replayed(&res), body),
+                    StatusCode::CONFLICT => {
+                        assert!(res.headers().contains_key("retry-after"));
+                        assert!(Instant::now() < deadline, "still in flight after 10 s");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+        });
+    }
+    let results = tasks.join_all().await;
+
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation must run exactly once");
+    assert_eq!(results.len(), 64);
+    let first = &results[0].1;
+    assert!(
+        results.iter().all(|(_, body)| body == first),
+        "every 201 must carry the same body"
+    );
+    let executed = results.iter().filter(|(replay, _)| !replay).count();
+    assert_eq!(executed, 1, "one answer comes from the run, 63 are replays");
+
+    // A later retry on either instance replays.
+    for svc in &instances {
+        let (res, body) = send(svc, &key).await;
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert!(replayed(&res), "a later retry must be a replay");
+        assert_eq!(&body, first);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_fails_closed_and_recovers_without_rebuilding() {
+    let Some(_) = redis_url() else { return };
+    let mut server = PrivateRedis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = layered(store, Arc::clone(&runs));
+
+    let (res, _) = send(&svc, "before-outage").await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    server.kill();
+    let started = Instant::now();
+    let (res, body) = send(&svc, "during-outage").await;
+    let took = started.elapsed();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        res.headers().get("content-type").expect("content-type"),
+        "application/problem+json"
+    );
+    assert!(res.headers().contains_key("retry-after"), "503 needs Retry-After");
+    assert!(!body.is_empty(), "a problem body");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "nothing runs while the store is down");
+    assert!(took < Duration::from_secs(3), "a dead Redis must fail fast, took {took:?}");
+    // And again, now that the manager knows the connection is gone.
+    let (res, _) = send(&svc, "during-outage").await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    server.restart();
+    let mut status = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..30 {
+        let (res, _) = send(&svc, "after-outage").await;
+        status = res.status();
+        if status != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, StatusCode::CREATED, "the same service must recover");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    let (res, _) = send(&svc, "after-outage").await;
+    assert!(replayed(&res), "and protect again");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// Script calls the server has counted since the last `CONFIG RESETSTAT`:
+/// (`EVALSHA`, `EVAL`, `SCRIPT LOAD`).
+async fn script_calls(admin: &mut redis::aio::MultiplexedConnection) -> (u64, u64, u64) {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .expect("INFO commandstats");
+    let calls = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse().expect("a count"))
+    };
+    (calls("evalsha"), calls("eval"), calls("script|load"))
+}
+
+async fn reset_stats(admin: &mut redis::aio::MultiplexedConnection) {
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(admin)
+        .await
+        .expect("CONFIG RESETSTAT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_round_trip_per_operation() {
+    let Some(_) = redis_url() else { return };
+    // A private server: no other test's calls are counted.
+    let server = PrivateRedis::start();
+    let mut admin = redis::Client::open(server.url())
+        .expect("a url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("an admin connection");
+    // `connect` loads the four scripts (SCRIPT LOAD), so even the first call of each script
+    // is a single EVALSHA.
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let key = |k: &str| StoreKey::new(&Scope::anonymous(), k);
+    let fp = Fingerprint::from_bytes([3; 32]);
+    let lease = Duration::from_secs(30);
+    let ttl = Duration::from_secs(60);
+    let record = Record::new(
+        StatusCode::CREATED,
+        http::HeaderMap::new(),
+        Bytes::from_static(b"made"),
+        None,
+    )
+    .with_fingerprint(fp);
+
+    reset_stats(&mut admin).await;
+    let Claim::Acquired(token) = store.claim(&key("a"), &fp, lease).await.unwrap() else {
+        panic!("the first claim acquires")
+    };
+    assert_eq!(script_calls(&mut admin).await, (1, 0, 0), "claim");
+
+    store.extend(&key("a"), token, lease).await.unwrap();
+    assert_eq!(script_calls(&mut admin).await, (2, 0, 0), "extend");
+
+    let claim = store.claim(&key("a"), &fp, lease).await.unwrap();
+    assert!(matches!(claim, Claim::InFlight { fingerprint, lease_remaining: Some(_) } if fingerprint == fp));
+    assert_eq!(script_calls(&mut admin).await, (3, 0, 0), "claim of a key in flight");
+
+    store.complete(&key("a"), token, record.clone(), ttl).await.unwrap();
+    assert_eq!(script_calls(&mut admin).await, (4, 0, 0), "complete");
+
+    let Claim::Completed(got) = store.claim(&key("a"), &fp, lease).await.unwrap() else {
+        panic!("a completed key replays")
+    };
+    assert_eq!(*got, record);
+    assert_eq!(script_calls(&mut admin).await, (5, 0, 0), "replay");
+
+    let Claim::Acquired(other) = store.claim(&key("b"), &fp, lease).await.unwrap() else {
+        panic!("a fresh key is acquired")
+    };
+    store.release(&key("b"), other).await.unwrap();
+    assert_eq!(script_calls(&mut admin).await, (7, 0, 0), "claim + release");
+
+    // Through the layer: a first request costs a claim and a complete, a replay one claim.
+    let svc = layered(store.clone(), Arc::new(AtomicUsize::new(0)));
+    reset_stats(&mut admin).await;
+    let (res, _) = send(&svc, "via-layer").await;
+    assert_eq!(res.status(), StatusCode::CREATED);
+    // The completion may land just after the body ends: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while script_calls(&mut admin).await.0 < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(script_calls(&mut admin).await, (2, 0, 0), "first request");
+    let (res, _) = send(&svc, "via-layer").await;
+    assert!(replayed(&res));
+    assert_eq!(script_calls(&mut admin).await, (3, 0, 0), "replayed request");
+
+    // A server that lost the scripts (restart, failover, SCRIPT FLUSH): the call that finds
+    // out loads its script and retries, once; the next call is one round trip again.
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    reset_stats(&mut admin).await;
+    store.claim(&key("c"), &fp, lease).await.unwrap();
+    assert_eq!(script_calls(&mut admin).await, (2, 0, 1), "claim after SCRIPT FLUSH");
+    store.claim(&key("c"), &fp, lease).await.unwrap();
+    assert_eq!(script_calls(&mut admin).await, (3, 0, 1), "the next claim");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_carry_the_prefix_and_stale_tokens_are_lost() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::connect(&url)
+        .await
+        .expect("connect")
+        .prefix("tower-idempotency-prefix-test:");
+    let mut admin = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let client_key = uuid::Uuid::new_v4().to_string();
+    let key = StoreKey::new(&Scope::anonymous(), &client_key);
+    let fp = Fingerprint::from_bytes([9; 32]);
+    let Claim::Acquired(token) = store
+        .claim(&key, &fp, Duration::from_secs(5))
+        .await
+        .unwrap()
+    else {
+        panic!("acquire")
+    };
+    let redis_key = format!("tower-idempotency-prefix-test:anon:{client_key}");
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(&redis_key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(value.len(), 49);
+    assert_eq!(value[0], b'L');
+    assert_eq!(value[1..17], token.to_bytes());
+    assert_eq!(value[17..], fp.as_bytes()[..]);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&redis_key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 5000, "the lease is the key's expiry: {pttl}");
+    assert!(matches!(
+        store.release(&key, LeaseToken::new()).await,
+        Err(tower_idempotency::StoreError::LeaseLost)
+    ));
+    store.release(&key, token).await.unwrap();
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&redis_key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(!exists, "release deletes the key");
+    assert!(format!("{store:?}").contains("tower-idempotency-prefix-test:"));
+}
+
+#[tokio::test]
+async fn connect_to_nothing_fails_fast() {
+    let Some(_) = redis_url() else { return };
+    let port = PrivateRedis::free_port();
+    let started = Instant::now();
+    let err = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .expect_err("nothing listens there");
+    assert!(matches!(err, tower_idempotency::StoreError::Backend(_)));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
