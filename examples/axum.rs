@@ -13,7 +13,9 @@
 //! - `IDEMPOTENCY_ON_IN_FLIGHT` (default `reject`): `reject` answers 409 to a duplicate
 //!   that arrives while the first request runs, `wait` makes it wait for the result
 //!   (`IDEMPOTENCY_WAIT_MS`, default 10000);
-//! - `ORDER_LATENCY_MS` (default 0): how long creating an order takes.
+//! - `ORDER_LATENCY_MS` (default 0): how long creating an order takes;
+//! - `IDEMPOTENCY_LAYER` (default `on`): `off` serves the same routes without the layer,
+//!   for load comparisons.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,6 +63,8 @@ pub struct Settings {
     pub in_flight: InFlight,
     /// How long creating an order takes.
     pub latency: Duration,
+    /// Whether the layer is on.
+    pub layer: bool,
 }
 
 impl Settings {
@@ -88,7 +92,15 @@ impl Settings {
                 ));
             }
         };
+        let layer = match var("IDEMPOTENCY_LAYER").as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => {
+                return Err(format!("IDEMPOTENCY_LAYER must be `on` or `off`, not {other:?}"));
+            }
+        };
         Ok(Self {
+            layer,
             listen: var("LISTEN_ADDR").unwrap_or_else(|| "127.0.0.1:3000".to_owned()),
             store: var("IDEMPOTENCY_STORE").unwrap_or_else(|| "memory".to_owned()),
             in_flight,
@@ -146,15 +158,23 @@ async fn open_postgres(_url: &str) -> Result<Arc<dyn IdempotencyStore>, String> 
 
 /// The demo application: `POST /orders` (key required), `GET /orders`, `GET /orders/{id}`.
 pub fn app(layer: IdempotencyLayer, latency: Duration) -> Router {
+    app_with(Some(layer), latency)
+}
+
+/// The demo application, with or without the layer (for comparisons).
+pub fn app_with(layer: Option<IdempotencyLayer>, latency: Duration) -> Router {
     let state = AppState {
         orders: Arc::new(Mutex::new(Vec::new())),
         latency,
     };
-    Router::new()
+    let router = Router::new()
         .route("/orders", post(create_order).get(list_orders))
-        .route("/orders/{id}", get(show_order))
-        .layer(layer)
-        .with_state(state)
+        .route("/orders/{id}", get(show_order));
+    let router = match layer {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
+    router.with_state(state)
 }
 
 async fn create_order(State(state): State<AppState>, Json(new): Json<NewOrder>) -> impl IntoResponse {
@@ -214,7 +234,11 @@ async fn serve() -> Result<(), String> {
         "try: curl -i -X POST http://{addr}/orders -H 'Idempotency-Key: order-1' \
          -H 'Content-Type: application/json' -d '{{\"item\":\"book\",\"amount\":12}}'"
     );
-    axum::serve(listener, app(layer, settings.latency))
+    if !settings.layer {
+        println!("IDEMPOTENCY_LAYER=off: serving without the idempotency layer");
+    }
+    let layer = settings.layer.then_some(layer);
+    axum::serve(listener, app_with(layer, settings.latency))
         .await
         .map_err(|e| e.to_string())
 }
