@@ -1,0 +1,186 @@
+//! How to write an idempotency store of your own, and how to test it.
+//!
+//! `LockedMapStore` keeps everything in one `HashMap` behind a mutex: simple, correct, and a
+//! template for a backend of your own (a database, a cache, a key-value service). Each method
+//! answers one question of the store contract; the comments say what the layer relies on.
+//!
+//! To check it, run the conformance suite on it; this repository does so in
+//! `tests/conformance_custom.rs`:
+//!
+//! ```text
+//! async fn make_store() -> Option<LockedMapStore> { Some(LockedMapStore::default()) }
+//! tower_idempotency::store_conformance_tests!(locked_map_store, make_store);
+//! ```
+//!
+//! Run the example itself with `cargo run --example custom_store`: it serves one protected
+//! route on `LISTEN_ADDR` (default `127.0.0.1:3002`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+use tower_idempotency::{
+    Claim, Fingerprint, IdempotencyStore, LeaseToken, Record, StoreError, StoreKey,
+};
+
+/// What a key holds.
+#[derive(Debug)]
+enum Entry {
+    /// Someone runs the operation and owns the key until `until`.
+    Claimed {
+        token: LeaseToken,
+        fingerprint: Fingerprint,
+        until: Instant,
+    },
+    /// The operation ran; its record is replayed until `until`.
+    Done { record: Arc<Record>, until: Instant },
+}
+
+impl Entry {
+    fn until(&self) -> Instant {
+        match self {
+            Entry::Claimed { until, .. } | Entry::Done { until, .. } => *until,
+        }
+    }
+}
+
+/// A store on a mutex-guarded map.
+#[derive(Debug, Clone, Default)]
+pub struct LockedMapStore {
+    entries: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+impl LockedMapStore {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic elsewhere cannot leave the map half-updated: every change is one insert or
+        // remove, so a poisoned lock is safe to use.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the entry `token` owns, or answers `LeaseLost`.
+    fn owned(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        f: impl FnOnce(&mut HashMap<String, Entry>),
+    ) -> Result<(), StoreError> {
+        let mut entries = self.entries();
+        match entries.get(key.as_str()) {
+            // Fencing: only the current, unexpired owner may act.
+            Some(Entry::Claimed {
+                token: owner,
+                until,
+                ..
+            }) if *owner == token && *until > Instant::now() => {
+                f(&mut entries);
+                Ok(())
+            }
+            _ => Err(StoreError::LeaseLost),
+        }
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for LockedMapStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let now = Instant::now();
+        let mut entries = self.entries();
+        // Expiry without a cron job: now and then, drop every expired entry.
+        if entries.len() % 1024 == 1023 {
+            entries.retain(|_, e| e.until() > now);
+        }
+        // Expired entries are invisible: treat them as absent.
+        match entries.get(key.as_str()).filter(|e| e.until() > now) {
+            Some(Entry::Claimed {
+                fingerprint, until, ..
+            }) => Ok(Claim::InFlight {
+                fingerprint: *fingerprint,
+                lease_remaining: Some(*until - now),
+            }),
+            Some(Entry::Done { record, .. }) => Ok(Claim::Completed(Arc::clone(record))),
+            None => {
+                // Atomic: the check and the insert happen under one lock.
+                let token = LeaseToken::new();
+                entries.insert(
+                    key.as_str().to_owned(),
+                    Entry::Claimed {
+                        token,
+                        fingerprint: *fingerprint,
+                        until: now + lease,
+                    },
+                );
+                Ok(Claim::Acquired(token))
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.owned(key, token, |entries| {
+            entries.insert(
+                key.as_str().to_owned(),
+                Entry::Done {
+                    record: Arc::new(record),
+                    until: Instant::now() + ttl,
+                },
+            );
+        })
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.owned(key, token, |entries| {
+            entries.remove(key.as_str());
+        })
+    }
+
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.owned(key, token, |entries| {
+            if let Some(Entry::Claimed { until, .. }) = entries.get_mut(key.as_str()) {
+                *until = Instant::now() + lease;
+            }
+        })
+    }
+
+    // `wait` keeps the trait's default, which polls `claim` with a growing pause.
+}
+
+#[allow(dead_code)]
+#[tokio::main]
+async fn main() {
+    use axum::{Router, routing::post};
+    use tower_idempotency::IdempotencyLayer;
+
+    let app: Router = Router::new()
+        .route("/orders", post(|body: String| async move { format!("created: {body}\n") }))
+        .layer(IdempotencyLayer::new(LockedMapStore::default()));
+    let addr = std::env::var("LISTEN_ADDR").unwrap_or_else(|_| "127.0.0.1:3002".to_owned());
+    let listener = match tokio::net::TcpListener::bind(&addr).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("error: cannot listen on {addr}: {err}");
+            std::process::exit(1);
+        }
+    };
+    println!("custom store demo listening on http://{addr}");
+    if let Err(err) = axum::serve(listener, app).await {
+        eprintln!("error: {err}");
+        std::process::exit(1);
+    }
+}
