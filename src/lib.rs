@@ -47,8 +47,20 @@
 //!
 //! # Stores
 //!
-//! [`IdempotencyStore`] is one small async trait. [`MemoryStore`] (feature `memory`, on by
-//! default) serves a single instance.
+//! [`IdempotencyStore`] is one small async trait (claim, complete, release, extend, wait),
+//! object safe, with three backends:
+//!
+//! - [`MemoryStore`] (feature `memory`, on by default): one instance, bounded by bytes;
+//! - `RedisStore` (feature `redis`): one key per record, one Lua script call per operation;
+//! - `PostgresStore` (feature `postgres`): one table, a single-statement claim.
+//!
+//! A store of your own is checked by the public conformance suite (feature `conformance`,
+//! the `conformance` module and `store_conformance_tests!`).
+//!
+//! # Runtime
+//!
+//! The layer needs a Tokio runtime: it spawns the lease heartbeat, the operation itself (so
+//! that it finishes when the client disconnects) and the store calls that settle a claim.
 //!
 //! # Features
 //!
@@ -57,6 +69,9 @@
 //! | `memory` | yes | [`MemoryStore`] |
 //! | `axum` | yes | [`RebuildBody`] for axum's body |
 //! | `tonic` | no | [`RebuildBody`] for tonic's body |
+//! | `redis` | no | `RedisStore`, and `redis` re-exported |
+//! | `postgres` | no | `PostgresStore`, and `sqlx` re-exported |
+//! | `conformance` | no | the store conformance suite |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![deny(missing_docs, unreachable_pub, missing_debug_implementations)]

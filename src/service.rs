@@ -152,7 +152,7 @@ where
         let (key, generated) = match (values.next(), values.next()) {
             (None, _) => match config.missing {
                 MissingKey::Required => {
-                    return reject(config, grpc, None, KeyError::Missing);
+                    return reject(config, grpc, KeyError::Missing);
                 }
                 MissingKey::Optional => {
                     return ResponseFuture::covered(Box::pin(async move {
@@ -171,10 +171,10 @@ where
                     (key, true)
                 }
             },
-            (Some(_), Some(_)) => return reject(config, grpc, None, KeyError::Repeated),
+            (Some(_), Some(_)) => return reject(config, grpc, KeyError::Repeated),
             (Some(value), None) => match parse_key(value, config.parsing, config.max_key_len) {
                 Ok(key) => (key, false),
-                Err(err) => return reject(config, grpc, None, err),
+                Err(err) => return reject(config, grpc, err),
             },
         };
         let span = tracing::info_span!(
@@ -204,7 +204,6 @@ where
 fn reject<F, B, E>(
     config: &Config,
     grpc: bool,
-    _key: Option<&IdempotencyKey>,
     err: KeyError,
 ) -> ResponseFuture<F, B, E> {
     let kind = match err {
