@@ -169,7 +169,11 @@ impl Orders for OrderBook {
         &self,
         _request: Request<ListOrdersRequest>,
     ) -> Result<Response<ListOrdersResponse>, Status> {
-        let orders = self.orders.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let orders = self
+            .orders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         Ok(Response::new(ListOrdersResponse { orders }))
     }
 }
@@ -276,9 +280,7 @@ impl OrdersClient {
             .await
             .map_err(|e| Status::unavailable(format!("service was not ready: {e}")))?;
         let path = http::uri::PathAndQuery::from_static(path);
-        self.inner
-            .unary(request, path, ProstCodec::default())
-            .await
+        self.inner.unary(request, path, ProstCodec::default()).await
     }
 
     /// Calls `CreateOrder`; give it a key with [`with_key`].
@@ -336,7 +338,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|a| !a.is_empty())
         .unwrap_or_else(|| "127.0.0.1:50051".to_owned());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    println!("orders gRPC service listening on {}", listener.local_addr()?);
+    println!(
+        "orders gRPC service listening on {}",
+        listener.local_addr()?
+    );
     serve(listener, layer(MemoryStore::new()), OrderBook::default()).await?;
     Ok(())
 }

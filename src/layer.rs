@@ -11,6 +11,7 @@ use tower_layer::Layer;
 
 use crate::fingerprint::Fingerprint;
 use crate::key::{KeyParsing, Scope};
+use crate::lease::LeaseKeeper;
 use crate::policy::{self, Disconnect, InFlight, MissingKey, StoreFailure};
 use crate::problem::DEFAULT_TYPE_BASE;
 use crate::service::Idempotency;
@@ -50,6 +51,7 @@ pub(crate) struct Config {
     pub(crate) retry_after: Duration,
     pub(crate) type_base: String,
     pub(crate) link: bool,
+    pub(crate) keeper: Arc<LeaseKeeper>,
 }
 
 impl Clone for Config {
@@ -79,6 +81,8 @@ impl Clone for Config {
             retry_after: self.retry_after,
             type_base: self.type_base.clone(),
             link: self.link,
+            // A fresh keeper: a derived configuration may have another lease.
+            keeper: Arc::new(LeaseKeeper::new()),
         }
     }
 }
@@ -200,6 +204,7 @@ impl IdempotencyLayer {
                 retry_after: Duration::from_secs(1),
                 type_base: DEFAULT_TYPE_BASE.to_owned(),
                 link: false,
+                keeper: Arc::new(LeaseKeeper::new()),
             }),
         }
     }
@@ -366,10 +371,7 @@ impl IdempotencyLayer {
     /// let layer = tower_idempotency::IdempotencyLayer::default()
     ///     .replay_headers(|name| name != SET_COOKIE);
     /// ```
-    pub fn replay_headers(
-        self,
-        f: impl Fn(&HeaderName) -> bool + Send + Sync + 'static,
-    ) -> Self {
+    pub fn replay_headers(self, f: impl Fn(&HeaderName) -> bool + Send + Sync + 'static) -> Self {
         self.edit(|c| c.replay_header = Some(Arc::new(f)))
     }
 

@@ -85,6 +85,7 @@ pub mod fingerprint;
 pub mod future;
 pub mod key;
 mod layer;
+mod lease;
 pub mod policy;
 pub mod problem;
 pub mod record;
@@ -96,19 +97,19 @@ pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope, StoreKey, parse_key};
 pub use layer::IdempotencyLayer;
 pub use record::Record;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis;
 pub use service::{Idempotency, IdempotencyOutcome, REPLAYED_HEADER};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use sqlx;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use sqlx;
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::postgres::PostgresStore;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use redis;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;

@@ -20,21 +20,16 @@ pub enum MissingKey {
 }
 
 /// What to do with a request whose key another request still holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum InFlight {
     /// Answer `409 Conflict` with `Retry-After` (gRPC `ABORTED`). The default.
+    #[default]
     Reject,
     /// Wait up to this long for the first request's outcome and replay it; answer `409`
     /// when the time runs out. If the first request fails and releases the key, the waiting
     /// request runs in its place.
     Wait(Duration),
-}
-
-impl Default for InFlight {
-    fn default() -> Self {
-        Self::Reject
-    }
 }
 
 /// What to do when the store cannot be reached.
@@ -74,8 +69,7 @@ pub enum Disconnect {
 /// assert!(!default_storable(StatusCode::BAD_GATEWAY));
 /// ```
 pub fn default_storable(status: StatusCode) -> bool {
-    !(status.is_server_error()
-        || matches!(status.as_u16(), 408 | 409 | 425 | 429))
+    !(status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 425 | 429))
 }
 
 /// The default storable test for gRPC responses: every status but `UNAVAILABLE` (14),

@@ -28,7 +28,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 /// The default base of problem `type` URIs.
-pub const DEFAULT_TYPE_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/#";
+pub const DEFAULT_TYPE_BASE: &str =
+    "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/#";
 
 /// What the layer refused, or could not do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,11 +84,11 @@ impl ProblemKind {
     pub fn grpc_code(self) -> u8 {
         match self {
             Self::MissingKey | Self::InvalidKey | Self::BodyUnreadable => 3, // INVALID_ARGUMENT
-            Self::RequestTooLarge => 8,               // RESOURCE_EXHAUSTED
-            Self::KeyInUse => 10,                     // ABORTED
-            Self::KeyReused => 9,                     // FAILED_PRECONDITION
-            Self::ResponseNotStored => 6,             // ALREADY_EXISTS
-            Self::StoreUnavailable => 14,             // UNAVAILABLE
+            Self::RequestTooLarge => 8,                                      // RESOURCE_EXHAUSTED
+            Self::KeyInUse => 10,                                            // ABORTED
+            Self::KeyReused => 9,                                            // FAILED_PRECONDITION
+            Self::ResponseNotStored => 6,                                    // ALREADY_EXISTS
+            Self::StoreUnavailable => 14,                                    // UNAVAILABLE
         }
     }
 
@@ -129,12 +130,7 @@ impl Problem {
     }
 
     /// The answer as a response with an empty (gRPC) or JSON body.
-    pub(crate) fn into_response(
-        self,
-        grpc: bool,
-        type_base: &str,
-        link: bool,
-    ) -> Response<Bytes> {
+    pub(crate) fn into_response(self, grpc: bool, type_base: &str, link: bool) -> Response<Bytes> {
         let mut res = if grpc {
             let mut res = Response::new(Bytes::new());
             let h = res.headers_mut();
@@ -142,7 +138,10 @@ impl Problem {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/grpc"),
             );
-            h.insert("grpc-status", HeaderValue::from(u16::from(self.kind.grpc_code())));
+            h.insert(
+                "grpc-status",
+                HeaderValue::from(u16::from(self.kind.grpc_code())),
+            );
             let message = percent_encode(&format!("{}: {}", self.kind.title(), self.detail));
             if let Ok(v) = HeaderValue::try_from(message) {
                 h.insert("grpc-message", v);
@@ -168,10 +167,11 @@ impl Problem {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/problem+json"),
             );
-            if link {
-                if let Ok(v) = HeaderValue::try_from(format!("<{type_uri}>; rel=\"describedby\"")) {
-                    h.insert(header::LINK, v);
-                }
+            if let (true, Ok(v)) = (
+                link,
+                HeaderValue::try_from(format!("<{type_uri}>; rel=\"describedby\"")),
+            ) {
+                h.insert(header::LINK, v);
             }
             res
         };
@@ -261,8 +261,11 @@ mod tests {
 
     #[test]
     fn grpc_problems_are_trailers_only() {
-        let res = Problem::new(ProblemKind::StoreUnavailable, "100% down ✗")
-            .into_response(true, DEFAULT_TYPE_BASE, false);
+        let res = Problem::new(ProblemKind::StoreUnavailable, "100% down ✗").into_response(
+            true,
+            DEFAULT_TYPE_BASE,
+            false,
+        );
         assert_eq!(res.status(), StatusCode::OK);
         assert!(res.body().is_empty());
         assert_eq!(res.headers()["grpc-status"], "14");

@@ -11,7 +11,6 @@ use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use tokio::task::AbortHandle;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -20,6 +19,7 @@ use crate::fingerprint::Fingerprint;
 use crate::future::ResponseFuture;
 use crate::key::{IdempotencyKey, KeyError, StoreKey, parse_key};
 use crate::layer::Config;
+use crate::lease::Registration;
 use crate::policy::{Disconnect, InFlight, MissingKey, StoreFailure};
 use crate::problem::{Problem, ProblemKind, is_grpc};
 use crate::record::Record;
@@ -201,11 +201,7 @@ where
     }
 }
 
-fn reject<F, B, E>(
-    config: &Config,
-    grpc: bool,
-    err: KeyError,
-) -> ResponseFuture<F, B, E> {
+fn reject<F, B, E>(config: &Config, grpc: bool, err: KeyError) -> ResponseFuture<F, B, E> {
     let kind = match err {
         KeyError::Missing => ProblemKind::MissingKey,
         _ => ProblemKind::InvalidKey,
@@ -451,17 +447,46 @@ where
     if !finish {
         return work.await;
     }
-    // The operation runs on its own task: if the client goes away and this future is
-    // dropped, it still finishes, and its response body (dropped unread) is drained and
-    // stored by the recorder.
-    match tokio::spawn(work.in_current_span()).await {
-        Ok(result) => result,
-        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-        Err(_) => {
-            // The runtime is shutting down; the claim was released by the task's drop.
-            let mut res = Response::new(IdempotencyBody::full(Bytes::new(), None));
-            *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            Ok(res)
+    // If the client goes away and this future is dropped, the operation goes on by itself
+    // on a spawned task, and its response body (dropped unread) is drained and stored.
+    Detachable {
+        fut: Some(Box::pin(work)),
+        polling: false,
+    }
+    .await
+}
+
+/// A future that, dropped before it ends, finishes on a spawned task instead.
+struct Detachable<T: Send + 'static> {
+    fut: Option<BoxFuture<T>>,
+    polling: bool,
+}
+
+impl<T: Send + 'static> Future for Detachable<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let this = &mut *self;
+        let Some(fut) = this.fut.as_mut() else {
+            panic!("Detachable polled after completion");
+        };
+        // Still set if the operation panics inside `poll`: then it is dropped, not detached.
+        this.polling = true;
+        let out = fut.as_mut().poll(cx);
+        this.polling = false;
+        if out.is_ready() {
+            this.fut = None;
+        }
+        out
+    }
+}
+
+impl<T: Send + 'static> Drop for Detachable<T> {
+    fn drop(&mut self) {
+        if let Some(fut) = self.fut.take().filter(|_| !self.polling) {
+            spawn_or_warn(async move {
+                drop(fut.await);
+            });
         }
     }
 }
@@ -473,28 +498,33 @@ pub(crate) struct Claimed {
     key: StoreKey,
     token: LeaseToken,
     fingerprint: Fingerprint,
-    heartbeat: Option<AbortHandle>,
+    registration: Option<Registration>,
     settled: bool,
 }
 
 impl Claimed {
-    fn new(config: Arc<Config>, key: StoreKey, token: LeaseToken, fingerprint: Fingerprint) -> Self {
-        let heartbeat = start_heartbeat(&config, &key, token);
+    fn new(
+        config: Arc<Config>,
+        key: StoreKey,
+        token: LeaseToken,
+        fingerprint: Fingerprint,
+    ) -> Self {
+        let registration = config
+            .keeper
+            .register(&config.store, config.lease, &key, token);
         Self {
             config,
             key,
             token,
             fingerprint,
-            heartbeat,
+            registration: Some(registration),
             settled: false,
         }
     }
 
     fn settle(&mut self) {
         self.settled = true;
-        if let Some(h) = self.heartbeat.take() {
-            h.abort();
-        }
+        self.registration = None;
     }
 
     async fn release(mut self) {
@@ -576,31 +606,6 @@ fn spawn_or_warn(fut: impl Future<Output = ()> + Send + 'static) {
     }
 }
 
-fn start_heartbeat(config: &Arc<Config>, key: &StoreKey, token: LeaseToken) -> Option<AbortHandle> {
-    let handle = tokio::runtime::Handle::try_current().ok()?;
-    let store = Arc::clone(&config.store);
-    let key = key.clone();
-    let lease = config.lease;
-    let task = handle.spawn(async move {
-        let period = lease / 3;
-        loop {
-            tokio::time::sleep(period).await;
-            match store.extend(&key, token, lease).await {
-                Ok(()) => {}
-                Err(StoreError::LeaseLost) => {
-                    tracing::warn!(
-                        %key,
-                        "idempotency lease was lost while the operation ran; its outcome will not be stored"
-                    );
-                    return;
-                }
-                Err(err) => tracing::warn!(%key, error = %ErrorChain(&err), "extending the idempotency lease failed"),
-            }
-        }
-    });
-    Some(task.abort_handle())
-}
-
 /// The live response body: streams the inner body and records a copy, then completes the
 /// claim when the body ends.
 pub(crate) struct Recorder<B> {
@@ -650,6 +655,14 @@ where
         };
         if recorder.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
             recorder.finish();
+            // A gRPC response that ended at once is trailers-only: it must stay a single
+            // HEADERS frame, so it is not held open while the record is stored.
+            if let Some(completing) = recorder
+                .completing
+                .take_if(|_| is_grpc(&parts.headers))
+            {
+                spawn_or_warn(completing);
+            }
         }
         recorder
     }
@@ -836,7 +849,7 @@ impl<B> Drop for Recorder<B> {
 }
 
 /// Displays an error with its sources.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
 
 impl fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -195,7 +195,11 @@ async fn many_instances_run_an_operation_once() {
     }
     let results = tasks.join_all().await;
 
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the operation must run exactly once");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the operation must run exactly once"
+    );
     assert_eq!(results.len(), 64);
     let first = &results[0].1;
     assert!(
@@ -236,10 +240,20 @@ async fn outage_fails_closed_and_recovers_without_rebuilding() {
         res.headers().get("content-type").expect("content-type"),
         "application/problem+json"
     );
-    assert!(res.headers().contains_key("retry-after"), "503 needs Retry-After");
+    assert!(
+        res.headers().contains_key("retry-after"),
+        "503 needs Retry-After"
+    );
     assert!(!body.is_empty(), "a problem body");
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "nothing runs while the store is down");
-    assert!(took < Duration::from_secs(3), "a dead Redis must fail fast, took {took:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "nothing runs while the store is down"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "a dead Redis must fail fast, took {took:?}"
+    );
     // And again, now that the manager knows the connection is gone.
     let (res, _) = send(&svc, "during-outage").await;
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -322,10 +336,19 @@ async fn one_round_trip_per_operation() {
     assert_eq!(script_calls(&mut admin).await, (2, 0, 0), "extend");
 
     let claim = store.claim(&key("a"), &fp, lease).await.unwrap();
-    assert!(matches!(claim, Claim::InFlight { fingerprint, lease_remaining: Some(_) } if fingerprint == fp));
-    assert_eq!(script_calls(&mut admin).await, (3, 0, 0), "claim of a key in flight");
+    assert!(
+        matches!(claim, Claim::InFlight { fingerprint, lease_remaining: Some(_) } if fingerprint == fp)
+    );
+    assert_eq!(
+        script_calls(&mut admin).await,
+        (3, 0, 0),
+        "claim of a key in flight"
+    );
 
-    store.complete(&key("a"), token, record.clone(), ttl).await.unwrap();
+    store
+        .complete(&key("a"), token, record.clone(), ttl)
+        .await
+        .unwrap();
     assert_eq!(script_calls(&mut admin).await, (4, 0, 0), "complete");
 
     let Claim::Completed(got) = store.claim(&key("a"), &fp, lease).await.unwrap() else {
@@ -353,7 +376,11 @@ async fn one_round_trip_per_operation() {
     assert_eq!(script_calls(&mut admin).await, (2, 0, 0), "first request");
     let (res, _) = send(&svc, "via-layer").await;
     assert!(replayed(&res));
-    assert_eq!(script_calls(&mut admin).await, (3, 0, 0), "replayed request");
+    assert_eq!(
+        script_calls(&mut admin).await,
+        (3, 0, 0),
+        "replayed request"
+    );
 
     // A server that lost the scripts (restart, failover, SCRIPT FLUSH): the call that finds
     // out loads its script and retries, once; the next call is one round trip again.
@@ -364,7 +391,11 @@ async fn one_round_trip_per_operation() {
         .unwrap();
     reset_stats(&mut admin).await;
     store.claim(&key("c"), &fp, lease).await.unwrap();
-    assert_eq!(script_calls(&mut admin).await, (2, 0, 1), "claim after SCRIPT FLUSH");
+    assert_eq!(
+        script_calls(&mut admin).await,
+        (2, 0, 1),
+        "claim after SCRIPT FLUSH"
+    );
     store.claim(&key("c"), &fp, lease).await.unwrap();
     assert_eq!(script_calls(&mut admin).await, (3, 0, 1), "the next claim");
 }
@@ -406,7 +437,10 @@ async fn keys_carry_the_prefix_and_stale_tokens_are_lost() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    assert!(pttl > 0 && pttl <= 5000, "the lease is the key's expiry: {pttl}");
+    assert!(
+        pttl > 0 && pttl <= 5000,
+        "the lease is the key's expiry: {pttl}"
+    );
     assert!(matches!(
         store.release(&key, LeaseToken::new()).await,
         Err(tower_idempotency::StoreError::LeaseLost)

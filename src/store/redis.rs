@@ -1,10 +1,11 @@
 //! A Redis store (feature `redis`), shared by every instance of a service.
 //!
 //! [`RedisStore`] keeps each operation under **one Redis key**, `{prefix}{store_key}`
-//! (for example `idempotency:anon:8e03978e-40d5`), and touches no other key, so it works on
-//! Redis Cluster as well as on a single server. Entries expire by themselves (`PX`): an
-//! in-flight claim when its lease ends, a completed record when its TTL ends; no sweep job is
-//! needed.
+//! (for example `idempotency:anon:8e03978e-40d5`), and every script touches that key alone,
+//! so the layout suits Redis Cluster as well as a single server (the store itself talks
+//! through a [`ConnectionManager`]: one server, a replica set's primary, or a cluster
+//! proxy). Entries expire by themselves (`PX`): an in-flight claim when its lease ends, a
+//! completed record when its TTL ends; no sweep job is needed.
 //!
 //! # Value layout
 //!
@@ -446,7 +447,10 @@ mod tests {
             Value::Array(vec![Value::BulkString(vec![1; 5]), Value::Int(1)]),
             Value::Nil,
         ] {
-            assert!(matches!(parse_claim(bad, token), Err(StoreError::Decode(_))));
+            assert!(matches!(
+                parse_claim(bad, token),
+                Err(StoreError::Decode(_))
+            ));
         }
     }
 
