@@ -73,15 +73,15 @@ impl Settings {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let latency = match var("ORDER_LATENCY_MS") {
             None => 0,
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("ORDER_LATENCY_MS must be a number of milliseconds, not {v:?}"))?,
+            Some(v) => v.parse().map_err(|_| {
+                format!("ORDER_LATENCY_MS must be a number of milliseconds, not {v:?}")
+            })?,
         };
         let wait_ms = match var("IDEMPOTENCY_WAIT_MS") {
             None => 10_000,
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("IDEMPOTENCY_WAIT_MS must be a number of milliseconds, not {v:?}"))?,
+            Some(v) => v.parse().map_err(|_| {
+                format!("IDEMPOTENCY_WAIT_MS must be a number of milliseconds, not {v:?}")
+            })?,
         };
         let in_flight = match var("IDEMPOTENCY_ON_IN_FLIGHT").as_deref() {
             None | Some("reject") => InFlight::Reject,
@@ -96,7 +96,9 @@ impl Settings {
             None | Some("on") => true,
             Some("off") => false,
             Some(other) => {
-                return Err(format!("IDEMPOTENCY_LAYER must be `on` or `off`, not {other:?}"));
+                return Err(format!(
+                    "IDEMPOTENCY_LAYER must be `on` or `off`, not {other:?}"
+                ));
             }
         };
         Ok(Self {
@@ -177,7 +179,10 @@ pub fn app_with(layer: Option<IdempotencyLayer>, latency: Duration) -> Router {
     router.with_state(state)
 }
 
-async fn create_order(State(state): State<AppState>, Json(new): Json<NewOrder>) -> impl IntoResponse {
+async fn create_order(
+    State(state): State<AppState>,
+    Json(new): Json<NewOrder>,
+) -> impl IntoResponse {
     if !state.latency.is_zero() {
         tokio::time::sleep(state.latency).await;
     }
@@ -229,7 +234,10 @@ async fn serve() -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    println!("orders demo listening on http://{addr} (store: {})", settings.store);
+    println!(
+        "orders demo listening on http://{addr} (store: {})",
+        settings.store
+    );
     println!(
         "try: curl -i -X POST http://{addr}/orders -H 'Idempotency-Key: order-1' \
          -H 'Content-Type: application/json' -d '{{\"item\":\"book\",\"amount\":12}}'"

@@ -168,7 +168,10 @@ async fn main() {
     use tower_idempotency::IdempotencyLayer;
 
     let app: Router = Router::new()
-        .route("/orders", post(|body: String| async move { format!("created: {body}\n") }))
+        .route(
+            "/orders",
+            post(|body: String| async move { format!("created: {body}\n") }),
+        )
         .layer(IdempotencyLayer::new(LockedMapStore::default()));
     let addr = std::env::var("LISTEN_ADDR").unwrap_or_else(|_| "127.0.0.1:3002".to_owned());
     let listener = match tokio::net::TcpListener::bind(&addr).await {

@@ -76,7 +76,10 @@ pub fn tricky_record() -> Record {
     headers.append("content-type", HeaderValue::from_static("application/json"));
     headers.append("set-cookie", HeaderValue::from_static("a=1; Path=/"));
     headers.append("set-cookie", HeaderValue::from_static("b=2"));
-    headers.append("x-binary", HeaderValue::from_bytes(b"caf\xe9 \xff").expect("valid"));
+    headers.append(
+        "x-binary",
+        HeaderValue::from_bytes(b"caf\xe9 \xff").expect("valid"),
+    );
     headers.append("set-cookie", HeaderValue::from_static("c=3"));
     let mut trailers = HeaderMap::new();
     trailers.append("grpc-status", HeaderValue::from_static("0"));
@@ -127,7 +130,11 @@ pub async fn claim_then_in_flight<S: IdempotencyStore + ?Sized>(store: &S) {
             fingerprint,
             lease_remaining,
         }) => {
-            assert_eq!(fingerprint, fp(1), "InFlight must carry the holder's fingerprint");
+            assert_eq!(
+                fingerprint,
+                fp(1),
+                "InFlight must carry the holder's fingerprint"
+            );
             if let Some(rest) = lease_remaining {
                 assert!(rest <= LEASE, "remaining lease {rest:?} exceeds the lease");
             }
@@ -160,7 +167,10 @@ pub async fn atomic_claim<S: IdempotencyStore + Clone>(store: &S) {
                 other => panic!("a concurrent claim must be Acquired or InFlight, got {other:?}"),
             }
         }
-        assert_eq!(acquired, 1, "exactly one of 64 concurrent claims must acquire");
+        assert_eq!(
+            acquired, 1,
+            "exactly one of 64 concurrent claims must acquire"
+        );
     }
 }
 
@@ -179,7 +189,10 @@ pub async fn distinct_keys<S: IdempotencyStore + ?Sized>(store: &S) {
         store.claim(&b, &fp(1), LEASE).await,
         Ok(Claim::InFlight { .. })
     ));
-    expect_lost(store.complete(&b, ta, tricky_record(), TTL).await, "complete of another key");
+    expect_lost(
+        store.complete(&b, ta, tricky_record(), TTL).await,
+        "complete of another key",
+    );
 }
 
 /// A completed record comes back exactly.
@@ -193,7 +206,11 @@ pub async fn round_trip<S: IdempotencyStore + ?Sized>(store: &S) {
     let got = expect_completed(store, &key).await;
     assert_eq!(*got, tricky_record(), "the record must round-trip exactly");
     let cookies: Vec<_> = got.headers().get_all("set-cookie").iter().collect();
-    assert_eq!(cookies, ["a=1; Path=/", "b=2", "c=3"], "header order must be kept");
+    assert_eq!(
+        cookies,
+        ["a=1; Path=/", "b=2", "c=3"],
+        "header order must be kept"
+    );
     assert_eq!(
         got.headers()["x-binary"].as_bytes(),
         b"caf\xe9 \xff",
@@ -234,11 +251,17 @@ pub async fn fencing<S: IdempotencyStore + ?Sized>(store: &S) {
     let key = fresh_key();
     let owner = acquire(store, &key, &fp(1), LEASE).await;
     let stranger = LeaseToken::new();
-    expect_lost(store.complete(&key, stranger, tricky_record(), TTL).await, "complete");
+    expect_lost(
+        store.complete(&key, stranger, tricky_record(), TTL).await,
+        "complete",
+    );
     expect_lost(store.release(&key, stranger).await, "release");
     expect_lost(store.extend(&key, stranger, LEASE).await, "extend");
     assert!(
-        matches!(store.claim(&key, &fp(1), LEASE).await, Ok(Claim::InFlight { .. })),
+        matches!(
+            store.claim(&key, &fp(1), LEASE).await,
+            Ok(Claim::InFlight { .. })
+        ),
         "a stale token must not change the claim"
     );
     store
@@ -246,22 +269,37 @@ pub async fn fencing<S: IdempotencyStore + ?Sized>(store: &S) {
         .await
         .expect("the owner's complete must succeed");
     // Once completed, the owner's token owns nothing either.
-    expect_lost(store.complete(&key, owner, tricky_record(), TTL).await, "a second complete");
+    expect_lost(
+        store.complete(&key, owner, tricky_record(), TTL).await,
+        "a second complete",
+    );
     expect_lost(store.release(&key, owner).await, "release after complete");
-    expect_lost(store.extend(&key, owner, LEASE).await, "extend after complete");
+    expect_lost(
+        store.extend(&key, owner, LEASE).await,
+        "extend after complete",
+    );
     assert_eq!(*expect_completed(store, &key).await, tricky_record());
     // Keys never claimed are owned by nobody.
-    expect_lost(store.release(&fresh_key(), owner).await, "release of an unknown key");
+    expect_lost(
+        store.release(&fresh_key(), owner).await,
+        "release of an unknown key",
+    );
 }
 
 /// A released key is claimed again, with a fresh token; the old one owns nothing.
 pub async fn release_frees_key<S: IdempotencyStore + ?Sized>(store: &S) {
     let key = fresh_key();
     let first = acquire(store, &key, &fp(1), LEASE).await;
-    store.release(&key, first).await.expect("release must succeed");
+    store
+        .release(&key, first)
+        .await
+        .expect("release must succeed");
     let second = acquire(store, &key, &fp(2), LEASE).await;
     assert_ne!(first, second, "a new claim must get a fresh token");
-    expect_lost(store.complete(&key, first, tricky_record(), TTL).await, "complete");
+    expect_lost(
+        store.complete(&key, first, tricky_record(), TTL).await,
+        "complete",
+    );
 }
 
 /// A claim whose lease ran out is reclaimed; the stale owner's `complete` is refused and
@@ -276,7 +314,10 @@ pub async fn lease_expiry<S: IdempotencyStore + ?Sized>(store: &S) {
         store.complete(&key, stale, tricky_record(), TTL).await,
         "complete after the lease expired",
     );
-    expect_lost(store.extend(&key, stale, LEASE).await, "extend after the lease expired");
+    expect_lost(
+        store.extend(&key, stale, LEASE).await,
+        "extend after the lease expired",
+    );
     store
         .complete(&key, fresh, tricky_record(), TTL)
         .await
@@ -295,7 +336,10 @@ pub async fn extend_keeps_claim<S: IdempotencyStore + ?Sized>(store: &S) {
         .expect("extend must succeed");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        matches!(store.claim(&key, &fp(1), LEASE).await, Ok(Claim::InFlight { .. })),
+        matches!(
+            store.claim(&key, &fp(1), LEASE).await,
+            Ok(Claim::InFlight { .. })
+        ),
         "an extended claim must still be in flight"
     );
     store
@@ -353,10 +397,17 @@ pub async fn wait_acquires_after_release<S: IdempotencyStore + Clone>(store: &S)
     let waiter = {
         let store = store.clone();
         let key = key.clone();
-        tokio::spawn(async move { store.wait(&key, &fp(1), LEASE, Duration::from_secs(10)).await })
+        tokio::spawn(async move {
+            store
+                .wait(&key, &fp(1), LEASE, Duration::from_secs(10))
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    store.release(&key, token).await.expect("release must succeed");
+    store
+        .release(&key, token)
+        .await
+        .expect("release must succeed");
     match waiter.await.expect("waiter panicked") {
         Ok(Claim::Acquired(new)) => assert_ne!(new, token),
         other => panic!("a waiter must acquire a released key, got {other:?}"),
@@ -376,8 +427,14 @@ pub async fn wait_times_out<S: IdempotencyStore + ?Sized>(store: &S) {
         "a timed-out wait must answer InFlight, got {claim:?}"
     );
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(250), "wait returned early: {waited:?}");
-    assert!(waited < Duration::from_secs(3), "wait overran its timeout: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "wait returned early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "wait overran its timeout: {waited:?}"
+    );
 }
 
 /// Runs `check` on a fresh multi-threaded runtime, or prints that it was skipped when the

@@ -61,7 +61,9 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
             State::Ready { .. } => "Ready",
             State::Covered { .. } => "Covered",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }
 

@@ -128,7 +128,10 @@ pub fn parse_key(
             None => return Err(KeyError::NotSfString),
         }
     } else {
-        if !bytes.iter().all(|b| (0x21..=0x7e).contains(b) && *b != b'"') {
+        if !bytes
+            .iter()
+            .all(|b| (0x21..=0x7e).contains(b) && *b != b'"')
+        {
             return Err(KeyError::NotPrintable);
         }
         // Checked above: every byte is ASCII.
@@ -241,20 +244,37 @@ mod tests {
 
     #[test]
     fn lenient_accepts_quoted_and_bare() {
-        assert_eq!(parse(b"\"abc\"", KeyParsing::Lenient).unwrap().as_str(), "abc");
-        assert_eq!(parse(b"abc-1_2.3", KeyParsing::Lenient).unwrap().as_str(), "abc-1_2.3");
         assert_eq!(
-            parse(b"\"a \\\"q\\\" b\"", KeyParsing::Lenient).unwrap().as_str(),
+            parse(b"\"abc\"", KeyParsing::Lenient).unwrap().as_str(),
+            "abc"
+        );
+        assert_eq!(
+            parse(b"abc-1_2.3", KeyParsing::Lenient).unwrap().as_str(),
+            "abc-1_2.3"
+        );
+        assert_eq!(
+            parse(b"\"a \\\"q\\\" b\"", KeyParsing::Lenient)
+                .unwrap()
+                .as_str(),
             "a \"q\" b"
         );
         // sf-string parameters are allowed and ignored.
-        assert_eq!(parse(b"\"abc\";v=1", KeyParsing::Lenient).unwrap().as_str(), "abc");
+        assert_eq!(
+            parse(b"\"abc\";v=1", KeyParsing::Lenient).unwrap().as_str(),
+            "abc"
+        );
     }
 
     #[test]
     fn strict_accepts_only_sf_strings() {
-        assert_eq!(parse(b"\"abc\"", KeyParsing::Strict).unwrap().as_str(), "abc");
-        assert_eq!(parse(b"abc", KeyParsing::Strict), Err(KeyError::NotSfString));
+        assert_eq!(
+            parse(b"\"abc\"", KeyParsing::Strict).unwrap().as_str(),
+            "abc"
+        );
+        assert_eq!(
+            parse(b"abc", KeyParsing::Strict),
+            Err(KeyError::NotSfString)
+        );
         assert_eq!(parse(b"42", KeyParsing::Strict), Err(KeyError::NotSfString));
     }
 
@@ -266,9 +286,18 @@ mod tests {
             assert_eq!(parse(b"\"a\"b", p), Err(KeyError::NotSfString));
         }
         assert_eq!(parse(b"", KeyParsing::Lenient), Err(KeyError::Empty));
-        assert_eq!(parse(b"a b", KeyParsing::Lenient), Err(KeyError::NotPrintable));
-        assert_eq!(parse(b"a\tb", KeyParsing::Lenient), Err(KeyError::NotPrintable));
-        assert_eq!(parse(&[b'a', 0xff], KeyParsing::Lenient), Err(KeyError::NotPrintable));
+        assert_eq!(
+            parse(b"a b", KeyParsing::Lenient),
+            Err(KeyError::NotPrintable)
+        );
+        assert_eq!(
+            parse(b"a\tb", KeyParsing::Lenient),
+            Err(KeyError::NotPrintable)
+        );
+        assert_eq!(
+            parse(&[b'a', 0xff], KeyParsing::Lenient),
+            Err(KeyError::NotPrintable)
+        );
         let long = "x".repeat(256);
         assert_eq!(
             parse(long.as_bytes(), KeyParsing::Lenient),

@@ -179,8 +179,8 @@ impl Record {
             return Err(DecodeError::UnsupportedVersion(version));
         }
         let flags = get_u8(buf)?;
-        let status = StatusCode::from_u16(get_u16(buf)?)
-            .map_err(|_| DecodeError::Invalid("status code"))?;
+        let status =
+            StatusCode::from_u16(get_u16(buf)?).map_err(|_| DecodeError::Invalid("status code"))?;
         let fingerprint: [u8; 32] = take(buf, 32)?
             .try_into()
             .map_err(|_| DecodeError::Truncated)?;
@@ -273,7 +273,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append("x-multi", HeaderValue::from_static("one"));
         headers.append("x-multi", HeaderValue::from_static("two"));
-        headers.append("x-bytes", HeaderValue::from_bytes(&[0xff, 0xfe, b'a']).unwrap());
+        headers.append(
+            "x-bytes",
+            HeaderValue::from_bytes(&[0xff, 0xfe, b'a']).unwrap(),
+        );
         headers.append("content-type", HeaderValue::from_static("application/json"));
         let mut trailers = HeaderMap::new();
         trailers.append("grpc-status", HeaderValue::from_static("3"));

@@ -657,10 +657,7 @@ where
             recorder.finish();
             // A gRPC response that ended at once is trailers-only: it must stay a single
             // HEADERS frame, so it is not held open while the record is stored.
-            if let Some(completing) = recorder
-                .completing
-                .take_if(|_| is_grpc(&parts.headers))
-            {
+            if let Some(completing) = recorder.completing.take_if(|_| is_grpc(&parts.headers)) {
                 spawn_or_warn(completing);
             }
         }

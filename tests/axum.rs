@@ -121,7 +121,11 @@ async fn send(
         .await
         .unwrap();
     let (parts, body) = res.into_parts();
-    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+    (
+        parts.status,
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
 }
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -159,7 +163,10 @@ async fn demo_over_tcp() {
     let path = format!("/orders/{}", created.id);
     let (status, _, one) = send(demo.addr, "GET", &path, &[], "").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(serde_json::from_slice::<demo::Order>(&one).unwrap(), created);
+    assert_eq!(
+        serde_json::from_slice::<demo::Order>(&one).unwrap(),
+        created
+    );
     let (status, _, _) = send(demo.addr, "GET", "/orders/nope", &[], "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
@@ -191,7 +198,10 @@ async fn demo_finishes_an_order_whose_client_hung_up() {
     let (_, _, list) = send(demo.addr, "GET", "/orders", &[], "").await;
     let list: Vec<demo::Order> = serde_json::from_slice(&list).unwrap();
     assert_eq!(list.len(), 1);
-    assert_eq!(serde_json::from_slice::<demo::Order>(&body).unwrap(), list[0]);
+    assert_eq!(
+        serde_json::from_slice::<demo::Order>(&body).unwrap(),
+        list[0]
+    );
 }
 
 #[tokio::test]
@@ -205,11 +215,24 @@ async fn demo_in_flight_reject_and_wait() {
         let addr = demo.addr;
         let order = r#"{"item":"pen","amount":2}"#;
         let first = tokio::spawn(async move {
-            send(addr, "POST", "/orders", &[JSON, ("idempotency-key", "dup")], order).await
+            send(
+                addr,
+                "POST",
+                "/orders",
+                &[JSON, ("idempotency-key", "dup")],
+                order,
+            )
+            .await
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let (status, headers, body) =
-            send(addr, "POST", "/orders", &[JSON, ("idempotency-key", "dup")], order).await;
+        let (status, headers, body) = send(
+            addr,
+            "POST",
+            "/orders",
+            &[JSON, ("idempotency-key", "dup")],
+            order,
+        )
+        .await;
         assert_eq!(status, expect_second, "{policy:?}");
         let (first_status, _, first_body) = first.await.unwrap();
         assert_eq!(first_status, StatusCode::CREATED);
@@ -220,7 +243,12 @@ async fn demo_in_flight_reject_and_wait() {
             assert_eq!(body, first_body);
         }
         let (_, _, list) = send(addr, "GET", "/orders", &[], "").await;
-        assert_eq!(serde_json::from_slice::<Vec<demo::Order>>(&list).unwrap().len(), 1);
+        assert_eq!(
+            serde_json::from_slice::<Vec<demo::Order>>(&list)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }
 

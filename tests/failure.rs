@@ -106,8 +106,15 @@ async fn heartbeat_keeps_a_slow_operation_claimed() {
     }
     let first = first.await.unwrap();
     assert_eq!(first.status, 201);
-    assert_eq!(tracked.started(), 1, "no duplicate ran beside the slow operation");
-    assert!(store.faults.extends.load(Ordering::SeqCst) >= 4, "the lease was extended");
+    assert_eq!(
+        tracked.started(),
+        1,
+        "no duplicate ran beside the slow operation"
+    );
+    assert!(
+        store.faults.extends.load(Ordering::SeqCst) >= 4,
+        "the lease was extended"
+    );
     let replay = call(&svc, post(Some("slow"), "{}")).await;
     assert!(replay.replayed());
     assert_eq!(replay.body, first.body);
@@ -130,7 +137,11 @@ async fn a_crashed_owner_blocks_its_key_only_for_its_lease() {
         .into_parts();
     let fingerprint = Fingerprint::of_request(&parts, b"{}");
     let claim = store
-        .claim(&store_key("crash"), &fingerprint, Duration::from_millis(300))
+        .claim(
+            &store_key("crash"),
+            &fingerprint,
+            Duration::from_millis(300),
+        )
         .await
         .unwrap();
     assert!(matches!(claim, Claim::Acquired(_)));
@@ -173,7 +184,10 @@ async fn lost_lease_never_overwrites_the_new_owner() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let replay = call(&svc, post(Some("lost"), "{}")).await;
     assert!(replay.replayed());
-    assert_eq!(replay.body, second.body, "the stale owner's outcome was not stored over it");
+    assert_eq!(
+        replay.body, second.body,
+        "the stale owner's outcome was not stored over it"
+    );
 }
 
 #[tokio::test]
@@ -231,7 +245,11 @@ async fn an_unread_body_is_drained_and_stored() {
             }
         },
     ));
-    let res = svc.clone().oneshot(post(Some("drain"), "{}")).await.unwrap();
+    let res = svc
+        .clone()
+        .oneshot(post(Some("drain"), "{}"))
+        .await
+        .unwrap();
     drop(res); // the client went away before reading the body
     tx.send(Frame::data(Bytes::from("part 1, "))).await.unwrap();
     tx.send(Frame::data(Bytes::from("part 2"))).await.unwrap();
@@ -271,7 +289,11 @@ async fn frames_stream_before_the_body_ends() {
             async move { Ok::<_, Infallible>(Response::new(Body::new(ChannelBody(rx)))) }
         },
     ));
-    let res = svc.clone().oneshot(post(Some("stream"), "{}")).await.unwrap();
+    let res = svc
+        .clone()
+        .oneshot(post(Some("stream"), "{}"))
+        .await
+        .unwrap();
     let mut body = res.into_body();
     tx.send(Frame::data(Bytes::from("first"))).await.unwrap();
     let frame = tokio::time::timeout(Duration::from_secs(1), body.frame())
@@ -311,7 +333,12 @@ async fn a_response_over_the_limit_leaves_a_tombstone() {
     let retry = call(&svc, post(Some("big"), "{}")).await;
     assert_eq!(retry.status, StatusCode::GONE);
     assert_eq!(retry.headers["content-type"], "application/problem+json");
-    assert!(retry.json()["type"].as_str().unwrap().ends_with("response-not-stored"));
+    assert!(
+        retry.json()["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("response-not-stored")
+    );
     assert_eq!(tracked.started(), 1, "the operation never runs twice");
 }
 
@@ -361,7 +388,12 @@ async fn a_waiter_runs_the_operation_when_the_first_fails() {
                 async move {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     let status = if n == 0 { 503 } else { 201 };
-                    Ok::<_, Infallible>(Response::builder().status(status).body(Body::empty()).unwrap())
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Body::empty())
+                            .unwrap(),
+                    )
                 }
             }
         }));
@@ -405,7 +437,8 @@ async fn dropping_at_every_stage_leaks_no_claim() {
         .header("idempotency-key", "stage")
         .body(Body::new(Endless))
         .unwrap();
-    let cut = tokio::time::timeout(Duration::from_millis(30), release_svc.clone().oneshot(req)).await;
+    let cut =
+        tokio::time::timeout(Duration::from_millis(30), release_svc.clone().oneshot(req)).await;
     assert!(cut.is_err());
     assert_eq!(store.faults.claims.load(Ordering::SeqCst), 0);
     assert!(store.inner.is_empty());
@@ -422,13 +455,17 @@ async fn dropping_at_every_stage_leaks_no_claim() {
     eventually("the claim is released", || store.inner.is_empty()).await;
 
     // 4. While the body streams: released.
-    let res = release_svc.clone().oneshot(post(Some("stage"), "{}")).await.unwrap();
+    let res = release_svc
+        .clone()
+        .oneshot(post(Some("stage"), "{}"))
+        .await
+        .unwrap();
     drop(res);
     eventually("the claim is released", || store.inner.is_empty()).await;
 
     // With the default (finish), every stage ends in a stored record, never a dangling claim.
-    let finish_svc = IdempotencyLayer::new(store.clone())
-        .layer(counter.service(Duration::from_millis(100)));
+    let finish_svc =
+        IdempotencyLayer::new(store.clone()).layer(counter.service(Duration::from_millis(100)));
     let cut = tokio::time::timeout(
         Duration::from_millis(20),
         finish_svc.clone().oneshot(post(Some("finish"), "{}")),
@@ -438,7 +475,11 @@ async fn dropping_at_every_stage_leaks_no_claim() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let claim = store
         .inner
-        .claim(&store_key("finish"), &Fingerprint::from_bytes([0; 32]), Duration::from_secs(1))
+        .claim(
+            &store_key("finish"),
+            &Fingerprint::from_bytes([0; 32]),
+            Duration::from_secs(1),
+        )
         .await
         .unwrap();
     assert!(matches!(claim, Claim::Completed(_)), "{claim:?}");

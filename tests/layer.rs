@@ -96,7 +96,11 @@ async fn key_length_cap_is_configurable() {
     let svc = IdempotencyLayer::new(MemoryStore::new())
         .max_key_len(8)
         .layer(counter.service(Duration::ZERO));
-    problem(&call(&svc, post(Some("123456789"), "{}")).await, 400, "invalid-key");
+    problem(
+        &call(&svc, post(Some("123456789"), "{}")).await,
+        400,
+        "invalid-key",
+    );
     assert_eq!(call(&svc, post(Some("12345678"), "{}")).await.status, 201);
     let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
     let max = "k".repeat(255);
@@ -111,7 +115,12 @@ async fn strict_parsing_refuses_bare_keys() {
         .layer(counter.service(Duration::ZERO));
     let answer = call(&svc, post(Some("bare-key"), "{}")).await;
     problem(&answer, 400, "invalid-key");
-    assert!(answer.json()["detail"].as_str().unwrap().contains("Structured Field"));
+    assert!(
+        answer.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Structured Field")
+    );
     assert_eq!(call(&svc, post(Some("\"quoted\""), "{}")).await.status, 201);
     assert_eq!(counter.runs(), 1);
 }
@@ -120,7 +129,10 @@ async fn strict_parsing_refuses_bare_keys() {
 async fn same_key_other_payload_is_422() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
-    assert_eq!(call(&svc, post(Some("k"), "{\"amount\":1}")).await.status, 201);
+    assert_eq!(
+        call(&svc, post(Some("k"), "{\"amount\":1}")).await.status,
+        201
+    );
     let answer = call(&svc, post(Some("k"), "{\"amount\":2}")).await;
     problem(&answer, 422, "key-reused");
     assert_eq!(answer.outcome, Some(IdempotencyOutcome::Mismatch));
@@ -172,8 +184,8 @@ async fn concurrent_duplicate_is_409_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_concurrent_requests_run_once() {
     let counter = Counter::default();
-    let svc = IdempotencyLayer::new(MemoryStore::new())
-        .layer(counter.service(Duration::from_millis(50)));
+    let svc =
+        IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::from_millis(50)));
     let barrier = Arc::new(tokio::sync::Barrier::new(64));
     let tasks: Vec<_> = (0..64)
         .map(|_| {
@@ -246,7 +258,11 @@ async fn wait_times_out_with_409() {
         async move { call(&svc, post(Some("slow"), "{}")).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    problem(&call(&svc, post(Some("slow"), "{}")).await, 409, "key-in-use");
+    problem(
+        &call(&svc, post(Some("slow"), "{}")).await,
+        409,
+        "key-in-use",
+    );
     assert_eq!(first.await.unwrap().status, 201);
     assert_eq!(counter.runs(), 1);
 }
@@ -440,7 +456,11 @@ async fn covered_methods_and_predicates_are_configurable() {
     };
     assert!(!call(&svc, pay()).await.replayed());
     assert!(call(&svc, pay()).await.replayed());
-    assert_eq!(call(&svc, post(None, "{}")).await.status, 201, "/orders is not covered");
+    assert_eq!(
+        call(&svc, post(None, "{}")).await.status,
+        201,
+        "/orders is not covered"
+    );
 }
 
 #[tokio::test]
@@ -468,7 +488,10 @@ async fn optional_keys_pass_through_without_one() {
         .layer(counter.service(Duration::ZERO));
     let a = call(&svc, post(None, "{}")).await;
     let b = call(&svc, post(None, "{}")).await;
-    assert_eq!((a.status, b.status), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_eq!(
+        (a.status, b.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
     assert_eq!(a.outcome, Some(IdempotencyOutcome::PassedThrough));
     assert_ne!(a.body, b.body);
     assert_eq!(counter.runs(), 2);
@@ -554,11 +577,18 @@ async fn replay_is_faithful() {
             assert_eq!(a, b, "{name} on {path}");
         }
         assert_eq!(
-            replay.headers.get_all("set-cookie").iter().collect::<Vec<_>>(),
+            replay
+                .headers
+                .get_all("set-cookie")
+                .iter()
+                .collect::<Vec<_>>(),
             ["a=1", "b=2"]
         );
         assert!(replay.headers.get("date").is_none(), "Date is not replayed");
-        assert!(replay.headers.get("connection").is_none(), "hop-by-hop headers are not replayed");
+        assert!(
+            replay.headers.get("connection").is_none(),
+            "hop-by-hop headers are not replayed"
+        );
     }
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
@@ -596,7 +626,12 @@ async fn non_storable_statuses_release_the_key() {
         move |_req: Request<Body>| {
             let status = statuses.lock().unwrap().pop().unwrap();
             async move {
-                Ok::<_, Infallible>(Response::builder().status(status).body(Body::empty()).unwrap())
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::empty())
+                        .unwrap(),
+                )
             }
         }
     }));
@@ -617,7 +652,14 @@ async fn client_errors_are_stored_by_default_and_policy_is_configurable() {
         let counter = Arc::clone(&counter);
         tower::service_fn(move |_req: Request<Body>| {
             counter.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<_, Infallible>(Response::builder().status(400).body(Body::from("bad")).unwrap()) }
+            async {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(400)
+                        .body(Body::from("bad"))
+                        .unwrap(),
+                )
+            }
         })
     };
     let svc = IdempotencyLayer::new(MemoryStore::new()).layer(handler.clone());
@@ -648,7 +690,11 @@ async fn handler_error_releases_the_key() {
             }
         }
     }));
-    let err = svc.clone().oneshot(post(Some("e"), "{}")).await.unwrap_err();
+    let err = svc
+        .clone()
+        .oneshot(post(Some("e"), "{}"))
+        .await
+        .unwrap_err();
     assert_eq!(err, "database down");
     let answer = call(&svc, post(Some("e"), "{}")).await;
     assert_eq!(answer.status, StatusCode::OK);
@@ -711,7 +757,10 @@ async fn store_failure_can_fail_open() {
         .layer(counter.service(Duration::ZERO));
     let a = call(&svc, post(Some("s"), "{}")).await;
     let b = call(&svc, post(Some("s"), "{}")).await;
-    assert_eq!((a.status, b.status), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_eq!(
+        (a.status, b.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
     assert_eq!(a.outcome, Some(IdempotencyOutcome::Unprotected));
     assert_eq!(counter.runs(), 2, "fail open runs without protection");
 }
@@ -734,8 +783,8 @@ async fn problem_type_base_and_link() {
 
 #[tokio::test]
 async fn grpc_requests_get_grpc_statuses() {
-    let svc = IdempotencyLayer::new(MemoryStore::new())
-        .layer(Counter::default().service(Duration::ZERO));
+    let svc =
+        IdempotencyLayer::new(MemoryStore::new()).layer(Counter::default().service(Duration::ZERO));
     let req = Request::post("/orders.Orders/Create")
         .header("content-type", "application/grpc")
         .body(Body::empty())
@@ -757,7 +806,10 @@ async fn readiness_is_forwarded() {
     let fut = tower::Service::call(&mut svc, post(Some("m"), "{}"));
     let task = tokio::spawn(fut);
     let (req, send) = handle.next_request().await.unwrap();
-    assert_eq!(req.extensions().get::<IdempotencyKey>().unwrap().as_str(), "m");
+    assert_eq!(
+        req.extensions().get::<IdempotencyKey>().unwrap().as_str(),
+        "m"
+    );
     send.send_response(Response::new(Body::from("mocked")));
     let answer = common::collect(task.await.unwrap().unwrap()).await;
     assert_eq!(answer.body, "mocked");

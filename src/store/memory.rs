@@ -447,7 +447,12 @@ mod tests {
     }
 
     fn record(body: usize) -> Record {
-        Record::new(StatusCode::OK, HeaderMap::new(), Bytes::from(vec![b'x'; body]), None)
+        Record::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from(vec![b'x'; body]),
+            None,
+        )
     }
 
     const LEASE: Duration = Duration::from_secs(30);
@@ -484,7 +489,10 @@ mod tests {
             store.claim(&key("held"), &fp(), LEASE).await.unwrap(),
             Claim::InFlight { .. }
         ));
-        store.complete(&key("held"), held, record(1), TTL).await.unwrap();
+        store
+            .complete(&key("held"), held, record(1), TTL)
+            .await
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -507,7 +515,10 @@ mod tests {
         }
         for i in 0..5 {
             assert!(matches!(
-                store.claim(&key(&format!("live{i}")), &fp(), LEASE).await.unwrap(),
+                store
+                    .claim(&key(&format!("live{i}")), &fp(), LEASE)
+                    .await
+                    .unwrap(),
                 Claim::Completed(_)
             ));
         }
