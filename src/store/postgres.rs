@@ -158,7 +158,7 @@ const CLAIM_ATTEMPTS: usize = 16;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
 }
@@ -170,7 +170,9 @@ pub struct PostgresStore {
 /// [`PostgresStore::migrate`] and every operation then fail with
 /// [`StoreError::Backend`] wrapping this error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid idempotency table name {name:?}: expected `name` or `schema.name` of [A-Za-z_][A-Za-z0-9_]* (at most 63 bytes each)")]
+#[error(
+    "invalid idempotency table name {name:?}: expected `name` or `schema.name` of [A-Za-z_][A-Za-z0-9_]* (at most 63 bytes each)"
+)]
 pub struct InvalidTableName {
     name: String,
 }
@@ -216,6 +218,12 @@ impl fmt::Debug for Inner {
             .field("sweep_interval", &self.config.sweep_interval)
             .field("pool", &self.config.pool)
             .finish()
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
     }
 }
 
@@ -473,7 +481,10 @@ impl PostgresStore {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(rows = n, "swept expired idempotency records"),
                     Err(err) => {
-                        tracing::warn!(error = &err as &dyn std::error::Error, "idempotency sweep failed")
+                        tracing::warn!(
+                            error = &err as &dyn std::error::Error,
+                            "idempotency sweep failed"
+                        )
                     }
                 }
             }
@@ -499,7 +510,10 @@ impl PostgresStore {
         row.map(|row| read_claim(&row, token)).transpose()
     }
 
-    async fn fenced(&self, query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>) -> Result<(), StoreError> {
+    async fn fenced(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<(), StoreError> {
         let done = query
             .execute(&self.inner.config.pool)
             .await
@@ -575,6 +589,7 @@ impl IdempotencyStore for PostgresStore {
                 return Ok(claim);
             }
             // Lost a race to a transaction that committed after our snapshot: run again.
+            tracing::debug!(key = %key, "idempotency claim lost a race; running it again");
         }
         Err(StoreError::backend(ClaimContention))
     }
