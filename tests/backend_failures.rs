@@ -1,0 +1,832 @@
+//! The failure behaviours where the backend matters, through the layer, on Redis and on
+//! PostgreSQL: waiting duplicates, the wait timing out, the lease heartbeat, a crashed
+//! owner, an outage (fail open on Redis, fail closed and recovery on PostgreSQL) and a
+//! `complete` that fails after the operation ran.
+//!
+//! The Redis tests need `REDIS_URL` and the PostgreSQL tests `DATABASE_URL`; without it a
+//! test prints "skipped: … not set" and passes. The Redis outage test starts its own
+//! `redis-server` (on `PATH`) on a free port; the PostgreSQL outage tests route their pool
+//! through a TCP proxy they stop and restart. Neither ever stops the shared server.
+#![cfg(any(feature = "redis", feature = "postgres"))]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
+use tower_idempotency::policy::InFlight;
+use tower_idempotency::{
+    Claim, Fingerprint, Idempotency, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore,
+    REPLAYED_HEADER, Scope, StoreKey,
+};
+
+type Handler = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+type Svc = Idempotency<Handler>;
+
+const ORDER: &str = r#"{"item":"book","qty":1}"#;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn fresh_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A POST to /orders with `key`, the way a client sends it.
+fn order(key: &str) -> Request<Body> {
+    Request::post("/orders")
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(Body::from(ORDER))
+        .expect("a request")
+}
+
+/// The fingerprint the layer computes for [`order`].
+fn order_fingerprint() -> Fingerprint {
+    let (parts, ()) = Request::post("/orders")
+        .header("content-type", "application/json")
+        .body(())
+        .expect("a request")
+        .into_parts();
+    Fingerprint::of_request(&parts, ORDER.as_bytes())
+}
+
+/// Counts the handler's runs: started and finished.
+#[derive(Clone, Default)]
+struct Runs {
+    started: Arc<AtomicUsize>,
+    finished: Arc<AtomicUsize>,
+}
+
+impl Runs {
+    /// A handler that takes `delay` and answers 201 with a body no other run produces.
+    fn handler(&self, delay: Duration) -> Handler {
+        let runs = self.clone();
+        BoxCloneSyncService::new(tower::service_fn(move |_req: Request<Body>| {
+            let runs = runs.clone();
+            async move {
+                runs.started.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                runs.finished.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .body(Body::from(format!("order {}", uuid::Uuid::new_v4())))
+                        .expect("a response"),
+                )
+            }
+        }))
+    }
+
+    fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    fn finished(&self) -> usize {
+        self.finished.load(Ordering::SeqCst)
+    }
+}
+
+/// What a test looks at in a response.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    outcome: Option<IdempotencyOutcome>,
+}
+
+impl Answer {
+    fn replayed(&self) -> bool {
+        self.headers
+            .get(REPLAYED_HEADER)
+            .is_some_and(|v| v == "true")
+    }
+
+    /// Asserts a problem+json answer of `status` and `kind`, with `Retry-After` if asked.
+    fn assert_problem(&self, status: StatusCode, kind: &str, retry_after: bool) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(
+            self.headers.get("content-type").expect("a content-type"),
+            "application/problem+json"
+        );
+        assert_eq!(
+            self.headers.contains_key("retry-after"),
+            retry_after,
+            "Retry-After on {status}"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&self.body).expect("a JSON body");
+        let ty = json["type"].as_str().expect("a problem type");
+        assert!(ty.ends_with(kind), "problem type {ty}, expected {kind}");
+        assert_eq!(json["status"], status.as_u16());
+    }
+}
+
+/// Sends [`order`] with `key` and collects the whole answer.
+async fn send(svc: &Svc, key: &str) -> Answer {
+    let res = svc.clone().oneshot(order(key)).await.expect("infallible");
+    let outcome = res.extensions().get::<IdempotencyOutcome>().copied();
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("a body").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        outcome,
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(ms(5)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The scenarios, the same on every backend.
+// ---------------------------------------------------------------------------------------
+
+/// 16 concurrent requests with one key, `InFlight::Wait`: one run, 16 identical 201s, 15
+/// of them replays.
+async fn wait_mode_runs_once<S: IdempotencyStore + Clone>(store: S) {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store)
+        .on_in_flight(InFlight::Wait(Duration::from_secs(10)))
+        .layer(runs.handler(ms(300)));
+    let key = fresh_key();
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let svc = svc.clone();
+        let key = key.clone();
+        let barrier = Arc::clone(&barrier);
+        tasks.spawn(async move {
+            barrier.wait().await;
+            send(&svc, &key).await
+        });
+    }
+    let answers = tasks.join_all().await;
+    assert_eq!(runs.started(), 1, "the operation must run exactly once");
+    assert!(
+        answers.iter().all(|a| a.status == StatusCode::CREATED),
+        "every waiter gets the first's 201: {answers:?}"
+    );
+    assert!(
+        answers.iter().all(|a| a.body == answers[0].body),
+        "every response carries the same body"
+    );
+    assert_eq!(answers.iter().filter(|a| a.replayed()).count(), 15);
+    let executed: Vec<_> = answers.iter().filter(|a| !a.replayed()).collect();
+    assert_eq!(executed[0].outcome, Some(IdempotencyOutcome::Executed));
+    assert!(
+        answers
+            .iter()
+            .filter(|a| a.replayed())
+            .all(|a| a.outcome == Some(IdempotencyOutcome::Replayed))
+    );
+}
+
+/// `InFlight::Wait` that runs out before the first ends: 409, and still one run.
+async fn wait_times_out<S: IdempotencyStore + Clone>(store: S) {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store)
+        .on_in_flight(InFlight::Wait(ms(200)))
+        .layer(runs.handler(ms(1500)));
+    let key = fresh_key();
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        let key = key.clone();
+        async move { send(&svc, &key).await }
+    });
+    eventually("the first request runs", || runs.started() == 1).await;
+
+    let sent = Instant::now();
+    let duplicate = send(&svc, &key).await;
+    let waited = sent.elapsed();
+    duplicate.assert_problem(StatusCode::CONFLICT, "key-in-use", true);
+    assert_eq!(duplicate.outcome, Some(IdempotencyOutcome::InFlight));
+    assert!(
+        waited >= ms(200) && waited < ms(1200),
+        "the duplicate waits for the timeout, then gives up: {waited:?}"
+    );
+
+    let first = first.await.expect("the first request");
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.outcome, Some(IdempotencyOutcome::Executed));
+    let retry = send(&svc, &key).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.started(), 1);
+}
+
+/// A handler that runs more than three times the lease: the heartbeat keeps the key
+/// claimed, so duplicates get 409 all along, and a retry afterwards replays.
+async fn heartbeat_keeps_the_key<S: IdempotencyStore + Clone>(store: S) {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store)
+        .lease(ms(600))
+        .layer(runs.handler(Duration::from_secs(2)));
+    let key = fresh_key();
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        let key = key.clone();
+        async move { send(&svc, &key).await }
+    });
+    eventually("the first request runs", || runs.started() == 1).await;
+    let started = Instant::now();
+    for at in [500, 1000, 1500] {
+        tokio::time::sleep_until(started + ms(at)).await;
+        let duplicate = send(&svc, &key).await;
+        duplicate.assert_problem(StatusCode::CONFLICT, "key-in-use", true);
+        assert_eq!(duplicate.outcome, Some(IdempotencyOutcome::InFlight));
+        assert_eq!(runs.started(), 1, "no duplicate runs beside it ({at} ms)");
+    }
+    let first = first.await.expect("the first request");
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(!first.replayed());
+    let retry = send(&svc, &key).await;
+    assert!(retry.replayed(), "a retry after completion replays");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.started(), 1);
+}
+
+/// Another instance claimed the key and died: requests get 409 until its lease ends, then
+/// the operation runs.
+async fn crashed_owner_blocks_only_for_its_lease<S: IdempotencyStore + Clone>(store: S) {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone()).layer(runs.handler(Duration::ZERO));
+    let key = fresh_key();
+    let claimed_at = Instant::now();
+    let claim = store
+        .claim(
+            &StoreKey::new(&Scope::anonymous(), &key),
+            &order_fingerprint(),
+            ms(500),
+        )
+        .await
+        .expect("claim");
+    assert!(matches!(claim, Claim::Acquired(_)), "{claim:?}");
+
+    let blocked = send(&svc, &key).await;
+    blocked.assert_problem(StatusCode::CONFLICT, "key-in-use", true);
+    assert_eq!(blocked.outcome, Some(IdempotencyOutcome::InFlight));
+    assert_eq!(runs.started(), 0);
+
+    tokio::time::sleep_until(claimed_at + ms(700)).await;
+    let answer = send(&svc, &key).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
+    assert_eq!(answer.outcome, Some(IdempotencyOutcome::Executed));
+    assert!(!answer.replayed());
+    assert_eq!(runs.finished(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------------------
+
+#[cfg(feature = "redis")]
+mod redis_backend {
+    use std::net::{TcpListener, TcpStream};
+    use std::process::{Child, Command, Stdio};
+
+    use tower_idempotency::RedisStore;
+    use tower_idempotency::policy::StoreFailure;
+
+    use super::*;
+
+    fn redis_url() -> Option<String> {
+        let url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty());
+        if url.is_none() {
+            println!("skipped: REDIS_URL not set");
+        }
+        url
+    }
+
+    async fn shared_store() -> Option<RedisStore> {
+        let url = redis_url()?;
+        let store = RedisStore::connect(&url)
+            .await
+            .expect("connect to REDIS_URL")
+            .prefix("tower-idempotency-backend-failures:");
+        Some(store)
+    }
+
+    /// A `redis-server` of the test's own on a free port, killed when dropped.
+    struct PrivateRedis {
+        child: Option<Child>,
+        port: u16,
+    }
+
+    impl PrivateRedis {
+        fn start() -> Self {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be on PATH");
+            let server = Self {
+                child: Some(child),
+                port,
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "redis-server did not start on port {port}"
+                );
+                std::thread::sleep(ms(20));
+            }
+            server
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        fn kill(&mut self) {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    impl Drop for PrivateRedis {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_wait_mode_runs_once_and_replays_to_every_waiter() {
+        let Some(store) = shared_store().await else {
+            return;
+        };
+        wait_mode_runs_once(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_wait_timeout_answers_409() {
+        let Some(store) = shared_store().await else {
+            return;
+        };
+        wait_times_out(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_heartbeat_keeps_a_slow_operation_claimed() {
+        let Some(store) = shared_store().await else {
+            return;
+        };
+        heartbeat_keeps_the_key(store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_crashed_owner_blocks_only_for_its_lease() {
+        let Some(store) = shared_store().await else {
+            return;
+        };
+        crashed_owner_blocks_only_for_its_lease(store).await;
+    }
+
+    /// Fail closed is covered by tests/redis.rs; here the layer fails open: with the server
+    /// gone, requests run unprotected.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_outage_fails_open_when_asked() {
+        let Some(_) = redis_url() else { return };
+        let mut server = PrivateRedis::start();
+        let store = RedisStore::connect(&server.url()).await.expect("connect");
+        let runs = Runs::default();
+        let svc = IdempotencyLayer::new(store)
+            .on_store_failure(StoreFailure::FailOpen)
+            .layer(runs.handler(Duration::ZERO));
+
+        let before = send(&svc, &fresh_key()).await;
+        assert_eq!(before.status, StatusCode::CREATED);
+        assert_eq!(before.outcome, Some(IdempotencyOutcome::Executed));
+
+        server.kill();
+        let key = fresh_key();
+        let sent = Instant::now();
+        let first = send(&svc, &key).await;
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "a dead Redis fails fast"
+        );
+        assert_eq!(first.status, StatusCode::CREATED, "{first:?}");
+        assert_eq!(first.outcome, Some(IdempotencyOutcome::Unprotected));
+        assert!(!first.replayed());
+        assert_eq!(runs.finished(), 2, "the request ran");
+        // Unprotected means just that: a retry runs the operation again.
+        let retry = send(&svc, &key).await;
+        assert_eq!(retry.status, StatusCode::CREATED);
+        assert_eq!(retry.outcome, Some(IdempotencyOutcome::Unprotected));
+        assert_ne!(retry.body, first.body);
+        assert_eq!(runs.finished(), 3);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL
+// ---------------------------------------------------------------------------------------
+
+#[cfg(feature = "postgres")]
+mod postgres_backend {
+    use std::future::Future;
+    use std::str::FromStr;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::task::JoinHandle;
+    use tower_idempotency::sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+    use tower_idempotency::sqlx::{self, PgPool};
+    use tower_idempotency::{LeaseToken, PostgresStore, Record, StoreError};
+
+    use super::*;
+
+    fn database_url() -> Option<String> {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                println!("skipped: DATABASE_URL not set");
+                None
+            }
+        }
+    }
+
+    /// A table of the test's own, created on a direct pool and dropped by [`run`].
+    struct PgTable {
+        url: String,
+        admin: PgPool,
+        name: String,
+    }
+
+    impl PgTable {
+        async fn create(url: String) -> Self {
+            let admin = PgPoolOptions::new()
+                .max_connections(8)
+                .connect(&url)
+                .await
+                .expect("connect to DATABASE_URL");
+            let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+            let table = Self { url, admin, name };
+            table
+                .store(table.admin.clone())
+                .migrate()
+                .await
+                .expect("migrate");
+            table
+        }
+
+        /// A store on `pool`, in this table.
+        fn store(&self, pool: PgPool) -> PostgresStore {
+            PostgresStore::new(pool)
+                .table(&self.name)
+                .sweep_interval(Duration::ZERO)
+        }
+
+        /// Runs `test` on its own task, drops the table, then passes on its panic if any.
+        async fn run(self, test: impl Future<Output = ()> + Send + 'static) {
+            let outcome = tokio::spawn(test).await;
+            let sql = format!("DROP TABLE IF EXISTS \"{}\"", self.name);
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&self.admin)
+                .await;
+            if let Err(err) = outcome {
+                std::panic::resume_unwind(err.into_panic());
+            }
+        }
+    }
+
+    /// Runs a scenario on a store in a fresh table, over a direct pool.
+    async fn on_postgres<Fut>(scenario: impl FnOnce(PostgresStore) -> Fut)
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(url) = database_url() else { return };
+        let table = PgTable::create(url).await;
+        let store = table.store(table.admin.clone());
+        table.run(scenario(store)).await;
+    }
+
+    /// A TCP proxy in front of the PostgreSQL server that can be stopped (every connection
+    /// through it dropped, nothing listening) and restarted on the same port.
+    struct Proxy {
+        port: u16,
+        upstream: (String, u16),
+        accept: Option<JoinHandle<()>>,
+        connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    }
+
+    impl Proxy {
+        async fn start(upstream: (String, u16)) -> Self {
+            let mut proxy = Self {
+                port: 0,
+                upstream,
+                accept: None,
+                connections: Arc::default(),
+            };
+            proxy.restart().await;
+            proxy
+        }
+
+        /// Listens (again) on the proxy's port and forwards every connection upstream.
+        async fn restart(&mut self) {
+            assert!(self.accept.is_none(), "the proxy is already running");
+            let listener = TcpListener::bind(("127.0.0.1", self.port))
+                .await
+                .expect("bind the proxy port");
+            self.port = listener.local_addr().expect("proxy address").port();
+            let upstream = self.upstream.clone();
+            let connections = Arc::clone(&self.connections);
+            self.accept = Some(tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let upstream = upstream.clone();
+                    let forward = tokio::spawn(async move {
+                        let Ok(mut server) =
+                            TcpStream::connect((upstream.0.as_str(), upstream.1)).await
+                        else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    });
+                    let mut connections = connections.lock().expect("connections");
+                    connections.retain(|c| !c.is_finished());
+                    connections.push(forward);
+                }
+            }));
+        }
+
+        /// Stops listening and drops every connection through the proxy.
+        async fn stop(&mut self) {
+            let Some(accept) = self.accept.take() else {
+                return;
+            };
+            accept.abort();
+            let _ = accept.await;
+            let connections = std::mem::take(&mut *self.connections.lock().expect("connections"));
+            for forward in connections {
+                forward.abort();
+                let _ = forward.await;
+            }
+        }
+
+        /// A pool whose connections all go through the proxy.
+        async fn pool(&self, url: &str, acquire_timeout: Duration) -> PgPool {
+            let options = PgConnectOptions::from_str(url)
+                .expect("DATABASE_URL")
+                .host("127.0.0.1")
+                .port(self.port)
+                .ssl_mode(PgSslMode::Disable);
+            PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(acquire_timeout)
+                .connect_with(options)
+                .await
+                .expect("connect through the proxy")
+        }
+    }
+
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            if let Some(accept) = self.accept.take() {
+                accept.abort();
+            }
+            if let Ok(connections) = self.connections.lock() {
+                for forward in connections.iter() {
+                    forward.abort();
+                }
+            }
+        }
+    }
+
+    fn upstream(url: &str) -> (String, u16) {
+        let options = PgConnectOptions::from_str(url).expect("DATABASE_URL");
+        (options.get_host().to_owned(), options.get_port())
+    }
+
+    /// Counts what the layer asks of the store, and how it went.
+    #[derive(Clone)]
+    struct Counting<S> {
+        inner: S,
+        completes: Arc<AtomicUsize>,
+        failed_completes: Arc<AtomicUsize>,
+        releases: Arc<AtomicUsize>,
+    }
+
+    impl<S> Counting<S> {
+        fn new(inner: S) -> Self {
+            Self {
+                inner,
+                completes: Arc::default(),
+                failed_completes: Arc::default(),
+                releases: Arc::default(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl<S: IdempotencyStore> IdempotencyStore for Counting<S> {
+        async fn claim(
+            &self,
+            key: &StoreKey,
+            fingerprint: &Fingerprint,
+            lease: Duration,
+        ) -> Result<Claim, StoreError> {
+            self.inner.claim(key, fingerprint, lease).await
+        }
+
+        async fn complete(
+            &self,
+            key: &StoreKey,
+            token: LeaseToken,
+            record: Record,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.completes.fetch_add(1, Ordering::SeqCst);
+            let result = self.inner.complete(key, token, record, ttl).await;
+            if result.is_err() {
+                self.failed_completes.fetch_add(1, Ordering::SeqCst);
+            }
+            result
+        }
+
+        async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            self.inner.release(key, token).await
+        }
+
+        async fn extend(
+            &self,
+            key: &StoreKey,
+            token: LeaseToken,
+            lease: Duration,
+        ) -> Result<(), StoreError> {
+            self.inner.extend(key, token, lease).await
+        }
+
+        async fn wait(
+            &self,
+            key: &StoreKey,
+            fingerprint: &Fingerprint,
+            lease: Duration,
+            timeout: Duration,
+        ) -> Result<Claim, StoreError> {
+            self.inner.wait(key, fingerprint, lease, timeout).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_wait_mode_runs_once_and_replays_to_every_waiter() {
+        on_postgres(wait_mode_runs_once).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_wait_timeout_answers_409() {
+        on_postgres(wait_times_out).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_heartbeat_keeps_a_slow_operation_claimed() {
+        on_postgres(heartbeat_keeps_the_key).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_crashed_owner_blocks_only_for_its_lease() {
+        on_postgres(crashed_owner_blocks_only_for_its_lease).await;
+    }
+
+    /// With the database unreachable, covered requests get 503 and nothing runs; once it is
+    /// back, the same service protects requests again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_outage_fails_closed_and_recovers_without_rebuilding() {
+        let Some(url) = database_url() else { return };
+        let table = PgTable::create(url).await;
+        let mut proxy = Proxy::start(upstream(&table.url)).await;
+        let store = table.store(proxy.pool(&table.url, Duration::from_secs(1)).await);
+        table
+            .run(async move {
+                let runs = Runs::default();
+                let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
+                let before = send(&svc, &fresh_key()).await;
+                assert_eq!(before.status, StatusCode::CREATED);
+                assert_eq!(runs.started(), 1);
+
+                proxy.stop().await;
+                let key = fresh_key();
+                for _ in 0..2 {
+                    let sent = Instant::now();
+                    let refused = send(&svc, &key).await;
+                    refused.assert_problem(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store-unavailable",
+                        true,
+                    );
+                    assert_eq!(refused.outcome, Some(IdempotencyOutcome::StoreUnavailable));
+                    assert!(
+                        sent.elapsed() < Duration::from_secs(3),
+                        "the pool's acquire timeout bounds the wait"
+                    );
+                    assert_eq!(runs.started(), 1, "nothing runs while the store is down");
+                }
+
+                proxy.restart().await;
+                let mut answer = send(&svc, &key).await;
+                for _ in 0..20 {
+                    if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+                        break;
+                    }
+                    tokio::time::sleep(ms(100)).await;
+                    answer = send(&svc, &key).await;
+                }
+                assert_eq!(
+                    answer.status,
+                    StatusCode::CREATED,
+                    "the same service recovers"
+                );
+                assert_eq!(answer.outcome, Some(IdempotencyOutcome::Executed));
+                assert_eq!(runs.started(), 2);
+                let retry = send(&svc, &key).await;
+                assert!(retry.replayed(), "and protects again");
+                assert_eq!(retry.body, answer.body);
+                assert_eq!(runs.started(), 2);
+            })
+            .await;
+    }
+
+    /// The database goes away while the handler runs, so storing its outcome fails: the
+    /// layer retries `complete` until the database is back, never releases the key, and a
+    /// retry then replays the one run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_complete_failing_after_the_run_is_retried() {
+        let Some(url) = database_url() else { return };
+        let table = PgTable::create(url).await;
+        let mut proxy = Proxy::start(upstream(&table.url)).await;
+        // A short acquire timeout, so that each `complete` during the outage fails quickly.
+        let store = Counting::new(table.store(proxy.pool(&table.url, ms(250)).await));
+        table
+            .run(async move {
+                let runs = Runs::default();
+                let svc = IdempotencyLayer::new(store.clone()).layer(runs.handler(ms(200)));
+                let key = fresh_key();
+                let first = tokio::spawn({
+                    let svc = svc.clone();
+                    let key = key.clone();
+                    async move { send(&svc, &key).await }
+                });
+                eventually("the handler runs", || runs.started() == 1).await;
+                proxy.stop().await;
+                eventually("the handler ends", || runs.finished() == 1).await;
+
+                // Meanwhile a retry cannot claim: 503, and nothing runs.
+                let refused = send(&svc, &key).await;
+                refused.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", true);
+                tokio::time::sleep(ms(300)).await;
+                assert!(
+                    store.failed_completes.load(Ordering::SeqCst) >= 1,
+                    "storing the outcome failed during the outage"
+                );
+                assert!(
+                    !first.is_finished(),
+                    "the body ends only once the outcome is stored"
+                );
+
+                proxy.restart().await;
+                let first = tokio::time::timeout(Duration::from_secs(5), first)
+                    .await
+                    .expect("the outcome is stored once the database is back")
+                    .expect("the first request");
+                assert_eq!(first.status, StatusCode::CREATED);
+                assert_eq!(first.outcome, Some(IdempotencyOutcome::Executed));
+                let completes = store.completes.load(Ordering::SeqCst);
+                let failed = store.failed_completes.load(Ordering::SeqCst);
+                assert!(completes >= 2, "complete was retried: {completes}");
+                assert_eq!(completes - failed, 1, "and succeeded once");
+                assert_eq!(store.releases.load(Ordering::SeqCst), 0, "never released");
+
+                let retry = send(&svc, &key).await;
+                assert_eq!(retry.status, StatusCode::CREATED);
+                assert!(retry.replayed(), "a retry after recovery replays");
+                assert_eq!(retry.body, first.body);
+                assert_eq!(runs.started(), 1, "the operation ran once");
+            })
+            .await;
+    }
+}
