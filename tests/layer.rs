@@ -723,7 +723,7 @@ async fn handler_panic_releases_the_key() {
     });
     let err = task.await.unwrap_err();
     assert!(err.is_panic(), "the panic reaches the caller");
-    common::eventually("the key is released", || true).await;
+    // The claim is released on a spawned task: give it a moment.
     tokio::time::sleep(Duration::from_millis(20)).await;
     let answer = call(&svc, post(Some("p"), "{}")).await;
     assert_eq!(answer.status, StatusCode::OK);
