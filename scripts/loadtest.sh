@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Load test of the orders demo (examples/axum.rs) with and without the idempotency layer.
+#
+# Builds the demo in release, then for each run starts it on 127.0.0.1, drives it with wrk
+# for DURATION seconds, prints requests/s and latency percentiles, and stops it:
+#   1. layer on,  a unique Idempotency-Key per request (every request is a first request);
+#   2. layer off (IDEMPOTENCY_LAYER=off), the same requests;
+#   3. layer on,  one key for every request (the first runs, all others are replays).
+#
+# Settings (environment): DURATION (seconds, default 10, at most 60), THREADS (wrk threads,
+# default 2, at most 8), CONNECTIONS (default 32, at most 256), PORT (default 3917; the
+# runs use PORT, PORT+1, PORT+2), CARGO_TARGET_DIR (default target).
+# Only 127.0.0.1 is used. wrk is installed with apt-get when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION="${DURATION:-10}"
+THREADS="${THREADS:-2}"
+CONNECTIONS="${CONNECTIONS:-32}"
+PORT="${PORT:-3917}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+
+# Keep every run bounded.
+(( DURATION >= 1 && DURATION <= 60 )) || { echo "DURATION must be 1..60" >&2; exit 2; }
+(( THREADS >= 1 && THREADS <= 8 )) || { echo "THREADS must be 1..8" >&2; exit 2; }
+(( CONNECTIONS >= THREADS && CONNECTIONS <= 256 )) || { echo "CONNECTIONS must be THREADS..256" >&2; exit 2; }
+
+if ! command -v wrk >/dev/null 2>&1; then
+    echo "==> installing wrk"
+    apt-get update -qq && apt-get install -y -qq wrk >/dev/null
+fi
+
+echo "==> cargo build --release --example axum"
+cargo build --release --example axum
+BIN="$CARGO_TARGET_DIR/release/examples/axum"
+
+WORK="$(mktemp -d)"
+SERVER_PID=""
+cleanup() {
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+# Every request: POST /orders with a JSON body. KEY_MODE=unique gives every request its own
+# key (a per-run prefix, the wrk thread's number, a counter); KEY_MODE=same one key for all.
+cat > "$WORK/orders.lua" <<'LUA'
+local threads = 0
+local run_id = tostring(os.time()) .. "-" .. tostring(os.clock()):gsub("%.", "")
+local body = '{"item":"book","amount":12}'
+local same = os.getenv("KEY_MODE") == "same"
+
+function setup(thread)
+    threads = threads + 1
+    thread:set("prefix", "load-" .. run_id .. "-t" .. threads .. "-")
+    thread:set("same_key", "replay-" .. run_id)
+end
+
+local counter = 0
+function request()
+    local key
+    if same then
+        key = same_key
+    else
+        counter = counter + 1
+        key = prefix .. counter
+    end
+    return wrk.format("POST", "/orders", {
+        ["Content-Type"] = "application/json",
+        ["Idempotency-Key"] = key,
+    }, body)
+end
+
+function done(summary, latency, requests)
+    local secs = summary.duration / 1e6
+    io.write(string.format(
+        "RESULT %s requests=%d rps=%.0f p50_us=%d p90_us=%d p99_us=%d p999_us=%d max_us=%d non2xx=%d errors=%d\n",
+        os.getenv("RUN_NAME") or "run", summary.requests, summary.requests / secs,
+        latency:percentile(50), latency:percentile(90), latency:percentile(99),
+        latency:percentile(99.9), latency.max, summary.errors.status,
+        summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+LUA
+
+start_server() { # port layer
+    LISTEN_ADDR="127.0.0.1:$1" IDEMPOTENCY_LAYER="$2" "$BIN" >"$WORK/server-$1.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server-$1.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "the demo did not start on port $1" >&2
+    exit 1
+}
+
+stop_server() {
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+}
+
+run() { # name port layer key_mode
+    local name="$1" port="$2" layer="$3" mode="$4"
+    echo
+    echo "==> $name: layer=$layer keys=$mode, wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s"
+    start_server "$port" "$layer"
+    RUN_NAME="$name" KEY_MODE="$mode" timeout $((DURATION + 30)) \
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/orders.lua" \
+        "http://127.0.0.1:$port/orders" | tee "$WORK/$name.out"
+    stop_server
+}
+
+echo "==> machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)"
+run layer_unique_keys "$PORT" on unique
+run bare_unique_keys "$((PORT + 1))" off unique
+run layer_replays "$((PORT + 2))" on same
+
+echo
+echo "==> summary (latencies in µs)"
+grep -h '^RESULT' "$WORK"/*.out | sed 's/^RESULT //' | column -t
