@@ -134,8 +134,10 @@ pub fn parse_key(
         {
             return Err(KeyError::NotPrintable);
         }
-        // Checked above: every byte is ASCII.
-        String::from_utf8_lossy(bytes).into_owned()
+        // Checked above: every byte is printable ASCII.
+        std::str::from_utf8(bytes)
+            .map_err(|_| KeyError::NotPrintable)?
+            .to_owned()
     };
     if key.is_empty() {
         return Err(KeyError::Empty);
@@ -158,12 +160,12 @@ pub fn parse_key(
 /// the `Authorization` header), so raw credentials never reach the store. Requests with no
 /// identity share the anonymous scope.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Scope(String);
+pub struct Scope(std::borrow::Cow<'static, str>);
 
 impl Scope {
     /// The scope of requests without an identity.
     pub fn anonymous() -> Self {
-        Self("anon".to_owned())
+        Self(std::borrow::Cow::Borrowed("anon"))
     }
 
     /// The scope of the given identity (a credential, a tenant or user id, …).
@@ -176,7 +178,7 @@ impl Scope {
     /// assert_ne!(Scope::of(b""), Scope::anonymous());
     /// ```
     pub fn of(identity: &[u8]) -> Self {
-        Self(hex(&Sha256::digest(identity)))
+        Self(std::borrow::Cow::Owned(hex(&Sha256::digest(identity))))
     }
 
     /// The scope as text: `anon` or 64 hexadecimal digits.

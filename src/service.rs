@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tower_service::Service;
 use tracing::Instrument;
@@ -25,8 +25,8 @@ use crate::problem::{Problem, ProblemKind, is_grpc};
 use crate::record::Record;
 use crate::store::{Claim, IdempotencyStore, LeaseToken, StoreError};
 
-/// The header that marks a replayed response.
-pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// The header that marks a replayed response: `Idempotent-Replayed: true`.
+pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// What the layer did with a request; found in the response's extensions for every covered
 /// request.
@@ -182,23 +182,44 @@ where
             key = %key,
             outcome = tracing::field::Empty,
         );
-        let config = Arc::clone(config);
-        let echo = generated.then(|| (config.header.clone(), key.to_header_value()));
-        let fut = covered(inner, parts, body, key, config, grpc);
-        ResponseFuture::covered(Box::pin(
-            async move {
-                let mut res = fut.await?;
-                if let Some((name, value)) = echo {
-                    res.headers_mut().insert(name, value);
-                }
-                if let Some(outcome) = res.extensions().get::<IdempotencyOutcome>() {
-                    tracing::Span::current().record("outcome", outcome.as_str());
-                }
-                Ok(res)
-            }
-            .instrument(span),
-        ))
+        let fut = covered(inner, parts, body, key, Arc::clone(config), grpc, generated);
+        // One allocation for the whole covered path; the span only when someone listens.
+        if span.is_disabled() {
+            ResponseFuture::covered(Box::pin(fut))
+        } else {
+            ResponseFuture::covered(Box::pin(fut.instrument(span)))
+        }
     }
+}
+
+/// The covered path, with the generated key echoed and the outcome traced.
+async fn covered<S, ReqBody, ResBody>(
+    inner: S,
+    parts: Parts,
+    body: ReqBody,
+    key: IdempotencyKey,
+    config: Arc<Config>,
+    grpc: bool,
+    generated: bool,
+) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + RebuildBody + Send + 'static,
+    ReqBody::Error: fmt::Display,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
+{
+    let echo = generated.then(|| (config.header.clone(), key.to_header_value()));
+    let mut res = flow(inner, parts, body, key, config, grpc).await?;
+    if let Some((name, value)) = echo {
+        res.headers_mut().insert(name, value);
+    }
+    if let Some(outcome) = res.extensions().get::<IdempotencyOutcome>() {
+        tracing::Span::current().record("outcome", outcome.as_str());
+    }
+    Ok(res)
 }
 
 fn reject<F, B, E>(config: &Config, grpc: bool, err: KeyError) -> ResponseFuture<F, B, E> {
@@ -240,7 +261,7 @@ fn mark<B>(mut res: Response<B>, outcome: IdempotencyOutcome) -> Response<B> {
 }
 
 /// The path of a covered request with a key.
-async fn covered<S, ReqBody, ResBody>(
+async fn flow<S, ReqBody, ResBody>(
     inner: S,
     mut parts: Parts,
     body: ReqBody,

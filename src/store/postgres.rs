@@ -31,14 +31,19 @@
 //! Each operation is one statement, so one round trip on a connection whose statements are
 //! already prepared (sqlx caches them per connection):
 //!
-//! - **claim** (and so **replay**): an `INSERT … ON CONFLICT (key) DO UPDATE … WHERE
-//!   expires_at <= now()` in a CTE, which takes a free or expired key, followed by a
-//!   `SELECT` of the holder's state (fingerprint, record, remaining lease) when it did not:
+//! - **claim** (and so **replay**): a CTE that first reads the live row, if any, and only
+//!   when there is none runs an `INSERT … ON CONFLICT (key) DO UPDATE … WHERE expires_at <=
+//!   now()`, which takes a free or expired key:
 //!
 //!   ```sql
-//!   WITH claimed AS (
+//!   WITH live AS (
+//!       SELECT h.fingerprint, h.record,
+//!              (extract(epoch FROM h.expires_at - now()) * 1000000)::bigint AS rest
+//!       FROM "idempotency_records" AS h WHERE h.key = $1 AND h.expires_at > now()
+//!   ), claimed AS (
 //!       INSERT INTO "idempotency_records" AS r (key, token, fingerprint, record, expires_at)
-//!       VALUES ($1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond')
+//!       SELECT $1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond'
+//!       WHERE NOT EXISTS (SELECT 1 FROM live)
 //!       ON CONFLICT (key) DO UPDATE
 //!           SET token = excluded.token, fingerprint = excluded.fingerprint,
 //!               record = NULL, expires_at = excluded.expires_at
@@ -47,17 +52,18 @@
 //!   )
 //!   SELECT true, NULL::bytea, NULL::bytea, NULL::bigint FROM claimed
 //!   UNION ALL
-//!   SELECT false, h.fingerprint, h.record,
-//!          (extract(epoch FROM h.expires_at - now()) * 1000000)::bigint
-//!   FROM "idempotency_records" AS h
-//!   WHERE h.key = $1 AND h.expires_at > now() AND NOT EXISTS (SELECT 1 FROM claimed)
+//!   SELECT false, fingerprint, record, rest FROM live
 //!   ```
 //!
-//!   The `SELECT` sees the snapshot taken when the statement started, while `ON CONFLICT`
-//!   sees the latest committed row. When another transaction inserts or reclaims the key
-//!   after that snapshot, the insert finds the conflict and does nothing, and the snapshot
-//!   shows no live row: the statement returns nothing. The store then runs it again, with a
-//!   fresh snapshot that shows the winner's row. This only happens under a race on one key.
+//!   A replay or an in-flight answer only reads: it locks no row and writes nothing, so its
+//!   commit does not wait for the write-ahead log to reach the disk.
+//!
+//!   The `live` read sees the snapshot taken when the statement started, while `ON
+//!   CONFLICT` sees the latest committed row. When another transaction inserts or reclaims
+//!   the key after that snapshot, the insert finds the conflict and does nothing, and the
+//!   snapshot shows no live row: the statement returns nothing. The store then runs it
+//!   again, with a fresh snapshot that shows the winner's row. This only happens under a
+//!   race on one key.
 //! - **complete**: `UPDATE … SET token = NULL, record = $3, expires_at = now() + ttl WHERE
 //!   key = $1 AND token = $2 AND expires_at > now()`.
 //! - **release**: `DELETE … WHERE key = $1 AND token = $2 AND expires_at > now()`.
@@ -277,9 +283,14 @@ impl Sql {
              CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);"
         );
         let claim = format!(
-            "WITH claimed AS (\n\
+            "WITH live AS (\n\
+             \x20   SELECT h.fingerprint, h.record,\n\
+             \x20          (extract(epoch FROM h.expires_at - now()) * 1000000)::bigint AS rest\n\
+             \x20   FROM {t} AS h WHERE h.key = $1 AND h.expires_at > now()\n\
+             ), claimed AS (\n\
              \x20   INSERT INTO {t} AS r (key, token, fingerprint, record, expires_at)\n\
-             \x20   VALUES ($1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond')\n\
+             \x20   SELECT $1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond'\n\
+             \x20   WHERE NOT EXISTS (SELECT 1 FROM live)\n\
              \x20   ON CONFLICT (key) DO UPDATE\n\
              \x20       SET token = excluded.token, fingerprint = excluded.fingerprint,\n\
              \x20           record = NULL, expires_at = excluded.expires_at\n\
@@ -288,10 +299,7 @@ impl Sql {
              )\n\
              SELECT true, NULL::bytea, NULL::bytea, NULL::bigint FROM claimed\n\
              UNION ALL\n\
-             SELECT false, h.fingerprint, h.record,\n\
-             \x20      (extract(epoch FROM h.expires_at - now()) * 1000000)::bigint\n\
-             FROM {t} AS h\n\
-             WHERE h.key = $1 AND h.expires_at > now() AND NOT EXISTS (SELECT 1 FROM claimed)"
+             SELECT false, fingerprint, record, rest FROM live"
         );
         let complete = format!(
             "UPDATE {t} SET token = NULL, record = $3, \
