@@ -229,16 +229,16 @@ impl MemoryStore {
             (token, entry)
         };
         // Replays and duplicates only read: no key copy, no write lock.
-        if let Some(entry) = inner.map.get(key.as_str()) {
-            if entry.expires_at > now {
-                return match &entry.state {
-                    State::InFlight { fingerprint, .. } => Claim::InFlight {
-                        fingerprint: *fingerprint,
-                        lease_remaining: Some(entry.expires_at - now),
-                    },
-                    State::Completed(record) => Claim::Completed(Arc::clone(record)),
-                };
-            }
+        if let Some(entry) = inner.map.get(key.as_str())
+            && entry.expires_at > now
+        {
+            return match &entry.state {
+                State::InFlight { fingerprint, .. } => Claim::InFlight {
+                    fingerprint: *fingerprint,
+                    lease_remaining: Some(entry.expires_at - now),
+                },
+                State::Completed(record) => Claim::Completed(Arc::clone(record)),
+            };
         }
         match inner.map.entry(key.as_str().to_owned()) {
             MapEntry::Occupied(mut occupied) => {
