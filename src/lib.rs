@@ -31,9 +31,10 @@
 //! 5. **Claim.** One store call answers: the key is free (run), in flight (`409` with
 //!    `Retry-After`, or wait: [`InFlight`](policy::InFlight)), or completed (replay). A
 //!    different fingerprint under the same key is `422`.
-//! 6. **Run.** The operation runs on its own task, so it finishes and is stored even if the
-//!    client disconnects ([`Disconnect`](policy::Disconnect)); a heartbeat extends the lease
-//!    while it runs; an error or a panic releases the key.
+//! 6. **Run.** The operation runs in the response future; if the client disconnects and the
+//!    future is dropped, the operation moves to a task of its own, finishes and is stored
+//!    ([`Disconnect`](policy::Disconnect)). A heartbeat extends the lease while it runs; an
+//!    error or a panic releases the key.
 //! 7. **Record.** The response streams to the client while a copy is kept; when the body
 //!    ends, a storable outcome is completed (by default all but 5xx, 408, 409, 425, 429),
 //!    others release the key. A body over the response limit leaves a tombstone.
@@ -59,8 +60,9 @@
 //!
 //! # Runtime
 //!
-//! The layer needs a Tokio runtime: it spawns the lease heartbeat, the operation itself (so
-//! that it finishes when the client disconnects) and the store calls that settle a claim.
+//! The layer needs a Tokio runtime: it spawns one lease-keeper task per layer, the store
+//! calls that settle a claim after its response ended, and, when a client disconnects, the
+//! rest of its operation.
 //!
 //! # Features
 //!

@@ -50,6 +50,10 @@ pub enum StoreFailure {
 pub enum Disconnect {
     /// Finish the operation and its response body on a spawned task and store the outcome,
     /// so the client's retry gets the real answer. The default.
+    ///
+    /// A response body that never ends (an endless server stream) is then drained until it
+    /// does: exclude such routes with
+    /// [`cover_when`](crate::IdempotencyLayer::cover_when), or use [`Disconnect::Release`].
     #[default]
     Finish,
     /// Cancel the operation and release the key, so a retry runs it again.

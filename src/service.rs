@@ -82,8 +82,8 @@ impl IdempotencyOutcome {
 /// The service made by [`IdempotencyLayer`](crate::IdempotencyLayer).
 ///
 /// Store failures and refusals become responses: the only errors it returns are those of
-/// the service it wraps. It needs a Tokio runtime, on which it spawns the lease heartbeat,
-/// and, with [`Disconnect::Finish`], the operation itself.
+/// the service it wraps. It needs a Tokio runtime, on which it spawns the lease keeper and,
+/// with [`Disconnect::Finish`], the rest of an operation whose client went away.
 #[derive(Clone)]
 pub struct Idempotency<S> {
     inner: S,
