@@ -318,7 +318,7 @@ where
         match found {
             Claim::Acquired(token) => {
                 let claimed = Claimed::new(Arc::clone(&config), store_key, token, fingerprint);
-                return run(inner, req, claimed, grpc).await;
+                return run(inner, req, claimed).await;
             }
             Claim::Completed(record) => {
                 if *record.fingerprint() != fingerprint {
@@ -438,7 +438,6 @@ async fn run<S, ReqBody, ResBody>(
     mut inner: S,
     req: Request<ReqBody>,
     claimed: Claimed,
-    grpc: bool,
 ) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -448,7 +447,6 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
-    let _ = grpc;
     let fut = inner.call(req);
     let finish = claimed.config.disconnect == Disconnect::Finish;
     let work = async move {
