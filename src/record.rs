@@ -142,8 +142,10 @@ impl Record {
     /// Encodes the record in the versioned binary format that [`Record::decode`] reads.
     ///
     /// The format is: a magic byte and a version byte; flags; the status; the
-    /// fingerprint; the headers as a count and length-prefixed name/value pairs; the body,
-    /// length-prefixed; the trailers like the headers. All integers are big-endian.
+    /// fingerprint; the headers as a count (u32) and name/value pairs, each prefixed by its
+    /// length (u16 for names, which `http` caps below 64 KiB, u32 for values); the body,
+    /// prefixed by its length (u64); the trailers like the headers. All integers are
+    /// big-endian.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = BytesMut::with_capacity(self.size());
         out.put_u8(MAGIC);
@@ -159,7 +161,7 @@ impl Record {
         out.put_u16(self.status.as_u16());
         out.put_slice(self.fingerprint.as_bytes());
         encode_map(&mut out, &self.headers);
-        out.put_u32(self.body.len() as u32);
+        out.put_u64(self.body.len() as u64);
         out.put_slice(&self.body);
         if let Some(trailers) = &self.trailers {
             encode_map(&mut out, trailers);
@@ -185,7 +187,7 @@ impl Record {
             .try_into()
             .map_err(|_| DecodeError::Truncated)?;
         let headers = decode_map(buf)?;
-        let body_len = get_u32(buf)? as usize;
+        let body_len = usize::try_from(get_u64(buf)?).map_err(|_| DecodeError::Truncated)?;
         let body = Bytes::copy_from_slice(take(buf, body_len)?);
         let trailers = if flags & FLAG_TRAILERS != 0 {
             Some(decode_map(buf)?)
@@ -256,6 +258,13 @@ fn get_u16(buf: &mut &[u8]) -> Result<u16, DecodeError> {
         return Err(DecodeError::Truncated);
     }
     Ok(buf.get_u16())
+}
+
+fn get_u64(buf: &mut &[u8]) -> Result<u64, DecodeError> {
+    if buf.remaining() < 8 {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(buf.get_u64())
 }
 
 fn get_u32(buf: &mut &[u8]) -> Result<u32, DecodeError> {
