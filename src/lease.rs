@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -79,32 +79,16 @@ impl LeaseKeeper {
                 renewed: Instant::now(),
             },
         );
-        if !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel) {
-            self.start(store, lease);
-        }
+        let store = Arc::clone(store);
+        let period = lease / 3;
+        crate::periodic::start_once(&self.started, self, period, move |keeper| {
+            keeper.renew_due(&store, lease, period);
+            std::future::ready(())
+        });
         Registration {
             keeper: Arc::clone(self),
             id,
         }
-    }
-
-    fn start(self: &Arc<Self>, store: &Arc<dyn IdempotencyStore>, lease: Duration) {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            self.started.store(false, Ordering::Release);
-            return;
-        };
-        let keeper: Weak<Self> = Arc::downgrade(self);
-        let store = Arc::clone(store);
-        let period = lease / 3;
-        handle.spawn(async move {
-            loop {
-                tokio::time::sleep(period).await;
-                let Some(keeper) = keeper.upgrade() else {
-                    return;
-                };
-                keeper.renew_due(&store, lease, period);
-            }
-        });
     }
 
     /// Extends every claim last renewed a period ago or more, each on its own task.

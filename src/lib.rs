@@ -88,6 +88,7 @@ pub mod future;
 pub mod key;
 mod layer;
 mod lease;
+mod periodic;
 pub mod policy;
 pub mod problem;
 pub mod record;

@@ -1,7 +1,7 @@
 //! An in-memory store for a single instance.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -187,26 +187,16 @@ impl MemoryStore {
     }
 
     fn ensure_sweeper(&self) {
-        if self.inner.sweeper_started.load(Ordering::Relaxed)
-            || self.inner.sweeper_started.swap(true, Ordering::AcqRel)
-        {
-            return;
-        }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            self.inner.sweeper_started.store(false, Ordering::Release);
-            return;
-        };
-        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let interval = self.inner.sweep_interval;
-        handle.spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                match weak.upgrade() {
-                    Some(inner) => inner.sweep(Instant::now()),
-                    None => return,
-                }
-            }
-        });
+        crate::periodic::start_once(
+            &self.inner.sweeper_started,
+            &self.inner,
+            interval,
+            |inner| {
+                inner.sweep(Instant::now());
+                std::future::ready(())
+            },
+        );
     }
 
     fn claim_now(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Claim {

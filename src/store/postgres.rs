@@ -116,8 +116,8 @@
 //! ```
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -468,35 +468,24 @@ impl PostgresStore {
 
     fn ensure_sweeper(&self) {
         let interval = self.inner.config.sweep_interval;
-        if interval.is_zero()
-            || self.inner.sweeper_started.load(Ordering::Relaxed)
-            || self.inner.sweeper_started.swap(true, Ordering::AcqRel)
-        {
+        if interval.is_zero() {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            self.inner.sweeper_started.store(false, Ordering::Release);
-            return;
-        };
-        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        handle.spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(inner) = weak.upgrade() else {
-                    return;
-                };
+        crate::periodic::start_once(
+            &self.inner.sweeper_started,
+            &self.inner,
+            interval,
+            |inner| async move {
                 match inner.sweep().await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(rows = n, "swept expired idempotency records"),
-                    Err(err) => {
-                        tracing::warn!(
-                            error = &err as &dyn std::error::Error,
-                            "idempotency sweep failed"
-                        )
-                    }
+                    Err(err) => tracing::warn!(
+                        error = &err as &dyn std::error::Error,
+                        "idempotency sweep failed"
+                    ),
                 }
-            }
-        });
+            },
+        );
     }
 
     async fn claim_once(
