@@ -9,25 +9,22 @@
 //! through a TCP proxy they stop and restart. Neither ever stops the shared server.
 #![cfg(any(feature = "redis", feature = "postgres"))]
 
-use std::convert::Infallible;
+mod common;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use common::{Answer, Handler, Runs, assert_problem, call, eventually};
+use http::{Request, StatusCode};
 use tokio::time::Instant;
-use tower::util::BoxCloneSyncService;
-use tower::{Layer, ServiceExt};
+use tower::Layer;
 use tower_idempotency::policy::InFlight;
 use tower_idempotency::{
-    Claim, Fingerprint, Idempotency, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore,
-    REPLAYED_HEADER, Scope, StoreKey,
+    Claim, Fingerprint, Idempotency, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, Scope,
+    StoreKey,
 };
 
-type Handler = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 type Svc = Idempotency<Handler>;
 
 const ORDER: &str = r#"{"item":"book","qty":1}"#;
@@ -59,97 +56,9 @@ fn order_fingerprint() -> Fingerprint {
     Fingerprint::of_request(&parts, ORDER.as_bytes())
 }
 
-/// Counts the handler's runs: started and finished.
-#[derive(Clone, Default)]
-struct Runs {
-    started: Arc<AtomicUsize>,
-    finished: Arc<AtomicUsize>,
-}
-
-impl Runs {
-    /// A handler that takes `delay` and answers 201 with a body no other run produces.
-    fn handler(&self, delay: Duration) -> Handler {
-        let runs = self.clone();
-        BoxCloneSyncService::new(tower::service_fn(move |_req: Request<Body>| {
-            let runs = runs.clone();
-            async move {
-                runs.started.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(delay).await;
-                runs.finished.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .status(StatusCode::CREATED)
-                        .body(Body::from(format!("order {}", uuid::Uuid::new_v4())))
-                        .expect("a response"),
-                )
-            }
-        }))
-    }
-
-    fn started(&self) -> usize {
-        self.started.load(Ordering::SeqCst)
-    }
-
-    fn finished(&self) -> usize {
-        self.finished.load(Ordering::SeqCst)
-    }
-}
-
-/// What a test looks at in a response.
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-    outcome: Option<IdempotencyOutcome>,
-}
-
-impl Answer {
-    fn replayed(&self) -> bool {
-        self.headers
-            .get(REPLAYED_HEADER)
-            .is_some_and(|v| v == "true")
-    }
-
-    /// Asserts a problem+json answer of `status` and `kind`, with `Retry-After` if asked.
-    fn assert_problem(&self, status: StatusCode, kind: &str, retry_after: bool) {
-        assert_eq!(self.status, status, "{self:?}");
-        assert_eq!(
-            self.headers.get("content-type").expect("a content-type"),
-            "application/problem+json"
-        );
-        assert_eq!(
-            self.headers.contains_key("retry-after"),
-            retry_after,
-            "Retry-After on {status}"
-        );
-        let json: serde_json::Value = serde_json::from_slice(&self.body).expect("a JSON body");
-        let ty = json["type"].as_str().expect("a problem type");
-        assert!(ty.ends_with(kind), "problem type {ty}, expected {kind}");
-        assert_eq!(json["status"], status.as_u16());
-    }
-}
-
 /// Sends [`order`] with `key` and collects the whole answer.
 async fn send(svc: &Svc, key: &str) -> Answer {
-    let res = svc.clone().oneshot(order(key)).await.expect("infallible");
-    let outcome = res.extensions().get::<IdempotencyOutcome>().copied();
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.expect("a body").to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        outcome,
-    }
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(ms(5)).await;
-    }
+    call(svc, order(key)).await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -213,7 +122,7 @@ async fn wait_times_out<S: IdempotencyStore + Clone>(store: S) {
     let sent = Instant::now();
     let duplicate = send(&svc, &key).await;
     let waited = sent.elapsed();
-    duplicate.assert_problem(StatusCode::CONFLICT, "key-in-use", true);
+    assert_problem(&duplicate, 409, "key-in-use");
     assert_eq!(duplicate.outcome, Some(IdempotencyOutcome::InFlight));
     assert!(
         waited >= ms(200) && waited < ms(1200),
@@ -247,7 +156,7 @@ async fn heartbeat_keeps_the_key<S: IdempotencyStore + Clone>(store: S) {
     for at in [500, 1000, 1500] {
         tokio::time::sleep_until(started + ms(at)).await;
         let duplicate = send(&svc, &key).await;
-        duplicate.assert_problem(StatusCode::CONFLICT, "key-in-use", true);
+        assert_problem(&duplicate, 409, "key-in-use");
         assert_eq!(duplicate.outcome, Some(IdempotencyOutcome::InFlight));
         assert_eq!(runs.started(), 1, "no duplicate runs beside it ({at} ms)");
     }
@@ -278,7 +187,7 @@ async fn crashed_owner_blocks_only_for_its_lease<S: IdempotencyStore + Clone>(st
     assert!(matches!(claim, Claim::Acquired(_)), "{claim:?}");
 
     let blocked = send(&svc, &key).await;
-    blocked.assert_problem(StatusCode::CONFLICT, "key-in-use", true);
+    assert_problem(&blocked, 409, "key-in-use");
     assert_eq!(blocked.outcome, Some(IdempotencyOutcome::InFlight));
     assert_eq!(runs.started(), 0);
 
@@ -452,12 +361,13 @@ mod postgres_backend {
     use std::str::FromStr;
     use std::sync::Mutex;
 
-    use async_trait::async_trait;
+    use std::sync::atomic::Ordering;
+
     use tokio::net::{TcpListener, TcpStream};
     use tokio::task::JoinHandle;
+    use tower_idempotency::PostgresStore;
     use tower_idempotency::sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
     use tower_idempotency::sqlx::{self, PgPool};
-    use tower_idempotency::{LeaseToken, PostgresStore, Record, StoreError};
 
     use super::*;
 
@@ -622,77 +532,6 @@ mod postgres_backend {
         (options.get_host().to_owned(), options.get_port())
     }
 
-    /// Counts what the layer asks of the store, and how it went.
-    #[derive(Clone)]
-    struct Counting<S> {
-        inner: S,
-        completes: Arc<AtomicUsize>,
-        failed_completes: Arc<AtomicUsize>,
-        releases: Arc<AtomicUsize>,
-    }
-
-    impl<S> Counting<S> {
-        fn new(inner: S) -> Self {
-            Self {
-                inner,
-                completes: Arc::default(),
-                failed_completes: Arc::default(),
-                releases: Arc::default(),
-            }
-        }
-    }
-
-    #[async_trait]
-    impl<S: IdempotencyStore> IdempotencyStore for Counting<S> {
-        async fn claim(
-            &self,
-            key: &StoreKey,
-            fingerprint: &Fingerprint,
-            lease: Duration,
-        ) -> Result<Claim, StoreError> {
-            self.inner.claim(key, fingerprint, lease).await
-        }
-
-        async fn complete(
-            &self,
-            key: &StoreKey,
-            token: LeaseToken,
-            record: Record,
-            ttl: Duration,
-        ) -> Result<(), StoreError> {
-            self.completes.fetch_add(1, Ordering::SeqCst);
-            let result = self.inner.complete(key, token, record, ttl).await;
-            if result.is_err() {
-                self.failed_completes.fetch_add(1, Ordering::SeqCst);
-            }
-            result
-        }
-
-        async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
-            self.releases.fetch_add(1, Ordering::SeqCst);
-            self.inner.release(key, token).await
-        }
-
-        async fn extend(
-            &self,
-            key: &StoreKey,
-            token: LeaseToken,
-            lease: Duration,
-        ) -> Result<(), StoreError> {
-            self.inner.extend(key, token, lease).await
-        }
-
-        async fn wait(
-            &self,
-            key: &StoreKey,
-            fingerprint: &Fingerprint,
-            lease: Duration,
-            timeout: Duration,
-        ) -> Result<Claim, StoreError> {
-            self.inner.wait(key, fingerprint, lease, timeout).await
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_wait_mode_runs_once_and_replays_to_every_waiter() {
         on_postgres(wait_mode_runs_once).await;
@@ -734,11 +573,7 @@ mod postgres_backend {
                 for _ in 0..2 {
                     let sent = Instant::now();
                     let refused = send(&svc, &key).await;
-                    refused.assert_problem(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "store-unavailable",
-                        true,
-                    );
+                    assert_problem(&refused, 503, "store-unavailable");
                     assert_eq!(refused.outcome, Some(IdempotencyOutcome::StoreUnavailable));
                     assert!(
                         sent.elapsed() < Duration::from_secs(3),
@@ -780,7 +615,7 @@ mod postgres_backend {
         let table = PgTable::create(url).await;
         let mut proxy = Proxy::start(upstream(&table.url)).await;
         // A short acquire timeout, so that each `complete` during the outage fails quickly.
-        let store = Counting::new(table.store(proxy.pool(&table.url, ms(250)).await));
+        let store = common::FaultStore::new(table.store(proxy.pool(&table.url, ms(250)).await));
         table
             .run(async move {
                 let runs = Runs::default();
@@ -797,10 +632,10 @@ mod postgres_backend {
 
                 // Meanwhile a retry cannot claim: 503, and nothing runs.
                 let refused = send(&svc, &key).await;
-                refused.assert_problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", true);
+                assert_problem(&refused, 503, "store-unavailable");
                 tokio::time::sleep(ms(300)).await;
                 assert!(
-                    store.failed_completes.load(Ordering::SeqCst) >= 1,
+                    store.faults.failed_completes.load(Ordering::SeqCst) >= 1,
                     "storing the outcome failed during the outage"
                 );
                 assert!(
@@ -815,11 +650,15 @@ mod postgres_backend {
                     .expect("the first request");
                 assert_eq!(first.status, StatusCode::CREATED);
                 assert_eq!(first.outcome, Some(IdempotencyOutcome::Executed));
-                let completes = store.completes.load(Ordering::SeqCst);
-                let failed = store.failed_completes.load(Ordering::SeqCst);
+                let completes = store.faults.completes.load(Ordering::SeqCst);
+                let failed = store.faults.failed_completes.load(Ordering::SeqCst);
                 assert!(completes >= 2, "complete was retried: {completes}");
                 assert_eq!(completes - failed, 1, "and succeeded once");
-                assert_eq!(store.releases.load(Ordering::SeqCst), 0, "never released");
+                assert_eq!(
+                    store.faults.releases.load(Ordering::SeqCst),
+                    0,
+                    "never released"
+                );
 
                 let retry = send(&svc, &key).await;
                 assert_eq!(retry.status, StatusCode::CREATED);

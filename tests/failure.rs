@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use common::{Counter, FaultStore, call, eventually, post};
+use common::{Counter, FaultStore, Runs, call, eventually, post};
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -38,63 +38,17 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-/// A handler that records when it starts and when it finishes.
-#[derive(Clone, Default)]
-struct Tracked {
-    started: Arc<AtomicUsize>,
-    finished: Arc<AtomicUsize>,
-}
-
-impl Tracked {
-    fn service(
-        &self,
-        delay: Duration,
-    ) -> impl tower::Service<
-        Request<Body>,
-        Response = Response<Body>,
-        Error = Infallible,
-        Future = impl Send + 'static,
-    > + Clone
-    + Send
-    + Sync
-    + 'static {
-        let this = self.clone();
-        tower::service_fn(move |_req: Request<Body>| {
-            let this = this.clone();
-            async move {
-                let n = this.started.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(delay).await;
-                this.finished.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .status(StatusCode::CREATED)
-                        .body(Body::from(format!("run {n}")))
-                        .unwrap(),
-                )
-            }
-        })
-    }
-
-    fn started(&self) -> usize {
-        self.started.load(Ordering::SeqCst)
-    }
-
-    fn finished(&self) -> usize {
-        self.finished.load(Ordering::SeqCst)
-    }
-}
-
 fn store_key(key: &str) -> StoreKey {
     StoreKey::new(&Scope::anonymous(), key)
 }
 
 #[tokio::test]
 async fn heartbeat_keeps_a_slow_operation_claimed() {
-    let tracked = Tracked::default();
+    let tracked = Runs::default();
     let store = FaultStore::new(MemoryStore::new());
     let svc = IdempotencyLayer::new(store.clone())
         .lease(Duration::from_millis(150))
-        .layer(tracked.service(Duration::from_millis(900)));
+        .layer(tracked.handler(Duration::from_millis(900)));
     let first = tokio::spawn({
         let svc = svc.clone();
         async move { call(&svc, post(Some("slow"), "{}")).await }
@@ -127,8 +81,8 @@ async fn heartbeat_keeps_a_slow_operation_claimed() {
 #[tokio::test]
 async fn a_crashed_owner_blocks_its_key_only_for_its_lease() {
     let store = MemoryStore::new();
-    let tracked = Tracked::default();
-    let svc = IdempotencyLayer::new(store.clone()).layer(tracked.service(Duration::ZERO));
+    let tracked = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone()).layer(tracked.handler(Duration::ZERO));
     // Another instance claimed the key and died: nobody will complete or extend it.
     let (parts, ()) = Request::post("/orders")
         .header("content-type", "application/json")
@@ -192,9 +146,9 @@ async fn lost_lease_never_overwrites_the_new_owner() {
 
 #[tokio::test]
 async fn disconnect_finishes_the_operation_and_stores_it() {
-    let tracked = Tracked::default();
+    let tracked = Runs::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
-        .layer(tracked.service(Duration::from_millis(200)));
+        .layer(tracked.handler(Duration::from_millis(200)));
     // The client gives up after 50 ms: its response future is dropped.
     let gave_up = tokio::time::timeout(
         Duration::from_millis(50),
@@ -212,10 +166,10 @@ async fn disconnect_finishes_the_operation_and_stores_it() {
 
 #[tokio::test]
 async fn disconnect_can_release_instead() {
-    let tracked = Tracked::default();
+    let tracked = Runs::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
         .on_disconnect(Disconnect::Release)
-        .layer(tracked.service(Duration::from_millis(200)));
+        .layer(tracked.handler(Duration::from_millis(200)));
     let gave_up = tokio::time::timeout(
         Duration::from_millis(50),
         svc.clone().oneshot(post(Some("gone"), "{}")),
@@ -315,7 +269,7 @@ async fn frames_stream_before_the_body_ends() {
 
 #[tokio::test]
 async fn a_response_over_the_limit_leaves_a_tombstone() {
-    let tracked = Tracked::default();
+    let tracked = Runs::default();
     let big = "x".repeat(100);
     let svc = IdempotencyLayer::new(MemoryStore::new())
         .max_response_body(10)

@@ -10,27 +10,13 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use common::{Answer, Counter, FaultStore, call, post};
+use common::{Counter, FaultStore, assert_problem, call, post};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use tower::{Layer, ServiceExt};
 use tower_idempotency::policy::{InFlight, MissingKey, StoreFailure};
 use tower_idempotency::{
     IdempotencyKey, IdempotencyLayer, IdempotencyOutcome, KeyParsing, MemoryStore, Scope,
 };
-
-fn problem(answer: &Answer, status: u16, slug: &str) {
-    assert_eq!(answer.status.as_u16(), status, "{}", answer.text());
-    assert_eq!(answer.headers["content-type"], "application/problem+json");
-    let json = answer.json();
-    assert_eq!(json["status"], status);
-    assert!(
-        json["type"].as_str().unwrap().ends_with(slug),
-        "type {} should end with {slug}",
-        json["type"]
-    );
-    assert!(json["title"].as_str().is_some_and(|t| !t.is_empty()));
-    assert!(json["detail"].as_str().is_some_and(|t| !t.is_empty()));
-}
 
 #[tokio::test]
 async fn first_request_runs_and_retry_replays() {
@@ -58,7 +44,7 @@ async fn missing_key_is_400_and_nothing_runs() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
     let answer = call(&svc, post(None, "{}")).await;
-    problem(&answer, 400, "missing-key");
+    assert_problem(&answer, 400, "missing-key");
     assert_eq!(answer.outcome, Some(IdempotencyOutcome::Rejected));
     assert_eq!(counter.runs(), 0);
 }
@@ -80,13 +66,13 @@ async fn malformed_keys_are_400_and_nothing_runs() {
         req.headers_mut()
             .insert("idempotency-key", HeaderValue::from_bytes(bad).unwrap());
         let answer = call(&svc, req).await;
-        problem(&answer, 400, "invalid-key");
+        assert_problem(&answer, 400, "invalid-key");
     }
     // The header twice is ambiguous.
     let mut req = post(Some("a"), "{}");
     req.headers_mut()
         .append("idempotency-key", HeaderValue::from_static("b"));
-    problem(&call(&svc, req).await, 400, "invalid-key");
+    assert_problem(&call(&svc, req).await, 400, "invalid-key");
     assert_eq!(counter.runs(), 0);
 }
 
@@ -96,7 +82,7 @@ async fn key_length_cap_is_configurable() {
     let svc = IdempotencyLayer::new(MemoryStore::new())
         .max_key_len(8)
         .layer(counter.service(Duration::ZERO));
-    problem(
+    assert_problem(
         &call(&svc, post(Some("123456789"), "{}")).await,
         400,
         "invalid-key",
@@ -114,7 +100,7 @@ async fn strict_parsing_refuses_bare_keys() {
         .key_parsing(KeyParsing::Strict)
         .layer(counter.service(Duration::ZERO));
     let answer = call(&svc, post(Some("bare-key"), "{}")).await;
-    problem(&answer, 400, "invalid-key");
+    assert_problem(&answer, 400, "invalid-key");
     assert!(
         answer.json()["detail"]
             .as_str()
@@ -134,7 +120,7 @@ async fn same_key_other_payload_is_422() {
         201
     );
     let answer = call(&svc, post(Some("k"), "{\"amount\":2}")).await;
-    problem(&answer, 422, "key-reused");
+    assert_problem(&answer, 422, "key-reused");
     assert_eq!(answer.outcome, Some(IdempotencyOutcome::Mismatch));
     // Another path is another payload too.
     let req = Request::post("/refunds")
@@ -142,7 +128,7 @@ async fn same_key_other_payload_is_422() {
         .header("idempotency-key", "k")
         .body(Body::from("{\"amount\":1}"))
         .unwrap();
-    problem(&call(&svc, req).await, 422, "key-reused");
+    assert_problem(&call(&svc, req).await, 422, "key-reused");
     assert_eq!(counter.runs(), 1);
 }
 
@@ -156,7 +142,7 @@ async fn mismatch_while_in_flight_is_422_not_409() {
         async move { call(&svc, post(Some("k"), "one")).await }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    problem(&call(&svc, post(Some("k"), "two")).await, 422, "key-reused");
+    assert_problem(&call(&svc, post(Some("k"), "two")).await, 422, "key-reused");
     assert_eq!(first.await.unwrap().status, 201);
 }
 
@@ -171,7 +157,7 @@ async fn concurrent_duplicate_is_409_with_retry_after() {
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let answer = call(&svc, post(Some("k"), "{}")).await;
-    problem(&answer, 409, "key-in-use");
+    assert_problem(&answer, 409, "key-in-use");
     assert_eq!(answer.headers["retry-after"], "1");
     assert_eq!(answer.outcome, Some(IdempotencyOutcome::InFlight));
     let first = first.await.unwrap();
@@ -258,7 +244,7 @@ async fn wait_times_out_with_409() {
         async move { call(&svc, post(Some("slow"), "{}")).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    problem(
+    assert_problem(
         &call(&svc, post(Some("slow"), "{}")).await,
         409,
         "key-in-use",
@@ -343,14 +329,14 @@ async fn body_over_the_limit_is_413_and_nothing_runs() {
         .max_request_body(16)
         .layer(counter.service(Duration::ZERO));
     let answer = call(&svc, post(Some("big"), &"x".repeat(17))).await;
-    problem(&answer, 413, "request-too-large");
+    assert_problem(&answer, 413, "request-too-large");
     // A streamed body without a length is cut off as it arrives.
     let stream = futures_stream(vec![Bytes::from("0123456789"), Bytes::from("0123456789")]);
     let req = Request::post("/orders")
         .header("idempotency-key", "streamed")
         .body(stream)
         .unwrap();
-    problem(&call(&svc, req).await, 413, "request-too-large");
+    assert_problem(&call(&svc, req).await, 413, "request-too-large");
     assert_eq!(counter.runs(), 0);
     // Nothing was claimed: the same key works with a small body.
     assert_eq!(call(&svc, post(Some("big"), "small")).await.status, 201);
@@ -477,7 +463,7 @@ async fn custom_header_name() {
     };
     assert!(!call(&svc, req()).await.replayed());
     assert!(call(&svc, req()).await.replayed());
-    problem(&call(&svc, post(Some("k"), "{}")).await, 400, "missing-key");
+    assert_problem(&call(&svc, post(Some("k"), "{}")).await, 400, "missing-key");
 }
 
 #[tokio::test]
@@ -738,7 +724,7 @@ async fn store_failure_fails_closed_with_503() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(store.clone()).layer(counter.service(Duration::ZERO));
     let answer = call(&svc, post(Some("s"), "{}")).await;
-    problem(&answer, 503, "store-unavailable");
+    assert_problem(&answer, 503, "store-unavailable");
     assert_eq!(answer.headers["retry-after"], "1");
     assert_eq!(answer.outcome, Some(IdempotencyOutcome::StoreUnavailable));
     assert_eq!(counter.runs(), 0);

@@ -53,6 +53,66 @@ impl Answer {
     }
 }
 
+/// Asserts an RFC 9457 answer of the layer's own: `status`, `application/problem+json`, a
+/// `type` ending with `slug`, a title and a detail, and `Retry-After` exactly on 409 and 503.
+pub fn assert_problem(answer: &Answer, status: u16, slug: &str) {
+    assert_eq!(answer.status.as_u16(), status, "{}", answer.text());
+    assert_eq!(answer.headers["content-type"], "application/problem+json");
+    assert_eq!(
+        answer.headers.contains_key("retry-after"),
+        matches!(status, 409 | 503),
+        "Retry-After on {status}"
+    );
+    let json = answer.json();
+    assert_eq!(json["status"], status);
+    assert!(
+        json["type"].as_str().unwrap().ends_with(slug),
+        "type {} should end with {slug}",
+        json["type"]
+    );
+    assert!(json["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(json["detail"].as_str().is_some_and(|t| !t.is_empty()));
+}
+
+/// A boxed handler, so services built on it have a type a test can name.
+pub type Handler = tower::util::BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// Counts a handler's runs as they start and as they finish.
+#[derive(Clone, Default)]
+pub struct Runs {
+    pub started: Arc<AtomicUsize>,
+    pub finished: Arc<AtomicUsize>,
+}
+
+impl Runs {
+    /// A handler that takes `delay` and answers `201` with `run N`, N counting from 0.
+    pub fn handler(&self, delay: Duration) -> Handler {
+        let runs = self.clone();
+        tower::util::BoxCloneSyncService::new(tower::service_fn(move |_req: Request<Body>| {
+            let runs = runs.clone();
+            async move {
+                let n = runs.started.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                runs.finished.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .body(Body::from(format!("run {n}")))
+                        .unwrap(),
+                )
+            }
+        }))
+    }
+
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    pub fn finished(&self) -> usize {
+        self.finished.load(Ordering::SeqCst)
+    }
+}
+
 /// Calls a service once and collects its whole response.
 pub async fn call<S, B>(svc: &S, req: Request<Body>) -> Answer
 where
@@ -147,6 +207,8 @@ pub struct Faults {
     /// Counts of calls.
     pub claims: AtomicUsize,
     pub completes: AtomicUsize,
+    /// Completes that failed, injected or not.
+    pub failed_completes: AtomicUsize,
     pub releases: AtomicUsize,
     pub extends: AtomicUsize,
 }
@@ -204,10 +266,15 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay as u64)).await;
         }
-        if take(&self.faults.complete_failures) {
-            return Err(StoreError::backend(Injected));
+        let result = if take(&self.faults.complete_failures) {
+            Err(StoreError::backend(Injected))
+        } else {
+            self.inner.complete(key, token, record, ttl).await
+        };
+        if result.is_err() {
+            self.faults.failed_completes.fetch_add(1, Ordering::SeqCst);
         }
-        self.inner.complete(key, token, record, ttl).await
+        result
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
@@ -232,13 +299,13 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
     }
 }
 
-/// Waits until `f` holds, up to two seconds.
+/// Waits until `f` holds, up to five seconds.
 pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
+    for _ in 0..1000 {
         if f() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("timed out waiting for: {what}");
 }
