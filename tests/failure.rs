@@ -442,3 +442,67 @@ async fn dropping_at_every_stage_leaks_no_claim() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(store.faults.extends.load(Ordering::SeqCst), extends);
 }
+
+/// A body that yields one data frame, then fails.
+struct FailsMidway(bool);
+
+impl http_body::Body for FailsMidway {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if std::mem::replace(&mut self.0, true) {
+            Poll::Ready(Some(Err(std::io::Error::other("connection reset"))))
+        } else {
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from("partial")))))
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unreadable_request_body_is_400_and_nothing_runs() {
+    let store = FaultStore::new(MemoryStore::new());
+    let counter = Counter::default();
+    let svc = IdempotencyLayer::new(store.clone()).layer(counter.service(Duration::ZERO));
+    let req = Request::post("/orders")
+        .header("idempotency-key", "broken")
+        .body(Body::new(FailsMidway(false)))
+        .unwrap();
+    let answer = call(&svc, req).await;
+    common::assert_problem(&answer, 400, "body-unreadable");
+    assert_eq!(counter.runs(), 0);
+    assert_eq!(
+        store.faults.claims.load(Ordering::SeqCst),
+        0,
+        "nothing was claimed"
+    );
+}
+
+#[tokio::test]
+async fn a_response_body_failing_midway_leaves_a_tombstone() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn({
+        let runs = Arc::clone(&runs);
+        move |_req: Request<Body>| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(Response::new(Body::new(FailsMidway(false)))) }
+        }
+    }));
+    let res = svc
+        .clone()
+        .oneshot(post(Some("midway"), "{}"))
+        .await
+        .unwrap();
+    assert!(
+        res.into_body().collect().await.is_err(),
+        "the client sees the error"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The operation ran: a retry learns so, and it never runs twice.
+    let retry = call(&svc, post(Some("midway"), "{}")).await;
+    common::assert_problem(&retry, 410, "response-not-stored");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

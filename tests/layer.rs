@@ -811,3 +811,29 @@ where
     .await;
     assert_eq!(ready, expect);
 }
+
+#[tokio::test]
+async fn retry_after_never_exceeds_the_remaining_lease() {
+    let counter = Counter::default();
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .lease(Duration::from_secs(5))
+        .retry_after(Duration::from_secs(60))
+        .layer(counter.service(Duration::from_millis(300)));
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { call(&svc, post(Some("k"), "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let answer = call(&svc, post(Some("k"), "{}")).await;
+    assert_problem(&answer, 409, "key-in-use");
+    let after: u64 = answer.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=5).contains(&after),
+        "Retry-After {after} s with a 5 s lease"
+    );
+    first.await.unwrap();
+}
