@@ -210,7 +210,12 @@ fn in_flight_409(c: &mut Criterion) {
     let fingerprint = Fingerprint::of_request(&parts, &payload);
     let store_key = StoreKey::new(&Scope::anonymous(), &key);
     let claim = rt
-        .block_on(store.claim(&store_key, &fingerprint, Duration::from_secs(24 * 3600)))
+        .block_on(store.claim(
+            &store_key,
+            &fingerprint,
+            tower_idempotency::LeaseToken::new(),
+            Duration::from_secs(24 * 3600),
+        ))
         .expect("claim");
     assert!(matches!(claim, Claim::Acquired(_)));
     let (status, _, _) = rt.block_on(call(&layer, post(&key, &payload)));
@@ -296,7 +301,16 @@ fn store_throughput(c: &mut Criterion) {
                                         &Scope::anonymous(),
                                         &format!("t{t}-{i:012}"),
                                     );
-                                    match store.claim(&key, &fp, lease).await.expect("claim") {
+                                    match store
+                                        .claim(
+                                            &key,
+                                            &fp,
+                                            tower_idempotency::LeaseToken::new(),
+                                            lease,
+                                        )
+                                        .await
+                                        .expect("claim")
+                                    {
                                         Claim::Acquired(token) => store
                                             .complete(
                                                 &key,
@@ -351,7 +365,16 @@ fn store_throughput(c: &mut Criterion) {
                                 // ttl 0 so that the next claim acquires again.
                                 let mut won = 0;
                                 for _ in 0..per {
-                                    match store.claim(&key, &fp, lease).await.expect("claim") {
+                                    match store
+                                        .claim(
+                                            &key,
+                                            &fp,
+                                            tower_idempotency::LeaseToken::new(),
+                                            lease,
+                                        )
+                                        .await
+                                        .expect("claim")
+                                    {
                                         Claim::Acquired(token) => {
                                             won += 1;
                                             store

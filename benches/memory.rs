@@ -185,7 +185,11 @@ async fn distinct_keys(store: MemoryStore, name: &str, body: usize, n: usize) {
     for i in 0..n {
         let t = Instant::now();
         let key = StoreKey::new(&Scope::anonymous(), &format!("key-{i:012}"));
-        let Claim::Acquired(token) = store.claim(&key, &fp, lease).await.expect("claim") else {
+        let Claim::Acquired(token) = store
+            .claim(&key, &fp, tower_idempotency::LeaseToken::new(), lease)
+            .await
+            .expect("claim")
+        else {
             panic!("a fresh key was taken");
         };
         let record = Record::new(

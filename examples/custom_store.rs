@@ -22,7 +22,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyStore, LeaseToken, Record, StoreError, StoreKey,
+    Claim, Fingerprint, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, Record, StoreError,
+    StoreKey,
 };
 
 /// What a key holds.
@@ -39,9 +40,18 @@ enum Entry {
 }
 
 impl Entry {
+    /// Until when the entry answers claims (a lease or a TTL).
     fn until(&self) -> Instant {
         match self {
             Entry::Claimed { until, .. } | Entry::Done { until, .. } => *until,
+        }
+    }
+
+    /// Until when the entry must be kept: a lapsed claim stays a while for its owner.
+    fn kept_until(&self) -> Instant {
+        match self {
+            Entry::Claimed { until, .. } => *until + ORPHAN_RETENTION,
+            Entry::Done { until, .. } => *until,
         }
     }
 }
@@ -68,12 +78,9 @@ impl LockedMapStore {
     ) -> Result<(), StoreError> {
         let mut entries = self.entries();
         match entries.get(key.as_str()) {
-            // Fencing: only the current, unexpired owner may act.
-            Some(Entry::Claimed {
-                token: owner,
-                until,
-                ..
-            }) if *owner == token && *until > Instant::now() => {
+            // Fencing by token, not by clock: the owner may act even after its lease ran
+            // out, as long as no other claim took the key over (which replaces the token).
+            Some(Entry::Claimed { token: owner, .. }) if *owner == token => {
                 f(&mut entries);
                 Ok(())
             }
@@ -88,13 +95,14 @@ impl IdempotencyStore for LockedMapStore {
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
+        token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let mut entries = self.entries();
-        // Expiry without a cron job: now and then, drop every expired entry.
+        // Expiry without a cron job: now and then, drop every entry past its keeping.
         if entries.len() % 1024 == 1023 {
-            entries.retain(|_, e| e.until() > now);
+            entries.retain(|_, e| e.kept_until() > now);
         }
         // Expired entries are invisible: treat them as absent.
         match entries.get(key.as_str()).filter(|e| e.until() > now) {
@@ -106,8 +114,8 @@ impl IdempotencyStore for LockedMapStore {
             }),
             Some(Entry::Done { record, .. }) => Ok(Claim::Completed(Arc::clone(record))),
             None => {
-                // Atomic: the check and the insert happen under one lock.
-                let token = LeaseToken::new();
+                // Atomic: the check and the insert happen under one lock. The token is the
+                // caller's, so a caller whose reply got lost can still release the claim.
                 entries.insert(
                     key.as_str().to_owned(),
                     Entry::Claimed {

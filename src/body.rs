@@ -9,7 +9,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::service::Recorder;
+use crate::record_body::Recorder;
 
 /// A request body type the layer can rebuild from the bytes it buffered.
 ///

@@ -32,6 +32,8 @@
 //! | [`fencing`] | stale tokens change nothing and get `LeaseLost` |
 //! | [`release_frees_key`] | a released key is claimed again with a fresh token |
 //! | [`lease_expiry`] | an expired claim is reclaimed; the old owner's `complete` is refused |
+//! | [`lapsed_owner_still_completes`] | fencing by token: a lapsed lease nobody took over can still be completed, extended or released |
+//! | [`release_by_callers_token`] | the caller's token releases a claim whose reply was lost; a losing claim's token releases nothing |
 //! | [`extend_keeps_claim`] | an extended claim outlives its first lease |
 //! | [`ttl_expiry`] | a record is replayed until its TTL ends, then the key is free |
 //! | [`wait_sees_completion`] | a waiter gets the record when the owner completes |
@@ -100,14 +102,21 @@ async fn acquire<S: IdempotencyStore + ?Sized>(
     fingerprint: &Fingerprint,
     lease: Duration,
 ) -> LeaseToken {
-    match store.claim(key, fingerprint, lease).await {
-        Ok(Claim::Acquired(token)) => token,
+    let token = LeaseToken::new();
+    match store.claim(key, fingerprint, token, lease).await {
+        Ok(Claim::Acquired(got)) => {
+            assert_eq!(
+                got, token,
+                "an acquired claim must be owned by the caller's token"
+            );
+            token
+        }
         other => panic!("claim of a free key {key} must be Acquired, got {other:?}"),
     }
 }
 
 async fn expect_completed<S: IdempotencyStore + ?Sized>(store: &S, key: &StoreKey) -> Arc<Record> {
-    match store.claim(key, &fp(0), LEASE).await {
+    match store.claim(key, &fp(0), LeaseToken::new(), LEASE).await {
         Ok(Claim::Completed(record)) => record,
         other => panic!("claim of a completed key {key} must be Completed, got {other:?}"),
     }
@@ -125,7 +134,7 @@ fn expect_lost(result: Result<(), StoreError>, what: &str) {
 pub async fn claim_then_in_flight<S: IdempotencyStore + ?Sized>(store: &S) {
     let key = fresh_key();
     acquire(store, &key, &fp(1), LEASE).await;
-    match store.claim(&key, &fp(2), LEASE).await {
+    match store.claim(&key, &fp(2), LeaseToken::new(), LEASE).await {
         Ok(Claim::InFlight {
             fingerprint,
             lease_remaining,
@@ -155,7 +164,7 @@ pub async fn atomic_claim<S: IdempotencyStore + Clone>(store: &S) {
                 let barrier = Arc::clone(&barrier);
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    store.claim(&key, &fp(1), LEASE).await
+                    store.claim(&key, &fp(1), LeaseToken::new(), LEASE).await
                 })
             })
             .collect();
@@ -186,7 +195,7 @@ pub async fn distinct_keys<S: IdempotencyStore + ?Sized>(store: &S) {
         .await
         .expect("complete must succeed");
     assert!(matches!(
-        store.claim(&b, &fp(1), LEASE).await,
+        store.claim(&b, &fp(1), LeaseToken::new(), LEASE).await,
         Ok(Claim::InFlight { .. })
     ));
     expect_lost(
@@ -259,7 +268,7 @@ pub async fn fencing<S: IdempotencyStore + ?Sized>(store: &S) {
     expect_lost(store.extend(&key, stranger, LEASE).await, "extend");
     assert!(
         matches!(
-            store.claim(&key, &fp(1), LEASE).await,
+            store.claim(&key, &fp(1), LeaseToken::new(), LEASE).await,
             Ok(Claim::InFlight { .. })
         ),
         "a stale token must not change the claim"
@@ -325,6 +334,81 @@ pub async fn lease_expiry<S: IdempotencyStore + ?Sized>(store: &S) {
     assert_eq!(*expect_completed(store, &key).await, tricky_record());
 }
 
+/// Fencing is by token, not by clock: an owner whose lease ran out while nobody claimed the
+/// key can still extend it and store its outcome (an owner back from a store outage).
+pub async fn lapsed_owner_still_completes<S: IdempotencyStore + ?Sized>(store: &S) {
+    let lease = Duration::from_millis(300);
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), lease).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    store
+        .complete(&key, token, tricky_record(), TTL)
+        .await
+        .expect("an owner whose lapsed lease nobody took over must still complete");
+    assert_eq!(*expect_completed(store, &key).await, tricky_record());
+
+    // Extending a lapsed, untaken lease takes it back: no other claim gets in.
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), lease).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    store
+        .extend(&key, token, LEASE)
+        .await
+        .expect("an owner whose lapsed lease nobody took over must still extend it");
+    assert!(
+        matches!(
+            store.claim(&key, &fp(1), LeaseToken::new(), LEASE).await,
+            Ok(Claim::InFlight { .. })
+        ),
+        "an extended lease must hold the key again"
+    );
+
+    // And releasing it frees the key.
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), lease).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    store
+        .release(&key, token)
+        .await
+        .expect("an owner whose lapsed lease nobody took over must still release it");
+    acquire(store, &key, &fp(1), LEASE).await;
+}
+
+/// The caller makes the token: a claim whose reply the caller never saw can be released
+/// with the token it sent, and a token whose claim did not acquire releases nothing.
+pub async fn release_by_callers_token<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let sent = LeaseToken::new();
+    // The caller sends the claim and loses the reply.
+    let _lost_reply = store.claim(&key, &fp(1), sent, LEASE).await;
+    store
+        .release(&key, sent)
+        .await
+        .expect("the token sent with a claim must release it");
+    let owner = acquire(store, &key, &fp(1), LEASE).await;
+    // A claim that found the key in flight made nothing its token could release.
+    let loser = LeaseToken::new();
+    assert!(matches!(
+        store.claim(&key, &fp(1), loser, LEASE).await,
+        Ok(Claim::InFlight { .. })
+    ));
+    expect_lost(
+        store.release(&key, loser).await,
+        "release by a claim that did not acquire",
+    );
+    assert!(
+        matches!(
+            store.claim(&key, &fp(1), LeaseToken::new(), LEASE).await,
+            Ok(Claim::InFlight { .. })
+        ),
+        "a losing claim's release must not free the owner's key"
+    );
+    store
+        .complete(&key, owner, tricky_record(), TTL)
+        .await
+        .expect("the owner still completes");
+}
+
 /// A claim extended before its lease ends outlives that lease.
 pub async fn extend_keeps_claim<S: IdempotencyStore + ?Sized>(store: &S) {
     let key = fresh_key();
@@ -337,7 +421,7 @@ pub async fn extend_keeps_claim<S: IdempotencyStore + ?Sized>(store: &S) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         matches!(
-            store.claim(&key, &fp(1), LEASE).await,
+            store.claim(&key, &fp(1), LeaseToken::new(), LEASE).await,
             Ok(Claim::InFlight { .. })
         ),
         "an extended claim must still be in flight"
@@ -370,7 +454,13 @@ pub async fn wait_sees_completion<S: IdempotencyStore + Clone>(store: &S) {
         let key = key.clone();
         tokio::spawn(async move {
             store
-                .wait(&key, &fp(42), LEASE, Duration::from_secs(10))
+                .wait(
+                    &key,
+                    &fp(42),
+                    LeaseToken::new(),
+                    LEASE,
+                    Duration::from_secs(10),
+                )
                 .await
         })
     };
@@ -399,7 +489,13 @@ pub async fn wait_acquires_after_release<S: IdempotencyStore + Clone>(store: &S)
         let key = key.clone();
         tokio::spawn(async move {
             store
-                .wait(&key, &fp(1), LEASE, Duration::from_secs(10))
+                .wait(
+                    &key,
+                    &fp(1),
+                    LeaseToken::new(),
+                    LEASE,
+                    Duration::from_secs(10),
+                )
                 .await
         })
     };
@@ -420,7 +516,13 @@ pub async fn wait_times_out<S: IdempotencyStore + ?Sized>(store: &S) {
     acquire(store, &key, &fp(1), LEASE).await;
     let started = tokio::time::Instant::now();
     let claim = store
-        .wait(&key, &fp(1), LEASE, Duration::from_millis(300))
+        .wait(
+            &key,
+            &fp(1),
+            LeaseToken::new(),
+            LEASE,
+            Duration::from_millis(300),
+        )
         .await;
     assert!(
         matches!(claim, Ok(Claim::InFlight { .. })),
@@ -486,7 +588,7 @@ macro_rules! store_conformance_tests {
             $crate::store_conformance_tests!(@tests $make;
                 claim_then_in_flight, atomic_claim, distinct_keys, round_trip,
                 empty_and_large_records, fencing, release_frees_key, lease_expiry,
-                extend_keeps_claim, ttl_expiry, wait_sees_completion,
+                lapsed_owner_still_completes, release_by_callers_token, extend_keeps_claim, ttl_expiry, wait_sees_completion,
                 wait_acquires_after_release, wait_times_out);
         }
     };

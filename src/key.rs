@@ -222,6 +222,24 @@ impl StoreKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Moves the key out, leaving an empty one behind (no allocation).
+    pub(crate) fn take(&mut self) -> Self {
+        Self(std::mem::take(&mut self.0))
+    }
+
+    /// The client's key, without the scope: what the layer's log events show, so that
+    /// nothing derived from a credential reaches the logs.
+    ///
+    /// ```
+    /// use tower_idempotency::{Scope, StoreKey};
+    ///
+    /// assert_eq!(StoreKey::new(&Scope::of(b"alice"), "k:1").client_key(), "k:1");
+    /// ```
+    pub fn client_key(&self) -> &str {
+        // A scope is `anon` or hexadecimal digits: the first colon ends it.
+        self.0.split_once(':').map_or(&self.0, |(_, key)| key)
+    }
 }
 
 impl fmt::Debug for StoreKey {

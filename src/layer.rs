@@ -9,6 +9,7 @@ use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
 use tower_layer::Layer;
 
+use crate::config::{Config, Cover};
 use crate::fingerprint::Fingerprint;
 use crate::key::{KeyParsing, Scope};
 use crate::lease::LeaseKeeper;
@@ -16,102 +17,7 @@ use crate::policy::{self, Disconnect, InFlight, MissingKey, StoreFailure};
 use crate::problem::DEFAULT_TYPE_BASE;
 use crate::service::Idempotency;
 use crate::store::IdempotencyStore;
-
-type CoverFn = dyn Fn(&Parts) -> bool + Send + Sync;
-type ScopeFn = dyn Fn(&Parts) -> Scope + Send + Sync;
-type FingerprintFn = dyn Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync;
-type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
-type GrpcFn = dyn Fn(u32) -> bool + Send + Sync;
-type HeaderFn = dyn Fn(&HeaderName) -> bool + Send + Sync;
-
-pub(crate) enum Cover {
-    Methods(Vec<Method>),
-    When(Arc<CoverFn>),
-}
-
-pub(crate) struct Config {
-    pub(crate) store: Arc<dyn IdempotencyStore>,
-    pub(crate) header: HeaderName,
-    pub(crate) parsing: KeyParsing,
-    pub(crate) max_key_len: usize,
-    pub(crate) missing: MissingKey,
-    pub(crate) cover: Cover,
-    pub(crate) scope: Option<Arc<ScopeFn>>,
-    pub(crate) fingerprint: Option<Arc<FingerprintFn>>,
-    pub(crate) max_request_body: usize,
-    pub(crate) max_response_body: usize,
-    pub(crate) storable: Arc<StatusFn>,
-    pub(crate) grpc_storable: Arc<GrpcFn>,
-    pub(crate) replay_header: Option<Arc<HeaderFn>>,
-    pub(crate) lease: Duration,
-    pub(crate) ttl: Duration,
-    pub(crate) in_flight: InFlight,
-    pub(crate) store_failure: StoreFailure,
-    pub(crate) disconnect: Disconnect,
-    pub(crate) retry_after: Duration,
-    pub(crate) type_base: String,
-    pub(crate) link: bool,
-    pub(crate) keeper: Arc<LeaseKeeper>,
-}
-
-impl Clone for Config {
-    fn clone(&self) -> Self {
-        Self {
-            store: Arc::clone(&self.store),
-            header: self.header.clone(),
-            parsing: self.parsing,
-            max_key_len: self.max_key_len,
-            missing: self.missing,
-            cover: match &self.cover {
-                Cover::Methods(m) => Cover::Methods(m.clone()),
-                Cover::When(f) => Cover::When(Arc::clone(f)),
-            },
-            scope: self.scope.clone(),
-            fingerprint: self.fingerprint.clone(),
-            max_request_body: self.max_request_body,
-            max_response_body: self.max_response_body,
-            storable: Arc::clone(&self.storable),
-            grpc_storable: Arc::clone(&self.grpc_storable),
-            replay_header: self.replay_header.clone(),
-            lease: self.lease,
-            ttl: self.ttl,
-            in_flight: self.in_flight,
-            store_failure: self.store_failure,
-            disconnect: self.disconnect,
-            retry_after: self.retry_after,
-            type_base: self.type_base.clone(),
-            link: self.link,
-            // A fresh keeper: a derived configuration may have another lease.
-            keeper: Arc::new(LeaseKeeper::new()),
-        }
-    }
-}
-
-impl Config {
-    pub(crate) fn covers(&self, parts: &Parts) -> bool {
-        match &self.cover {
-            Cover::Methods(methods) => methods.contains(&parts.method),
-            Cover::When(f) => f(parts),
-        }
-    }
-
-    pub(crate) fn scope_of(&self, parts: &Parts) -> Scope {
-        match &self.scope {
-            Some(f) => f(parts),
-            None => match parts.headers.get(http::header::AUTHORIZATION) {
-                Some(v) => Scope::of(v.as_bytes()),
-                None => Scope::anonymous(),
-            },
-        }
-    }
-
-    pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &Bytes) -> Fingerprint {
-        match &self.fingerprint {
-            Some(f) => f(parts, body),
-            None => Fingerprint::of_request(parts, body),
-        }
-    }
-}
+use crate::tasks::DetachedWork;
 
 /// Makes non-idempotent requests safe to retry with an `Idempotency-Key`.
 ///
@@ -151,6 +57,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field("in_flight", &c.in_flight)
             .field("store_failure", &c.store_failure)
             .field("disconnect", &c.disconnect)
+            .field("store_timeout", &c.store_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -204,7 +111,9 @@ impl IdempotencyLayer {
                 retry_after: Duration::from_secs(1),
                 type_base: DEFAULT_TYPE_BASE.to_owned(),
                 link: false,
+                store_timeout: Duration::from_secs(2),
                 keeper: Arc::new(LeaseKeeper::new()),
+                work: DetachedWork::default(),
             }),
         }
     }
@@ -441,6 +350,37 @@ impl IdempotencyLayer {
     /// ```
     pub fn retry_after(self, after: Duration) -> Self {
         self.edit(|c| c.retry_after = after)
+    }
+
+    /// The longest the layer waits for any one store call (claim, complete, release,
+    /// extend, and each step of waiting for a duplicate). A call that overruns counts as a
+    /// store failure: the request gets `503` with `Retry-After` (or, with
+    /// [`StoreFailure::FailOpen`], runs unprotected), and a claim that may have landed is
+    /// released by its token. Default: 2 seconds; at least 1 millisecond.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .store_timeout(Duration::from_millis(500));
+    /// ```
+    pub fn store_timeout(self, timeout: Duration) -> Self {
+        self.edit(|c| c.store_timeout = timeout.max(Duration::from_millis(1)))
+    }
+
+    /// The handle on the work this layer finishes after a response future is gone, to wait
+    /// for it at shutdown. See [`DetachedWork`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # async fn run() {
+    /// let layer = tower_idempotency::IdempotencyLayer::default();
+    /// let work = layer.detached_work();
+    /// // … serve with `layer` until a shutdown signal, then:
+    /// work.shutdown(Duration::from_secs(10)).await.ok();
+    /// # }
+    /// ```
+    pub fn detached_work(&self) -> DetachedWork {
+        self.config.work.clone()
     }
 
     /// The base of the problem `type` URIs, for example your API's error documentation;

@@ -4,29 +4,37 @@
 //! the lease and extends the claims that have been held that long. Registering a claim is
 //! one insert into one of several sharded maps, so short operations, the common case, never
 //! touch the store or the timer wheel for their lease.
+//!
+//! A failed extension is retried at once on its own task, with a jittered backoff (50 ms,
+//! doubling up to the period), until it succeeds, the claim is settled, or the store
+//! answers that another request took the key over. Fencing is by token, not by clock: a
+//! lease that lapsed during a store outage is extended again as soon as the store is back,
+//! unless someone took the key over meanwhile.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::key::StoreKey;
-use crate::store::{IdempotencyStore, LeaseToken, StoreError};
+use crate::store::{ErrorChain, IdempotencyStore, LeaseToken, StoreError};
 
 const SHARDS: usize = 16;
+const FIRST_RETRY: Duration = Duration::from_millis(50);
 
 struct Held {
     key: StoreKey,
     token: LeaseToken,
     renewed: Instant,
+    renewing: bool,
 }
 
 pub(crate) struct LeaseKeeper {
     shards: [Mutex<HashMap<u64, Held>>; SHARDS],
     next_id: AtomicU64,
-    started: AtomicBool,
+    started: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for LeaseKeeper {
@@ -47,12 +55,20 @@ impl Drop for Registration {
     }
 }
 
+/// What the keeper needs to renew a lease.
+#[derive(Clone)]
+pub(crate) struct Renewal {
+    pub(crate) store: Arc<dyn IdempotencyStore>,
+    pub(crate) lease: Duration,
+    pub(crate) timeout: Duration,
+}
+
 impl LeaseKeeper {
     pub(crate) fn new() -> Self {
         Self {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             next_id: AtomicU64::new(0),
-            started: AtomicBool::new(false),
+            started: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -62,11 +78,14 @@ impl LeaseKeeper {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    fn registered(&self, id: u64) -> bool {
+        self.shard(id).contains_key(&id)
+    }
+
     /// Keeps `key` claimed with `token` until the registration is dropped.
     pub(crate) fn register(
         self: &Arc<Self>,
-        store: &Arc<dyn IdempotencyStore>,
-        lease: Duration,
+        renewal: &Renewal,
         key: &StoreKey,
         token: LeaseToken,
     ) -> Registration {
@@ -77,12 +96,13 @@ impl LeaseKeeper {
                 key: key.clone(),
                 token,
                 renewed: Instant::now(),
+                renewing: false,
             },
         );
-        let store = Arc::clone(store);
-        let period = lease / 3;
-        crate::periodic::start_once(&self.started, self, period, move |keeper| {
-            keeper.renew_due(&store, lease, period);
+        let renewal = renewal.clone();
+        let period = renewal.lease / 3;
+        crate::periodic::ensure_running(&self.started, self, period, move |keeper| {
+            keeper.renew_due(&renewal, period);
             std::future::ready(())
         });
         Registration {
@@ -92,47 +112,96 @@ impl LeaseKeeper {
     }
 
     /// Extends every claim last renewed a period ago or more, each on its own task.
-    fn renew_due(
-        self: &Arc<Self>,
-        store: &Arc<dyn IdempotencyStore>,
-        lease: Duration,
-        period: Duration,
-    ) {
+    fn renew_due(self: &Arc<Self>, renewal: &Renewal, period: Duration) {
         let now = Instant::now();
         for shard in 0..SHARDS {
             let due: Vec<(u64, StoreKey, LeaseToken)> = {
                 let mut held = self.shard(shard as u64);
                 held.iter_mut()
-                    .filter(|(_, h)| now.duration_since(h.renewed) + period / 10 >= period)
+                    .filter(|(_, h)| {
+                        !h.renewing && now.duration_since(h.renewed) + period / 10 >= period
+                    })
                     .map(|(id, h)| {
-                        h.renewed = now;
+                        h.renewing = true;
                         (*id, h.key.clone(), h.token)
                     })
                     .collect()
             };
             for (id, key, token) in due {
-                let store = Arc::clone(store);
-                let keeper = Arc::downgrade(self);
-                tokio::spawn(async move {
-                    match store.extend(&key, token, lease).await {
-                        Ok(()) => {}
-                        Err(StoreError::LeaseLost) => {
-                            tracing::warn!(
-                                %key,
-                                "idempotency lease was lost while the operation ran; its outcome will not be stored"
-                            );
-                            if let Some(keeper) = keeper.upgrade() {
-                                keeper.shard(id).remove(&id);
-                            }
-                        }
-                        Err(err) => tracing::warn!(
-                            %key,
-                            error = %crate::service::ErrorChain(&err),
-                            "extending the idempotency lease failed"
-                        ),
-                    }
-                });
+                tokio::spawn(renew(
+                    Arc::downgrade(self),
+                    renewal.clone(),
+                    period,
+                    id,
+                    key,
+                    token,
+                ));
             }
         }
+    }
+}
+
+/// Extends one lease, retrying promptly while the claim is held.
+async fn renew(
+    keeper: Weak<LeaseKeeper>,
+    renewal: Renewal,
+    period: Duration,
+    id: u64,
+    key: StoreKey,
+    token: LeaseToken,
+) {
+    let mut pause = FIRST_RETRY.min(period);
+    let mut failures = 0u32;
+    loop {
+        let result = crate::claim::bounded(
+            renewal.timeout,
+            renewal.store.extend(&key, token, renewal.lease),
+        )
+        .await;
+        let Some(keeper) = keeper.upgrade() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                if let Some(held) = keeper.shard(id).get_mut(&id) {
+                    held.renewed = Instant::now();
+                    held.renewing = false;
+                }
+                if failures > 0 {
+                    tracing::info!(
+                        key = key.client_key(),
+                        failures,
+                        "idempotency lease extended again after failures"
+                    );
+                }
+                return;
+            }
+            Err(StoreError::LeaseLost) => {
+                // Settled meanwhile (completed or released): nothing to say.
+                if keeper.shard(id).remove(&id).is_some() {
+                    tracing::warn!(
+                        key = key.client_key(),
+                        "idempotency key was taken over by another request after this \
+                         one's lease lapsed; the newer request's outcome will be kept"
+                    );
+                }
+                return;
+            }
+            Err(err) => {
+                if !keeper.registered(id) {
+                    return;
+                }
+                failures += 1;
+                tracing::warn!(
+                    key = key.client_key(),
+                    error = %ErrorChain(&err),
+                    failures,
+                    "extending the idempotency lease failed; retrying"
+                );
+            }
+        }
+        drop(keeper);
+        tokio::time::sleep(crate::time::jittered(pause)).await;
+        pause = (pause * 2).min(period.max(FIRST_RETRY));
     }
 }

@@ -80,30 +80,38 @@
 #![warn(rust_2018_idioms)]
 
 pub mod body;
+mod claim;
+mod config;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 pub mod fingerprint;
+mod flow;
 pub mod future;
 pub mod key;
 mod layer;
 mod lease;
+mod outcome;
 mod periodic;
 pub mod policy;
 pub mod problem;
 pub mod record;
+mod record_body;
 mod service;
 pub mod store;
+mod tasks;
+mod time;
 
 pub use body::{IdempotencyBody, RebuildBody};
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope, StoreKey, parse_key};
 pub use layer::IdempotencyLayer;
+pub use outcome::{IdempotencyOutcome, REPLAYED_HEADER};
 pub use record::Record;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis;
-pub use service::{Idempotency, IdempotencyOutcome, REPLAYED_HEADER};
+pub use service::Idempotency;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use sqlx;
@@ -116,4 +124,5 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
-pub use store::{Claim, IdempotencyStore, LeaseToken, StoreError};
+pub use store::{Claim, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, StoreError};
+pub use tasks::{DetachedWork, Unfinished};

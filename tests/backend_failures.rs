@@ -180,6 +180,7 @@ async fn crashed_owner_blocks_only_for_its_lease<S: IdempotencyStore + Clone>(st
         .claim(
             &StoreKey::new(&Scope::anonymous(), &key),
             &order_fingerprint(),
+            tower_idempotency::LeaseToken::new(),
             ms(500),
         )
         .await
@@ -654,8 +655,9 @@ mod postgres_backend {
                 let failed = store.faults.failed_completes.load(Ordering::SeqCst);
                 assert!(completes >= 2, "complete was retried: {completes}");
                 assert_eq!(completes - failed, 1, "and succeeded once");
+                // (The refused retry's claim is released by its token, which frees nothing.)
                 assert_eq!(
-                    store.faults.releases.load(Ordering::SeqCst),
+                    store.faults.released.load(Ordering::SeqCst),
                     0,
                     "never released"
                 );

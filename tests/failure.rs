@@ -94,6 +94,7 @@ async fn a_crashed_owner_blocks_its_key_only_for_its_lease() {
         .claim(
             &store_key("crash"),
             &fingerprint,
+            tower_idempotency::LeaseToken::new(),
             Duration::from_millis(300),
         )
         .await
@@ -318,13 +319,15 @@ async fn a_store_down_after_the_run_keeps_the_key_claimed() {
     store.faults.complete_failures.store(1000, Ordering::SeqCst);
     store.faults.extend_failures.store(1000, Ordering::SeqCst);
     let counter = Counter::default();
+    // The response ends once storing failed for the store-call bound, inside the lease.
     let svc = IdempotencyLayer::new(store.clone())
-        .lease(Duration::from_millis(300))
+        .lease(Duration::from_millis(600))
+        .store_timeout(Duration::from_millis(100))
         .layer(counter.service(Duration::ZERO));
     let first = call(&svc, post(Some("down"), "{}")).await;
     assert_eq!(first.status, 201);
-    // The outcome could not be stored: the key stays claimed while the lease lasts, so a
-    // retry is told to come back instead of running the operation again.
+    // The outcome could not be stored yet: the key stays claimed (storing goes on in the
+    // background), so a retry is told to come back instead of running the operation again.
     assert_eq!(call(&svc, post(Some("down"), "{}")).await.status, 409);
     assert_eq!(store.faults.releases.load(Ordering::SeqCst), 0);
     assert_eq!(counter.runs(), 1);
@@ -432,6 +435,7 @@ async fn dropping_at_every_stage_leaks_no_claim() {
         .claim(
             &store_key("finish"),
             &Fingerprint::from_bytes([0; 32]),
+            tower_idempotency::LeaseToken::new(),
             Duration::from_secs(1),
         )
         .await

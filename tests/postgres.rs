@@ -98,7 +98,10 @@ fn record(body: &'static [u8]) -> Record {
 }
 
 async fn acquire(store: &PostgresStore, k: &StoreKey, lease: Duration) -> LeaseToken {
-    match store.claim(k, &fp(1), lease).await {
+    match store
+        .claim(k, &fp(1), tower_idempotency::LeaseToken::new(), lease)
+        .await
+    {
         Ok(Claim::Acquired(token)) => token,
         other => panic!("expected to acquire {k}, got {other:?}"),
     }
@@ -344,7 +347,14 @@ async fn one_statement_per_operation() {
         .await
         .unwrap();
     assert!(matches!(
-        store.claim(&warm, &fp(1), Duration::from_secs(30)).await,
+        store
+            .claim(
+                &warm,
+                &fp(1),
+                tower_idempotency::LeaseToken::new(),
+                Duration::from_secs(30)
+            )
+            .await,
         Ok(Claim::Completed(_))
     ));
     let other = key("warm-up-2");
@@ -371,7 +381,14 @@ async fn one_statement_per_operation() {
     one_statement("claim", wire.take());
 
     assert!(matches!(
-        store.claim(&k, &fp(1), Duration::from_secs(30)).await,
+        store
+            .claim(
+                &k,
+                &fp(1),
+                tower_idempotency::LeaseToken::new(),
+                Duration::from_secs(30)
+            )
+            .await,
         Ok(Claim::InFlight { .. })
     ));
     one_statement("claim of a key in flight", wire.take());
@@ -388,7 +405,15 @@ async fn one_statement_per_operation() {
         .unwrap();
     one_statement("complete", wire.take());
 
-    match store.claim(&k, &fp(1), Duration::from_secs(30)).await {
+    match store
+        .claim(
+            &k,
+            &fp(1),
+            tower_idempotency::LeaseToken::new(),
+            Duration::from_secs(30),
+        )
+        .await
+    {
         Ok(Claim::Completed(r)) => assert_eq!(r.body(), &Bytes::from_static(b"done")),
         other => panic!("expected the record, got {other:?}"),
     }
@@ -403,7 +428,8 @@ async fn one_statement_per_operation() {
     drop_table(&pool, &table).await;
 }
 
-/// `sweep` deletes expired claims and records, in batches, and leaves live ones.
+/// `sweep` deletes expired records, in batches, and leaves live ones, and lapsed claims
+/// too: their owner may still store its outcome for `ORPHAN_RETENTION`.
 #[tokio::test]
 async fn sweep_deletes_expired_rows_only() {
     let Some(url) = database_url() else { return };
@@ -440,7 +466,29 @@ async fn sweep_deletes_expired_rows_only() {
 
     assert_eq!(count_rows(&pool, &table).await, 7);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(store.sweep().await.expect("sweep"), 5, "five rows expired");
+    assert_eq!(
+        store.sweep().await.expect("sweep"),
+        2,
+        "two records expired"
+    );
+    assert_eq!(count_rows(&pool, &table).await, 5);
+    // The lapsed claims are kept for their owners, but free for a new claim.
+    for i in 0..3 {
+        let k = key(&format!("lease-{i}"));
+        acquire(&store, &k, long).await;
+    }
+    // Past the retention, a lapsed claim is swept (aged here by moving its deadline back).
+    tower_idempotency::sqlx::query(tower_idempotency::sqlx::AssertSqlSafe(format!(
+        "UPDATE \"{table}\" SET expires_at = now() - interval '2 hours' WHERE key LIKE '%lease-%'"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        store.sweep().await.expect("sweep"),
+        3,
+        "three old claims swept"
+    );
     assert_eq!(count_rows(&pool, &table).await, 2);
     assert_eq!(
         store.sweep().await.expect("sweep"),
@@ -449,10 +497,20 @@ async fn sweep_deletes_expired_rows_only() {
     );
 
     assert!(matches!(
-        store.claim(&key("live-claim"), &fp(1), long).await,
+        store
+            .claim(
+                &key("live-claim"),
+                &fp(1),
+                tower_idempotency::LeaseToken::new(),
+                long
+            )
+            .await,
         Ok(Claim::InFlight { .. })
     ));
-    match store.claim(&live, &fp(1), long).await {
+    match store
+        .claim(&live, &fp(1), tower_idempotency::LeaseToken::new(), long)
+        .await
+    {
         Ok(Claim::Completed(r)) => assert_eq!(r.body(), &Bytes::from_static(b"kept")),
         other => panic!("the live record must stay, got {other:?}"),
     }
@@ -469,7 +527,12 @@ async fn background_sweeper_runs() {
         .table(&table)
         .sweep_interval(Duration::from_millis(100));
     store.migrate().await.expect("migrate");
-    acquire(&store, &key("a"), Duration::from_millis(50)).await;
+    let a = key("a");
+    let token = acquire(&store, &a, Duration::from_secs(600)).await;
+    store
+        .complete(&a, token, record(b"short"), Duration::from_millis(50))
+        .await
+        .unwrap();
     acquire(&store, &key("b"), Duration::from_secs(600)).await;
     let mut rows = 2;
     for _ in 0..50 {
@@ -481,7 +544,7 @@ async fn background_sweeper_runs() {
     }
     assert_eq!(
         rows, 1,
-        "the sweeper must delete the expired claim, and only it"
+        "the sweeper must delete the expired record, and only it"
     );
     drop(store);
     drop_table(&pool, &table).await;
@@ -498,7 +561,12 @@ async fn invalid_table_name_is_an_error() {
         store.migrate().await,
         store.sweep().await.map(drop),
         store
-            .claim(&key("k"), &fp(1), Duration::from_secs(1))
+            .claim(
+                &key("k"),
+                &fp(1),
+                tower_idempotency::LeaseToken::new(),
+                Duration::from_secs(1),
+            )
             .await
             .map(drop),
     ] {
@@ -536,7 +604,14 @@ async fn damaged_record_is_a_decode_error() {
         .await
         .unwrap();
     assert!(matches!(
-        store.claim(&k, &fp(1), Duration::from_secs(30)).await,
+        store
+            .claim(
+                &k,
+                &fp(1),
+                tower_idempotency::LeaseToken::new(),
+                Duration::from_secs(30)
+            )
+            .await,
         Err(StoreError::Decode(_))
     ));
     drop_table(&pool, &table).await;

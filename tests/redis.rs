@@ -327,7 +327,11 @@ async fn one_round_trip_per_operation() {
     .with_fingerprint(fp);
 
     reset_stats(&mut admin).await;
-    let Claim::Acquired(token) = store.claim(&key("a"), &fp, lease).await.unwrap() else {
+    let Claim::Acquired(token) = store
+        .claim(&key("a"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .await
+        .unwrap()
+    else {
         panic!("the first claim acquires")
     };
     assert_eq!(script_calls(&mut admin).await, (1, 0, 0), "claim");
@@ -335,7 +339,10 @@ async fn one_round_trip_per_operation() {
     store.extend(&key("a"), token, lease).await.unwrap();
     assert_eq!(script_calls(&mut admin).await, (2, 0, 0), "extend");
 
-    let claim = store.claim(&key("a"), &fp, lease).await.unwrap();
+    let claim = store
+        .claim(&key("a"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .await
+        .unwrap();
     assert!(
         matches!(claim, Claim::InFlight { fingerprint, lease_remaining: Some(_) } if fingerprint == fp)
     );
@@ -351,13 +358,21 @@ async fn one_round_trip_per_operation() {
         .unwrap();
     assert_eq!(script_calls(&mut admin).await, (4, 0, 0), "complete");
 
-    let Claim::Completed(got) = store.claim(&key("a"), &fp, lease).await.unwrap() else {
+    let Claim::Completed(got) = store
+        .claim(&key("a"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .await
+        .unwrap()
+    else {
         panic!("a completed key replays")
     };
     assert_eq!(*got, record);
     assert_eq!(script_calls(&mut admin).await, (5, 0, 0), "replay");
 
-    let Claim::Acquired(other) = store.claim(&key("b"), &fp, lease).await.unwrap() else {
+    let Claim::Acquired(other) = store
+        .claim(&key("b"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .await
+        .unwrap()
+    else {
         panic!("a fresh key is acquired")
     };
     store.release(&key("b"), other).await.unwrap();
@@ -390,13 +405,19 @@ async fn one_round_trip_per_operation() {
         .await
         .unwrap();
     reset_stats(&mut admin).await;
-    store.claim(&key("c"), &fp, lease).await.unwrap();
+    store
+        .claim(&key("c"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .await
+        .unwrap();
     assert_eq!(
         script_calls(&mut admin).await,
         (2, 0, 1),
         "claim after SCRIPT FLUSH"
     );
-    store.claim(&key("c"), &fp, lease).await.unwrap();
+    store
+        .claim(&key("c"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .await
+        .unwrap();
     assert_eq!(script_calls(&mut admin).await, (3, 0, 1), "the next claim");
 }
 
@@ -416,7 +437,12 @@ async fn keys_carry_the_prefix_and_stale_tokens_are_lost() {
     let key = StoreKey::new(&Scope::anonymous(), &client_key);
     let fp = Fingerprint::from_bytes([9; 32]);
     let Claim::Acquired(token) = store
-        .claim(&key, &fp, Duration::from_secs(5))
+        .claim(
+            &key,
+            &fp,
+            tower_idempotency::LeaseToken::new(),
+            Duration::from_secs(5),
+        )
         .await
         .unwrap()
     else {
@@ -428,18 +454,26 @@ async fn keys_carry_the_prefix_and_stale_tokens_are_lost() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    assert_eq!(value.len(), 49);
     assert_eq!(value[0], b'L');
     assert_eq!(value[1..17], token.to_bytes());
-    assert_eq!(value[17..], fp.as_bytes()[..]);
+    assert_eq!(value[17..49], fp.as_bytes()[..]);
+    // Then the lease deadline, in milliseconds since the epoch, by the server's clock.
+    let deadline: u64 = std::str::from_utf8(&value[49..]).unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(deadline.abs_diff(now + 5000) < 2000, "{deadline} vs {now}");
     let pttl: i64 = redis::cmd("PTTL")
         .arg(&redis_key)
         .query_async(&mut admin)
         .await
         .unwrap();
+    // The key outlives the lease, so that a lapsed owner can still complete.
+    let retention = tower_idempotency::ORPHAN_RETENTION.as_millis() as i64;
     assert!(
-        pttl > 0 && pttl <= 5000,
-        "the lease is the key's expiry: {pttl}"
+        pttl > retention && pttl <= retention + 5000,
+        "the key lives for the lease and the retention: {pttl}"
     );
     assert!(matches!(
         store.release(&key, LeaseToken::new()).await,

@@ -10,10 +10,11 @@ use dashmap::mapref::entry::Entry as MapEntry;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Claim, IdempotencyStore, LeaseToken, StoreError};
+use super::{Claim, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Record;
+use crate::time;
 
 /// Bytes counted for an entry besides its key and record: the map slot, the allocations
 /// of the record and its header map, and allocator slack, as measured (see BENCHMARKS.md).
@@ -65,7 +66,7 @@ struct Inner {
     max_bytes: usize,
     seq: AtomicU64,
     sweep_interval: Duration,
-    sweeper_started: AtomicBool,
+    sweeper_started: Arc<AtomicBool>,
     evicting: Mutex<()>,
     evicting_soon: AtomicBool,
 }
@@ -141,7 +142,7 @@ impl MemoryStoreBuilder {
                 max_bytes: self.max_bytes,
                 seq: AtomicU64::new(0),
                 sweep_interval: self.sweep_interval,
-                sweeper_started: AtomicBool::new(false),
+                sweeper_started: Arc::new(AtomicBool::new(false)),
                 evicting: Mutex::new(()),
                 evicting_soon: AtomicBool::new(false),
             }),
@@ -188,7 +189,7 @@ impl MemoryStore {
 
     fn ensure_sweeper(&self) {
         let interval = self.inner.sweep_interval;
-        crate::periodic::start_once(
+        crate::periodic::ensure_running(
             &self.inner.sweeper_started,
             &self.inner,
             interval,
@@ -199,11 +200,16 @@ impl MemoryStore {
         );
     }
 
-    fn claim_now(&self, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> Claim {
+    fn claim_now(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Claim {
         let now = Instant::now();
         let inner = &self.inner;
         let fresh = |inner: &Inner| {
-            let token = LeaseToken::new();
             let size = key.as_str().len() + ENTRY_OVERHEAD;
             inner.bytes.fetch_add(size, Ordering::Relaxed);
             let entry = Entry {
@@ -212,7 +218,7 @@ impl MemoryStore {
                     fingerprint: *fingerprint,
                     waiters: None,
                 },
-                expires_at: now + lease,
+                expires_at: time::add(now, lease),
                 size,
                 seq: inner.seq.fetch_add(1, Ordering::Relaxed),
             };
@@ -256,23 +262,21 @@ impl MemoryStore {
         }
     }
 
-    /// Runs `f` on the entry that `token` owns; `LeaseLost` if it owns none.
+    /// Runs `f` on the entry that `token` owns; `LeaseLost` if it owns none. Ownership is
+    /// by token alone: a lapsed lease that no claim took over is still owned.
     fn with_owned<T>(
         &self,
         key: &StoreKey,
         token: LeaseToken,
         f: impl FnOnce(&mut Entry) -> T,
     ) -> Result<T, StoreError> {
-        let now = Instant::now();
         let mut entry = self
             .inner
             .map
             .get_mut(key.as_str())
             .ok_or(StoreError::LeaseLost)?;
         match entry.state {
-            State::InFlight { token: owner, .. } if owner == token && entry.expires_at > now => {
-                Ok(f(&mut entry))
-            }
+            State::InFlight { token: owner, .. } if owner == token => Ok(f(&mut entry)),
             _ => Err(StoreError::LeaseLost),
         }
     }
@@ -281,7 +285,12 @@ impl MemoryStore {
 impl Inner {
     fn sweep(&self, now: Instant) {
         self.map.retain(|_, entry| {
-            if entry.expires_at > now {
+            // A lapsed claim nobody took over stays for its owner a while longer.
+            let gone_at = match entry.state {
+                State::InFlight { .. } => time::add(entry.expires_at, ORPHAN_RETENTION),
+                State::Completed(_) => entry.expires_at,
+            };
+            if gone_at > now {
                 return true;
             }
             entry.wake();
@@ -367,10 +376,11 @@ impl IdempotencyStore for MemoryStore {
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
+        token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.ensure_sweeper();
-        Ok(self.claim_now(key, fingerprint, lease))
+        Ok(self.claim_now(key, fingerprint, token, lease))
     }
 
     async fn complete(
@@ -396,7 +406,7 @@ impl IdempotencyStore for MemoryStore {
             self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
             *entry = Entry {
                 state: State::Completed(record),
-                expires_at: Instant::now() + ttl,
+                expires_at: time::deadline_after(ttl),
                 size,
                 seq,
             };
@@ -406,10 +416,10 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
-        let removed = self.inner.map.remove_if(key.as_str(), |_, e| {
-            matches!(e.state, State::InFlight { token: owner, .. } if owner == token)
-                && e.expires_at > Instant::now()
-        });
+        let removed = self.inner.map.remove_if(
+            key.as_str(),
+            |_, e| matches!(e.state, State::InFlight { token: owner, .. } if owner == token),
+        );
         match removed {
             Some((_, entry)) => {
                 entry.wake();
@@ -427,7 +437,7 @@ impl IdempotencyStore for MemoryStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.with_owned(key, token, |entry| {
-            entry.expires_at = Instant::now() + lease;
+            entry.expires_at = time::deadline_after(lease);
         })
     }
 
@@ -436,11 +446,12 @@ impl IdempotencyStore for MemoryStore {
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
+        token: LeaseToken,
         lease: Duration,
         timeout: Duration,
     ) -> Result<Claim, StoreError> {
         self.ensure_sweeper();
-        let deadline = Instant::now() + timeout;
+        let deadline = time::deadline_after(timeout);
         loop {
             // Register interest before looking, so that no wake-up is missed.
             let registered = self.inner.map.get_mut(key.as_str()).and_then(|mut e| {
@@ -454,7 +465,7 @@ impl IdempotencyStore for MemoryStore {
                 }
             });
             let Some((notify, lease_end)) = registered else {
-                let claim = self.claim_now(key, fingerprint, lease);
+                let claim = self.claim_now(key, fingerprint, token, lease);
                 if matches!(claim, Claim::InFlight { .. }) && Instant::now() < deadline {
                     continue;
                 }
@@ -463,7 +474,7 @@ impl IdempotencyStore for MemoryStore {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let claim = self.claim_now(key, fingerprint, lease);
+            let claim = self.claim_now(key, fingerprint, token, lease);
             if !matches!(claim, Claim::InFlight { .. }) {
                 return Ok(claim);
             }
@@ -506,7 +517,11 @@ mod tests {
     const TTL: Duration = Duration::from_secs(3600);
 
     async fn complete_new(store: &MemoryStore, k: &str, body: usize) {
-        let Claim::Acquired(t) = store.claim(&key(k), &fp(), LEASE).await.unwrap() else {
+        let Claim::Acquired(t) = store
+            .claim(&key(k), &fp(), LeaseToken::new(), LEASE)
+            .await
+            .unwrap()
+        else {
             panic!("expected to acquire {k}");
         };
         store.complete(&key(k), t, record(body), TTL).await.unwrap();
@@ -516,7 +531,11 @@ mod tests {
     async fn cap_evicts_oldest_completed_but_never_in_flight() {
         let store = MemoryStore::builder().max_bytes(40_000).build();
         // An in-flight claim made first must survive everything.
-        let Claim::Acquired(held) = store.claim(&key("held"), &fp(), LEASE).await.unwrap() else {
+        let Claim::Acquired(held) = store
+            .claim(&key("held"), &fp(), LeaseToken::new(), LEASE)
+            .await
+            .unwrap()
+        else {
             panic!()
         };
         for i in 0..10 {
@@ -525,15 +544,24 @@ mod tests {
         }
         // The oldest completed records went first, the newest stay.
         assert!(matches!(
-            store.claim(&key("k0"), &fp(), LEASE).await.unwrap(),
+            store
+                .claim(&key("k0"), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap(),
             Claim::Acquired(_)
         ));
         assert!(matches!(
-            store.claim(&key("k9"), &fp(), LEASE).await.unwrap(),
+            store
+                .claim(&key("k9"), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap(),
             Claim::Completed(_)
         ));
         assert!(matches!(
-            store.claim(&key("held"), &fp(), LEASE).await.unwrap(),
+            store
+                .claim(&key("held"), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap(),
             Claim::InFlight { .. }
         ));
         store
@@ -546,7 +574,11 @@ mod tests {
     async fn cap_evicts_expired_before_live_records() {
         // Room for two records of 5 kB, not three (each counts about 5.6 kB).
         let store = MemoryStore::builder().max_bytes(16_000).build();
-        let Claim::Acquired(t) = store.claim(&key("old"), &fp(), LEASE).await.unwrap() else {
+        let Claim::Acquired(t) = store
+            .claim(&key("old"), &fp(), LeaseToken::new(), LEASE)
+            .await
+            .unwrap()
+        else {
             panic!()
         };
         store
@@ -561,7 +593,10 @@ mod tests {
         assert_eq!(store.len(), 2);
         for live in ["live0", "live1"] {
             assert!(matches!(
-                store.claim(&key(live), &fp(), LEASE).await.unwrap(),
+                store
+                    .claim(&key(live), &fp(), LeaseToken::new(), LEASE)
+                    .await
+                    .unwrap(),
                 Claim::Completed(_)
             ));
         }
@@ -586,11 +621,17 @@ mod tests {
         // The newest record survived, the oldest went.
         let newest = format!("k{}", i - 1);
         assert!(matches!(
-            store.claim(&key(&newest), &fp(), LEASE).await.unwrap(),
+            store
+                .claim(&key(&newest), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap(),
             Claim::Completed(_)
         ));
         assert!(matches!(
-            store.claim(&key("k0"), &fp(), LEASE).await.unwrap(),
+            store
+                .claim(&key("k0"), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap(),
             Claim::Acquired(_)
         ));
     }
@@ -599,7 +640,11 @@ mod tests {
     async fn oversized_records_become_tombstones() {
         let store = MemoryStore::builder().max_bytes(1_000).build();
         complete_new(&store, "big", 10_000).await;
-        let Claim::Completed(r) = store.claim(&key("big"), &fp(), LEASE).await.unwrap() else {
+        let Claim::Completed(r) = store
+            .claim(&key("big"), &fp(), LeaseToken::new(), LEASE)
+            .await
+            .unwrap()
+        else {
             panic!()
         };
         assert!(r.is_tombstone());
@@ -611,7 +656,11 @@ mod tests {
         let store = MemoryStore::builder()
             .sweep_interval(Duration::from_secs(1))
             .build();
-        let Claim::Acquired(t) = store.claim(&key("a"), &fp(), LEASE).await.unwrap() else {
+        let Claim::Acquired(t) = store
+            .claim(&key("a"), &fp(), LeaseToken::new(), LEASE)
+            .await
+            .unwrap()
+        else {
             panic!()
         };
         store
@@ -631,14 +680,24 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wait_is_woken_by_completion_without_polling() {
         let store = MemoryStore::new();
-        let Claim::Acquired(t) = store.claim(&key("w"), &fp(), LEASE).await.unwrap() else {
+        let Claim::Acquired(t) = store
+            .claim(&key("w"), &fp(), LeaseToken::new(), LEASE)
+            .await
+            .unwrap()
+        else {
             panic!()
         };
         let waiter = {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .wait(&key("w"), &fp(), LEASE, Duration::from_secs(60))
+                    .wait(
+                        &key("w"),
+                        &fp(),
+                        LeaseToken::new(),
+                        LEASE,
+                        Duration::from_secs(60),
+                    )
                     .await
             })
         };

@@ -82,9 +82,23 @@ impl Default for LeaseToken {
 
 impl fmt::Debug for LeaseToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LeaseToken({:08x}…)", (self.0 >> 96) as u32)
+        // Both ends: the high bits are the process's seed, the low bits differ per token.
+        write!(
+            f,
+            "LeaseToken({:08x}…{:08x})",
+            (self.0 >> 96) as u32,
+            self.0 as u32
+        )
     }
 }
+
+/// How long a store keeps a claim whose lease ran out and that nobody took over, so that
+/// its owner, back from a store outage, can still store the outcome: one hour.
+///
+/// Past this, a store may reclaim the space of such a claim (as if a new claim had taken
+/// it over). The layer gives up storing an outcome well before: it retries a failing
+/// `complete` for ten minutes.
+pub const ORPHAN_RETENTION: Duration = Duration::from_secs(3600);
 
 /// The answer to a claim.
 #[derive(Debug, Clone)]
@@ -118,6 +132,11 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("stored idempotency record is damaged")]
     Decode(#[source] crate::record::DecodeError),
+    /// The store did not answer within the layer's bound
+    /// ([`IdempotencyLayer::store_timeout`](crate::IdempotencyLayer::store_timeout)); the
+    /// call may still take effect.
+    #[error("idempotency store did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 impl StoreError {
@@ -135,22 +154,37 @@ impl StoreError {
 ///
 /// - **Atomic claim**: of any number of concurrent claims of one key, exactly one is
 ///   [`Claim::Acquired`] until it completes, releases, or its lease runs out.
-/// - **Fencing**: `complete`, `release` and `extend` with a token that no longer owns the
-///   claim change nothing and return [`StoreError::LeaseLost`].
+/// - **Caller-made tokens**: the caller brings the [`LeaseToken`] with the claim, and an
+///   acquired claim is owned by exactly that token. So a caller whose claim reply was lost
+///   (a timeout, a dropped connection, a client gone) can still release the claim it may
+///   have made.
+/// - **Fencing by token, not by clock**: `complete`, `release` and `extend` act when the
+///   token still owns the key, and otherwise change nothing and return
+///   [`StoreError::LeaseLost`]. A lease that ran out only lets *another claim* take the key
+///   over; until one does, the owner can still complete, release or extend it. Judge the
+///   lease deadline by one clock (the server's, for a shared store), and keep a lapsed,
+///   untaken claim for at least [`ORPHAN_RETENTION`] before reclaiming its space.
 /// - **Expiry**: a completed record lives for its TTL, a claim for its lease; expired
 ///   entries are invisible to `claim` and are reclaimed without an external job.
 /// - **Fidelity**: a record is returned exactly as it was completed.
+///
+/// The layer bounds every call in time
+/// ([`store_timeout`](crate::IdempotencyLayer::store_timeout)) and treats a call that
+/// overran as failed, so a store need not bound its calls itself.
 ///
 /// The `conformance` feature provides a test suite that checks all of this for any store.
 ///
 /// The trait is object safe: the layer holds an `Arc<dyn IdempotencyStore>`.
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Claims `key` for a request with `fingerprint`, for `lease`, if it is free or expired.
+    /// Claims `key` for a request with `fingerprint`, for `lease`, if it is free or its
+    /// holder's lease ran out. An acquired claim is owned by `token`, which the answer
+    /// carries back ([`Claim::Acquired`]).
     async fn claim(
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
+        token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError>;
 
@@ -175,7 +209,7 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Waits up to `timeout` for `key` to stop being in flight, then claims it.
+    /// Waits up to `timeout` for `key` to stop being in flight, then claims it with `token`.
     ///
     /// Returns [`Claim::Completed`] when the operation finished, [`Claim::Acquired`] when it
     /// was released (the caller now owns the key and must run the operation), or
@@ -186,13 +220,14 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
+        token: LeaseToken,
         lease: Duration,
         timeout: Duration,
     ) -> Result<Claim, StoreError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::time::deadline_after(timeout);
         let mut pause = Duration::from_millis(5);
         loop {
-            let claim = self.claim(key, fingerprint, lease).await?;
+            let claim = self.claim(key, fingerprint, token, lease).await?;
             let now = tokio::time::Instant::now();
             if !matches!(claim, Claim::InFlight { .. }) || now >= deadline {
                 return Ok(claim);
@@ -209,9 +244,10 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
+        token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        (**self).claim(key, fingerprint, lease).await
+        (**self).claim(key, fingerprint, token, lease).await
     }
 
     async fn complete(
@@ -241,10 +277,26 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
+        token: LeaseToken,
         lease: Duration,
         timeout: Duration,
     ) -> Result<Claim, StoreError> {
-        (**self).wait(key, fingerprint, lease, timeout).await
+        (**self).wait(key, fingerprint, token, lease, timeout).await
+    }
+}
+
+/// Displays an error with its sources.
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn StdError + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
     }
 }
 
@@ -261,5 +313,11 @@ mod tests {
         assert_eq!(LeaseToken::from_bytes(a.to_bytes()), a);
         assert_eq!(LeaseToken::from_hex(&a.to_hex()), Some(a));
         assert_eq!(LeaseToken::from_hex("zz"), None);
+    }
+
+    #[test]
+    fn token_debug_tells_tokens_apart() {
+        let (a, b) = (LeaseToken::new(), LeaseToken::new());
+        assert_ne!(format!("{a:?}"), format!("{b:?}"));
     }
 }

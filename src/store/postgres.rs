@@ -65,24 +65,29 @@
 //!   again, with a fresh snapshot that shows the winner's row. This only happens under a
 //!   race on one key.
 //! - **complete**: `UPDATE … SET token = NULL, record = $3, expires_at = now() + ttl WHERE
-//!   key = $1 AND token = $2 AND expires_at > now()`.
-//! - **release**: `DELETE … WHERE key = $1 AND token = $2 AND expires_at > now()`.
-//! - **extend**: `UPDATE … SET expires_at = now() + lease WHERE key = $1 AND token = $2 AND
-//!   expires_at > now()`.
+//!   key = $1 AND token = $2`.
+//! - **release**: `DELETE … WHERE key = $1 AND token = $2`.
+//! - **extend**: `UPDATE … SET expires_at = now() + lease WHERE key = $1 AND token = $2`.
 //!
-//! A fenced statement that changes no row answers [`StoreError::LeaseLost`].
+//! A fenced statement that changes no row answers [`StoreError::LeaseLost`]. Fencing is by
+//! token, not by clock: a lapsed lease lets a new claim take the row over (which replaces
+//! the token), and until one does, the owner can still extend, release or complete it.
 //!
 //! # Expiry and sweeping
 //!
-//! Expired rows are invisible to `claim` (it takes them over) and to the fenced
-//! statements, so removing them is only garbage collection. [`PostgresStore::sweep`] deletes
-//! them in batches of [`sweep_batch`](PostgresStore::sweep_batch) rows:
+//! Expired rows are invisible to `claim` (it takes them over), so removing them is only
+//! garbage collection. [`PostgresStore::sweep`] deletes completed rows past their TTL, and
+//! in-flight rows [`ORPHAN_RETENTION`] after their lease (so that an owner back from an
+//! outage can still store its outcome), in batches of
+//! [`sweep_batch`](PostgresStore::sweep_batch) rows:
 //!
 //! ```sql
 //! DELETE FROM "idempotency_records"
-//! WHERE key IN (SELECT key FROM "idempotency_records" WHERE expires_at <= now()
+//! WHERE key IN (SELECT key FROM "idempotency_records" WHERE <gone>
 //!               ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-//!   AND expires_at <= now()
+//!   AND <gone>
+//! -- <gone>: expires_at <= now()
+//! --         AND (token IS NULL OR expires_at <= now() - interval '3600 seconds')
 //! ```
 //!
 //! `SKIP LOCKED` lets several instances sweep at once without waiting on each other, and
@@ -124,7 +129,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
-use super::{Claim, IdempotencyStore, LeaseToken, StoreError};
+use super::{Claim, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{DecodeError, Record};
@@ -202,7 +207,7 @@ struct Config {
 struct Inner {
     config: Config,
     sql: Result<Sql, InvalidTableName>,
-    sweeper_started: AtomicBool,
+    sweeper_started: Arc<AtomicBool>,
 }
 
 /// The statements, built once for the table.
@@ -304,19 +309,23 @@ impl Sql {
         let complete = format!(
             "UPDATE {t} SET token = NULL, record = $3, \
              expires_at = now() + $4::bigint * interval '1 microsecond' \
-             WHERE key = $1 AND token = $2 AND expires_at > now()"
+             WHERE key = $1 AND token = $2"
         );
-        let release =
-            format!("DELETE FROM {t} WHERE key = $1 AND token = $2 AND expires_at > now()");
+        let release = format!("DELETE FROM {t} WHERE key = $1 AND token = $2");
         let extend = format!(
             "UPDATE {t} SET expires_at = now() + $3::bigint * interval '1 microsecond' \
-             WHERE key = $1 AND token = $2 AND expires_at > now()"
+             WHERE key = $1 AND token = $2"
+        );
+        let retention = ORPHAN_RETENTION.as_secs();
+        let gone = format!(
+            "expires_at <= now() AND (token IS NULL \
+             OR expires_at <= now() - interval '{retention} seconds')"
         );
         let sweep = format!(
             "DELETE FROM {t} WHERE key IN (\
-             SELECT key FROM {t} WHERE expires_at <= now() \
+             SELECT key FROM {t} WHERE {gone} \
              ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
-             AND expires_at <= now()"
+             AND {gone}"
         );
         Ok(Self {
             migrate: migrate.into(),
@@ -362,7 +371,7 @@ impl PostgresStore {
             inner: Arc::new(Inner {
                 sql: Sql::new(&config.table),
                 config,
-                sweeper_started: AtomicBool::new(false),
+                sweeper_started: Arc::new(AtomicBool::new(false)),
             }),
         }
     }
@@ -471,7 +480,7 @@ impl PostgresStore {
         if interval.is_zero() {
             return;
         }
-        crate::periodic::start_once(
+        crate::periodic::ensure_running(
             &self.inner.sweeper_started,
             &self.inner,
             interval,
@@ -576,11 +585,11 @@ impl IdempotencyStore for PostgresStore {
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
+        token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.ensure_sweeper();
         let sql = self.inner.sql()?;
-        let token = LeaseToken::new();
         for _ in 0..CLAIM_ATTEMPTS {
             if let Some(claim) = self.claim_once(sql, key, token, fingerprint, lease).await? {
                 return Ok(claim);

@@ -4,8 +4,13 @@
 //! (for example `idempotency:anon:8e03978e-40d5`), and every script touches that key alone,
 //! so the layout suits Redis Cluster as well as a single server (the store itself talks
 //! through a [`ConnectionManager`]: one server, a replica set's primary, or a cluster
-//! proxy). Entries expire by themselves (`PX`): an in-flight claim when its lease ends, a
-//! completed record when its TTL ends; no sweep job is needed.
+//! proxy). Entries expire by themselves (`PX`), so no sweep job is needed: a completed
+//! record when its TTL ends, an in-flight claim [`ORPHAN_RETENTION`] after its lease.
+//!
+//! The lease is fenced by token, not by the key's expiry: the claim's value carries its
+//! lease deadline, judged by the server's clock (`TIME`), and only a new claim that finds
+//! the deadline passed takes the key over. Until one does, an owner whose lease lapsed
+//! during an outage can still extend it or store its outcome.
 //!
 //! # Value layout
 //!
@@ -13,7 +18,7 @@
 //!
 //! | State | Value |
 //! |---|---|
-//! | in flight | `L`, the 16-byte [`LeaseToken`], the 32-byte [`Fingerprint`] (49 bytes) |
+//! | in flight | `L`, the 16-byte [`LeaseToken`], the 32-byte [`Fingerprint`], then the lease deadline in milliseconds since the Unix epoch by the server's clock, in decimal digits |
 //! | completed | `R`, then the record's versioned binary encoding ([`Record::encode`]) |
 //!
 //! # Scripts and round trips
@@ -23,10 +28,10 @@
 //!
 //! | Operation | Script |
 //! |---|---|
-//! | `claim` (and replay) | key absent: `SET value PX lease`, answer *acquired*; in flight: answer the holder's fingerprint and `PTTL`; completed: answer the record |
+//! | `claim` (and replay) | key absent, or in flight past its deadline: `SET value PX lease+retention`, answer *acquired*; in flight: answer the holder's fingerprint and remaining lease; completed: answer the record |
 //! | `complete` | if the value starts with `L` + this token: `SET R… PX ttl`, else *lost* |
 //! | `release` | if the value starts with `L` + this token: `DEL`, else *lost* |
-//! | `extend` | if the value starts with `L` + this token: `PEXPIRE lease`, else *lost* |
+//! | `extend` | if the value starts with `L` + this token: a new deadline, `PX lease+retention`, else *lost* |
 //!
 //! The fencing scripts read only the first 17 bytes of the value (`GETRANGE`), so checking
 //! a token never copies a stored record. A *lost* answer becomes [`StoreError::LeaseLost`].
@@ -70,7 +75,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
-use super::{Claim, IdempotencyStore, LeaseToken, StoreError};
+use super::{Claim, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{DecodeError, Record};
@@ -79,16 +84,29 @@ const TAG_IN_FLIGHT: u8 = b'L';
 const TAG_RECORD: u8 = b'R';
 const DEFAULT_PREFIX: &str = "idempotency:";
 
-/// KEYS[1]: the key. ARGV[1]: the in-flight value, ARGV[2]: the lease in milliseconds.
-/// Answers 1 (acquired), {fingerprint, pttl} (in flight) or the stored value (completed).
+/// KEYS[1]: the key. ARGV[1]: `L` + token + fingerprint, ARGV[2]: the lease in
+/// milliseconds, ARGV[3]: how long a lapsed claim is kept for its owner, in milliseconds.
+/// Answers 1 (acquired), {fingerprint, remaining lease in ms} (in flight) or the stored
+/// value (completed). The lease deadline is judged by the server's clock (`TIME`); a value
+/// without one (written by an older version) falls back on the key's own expiry.
 const CLAIM_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local v = redis.call('GET', KEYS[1])
-if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+if v and string.sub(v, 1, 1) == 'L' then
+  local deadline = tonumber(string.sub(v, 50))
+  local rest
+  if deadline then rest = deadline - now else rest = redis.call('PTTL', KEYS[1]) end
+  if rest > 0 then
+    return {string.sub(v, 18, 49), rest}
+  end
+  v = false
 end
-if string.sub(v, 1, 1) == 'L' then
-  return {string.sub(v, 18, 49), redis.call('PTTL', KEYS[1])}
+if not v then
+  local lease = tonumber(ARGV[2])
+  redis.call('SET', KEYS[1], ARGV[1] .. string.format('%.0f', now + lease),
+    'PX', string.format('%.0f', lease + tonumber(ARGV[3])))
+  return 1
 end
 return v
 "#;
@@ -112,13 +130,18 @@ redis.call('DEL', KEYS[1])
 return 1
 "#;
 
-/// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: the lease in milliseconds. Answers 1
-/// (done) or 0 (lost).
+/// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: the lease in milliseconds, ARGV[3]:
+/// how long a lapsed claim is kept, in milliseconds. Sets a new lease deadline by the
+/// server's clock. Answers 1 (done) or 0 (lost).
 const EXTEND_LUA: &str = r#"
 if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
   return 0
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], 0, 48) .. string.format('%.0f', now + lease),
+  'PX', string.format('%.0f', lease + tonumber(ARGV[3])))
 return 1
 "#;
 
@@ -288,8 +311,14 @@ fn owner_prefix(token: LeaseToken) -> [u8; 17] {
     out
 }
 
+/// About a hundred years in milliseconds: longer durations are capped here, so that every
+/// sum a script makes stays exact in Lua's numbers and inside Redis's expiry range.
+const MAX_MILLIS: u64 = 100 * 365 * 24 * 3600 * 1000;
+
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(d.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_MILLIS)
 }
 
 fn damaged(what: &'static str) -> StoreError {
@@ -315,7 +344,7 @@ fn parse_claim(reply: Value, token: LeaseToken) -> Result<Claim, StoreError> {
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| damaged("in-flight fingerprint"))?;
             let lease_remaining = match pttl {
-                Value::Int(ms) if *ms > 0 => Some(Duration::from_millis(*ms as u64)),
+                Value::Int(ms) if *ms > 0 => Some(Duration::from_millis(ms.unsigned_abs())),
                 _ => None,
             };
             Ok(Claim::InFlight {
@@ -339,9 +368,9 @@ impl IdempotencyStore for RedisStore {
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
+        token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let token = LeaseToken::new();
         let mut value = [0u8; 49];
         value[..17].copy_from_slice(&owner_prefix(token));
         value[17..].copy_from_slice(fingerprint.as_bytes());
@@ -351,6 +380,7 @@ impl IdempotencyStore for RedisStore {
             .key(self.redis_key(key))
             .arg(&value[..])
             .arg(millis(lease))
+            .arg(millis(ORPHAN_RETENTION))
             .invoke_async(&mut con)
             .await
             .map_err(StoreError::backend)?;
@@ -401,7 +431,8 @@ impl IdempotencyStore for RedisStore {
                 .extend
                 .key(self.redis_key(key))
                 .arg(&owner_prefix(token)[..])
-                .arg(millis(lease)),
+                .arg(millis(lease))
+                .arg(millis(ORPHAN_RETENTION)),
         )
         .await
     }
@@ -462,5 +493,6 @@ mod tests {
         assert_eq!(prefix[1..], token.to_bytes());
         assert_eq!(millis(Duration::ZERO), 1);
         assert_eq!(millis(Duration::from_secs(2)), 2000);
+        assert_eq!(millis(Duration::MAX), MAX_MILLIS);
     }
 }

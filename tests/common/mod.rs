@@ -204,12 +204,22 @@ pub struct Faults {
     pub extend_failures: AtomicUsize,
     /// Delay every complete by this many milliseconds.
     pub complete_delay_ms: AtomicUsize,
+    /// Delay the reply of every claim by this many milliseconds (the claim itself lands at
+    /// once, as when a reply is slow on the wire).
+    pub claim_reply_delay_ms: AtomicUsize,
+    /// Lose the reply of this many of the next claims: the claim lands, the caller gets an
+    /// error.
+    pub claim_lost_replies: AtomicUsize,
+    /// When each extend was called.
+    pub extend_times: std::sync::Mutex<Vec<tokio::time::Instant>>,
     /// Counts of calls.
     pub claims: AtomicUsize,
     pub completes: AtomicUsize,
     /// Completes that failed, injected or not.
     pub failed_completes: AtomicUsize,
     pub releases: AtomicUsize,
+    /// Releases that freed a key (the others found nothing their token owned).
+    pub released: AtomicUsize,
     pub extends: AtomicUsize,
 }
 
@@ -245,13 +255,22 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
+        token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.faults.claims.fetch_add(1, Ordering::SeqCst);
         if take(&self.faults.claim_failures) {
             return Err(StoreError::backend(Injected));
         }
-        self.inner.claim(key, fingerprint, lease).await
+        let claim = self.inner.claim(key, fingerprint, token, lease).await;
+        let delay = self.faults.claim_reply_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+        }
+        if take(&self.faults.claim_lost_replies) {
+            return Err(StoreError::backend(Injected));
+        }
+        claim
     }
 
     async fn complete(
@@ -282,7 +301,11 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         if take(&self.faults.release_failures) {
             return Err(StoreError::backend(Injected));
         }
-        self.inner.release(key, token).await
+        let result = self.inner.release(key, token).await;
+        if result.is_ok() {
+            self.faults.released.fetch_add(1, Ordering::SeqCst);
+        }
+        result
     }
 
     async fn extend(
@@ -292,6 +315,11 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.faults.extends.fetch_add(1, Ordering::SeqCst);
+        self.faults
+            .extend_times
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
         if take(&self.faults.extend_failures) {
             return Err(StoreError::backend(Injected));
         }
@@ -308,4 +336,201 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// Serves `svc` over real TCP on 127.0.0.1 (HTTP/1.1 and HTTP/2, as the client asks) until
+/// the test ends; hyper's `Incoming` bodies are turned into axum bodies first.
+pub async fn serve<S, B>(svc: S) -> std::net::SocketAddr
+where
+    S: Service<Request<Body>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: std::error::Error + Send + Sync + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let svc = tower::ServiceBuilder::new()
+                .map_request(|req: Request<hyper::body::Incoming>| req.map(Body::new))
+                .service(svc.clone());
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(stream),
+                    hyper_util::service::TowerToHyperService::new(svc),
+                )
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+/// What a client over real TCP saw.
+#[derive(Debug)]
+pub struct WireAnswer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+    /// The response ended with its headers (`END_STREAM` on the HEADERS frame in HTTP/2).
+    pub headers_only: bool,
+}
+
+impl WireAnswer {
+    pub fn replayed(&self) -> bool {
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
+    }
+}
+
+/// Sends one request on a new connection (HTTP/2 with prior knowledge when `h2`) and reads
+/// the whole response, trailers included.
+pub async fn send_over_tcp(
+    addr: std::net::SocketAddr,
+    h2: bool,
+    req: Request<http_body_util::Full<Bytes>>,
+) -> WireAnswer {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let res = if h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        sender.ready().await.unwrap();
+        sender.send_request(req).await.unwrap()
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        sender.ready().await.unwrap();
+        sender.send_request(req).await.unwrap()
+    };
+    let (parts, body) = res.into_parts();
+    let headers_only = http_body::Body::is_end_stream(&body);
+    let collected = body.collect().await.unwrap();
+    WireAnswer {
+        status: parts.status,
+        headers: parts.headers,
+        trailers: collected.trailers().cloned(),
+        body: collected.to_bytes(),
+        headers_only,
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 in front of a server, which can pass traffic, blackhole it
+/// (connections stay open, nothing moves, new ones are accepted and hang) or drop it (every
+/// connection is closed, new ones are refused by closing them at once).
+pub struct FaultProxy {
+    pub port: u16,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+const PASS: u8 = 0;
+const BLACKHOLE: u8 = 1;
+const DROP: u8 = 2;
+
+impl FaultProxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(std::sync::atomic::AtomicU8::new(PASS));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let (m, c) = (Arc::clone(&mode), Arc::clone(&changed));
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if m.load(Ordering::SeqCst) == DROP {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (m, c) = (Arc::clone(&m), Arc::clone(&c));
+                tokio::spawn(async move {
+                    let (client_rd, client_wr) = client.into_split();
+                    let (server_rd, server_wr) = server.into_split();
+                    let up = pump(client_rd, server_wr, Arc::clone(&m), Arc::clone(&c));
+                    let down = pump(server_rd, client_wr, m, c);
+                    tokio::select! { _ = up => {}, _ = down => {} }
+                });
+            }
+        });
+        Self {
+            port,
+            mode,
+            changed,
+        }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    pub fn pass(&self) {
+        self.set(PASS);
+    }
+
+    pub fn blackhole(&self) {
+        self.set(BLACKHOLE);
+    }
+
+    pub fn drop_all(&self) {
+        self.set(DROP);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.drop_all();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: Arc<std::sync::atomic::AtomicU8>,
+    changed: Arc<tokio::sync::Notify>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = changed.notified() => {
+                if mode.load(Ordering::SeqCst) == DROP { return; }
+                continue;
+            }
+        };
+        // Hold the bytes while blackholed; give up on the connection when dropped.
+        loop {
+            match mode.load(Ordering::SeqCst) {
+                PASS => break,
+                DROP => return,
+                _ => {
+                    let notified = changed.notified();
+                    if mode.load(Ordering::SeqCst) == BLACKHOLE {
+                        notified.await;
+                    }
+                }
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }

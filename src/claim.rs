@@ -1,0 +1,369 @@
+//! Owning a claim: the guard that completes or releases it exactly once, the guard that
+//! releases a claim whose reply never arrived, and the time bound on every store call.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::lease::Registration;
+use crate::record::Record;
+use crate::store::{ErrorChain, LeaseToken, StoreError};
+
+/// How long the layer keeps trying to store an outcome while the store fails: ten minutes.
+/// The key stays claimed (and its lease extended whenever the store answers) meanwhile, so
+/// no retry runs the operation again; past this, the layer gives up and logs an `error`.
+pub(crate) const COMPLETION_RETRY_WINDOW: Duration = Duration::from_secs(600);
+/// The first pause before retrying a failed store call; it doubles up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+
+/// Runs one store call, giving up after `timeout` with [`StoreError::Timeout`].
+pub(crate) async fn bounded<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout_at(crate::time::deadline_after(timeout), call).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Timeout(timeout)),
+    }
+}
+
+/// A claim sent to the store whose answer is not in yet. If the answer never comes (the
+/// call failed or overran, or the request was dropped meanwhile), the claim may still have
+/// landed: it is released by its token, on a tracked task, so that no key stays blocked
+/// for a lease with nothing running.
+pub(crate) struct PendingClaim {
+    config: Arc<Config>,
+    key: StoreKey,
+    token: LeaseToken,
+    armed: bool,
+}
+
+impl PendingClaim {
+    pub(crate) fn new(config: &Arc<Config>, key: StoreKey) -> Self {
+        Self {
+            config: Arc::clone(config),
+            key,
+            token: LeaseToken::new(),
+            armed: true,
+        }
+    }
+
+    pub(crate) fn key(&self) -> &StoreKey {
+        &self.key
+    }
+
+    pub(crate) fn token(&self) -> LeaseToken {
+        self.token
+    }
+
+    /// The store answered that the key is someone else's (in flight or completed): nothing
+    /// of ours was left behind.
+    pub(crate) fn not_ours(mut self) {
+        self.armed = false;
+    }
+
+    /// The store answered that this claim owns the key.
+    pub(crate) fn acquired(mut self, fingerprint: Fingerprint) -> Claimed {
+        self.armed = false;
+        let key = self.key.take();
+        Claimed::new(Arc::clone(&self.config), key, self.token, fingerprint)
+    }
+
+    /// The claim failed or overran: release whatever it may have left.
+    pub(crate) fn failed(mut self) {
+        self.armed = false;
+        self.release_orphan("its reply was lost");
+    }
+
+    fn release_orphan(&self, why: &'static str) {
+        let store = Arc::clone(&self.config.store);
+        let key = self.key.clone();
+        let token = self.token;
+        let timeout = self.config.store_timeout;
+        // Past a lease from now, a claim that landed is free for the taking anyway.
+        let until = crate::time::deadline_after(self.config.lease);
+        self.config.work.spawn("orphan release", async move {
+            let mut pause = FIRST_PAUSE;
+            loop {
+                match bounded(timeout, store.release(&key, token)).await {
+                    Ok(()) => {
+                        tracing::warn!(
+                            key = key.client_key(),
+                            "released an idempotency claim whose request was not answered \
+                             by the store ({why}); a retry can run now"
+                        );
+                        return;
+                    }
+                    // Not (or not yet) landed, or not ours; a claim stuck on the wire may
+                    // still land, so look again until a lease has passed.
+                    Err(StoreError::LeaseLost) => {}
+                    Err(err) => tracing::warn!(
+                        key = key.client_key(),
+                        error = %ErrorChain(&err),
+                        "releasing an unanswered idempotency claim failed; retrying"
+                    ),
+                }
+                let now = tokio::time::Instant::now();
+                if now >= until {
+                    return;
+                }
+                tokio::time::sleep(crate::time::jittered(pause).min(until - now)).await;
+                pause = (pause * 2).min(MAX_PAUSE.max(timeout));
+            }
+        });
+    }
+}
+
+impl Drop for PendingClaim {
+    fn drop(&mut self) {
+        if self.armed {
+            self.armed = false;
+            self.release_orphan("the request was abandoned while its claim was on the wire");
+        }
+    }
+}
+
+/// Ownership of a claim: completes or releases it exactly once, and releases it if dropped
+/// unsettled (a panic, a cancelled operation). Its lease is kept alive until then.
+pub(crate) struct Claimed {
+    config: Arc<Config>,
+    key: StoreKey,
+    token: LeaseToken,
+    fingerprint: Fingerprint,
+    registration: Option<Registration>,
+    settled: bool,
+}
+
+impl Claimed {
+    fn new(
+        config: Arc<Config>,
+        key: StoreKey,
+        token: LeaseToken,
+        fingerprint: Fingerprint,
+    ) -> Self {
+        let registration = config.keeper.register(&config.renewal(), &key, token);
+        Self {
+            config,
+            key,
+            token,
+            fingerprint,
+            registration: Some(registration),
+            settled: false,
+        }
+    }
+
+    pub(crate) fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    pub(crate) fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    fn settle(&mut self) {
+        self.settled = true;
+        self.registration = None;
+    }
+
+    /// Frees the key so that a retry runs the operation. Waits for the first attempt (within
+    /// the store-call bound); further attempts, if it failed, go on in the background.
+    pub(crate) async fn release(mut self) {
+        self.settle();
+        let config = Arc::clone(&self.config);
+        release(config, self.key.clone(), self.token, false).await;
+    }
+
+    /// Stores the outcome. Tries for up to the store-call bound in all (a transient failure
+    /// is retried at once, with jittered backoff, and the response end waits for it); if
+    /// the store still fails, the claim moves to a tracked task that goes on retrying for
+    /// [`COMPLETION_RETRY_WINDOW`], keeping the lease alive, so that the response is not
+    /// held for a whole outage and the key never runs twice meanwhile.
+    pub(crate) async fn complete(mut self, record: Record) {
+        let inline_until = crate::time::deadline_after(self.config.store_timeout);
+        let mut pause = FIRST_PAUSE;
+        let mut failures = 0u32;
+        loop {
+            let err = match self.complete_once(&record, inline_until).await {
+                Ok(()) => {
+                    self.settle();
+                    if failures > 0 {
+                        tracing::info!(
+                            key = self.key.client_key(),
+                            failures,
+                            "idempotency record stored after failed attempts"
+                        );
+                    }
+                    return;
+                }
+                Err(StoreError::LeaseLost) => {
+                    self.settle();
+                    self.taken_over(failures > 0);
+                    return;
+                }
+                Err(err) => err,
+            };
+            failures += 1;
+            let now = tokio::time::Instant::now();
+            let wait = crate::time::jittered(pause);
+            if now + wait >= inline_until {
+                tracing::warn!(
+                    key = self.key.client_key(),
+                    error = %ErrorChain(&err),
+                    failures,
+                    "storing the idempotency record failed; retrying in the background, \
+                     the key stays claimed meanwhile"
+                );
+                let work = self.config.work.clone();
+                work.spawn("completion", self.complete_retrying(record, failures));
+                return;
+            }
+            tracing::warn!(
+                key = self.key.client_key(),
+                error = %ErrorChain(&err),
+                failures,
+                "storing the idempotency record failed; retrying"
+            );
+            tokio::time::sleep(wait).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    /// One attempt, bounded by the store-call bound and by `until`, if sooner.
+    async fn complete_once(
+        &self,
+        record: &Record,
+        until: tokio::time::Instant,
+    ) -> Result<(), StoreError> {
+        let store = &self.config.store;
+        let timeout = self.config.store_timeout;
+        let call = store.complete(&self.key, self.token, record.clone(), self.config.ttl);
+        match tokio::time::timeout_at(until.min(crate::time::deadline_after(timeout)), call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        }
+    }
+
+    async fn complete_retrying(mut self, record: Record, mut failures: u32) {
+        let give_up = crate::time::deadline_after(COMPLETION_RETRY_WINDOW);
+        let mut pause = FIRST_PAUSE;
+        loop {
+            tokio::time::sleep(crate::time::jittered(pause)).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+            let until = crate::time::deadline_after(self.config.store_timeout);
+            match self.complete_once(&record, until).await {
+                Ok(()) => {
+                    self.settle();
+                    tracing::info!(
+                        key = self.key.client_key(),
+                        failures,
+                        "idempotency record stored after failed attempts"
+                    );
+                    return;
+                }
+                Err(StoreError::LeaseLost) => {
+                    self.settle();
+                    self.taken_over(true);
+                    return;
+                }
+                Err(err) if tokio::time::Instant::now() >= give_up => {
+                    self.settle();
+                    tracing::error!(
+                        key = self.key.client_key(),
+                        error = %ErrorChain(&err),
+                        failures,
+                        "gave up storing the idempotency record; once its lease ends, a \
+                         retry with this key runs the operation again"
+                    );
+                    return;
+                }
+                Err(err) => {
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        tracing::warn!(
+                            key = self.key.client_key(),
+                            error = %ErrorChain(&err),
+                            failures,
+                            "storing the idempotency record failed again; retrying"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn taken_over(&self, after_failures: bool) {
+        if after_failures {
+            tracing::warn!(
+                key = self.key.client_key(),
+                "the idempotency key no longer belongs to this request: an earlier attempt \
+                 whose reply was lost stored the record, or another request took the key \
+                 over after the lease lapsed and its outcome is kept"
+            );
+        } else {
+            tracing::warn!(
+                key = self.key.client_key(),
+                "another request took the idempotency key over after this one's lease \
+                 lapsed; its outcome is kept and this one's is dropped"
+            );
+        }
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.settle();
+        let config = Arc::clone(&self.config);
+        let (key, token) = (self.key.clone(), self.token);
+        let work = config.work.clone();
+        work.spawn("release", release(config, key, token, true));
+    }
+}
+
+/// Releases a claim: one bounded attempt, then (if that failed) retries on a tracked task
+/// until the lease would have ended anyway.
+async fn release(config: Arc<Config>, key: StoreKey, token: LeaseToken, detached: bool) {
+    let timeout = config.store_timeout;
+    match bounded(timeout, config.store.release(&key, token)).await {
+        Ok(()) | Err(StoreError::LeaseLost) => return,
+        Err(err) => tracing::warn!(
+            key = key.client_key(),
+            error = %ErrorChain(&err),
+            "releasing the idempotency key failed; retrying"
+        ),
+    }
+    let until = crate::time::deadline_after(config.lease);
+    let retry = {
+        let config = Arc::clone(&config);
+        async move {
+            let mut pause = FIRST_PAUSE;
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= until {
+                    tracing::warn!(
+                        key = key.client_key(),
+                        "could not release the idempotency key; it is free once its lease ends"
+                    );
+                    return;
+                }
+                tokio::time::sleep(crate::time::jittered(pause).min(until - now)).await;
+                pause = (pause * 2).min(MAX_PAUSE);
+                match bounded(timeout, config.store.release(&key, token)).await {
+                    Ok(()) | Err(StoreError::LeaseLost) => return,
+                    Err(_) => {}
+                }
+            }
+        }
+    };
+    if detached {
+        retry.await;
+    } else {
+        config.work.clone().spawn("release", retry);
+    }
+}

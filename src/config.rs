@@ -1,0 +1,125 @@
+//! The layer's configuration, shared by the service, its futures and its bodies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderName, Method, StatusCode};
+
+use crate::fingerprint::Fingerprint;
+use crate::key::{KeyParsing, Scope};
+use crate::lease::{LeaseKeeper, Renewal};
+use crate::policy::{Disconnect, InFlight, MissingKey, StoreFailure};
+use crate::store::IdempotencyStore;
+use crate::tasks::DetachedWork;
+
+pub(crate) type CoverFn = dyn Fn(&Parts) -> bool + Send + Sync;
+pub(crate) type ScopeFn = dyn Fn(&Parts) -> Scope + Send + Sync;
+pub(crate) type FingerprintFn = dyn Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync;
+pub(crate) type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
+pub(crate) type GrpcFn = dyn Fn(u32) -> bool + Send + Sync;
+pub(crate) type HeaderFn = dyn Fn(&HeaderName) -> bool + Send + Sync;
+
+pub(crate) enum Cover {
+    Methods(Vec<Method>),
+    When(Arc<CoverFn>),
+}
+
+pub(crate) struct Config {
+    pub(crate) store: Arc<dyn IdempotencyStore>,
+    pub(crate) header: HeaderName,
+    pub(crate) parsing: KeyParsing,
+    pub(crate) max_key_len: usize,
+    pub(crate) missing: MissingKey,
+    pub(crate) cover: Cover,
+    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) fingerprint: Option<Arc<FingerprintFn>>,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) storable: Arc<StatusFn>,
+    pub(crate) grpc_storable: Arc<GrpcFn>,
+    pub(crate) replay_header: Option<Arc<HeaderFn>>,
+    pub(crate) lease: Duration,
+    pub(crate) ttl: Duration,
+    pub(crate) in_flight: InFlight,
+    pub(crate) store_failure: StoreFailure,
+    pub(crate) disconnect: Disconnect,
+    pub(crate) retry_after: Duration,
+    pub(crate) type_base: String,
+    pub(crate) link: bool,
+    pub(crate) store_timeout: Duration,
+    pub(crate) keeper: Arc<LeaseKeeper>,
+    pub(crate) work: DetachedWork,
+}
+
+impl Clone for Config {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            header: self.header.clone(),
+            parsing: self.parsing,
+            max_key_len: self.max_key_len,
+            missing: self.missing,
+            cover: match &self.cover {
+                Cover::Methods(m) => Cover::Methods(m.clone()),
+                Cover::When(f) => Cover::When(Arc::clone(f)),
+            },
+            scope: self.scope.clone(),
+            fingerprint: self.fingerprint.clone(),
+            max_request_body: self.max_request_body,
+            max_response_body: self.max_response_body,
+            storable: Arc::clone(&self.storable),
+            grpc_storable: Arc::clone(&self.grpc_storable),
+            replay_header: self.replay_header.clone(),
+            lease: self.lease,
+            ttl: self.ttl,
+            in_flight: self.in_flight,
+            store_failure: self.store_failure,
+            disconnect: self.disconnect,
+            retry_after: self.retry_after,
+            type_base: self.type_base.clone(),
+            link: self.link,
+            store_timeout: self.store_timeout,
+            // A fresh keeper: a derived configuration may have another lease.
+            keeper: Arc::new(LeaseKeeper::new()),
+            // One handle on detached work for every layer derived from this one.
+            work: self.work.clone(),
+        }
+    }
+}
+
+impl Config {
+    /// What the lease keeper needs to renew this configuration's claims.
+    pub(crate) fn renewal(&self) -> Renewal {
+        Renewal {
+            store: Arc::clone(&self.store),
+            lease: self.lease,
+            timeout: self.store_timeout,
+        }
+    }
+
+    pub(crate) fn covers(&self, parts: &Parts) -> bool {
+        match &self.cover {
+            Cover::Methods(methods) => methods.contains(&parts.method),
+            Cover::When(f) => f(parts),
+        }
+    }
+
+    pub(crate) fn scope_of(&self, parts: &Parts) -> Scope {
+        match &self.scope {
+            Some(f) => f(parts),
+            None => match parts.headers.get(http::header::AUTHORIZATION) {
+                Some(v) => Scope::of(v.as_bytes()),
+                None => Scope::anonymous(),
+            },
+        }
+    }
+
+    pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &Bytes) -> Fingerprint {
+        match &self.fingerprint {
+            Some(f) => f(parts, body),
+            None => Fingerprint::of_request(parts, body),
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The covered path of a request with a key: fingerprint → claim → decide (run, replay,
+//! 409, 422, wait), and the run itself.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::{BufferError, IdempotencyBody, RebuildBody, buffer};
+use crate::claim::{Claimed, PendingClaim, bounded};
+use crate::config::Config;
+use crate::key::{IdempotencyKey, StoreKey};
+use crate::outcome::{IdempotencyOutcome, REPLAYED_HEADER, mark, problem};
+use crate::policy::{Disconnect, InFlight, StoreFailure};
+use crate::problem::{Problem, ProblemKind};
+use crate::record::Record;
+use crate::record_body::Recorder;
+use crate::store::{Claim, ErrorChain, StoreError};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// The path of a covered request with a key.
+pub(crate) async fn flow<S, ReqBody, ResBody>(
+    inner: S,
+    mut parts: Parts,
+    body: ReqBody,
+    key: IdempotencyKey,
+    config: Arc<Config>,
+    grpc: bool,
+) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + RebuildBody + Send + 'static,
+    ReqBody::Error: fmt::Display,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
+{
+    let bytes = match buffer(body, config.max_request_body).await {
+        Ok(bytes) => bytes,
+        Err(BufferError::TooLarge) => {
+            let detail = format!(
+                "The request body is larger than {} bytes, the most this endpoint accepts.",
+                config.max_request_body
+            );
+            return Ok(problem(
+                &config,
+                grpc,
+                Problem::new(ProblemKind::RequestTooLarge, detail),
+                IdempotencyOutcome::Rejected,
+            ));
+        }
+        Err(BufferError::Read(err)) => {
+            let detail = format!("The request body could not be read: {err}");
+            return Ok(problem(
+                &config,
+                grpc,
+                Problem::new(ProblemKind::BodyUnreadable, detail),
+                IdempotencyOutcome::Rejected,
+            ));
+        }
+    };
+    let store_key = StoreKey::new(&config.scope_of(&parts), key.as_str());
+    let fingerprint = config.fingerprint_of(&parts, &bytes);
+    parts.extensions.insert(key);
+    let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
+    let store = Arc::clone(&config.store);
+
+    // The token is made here, before the claim is sent: if the answer never comes, the
+    // claim that may have landed is released by it (on every path, drops included).
+    let pending = PendingClaim::new(&config, store_key);
+    let mut claim = bounded(
+        config.store_timeout,
+        store.claim(pending.key(), &fingerprint, pending.token(), config.lease),
+    )
+    .await;
+    let mut waited = false;
+    loop {
+        let found = match claim {
+            Err(err) => {
+                pending.failed();
+                return store_failed(inner, req, &config, grpc, err).await;
+            }
+            Ok(found) => found,
+        };
+        match found {
+            Claim::Acquired(token) if token == pending.token() => {
+                return run(inner, req, pending.acquired(fingerprint)).await;
+            }
+            Claim::Acquired(_) => {
+                // A store that ignores the caller's token breaks the contract; nothing it
+                // made can be released by the layer, so refuse rather than run unfenced.
+                pending.failed();
+                let err = StoreError::backend(ForeignToken);
+                return store_failed(inner, req, &config, grpc, err).await;
+            }
+            Claim::Completed(record) => {
+                pending.not_ours();
+                if *record.fingerprint() != fingerprint {
+                    return Ok(mismatch(&config, grpc));
+                }
+                if record.is_tombstone() {
+                    let detail = format!(
+                        "The operation ran and answered {}, but its response was too large to \
+                         keep for replay. It will not run again with this key.",
+                        record.status()
+                    );
+                    return Ok(problem(
+                        &config,
+                        grpc,
+                        Problem::new(ProblemKind::ResponseNotStored, detail),
+                        IdempotencyOutcome::NotStored,
+                    ));
+                }
+                return Ok(replay(&record));
+            }
+            Claim::InFlight {
+                fingerprint: held,
+                lease_remaining,
+            } => {
+                if held != fingerprint {
+                    pending.not_ours();
+                    return Ok(mismatch(&config, grpc));
+                }
+                match config.in_flight {
+                    InFlight::Wait(timeout) if !waited => {
+                        waited = true;
+                        // Each step of the wait is a store call; the whole wait is bounded
+                        // by its own timeout plus one call.
+                        claim = bounded(
+                            timeout.saturating_add(config.store_timeout),
+                            store.wait(
+                                pending.key(),
+                                &fingerprint,
+                                pending.token(),
+                                config.lease,
+                                timeout,
+                            ),
+                        )
+                        .await;
+                        continue;
+                    }
+                    _ => {
+                        pending.not_ours();
+                        let after = lease_remaining
+                            .map_or(config.retry_after, |l| l.min(config.retry_after));
+                        let detail = "A request with this Idempotency-Key is still being \
+                                      processed; retry later to get its result.";
+                        return Ok(problem(
+                            &config,
+                            grpc,
+                            Problem::new(ProblemKind::KeyInUse, detail).retry_after(after),
+                            IdempotencyOutcome::InFlight,
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A store answered `Acquired` with a token other than the one the layer sent.
+#[derive(Debug, thiserror::Error)]
+#[error("the store acquired the key with a token other than the caller's (a contract violation)")]
+struct ForeignToken;
+
+fn mismatch<B>(config: &Config, grpc: bool) -> Response<IdempotencyBody<B>> {
+    let detail = "This Idempotency-Key was already used with a different request payload; \
+                  use a new key for a new request.";
+    problem(
+        config,
+        grpc,
+        Problem::new(ProblemKind::KeyReused, detail),
+        IdempotencyOutcome::Mismatch,
+    )
+}
+
+fn replay<B>(record: &Record) -> Response<IdempotencyBody<B>> {
+    let mut res = Response::new(IdempotencyBody::full(
+        record.body().clone(),
+        record.trailers().cloned(),
+    ));
+    *res.status_mut() = record.status();
+    *res.headers_mut() = record.headers().clone();
+    res.headers_mut()
+        .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    mark(res, IdempotencyOutcome::Replayed)
+}
+
+async fn store_failed<S, ReqBody, ResBody>(
+    mut inner: S,
+    req: Request<ReqBody>,
+    config: &Config,
+    grpc: bool,
+    err: StoreError,
+) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    let key = req
+        .extensions()
+        .get::<IdempotencyKey>()
+        .map_or("", |k| k.as_str());
+    match config.store_failure {
+        StoreFailure::FailClosed => {
+            tracing::warn!(
+                key,
+                error = %ErrorChain(&err),
+                "idempotency store failed; refusing the request"
+            );
+            Ok(problem(
+                config,
+                grpc,
+                Problem::new(
+                    ProblemKind::StoreUnavailable,
+                    "The idempotency store cannot be reached; nothing was done. Retry later.",
+                )
+                .retry_after(config.retry_after),
+                IdempotencyOutcome::StoreUnavailable,
+            ))
+        }
+        StoreFailure::FailOpen => {
+            tracing::warn!(
+                key,
+                error = %ErrorChain(&err),
+                "idempotency store failed; running the request without protection"
+            );
+            let res = inner.call(req).await?;
+            Ok(mark(
+                res.map(IdempotencyBody::passthrough),
+                IdempotencyOutcome::Unprotected,
+            ))
+        }
+    }
+}
+
+/// Runs the operation that owns the claim.
+async fn run<S, ReqBody, ResBody>(
+    mut inner: S,
+    req: Request<ReqBody>,
+    claimed: Claimed,
+) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Send,
+{
+    let fut = inner.call(req);
+    let config = Arc::clone(claimed.config());
+    let work = async move {
+        match fut.await {
+            Ok(res) => {
+                let (parts, body) = res.into_parts();
+                let mut recorder = Recorder::new(body, &parts, claimed);
+                // A response without frames (an empty body, a trailers-only gRPC answer)
+                // has no last frame to hold back: the head waits for the record instead,
+                // so it stays a single HEADERS frame and a retry still replays.
+                if recorder.ended_at_once() {
+                    recorder.settle_now().await;
+                }
+                let res = Response::from_parts(parts, IdempotencyBody::live(recorder));
+                Ok(mark(res, IdempotencyOutcome::Executed))
+            }
+            Err(err) => {
+                claimed.release().await;
+                Err(err)
+            }
+        }
+    };
+    if config.disconnect != Disconnect::Finish {
+        return work.await;
+    }
+    // If the client goes away and this future is dropped, the operation goes on by itself
+    // on a tracked task, and its response body (dropped unread) is drained and stored.
+    Detachable {
+        fut: Some(Box::pin(work)),
+        polling: false,
+        config,
+    }
+    .await
+}
+
+/// A future that, dropped before it ends, finishes on a tracked task instead.
+struct Detachable<T: Send + 'static> {
+    fut: Option<BoxFuture<T>>,
+    polling: bool,
+    config: Arc<Config>,
+}
+
+impl<T: Send + 'static> Future for Detachable<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let this = &mut *self;
+        let Some(fut) = this.fut.as_mut() else {
+            panic!("Detachable polled after completion");
+        };
+        // Still set if the operation panics inside `poll`: then it is dropped, not detached.
+        this.polling = true;
+        let out = fut.as_mut().poll(cx);
+        this.polling = false;
+        if out.is_ready() {
+            this.fut = None;
+        }
+        out
+    }
+}
+
+impl<T: Send + 'static> Drop for Detachable<T> {
+    fn drop(&mut self) {
+        if let Some(fut) = self.fut.take().filter(|_| !self.polling) {
+            self.config.work.spawn("detached operation", async move {
+                drop(fut.await);
+            });
+        }
+    }
+}

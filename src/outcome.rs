@@ -1,0 +1,80 @@
+//! What the layer did with a request, and the answers it gives of its own.
+
+use http::{HeaderName, Response};
+
+use crate::body::IdempotencyBody;
+use crate::config::Config;
+use crate::problem::Problem;
+
+/// The header that marks a replayed response: `Idempotent-Replayed: true`.
+pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// What the layer did with a request; found in the response's extensions for every covered
+/// request.
+///
+/// ```
+/// use tower_idempotency::IdempotencyOutcome;
+///
+/// fn log(res: &http::Response<()>) {
+///     if res.extensions().get::<IdempotencyOutcome>() == Some(&IdempotencyOutcome::Replayed) {
+///         println!("served from the idempotency store");
+///     }
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdempotencyOutcome {
+    /// The request was covered but had no key and keys are optional: it ran unprotected.
+    PassedThrough,
+    /// The operation ran for the first time.
+    Executed,
+    /// The stored outcome was replayed.
+    Replayed,
+    /// Another request with the key is in flight: `409`.
+    InFlight,
+    /// The key was used with another payload: `422`.
+    Mismatch,
+    /// The request was refused before anything ran (bad key, body too large): `400`/`413`.
+    Rejected,
+    /// The operation ran before but its response was too large to keep: `410`.
+    NotStored,
+    /// The store failed and the layer fails closed: `503`.
+    StoreUnavailable,
+    /// The store failed and the layer fails open: the request ran unprotected.
+    Unprotected,
+}
+
+impl IdempotencyOutcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::PassedThrough => "passed_through",
+            Self::Executed => "executed",
+            Self::Replayed => "replayed",
+            Self::InFlight => "in_flight",
+            Self::Mismatch => "mismatch",
+            Self::Rejected => "rejected",
+            Self::NotStored => "not_stored",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::Unprotected => "unprotected",
+        }
+    }
+}
+
+/// An answer of the layer's own: a problem body, or a gRPC status for gRPC requests.
+pub(crate) fn problem<B>(
+    config: &Config,
+    grpc: bool,
+    problem: Problem,
+    outcome: IdempotencyOutcome,
+) -> Response<IdempotencyBody<B>> {
+    let res = problem
+        .into_response(grpc, &config.type_base, config.link)
+        .map(|b| IdempotencyBody::full(b, None));
+    mark(res, outcome)
+}
+
+/// Puts the outcome in the response's extensions.
+pub(crate) fn mark<B>(mut res: Response<B>, outcome: IdempotencyOutcome) -> Response<B> {
+    res.extensions_mut().insert(outcome);
+    res
+}

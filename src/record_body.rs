@@ -1,0 +1,331 @@
+//! The recording response body: streams the inner body to the client while a copy
+//! accumulates, and releases the end of the response only once the record is stored.
+//!
+//! "The end" is whatever tells the client it has everything: the frame that carries the
+//! trailers, the frame after which the inner body reports its end, the frame that completes
+//! a declared `Content-Length` (after which an HTTP/1.1 server stops polling the body), or
+//! the end itself. That frame is held back while the record is stored (within the
+//! store-call bound), so a client that has the whole response and retries at once always
+//! meets the stored record, never `409`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::claim::Claimed;
+use crate::policy::{Disconnect, is_replayable_header};
+use crate::problem::is_grpc;
+use crate::record::Record;
+use crate::tasks::DetachedWork;
+
+type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The live response body of an operation's first run.
+pub(crate) struct Recorder<B> {
+    inner: Option<Pin<Box<B>>>,
+    recording: Option<Recording>,
+    completing: Option<BoxFuture>,
+    /// Frames that end the response, held until the record is stored.
+    held: VecDeque<Frame<Bytes>>,
+    /// The body's length as declared up front (`Content-Length` or an exact size hint).
+    declared: Option<u64>,
+    sent: u64,
+    /// Set while the inner body is being polled: still set in `drop` if it panicked.
+    polling: bool,
+    work: DetachedWork,
+    drain: fn(Pin<Box<B>>, Recording),
+}
+
+/// What is being recorded, and the claim it will settle.
+pub(crate) struct Recording {
+    claimed: Claimed,
+    status: StatusCode,
+    headers: HeaderMap,
+    chunks: Vec<Bytes>,
+    len: usize,
+    overflow: bool,
+    trailers: Option<HeaderMap>,
+}
+
+impl<B> Recorder<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
+{
+    pub(crate) fn new(body: B, parts: &http::response::Parts, claimed: Claimed) -> Self {
+        let config = claimed.config();
+        let work = config.work.clone();
+        let filter = config.replay_header.clone();
+        let mut headers = HeaderMap::with_capacity(parts.headers.len());
+        for (name, value) in &parts.headers {
+            if is_replayable_header(name) && filter.as_ref().is_none_or(|f| f(name)) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+            .or_else(|| body.size_hint().exact());
+        Self {
+            inner: Some(Box::pin(body)),
+            recording: Some(Recording {
+                claimed,
+                status: parts.status,
+                headers,
+                chunks: Vec::new(),
+                len: 0,
+                overflow: false,
+                trailers: None,
+            }),
+            completing: None,
+            held: VecDeque::new(),
+            declared,
+            sent: 0,
+            polling: false,
+            work,
+            drain: drain::<B>,
+        }
+    }
+
+    /// Whether the response has no frames at all (an empty body, a trailers-only gRPC
+    /// answer): then nothing can be held back, and the response itself must wait for the
+    /// record ([`Recorder::settle_now`]).
+    pub(crate) fn ended_at_once(&self) -> bool {
+        self.inner.as_ref().is_some_and(|b| b.is_end_stream())
+    }
+
+    /// Settles the claim now, for a response without frames.
+    pub(crate) async fn settle_now(&mut self) {
+        self.inner = None;
+        if let Some(recording) = self.recording.take() {
+            recording.finish().await;
+        }
+    }
+}
+
+impl<B> Recorder<B> {
+    /// The inner body ended: start storing.
+    fn finish(&mut self) {
+        self.inner = None;
+        if let Some(recording) = self.recording.take() {
+            self.completing = Some(Box::pin(recording.finish()));
+        }
+    }
+}
+
+/// Drains a body whose client went away, on a tracked task, and stores its outcome.
+fn drain<B>(inner: Pin<Box<B>>, recording: Recording)
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Send,
+{
+    let work = recording.claimed.config().work.clone();
+    let mut recorder = Recorder {
+        inner: Some(inner),
+        recording: Some(recording),
+        completing: None,
+        held: VecDeque::new(),
+        declared: None,
+        sent: 0,
+        polling: false,
+        work: work.clone(),
+        drain: drain::<B>,
+    };
+    work.spawn("drain", async move {
+        while let Some(frame) =
+            std::future::poll_fn(|cx| Pin::new(&mut recorder).poll_frame(cx)).await
+        {
+            if frame.is_err() {
+                break;
+            }
+        }
+    });
+}
+
+impl Recording {
+    fn observe(&mut self, frame: &Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            if self.overflow {
+                return;
+            }
+            self.len += data.len();
+            if self.len > self.claimed.config().max_response_body {
+                self.overflow = true;
+                self.chunks = Vec::new();
+            } else if !data.is_empty() {
+                self.chunks.push(data.clone());
+            }
+        } else if let Some(trailers) = frame.trailers_ref() {
+            match &mut self.trailers {
+                Some(existing) => existing.extend(trailers.clone()),
+                None => self.trailers = Some(trailers.clone()),
+            }
+        }
+    }
+
+    fn storable(&self) -> bool {
+        let config = self.claimed.config();
+        if is_grpc(&self.headers) && self.status == StatusCode::OK {
+            let code = self
+                .trailers
+                .as_ref()
+                .and_then(|t| t.get("grpc-status"))
+                .or_else(|| self.headers.get("grpc-status"))
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok());
+            return code.is_some_and(|c| (config.grpc_storable)(c));
+        }
+        (config.storable)(self.status)
+    }
+
+    /// The body ended: store the outcome, or release the key if it is not storable.
+    async fn finish(self) {
+        if !self.storable() {
+            self.claimed.release().await;
+            return;
+        }
+        let fingerprint = self.claimed.fingerprint();
+        let record = if self.overflow {
+            Record::tombstone(self.status, self.headers)
+        } else {
+            let body = match self.chunks.len() {
+                0 => Bytes::new(),
+                1 => self.chunks.into_iter().next().unwrap_or_default(),
+                _ => {
+                    let mut buf = BytesMut::with_capacity(self.len);
+                    for chunk in &self.chunks {
+                        buf.extend_from_slice(chunk);
+                    }
+                    buf.freeze()
+                }
+            };
+            Record::new(self.status, self.headers, body, self.trailers)
+        }
+        .with_fingerprint(fingerprint);
+        self.claimed.complete(record).await;
+    }
+
+    /// The body failed (or panicked) midway. A status that is not storable releases the
+    /// key, so a retry runs; otherwise the operation ran but its response is broken, and a
+    /// tombstone keeps it from running twice.
+    async fn fail(self) {
+        if !self.storable() {
+            self.claimed.release().await;
+            return;
+        }
+        let fingerprint = self.claimed.fingerprint();
+        let record = Record::tombstone(self.status, self.headers).with_fingerprint(fingerprint);
+        self.claimed.complete(record).await;
+    }
+}
+
+impl<B> Body for Recorder<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(completing) = &mut this.completing {
+                ready!(completing.as_mut().poll(cx));
+                this.completing = None;
+            }
+            let Some(inner) = &mut this.inner else {
+                return Poll::Ready(this.held.pop_front().map(Ok));
+            };
+            this.polling = true;
+            let polled = inner.as_mut().poll_frame(cx);
+            this.polling = false;
+            match ready!(polled) {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        this.sent += data.len() as u64;
+                    }
+                    if let Some(recording) = &mut this.recording {
+                        recording.observe(&frame);
+                    }
+                    if frame.is_trailers() || inner.is_end_stream() {
+                        this.held.push_back(frame);
+                        this.finish();
+                        continue;
+                    }
+                    // The declared length is complete: an HTTP/1.1 server stops here, so
+                    // this frame waits for the end of the inner body and the record.
+                    if !this.held.is_empty() || this.declared.is_some_and(|d| this.sent >= d) {
+                        this.held.push_back(frame);
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Some(Err(err)) => {
+                    this.inner = None;
+                    this.held.clear();
+                    if let Some(recording) = this.recording.take() {
+                        this.work.spawn("settle a failed body", recording.fail());
+                    }
+                    return Poll::Ready(Some(Err(err)));
+                }
+                None => this.finish(),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_none() && self.completing.is_none() && self.held.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held: u64 = self
+            .held
+            .iter()
+            .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+            .sum();
+        match &self.inner {
+            Some(inner) => {
+                let hint = inner.size_hint();
+                let mut out = SizeHint::new();
+                out.set_lower(hint.lower().saturating_add(held));
+                if let Some(upper) = hint.upper() {
+                    out.set_upper(upper.saturating_add(held));
+                }
+                out
+            }
+            None => SizeHint::with_exact(held),
+        }
+    }
+}
+
+impl<B> Drop for Recorder<B> {
+    fn drop(&mut self) {
+        if let Some(completing) = self.completing.take() {
+            // The client went away while the record was being stored: finish storing.
+            self.work.spawn("store", completing);
+            return;
+        }
+        let Some(recording) = self.recording.take() else {
+            return;
+        };
+        if self.polling {
+            // The inner body panicked: never poll it again; settle the claim once.
+            self.inner = None;
+            self.work.spawn("settle a panicked body", recording.fail());
+            return;
+        }
+        match (recording.claimed.config().disconnect, self.inner.take()) {
+            (Disconnect::Finish, Some(inner)) => (self.drain)(inner, recording),
+            // Dropping the claim releases it.
+            _ => drop(recording),
+        }
+    }
+}

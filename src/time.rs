@@ -1,0 +1,58 @@
+//! Instant arithmetic that cannot overflow, whatever duration a user configured.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// About thirty years: later than anything the layer waits for, far inside every platform's
+/// `Instant` range.
+const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `now + after`, saturating at a far future.
+pub(crate) fn deadline_after(after: Duration) -> Instant {
+    add(Instant::now(), after)
+}
+
+/// `at + after`, saturating at a far future.
+pub(crate) fn add(at: Instant, after: Duration) -> Instant {
+    at.checked_add(after.min(FAR))
+        .or_else(|| at.checked_add(FAR))
+        .unwrap_or(at)
+}
+
+/// A pause of `base` with up to a quarter of it added at random, so that many tasks that
+/// failed together do not retry together.
+pub(crate) fn jittered(base: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A randomly keyed hasher is a cheap source of a few random bits.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    let quarter = base / 4;
+    let nanos = u64::try_from(quarter.as_nanos()).unwrap_or(u64::MAX);
+    base + Duration::from_nanos(if nanos == 0 { 0 } else { h.finish() % nanos })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_overflows() {
+        let now = Instant::now();
+        assert!(add(now, Duration::MAX) > now);
+        assert!(deadline_after(Duration::MAX) > now);
+        assert_eq!(
+            add(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_a_quarter() {
+        for _ in 0..100 {
+            let j = jittered(Duration::from_millis(100));
+            assert!(j >= Duration::from_millis(100) && j <= Duration::from_millis(125));
+        }
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
+    }
+}

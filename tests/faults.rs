@@ -1,0 +1,148 @@
+//! Timing and infrastructure faults on one instance: an uncontested lease lapse, a failing
+//! heartbeat, lost and abandoned claims, background tasks across runtimes, and the events
+//! that make each of them visible.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{FaultStore, Runs, assert_problem, call, eventually, post};
+use tower::Layer;
+use tower_idempotency::{IdempotencyLayer, IdempotencyOutcome, MemoryStore};
+
+/// The heartbeat fails for the whole run, so the lease lapses; nobody else claims the key,
+/// so the owner still stores its outcome and the retry replays it: one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_completes_after_an_uncontested_lease_lapse() {
+    let store = FaultStore::new(MemoryStore::new());
+    store
+        .faults
+        .extend_failures
+        .store(usize::MAX, Ordering::SeqCst);
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone())
+        .lease(Duration::from_millis(200))
+        .layer(runs.handler(Duration::from_millis(700)));
+    let first = call(&svc, post(Some("lapse"), "{}")).await;
+    assert_eq!(first.status, 201);
+    assert!(
+        store.faults.extends.load(Ordering::SeqCst) >= 2,
+        "heartbeats were tried"
+    );
+    let retry = call(&svc, post(Some("lapse"), "{}")).await;
+    assert_eq!(
+        retry.outcome,
+        Some(IdempotencyOutcome::Replayed),
+        "{}",
+        retry.text()
+    );
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.started(), 1);
+}
+
+/// A failed heartbeat is retried at once (with a little jitter), not a whole period later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_heartbeat_is_retried_promptly() {
+    let store = FaultStore::new(MemoryStore::new());
+    store.faults.extend_failures.store(1, Ordering::SeqCst);
+    let runs = Runs::default();
+    // A period of 400 ms.
+    let svc = IdempotencyLayer::new(store.clone())
+        .lease(Duration::from_millis(1200))
+        .layer(runs.handler(Duration::from_millis(1000)));
+    let first = call(&svc, post(Some("beat"), "{}")).await;
+    assert_eq!(first.status, 201);
+    let times = store.faults.extend_times.lock().unwrap().clone();
+    assert!(
+        times.len() >= 2,
+        "a failed heartbeat must be retried: {times:?}"
+    );
+    let gap = times[1] - times[0];
+    assert!(
+        gap < Duration::from_millis(200),
+        "the retry came {gap:?} after the failure, half a period or more"
+    );
+}
+
+/// The claim lands but its reply is lost: the client gets 503 "nothing was done", and
+/// nothing is left behind: a retry runs at once instead of meeting 409 for a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_claim_reply_leaves_no_claim() {
+    let store = FaultStore::new(MemoryStore::new());
+    store.faults.claim_lost_replies.store(1, Ordering::SeqCst);
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone()).layer(runs.handler(Duration::ZERO));
+    let first = call(&svc, post(Some("lost"), "{}")).await;
+    assert_problem(&first, 503, "store-unavailable");
+    let releases = store.faults.releases.load(Ordering::SeqCst);
+    assert!(
+        releases >= 1,
+        "the layer releases the claim it may have made"
+    );
+    let retry = call(&svc, post(Some("lost"), "{}")).await;
+    assert_eq!(retry.status, 201, "{}", retry.text());
+    assert_eq!(runs.started(), 1);
+}
+
+/// The client goes away while its claim is on the wire: the claim it may have made is
+/// released, so the next attempt runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_claim_is_released() {
+    let store = FaultStore::new(MemoryStore::new());
+    store
+        .faults
+        .claim_reply_delay_ms
+        .store(300, Ordering::SeqCst);
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone()).layer(runs.handler(Duration::ZERO));
+    let gone = tokio::time::timeout(
+        Duration::from_millis(50),
+        tower::ServiceExt::oneshot(svc.clone(), post(Some("gone"), "{}")),
+    )
+    .await;
+    assert!(gone.is_err(), "the client gave up first");
+    store.faults.claim_reply_delay_ms.store(0, Ordering::SeqCst);
+    eventually("the abandoned claim is released", || {
+        store.faults.releases.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let retry = call(&svc, post(Some("gone"), "{}")).await;
+    assert_eq!(retry.status, 201, "{}", retry.text());
+    assert_eq!(runs.started(), 1);
+}
+
+/// One layer served by one runtime, then another: the lease keeper started on the first
+/// runtime died with it, and is started again on the second, so a long operation keeps its
+/// key and a duplicate gets 409 instead of a second run.
+#[test]
+fn background_tasks_survive_their_first_runtime() {
+    let store = MemoryStore::new();
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store)
+        .lease(Duration::from_millis(150))
+        .layer(runs.handler(Duration::from_millis(600)));
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    runtime().block_on(async {
+        let first = call(&svc, post(Some("rt-1"), "{}")).await;
+        assert_eq!(first.status, 201);
+    });
+    runtime().block_on(async {
+        let owner = tokio::spawn({
+            let svc = svc.clone();
+            async move { call(&svc, post(Some("rt-2"), "{}")).await }
+        });
+        // Well past the first lease: only a live keeper still holds the key.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let duplicate = call(&svc, post(Some("rt-2"), "{}")).await;
+        assert_problem(&duplicate, 409, "key-in-use");
+        assert_eq!(owner.await.unwrap().status, 201);
+    });
+    assert_eq!(runs.started(), 2);
+}

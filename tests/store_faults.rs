@@ -1,0 +1,233 @@
+//! Real servers that fail: a PostgreSQL behind a blackholing proxy, a paused private
+//! `redis-server`, and heartbeats that fail on both while nobody else claims the key.
+//! Skipped without `DATABASE_URL` / `REDIS_URL`.
+
+#![cfg(any(feature = "redis", feature = "postgres"))]
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{FaultStore, Runs, call, post};
+use tower::Layer;
+use tower_idempotency::{IdempotencyLayer, IdempotencyOutcome};
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use common::{FaultProxy, assert_problem};
+    use std::time::Instant;
+    use tower_idempotency::PostgresStore;
+    use tower_idempotency::sqlx::postgres::PgPoolOptions;
+
+    fn database_url() -> Option<String> {
+        let url = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty());
+        if url.is_none() {
+            println!("skipped: DATABASE_URL is not set");
+        }
+        url
+    }
+
+    /// A store whose pool reaches PostgreSQL through `proxy`.
+    async fn store_via(url: &str, proxy: &FaultProxy, table: &str) -> PostgresStore {
+        let mut options: tower_idempotency::sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+        options = options.host("127.0.0.1").port(proxy.port);
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let store = PostgresStore::new(pool).table(table);
+        store.migrate().await.unwrap();
+        store
+    }
+
+    async fn upstream(url: &str) -> std::net::SocketAddr {
+        let options: tower_idempotency::sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+        let host = if options.get_host().starts_with('/') {
+            "127.0.0.1"
+        } else {
+            options.get_host()
+        };
+        tokio::net::lookup_host((host, options.get_port()))
+            .await
+            .unwrap()
+            .next()
+            .unwrap()
+    }
+
+    /// With PostgreSQL blackholed, a request is answered `503` within the store-call bound,
+    /// not after the pool's 30 s; once the database is back, the same key runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blackholed_postgres_answers_within_the_bound() {
+        let Some(url) = database_url() else { return };
+        let proxy = FaultProxy::start(upstream(&url).await).await;
+        let store = store_via(&url, &proxy, "faults_blackhole").await;
+        let runs = Runs::default();
+        let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
+        let warm = call(&svc, post(Some(&uuid::Uuid::new_v4().to_string()), "{}")).await;
+        assert_eq!(warm.status, 201);
+
+        proxy.blackhole();
+        let key = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(8), call(&svc, post(Some(&key), "{}")))
+                .await
+                .expect("a blackholed store must not hold the request");
+        let took = started.elapsed();
+        assert_problem(&answer, 503, "store-unavailable");
+        assert!(took < Duration::from_secs(4), "answered after {took:?}");
+
+        proxy.pass();
+        let mut last = None;
+        for _ in 0..50 {
+            let answer = call(&svc, post(Some(&key), "{}")).await;
+            if answer.status == 201 {
+                last = Some(answer);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(last.is_some(), "the key runs once the database is back");
+        assert_eq!(runs.started(), 2);
+    }
+
+    /// The heartbeat fails for the whole run and the lease lapses, but nobody claims the key:
+    /// the owner's outcome is stored and replayed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn owner_completes_after_an_uncontested_lease_lapse() {
+        let Some(url) = database_url() else { return };
+        let pool = PgPoolOptions::new().connect(&url).await.unwrap();
+        let store = PostgresStore::new(pool);
+        store.migrate().await.unwrap();
+        super::uncontested_lapse(store).await;
+    }
+}
+
+#[cfg(feature = "redis")]
+mod redis {
+    use super::*;
+    use common::assert_problem;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+    use tower_idempotency::RedisStore;
+
+    /// A `redis-server` of the test's own, which it can pause (SIGSTOP) and kill.
+    struct PrivateRedis {
+        child: Child,
+        port: u16,
+    }
+
+    impl PrivateRedis {
+        fn start() -> Self {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be on PATH");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Self { child, port }
+        }
+
+        fn signal(&self, signal: &str) {
+            let status = Command::new("kill")
+                .args([signal, &self.child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    }
+
+    impl Drop for PrivateRedis {
+        fn drop(&mut self) {
+            self.signal("-CONT");
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn redis_configured() -> bool {
+        let set = std::env::var("REDIS_URL").is_ok_and(|u| !u.is_empty());
+        if !set {
+            println!("skipped: REDIS_URL is not set");
+        }
+        set
+    }
+
+    /// A paused Redis: `503` within the bound; after it resumes, no orphan claim is left
+    /// and the key runs at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paused_redis_answers_within_the_bound_and_leaves_no_claim() {
+        if !redis_configured() {
+            return;
+        }
+        let server = PrivateRedis::start();
+        let store = RedisStore::connect(&format!("redis://127.0.0.1:{}", server.port))
+            .await
+            .unwrap();
+        let runs = Runs::default();
+        let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
+        server.signal("-STOP");
+        let key = uuid::Uuid::new_v4().to_string();
+        let started = Instant::now();
+        let answer =
+            tokio::time::timeout(Duration::from_secs(8), call(&svc, post(Some(&key), "{}")))
+                .await
+                .expect("a paused store must not hold the request");
+        assert_problem(&answer, 503, "store-unavailable");
+        assert!(started.elapsed() < Duration::from_secs(4));
+        // The claim was sent and lands when the server resumes; the layer releases it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.signal("-CONT");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let retry = call(&svc, post(Some(&key), "{}")).await;
+        assert_eq!(retry.status, 201, "{}", retry.text());
+        assert_eq!(runs.started(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn owner_completes_after_an_uncontested_lease_lapse() {
+        if !redis_configured() {
+            return;
+        }
+        let url = std::env::var("REDIS_URL").unwrap();
+        super::uncontested_lapse(RedisStore::connect(&url).await.unwrap()).await;
+    }
+}
+
+async fn uncontested_lapse<S: tower_idempotency::IdempotencyStore + Clone>(store: S) {
+    let store = FaultStore::new(store);
+    store
+        .faults
+        .extend_failures
+        .store(usize::MAX, Ordering::SeqCst);
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone())
+        .lease(Duration::from_millis(200))
+        .layer(runs.handler(Duration::from_millis(700)));
+    let key = uuid::Uuid::new_v4().to_string();
+    let first = call(&svc, post(Some(&key), "{}")).await;
+    assert_eq!(first.status, 201);
+    let retry = call(&svc, post(Some(&key), "{}")).await;
+    assert_eq!(
+        retry.outcome,
+        Some(IdempotencyOutcome::Replayed),
+        "{}",
+        retry.text()
+    );
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.started(), 1);
+}
