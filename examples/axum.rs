@@ -14,8 +14,15 @@
 //!   that arrives while the first request runs, `wait` makes it wait for the result
 //!   (`IDEMPOTENCY_WAIT_MS`, default 10000);
 //! - `ORDER_LATENCY_MS` (default 0): how long creating an order takes;
+//! - `IDEMPOTENCY_LEASE_MS` (default 30000): the lease of a running operation;
 //! - `IDEMPOTENCY_LAYER` (default `on`): `off` serves the same routes without the layer,
-//!   for load comparisons.
+//!   for load comparisons;
+//! - `RUST_LOG` (default `info`): which events are logged (lost leases, store failures and
+//!   timeouts, orphan releases and takeovers are `warn`).
+//!
+//! On Ctrl-C or SIGTERM the demo stops taking requests, lets the ones in progress finish,
+//! then waits (up to 10 s) for the work the layer finishes in the background, so that no
+//! stored outcome is lost at shutdown.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,6 +72,8 @@ pub struct Settings {
     pub latency: Duration,
     /// Whether the layer is on.
     pub layer: bool,
+    /// The lease of a running operation.
+    pub lease: Duration,
 }
 
 impl Settings {
@@ -75,6 +84,12 @@ impl Settings {
             None => 0,
             Some(v) => v.parse().map_err(|_| {
                 format!("ORDER_LATENCY_MS must be a number of milliseconds, not {v:?}")
+            })?,
+        };
+        let lease_ms = match var("IDEMPOTENCY_LEASE_MS") {
+            None => 30_000,
+            Some(v) => v.parse().map_err(|_| {
+                format!("IDEMPOTENCY_LEASE_MS must be a number of milliseconds, not {v:?}")
             })?,
         };
         let wait_ms = match var("IDEMPOTENCY_WAIT_MS") {
@@ -107,6 +122,7 @@ impl Settings {
             store: var("IDEMPOTENCY_STORE").unwrap_or_else(|| "memory".to_owned()),
             in_flight,
             latency: Duration::from_millis(latency),
+            lease: Duration::from_millis(lease_ms),
         })
     }
 }
@@ -219,6 +235,12 @@ async fn show_order(State(state): State<AppState>, Path(id): Path<String>) -> im
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     if let Err(err) = serve().await {
         eprintln!("error: {err}");
         std::process::exit(1);
@@ -229,7 +251,10 @@ async fn main() {
 async fn serve() -> Result<(), String> {
     let settings = Settings::from_env()?;
     let store = open_store(&settings.store).await?;
-    let layer = IdempotencyLayer::new(store).on_in_flight(settings.in_flight);
+    let layer = IdempotencyLayer::new(store)
+        .on_in_flight(settings.in_flight)
+        .lease(settings.lease);
+    let work = layer.detached_work();
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
@@ -247,6 +272,37 @@ async fn serve() -> Result<(), String> {
     }
     let layer = settings.layer.then_some(layer);
     axum::serve(listener, app_with(layer, settings.latency))
+        .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    // The server took its last request; finish what the layer still holds (records of
+    // answers already sent, bodies drained for clients that left) before exiting.
+    match work.shutdown(Duration::from_secs(10)).await {
+        Ok(()) => println!("stopped; all idempotency work finished"),
+        Err(unfinished) => eprintln!("stopped: {unfinished}"),
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or, on Unix, SIGTERM.
+#[allow(dead_code)]
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
 }

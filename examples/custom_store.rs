@@ -173,6 +173,13 @@ impl IdempotencyStore for LockedMapStore {
 #[tokio::main]
 async fn main() {
     use axum::{Router, routing::post};
+    // `RUST_LOG` chooses the events (default `info`; the layer's faults are `warn`).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     use tower_idempotency::IdempotencyLayer;
 
     let app: Router = Router::new()

@@ -127,6 +127,13 @@ pub async fn serve(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // `RUST_LOG` chooses the events (default `info`; the layer's faults are `warn`).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let addr = std::env::var("LISTEN_ADDR")
         .ok()
         .filter(|a| !a.is_empty())
@@ -136,11 +143,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "orders service listening on http://{}",
         listener.local_addr()?
     );
-    serve(
-        listener,
-        IdempotencyLayer::new(MemoryStore::new()),
-        Orders::default(),
-    )
-    .await?;
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let work = layer.detached_work();
+    tokio::select! {
+        served = serve(listener, layer, Orders::default()) => served?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // Stop accepting, then let the layer finish what it holds (up to 10 s) before the
+    // runtime ends. (Connections still open are cut; a server that drains them first
+    // would wait for them here too, as axum's and tonic's graceful shutdowns do.)
+    if let Err(unfinished) = work.shutdown(std::time::Duration::from_secs(10)).await {
+        eprintln!("stopped: {unfinished}");
+    }
     Ok(())
 }

@@ -324,15 +324,39 @@ pub async fn serve<T: Orders>(
     layer: IdempotencyLayer,
     orders: T,
 ) -> Result<(), tonic::transport::Error> {
+    serve_until(listener, layer, orders, std::future::pending()).await
+}
+
+/// Serves until `signal` resolves, lets the calls in progress finish, then waits (up to
+/// 10 s) for the work the layer finishes in the background, so that no stored outcome is
+/// lost at shutdown.
+pub async fn serve_until<T: Orders>(
+    listener: tokio::net::TcpListener,
+    layer: IdempotencyLayer,
+    orders: T,
+    signal: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let work = layer.detached_work();
     Server::builder()
         .layer(layer)
         .add_service(OrdersServer::new(orders))
-        .serve_with_incoming(TcpIncoming::from(listener))
-        .await
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal)
+        .await?;
+    if let Err(unfinished) = work.shutdown(std::time::Duration::from_secs(10)).await {
+        eprintln!("stopped: {unfinished}");
+    }
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // `RUST_LOG` chooses the events (default `info`; the layer's faults are `warn`).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     let addr = std::env::var("LISTEN_ADDR")
         .ok()
         .filter(|a| !a.is_empty())
@@ -342,6 +366,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "orders gRPC service listening on {}",
         listener.local_addr()?
     );
-    serve(listener, layer(MemoryStore::new()), OrderBook::default()).await?;
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    serve_until(
+        listener,
+        layer(MemoryStore::new()),
+        OrderBook::default(),
+        ctrl_c,
+    )
+    .await?;
     Ok(())
 }

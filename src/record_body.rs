@@ -37,6 +37,9 @@ pub(crate) struct Recorder<B> {
     sent: u64,
     /// Set while the inner body is being polled: still set in `drop` if it panicked.
     polling: bool,
+    /// Already draining on a task of its own: dropped again (its runtime shutting down),
+    /// it settles the claim instead of draining once more.
+    detached: bool,
     work: DetachedWork,
     drain: fn(Pin<Box<B>>, Recording),
 }
@@ -88,6 +91,7 @@ where
             declared,
             sent: 0,
             polling: false,
+            detached: false,
             work,
             drain: drain::<B>,
         }
@@ -134,6 +138,7 @@ where
         declared: None,
         sent: 0,
         polling: false,
+        detached: true,
         work: work.clone(),
         drain: drain::<B>,
     };
@@ -323,7 +328,7 @@ impl<B> Drop for Recorder<B> {
             return;
         }
         match (recording.claimed.config().disconnect, self.inner.take()) {
-            (Disconnect::Finish, Some(inner)) => (self.drain)(inner, recording),
+            (Disconnect::Finish, Some(inner)) if !self.detached => (self.drain)(inner, recording),
             // Dropping the claim releases it.
             _ => drop(recording),
         }

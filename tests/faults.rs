@@ -146,3 +146,119 @@ fn background_tasks_survive_their_first_runtime() {
     });
     assert_eq!(runs.started(), 2);
 }
+
+/// Detached work is tracked: a client that drops its body midway leaves the rest to drain on
+/// a task; `shutdown` waits for it before the runtime ends, so a retry on a second instance
+/// (same store, new layer, new runtime) replays instead of running again. A trailers-only
+/// gRPC answer is stored before its head leaves.
+#[test]
+fn graceful_shutdown_keeps_detached_outcomes() {
+    use axum::body::Body;
+    use http::{Request, Response};
+    use std::convert::Infallible;
+
+    let store = MemoryStore::new();
+    let runs = Runs::default();
+    let handler = {
+        let runs = runs.clone();
+        tower::service_fn(move |req: Request<Body>| {
+            let n = runs.started.fetch_add(1, Ordering::SeqCst);
+            let grpc = req.headers().contains_key("te");
+            async move {
+                if grpc {
+                    return Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/grpc")
+                            .header("grpc-status", "5")
+                            .body(Body::empty())
+                            .unwrap(),
+                    );
+                }
+                // A body that takes a while: the client leaves after the first chunk.
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(async move {
+                    let _ = tx.send(bytes::Bytes::from(format!("run {n}, "))).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = tx.send(bytes::Bytes::from_static(b"done")).await;
+                });
+                Ok(Response::new(Body::new(ChannelBody(rx))))
+            }
+        })
+    };
+    let grpc_request = || {
+        Request::post("/orders")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("idempotency-key", "grpc-1")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let first_layer = IdempotencyLayer::new(store.clone());
+    let work = first_layer.detached_work();
+    let svc = first_layer.layer(handler.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let res = tower::ServiceExt::oneshot(svc.clone(), post(Some("drained"), "{}"))
+            .await
+            .unwrap();
+        let mut body = res.into_body();
+        let first = std::future::poll_fn(|cx| {
+            http_body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
+        })
+        .await;
+        assert!(first.is_some(), "the client read the first chunk");
+        drop(body);
+        let grpc = call(&svc, grpc_request()).await;
+        assert!(
+            grpc.body.is_empty() && grpc.trailers.is_none(),
+            "trailers-only"
+        );
+        assert_eq!(work.pending(), 1, "the drained body is tracked");
+        work.shutdown(Duration::from_secs(5))
+            .await
+            .expect("the detached work finishes before the deadline");
+    });
+    drop(runtime);
+
+    let second = IdempotencyLayer::new(store).layer(handler);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let retry = call(&second, post(Some("drained"), "{}")).await;
+        assert_eq!(
+            retry.outcome,
+            Some(IdempotencyOutcome::Replayed),
+            "{}",
+            retry.text()
+        );
+        assert_eq!(retry.text(), "run 0, done");
+        let grpc = call(&second, grpc_request()).await;
+        assert_eq!(grpc.outcome, Some(IdempotencyOutcome::Replayed));
+        assert_eq!(grpc.headers["grpc-status"], "5");
+    });
+    assert_eq!(runs.started(), 2, "each operation ran once");
+}
+
+/// A body fed through a channel, frame by frame.
+struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}

@@ -1,0 +1,151 @@
+//! Faults are visible: lost claims, orphan releases, store failures and takeovers are `warn`
+//! events that name the client's key, and never the caller's scope (a hash of a credential).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{FaultStore, Runs, call, eventually};
+use tower::Layer;
+use tower_idempotency::{IdempotencyLayer, MemoryStore, Scope};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+
+/// One captured event: its level and every field, as text.
+#[derive(Debug, Clone)]
+struct Event {
+    level: tracing::Level,
+    fields: Vec<(String, String)>,
+}
+
+impl Event {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn message(&self) -> &str {
+        self.field("message").unwrap_or("")
+    }
+}
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<Event>>>);
+
+impl Capture {
+    fn events(&self) -> Vec<Event> {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn warnings_about(&self, key: &str, needle: &str) -> Vec<Event> {
+        self.events()
+            .into_iter()
+            .filter(|e| e.level == tracing::Level::WARN)
+            .filter(|e| e.field("key") == Some(key) && e.message().contains(needle))
+            .collect()
+    }
+}
+
+struct Fields<'a>(&'a mut Vec<(String, String)>);
+
+impl Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name().to_owned(), format!("{value:?}")));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.push((field.name().to_owned(), value.to_owned()));
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let mut fields = Vec::new();
+        event.record(&mut Fields(&mut fields));
+        self.0.lock().unwrap().push(Event {
+            level: *event.metadata().level(),
+            fields,
+        });
+    }
+}
+
+fn request(key: &str) -> http::Request<axum::body::Body> {
+    http::Request::post("/orders")
+        .header("content-type", "application/json")
+        .header("authorization", "Basic c2VjcmV0OnNlY3JldA==")
+        .header("idempotency-key", key)
+        .body(axum::body::Body::from("{}"))
+        .unwrap()
+}
+
+/// Everything below runs on one thread, inside the capturing subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn faults_are_warn_events_with_the_key_and_never_the_scope() {
+    let capture = Capture::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
+    let store = FaultStore::new(MemoryStore::new());
+    let runs = Runs::default();
+
+    // A lost claim reply: a store failure, then the release of the orphan claim.
+    store.faults.claim_lost_replies.store(1, Ordering::SeqCst);
+    let svc = IdempotencyLayer::new(store.clone()).layer(runs.handler(Duration::ZERO));
+    let refused = call(&svc, request("lost-1")).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(capture.warnings_about("lost-1", "store failed").len(), 1);
+    eventually("the orphan release is logged", || {
+        !capture.warnings_about("lost-1", "released").is_empty()
+    })
+    .await;
+
+    // A store call that overruns its bound.
+    store
+        .faults
+        .claim_reply_delay_ms
+        .store(300, Ordering::SeqCst);
+    let slow = IdempotencyLayer::new(store.clone())
+        .store_timeout(Duration::from_millis(50))
+        .layer(runs.handler(Duration::ZERO));
+    assert_eq!(call(&slow, request("slow-1")).await.status, 503);
+    let timeouts = capture.warnings_about("slow-1", "store failed");
+    assert!(
+        timeouts[0]
+            .field("error")
+            .unwrap()
+            .contains("did not answer"),
+        "{timeouts:?}"
+    );
+    store.faults.claim_reply_delay_ms.store(0, Ordering::SeqCst);
+
+    // A takeover: the first owner's heartbeat fails, its lease lapses, a retry takes the key
+    // over; the first owner's outcome is dropped, and says so.
+    store
+        .faults
+        .extend_failures
+        .store(usize::MAX, Ordering::SeqCst);
+    let lapsing = IdempotencyLayer::new(store.clone())
+        .lease(Duration::from_millis(100))
+        .layer(runs.handler(Duration::from_millis(400)));
+    let owner = tokio::spawn({
+        let svc = lapsing.clone();
+        async move { call(&svc, request("taken-1")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let fast = IdempotencyLayer::new(store.clone()).layer(runs.handler(Duration::ZERO));
+    assert_eq!(call(&fast, request("taken-1")).await.status, 201);
+    assert_eq!(owner.await.unwrap().status, 201);
+    assert_eq!(capture.warnings_about("taken-1", "took").len(), 1);
+    assert!(!capture.warnings_about("taken-1", "extending").is_empty());
+
+    // The scope derived from the credential appears in no event.
+    let scope = Scope::of(b"Basic c2VjcmV0OnNlY3JldA==");
+    for event in capture.events() {
+        for (_, value) in &event.fields {
+            assert!(!value.contains(scope.as_str()), "{event:?}");
+        }
+    }
+}
