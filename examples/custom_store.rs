@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 use tower_idempotency::{
     Claim, Fingerprint, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, Record, StoreError,
-    StoreKey,
+    StoreKey, takeover_grace,
 };
 
 /// What a key holds.
@@ -34,6 +34,8 @@ enum Entry {
         token: LeaseToken,
         fingerprint: Fingerprint,
         until: Instant,
+        /// A claim found the lease lapsed and gave the owner a grace period.
+        contested: bool,
     },
     /// The operation ran; its record is replayed until `until`.
     Done { record: Arc<Record>, until: Instant },
@@ -105,6 +107,23 @@ impl IdempotencyStore for LockedMapStore {
             entries.retain(|_, e| e.kept_until() > now);
         }
         // Expired entries are invisible: treat them as absent.
+        // A lapsed lease is contested once before it is taken over: the owner may only be
+        // cut off from the store, and gets `takeover_grace` to extend it.
+        if let Some(Entry::Claimed {
+            fingerprint,
+            until,
+            contested: contested @ false,
+            ..
+        }) = entries.get_mut(key.as_str())
+            && *until <= now
+        {
+            *contested = true;
+            *until = now + takeover_grace(lease);
+            return Ok(Claim::InFlight {
+                fingerprint: *fingerprint,
+                lease_remaining: Some(takeover_grace(lease)),
+            });
+        }
         match entries.get(key.as_str()).filter(|e| e.until() > now) {
             Some(Entry::Claimed {
                 fingerprint, until, ..
@@ -122,6 +141,7 @@ impl IdempotencyStore for LockedMapStore {
                         token,
                         fingerprint: *fingerprint,
                         until: now + lease,
+                        contested: false,
                     },
                 );
                 Ok(Claim::Acquired(token))
@@ -160,8 +180,12 @@ impl IdempotencyStore for LockedMapStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.owned(key, token, |entries| {
-            if let Some(Entry::Claimed { until, .. }) = entries.get_mut(key.as_str()) {
+            if let Some(Entry::Claimed {
+                until, contested, ..
+            }) = entries.get_mut(key.as_str())
+            {
                 *until = Instant::now() + lease;
+                *contested = false;
             }
         })
     }

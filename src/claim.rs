@@ -10,7 +10,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::lease::Registration;
 use crate::record::Record;
-use crate::store::{ErrorChain, LeaseToken, StoreError};
+use crate::store::{Claim, ErrorChain, LeaseToken, StoreError};
 
 /// How long the layer keeps trying to store an outcome while the store fails: ten minutes.
 /// The key stays claimed (and its lease extended whenever the store answers) meanwhile, so
@@ -201,7 +201,7 @@ impl Claimed {
                 }
                 Err(StoreError::LeaseLost) => {
                     self.settle();
-                    self.taken_over(failures > 0);
+                    self.taken_over(failures > 0, record);
                     return;
                 }
                 Err(err) => err,
@@ -266,7 +266,7 @@ impl Claimed {
                 }
                 Err(StoreError::LeaseLost) => {
                     self.settle();
-                    self.taken_over(true);
+                    self.taken_over(true, record);
                     return;
                 }
                 Err(err) if tokio::time::Instant::now() >= give_up => {
@@ -295,21 +295,75 @@ impl Claimed {
         }
     }
 
-    fn taken_over(&self, after_failures: bool) {
-        if after_failures {
-            tracing::warn!(
-                key = self.key.client_key(),
-                "the idempotency key no longer belongs to this request: an earlier attempt \
-                 whose reply was lost stored the record, or another request took the key \
-                 over after the lease lapsed and its outcome is kept"
-            );
-        } else {
-            tracing::warn!(
-                key = self.key.client_key(),
-                "another request took the idempotency key over after this one's lease \
-                 lapsed; its outcome is kept and this one's is dropped"
-            );
+    /// The token no longer owns the key: another claim took it over after the lease lapsed
+    /// (or an earlier attempt whose reply was lost stored the record). The operation ran and
+    /// its outcome is in hand, so it is not thrown away: if the key is free again (the other
+    /// claim was released: its request gave up, or its outcome was not storable), it is
+    /// claimed anew and this outcome stored; if a record exists, it is kept.
+    fn taken_over(&self, after_failures: bool, record: Record) {
+        tracing::warn!(
+            key = self.key.client_key(),
+            after_failures,
+            "the idempotency key was taken over by another request after this one's lease \
+             lapsed; this outcome is stored if the key is freed again, otherwise the other \
+             request's outcome is kept"
+        );
+        let config = Arc::clone(&self.config);
+        let (key, fingerprint) = (self.key.clone(), self.fingerprint);
+        let work = config.work.clone();
+        work.spawn("store after takeover", async move {
+            store_when_free(config, key, fingerprint, record).await;
+        });
+    }
+}
+
+/// Claims `key` again whenever it is free and stores `record` under it; stops when a record
+/// exists (another's or an earlier attempt's), or after [`COMPLETION_RETRY_WINDOW`].
+async fn store_when_free(
+    config: Arc<Config>,
+    key: StoreKey,
+    fingerprint: Fingerprint,
+    record: Record,
+) {
+    let give_up = crate::time::deadline_after(COMPLETION_RETRY_WINDOW);
+    let store = &config.store;
+    let timeout = config.store_timeout;
+    let mut pause = FIRST_PAUSE;
+    while tokio::time::Instant::now() < give_up {
+        let token = LeaseToken::new();
+        match bounded(
+            timeout,
+            store.claim(&key, &fingerprint, token, config.lease),
+        )
+        .await
+        {
+            Ok(Claim::Acquired(_)) => {
+                let stored = bounded(
+                    timeout,
+                    store.complete(&key, token, record.clone(), config.ttl),
+                )
+                .await;
+                match stored {
+                    Ok(()) => {
+                        tracing::warn!(
+                            key = key.client_key(),
+                            "the key was free again: this request's outcome is stored"
+                        );
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = bounded(timeout, store.release(&key, token)).await;
+                    }
+                }
+            }
+            Ok(Claim::Completed(_)) => return,
+            Ok(Claim::InFlight { .. }) => {}
+            Err(_) => {
+                let _ = bounded(timeout, store.release(&key, token)).await;
+            }
         }
+        tokio::time::sleep(crate::time::jittered(pause)).await;
+        pause = (pause * 2).min(MAX_PAUSE / 2);
     }
 }
 

@@ -31,7 +31,8 @@
 //! | [`empty_and_large_records`] | empty and 1 MiB bodies, records without trailers, tombstones |
 //! | [`fencing`] | stale tokens change nothing and get `LeaseLost` |
 //! | [`release_frees_key`] | a released key is claimed again with a fresh token |
-//! | [`lease_expiry`] | an expired claim is reclaimed; the old owner's `complete` is refused |
+//! | [`lease_expiry`] | a lapsed claim is contested first, then taken over; the old owner's `complete` is refused |
+//! | [`extend_ends_a_contest`] | the owner of a contested lease keeps the key by extending it |
 //! | [`lapsed_owner_still_completes`] | fencing by token: a lapsed lease nobody took over can still be completed, extended or released |
 //! | [`release_by_callers_token`] | the caller's token releases a claim whose reply was lost; a losing claim's token releases nothing |
 //! | [`extend_keeps_claim`] | an extended claim outlives its first lease |
@@ -49,7 +50,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use crate::fingerprint::Fingerprint;
 use crate::key::{Scope, StoreKey};
 use crate::record::Record;
-use crate::store::{Claim, IdempotencyStore, LeaseToken, StoreError};
+use crate::store::{Claim, IdempotencyStore, LeaseToken, StoreError, takeover_grace};
 
 #[doc(hidden)]
 pub mod __private {
@@ -311,27 +312,86 @@ pub async fn release_frees_key<S: IdempotencyStore + ?Sized>(store: &S) {
     );
 }
 
-/// A claim whose lease ran out is reclaimed; the stale owner's `complete` is refused and
-/// the new owner's succeeds.
+/// A claim whose lease ran out is contested first, then taken over: the first claim after
+/// the lapse is answered in flight and gives the owner [`takeover_grace`] more; a claim
+/// after that acquires, and the stale owner's `complete` and `extend` are then refused.
 pub async fn lease_expiry<S: IdempotencyStore + ?Sized>(store: &S) {
     let key = fresh_key();
     let lease = Duration::from_millis(300);
+    acquire(store, &key, &fp(1), lease).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    match store.claim(&key, &fp(2), LeaseToken::new(), LEASE).await {
+        Ok(Claim::InFlight {
+            fingerprint,
+            lease_remaining,
+        }) => {
+            assert_eq!(
+                fingerprint,
+                fp(1),
+                "a contested claim keeps its fingerprint"
+            );
+            if let Some(rest) = lease_remaining {
+                assert!(
+                    rest <= takeover_grace(LEASE),
+                    "a contested claim's remaining time is at most the grace: {rest:?}"
+                );
+            }
+        }
+        other => {
+            panic!("the first claim after a lapse must be InFlight (contested), got {other:?}")
+        }
+    }
+    // The grace is half the contesting claim's lease (15 s above); a short one here.
+    let key = fresh_key();
     let stale = acquire(store, &key, &fp(1), lease).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(matches!(
+        store.claim(&key, &fp(1), LeaseToken::new(), lease).await,
+        Ok(Claim::InFlight { .. })
+    ));
+    tokio::time::sleep(takeover_grace(lease) + Duration::from_millis(100)).await;
     let fresh = acquire(store, &key, &fp(1), LEASE).await;
     expect_lost(
         store.complete(&key, stale, tricky_record(), TTL).await,
-        "complete after the lease expired",
+        "complete after the key was taken over",
     );
     expect_lost(
         store.extend(&key, stale, LEASE).await,
-        "extend after the lease expired",
+        "extend after the key was taken over",
     );
     store
         .complete(&key, fresh, tricky_record(), TTL)
         .await
         .expect("the new owner's complete must succeed");
     assert_eq!(*expect_completed(store, &key).await, tricky_record());
+}
+
+/// An owner that extends its contested lease keeps the key: the contest is over.
+pub async fn extend_ends_a_contest<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let lease = Duration::from_millis(300);
+    let owner = acquire(store, &key, &fp(1), lease).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(matches!(
+        store.claim(&key, &fp(1), LeaseToken::new(), lease).await,
+        Ok(Claim::InFlight { .. })
+    ));
+    store
+        .extend(&key, owner, lease)
+        .await
+        .expect("the owner of a contested lease can extend it");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        matches!(
+            store.claim(&key, &fp(1), LeaseToken::new(), lease).await,
+            Ok(Claim::InFlight { .. })
+        ),
+        "an extended lease is held again"
+    );
+    store
+        .complete(&key, owner, tricky_record(), TTL)
+        .await
+        .expect("the owner completes");
 }
 
 /// Fencing is by token, not by clock: an owner whose lease ran out while nobody claimed the
@@ -588,7 +648,8 @@ macro_rules! store_conformance_tests {
             $crate::store_conformance_tests!(@tests $make;
                 claim_then_in_flight, atomic_claim, distinct_keys, round_trip,
                 empty_and_large_records, fencing, release_frees_key, lease_expiry,
-                lapsed_owner_still_completes, release_by_callers_token, extend_keeps_claim, ttl_expiry, wait_sees_completion,
+                extend_ends_a_contest, lapsed_owner_still_completes, release_by_callers_token,
+                extend_keeps_claim, ttl_expiry, wait_sees_completion,
                 wait_acquires_after_release, wait_times_out);
         }
     };

@@ -124,5 +124,7 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
-pub use store::{Claim, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, StoreError};
+pub use store::{
+    Claim, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, StoreError, takeover_grace,
+};
 pub use tasks::{DetachedWork, Unfinished};

@@ -169,11 +169,14 @@ async fn heartbeat_keeps_the_key<S: IdempotencyStore + Clone>(store: S) {
     assert_eq!(runs.started(), 1);
 }
 
-/// Another instance claimed the key and died: requests get 409 until its lease ends, then
-/// the operation runs.
+/// Another instance claimed the key and died: requests get 409 until its lease ends, the
+/// first one after that contests the lapsed lease (409 for half a lease more, time for a
+/// live owner to extend), then the operation runs.
 async fn crashed_owner_blocks_only_for_its_lease<S: IdempotencyStore + Clone>(store: S) {
     let runs = Runs::default();
-    let svc = IdempotencyLayer::new(store.clone()).layer(runs.handler(Duration::ZERO));
+    let svc = IdempotencyLayer::new(store.clone())
+        .lease(ms(500))
+        .layer(runs.handler(Duration::ZERO));
     let key = fresh_key();
     let claimed_at = Instant::now();
     let claim = store
@@ -193,6 +196,13 @@ async fn crashed_owner_blocks_only_for_its_lease<S: IdempotencyStore + Clone>(st
     assert_eq!(runs.started(), 0);
 
     tokio::time::sleep_until(claimed_at + ms(700)).await;
+    let contested = send(&svc, &key).await;
+    assert_problem(&contested, 409, "key-in-use");
+    assert!(
+        contested.headers["retry-after"] == "1",
+        "Retry-After stays within the grace"
+    );
+    tokio::time::sleep(ms(350)).await;
     let answer = send(&svc, &key).await;
     assert_eq!(answer.status, StatusCode::CREATED, "{answer:?}");
     assert_eq!(answer.outcome, Some(IdempotencyOutcome::Executed));

@@ -82,7 +82,9 @@ async fn heartbeat_keeps_a_slow_operation_claimed() {
 async fn a_crashed_owner_blocks_its_key_only_for_its_lease() {
     let store = MemoryStore::new();
     let tracked = Runs::default();
-    let svc = IdempotencyLayer::new(store.clone()).layer(tracked.handler(Duration::ZERO));
+    let svc = IdempotencyLayer::new(store.clone())
+        .lease(Duration::from_millis(300))
+        .layer(tracked.handler(Duration::ZERO));
     // Another instance claimed the key and died: nobody will complete or extend it.
     let (parts, ()) = Request::post("/orders")
         .header("content-type", "application/json")
@@ -102,6 +104,9 @@ async fn a_crashed_owner_blocks_its_key_only_for_its_lease() {
     assert!(matches!(claim, Claim::Acquired(_)));
     assert_eq!(call(&svc, post(Some("crash"), "{}")).await.status, 409);
     tokio::time::sleep(Duration::from_millis(400)).await;
+    // The first claim after the lapse contests it: half a lease for a live owner to answer.
+    assert_eq!(call(&svc, post(Some("crash"), "{}")).await.status, 409);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let answer = call(&svc, post(Some("crash"), "{}")).await;
     assert_eq!(answer.status, 201);
     assert_eq!(tracked.finished(), 1);
@@ -131,8 +136,11 @@ async fn lost_lease_never_overwrites_the_new_owner() {
         let svc = svc.clone();
         async move { call(&svc, post(Some("lost"), "{}")).await }
     });
-    // The store cannot extend, so the first lease runs out and a retry takes over.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The store cannot extend, so the first lease runs out, a retry contests it, and the
+    // next retry takes over.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(call(&svc, post(Some("lost"), "{}")).await.status, 409);
+    tokio::time::sleep(Duration::from_millis(80)).await;
     let second = call(&svc, post(Some("lost"), "{}")).await;
     assert_eq!(second.body, "run 1");
     assert_eq!(first.await.unwrap().body, "run 0");

@@ -472,10 +472,13 @@ async fn sweep_deletes_expired_rows_only() {
         "two records expired"
     );
     assert_eq!(count_rows(&pool, &table).await, 5);
-    // The lapsed claims are kept for their owners, but free for a new claim.
+    // The lapsed claims are kept for their owners: a new claim contests them.
     for i in 0..3 {
         let k = key(&format!("lease-{i}"));
-        acquire(&store, &k, long).await;
+        let claim = store
+            .claim(&k, &fp(1), tower_idempotency::LeaseToken::new(), short)
+            .await;
+        assert!(matches!(claim, Ok(Claim::InFlight { .. })), "{claim:?}");
     }
     // Past the retention, a lapsed claim is swept (aged here by moving its deadline back).
     tower_idempotency::sqlx::query(tower_idempotency::sqlx::AssertSqlSafe(format!(

@@ -85,6 +85,9 @@ enum State {
         token: LeaseToken,
         fingerprint: Fingerprint,
         waiters: Option<Arc<Notify>>,
+        /// A claim found the lease lapsed and gave the owner a grace period to show it is
+        /// alive (see [`IdempotencyStore`]'s contract); the next lapse is a takeover.
+        contested: bool,
     },
     Completed(Arc<Record>),
 }
@@ -217,6 +220,7 @@ impl MemoryStore {
                     token,
                     fingerprint: *fingerprint,
                     waiters: None,
+                    contested: false,
                 },
                 expires_at: time::add(now, lease),
                 size,
@@ -239,6 +243,23 @@ impl MemoryStore {
         match inner.map.entry(key.as_str().to_owned()) {
             MapEntry::Occupied(mut occupied) => {
                 let entry = occupied.get_mut();
+                if entry.expires_at <= now
+                    && let State::InFlight {
+                        contested: contested @ false,
+                        fingerprint,
+                        ..
+                    } = &mut entry.state
+                {
+                    // A lapsed lease: the owner gets a grace period to show it is alive
+                    // (a store outage, not a crash) before a claim takes the key over.
+                    *contested = true;
+                    let grace = super::takeover_grace(lease);
+                    entry.expires_at = time::add(now, grace);
+                    return Claim::InFlight {
+                        fingerprint: *fingerprint,
+                        lease_remaining: Some(grace),
+                    };
+                }
                 if entry.expires_at <= now {
                     entry.wake();
                     inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
@@ -438,6 +459,9 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<(), StoreError> {
         self.with_owned(key, token, |entry| {
             entry.expires_at = time::deadline_after(lease);
+            if let State::InFlight { contested, .. } = &mut entry.state {
+                *contested = false;
+            }
         })
     }
 

@@ -100,6 +100,19 @@ impl fmt::Debug for LeaseToken {
 /// `complete` for ten minutes.
 pub const ORPHAN_RETENTION: Duration = Duration::from_secs(3600);
 
+/// How long a lapsed lease is contested before a claim takes the key over: half the lease
+/// (at least 1 ms).
+///
+/// The first claim that finds a lease lapsed does not take the key: it marks the claim
+/// contested, answers [`Claim::InFlight`], and gives the owner this long to show it is alive
+/// (an `extend` clears the mark; a `complete` settles the key). Only a claim after that
+/// takes the key over. An owner cut off by a store outage longer than its lease thus gets
+/// the first word once the store is back, instead of racing the retries of its own
+/// clients; a crashed owner blocks its key for about one and a half leases.
+pub fn takeover_grace(lease: Duration) -> Duration {
+    (lease / 2).max(Duration::from_millis(1))
+}
+
 /// The answer to a claim.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -164,6 +177,9 @@ impl StoreError {
 ///   over; until one does, the owner can still complete, release or extend it. Judge the
 ///   lease deadline by one clock (the server's, for a shared store), and keep a lapsed,
 ///   untaken claim for at least [`ORPHAN_RETENTION`] before reclaiming its space.
+/// - **Contested takeover**: the first claim that finds a lease lapsed only marks it
+///   contested and answers [`Claim::InFlight`]; a claim made [`takeover_grace`] later takes
+///   the key over, unless the owner extended (which clears the mark) or settled it.
 /// - **Expiry**: a completed record lives for its TTL, a claim for its lease; expired
 ///   entries are invisible to `claim` and are reclaimed without an external job.
 /// - **Fidelity**: a record is returned exactly as it was completed.

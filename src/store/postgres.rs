@@ -283,26 +283,37 @@ impl Sql {
              \x20   token       bytea,\n\
              \x20   fingerprint bytea       NOT NULL,\n\
              \x20   record      bytea,\n\
-             \x20   expires_at  timestamptz NOT NULL\n\
+             \x20   expires_at  timestamptz NOT NULL,\n\
+             \x20   contested   boolean     NOT NULL DEFAULT false\n\
              );\n\
+             ALTER TABLE {t} ADD COLUMN IF NOT EXISTS contested boolean NOT NULL DEFAULT false;\n\
              CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);"
         );
+        // Whether a conflicting row is a lapsed, uncontested claim: then it is only marked
+        // contested (the owner gets half a lease more); otherwise it is taken over.
+        let spare = "r.token IS NOT NULL AND NOT r.contested";
         let claim = format!(
             "WITH live AS (\n\
              \x20   SELECT h.fingerprint, h.record,\n\
              \x20          (extract(epoch FROM h.expires_at - now()) * 1000000)::bigint AS rest\n\
              \x20   FROM {t} AS h WHERE h.key = $1 AND h.expires_at > now()\n\
              ), claimed AS (\n\
-             \x20   INSERT INTO {t} AS r (key, token, fingerprint, record, expires_at)\n\
-             \x20   SELECT $1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond'\n\
+             \x20   INSERT INTO {t} AS r (key, token, fingerprint, record, expires_at, contested)\n\
+             \x20   SELECT $1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond', false\n\
              \x20   WHERE NOT EXISTS (SELECT 1 FROM live)\n\
-             \x20   ON CONFLICT (key) DO UPDATE\n\
-             \x20       SET token = excluded.token, fingerprint = excluded.fingerprint,\n\
-             \x20           record = NULL, expires_at = excluded.expires_at\n\
+             \x20   ON CONFLICT (key) DO UPDATE SET\n\
+             \x20       token = CASE WHEN {spare} THEN r.token ELSE excluded.token END,\n\
+             \x20       fingerprint = CASE WHEN {spare} THEN r.fingerprint ELSE excluded.fingerprint END,\n\
+             \x20       record = NULL,\n\
+             \x20       contested = ({spare}),\n\
+             \x20       expires_at = CASE WHEN {spare}\n\
+             \x20           THEN now() + greatest($4::bigint / 2, 1) * interval '1 microsecond'\n\
+             \x20           ELSE excluded.expires_at END\n\
              \x20       WHERE r.expires_at <= now()\n\
-             \x20   RETURNING 1\n\
+             \x20   RETURNING r.token = $2 AS acquired, r.fingerprint,\n\
+             \x20       (extract(epoch FROM r.expires_at - now()) * 1000000)::bigint AS rest\n\
              )\n\
-             SELECT true, NULL::bytea, NULL::bytea, NULL::bigint FROM claimed\n\
+             SELECT acquired, fingerprint, NULL::bytea, rest FROM claimed\n\
              UNION ALL\n\
              SELECT false, fingerprint, record, rest FROM live"
         );
@@ -313,8 +324,8 @@ impl Sql {
         );
         let release = format!("DELETE FROM {t} WHERE key = $1 AND token = $2");
         let extend = format!(
-            "UPDATE {t} SET expires_at = now() + $3::bigint * interval '1 microsecond' \
-             WHERE key = $1 AND token = $2"
+            "UPDATE {t} SET expires_at = now() + $3::bigint * interval '1 microsecond', \
+             contested = false WHERE key = $1 AND token = $2"
         );
         let retention = ORPHAN_RETENTION.as_secs();
         let gone = format!(

@@ -18,7 +18,7 @@
 //!
 //! | State | Value |
 //! |---|---|
-//! | in flight | `L`, the 16-byte [`LeaseToken`], the 32-byte [`Fingerprint`], then the lease deadline in milliseconds since the Unix epoch by the server's clock, in decimal digits |
+//! | in flight | `L`, the 16-byte [`LeaseToken`], the 32-byte [`Fingerprint`], then `C` if the lapsed lease is contested, then the lease deadline in milliseconds since the Unix epoch by the server's clock, in decimal digits |
 //! | completed | `R`, then the record's versioned binary encoding ([`Record::encode`]) |
 //!
 //! # Scripts and round trips
@@ -28,7 +28,7 @@
 //!
 //! | Operation | Script |
 //! |---|---|
-//! | `claim` (and replay) | key absent, or in flight past its deadline: `SET value PX lease+retention`, answer *acquired*; in flight: answer the holder's fingerprint and remaining lease; completed: answer the record |
+//! | `claim` (and replay) | key absent, or in flight past a contested deadline: `SET value PX lease+retention`, answer *acquired*; in flight past an uncontested deadline: mark it contested with a deadline half a lease away ([`takeover_grace`](super::takeover_grace)), answer *in flight*; in flight: answer the holder's fingerprint and remaining lease; completed: answer the record |
 //! | `complete` | if the value starts with `L` + this token: `SET R… PX ttl`, else *lost* |
 //! | `release` | if the value starts with `L` + this token: `DEL`, else *lost* |
 //! | `extend` | if the value starts with `L` + this token: a new deadline, `PX lease+retention`, else *lost* |
@@ -88,17 +88,28 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 /// milliseconds, ARGV[3]: how long a lapsed claim is kept for its owner, in milliseconds.
 /// Answers 1 (acquired), {fingerprint, remaining lease in ms} (in flight) or the stored
 /// value (completed). The lease deadline is judged by the server's clock (`TIME`); a value
-/// without one (written by an older version) falls back on the key's own expiry.
+/// without one (written by an older version) falls back on the key's own expiry. The first
+/// claim to find a lease lapsed marks it contested (`C` before the deadline) and gives the
+/// owner half a lease more; a claim after that takes the key over.
 const CLAIM_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, 1) == 'L' then
-  local deadline = tonumber(string.sub(v, 50))
+  local tail = string.sub(v, 50)
+  local contested = string.sub(tail, 1, 1) == 'C'
+  if contested then tail = string.sub(tail, 2) end
+  local deadline = tonumber(tail)
   local rest
   if deadline then rest = deadline - now else rest = redis.call('PTTL', KEYS[1]) end
   if rest > 0 then
     return {string.sub(v, 18, 49), rest}
+  end
+  if not contested then
+    local grace = math.max(math.floor(tonumber(ARGV[2]) / 2), 1)
+    redis.call('SET', KEYS[1], string.sub(v, 1, 49) .. 'C' .. string.format('%.0f', now + grace),
+      'PX', string.format('%.0f', grace + tonumber(ARGV[3])))
+    return {string.sub(v, 18, 49), grace}
   end
   v = false
 end
