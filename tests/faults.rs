@@ -262,3 +262,120 @@ impl http_body::Body for ChannelBody {
             .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
     }
 }
+
+/// A body that yields one chunk, then fails or panics.
+struct Breaking {
+    polls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    panic: bool,
+}
+
+impl http_body::Body for Breaking {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let n = self.polls.fetch_add(1, Ordering::SeqCst);
+        if n == 0 {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(
+                bytes::Bytes::from_static(b"partial"),
+            ))));
+        }
+        if self.panic {
+            panic!("the response body panicked");
+        }
+        std::task::Poll::Ready(Some(Err(std::io::Error::other("the body broke"))))
+    }
+}
+
+fn breaking_handler(
+    status: u16,
+    panic: bool,
+    polls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    runs: Runs,
+) -> impl tower::Service<
+    http::Request<axum::body::Body>,
+    Response = http::Response<axum::body::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_req: http::Request<axum::body::Body>| {
+        runs.started.fetch_add(1, Ordering::SeqCst);
+        let body = Breaking {
+            polls: std::sync::Arc::clone(&polls),
+            panic,
+        };
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .status(status)
+                    .body(axum::body::Body::new(body))
+                    .unwrap(),
+            )
+        }
+    })
+}
+
+/// A retryable answer (503) whose body breaks midway releases the key: the retry runs
+/// again instead of meeting a permanent 410.
+#[tokio::test]
+async fn a_retryable_answer_whose_body_breaks_releases_the_key() {
+    let runs = Runs::default();
+    let polls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(breaking_handler(
+        503,
+        false,
+        std::sync::Arc::clone(&polls),
+        runs.clone(),
+    ));
+    let res = tower::ServiceExt::oneshot(svc.clone(), post(Some("broken-503"), "{}"))
+        .await
+        .unwrap();
+    assert!(
+        http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .is_err()
+    );
+    eventually("the key is free again", || runs.started() == 1).await;
+    let mut retried = None;
+    for _ in 0..50 {
+        let answer = tower::ServiceExt::oneshot(svc.clone(), post(Some("broken-503"), "{}"))
+            .await
+            .unwrap();
+        if answer.status() == 503 {
+            retried = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(retried.is_some(), "the retry ran again");
+    assert_eq!(runs.started(), 2);
+}
+
+/// A body that panics is never polled again; the claim is settled once (a tombstone: the
+/// status was storable and the operation ran), so a retry gets 410 at once, not 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_body_is_polled_once_and_settled() {
+    let runs = Runs::default();
+    let polls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(breaking_handler(
+        201,
+        true,
+        std::sync::Arc::clone(&polls),
+        runs.clone(),
+    ));
+    let res = tower::ServiceExt::oneshot(svc.clone(), post(Some("panics"), "{}"))
+        .await
+        .unwrap();
+    let reader = tokio::spawn(http_body_util::BodyExt::collect(res.into_body()));
+    assert!(reader.await.unwrap_err().is_panic());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(polls.load(Ordering::SeqCst), 2, "polled once after its first chunk");
+    let retry = call(&svc, post(Some("panics"), "{}")).await;
+    assert_problem(&retry, 410, "response-not-stored");
+    assert_eq!(runs.started(), 1);
+}
