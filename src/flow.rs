@@ -263,12 +263,8 @@ where
             Ok(res) => {
                 let (parts, body) = res.into_parts();
                 let mut recorder = Recorder::new(body, &parts, claimed);
-                // A response without frames (an empty body, a trailers-only gRPC answer)
-                // has no last frame to hold back: the head waits for the record instead,
-                // so it stays a single HEADERS frame and a retry still replays.
-                if recorder.ended_at_once() {
-                    recorder.settle_now().await;
-                }
+                // A body complete at once leaves with its head, after its record is stored.
+                recorder.prime().await;
                 let res = Response::from_parts(parts, IdempotencyBody::live(recorder));
                 Ok(mark(res, IdempotencyOutcome::Executed))
             }

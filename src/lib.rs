@@ -32,16 +32,21 @@
 //!    `Retry-After`, or wait: [`InFlight`](policy::InFlight)), or completed (replay). A
 //!    different fingerprint under the same key is `422`.
 //! 6. **Run.** The operation runs in the response future; if the client disconnects and the
-//!    future is dropped, the operation moves to a task of its own, finishes and is stored
-//!    ([`Disconnect`](policy::Disconnect)). A heartbeat extends the lease while it runs; an
-//!    error or a panic releases the key.
-//! 7. **Record.** The response streams to the client while a copy is kept; when the body
-//!    ends, a storable outcome is completed (by default all but 5xx, 408, 409, 425, 429),
-//!    others release the key. A body over the response limit leaves a tombstone.
+//!    future is dropped, the operation moves to a tracked task of its own, finishes and is
+//!    stored ([`Disconnect`](policy::Disconnect), [`DetachedWork`]). A heartbeat extends the
+//!    lease while it runs (a failed one is retried at once); an error or a panic releases
+//!    the key.
+//! 7. **Record.** The response streams to the client while a copy is kept; at the end of
+//!    the body, a storable outcome is completed (by default all but 5xx, 408, 409, 425, 429),
+//!    others release the key. The end itself (the last frame, or a frameless response as a
+//!    whole) leaves only once that is done, so a client that has the whole answer and retries
+//!    at once gets the replay. A body over the response limit leaves a tombstone.
 //! 8. **Replay.** Status, headers, body and trailers come back byte for byte, with
 //!    `Idempotent-Replayed: true`. Hop-by-hop headers and `Date` are not stored.
 //!
-//! Store failures fail closed with `503` by default ([`StoreFailure`](policy::StoreFailure)).
+//! Every store call is bounded ([`IdempotencyLayer::store_timeout`], 2 s by default). Store
+//! failures fail closed with `503` by default ([`StoreFailure`](policy::StoreFailure)), and a
+//! claim whose answer never came is released by the token the layer sent with it.
 //! Every answer of the layer's own is an RFC 9457 problem, or a gRPC status for gRPC
 //! requests: see [`problem`]. Every covered response carries an [`IdempotencyOutcome`] in
 //! its extensions, and every covered request is traced in an `idempotency` span.
@@ -60,9 +65,11 @@
 //!
 //! # Runtime
 //!
-//! The layer needs a Tokio runtime: it spawns one lease-keeper task per layer, the store
-//! calls that settle a claim after its response ended, and, when a client disconnects, the
-//! rest of its operation.
+//! The layer needs a Tokio runtime: it spawns one lease-keeper task per layer (started again
+//! on the current runtime if the one it ran on ended), and tracked tasks for the work that
+//! outlives a response future: the rest of an operation whose client left, completions
+//! retried during a store outage, releases. Wait for that work at shutdown with
+//! [`DetachedWork::shutdown`].
 //!
 //! # Features
 //!

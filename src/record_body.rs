@@ -8,6 +8,7 @@
 //! store-call bound), so a client that has the whole response and retries at once always
 //! meets the stored record, never `409`.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -32,6 +33,10 @@ pub(crate) struct Recorder<B> {
     completing: Option<BoxFuture>,
     /// Frames that end the response, held until the record is stored.
     held: VecDeque<Frame<Bytes>>,
+    /// Frames read before the response head left ([`Recorder::prime`]), given out first.
+    ready: VecDeque<Frame<Bytes>>,
+    /// An error the inner body gave while priming (a `B::Error`), given out after `ready`.
+    ready_error: Option<Box<dyn Any + Send>>,
     /// The body's length as declared up front (`Content-Length` or an exact size hint).
     declared: Option<u64>,
     sent: u64,
@@ -88,6 +93,8 @@ where
             }),
             completing: None,
             held: VecDeque::new(),
+            ready: VecDeque::new(),
+            ready_error: None,
             declared,
             sent: 0,
             polling: false,
@@ -97,19 +104,42 @@ where
         }
     }
 
-    /// Whether the response has no frames at all (an empty body, a trailers-only gRPC
-    /// answer): then nothing can be held back, and the response itself must wait for the
-    /// record ([`Recorder::settle_now`]).
-    pub(crate) fn ended_at_once(&self) -> bool {
-        self.inner.as_ref().is_some_and(|b| b.is_end_stream())
-    }
-
-    /// Settles the claim now, for a response without frames.
-    pub(crate) async fn settle_now(&mut self) {
-        self.inner = None;
-        if let Some(recording) = self.recording.take() {
-            recording.finish().await;
-        }
+    /// Reads what the inner body has ready before the response head leaves: up to 16 frames
+    /// or 64 KiB, and, if that is the whole body, waits for the record too. A body that is
+    /// complete at once (a JSON answer, a unary gRPC message with its trailers, a response
+    /// without frames) then leaves in one piece, head and end together, after the record is
+    /// stored: one write, so Nagle's algorithm on the connection cannot hold the last bytes
+    /// back for a delayed acknowledgement, and a trailers-only gRPC answer stays a single
+    /// HEADERS frame. A body that is not ready streams as it comes.
+    pub(crate) async fn prime(&mut self)
+    where
+        B::Error: Send,
+    {
+        const MAX_FRAMES: usize = 16;
+        const MAX_BYTES: usize = 64 * 1024;
+        let mut bytes = 0usize;
+        std::future::poll_fn(|cx| {
+            loop {
+                if self.ready.len() >= MAX_FRAMES || bytes >= MAX_BYTES {
+                    return Poll::Ready(());
+                }
+                match self.poll_next(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        bytes += frame.data_ref().map_or(0, Bytes::len);
+                        self.ready.push_back(frame);
+                    }
+                    Poll::Ready(Some(Err(err))) => {
+                        self.ready_error = Some(Box::new(err));
+                        return Poll::Ready(());
+                    }
+                    Poll::Ready(None) => return Poll::Ready(()),
+                    // The whole body is in hand and its record is being stored: wait.
+                    Poll::Pending if self.completing.is_some() => return Poll::Pending,
+                    Poll::Pending => return Poll::Ready(()),
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -135,6 +165,8 @@ where
         recording: Some(recording),
         completing: None,
         held: VecDeque::new(),
+        ready: VecDeque::new(),
+        ready_error: None,
         declared: None,
         sent: 0,
         polling: false,
@@ -229,18 +261,14 @@ impl Recording {
     }
 }
 
-impl<B> Body for Recorder<B>
+impl<B> Recorder<B>
 where
     B: Body<Data = Bytes>,
 {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = &mut *self;
+    /// The recording logic: the next frame for the client, holding back the end until the
+    /// record is stored.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self;
         loop {
             if let Some(completing) = &mut this.completing {
                 ready!(completing.as_mut().poll(cx));
@@ -285,15 +313,45 @@ where
             }
         }
     }
+}
+
+impl<B> Body for Recorder<B>
+where
+    B: Body<Data = Bytes> + 'static,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        if let Some(frame) = this.ready.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(err) = this.ready_error.take() {
+            // Put there by `prime` from this very body, so it is a `B::Error`.
+            if let Ok(err) = err.downcast::<B::Error>() {
+                return Poll::Ready(Some(Err(*err)));
+            }
+        }
+        this.poll_next(cx)
+    }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_none() && self.completing.is_none() && self.held.is_empty()
+        self.inner.is_none()
+            && self.completing.is_none()
+            && self.held.is_empty()
+            && self.ready.is_empty()
+            && self.ready_error.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         let held: u64 = self
             .held
             .iter()
+            .chain(&self.ready)
             .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
             .sum();
         match &self.inner {

@@ -143,7 +143,12 @@ async fn faults_are_warn_events_with_the_key_and_never_the_scope() {
     tokio::time::sleep(Duration::from_millis(80)).await;
     assert_eq!(call(&fast, request("taken-1")).await.status, 201);
     assert_eq!(owner.await.unwrap().status, 201);
-    assert_eq!(capture.warnings_about("taken-1", "this outcome is stored if").len(), 1);
+    assert_eq!(
+        capture
+            .warnings_about("taken-1", "this outcome is stored if")
+            .len(),
+        1
+    );
     assert!(!capture.warnings_about("taken-1", "extending").is_empty());
 
     // The scope derived from the credential appears in no event.

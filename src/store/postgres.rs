@@ -16,13 +16,16 @@
 //!     token       bytea,                     -- lease token; NULL once completed
 //!     fingerprint bytea       NOT NULL,      -- the claiming request's fingerprint
 //!     record      bytea,                     -- Record::encode(); NULL while in flight
-//!     expires_at  timestamptz NOT NULL       -- lease end, or record TTL end
+//!     expires_at  timestamptz NOT NULL,      -- lease end, or record TTL end
+//!     contested   boolean     NOT NULL DEFAULT false  -- a lapsed lease, contested once
 //! );
+//! ALTER TABLE "idempotency_records"
+//!     ADD COLUMN IF NOT EXISTS contested boolean NOT NULL DEFAULT false;  -- older tables
 //! CREATE INDEX IF NOT EXISTS "idempotency_records_expires_at_idx"
 //!     ON "idempotency_records" (expires_at);
 //! ```
 //!
-//! Both statements run in one transaction that holds an advisory lock, so instances that
+//! The statements run in one transaction that holds an advisory lock, so instances that
 //! migrate at the same time at start-up do not trip over each other. You may as well run
 //! this SQL with your own migration tool and never call `migrate`.
 //!
@@ -33,7 +36,9 @@
 //!
 //! - **claim** (and so **replay**): a CTE that first reads the live row, if any, and only
 //!   when there is none runs an `INSERT … ON CONFLICT (key) DO UPDATE … WHERE expires_at <=
-//!   now()`, which takes a free or expired key:
+//!   now()`, which takes a free or expired key, or, for a lapsed claim not yet contested,
+//!   only marks it contested and gives its owner half a lease more
+//!   ([`takeover_grace`](super::takeover_grace)):
 //!
 //!   ```sql
 //!   WITH live AS (
@@ -41,16 +46,24 @@
 //!              (extract(epoch FROM h.expires_at - now()) * 1000000)::bigint AS rest
 //!       FROM "idempotency_records" AS h WHERE h.key = $1 AND h.expires_at > now()
 //!   ), claimed AS (
-//!       INSERT INTO "idempotency_records" AS r (key, token, fingerprint, record, expires_at)
-//!       SELECT $1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond'
+//!       INSERT INTO "idempotency_records" AS r
+//!           (key, token, fingerprint, record, expires_at, contested)
+//!       SELECT $1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond', false
 //!       WHERE NOT EXISTS (SELECT 1 FROM live)
-//!       ON CONFLICT (key) DO UPDATE
-//!           SET token = excluded.token, fingerprint = excluded.fingerprint,
-//!               record = NULL, expires_at = excluded.expires_at
+//!       ON CONFLICT (key) DO UPDATE SET
+//!           -- <spare>: r.token IS NOT NULL AND NOT r.contested (a lapsed, uncontested claim)
+//!           token = CASE WHEN <spare> THEN r.token ELSE excluded.token END,
+//!           fingerprint = CASE WHEN <spare> THEN r.fingerprint ELSE excluded.fingerprint END,
+//!           record = NULL,
+//!           contested = (<spare>),
+//!           expires_at = CASE WHEN <spare>
+//!               THEN now() + greatest($4::bigint / 2, 1) * interval '1 microsecond'
+//!               ELSE excluded.expires_at END
 //!           WHERE r.expires_at <= now()
-//!       RETURNING 1
+//!       RETURNING r.token = $2 AS acquired, r.fingerprint,
+//!           (extract(epoch FROM r.expires_at - now()) * 1000000)::bigint AS rest
 //!   )
-//!   SELECT true, NULL::bytea, NULL::bytea, NULL::bigint FROM claimed
+//!   SELECT acquired, fingerprint, NULL::bytea, rest FROM claimed
 //!   UNION ALL
 //!   SELECT false, fingerprint, record, rest FROM live
 //!   ```
@@ -67,7 +80,8 @@
 //! - **complete**: `UPDATE … SET token = NULL, record = $3, expires_at = now() + ttl WHERE
 //!   key = $1 AND token = $2`.
 //! - **release**: `DELETE … WHERE key = $1 AND token = $2`.
-//! - **extend**: `UPDATE … SET expires_at = now() + lease WHERE key = $1 AND token = $2`.
+//! - **extend**: `UPDATE … SET expires_at = now() + lease, contested = false WHERE key = $1
+//!   AND token = $2`.
 //!
 //! A fenced statement that changes no row answers [`StoreError::LeaseLost`]. Fencing is by
 //! token, not by clock: a lapsed lease lets a new claim take the row over (which replaces
