@@ -1,7 +1,6 @@
 //! Owning a claim: the guard that completes or releases it exactly once, the guard that
 //! releases a claim whose reply never arrived, and the time bound on every store call.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::lease::Registration;
 use crate::record::Record;
-use crate::store::{Claim, ErrorChain, LeaseToken, StoreError};
+use crate::store::{Claim, ErrorChain, LeaseToken, StoreError, bounded};
 
 /// How long the layer keeps trying to store an outcome while the store fails: ten minutes.
 /// The key stays claimed (and its lease extended whenever the store answers) meanwhile, so
@@ -19,17 +18,6 @@ pub(crate) const COMPLETION_RETRY_WINDOW: Duration = Duration::from_secs(600);
 /// The first pause before retrying a failed store call; it doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(2);
-
-/// Runs one store call, giving up after `timeout` with [`StoreError::Timeout`].
-pub(crate) async fn bounded<T>(
-    timeout: Duration,
-    call: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout_at(crate::time::deadline_after(timeout), call).await {
-        Ok(result) => result,
-        Err(_) => Err(StoreError::Timeout(timeout)),
-    }
-}
 
 /// A claim sent to the store whose answer is not in yet. If the answer never comes (the
 /// call failed or overran, or the request was dropped meanwhile), the claim may still have

@@ -14,7 +14,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{BufferError, IdempotencyBody, RebuildBody, buffer};
-use crate::claim::{Claimed, PendingClaim, bounded};
+use crate::claim::{Claimed, PendingClaim};
 use crate::config::Config;
 use crate::key::{IdempotencyKey, StoreKey};
 use crate::outcome::{IdempotencyOutcome, REPLAYED_HEADER, mark, problem};
@@ -22,7 +22,7 @@ use crate::policy::{Disconnect, InFlight, StoreFailure};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::Record;
 use crate::record_body::Recorder;
-use crate::store::{Claim, ErrorChain, StoreError};
+use crate::store::{Claim, ErrorChain, StoreError, bounded};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 

@@ -153,7 +153,7 @@ async fn renew(
     let mut pause = FIRST_RETRY.min(period);
     let mut failures = 0u32;
     loop {
-        let result = crate::claim::bounded(
+        let result = crate::store::bounded(
             renewal.timeout,
             renewal.store.extend(&key, token, renewal.lease),
         )

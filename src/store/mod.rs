@@ -301,6 +301,17 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
     }
 }
 
+/// Runs one store call, giving up after `timeout` with [`StoreError::Timeout`].
+pub(crate) async fn bounded<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout_at(crate::time::deadline_after(timeout), call).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Timeout(timeout)),
+    }
+}
+
 /// Displays an error with its sources.
 pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn StdError + 'static));
 
