@@ -123,6 +123,18 @@ async fn expect_completed<S: IdempotencyStore + ?Sized>(store: &S, key: &StoreKe
     }
 }
 
+async fn expect_in_flight<S: IdempotencyStore + ?Sized>(
+    store: &S,
+    key: &StoreKey,
+    lease: Duration,
+    what: &str,
+) {
+    match store.claim(key, &fp(1), LeaseToken::new(), lease).await {
+        Ok(Claim::InFlight { .. }) => {}
+        other => panic!("{what}: the claim must be InFlight, got {other:?}"),
+    }
+}
+
 fn expect_lost(result: Result<(), StoreError>, what: &str) {
     match result {
         Err(StoreError::LeaseLost) => {}
@@ -267,13 +279,13 @@ pub async fn fencing<S: IdempotencyStore + ?Sized>(store: &S) {
     );
     expect_lost(store.release(&key, stranger).await, "release");
     expect_lost(store.extend(&key, stranger, LEASE).await, "extend");
-    assert!(
-        matches!(
-            store.claim(&key, &fp(1), LeaseToken::new(), LEASE).await,
-            Ok(Claim::InFlight { .. })
-        ),
-        "a stale token must not change the claim"
-    );
+    expect_in_flight(
+        store,
+        &key,
+        LEASE,
+        "a stale token must not change the claim",
+    )
+    .await;
     store
         .complete(&key, owner, tricky_record(), TTL)
         .await
@@ -345,10 +357,7 @@ pub async fn lease_expiry<S: IdempotencyStore + ?Sized>(store: &S) {
     let key = fresh_key();
     let stale = acquire(store, &key, &fp(1), lease).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(matches!(
-        store.claim(&key, &fp(1), LeaseToken::new(), lease).await,
-        Ok(Claim::InFlight { .. })
-    ));
+    expect_in_flight(store, &key, lease, "a lapsed lease is contested first").await;
     tokio::time::sleep(takeover_grace(lease) + Duration::from_millis(100)).await;
     let fresh = acquire(store, &key, &fp(1), LEASE).await;
     expect_lost(
@@ -372,22 +381,13 @@ pub async fn extend_ends_a_contest<S: IdempotencyStore + ?Sized>(store: &S) {
     let lease = Duration::from_millis(300);
     let owner = acquire(store, &key, &fp(1), lease).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(matches!(
-        store.claim(&key, &fp(1), LeaseToken::new(), lease).await,
-        Ok(Claim::InFlight { .. })
-    ));
+    expect_in_flight(store, &key, lease, "a lapsed lease is contested first").await;
     store
         .extend(&key, owner, lease)
         .await
         .expect("the owner of a contested lease can extend it");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        matches!(
-            store.claim(&key, &fp(1), LeaseToken::new(), lease).await,
-            Ok(Claim::InFlight { .. })
-        ),
-        "an extended lease is held again"
-    );
+    expect_in_flight(store, &key, lease, "an extended lease is held again").await;
     store
         .complete(&key, owner, tricky_record(), TTL)
         .await
@@ -415,13 +415,13 @@ pub async fn lapsed_owner_still_completes<S: IdempotencyStore + ?Sized>(store: &
         .extend(&key, token, LEASE)
         .await
         .expect("an owner whose lapsed lease nobody took over must still extend it");
-    assert!(
-        matches!(
-            store.claim(&key, &fp(1), LeaseToken::new(), LEASE).await,
-            Ok(Claim::InFlight { .. })
-        ),
-        "an extended lease must hold the key again"
-    );
+    expect_in_flight(
+        store,
+        &key,
+        LEASE,
+        "an extended lease must hold the key again",
+    )
+    .await;
 
     // And releasing it frees the key.
     let key = fresh_key();
@@ -456,13 +456,13 @@ pub async fn release_by_callers_token<S: IdempotencyStore + ?Sized>(store: &S) {
         store.release(&key, loser).await,
         "release by a claim that did not acquire",
     );
-    assert!(
-        matches!(
-            store.claim(&key, &fp(1), LeaseToken::new(), LEASE).await,
-            Ok(Claim::InFlight { .. })
-        ),
-        "a losing claim's release must not free the owner's key"
-    );
+    expect_in_flight(
+        store,
+        &key,
+        LEASE,
+        "a losing claim's release must not free the owner's key",
+    )
+    .await;
     store
         .complete(&key, owner, tricky_record(), TTL)
         .await
@@ -479,13 +479,13 @@ pub async fn extend_keeps_claim<S: IdempotencyStore + ?Sized>(store: &S) {
         .await
         .expect("extend must succeed");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        matches!(
-            store.claim(&key, &fp(1), LeaseToken::new(), LEASE).await,
-            Ok(Claim::InFlight { .. })
-        ),
-        "an extended claim must still be in flight"
-    );
+    expect_in_flight(
+        store,
+        &key,
+        LEASE,
+        "an extended claim must still be in flight",
+    )
+    .await;
     store
         .complete(&key, token, tricky_record(), TTL)
         .await

@@ -216,10 +216,9 @@ async fn crashed_owner_blocks_only_for_its_lease<S: IdempotencyStore + Clone>(st
 
 #[cfg(feature = "redis")]
 mod redis_backend {
-    use std::net::{TcpListener, TcpStream};
-    use std::process::{Child, Command, Stdio};
-
     use tower_idempotency::RedisStore;
+
+    use crate::common::PrivateRedis;
     use tower_idempotency::policy::StoreFailure;
 
     use super::*;
@@ -239,58 +238,6 @@ mod redis_backend {
             .expect("connect to REDIS_URL")
             .prefix("tower-idempotency-backend-failures:");
         Some(store)
-    }
-
-    /// A `redis-server` of the test's own on a free port, killed when dropped.
-    struct PrivateRedis {
-        child: Option<Child>,
-        port: u16,
-    }
-
-    impl PrivateRedis {
-        fn start() -> Self {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server must be on PATH");
-            let server = Self {
-                child: Some(child),
-                port,
-            };
-            let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "redis-server did not start on port {port}"
-                );
-                std::thread::sleep(ms(20));
-            }
-            server
-        }
-
-        fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-
-        fn kill(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-
-    impl Drop for PrivateRedis {
-        fn drop(&mut self) {
-            self.kill();
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,30 +15,7 @@ use tower_idempotency::{IdempotencyLayer, IdempotencyOutcome, MemoryStore};
 /// so the owner still stores its outcome and the retry replays it: one run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_completes_after_an_uncontested_lease_lapse() {
-    let store = FaultStore::new(MemoryStore::new());
-    store
-        .faults
-        .extend_failures
-        .store(usize::MAX, Ordering::SeqCst);
-    let runs = Runs::default();
-    let svc = IdempotencyLayer::new(store.clone())
-        .lease(Duration::from_millis(200))
-        .layer(runs.handler(Duration::from_millis(700)));
-    let first = call(&svc, post(Some("lapse"), "{}")).await;
-    assert_eq!(first.status, 201);
-    assert!(
-        store.faults.extends.load(Ordering::SeqCst) >= 2,
-        "heartbeats were tried"
-    );
-    let retry = call(&svc, post(Some("lapse"), "{}")).await;
-    assert_eq!(
-        retry.outcome,
-        Some(IdempotencyOutcome::Replayed),
-        "{}",
-        retry.text()
-    );
-    assert_eq!(retry.body, first.body);
-    assert_eq!(runs.started(), 1);
+    common::uncontested_lapse(MemoryStore::new()).await;
 }
 
 /// A failed heartbeat is retried at once (with a little jitter), not a whole period later.

@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{FaultStore, Runs, call, post};
+use common::{Runs, call, post};
 use tower::Layer;
-use tower_idempotency::{IdempotencyLayer, IdempotencyOutcome};
+use tower_idempotency::IdempotencyLayer;
 
 #[cfg(feature = "postgres")]
 mod postgres {
@@ -102,62 +101,16 @@ mod postgres {
         let pool = PgPoolOptions::new().connect(&url).await.unwrap();
         let store = PostgresStore::new(pool);
         store.migrate().await.unwrap();
-        super::uncontested_lapse(store).await;
+        common::uncontested_lapse(store).await;
     }
 }
 
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
-    use common::assert_problem;
-    use std::process::{Child, Command, Stdio};
+    use common::{PrivateRedis, assert_problem};
     use std::time::Instant;
     use tower_idempotency::RedisStore;
-
-    /// A `redis-server` of the test's own, which it can pause (SIGSTOP) and kill.
-    struct PrivateRedis {
-        child: Child,
-        port: u16,
-    }
-
-    impl PrivateRedis {
-        fn start() -> Self {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server must be on PATH");
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(Instant::now() < deadline, "redis-server did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Self { child, port }
-        }
-
-        fn signal(&self, signal: &str) {
-            let status = Command::new("kill")
-                .args([signal, &self.child.id().to_string()])
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
-    }
-
-    impl Drop for PrivateRedis {
-        fn drop(&mut self) {
-            self.signal("-CONT");
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 
     fn redis_configured() -> bool {
         let set = std::env::var("REDIS_URL").is_ok_and(|u| !u.is_empty());
@@ -175,12 +128,10 @@ mod redis {
             return;
         }
         let server = PrivateRedis::start();
-        let store = RedisStore::connect(&format!("redis://127.0.0.1:{}", server.port))
-            .await
-            .unwrap();
+        let store = RedisStore::connect(&server.url()).await.unwrap();
         let runs = Runs::default();
         let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
-        server.signal("-STOP");
+        server.pause();
         let key = uuid::Uuid::new_v4().to_string();
         let started = Instant::now();
         let answer =
@@ -191,7 +142,7 @@ mod redis {
         assert!(started.elapsed() < Duration::from_secs(4));
         // The claim was sent and lands when the server resumes; the layer releases it.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        server.signal("-CONT");
+        server.resume();
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let retry = call(&svc, post(Some(&key), "{}")).await;
         assert_eq!(retry.status, 201, "{}", retry.text());
@@ -204,30 +155,6 @@ mod redis {
             return;
         }
         let url = std::env::var("REDIS_URL").unwrap();
-        super::uncontested_lapse(RedisStore::connect(&url).await.unwrap()).await;
+        common::uncontested_lapse(RedisStore::connect(&url).await.unwrap()).await;
     }
-}
-
-async fn uncontested_lapse<S: tower_idempotency::IdempotencyStore + Clone>(store: S) {
-    let store = FaultStore::new(store);
-    store
-        .faults
-        .extend_failures
-        .store(usize::MAX, Ordering::SeqCst);
-    let runs = Runs::default();
-    let svc = IdempotencyLayer::new(store.clone())
-        .lease(Duration::from_millis(200))
-        .layer(runs.handler(Duration::from_millis(700)));
-    let key = uuid::Uuid::new_v4().to_string();
-    let first = call(&svc, post(Some(&key), "{}")).await;
-    assert_eq!(first.status, 201);
-    let retry = call(&svc, post(Some(&key), "{}")).await;
-    assert_eq!(
-        retry.outcome,
-        Some(IdempotencyOutcome::Replayed),
-        "{}",
-        retry.text()
-    );
-    assert_eq!(retry.body, first.body);
-    assert_eq!(runs.started(), 1);
 }

@@ -534,3 +534,116 @@ async fn pump(
         }
     }
 }
+
+/// A `redis-server` of the test's own on a free port (no persistence), which the test can
+/// kill, restart, pause (SIGSTOP) and resume; killed when dropped, panics included.
+pub struct PrivateRedis {
+    child: Option<std::process::Child>,
+    pub port: u16,
+}
+
+impl PrivateRedis {
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    }
+
+    pub fn start() -> Self {
+        let mut server = Self {
+            child: None,
+            port: Self::free_port(),
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on its port and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the server is already running");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = std::process::Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Freezes the server: connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+    }
+}
+
+/// The heartbeat fails for the whole run, so the lease lapses while nobody else claims the
+/// key: the owner still stores its outcome, and the retry replays it (one run).
+pub async fn uncontested_lapse<S: IdempotencyStore + Clone>(store: S) {
+    use tower::Layer;
+    let store = FaultStore::new(store);
+    store
+        .faults
+        .extend_failures
+        .store(usize::MAX, Ordering::SeqCst);
+    let runs = Runs::default();
+    let svc = tower_idempotency::IdempotencyLayer::new(store.clone())
+        .lease(Duration::from_millis(200))
+        .layer(runs.handler(Duration::from_millis(700)));
+    let key = uuid::Uuid::new_v4().to_string();
+    let first = call(&svc, post(Some(&key), "{}")).await;
+    assert_eq!(first.status, 201);
+    assert!(
+        store.faults.extends.load(Ordering::SeqCst) >= 2,
+        "heartbeats were tried"
+    );
+    let retry = call(&svc, post(Some(&key), "{}")).await;
+    assert_eq!(
+        retry.outcome,
+        Some(IdempotencyOutcome::Replayed),
+        "{}",
+        retry.text()
+    );
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.started(), 1);
+}
