@@ -1,5 +1,5 @@
-//! Owning a claim: the guard that completes or releases it exactly once, the guard that
-//! releases a claim whose reply never arrived, and the time bound on every store call.
+//! Owning a claim: the guard that completes or releases it exactly once, and the guard that
+//! releases a claim whose reply never arrived.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,8 +72,11 @@ impl PendingClaim {
         let key = self.key.clone();
         let token = self.token;
         let timeout = self.config.store_timeout;
-        // Past a lease from now, a claim that landed is free for the taking anyway.
-        let until = crate::time::deadline_after(self.config.lease);
+        // Past a lease and its contest from now, a claim that landed is free for the taking
+        // anyway.
+        let lease = self.config.lease;
+        let until =
+            crate::time::deadline_after(lease.saturating_add(crate::store::takeover_grace(lease)));
         self.config.work.spawn("orphan release", async move {
             let mut pause = FIRST_PAUSE;
             loop {

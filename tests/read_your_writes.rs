@@ -90,6 +90,23 @@ impl http_body::Body for Frames {
     }
 }
 
+/// A body fed through a channel, chunk by chunk, with no size hint.
+struct Chunks(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
 fn frames(frames: Vec<http_body::Frame<Bytes>>) -> Body {
     Body::new(Frames(frames.into()))
 }
@@ -114,13 +131,20 @@ fn request(framing: Framing, key: &str) -> Request<Full<Bytes>> {
 /// The first answer, then a retry sent the moment the client holds all of it, 10 times;
 /// the store takes 150 ms to write each record.
 async fn retry_right_after_the_answer(framing: Framing, h2: bool) {
-    let store = FaultStore::new(MemoryStore::new());
+    retry_right_after_the_answer_on(MemoryStore::new(), framing, h2).await;
+}
+
+async fn retry_right_after_the_answer_on<S>(store: S, framing: Framing, h2: bool)
+where
+    S: tower_idempotency::IdempotencyStore + Clone,
+{
+    let store = FaultStore::new(store);
     store.faults.complete_delay_ms.store(150, Ordering::SeqCst);
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = IdempotencyLayer::new(store.clone()).layer(handler(framing, Arc::clone(&runs)));
     let addr = serve(svc).await;
     for i in 0..10 {
-        let key = format!("key-{i}");
+        let key = format!("key-{i}-{}", uuid::Uuid::new_v4());
         let first = send_over_tcp(addr, h2, request(framing, &key)).await;
         assert!(!first.replayed());
         let retry = send_over_tcp(addr, h2, request(framing, &key)).await;
@@ -178,7 +202,9 @@ async fn grpc_unary_http2() {
     retry_right_after_the_answer(Framing::GrpcUnary, true).await;
 }
 
-/// An explicit `Content-Length` on a body whose end hyper never asks for.
+/// An explicit `Content-Length` on a body that streams (its second chunk comes later, so it
+/// is not read before the head leaves) and whose end hyper never asks for: the frame that
+/// completes the length is held until the record is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explicit_content_length_on_a_stream() {
     let store = FaultStore::new(MemoryStore::new());
@@ -187,15 +213,20 @@ async fn explicit_content_length_on_a_stream() {
     let counter = Arc::clone(&runs);
     let handler = tower::service_fn(move |_req: Request<Body>| {
         counter.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        tokio::spawn(async move {
+            let _ = tx.send(Bytes::from_static(b"hello ")).await;
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            let _ = tx.send(Bytes::from_static(b"world")).await;
+            // The sender stays open a while: the body's end is not known with its last byte.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        });
         async move {
             Ok::<_, Infallible>(
                 Response::builder()
                     .status(StatusCode::CREATED)
                     .header("content-length", "11")
-                    .body(frames(vec![
-                        http_body::Frame::data(Bytes::from_static(b"hello ")),
-                        http_body::Frame::data(Bytes::from_static(b"world")),
-                    ]))
+                    .body(Body::new(Chunks(rx)))
                     .unwrap(),
             )
         }
@@ -210,4 +241,35 @@ async fn explicit_content_length_on_a_stream() {
         assert_eq!(&retry.body[..], b"hello world");
     }
     assert_eq!(runs.load(Ordering::SeqCst), 10);
+}
+
+/// The same on the shared stores (skipped without `REDIS_URL` / `DATABASE_URL`).
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis() {
+    let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) else {
+        println!("skipped: REDIS_URL is not set");
+        return;
+    };
+    let store = tower_idempotency::RedisStore::connect(&url).await.unwrap();
+    retry_right_after_the_answer_on(store.clone(), Framing::Sized, false).await;
+    retry_right_after_the_answer_on(store.clone(), Framing::Sized, true).await;
+    retry_right_after_the_answer_on(store, Framing::GrpcTrailersOnly, true).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres() {
+    let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) else {
+        println!("skipped: DATABASE_URL is not set");
+        return;
+    };
+    let pool = tower_idempotency::sqlx::PgPool::connect(&url)
+        .await
+        .unwrap();
+    let store = tower_idempotency::PostgresStore::new(pool);
+    store.migrate().await.unwrap();
+    retry_right_after_the_answer_on(store.clone(), Framing::Sized, false).await;
+    retry_right_after_the_answer_on(store.clone(), Framing::Chunked, true).await;
+    retry_right_after_the_answer_on(store, Framing::GrpcUnary, true).await;
 }
