@@ -57,6 +57,11 @@ pub enum Disconnect {
     #[default]
     Finish,
     /// Cancel the operation and release the key, so a retry runs it again.
+    ///
+    /// An answer already complete when the handler returned (its whole body ready at once)
+    /// is stored before the response leaves, so a client that goes away after that gets
+    /// the replay on its retry; only operations still running, or bodies still streaming,
+    /// are released.
     Release,
 }
 
