@@ -224,7 +224,10 @@ fn decode_map(buf: &mut &[u8]) -> Result<HeaderMap, DecodeError> {
     if count > buf.len() / 6 {
         return Err(DecodeError::Truncated);
     }
-    let mut map = HeaderMap::with_capacity(count);
+    // A map holds at most 32,768 values and panics past that: reserve modestly, and let
+    // `try_append` refuse (never panic) what no map can hold.
+    let too_many = |_| DecodeError::Invalid("more header values than a header map holds");
+    let mut map = HeaderMap::try_with_capacity(count.min(64)).map_err(too_many)?;
     for _ in 0..count {
         let name_len = get_u16(buf)? as usize;
         let name = HeaderName::from_bytes(take(buf, name_len)?)
@@ -232,7 +235,7 @@ fn decode_map(buf: &mut &[u8]) -> Result<HeaderMap, DecodeError> {
         let value_len = get_u32(buf)? as usize;
         let value = HeaderValue::from_bytes(take(buf, value_len)?)
             .map_err(|_| DecodeError::Invalid("header value"))?;
-        map.append(name, value);
+        map.try_append(name, value).map_err(too_many)?;
     }
     Ok(map)
 }
@@ -333,5 +336,43 @@ mod tests {
             Record::decode(&newer),
             Err(DecodeError::UnsupportedVersion(99))
         );
+    }
+
+    #[test]
+    fn many_header_values_round_trip_and_too_many_are_refused() {
+        // 25,000 values under one name: a record the crate can make must read back.
+        let mut headers = HeaderMap::new();
+        for i in 0..25_000u32 {
+            headers.append("x-many", HeaderValue::from(i));
+        }
+        let record = Record::new(StatusCode::OK, headers, Bytes::new(), None);
+        let decoded = Record::decode(&record.encode()).expect("decodes");
+        assert_eq!(decoded.headers().get_all("x-many").iter().count(), 25_000);
+
+        // A crafted record with 40,000 more header names than that (a map holds 32,768
+        // names): an error, not a panic.
+        let mut crafted = record.encode().to_vec();
+        let mut extra = Vec::new();
+        for i in 0..40_000u32 {
+            let name = format!("x-{i}");
+            extra.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            extra.extend_from_slice(name.as_bytes());
+            extra.extend_from_slice(&1u32.to_be_bytes());
+            extra.push(b'1');
+        }
+        // Rewrite the header count (right after magic, version and flags, and the status).
+        let at = crafted
+            .windows(4)
+            .position(|w| w == 25_000u32.to_be_bytes())
+            .expect("the header count");
+        crafted[at..at + 4].copy_from_slice(&65_000u32.to_be_bytes());
+        let tail = crafted.split_off(at + 4);
+        let (entries, rest) = tail.split_at(
+            25_000 * (2 + 6 + 4) + (0..25_000u32).map(|i| i.to_string().len()).sum::<usize>(),
+        );
+        crafted.extend_from_slice(entries);
+        crafted.extend_from_slice(&extra);
+        crafted.extend_from_slice(rest);
+        assert!(Record::decode(&crafted).is_err());
     }
 }
