@@ -85,6 +85,12 @@ where
     let mut waited = false;
     loop {
         let found = match claim {
+            // A record exists but cannot be read: the operation ran. Whatever the failure
+            // policy, it must not run again.
+            Err(StoreError::Decode(err)) => {
+                pending.not_ours();
+                return Ok(unreadable(&config, grpc, &req, &err));
+            }
             Err(err) => {
                 pending.failed();
                 return store_failed(inner, req, &config, grpc, err).await;
@@ -165,6 +171,33 @@ where
             }
         }
     }
+}
+
+fn unreadable<B, ReqBody>(
+    config: &Config,
+    grpc: bool,
+    req: &Request<ReqBody>,
+    err: &crate::record::DecodeError,
+) -> Response<IdempotencyBody<B>> {
+    let key = req
+        .extensions()
+        .get::<IdempotencyKey>()
+        .map_or("", |k| k.as_str());
+    tracing::error!(
+        key,
+        error = %ErrorChain(err),
+        "the stored idempotency record cannot be read (damaged, or written by a newer \
+         version); the operation will not run again with this key"
+    );
+    let detail = "An operation with this Idempotency-Key ran before, but its stored outcome \
+                  cannot be read. It will not run again with this key: do not retry it, \
+                  look its result up another way.";
+    problem(
+        config,
+        grpc,
+        Problem::new(ProblemKind::RecordUnreadable, detail),
+        IdempotencyOutcome::RecordUnreadable,
+    )
 }
 
 /// A store answered `Acquired` with a token other than the one the layer sent.

@@ -42,6 +42,9 @@ pub enum IdempotencyOutcome {
     StoreUnavailable,
     /// The store failed and the layer fails open: the request ran unprotected.
     Unprotected,
+    /// The operation ran before, but its stored outcome cannot be read: `500`, and it does
+    /// not run again.
+    RecordUnreadable,
 }
 
 impl IdempotencyOutcome {
@@ -56,6 +59,7 @@ impl IdempotencyOutcome {
             Self::NotStored => "not_stored",
             Self::StoreUnavailable => "store_unavailable",
             Self::Unprotected => "unprotected",
+            Self::RecordUnreadable => "record_unreadable",
         }
     }
 }

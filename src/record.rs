@@ -1,4 +1,19 @@
 //! The stored outcome of an operation and its binary encoding.
+//!
+//! # Encoding and compatibility
+//!
+//! An encoded record starts with a magic byte and a version byte (now `1`). The rule
+//! between versions:
+//!
+//! - a reader decodes exactly the versions it knows; any other version is
+//!   [`DecodeError::UnsupportedVersion`], never a guess;
+//! - a change that an older reader could misread gets a new version number, so an older
+//!   reader meeting a newer record (a rolling upgrade) fails cleanly instead;
+//! - the layer treats every record it cannot decode (damaged, or of an unknown version) as
+//!   proof that the operation ran: the request gets `500 record-unreadable` (gRPC
+//!   `INTERNAL`), whatever the store-failure policy, an `error` event is logged, and the
+//!   operation never runs again with that key. Once the newer instances serve the key (or
+//!   the record's TTL ends), it is answered normally again.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -374,5 +389,15 @@ mod tests {
         crafted.extend_from_slice(&extra);
         crafted.extend_from_slice(rest);
         assert!(Record::decode(&crafted).is_err());
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_not_guessed() {
+        let mut encoded = tricky().encode().to_vec();
+        encoded[1] = VERSION + 1;
+        assert_eq!(
+            Record::decode(&encoded),
+            Err(DecodeError::UnsupportedVersion(VERSION + 1))
+        );
     }
 }

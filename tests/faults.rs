@@ -367,3 +367,26 @@ async fn a_panicking_body_is_polled_once_and_settled() {
     assert_problem(&retry, 410, "response-not-stored");
     assert_eq!(runs.started(), 1);
 }
+
+/// A stored record that cannot be read (damaged, or written by a newer version) means the
+/// operation ran: under either store-failure policy the answer is `500 record-unreadable`,
+/// and nothing runs again.
+#[tokio::test]
+async fn an_unreadable_record_never_runs_again() {
+    use tower_idempotency::policy::StoreFailure;
+    for policy in [StoreFailure::FailClosed, StoreFailure::FailOpen] {
+        let store = FaultStore::new(MemoryStore::new());
+        store.faults.claim_unreadable.store(1, Ordering::SeqCst);
+        let runs = Runs::default();
+        let svc = IdempotencyLayer::new(store.clone())
+            .on_store_failure(policy)
+            .layer(runs.handler(Duration::ZERO));
+        let answer = call(&svc, post(Some("unreadable"), "{}")).await;
+        assert_problem(&answer, 500, "record-unreadable");
+        assert_eq!(
+            runs.started(),
+            0,
+            "{policy:?}: the operation must not run again"
+        );
+    }
+}

@@ -210,6 +210,8 @@ pub struct Faults {
     /// Lose the reply of this many of the next claims: the claim lands, the caller gets an
     /// error.
     pub claim_lost_replies: AtomicUsize,
+    /// Answer this many of the next claims with a record that cannot be decoded.
+    pub claim_unreadable: AtomicUsize,
     /// When each extend was called.
     pub extend_times: std::sync::Mutex<Vec<tokio::time::Instant>>,
     /// Counts of calls.
@@ -261,6 +263,12 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         self.faults.claims.fetch_add(1, Ordering::SeqCst);
         if take(&self.faults.claim_failures) {
             return Err(StoreError::backend(Injected));
+        }
+        if take(&self.faults.claim_unreadable) {
+            let newer = [0u8; 4];
+            return Err(StoreError::Decode(
+                Record::decode(&newer).expect_err("not a record"),
+            ));
         }
         let claim = self.inner.claim(key, fingerprint, token, lease).await;
         let delay = self.faults.claim_reply_delay_ms.load(Ordering::SeqCst);
