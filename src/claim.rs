@@ -174,33 +174,15 @@ impl Claimed {
     /// [`COMPLETION_RETRY_WINDOW`], keeping the lease alive, so that the response is not
     /// held for a whole outage and the key never runs twice meanwhile.
     pub(crate) async fn complete(mut self, record: Record) {
+        let mut failures = 0;
         let inline_until = crate::time::deadline_after(self.config.store_timeout);
-        let mut pause = FIRST_PAUSE;
-        let mut failures = 0u32;
-        loop {
-            let err = match self.complete_once(&record, inline_until).await {
-                Ok(()) => {
-                    self.settle();
-                    if failures > 0 {
-                        tracing::info!(
-                            key = self.key.client_key(),
-                            failures,
-                            "idempotency record stored after failed attempts"
-                        );
-                    }
-                    return;
-                }
-                Err(StoreError::LeaseLost) => {
-                    self.settle();
-                    self.taken_over(failures > 0, record);
-                    return;
-                }
-                Err(err) => err,
-            };
-            failures += 1;
-            let now = tokio::time::Instant::now();
-            let wait = crate::time::jittered(pause);
-            if now + wait >= inline_until {
+        match self
+            .complete_until(&record, inline_until, &mut failures)
+            .await
+        {
+            Ok(()) => self.stored(failures),
+            Err(StoreError::LeaseLost) => self.taken_over(failures > 0, record).await,
+            Err(err) => {
                 tracing::warn!(
                     key = self.key.client_key(),
                     error = %ErrorChain(&err),
@@ -210,79 +192,77 @@ impl Claimed {
                 );
                 let work = self.config.work.clone();
                 work.spawn("completion", self.complete_retrying(record, failures));
-                return;
             }
-            tracing::warn!(
-                key = self.key.client_key(),
-                error = %ErrorChain(&err),
-                failures,
-                "storing the idempotency record failed; retrying"
-            );
-            tokio::time::sleep(wait).await;
-            pause = (pause * 2).min(MAX_PAUSE);
-        }
-    }
-
-    /// One attempt, bounded by the store-call bound and by `until`, if sooner.
-    async fn complete_once(
-        &self,
-        record: &Record,
-        until: tokio::time::Instant,
-    ) -> Result<(), StoreError> {
-        let store = &self.config.store;
-        let timeout = self.config.store_timeout;
-        let call = store.complete(&self.key, self.token, record.clone(), self.config.ttl);
-        match tokio::time::timeout_at(until.min(crate::time::deadline_after(timeout)), call).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(timeout)),
         }
     }
 
     async fn complete_retrying(mut self, record: Record, mut failures: u32) {
         let give_up = crate::time::deadline_after(COMPLETION_RETRY_WINDOW);
+        match self.complete_until(&record, give_up, &mut failures).await {
+            Ok(()) => self.stored(failures),
+            Err(StoreError::LeaseLost) => self.taken_over(true, record).await,
+            Err(err) => {
+                self.settle();
+                tracing::error!(
+                    key = self.key.client_key(),
+                    error = %ErrorChain(&err),
+                    failures,
+                    "gave up storing the idempotency record; once its lease ends, a \
+                     retry with this key runs the operation again"
+                );
+            }
+        }
+    }
+
+    /// Tries to store `record` until it is stored or the key is no longer this claim's
+    /// (`LeaseLost`), retrying other failures with jittered backoff until `until`; then
+    /// answers the last failure. Each attempt is bounded by the store-call bound.
+    async fn complete_until(
+        &self,
+        record: &Record,
+        until: tokio::time::Instant,
+        failures: &mut u32,
+    ) -> Result<(), StoreError> {
+        let timeout = self.config.store_timeout;
         let mut pause = FIRST_PAUSE;
         loop {
-            tokio::time::sleep(crate::time::jittered(pause)).await;
-            pause = (pause * 2).min(MAX_PAUSE);
-            let until = crate::time::deadline_after(self.config.store_timeout);
-            match self.complete_once(&record, until).await {
-                Ok(()) => {
-                    self.settle();
-                    tracing::info!(
-                        key = self.key.client_key(),
-                        failures,
-                        "idempotency record stored after failed attempts"
-                    );
-                    return;
-                }
-                Err(StoreError::LeaseLost) => {
-                    self.settle();
-                    self.taken_over(true, record);
-                    return;
-                }
-                Err(err) if tokio::time::Instant::now() >= give_up => {
-                    self.settle();
-                    tracing::error!(
-                        key = self.key.client_key(),
-                        error = %ErrorChain(&err),
-                        failures,
-                        "gave up storing the idempotency record; once its lease ends, a \
-                         retry with this key runs the operation again"
-                    );
-                    return;
-                }
-                Err(err) => {
-                    failures += 1;
-                    if failures.is_power_of_two() {
-                        tracing::warn!(
-                            key = self.key.client_key(),
-                            error = %ErrorChain(&err),
-                            failures,
-                            "storing the idempotency record failed again; retrying"
-                        );
-                    }
-                }
+            let call =
+                self.config
+                    .store
+                    .complete(&self.key, self.token, record.clone(), self.config.ttl);
+            let bound = until.min(crate::time::deadline_after(timeout));
+            let err = match tokio::time::timeout_at(bound, call).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(StoreError::LeaseLost)) => return Err(StoreError::LeaseLost),
+                Ok(Err(err)) => err,
+                Err(_) => StoreError::Timeout(timeout),
+            };
+            *failures += 1;
+            let wait = crate::time::jittered(pause);
+            if tokio::time::Instant::now() + wait >= until {
+                return Err(err);
             }
+            if failures.is_power_of_two() {
+                tracing::warn!(
+                    key = self.key.client_key(),
+                    error = %ErrorChain(&err),
+                    failures = *failures,
+                    "storing the idempotency record failed; retrying"
+                );
+            }
+            tokio::time::sleep(wait).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    fn stored(&mut self, failures: u32) {
+        self.settle();
+        if failures > 0 {
+            tracing::info!(
+                key = self.key.client_key(),
+                failures,
+                "idempotency record stored after failed attempts"
+            );
         }
     }
 
@@ -290,8 +270,11 @@ impl Claimed {
     /// (or an earlier attempt whose reply was lost stored the record). The operation ran and
     /// its outcome is in hand, so it is not thrown away: if the key is free again (the other
     /// claim was released: its request gave up, or its outcome was not storable), it is
-    /// claimed anew and this outcome stored; if a record exists, it is kept.
-    fn taken_over(&self, after_failures: bool, record: Record) {
+    /// claimed anew and this outcome stored; if a record exists, it is kept. The first look
+    /// is made before the response ends, so a retry cannot slip in ahead of it; while the
+    /// key is held by another, a tracked task looks again.
+    async fn taken_over(&mut self, after_failures: bool, record: Record) {
+        self.settle();
         tracing::warn!(
             key = self.key.client_key(),
             after_failures,
@@ -299,62 +282,61 @@ impl Claimed {
              lapsed; this outcome is stored if the key is freed again, otherwise the other \
              request's outcome is kept"
         );
+        if store_if_free(&self.config, &self.key, self.fingerprint, &record).await {
+            return;
+        }
         let config = Arc::clone(&self.config);
         let (key, fingerprint) = (self.key.clone(), self.fingerprint);
         let work = config.work.clone();
         work.spawn("store after takeover", async move {
-            store_when_free(config, key, fingerprint, record).await;
+            let give_up = crate::time::deadline_after(COMPLETION_RETRY_WINDOW);
+            let mut pause = FIRST_PAUSE;
+            while tokio::time::Instant::now() < give_up {
+                tokio::time::sleep(crate::time::jittered(pause)).await;
+                pause = (pause * 2).min(MAX_PAUSE / 2);
+                if store_if_free(&config, &key, fingerprint, &record).await {
+                    return;
+                }
+            }
         });
     }
 }
 
-/// Claims `key` again whenever it is free and stores `record` under it; stops when a record
-/// exists (another's or an earlier attempt's), or after [`COMPLETION_RETRY_WINDOW`].
-async fn store_when_free(
-    config: Arc<Config>,
-    key: StoreKey,
+/// Claims `key` if it is free and stores `record` under it. True when done: stored, or a
+/// record exists (another's, or an earlier attempt's); false while another holds the key or
+/// the store fails.
+async fn store_if_free(
+    config: &Config,
+    key: &StoreKey,
     fingerprint: Fingerprint,
-    record: Record,
-) {
-    let give_up = crate::time::deadline_after(COMPLETION_RETRY_WINDOW);
+    record: &Record,
+) -> bool {
     let store = &config.store;
     let timeout = config.store_timeout;
-    let mut pause = FIRST_PAUSE;
-    while tokio::time::Instant::now() < give_up {
-        let token = LeaseToken::new();
-        match bounded(
-            timeout,
-            store.claim(&key, &fingerprint, token, config.lease),
-        )
-        .await
-        {
-            Ok(Claim::Acquired(_)) => {
-                let stored = bounded(
-                    timeout,
-                    store.complete(&key, token, record.clone(), config.ttl),
-                )
-                .await;
-                match stored {
-                    Ok(()) => {
-                        tracing::warn!(
-                            key = key.client_key(),
-                            "the key was free again: this request's outcome is stored"
-                        );
-                        return;
-                    }
-                    Err(_) => {
-                        let _ = bounded(timeout, store.release(&key, token)).await;
-                    }
-                }
+    let token = LeaseToken::new();
+    match bounded(timeout, store.claim(key, &fingerprint, token, config.lease)).await {
+        Ok(Claim::Acquired(_)) => {
+            let stored = bounded(
+                timeout,
+                store.complete(key, token, record.clone(), config.ttl),
+            )
+            .await;
+            if stored.is_ok() {
+                tracing::warn!(
+                    key = key.client_key(),
+                    "the key was free again: this request's outcome is stored"
+                );
+                return true;
             }
-            Ok(Claim::Completed(_)) => return,
-            Ok(Claim::InFlight { .. }) => {}
-            Err(_) => {
-                let _ = bounded(timeout, store.release(&key, token)).await;
-            }
+            let _ = bounded(timeout, store.release(key, token)).await;
+            false
         }
-        tokio::time::sleep(crate::time::jittered(pause)).await;
-        pause = (pause * 2).min(MAX_PAUSE / 2);
+        Ok(Claim::Completed(_)) => true,
+        Ok(Claim::InFlight { .. }) => false,
+        Err(_) => {
+            let _ = bounded(timeout, store.release(key, token)).await;
+            false
+        }
     }
 }
 

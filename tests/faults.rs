@@ -390,3 +390,60 @@ async fn an_unreadable_record_never_runs_again() {
         );
     }
 }
+
+/// An owner whose key was taken over after its lease lapsed, by a claim that was then
+/// released (its request gave up), still stores its outcome once the key is free: the retry
+/// replays it, and the operation ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_over_owner_stores_its_outcome_once_the_key_is_free() {
+    use tower_idempotency::{Claim, Fingerprint, IdempotencyStore, LeaseToken, Scope, StoreKey};
+    let store = FaultStore::new(MemoryStore::new());
+    store
+        .faults
+        .extend_failures
+        .store(usize::MAX, Ordering::SeqCst);
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone())
+        .lease(Duration::from_millis(100))
+        .layer(runs.handler(Duration::from_millis(500)));
+    let owner = tokio::spawn({
+        let svc = svc.clone();
+        async move { call(&svc, post(Some("freed"), "{}")).await }
+    });
+    let (parts, ()) = http::Request::post("/orders")
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let fingerprint = Fingerprint::of_request(&parts, b"{}");
+    let key = StoreKey::new(&Scope::anonymous(), "freed");
+    let lease = Duration::from_millis(100);
+    // The lease lapses (no heartbeat gets through); a claim contests it, the next takes it.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let contest = store
+        .inner
+        .claim(&key, &fingerprint, LeaseToken::new(), lease)
+        .await;
+    assert!(matches!(contest, Ok(Claim::InFlight { .. })), "{contest:?}");
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let taker = LeaseToken::new();
+    let took = store.inner.claim(&key, &fingerprint, taker, lease).await;
+    assert!(
+        matches!(took, Ok(Claim::Acquired(t)) if t == taker),
+        "{took:?}"
+    );
+    // The taker's request gave up: its claim is released.
+    store.inner.release(&key, taker).await.unwrap();
+    let first = owner.await.unwrap();
+    assert_eq!(first.status, 201);
+    // The owner stored its outcome before its answer ended: the retry replays it.
+    let replay = call(&svc, post(Some("freed"), "{}")).await;
+    assert_eq!(
+        replay.outcome,
+        Some(IdempotencyOutcome::Replayed),
+        "{}",
+        replay.text()
+    );
+    assert_eq!(replay.body, first.body);
+    assert_eq!(runs.started(), 1);
+}
