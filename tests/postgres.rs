@@ -553,6 +553,36 @@ async fn background_sweeper_runs() {
     drop_table(&pool, &table).await;
 }
 
+/// A table made by the previous version (without `contested`) is upgraded by `migrate`,
+/// and its in-flight rows keep working: a lapsed one is contested, then taken over.
+#[tokio::test]
+async fn migrate_upgrades_a_table_of_the_previous_version() {
+    let Some(url) = database_url() else { return };
+    let pool = pool(&url).await;
+    let table = private_table("upgrade");
+    let old = format!(
+        "CREATE TABLE \"{table}\" (key text PRIMARY KEY, token bytea, fingerprint bytea NOT NULL, \
+         record bytea, expires_at timestamptz NOT NULL); \
+         INSERT INTO \"{table}\" VALUES ('anon:old', '\\x00', '\\x{fp}', NULL, now() - interval '1 second')",
+        fp = "01".repeat(32)
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(old))
+        .execute(&pool)
+        .await
+        .expect("an old table");
+    let store = PostgresStore::new(pool.clone()).table(&table);
+    store.migrate().await.expect("migrate upgrades it");
+    let k = StoreKey::new(&Scope::anonymous(), "old");
+    let lease = Duration::from_millis(200);
+    let first = store
+        .claim(&k, &fp(1), tower_idempotency::LeaseToken::new(), lease)
+        .await;
+    assert!(matches!(first, Ok(Claim::InFlight { .. })), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    acquire(&store, &k, lease).await;
+    drop_table(&pool, &table).await;
+}
+
 /// A bad table name fails every operation, without a panic and without touching the
 /// database.
 #[tokio::test]

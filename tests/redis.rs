@@ -439,3 +439,54 @@ async fn connect_to_nothing_fails_fast() {
     assert!(matches!(err, tower_idempotency::StoreError::Backend(_)));
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+/// An in-flight value written by the previous version (no lease deadline in it, the lease
+/// as the key's expiry) is still read during a rolling upgrade: in flight while its key
+/// lives, free once it expired.
+#[tokio::test]
+async fn in_flight_values_of_the_previous_version_are_read() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::connect(&url)
+        .await
+        .expect("connect")
+        .prefix("tower-idempotency-legacy-test:");
+    let mut admin = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let client_key = uuid::Uuid::new_v4().to_string();
+    let key = StoreKey::new(&Scope::anonymous(), &client_key);
+    let fp = Fingerprint::from_bytes([4; 32]);
+    let mut old = vec![b'L'];
+    old.extend_from_slice(&LeaseToken::new().to_bytes());
+    old.extend_from_slice(fp.as_bytes());
+    let _: () = redis::cmd("SET")
+        .arg(format!("tower-idempotency-legacy-test:anon:{client_key}"))
+        .arg(old)
+        .arg("PX")
+        .arg(300)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    match store
+        .claim(&key, &fp, LeaseToken::new(), Duration::from_secs(5))
+        .await
+    {
+        Ok(Claim::InFlight {
+            fingerprint,
+            lease_remaining,
+        }) => {
+            assert_eq!(fingerprint, fp);
+            assert!(lease_remaining.is_some_and(|r| r <= Duration::from_millis(300)));
+        }
+        other => panic!("an old in-flight value must read as in flight, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(matches!(
+        store
+            .claim(&key, &fp, LeaseToken::new(), Duration::from_secs(5))
+            .await,
+        Ok(Claim::Acquired(_))
+    ));
+}
