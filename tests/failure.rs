@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use common::{Counter, FaultStore, Runs, call, eventually, post};
+use common::{ChannelBody, Counter, FaultStore, Runs, call, eventually, post};
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -22,21 +22,6 @@ use tower_idempotency::policy::{Disconnect, InFlight};
 use tower_idempotency::{
     Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Scope, StoreKey,
 };
-
-/// A response body fed by a channel, so a test decides when each frame is sent.
-struct ChannelBody(mpsc::Receiver<Frame<Bytes>>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|f| f.map(Ok))
-    }
-}
 
 fn store_key(key: &str) -> StoreKey {
     StoreKey::new(&Scope::anonymous(), key)

@@ -154,11 +154,17 @@ fn graceful_shutdown_keeps_detached_outcomes() {
                 // A body that takes a while: the client leaves after the first chunk.
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
                 tokio::spawn(async move {
-                    let _ = tx.send(bytes::Bytes::from(format!("run {n}, "))).await;
+                    let _ = tx
+                        .send(http_body::Frame::data(bytes::Bytes::from(format!(
+                            "run {n}, "
+                        ))))
+                        .await;
                     tokio::time::sleep(Duration::from_millis(300)).await;
-                    let _ = tx.send(bytes::Bytes::from_static(b"done")).await;
+                    let _ = tx
+                        .send(http_body::Frame::data(bytes::Bytes::from_static(b"done")))
+                        .await;
                 });
-                Ok(Response::new(Body::new(ChannelBody(rx))))
+                Ok(Response::new(Body::new(common::ChannelBody(rx))))
             }
         })
     };
@@ -221,23 +227,6 @@ fn graceful_shutdown_keeps_detached_outcomes() {
         assert_eq!(grpc.headers["grpc-status"], "5");
     });
     assert_eq!(runs.started(), 2, "each operation ran once");
-}
-
-/// A body fed through a channel, frame by frame.
-struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
-    }
 }
 
 /// A body that yields one chunk, then fails or panics.

@@ -90,23 +90,6 @@ impl http_body::Body for Frames {
     }
 }
 
-/// A body fed through a channel, chunk by chunk, with no size hint.
-struct Chunks(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl http_body::Body for Chunks {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
-    }
-}
-
 fn frames(frames: Vec<http_body::Frame<Bytes>>) -> Body {
     Body::new(Frames(frames.into()))
 }
@@ -213,11 +196,15 @@ async fn explicit_content_length_on_a_stream() {
     let counter = Arc::clone(&runs);
     let handler = tower::service_fn(move |_req: Request<Body>| {
         counter.fetch_add(1, Ordering::SeqCst);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
-            let _ = tx.send(Bytes::from_static(b"hello ")).await;
+            let _ = tx
+                .send(http_body::Frame::data(Bytes::from_static(b"hello ")))
+                .await;
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-            let _ = tx.send(Bytes::from_static(b"world")).await;
+            let _ = tx
+                .send(http_body::Frame::data(Bytes::from_static(b"world")))
+                .await;
             // The sender stays open a while: the body's end is not known with its last byte.
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         });
@@ -226,7 +213,7 @@ async fn explicit_content_length_on_a_stream() {
                 Response::builder()
                     .status(StatusCode::CREATED)
                     .header("content-length", "11")
-                    .body(Body::new(Chunks(rx)))
+                    .body(Body::new(common::ChannelBody(rx)))
                     .unwrap(),
             )
         }

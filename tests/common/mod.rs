@@ -655,3 +655,19 @@ pub async fn uncontested_lapse<S: IdempotencyStore + Clone>(store: S) {
     assert_eq!(retry.body, first.body);
     assert_eq!(runs.started(), 1);
 }
+
+/// A response body fed by a channel, so a test decides when each frame is sent; no size
+/// hint, so HTTP/1.1 sends it chunked unless a header says otherwise.
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<http_body::Frame<Bytes>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
