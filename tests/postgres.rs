@@ -583,6 +583,41 @@ async fn migrate_upgrades_a_table_of_the_previous_version() {
     drop_table(&pool, &table).await;
 }
 
+/// Two long table names that share their first 48 bytes each get their own expiry index
+/// (PostgreSQL truncates identifiers to 63 bytes, and index names share the schema).
+#[tokio::test]
+async fn long_table_names_sharing_a_prefix_each_get_an_index() {
+    let Some(url) = database_url() else { return };
+    let pool = pool(&url).await;
+    // 48 bytes of shared prefix, then something different in each name.
+    let prefix = format!(
+        "tower_idempotency_long_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..25]
+    );
+    assert_eq!(prefix.len(), 48);
+    let tables = [format!("{prefix}_first"), format!("{prefix}_second")];
+    for table in &tables {
+        PostgresStore::new(pool.clone())
+            .table(table)
+            .migrate()
+            .await
+            .expect("migrate");
+    }
+    for table in &tables {
+        let indexed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_indexes WHERE tablename = $1 AND indexdef LIKE '%(expires_at)%'",
+        )
+        .bind(table)
+        .fetch_one(&pool)
+        .await
+        .expect("read pg_indexes");
+        assert_eq!(indexed, 1, "{table} has no expiry index");
+    }
+    for table in &tables {
+        drop_table(&pool, table).await;
+    }
+}
+
 /// A bad table name fails every operation, without a panic and without touching the
 /// database.
 #[tokio::test]

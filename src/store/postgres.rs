@@ -25,6 +25,10 @@
 //!     ON "idempotency_records" (expires_at);
 //! ```
 //!
+//! The index is named `{table}_expires_at_idx`; when that would pass PostgreSQL's 63-byte
+//! limit on names, the table name is cut to 39 bytes and followed by `_` and eight hex
+//! digits of its SHA-256, so long names that share a prefix never share an index.
+//!
 //! The statements run in one transaction that holds an advisory lock, so instances that
 //! migrate at the same time at start-up do not trip over each other. You may as well run
 //! this SQL with your own migration tool and never call `migrate`.
@@ -280,11 +284,25 @@ fn quote_table(name: &str) -> Result<(String, String), InvalidTableName> {
         Some(schema) => format!("\"{schema}\".\"{table}\""),
         None => format!("\"{table}\""),
     };
-    // An index lives in its table's schema and its name is not qualified. Longer names
-    // than 63 bytes would be truncated by the server; keep the suffix whole instead.
-    let suffix = "_expires_at_idx";
-    let stem = &table[..table.len().min(63 - suffix.len())];
-    Ok((quoted, format!("\"{stem}{suffix}\"")))
+    Ok((quoted, format!("\"{}\"", index_name(table))))
+}
+
+/// The name of `table`'s expiry index: `{table}_expires_at_idx`, unqualified (an index
+/// lives in its table's schema). The server truncates names to 63 bytes, so when that does
+/// not fit, the table name is cut and followed by eight hex digits of its SHA-256: two long
+/// names that share a prefix still get two indexes.
+fn index_name(table: &str) -> String {
+    use sha2::Digest as _;
+    const SUFFIX: &str = "_expires_at_idx";
+    const MAX: usize = 63;
+    if table.len() + SUFFIX.len() <= MAX {
+        return format!("{table}{SUFFIX}");
+    }
+    let digest = sha2::Sha256::digest(table.as_bytes());
+    let hash: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    // Table names are ASCII (checked above), so any byte offset is a char boundary.
+    let stem = &table[..MAX - SUFFIX.len() - 1 - hash.len()];
+    format!("{stem}_{hash}{SUFFIX}")
 }
 
 impl Sql {
@@ -712,6 +730,24 @@ mod tests {
         let long = "y".repeat(63);
         let (_, idx) = quote_table(&long).unwrap();
         assert_eq!(idx.len(), 63 + 2);
+        // Short names keep the plain name that earlier versions created.
+        assert_eq!(
+            index_name(&"a".repeat(48)),
+            format!("{}_expires_at_idx", "a".repeat(48))
+        );
+    }
+
+    #[test]
+    fn long_table_names_sharing_a_prefix_get_distinct_index_names() {
+        let prefix = "orders_idempotency_records_for_the_billing_servi"; // 48 bytes
+        assert_eq!(prefix.len(), 48);
+        let a = index_name(&format!("{prefix}ce_a"));
+        let b = index_name(&format!("{prefix}ce_b"));
+        assert_ne!(a, b);
+        for idx in [&a, &b] {
+            assert!(idx.len() <= 63, "{idx} is longer than PostgreSQL keeps");
+            assert!(idx.starts_with(&prefix[..30]) && idx.ends_with("_expires_at_idx"));
+        }
     }
 
     #[test]
