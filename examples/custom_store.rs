@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 use tower_idempotency::{
     Claim, Fingerprint, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, Record, StoreError,
-    StoreKey, takeover_grace,
+    StoreKey, clamp_duration, takeover_grace,
 };
 
 /// What a key holds.
@@ -140,7 +140,9 @@ impl IdempotencyStore for LockedMapStore {
                     Entry::Claimed {
                         token,
                         fingerprint: *fingerprint,
-                        until: now + lease,
+                        // Durations are clamped to MAX_DURATION, as every store does: a lease of
+                        // Duration::MAX must not overflow the clock.
+                        until: now + clamp_duration(lease),
                         contested: false,
                     },
                 );
@@ -161,7 +163,7 @@ impl IdempotencyStore for LockedMapStore {
                 key.as_str().to_owned(),
                 Entry::Done {
                     record: Arc::new(record),
-                    until: Instant::now() + ttl,
+                    until: Instant::now() + clamp_duration(ttl),
                 },
             );
         })
@@ -184,7 +186,7 @@ impl IdempotencyStore for LockedMapStore {
                 until, contested, ..
             }) = entries.get_mut(key.as_str())
             {
-                *until = Instant::now() + lease;
+                *until = Instant::now() + clamp_duration(lease);
                 *contested = false;
             }
         })

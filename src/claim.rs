@@ -239,7 +239,7 @@ impl Claimed {
             };
             *failures += 1;
             let wait = crate::time::jittered(pause);
-            if tokio::time::Instant::now() + wait >= until {
+            if crate::time::deadline_after(wait) >= until {
                 return Err(err);
             }
             if failures.is_power_of_two() {

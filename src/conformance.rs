@@ -36,6 +36,7 @@
 //! | [`lapsed_owner_still_completes`] | fencing by token: a lapsed lease nobody took over can still be completed, extended or released |
 //! | [`release_by_callers_token`] | the caller's token releases a claim whose reply was lost; a losing claim's token releases nothing |
 //! | [`extend_keeps_claim`] | an extended claim outlives its first lease |
+//! | [`extreme_durations`] | `Duration::MAX` as lease, TTL or wait means [`MAX_DURATION`](crate::store::MAX_DURATION): no error, no panic |
 //! | [`ttl_expiry`] | a record is replayed until its TTL ends, then the key is free |
 //! | [`wait_sees_completion`] | a waiter gets the record when the owner completes |
 //! | [`wait_acquires_after_release`] | a waiter acquires the key when the owner releases it |
@@ -492,6 +493,54 @@ pub async fn extend_keeps_claim<S: IdempotencyStore + ?Sized>(store: &S) {
         .expect("complete after extend must succeed");
 }
 
+/// `Duration::MAX` as a lease, a TTL or a wait works: it means
+/// [`MAX_DURATION`](crate::store::MAX_DURATION), as on every store of the crate, and never
+/// an error or a panic.
+pub async fn extreme_durations<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), Duration::MAX).await;
+    match store
+        .claim(&key, &fp(1), LeaseToken::new(), Duration::MAX)
+        .await
+    {
+        Ok(Claim::InFlight {
+            lease_remaining, ..
+        }) => assert!(
+            lease_remaining.is_none_or(|left| left <= crate::store::MAX_DURATION
+                && left > crate::store::MAX_DURATION - Duration::from_secs(60)),
+            "a lease of Duration::MAX must run for MAX_DURATION, got {lease_remaining:?}"
+        ),
+        other => {
+            panic!("a claim held with a lease of Duration::MAX must be InFlight, got {other:?}")
+        }
+    }
+    store
+        .extend(&key, token, Duration::MAX)
+        .await
+        .expect("extend by Duration::MAX must succeed");
+    store
+        .complete(&key, token, tricky_record(), Duration::MAX)
+        .await
+        .expect("complete with a TTL of Duration::MAX must succeed");
+    assert_eq!(*expect_completed(store, &key).await, tricky_record());
+    let waited = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.wait(
+            &key,
+            &fp(1),
+            LeaseToken::new(),
+            Duration::MAX,
+            Duration::MAX,
+        ),
+    )
+    .await
+    .expect("a wait of Duration::MAX on a completed key must answer at once");
+    assert!(
+        matches!(waited, Ok(Claim::Completed(_))),
+        "a wait on a completed key must answer Completed, got {waited:?}"
+    );
+}
+
 /// A record is replayed until its TTL ends; then the key is free.
 pub async fn ttl_expiry<S: IdempotencyStore + ?Sized>(store: &S) {
     let key = fresh_key();
@@ -649,7 +698,7 @@ macro_rules! store_conformance_tests {
                 claim_then_in_flight, atomic_claim, distinct_keys, round_trip,
                 empty_and_large_records, fencing, release_frees_key, lease_expiry,
                 extend_ends_a_contest, lapsed_owner_still_completes, release_by_callers_token,
-                extend_keeps_claim, ttl_expiry, wait_sees_completion,
+                extend_keeps_claim, extreme_durations, ttl_expiry, wait_sees_completion,
                 wait_acquires_after_release, wait_times_out);
         }
     };

@@ -16,7 +16,7 @@ use crate::lease::LeaseKeeper;
 use crate::policy::{self, Disconnect, InFlight, MissingKey, StoreFailure};
 use crate::problem::DEFAULT_TYPE_BASE;
 use crate::service::Idempotency;
-use crate::store::IdempotencyStore;
+use crate::store::{IdempotencyStore, clamp_duration};
 use crate::tasks::DetachedWork;
 
 /// Makes non-idempotent requests safe to retry with an `Idempotency-Key`.
@@ -56,6 +56,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field("ttl", &c.ttl)
             .field("in_flight", &c.in_flight)
             .field("store_failure", &c.store_failure)
+            .field("retry_after", &c.retry_after)
             .field("disconnect", &c.disconnect)
             .field("store_timeout", &c.store_timeout)
             .finish_non_exhaustive()
@@ -286,17 +287,20 @@ impl IdempotencyLayer {
 
     /// How long a claim holds its key while the operation runs; the layer extends it while
     /// the operation goes on, so a crashed owner blocks its key for about this long.
-    /// Default: 30 seconds.
+    /// Default: 30 seconds; at least 10 milliseconds, at most
+    /// [`MAX_DURATION`](crate::MAX_DURATION) (longer values are clamped).
     ///
     /// ```
     /// use std::time::Duration;
     /// let layer = tower_idempotency::IdempotencyLayer::default().lease(Duration::from_secs(10));
     /// ```
     pub fn lease(self, lease: Duration) -> Self {
-        self.edit(|c| c.lease = lease.max(Duration::from_millis(10)))
+        self.edit(|c| c.lease = clamp_duration(lease).max(Duration::from_millis(10)))
     }
 
-    /// How long a completed record is kept for replay. Default: 24 hours.
+    /// How long a completed record is kept for replay. Default: 24 hours; at least
+    /// 1 millisecond, at most [`MAX_DURATION`](crate::MAX_DURATION) (longer values are
+    /// clamped).
     ///
     /// ```
     /// use std::time::Duration;
@@ -304,11 +308,12 @@ impl IdempotencyLayer {
     ///     .ttl(Duration::from_secs(7 * 24 * 3600));
     /// ```
     pub fn ttl(self, ttl: Duration) -> Self {
-        self.edit(|c| c.ttl = ttl)
+        self.edit(|c| c.ttl = clamp_duration(ttl).max(Duration::from_millis(1)))
     }
 
     /// What a request gets while another with its key runs. Default: [`InFlight::Reject`]
-    /// (`409` with `Retry-After`).
+    /// (`409` with `Retry-After`). The wait of [`InFlight::Wait`] is clamped to
+    /// [`MAX_DURATION`](crate::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;
@@ -316,6 +321,10 @@ impl IdempotencyLayer {
     /// let layer = IdempotencyLayer::default().on_in_flight(InFlight::Wait(Duration::from_secs(10)));
     /// ```
     pub fn on_in_flight(self, policy: InFlight) -> Self {
+        let policy = match policy {
+            InFlight::Wait(wait) => InFlight::Wait(clamp_duration(wait)),
+            other => other,
+        };
         self.edit(|c| c.in_flight = policy)
     }
 
@@ -341,7 +350,8 @@ impl IdempotencyLayer {
     }
 
     /// The `Retry-After` sent with `409` and `503` answers. Default: 1 second (for `409`,
-    /// never more than the lease still runs).
+    /// never more than the lease still runs); at most [`MAX_DURATION`](crate::MAX_DURATION)
+    /// (longer values are clamped). The header carries whole seconds, rounded up, at least 1.
     ///
     /// ```
     /// use std::time::Duration;
@@ -349,14 +359,15 @@ impl IdempotencyLayer {
     ///     .retry_after(Duration::from_secs(5));
     /// ```
     pub fn retry_after(self, after: Duration) -> Self {
-        self.edit(|c| c.retry_after = after)
+        self.edit(|c| c.retry_after = clamp_duration(after))
     }
 
     /// The longest the layer waits for any one store call (claim, complete, release,
     /// extend, and each step of waiting for a duplicate). A call that overruns counts as a
     /// store failure: the request gets `503` with `Retry-After` (or, with
     /// [`StoreFailure::FailOpen`], runs unprotected), and a claim that may have landed is
-    /// released by its token. Default: 2 seconds; at least 1 millisecond.
+    /// released by its token. Default: 2 seconds; at least 1 millisecond, at most
+    /// [`MAX_DURATION`](crate::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;
@@ -364,7 +375,7 @@ impl IdempotencyLayer {
     ///     .store_timeout(Duration::from_millis(500));
     /// ```
     pub fn store_timeout(self, timeout: Duration) -> Self {
-        self.edit(|c| c.store_timeout = timeout.max(Duration::from_millis(1)))
+        self.edit(|c| c.store_timeout = clamp_duration(timeout).max(Duration::from_millis(1)))
     }
 
     /// The handle on the work this layer finishes after a response future is gone, to wait

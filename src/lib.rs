@@ -132,6 +132,7 @@ pub use store::postgres::PostgresStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
 pub use store::{
-    Claim, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, StoreError, takeover_grace,
+    Claim, IdempotencyStore, LeaseToken, MAX_DURATION, ORPHAN_RETENTION, StoreError,
+    clamp_duration, takeover_grace,
 };
 pub use tasks::{DetachedWork, Unfinished};

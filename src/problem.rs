@@ -184,7 +184,9 @@ impl Problem {
             res
         };
         if let Some(after) = self.retry_after {
-            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            let secs = after
+                .as_secs()
+                .saturating_add(u64::from(after.subsec_nanos() > 0));
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }

@@ -4,16 +4,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// About thirty years: later than anything the layer waits for, far inside every platform's
-/// `Instant` range.
-const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+use crate::store::MAX_DURATION as FAR;
 
-/// `now + after`, saturating at a far future.
+/// `now + after`, saturating at [`MAX_DURATION`](crate::store::MAX_DURATION) from now.
 pub(crate) fn deadline_after(after: Duration) -> Instant {
     add(Instant::now(), after)
 }
 
-/// `at + after`, saturating at a far future.
+/// `at + after`, saturating at [`MAX_DURATION`](crate::store::MAX_DURATION) after `at`.
 pub(crate) fn add(at: Instant, after: Duration) -> Instant {
     at.checked_add(after.min(FAR))
         .or_else(|| at.checked_add(FAR))
@@ -27,6 +25,7 @@ pub(crate) fn jittered(base: Duration) -> Duration {
     // A randomly keyed hasher is a cheap source of a few random bits.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(0);
+    let base = base.min(FAR);
     let quarter = base / 4;
     let nanos = u64::try_from(quarter.as_nanos()).unwrap_or(u64::MAX);
     base + Duration::from_nanos(if nanos == 0 { 0 } else { h.finish() % nanos })

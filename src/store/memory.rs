@@ -132,7 +132,7 @@ impl MemoryStoreBuilder {
     ///     .build();
     /// ```
     pub fn sweep_interval(mut self, interval: Duration) -> Self {
-        self.sweep_interval = interval.max(Duration::from_millis(1));
+        self.sweep_interval = super::clamp_duration(interval).max(Duration::from_millis(1));
         self
     }
 

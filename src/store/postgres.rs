@@ -155,8 +155,9 @@ use crate::record::{DecodeError, Record};
 const DEFAULT_TABLE: &str = "idempotency_records";
 const DEFAULT_SWEEP_BATCH: u32 = 1000;
 const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// Durations are capped at about a hundred years, far inside `timestamptz`'s range.
-const MAX_MICROS: u128 = 100 * 365 * 24 * 3600 * 1_000_000;
+/// Durations are capped at [`MAX_DURATION`](super::MAX_DURATION), as on every store, far
+/// inside `timestamptz`'s range.
+const MAX_MICROS: u128 = super::MAX_DURATION.as_secs() as u128 * 1_000_000;
 /// How often a claim that lost a race (see the module docs) is run again before giving up.
 const CLAIM_ATTEMPTS: usize = 16;
 
@@ -481,6 +482,7 @@ impl PostgresStore {
     /// # }
     /// ```
     pub fn sweep_interval(self, interval: Duration) -> Self {
+        let interval = super::clamp_duration(interval);
         self.edit(|c| c.sweep_interval = interval)
     }
 

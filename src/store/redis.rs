@@ -322,9 +322,10 @@ fn owner_prefix(token: LeaseToken) -> [u8; 17] {
     out
 }
 
-/// About a hundred years in milliseconds: longer durations are capped here, so that every
-/// sum a script makes stays exact in Lua's numbers and inside Redis's expiry range.
-const MAX_MILLIS: u64 = 100 * 365 * 24 * 3600 * 1000;
+/// [`MAX_DURATION`](super::MAX_DURATION) in milliseconds: longer durations are capped
+/// here, as on every store, so that every sum a script makes stays exact in Lua's numbers
+/// and inside Redis's expiry range.
+const MAX_MILLIS: u64 = super::MAX_DURATION.as_secs() * 1000;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis())
