@@ -490,3 +490,176 @@ async fn in_flight_values_of_the_previous_version_are_read() {
         Ok(Claim::Acquired(_))
     ));
 }
+
+/// Values written straight into Redis, as a damaged server, an operator or a newer version
+/// of the crate could leave them: whatever the bytes, a claim never panics and never takes
+/// a key whose value is not an in-flight claim of this layout (so nothing runs twice over a
+/// record it cannot read); a stored record of this version is replayed; and a stranger's
+/// token changes nothing. `FUZZ_REDIS_CASES` sets the number of values (default 3,000).
+#[test]
+fn fuzz_stored_values() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let Some(url) = redis_url() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let prefix = "tower-idempotency-fuzz-test:";
+    let (store, admin) = rt.block_on(async {
+        let store = RedisStore::connect(&url)
+            .await
+            .expect("connect")
+            .prefix(prefix);
+        let admin = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        (store, admin)
+    });
+    let deadline = prop_oneof![
+        Just(String::new()),
+        Just("0".to_owned()),
+        Just("-5".to_owned()),
+        Just("1e999".to_owned()),
+        Just("inf".to_owned()),
+        Just("nan".to_owned()),
+        Just("99999999999999999999999".to_owned()),
+        any::<u64>().prop_map(|n| n.to_string()),
+        "[ -~]{0,12}",
+    ];
+    let in_flight = (
+        any::<[u8; 16]>(),
+        proptest::collection::vec(any::<u8>(), 0..40),
+        any::<bool>(),
+        deadline,
+    )
+        .prop_map(|(token, fp, contested, deadline)| {
+            let mut v = vec![b'L'];
+            v.extend_from_slice(&token);
+            v.extend_from_slice(&fp);
+            if contested {
+                v.push(b'C');
+            }
+            v.extend_from_slice(deadline.as_bytes());
+            v
+        });
+    let record = (
+        proptest::collection::vec(any::<u8>(), 0..64),
+        0usize..100,
+        any::<u8>(),
+    )
+        .prop_map(|(body, at, flip)| {
+            let record = Record::new(
+                StatusCode::CREATED,
+                http::HeaderMap::new(),
+                Bytes::from(body),
+                None,
+            );
+            let mut v = vec![b'R'];
+            v.extend(record.encode());
+            if let Some(b) = v.get_mut(at) {
+                *b ^= flip;
+            }
+            v
+        });
+    let value = prop_oneof![
+        in_flight,
+        record,
+        proptest::collection::vec(any::<u8>(), 0..120),
+    ];
+    let cases = std::env::var("FUZZ_REDIS_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3_000);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&value, |value| {
+            let mut admin = admin.clone();
+            rt.block_on(async {
+                let client_key = uuid::Uuid::new_v4().to_string();
+                let key = StoreKey::new(&Scope::anonymous(), &client_key);
+                let redis_key = format!("{prefix}anon:{client_key}");
+                let _: () = redis::cmd("SET")
+                    .arg(&redis_key)
+                    .arg(&value)
+                    .arg("PX")
+                    .arg(60_000)
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+                let claim = store
+                    .claim(
+                        &key,
+                        &Fingerprint::from_bytes([1; 32]),
+                        LeaseToken::new(),
+                        Duration::from_secs(5),
+                    )
+                    .await;
+                let in_flight_layout = value.first() == Some(&b'L');
+                match &claim {
+                    Ok(Claim::Acquired(_)) => {
+                        prop_assert!(in_flight_layout, "a claim took a key holding {value:?}")
+                    }
+                    Ok(Claim::Completed(record)) => {
+                        prop_assert_eq!(value[0], b'R');
+                        let decoded = Record::decode(&value[1..]);
+                        prop_assert_eq!(decoded.as_ref(), Ok(&**record));
+                    }
+                    Ok(Claim::InFlight { .. }) => prop_assert!(in_flight_layout),
+                    Ok(other) => panic!("{other:?}"),
+                    // Unreadable (the layer answers record-unreadable), or a script that
+                    // could not read the value (the layer answers store-unavailable).
+                    Err(_) => {}
+                }
+                let before: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(&redis_key)
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+                if !in_flight_layout {
+                    prop_assert_eq!(
+                        before.as_deref(),
+                        Some(value.as_slice()),
+                        "a claim changed the value"
+                    );
+                }
+                if !matches!(claim, Ok(Claim::Acquired(_))) {
+                    let stranger = LeaseToken::new();
+                    let record =
+                        Record::new(StatusCode::OK, http::HeaderMap::new(), Bytes::new(), None);
+                    for result in [
+                        store
+                            .complete(&key, stranger, record, Duration::from_secs(5))
+                            .await,
+                        store.extend(&key, stranger, Duration::from_secs(5)).await,
+                        store.release(&key, stranger).await,
+                    ] {
+                        prop_assert!(
+                            matches!(result, Err(tower_idempotency::StoreError::LeaseLost)),
+                            "{result:?}"
+                        );
+                    }
+                    let after: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg(&redis_key)
+                        .query_async(&mut admin)
+                        .await
+                        .unwrap();
+                    prop_assert_eq!(after, before, "a stranger's token changed the value");
+                }
+                let _: () = redis::cmd("DEL")
+                    .arg(&redis_key)
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+                Ok(())
+            })
+        })
+        .expect("every stored value is handled");
+}

@@ -356,7 +356,9 @@ fn parse_claim(reply: Value, token: LeaseToken) -> Result<Claim, StoreError> {
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| damaged("in-flight fingerprint"))?;
             let lease_remaining = match pttl {
-                Value::Int(ms) if *ms > 0 => Some(Duration::from_millis(ms.unsigned_abs())),
+                Value::Int(ms) if *ms > 0 => Some(super::clamp_duration(Duration::from_millis(
+                    ms.unsigned_abs(),
+                ))),
                 _ => None,
             };
             Ok(Claim::InFlight {
@@ -495,6 +497,85 @@ mod tests {
                 Err(StoreError::Decode(_))
             ));
         }
+    }
+
+    /// Any reply at all, as a damaged value or a foreign writer could produce: parsing never
+    /// panics, and only the exact shapes of the layout are read as a claim.
+    #[test]
+    fn fuzz_claim_reply() {
+        use proptest::prelude::*;
+
+        fn record_value() -> impl Strategy<Value = Vec<u8>> {
+            (
+                proptest::collection::vec(any::<u8>(), 0..64),
+                0usize..80,
+                any::<u8>(),
+            )
+                .prop_map(|(body, cut, flip)| {
+                    let record = Record::new(
+                        http::StatusCode::OK,
+                        http::HeaderMap::new(),
+                        bytes::Bytes::from(body),
+                        None,
+                    );
+                    let mut value = vec![TAG_RECORD];
+                    value.extend(record.encode());
+                    // Sometimes damaged: one byte changed.
+                    if let Some(b) = value.get_mut(cut) {
+                        *b ^= flip;
+                    }
+                    value
+                })
+        }
+        let leaf = prop_oneof![
+            Just(Value::Nil),
+            Just(Value::Okay),
+            any::<i64>().prop_map(Value::Int),
+            Just(Value::Int(1)),
+            proptest::collection::vec(any::<u8>(), 0..80).prop_map(Value::BulkString),
+            proptest::collection::vec(any::<u8>(), 32..=32).prop_map(Value::BulkString),
+            record_value().prop_map(Value::BulkString),
+            "[ -~]{0,40}".prop_map(Value::SimpleString),
+            any::<f64>().prop_map(Value::Double),
+        ];
+        let value = leaf.prop_recursive(3, 16, 4, |inner| {
+            proptest::collection::vec(inner, 0..4).prop_map(Value::Array)
+        });
+        let config = proptest::test_runner::Config {
+            cases: std::env::var("FUZZ_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100_000),
+            failure_persistence: None,
+            ..Default::default()
+        };
+        proptest::proptest!(config, |(reply in value)| {
+            let token = LeaseToken::new();
+            let shape = format!("{reply:?}");
+            match parse_claim(reply.clone(), token) {
+                Ok(Claim::Acquired(t)) => {
+                    prop_assert_eq!(t, token);
+                    prop_assert!(matches!(reply, Value::Int(1)), "{}", shape);
+                }
+                Ok(Claim::InFlight { lease_remaining, .. }) => {
+                    prop_assert!(
+                        matches!(&reply, Value::Array(items) if items.len() == 2),
+                        "{}", shape
+                    );
+                    prop_assert!(lease_remaining.is_none_or(|d| d <= super::super::MAX_DURATION));
+                }
+                Ok(Claim::Completed(record)) => {
+                    let Value::BulkString(bytes) = &reply else {
+                        panic!("completed from {shape}");
+                    };
+                    prop_assert_eq!(bytes[0], TAG_RECORD);
+                    let decoded = Record::decode(&bytes[1..]);
+                    prop_assert_eq!(decoded.as_ref(), Ok(&*record));
+                }
+                Err(StoreError::Decode(_)) => {}
+                Err(other) => panic!("{other:?} from {shape}"),
+            }
+        });
     }
 
     #[test]
