@@ -663,3 +663,287 @@ fn fuzz_stored_values() {
         })
         .expect("every stored value is handled");
 }
+
+/// A writer for a test's own log subscriber.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+async fn config_set(url: &str, name: &str, value: &str) {
+    let mut con = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+}
+
+/// A server that can lose records is named at connect: `connect` logs a warning for each
+/// risk, `connect_strict` refuses it, and a server set up as the README says passes.
+#[tokio::test]
+async fn server_settings_that_lose_records_are_named_at_connect() {
+    use tower_idempotency::store::redis::{RedisRisk, UnsafeRedis};
+    if redis_url().is_none() {
+        return;
+    }
+    let server = PrivateRedis::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let logs = logs.clone();
+            move || logs.clone()
+        })
+        .with_ansi(false)
+        .finish();
+    let store = {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        RedisStore::connect(&server.url()).await.expect("connect")
+    };
+    let expected = vec![
+        RedisRisk::NoAppendOnlyFile,
+        RedisRisk::Eviction("allkeys-lru".to_owned()),
+    ];
+    assert_eq!(store.check_server().await.unwrap(), expected);
+    let text = logs.text();
+    assert!(
+        text.contains("WARN") && text.contains("appendonly is off"),
+        "{text}"
+    );
+    assert!(text.contains("maxmemory-policy is allkeys-lru"), "{text}");
+    match RedisStore::connect_strict(&server.url()).await {
+        Err(tower_idempotency::StoreError::Backend(err)) => {
+            let unsafe_ = err
+                .downcast_ref::<UnsafeRedis>()
+                .expect("an UnsafeRedis error");
+            assert_eq!(unsafe_.risks, expected);
+        }
+        other => panic!("connect_strict must refuse the server, got {other:?}"),
+    }
+
+    config_set(&server.url(), "appendonly", "yes").await;
+    config_set(&server.url(), "appendfsync", "everysec").await;
+    config_set(&server.url(), "maxmemory-policy", "noeviction").await;
+    assert_eq!(
+        store.check_server().await.unwrap(),
+        vec![RedisRisk::FsyncNotAlways("everysec".to_owned())]
+    );
+    config_set(&server.url(), "appendfsync", "always").await;
+    assert_eq!(store.check_server().await.unwrap(), vec![]);
+    RedisStore::connect_strict(&server.url())
+        .await
+        .expect("a server set up as the README says is accepted");
+}
+
+async fn complete_one(store: &RedisStore, key: &StoreKey) -> (LeaseToken, Record) {
+    let token = LeaseToken::new();
+    let fp = Fingerprint::from_bytes([9; 32]);
+    assert!(matches!(
+        store.claim(key, &fp, token, Duration::from_secs(5)).await,
+        Ok(Claim::Acquired(_))
+    ));
+    let record = Record::new(
+        StatusCode::CREATED,
+        http::HeaderMap::new(),
+        Bytes::from(uuid::Uuid::new_v4().to_string()),
+        None,
+    );
+    (token, record)
+}
+
+/// With the settings the README requires (`appendonly yes`, `appendfsync always`), a
+/// record survives the server being killed and restarted: the retry replays it.
+#[tokio::test]
+async fn records_survive_a_restart_with_an_append_only_file() {
+    if redis_url().is_none() {
+        return;
+    }
+    let mut server = PrivateRedis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let store = RedisStore::connect_strict(&server.url())
+        .await
+        .expect("a safe server");
+    let key = StoreKey::new(&Scope::anonymous(), "survives");
+    let (token, record) = complete_one(&store, &key).await;
+    store
+        .complete(&key, token, record.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    server.kill();
+    server.restart();
+    let store = RedisStore::connect(&server.url()).await.expect("reconnect");
+    match store
+        .claim(
+            &key,
+            &Fingerprint::from_bytes([9; 32]),
+            LeaseToken::new(),
+            Duration::from_secs(5),
+        )
+        .await
+    {
+        Ok(Claim::Completed(got)) => assert_eq!(*got, record),
+        other => panic!("the record must survive the restart, got {other:?}"),
+    }
+}
+
+/// `Durability::Replicated` makes `complete` wait for a replica: done while the replica
+/// keeps up; an error when it does not, with the record kept on the primary (a retry
+/// replays it), and done when `complete` is called again once the replica is back.
+#[tokio::test]
+async fn complete_waits_for_replicas() {
+    use tower_idempotency::store::redis::Durability;
+    if redis_url().is_none() {
+        return;
+    }
+    let primary = PrivateRedis::start();
+    let replica =
+        PrivateRedis::start_with(&["--replicaof", "127.0.0.1", &primary.port.to_string()]);
+    let store = RedisStore::connect(&primary.url())
+        .await
+        .expect("connect")
+        .durability(Durability::Replicated {
+            replicas: 1,
+            timeout: Duration::from_millis(300),
+        });
+    // The replica needs a moment for its first sync.
+    let key = StoreKey::new(&Scope::anonymous(), "replicated");
+    let (token, record) = complete_one(&store, &key).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match store
+            .complete(&key, token, record.clone(), Duration::from_secs(60))
+            .await
+        {
+            Ok(()) => break,
+            Err(err) if Instant::now() < deadline => {
+                assert!(err.to_string().contains("backend"), "{err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("the replica never acknowledged: {err}"),
+        }
+    }
+
+    replica.pause();
+    let key = StoreKey::new(&Scope::anonymous(), "not-replicated");
+    let (token, record) = complete_one(&store, &key).await;
+    let started = Instant::now();
+    let err = store
+        .complete(&key, token, record.clone(), Duration::from_secs(60))
+        .await
+        .expect_err("a replica that does not answer fails the wait");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let chain = format!("{:?}", std::error::Error::source(&err));
+    assert!(chain.contains("0 of 1 replicas"), "{chain}");
+    match store
+        .claim(
+            &key,
+            &Fingerprint::from_bytes([9; 32]),
+            LeaseToken::new(),
+            Duration::from_secs(5),
+        )
+        .await
+    {
+        Ok(Claim::Completed(got)) => assert_eq!(*got, record),
+        other => panic!("the record stays on the primary, got {other:?}"),
+    }
+    replica.resume();
+    store
+        .complete(&key, token, record, Duration::from_secs(60))
+        .await
+        .expect("completing again, once the replica is back, is done");
+}
+
+/// `Durability::Fsynced` waits with `WAITAOF`: on Redis 7.2 or later the record is on disk
+/// when `complete` returns; an older server refuses the command, and `complete` says so.
+#[tokio::test]
+async fn complete_waits_for_the_append_only_file() {
+    use tower_idempotency::store::redis::Durability;
+    if redis_url().is_none() {
+        return;
+    }
+    let server = PrivateRedis::start_with(&["--appendonly", "yes"]);
+    let store = RedisStore::connect(&server.url())
+        .await
+        .expect("connect")
+        .durability(Durability::Fsynced {
+            local: true,
+            replicas: 0,
+            timeout: Duration::from_millis(500),
+        });
+    let mut admin = redis::Client::open(server.url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let version: Vec<u32> = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap()
+        .trim()
+        .split('.')
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
+    let key = StoreKey::new(&Scope::anonymous(), "fsynced");
+    let (token, record) = complete_one(&store, &key).await;
+    let result = store
+        .complete(&key, token, record, Duration::from_secs(60))
+        .await;
+    if version >= vec![7, 2] {
+        result.expect("WAITAOF on a server with an append-only file");
+    } else {
+        let err = result.expect_err("an older server has no WAITAOF");
+        let chain = format!("{:?}", std::error::Error::source(&err));
+        assert!(chain.to_lowercase().contains("waitaof"), "{chain}");
+    }
+}
+
+/// A `complete` called again with the same token and record (its first reply was lost, or
+/// its durability wait fell short) is done, not a lost lease; another record is refused.
+#[tokio::test]
+async fn completing_twice_with_the_same_record_is_done() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::connect(&url)
+        .await
+        .expect("connect")
+        .prefix("tower-idempotency-test:");
+    let key = StoreKey::new(&Scope::anonymous(), &uuid::Uuid::new_v4().to_string());
+    let (token, record) = complete_one(&store, &key).await;
+    let ttl = Duration::from_secs(60);
+    store
+        .complete(&key, token, record.clone(), ttl)
+        .await
+        .unwrap();
+    store
+        .complete(&key, token, record.clone(), ttl)
+        .await
+        .expect("the same record again is done");
+    let other = Record::new(StatusCode::OK, http::HeaderMap::new(), Bytes::new(), None);
+    assert!(matches!(
+        store.complete(&key, token, other, ttl).await,
+        Err(tower_idempotency::StoreError::LeaseLost)
+    ));
+}

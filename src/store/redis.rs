@@ -29,7 +29,7 @@
 //! | Operation | Script |
 //! |---|---|
 //! | `claim` (and replay) | key absent, or in flight past a contested deadline: `SET value PX lease+retention`, answer *acquired*; in flight past an uncontested deadline: mark it contested with a deadline half a lease away ([`takeover_grace`](super::takeover_grace)), answer *in flight*; in flight: answer the holder's fingerprint and remaining lease; completed: answer the record |
-//! | `complete` | if the value starts with `L` + this token: `SET R… PX ttl`, else *lost* |
+//! | `complete` | if the value starts with `L` + this token: `SET R… PX ttl`; if it already is this very record: done; else *lost* |
 //! | `release` | if the value starts with `L` + this token: `DEL`, else *lost* |
 //! | `extend` | if the value starts with `L` + this token: a new deadline, `PX lease+retention`, else *lost* |
 //!
@@ -49,6 +49,36 @@
 //! default); a value it cannot read becomes [`StoreError::Decode`]. The
 //! [`ConnectionManager`] reconnects by itself, so the store serves again as soon as Redis is
 //! back.
+//!
+//! # What the server must keep
+//!
+//! Redis answers a write once it is in memory; what it keeps after that is the server's
+//! settings. A record that Redis forgets makes the retry of its key run the operation
+//! again, and a claim it forgets lets a duplicate run beside the first. So the server must
+//! run with:
+//!
+//! - `appendonly yes`: without an append-only file a restart loses every record written
+//!   since the last RDB snapshot (or all of them, with none);
+//! - `appendfsync always` to lose nothing when the machine crashes (`everysec`, Redis's
+//!   default, can lose about the last second: a crash of Redis alone loses nothing, since
+//!   the file is in the kernel's cache);
+//! - `maxmemory-policy noeviction`: every key of this store has an expiry, so any other
+//!   policy (`volatile-*` included) may delete live claims and unexpired records under memory
+//!   pressure. With `noeviction` a full Redis refuses new claims instead, and the layer
+//!   answers `503`.
+//!
+//! [`RedisStore::connect`] reads these settings ([`RedisStore::check_server`]) and logs a
+//! `warn` for each [`RedisRisk`]; [`RedisStore::connect_strict`] refuses such a server.
+//!
+//! **Replication and failover.** Replicas are fed asynchronously: a failover can lose the
+//! writes the old primary acknowledged last, so a record (and the retry replays nothing and
+//! runs again) or a claim (and a duplicate runs beside its owner) can be lost. To close that
+//! window, [`RedisStore::durability`] makes `complete` wait until the record is on replicas
+//! (`WAIT`, [`Durability::Replicated`]) or fsynced to append-only files (`WAITAOF`, Redis
+//! 7.2+, [`Durability::Fsynced`]), at the cost of that wait on every completion. Claims are
+//! not waited for: a claim lost in a failover lets one duplicate run while its owner still
+//! runs, which only a store with synchronous replication (PostgreSQL with synchronous
+//! standbys) rules out.
 //!
 //! # Example
 //!
@@ -123,9 +153,12 @@ return v
 "#;
 
 /// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: the record value, ARGV[3]: the TTL in
-/// milliseconds. Answers 1 (done) or 0 (lost).
+/// milliseconds. Answers 1 (done) or 0 (lost). A key that already holds exactly this record
+/// answers 1 too: a retried `complete` (its first reply was lost, or its durability wait fell
+/// short) is not mistaken for a lost lease.
 const COMPLETE_LUA: &str = r#"
 if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
+  if redis.call('GET', KEYS[1]) == ARGV[2] then return 1 end
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -194,12 +227,14 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 pub struct RedisStore {
     manager: ConnectionManager,
     prefix: Arc<str>,
+    durability: Durability,
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
+            .field("durability", &self.durability)
             .finish_non_exhaustive()
     }
 }
@@ -221,6 +256,96 @@ impl RedisStore {
     /// # }
     /// ```
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::open(url).await?;
+        match store.check_server().await {
+            Ok(risks) => {
+                for risk in &risks {
+                    tracing::warn!(risk = %risk, "the Redis server can lose idempotency records");
+                }
+            }
+            Err(err) => tracing::warn!(
+                error = %super::ErrorChain(&err),
+                "could not read the Redis server's persistence and eviction settings"
+            ),
+        }
+        Ok(store)
+    }
+
+    /// Like [`connect`](Self::connect), but refuses a server that can lose records: any
+    /// [`RedisRisk`] (no append-only file, `appendfsync` other than `always`, an eviction
+    /// policy other than `noeviction`), or settings that cannot be read, fail with
+    /// [`StoreError::Backend`] holding an [`UnsafeRedis`] that names them.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// // redis-server --appendonly yes --appendfsync always --maxmemory-policy noeviction
+    /// let store = tower_idempotency::RedisStore::connect_strict("redis://127.0.0.1:6379").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_strict(url: &str) -> Result<Self, StoreError> {
+        let store = Self::open(url).await?;
+        let risks = store.check_server().await?;
+        if risks.is_empty() {
+            Ok(store)
+        } else {
+            Err(StoreError::backend(UnsafeRedis { risks }))
+        }
+    }
+
+    /// Reads the server's persistence and eviction settings (`INFO persistence`, `INFO
+    /// memory`, `CONFIG GET appendfsync`) and returns every way they can lose records; empty
+    /// when there is none. [`connect`](Self::connect) logs each at `warn`; call it yourself
+    /// on a store built with [`new`](Self::new), or from a health check.
+    ///
+    /// A server whose `CONFIG` command is disabled (as on some managed services) cannot say
+    /// how it syncs its append-only file: that is reported as
+    /// [`RedisRisk::FsyncUnknown`].
+    pub async fn check_server(&self) -> Result<Vec<RedisRisk>, StoreError> {
+        let mut con = self.manager.clone();
+        let persistence: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut con)
+            .await
+            .map_err(StoreError::backend)?;
+        let memory: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut con)
+            .await
+            .map_err(StoreError::backend)?;
+        let fsync: Option<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("appendfsync")
+            .query_async::<Vec<String>>(&mut con)
+            .await
+            .ok()
+            .and_then(|pair| pair.into_iter().nth(1));
+        Ok(risks_of(&persistence, &memory, fsync.as_deref()))
+    }
+
+    /// How long `complete` waits, after storing a record, for it to be safe from a crash or
+    /// a failover. Default: [`Durability::Acknowledged`] (no wait).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use tower_idempotency::store::redis::Durability;
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::RedisStore::connect("redis://127.0.0.1:6379")
+    ///     .await?
+    ///     .durability(Durability::Replicated {
+    ///         replicas: 1,
+    ///         timeout: Duration::from_millis(200),
+    ///     });
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Connects and loads the scripts.
+    async fn open(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::backend)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -260,6 +385,7 @@ impl RedisStore {
         Self {
             manager,
             prefix: Arc::from(DEFAULT_PREFIX),
+            durability: Durability::Acknowledged,
         }
     }
 
@@ -298,6 +424,52 @@ impl RedisStore {
         k.push_str(&self.prefix);
         k.push_str(key.as_str());
         k
+    }
+
+    /// Waits, as [`Durability`] says, until the writes of this connection (the record just
+    /// stored among them) are on enough replicas or in enough append-only files.
+    async fn wait_durable(&self) -> Result<(), StoreError> {
+        let mut con = self.manager.clone();
+        match self.durability {
+            Durability::Acknowledged => Ok(()),
+            Durability::Replicated { replicas, timeout } => {
+                let acked: u64 = redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(wait_millis(timeout))
+                    .query_async(&mut con)
+                    .await
+                    .map_err(StoreError::backend)?;
+                if acked >= u64::from(replicas) {
+                    Ok(())
+                } else {
+                    Err(StoreError::backend(NotDurable(format!(
+                        "{acked} of {replicas} replicas acknowledged the record within {timeout:?}"
+                    ))))
+                }
+            }
+            Durability::Fsynced {
+                local,
+                replicas,
+                timeout,
+            } => {
+                let (on_disk, on_replicas): (u64, u64) = redis::cmd("WAITAOF")
+                    .arg(u8::from(local))
+                    .arg(replicas)
+                    .arg(wait_millis(timeout))
+                    .query_async(&mut con)
+                    .await
+                    .map_err(StoreError::backend)?;
+                if on_disk >= u64::from(local) && on_replicas >= u64::from(replicas) {
+                    Ok(())
+                } else {
+                    Err(StoreError::backend(NotDurable(format!(
+                        "the record reached {on_disk} local and {on_replicas} replica \
+                         append-only files within {timeout:?}, {} and {replicas} wanted",
+                        u8::from(local)
+                    ))))
+                }
+            }
+        }
     }
 
     /// Runs a fencing script (complete, release, extend): 1 is done, 0 is lost.
@@ -421,7 +593,8 @@ impl IdempotencyStore for RedisStore {
                 .arg(value)
                 .arg(millis(ttl)),
         )
-        .await
+        .await?;
+        self.wait_durable().await
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
@@ -452,9 +625,188 @@ impl IdempotencyStore for RedisStore {
     }
 }
 
+/// A timeout for `WAIT` / `WAITAOF` in milliseconds: at least 1, since 0 waits forever.
+fn wait_millis(timeout: Duration) -> u64 {
+    millis(timeout)
+}
+
+/// How long [`RedisStore`]'s `complete` waits, after storing a record, before it counts as
+/// stored. Set with [`RedisStore::durability`].
+///
+/// Redis acknowledges a write once it is in the primary's memory. A record acknowledged
+/// that way is lost if the primary crashes before its append-only file is synced, or fails
+/// over before a replica has it; a retry of that key then runs the operation again. Waiting
+/// closes that window, for the time of one more round trip on every completion.
+///
+/// When the wait falls short (too few replicas or files within `timeout`), `complete` fails
+/// with [`StoreError::Backend`]; the record is on the primary all the same, so retries
+/// replay it, and the layer calls `complete` again (a key that already holds the same
+/// record answers done), which waits again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// No wait: the record counts as stored once the primary has it in memory. The default.
+    #[default]
+    Acknowledged,
+    /// `WAIT replicas timeout`: the record is on at least `replicas` replicas.
+    Replicated {
+        /// How many replicas must have the record.
+        replicas: u32,
+        /// How long to wait for them.
+        timeout: Duration,
+    },
+    /// `WAITAOF local replicas timeout` (Redis 7.2 or later): the record is fsynced to the
+    /// primary's append-only file (when `local`) and to those of at least `replicas`
+    /// replicas. An older server answers every wait with an error.
+    Fsynced {
+        /// Whether the primary's own append-only file must have it on disk.
+        local: bool,
+        /// How many replicas must have it on disk.
+        replicas: u32,
+        /// How long to wait.
+        timeout: Duration,
+    },
+}
+
+/// A way the Redis server's settings can lose idempotency records, found by
+/// [`RedisStore::check_server`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisRisk {
+    /// `appendonly no`: a restart loses every record written since the last RDB snapshot
+    /// (all of them, without snapshots), and every retry of those keys runs again.
+    NoAppendOnlyFile,
+    /// `appendfsync` is not `always` (the value is given): a crash of the machine loses the
+    /// records of about the last second (`everysec`) or more (`no`).
+    FsyncNotAlways(String),
+    /// The server did not say how it syncs its append-only file (`CONFIG` is disabled).
+    FsyncUnknown,
+    /// `maxmemory-policy` is not `noeviction` (the policy is given): under memory pressure
+    /// Redis deletes keys, live claims and unexpired records included (every key of the store
+    /// has an expiry, so the `volatile-*` policies take them too).
+    Eviction(String),
+}
+
+impl fmt::Display for RedisRisk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoAppendOnlyFile => f.write_str(
+                "appendonly is off: a restart loses the records written since the last snapshot, and their retries run again",
+            ),
+            Self::FsyncNotAlways(policy) => write!(
+                f,
+                "appendfsync is {policy}, not always: a machine crash loses the latest records"
+            ),
+            Self::FsyncUnknown => f.write_str(
+                "appendfsync could not be read (CONFIG is disabled): records may not survive a machine crash",
+            ),
+            Self::Eviction(policy) => write!(
+                f,
+                "maxmemory-policy is {policy}, not noeviction: under memory pressure Redis deletes live claims and records"
+            ),
+        }
+    }
+}
+
+/// The error of [`RedisStore::connect_strict`] for a server that can lose records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsafeRedis {
+    /// Every way the server can lose records.
+    pub risks: Vec<RedisRisk>,
+}
+
+impl fmt::Display for UnsafeRedis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the Redis server can lose idempotency records: ")?;
+        for (i, risk) in self.risks.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{risk}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for UnsafeRedis {}
+
+/// A durability wait fell short.
+#[derive(Debug)]
+struct NotDurable(String);
+
+impl fmt::Display for NotDurable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the record is not yet durable: {}", self.0)
+    }
+}
+
+impl std::error::Error for NotDurable {}
+
+/// The value of `field` in the text of an `INFO` reply.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        (name == field).then(|| value.trim())
+    })
+}
+
+/// The risks in a server's `INFO persistence`, `INFO memory` and `appendfsync`.
+fn risks_of(persistence: &str, memory: &str, fsync: Option<&str>) -> Vec<RedisRisk> {
+    let mut risks = Vec::new();
+    if info_field(persistence, "aof_enabled") != Some("1") {
+        risks.push(RedisRisk::NoAppendOnlyFile);
+    } else {
+        match fsync {
+            Some("always") => {}
+            Some(other) => risks.push(RedisRisk::FsyncNotAlways(other.to_owned())),
+            None => risks.push(RedisRisk::FsyncUnknown),
+        }
+    }
+    match info_field(memory, "maxmemory_policy") {
+        Some("noeviction") => {}
+        Some(policy) => risks.push(RedisRisk::Eviction(policy.to_owned())),
+        None => risks.push(RedisRisk::Eviction("unknown".to_owned())),
+    }
+    risks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_risks_from_info() {
+        let safe = risks_of(
+            "# Persistence\r\naof_enabled:1\r\n",
+            "maxmemory_policy:noeviction\r\n",
+            Some("always"),
+        );
+        assert_eq!(safe, vec![]);
+        let unsafe_ = risks_of(
+            "aof_enabled:0\r\n",
+            "maxmemory_policy:allkeys-lru\r\n",
+            None,
+        );
+        assert_eq!(
+            unsafe_,
+            vec![
+                RedisRisk::NoAppendOnlyFile,
+                RedisRisk::Eviction("allkeys-lru".into())
+            ]
+        );
+        assert_eq!(
+            risks_of(
+                "aof_enabled:1",
+                "maxmemory_policy:noeviction",
+                Some("everysec")
+            ),
+            vec![RedisRisk::FsyncNotAlways("everysec".into())]
+        );
+        assert_eq!(
+            risks_of("aof_enabled:1", "maxmemory_policy:noeviction", None),
+            vec![RedisRisk::FsyncUnknown]
+        );
+    }
 
     #[test]
     fn parses_every_claim_reply() {

@@ -543,11 +543,14 @@ async fn pump(
     }
 }
 
-/// A `redis-server` of the test's own on a free port (no persistence), which the test can
-/// kill, restart, pause (SIGSTOP) and resume; killed when dropped, panics included.
+/// A `redis-server` of the test's own on a free port (no persistence unless the test's
+/// arguments say so), in a directory of its own, which the test can kill, restart, pause
+/// (SIGSTOP) and resume; killed when dropped, panics included, and its directory removed.
 pub struct PrivateRedis {
     child: Option<std::process::Child>,
     pub port: u16,
+    args: Vec<String>,
+    dir: std::path::PathBuf,
 }
 
 impl PrivateRedis {
@@ -559,9 +562,23 @@ impl PrivateRedis {
     }
 
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A server with these arguments after the defaults (a later argument wins), such as
+    /// `["--appendonly", "yes"]` or `["--replicaof", "127.0.0.1", "6390"]`.
+    pub fn start_with(args: &[&str]) -> Self {
+        let port = Self::free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "tower-idempotency-redis-{port}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("a directory for the private redis-server");
         let mut server = Self {
             child: None,
-            port: Self::free_port(),
+            port,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            dir,
         };
         server.restart();
         server
@@ -577,6 +594,9 @@ impl PrivateRedis {
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -622,6 +642,7 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.resume();
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
