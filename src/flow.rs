@@ -91,6 +91,27 @@ where
                 pending.not_ours();
                 return Ok(unreadable(&config, grpc, &req, &err));
             }
+            // The store refused a new claim to keep its recent records: nothing was
+            // changed, and running unprotected could run a duplicate.
+            Err(StoreError::Full) => {
+                pending.not_ours();
+                let key = req
+                    .extensions()
+                    .get::<IdempotencyKey>()
+                    .map_or("", |k| k.as_str());
+                tracing::warn!(key, "idempotency store is full; refusing the request");
+                return Ok(problem(
+                    &config,
+                    grpc,
+                    Problem::new(
+                        ProblemKind::StoreFull,
+                        "The idempotency store has no room for a new key right now; nothing \
+                         was done. Retry later.",
+                    )
+                    .retry_after(config.retry_after),
+                    IdempotencyOutcome::StoreFull,
+                ));
+            }
             Err(err) => {
                 pending.failed();
                 return store_failed(inner, req, &config, grpc, err).await;

@@ -40,6 +40,8 @@ pub enum IdempotencyOutcome {
     NotStored,
     /// The store failed and the layer fails closed: `503`.
     StoreUnavailable,
+    /// The store had no room for a new key without forgetting recent records: `503`.
+    StoreFull,
     /// The store failed and the layer fails open: the request ran unprotected.
     Unprotected,
     /// The operation ran before, but its stored outcome cannot be read: `500`, and it does
@@ -58,6 +60,7 @@ impl IdempotencyOutcome {
             Self::Rejected => "rejected",
             Self::NotStored => "not_stored",
             Self::StoreUnavailable => "store_unavailable",
+            Self::StoreFull => "store_full",
             Self::Unprotected => "unprotected",
             Self::RecordUnreadable => "record_unreadable",
         }

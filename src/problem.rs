@@ -15,6 +15,7 @@
 //! | `key-reused` | 422 | `FAILED_PRECONDITION` | the key was used with another payload |
 //! | `response-not-stored` | 410 | `ALREADY_EXISTS` | the operation ran but its response was too large to keep |
 //! | `store-unavailable` | 503 + `Retry-After` | `UNAVAILABLE` | the store failed; nothing ran |
+//! | `store-full` | 503 + `Retry-After` | `UNAVAILABLE` | the store has no room for a new key without forgetting recent records; nothing ran |
 //! | `record-unreadable` | 500 | `INTERNAL` | the operation ran before, but its stored outcome cannot be read (damaged, or written by a newer version); it never runs again with this key |
 //!
 //! The `type` of each is a URI made of a base and the kind, by default
@@ -52,6 +53,8 @@ pub enum ProblemKind {
     ResponseNotStored,
     /// The store failed.
     StoreUnavailable,
+    /// The store has no room for a new key without forgetting recent records.
+    StoreFull,
     /// The operation ran before, but its stored outcome cannot be read: it will not run
     /// again with this key.
     RecordUnreadable,
@@ -69,6 +72,7 @@ impl ProblemKind {
             Self::KeyReused => "key-reused",
             Self::ResponseNotStored => "response-not-stored",
             Self::StoreUnavailable => "store-unavailable",
+            Self::StoreFull => "store-full",
             Self::RecordUnreadable => "record-unreadable",
         }
     }
@@ -81,7 +85,7 @@ impl ProblemKind {
             Self::KeyInUse => StatusCode::CONFLICT,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ResponseNotStored => StatusCode::GONE,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::RecordUnreadable => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -94,7 +98,7 @@ impl ProblemKind {
             Self::KeyInUse => 10,                                            // ABORTED
             Self::KeyReused => 9,                                            // FAILED_PRECONDITION
             Self::ResponseNotStored => 6,                                    // ALREADY_EXISTS
-            Self::StoreUnavailable => 14,                                    // UNAVAILABLE
+            Self::StoreUnavailable | Self::StoreFull => 14,                  // UNAVAILABLE
             Self::RecordUnreadable => 13,                                    // INTERNAL
         }
     }
@@ -110,6 +114,7 @@ impl ProblemKind {
             Self::KeyReused => "Idempotency-Key is already used",
             Self::ResponseNotStored => "The operation ran but its response was not stored",
             Self::StoreUnavailable => "Idempotency store is unavailable",
+            Self::StoreFull => "Idempotency store is full",
             Self::RecordUnreadable => "The stored outcome of this Idempotency-Key cannot be read",
         }
     }

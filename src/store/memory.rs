@@ -1,12 +1,15 @@
 //! An in-memory store for a single instance.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
+use http::{HeaderMap, HeaderValue};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -16,9 +19,17 @@ use crate::key::StoreKey;
 use crate::record::Record;
 use crate::time;
 
-/// Bytes counted for an entry besides its key and record: the map slot, the allocations
-/// of the record and its header map, and allocator slack, as measured (see BENCHMARKS.md).
-const ENTRY_OVERHEAD: usize = 400;
+/// Bytes counted for an entry besides its key and record: the map slot, its place in the
+/// eviction queue, the allocations of the record and its header map, and allocator slack,
+/// as measured (see BENCHMARKS.md: the memory bench holds the process within 1.3× the cap).
+const ENTRY_OVERHEAD: usize = 480;
+
+/// The default [`min_retention`](MemoryStoreBuilder::min_retention): five minutes.
+pub const DEFAULT_MIN_RETENTION: Duration = Duration::from_secs(5 * 60);
+
+/// The shortest [`min_retention`](MemoryStoreBuilder::min_retention): one second, so that a
+/// record is never evicted by the completion that wrote it.
+const MIN_MIN_RETENTION: Duration = Duration::from_secs(1);
 
 /// An in-memory [`IdempotencyStore`] on a sharded concurrent map (feature `memory`, on by
 /// default).
@@ -26,14 +37,35 @@ const ENTRY_OVERHEAD: usize = 400;
 /// It suits a single instance: a retry that reaches another instance is not protected; use
 /// a shared store for fleets. Claims take one shard lock, so throughput scales with cores.
 ///
-/// Its memory is bounded: when the records it holds pass nine tenths of
-/// [`max_bytes`](MemoryStoreBuilder::max_bytes), a background task drops expired entries
-/// first, then the oldest completed records, down to three quarters of the cap; a request
-/// that would pass the cap itself does the same at once, so the cap always holds. It never
-/// drops an in-flight claim. The byte count is an estimate of what the records take,
-/// allocations included. A record larger than the whole cap is kept as a tombstone (status and headers).
-/// Expired entries are also swept periodically by a task that ends when the last handle to
-/// the store is dropped.
+/// # What it keeps, and for how long
+///
+/// - A completed record is kept until its TTL ends, unless memory runs short; then the
+///   oldest records go first, but **never one younger than
+///   [`min_retention`](MemoryStoreBuilder::min_retention)** (default five minutes): that is
+///   the replay window every retry can count on.
+/// - Its memory is bounded by [`max_bytes`](MemoryStoreBuilder::max_bytes), in-flight
+///   claims included. When a new claim does not fit, the store first evicts records older
+///   than the window (oldest first; each counted by [`evictions`](MemoryStore::evictions)
+///   and logged at `debug`); if that is not enough it **refuses the claim** with
+///   [`StoreError::Full`] (the layer answers `503 store-full` with `Retry-After`, and
+///   nothing runs) rather than forget a record inside the window. Refusals are counted by
+///   [`refusals`](MemoryStore::refusals).
+/// - A completion is never refused, since its operation already ran: the records of
+///   operations that were running when the store filled up may take it past the cap, by at
+///   most their own size.
+/// - The byte count is what the store holds: a record's body and header values are copied
+///   into buffers of their exact size, so a body sliced from a larger buffer does not pin
+///   it.
+/// - A record larger than the whole cap is kept as a tombstone (status and headers).
+/// - Everything is lost when the process ends.
+///
+/// The trade-off: under a flood of distinct keys larger than the cap can hold for one
+/// window, new keys get `503` until the window frees room, instead of earlier answers being
+/// forgotten. Size the cap for your peak rate of new keys times the window times the size of
+/// a record (BENCHMARKS.md measures it).
+///
+/// Expired entries are swept periodically by a task that ends when the last handle to the
+/// store is dropped.
 ///
 /// Cloning a `MemoryStore` gives another handle to the same records.
 ///
@@ -43,6 +75,7 @@ const ENTRY_OVERHEAD: usize = 400;
 ///
 /// let store = MemoryStore::builder()
 ///     .max_bytes(16 * 1024 * 1024)
+///     .min_retention(Duration::from_secs(120))
 ///     .sweep_interval(Duration::from_secs(5))
 ///     .build();
 /// let layer = IdempotencyLayer::new(store);
@@ -56,19 +89,35 @@ pub struct MemoryStore {
 #[derive(Debug, Clone)]
 pub struct MemoryStoreBuilder {
     max_bytes: usize,
+    min_retention: Duration,
     sweep_interval: Duration,
 }
 
 #[derive(Debug)]
 struct Inner {
-    map: DashMap<String, Entry>,
+    map: DashMap<Arc<str>, Entry>,
     bytes: AtomicUsize,
     max_bytes: usize,
+    min_retention: Duration,
     seq: AtomicU64,
     sweep_interval: Duration,
     sweeper_started: Arc<AtomicBool>,
-    evicting: Mutex<()>,
-    evicting_soon: AtomicBool,
+    /// Completed records in the order they were stored: the eviction order.
+    queue: Mutex<VecDeque<Queued>>,
+    evictions: AtomicU64,
+    refusals: AtomicU64,
+}
+
+/// A completed record's place in the eviction queue.
+#[derive(Debug)]
+struct Queued {
+    key: Arc<str>,
+    /// The record's `seq`: a newer entry under the same key is not this record.
+    seq: u64,
+    /// When the record leaves the window (or expires, if sooner): it may be evicted then.
+    evictable_at: Instant,
+    /// When the record expires: the queue forgets it then.
+    expires_at: Instant,
 }
 
 #[derive(Debug)]
@@ -107,19 +156,37 @@ impl Default for MemoryStoreBuilder {
     fn default() -> Self {
         Self {
             max_bytes: 64 * 1024 * 1024,
+            min_retention: DEFAULT_MIN_RETENTION,
             sweep_interval: Duration::from_secs(10),
         }
     }
 }
 
 impl MemoryStoreBuilder {
-    /// The most bytes the store's records may take (estimated). Default: 64 MiB.
+    /// The most bytes the store's claims and records may take. Default: 64 MiB.
     ///
     /// ```
     /// let store = tower_idempotency::MemoryStore::builder().max_bytes(1 << 20).build();
     /// ```
     pub fn max_bytes(mut self, max_bytes: usize) -> Self {
         self.max_bytes = max_bytes;
+        self
+    }
+
+    /// The replay window: a completed record younger than this is never evicted to make
+    /// room (it still ends with its TTL, if that is shorter). When a new claim finds no room
+    /// without breaking it, the claim is refused with [`StoreError::Full`]. Default: five
+    /// minutes ([`DEFAULT_MIN_RETENTION`]), longer than the retry loop of any client; at
+    /// least one second, at most [`MAX_DURATION`](crate::MAX_DURATION).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let store = tower_idempotency::MemoryStore::builder()
+    ///     .min_retention(Duration::from_secs(60))
+    ///     .build();
+    /// ```
+    pub fn min_retention(mut self, window: Duration) -> Self {
+        self.min_retention = super::clamp_duration(window).max(MIN_MIN_RETENTION);
         self
     }
 
@@ -143,11 +210,13 @@ impl MemoryStoreBuilder {
                 map: DashMap::new(),
                 bytes: AtomicUsize::new(0),
                 max_bytes: self.max_bytes,
+                min_retention: self.min_retention,
                 seq: AtomicU64::new(0),
                 sweep_interval: self.sweep_interval,
                 sweeper_started: Arc::new(AtomicBool::new(false)),
-                evicting: Mutex::new(()),
-                evicting_soon: AtomicBool::new(false),
+                queue: Mutex::new(VecDeque::new()),
+                evictions: AtomicU64::new(0),
+                refusals: AtomicU64::new(0),
             }),
         }
     }
@@ -160,7 +229,8 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// A store with the default limits (64 MiB, swept every 10 seconds).
+    /// A store with the default limits (64 MiB, a five-minute replay window, swept every
+    /// 10 seconds).
     pub fn new() -> Self {
         MemoryStoreBuilder::default().build()
     }
@@ -180,9 +250,21 @@ impl MemoryStore {
         self.inner.map.is_empty()
     }
 
-    /// The estimated bytes its entries take.
+    /// The bytes its entries take, as counted against
+    /// [`max_bytes`](MemoryStoreBuilder::max_bytes).
     pub fn bytes(&self) -> usize {
         self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// How many unexpired records were evicted to make room (each older than the replay
+    /// window), since the store was built.
+    pub fn evictions(&self) -> u64 {
+        self.inner.evictions.load(Ordering::Relaxed)
+    }
+
+    /// How many claims were refused with [`StoreError::Full`], since the store was built.
+    pub fn refusals(&self) -> u64 {
+        self.inner.refusals.load(Ordering::Relaxed)
     }
 
     /// Removes every expired entry now.
@@ -209,76 +291,72 @@ impl MemoryStore {
         fingerprint: &Fingerprint,
         token: LeaseToken,
         lease: Duration,
-    ) -> Claim {
+    ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let inner = &self.inner;
-        let fresh = |inner: &Inner| {
-            let size = key.as_str().len() + ENTRY_OVERHEAD;
-            inner.bytes.fetch_add(size, Ordering::Relaxed);
-            let entry = Entry {
-                state: State::InFlight {
-                    token,
-                    fingerprint: *fingerprint,
-                    waiters: None,
-                    contested: false,
-                },
-                expires_at: time::add(now, lease),
-                size,
-                seq: inner.seq.fetch_add(1, Ordering::Relaxed),
-            };
-            (token, entry)
-        };
         // Replays and duplicates only read: no key copy, no write lock.
         if let Some(entry) = inner.map.get(key.as_str())
             && entry.expires_at > now
         {
-            return match &entry.state {
-                State::InFlight { fingerprint, .. } => Claim::InFlight {
-                    fingerprint: *fingerprint,
-                    lease_remaining: Some(entry.expires_at - now),
-                },
-                State::Completed(record) => Claim::Completed(Arc::clone(record)),
-            };
+            return Ok(live(&entry, now));
         }
-        match inner.map.entry(key.as_str().to_owned()) {
+        // Room for a new claim is reserved before the entry is locked (making room takes
+        // other entries' locks), and given back if the key turns out to be taken.
+        let size = key.as_str().len() + ENTRY_OVERHEAD;
+        if !inner.reserve(size, now) {
+            inner.refusals.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                key = key.client_key(),
+                bytes = inner.bytes.load(Ordering::Relaxed),
+                max_bytes = inner.max_bytes,
+                "memory store full: refused a claim to keep the records inside the replay window"
+            );
+            return Err(StoreError::Full);
+        }
+        let fresh = |inner: &Inner| Entry {
+            state: State::InFlight {
+                token,
+                fingerprint: *fingerprint,
+                waiters: None,
+                contested: false,
+            },
+            expires_at: time::add(now, lease),
+            size,
+            seq: inner.seq.fetch_add(1, Ordering::Relaxed),
+        };
+        let unreserve = || inner.bytes.fetch_sub(size, Ordering::Relaxed);
+        match inner.map.entry(Arc::from(key.as_str())) {
             MapEntry::Occupied(mut occupied) => {
                 let entry = occupied.get_mut();
-                if entry.expires_at <= now
-                    && let State::InFlight {
-                        contested: contested @ false,
-                        fingerprint,
-                        ..
-                    } = &mut entry.state
+                if entry.expires_at > now {
+                    unreserve();
+                    return Ok(live(entry, now));
+                }
+                if let State::InFlight {
+                    contested: contested @ false,
+                    fingerprint,
+                    ..
+                } = &mut entry.state
                 {
                     // A lapsed lease: the owner gets a grace period to show it is alive
                     // (a store outage, not a crash) before a claim takes the key over.
+                    unreserve();
                     *contested = true;
                     let grace = super::takeover_grace(lease);
                     entry.expires_at = time::add(now, grace);
-                    return Claim::InFlight {
+                    return Ok(Claim::InFlight {
                         fingerprint: *fingerprint,
                         lease_remaining: Some(grace),
-                    };
+                    });
                 }
-                if entry.expires_at <= now {
-                    entry.wake();
-                    inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
-                    let (token, new) = fresh(inner);
-                    *entry = new;
-                    return Claim::Acquired(token);
-                }
-                match &entry.state {
-                    State::InFlight { fingerprint, .. } => Claim::InFlight {
-                        fingerprint: *fingerprint,
-                        lease_remaining: Some(entry.expires_at - now),
-                    },
-                    State::Completed(record) => Claim::Completed(Arc::clone(record)),
-                }
+                entry.wake();
+                inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+                *entry = fresh(inner);
+                Ok(Claim::Acquired(token))
             }
             MapEntry::Vacant(vacant) => {
-                let (token, new) = fresh(inner);
-                vacant.insert(new);
-                Claim::Acquired(token)
+                vacant.insert(fresh(inner));
+                Ok(Claim::Acquired(token))
             }
         }
     }
@@ -289,7 +367,7 @@ impl MemoryStore {
         &self,
         key: &StoreKey,
         token: LeaseToken,
-        f: impl FnOnce(&mut Entry) -> T,
+        f: impl FnOnce(&Arc<str>, &mut Entry) -> T,
     ) -> Result<T, StoreError> {
         let mut entry = self
             .inner
@@ -297,10 +375,51 @@ impl MemoryStore {
             .get_mut(key.as_str())
             .ok_or(StoreError::LeaseLost)?;
         match entry.state {
-            State::InFlight { token: owner, .. } if owner == token => Ok(f(&mut entry)),
+            State::InFlight { token: owner, .. } if owner == token => {
+                let (key, entry) = entry.pair_mut();
+                Ok(f(key, entry))
+            }
             _ => Err(StoreError::LeaseLost),
         }
     }
+}
+
+/// The answer for a live (unexpired) entry.
+fn live(entry: &Entry, now: Instant) -> Claim {
+    match &entry.state {
+        State::InFlight { fingerprint, .. } => Claim::InFlight {
+            fingerprint: *fingerprint,
+            lease_remaining: Some(entry.expires_at - now),
+        },
+        State::Completed(record) => Claim::Completed(Arc::clone(record)),
+    }
+}
+
+/// A copy of `record` in buffers of its exact size: a body or header value sliced from a
+/// larger buffer would otherwise keep all of it alive, uncounted.
+fn compact(record: Record) -> Record {
+    fn map(headers: &HeaderMap) -> HeaderMap {
+        let mut out = HeaderMap::with_capacity(headers.keys_len());
+        for (name, value) in headers {
+            let mut copy =
+                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            copy.set_sensitive(value.is_sensitive());
+            out.append(name.clone(), copy);
+        }
+        out
+    }
+    let fingerprint = *record.fingerprint();
+    let compacted = if record.is_tombstone() {
+        Record::tombstone(record.status(), map(record.headers()))
+    } else {
+        Record::new(
+            record.status(),
+            map(record.headers()),
+            Bytes::copy_from_slice(record.body()),
+            record.trailers().map(map),
+        )
+    };
+    compacted.with_fingerprint(fingerprint)
 }
 
 impl Inner {
@@ -318,76 +437,77 @@ impl Inner {
             self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
             false
         });
-    }
-
-    /// After a record was added: keeps the store under its cap. Past nine tenths of the
-    /// cap, a background task frees memory down to three quarters; past the cap itself, the
-    /// caller does it at once, so the cap always holds.
-    fn after_insert(self: &Arc<Self>) {
-        let bytes = self.bytes.load(Ordering::Relaxed);
-        if bytes > self.max_bytes {
-            self.evict();
-            return;
-        }
-        if bytes <= self.max_bytes / 10 * 9 || self.evicting_soon.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                let inner = Arc::clone(self);
-                handle.spawn_blocking(move || {
-                    inner.evict();
-                    inner.evicting_soon.store(false, Ordering::Release);
-                });
-            }
-            Err(_) => {
-                self.evict();
-                self.evicting_soon.store(false, Ordering::Release);
-            }
+        // The queue forgets expired records (gone from the map now) from its front.
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        while queue.front().is_some_and(|q| q.expires_at <= now) {
+            queue.pop_front();
         }
     }
 
-    /// Frees memory down to three quarters of the cap: expired entries first, then the
-    /// oldest completed records; never an in-flight claim. Two passes over the map, no
-    /// copies of keys.
-    fn evict(&self) {
-        let _one_at_a_time = self.evicting.lock().unwrap_or_else(|p| p.into_inner());
-        let target = self.max_bytes / 4 * 3;
-        if self.bytes.load(Ordering::Relaxed) <= target {
-            return;
-        }
-        let now = Instant::now();
-        self.sweep(now);
-        let bytes = self.bytes.load(Ordering::Relaxed);
-        if bytes <= target {
-            return;
-        }
-        let mut completed: Vec<(u64, usize)> = self
-            .map
-            .iter()
-            .filter(|e| matches!(e.state, State::Completed(_)))
-            .map(|e| (e.seq, e.size))
-            .collect();
-        completed.sort_unstable_by_key(|&(seq, _)| seq);
-        let mut to_free = bytes - target;
-        let mut cutoff = None;
-        for (seq, size) in completed {
-            cutoff = Some(seq);
-            if size >= to_free {
-                break;
+    /// Counts `size` more bytes if they fit under the cap, making room first by evicting
+    /// records older than the window (oldest first). False when they do not fit.
+    fn reserve(&self, size: usize, now: Instant) -> bool {
+        let mut current = self.bytes.load(Ordering::Relaxed);
+        loop {
+            if current.saturating_add(size) <= self.max_bytes {
+                match self.bytes.compare_exchange_weak(
+                    current,
+                    current + size,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return true,
+                    Err(actual) => {
+                        current = actual;
+                        continue;
+                    }
+                }
             }
-            to_free -= size;
-        }
-        let Some(cutoff) = cutoff else {
-            return;
-        };
-        self.map.retain(|_, e| {
-            let old = matches!(e.state, State::Completed(_)) && e.seq <= cutoff;
-            if old {
-                self.bytes.fetch_sub(e.size, Ordering::Relaxed);
+            if !self.evict_one(now) {
+                return false;
             }
-            !old
-        });
+            current = self.bytes.load(Ordering::Relaxed);
+        }
+    }
+
+    /// Evicts the oldest record if it is past the window (or expired); false when the
+    /// oldest is still inside it, or there is none.
+    fn evict_one(&self, now: Instant) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(front) = queue.front() {
+            if front.evictable_at > now {
+                return false;
+            }
+            let Some(q) = queue.pop_front() else {
+                return false;
+            };
+            let removed = self.map.remove_if(&q.key, |_, e| {
+                e.seq == q.seq && matches!(e.state, State::Completed(_))
+            });
+            if let Some((key, entry)) = removed {
+                self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+                if entry.expires_at > now {
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        key = key.split_once(':').map_or(&*key, |(_, k)| k),
+                        "memory store full: evicted a record older than the replay window"
+                    );
+                }
+                return true;
+            }
+            // Already gone (expired and swept, or replaced): look at the next one.
+        }
+        false
+    }
+
+    /// After a completion: if the store is past its cap, evicts what is past the window
+    /// until it is under again (never the record just written, nor any inside the window).
+    fn after_complete(&self, now: Instant) {
+        while self.bytes.load(Ordering::Relaxed) > self.max_bytes {
+            if !self.evict_one(now) {
+                return;
+            }
+        }
     }
 }
 
@@ -401,7 +521,7 @@ impl IdempotencyStore for MemoryStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.ensure_sweeper();
-        Ok(self.claim_now(key, fingerprint, token, lease))
+        self.claim_now(key, fingerprint, token, lease)
     }
 
     async fn complete(
@@ -418,21 +538,35 @@ impl IdempotencyStore for MemoryStore {
         } else {
             record
         };
+        let record = Arc::new(compact(record));
         let size = record.size() + overhead;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        let record = Arc::new(record);
-        self.with_owned(key, token, |entry| {
+        let now = Instant::now();
+        let expires_at = time::add(now, ttl);
+        let window_end = time::add(now, self.inner.min_retention);
+        let key = self.with_owned(key, token, |key, entry| {
             entry.wake();
             self.inner.bytes.fetch_add(size, Ordering::Relaxed);
             self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
             *entry = Entry {
                 state: State::Completed(record),
-                expires_at: time::deadline_after(ttl),
+                expires_at,
                 size,
                 seq,
             };
+            Arc::clone(key)
         })?;
-        self.inner.after_insert();
+        self.inner
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(Queued {
+                key,
+                seq,
+                evictable_at: window_end.min(expires_at),
+                expires_at,
+            });
+        self.inner.after_complete(now);
         Ok(())
     }
 
@@ -457,7 +591,7 @@ impl IdempotencyStore for MemoryStore {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.with_owned(key, token, |entry| {
+        self.with_owned(key, token, |_, entry| {
             entry.expires_at = time::deadline_after(lease);
             if let State::InFlight { contested, .. } = &mut entry.state {
                 *contested = false;
@@ -489,7 +623,7 @@ impl IdempotencyStore for MemoryStore {
                 }
             });
             let Some((notify, lease_end)) = registered else {
-                let claim = self.claim_now(key, fingerprint, token, lease);
+                let claim = self.claim_now(key, fingerprint, token, lease)?;
                 if matches!(claim, Claim::InFlight { .. }) && Instant::now() < deadline {
                     continue;
                 }
@@ -498,7 +632,7 @@ impl IdempotencyStore for MemoryStore {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let claim = self.claim_now(key, fingerprint, token, lease);
+            let claim = self.claim_now(key, fingerprint, token, lease)?;
             if !matches!(claim, Claim::InFlight { .. }) {
                 return Ok(claim);
             }
@@ -551,9 +685,12 @@ mod tests {
         store.complete(&key(k), t, record(body), TTL).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn cap_evicts_oldest_completed_but_never_in_flight() {
-        let store = MemoryStore::builder().max_bytes(40_000).build();
+    #[tokio::test(start_paused = true)]
+    async fn cap_evicts_oldest_past_the_window_but_never_in_flight() {
+        let store = MemoryStore::builder()
+            .max_bytes(40_000)
+            .min_retention(Duration::from_secs(1))
+            .build();
         // An in-flight claim made first must survive everything.
         let Claim::Acquired(held) = store
             .claim(&key("held"), &fp(), LeaseToken::new(), LEASE)
@@ -565,7 +702,9 @@ mod tests {
         for i in 0..10 {
             complete_new(&store, &format!("k{i}"), 5_000).await;
             assert!(store.bytes() <= 40_000, "cap broken: {}", store.bytes());
+            tokio::time::advance(Duration::from_secs(2)).await;
         }
+        assert!(store.evictions() > 0);
         // The oldest completed records went first, the newest stay.
         assert!(matches!(
             store
@@ -592,6 +731,34 @@ mod tests {
             .complete(&key("held"), held, record(1), TTL)
             .await
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_window_refuses_new_claims() {
+        let store = MemoryStore::builder()
+            .max_bytes(40_000)
+            .min_retention(Duration::from_secs(60))
+            .build();
+        let mut stored = 0;
+        while store
+            .claim(&key(&format!("k{stored}")), &fp(), LeaseToken::new(), LEASE)
+            .await
+            .is_ok_and(|c| matches!(c, Claim::Acquired(_)))
+        {
+            stored += 1;
+            if stored > 1000 {
+                break;
+            }
+        }
+        assert!(stored < 1000, "claims are not bounded");
+        assert!(matches!(
+            store
+                .claim(&key("one-more"), &fp(), LeaseToken::new(), LEASE)
+                .await,
+            Err(StoreError::Full)
+        ));
+        assert_eq!(store.refusals(), 2);
+        assert_eq!(store.evictions(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -624,40 +791,6 @@ mod tests {
                 Claim::Completed(_)
             ));
         }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn background_eviction_starts_before_the_cap() {
-        let store = MemoryStore::builder().max_bytes(100_000).build();
-        // Fill to just over nine tenths: no request passes the cap, yet memory is freed.
-        let mut i = 0;
-        while store.bytes() <= 91_000 {
-            complete_new(&store, &format!("k{i}"), 1_000).await;
-            i += 1;
-        }
-        for _ in 0..200 {
-            if store.bytes() <= 75_000 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert!(store.bytes() <= 75_000, "{} bytes", store.bytes());
-        // The newest record survived, the oldest went.
-        let newest = format!("k{}", i - 1);
-        assert!(matches!(
-            store
-                .claim(&key(&newest), &fp(), LeaseToken::new(), LEASE)
-                .await
-                .unwrap(),
-            Claim::Completed(_)
-        ));
-        assert!(matches!(
-            store
-                .claim(&key("k0"), &fp(), LeaseToken::new(), LEASE)
-                .await
-                .unwrap(),
-            Claim::Acquired(_)
-        ));
     }
 
     #[tokio::test]

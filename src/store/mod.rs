@@ -177,6 +177,13 @@ pub enum StoreError {
     /// call may still take effect.
     #[error("idempotency store did not answer within {0:?}")]
     Timeout(Duration),
+    /// The store has no room for a new claim without forgetting records it promised to
+    /// keep (see [`MemoryStoreBuilder::min_retention`](crate::MemoryStoreBuilder::min_retention)),
+    /// so it refused the claim and changed nothing. The layer answers `503 store-full` with
+    /// `Retry-After`, whatever the store-failure policy: nothing ran, and running
+    /// unprotected could run a duplicate.
+    #[error("idempotency store is full: no room for a new claim")]
+    Full,
 }
 
 impl StoreError {
