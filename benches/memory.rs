@@ -15,11 +15,17 @@
 //!   practical cap; the handler answers `201` with a `Content-Type`, a `Location` and a
 //!   freshly allocated body of BODY bytes (so every record holds its own body, as with a
 //!   real handler). Prints resident bytes per record and `MemoryStore::bytes()` per record.
-//! - `cap BODY N`: N distinct keys claimed and completed directly on `MemoryStore::new()`
-//!   (the default 64 MiB cap), records of BODY bytes; prints the store and the resident set
-//!   every tenth of the way, and the time per key.
+//! - `cap BODY N`: N distinct keys claimed and completed directly on a store with the
+//!   default 64 MiB cap and a replay window of one second, records of BODY bytes; a claim
+//!   refused as full waits 20 ms and tries again (as a client obeying `Retry-After` would).
+//!   Prints the store, the resident set against the cap every tenth of the way, the
+//!   evictions and refusals, and the time per key.
 //! - `uncapped BODY N`: the same with a cap that is never reached, to compare the time per
 //!   key (what eviction costs) and the resident set without a cap.
+//! - `flood BODY N`: the default store (64 MiB, five-minute window): 10,000 keys answered
+//!   first, then a flood of N distinct keys, then a retry of each of the 10,000. Prints how
+//!   many flood keys were stored and refused, the resident set against the cap, and how
+//!   many retries would have run again (must be 0).
 
 use std::convert::Infallible;
 use std::process::Command;
@@ -45,6 +51,8 @@ const SCENARIOS: &[(&str, usize, usize)] = &[
     ("cap", 0, 1_000_000),
     ("cap", 1024, 1_000_000),
     ("uncapped", 0, 1_000_000),
+    ("flood", 0, 1_000_000),
+    ("flood", 1024, 300_000),
 ];
 
 fn main() {
@@ -59,7 +67,15 @@ fn main() {
             .expect("a runtime");
         match scenario {
             "per-record" => rt.block_on(per_record(body, n)),
-            "cap" => rt.block_on(distinct_keys(MemoryStore::new(), "cap", body, n)),
+            "cap" => rt.block_on(distinct_keys(
+                MemoryStore::builder()
+                    .min_retention(Duration::from_secs(1))
+                    .build(),
+                "cap",
+                body,
+                n,
+            )),
+            "flood" => rt.block_on(flood(body, n)),
             "uncapped" => rt.block_on(distinct_keys(
                 MemoryStore::builder().max_bytes(NO_CAP).build(),
                 "uncapped",
@@ -174,7 +190,7 @@ async fn distinct_keys(store: MemoryStore, name: &str, body: usize, n: usize) {
     println!(
         "{name} body={body} B, {n} distinct keys, cap {} (RSS at start {:.1} MiB)",
         if name == "cap" {
-            "64 MiB (default)"
+            "64 MiB (default), replay window 1 s"
         } else {
             "none"
         },
@@ -185,12 +201,15 @@ async fn distinct_keys(store: MemoryStore, name: &str, body: usize, n: usize) {
     for i in 0..n {
         let t = Instant::now();
         let key = StoreKey::new(&Scope::anonymous(), &format!("key-{i:012}"));
-        let Claim::Acquired(token) = store
-            .claim(&key, &fp, tower_idempotency::LeaseToken::new(), lease)
-            .await
-            .expect("claim")
-        else {
-            panic!("a fresh key was taken");
+        let token = loop {
+            let token = tower_idempotency::LeaseToken::new();
+            match store.claim(&key, &fp, token, lease).await {
+                Ok(Claim::Acquired(_)) => break token,
+                Err(tower_idempotency::StoreError::Full) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => panic!("a fresh key: {other:?}"),
+            }
         };
         let record = Record::new(
             StatusCode::CREATED,
@@ -208,12 +227,14 @@ async fn distinct_keys(store: MemoryStore, name: &str, body: usize, n: usize) {
             let (now, peak) = rss();
             println!(
                 "  {:>8} keys: entries {:>8}  MemoryStore::bytes() {:>6.1} MiB  \
-                 RSS {:>7.1} MiB  peak RSS {:>7.1} MiB",
+                 RSS {:>7.1} MiB  peak RSS {:>7.1} MiB  evictions {:>8}  refusals {:>6}",
                 i + 1,
                 store.len(),
                 mib(store.bytes()),
                 mib(now),
-                mib(peak)
+                mib(peak),
+                store.evictions(),
+                store.refusals(),
             );
         }
     }
@@ -225,4 +246,94 @@ async fn distinct_keys(store: MemoryStore, name: &str, body: usize, n: usize) {
         slowest.as_secs_f64() * 1e3,
         elapsed.as_secs_f64()
     );
+}
+
+/// Claims and completes `key`; `false` when the store refused the claim as full.
+async fn answer(store: &MemoryStore, key: &StoreKey, record: &Record) -> bool {
+    let token = tower_idempotency::LeaseToken::new();
+    match store
+        .claim(key, record.fingerprint(), token, Duration::from_secs(30))
+        .await
+    {
+        Ok(Claim::Acquired(_)) => {
+            store
+                .complete(key, token, record.clone(), Duration::from_secs(24 * 3600))
+                .await
+                .expect("complete");
+            true
+        }
+        Err(tower_idempotency::StoreError::Full) => false,
+        other => panic!("a fresh key: {other:?}"),
+    }
+}
+
+async fn flood(body: usize, n: usize) {
+    const MARKERS: usize = 10_000;
+    let cap = 64 << 20;
+    let store = MemoryStore::new();
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let record = |i: usize| {
+        // A body of its own per record, as a real handler makes.
+        let mut b = vec![b'x'; body];
+        if let Some(first) = b.first_mut() {
+            *first = (i % 251) as u8;
+        }
+        Record::new(StatusCode::CREATED, headers.clone(), Bytes::from(b), None)
+            .with_fingerprint(Fingerprint::from_bytes([5; 32]))
+    };
+    let (start_rss, _) = rss();
+    for i in 0..MARKERS {
+        let key = StoreKey::new(&Scope::anonymous(), &format!("marker-{i:08}"));
+        assert!(answer(&store, &key, &record(i)).await, "marker {i} refused");
+    }
+    let start = Instant::now();
+    let mut stored = 0usize;
+    let mut refused = 0usize;
+    for i in 0..n {
+        let key = StoreKey::new(&Scope::anonymous(), &format!("flood-{i:012}"));
+        if answer(&store, &key, &record(i)).await {
+            stored += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    let flood_time = start.elapsed();
+    let mut reruns = 0;
+    for i in 0..MARKERS {
+        let key = StoreKey::new(&Scope::anonymous(), &format!("marker-{i:08}"));
+        match store
+            .claim(
+                &key,
+                &Fingerprint::from_bytes([5; 32]),
+                tower_idempotency::LeaseToken::new(),
+                Duration::from_secs(30),
+            )
+            .await
+        {
+            Ok(Claim::Completed(_)) => {}
+            _ => reruns += 1,
+        }
+    }
+    let (now, peak) = rss();
+    println!(
+        "flood body={body} B: {MARKERS} keys answered, then {n} distinct keys in {:.1} s \
+         ({:.2} µs each): {stored} stored, {refused} refused (503 store-full); \
+         evictions {}; retries of the {MARKERS} that would run again: {reruns}",
+        flood_time.as_secs_f64(),
+        flood_time.as_secs_f64() * 1e6 / n as f64,
+        store.evictions(),
+    );
+    println!(
+        "  MemoryStore::bytes() {:.1} MiB of a {:.0} MiB cap; RSS {:.1} MiB (peak {:.1}), \
+         {:.1} MiB at start: RSS above the start is {:.2}x the cap, peak RSS {:.2}x",
+        mib(store.bytes()),
+        mib(cap),
+        mib(now),
+        mib(peak),
+        mib(start_rss),
+        (now - start_rss) as f64 / cap as f64,
+        peak as f64 / cap as f64,
+    );
+    assert_eq!(reruns, 0, "a record inside the replay window was forgotten");
 }

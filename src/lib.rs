@@ -56,7 +56,8 @@
 //! [`IdempotencyStore`] is one small async trait (claim, complete, release, extend, wait),
 //! object safe, with three backends:
 //!
-//! - [`MemoryStore`] (feature `memory`, on by default): one instance, bounded by bytes;
+//! - [`MemoryStore`] (feature `memory`, on by default): one instance, bounded by bytes,
+//!   with a guaranteed replay window;
 //! - `RedisStore` (feature `redis`): one key per record, one Lua script call per operation;
 //! - `PostgresStore` (feature `postgres`): one table, a single-statement claim.
 //!
