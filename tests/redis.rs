@@ -947,3 +947,73 @@ async fn completing_twice_with_the_same_record_is_done() {
         Err(tower_idempotency::StoreError::LeaseLost)
     ));
 }
+
+/// A Redis at `maxmemory` under `noeviction` refuses new claims as `StoreError::Full`
+/// (the layer answers `503 store-full`, and never runs unprotected), and still replays the
+/// records it holds.
+#[tokio::test]
+async fn a_full_redis_refuses_new_claims_and_still_replays() {
+    if redis_url().is_none() {
+        return;
+    }
+    let server = PrivateRedis::start();
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let done = StoreKey::new(&Scope::anonymous(), "done");
+    let (token, record) = complete_one(&store, &done).await;
+    store
+        .complete(&done, token, record.clone(), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut admin = redis::Client::open(server.url().as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for i in 0..50 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("ballast-{i}"))
+            .arg(vec![b'x'; 20_000])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    config_set(&server.url(), "maxmemory-policy", "noeviction").await;
+    config_set(&server.url(), "maxmemory", "1mb").await;
+    let fresh = StoreKey::new(&Scope::anonymous(), "fresh");
+    let fp = Fingerprint::from_bytes([9; 32]);
+    match store
+        .claim(&fresh, &fp, LeaseToken::new(), Duration::from_secs(5))
+        .await
+    {
+        Err(tower_idempotency::StoreError::Full) => {}
+        other => panic!("a full Redis must refuse a new claim as Full, got {other:?}"),
+    }
+    match store
+        .claim(&done, &fp, LeaseToken::new(), Duration::from_secs(5))
+        .await
+    {
+        Ok(Claim::Completed(got)) => assert_eq!(*got, record),
+        other => panic!("a full Redis still replays, got {other:?}"),
+    }
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(store)
+        .on_store_failure(tower_idempotency::policy::StoreFailure::FailOpen)
+        .layer(tower::service_fn({
+            let runs = Arc::clone(&runs);
+            move |_req: Request<Body>| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, Infallible>(Response::new(Body::empty())) }
+            }
+        }));
+    let res = svc
+        .oneshot(
+            Request::post("/orders")
+                .header("idempotency-key", "fresh-through-the-layer")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "nothing runs unprotected");
+}

@@ -64,8 +64,9 @@
 //!   the file is in the kernel's cache);
 //! - `maxmemory-policy noeviction`: every key of this store has an expiry, so any other
 //!   policy (`volatile-*` included) may delete live claims and unexpired records under memory
-//!   pressure. With `noeviction` a full Redis refuses new claims instead, and the layer
-//!   answers `503`.
+//!   pressure. With `noeviction` a full Redis refuses new claims instead
+//!   ([`StoreError::Full`]: the layer answers `503 store-full`, whatever its store-failure
+//!   policy), and still replays what it holds.
 //!
 //! [`RedisStore::connect`] reads these settings ([`RedisStore::check_server`]) and logs a
 //! `warn` for each [`RedisRisk`]; [`RedisStore::connect_strict`] refuses such a server.
@@ -569,7 +570,15 @@ impl IdempotencyStore for RedisStore {
             .arg(millis(ORPHAN_RETENTION))
             .invoke_async(&mut con)
             .await
-            .map_err(StoreError::backend)?;
+            .map_err(|err| {
+                // `maxmemory` reached under `noeviction`: the script's write was refused and
+                // nothing changed (replays, which only read, still work).
+                if err.code() == Some("OOM") {
+                    StoreError::Full
+                } else {
+                    StoreError::backend(err)
+                }
+            })?;
         parse_claim(reply, token)
     }
 
