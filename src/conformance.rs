@@ -29,7 +29,7 @@
 //! | [`distinct_keys`] | claims of different keys do not interfere |
 //! | [`round_trip`] | a completed record comes back exactly (headers in order, binary values, trailers) |
 //! | [`empty_and_large_records`] | empty and 1 MiB bodies, records without trailers, tombstones |
-//! | [`fencing`] | stale tokens change nothing and get `LeaseLost` |
+//! | [`fencing`] | stale tokens change nothing and get `LeaseLost`; a completed key never takes another record |
 //! | [`release_frees_key`] | a released key is claimed again with a fresh token |
 //! | [`lease_expiry`] | a lapsed claim is contested first, then taken over; the old owner's `complete` is refused |
 //! | [`extend_ends_a_contest`] | the owner of a contested lease keeps the key by extending it |
@@ -291,10 +291,16 @@ pub async fn fencing<S: IdempotencyStore + ?Sized>(store: &S) {
         .complete(&key, owner, tricky_record(), TTL)
         .await
         .expect("the owner's complete must succeed");
-    // Once completed, the owner's token owns nothing either.
+    // Once completed, the owner's token owns nothing either: a repeat of the same
+    // completion may be answered done (it changes nothing), another record is refused.
+    match store.complete(&key, owner, tricky_record(), TTL).await {
+        Ok(()) | Err(StoreError::LeaseLost) => {}
+        other => panic!("a repeated complete must be done or LeaseLost, got {other:?}"),
+    }
+    let other = Record::new(StatusCode::OK, HeaderMap::new(), Bytes::new(), None);
     expect_lost(
-        store.complete(&key, owner, tricky_record(), TTL).await,
-        "a second complete",
+        store.complete(&key, owner, other, TTL).await,
+        "a second complete with another record",
     );
     expect_lost(store.release(&key, owner).await, "release after complete");
     expect_lost(

@@ -239,7 +239,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ) -> Result<Claim, StoreError>;
 
     /// Stores the outcome of the operation that holds `key` with `token`; the record lives
-    /// for `ttl`.
+    /// for `ttl`. Once the key holds a record, `token` owns nothing: another `complete` is
+    /// [`StoreError::LeaseLost`], except that a store may answer `Ok` to a repeat of the
+    /// very same record (a retry whose first reply was lost), changing nothing.
     async fn complete(
         &self,
         key: &StoreKey,
