@@ -114,6 +114,19 @@
 //! sweeps every [`sweep_interval`](PostgresStore::sweep_interval); the task ends when the
 //! last handle to the store is dropped.
 //!
+//! # What it keeps, and what it can lose
+//!
+//! A record is kept for its whole TTL and never evicted: there is no size cap, so the table
+//! grows with the number of keys answered within one TTL (sweeping reclaims the rest). A
+//! lapsed claim nobody took over is kept [`ORPHAN_RETENTION`] for its owner.
+//!
+//! Every operation is a committed statement, so what PostgreSQL keeps is what the store
+//! keeps: with the default `synchronous_commit = on` a record or claim acknowledged to the
+//! layer survives a crash of the server. With `synchronous_commit = off` a crash can lose
+//! the last few hundred milliseconds of commits (those records' retries run again); a
+//! failover to an asynchronous standby can lose the commits it had not received. Use
+//! synchronous replication (`synchronous_standby_names`) where a failover must lose nothing.
+//!
 //! # Waiting
 //!
 //! [`IdempotencyStore::wait`] keeps the trait's default: it polls `claim` with a growing
