@@ -88,6 +88,7 @@ mod common {
         let bare = tower::service_fn(handler);
         // Records live ten minutes: long enough for the run, short enough not to linger.
         let layer = IdempotencyLayer::new(store)
+            .share_keys_across_callers()
             .ttl(Duration::from_secs(600))
             .layer(bare);
         let payload = Bytes::from(vec![b'x'; SIZE]);

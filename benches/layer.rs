@@ -2,7 +2,8 @@
 //!
 //! Every latency group holds a `bare` and a `layer` benchmark side by side: the same trivial
 //! handler (it reads its request body and answers `201` with a small JSON body), called
-//! alone or behind `IdempotencyLayer::new(MemoryStore::new())`. One iteration is
+//! alone or behind `IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers()`.
+//! One iteration is
 //! `svc.clone().oneshot(req).await` and the collection of the response body; building the
 //! request (and its key) is part of the iteration for both.
 //!
@@ -120,7 +121,9 @@ fn multi_thread(workers: usize) -> Runtime {
 fn uncovered_get(c: &mut Criterion) {
     let rt = current_thread();
     let bare = tower::service_fn(handler);
-    let layer = IdempotencyLayer::new(MemoryStore::new()).layer(bare);
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(bare);
     let empty = Bytes::new();
     let mut g = c.benchmark_group("uncovered_get");
     g.bench_function("bare", |b| {
@@ -137,9 +140,12 @@ fn uncovered_get(c: &mut Criterion) {
 fn first_request(c: &mut Criterion) {
     let rt = current_thread();
     let bare = tower::service_fn(handler);
-    let layer = IdempotencyLayer::new(MemoryStore::new()).layer(bare);
-    let uncapped =
-        IdempotencyLayer::new(MemoryStore::builder().max_bytes(1 << 34).build()).layer(bare);
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(bare);
+    let uncapped = IdempotencyLayer::new(MemoryStore::builder().max_bytes(1 << 34).build())
+        .share_keys_across_callers()
+        .layer(bare);
     // Sanity: the layered service runs the handler and answers 201.
     let (status, _, body) = rt.block_on(call(&layer, post(&next_key(), &body_of(10))));
     assert_eq!(status, StatusCode::CREATED);
@@ -173,7 +179,9 @@ fn first_request(c: &mut Criterion) {
 fn replay(c: &mut Criterion) {
     let rt = current_thread();
     let bare = tower::service_fn(handler);
-    let layer = IdempotencyLayer::new(MemoryStore::new()).layer(bare);
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(bare);
     let mut g = c.benchmark_group("replay");
     for size in SIZES {
         let payload = body_of(size);
@@ -201,7 +209,9 @@ fn in_flight_409(c: &mut Criterion) {
     let rt = current_thread();
     let bare = tower::service_fn(handler);
     let store = MemoryStore::new();
-    let layer = IdempotencyLayer::new(store.clone()).layer(bare);
+    let layer = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(bare);
     let payload = body_of(1024);
     let key = next_key();
     // Hold the key with the fingerprint the layer computes for this request, for longer than
@@ -237,7 +247,9 @@ fn in_flight_409(c: &mut Criterion) {
 fn first_request_mt(c: &mut Criterion) {
     let rt = multi_thread(2);
     let bare = tower::service_fn(handler);
-    let layer = IdempotencyLayer::new(MemoryStore::new()).layer(bare);
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(bare);
     let payload = body_of(1024);
     let mut g = c.benchmark_group("first_request_mt");
     g.bench_function(BenchmarkId::new("bare", 1024), |b| {

@@ -135,7 +135,9 @@ async fn per_record(body: usize, n: usize) {
         );
         Ok::<_, Infallible>(res)
     };
-    let svc = IdempotencyLayer::new(store.clone()).layer(tower::service_fn(handler));
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(tower::service_fn(handler));
     let payload = Bytes::from_static(br#"{"item":"book","amount":12}"#);
     let send = |i: usize| {
         let req = Request::post("/orders")

@@ -252,6 +252,10 @@ async fn serve() -> Result<(), String> {
     let settings = Settings::from_env()?;
     let store = open_store(&settings.store).await?;
     let layer = IdempotencyLayer::new(store)
+        // The caller scope is a choice every service makes. This demo has no users, so
+        // every caller shares one scope; a service with authentication keys them per user:
+        // `.scope_by_principal::<UserId>()`, with the id its auth layer put in the request.
+        .share_keys_across_callers()
         .on_in_flight(settings.in_flight)
         .lease(settings.lease);
     let work = layer.detached_work();

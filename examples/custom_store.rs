@@ -213,7 +213,8 @@ async fn main() {
             "/orders",
             post(|body: String| async move { format!("created: {body}\n") }),
         )
-        .layer(IdempotencyLayer::new(LockedMapStore::default()));
+        // No users in this example: every caller shares one scope.
+        .layer(IdempotencyLayer::new(LockedMapStore::default()).share_keys_across_callers());
     let addr = std::env::var("LISTEN_ADDR").unwrap_or_else(|_| "127.0.0.1:3002".to_owned());
     let listener = match tokio::net::TcpListener::bind(&addr).await {
         Ok(listener) => listener,

@@ -143,7 +143,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "orders service listening on http://{}",
         listener.local_addr()?
     );
-    let layer = IdempotencyLayer::new(MemoryStore::new());
+    // No users in this example: every caller shares one scope (see `scope_by_principal`
+    // for a service with authentication).
+    let layer = IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers();
     let work = layer.detached_work();
     tokio::select! {
         served = serve(listener, layer, Orders::default()) => served?,

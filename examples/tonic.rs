@@ -315,7 +315,11 @@ pub fn with_key<M>(message: M, key: &str) -> Request<M> {
 /// The demo's layer on `store`: it covers `CreateOrder` only, so that reads (and any
 /// streaming method added later) need no key. Every other setting is the default.
 pub fn layer(store: impl IdempotencyStore) -> IdempotencyLayer {
-    IdempotencyLayer::new(store).cover_when(|req| req.uri.path() == CREATE_ORDER)
+    // No users in this example: every caller shares one scope (see `scope_by_principal`
+    // for a service with authentication).
+    IdempotencyLayer::new(store)
+        .share_keys_across_callers()
+        .cover_when(|req| req.uri.path() == CREATE_ORDER)
 }
 
 /// Serves `orders` behind `layer` on `listener` until the process ends.

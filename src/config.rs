@@ -15,7 +15,7 @@ use crate::store::IdempotencyStore;
 use crate::tasks::DetachedWork;
 
 pub(crate) type CoverFn = dyn Fn(&Parts) -> bool + Send + Sync;
-pub(crate) type ScopeFn = dyn Fn(&Parts) -> Scope + Send + Sync;
+pub(crate) type ScopeFn = dyn Fn(&Parts) -> Option<Scope> + Send + Sync;
 pub(crate) type FingerprintFn = dyn Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync;
 pub(crate) type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
 pub(crate) type GrpcFn = dyn Fn(u32) -> bool + Send + Sync;
@@ -26,6 +26,16 @@ pub(crate) enum Cover {
     When(Arc<CoverFn>),
 }
 
+/// How the layer tells callers apart.
+pub(crate) enum ScopeRule {
+    /// Nothing configured: no caller can be identified, so covered requests are refused.
+    Unset,
+    /// Every caller shares one scope, by the user's explicit choice.
+    Shared,
+    /// The user's function; `None` is a caller it cannot identify.
+    By(Arc<ScopeFn>),
+}
+
 pub(crate) struct Config {
     pub(crate) store: Arc<dyn IdempotencyStore>,
     pub(crate) header: HeaderName,
@@ -33,7 +43,9 @@ pub(crate) struct Config {
     pub(crate) max_key_len: usize,
     pub(crate) missing: MissingKey,
     pub(crate) cover: Cover,
-    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) scope: ScopeRule,
+    /// Whether the missing scope rule was logged already.
+    pub(crate) scope_warned: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) fingerprint: Option<Arc<FingerprintFn>>,
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
@@ -65,7 +77,12 @@ impl Clone for Config {
                 Cover::Methods(m) => Cover::Methods(m.clone()),
                 Cover::When(f) => Cover::When(Arc::clone(f)),
             },
-            scope: self.scope.clone(),
+            scope: match &self.scope {
+                ScopeRule::Unset => ScopeRule::Unset,
+                ScopeRule::Shared => ScopeRule::Shared,
+                ScopeRule::By(f) => ScopeRule::By(Arc::clone(f)),
+            },
+            scope_warned: Arc::clone(&self.scope_warned),
             fingerprint: self.fingerprint.clone(),
             max_request_body: self.max_request_body,
             max_response_body: self.max_response_body,
@@ -106,13 +123,25 @@ impl Config {
         }
     }
 
-    pub(crate) fn scope_of(&self, parts: &Parts) -> Scope {
+    /// The caller's scope, or `None` when the caller cannot be identified.
+    pub(crate) fn scope_of(&self, parts: &Parts) -> Option<Scope> {
         match &self.scope {
-            Some(f) => f(parts),
-            None => match parts.headers.get(http::header::AUTHORIZATION) {
-                Some(v) => Scope::of(v.as_bytes()),
-                None => Scope::anonymous(),
-            },
+            ScopeRule::By(f) => f(parts),
+            ScopeRule::Shared => Some(Scope::anonymous()),
+            ScopeRule::Unset => {
+                if !self
+                    .scope_warned
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::error!(
+                        "IdempotencyLayer has no caller scope: every covered request is refused \
+                         with 403 caller-unknown. Choose one: scope_by_principal::<T>() (the \
+                         user an auth layer put in the request extensions), scope_by(..), \
+                         scope_by_credential(..), or share_keys_across_callers()"
+                    );
+                }
+                None
+            }
         }
     }
 

@@ -44,6 +44,21 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
+    // Keys are kept apart per caller: a caller the layer cannot identify is refused, never
+    // put in a scope it might share with another.
+    let Some(scope) = config.scope_of(&parts) else {
+        tracing::debug!(key = key.as_str(), "caller unknown; refusing the request");
+        return Ok(problem(
+            &config,
+            grpc,
+            Problem::new(
+                ProblemKind::CallerUnknown,
+                "The caller of this request cannot be identified, so its Idempotency-Key \
+                 cannot be kept apart from other callers' keys; nothing was done.",
+            ),
+            IdempotencyOutcome::Rejected,
+        ));
+    };
     let bytes = match buffer(body, config.max_request_body).await {
         Ok(bytes) => bytes,
         Err(BufferError::TooLarge) => {
@@ -68,7 +83,7 @@ where
             ));
         }
     };
-    let store_key = StoreKey::new(&config.scope_of(&parts), key.as_str());
+    let store_key = StoreKey::new(&scope, key.as_str());
     let fingerprint = config.fingerprint_of(&parts, &bytes);
     parts.extensions.insert(key);
     let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));

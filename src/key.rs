@@ -156,9 +156,12 @@ pub fn parse_key(
 
 /// Who sent a request: keys are only ever shared within one scope.
 ///
-/// A scope is a SHA-256 digest of an identity the layer derives from the request (by default
-/// the `Authorization` header), so raw credentials never reach the store. Requests with no
-/// identity share the anonymous scope.
+/// A scope is a SHA-256 digest of who the caller is (a principal, [`Scope::of_principal`]),
+/// or an HMAC of a credential ([`Scope::keyed`]), so raw identities never reach the store.
+/// The layer derives it from each request as
+/// [`IdempotencyLayer::scope_by`](crate::IdempotencyLayer::scope_by) and its siblings say;
+/// [`Scope::anonymous`] is the one scope every caller shares under
+/// [`share_keys_across_callers`](crate::IdempotencyLayer::share_keys_across_callers).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Scope(std::borrow::Cow<'static, str>);
 
@@ -179,6 +182,40 @@ impl Scope {
     /// ```
     pub fn of(identity: &[u8]) -> Self {
         Self(std::borrow::Cow::Owned(hex(&Sha256::digest(identity))))
+    }
+
+    /// The scope of an authenticated principal (a user or tenant id), by its `Display` form.
+    /// Two principals whose ids display alike share a scope, so make the text unique (for
+    /// example `user:42`, `tenant:acme`).
+    ///
+    /// ```
+    /// use tower_idempotency::Scope;
+    ///
+    /// assert_eq!(Scope::of_principal(&"user:42"), Scope::of(b"user:42"));
+    /// ```
+    pub fn of_principal(principal: &impl fmt::Display) -> Self {
+        Self::of(principal.to_string().as_bytes())
+    }
+
+    /// The scope of a credential, as an HMAC-SHA-256 of it keyed with `secret`: unlike
+    /// [`Scope::of`], it cannot be turned back into the credential by trying candidates
+    /// without the secret.
+    ///
+    /// ```
+    /// use tower_idempotency::Scope;
+    ///
+    /// let a = Scope::keyed(b"fleet secret", b"Bearer abc");
+    /// assert_eq!(a, Scope::keyed(b"fleet secret", b"Bearer abc"));
+    /// assert_ne!(a, Scope::keyed(b"other secret", b"Bearer abc"));
+    /// assert_ne!(a, Scope::of(b"Bearer abc"));
+    /// ```
+    pub fn keyed(secret: &[u8], credential: &[u8]) -> Self {
+        use hmac::Mac as _;
+        // HMAC takes a key of any length.
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of every length"));
+        mac.update(credential);
+        Self(std::borrow::Cow::Owned(hex(&mac.finalize().into_bytes())))
     }
 
     /// The scope as text: `anon` or 64 hexadecimal digits.

@@ -97,7 +97,8 @@ impl IdempotencyLayer {
                 max_key_len: 255,
                 missing: MissingKey::Required,
                 cover: Cover::Methods(vec![Method::POST, Method::PATCH]),
-                scope: None,
+                scope: crate::config::ScopeRule::Unset,
+                scope_warned: Arc::default(),
                 fingerprint: None,
                 max_request_body: 1024 * 1024,
                 max_response_body: 1024 * 1024,
@@ -190,9 +191,20 @@ impl IdempotencyLayer {
         self.edit(|c| c.cover = Cover::When(Arc::new(f)))
     }
 
-    /// Derives the caller's scope from the request, so that one caller can never be served
-    /// another's response. Default: [`Scope::of`] the `Authorization` header, or
-    /// [`Scope::anonymous`] without one (all anonymous callers then share keys).
+    /// Derives the caller's scope from the request with `f`, so that one caller is never
+    /// served another's response; `None` means "this caller cannot be identified", and the
+    /// request is refused with `403 caller-unknown` (gRPC `PERMISSION_DENIED`), nothing run.
+    ///
+    /// **There is no default:** until one of `scope_by`,
+    /// [`scope_by_principal`](Self::scope_by_principal),
+    /// [`scope_by_credential`](Self::scope_by_credential) or
+    /// [`share_keys_across_callers`](Self::share_keys_across_callers) is chosen, every covered
+    /// request is refused (and an `error` is logged once), because any guess (a shared scope,
+    /// a header) would serve one caller's answer to another in some deployment.
+    ///
+    /// Scope by who the caller *is* (a user or tenant id from your authentication), not by
+    /// the credential they present: a client refreshes its token exactly when it retries
+    /// after a timeout.
     ///
     /// ```
     /// use tower_idempotency::{IdempotencyLayer, Scope};
@@ -201,14 +213,87 @@ impl IdempotencyLayer {
     /// struct TenantId(String);
     ///
     /// let layer = IdempotencyLayer::default().scope_by(|req| {
-    ///     match req.extensions.get::<TenantId>() {
-    ///         Some(t) => Scope::of(t.0.as_bytes()),
-    ///         None => Scope::anonymous(),
-    ///     }
+    ///     req.extensions.get::<TenantId>().map(|t| Scope::of(t.0.as_bytes()))
     /// });
     /// ```
-    pub fn scope_by(self, f: impl Fn(&Parts) -> Scope + Send + Sync + 'static) -> Self {
-        self.edit(|c| c.scope = Some(Arc::new(f)))
+    pub fn scope_by(self, f: impl Fn(&Parts) -> Option<Scope> + Send + Sync + 'static) -> Self {
+        self.edit(|c| c.scope = crate::config::ScopeRule::By(Arc::new(f)))
+    }
+
+    /// Scopes keys by the authenticated principal that an authentication layer (placed
+    /// outside this one) put in the request extensions: any `T` that displays as a stable
+    /// id, such as a user or tenant id. A request without a `T` is refused with
+    /// `403 caller-unknown`. The recommended way to scope keys.
+    ///
+    /// ```
+    /// use std::fmt;
+    /// use tower_idempotency::IdempotencyLayer;
+    ///
+    /// /// Put in the extensions by the service's auth middleware.
+    /// #[derive(Clone)]
+    /// struct UserId(u64);
+    ///
+    /// impl fmt::Display for UserId {
+    ///     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    ///         write!(f, "user:{}", self.0)
+    ///     }
+    /// }
+    ///
+    /// let layer = IdempotencyLayer::default().scope_by_principal::<UserId>();
+    /// ```
+    pub fn scope_by_principal<T>(self) -> Self
+    where
+        T: std::fmt::Display + Send + Sync + 'static,
+    {
+        self.scope_by(|req| req.extensions.get::<T>().map(Scope::of_principal))
+    }
+
+    /// Scopes keys by a credential header (such as `Authorization` or `X-Api-Key`), as an
+    /// HMAC-SHA-256 keyed with `secret`, so that the scope stored in Redis or PostgreSQL (and
+    /// its key prefix) cannot be turned back into the credential. `secret` must be the same
+    /// on every instance that shares the store (at least 32 random bytes). A request without
+    /// the header is refused with `403 caller-unknown`.
+    ///
+    /// **A new credential is a new caller:** a client that refreshes its token (which it
+    /// does exactly when it retries after a timeout) or rotates its API key loses its keys,
+    /// and the retry runs the operation again. Prefer
+    /// [`scope_by_principal`](Self::scope_by_principal) whenever an authentication layer
+    /// can tell who the caller is; use this for long-lived credentials only (API keys).
+    ///
+    /// ```
+    /// use tower_idempotency::IdempotencyLayer;
+    ///
+    /// let secret = std::env::var("IDEMPOTENCY_SCOPE_SECRET").unwrap_or_default();
+    /// let layer = IdempotencyLayer::default()
+    ///     .scope_by_credential(http::HeaderName::from_static("x-api-key"), secret);
+    /// ```
+    pub fn scope_by_credential(self, header: HeaderName, secret: impl AsRef<[u8]>) -> Self {
+        let secret: Arc<[u8]> = Arc::from(secret.as_ref());
+        if secret.len() < 16 {
+            tracing::warn!(
+                bytes = secret.len(),
+                "the secret of scope_by_credential is short: use at least 32 random bytes"
+            );
+        }
+        self.scope_by(move |req| {
+            req.headers
+                .get(&header)
+                .map(|credential| Scope::keyed(&secret, credential.as_bytes()))
+        })
+    }
+
+    /// Shares one scope between every caller: any caller who sends a key gets the answer
+    /// stored under it. Right only where keys cannot collide between callers (one trusted
+    /// client, or keys that are unguessable and never shown to others); an explicit choice,
+    /// since otherwise a caller who learns or reuses another's key is served that caller's
+    /// response.
+    ///
+    /// ```
+    /// // A single internal client calls this service.
+    /// let layer = tower_idempotency::IdempotencyLayer::default().share_keys_across_callers();
+    /// ```
+    pub fn share_keys_across_callers(self) -> Self {
+        self.edit(|c| c.scope = crate::config::ScopeRule::Shared)
     }
 
     /// Computes request fingerprints with `f`. Default: [`Fingerprint::of_request`]
@@ -274,12 +359,18 @@ impl IdempotencyLayer {
     }
 
     /// Which response headers are stored and replayed, besides the hop-by-hop headers and
-    /// `Date`, which never are. Default: every other header.
+    /// `Date`, which never are. Default: [`policy::default_replay_header`], every header but
+    /// `Set-Cookie`, `Authentication-Info` and `Proxy-Authentication-Info`, which belong to
+    /// the caller that got them first. A function set here replaces the default, so it can
+    /// opt in to `Set-Cookie` (only where a replay always reaches the same caller) or keep
+    /// out more.
     ///
     /// ```
-    /// use http::header::SET_COOKIE;
+    /// use tower_idempotency::policy::default_replay_header;
+    ///
+    /// // Keep out an internal header as well.
     /// let layer = tower_idempotency::IdempotencyLayer::default()
-    ///     .replay_headers(|name| name != SET_COOKIE);
+    ///     .replay_headers(|name| default_replay_header(name) && name != "x-request-cost");
     /// ```
     pub fn replay_headers(self, f: impl Fn(&HeaderName) -> bool + Send + Sync + 'static) -> Self {
         self.edit(|c| c.replay_header = Some(Arc::new(f)))

@@ -9,9 +9,19 @@
 //! use axum::{Router, routing::post};
 //! use tower_idempotency::{IdempotencyLayer, MemoryStore};
 //!
+//! /// Who the caller is: put in the request extensions by the service's auth middleware.
+//! #[derive(Clone)]
+//! struct UserId(String);
+//!
+//! impl std::fmt::Display for UserId {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+//!         f.write_str(&self.0)
+//!     }
+//! }
+//!
 //! let app: Router = Router::new()
 //!     .route("/payments", post(|body: String| async move { format!("charged {body}") }))
-//!     .layer(IdempotencyLayer::new(MemoryStore::new()));
+//!     .layer(IdempotencyLayer::new(MemoryStore::new()).scope_by_principal::<UserId>());
 //! ```
 //!
 //! # What a request goes through
@@ -23,8 +33,12 @@
 //!    default, a bare value ([`KeyParsing`]). A missing key is refused with `400`, passed
 //!    through, or replaced by a fresh UUID ([`MissingKey`](policy::MissingKey)). The key is
 //!    put in the request's extensions as an [`IdempotencyKey`].
-//! 3. **Scope.** The key is stored within the caller's [`Scope`]: by default a SHA-256 of
-//!    the `Authorization` header; requests without one share the anonymous scope.
+//! 3. **Scope.** The key is stored within the caller's [`Scope`], as the layer was told to
+//!    find it: the authenticated principal ([`IdempotencyLayer::scope_by_principal`], the
+//!    recommended way), a function of yours ([`IdempotencyLayer::scope_by`]), a keyed hash
+//!    of a credential ([`IdempotencyLayer::scope_by_credential`]), or one scope for all
+//!    ([`IdempotencyLayer::share_keys_across_callers`]). There is no default: a caller the
+//!    layer cannot identify is refused with `403 caller-unknown`.
 //! 4. **Fingerprint.** The body is buffered (up to 1 MiB by default; over that, `413`) and
 //!    hashed with the method, path and content type into a [`Fingerprint`]. The service
 //!    behind receives the same bytes in the same body type ([`RebuildBody`]).
@@ -42,7 +56,9 @@
 //!    whole) leaves only once that is done, so a client that has the whole answer and retries
 //!    at once gets the replay. A body over the response limit leaves a tombstone.
 //! 8. **Replay.** Status, headers, body and trailers come back byte for byte, with
-//!    `Idempotent-Replayed: true`. Hop-by-hop headers and `Date` are not stored.
+//!    `Idempotent-Replayed: true`. Hop-by-hop headers and `Date` are not stored, nor, unless
+//!    [`IdempotencyLayer::replay_headers`] opts in, `Set-Cookie` and the other per-caller
+//!    headers.
 //!
 //! Every store call is bounded ([`IdempotencyLayer::store_timeout`], 2 s by default). Store
 //! failures fail closed with `503` by default ([`StoreFailure`](policy::StoreFailure)), and a

@@ -96,8 +96,27 @@ pub fn default_grpc_storable(code: u32) -> bool {
     !matches!(code, 1 | 2 | 4 | 8 | 10 | 13 | 14)
 }
 
-/// Whether a response header is kept for replay by default: everything but the hop-by-hop
-/// headers and `Date`.
+/// Whether a response header is stored and replayed when
+/// [`replay_headers`](crate::IdempotencyLayer::replay_headers) is not set: every header but
+/// the ones addressed to one caller, which a retry from another connection or session must
+/// not receive: `Set-Cookie`, `Authentication-Info` and `Proxy-Authentication-Info`. (The
+/// hop-by-hop headers and `Date` are never stored, whatever the setting.)
+///
+/// ```
+/// use http::HeaderName;
+/// use tower_idempotency::policy::default_replay_header;
+///
+/// assert!(default_replay_header(&HeaderName::from_static("location")));
+/// assert!(!default_replay_header(&http::header::SET_COOKIE));
+/// ```
+pub fn default_replay_header(name: &http::HeaderName) -> bool {
+    !(name == http::header::SET_COOKIE
+        || name.as_str() == "authentication-info"
+        || name.as_str() == "proxy-authentication-info")
+}
+
+/// Whether a response header can be stored at all: everything but the hop-by-hop headers
+/// and `Date`.
 pub(crate) fn is_replayable_header(name: &http::HeaderName) -> bool {
     use http::header;
     !(name == header::CONNECTION

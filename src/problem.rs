@@ -14,6 +14,7 @@
 //! | `key-in-use` | 409 + `Retry-After` | `ABORTED` | the first request with this key still runs |
 //! | `key-reused` | 422 | `FAILED_PRECONDITION` | the key was used with another payload |
 //! | `response-not-stored` | 410 | `ALREADY_EXISTS` | the operation ran but its response was too large to keep |
+//! | `caller-unknown` | 403 | `PERMISSION_DENIED` | the layer cannot tell who the caller is (no scope configured, or the scope function found no caller); nothing ran |
 //! | `store-unavailable` | 503 + `Retry-After` | `UNAVAILABLE` | the store failed; nothing ran |
 //! | `store-full` | 503 + `Retry-After` | `UNAVAILABLE` | the store has no room for a new key without forgetting recent records; nothing ran |
 //! | `record-unreadable` | 500 | `INTERNAL` | the operation ran before, but its stored outcome cannot be read (damaged, or written by a newer version); it never runs again with this key |
@@ -51,6 +52,8 @@ pub enum ProblemKind {
     KeyReused,
     /// The operation ran, but its response was too large to keep.
     ResponseNotStored,
+    /// The caller cannot be identified, so its keys cannot be kept apart from others'.
+    CallerUnknown,
     /// The store failed.
     StoreUnavailable,
     /// The store has no room for a new key without forgetting recent records.
@@ -71,6 +74,7 @@ impl ProblemKind {
             Self::KeyInUse => "key-in-use",
             Self::KeyReused => "key-reused",
             Self::ResponseNotStored => "response-not-stored",
+            Self::CallerUnknown => "caller-unknown",
             Self::StoreUnavailable => "store-unavailable",
             Self::StoreFull => "store-full",
             Self::RecordUnreadable => "record-unreadable",
@@ -85,6 +89,7 @@ impl ProblemKind {
             Self::KeyInUse => StatusCode::CONFLICT,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ResponseNotStored => StatusCode::GONE,
+            Self::CallerUnknown => StatusCode::FORBIDDEN,
             Self::StoreUnavailable | Self::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::RecordUnreadable => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -98,6 +103,7 @@ impl ProblemKind {
             Self::KeyInUse => 10,                                            // ABORTED
             Self::KeyReused => 9,                                            // FAILED_PRECONDITION
             Self::ResponseNotStored => 6,                                    // ALREADY_EXISTS
+            Self::CallerUnknown => 7,                                        // PERMISSION_DENIED
             Self::StoreUnavailable | Self::StoreFull => 14,                  // UNAVAILABLE
             Self::RecordUnreadable => 13,                                    // INTERNAL
         }
@@ -113,6 +119,7 @@ impl ProblemKind {
             Self::KeyInUse => "A request with this Idempotency-Key is still being processed",
             Self::KeyReused => "Idempotency-Key is already used",
             Self::ResponseNotStored => "The operation ran but its response was not stored",
+            Self::CallerUnknown => "The caller cannot be identified",
             Self::StoreUnavailable => "Idempotency store is unavailable",
             Self::StoreFull => "Idempotency store is full",
             Self::RecordUnreadable => "The stored outcome of this Idempotency-Key cannot be read",

@@ -71,7 +71,11 @@ where
         let filter = config.replay_header.clone();
         let mut headers = HeaderMap::with_capacity(parts.headers.len());
         for (name, value) in &parts.headers {
-            if is_replayable_header(name) && filter.as_ref().is_none_or(|f| f(name)) {
+            let wanted = match &filter {
+                Some(f) => f(name),
+                None => crate::policy::default_replay_header(name),
+            };
+            if is_replayable_header(name) && wanted {
                 headers.append(name.clone(), value.clone());
             }
         }

@@ -37,7 +37,7 @@ async fn router_layer() {
     let counter = Arc::new(AtomicUsize::new(0));
     let app: Router = Router::new()
         .route("/orders", counting_router(&counter))
-        .layer(IdempotencyLayer::new(MemoryStore::new()));
+        .layer(IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers());
     let a = call(&app, post_req(Some("k"), "{}")).await;
     let b = call(&app, post_req(Some("k"), "{}")).await;
     assert_eq!(a.status, StatusCode::CREATED);
@@ -59,7 +59,7 @@ async fn router_route_layer() {
     let counter = Arc::new(AtomicUsize::new(0));
     let app: Router = Router::new()
         .route("/orders", counting_router(&counter))
-        .route_layer(IdempotencyLayer::new(MemoryStore::new()));
+        .route_layer(IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers());
     call(&app, post_req(Some("k"), "{}")).await;
     assert!(call(&app, post_req(Some("k"), "{}")).await.replayed());
     // route_layer does not touch unmatched requests: the fallback answers 404 without a key.
@@ -74,7 +74,8 @@ async fn method_router_layer() {
     let app: Router = Router::new()
         .route(
             "/orders",
-            counting_router(&counter).layer(IdempotencyLayer::new(MemoryStore::new())),
+            counting_router(&counter)
+                .layer(IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers()),
         )
         .route("/unprotected", post(|| async { "free" }));
     call(&app, post_req(Some("k"), "{}")).await;
@@ -132,7 +133,11 @@ const JSON: (&str, &str) = ("content-type", "application/json");
 
 #[tokio::test]
 async fn demo_over_tcp() {
-    let demo = start_demo(IdempotencyLayer::new(MemoryStore::new()), Duration::ZERO).await;
+    let demo = start_demo(
+        IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers(),
+        Duration::ZERO,
+    )
+    .await;
     let order = r#"{"item":"book","amount":12}"#;
     let key = ("idempotency-key", "order-1");
 
@@ -174,7 +179,7 @@ async fn demo_over_tcp() {
 #[tokio::test]
 async fn demo_finishes_an_order_whose_client_hung_up() {
     let demo = start_demo(
-        IdempotencyLayer::new(MemoryStore::new()),
+        IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers(),
         Duration::from_millis(300),
     )
     .await;
@@ -210,7 +215,9 @@ async fn demo_in_flight_reject_and_wait() {
         (InFlight::Reject, StatusCode::CONFLICT),
         (InFlight::Wait(Duration::from_secs(5)), StatusCode::CREATED),
     ] {
-        let layer = IdempotencyLayer::new(MemoryStore::new()).on_in_flight(policy);
+        let layer = IdempotencyLayer::new(MemoryStore::new())
+            .share_keys_across_callers()
+            .on_in_flight(policy);
         let demo = start_demo(layer, Duration::from_millis(300)).await;
         let addr = demo.addr;
         let order = r#"{"item":"pen","amount":2}"#;

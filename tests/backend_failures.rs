@@ -70,6 +70,7 @@ async fn send(svc: &Svc, key: &str) -> Answer {
 async fn wait_mode_runs_once<S: IdempotencyStore + Clone>(store: S) {
     let runs = Runs::default();
     let svc = IdempotencyLayer::new(store)
+        .share_keys_across_callers()
         .on_in_flight(InFlight::Wait(Duration::from_secs(10)))
         .layer(runs.handler(ms(300)));
     let key = fresh_key();
@@ -109,6 +110,7 @@ async fn wait_mode_runs_once<S: IdempotencyStore + Clone>(store: S) {
 async fn wait_times_out<S: IdempotencyStore + Clone>(store: S) {
     let runs = Runs::default();
     let svc = IdempotencyLayer::new(store)
+        .share_keys_across_callers()
         .on_in_flight(InFlight::Wait(ms(200)))
         .layer(runs.handler(ms(1500)));
     let key = fresh_key();
@@ -143,6 +145,7 @@ async fn wait_times_out<S: IdempotencyStore + Clone>(store: S) {
 async fn heartbeat_keeps_the_key<S: IdempotencyStore + Clone>(store: S) {
     let runs = Runs::default();
     let svc = IdempotencyLayer::new(store)
+        .share_keys_across_callers()
         .lease(ms(600))
         .layer(runs.handler(Duration::from_secs(2)));
     let key = fresh_key();
@@ -175,6 +178,7 @@ async fn heartbeat_keeps_the_key<S: IdempotencyStore + Clone>(store: S) {
 async fn crashed_owner_blocks_only_for_its_lease<S: IdempotencyStore + Clone>(store: S) {
     let runs = Runs::default();
     let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
         .lease(ms(500))
         .layer(runs.handler(Duration::ZERO));
     let key = fresh_key();
@@ -281,6 +285,7 @@ mod redis_backend {
         let store = RedisStore::connect(&server.url()).await.expect("connect");
         let runs = Runs::default();
         let svc = IdempotencyLayer::new(store)
+            .share_keys_across_callers()
             .on_store_failure(StoreFailure::FailOpen)
             .layer(runs.handler(Duration::ZERO));
 
@@ -521,7 +526,9 @@ mod postgres_backend {
         table
             .run(async move {
                 let runs = Runs::default();
-                let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
+                let svc = IdempotencyLayer::new(store)
+                    .share_keys_across_callers()
+                    .layer(runs.handler(Duration::ZERO));
                 let before = send(&svc, &fresh_key()).await;
                 assert_eq!(before.status, StatusCode::CREATED);
                 assert_eq!(runs.started(), 1);
@@ -577,7 +584,9 @@ mod postgres_backend {
         table
             .run(async move {
                 let runs = Runs::default();
-                let svc = IdempotencyLayer::new(store.clone()).layer(runs.handler(ms(200)));
+                let svc = IdempotencyLayer::new(store.clone())
+                    .share_keys_across_callers()
+                    .layer(runs.handler(ms(200)));
                 let key = fresh_key();
                 let first = tokio::spawn({
                     let svc = svc.clone();

@@ -18,6 +18,7 @@ use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MAX_DURATION, Memory
 /// Every duration setting at its extreme.
 fn extreme(store: impl IdempotencyStore) -> IdempotencyLayer {
     IdempotencyLayer::new(store)
+        .share_keys_across_callers()
         .lease(Duration::MAX)
         .ttl(Duration::MAX)
         .retry_after(Duration::MAX)
@@ -140,6 +141,7 @@ async fn store_failure_with_the_longest_retry_after() {
 #[test]
 fn settings_are_clamped_when_set() {
     let layer = IdempotencyLayer::default()
+        .share_keys_across_callers()
         .lease(Duration::MAX)
         .ttl(Duration::MAX)
         .retry_after(Duration::MAX)

@@ -82,6 +82,9 @@ fn request(key: &str) -> http::Request<axum::body::Body> {
         .unwrap()
 }
 
+/// The fleet's secret for credential scopes.
+const SECRET: &str = "a secret shared by the whole fleet";
+
 /// Everything below runs on one thread, inside the capturing subscriber.
 #[tokio::test(flavor = "current_thread")]
 async fn faults_are_warn_events_with_the_key_and_never_the_scope() {
@@ -93,7 +96,9 @@ async fn faults_are_warn_events_with_the_key_and_never_the_scope() {
 
     // A lost claim reply: a store failure, then the release of the orphan claim.
     store.faults.claim_lost_replies.store(1, Ordering::SeqCst);
-    let svc = IdempotencyLayer::new(store.clone()).layer(runs.handler(Duration::ZERO));
+    let svc = IdempotencyLayer::new(store.clone())
+        .scope_by_credential(http::header::AUTHORIZATION, SECRET)
+        .layer(runs.handler(Duration::ZERO));
     let refused = call(&svc, request("lost-1")).await;
     assert_eq!(refused.status, 503);
     assert_eq!(capture.warnings_about("lost-1", "store failed").len(), 1);
@@ -108,6 +113,7 @@ async fn faults_are_warn_events_with_the_key_and_never_the_scope() {
         .claim_reply_delay_ms
         .store(300, Ordering::SeqCst);
     let slow = IdempotencyLayer::new(store.clone())
+        .scope_by_credential(http::header::AUTHORIZATION, SECRET)
         .store_timeout(Duration::from_millis(50))
         .layer(runs.handler(Duration::ZERO));
     assert_eq!(call(&slow, request("slow-1")).await.status, 503);
@@ -128,6 +134,7 @@ async fn faults_are_warn_events_with_the_key_and_never_the_scope() {
         .extend_failures
         .store(usize::MAX, Ordering::SeqCst);
     let lapsing = IdempotencyLayer::new(store.clone())
+        .scope_by_credential(http::header::AUTHORIZATION, SECRET)
         .lease(Duration::from_millis(100))
         .layer(runs.handler(Duration::from_millis(400)));
     let owner = tokio::spawn({
@@ -136,6 +143,7 @@ async fn faults_are_warn_events_with_the_key_and_never_the_scope() {
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
     let fast = IdempotencyLayer::new(store.clone())
+        .scope_by_credential(http::header::AUTHORIZATION, SECRET)
         .lease(Duration::from_millis(100))
         .layer(runs.handler(Duration::ZERO));
     // The first retry after the lapse contests the lease, the next one takes it over.
@@ -152,10 +160,34 @@ async fn faults_are_warn_events_with_the_key_and_never_the_scope() {
     assert!(!capture.warnings_about("taken-1", "extending").is_empty());
 
     // The scope derived from the credential appears in no event.
-    let scope = Scope::of(b"Basic c2VjcmV0OnNlY3JldA==");
+    let scope = Scope::keyed(SECRET.as_bytes(), b"Basic c2VjcmV0OnNlY3JldA==");
     for event in capture.events() {
         for (_, value) in &event.fields {
             assert!(!value.contains(scope.as_str()), "{event:?}");
         }
     }
+}
+
+/// A layer with no caller scope says so once, as an `error` that names the choices, and
+/// refuses every covered request.
+#[tokio::test(flavor = "current_thread")]
+async fn a_layer_without_a_caller_scope_says_so_once() {
+    let capture = Capture::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(runs.handler(Duration::ZERO));
+    for key in ["a", "b", "c"] {
+        assert_eq!(call(&svc, request(key)).await.status, 403);
+    }
+    let errors: Vec<_> = capture
+        .events()
+        .into_iter()
+        .filter(|e| e.level == tracing::Level::ERROR)
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    for choice in ["scope_by_principal", "share_keys_across_callers"] {
+        assert!(errors[0].message().contains(choice), "{errors:?}");
+    }
+    assert_eq!(runs.started(), 0);
 }

@@ -32,6 +32,7 @@ async fn heartbeat_keeps_a_slow_operation_claimed() {
     let tracked = Runs::default();
     let store = FaultStore::new(MemoryStore::new());
     let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
         .lease(Duration::from_millis(150))
         .layer(tracked.handler(Duration::from_millis(900)));
     let first = tokio::spawn({
@@ -68,6 +69,7 @@ async fn a_crashed_owner_blocks_its_key_only_for_its_lease() {
     let store = MemoryStore::new();
     let tracked = Runs::default();
     let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
         .lease(Duration::from_millis(300))
         .layer(tracked.handler(Duration::ZERO));
     // Another instance claimed the key and died: nobody will complete or extend it.
@@ -103,6 +105,7 @@ async fn lost_lease_never_overwrites_the_new_owner() {
     store.faults.extend_failures.store(1000, Ordering::SeqCst);
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
         .lease(Duration::from_millis(100))
         .layer(tower::service_fn({
             let calls = Arc::clone(&calls);
@@ -142,6 +145,7 @@ async fn lost_lease_never_overwrites_the_new_owner() {
 async fn disconnect_finishes_the_operation_and_stores_it() {
     let tracked = Runs::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .layer(tracked.handler(Duration::from_millis(200)));
     // The client gives up after 50 ms: its response future is dropped.
     let gave_up = tokio::time::timeout(
@@ -162,6 +166,7 @@ async fn disconnect_finishes_the_operation_and_stores_it() {
 async fn disconnect_can_release_instead() {
     let tracked = Runs::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .on_disconnect(Disconnect::Release)
         .layer(tracked.handler(Duration::from_millis(200)));
     let gave_up = tokio::time::timeout(
@@ -181,8 +186,9 @@ async fn disconnect_can_release_instead() {
 async fn an_unread_body_is_drained_and_stored() {
     let (tx, rx) = mpsc::channel(4);
     let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn(
-        move |_req: Request<Body>| {
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(tower::service_fn(move |_req: Request<Body>| {
             let rx = rx.lock().unwrap().take();
             async move {
                 let body = match rx {
@@ -191,8 +197,7 @@ async fn an_unread_body_is_drained_and_stored() {
                 };
                 Ok::<_, Infallible>(Response::new(body))
             }
-        },
-    ));
+        }));
     let res = svc
         .clone()
         .oneshot(post(Some("drain"), "{}"))
@@ -213,6 +218,7 @@ async fn an_unread_body_releases_with_release_policy() {
     let calls = Arc::new(AtomicUsize::new(0));
     let senders = Arc::new(std::sync::Mutex::new(Vec::new()));
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .on_disconnect(Disconnect::Release)
         .layer(tower::service_fn({
             let calls = Arc::clone(&calls);
@@ -240,12 +246,12 @@ async fn an_unread_body_releases_with_release_policy() {
 async fn frames_stream_before_the_body_ends() {
     let (tx, rx) = mpsc::channel(4);
     let rx = Arc::new(std::sync::Mutex::new(Some(rx)));
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn(
-        move |_req: Request<Body>| {
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(tower::service_fn(move |_req: Request<Body>| {
             let rx = rx.lock().unwrap().take().expect("runs once");
             async move { Ok::<_, Infallible>(Response::new(Body::new(ChannelBody(rx)))) }
-        },
-    ));
+        }));
     let res = svc
         .clone()
         .oneshot(post(Some("stream"), "{}"))
@@ -275,6 +281,7 @@ async fn a_response_over_the_limit_leaves_a_tombstone() {
     let tracked = Runs::default();
     let big = "x".repeat(100);
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .max_response_body(10)
         .layer(tower::service_fn({
             let tracked = tracked.clone();
@@ -304,7 +311,9 @@ async fn a_failing_complete_is_retried_and_the_key_never_released() {
     let store = FaultStore::new(MemoryStore::new());
     store.faults.complete_failures.store(3, Ordering::SeqCst);
     let counter = Counter::default();
-    let svc = IdempotencyLayer::new(store.clone()).layer(counter.service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
     let first = call(&svc, post(Some("c"), "{}")).await;
     assert_eq!(first.status, 201);
     let replay = call(&svc, post(Some("c"), "{}")).await;
@@ -323,6 +332,7 @@ async fn a_store_down_after_the_run_keeps_the_key_claimed() {
     let counter = Counter::default();
     // The response ends once storing failed for the store-call bound, inside the lease.
     let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
         .lease(Duration::from_millis(600))
         .store_timeout(Duration::from_millis(100))
         .layer(counter.service(Duration::ZERO));
@@ -339,6 +349,7 @@ async fn a_store_down_after_the_run_keeps_the_key_claimed() {
 async fn a_waiter_runs_the_operation_when_the_first_fails() {
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .on_in_flight(InFlight::Wait(Duration::from_secs(5)))
         .layer(tower::service_fn({
             let calls = Arc::clone(&calls);
@@ -388,6 +399,7 @@ async fn dropping_at_every_stage_leaks_no_claim() {
     let store = FaultStore::new(MemoryStore::new());
     let counter = Counter::default();
     let release_svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
         .on_disconnect(Disconnect::Release)
         .layer(counter.service(Duration::from_millis(200)));
 
@@ -428,8 +440,9 @@ async fn dropping_at_every_stage_leaks_no_claim() {
     );
 
     // With the default (finish), every stage ends in a stored record, never a dangling claim.
-    let finish_svc =
-        IdempotencyLayer::new(store.clone()).layer(counter.service(Duration::from_millis(100)));
+    let finish_svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::from_millis(100)));
     let cut = tokio::time::timeout(
         Duration::from_millis(20),
         finish_svc.clone().oneshot(post(Some("finish"), "{}")),
@@ -477,7 +490,9 @@ impl http_body::Body for FailsMidway {
 async fn an_unreadable_request_body_is_400_and_nothing_runs() {
     let store = FaultStore::new(MemoryStore::new());
     let counter = Counter::default();
-    let svc = IdempotencyLayer::new(store.clone()).layer(counter.service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
     let req = Request::post("/orders")
         .header("idempotency-key", "broken")
         .body(Body::new(FailsMidway(false)))
@@ -495,13 +510,15 @@ async fn an_unreadable_request_body_is_400_and_nothing_runs() {
 #[tokio::test]
 async fn a_response_body_failing_midway_leaves_a_tombstone() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn({
-        let runs = Arc::clone(&runs);
-        move |_req: Request<Body>| {
-            runs.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<_, Infallible>(Response::new(Body::new(FailsMidway(false)))) }
-        }
-    }));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(tower::service_fn({
+            let runs = Arc::clone(&runs);
+            move |_req: Request<Body>| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, Infallible>(Response::new(Body::new(FailsMidway(false)))) }
+            }
+        }));
     let res = svc
         .clone()
         .oneshot(post(Some("midway"), "{}"))

@@ -26,6 +26,7 @@ async fn failed_heartbeat_is_retried_promptly() {
     let runs = Runs::default();
     // A period of 1 s: the old behaviour retried a whole period later.
     let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
         .lease(Duration::from_secs(3))
         .layer(runs.handler(Duration::from_millis(1500)));
     let first = call(&svc, post(Some("beat"), "{}")).await;
@@ -49,7 +50,9 @@ async fn lost_claim_reply_leaves_no_claim() {
     let store = FaultStore::new(MemoryStore::new());
     store.faults.claim_lost_replies.store(1, Ordering::SeqCst);
     let runs = Runs::default();
-    let svc = IdempotencyLayer::new(store.clone()).layer(runs.handler(Duration::ZERO));
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(runs.handler(Duration::ZERO));
     let first = call(&svc, post(Some("lost"), "{}")).await;
     assert_problem(&first, 503, "store-unavailable");
     // The release runs on a tracked task, well within the 503's Retry-After.
@@ -72,7 +75,9 @@ async fn abandoned_claim_is_released() {
         .claim_reply_delay_ms
         .store(300, Ordering::SeqCst);
     let runs = Runs::default();
-    let svc = IdempotencyLayer::new(store.clone()).layer(runs.handler(Duration::ZERO));
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(runs.handler(Duration::ZERO));
     let gone = tokio::time::timeout(
         Duration::from_millis(50),
         tower::ServiceExt::oneshot(svc.clone(), post(Some("gone"), "{}")),
@@ -97,6 +102,7 @@ fn background_tasks_survive_their_first_runtime() {
     let store = MemoryStore::new();
     let runs = Runs::default();
     let svc = IdempotencyLayer::new(store)
+        .share_keys_across_callers()
         .lease(Duration::from_millis(150))
         .layer(runs.handler(Duration::from_millis(600)));
     let runtime = || {
@@ -176,7 +182,7 @@ fn graceful_shutdown_keeps_detached_outcomes() {
             .body(Body::empty())
             .unwrap()
     };
-    let first_layer = IdempotencyLayer::new(store.clone());
+    let first_layer = IdempotencyLayer::new(store.clone()).share_keys_across_callers();
     let work = first_layer.detached_work();
     let svc = first_layer.layer(handler.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -207,7 +213,9 @@ fn graceful_shutdown_keeps_detached_outcomes() {
     });
     drop(runtime);
 
-    let second = IdempotencyLayer::new(store).layer(handler);
+    let second = IdempotencyLayer::new(store)
+        .share_keys_across_callers()
+        .layer(handler);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -292,12 +300,14 @@ fn breaking_handler(
 async fn a_retryable_answer_whose_body_breaks_releases_the_key() {
     let runs = Runs::default();
     let polls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(breaking_handler(
-        503,
-        false,
-        std::sync::Arc::clone(&polls),
-        runs.clone(),
-    ));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(breaking_handler(
+            503,
+            false,
+            std::sync::Arc::clone(&polls),
+            runs.clone(),
+        ));
     let res = tower::ServiceExt::oneshot(svc.clone(), post(Some("broken-503"), "{}"))
         .await
         .unwrap();
@@ -328,12 +338,14 @@ async fn a_retryable_answer_whose_body_breaks_releases_the_key() {
 async fn a_panicking_body_is_polled_once_and_settled() {
     let runs = Runs::default();
     let polls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(breaking_handler(
-        201,
-        true,
-        std::sync::Arc::clone(&polls),
-        runs.clone(),
-    ));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(breaking_handler(
+            201,
+            true,
+            std::sync::Arc::clone(&polls),
+            runs.clone(),
+        ));
     // The body is read before the head leaves (it is ready at once), so the panic reaches
     // the response future; a server's connection task sees it either way.
     let reader = tokio::spawn({
@@ -368,6 +380,7 @@ async fn an_unreadable_record_never_runs_again() {
         store.faults.claim_unreadable.store(1, Ordering::SeqCst);
         let runs = Runs::default();
         let svc = IdempotencyLayer::new(store.clone())
+            .share_keys_across_callers()
             .on_store_failure(policy)
             .layer(runs.handler(Duration::ZERO));
         let answer = call(&svc, post(Some("unreadable"), "{}")).await;
@@ -393,6 +406,7 @@ async fn a_taken_over_owner_stores_its_outcome_once_the_key_is_free() {
         .store(usize::MAX, Ordering::SeqCst);
     let runs = Runs::default();
     let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
         .lease(Duration::from_millis(100))
         .layer(runs.handler(Duration::from_millis(500)));
     let owner = tokio::spawn({

@@ -18,7 +18,7 @@ async fn start() -> (SocketAddr, demo::Orders) {
     let orders = demo::Orders::default();
     tokio::spawn(demo::serve(
         listener,
-        IdempotencyLayer::new(MemoryStore::new()),
+        IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers(),
         orders.clone(),
     ));
     (addr, orders)

@@ -21,7 +21,9 @@ use tower_idempotency::{
 #[tokio::test]
 async fn first_request_runs_and_retry_replays() {
     let counter = Counter::default();
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
     let first = call(&svc, post(Some("k1"), "{\"a\":1}")).await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert!(!first.replayed());
@@ -42,7 +44,9 @@ async fn first_request_runs_and_retry_replays() {
 #[tokio::test]
 async fn missing_key_is_400_and_nothing_runs() {
     let counter = Counter::default();
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
     let answer = call(&svc, post(None, "{}")).await;
     assert_problem(&answer, 400, "missing-key");
     assert_eq!(answer.outcome, Some(IdempotencyOutcome::Rejected));
@@ -52,7 +56,9 @@ async fn missing_key_is_400_and_nothing_runs() {
 #[tokio::test]
 async fn malformed_keys_are_400_and_nothing_runs() {
     let counter = Counter::default();
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
     let long = "k".repeat(256);
     for bad in [
         &b"\"\""[..],
@@ -80,6 +86,7 @@ async fn malformed_keys_are_400_and_nothing_runs() {
 async fn key_length_cap_is_configurable() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .max_key_len(8)
         .layer(counter.service(Duration::ZERO));
     assert_problem(
@@ -88,7 +95,9 @@ async fn key_length_cap_is_configurable() {
         "invalid-key",
     );
     assert_eq!(call(&svc, post(Some("12345678"), "{}")).await.status, 201);
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
     let max = "k".repeat(255);
     assert_eq!(call(&svc, post(Some(&max), "{}")).await.status, 201);
 }
@@ -97,6 +106,7 @@ async fn key_length_cap_is_configurable() {
 async fn strict_parsing_refuses_bare_keys() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .key_parsing(KeyParsing::Strict)
         .layer(counter.service(Duration::ZERO));
     let answer = call(&svc, post(Some("bare-key"), "{}")).await;
@@ -114,7 +124,9 @@ async fn strict_parsing_refuses_bare_keys() {
 #[tokio::test]
 async fn same_key_other_payload_is_422() {
     let counter = Counter::default();
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
     assert_eq!(
         call(&svc, post(Some("k"), "{\"amount\":1}")).await.status,
         201
@@ -136,6 +148,7 @@ async fn same_key_other_payload_is_422() {
 async fn mismatch_while_in_flight_is_422_not_409() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .layer(counter.service(Duration::from_millis(300)));
     let first = tokio::spawn({
         let svc = svc.clone();
@@ -150,6 +163,7 @@ async fn mismatch_while_in_flight_is_422_not_409() {
 async fn concurrent_duplicate_is_409_with_retry_after() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .layer(counter.service(Duration::from_millis(300)));
     let first = tokio::spawn({
         let svc = svc.clone();
@@ -170,8 +184,9 @@ async fn concurrent_duplicate_is_409_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixty_four_concurrent_requests_run_once() {
     let counter = Counter::default();
-    let svc =
-        IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::from_millis(50)));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::from_millis(50)));
     let barrier = Arc::new(tokio::sync::Barrier::new(64));
     let tasks: Vec<_> = (0..64)
         .map(|_| {
@@ -207,6 +222,7 @@ async fn sixty_four_concurrent_requests_run_once() {
 async fn sixty_four_waiting_requests_all_get_the_one_result() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .on_in_flight(InFlight::Wait(Duration::from_secs(10)))
         .layer(counter.service(Duration::from_millis(100)));
     let barrier = Arc::new(tokio::sync::Barrier::new(64));
@@ -237,6 +253,7 @@ async fn sixty_four_waiting_requests_all_get_the_one_result() {
 async fn wait_times_out_with_409() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .on_in_flight(InFlight::Wait(Duration::from_millis(100)))
         .layer(counter.service(Duration::from_millis(600)));
     let first = tokio::spawn({
@@ -256,7 +273,9 @@ async fn wait_times_out_with_409() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_distinct_keys_run_a_thousand_times() {
     let counter = Counter::default();
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
     let tasks: Vec<_> = (0..1000)
         .map(|i| {
             let svc = svc.clone();
@@ -274,27 +293,156 @@ async fn a_thousand_distinct_keys_run_a_thousand_times() {
     assert_eq!(bodies.len(), 1000);
 }
 
+/// Two callers a layer cannot tell apart (cookie sessions, API keys in a header it does not
+/// know) used to share the anonymous scope: caller B sending caller A's key got A's order.
+/// With no scope configured, every covered request is refused with `403 caller-unknown`
+/// and nothing runs.
 #[tokio::test]
-async fn callers_are_scoped_by_authorization() {
+async fn callers_it_cannot_identify_are_refused_by_default() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
-    let as_user = |auth: &str| {
+    let with_cookie = |cookie: &str| {
         let mut req = post(Some("shared-key"), "{}");
         req.headers_mut()
-            .insert("authorization", HeaderValue::from_str(auth).unwrap());
+            .insert("cookie", HeaderValue::from_str(cookie).unwrap());
         req
     };
-    let alice = call(&svc, as_user("Bearer alice")).await;
-    let bob = call(&svc, as_user("Bearer bob")).await;
+    let a = call(&svc, with_cookie("session=alice")).await;
+    let b = call(&svc, with_cookie("session=bob")).await;
+    for answer in [&a, &b] {
+        assert_problem(answer, 403, "caller-unknown");
+        assert_eq!(answer.outcome, Some(IdempotencyOutcome::Rejected));
+    }
+    assert_eq!(counter.runs(), 0);
+    // Requests without a key and methods that are not covered are untouched.
+    let get = svc
+        .clone()
+        .oneshot(Request::get("/orders").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(get.status(), StatusCode::CREATED);
+}
+
+/// The principal an auth middleware put in the extensions.
+#[derive(Clone)]
+struct User(&'static str);
+
+impl std::fmt::Display for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "user:{}", self.0)
+    }
+}
+
+/// A request from `user` (authenticated with `token`) or from nobody.
+fn as_user(user: Option<&'static str>, token: &str) -> Request<Body> {
+    let mut req = post(Some("shared-key"), "{}");
+    req.headers_mut().insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+    );
+    if let Some(user) = user {
+        req.extensions_mut().insert(User(user));
+    }
+    req
+}
+
+/// Scoped by principal: another user with the same key runs their own operation, a caller
+/// without a principal is refused, and the same user with a refreshed token replays (a
+/// credential-derived scope would run the payment again).
+#[tokio::test]
+async fn callers_are_scoped_by_principal() {
+    let counter = Counter::default();
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .scope_by_principal::<User>()
+        .layer(counter.service(Duration::ZERO));
+    let alice = call(&svc, as_user(Some("alice"), "token-a")).await;
+    let bob = call(&svc, as_user(Some("bob"), "token-b")).await;
     assert!(!alice.replayed() && !bob.replayed());
     assert_ne!(alice.body, bob.body, "bob must not get alice's response");
+    let nobody = call(&svc, as_user(None, "token-a")).await;
+    assert_problem(&nobody, 403, "caller-unknown");
+    let refreshed = call(&svc, as_user(Some("alice"), "token-a-refreshed")).await;
+    assert!(refreshed.replayed(), "a refreshed token is the same caller");
+    assert_eq!(refreshed.body, alice.body);
     assert_eq!(counter.runs(), 2);
-    assert_eq!(call(&svc, as_user("Bearer alice")).await.body, alice.body);
-    assert_eq!(call(&svc, as_user("Bearer bob")).await.body, bob.body);
-    // Anonymous callers share one scope, apart from both.
-    let anon = call(&svc, post(Some("shared-key"), "{}")).await;
-    assert!(!anon.replayed());
-    assert_eq!(counter.runs(), 3);
+}
+
+/// A store that remembers the keys it was asked to claim.
+#[derive(Clone, Default)]
+struct Recording {
+    inner: MemoryStore,
+    keys: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[async_trait::async_trait]
+impl tower_idempotency::IdempotencyStore for Recording {
+    async fn claim(
+        &self,
+        key: &tower_idempotency::StoreKey,
+        fingerprint: &tower_idempotency::Fingerprint,
+        token: tower_idempotency::LeaseToken,
+        lease: Duration,
+    ) -> Result<tower_idempotency::Claim, tower_idempotency::StoreError> {
+        self.keys.lock().unwrap().push(key.as_str().to_owned());
+        self.inner.claim(key, fingerprint, token, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &tower_idempotency::StoreKey,
+        token: tower_idempotency::LeaseToken,
+        record: tower_idempotency::Record,
+        ttl: Duration,
+    ) -> Result<(), tower_idempotency::StoreError> {
+        self.inner.complete(key, token, record, ttl).await
+    }
+    async fn release(
+        &self,
+        key: &tower_idempotency::StoreKey,
+        token: tower_idempotency::LeaseToken,
+    ) -> Result<(), tower_idempotency::StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn extend(
+        &self,
+        key: &tower_idempotency::StoreKey,
+        token: tower_idempotency::LeaseToken,
+        lease: Duration,
+    ) -> Result<(), tower_idempotency::StoreError> {
+        self.inner.extend(key, token, lease).await
+    }
+}
+
+/// Scoped by credential, the scope that reaches the store is an HMAC keyed with the
+/// fleet's secret: not the bare SHA-256 of the credential, which a dictionary reverses.
+/// Callers stay apart, and a request without the header is refused.
+#[tokio::test]
+async fn credential_scopes_are_keyed_hashes() {
+    let counter = Counter::default();
+    let store = Recording::default();
+    let svc = IdempotencyLayer::new(store.clone())
+        .scope_by_credential(
+            http::header::AUTHORIZATION,
+            "a fleet-wide secret of 32 bytes!",
+        )
+        .layer(counter.service(Duration::ZERO));
+    let alice = call(&svc, as_user(None, "alice-password")).await;
+    let bob = call(&svc, as_user(None, "bob-password")).await;
+    assert_ne!(alice.body, bob.body);
+    assert_eq!(counter.runs(), 2);
+    let keys = store.keys.lock().unwrap().clone();
+    let bare = Scope::of(b"Bearer alice-password");
+    let keyed = Scope::keyed(
+        b"a fleet-wide secret of 32 bytes!",
+        b"Bearer alice-password",
+    );
+    assert_eq!(keys[0], format!("{}:shared-key", keyed.as_str()));
+    assert!(
+        keys.iter().all(|k| !k.starts_with(bare.as_str())),
+        "the bare SHA-256 of a credential reached the store: {keys:?}"
+    );
+    let mut no_header = post(Some("shared-key"), "{}");
+    no_header.headers_mut().remove("authorization");
+    assert_problem(&call(&svc, no_header).await, 403, "caller-unknown");
 }
 
 #[tokio::test]
@@ -303,9 +451,10 @@ async fn scope_can_come_from_a_closure() {
     struct Tenant(&'static str);
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
-        .scope_by(|req| match req.extensions.get::<Tenant>() {
-            Some(t) => Scope::of(t.0.as_bytes()),
-            None => Scope::anonymous(),
+        .scope_by(|req| {
+            req.extensions
+                .get::<Tenant>()
+                .map(|t| Scope::of(t.0.as_bytes()))
         })
         .layer(counter.service(Duration::ZERO));
     let as_tenant = |t: &'static str, auth: &str| {
@@ -326,6 +475,7 @@ async fn scope_can_come_from_a_closure() {
 async fn body_over_the_limit_is_413_and_nothing_runs() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .max_request_body(16)
         .layer(counter.service(Duration::ZERO));
     let answer = call(&svc, post(Some("big"), &"x".repeat(17))).await;
@@ -364,22 +514,24 @@ impl http_body::Body for Chunks {
 #[tokio::test]
 async fn the_handler_gets_the_same_body_and_the_key() {
     let seen = Arc::new(std::sync::Mutex::new(None));
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn({
-        let seen = Arc::clone(&seen);
-        move |req: Request<Body>| {
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(tower::service_fn({
             let seen = Arc::clone(&seen);
-            async move {
-                let key = req.extensions().get::<IdempotencyKey>().cloned();
-                let header = req.headers().get("idempotency-key").cloned();
-                let body = http_body_util::BodyExt::collect(req.into_body())
-                    .await
-                    .unwrap()
-                    .to_bytes();
-                *seen.lock().unwrap() = Some((key, header, body));
-                Ok::<_, Infallible>(Response::new(Body::empty()))
+            move |req: Request<Body>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let key = req.extensions().get::<IdempotencyKey>().cloned();
+                    let header = req.headers().get("idempotency-key").cloned();
+                    let body = http_body_util::BodyExt::collect(req.into_body())
+                        .await
+                        .unwrap()
+                        .to_bytes();
+                    *seen.lock().unwrap() = Some((key, header, body));
+                    Ok::<_, Infallible>(Response::new(Body::empty()))
+                }
             }
-        }
-    }));
+        }));
     let payload = "{\"item\":\"book\",\"amount\":12}";
     assert_eq!(call(&svc, post(Some("abc"), payload)).await.status, 200);
     let (key, header, body) = seen.lock().unwrap().take().unwrap();
@@ -391,7 +543,9 @@ async fn the_handler_gets_the_same_body_and_the_key() {
 #[tokio::test]
 async fn uncovered_methods_pass_through_untouched() {
     let counter = Counter::default();
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(counter.service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
     for method in [
         Method::GET,
         Method::HEAD,
@@ -417,6 +571,7 @@ async fn uncovered_methods_pass_through_untouched() {
 async fn covered_methods_and_predicates_are_configurable() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .methods([Method::PUT])
         .layer(counter.service(Duration::ZERO));
     let put = || {
@@ -432,6 +587,7 @@ async fn covered_methods_and_predicates_are_configurable() {
     assert_eq!(counter.runs(), 3);
 
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .cover_when(|req| req.uri.path().starts_with("/payments"))
         .layer(counter.service(Duration::ZERO));
     let pay = || {
@@ -453,6 +609,7 @@ async fn covered_methods_and_predicates_are_configurable() {
 async fn custom_header_name() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .header_name(http::HeaderName::from_static("x-request-id"))
         .layer(counter.service(Duration::ZERO));
     let req = || {
@@ -470,6 +627,7 @@ async fn custom_header_name() {
 async fn optional_keys_pass_through_without_one() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .missing_key(MissingKey::Optional)
         .layer(counter.service(Duration::ZERO));
     let a = call(&svc, post(None, "{}")).await;
@@ -490,6 +648,7 @@ async fn optional_keys_pass_through_without_one() {
 async fn generated_keys_reach_the_handler_and_are_echoed() {
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .missing_key(MissingKey::Generate)
         .layer(tower::service_fn({
             let seen = Arc::clone(&seen);
@@ -517,34 +676,38 @@ async fn generated_keys_reach_the_handler_and_are_echoed() {
 #[tokio::test]
 async fn replay_is_faithful() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn({
-        let runs = Arc::clone(&runs);
-        move |req: Request<Body>| {
+    // Every header kept (Set-Cookie opted in), to check repeated values keep their order.
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .replay_headers(|_| true)
+        .layer(tower::service_fn({
             let runs = Arc::clone(&runs);
-            async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                let kind = req.uri().path().to_owned();
-                let mut res = Response::builder()
-                    .status(StatusCode::ACCEPTED)
-                    .header("set-cookie", "a=1")
-                    .header("x-multi", "first")
-                    .header("set-cookie", "b=2")
-                    .header("x-multi", "second")
-                    .header("x-latin1", HeaderValue::from_bytes(b"caf\xe9").unwrap())
-                    .header("date", "Sun, 22 Nov 2026 10:00:00 GMT")
-                    .header("connection", "keep-alive");
-                let body = match kind.as_str() {
-                    "/binary" => Body::from((0u8..=255).collect::<Vec<u8>>()),
-                    "/empty" => {
-                        res = res.status(StatusCode::NO_CONTENT);
-                        Body::empty()
-                    }
-                    _ => Body::from("text"),
-                };
-                Ok::<_, Infallible>(res.body(body).unwrap())
+            move |req: Request<Body>| {
+                let runs = Arc::clone(&runs);
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let kind = req.uri().path().to_owned();
+                    let mut res = Response::builder()
+                        .status(StatusCode::ACCEPTED)
+                        .header("set-cookie", "a=1")
+                        .header("x-multi", "first")
+                        .header("set-cookie", "b=2")
+                        .header("x-multi", "second")
+                        .header("x-latin1", HeaderValue::from_bytes(b"caf\xe9").unwrap())
+                        .header("date", "Sun, 22 Nov 2026 10:00:00 GMT")
+                        .header("connection", "keep-alive");
+                    let body = match kind.as_str() {
+                        "/binary" => Body::from((0u8..=255).collect::<Vec<u8>>()),
+                        "/empty" => {
+                            res = res.status(StatusCode::NO_CONTENT);
+                            Body::empty()
+                        }
+                        _ => Body::from("text"),
+                    };
+                    Ok::<_, Infallible>(res.body(body).unwrap())
+                }
             }
-        }
-    }));
+        }));
     for path in ["/binary", "/empty", "/text"] {
         let req = || {
             Request::post(path)
@@ -582,6 +745,7 @@ async fn replay_is_faithful() {
 #[tokio::test]
 async fn replayed_headers_are_configurable() {
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .replay_headers(|name| name != http::header::SET_COOKIE)
         .layer(tower::service_fn(|_req: Request<Body>| async {
             Ok::<_, Infallible>(
@@ -607,20 +771,22 @@ async fn non_storable_statuses_release_the_key() {
         StatusCode::INTERNAL_SERVER_ERROR,
         StatusCode::SERVICE_UNAVAILABLE,
     ]));
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn({
-        let statuses = Arc::clone(&statuses);
-        move |_req: Request<Body>| {
-            let status = statuses.lock().unwrap().pop().unwrap();
-            async move {
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .status(status)
-                        .body(Body::empty())
-                        .unwrap(),
-                )
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(tower::service_fn({
+            let statuses = Arc::clone(&statuses);
+            move |_req: Request<Body>| {
+                let status = statuses.lock().unwrap().pop().unwrap();
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Body::empty())
+                            .unwrap(),
+                    )
+                }
             }
-        }
-    }));
+        }));
     for expected in [503, 500, 429, 201] {
         let answer = call(&svc, post(Some("flaky"), "{}")).await;
         assert_eq!(answer.status.as_u16(), expected);
@@ -648,11 +814,14 @@ async fn client_errors_are_stored_by_default_and_policy_is_configurable() {
             }
         })
     };
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(handler.clone());
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(handler.clone());
     call(&svc, post(Some("k"), "")).await;
     assert!(call(&svc, post(Some("k"), "")).await.replayed());
     assert_eq!(counter.load(Ordering::SeqCst), 1);
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .storable_when(|s| s.is_success())
         .layer(handler);
     call(&svc, post(Some("k"), "")).await;
@@ -663,19 +832,21 @@ async fn client_errors_are_stored_by_default_and_policy_is_configurable() {
 #[tokio::test]
 async fn handler_error_releases_the_key() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn({
-        let calls = Arc::clone(&calls);
-        move |_req: Request<Body>| {
-            let n = calls.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n == 0 {
-                    Err("database down".to_owned())
-                } else {
-                    Ok(Response::new(Body::from("ok")))
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(tower::service_fn({
+            let calls = Arc::clone(&calls);
+            move |_req: Request<Body>| {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        Err("database down".to_owned())
+                    } else {
+                        Ok(Response::new(Body::from("ok")))
+                    }
                 }
             }
-        }
-    }));
+        }));
     let err = svc
         .clone()
         .oneshot(post(Some("e"), "{}"))
@@ -691,18 +862,20 @@ async fn handler_error_releases_the_key() {
 #[tokio::test]
 async fn handler_panic_releases_the_key() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(tower::service_fn({
-        let calls = Arc::clone(&calls);
-        move |_req: Request<Body>| {
-            let n = calls.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n == 0 {
-                    panic!("handler bug");
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(tower::service_fn({
+            let calls = Arc::clone(&calls);
+            move |_req: Request<Body>| {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        panic!("handler bug");
+                    }
+                    Ok::<_, Infallible>(Response::new(Body::from("ok")))
                 }
-                Ok::<_, Infallible>(Response::new(Body::from("ok")))
             }
-        }
-    }));
+        }));
     let task = tokio::spawn({
         let svc = svc.clone();
         async move { svc.oneshot(post(Some("p"), "{}")).await }
@@ -722,7 +895,9 @@ async fn store_failure_fails_closed_with_503() {
     let store = FaultStore::new(MemoryStore::new());
     store.faults.claim_failures.store(1, Ordering::SeqCst);
     let counter = Counter::default();
-    let svc = IdempotencyLayer::new(store.clone()).layer(counter.service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
     let answer = call(&svc, post(Some("s"), "{}")).await;
     assert_problem(&answer, 503, "store-unavailable");
     assert_eq!(answer.headers["retry-after"], "1");
@@ -739,6 +914,7 @@ async fn store_failure_can_fail_open() {
     store.faults.claim_failures.store(2, Ordering::SeqCst);
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
         .on_store_failure(StoreFailure::FailOpen)
         .layer(counter.service(Duration::ZERO));
     let a = call(&svc, post(Some("s"), "{}")).await;
@@ -754,6 +930,7 @@ async fn store_failure_can_fail_open() {
 #[tokio::test]
 async fn problem_type_base_and_link() {
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .problem_type_base("https://api.example.com/errors/")
         .layer(Counter::default().service(Duration::ZERO));
     let answer = call(&svc, post(None, "{}")).await;
@@ -769,8 +946,9 @@ async fn problem_type_base_and_link() {
 
 #[tokio::test]
 async fn grpc_requests_get_grpc_statuses() {
-    let svc =
-        IdempotencyLayer::new(MemoryStore::new()).layer(Counter::default().service(Duration::ZERO));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(Counter::default().service(Duration::ZERO));
     let req = Request::post("/orders.Orders/Create")
         .header("content-type", "application/grpc")
         .body(Body::empty())
@@ -784,7 +962,9 @@ async fn grpc_requests_get_grpc_statuses() {
 #[tokio::test]
 async fn readiness_is_forwarded() {
     let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let mut svc = IdempotencyLayer::new(MemoryStore::new()).layer(mock);
+    let mut svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(mock);
     handle.allow(0);
     tokio_test_ready(&mut svc, false).await;
     handle.allow(1);
@@ -816,6 +996,7 @@ where
 async fn retry_after_never_exceeds_the_remaining_lease() {
     let counter = Counter::default();
     let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .lease(Duration::from_secs(5))
         .retry_after(Duration::from_secs(60))
         .layer(counter.service(Duration::from_millis(300)));
@@ -836,4 +1017,43 @@ async fn retry_after_never_exceeds_the_remaining_lease() {
         "Retry-After {after} s with a 5 s lease"
     );
     first.await.unwrap();
+}
+
+/// `Set-Cookie` (and the other per-caller headers) are not stored by default: a replay
+/// never hands one caller's session cookie to another. A filter can opt in.
+#[tokio::test]
+async fn set_cookie_is_not_stored_unless_opted_in() {
+    let handler = tower::service_fn(|_req: Request<Body>| async {
+        Ok::<_, Infallible>(
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .header("set-cookie", "session=caller-a; HttpOnly")
+                .header("authentication-info", "rspauth=\"abc\"")
+                .header("location", "/orders/1")
+                .body(Body::from("created"))
+                .unwrap(),
+        )
+    });
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(handler);
+    let first = call(&svc, post(Some("cookie"), "{}")).await;
+    assert_eq!(first.headers["set-cookie"], "session=caller-a; HttpOnly");
+    let replay = call(&svc, post(Some("cookie"), "{}")).await;
+    assert!(replay.replayed());
+    assert_eq!(replay.headers["location"], "/orders/1");
+    assert!(
+        !replay.headers.contains_key("set-cookie"),
+        "{:?}",
+        replay.headers
+    );
+    assert!(!replay.headers.contains_key("authentication-info"));
+
+    let opted_in = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .replay_headers(|_| true)
+        .layer(handler);
+    call(&opted_in, post(Some("cookie"), "{}")).await;
+    let replay = call(&opted_in, post(Some("cookie"), "{}")).await;
+    assert_eq!(replay.headers["set-cookie"], "session=caller-a; HttpOnly");
 }

@@ -232,6 +232,7 @@ async fn a_full_store_answers_503_store_full() {
     for policy in [StoreFailure::FailClosed, StoreFailure::FailOpen] {
         let runs = Runs::default();
         let svc = IdempotencyLayer::new(store.clone())
+            .share_keys_across_callers()
             .on_store_failure(policy)
             .layer(runs.handler(Duration::ZERO));
         let answer = call(&svc, post(Some("new"), "{}")).await;

@@ -137,8 +137,12 @@ async fn many_instances_run_once() {
         })
     };
     let instances = [
-        IdempotencyLayer::new(store_a.clone()).layer(handler.clone()),
-        IdempotencyLayer::new(store_b.clone()).layer(handler),
+        IdempotencyLayer::new(store_a.clone())
+            .share_keys_across_callers()
+            .layer(handler.clone()),
+        IdempotencyLayer::new(store_b.clone())
+            .share_keys_across_callers()
+            .layer(handler),
     ];
     let idem_key = uuid::Uuid::new_v4().to_string();
     let request = |key: &str| {

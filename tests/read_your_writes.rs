@@ -124,7 +124,9 @@ where
     let store = FaultStore::new(store);
     store.faults.complete_delay_ms.store(150, Ordering::SeqCst);
     let runs = Arc::new(AtomicUsize::new(0));
-    let svc = IdempotencyLayer::new(store.clone()).layer(handler(framing, Arc::clone(&runs)));
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(handler(framing, Arc::clone(&runs)));
     let addr = serve(svc).await;
     for i in 0..10 {
         let key = format!("key-{i}-{}", uuid::Uuid::new_v4());
@@ -218,7 +220,12 @@ async fn explicit_content_length_on_a_stream() {
             )
         }
     });
-    let addr = serve(IdempotencyLayer::new(store).layer(handler)).await;
+    let addr = serve(
+        IdempotencyLayer::new(store)
+            .share_keys_across_callers()
+            .layer(handler),
+    )
+    .await;
     for i in 0..10 {
         let key = format!("cl-{i}");
         let first = send_over_tcp(addr, false, request(Framing::Sized, &key)).await;

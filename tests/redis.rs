@@ -70,7 +70,9 @@ fn layered(store: RedisStore, runs: Arc<AtomicUsize>) -> Svc {
             )
         }
     });
-    IdempotencyLayer::new(store).layer(tower::util::BoxCloneSyncService::new(handler))
+    IdempotencyLayer::new(store)
+        .share_keys_across_callers()
+        .layer(tower::util::BoxCloneSyncService::new(handler))
 }
 
 fn order(key: &str) -> Request<Body> {
@@ -997,6 +999,7 @@ async fn a_full_redis_refuses_new_claims_and_still_replays() {
     }
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = IdempotencyLayer::new(store)
+        .share_keys_across_callers()
         .on_store_failure(tower_idempotency::policy::StoreFailure::FailOpen)
         .layer(tower::service_fn({
             let runs = Arc::clone(&runs);

@@ -64,7 +64,9 @@ mod postgres {
         let proxy = FaultProxy::start(upstream(&url).await).await;
         let store = store_via(&url, &proxy, "faults_blackhole").await;
         let runs = Runs::default();
-        let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
+        let svc = IdempotencyLayer::new(store)
+            .share_keys_across_callers()
+            .layer(runs.handler(Duration::ZERO));
         let warm = call(&svc, post(Some(&uuid::Uuid::new_v4().to_string()), "{}")).await;
         assert_eq!(warm.status, 201);
 
@@ -130,7 +132,9 @@ mod redis {
         let server = PrivateRedis::start();
         let store = RedisStore::connect(&server.url()).await.unwrap();
         let runs = Runs::default();
-        let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
+        let svc = IdempotencyLayer::new(store)
+            .share_keys_across_callers()
+            .layer(runs.handler(Duration::ZERO));
         server.pause();
         let key = uuid::Uuid::new_v4().to_string();
         let started = Instant::now();

@@ -478,7 +478,9 @@ async fn retryable_error_statuses_are_not_stored() {
 #[tokio::test]
 async fn without_the_layer_a_handler_error_is_trailers_only() {
     let handler = Arc::new(Scripted::default());
-    let layer = IdempotencyLayer::new(MemoryStore::new()).cover_when(|_| false);
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .cover_when(|_| false);
     let addr = start(layer, Arc::clone(&handler)).await;
     let raw = raw_client();
     let answer = raw_call(

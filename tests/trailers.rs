@@ -105,7 +105,10 @@ fn request(key: &str) -> Request<Full<Bytes>> {
 
 #[tokio::test]
 async fn data_and_trailers_are_replayed() {
-    let (svc, runs) = service(IdempotencyLayer::new(MemoryStore::new()), StatusCode::OK);
+    let (svc, runs) = service(
+        IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers(),
+        StatusCode::OK,
+    );
 
     let first = svc.clone().oneshot(request("report-1")).await.unwrap();
     assert_eq!(
@@ -142,6 +145,7 @@ async fn data_and_trailers_are_replayed() {
 #[tokio::test]
 async fn a_body_dropped_midway_is_finished_and_replayed_whole() {
     let layer = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
         .on_in_flight(InFlight::Wait(Duration::from_secs(5)));
     let (svc, runs) = service(layer, StatusCode::OK);
 
@@ -166,7 +170,7 @@ async fn a_body_dropped_midway_is_finished_and_replayed_whole() {
 #[tokio::test]
 async fn a_retryable_status_with_trailers_is_not_stored() {
     let (svc, runs) = service(
-        IdempotencyLayer::new(MemoryStore::new()),
+        IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers(),
         StatusCode::SERVICE_UNAVAILABLE,
     );
     for _ in 0..2 {

@@ -657,6 +657,7 @@ pub async fn uncontested_lapse<S: IdempotencyStore + Clone>(store: S) {
         .store(usize::MAX, Ordering::SeqCst);
     let runs = Runs::default();
     let svc = tower_idempotency::IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
         .lease(Duration::from_millis(200))
         .layer(runs.handler(Duration::from_millis(700)));
     let key = uuid::Uuid::new_v4().to_string();
