@@ -79,6 +79,14 @@ impl<E: 'static> RebuildBody for http_body_util::combinators::BoxBody<Bytes, E> 
     }
 }
 
+/// What tower-http's `RequestBodyLimitLayer` wraps bodies in. The rebuilt body holds bytes
+/// the limit already let through, so it is not limited again.
+impl<B: RebuildBody> RebuildBody for http_body_util::Limited<B> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        http_body_util::Limited::new(B::from_bytes(bytes), usize::MAX)
+    }
+}
+
 impl<E: 'static> RebuildBody for http_body_util::combinators::UnsyncBoxBody<Bytes, E> {
     fn from_bytes(bytes: Bytes) -> Self {
         use http_body_util::BodyExt;
@@ -127,6 +135,19 @@ impl<B> IdempotencyBody<B> {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
                 trailers,
+            },
+        }
+    }
+}
+
+/// An empty body: what tower-http's `TimeoutLayer` (and other layers that answer on their
+/// own) put in the responses they make, so that they compose outside this layer.
+impl<B> Default for IdempotencyBody<B> {
+    fn default() -> Self {
+        Self {
+            kind: Kind::Full {
+                data: None,
+                trailers: None,
             },
         }
     }
@@ -190,44 +211,38 @@ where
     }
 }
 
-/// Reads a request body up to `limit` bytes.
+/// The error type request bodies are read with.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Reads a request body up to `limit` bytes. A length limit met on the way, this one or
+/// one of a layer outside (tower-http's `RequestBodyLimitLayer` wraps bodies in the same
+/// `Limited`), is [`BufferError::TooLarge`]; any other failure is [`BufferError::Read`].
 pub(crate) async fn buffer<B>(body: B, limit: usize) -> Result<Bytes, BufferError>
 where
     B: Body<Data = Bytes>,
-    B::Error: fmt::Display,
+    B::Error: Into<BoxError>,
 {
+    use http_body_util::BodyExt;
     if body.size_hint().lower() > limit as u64 {
         return Err(BufferError::TooLarge);
     }
-    let mut body = std::pin::pin!(body);
-    let mut first: Option<Bytes> = None;
-    let mut rest: Option<bytes::BytesMut> = None;
-    let mut len = 0usize;
-    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        let frame = frame.map_err(|e| BufferError::Read(e.to_string()))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        len += data.len();
-        if len > limit {
-            return Err(BufferError::TooLarge);
-        }
-        match (&mut first, &mut rest) {
-            (None, _) => first = Some(data),
-            (Some(f), None) => {
-                let mut buf = bytes::BytesMut::with_capacity(len.max(f.len() * 2));
-                buf.extend_from_slice(f);
-                buf.extend_from_slice(&data);
-                rest = Some(buf);
-            }
-            (Some(_), Some(buf)) => buf.extend_from_slice(&data),
-        }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if is_length_limit(&*err) => Err(BufferError::TooLarge),
+        Err(err) => Err(BufferError::Read(err.to_string())),
     }
-    Ok(match (first, rest) {
-        (_, Some(buf)) => buf.freeze(),
-        (Some(first), None) => first,
-        (None, None) => Bytes::new(),
-    })
+}
+
+/// Whether `err`, or an error it wraps, is a body length limit.
+fn is_length_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 pub(crate) enum BufferError {

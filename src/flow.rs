@@ -1,7 +1,6 @@
 //! The covered path of a request with a key: fingerprint → claim → decide (run, replay,
 //! 409, 422, wait), and the run itself.
 
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -40,7 +39,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Body<Data = Bytes> + RebuildBody + Send + 'static,
-    ReqBody::Error: fmt::Display,
+    ReqBody::Error: Into<crate::body::BoxError>,
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
@@ -150,11 +149,20 @@ where
                     return Ok(mismatch(&config, grpc));
                 }
                 if record.is_tombstone() {
-                    let detail = format!(
-                        "The operation ran and answered {}, but its response was too large to \
-                         keep for replay. It will not run again with this key.",
-                        record.status()
-                    );
+                    let detail = if (config.maybe_ran)(record.status()) {
+                        format!(
+                            "The operation was cut off midway (it answered {}) and may have \
+                             run; its outcome is not known. It will not run again with this \
+                             key.",
+                            record.status()
+                        )
+                    } else {
+                        format!(
+                            "The operation ran and answered {}, but its response could not be \
+                             kept for replay. It will not run again with this key.",
+                            record.status()
+                        )
+                    };
                     return Ok(problem(
                         &config,
                         grpc,

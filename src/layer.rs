@@ -104,6 +104,7 @@ impl IdempotencyLayer {
                 max_response_body: 1024 * 1024,
                 storable: Arc::new(policy::default_storable),
                 grpc_storable: Arc::new(policy::default_grpc_storable),
+                maybe_ran: Arc::new(policy::default_maybe_ran),
                 replay_header: None,
                 lease: Duration::from_secs(30),
                 ttl: Duration::from_secs(24 * 60 * 60),
@@ -345,6 +346,24 @@ impl IdempotencyLayer {
     /// ```
     pub fn storable_when(self, f: impl Fn(StatusCode) -> bool + Send + Sync + 'static) -> Self {
         self.edit(|c| c.storable = Arc::new(f))
+    }
+
+    /// Which HTTP statuses mean "the operation was cut off and may have run": a timeout
+    /// layer *inside* this one (tower-http's `TimeoutLayer` answers `408`) drops the handler
+    /// midway, after it may have written its side effect. Such an answer is not released
+    /// for a retry to run again: the key keeps a tombstone, and retries get
+    /// `410 response-not-stored` (the operation will not run twice). Checked before
+    /// [`storable_when`](Self::storable_when). Default: [`policy::default_maybe_ran`]
+    /// (`408 Request Timeout`).
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// // A timeout layer configured to answer 504 instead.
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .maybe_ran_when(|status| status == StatusCode::GATEWAY_TIMEOUT);
+    /// ```
+    pub fn maybe_ran_when(self, f: impl Fn(StatusCode) -> bool + Send + Sync + 'static) -> Self {
+        self.edit(|c| c.maybe_ran = Arc::new(f))
     }
 
     /// Which gRPC status codes are stored (for gRPC responses, whose HTTP status is always

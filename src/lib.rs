@@ -67,6 +67,68 @@
 //! requests: see [`problem`]. Every covered response carries an [`IdempotencyOutcome`] in
 //! its extensions, and every covered request is traced in an `idempotency` span.
 //!
+//! # Layer order
+//!
+//! Next to tower-http's layers, outermost first: trace, CORS, compression, timeout, body
+//! limit, authentication, then this layer, then the handler.
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! use axum::{Router, body::Body, extract::Request, middleware::Next, response::Response};
+//! use axum::routing::post;
+//! use http::StatusCode;
+//! use tower::ServiceBuilder;
+//! use tower_http::{
+//!     compression::CompressionLayer, cors::CorsLayer, limit::RequestBodyLimitLayer,
+//!     timeout::TimeoutLayer, trace::TraceLayer,
+//! };
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! #[derive(Clone)]
+//! struct UserId(String);
+//!
+//! impl std::fmt::Display for UserId {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+//!         f.write_str(&self.0)
+//!     }
+//! }
+//!
+//! /// The service's authentication: puts the caller's id in the extensions.
+//! async fn authenticate(mut req: Request, next: Next) -> Response {
+//!     req.extensions_mut().insert(UserId("alice".into()));
+//!     next.run(req).await
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/payments", post(|body: String| async move { format!("charged {body}") }))
+//!     .layer(
+//!         ServiceBuilder::new()
+//!             .layer(TraceLayer::new_for_http())
+//!             .layer(CorsLayer::permissive())
+//!             // Outside: records hold plain bodies, compressed as each retry asks.
+//!             .layer(CompressionLayer::new())
+//!             // Outside: a cut-off client gets 408, the operation finishes and is stored.
+//!             .layer(TimeoutLayer::with_status_code(
+//!                 StatusCode::REQUEST_TIMEOUT,
+//!                 Duration::from_secs(10),
+//!             ))
+//!             // A body over the limit is 413, declared or streamed.
+//!             .layer(RequestBodyLimitLayer::new(64 * 1024))
+//!             // tower-http's `Limited` body can only be built by tower-http: back to axum's.
+//!             .map_request(|req: http::Request<tower_http::body::Limited<Body>>| {
+//!                 req.map(Body::new)
+//!             })
+//!             .layer(axum::middleware::from_fn(authenticate))
+//!             .layer(IdempotencyLayer::new(MemoryStore::new()).scope_by_principal::<UserId>()),
+//!     );
+//! ```
+//!
+//! A timeout *inside* this layer drops the handler midway, after its side effect may have
+//! happened: its `408` is taken to mean "it may have run"
+//! ([`IdempotencyLayer::maybe_ran_when`]), so the key is kept and retries get
+//! `410 response-not-stored` rather than a second run.
+//!
 //! # Stores
 //!
 //! [`IdempotencyStore`] is one small async trait (claim, complete, release, extend, wait),

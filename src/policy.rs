@@ -96,6 +96,22 @@ pub fn default_grpc_storable(code: u32) -> bool {
     !matches!(code, 1 | 2 | 4 | 8 | 10 | 13 | 14)
 }
 
+/// The default test of [`maybe_ran_when`](crate::IdempotencyLayer::maybe_ran_when):
+/// `408 Request Timeout`, what tower-http's `TimeoutLayer` answers when it cuts a handler
+/// off. The layer has read the whole request before the handler runs, so a `408` from
+/// behind it means the handler was stopped midway, not that the request was slow to arrive.
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_idempotency::policy::default_maybe_ran;
+///
+/// assert!(default_maybe_ran(StatusCode::REQUEST_TIMEOUT));
+/// assert!(!default_maybe_ran(StatusCode::SERVICE_UNAVAILABLE));
+/// ```
+pub fn default_maybe_ran(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT
+}
+
 /// Whether a response header is stored and replayed when
 /// [`replay_headers`](crate::IdempotencyLayer::replay_headers) is not set: every header but
 /// the ones addressed to one caller, which a retry from another connection or session must

@@ -224,8 +224,20 @@ impl Recording {
         (config.storable)(self.status)
     }
 
+    /// Whether the answer says the operation was cut off midway (a timeout inside the
+    /// layer): it may have run, so its key must not be released.
+    fn maybe_ran(&self) -> bool {
+        !is_grpc(&self.headers) && (self.claimed.config().maybe_ran)(self.status)
+    }
+
     /// The body ended: store the outcome, or release the key if it is not storable.
     async fn finish(self) {
+        if self.maybe_ran() {
+            let fingerprint = self.claimed.fingerprint();
+            let record = Record::tombstone(self.status, self.headers).with_fingerprint(fingerprint);
+            self.claimed.complete(record).await;
+            return;
+        }
         if !self.storable() {
             self.claimed.release().await;
             return;
@@ -255,7 +267,7 @@ impl Recording {
     /// key, so a retry runs; otherwise the operation ran but its response is broken, and a
     /// tombstone keeps it from running twice.
     async fn fail(self) {
-        if !self.storable() {
+        if !self.storable() && !self.maybe_ran() {
             self.claimed.release().await;
             return;
         }

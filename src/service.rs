@@ -68,7 +68,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Body<Data = Bytes> + RebuildBody + Send + 'static,
-    ReqBody::Error: fmt::Display,
+    ReqBody::Error: Into<crate::body::BoxError>,
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
@@ -148,7 +148,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Body<Data = Bytes> + RebuildBody + Send + 'static,
-    ReqBody::Error: fmt::Display,
+    ReqBody::Error: Into<crate::body::BoxError>,
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
