@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::time::Instant;
+use tower_idempotency::async_trait;
 use tower_idempotency::{
     Claim, Fingerprint, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, Record, StoreError,
     StoreKey, clamp_duration, takeover_grace,

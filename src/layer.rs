@@ -526,6 +526,6 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = Idempotency<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency::new(inner, Arc::clone(&self.config))
+        Idempotency::with_config(inner, Arc::clone(&self.config))
     }
 }

@@ -215,3 +215,8 @@ pub use store::{
     clamp_duration, takeover_grace,
 };
 pub use tasks::{DetachedWork, Unfinished};
+
+/// The attribute that makes [`IdempotencyStore`]'s async methods object safe, re-exported
+/// so that a store of your own needs no dependency of its own on `async-trait`:
+/// `#[tower_idempotency::async_trait]`.
+pub use async_trait::async_trait;

@@ -23,7 +23,68 @@
 //! `https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/#` followed by the
 //! kind; [`IdempotencyLayer::problem_type_base`](crate::IdempotencyLayer::problem_type_base)
 //! points it at a service's own documentation, and then a `Link: <…>; rel="describedby"`
-//! header carries the same URI.
+//! header carries the same URI. Each kind has its own section below, which the default URI
+//! points at.
+//!
+//! # Problem types
+//!
+//! ## missing-key
+//!
+//! A covered request (by default `POST` or `PATCH`) came without an `Idempotency-Key`, and
+//! keys are required. Nothing ran. Send the request again with a fresh key.
+//!
+//! ## invalid-key
+//!
+//! The key is empty, longer than the limit (255 by default), not printable ASCII, sent
+//! twice, or (in strict mode) not a Structured Field String. Nothing ran. Fix the key.
+//!
+//! ## request-too-large
+//!
+//! The body is over the limit the layer fingerprints (1 MiB by default), or over a length
+//! limit a layer outside put on it. Nothing ran. Send less.
+//!
+//! ## body-unreadable
+//!
+//! The request body broke off while the layer read it (the connection failed). Nothing ran.
+//! Retry with the whole body.
+//!
+//! ## key-in-use
+//!
+//! The first request with this key is still running. Retry after `Retry-After`: you will
+//! get its answer.
+//!
+//! ## key-reused
+//!
+//! The key was used before with another request (method, path, content type or body).
+//! Nothing ran. A new operation needs a new key.
+//!
+//! ## response-not-stored
+//!
+//! The operation ran (or was cut off midway and may have run) with this key, but its answer
+//! could not be kept for replay: it was larger than the limit, its body failed, or a timeout
+//! inside the layer cut it off. It will not run again with this key; look the result up.
+//!
+//! ## caller-unknown
+//!
+//! The layer cannot tell who the caller is: it was not told how (see
+//! [`IdempotencyLayer::scope_by`](crate::IdempotencyLayer::scope_by)), or this request
+//! carries no identity (no principal, no credential). Nothing ran. Authenticate.
+//!
+//! ## store-unavailable
+//!
+//! The idempotency store failed or did not answer in time. Nothing ran. Retry after
+//! `Retry-After`.
+//!
+//! ## store-full
+//!
+//! The store has no room for a new key without forgetting answers it promised to keep.
+//! Nothing ran. Retry after `Retry-After`.
+//!
+//! ## record-unreadable
+//!
+//! The operation ran before with this key, but its stored answer cannot be read (damaged,
+//! or written by a newer version during an upgrade). It will not run again with this key;
+//! look the result up.
 
 use std::time::Duration;
 
@@ -248,6 +309,22 @@ pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// Every kind, for the documentation checks.
+#[cfg(test)]
+pub(crate) const ALL_KINDS: [ProblemKind; 11] = [
+    ProblemKind::MissingKey,
+    ProblemKind::InvalidKey,
+    ProblemKind::RequestTooLarge,
+    ProblemKind::BodyUnreadable,
+    ProblemKind::KeyInUse,
+    ProblemKind::KeyReused,
+    ProblemKind::ResponseNotStored,
+    ProblemKind::CallerUnknown,
+    ProblemKind::StoreUnavailable,
+    ProblemKind::StoreFull,
+    ProblemKind::RecordUnreadable,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +370,24 @@ mod tests {
         assert_eq!(res.headers()["grpc-status"], "14");
         let msg = res.headers()["grpc-message"].to_str().unwrap();
         assert!(msg.ends_with("100%25 down %E2%9C%97"), "{msg}");
+    }
+
+    /// Every kind's `type` URI points at a section of this module's documentation: a
+    /// heading whose text is the slug (rustdoc makes it the anchor). `.ci/run` checks the
+    /// anchors in the built HTML too.
+    #[test]
+    fn every_problem_type_has_a_documented_anchor() {
+        let source = include_str!("problem.rs");
+        for kind in ALL_KINDS {
+            let heading = format!("//! ## {}\n", kind.slug());
+            assert!(source.contains(&heading), "no section for {}", kind.slug());
+            assert!(
+                kind.slug()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'-'),
+                "{} would not be its own anchor",
+                kind.slug()
+            );
+        }
     }
 }

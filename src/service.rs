@@ -42,8 +42,36 @@ impl<S: fmt::Debug> fmt::Debug for Idempotency<S> {
 }
 
 impl<S> Idempotency<S> {
-    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+    pub(crate) fn with_config(inner: S, config: Arc<Config>) -> Self {
         Self { inner, config }
+    }
+
+    /// Wraps `inner` with the settings of `layer` (the same as `layer.layer(inner)`).
+    ///
+    /// ```
+    /// use tower_idempotency::{Idempotency, IdempotencyLayer};
+    ///
+    /// let layer = IdempotencyLayer::default().share_keys_across_callers();
+    /// let svc = Idempotency::new(
+    ///     tower::service_fn(|_req: http::Request<String>| async {
+    ///         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    ///     }),
+    ///     &layer,
+    /// );
+    /// ```
+    pub fn new(inner: S, layer: &crate::IdempotencyLayer) -> Self {
+        tower_layer::Layer::layer(layer, inner)
+    }
+
+    /// A layer on `store` with every default, as [`IdempotencyLayer::new`](crate::IdempotencyLayer::new).
+    ///
+    /// ```
+    /// use tower_idempotency::{Idempotency, MemoryStore};
+    ///
+    /// let layer = Idempotency::<()>::layer(MemoryStore::new()).share_keys_across_callers();
+    /// ```
+    pub fn layer(store: impl crate::IdempotencyStore) -> crate::IdempotencyLayer {
+        crate::IdempotencyLayer::new(store)
     }
 
     /// The wrapped service.
