@@ -204,8 +204,17 @@ where
         match &self.kind {
             Kind::Passthrough { inner } => inner.size_hint(),
             Kind::Live { inner } => inner.size_hint(),
-            Kind::Full { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            Kind::Full { data, trailers } => {
+                let len = data.as_ref().map_or(0, |d| d.len() as u64);
+                if trailers.is_some() {
+                    // Framed as a body with trailers is: no `content-length` (see the
+                    // recorder), so a replay is framed as the first answer was.
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(len);
+                    hint
+                } else {
+                    SizeHint::with_exact(len)
+                }
             }
         }
     }

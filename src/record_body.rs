@@ -380,6 +380,14 @@ where
                 }
                 out
             }
+            // A body that ends with trailers gets no exact length: hyper would turn it into
+            // a `content-length` the service's own answer did not have (gRPC never sends
+            // one, and a client reading by length can stop before the trailers).
+            None if self.held.iter().chain(&self.ready).any(Frame::is_trailers) => {
+                let mut out = SizeHint::new();
+                out.set_lower(held);
+                out
+            }
             None => SizeHint::with_exact(held),
         }
     }

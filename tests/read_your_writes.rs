@@ -139,6 +139,16 @@ where
         );
         assert!(retry.replayed(), "retry {i} must be a replay: {retry:?}");
         assert_eq!(retry.body, first.body);
+        // The replay is framed as the answer was: no `content-length` it did not have (a
+        // gRPC client reading by length would stop before the trailers), no chunking it
+        // did not use.
+        for framing_header in ["content-length", "transfer-encoding"] {
+            assert_eq!(
+                retry.headers.get(framing_header),
+                first.headers.get(framing_header),
+                "{framing_header} of the replay {i}: {retry:?} vs {first:?}"
+            );
+        }
         assert_eq!(
             retry.trailers.as_ref().map(|t| t.get("x-run").cloned()),
             first.trailers.as_ref().map(|t| t.get("x-run").cloned())
