@@ -20,12 +20,13 @@
 //!
 //! # Which calls are covered
 //!
-//! Every gRPC call is an HTTP/2 `POST` with `content-type: application/grpc`, so with the
-//! default policy (`POST` and `PATCH`) the layer covers *every* method: reads such as
-//! `ListOrders` would need a key too. This demo covers only `CreateOrder`, with
-//! [`IdempotencyLayer::cover_when`] on the request path (see [`layer`]).
+//! Every gRPC call is an HTTP/2 `POST` with `content-type: application/grpc`, so the layer
+//! covers no gRPC method unless it is listed: this demo covers only `CreateOrder`, with
+//! [`IdempotencyLayer::grpc_methods`] (see [`layer`]). Reads such as `ListOrders` pass
+//! through and need no key.
 //!
-//! Streaming calls are covered like unary ones when their path is, and this is what happens:
+//! A streaming call covered by listing its path (or by `cover_when`) is handled like a
+//! unary one, and this is what happens:
 //!
 //! - **The request stream is buffered whole** (up to `max_request_body`, 1 MiB by default,
 //!   counting the 5-byte gRPC frame headers) to be fingerprinted, before the handler sees its
@@ -41,8 +42,8 @@
 //! - With the default `Disconnect::Finish`, a client that goes away leaves its response stream
 //!   to be drained to its end on a spawned task: an endless server stream is drained forever.
 //!
-//! So exclude streaming methods by path with `cover_when`, as [`layer`] does by naming the
-//! methods it covers, unless these semantics are what you want.
+//! So list only unary methods that change state, as [`layer`] does, unless these semantics
+//! are what you want.
 
 // The test suites include this file as a module and use only parts of it.
 #![allow(dead_code)]
@@ -319,7 +320,7 @@ pub fn layer(store: impl IdempotencyStore) -> IdempotencyLayer {
     // for a service with authentication).
     IdempotencyLayer::new(store)
         .share_keys_across_callers()
-        .cover_when(|req| req.uri.path() == CREATE_ORDER)
+        .grpc_methods([CREATE_ORDER])
 }
 
 /// Serves `orders` behind `layer` on `listener` until the process ends.

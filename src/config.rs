@@ -22,7 +22,9 @@ pub(crate) type GrpcFn = dyn Fn(u32) -> bool + Send + Sync;
 pub(crate) type HeaderFn = dyn Fn(&HeaderName) -> bool + Send + Sync;
 
 pub(crate) enum Cover {
+    /// HTTP requests with these methods; gRPC calls only when listed in `grpc`.
     Methods(Vec<Method>),
+    /// Whatever the user's function says, gRPC calls included.
     When(Arc<CoverFn>),
 }
 
@@ -43,6 +45,8 @@ pub(crate) struct Config {
     pub(crate) max_key_len: usize,
     pub(crate) missing: MissingKey,
     pub(crate) cover: Cover,
+    /// The gRPC methods covered (full paths, `/package.Service/Method`).
+    pub(crate) grpc_methods: Arc<[String]>,
     pub(crate) scope: ScopeRule,
     /// Whether the missing scope rule was logged already.
     pub(crate) scope_warned: Arc<std::sync::atomic::AtomicBool>,
@@ -78,6 +82,7 @@ impl Clone for Config {
                 Cover::Methods(m) => Cover::Methods(m.clone()),
                 Cover::When(f) => Cover::When(Arc::clone(f)),
             },
+            grpc_methods: Arc::clone(&self.grpc_methods),
             scope: match &self.scope {
                 ScopeRule::Unset => ScopeRule::Unset,
                 ScopeRule::Shared => ScopeRule::Shared,
@@ -119,6 +124,17 @@ impl Config {
     }
 
     pub(crate) fn covers(&self, parts: &Parts) -> bool {
+        if crate::problem::is_grpc(&parts.headers) {
+            // Every gRPC call is a POST, and a streaming one cannot be buffered and replayed:
+            // a gRPC method is covered only when it was chosen.
+            if self.grpc_methods.iter().any(|m| m == parts.uri.path()) {
+                return true;
+            }
+            return match &self.cover {
+                Cover::When(f) => f(parts),
+                Cover::Methods(_) => false,
+            };
+        }
         match &self.cover {
             Cover::Methods(methods) => methods.contains(&parts.method),
             Cover::When(f) => f(parts),

@@ -97,6 +97,7 @@ impl IdempotencyLayer {
                 max_key_len: 255,
                 missing: MissingKey::Required,
                 cover: Cover::Methods(vec![Method::POST, Method::PATCH]),
+                grpc_methods: Arc::from([]),
                 scope: crate::config::ScopeRule::Unset,
                 scope_warned: Arc::default(),
                 fingerprint: None,
@@ -167,8 +168,9 @@ impl IdempotencyLayer {
         self.edit(|c| c.missing = policy)
     }
 
-    /// The methods covered by the layer; requests with other methods pass through
-    /// untouched. Default: `POST` and `PATCH`.
+    /// The HTTP methods covered by the layer; requests with other methods pass through
+    /// untouched. Default: `POST` and `PATCH`. gRPC calls (all `POST`) are not covered by
+    /// this list: choose them with [`grpc_methods`](Self::grpc_methods).
     ///
     /// ```
     /// use http::Method;
@@ -180,8 +182,9 @@ impl IdempotencyLayer {
         self.edit(|c| c.cover = Cover::Methods(methods))
     }
 
-    /// Covers the requests for which `f` returns true, instead of a method list.
-    /// Default: `POST` and `PATCH` requests are covered.
+    /// Covers the requests for which `f` returns true, instead of a method list, gRPC calls
+    /// included (a streaming call must not be covered: its body is buffered). Default:
+    /// `POST` and `PATCH` requests are covered.
     ///
     /// ```
     /// use http::Method;
@@ -190,6 +193,20 @@ impl IdempotencyLayer {
     /// ```
     pub fn cover_when(self, f: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
         self.edit(|c| c.cover = Cover::When(Arc::new(f)))
+    }
+
+    /// The gRPC methods covered, by full path (`/package.Service/Method`, as tonic's
+    /// generated `SERVICE_NAME` and method names make it); every other gRPC call passes
+    /// through untouched. Default: none, so that reads and streaming calls, which must not
+    /// be buffered, are never covered by accident. List unary methods that change state.
+    ///
+    /// ```
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .grpc_methods(["/orders.Orders/CreateOrder", "/orders.Orders/CancelOrder"]);
+    /// ```
+    pub fn grpc_methods(self, paths: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let paths: Arc<[String]> = paths.into_iter().map(Into::into).collect();
+        self.edit(|c| c.grpc_methods = paths)
     }
 
     /// Derives the caller's scope from the request with `f`, so that one caller is never

@@ -523,3 +523,36 @@ async fn a_handler_error_stays_trailers_only_on_the_first_run() {
     assert!(first.trailers.is_none());
     assert!(first.headers_only, "{first:?}");
 }
+
+/// gRPC calls are covered only when their method is listed: by default none is (every call
+/// is a POST, and reads and streams must not need a key or be buffered), and with
+/// `grpc_methods` exactly the listed ones are.
+#[tokio::test]
+async fn only_listed_grpc_methods_are_covered() {
+    let book = new_order("book", 1200);
+    let raw = raw_client();
+
+    let unlisted = IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers();
+    let addr = start(unlisted, demo::OrderBook::default()).await;
+    let list = raw_call(&raw, addr, demo::LIST_ORDERS, None, &ListOrdersRequest {}).await;
+    assert_eq!(list.grpc_status(), "0", "a read needs no key");
+    let a = raw_call(&raw, addr, demo::CREATE_ORDER, Some("k"), &book).await;
+    let b = raw_call(&raw, addr, demo::CREATE_ORDER, Some("k"), &book).await;
+    assert!(
+        !a.replayed() && !b.replayed(),
+        "no gRPC method is covered by default"
+    );
+
+    let listed = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .grpc_methods([demo::CREATE_ORDER]);
+    let addr = start(listed, demo::OrderBook::default()).await;
+    let list = raw_call(&raw, addr, demo::LIST_ORDERS, None, &ListOrdersRequest {}).await;
+    assert_eq!(list.grpc_status(), "0", "an unlisted read needs no key");
+    let missing = raw_call(&raw, addr, demo::CREATE_ORDER, None, &book).await;
+    assert_eq!(missing.grpc_status(), "3", "a listed method needs its key");
+    let a = raw_call(&raw, addr, demo::CREATE_ORDER, Some("k"), &book).await;
+    let b = raw_call(&raw, addr, demo::CREATE_ORDER, Some("k"), &book).await;
+    assert!(!a.replayed() && b.replayed());
+    assert_eq!(a.data, b.data);
+}
