@@ -70,6 +70,96 @@ impl Fingerprint {
         Self::of_fields([parts.method.as_str().as_bytes(), path, content_type, body])
     }
 
+    /// A preset that ignores the parameters of the media type: `application/json;
+    /// charset=utf-8` and `Application/JSON` fingerprint as `application/json`. Method,
+    /// path and query, and body count as in [`of_request`](Self::of_request). Use it when
+    /// clients differ in how they label the same payload; a parameter that changes how the
+    /// body reads (a `charset` other than the one the body is in) is then not told apart.
+    ///
+    /// ```
+    /// use tower_idempotency::Fingerprint;
+    ///
+    /// let req = |ct: &str| {
+    ///     http::Request::post("/orders").header("content-type", ct).body(()).unwrap().into_parts().0
+    /// };
+    /// assert_eq!(
+    ///     Fingerprint::of_request_ignoring_media_type_parameters(&req("application/json; charset=utf-8"), b"{}"),
+    ///     Fingerprint::of_request_ignoring_media_type_parameters(&req("application/json"), b"{}"),
+    /// );
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .fingerprint_with(|parts, body| Fingerprint::of_request_ignoring_media_type_parameters(parts, body));
+    /// ```
+    pub fn of_request_ignoring_media_type_parameters(parts: &Parts, body: &[u8]) -> Self {
+        let media_type = media_type(parts);
+        Self::of_fields([
+            parts.method.as_str().as_bytes(),
+            path_and_query(parts),
+            media_type.as_bytes(),
+            body,
+        ])
+    }
+
+    /// A preset over the body alone: the same bytes sent to another path, with another
+    /// method or content type, count as the same request. Use it only where one key can
+    /// only ever reach one endpoint (a key minted per operation by the client).
+    ///
+    /// ```
+    /// use tower_idempotency::Fingerprint;
+    ///
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .fingerprint_with(|parts, body| Fingerprint::of_body(parts, body));
+    /// ```
+    pub fn of_body(_parts: &Parts, body: &[u8]) -> Self {
+        Self::of_fields([body])
+    }
+
+    /// A preset for JSON APIs (feature `json`): method, path and query, the media type
+    /// without parameters, and the body as canonical JSON (object keys sorted, no
+    /// whitespace), so that a client that serialises the same document differently (key
+    /// order, spacing, escapes) is not refused with `422`. A body that is not JSON counts
+    /// by its bytes. Numbers count as written: `1` and `1.0` differ.
+    ///
+    /// ```
+    /// use tower_idempotency::Fingerprint;
+    ///
+    /// let (parts, ()) = http::Request::post("/orders").body(()).unwrap().into_parts();
+    /// assert_eq!(
+    ///     Fingerprint::of_canonical_json(&parts, br#"{"a": 1, "b": [true, null]}"#),
+    ///     Fingerprint::of_canonical_json(&parts, br#"{"b":[true,null],"a":1}"#),
+    /// );
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .fingerprint_with(|parts, body| Fingerprint::of_canonical_json(parts, body));
+    /// ```
+    #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+    pub fn of_canonical_json(parts: &Parts, body: &[u8]) -> Self {
+        // Keys are sorted here, not left to `serde_json`'s map, whose order depends on a
+        // feature (`preserve_order`) any crate in the build may turn on. The parser limits
+        // nesting (128 levels), so the recursion is bounded.
+        fn sorted(value: serde_json::Value) -> serde_json::Value {
+            use serde_json::Value;
+            match value {
+                Value::Object(map) => {
+                    let mut entries: Vec<_> = map.into_iter().collect();
+                    entries.sort_by(|a, b| a.0.cmp(&b.0));
+                    Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+                }
+                Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+                other => other,
+            }
+        }
+        let canonical = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|value| serde_json::to_vec(&sorted(value)).ok());
+        let media_type = media_type(parts);
+        Self::of_fields([
+            parts.method.as_str().as_bytes(),
+            path_and_query(parts),
+            media_type.as_bytes(),
+            canonical.as_deref().unwrap_or(body),
+        ])
+    }
+
     /// The digest as lowercase hexadecimal.
     pub fn to_hex(&self) -> String {
         hex(&self.0)
@@ -80,6 +170,27 @@ impl fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Fingerprint({})", &self.to_hex()[..16])
     }
+}
+
+fn path_and_query(parts: &Parts) -> &[u8] {
+    parts
+        .uri
+        .path_and_query()
+        .map_or("", |p| p.as_str())
+        .as_bytes()
+}
+
+/// The media type of the request, lowercase, without parameters.
+fn media_type(parts: &Parts) -> String {
+    parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| {
+            let bytes = v.as_bytes();
+            let essence = bytes.split(|b| *b == b';').next().unwrap_or_default();
+            String::from_utf8_lossy(essence).trim().to_ascii_lowercase()
+        })
+        .unwrap_or_default()
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

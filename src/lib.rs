@@ -159,6 +159,7 @@
 //! | `tonic` | no | [`RebuildBody`] for tonic's body |
 //! | `redis` | no | `RedisStore`, and `redis` re-exported |
 //! | `postgres` | no | `PostgresStore`, and `sqlx` re-exported |
+//! | `json` | no | [`Fingerprint::of_canonical_json`] |
 //! | `conformance` | no | the store conformance suite |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]

@@ -1057,3 +1057,90 @@ async fn set_cookie_is_not_stored_unless_opted_in() {
     let replay = call(&opted_in, post(Some("cookie"), "{}")).await;
     assert_eq!(replay.headers["set-cookie"], "session=caller-a; HttpOnly");
 }
+
+/// The exact default refuses a client that re-serialises its JSON or labels it with a
+/// charset (`422`); the presets accept exactly those differences and nothing more.
+#[tokio::test]
+async fn fingerprint_presets_accept_what_they_say() {
+    use tower_idempotency::Fingerprint;
+    let req = |ct: &str, body: &str| {
+        let mut req = post(Some("preset"), body);
+        req.headers_mut()
+            .insert("content-type", HeaderValue::from_str(ct).unwrap());
+        req
+    };
+    let exact = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(Counter::default().service(Duration::ZERO));
+    call(&exact, req("application/json", "{\"a\": 1, \"b\": 2}")).await;
+    let respaced = call(&exact, req("application/json", "{\"b\":2,\"a\":1}")).await;
+    assert_problem(&respaced, 422, "key-reused");
+    let charset = call(
+        &exact,
+        req("application/json; charset=utf-8", "{\"a\": 1, \"b\": 2}"),
+    )
+    .await;
+    assert_problem(&charset, 422, "key-reused");
+
+    let counter = Counter::default();
+    let params = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .fingerprint_with(|parts, body| {
+            Fingerprint::of_request_ignoring_media_type_parameters(parts, body)
+        })
+        .layer(counter.service(Duration::ZERO));
+    call(&params, req("application/json", "{}")).await;
+    assert!(
+        call(&params, req("Application/JSON; charset=utf-8", "{}"))
+            .await
+            .replayed()
+    );
+    assert_problem(
+        &call(&params, req("application/json", "{\"other\":1}")).await,
+        422,
+        "key-reused",
+    );
+    assert_eq!(counter.runs(), 1);
+
+    let counter = Counter::default();
+    let body_only = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .fingerprint_with(|parts, body| Fingerprint::of_body(parts, body))
+        .layer(counter.service(Duration::ZERO));
+    call(&body_only, req("application/json", "{}")).await;
+    assert!(call(&body_only, req("text/plain", "{}")).await.replayed());
+    assert_eq!(counter.runs(), 1);
+}
+
+/// Canonical JSON (feature `json`): key order and spacing do not count; values do.
+#[cfg(feature = "json")]
+#[tokio::test]
+async fn canonical_json_fingerprints_ignore_serialisation() {
+    use tower_idempotency::Fingerprint;
+    let counter = Counter::default();
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .fingerprint_with(|parts, body| Fingerprint::of_canonical_json(parts, body))
+        .layer(counter.service(Duration::ZERO));
+    call(
+        &svc,
+        post(
+            Some("json"),
+            "{\"a\": 1, \"b\": {\"y\": [1, 2], \"x\": null}}",
+        ),
+    )
+    .await;
+    let respaced = call(
+        &svc,
+        post(Some("json"), "{\"b\":{\"x\":null,\"y\":[1,2]},\"a\":1}"),
+    )
+    .await;
+    assert!(respaced.replayed(), "{}", respaced.text());
+    let changed = call(
+        &svc,
+        post(Some("json"), "{\"b\":{\"x\":null,\"y\":[2,1]},\"a\":1}"),
+    )
+    .await;
+    assert_problem(&changed, 422, "key-reused");
+    assert_eq!(counter.runs(), 1);
+}
