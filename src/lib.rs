@@ -27,7 +27,8 @@
 //! # What a request goes through
 //!
 //! 1. **Cover.** By default `POST` and `PATCH` requests are covered
-//!    ([`IdempotencyLayer::methods`], [`IdempotencyLayer::cover_when`]); others pass through
+//!    ([`IdempotencyLayer::methods`], [`IdempotencyLayer::cover_when`]), and gRPC calls only
+//!    when their method is listed ([`IdempotencyLayer::grpc_methods`]); others pass through
 //!    untouched.
 //! 2. **Key.** The `Idempotency-Key` header is parsed as an RFC 9651 sf-string or, by
 //!    default, a bare value ([`KeyParsing`]). A missing key is refused with `400`, passed
