@@ -369,11 +369,7 @@ async fn keys_carry_the_prefix_and_stale_tokens_are_lost() {
         .await
         .expect("connect")
         .prefix("tower-idempotency-prefix-test:");
-    let mut admin = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = admin(&url).await;
     let client_key = uuid::Uuid::new_v4().to_string();
     let key = StoreKey::new(&Scope::anonymous(), &client_key);
     let fp = Fingerprint::from_bytes([9; 32]);
@@ -452,11 +448,7 @@ async fn in_flight_values_of_the_previous_version_are_read() {
         .await
         .expect("connect")
         .prefix("tower-idempotency-legacy-test:");
-    let mut admin = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = admin(&url).await;
     let client_key = uuid::Uuid::new_v4().to_string();
     let key = StoreKey::new(&Scope::anonymous(), &client_key);
     let fp = Fingerprint::from_bytes([4; 32]);
@@ -514,11 +506,7 @@ fn fuzz_stored_values() {
             .await
             .expect("connect")
             .prefix(prefix);
-        let admin = redis::Client::open(url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let admin = admin(&url).await;
         (store, admin)
     });
     let deadline = prop_oneof![
@@ -686,12 +674,17 @@ impl Logs {
     }
 }
 
-async fn config_set(url: &str, name: &str, value: &str) {
-    let mut con = redis::Client::open(url)
-        .unwrap()
+/// A plain connection to the server at `url`, to look at or change what the store wrote.
+async fn admin(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("a Redis URL")
         .get_multiplexed_async_connection()
         .await
-        .unwrap();
+        .expect("connect to Redis")
+}
+
+async fn config_set(url: &str, name: &str, value: &str) {
+    let mut con = admin(url).await;
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg(name)
@@ -891,11 +884,7 @@ async fn complete_waits_for_the_append_only_file() {
             replicas: 0,
             timeout: Duration::from_millis(500),
         });
-    let mut admin = redis::Client::open(server.url().as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = admin(&server.url()).await;
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(&mut admin)
@@ -966,11 +955,7 @@ async fn a_full_redis_refuses_new_claims_and_still_replays() {
         .complete(&done, token, record.clone(), Duration::from_secs(60))
         .await
         .unwrap();
-    let mut admin = redis::Client::open(server.url().as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut admin = admin(&server.url()).await;
     for i in 0..50 {
         let _: () = redis::cmd("SET")
             .arg(format!("ballast-{i}"))
