@@ -22,7 +22,7 @@ pub(crate) type GrpcFn = dyn Fn(u32) -> bool + Send + Sync;
 pub(crate) type HeaderFn = dyn Fn(&HeaderName) -> bool + Send + Sync;
 
 pub(crate) enum Cover {
-    /// HTTP requests with these methods; gRPC calls only when listed in `grpc`.
+    /// HTTP requests with these methods; gRPC calls only when listed in `grpc_methods`.
     Methods(Vec<Method>),
     /// Whatever the user's function says, gRPC calls included.
     When(Arc<CoverFn>),
