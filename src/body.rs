@@ -18,7 +18,9 @@ use crate::record_body::Recorder;
 /// trailers, rare outside gRPC streaming, are not carried over.
 ///
 /// Implemented for axum's body (feature `axum`, on by default), tonic's body (feature
-/// `tonic`), `String`, and `http-body-util`'s `Full<Bytes>`, `BoxBody` and `UnsyncBoxBody`.
+/// `tonic`), the `Limited` body of tower-http's `RequestBodyLimitLayer` (feature
+/// `tower-http`, on by default), `String`, and `http-body-util`'s `Full<Bytes>`, `Limited`,
+/// `BoxBody` and `UnsyncBoxBody`.
 /// hyper's `Incoming` cannot be built by anyone but hyper: put the layer behind a
 /// `map_request_body` that turns it into one of these (see the hyper example).
 ///
@@ -84,6 +86,45 @@ impl<E: 'static> RebuildBody for http_body_util::combinators::BoxBody<Bytes, E> 
 impl<B: RebuildBody> RebuildBody for http_body_util::Limited<B> {
     fn from_bytes(bytes: Bytes) -> Self {
         http_body_util::Limited::new(B::from_bytes(bytes), usize::MAX)
+    }
+}
+
+/// What tower-http's `RequestBodyLimitLayer` wraps bodies in (feature `tower-http`, on by
+/// default). tower-http builds this type only inside its `RequestBodyLimit` service, so the
+/// body is rebuilt by handing it through one, without a limit: its bytes are the ones the
+/// limit already let through.
+#[cfg(feature = "tower-http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower-http")))]
+impl<B: RebuildBody> RebuildBody for tower_http::body::Limited<B> {
+    fn from_bytes(bytes: Bytes) -> Self {
+        use tower_service::Service;
+
+        /// Keeps the body it is called with.
+        struct Keep<B>(Option<tower_http::body::Limited<B>>);
+
+        impl<B> Service<http::Request<tower_http::body::Limited<B>>> for Keep<B> {
+            type Response = http::Response<http_body_util::Empty<Bytes>>;
+            type Error = std::convert::Infallible;
+            type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+            fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, req: http::Request<tower_http::body::Limited<B>>) -> Self::Future {
+                self.0 = Some(req.into_body());
+                std::future::ready(Ok(http::Response::new(http_body_util::Empty::new())))
+            }
+        }
+
+        let mut limit = tower_http::limit::RequestBodyLimit::new(Keep(None), usize::MAX);
+        // Always ready; the request has no `content-length`, so the body is handed on at once.
+        let _ = limit.poll_ready(&mut Context::from_waker(std::task::Waker::noop()));
+        drop(limit.call(http::Request::new(B::from_bytes(bytes))));
+        limit
+            .into_inner()
+            .0
+            .unwrap_or_else(|| unreachable!("RequestBodyLimit hands the body on in `call`"))
     }
 }
 

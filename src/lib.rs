@@ -70,13 +70,13 @@
 //!
 //! # Layer order
 //!
-//! Next to tower-http's layers, outermost first: trace, CORS, compression, timeout, body
-//! limit, authentication, then this layer, then the handler.
+//! Next to tower-http's layers, outermost first: trace, CORS, compression, timeout,
+//! authentication, body limit, then this layer, then the handler.
 //!
 //! ```
 //! use std::time::Duration;
 //!
-//! use axum::{Router, body::Body, extract::Request, middleware::Next, response::Response};
+//! use axum::{Router, extract::Request, middleware::Next, response::Response};
 //! use axum::routing::post;
 //! use http::StatusCode;
 //! use tower::ServiceBuilder;
@@ -114,13 +114,9 @@
 //!                 StatusCode::REQUEST_TIMEOUT,
 //!                 Duration::from_secs(10),
 //!             ))
+//!             .layer(axum::middleware::from_fn(authenticate))
 //!             // A body over the limit is 413, declared or streamed.
 //!             .layer(RequestBodyLimitLayer::new(64 * 1024))
-//!             // tower-http's `Limited` body can only be built by tower-http: back to axum's.
-//!             .map_request(|req: http::Request<tower_http::body::Limited<Body>>| {
-//!                 req.map(Body::new)
-//!             })
-//!             .layer(axum::middleware::from_fn(authenticate))
 //!             .layer(IdempotencyLayer::new(MemoryStore::new()).scope_by_principal::<UserId>()),
 //!     );
 //! ```
@@ -160,6 +156,7 @@
 //! | `tonic` | no | [`RebuildBody`] for tonic's body |
 //! | `redis` | no | `RedisStore`, and `redis` re-exported |
 //! | `postgres` | no | `PostgresStore`, and `sqlx` re-exported |
+//! | `tower-http` | yes | [`RebuildBody`] for the body of tower-http's `RequestBodyLimitLayer` |
 //! | `json` | no | [`Fingerprint::of_canonical_json`] |
 //! | `conformance` | no | the store conformance suite |
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -1,9 +1,11 @@
 //! The layer in a real axum app, next to tower-http's Trace, Compression, Timeout,
 //! RequestBodyLimit and CORS layers and an auth middleware, in the documented order:
 //!
-//! trace → CORS → compression → timeout → body limit → auth → idempotency → handler
+//! trace → CORS → compression → timeout → auth → body limit → idempotency → handler
 //!
-//! and what goes wrong in other orders, kept from going wrong.
+//! and what goes wrong in other orders, kept from going wrong. (Auth goes before the body
+//! limit: axum's `from_fn` middleware takes `Request<Body>`, and the layer takes the
+//! `Limited` body the limit hands it as it is.)
 
 mod common;
 
@@ -90,14 +92,8 @@ fn recommended(payments: Payments, timeout: Duration) -> Router {
                     StatusCode::REQUEST_TIMEOUT,
                     timeout,
                 ))
-                .layer(RequestBodyLimitLayer::new(1024))
-                // tower-http's `Limited` body cannot be built outside tower-http: turn it
-                // back into axum's body (which keeps the limit and its error) for the
-                // middleware and the layer behind.
-                .map_request(|req: http::Request<tower_http::body::Limited<Body>>| {
-                    req.map(Body::new)
-                })
                 .layer(axum::middleware::from_fn(authenticate))
+                .layer(RequestBodyLimitLayer::new(1024))
                 .layer(idempotency()),
         )
 }
