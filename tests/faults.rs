@@ -182,7 +182,9 @@ fn graceful_shutdown_keeps_detached_outcomes() {
             .body(Body::empty())
             .unwrap()
     };
-    let first_layer = IdempotencyLayer::new(store.clone()).share_keys_across_callers();
+    let first_layer = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .grpc_methods(["/orders"]);
     let work = first_layer.detached_work();
     let svc = first_layer.layer(handler.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -215,6 +217,7 @@ fn graceful_shutdown_keeps_detached_outcomes() {
 
     let second = IdempotencyLayer::new(store)
         .share_keys_across_callers()
+        .grpc_methods(["/orders"])
         .layer(handler);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

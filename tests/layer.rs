@@ -948,6 +948,7 @@ async fn problem_type_base_and_link() {
 async fn grpc_requests_get_grpc_statuses() {
     let svc = IdempotencyLayer::new(MemoryStore::new())
         .share_keys_across_callers()
+        .grpc_methods(["/orders.Orders/Create"])
         .layer(Counter::default().service(Duration::ZERO));
     let req = Request::post("/orders.Orders/Create")
         .header("content-type", "application/grpc")
