@@ -766,6 +766,22 @@ async fn complete_one(store: &RedisStore, key: &StoreKey) -> (LeaseToken, Record
     (token, record)
 }
 
+/// Asserts that a claim of `key` answers `record`.
+async fn assert_replays(store: &RedisStore, key: &StoreKey, record: &Record, what: &str) {
+    match store
+        .claim(
+            key,
+            &Fingerprint::from_bytes([9; 32]),
+            LeaseToken::new(),
+            Duration::from_secs(5),
+        )
+        .await
+    {
+        Ok(Claim::Completed(got)) => assert_eq!(*got, *record, "{what}"),
+        other => panic!("{what}, got {other:?}"),
+    }
+}
+
 /// With the settings the README requires (`appendonly yes`, `appendfsync always`), a
 /// record survives the server being killed and restarted: the retry replays it.
 #[tokio::test]
@@ -786,18 +802,7 @@ async fn records_survive_a_restart_with_an_append_only_file() {
     server.kill();
     server.restart();
     let store = RedisStore::connect(&server.url()).await.expect("reconnect");
-    match store
-        .claim(
-            &key,
-            &Fingerprint::from_bytes([9; 32]),
-            LeaseToken::new(),
-            Duration::from_secs(5),
-        )
-        .await
-    {
-        Ok(Claim::Completed(got)) => assert_eq!(*got, record),
-        other => panic!("the record must survive the restart, got {other:?}"),
-    }
+    assert_replays(&store, &key, &record, "the record must survive the restart").await;
 }
 
 /// `Durability::Replicated` makes `complete` wait for a replica: done while the replica
@@ -848,18 +853,7 @@ async fn complete_waits_for_replicas() {
     assert!(started.elapsed() >= Duration::from_millis(250));
     let chain = format!("{:?}", std::error::Error::source(&err));
     assert!(chain.contains("0 of 1 replicas"), "{chain}");
-    match store
-        .claim(
-            &key,
-            &Fingerprint::from_bytes([9; 32]),
-            LeaseToken::new(),
-            Duration::from_secs(5),
-        )
-        .await
-    {
-        Ok(Claim::Completed(got)) => assert_eq!(*got, record),
-        other => panic!("the record stays on the primary, got {other:?}"),
-    }
+    assert_replays(&store, &key, &record, "the record stays on the primary").await;
     replica.resume();
     store
         .complete(&key, token, record, Duration::from_secs(60))
@@ -975,13 +969,7 @@ async fn a_full_redis_refuses_new_claims_and_still_replays() {
         Err(tower_idempotency::StoreError::Full) => {}
         other => panic!("a full Redis must refuse a new claim as Full, got {other:?}"),
     }
-    match store
-        .claim(&done, &fp, LeaseToken::new(), Duration::from_secs(5))
-        .await
-    {
-        Ok(Claim::Completed(got)) => assert_eq!(*got, record),
-        other => panic!("a full Redis still replays, got {other:?}"),
-    }
+    assert_replays(&store, &done, &record, "a full Redis still replays").await;
     let runs = Arc::new(AtomicUsize::new(0));
     let svc = IdempotencyLayer::new(store)
         .share_keys_across_callers()
