@@ -166,12 +166,17 @@ pub fn parse_key(
 pub struct Scope(std::borrow::Cow<'static, str>);
 
 impl Scope {
-    /// The scope of requests without an identity.
+    /// The one scope shared by every caller: what
+    /// [`share_keys_across_callers`](crate::IdempotencyLayer::share_keys_across_callers) uses.
+    /// Returning it from a [`scope_by`](crate::IdempotencyLayer::scope_by) function puts that
+    /// caller in with everyone else who gets it.
     pub fn anonymous() -> Self {
         Self(std::borrow::Cow::Borrowed("anon"))
     }
 
-    /// The scope of the given identity (a credential, a tenant or user id, …).
+    /// The scope of the given identity (a tenant or user id, …), as its SHA-256. For a
+    /// credential use [`Scope::keyed`]: a bare hash of a password or token can be reversed
+    /// by trying candidates.
     ///
     /// ```
     /// use tower_idempotency::Scope;
