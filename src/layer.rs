@@ -281,7 +281,8 @@ impl IdempotencyLayer {
     /// ```
     /// use tower_idempotency::IdempotencyLayer;
     ///
-    /// let secret = std::env::var("IDEMPOTENCY_SCOPE_SECRET").unwrap_or_default();
+    /// // The fleet's secret, from your secret store (inline here for the example).
+    /// let secret = b"5f0c3e8a1d9b47f2a6c4e0b8d2f1a7c3";
     /// let layer = IdempotencyLayer::default()
     ///     .scope_by_credential(http::HeaderName::from_static("x-api-key"), secret);
     /// ```
