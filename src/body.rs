@@ -81,8 +81,8 @@ impl<E: 'static> RebuildBody for http_body_util::combinators::BoxBody<Bytes, E> 
     }
 }
 
-/// What tower-http's `RequestBodyLimitLayer` wraps bodies in. The rebuilt body holds bytes
-/// the limit already let through, so it is not limited again.
+/// `http-body-util`'s length-limited body. The rebuilt body holds bytes the limit already let
+/// through, so it is not limited again.
 impl<B: RebuildBody> RebuildBody for http_body_util::Limited<B> {
     fn from_bytes(bytes: Bytes) -> Self {
         http_body_util::Limited::new(B::from_bytes(bytes), usize::MAX)
@@ -265,8 +265,9 @@ where
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Reads a request body up to `limit` bytes. A length limit met on the way, this one or
-/// one of a layer outside (tower-http's `RequestBodyLimitLayer` wraps bodies in the same
-/// `Limited`), is [`BufferError::TooLarge`]; any other failure is [`BufferError::Read`].
+/// one of a layer outside (tower-http's `RequestBodyLimitLayer` reports the same
+/// `LengthLimitError`), is [`BufferError::TooLarge`]; any other failure is
+/// [`BufferError::Read`].
 pub(crate) async fn buffer<B>(body: B, limit: usize) -> Result<Bytes, BufferError>
 where
     B: Body<Data = Bytes>,
