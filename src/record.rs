@@ -154,6 +154,16 @@ impl Record {
             + self.trailers.as_ref().map_or(0, map_size)
     }
 
+    /// The record with its body copied into a buffer of its own, of the body's exact size: a
+    /// body sliced from a larger buffer (what tonic's encoder yields) would otherwise keep
+    /// all of that buffer alive. For a store that keeps records in memory.
+    pub(crate) fn with_own_body(mut self) -> Self {
+        if !self.body.is_empty() {
+            self.body = Bytes::copy_from_slice(&self.body);
+        }
+        self
+    }
+
     /// Encodes the record in the versioned binary format that [`Record::decode`] reads.
     ///
     /// The format is: a magic byte and a version byte; flags; the status; the

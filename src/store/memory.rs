@@ -6,10 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
-use http::{HeaderMap, HeaderValue};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -53,9 +51,8 @@ const MIN_MIN_RETENTION: Duration = Duration::from_secs(1);
 /// - A completion is never refused, since its operation already ran: the records of
 ///   operations that were running when the store filled up may take it past the cap, by at
 ///   most their own size.
-/// - The byte count is what the store holds: a record's body and header values are copied
-///   into buffers of their exact size, so a body sliced from a larger buffer does not pin
-///   it.
+/// - The byte count is what the store holds: a record's body is copied into a buffer of
+///   its exact size, so a body sliced from a larger buffer does not pin it.
 /// - A record larger than the whole cap is kept as a tombstone (status and headers).
 /// - Everything is lost when the process ends.
 ///
@@ -395,33 +392,6 @@ fn live(entry: &Entry, now: Instant) -> Claim {
     }
 }
 
-/// A copy of `record` in buffers of its exact size: a body or header value sliced from a
-/// larger buffer would otherwise keep all of it alive, uncounted.
-fn compact(record: Record) -> Record {
-    fn map(headers: &HeaderMap) -> HeaderMap {
-        let mut out = HeaderMap::with_capacity(headers.keys_len());
-        for (name, value) in headers {
-            let mut copy =
-                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-            copy.set_sensitive(value.is_sensitive());
-            out.append(name.clone(), copy);
-        }
-        out
-    }
-    let fingerprint = *record.fingerprint();
-    let compacted = if record.is_tombstone() {
-        Record::tombstone(record.status(), map(record.headers()))
-    } else {
-        Record::new(
-            record.status(),
-            map(record.headers()),
-            Bytes::copy_from_slice(record.body()),
-            record.trailers().map(map),
-        )
-    };
-    compacted.with_fingerprint(fingerprint)
-}
-
 impl Inner {
     fn sweep(&self, now: Instant) {
         self.map.retain(|_, entry| {
@@ -538,7 +508,7 @@ impl IdempotencyStore for MemoryStore {
         } else {
             record
         };
-        let record = Arc::new(compact(record));
+        let record = Arc::new(record.with_own_body());
         let size = record.size() + overhead;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
