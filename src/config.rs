@@ -21,6 +21,7 @@ pub(crate) type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
 pub(crate) type GrpcFn = dyn Fn(u32) -> bool + Send + Sync;
 pub(crate) type HeaderFn = dyn Fn(&HeaderName) -> bool + Send + Sync;
 
+#[derive(Clone)]
 pub(crate) enum Cover {
     /// HTTP requests with these methods; gRPC calls only when listed in `grpc_methods`.
     Methods(Vec<Method>),
@@ -29,6 +30,7 @@ pub(crate) enum Cover {
 }
 
 /// How the layer tells callers apart.
+#[derive(Clone)]
 pub(crate) enum ScopeRule {
     /// Nothing configured: no caller can be identified, so covered requests are refused.
     Unset,
@@ -78,16 +80,9 @@ impl Clone for Config {
             parsing: self.parsing,
             max_key_len: self.max_key_len,
             missing: self.missing,
-            cover: match &self.cover {
-                Cover::Methods(m) => Cover::Methods(m.clone()),
-                Cover::When(f) => Cover::When(Arc::clone(f)),
-            },
+            cover: self.cover.clone(),
             grpc_methods: Arc::clone(&self.grpc_methods),
-            scope: match &self.scope {
-                ScopeRule::Unset => ScopeRule::Unset,
-                ScopeRule::Shared => ScopeRule::Shared,
-                ScopeRule::By(f) => ScopeRule::By(Arc::clone(f)),
-            },
+            scope: self.scope.clone(),
             scope_warned: Arc::clone(&self.scope_warned),
             fingerprint: self.fingerprint.clone(),
             max_request_body: self.max_request_body,
