@@ -367,58 +367,13 @@ async fn callers_are_scoped_by_principal() {
     assert_eq!(counter.runs(), 2);
 }
 
-/// A store that remembers the keys it was asked to claim.
-#[derive(Clone, Default)]
-struct Recording {
-    inner: MemoryStore,
-    keys: Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-#[async_trait::async_trait]
-impl tower_idempotency::IdempotencyStore for Recording {
-    async fn claim(
-        &self,
-        key: &tower_idempotency::StoreKey,
-        fingerprint: &tower_idempotency::Fingerprint,
-        token: tower_idempotency::LeaseToken,
-        lease: Duration,
-    ) -> Result<tower_idempotency::Claim, tower_idempotency::StoreError> {
-        self.keys.lock().unwrap().push(key.as_str().to_owned());
-        self.inner.claim(key, fingerprint, token, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &tower_idempotency::StoreKey,
-        token: tower_idempotency::LeaseToken,
-        record: tower_idempotency::Record,
-        ttl: Duration,
-    ) -> Result<(), tower_idempotency::StoreError> {
-        self.inner.complete(key, token, record, ttl).await
-    }
-    async fn release(
-        &self,
-        key: &tower_idempotency::StoreKey,
-        token: tower_idempotency::LeaseToken,
-    ) -> Result<(), tower_idempotency::StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn extend(
-        &self,
-        key: &tower_idempotency::StoreKey,
-        token: tower_idempotency::LeaseToken,
-        lease: Duration,
-    ) -> Result<(), tower_idempotency::StoreError> {
-        self.inner.extend(key, token, lease).await
-    }
-}
-
 /// Scoped by credential, the scope that reaches the store is an HMAC keyed with the
 /// fleet's secret: not the bare SHA-256 of the credential, which a dictionary reverses.
 /// Callers stay apart, and a request without the header is refused.
 #[tokio::test]
 async fn credential_scopes_are_keyed_hashes() {
     let counter = Counter::default();
-    let store = Recording::default();
+    let store = FaultStore::new(MemoryStore::new());
     let svc = IdempotencyLayer::new(store.clone())
         .scope_by_credential(
             http::header::AUTHORIZATION,
@@ -429,7 +384,7 @@ async fn credential_scopes_are_keyed_hashes() {
     let bob = call(&svc, as_user(None, "bob-password")).await;
     assert_ne!(alice.body, bob.body);
     assert_eq!(counter.runs(), 2);
-    let keys = store.keys.lock().unwrap().clone();
+    let keys = store.faults.claimed_keys.lock().unwrap().clone();
     let bare = Scope::of(b"Bearer alice-password");
     let keyed = Scope::keyed(
         b"a fleet-wide secret of 32 bytes!",

@@ -214,6 +214,8 @@ pub struct Faults {
     pub claim_unreadable: AtomicUsize,
     /// When each extend was called.
     pub extend_times: std::sync::Mutex<Vec<tokio::time::Instant>>,
+    /// The store key of every claim, in order.
+    pub claimed_keys: std::sync::Mutex<Vec<String>>,
     /// Counts of calls.
     pub claims: AtomicUsize,
     pub completes: AtomicUsize,
@@ -261,6 +263,11 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.faults.claims.fetch_add(1, Ordering::SeqCst);
+        self.faults
+            .claimed_keys
+            .lock()
+            .unwrap()
+            .push(key.as_str().to_owned());
         if take(&self.faults.claim_failures) {
             return Err(StoreError::backend(Injected));
         }
