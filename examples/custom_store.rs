@@ -22,8 +22,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower_idempotency::async_trait;
 use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, Record, StoreError,
-    StoreKey, clamp_duration, takeover_grace,
+    Claim, Fingerprint, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, Record,
+    StoreError, StoreKey, clamp_duration, takeover_grace,
 };
 
 /// What a key holds.
@@ -36,6 +36,8 @@ enum Entry {
         until: Instant,
         /// A claim found the lease lapsed and gave the owner a grace period.
         contested: bool,
+        /// Past its commit point, kept until then: never taken over nor released.
+        committed_until: Option<Instant>,
     },
     /// The operation ran; its record is replayed until `until`.
     Done { record: Arc<Record>, until: Instant },
@@ -49,11 +51,30 @@ impl Entry {
         }
     }
 
-    /// Until when the entry must be kept: a lapsed claim stays a while for its owner.
+    /// Until when the entry must be kept: a lapsed claim stays a while for its owner, a
+    /// committed one until its commit expires.
     fn kept_until(&self) -> Instant {
         match self {
+            Entry::Claimed {
+                until,
+                committed_until: Some(committed),
+                ..
+            } => (*committed).max(*until),
             Entry::Claimed { until, .. } => *until + ORPHAN_RETENTION,
             Entry::Done { until, .. } => *until,
+        }
+    }
+
+    /// A committed claim whose lease ended: its outcome is unknown until settled.
+    fn unknown(&self, now: Instant) -> Option<Fingerprint> {
+        match self {
+            Entry::Claimed {
+                fingerprint,
+                until,
+                committed_until: Some(committed),
+                ..
+            } if *until <= now && *committed > now => Some(*fingerprint),
+            _ => None,
         }
     }
 }
@@ -106,6 +127,11 @@ impl IdempotencyStore for LockedMapStore {
         if entries.len() % 1024 == 1023 {
             entries.retain(|_, e| e.kept_until() > now);
         }
+        // A committed claim is never taken over: once its lease ends (its owner crashed or
+        // let go), its outcome is unknown.
+        if let Some(fingerprint) = entries.get(key.as_str()).and_then(|e| e.unknown(now)) {
+            return Ok(Claim::OutcomeUnknown { fingerprint });
+        }
         // Expired entries are invisible: treat them as absent.
         // A lapsed lease is contested once before it is taken over: the owner may only be
         // cut off from the store, and gets `takeover_grace` to extend it.
@@ -113,6 +139,7 @@ impl IdempotencyStore for LockedMapStore {
             fingerprint,
             until,
             contested: contested @ false,
+            committed_until: None,
             ..
         }) = entries.get_mut(key.as_str())
             && *until <= now
@@ -144,6 +171,7 @@ impl IdempotencyStore for LockedMapStore {
                         // Duration::MAX must not overflow the clock.
                         until: now + clamp_duration(lease),
                         contested: false,
+                        committed_until: None,
                     },
                 );
                 Ok(Claim::Acquired(token))
@@ -170,9 +198,110 @@ impl IdempotencyStore for LockedMapStore {
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        let mut committed = false;
         self.owned(key, token, |entries| {
-            entries.remove(key.as_str());
+            // A committed claim is not freed: its owner lets go (the lease ends now), and
+            // the key reads as outcome unknown.
+            if let Some(Entry::Claimed {
+                until,
+                committed_until: Some(_),
+                ..
+            }) = entries.get_mut(key.as_str())
+            {
+                *until = (*until).min(Instant::now());
+                committed = true;
+            } else {
+                entries.remove(key.as_str());
+            }
+        })?;
+        if committed {
+            Err(StoreError::Committed)
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn commit(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let keep = Instant::now() + clamp_duration(ttl);
+        self.owned(key, token, |entries| {
+            if let Some(Entry::Claimed {
+                contested,
+                committed_until,
+                ..
+            }) = entries.get_mut(key.as_str())
+            {
+                *contested = false;
+                *committed_until = Some(committed_until.map_or(keep, |c| c.max(keep)));
+            }
         })
+    }
+
+    async fn settle(
+        &self,
+        key: &StoreKey,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut entries = self.entries();
+        if entries
+            .get(key.as_str())
+            .and_then(|e| e.unknown(now))
+            .is_none()
+        {
+            return Ok(false);
+        }
+        entries.insert(
+            key.as_str().to_owned(),
+            Entry::Done {
+                record: Arc::new(record),
+                until: now + clamp_duration(ttl),
+            },
+        );
+        Ok(true)
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        let now = Instant::now();
+        let entries = self.entries();
+        let Some(entry) = entries.get(key.as_str()).filter(|e| e.kept_until() > now) else {
+            return Ok(KeyState::Free);
+        };
+        if let Some(fingerprint) = entry.unknown(now) {
+            return Ok(KeyState::OutcomeUnknown {
+                fingerprint,
+                expires_in: Some(entry.kept_until() - now),
+            });
+        }
+        Ok(match entry {
+            Entry::Claimed {
+                fingerprint,
+                until,
+                committed_until,
+                ..
+            } => KeyState::InFlight {
+                fingerprint: *fingerprint,
+                lease_remaining: until.saturating_duration_since(now),
+                committed: committed_until.is_some(),
+            },
+            Entry::Done { record, until } => KeyState::Completed {
+                record: Arc::clone(record),
+                expires_in: Some(*until - now),
+            },
+        })
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .entries()
+            .remove(key.as_str())
+            .is_some_and(|e| e.kept_until() > now))
     }
 
     async fn extend(
@@ -186,6 +315,8 @@ impl IdempotencyStore for LockedMapStore {
                 until, contested, ..
             }) = entries.get_mut(key.as_str())
             {
+                // A committed claim keeps its commit's expiry (`kept_until` takes the
+                // later of the two).
                 *until = Instant::now() + clamp_duration(lease);
                 *contested = false;
             }

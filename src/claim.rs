@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::fingerprint::Fingerprint;
+use crate::handle::{IdempotencyClaim, Shared};
 use crate::key::StoreKey;
 use crate::lease::Registration;
 use crate::record::Record;
@@ -82,6 +83,7 @@ impl PendingClaim {
             loop {
                 match bounded(timeout, store.release(&key, token)).await {
                     Ok(()) => {
+                        crate::metrics::orphan_release();
                         tracing::warn!(
                             key = key.client_key(),
                             "released an idempotency claim whose request was not answered \
@@ -92,6 +94,8 @@ impl PendingClaim {
                     // Not (or not yet) landed, or not ours; a claim stuck on the wire may
                     // still land, so look again until a lease has passed.
                     Err(StoreError::LeaseLost) => {}
+                    // Only the request's own handler can commit, and it never ran.
+                    Err(StoreError::Committed) => return,
                     Err(err) => tracing::warn!(
                         key = key.client_key(),
                         error = %ErrorChain(&err),
@@ -127,6 +131,8 @@ pub(crate) struct Claimed {
     fingerprint: Fingerprint,
     registration: Option<Registration>,
     settled: bool,
+    /// Shared with the handler's [`IdempotencyClaim`]: whether it declared a commit point.
+    shared: Option<Arc<Shared>>,
 }
 
 impl Claimed {
@@ -137,6 +143,7 @@ impl Claimed {
         fingerprint: Fingerprint,
     ) -> Self {
         let registration = config.keeper.register(&config.renewal(), &key, token);
+        let shared = Shared::new(Arc::clone(&config), key.clone(), token);
         Self {
             config,
             key,
@@ -144,11 +151,33 @@ impl Claimed {
             fingerprint,
             registration: Some(registration),
             settled: false,
+            shared: Some(shared),
+        }
+    }
+
+    /// A claim found committed when its release was attempted: it is completed with the
+    /// outcome in hand, without renewing its lease (nobody can take a committed key over).
+    fn resumed(config: Arc<Config>, key: StoreKey, token: LeaseToken, record: &Record) -> Self {
+        Self {
+            config,
+            key,
+            token,
+            fingerprint: *record.fingerprint(),
+            registration: None,
+            settled: false,
+            shared: None,
         }
     }
 
     pub(crate) fn config(&self) -> &Arc<Config> {
         &self.config
+    }
+
+    /// The handle the operation gets in its request's extensions.
+    pub(crate) fn handle(&self) -> Option<IdempotencyClaim> {
+        self.shared
+            .as_ref()
+            .map(|s| IdempotencyClaim::new(Arc::clone(s)))
     }
 
     pub(crate) fn fingerprint(&self) -> Fingerprint {
@@ -162,10 +191,23 @@ impl Claimed {
 
     /// Frees the key so that a retry runs the operation. Waits for the first attempt (within
     /// the store-call bound); further attempts, if it failed, go on in the background.
-    pub(crate) async fn release(mut self) {
-        self.settle();
-        let config = Arc::clone(&self.config);
-        release(config, self.key.clone(), self.token, false).await;
+    ///
+    /// A key past its commit point is not freed (the store refuses): then `fallback`, the
+    /// answer the operation gave, is stored instead, since running it again is no longer
+    /// safe; without one, the key is left with its outcome unknown.
+    pub(crate) async fn release(mut self, fallback: Option<Record>) {
+        if let Some(record) = fallback {
+            if self.shared.as_ref().is_some_and(|s| s.confirmed()) {
+                return self.complete(record).await;
+            }
+            self.settle();
+            let config = Arc::clone(&self.config);
+            release(config, self.key.clone(), self.token, Some(record), false).await;
+        } else {
+            self.settle();
+            let config = Arc::clone(&self.config);
+            release(config, self.key.clone(), self.token, None, false).await;
+        }
     }
 
     /// Stores the outcome. Tries for up to the store-call bound in all (a transient failure
@@ -231,13 +273,19 @@ impl Claimed {
                     .store
                     .complete(&self.key, self.token, record.clone(), self.config.ttl);
             let bound = until.min(crate::time::deadline_after(timeout));
-            let err = match tokio::time::timeout_at(bound, call).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(StoreError::LeaseLost)) => return Err(StoreError::LeaseLost),
-                Ok(Err(err)) => err,
-                Err(_) => StoreError::Timeout(timeout),
+            let timer = crate::metrics::Timer::start();
+            let result = match tokio::time::timeout_at(bound, call).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Timeout(timeout)),
+            };
+            timer.store_call(&self.config, "complete", &result);
+            let err = match result {
+                Ok(()) => return Ok(()),
+                Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),
+                Err(err) => err,
             };
             *failures += 1;
+            crate::metrics::completion_retry();
             let wait = crate::time::jittered(pause);
             if crate::time::deadline_after(wait) >= until {
                 return Err(err);
@@ -275,6 +323,7 @@ impl Claimed {
     /// key is held by another, a tracked task looks again.
     async fn taken_over(&mut self, after_failures: bool, record: Record) {
         self.settle();
+        crate::metrics::lost_lease();
         tracing::warn!(
             key = self.key.client_key(),
             after_failures,
@@ -332,6 +381,11 @@ async fn store_if_free(
             false
         }
         Ok(Claim::Completed(_)) => true,
+        // Another request committed and left no outcome: this outcome settles it.
+        Ok(Claim::OutcomeUnknown { .. }) => {
+            let _ = bounded(timeout, store.settle(key, record.clone(), config.ttl)).await;
+            true
+        }
         Ok(Claim::InFlight { .. }) => false,
         Err(_) => {
             let _ = bounded(timeout, store.release(key, token)).await;
@@ -349,16 +403,27 @@ impl Drop for Claimed {
         let config = Arc::clone(&self.config);
         let (key, token) = (self.key.clone(), self.token);
         let work = config.work.clone();
-        work.spawn("release", release(config, key, token, true));
+        work.spawn("release", release(config, key, token, None, true));
     }
 }
 
 /// Releases a claim: one bounded attempt, then (if that failed) retries on a tracked task
-/// until the lease would have ended anyway.
-async fn release(config: Arc<Config>, key: StoreKey, token: LeaseToken, detached: bool) {
+/// until the lease would have ended anyway. A committed key is not released: `fallback` is
+/// stored under it if there is one (see [`Claimed::release`]).
+async fn release(
+    config: Arc<Config>,
+    key: StoreKey,
+    token: LeaseToken,
+    fallback: Option<Record>,
+    detached: bool,
+) {
     let timeout = config.store_timeout;
-    match bounded(timeout, config.store.release(&key, token)).await {
+    let timer = crate::metrics::Timer::start();
+    let result = bounded(timeout, config.store.release(&key, token)).await;
+    timer.store_call(&config, "release", &result);
+    match result {
         Ok(()) | Err(StoreError::LeaseLost) => return,
+        Err(StoreError::Committed) => return committed(config, key, token, fallback).await,
         Err(err) => tracing::warn!(
             key = key.client_key(),
             error = %ErrorChain(&err),
@@ -383,6 +448,9 @@ async fn release(config: Arc<Config>, key: StoreKey, token: LeaseToken, detached
                 pause = (pause * 2).min(MAX_PAUSE);
                 match bounded(timeout, config.store.release(&key, token)).await {
                     Ok(()) | Err(StoreError::LeaseLost) => return,
+                    Err(StoreError::Committed) => {
+                        return committed(config, key, token, fallback).await;
+                    }
                     Err(_) => {}
                 }
             }
@@ -392,5 +460,36 @@ async fn release(config: Arc<Config>, key: StoreKey, token: LeaseToken, detached
         retry.await;
     } else {
         config.work.clone().spawn("release", retry);
+    }
+}
+
+/// The release of a claim was refused because it passed its commit point: store the answer
+/// the operation gave, or, with none, leave the key with its outcome unknown.
+async fn committed(
+    config: Arc<Config>,
+    key: StoreKey,
+    token: LeaseToken,
+    fallback: Option<Record>,
+) {
+    match fallback {
+        Some(record) => {
+            tracing::info!(
+                key = key.client_key(),
+                status = record.status().as_u16(),
+                "the operation passed its commit point and answered an error: storing that \
+                 answer, since running it again is no longer safe"
+            );
+            Claimed::resumed(config, key, token, &record)
+                .complete(record)
+                .await;
+        }
+        None => {
+            crate::metrics::unknown_outcome();
+            tracing::warn!(
+                key = key.client_key(),
+                "the operation passed its commit point and ended without an answer to store; \
+                 retries with this key get outcome-unknown until the key is settled"
+            );
+        }
     }
 }

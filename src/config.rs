@@ -67,6 +67,7 @@ pub(crate) struct Config {
     pub(crate) retry_after: Duration,
     pub(crate) type_base: String,
     pub(crate) link: bool,
+    pub(crate) recover: Option<Arc<crate::handle::RecoverFn>>,
     pub(crate) store_timeout: Duration,
     pub(crate) keeper: Arc<LeaseKeeper>,
     pub(crate) work: DetachedWork,
@@ -99,6 +100,7 @@ impl Clone for Config {
             retry_after: self.retry_after,
             type_base: self.type_base.clone(),
             link: self.link,
+            recover: self.recover.clone(),
             store_timeout: self.store_timeout,
             // A fresh keeper: a derived configuration may have another lease.
             keeper: Arc::new(LeaseKeeper::new()),

@@ -41,6 +41,13 @@
 //! | [`wait_sees_completion`] | a waiter gets the record when the owner completes |
 //! | [`wait_acquires_after_release`] | a waiter acquires the key when the owner releases it |
 //! | [`wait_times_out`] | a waiter gives up in flight when the time runs out |
+//! | [`commit_point`] | a committed claim reads in flight, is not released (`Committed`), then reads as outcome unknown and can still be completed by its owner |
+//! | [`committed_never_taken_over`] | a committed claim whose lease lapsed is never contested nor taken over; its owner can still extend it |
+//! | [`commit_fencing`] | only the owner's token commits; a free or completed key cannot be committed; committing twice is once |
+//! | [`commit_expires`] | a committed key with no outcome is freed when its TTL ends |
+//! | [`settle_unknown`] | only an outcome-unknown key is settled; the settled record is replayed, and the late owner's `complete` is refused |
+//! | [`inspect_states`] | `inspect` tells free, in flight (committed or not), completed, tombstone and outcome unknown apart |
+//! | [`purge_any_state`] | `purge` frees a key in any state and says whether it held something |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,7 +58,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use crate::fingerprint::Fingerprint;
 use crate::key::{Scope, StoreKey};
 use crate::record::Record;
-use crate::store::{Claim, IdempotencyStore, LeaseToken, StoreError, takeover_grace};
+use crate::store::{Claim, IdempotencyStore, KeyState, LeaseToken, StoreError, takeover_grace};
 
 #[doc(hidden)]
 pub mod __private {
@@ -654,6 +661,308 @@ pub async fn wait_times_out<S: IdempotencyStore + ?Sized>(store: &S) {
     );
 }
 
+async fn expect_unknown<S: IdempotencyStore + ?Sized>(store: &S, key: &StoreKey, what: &str) {
+    match store.claim(key, &fp(1), LeaseToken::new(), LEASE).await {
+        Ok(Claim::OutcomeUnknown { fingerprint }) => assert_eq!(
+            fingerprint,
+            fp(1),
+            "{what}: OutcomeUnknown must carry the committing request's fingerprint"
+        ),
+        other => panic!("{what}: the claim must be OutcomeUnknown, got {other:?}"),
+    }
+}
+
+fn record_of(status: u16, body: &'static [u8]) -> Record {
+    Record::new(
+        StatusCode::from_u16(status).expect("a valid status"),
+        HeaderMap::new(),
+        Bytes::from_static(body),
+        None,
+    )
+    .with_fingerprint(fp(1))
+}
+
+/// A committed claim reads in flight while its lease runs; `release` does not free it (it
+/// answers `Committed` and ends the lease), after which it reads as outcome unknown; its
+/// owner's `complete` still stores.
+pub async fn commit_point<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    store
+        .commit(&key, token, TTL)
+        .await
+        .expect("the owner commits its claim");
+    expect_in_flight(store, &key, LEASE, "a committed claim with a live lease").await;
+    match store.release(&key, token).await {
+        Err(StoreError::Committed) => {}
+        other => panic!("releasing a committed claim must answer Committed, got {other:?}"),
+    }
+    expect_unknown(store, &key, "a committed claim its owner let go").await;
+    expect_unknown(store, &key, "a committed claim, asked again").await;
+    store
+        .complete(&key, token, record_of(500, b"failed after commit"), TTL)
+        .await
+        .expect("the owner of a committed claim still completes it");
+    let record = expect_completed(store, &key).await;
+    assert_eq!(record.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(&record.body()[..], b"failed after commit");
+}
+
+/// A committed claim whose lease lapsed is never contested nor taken over, however often it
+/// is claimed; its owner can still extend it (it reads in flight again).
+pub async fn committed_never_taken_over<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let lease = Duration::from_millis(200);
+    let token = acquire(store, &key, &fp(1), lease).await;
+    store.commit(&key, token, TTL).await.expect("commit");
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    for round in 0..3 {
+        expect_unknown(
+            store,
+            &key,
+            &format!("claim {round} after the lease lapsed"),
+        )
+        .await;
+        tokio::time::sleep(takeover_grace(lease) + Duration::from_millis(50)).await;
+    }
+    store
+        .extend(&key, token, LEASE)
+        .await
+        .expect("the owner of a lapsed committed claim extends it");
+    expect_in_flight(store, &key, LEASE, "an extended committed claim").await;
+    store
+        .complete(&key, token, record_of(201, b"done"), TTL)
+        .await
+        .expect("then completes it");
+    assert_eq!(
+        expect_completed(store, &key).await.status(),
+        StatusCode::CREATED
+    );
+}
+
+/// Only the token that owns the claim commits it; a free key, a completed key, or a
+/// stranger's token get `LeaseLost` and change nothing; committing twice is once.
+pub async fn commit_fencing<S: IdempotencyStore + ?Sized>(store: &S) {
+    let free = fresh_key();
+    expect_lost(
+        store.commit(&free, LeaseToken::new(), TTL).await,
+        "commit of a free key",
+    );
+    assert!(
+        matches!(
+            store.claim(&free, &fp(1), LeaseToken::new(), LEASE).await,
+            Ok(Claim::Acquired(_))
+        ),
+        "a refused commit must leave the key free"
+    );
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    expect_lost(
+        store.commit(&key, LeaseToken::new(), TTL).await,
+        "commit with a stranger's token",
+    );
+    store
+        .release(&key, token)
+        .await
+        .expect("a claim a stranger tried to commit is not committed: its owner releases it");
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    store.commit(&key, token, TTL).await.expect("first commit");
+    store
+        .commit(&key, token, TTL)
+        .await
+        .expect("second commit of the same claim");
+    store
+        .complete(&key, token, record_of(200, b"ok"), TTL)
+        .await
+        .expect("complete");
+    expect_lost(
+        store.commit(&key, token, TTL).await,
+        "commit of a completed key",
+    );
+    assert_eq!(&expect_completed(store, &key).await.body()[..], b"ok");
+}
+
+/// A committed key that never got an outcome is kept for the TTL it was committed with,
+/// then freed like an expired record.
+pub async fn commit_expires<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let lease = Duration::from_millis(100);
+    let token = acquire(store, &key, &fp(1), lease).await;
+    store
+        .commit(&key, token, Duration::from_millis(400))
+        .await
+        .expect("commit");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    expect_unknown(store, &key, "inside the commit's TTL").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    acquire(store, &key, &fp(2), LEASE).await;
+}
+
+/// `settle` stores a record only over an outcome-unknown key; the record is then replayed,
+/// and the owner's late `complete` is refused.
+pub async fn settle_unknown<S: IdempotencyStore + ?Sized>(store: &S) {
+    let free = fresh_key();
+    assert!(
+        !store
+            .settle(&free, record_of(200, b"x"), TTL)
+            .await
+            .expect("settle"),
+        "settling a free key must store nothing"
+    );
+    assert!(
+        matches!(store.inspect(&free).await, Ok(KeyState::Free)),
+        "a refused settle leaves the key free"
+    );
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    assert!(
+        !store
+            .settle(&key, record_of(200, b"x"), TTL)
+            .await
+            .expect("settle"),
+        "settling a running, uncommitted claim must store nothing"
+    );
+    store.commit(&key, token, TTL).await.expect("commit");
+    assert!(
+        !store
+            .settle(&key, record_of(200, b"x"), TTL)
+            .await
+            .expect("settle"),
+        "settling a committed claim whose owner's lease still runs must store nothing"
+    );
+    let _ = store.release(&key, token).await;
+    expect_unknown(store, &key, "after the owner let go").await;
+    assert!(
+        store
+            .settle(&key, record_of(201, b"recovered"), TTL)
+            .await
+            .expect("settle"),
+        "an outcome-unknown key is settled"
+    );
+    let record = expect_completed(store, &key).await;
+    assert_eq!(record.status(), StatusCode::CREATED);
+    assert_eq!(&record.body()[..], b"recovered");
+    assert!(
+        !store
+            .settle(&key, record_of(200, b"again"), TTL)
+            .await
+            .expect("settle"),
+        "a settled key is not settled again"
+    );
+    expect_lost(
+        store
+            .complete(&key, token, record_of(200, b"late owner"), TTL)
+            .await,
+        "the owner's complete after its key was settled",
+    );
+    assert_eq!(
+        &expect_completed(store, &key).await.body()[..],
+        b"recovered"
+    );
+}
+
+/// `inspect` tells every state apart and changes nothing.
+pub async fn inspect_states<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    assert!(
+        matches!(store.inspect(&key).await, Ok(KeyState::Free)),
+        "a key never claimed is free"
+    );
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    match store.inspect(&key).await {
+        Ok(KeyState::InFlight {
+            fingerprint,
+            lease_remaining,
+            committed: false,
+        }) => {
+            assert_eq!(fingerprint, fp(1));
+            assert!(
+                lease_remaining > Duration::ZERO && lease_remaining <= LEASE,
+                "lease left: {lease_remaining:?}"
+            );
+        }
+        other => panic!("a running claim must inspect as InFlight, uncommitted: {other:?}"),
+    }
+    store.commit(&key, token, TTL).await.expect("commit");
+    assert!(
+        matches!(
+            store.inspect(&key).await,
+            Ok(KeyState::InFlight {
+                committed: true,
+                ..
+            })
+        ),
+        "a committed running claim must inspect as InFlight, committed"
+    );
+    let _ = store.release(&key, token).await;
+    match store.inspect(&key).await {
+        Ok(KeyState::OutcomeUnknown { fingerprint, .. }) => assert_eq!(fingerprint, fp(1)),
+        other => panic!("a committed claim let go must inspect as OutcomeUnknown: {other:?}"),
+    }
+    store
+        .complete(&key, token, tricky_record(), TTL)
+        .await
+        .expect("complete");
+    match store.inspect(&key).await {
+        Ok(KeyState::Completed { record, expires_in }) => {
+            assert_eq!(
+                *record,
+                tricky_record(),
+                "inspect returns the record exactly"
+            );
+            assert!(expires_in.is_none_or(|left| left <= TTL && left > Duration::ZERO));
+        }
+        other => panic!("a completed key must inspect as Completed: {other:?}"),
+    }
+    // Inspecting changed nothing.
+    assert_eq!(*expect_completed(store, &key).await, tricky_record());
+
+    let tomb = fresh_key();
+    let token = acquire(store, &tomb, &fp(1), LEASE).await;
+    let record = Record::tombstone(StatusCode::OK, HeaderMap::new()).with_fingerprint(fp(1));
+    store
+        .complete(&tomb, token, record, TTL)
+        .await
+        .expect("complete");
+    match store.inspect(&tomb).await {
+        Ok(KeyState::Completed { record, .. }) => assert!(record.is_tombstone()),
+        other => panic!("a tombstone must inspect as Completed: {other:?}"),
+    }
+}
+
+/// `purge` frees a key in every state and says whether there was something.
+pub async fn purge_any_state<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    assert!(!store.purge(&key).await.expect("purge"), "nothing to purge");
+    // In flight.
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    assert!(store.purge(&key).await.expect("purge"), "a claim is purged");
+    expect_lost(
+        store.complete(&key, token, record_of(200, b"x"), TTL).await,
+        "the owner's complete after its claim was purged",
+    );
+    // Completed.
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    store
+        .complete(&key, token, record_of(200, b"x"), TTL)
+        .await
+        .expect("complete");
+    assert!(
+        store.purge(&key).await.expect("purge"),
+        "a record is purged"
+    );
+    // Outcome unknown.
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    store.commit(&key, token, TTL).await.expect("commit");
+    let _ = store.release(&key, token).await;
+    assert!(
+        store.purge(&key).await.expect("purge"),
+        "a committed key is purged"
+    );
+    assert!(matches!(store.inspect(&key).await, Ok(KeyState::Free)));
+    acquire(store, &key, &fp(2), LEASE).await;
+}
+
 /// Runs `check` on a fresh multi-threaded runtime, or prints that it was skipped when the
 /// factory returns `None`. Used by [`store_conformance_tests!`](crate::store_conformance_tests).
 #[doc(hidden)]
@@ -705,7 +1014,9 @@ macro_rules! store_conformance_tests {
                 empty_and_large_records, fencing, release_frees_key, lease_expiry,
                 extend_ends_a_contest, lapsed_owner_still_completes, release_by_callers_token,
                 extend_keeps_claim, extreme_durations, ttl_expiry, wait_sees_completion,
-                wait_acquires_after_release, wait_times_out);
+                wait_acquires_after_release, wait_times_out, commit_point,
+                committed_never_taken_over, commit_fencing, commit_expires, settle_unknown,
+                inspect_states, purge_any_state);
         }
     };
     (@tests $make:path; $($check:ident),*) => {

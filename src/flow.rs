@@ -15,13 +15,14 @@ use tower_service::Service;
 use crate::body::{BufferError, IdempotencyBody, RebuildBody, buffer};
 use crate::claim::{Claimed, PendingClaim};
 use crate::config::Config;
+use crate::handle::Unsettled;
 use crate::key::{IdempotencyKey, StoreKey};
 use crate::outcome::{IdempotencyOutcome, REPLAYED_HEADER, mark, problem};
 use crate::policy::{Disconnect, InFlight, StoreFailure};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::Record;
 use crate::record_body::Recorder;
-use crate::store::{Claim, ErrorChain, StoreError, bounded};
+use crate::store::{Claim, ErrorChain, KeyState, StoreError, bounded};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -172,6 +173,18 @@ where
                 }
                 return Ok(replay(&record));
             }
+            Claim::OutcomeUnknown { fingerprint: held } => {
+                let key = pending.key().clone();
+                pending.not_ours();
+                if held != fingerprint {
+                    return Ok(mismatch(&config, grpc));
+                }
+                let unsettled = config
+                    .recover
+                    .as_ref()
+                    .map(|_| Unsettled::new(key.clone(), req.method(), req.uri(), req.headers()));
+                return Ok(outcome_unknown(&config, grpc, unsettled, key, fingerprint).await);
+            }
             Claim::InFlight {
                 fingerprint: held,
                 lease_remaining,
@@ -241,6 +254,84 @@ fn unreadable<B, ReqBody>(
         grpc,
         Problem::new(ProblemKind::RecordUnreadable, detail),
         IdempotencyOutcome::RecordUnreadable,
+    )
+}
+
+/// A retry found its key committed with no stored outcome: the recovery hook's answer,
+/// stored and replayed, or `outcome-unknown`.
+async fn outcome_unknown<B>(
+    config: &Config,
+    grpc: bool,
+    unsettled: Option<Unsettled>,
+    key: StoreKey,
+    fingerprint: crate::fingerprint::Fingerprint,
+) -> Response<IdempotencyBody<B>> {
+    if let (Some(recover), Some(unsettled)) = (&config.recover, unsettled) {
+        match recover(unsettled).await {
+            Ok(Some(res)) => {
+                crate::metrics::recovery("recovered");
+                let (parts, body) = res.into_parts();
+                let headers = crate::record_body::replayed_headers(config, &parts.headers);
+                let record =
+                    Record::new(parts.status, headers, body, None).with_fingerprint(fingerprint);
+                let timer = crate::metrics::Timer::start();
+                let settled = bounded(
+                    config.store_timeout,
+                    config.store.settle(&key, record.clone(), config.ttl),
+                )
+                .await;
+                timer.store_call(config, "settle", &settled);
+                match settled {
+                    Ok(true) => {
+                        tracing::info!(
+                            key = key.client_key(),
+                            status = record.status().as_u16(),
+                            "recovered the answer of a committed operation and stored it"
+                        );
+                    }
+                    // Settled meanwhile (by another retry, or the owner came back and
+                    // stored its own answer): replay what is stored.
+                    Ok(false) => {
+                        if let Ok(KeyState::Completed { record, .. }) =
+                            bounded(config.store_timeout, config.store.inspect(&key)).await
+                            && *record.fingerprint() == fingerprint
+                        {
+                            return replay(&record);
+                        }
+                    }
+                    Err(err) => tracing::warn!(
+                        key = key.client_key(),
+                        error = %ErrorChain(&err),
+                        "recovered the answer of a committed operation but could not store \
+                         it; answering it all the same"
+                    ),
+                }
+                return mark(replay(&record), IdempotencyOutcome::Recovered);
+            }
+            Ok(None) => crate::metrics::recovery("none"),
+            Err(err) => {
+                crate::metrics::recovery("error");
+                tracing::warn!(
+                    key = key.client_key(),
+                    error = %ErrorChain(&*err),
+                    "the recovery hook failed"
+                );
+            }
+        }
+    }
+    tracing::warn!(
+        key = key.client_key(),
+        "the operation with this key passed its commit point and left no outcome: \
+         answering outcome-unknown"
+    );
+    let detail = "The operation with this Idempotency-Key declared its effects committed and \
+                  then ended without an answer that could be kept. It will not run again with \
+                  this key; do not retry it with a new key before looking its result up.";
+    problem(
+        config,
+        grpc,
+        Problem::new(ProblemKind::OutcomeUnknown, detail),
+        IdempotencyOutcome::OutcomeUnknown,
     )
 }
 
@@ -333,6 +424,10 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
+    let mut req = req;
+    if let Some(handle) = claimed.handle() {
+        req.extensions_mut().insert(handle);
+    }
     let fut = inner.call(req);
     let config = Arc::clone(claimed.config());
     let work = async move {
@@ -346,7 +441,7 @@ where
                 Ok(mark(res, IdempotencyOutcome::Executed))
             }
             Err(err) => {
-                claimed.release().await;
+                claimed.release(None).await;
                 Err(err)
             }
         }

@@ -115,6 +115,7 @@ impl IdempotencyLayer {
                 retry_after: Duration::from_secs(1),
                 type_base: DEFAULT_TYPE_BASE.to_owned(),
                 link: false,
+                recover: None,
                 store_timeout: Duration::from_secs(2),
                 keeper: Arc::new(LeaseKeeper::new()),
                 work: DetachedWork::default(),
@@ -364,6 +365,55 @@ impl IdempotencyLayer {
     /// ```
     pub fn storable_when(self, f: impl Fn(StatusCode) -> bool + Send + Sync + 'static) -> Self {
         self.edit(|c| c.storable = Arc::new(f))
+    }
+
+    /// A recovery hook: when a retry finds its key committed with no stored outcome (the
+    /// operation declared its commit point with
+    /// [`IdempotencyClaim::commit`](crate::IdempotencyClaim::commit) or
+    /// [`PostgresStore::commit_in`](crate::PostgresStore::commit_in), then its instance
+    /// crashed or it failed without an answer), the hook is asked to rebuild the answer from
+    /// the application's own state, given the key and scope the operation saw
+    /// ([`Unsettled`](crate::Unsettled)).
+    ///
+    /// - `Ok(Some(response))`: the answer is stored under the key
+    ///   ([`IdempotencyStore::settle`]) and replayed, to this retry and every later one
+    ///   (with `Idempotent-Replayed: true`; the outcome is
+    ///   [`IdempotencyOutcome::Recovered`](crate::IdempotencyOutcome::Recovered)).
+    /// - `Ok(None)` (nothing found: an operation that committed before its effects and
+    ///   crashed before making them) or `Err`: the retry gets `500 outcome-unknown`, and the
+    ///   hook is asked again on the next retry.
+    ///
+    /// The hook never runs the operation: it only reads what it left. Default: none (retries
+    /// get `outcome-unknown` until an operator settles the key). One hook per layer: give a
+    /// route its own layer for a hook of its own, or match on [`Unsettled::uri`](crate::Unsettled::uri).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower_idempotency::IdempotencyLayer;
+    ///
+    /// let layer = IdempotencyLayer::default().recover_with(|unsettled| async move {
+    ///     // Look the order up by the key it was created under (here: never found).
+    ///     let found: Option<String> = None;
+    ///     let _ = (unsettled.scope(), unsettled.key());
+    ///     Ok(found.map(|order| {
+    ///         http::Response::builder()
+    ///             .status(201)
+    ///             .header("content-type", "application/json")
+    ///             .body(Bytes::from(order))
+    ///             .expect("a valid response")
+    ///     }))
+    /// });
+    /// ```
+    pub fn recover_with<F, Fut>(self, f: F) -> Self
+    where
+        F: Fn(crate::Unsettled) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<
+                Output = Result<Option<http::Response<bytes::Bytes>>, crate::handle::RecoveryError>,
+            > + Send
+            + 'static,
+    {
+        let hook = crate::handle::boxed_recovery(f);
+        self.edit(|c| c.recover = Some(hook))
     }
 
     /// Which HTTP statuses mean "the operation was cut off and may have run": a timeout

@@ -173,9 +173,11 @@ pub mod conformance;
 pub mod fingerprint;
 mod flow;
 pub mod future;
+mod handle;
 pub mod key;
 mod layer;
 mod lease;
+pub mod metrics;
 mod outcome;
 mod periodic;
 pub mod policy;
@@ -189,6 +191,10 @@ mod time;
 
 pub use body::{IdempotencyBody, RebuildBody};
 pub use fingerprint::Fingerprint;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use handle::MissingClaim;
+pub use handle::{IdempotencyClaim, RecoveryError, Unsettled};
 pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope, StoreKey, parse_key};
 pub use layer::IdempotencyLayer;
 pub use outcome::{IdempotencyOutcome, REPLAYED_HEADER};
@@ -210,7 +216,7 @@ pub use store::postgres::PostgresStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
 pub use store::{
-    Claim, IdempotencyStore, LeaseToken, MAX_DURATION, ORPHAN_RETENTION, StoreError,
+    Claim, IdempotencyStore, KeyState, LeaseToken, MAX_DURATION, ORPHAN_RETENTION, StoreError,
     clamp_duration, takeover_grace,
 };
 pub use tasks::{DetachedWork, Unfinished};

@@ -47,6 +47,13 @@ pub enum IdempotencyOutcome {
     /// The operation ran before, but its stored outcome cannot be read: `500`, and it does
     /// not run again.
     RecordUnreadable,
+    /// The operation passed its commit point and no outcome was stored: `500
+    /// outcome-unknown`, and it does not run again.
+    OutcomeUnknown,
+    /// The operation's outcome was unknown; the layer's recovery hook
+    /// ([`IdempotencyLayer::recover_with`](crate::IdempotencyLayer::recover_with)) rebuilt
+    /// it, and it was stored and replayed (with `Idempotent-Replayed: true`).
+    Recovered,
 }
 
 impl IdempotencyOutcome {
@@ -63,6 +70,8 @@ impl IdempotencyOutcome {
             Self::StoreFull => "store_full",
             Self::Unprotected => "unprotected",
             Self::RecordUnreadable => "record_unreadable",
+            Self::OutcomeUnknown => "outcome_unknown",
+            Self::Recovered => "recovered",
         }
     }
 }

@@ -18,6 +18,7 @@
 //! | `store-unavailable` | 503 + `Retry-After` | `UNAVAILABLE` | the store failed; nothing ran |
 //! | `store-full` | 503 + `Retry-After` | `UNAVAILABLE` | the store has no room for a new key without forgetting recent records; nothing ran |
 //! | `record-unreadable` | 500 | `INTERNAL` | the operation ran before, but its stored outcome cannot be read (damaged, or written by a newer version); it never runs again with this key |
+//! | `outcome-unknown` | 500 | `UNKNOWN` | the operation passed its commit point and its answer was never stored (its instance crashed, or it failed after committing); it never runs again with this key |
 //!
 //! The `type` of each is a URI made of a base and the kind, by default
 //! `https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/#` followed by the
@@ -85,6 +86,15 @@
 //! The operation ran before with this key, but its stored answer cannot be read (damaged,
 //! or written by a newer version during an upgrade). It will not run again with this key;
 //! look the result up.
+//!
+//! ## outcome-unknown
+//!
+//! The operation with this key declared its commit point (its effects were made, or were
+//! about to be), and then ended without an answer that could be stored: its instance
+//! crashed, or it failed after committing. Whether it succeeded is not known here, and it
+//! will not run again with this key. Do not retry it with a new key blindly: look the
+//! result up (the service may also settle the key later, after which a retry with the same
+//! key gets the settled answer).
 
 use std::time::Duration;
 
@@ -122,6 +132,9 @@ pub enum ProblemKind {
     /// The operation ran before, but its stored outcome cannot be read: it will not run
     /// again with this key.
     RecordUnreadable,
+    /// The operation passed its commit point and no outcome was stored: it will not run
+    /// again with this key, and what it did is not known here.
+    OutcomeUnknown,
 }
 
 impl ProblemKind {
@@ -139,6 +152,7 @@ impl ProblemKind {
             Self::StoreUnavailable => "store-unavailable",
             Self::StoreFull => "store-full",
             Self::RecordUnreadable => "record-unreadable",
+            Self::OutcomeUnknown => "outcome-unknown",
         }
     }
 
@@ -152,7 +166,7 @@ impl ProblemKind {
             Self::ResponseNotStored => StatusCode::GONE,
             Self::CallerUnknown => StatusCode::FORBIDDEN,
             Self::StoreUnavailable | Self::StoreFull => StatusCode::SERVICE_UNAVAILABLE,
-            Self::RecordUnreadable => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::RecordUnreadable | Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -167,6 +181,7 @@ impl ProblemKind {
             Self::CallerUnknown => 7,                                        // PERMISSION_DENIED
             Self::StoreUnavailable | Self::StoreFull => 14,                  // UNAVAILABLE
             Self::RecordUnreadable => 13,                                    // INTERNAL
+            Self::OutcomeUnknown => 2,                                       // UNKNOWN
         }
     }
 
@@ -184,6 +199,9 @@ impl ProblemKind {
             Self::StoreUnavailable => "Idempotency store is unavailable",
             Self::StoreFull => "Idempotency store is full",
             Self::RecordUnreadable => "The stored outcome of this Idempotency-Key cannot be read",
+            Self::OutcomeUnknown => {
+                "The outcome of the operation with this Idempotency-Key is unknown"
+            }
         }
     }
 }
@@ -311,7 +329,7 @@ pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
 
 /// Every kind, for the documentation checks.
 #[cfg(test)]
-pub(crate) const ALL_KINDS: [ProblemKind; 11] = [
+pub(crate) const ALL_KINDS: [ProblemKind; 12] = [
     ProblemKind::MissingKey,
     ProblemKind::InvalidKey,
     ProblemKind::RequestTooLarge,
@@ -323,6 +341,7 @@ pub(crate) const ALL_KINDS: [ProblemKind; 11] = [
     ProblemKind::StoreUnavailable,
     ProblemKind::StoreFull,
     ProblemKind::RecordUnreadable,
+    ProblemKind::OutcomeUnknown,
 ];
 
 #[cfg(test)]

@@ -68,17 +68,7 @@ where
     pub(crate) fn new(body: B, parts: &http::response::Parts, claimed: Claimed) -> Self {
         let config = claimed.config();
         let work = config.work.clone();
-        let filter = config.replay_header.clone();
-        let mut headers = HeaderMap::with_capacity(parts.headers.len());
-        for (name, value) in &parts.headers {
-            let wanted = match &filter {
-                Some(f) => f(name),
-                None => crate::policy::default_replay_header(name),
-            };
-            if is_replayable_header(name) && wanted {
-                headers.append(name.clone(), value.clone());
-            }
-        }
+        let headers = replayed_headers(config, &parts.headers);
         let declared = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -230,7 +220,8 @@ impl Recording {
         !is_grpc(&self.headers) && (self.claimed.config().maybe_ran)(self.status)
     }
 
-    /// The body ended: store the outcome, or release the key if it is not storable.
+    /// The body ended: store the outcome, or release the key if it is not storable (a key
+    /// past its commit point is not released: the answer is stored after all).
     async fn finish(self) {
         if self.maybe_ran() {
             let fingerprint = self.claimed.fingerprint();
@@ -238,10 +229,7 @@ impl Recording {
             self.claimed.complete(record).await;
             return;
         }
-        if !self.storable() {
-            self.claimed.release().await;
-            return;
-        }
+        let storable = self.storable();
         let fingerprint = self.claimed.fingerprint();
         let record = if self.overflow {
             Record::tombstone(self.status, self.headers)
@@ -260,21 +248,44 @@ impl Recording {
             Record::new(self.status, self.headers, body, self.trailers)
         }
         .with_fingerprint(fingerprint);
-        self.claimed.complete(record).await;
+        if storable {
+            self.claimed.complete(record).await;
+        } else {
+            self.claimed.release(Some(record)).await;
+        }
     }
 
     /// The body failed (or panicked) midway. A status that is not storable releases the
-    /// key, so a retry runs; otherwise the operation ran but its response is broken, and a
-    /// tombstone keeps it from running twice.
+    /// key, so a retry runs (unless the operation committed); otherwise the operation ran
+    /// but its response is broken, and a tombstone keeps it from running twice.
     async fn fail(self) {
-        if !self.storable() && !self.maybe_ran() {
-            self.claimed.release().await;
-            return;
-        }
+        let release = !self.storable() && !self.maybe_ran();
         let fingerprint = self.claimed.fingerprint();
         let record = Record::tombstone(self.status, self.headers).with_fingerprint(fingerprint);
-        self.claimed.complete(record).await;
+        if release {
+            self.claimed.release(Some(record)).await;
+        } else {
+            self.claimed.complete(record).await;
+        }
     }
+}
+
+/// The headers of an answer that are kept for replay: not hop-by-hop, and chosen by the
+/// layer's filter ([`default_replay_header`](crate::policy::default_replay_header) unless
+/// set).
+pub(crate) fn replayed_headers(config: &crate::config::Config, all: &HeaderMap) -> HeaderMap {
+    let filter = &config.replay_header;
+    let mut headers = HeaderMap::with_capacity(all.len());
+    for (name, value) in all {
+        let wanted = match filter {
+            Some(f) => f(name),
+            None => crate::policy::default_replay_header(name),
+        };
+        if is_replayable_header(name) && wanted {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
 }
 
 impl<B> Recorder<B>

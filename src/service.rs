@@ -146,10 +146,14 @@ where
                 Err(err) => return reject(config, grpc, err),
             },
         };
+        // Attributes named after OpenTelemetry's HTTP conventions where they fit.
         let span = tracing::info_span!(
             "idempotency",
             key = %key,
             outcome = tracing::field::Empty,
+            "http.request.method" = %parts.method,
+            "url.path" = parts.uri.path(),
+            "http.response.status_code" = tracing::field::Empty,
         );
         let fut = covered(inner, parts, body, key, Arc::clone(config), grpc, generated);
         // One allocation for the whole covered path; the span only when someone listens.
@@ -185,8 +189,23 @@ where
     if let Some((name, value)) = echo {
         res.headers_mut().insert(name, value);
     }
-    if let Some(outcome) = res.extensions().get::<IdempotencyOutcome>() {
-        tracing::Span::current().record("outcome", outcome.as_str());
+    if let Some(&outcome) = res.extensions().get::<IdempotencyOutcome>() {
+        let span = tracing::Span::current();
+        span.record("outcome", outcome.as_str());
+        span.record("http.response.status_code", res.status().as_u16());
+        crate::metrics::outcome(outcome);
+        match outcome {
+            IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered => {
+                tracing::info!(status = res.status().as_u16(), "replayed the stored answer");
+            }
+            IdempotencyOutcome::InFlight => {
+                tracing::info!("the first request with this key still runs: 409");
+            }
+            IdempotencyOutcome::Mismatch => {
+                tracing::warn!("the key was used before with another payload: 422");
+            }
+            _ => {}
+        }
     }
     Ok(res)
 }
@@ -204,6 +223,7 @@ fn reject<F, B, E>(config: &Config, grpc: bool, err: KeyError) -> ResponseFuture
         other => other.to_string(),
     };
     tracing::debug!(%detail, "idempotency key refused");
+    crate::metrics::outcome(IdempotencyOutcome::Rejected);
     ResponseFuture::ready(problem(
         config,
         grpc,

@@ -11,7 +11,7 @@ use dashmap::mapref::entry::Entry as MapEntry;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Claim, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, StoreError};
+use super::{Claim, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Record;
@@ -134,6 +134,8 @@ enum State {
         /// A claim found the lease lapsed and gave the owner a grace period to show it is
         /// alive (see [`IdempotencyStore`]'s contract); the next lapse is a takeover.
         contested: bool,
+        /// Past its commit point: kept until then, never taken over nor released.
+        committed_until: Option<Instant>,
     },
     Completed(Arc<Record>),
 }
@@ -292,10 +294,13 @@ impl MemoryStore {
         let now = Instant::now();
         let inner = &self.inner;
         // Replays and duplicates only read: no key copy, no write lock.
-        if let Some(entry) = inner.map.get(key.as_str())
-            && entry.expires_at > now
-        {
-            return Ok(live(&entry, now));
+        if let Some(entry) = inner.map.get(key.as_str()) {
+            if entry.expires_at > now {
+                return Ok(live(&entry, now));
+            }
+            if let Some(unknown) = unknown_outcome(&entry, now) {
+                return Ok(unknown);
+            }
         }
         // Room for a new claim is reserved before the entry is locked (making room takes
         // other entries' locks), and given back if the key turns out to be taken.
@@ -316,6 +321,7 @@ impl MemoryStore {
                 fingerprint: *fingerprint,
                 waiters: None,
                 contested: false,
+                committed_until: None,
             },
             expires_at: time::add(now, lease),
             size,
@@ -329,9 +335,14 @@ impl MemoryStore {
                     unreserve();
                     return Ok(live(entry, now));
                 }
+                if let Some(unknown) = unknown_outcome(entry, now) {
+                    unreserve();
+                    return Ok(unknown);
+                }
                 if let State::InFlight {
                     contested: contested @ false,
                     fingerprint,
+                    committed_until: None,
                     ..
                 } = &mut entry.state
                 {
@@ -381,6 +392,33 @@ impl MemoryStore {
     }
 }
 
+/// The answer for a committed claim whose lease lapsed and whose commit is still kept.
+fn unknown_outcome(entry: &Entry, now: Instant) -> Option<Claim> {
+    match &entry.state {
+        State::InFlight {
+            fingerprint,
+            committed_until: Some(until),
+            ..
+        } if *until > now => Some(Claim::OutcomeUnknown {
+            fingerprint: *fingerprint,
+        }),
+        _ => None,
+    }
+}
+
+/// When an entry may be swept: a record at its expiry, a committed claim when its commit
+/// ends (or its lease, if later), another claim [`ORPHAN_RETENTION`] after its lease.
+fn gone_at(entry: &Entry) -> Instant {
+    match entry.state {
+        State::InFlight {
+            committed_until: Some(until),
+            ..
+        } => until.max(entry.expires_at),
+        State::InFlight { .. } => time::add(entry.expires_at, ORPHAN_RETENTION),
+        State::Completed(_) => entry.expires_at,
+    }
+}
+
 /// The answer for a live (unexpired) entry.
 fn live(entry: &Entry, now: Instant) -> Claim {
     match &entry.state {
@@ -396,11 +434,7 @@ impl Inner {
     fn sweep(&self, now: Instant) {
         self.map.retain(|_, entry| {
             // A lapsed claim nobody took over stays for its owner a while longer.
-            let gone_at = match entry.state {
-                State::InFlight { .. } => time::add(entry.expires_at, ORPHAN_RETENTION),
-                State::Completed(_) => entry.expires_at,
-            };
-            if gone_at > now {
+            if gone_at(entry) > now {
                 return true;
             }
             entry.wake();
@@ -412,6 +446,8 @@ impl Inner {
         while queue.front().is_some_and(|q| q.expires_at <= now) {
             queue.pop_front();
         }
+        drop(queue);
+        crate::metrics::memory_size(self.bytes.load(Ordering::Relaxed), self.map.len());
     }
 
     /// Counts `size` more bytes if they fit under the cap, making room first by evicting
@@ -458,6 +494,7 @@ impl Inner {
                 self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
                 if entry.expires_at > now {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::memory_eviction();
                     tracing::debug!(
                         key = key.split_once(':').map_or(&*key, |(_, k)| k),
                         "memory store full: evicted a record older than the replay window"
@@ -541,18 +578,142 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
-        let removed = self.inner.map.remove_if(
-            key.as_str(),
-            |_, e| matches!(e.state, State::InFlight { token: owner, .. } if owner == token),
-        );
+        let removed = self.inner.map.remove_if(key.as_str(), |_, e| {
+            matches!(
+                e.state,
+                State::InFlight { token: owner, committed_until: None, .. } if owner == token
+            )
+        });
         match removed {
             Some((_, entry)) => {
                 entry.wake();
                 self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
                 Ok(())
             }
-            None => Err(StoreError::LeaseLost),
+            // Committed: the owner lets go, and the key reads as outcome unknown at once.
+            None => self.with_owned(key, token, |_, entry| {
+                entry.expires_at = entry.expires_at.min(Instant::now());
+                entry.wake();
+                Err(StoreError::Committed)
+            })?,
         }
+    }
+
+    async fn commit(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let until = time::deadline_after(ttl);
+        self.with_owned(key, token, |_, entry| {
+            if let State::InFlight {
+                committed_until,
+                contested,
+                ..
+            } = &mut entry.state
+            {
+                *contested = false;
+                *committed_until = Some(committed_until.map_or(until, |u| u.max(until)));
+            }
+        })
+    }
+
+    async fn settle(
+        &self,
+        key: &StoreKey,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let record = Arc::new(record.with_own_body());
+        let size = record.size() + key.as_str().len() + ENTRY_OVERHEAD;
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let expires_at = time::add(now, ttl);
+        let Some(mut entry) = self.inner.map.get_mut(key.as_str()) else {
+            return Ok(false);
+        };
+        if entry.expires_at > now || unknown_outcome(&entry, now).is_none() {
+            return Ok(false);
+        }
+        entry.wake();
+        self.inner.bytes.fetch_add(size, Ordering::Relaxed);
+        self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+        *entry = Entry {
+            state: State::Completed(record),
+            expires_at,
+            size,
+            seq,
+        };
+        let key = Arc::clone(entry.key());
+        drop(entry);
+        self.inner
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(Queued {
+                key,
+                seq,
+                evictable_at: time::add(now, self.inner.min_retention).min(expires_at),
+                expires_at,
+            });
+        self.inner.after_complete(now);
+        Ok(true)
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        let now = Instant::now();
+        let Some(entry) = self.inner.map.get(key.as_str()) else {
+            return Ok(KeyState::Free);
+        };
+        Ok(match &entry.state {
+            State::Completed(record) if entry.expires_at > now => KeyState::Completed {
+                record: Arc::clone(record),
+                expires_in: Some(entry.expires_at - now),
+            },
+            State::Completed(_) => KeyState::Free,
+            State::InFlight {
+                fingerprint,
+                committed_until,
+                ..
+            } => {
+                if entry.expires_at <= now
+                    && let Some(until) = committed_until
+                {
+                    if *until > now {
+                        KeyState::OutcomeUnknown {
+                            fingerprint: *fingerprint,
+                            expires_in: Some(*until - now),
+                        }
+                    } else {
+                        KeyState::Free
+                    }
+                } else if gone_at(&entry) <= now {
+                    KeyState::Free
+                } else {
+                    KeyState::InFlight {
+                        fingerprint: *fingerprint,
+                        lease_remaining: entry.expires_at.saturating_duration_since(now),
+                        committed: committed_until.is_some(),
+                    }
+                }
+            }
+        })
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        match self.inner.map.remove(key.as_str()) {
+            Some((_, entry)) => {
+                entry.wake();
+                self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+                Ok(gone_at(&entry) > Instant::now())
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "memory"
     }
 
     async fn extend(

@@ -156,6 +156,93 @@ pub enum Claim {
     },
     /// The operation already ran: here is its outcome.
     Completed(Arc<Record>),
+    /// The operation passed its commit point ([`IdempotencyStore::commit`]), its owner is
+    /// gone (its lease lapsed or it let go), and no outcome was stored: it must not run
+    /// again, and what it answered is not known until the key is settled
+    /// ([`IdempotencyStore::settle`]).
+    OutcomeUnknown {
+        /// The fingerprint of the request that committed.
+        fingerprint: Fingerprint,
+    },
+}
+
+/// What a store holds under a key, as [`IdempotencyStore::inspect`] reports it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum KeyState {
+    /// Nothing: a claim would acquire the key.
+    Free,
+    /// An operation holds the key.
+    InFlight {
+        /// The fingerprint of the request that holds it.
+        fingerprint: Fingerprint,
+        /// How long its lease still runs (zero once it lapsed: a claim may then take an
+        /// uncommitted key over, see [`takeover_grace`]).
+        lease_remaining: Duration,
+        /// Whether the operation passed its commit point.
+        committed: bool,
+    },
+    /// The operation ran and its outcome is stored (a tombstone when
+    /// [`Record::is_tombstone`]).
+    Completed {
+        /// The stored outcome.
+        record: Arc<Record>,
+        /// How long it is still kept, if the store knows.
+        expires_in: Option<Duration>,
+    },
+    /// The operation passed its commit point and its owner is gone without an outcome
+    /// (see [`Claim::OutcomeUnknown`]); [`IdempotencyStore::settle`] gives it one.
+    OutcomeUnknown {
+        /// The fingerprint of the request that committed.
+        fingerprint: Fingerprint,
+        /// How long the key is still kept, if the store knows.
+        expires_in: Option<Duration>,
+    },
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Free => f.write_str("free"),
+            Self::InFlight {
+                lease_remaining,
+                committed,
+                ..
+            } => write!(
+                f,
+                "in flight{}, lease {:.3}s left",
+                if *committed { ", committed" } else { "" },
+                lease_remaining.as_secs_f64()
+            ),
+            Self::Completed { record, expires_in } => {
+                if record.is_tombstone() {
+                    write!(
+                        f,
+                        "completed (tombstone), status {}",
+                        record.status().as_u16()
+                    )?;
+                } else {
+                    write!(
+                        f,
+                        "completed, status {}, {} body bytes",
+                        record.status().as_u16(),
+                        record.body().len()
+                    )?;
+                }
+                if let Some(left) = expires_in {
+                    write!(f, ", kept {:.0}s more", left.as_secs_f64())?;
+                }
+                Ok(())
+            }
+            Self::OutcomeUnknown { expires_in, .. } => {
+                f.write_str("outcome unknown (committed, no stored outcome)")?;
+                if let Some(left) = expires_in {
+                    write!(f, ", kept {:.0}s more", left.as_secs_f64())?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Errors of a store.
@@ -184,6 +271,11 @@ pub enum StoreError {
     /// unprotected could run a duplicate.
     #[error("idempotency store is full: no room for a new claim")]
     Full,
+    /// The claim passed its commit point ([`IdempotencyStore::commit`]), so it cannot be
+    /// released: the key stays taken, and its owner's token can still complete it. Answered
+    /// by [`IdempotencyStore::release`]; the release ended the owner's lease.
+    #[error("the idempotency key passed its commit point and cannot be released")]
+    Committed,
 }
 
 impl StoreError {
@@ -214,9 +306,16 @@ impl StoreError {
 /// - **Contested takeover**: the first claim that finds a lease lapsed only marks it
 ///   contested and answers [`Claim::InFlight`]; a claim made [`takeover_grace`] later takes
 ///   the key over, unless the owner extended (which clears the mark) or settled it.
+/// - **Commit points**: a claim marked committed ([`commit`](Self::commit)) is never taken
+///   over and never released: while its lease runs it reads as in flight, after that (or
+///   once its owner let go with `release`) as [`Claim::OutcomeUnknown`], until its owner
+///   completes it, an operator or a recovery settles it ([`settle`](Self::settle)), or its
+///   TTL ends.
 /// - **Expiry**: a completed record lives for its TTL, a claim for its lease; expired
 ///   entries are invisible to `claim` and are reclaimed without an external job.
 /// - **Fidelity**: a record is returned exactly as it was completed.
+/// - **Operations**: a key's state can be read ([`inspect`](Self::inspect)) and removed
+///   ([`purge`](Self::purge)).
 ///
 /// The layer bounds every call in time
 /// ([`store_timeout`](crate::IdempotencyLayer::store_timeout)) and treats a call that
@@ -251,7 +350,49 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Frees `key` held with `token`, so that a retry may run the operation.
+    ///
+    /// A committed claim is not freed: its lease ends now (it reads as
+    /// [`Claim::OutcomeUnknown`] from then on), `token` still owns it (a later `complete`
+    /// stores), and the answer is [`StoreError::Committed`].
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError>;
+
+    /// Marks the claim on `key` held with `token` as past its commit point: its effects
+    /// are (or are about to be) made, so it must never run again. From then on the key is
+    /// never released nor taken over; it is kept for `ttl` (or until its lease ends, if
+    /// later) unless completed or settled, and then freed like an expired record.
+    /// Committing twice is the same as once. [`StoreError::LeaseLost`] when `token` does
+    /// not own the key.
+    async fn commit(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Gives a key whose outcome is unknown ([`Claim::OutcomeUnknown`]) its outcome:
+    /// stores `record` for `ttl`, as `complete` would have. Answers whether it stored it:
+    /// `false`, changing nothing, when the key is in any other state (free, in flight with
+    /// a live lease, completed, or committed but still owned by a live lease).
+    async fn settle(
+        &self,
+        key: &StoreKey,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// What the store holds under `key`.
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError>;
+
+    /// Removes whatever the store holds under `key` (a record, a claim, a committed key) and
+    /// answers whether there was anything. Meant for operators: purging a key whose
+    /// operation ran lets a retry run it again.
+    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError>;
+
+    /// A short name for the backend, used as a label by the `metrics` feature. Default:
+    /// `"custom"`.
+    fn backend_name(&self) -> &'static str {
+        "custom"
+    }
 
     /// Extends the lease on `key` held with `token` to `lease` from now.
     async fn extend(
@@ -334,6 +475,36 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
         timeout: Duration,
     ) -> Result<Claim, StoreError> {
         (**self).wait(key, fingerprint, token, lease, timeout).await
+    }
+
+    async fn commit(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        (**self).commit(key, token, ttl).await
+    }
+
+    async fn settle(
+        &self,
+        key: &StoreKey,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        (**self).settle(key, record, ttl).await
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        (**self).inspect(key).await
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        (**self).purge(key).await
+    }
+
+    fn backend_name(&self) -> &'static str {
+        (**self).backend_name()
     }
 }
 

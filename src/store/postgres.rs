@@ -160,7 +160,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
-use super::{Claim, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, StoreError};
+use super::{Claim, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{DecodeError, Record};
@@ -249,6 +249,10 @@ struct Sql {
     complete: Arc<str>,
     release: Arc<str>,
     extend: Arc<str>,
+    commit: Arc<str>,
+    settle: Arc<str>,
+    inspect: Arc<str>,
+    purge: Arc<str>,
     sweep: Arc<str>,
 }
 
@@ -330,18 +334,30 @@ impl Sql {
              \x20   fingerprint bytea       NOT NULL,\n\
              \x20   record      bytea,\n\
              \x20   expires_at  timestamptz NOT NULL,\n\
-             \x20   contested   boolean     NOT NULL DEFAULT false\n\
+             \x20   contested   boolean     NOT NULL DEFAULT false,\n\
+             \x20   committed   boolean     NOT NULL DEFAULT false,\n\
+             \x20   lease_until timestamptz,\n\
+             \x20   status      smallint,\n\
+             \x20   headers     jsonb\n\
              );\n\
              ALTER TABLE {t} ADD COLUMN IF NOT EXISTS contested boolean NOT NULL DEFAULT false;\n\
+             ALTER TABLE {t} ADD COLUMN IF NOT EXISTS committed boolean NOT NULL DEFAULT false;\n\
+             ALTER TABLE {t} ADD COLUMN IF NOT EXISTS lease_until timestamptz;\n\
+             ALTER TABLE {t} ADD COLUMN IF NOT EXISTS status smallint;\n\
+             ALTER TABLE {t} ADD COLUMN IF NOT EXISTS headers jsonb;\n\
              CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);"
         );
-        // Whether a conflicting row is a lapsed, uncontested claim: then it is only marked
-        // contested (the owner gets half a lease more); otherwise it is taken over.
-        let spare = "r.token IS NOT NULL AND NOT r.contested";
+        // Whether a conflicting row is a lapsed, uncontested, uncommitted claim: then it is
+        // only marked contested (the owner gets half a lease more); otherwise it is taken
+        // over. (A committed row conflicts only once its commit expired.)
+        let spare = "r.token IS NOT NULL AND NOT r.contested AND NOT r.committed";
+        // A committed row without a record is in flight until `lease_until`; any other row
+        // until `expires_at`.
         let claim = format!(
             "WITH live AS (\n\
-             \x20   SELECT h.fingerprint, h.record,\n\
-             \x20          (extract(epoch FROM h.expires_at - now()) * 1000000)::bigint AS rest\n\
+             \x20   SELECT h.fingerprint, h.record, h.committed,\n\
+             \x20          (extract(epoch FROM (CASE WHEN h.committed AND h.record IS NULL\n\
+             \x20               THEN h.lease_until ELSE h.expires_at END) - now()) * 1000000)::bigint AS rest\n\
              \x20   FROM {t} AS h WHERE h.key = $1 AND h.expires_at > now()\n\
              ), claimed AS (\n\
              \x20   INSERT INTO {t} AS r (key, token, fingerprint, record, expires_at, contested)\n\
@@ -352,6 +368,10 @@ impl Sql {
              \x20       fingerprint = CASE WHEN {spare} THEN r.fingerprint ELSE excluded.fingerprint END,\n\
              \x20       record = NULL,\n\
              \x20       contested = ({spare}),\n\
+             \x20       committed = false,\n\
+             \x20       lease_until = NULL,\n\
+             \x20       status = NULL,\n\
+             \x20       headers = NULL,\n\
              \x20       expires_at = CASE WHEN {spare}\n\
              \x20           THEN now() + greatest($4::bigint / 2, 1) * interval '1 microsecond'\n\
              \x20           ELSE excluded.expires_at END\n\
@@ -359,23 +379,66 @@ impl Sql {
              \x20   RETURNING r.token = $2 AS acquired, r.fingerprint,\n\
              \x20       (extract(epoch FROM r.expires_at - now()) * 1000000)::bigint AS rest\n\
              )\n\
-             SELECT acquired, fingerprint, NULL::bytea, rest FROM claimed\n\
+             SELECT acquired, fingerprint, NULL::bytea, rest, false FROM claimed\n\
              UNION ALL\n\
-             SELECT false, fingerprint, record, rest FROM live"
+             SELECT false, fingerprint, record, rest, committed FROM live"
         );
+        // The readable columns: the status, and the headers as a JSON array of
+        // [name, value] pairs in order.
+        let readable = |n: u8| {
+            format!(
+                "status = ${n}, headers = (SELECT coalesce(jsonb_agg(jsonb_build_array(n, v) \
+                 ORDER BY i), '[]'::jsonb) FROM unnest(${}::text[], ${}::text[]) \
+                 WITH ORDINALITY AS h(n, v, i))",
+                n + 1,
+                n + 2
+            )
+        };
         let complete = format!(
-            "UPDATE {t} SET token = NULL, record = $3, \
+            "UPDATE {t} SET token = NULL, record = $3, {}, \
              expires_at = now() + $4::bigint * interval '1 microsecond' \
-             WHERE key = $1 AND token = $2"
+             WHERE key = $1 AND token = $2",
+            readable(5)
         );
-        let release = format!("DELETE FROM {t} WHERE key = $1 AND token = $2");
+        let release = format!(
+            "WITH gone AS (DELETE FROM {t} WHERE key = $1 AND token = $2 AND NOT committed \
+             RETURNING 1), \
+             kept AS (UPDATE {t} SET lease_until = least(lease_until, now()) \
+             WHERE key = $1 AND token = $2 AND committed RETURNING 1) \
+             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)"
+        );
         let extend = format!(
-            "UPDATE {t} SET expires_at = now() + $3::bigint * interval '1 microsecond', \
+            "UPDATE {t} SET \
+             expires_at = CASE WHEN committed \
+                 THEN greatest(expires_at, now() + $3::bigint * interval '1 microsecond') \
+                 ELSE now() + $3::bigint * interval '1 microsecond' END, \
+             lease_until = CASE WHEN committed \
+                 THEN now() + $3::bigint * interval '1 microsecond' END, \
              contested = false WHERE key = $1 AND token = $2"
         );
+        let commit = format!(
+            "UPDATE {t} SET committed = true, contested = false, \
+             lease_until = CASE WHEN committed THEN lease_until ELSE expires_at END, \
+             expires_at = greatest(expires_at, now() + $3::bigint * interval '1 microsecond') \
+             WHERE key = $1 AND token = $2"
+        );
+        let settle = format!(
+            "UPDATE {t} SET token = NULL, record = $2, {}, \
+             expires_at = now() + $3::bigint * interval '1 microsecond' \
+             WHERE key = $1 AND committed AND record IS NULL AND lease_until <= now() \
+             AND expires_at > now()",
+            readable(4)
+        );
+        let inspect = format!(
+            "SELECT record, fingerprint, committed, \
+             (extract(epoch FROM expires_at - now()) * 1000000)::bigint, \
+             (extract(epoch FROM lease_until - now()) * 1000000)::bigint \
+             FROM {t} WHERE key = $1"
+        );
+        let purge = format!("DELETE FROM {t} WHERE key = $1");
         let retention = ORPHAN_RETENTION.as_secs();
         let gone = format!(
-            "expires_at <= now() AND (token IS NULL \
+            "expires_at <= now() AND (token IS NULL OR committed \
              OR expires_at <= now() - interval '{retention} seconds')"
         );
         let sweep = format!(
@@ -390,6 +453,10 @@ impl Sql {
             complete: complete.into(),
             release: release.into(),
             extend: extend.into(),
+            commit: commit.into(),
+            settle: settle.into(),
+            inspect: inspect.into(),
+            purge: purge.into(),
             sweep: sweep.into(),
         })
     }
@@ -533,6 +600,68 @@ impl PostgresStore {
         self.inner.sweep().await
     }
 
+    /// Declares the commit point of `claim` inside your own transaction on this store's
+    /// database, so that it holds **if and only if your transaction commits**: the key
+    /// becomes committed together with your business rows, or not at all.
+    ///
+    /// Run it in the transaction that makes the operation's effects (after its writes or
+    /// before, as long as it is the same transaction), then commit. Should the instance
+    /// crash after the commit and before the answer is stored, a retry never runs the
+    /// operation again: it gets what the layer's recovery hook
+    /// ([`IdempotencyLayer::recover_with`](crate::IdempotencyLayer::recover_with)) rebuilds
+    /// from those rows, or `500 outcome-unknown`. Should the transaction roll back, the
+    /// mark rolls back with it and a retry runs normally.
+    ///
+    /// [`StoreError::LeaseLost`] means the key is no longer this request's (its lease lapsed
+    /// and another request took it over): roll back. The statement takes the row's lock
+    /// until your transaction ends, so keep the transaction short (the lease keeper's
+    /// renewals wait for it).
+    ///
+    /// `claim` must come from a layer on this store (the same table).
+    ///
+    /// ```no_run
+    /// use tower_idempotency::{IdempotencyClaim, PostgresStore, StoreError};
+    /// use tower_idempotency::sqlx::{self, PgPool};
+    ///
+    /// async fn pay(pool: &PgPool, store: &PostgresStore, claim: &IdempotencyClaim)
+    ///     -> Result<i64, Box<dyn std::error::Error + Send + Sync>> {
+    ///     let mut tx = pool.begin().await?;
+    ///     let (id,): (i64,) = sqlx::query_as(
+    ///         "INSERT INTO payments (scope, idempotency_key, amount) VALUES ($1, $2, 100) \
+    ///          RETURNING id",
+    ///     )
+    ///     .bind(claim.scope())
+    ///     .bind(claim.key())
+    ///     .fetch_one(&mut *tx)
+    ///     .await?;
+    ///     store.commit_in(&mut *tx, claim).await?;
+    ///     tx.commit().await?;
+    ///     Ok(id)
+    /// }
+    /// ```
+    pub async fn commit_in<'c, E>(
+        &self,
+        executor: E,
+        claim: &crate::IdempotencyClaim,
+    ) -> Result<(), StoreError>
+    where
+        E: sqlx::Executor<'c, Database = sqlx::Postgres>,
+    {
+        let sql = self.inner.sql()?;
+        let done = sqlx::query(AssertSqlSafe(Arc::clone(&sql.commit)))
+            .bind(claim.store_key().as_str())
+            .bind(claim.token().to_bytes().to_vec())
+            .bind(micros(claim.ttl()))
+            .execute(executor)
+            .await
+            .map_err(StoreError::backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        claim.committed_in_transaction();
+        Ok(())
+    }
+
     fn ensure_sweeper(&self) {
         let interval = self.inner.config.sweep_interval;
         if interval.is_zero() {
@@ -600,15 +729,83 @@ fn read_claim(row: &PgRow, token: LeaseToken) -> Result<Claim, StoreError> {
         let record = Record::decode(&bytes).map_err(StoreError::Decode)?;
         return Ok(Claim::Completed(Arc::new(record)));
     }
-    let fingerprint: Vec<u8> = row.try_get(1).map_err(StoreError::backend)?;
-    let fingerprint: [u8; 32] = fingerprint
-        .try_into()
-        .map_err(|_| StoreError::Decode(DecodeError::Invalid("fingerprint")))?;
+    let fingerprint = fingerprint_of(row.try_get(1).map_err(StoreError::backend)?)?;
     let remaining: Option<i64> = row.try_get(3).map_err(StoreError::backend)?;
+    let committed: bool = row.try_get(4).map_err(StoreError::backend)?;
+    if committed && remaining.is_none_or(|us| us <= 0) {
+        return Ok(Claim::OutcomeUnknown { fingerprint });
+    }
     Ok(Claim::InFlight {
-        fingerprint: Fingerprint::from_bytes(fingerprint),
+        fingerprint,
         lease_remaining: remaining.map(|us| Duration::from_micros(us.max(0) as u64)),
     })
+}
+
+fn fingerprint_of(bytes: Vec<u8>) -> Result<Fingerprint, StoreError> {
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Decode(DecodeError::Invalid("fingerprint")))?;
+    Ok(Fingerprint::from_bytes(bytes))
+}
+
+fn micros_left(us: Option<i64>) -> Option<Duration> {
+    us.filter(|us| *us > 0)
+        .map(|us| Duration::from_micros(us.unsigned_abs()))
+}
+
+/// Reads a row of the inspect statement.
+fn read_state(row: &PgRow) -> Result<KeyState, StoreError> {
+    let record: Option<Vec<u8>> = row.try_get(0).map_err(StoreError::backend)?;
+    let fingerprint: Vec<u8> = row.try_get(1).map_err(StoreError::backend)?;
+    let committed: bool = row.try_get(2).map_err(StoreError::backend)?;
+    let expires: Option<i64> = row.try_get(3).map_err(StoreError::backend)?;
+    let lease: Option<i64> = row.try_get(4).map_err(StoreError::backend)?;
+    let expires_in = micros_left(expires);
+    if let Some(bytes) = record {
+        return Ok(match expires_in {
+            Some(_) => KeyState::Completed {
+                record: Arc::new(Record::decode(&bytes).map_err(StoreError::Decode)?),
+                expires_in,
+            },
+            None => KeyState::Free,
+        });
+    }
+    let fingerprint = fingerprint_of(fingerprint)?;
+    if committed {
+        return Ok(match (expires_in, micros_left(lease)) {
+            (None, _) => KeyState::Free,
+            (Some(_), None) => KeyState::OutcomeUnknown {
+                fingerprint,
+                expires_in,
+            },
+            (Some(_), Some(lease_remaining)) => KeyState::InFlight {
+                fingerprint,
+                lease_remaining,
+                committed: true,
+            },
+        });
+    }
+    // A lapsed claim nobody took over is kept for its owner (ORPHAN_RETENTION).
+    if expires.is_some_and(|us| us <= -(ORPHAN_RETENTION.as_micros() as i64)) {
+        return Ok(KeyState::Free);
+    }
+    Ok(KeyState::InFlight {
+        fingerprint,
+        lease_remaining: expires_in.unwrap_or(Duration::ZERO),
+        committed: false,
+    })
+}
+
+/// The readable columns of a record: its status, and its headers' names and values (as
+/// text, non-UTF-8 bytes replaced).
+fn readable(record: &Record) -> (i16, Vec<String>, Vec<String>) {
+    let mut names = Vec::with_capacity(record.headers().len());
+    let mut values = Vec::with_capacity(record.headers().len());
+    for (name, value) in record.headers() {
+        names.push(name.as_str().to_owned());
+        values.push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    (record.status().as_u16() as i16, names, values)
 }
 
 impl Inner {
@@ -666,24 +863,97 @@ impl IdempotencyStore for PostgresStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
+        let (status, names, values) = readable(&record);
         self.fenced(
             sqlx::query(AssertSqlSafe(Arc::clone(&sql.complete)))
                 .bind(key.as_str())
                 .bind(token.to_bytes().to_vec())
                 .bind(record.encode())
-                .bind(micros(ttl)),
+                .bind(micros(ttl))
+                .bind(status)
+                .bind(names)
+                .bind(values),
         )
         .await
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
+        let (gone, kept): (i64, i64) = sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.release)))
+            .bind(key.as_str())
+            .bind(token.to_bytes().to_vec())
+            .fetch_one(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        match (gone, kept) {
+            (0, 0) => Err(StoreError::LeaseLost),
+            (0, _) => Err(StoreError::Committed),
+            _ => Ok(()),
+        }
+    }
+
+    async fn commit(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
         self.fenced(
-            sqlx::query(AssertSqlSafe(Arc::clone(&sql.release)))
+            sqlx::query(AssertSqlSafe(Arc::clone(&sql.commit)))
                 .bind(key.as_str())
-                .bind(token.to_bytes().to_vec()),
+                .bind(token.to_bytes().to_vec())
+                .bind(micros(ttl)),
         )
         .await
+    }
+
+    async fn settle(
+        &self,
+        key: &StoreKey,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let sql = self.inner.sql()?;
+        let (status, names, values) = readable(&record);
+        let done = sqlx::query(AssertSqlSafe(Arc::clone(&sql.settle)))
+            .bind(key.as_str())
+            .bind(record.encode())
+            .bind(micros(ttl))
+            .bind(status)
+            .bind(names)
+            .bind(values)
+            .execute(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        let sql = self.inner.sql()?;
+        let row = sqlx::query(AssertSqlSafe(Arc::clone(&sql.inspect)))
+            .bind(key.as_str())
+            .fetch_optional(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        match row {
+            Some(row) => read_state(&row),
+            None => Ok(KeyState::Free),
+        }
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let sql = self.inner.sql()?;
+        let done = sqlx::query(AssertSqlSafe(Arc::clone(&sql.purge)))
+            .bind(key.as_str())
+            .execute(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "postgres"
     }
 
     async fn extend(

@@ -18,7 +18,7 @@
 //!
 //! | State | Value |
 //! |---|---|
-//! | in flight | `L`, the 16-byte [`LeaseToken`], the 32-byte [`Fingerprint`], then `C` if the lapsed lease is contested, then the lease deadline in milliseconds since the Unix epoch by the server's clock, in decimal digits |
+//! | in flight | `L`, the 16-byte [`LeaseToken`], the 32-byte [`Fingerprint`], then `C` if the lapsed lease is contested or `K` if the claim is committed, then the lease deadline in milliseconds since the Unix epoch by the server's clock, in decimal digits |
 //! | completed | `R`, then the record's versioned binary encoding ([`Record::encode`]) |
 //!
 //! # Scripts and round trips
@@ -30,8 +30,16 @@
 //! |---|---|
 //! | `claim` (and replay) | key absent, or in flight past a contested deadline: `SET value PX lease+retention`, answer *acquired*; in flight past an uncontested deadline: mark it contested with a deadline half a lease away ([`takeover_grace`](super::takeover_grace)), answer *in flight*; in flight: answer the holder's fingerprint and remaining lease; completed: answer the record |
 //! | `complete` | if the value starts with `L` + this token: `SET R… PX ttl`; if it already is this very record: done; else *lost* |
-//! | `release` | if the value starts with `L` + this token: `DEL`, else *lost* |
-//! | `extend` | if the value starts with `L` + this token: a new deadline, `PX lease+retention`, else *lost* |
+//! | `release` | if the value starts with `L` + this token: `DEL` (committed: the deadline becomes now, *committed*), else *lost* |
+//! | `extend` | if the value starts with `L` + this token: a new deadline, `PX lease+retention` (committed: `PX` the later of the lease and the commit's expiry), else *lost* |
+//! | `commit` | if the value starts with `L` + this token: mark it `K`, `PX` the TTL (or the rest of the lease, if longer), else *lost* |
+//! | `settle` | if the value is committed (`K`) and its deadline passed: `SET R… PX ttl` |
+//! | `inspect` | `GET`, `TIME` and `PTTL` in one script |
+//! | `purge` | `DEL` (a plain command) |
+//!
+//! A committed claim whose deadline passed answers a claim with its fingerprint alone:
+//! [`Claim::OutcomeUnknown`]. It is never contested nor taken over, and expires with the
+//! TTL it was committed for.
 //!
 //! The fencing scripts read only the first 17 bytes of the value (`GETRANGE`), so checking
 //! a token never copies a stored record. A *lost* answer becomes [`StoreError::LeaseLost`].
@@ -106,7 +114,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
-use super::{Claim, IdempotencyStore, LeaseToken, ORPHAN_RETENTION, StoreError};
+use super::{Claim, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::{DecodeError, Record};
@@ -128,13 +136,18 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, 1) == 'L' then
   local tail = string.sub(v, 50)
-  local contested = string.sub(tail, 1, 1) == 'C'
-  if contested then tail = string.sub(tail, 2) end
+  local flag = string.sub(tail, 1, 1)
+  local contested = flag == 'C'
+  local committed = flag == 'K'
+  if contested or committed then tail = string.sub(tail, 2) end
   local deadline = tonumber(tail)
   local rest
   if deadline then rest = deadline - now else rest = redis.call('PTTL', KEYS[1]) end
   if rest > 0 then
     return {string.sub(v, 18, 49), rest}
+  end
+  if committed then
+    return {string.sub(v, 18, 49)}
   end
   if not contested then
     local grace = math.max(math.floor(tonumber(ARGV[2]) / 2), 1)
@@ -166,13 +179,67 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 "#;
 
-/// KEYS[1]: the key. ARGV[1]: `L` + token. Answers 1 (done) or 0 (lost).
+/// KEYS[1]: the key. ARGV[1]: `L` + token. Answers 1 (done), 0 (lost) or 2 (committed:
+/// not released, its lease ends now).
 const RELEASE_LUA: &str = r#"
 if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
   return 0
 end
+if redis.call('GETRANGE', KEYS[1], 49, 49) == 'K' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local v = redis.call('GET', KEYS[1])
+  local deadline = tonumber(string.sub(v, 51)) or now
+  redis.call('SET', KEYS[1], string.sub(v, 1, 50) .. string.format('%.0f', math.min(deadline, now)),
+    'KEEPTTL')
+  return 2
+end
 redis.call('DEL', KEYS[1])
 return 1
+"#;
+
+/// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: how long the commit is kept, in
+/// milliseconds. Marks the claim committed (`K`), keeping its lease deadline, and keeps the
+/// key that long (or to the end of its lease, if later). Answers 1 (done) or 0 (lost).
+const COMMIT_LUA: &str = r#"
+if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local v = redis.call('GET', KEYS[1])
+local tail = string.sub(v, 50)
+local flag = string.sub(tail, 1, 1)
+if flag == 'C' or flag == 'K' then tail = string.sub(tail, 2) end
+local px = tonumber(ARGV[2])
+local deadline = tonumber(tail)
+if deadline then px = math.max(px, deadline - now) end
+redis.call('SET', KEYS[1], string.sub(v, 1, 49) .. 'K' .. tail, 'PX', string.format('%.0f', px))
+return 1
+"#;
+
+/// KEYS[1]: the key. ARGV[1]: the record value, ARGV[2]: the TTL in milliseconds. Stores
+/// the record only over a committed claim whose lease has ended. Answers 1 (stored) or 0.
+const SETTLE_LUA: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 1) ~= 'L' or string.sub(v, 50, 50) ~= 'K' then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local deadline = tonumber(string.sub(v, 51))
+if deadline and deadline > now then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#;
+
+/// KEYS[1]: the key. Answers {value or nil, the server's time in ms, PTTL}.
+const INSPECT_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {redis.call('GET', KEYS[1]), now, redis.call('PTTL', KEYS[1])}
 "#;
 
 /// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: the lease in milliseconds, ARGV[3]:
@@ -185,8 +252,14 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], 0, 48) .. string.format('%.0f', now + lease),
-  'PX', string.format('%.0f', lease + tonumber(ARGV[3])))
+local keep = ''
+local px = lease + tonumber(ARGV[3])
+if redis.call('GETRANGE', KEYS[1], 49, 49) == 'K' then
+  keep = 'K'
+  px = math.max(lease, redis.call('PTTL', KEYS[1]))
+end
+redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], 0, 48) .. keep .. string.format('%.0f', now + lease),
+  'PX', string.format('%.0f', px))
 return 1
 "#;
 
@@ -195,6 +268,9 @@ struct Scripts {
     complete: Script,
     release: Script,
     extend: Script,
+    commit: Script,
+    settle: Script,
+    inspect: Script,
 }
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -202,6 +278,9 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     complete: Script::new(COMPLETE_LUA),
     release: Script::new(RELEASE_LUA),
     extend: Script::new(EXTEND_LUA),
+    commit: Script::new(COMMIT_LUA),
+    settle: Script::new(SETTLE_LUA),
+    inspect: Script::new(INSPECT_LUA),
 });
 
 /// An [`IdempotencyStore`] in Redis, for fleets of instances (feature `redis`).
@@ -406,10 +485,18 @@ impl RedisStore {
         self
     }
 
-    /// Loads the four scripts in one pipelined round trip.
+    /// Loads the scripts in one pipelined round trip.
     async fn load_scripts(&self) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
-        for code in [CLAIM_LUA, COMPLETE_LUA, RELEASE_LUA, EXTEND_LUA] {
+        for code in [
+            CLAIM_LUA,
+            COMPLETE_LUA,
+            RELEASE_LUA,
+            EXTEND_LUA,
+            COMMIT_LUA,
+            SETTLE_LUA,
+            INSPECT_LUA,
+        ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(code);
         }
         let mut con = self.manager.clone();
@@ -473,18 +560,27 @@ impl RedisStore {
         }
     }
 
-    /// Runs a fencing script (complete, release, extend): 1 is done, 0 is lost.
+    /// Runs a fencing script (complete, release, extend, commit): 1 is done, 0 is lost,
+    /// 2 is committed (release only).
     async fn fenced(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<(), StoreError> {
         let mut con = self.manager.clone();
         let done: i64 = invocation
             .invoke_async(&mut con)
             .await
             .map_err(StoreError::backend)?;
-        if done == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::LeaseLost)
+        match done {
+            1 => Ok(()),
+            2 => Err(StoreError::Committed),
+            _ => Err(StoreError::LeaseLost),
         }
+    }
+
+    fn record_value(record: &Record) -> Vec<u8> {
+        let encoded = record.encode();
+        let mut value = Vec::with_capacity(1 + encoded.len());
+        value.push(TAG_RECORD);
+        value.extend_from_slice(&encoded);
+        value
     }
 }
 
@@ -521,6 +617,14 @@ fn bytes_of(value: &Value) -> Option<&[u8]> {
 fn parse_claim(reply: Value, token: LeaseToken) -> Result<Claim, StoreError> {
     match reply {
         Value::Int(1) => Ok(Claim::Acquired(token)),
+        Value::Array(items) if items.len() == 1 => {
+            let fingerprint: [u8; 32] = bytes_of(&items[0])
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| damaged("committed fingerprint"))?;
+            Ok(Claim::OutcomeUnknown {
+                fingerprint: Fingerprint::from_bytes(fingerprint),
+            })
+        }
         Value::Array(items) => {
             let [fingerprint, pttl] = items.as_slice() else {
                 return Err(damaged("redis claim reply"));
@@ -589,11 +693,7 @@ impl IdempotencyStore for RedisStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let encoded = record.encode();
-        let mut value = Vec::with_capacity(1 + encoded.len());
-        value.push(TAG_RECORD);
-        value.extend_from_slice(&encoded);
-        drop(encoded);
+        let value = Self::record_value(&record);
         self.fenced(
             SCRIPTS
                 .complete
@@ -631,6 +731,122 @@ impl IdempotencyStore for RedisStore {
                 .arg(millis(ORPHAN_RETENTION)),
         )
         .await
+    }
+
+    async fn commit(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.fenced(
+            SCRIPTS
+                .commit
+                .key(self.redis_key(key))
+                .arg(&owner_prefix(token)[..])
+                .arg(millis(ttl)),
+        )
+        .await
+    }
+
+    async fn settle(
+        &self,
+        key: &StoreKey,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut con = self.manager.clone();
+        let done: i64 = SCRIPTS
+            .settle
+            .key(self.redis_key(key))
+            .arg(Self::record_value(&record))
+            .arg(millis(ttl))
+            .invoke_async(&mut con)
+            .await
+            .map_err(StoreError::backend)?;
+        if done == 1 {
+            self.wait_durable().await?;
+        }
+        Ok(done == 1)
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        let mut con = self.manager.clone();
+        let reply: Value = SCRIPTS
+            .inspect
+            .key(self.redis_key(key))
+            .invoke_async(&mut con)
+            .await
+            .map_err(StoreError::backend)?;
+        parse_inspect(reply)
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let mut con = self.manager.clone();
+        let removed: i64 = redis::cmd("DEL")
+            .arg(self.redis_key(key))
+            .query_async(&mut con)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(removed > 0)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// Reads the reply of the inspect script: {value or nil, now in ms, PTTL}.
+fn parse_inspect(reply: Value) -> Result<KeyState, StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(damaged("redis inspect reply"));
+    };
+    let [value, now, pttl] = items.as_slice() else {
+        return Err(damaged("redis inspect reply"));
+    };
+    let (Value::Int(now), Value::Int(pttl)) = (now, pttl) else {
+        return Err(damaged("redis inspect reply"));
+    };
+    let expires_in = (*pttl > 0).then(|| Duration::from_millis(pttl.unsigned_abs()));
+    let Some(value) = bytes_of(value) else {
+        return Ok(KeyState::Free);
+    };
+    match value.split_first() {
+        Some((&TAG_RECORD, encoded)) => Ok(KeyState::Completed {
+            record: Arc::new(Record::decode(encoded).map_err(StoreError::Decode)?),
+            expires_in,
+        }),
+        Some((&TAG_IN_FLIGHT, rest)) if rest.len() >= 48 => {
+            let fingerprint: [u8; 32] = rest[16..48]
+                .try_into()
+                .map_err(|_| damaged("in-flight fingerprint"))?;
+            let fingerprint = Fingerprint::from_bytes(fingerprint);
+            let tail = &rest[48..];
+            let (flag, digits) = match tail.first() {
+                Some(&f @ (b'C' | b'K')) => (Some(f), &tail[1..]),
+                _ => (None, tail),
+            };
+            let deadline = std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| d.parse::<i64>().ok());
+            let remaining = match deadline {
+                Some(deadline) => deadline.saturating_sub(*now),
+                None => *pttl,
+            };
+            let committed = flag == Some(b'K');
+            if committed && remaining <= 0 {
+                return Ok(KeyState::OutcomeUnknown {
+                    fingerprint,
+                    expires_in,
+                });
+            }
+            Ok(KeyState::InFlight {
+                fingerprint,
+                lease_remaining: Duration::from_millis(remaining.max(0).unsigned_abs()),
+                committed,
+            })
+        }
+        _ => Err(damaged("redis value tag")),
     }
 }
 
@@ -924,6 +1140,12 @@ mod tests {
                         "{}", shape
                     );
                     prop_assert!(lease_remaining.is_none_or(|d| d <= super::super::MAX_DURATION));
+                }
+                Ok(Claim::OutcomeUnknown { .. }) => {
+                    prop_assert!(
+                        matches!(&reply, Value::Array(items) if items.len() == 1),
+                        "{}", shape
+                    );
                 }
                 Ok(Claim::Completed(record)) => {
                     let Value::BulkString(bytes) = &reply else {

@@ -14,8 +14,8 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tower::{Service, ServiceExt};
 use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyOutcome, IdempotencyStore, LeaseToken, Record, StoreError,
-    StoreKey,
+    Claim, Fingerprint, IdempotencyOutcome, IdempotencyStore, KeyState, LeaseToken, Record,
+    StoreError, StoreKey,
 };
 
 /// A POST to /orders with an optional key and a body.
@@ -225,6 +225,13 @@ pub struct Faults {
     /// Releases that freed a key (the others found nothing their token owned).
     pub released: AtomicUsize,
     pub extends: AtomicUsize,
+    /// Commit points declared.
+    pub commits: AtomicUsize,
+    /// Once set, every call after a successful commit fails: the instance is cut off from
+    /// the store between its commit point and its answer.
+    pub fail_after_commit: std::sync::atomic::AtomicBool,
+    /// Set by a successful commit while `fail_after_commit` is on.
+    pub cut_off: std::sync::atomic::AtomicBool,
 }
 
 fn take(counter: &AtomicUsize) -> bool {
@@ -253,6 +260,16 @@ impl<S> FaultStore<S> {
     }
 }
 
+impl<S> FaultStore<S> {
+    fn cut_off(&self) -> Result<(), StoreError> {
+        if self.faults.cut_off.load(Ordering::SeqCst) {
+            Err(StoreError::backend(Injected))
+        } else {
+            Ok(())
+        }
+    }
+}
+
 #[async_trait]
 impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
     async fn claim(
@@ -262,6 +279,7 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        self.cut_off()?;
         self.faults.claims.fetch_add(1, Ordering::SeqCst);
         self.faults
             .claimed_keys
@@ -296,6 +314,10 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.faults.completes.fetch_add(1, Ordering::SeqCst);
+        if self.cut_off().is_err() {
+            self.faults.failed_completes.fetch_add(1, Ordering::SeqCst);
+            return Err(StoreError::backend(Injected));
+        }
         let delay = self.faults.complete_delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay as u64)).await;
@@ -313,6 +335,7 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
         self.faults.releases.fetch_add(1, Ordering::SeqCst);
+        self.cut_off()?;
         if take(&self.faults.release_failures) {
             return Err(StoreError::backend(Injected));
         }
@@ -335,10 +358,44 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
             .lock()
             .unwrap()
             .push(tokio::time::Instant::now());
+        self.cut_off()?;
         if take(&self.faults.extend_failures) {
             return Err(StoreError::backend(Injected));
         }
         self.inner.extend(key, token, lease).await
+    }
+
+    async fn commit(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.cut_off()?;
+        self.inner.commit(key, token, ttl).await?;
+        self.faults.commits.fetch_add(1, Ordering::SeqCst);
+        if self.faults.fail_after_commit.load(Ordering::SeqCst) {
+            self.faults.cut_off.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    async fn settle(
+        &self,
+        key: &StoreKey,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.cut_off()?;
+        self.inner.settle(key, record, ttl).await
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        self.inner.inspect(key).await
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        self.inner.purge(key).await
     }
 }
 

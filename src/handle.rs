@@ -1,0 +1,294 @@
+//! What the running operation can reach of its claim ([`IdempotencyClaim`]), and what a
+//! recovery hook is given ([`Unsettled`]).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, Method, Response, Uri};
+
+use crate::config::Config;
+use crate::key::StoreKey;
+use crate::store::{LeaseToken, StoreError, bounded};
+
+const NOT_COMMITTED: u8 = 0;
+/// A commit point written inside the application's transaction: it holds if and only if
+/// that transaction commits, which the layer cannot see.
+const IN_TRANSACTION: u8 = 1;
+/// A commit point the store confirmed.
+const CONFIRMED: u8 = 2;
+
+/// What the claim guard and the handler's handle share.
+pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
+    pub(crate) key: StoreKey,
+    pub(crate) token: LeaseToken,
+    commit: AtomicU8,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Arc<Config>, key: StoreKey, token: LeaseToken) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            key,
+            token,
+            commit: AtomicU8::new(NOT_COMMITTED),
+        })
+    }
+
+    /// Whether the store confirmed a commit point (one written in a transaction may still
+    /// have rolled back, so it does not count).
+    pub(crate) fn confirmed(&self) -> bool {
+        self.commit.load(Ordering::Acquire) == CONFIRMED
+    }
+}
+
+/// The running operation's claim on its idempotency key: found in the request's extensions
+/// of every request the layer runs (an axum handler takes it as an extractor), with the
+/// key, the caller's scope and the lease token.
+///
+/// Its [`commit`](Self::commit) declares the operation's **commit point**: from then on the
+/// key is never released. Whatever happens next (an error, a panic, a `5xx`, a client gone,
+/// a crash), a retry with this key does not run the operation again: it gets the stored
+/// answer if there is one (a committed operation's error answer is stored too), and
+/// otherwise `500 outcome-unknown` (or what the layer's
+/// [`recover_with`](crate::IdempotencyLayer::recover_with) hook rebuilds). On PostgreSQL,
+/// [`PostgresStore::commit_in`](crate::PostgresStore::commit_in) writes the commit point
+/// inside your own transaction instead, so that it holds if and only if your writes do.
+///
+/// A request that never declares a commit point keeps the default behaviour: an error
+/// answer (or a panic, or a lost response) releases the key, so a retry runs again.
+///
+/// ```
+/// use axum::{Router, routing::post};
+/// use tower_idempotency::{IdempotencyClaim, IdempotencyLayer, MemoryStore};
+///
+/// async fn charge(claim: IdempotencyClaim, body: String) -> Result<String, String> {
+///     // Past this point the charge must never run twice: commit first (at most once),
+///     // then make the one call that cannot be undone.
+///     claim.commit().await.map_err(|e| format!("not charged: {e}"))?;
+///     Ok(format!("charged {body} under {}", claim.key()))
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/charges", post(charge))
+///     .layer(IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers());
+/// ```
+#[derive(Clone)]
+pub struct IdempotencyClaim {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for IdempotencyClaim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyClaim")
+            .field("key", &self.key())
+            .field("token", &self.shared.token)
+            .field("committed", &self.shared.commit.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl IdempotencyClaim {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The client's key (without the scope).
+    pub fn key(&self) -> &str {
+        self.shared.key.client_key()
+    }
+
+    /// The caller's scope, as text: `anon` when keys are shared across callers, otherwise
+    /// 64 hexadecimal digits ([`Scope`](crate::Scope)). Keep it beside the client's key in
+    /// your own rows, so that a recovery hook can find them.
+    pub fn scope(&self) -> &str {
+        let s = self.shared.key.as_str();
+        s.split_once(':').map_or(s, |(scope, _)| scope)
+    }
+
+    /// The key as the store keeps it (`scope:key`).
+    pub fn store_key(&self) -> &StoreKey {
+        &self.shared.key
+    }
+
+    /// The lease token that owns the key; every store call about it is fenced by it.
+    pub fn token(&self) -> LeaseToken {
+        self.shared.token
+    }
+
+    /// Declares the commit point, in one store call fenced by the token (bounded by the
+    /// layer's [`store_timeout`](crate::IdempotencyLayer::store_timeout)).
+    ///
+    /// On `Ok`, the key is never released again: a retry gets the stored answer or
+    /// `outcome-unknown`, never a second run. On `Err`, do not make the effects:
+    /// [`StoreError::LeaseLost`] means the key is no longer this request's (its lease
+    /// lapsed and another took it over), any other error that the store could not be
+    /// asked. (Should a failed call have landed after all, the key stays committed: the
+    /// store never releases it.)
+    ///
+    /// With a store that is not your database, a commit point cannot be atomic with your
+    /// effects. Call it **before** the step that cannot be undone to get *at most once* (a
+    /// crash between the two leaves `outcome-unknown`, never a second run); call it after
+    /// to get *at least once* (a crash between the two lets a retry run again). On
+    /// PostgreSQL, [`PostgresStore::commit_in`](crate::PostgresStore::commit_in) gives
+    /// *exactly once*.
+    ///
+    /// Committing twice is the same as once.
+    pub async fn commit(&self) -> Result<(), StoreError> {
+        let s = &self.shared;
+        let config = &s.config;
+        let started = crate::metrics::Timer::start();
+        let result = bounded(
+            config.store_timeout,
+            config.store.commit(&s.key, s.token, config.ttl),
+        )
+        .await;
+        started.store_call(config, "commit", &result);
+        result?;
+        s.commit.store(CONFIRMED, Ordering::Release);
+        tracing::debug!(key = self.key(), "commit point declared");
+        Ok(())
+    }
+
+    /// Whether this request declared its commit point (with [`commit`](Self::commit), or
+    /// inside a transaction with
+    /// [`PostgresStore::commit_in`](crate::PostgresStore::commit_in), which counts here even
+    /// if the transaction later rolled back).
+    pub fn is_committed(&self) -> bool {
+        self.shared.commit.load(Ordering::Acquire) != NOT_COMMITTED
+    }
+
+    /// How long a committed key is kept: the layer's record TTL.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn ttl(&self) -> std::time::Duration {
+        self.shared.config.ttl
+    }
+
+    /// A commit point was written inside the application's transaction.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn committed_in_transaction(&self) {
+        let _ = self.shared.commit.compare_exchange(
+            NOT_COMMITTED,
+            IN_TRANSACTION,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+}
+
+/// The answer when a handler asks for an [`IdempotencyClaim`] that the request does not
+/// carry (feature `axum`): the route is not behind an
+/// [`IdempotencyLayer`](crate::IdempotencyLayer), the request is not covered, or it came
+/// without a key where keys are optional. It answers `500`; take `Option<IdempotencyClaim>`
+/// where a claim may be absent.
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("this request has no idempotency claim (no IdempotencyLayer, not covered, or no key)")]
+pub struct MissingClaim;
+
+#[cfg(feature = "axum")]
+impl axum_core::response::IntoResponse for MissingClaim {
+    fn into_response(self) -> axum_core::response::Response {
+        let mut res =
+            axum_core::response::Response::new(axum_core::body::Body::from(self.to_string()));
+        *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        res
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum_core::extract::FromRequestParts<S> for IdempotencyClaim {
+    type Rejection = MissingClaim;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, MissingClaim> {
+        parts.extensions.get::<Self>().cloned().ok_or(MissingClaim)
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum_core::extract::OptionalFromRequestParts<S> for IdempotencyClaim {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<Self>().cloned())
+    }
+}
+
+/// A committed operation with no stored outcome, as a recovery hook
+/// ([`IdempotencyLayer::recover_with`](crate::IdempotencyLayer::recover_with)) is given
+/// it: the key and the retry that found it so.
+#[derive(Debug, Clone)]
+pub struct Unsettled {
+    key: StoreKey,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Unsettled {
+    pub(crate) fn new(key: StoreKey, method: &Method, uri: &Uri, headers: &HeaderMap) -> Self {
+        Self {
+            key,
+            method: method.clone(),
+            uri: uri.clone(),
+            headers: headers.clone(),
+        }
+    }
+
+    /// The client's key (as [`IdempotencyClaim::key`] gave it to the operation).
+    pub fn key(&self) -> &str {
+        self.key.client_key()
+    }
+
+    /// The caller's scope (as [`IdempotencyClaim::scope`] gave it to the operation).
+    pub fn scope(&self) -> &str {
+        let s = self.key.as_str();
+        s.split_once(':').map_or(s, |(scope, _)| scope)
+    }
+
+    /// The key as the store keeps it.
+    pub fn store_key(&self) -> &StoreKey {
+        &self.key
+    }
+
+    /// The retry's method (the same as the operation's: the fingerprint matched).
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The retry's URI.
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// The retry's headers.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+}
+
+/// An error a recovery hook returns.
+pub type RecoveryError = Box<dyn std::error::Error + Send + Sync>;
+
+type RecoveryFuture =
+    Pin<Box<dyn Future<Output = Result<Option<Response<Bytes>>, RecoveryError>> + Send>>;
+
+/// A recovery hook, boxed.
+pub(crate) type RecoverFn = dyn Fn(Unsettled) -> RecoveryFuture + Send + Sync;
+
+pub(crate) fn boxed_recovery<F, Fut>(f: F) -> Arc<RecoverFn>
+where
+    F: Fn(Unsettled) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Option<Response<Bytes>>, RecoveryError>> + Send + 'static,
+{
+    Arc::new(move |unsettled| Box::pin(f(unsettled)) as RecoveryFuture)
+}
