@@ -1,0 +1,388 @@
+//! Commit points: a handler that declared its effects committed never runs twice, whatever
+//! happens after (an error answer, a panic, a store cut off, a crash), and a retry gets the
+//! stored answer, `outcome-unknown`, or what the recovery hook rebuilds.
+//!
+//! The Redis tests need `REDIS_URL` and say they were skipped without it.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use common::{Answer, FaultStore, assert_problem, call, post as post_req};
+use http::{Request, StatusCode};
+use tower_idempotency::{
+    IdempotencyClaim, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, KeyState,
+    MemoryStore, Scope, StoreKey,
+};
+
+/// The app's own state: the orders it created, by the key they were created under.
+#[derive(Clone, Default)]
+struct Orders {
+    runs: Arc<AtomicUsize>,
+    by_key: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl Orders {
+    fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+}
+
+fn layer(store: impl IdempotencyStore, lease_ms: u64) -> IdempotencyLayer {
+    IdempotencyLayer::new(store)
+        .share_keys_across_callers()
+        .lease(Duration::from_millis(lease_ms))
+        .store_timeout(Duration::from_millis(200))
+}
+
+/// A route that commits, records the order, and answers with `status`.
+fn committing_app(orders: Orders, status: StatusCode, layer: IdempotencyLayer) -> Router {
+    Router::new()
+        .route(
+            "/orders",
+            post(move |claim: IdempotencyClaim, body: String| {
+                let orders = orders.clone();
+                async move {
+                    claim.commit().await.expect("commit point");
+                    let n = orders.runs.fetch_add(1, Ordering::SeqCst);
+                    let order = format!("order {n} for {body}");
+                    orders
+                        .by_key
+                        .lock()
+                        .unwrap()
+                        .insert(claim.key().to_owned(), order.clone());
+                    (status, order)
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+/// Retries `req` until the answer is not `409` (the first request's lease still running).
+async fn retry_past_409(app: &Router, key: &str, body: &str) -> Answer {
+    for _ in 0..200 {
+        let answer = call(app, post_req(Some(key), body)).await;
+        if answer.status != StatusCode::CONFLICT {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the key stayed in use");
+}
+
+#[tokio::test]
+async fn a_committed_error_answer_is_stored_and_replayed_not_run_again() {
+    let orders = Orders::default();
+    let app = committing_app(
+        orders.clone(),
+        StatusCode::BAD_GATEWAY,
+        layer(MemoryStore::new(), 30_000),
+    );
+    let first = call(&app, post_req(Some("k1"), "{}")).await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY);
+    let retry = call(&app, post_req(Some("k1"), "{}")).await;
+    assert_eq!(retry.status, StatusCode::BAD_GATEWAY);
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(orders.runs(), 1, "a committed operation ran again");
+}
+
+/// Without a commit point, an error answer releases the key (documented): a retry runs.
+#[tokio::test]
+async fn without_a_commit_point_an_error_answer_lets_a_retry_run() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route(
+            "/orders",
+            post({
+                let runs = Arc::clone(&runs);
+                move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::BAD_GATEWAY
+                }
+            }),
+        )
+        .layer(layer(MemoryStore::new(), 30_000));
+    call(&app, post_req(Some("k1"), "{}")).await;
+    let retry = call(&app, post_req(Some("k1"), "{}")).await;
+    assert!(!retry.replayed());
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_panic_after_the_commit_point_leaves_outcome_unknown_never_a_second_run() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route(
+            "/orders",
+            post({
+                let runs = Arc::clone(&runs);
+                move |claim: IdempotencyClaim| async move {
+                    claim.commit().await.expect("commit point");
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    if runs.load(Ordering::SeqCst) > 0 {
+                        panic!("crashed after charging the card");
+                    }
+                    "unreachable"
+                }
+            }),
+        )
+        .layer(layer(MemoryStore::new(), 30_000));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, post_req(Some("k1"), "{}")).await }
+    })
+    .await;
+    assert!(first.unwrap_err().is_panic());
+    // The panic let go of the key at once (no wait for the 30 s lease).
+    let retry = retry_past_409(&app, "k1", "{}").await;
+    assert_problem(&retry, 500, "outcome-unknown");
+    assert_eq!(retry.outcome, Some(IdempotencyOutcome::OutcomeUnknown));
+    let again = call(&app, post_req(Some("k1"), "{}")).await;
+    assert_problem(&again, 500, "outcome-unknown");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "a committed operation ran again"
+    );
+    // Another payload under the key is still refused as a reuse.
+    let other = call(&app, post_req(Some("k1"), "{\"other\":1}")).await;
+    assert_problem(&other, 422, "key-reused");
+}
+
+#[tokio::test]
+async fn grpc_calls_get_status_unknown_for_an_unknown_outcome() {
+    let store = MemoryStore::new();
+    let key = StoreKey::new(&Scope::anonymous(), "g1");
+    let app = Router::new()
+        .route(
+            "/pkg.Svc/Pay",
+            post(|claim: IdempotencyClaim| async move {
+                claim.commit().await.expect("commit point");
+                panic!("crashed after the commit point");
+                #[allow(unreachable_code)]
+                ()
+            }),
+        )
+        .layer(layer(store.clone(), 30_000).grpc_methods(["/pkg.Svc/Pay"]));
+    let req = || {
+        Request::post("/pkg.Svc/Pay")
+            .header("content-type", "application/grpc")
+            .header("idempotency-key", "g1")
+            .body(axum::body::Body::from(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap()
+    };
+    let app2 = app.clone();
+    let first = tokio::spawn(async move { call(&app2, req()).await }).await;
+    assert!(first.unwrap_err().is_panic());
+    common::eventually("the key reads as outcome unknown", || {
+        futures_now(store.inspect(&key))
+            .is_some_and(|s| matches!(s, Ok(KeyState::OutcomeUnknown { .. })))
+    })
+    .await;
+    let retry = call(&app, req()).await;
+    assert_eq!(retry.status, StatusCode::OK);
+    let status = retry
+        .headers
+        .get("grpc-status")
+        .or(retry.trailers.as_ref().and_then(|t| t.get("grpc-status")))
+        .expect("a grpc-status");
+    assert_eq!(status, "2", "gRPC UNKNOWN");
+}
+
+/// Polls a future once (the memory store answers at once).
+fn futures_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let mut f = std::pin::pin!(f);
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// The store fails every call after the commit point: the instance is cut off between its
+/// effects and its answer (as if it crashed), with a short lease. Another instance on the
+/// same store then answers retries: `outcome-unknown`, or with a recovery hook the answer
+/// rebuilt from the app's own state, stored and replayed. The operation runs once.
+async fn cut_off_after_commit<S: IdempotencyStore + Clone>(store: S, key: &str) {
+    let orders = Orders::default();
+    let cut = FaultStore::new(store.clone());
+    cut.faults.fail_after_commit.store(true, Ordering::SeqCst);
+    let first_instance =
+        committing_app(orders.clone(), StatusCode::CREATED, layer(cut.clone(), 300));
+    let first = call(&first_instance, post_req(Some(key), "{\"sku\":1}")).await;
+    // The client got its answer (the layer does not hold it for a whole outage) ...
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(cut.faults.cut_off.load(Ordering::SeqCst));
+    // ... but it was never stored, and the instance cannot renew its lease.
+    let second_instance = committing_app(
+        orders.clone(),
+        StatusCode::CREATED,
+        layer(store.clone(), 300),
+    );
+    let retry = retry_past_409(&second_instance, key, "{\"sku\":1}").await;
+    assert_problem(&retry, 500, "outcome-unknown");
+
+    let hook_calls = Arc::new(AtomicUsize::new(0));
+    let recovering = committing_app(
+        orders.clone(),
+        StatusCode::CREATED,
+        layer(store.clone(), 300).recover_with({
+            let orders = orders.clone();
+            let hook_calls = Arc::clone(&hook_calls);
+            move |unsettled| {
+                let orders = orders.clone();
+                let hook_calls = Arc::clone(&hook_calls);
+                async move {
+                    hook_calls.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(unsettled.scope(), "anon");
+                    let found = orders.by_key.lock().unwrap().get(unsettled.key()).cloned();
+                    Ok(found.map(|order| {
+                        http::Response::builder()
+                            .status(StatusCode::CREATED)
+                            .header("x-recovered", "yes")
+                            .body(Bytes::from(order))
+                            .unwrap()
+                    }))
+                }
+            }
+        }),
+    );
+    let recovered = call(&recovering, post_req(Some(key), "{\"sku\":1}")).await;
+    assert_eq!(recovered.status, StatusCode::CREATED);
+    assert!(recovered.replayed());
+    assert_eq!(recovered.outcome, Some(IdempotencyOutcome::Recovered));
+    assert_eq!(
+        recovered.body, first.body,
+        "the recovered answer is the first one"
+    );
+    // Stored: every instance replays it now, and the hook is not asked again.
+    for app in [&second_instance, &recovering] {
+        let replay = call(app, post_req(Some(key), "{\"sku\":1}")).await;
+        assert_eq!(replay.status, StatusCode::CREATED);
+        assert_eq!(replay.outcome, Some(IdempotencyOutcome::Replayed));
+        assert_eq!(replay.body, first.body);
+        assert_eq!(replay.headers["x-recovered"], "yes");
+    }
+    assert_eq!(hook_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(orders.runs(), 1, "a committed operation ran again");
+}
+
+#[tokio::test]
+async fn memory_store_cut_off_after_the_commit_point_never_runs_twice() {
+    cut_off_after_commit(MemoryStore::new(), "cut-1").await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_store_cut_off_after_the_commit_point_never_runs_twice() {
+    let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) else {
+        println!("skipped: REDIS_URL not set");
+        return;
+    };
+    let store = tower_idempotency::RedisStore::connect(&url)
+        .await
+        .expect("connect to REDIS_URL")
+        .prefix("tower-idempotency-test:commit:");
+    cut_off_after_commit(store, &uuid::Uuid::new_v4().to_string()).await;
+}
+
+#[tokio::test]
+async fn the_handler_sees_its_key_scope_and_token() {
+    let seen = Arc::new(Mutex::new(None));
+    let app =
+        Router::new()
+            .route(
+                "/orders",
+                post({
+                    let seen = Arc::clone(&seen);
+                    move |claim: IdempotencyClaim| async move {
+                        *seen.lock().unwrap() = Some((
+                            claim.key().to_owned(),
+                            claim.scope().to_owned(),
+                            claim.store_key().clone(),
+                            claim.is_committed(),
+                        ));
+                        "ok"
+                    }
+                }),
+            )
+            .route(
+                "/health",
+                get(|claim: Option<IdempotencyClaim>| async move {
+                    format!("claim: {}", claim.is_some())
+                }),
+            )
+            .route("/strict", get(|_claim: IdempotencyClaim| async { "never" }))
+            .layer(
+                IdempotencyLayer::new(MemoryStore::new())
+                    .scope_by(|_| Some(Scope::of_principal(&"user:7"))),
+            );
+    let answer = call(&app, post_req(Some("abc"), "{}")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let (key, scope, store_key, committed) = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(key, "abc");
+    assert_eq!(scope, Scope::of_principal(&"user:7").as_str());
+    assert_eq!(
+        store_key,
+        StoreKey::new(&Scope::of_principal(&"user:7"), "abc")
+    );
+    assert!(!committed);
+    // Uncovered requests carry no claim.
+    let health = call(
+        &app,
+        Request::get("/health")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(health.text(), "claim: false");
+    let strict = call(
+        &app,
+        Request::get("/strict")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(strict.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(strict.text().contains("no idempotency claim"));
+}
+
+/// A commit point refused by the store (the key was taken over) is reported to the handler,
+/// which then must not make its effects.
+#[tokio::test]
+async fn a_commit_after_losing_the_key_is_refused() {
+    let store = MemoryStore::new();
+    let key = StoreKey::new(&Scope::anonymous(), "lost");
+    let outcome = Arc::new(Mutex::new(None));
+    let app = Router::new()
+        .route(
+            "/orders",
+            post({
+                let store = store.clone();
+                let key = key.clone();
+                let outcome = Arc::clone(&outcome);
+                move |claim: IdempotencyClaim| async move {
+                    // An operator purges the key under the running operation.
+                    assert!(store.purge(&key).await.unwrap());
+                    let result = claim.commit().await;
+                    *outcome.lock().unwrap() = Some(format!("{result:?}"));
+                    if result.is_err() {
+                        return StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    StatusCode::CREATED
+                }
+            }),
+        )
+        .layer(layer(store.clone(), 30_000));
+    let answer = call(&app, post_req(Some("lost"), "{}")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(outcome.lock().unwrap().as_deref(), Some("Err(LeaseLost)"));
+}
