@@ -14,6 +14,8 @@
 //!   that arrives while the first request runs, `wait` makes it wait for the result
 //!   (`IDEMPOTENCY_WAIT_MS`, default 10000);
 //! - `ORDER_LATENCY_MS` (default 0): how long creating an order takes;
+//! - `ORDER_AFTER_COMMIT_MS` (default 0): how long the create handler waits after its
+//!   commit point, before answering (a window to kill the demo in, by hand);
 //! - `IDEMPOTENCY_LEASE_MS` (default 30000): the lease of a running operation;
 //! - `IDEMPOTENCY_LAYER` (default `on`): `off` serves the same routes without the layer,
 //!   for load comparisons;
@@ -23,8 +25,27 @@
 //! On Ctrl-C or SIGTERM the demo stops taking requests, lets the ones in progress finish,
 //! then waits (up to 10 s) for the work the layer finishes in the background, so that no
 //! stored outcome is lost at shutdown.
+//!
+//! **Exactly once.** `POST /orders` declares its commit point: on PostgreSQL inside the
+//! transaction that inserts the order (the orders live in the table `demo_orders`, so two
+//! demos on one database list the same orders), elsewhere just before the order is kept. A
+//! recovery hook rebuilds the answer of a committed order whose answer was never stored,
+//! from the order made under the key. To see it by hand:
+//!
+//! ```text
+//! IDEMPOTENCY_STORE=postgres://postgres@127.0.0.1:5432/test ORDER_AFTER_COMMIT_MS=20000 \
+//!   IDEMPOTENCY_LEASE_MS=2000 cargo run --example axum --features postgres
+//! curl -X POST localhost:3000/orders -H 'Idempotency-Key: crash-1' \
+//!      -H 'Content-Type: application/json' -d '{"item":"book","amount":12}'   # hangs
+//! # kill -9 the demo during the wait, start it again (without ORDER_AFTER_COMMIT_MS),
+//! # wait 2 s, send the same curl: the same order, replayed; GET /orders lists one.
+//! ```
+//!
+//! With `--features metrics`, `GET /metrics` answers the layer's metrics in Prometheus text
+//! format.
 
 use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -34,7 +55,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower_idempotency::policy::InFlight;
-use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
+use tower_idempotency::{IdempotencyClaim, IdempotencyLayer, IdempotencyStore, MemoryStore};
 
 /// An order.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -53,10 +74,116 @@ struct NewOrder {
     amount: i64,
 }
 
+/// Where the orders live.
+#[derive(Clone)]
+pub enum OrderBook {
+    /// In this process, each with the scope and key it was created under.
+    Memory(Arc<Mutex<Vec<(String, String, Order)>>>),
+    /// In the table `demo_orders` of the store's database (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    Postgres(tower_idempotency::PostgresStore),
+}
+
+impl OrderBook {
+    /// An empty book in memory.
+    pub fn memory() -> Self {
+        Self::Memory(Arc::default())
+    }
+
+    /// The order created under `scope` and `key`, if any.
+    pub async fn find(&self, scope: &str, key: &str) -> Result<Option<Order>, String> {
+        match self {
+            Self::Memory(orders) => Ok(orders
+                .lock()
+                .expect("orders lock poisoned")
+                .iter()
+                .find(|(s, k, _)| s == scope && k == key)
+                .map(|(_, _, o)| o.clone())),
+            #[cfg(feature = "postgres")]
+            Self::Postgres(store) => tower_idempotency::sqlx::query_as::<_, (String, String, i64)>(
+                "SELECT id, item, amount FROM demo_orders WHERE scope = $1 AND idem_key = $2",
+            )
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(store.pool())
+            .await
+            .map(|row| row.map(|(id, item, amount)| Order { id, item, amount }))
+            .map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn all(&self) -> Result<Vec<Order>, String> {
+        match self {
+            Self::Memory(orders) => Ok(orders
+                .lock()
+                .expect("orders lock poisoned")
+                .iter()
+                .map(|(_, _, o)| o.clone())
+                .collect()),
+            #[cfg(feature = "postgres")]
+            Self::Postgres(store) => tower_idempotency::sqlx::query_as::<_, (String, String, i64)>(
+                "SELECT id, item, amount FROM demo_orders ORDER BY created_at, id",
+            )
+            .fetch_all(store.pool())
+            .await
+            .map(|rows| {
+                rows.into_iter()
+                    .map(|(id, item, amount)| Order { id, item, amount })
+                    .collect()
+            })
+            .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Keeps `order`, made under `claim` (if the layer is on), declaring the commit point
+    /// with it: in the same transaction on PostgreSQL, just before elsewhere.
+    async fn create(&self, claim: Option<&IdempotencyClaim>, order: &Order) -> Result<(), String> {
+        let (scope, key) = claim.map_or(("", ""), |c| (c.scope(), c.key()));
+        match self {
+            Self::Memory(orders) => {
+                if let Some(claim) = claim {
+                    claim.commit().await.map_err(|e| e.to_string())?;
+                }
+                orders.lock().expect("orders lock poisoned").push((
+                    scope.to_owned(),
+                    key.to_owned(),
+                    order.clone(),
+                ));
+                Ok(())
+            }
+            #[cfg(feature = "postgres")]
+            Self::Postgres(store) => {
+                let fail = |e: tower_idempotency::sqlx::Error| e.to_string();
+                let mut tx = store.pool().begin().await.map_err(fail)?;
+                tower_idempotency::sqlx::query(
+                    "INSERT INTO demo_orders (id, item, amount, scope, idem_key) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&order.id)
+                .bind(&order.item)
+                .bind(order.amount)
+                .bind(scope)
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+                if let Some(claim) = claim {
+                    store
+                        .commit_in(&mut *tx, claim)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                tx.commit().await.map_err(fail)
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
-    orders: Arc<Mutex<Vec<Order>>>,
+    orders: OrderBook,
     latency: Duration,
+    after_commit: Duration,
 }
 
 /// The demo's settings, read from the environment.
@@ -74,6 +201,8 @@ pub struct Settings {
     pub layer: bool,
     /// The lease of a running operation.
     pub lease: Duration,
+    /// How long the create handler waits after its commit point.
+    pub after_commit: Duration,
 }
 
 impl Settings {
@@ -90,6 +219,12 @@ impl Settings {
             None => 30_000,
             Some(v) => v.parse().map_err(|_| {
                 format!("IDEMPOTENCY_LEASE_MS must be a number of milliseconds, not {v:?}")
+            })?,
+        };
+        let after_commit_ms = match var("ORDER_AFTER_COMMIT_MS") {
+            None => 0,
+            Some(v) => v.parse().map_err(|_| {
+                format!("ORDER_AFTER_COMMIT_MS must be a number of milliseconds, not {v:?}")
             })?,
         };
         let wait_ms = match var("IDEMPOTENCY_WAIT_MS") {
@@ -123,14 +258,18 @@ impl Settings {
             in_flight,
             latency: Duration::from_millis(latency),
             lease: Duration::from_millis(lease_ms),
+            after_commit: Duration::from_millis(after_commit_ms),
         })
     }
 }
 
-/// Opens the store named by `IDEMPOTENCY_STORE`.
-pub async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+/// A store, and where the orders live beside it.
+pub type Backend = (Arc<dyn IdempotencyStore>, OrderBook);
+
+/// Opens the store named by `IDEMPOTENCY_STORE`, and the order book that goes with it.
+pub async fn open_store(url: &str) -> Result<Backend, String> {
     if url == "memory" {
-        return Ok(Arc::new(MemoryStore::new()));
+        return Ok((Arc::new(MemoryStore::new()), OrderBook::memory()));
     }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         return open_redis(url).await;
@@ -144,33 +283,41 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> 
 }
 
 #[cfg(feature = "redis")]
-async fn open_redis(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+async fn open_redis(url: &str) -> Result<Backend, String> {
     let store = tower_idempotency::RedisStore::connect(url)
         .await
         .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
-    Ok(Arc::new(store))
+    Ok((Arc::new(store), OrderBook::memory()))
 }
 
 #[cfg(not(feature = "redis"))]
-async fn open_redis(_url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+async fn open_redis(_url: &str) -> Result<Backend, String> {
     Err("this build has no Redis store: run with `--features redis`".to_owned())
 }
 
 #[cfg(feature = "postgres")]
-async fn open_postgres(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+async fn open_postgres(url: &str) -> Result<Backend, String> {
     let pool = tower_idempotency::sqlx::PgPool::connect(url)
         .await
         .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
-    let store = tower_idempotency::PostgresStore::new(pool);
+    let store = tower_idempotency::PostgresStore::new(pool.clone());
     store
         .migrate()
         .await
         .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
-    Ok(Arc::new(store))
+    tower_idempotency::sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS demo_orders (id text PRIMARY KEY, item text NOT NULL, \
+         amount bigint NOT NULL, scope text NOT NULL, idem_key text NOT NULL, \
+         created_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&pool)
+    .await
+    .map_err(|e| format!("cannot create the demo_orders table: {e}"))?;
+    Ok((Arc::new(store.clone()), OrderBook::Postgres(store)))
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn open_postgres(_url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+async fn open_postgres(_url: &str) -> Result<Backend, String> {
     Err("this build has no PostgreSQL store: run with `--features postgres`".to_owned())
 }
 
@@ -181,24 +328,58 @@ pub fn app(layer: IdempotencyLayer, latency: Duration) -> Router {
 
 /// The demo application, with or without the layer (for comparisons).
 pub fn app_with(layer: Option<IdempotencyLayer>, latency: Duration) -> Router {
+    app_on(OrderBook::memory(), layer, latency, Duration::ZERO)
+}
+
+/// The demo application on an order book; the layer, if any, gets the recovery hook that
+/// rebuilds a committed order's answer from the book.
+pub fn app_on(
+    orders: OrderBook,
+    layer: Option<IdempotencyLayer>,
+    latency: Duration,
+    after_commit: Duration,
+) -> Router {
     let state = AppState {
-        orders: Arc::new(Mutex::new(Vec::new())),
+        orders: orders.clone(),
         latency,
+        after_commit,
     };
     let router = Router::new()
         .route("/orders", post(create_order).get(list_orders))
         .route("/orders/{id}", get(show_order));
     let router = match layer {
-        Some(layer) => router.layer(layer),
+        Some(layer) => router.layer(layer.recover_with(move |unsettled| {
+            let orders = orders.clone();
+            async move {
+                let order = orders.find(unsettled.scope(), unsettled.key()).await?;
+                Ok(order.map(|order| {
+                    tracing::info!(order = %order.id, "recovered the answer of a committed order");
+                    created(&order)
+                }))
+            }
+        })),
         None => router,
     };
     router.with_state(state)
 }
 
+/// The answer to a created order: `201`, its `Location`, and the order in JSON.
+fn created(order: &Order) -> axum::http::Response<bytes::Bytes> {
+    axum::http::Response::builder()
+        .status(StatusCode::CREATED)
+        .header(header::LOCATION, format!("/orders/{}", order.id))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(bytes::Bytes::from(
+            serde_json::to_vec(order).expect("an order serializes"),
+        ))
+        .expect("a valid response")
+}
+
 async fn create_order(
     State(state): State<AppState>,
+    claim: Option<IdempotencyClaim>,
     Json(new): Json<NewOrder>,
-) -> impl IntoResponse {
+) -> axum::response::Response {
     if !state.latency.is_zero() {
         tokio::time::sleep(state.latency).await;
     }
@@ -207,28 +388,38 @@ async fn create_order(
         item: new.item,
         amount: new.amount,
     };
-    state
-        .orders
-        .lock()
-        .expect("orders lock poisoned")
-        .push(order.clone());
-    let location = format!("/orders/{}", order.id);
-    (
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        Json(order),
-    )
+    if let Err(err) = state.orders.create(claim.as_ref(), &order).await {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("order not created: {err}"),
+        )
+            .into_response();
+    }
+    if !state.after_commit.is_zero() {
+        tracing::info!(
+            order = %order.id,
+            wait = ?state.after_commit,
+            "order committed; waiting before answering (ORDER_AFTER_COMMIT_MS)"
+        );
+        tokio::time::sleep(state.after_commit).await;
+    }
+    created(&order).map(axum::body::Body::from)
 }
 
-async fn list_orders(State(state): State<AppState>) -> Json<Vec<Order>> {
-    Json(state.orders.lock().expect("orders lock poisoned").clone())
+async fn list_orders(State(state): State<AppState>) -> axum::response::Response {
+    match state.orders.all().await {
+        Ok(orders) => Json(orders).into_response(),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),
+    }
 }
 
 async fn show_order(State(state): State<AppState>, Path(id): Path<String>) -> impl IntoResponse {
-    let orders = state.orders.lock().expect("orders lock poisoned");
-    match orders.iter().find(|o| o.id == id) {
-        Some(order) => Json(order.clone()).into_response(),
-        None => (StatusCode::NOT_FOUND, "no such order").into_response(),
+    match state.orders.all().await {
+        Ok(orders) => match orders.into_iter().find(|o| o.id == id) {
+            Some(order) => Json(order).into_response(),
+            None => (StatusCode::NOT_FOUND, "no such order").into_response(),
+        },
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, err).into_response(),
     }
 }
 
@@ -250,7 +441,7 @@ async fn main() {
 #[allow(dead_code)]
 async fn serve() -> Result<(), String> {
     let settings = Settings::from_env()?;
-    let store = open_store(&settings.store).await?;
+    let (store, orders) = open_store(&settings.store).await?;
     let layer = IdempotencyLayer::new(store)
         // The caller scope is a choice every service makes. This demo has no users, so
         // every caller shares one scope; a service with authentication keys them per user:
@@ -275,7 +466,16 @@ async fn serve() -> Result<(), String> {
         println!("IDEMPOTENCY_LAYER=off: serving without the idempotency layer");
     }
     let layer = settings.layer.then_some(layer);
-    axum::serve(listener, app_with(layer, settings.latency))
+    let app = app_on(orders, layer, settings.latency, settings.after_commit);
+    #[cfg(feature = "metrics")]
+    let app = {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+        println!("metrics: curl http://{addr}/metrics");
+        app.route("/metrics", get(move || std::future::ready(handle.render())))
+    };
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| e.to_string())?;

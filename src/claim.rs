@@ -278,7 +278,7 @@ impl Claimed {
                 Ok(result) => result,
                 Err(_) => Err(StoreError::Timeout(timeout)),
             };
-            timer.store_call(&self.config, "complete", &result);
+            timer.store_call(&*self.config.store, "complete", &result);
             let err = match result {
                 Ok(()) => return Ok(()),
                 Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),
@@ -420,7 +420,7 @@ async fn release(
     let timeout = config.store_timeout;
     let timer = crate::metrics::Timer::start();
     let result = bounded(timeout, config.store.release(&key, token)).await;
-    timer.store_call(&config, "release", &result);
+    timer.store_call(&*config.store, "release", &result);
     match result {
         Ok(()) | Err(StoreError::LeaseLost) => return,
         Err(StoreError::Committed) => return committed(config, key, token, fallback).await,

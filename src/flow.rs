@@ -92,11 +92,13 @@ where
     // The token is made here, before the claim is sent: if the answer never comes, the
     // claim that may have landed is released by it (on every path, drops included).
     let pending = PendingClaim::new(&config, store_key);
+    let timer = crate::metrics::Timer::start();
     let mut claim = bounded(
         config.store_timeout,
         store.claim(pending.key(), &fingerprint, pending.token(), config.lease),
     )
     .await;
+    timer.store_call(&*config.store, "claim", &claim);
     let mut waited = false;
     loop {
         let found = match claim {
@@ -198,6 +200,7 @@ where
                         waited = true;
                         // Each step of the wait is a store call; the whole wait is bounded
                         // by its own timeout plus one call.
+                        let timer = crate::metrics::Timer::start();
                         claim = bounded(
                             timeout.saturating_add(config.store_timeout),
                             store.wait(
@@ -209,6 +212,7 @@ where
                             ),
                         )
                         .await;
+                        timer.store_call(&*config.store, "wait", &claim);
                         continue;
                     }
                     _ => {
@@ -280,7 +284,7 @@ async fn outcome_unknown<B>(
                     config.store.settle(&key, record.clone(), config.ttl),
                 )
                 .await;
-                timer.store_call(config, "settle", &settled);
+                timer.store_call(&*config.store, "settle", &settled);
                 match settled {
                     Ok(true) => {
                         tracing::info!(

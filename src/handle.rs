@@ -148,7 +148,7 @@ impl IdempotencyClaim {
             config.store.commit(&s.key, s.token, config.ttl),
         )
         .await;
-        started.store_call(config, "commit", &result);
+        started.store_call(&*config.store, "commit", &result);
         result?;
         s.commit.store(CONFIRMED, Ordering::Release);
         tracing::debug!(key = self.key(), "commit point declared");

@@ -153,11 +153,13 @@ async fn renew(
     let mut pause = FIRST_RETRY.min(period);
     let mut failures = 0u32;
     loop {
+        let timer = crate::metrics::Timer::start();
         let result = crate::store::bounded(
             renewal.timeout,
             renewal.store.extend(&key, token, renewal.lease),
         )
         .await;
+        timer.store_call(&*renewal.store, "extend", &result);
         let Some(keeper) = keeper.upgrade() else {
             return;
         };

@@ -17,9 +17,8 @@
 //! The layer records into whatever recorder the application installed (for example
 //! `metrics-exporter-prometheus`); with none, recording costs a few loads.
 
-use crate::config::Config;
 use crate::outcome::IdempotencyOutcome;
-use crate::store::StoreError;
+use crate::store::{IdempotencyStore, StoreError};
 
 /// Times one store call.
 pub(crate) struct Timer {
@@ -39,7 +38,7 @@ impl Timer {
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
     pub(crate) fn store_call<T>(
         self,
-        config: &Config,
+        store: &dyn IdempotencyStore,
         op: &'static str,
         result: &Result<T, StoreError>,
     ) {
@@ -47,7 +46,7 @@ impl Timer {
         metrics::histogram!(
             "idempotency_store_call_duration_seconds",
             "op" => op,
-            "backend" => config.store.backend_name(),
+            "backend" => store.backend_name(),
             "result" => if result.is_ok() { "ok" } else { "error" },
         )
         .record(self.started.elapsed().as_secs_f64());

@@ -126,6 +126,7 @@ where
                 MissingKey::Optional => {
                     return ResponseFuture::covered(Box::pin(async move {
                         let res = inner.call(Request::from_parts(parts, body)).await?;
+                        crate::metrics::outcome(IdempotencyOutcome::PassedThrough);
                         Ok(mark(
                             res.map(IdempotencyBody::passthrough),
                             IdempotencyOutcome::PassedThrough,
