@@ -265,6 +265,30 @@ impl StoreKey {
         &self.0
     }
 
+    /// A key as a store keeps it (`scope:key`, as [`as_str`](Self::as_str) writes it and as
+    /// it shows in a Redis key name or a PostgreSQL row), for operators' tools. `None` when
+    /// the scope is not `anon` or 64 lowercase hexadecimal digits, or the key is empty or
+    /// not printable ASCII.
+    ///
+    /// ```
+    /// use tower_idempotency::{Scope, StoreKey};
+    ///
+    /// let key = StoreKey::new(&Scope::of_principal(&"user:42"), "order-1");
+    /// assert_eq!(StoreKey::from_stored(key.as_str()), Some(key));
+    /// assert_eq!(StoreKey::from_stored("anon:k").unwrap().client_key(), "k");
+    /// assert_eq!(StoreKey::from_stored("alice:k"), None);
+    /// ```
+    pub fn from_stored(text: &str) -> Option<Self> {
+        let (scope, key) = text.split_once(':')?;
+        let scope_ok = scope == "anon"
+            || (scope.len() == 64
+                && scope
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        let key_ok = !key.is_empty() && key.bytes().all(|b| (0x20..0x7f).contains(&b));
+        (scope_ok && key_ok).then(|| Self(text.to_owned()))
+    }
+
     /// Moves the key out, leaving an empty one behind (no allocation).
     pub(crate) fn take(&mut self) -> Self {
         Self(std::mem::take(&mut self.0))
