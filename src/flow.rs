@@ -152,7 +152,17 @@ where
                     return Ok(mismatch(&config, grpc));
                 }
                 if record.is_tombstone() {
-                    let detail = if (config.maybe_ran)(record.status()) {
+                    let grpc_cut = crate::problem::is_grpc(record.headers())
+                        && record
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok())
+                            .is_some_and(|c| (config.grpc_maybe_ran)(c));
+                    let detail = if grpc_cut {
+                        "The call was cut off midway (its deadline ran out) and may have run; \
+                         its outcome is not known. It will not run again with this key."
+                            .to_owned()
+                    } else if (config.maybe_ran)(record.status()) {
                         format!(
                             "The operation was cut off midway (it answered {}) and may have \
                              run; its outcome is not known. It will not run again with this \

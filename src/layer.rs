@@ -106,6 +106,7 @@ impl IdempotencyLayer {
                 storable: Arc::new(policy::default_storable),
                 grpc_storable: Arc::new(policy::default_grpc_storable),
                 maybe_ran: Arc::new(policy::default_maybe_ran),
+                grpc_maybe_ran: Arc::new(policy::default_grpc_maybe_ran),
                 replay_header: None,
                 lease: Duration::from_secs(30),
                 ttl: Duration::from_secs(24 * 60 * 60),
@@ -432,6 +433,21 @@ impl IdempotencyLayer {
     /// ```
     pub fn maybe_ran_when(self, f: impl Fn(StatusCode) -> bool + Send + Sync + 'static) -> Self {
         self.edit(|c| c.maybe_ran = Arc::new(f))
+    }
+
+    /// Which gRPC status codes mean "the call was cut off and may have run", as
+    /// [`maybe_ran_when`](Self::maybe_ran_when) does for HTTP: the key keeps a tombstone and
+    /// retries get `ALREADY_EXISTS` (`response-not-stored`), never a second run. Checked
+    /// before [`grpc_storable_when`](Self::grpc_storable_when). Default:
+    /// [`policy::default_grpc_maybe_ran`] (`DEADLINE_EXCEEDED`).
+    ///
+    /// ```
+    /// // A service whose handlers answer DEADLINE_EXCEEDED only before doing anything.
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .grpc_maybe_ran_when(|_code| false);
+    /// ```
+    pub fn grpc_maybe_ran_when(self, f: impl Fn(u32) -> bool + Send + Sync + 'static) -> Self {
+        self.edit(|c| c.grpc_maybe_ran = Arc::new(f))
     }
 
     /// Which gRPC status codes are stored (for gRPC responses, whose HTTP status is always

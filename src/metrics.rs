@@ -3,7 +3,7 @@
 //!
 //! | Name | Kind | Labels | What |
 //! |---|---|---|---|
-//! | `idempotency_requests_total` | counter | `outcome` | covered requests, by [`IdempotencyOutcome`](crate::IdempotencyOutcome) (`executed`, `replayed`, `in_flight`, `mismatch`, `outcome_unknown`, …) |
+//! | `idempotency_requests_total` | counter | `outcome` | covered requests, by `IdempotencyOutcome` (`executed`, `replayed`, `in_flight`, `mismatch`, `outcome_unknown`, …) |
 //! | `idempotency_store_call_duration_seconds` | histogram | `op`, `backend`, `result` | each store call the layer makes (`claim`, `wait`, `complete`, `release`, `extend`, `commit`, `settle`), by [`backend_name`](crate::IdempotencyStore::backend_name); `result` is `ok` or `error` |
 //! | `idempotency_lost_leases_total` | counter | | an operation found its key taken over when it came to store its outcome |
 //! | `idempotency_completion_retries_total` | counter | | failed attempts to store an outcome that were retried |

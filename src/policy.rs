@@ -112,6 +112,21 @@ pub fn default_maybe_ran(status: StatusCode) -> bool {
     status == StatusCode::REQUEST_TIMEOUT
 }
 
+/// The default test of
+/// [`grpc_maybe_ran_when`](crate::IdempotencyLayer::grpc_maybe_ran_when):
+/// `DEADLINE_EXCEEDED` (4), what a server answers when the call's deadline (its
+/// `grpc-timeout`, or a timeout layer) cut the handler off midway.
+///
+/// ```
+/// use tower_idempotency::policy::default_grpc_maybe_ran;
+///
+/// assert!(default_grpc_maybe_ran(4));
+/// assert!(!default_grpc_maybe_ran(14));
+/// ```
+pub fn default_grpc_maybe_ran(code: u32) -> bool {
+    code == 4
+}
+
 /// Whether a response header is stored and replayed when
 /// [`replay_headers`](crate::IdempotencyLayer::replay_headers) is not set: every header but
 /// the ones addressed to one caller, which a retry from another connection or session must

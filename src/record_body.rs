@@ -200,24 +200,38 @@ impl Recording {
         }
     }
 
-    fn storable(&self) -> bool {
-        let config = self.claimed.config();
-        if is_grpc(&self.headers) && self.status == StatusCode::OK {
-            let code = self
-                .trailers
+    /// For a gRPC answer (HTTP 200 with a gRPC content type): its `grpc-status`, from the
+    /// trailers or (trailers-only) the headers; `Some(None)` when it has none.
+    fn grpc_code(&self) -> Option<Option<u32>> {
+        if !(is_grpc(&self.headers) && self.status == StatusCode::OK) {
+            return None;
+        }
+        Some(
+            self.trailers
                 .as_ref()
                 .and_then(|t| t.get("grpc-status"))
                 .or_else(|| self.headers.get("grpc-status"))
-                .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok());
-            return code.is_some_and(|c| (config.grpc_storable)(c));
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok()),
+        )
+    }
+
+    fn storable(&self) -> bool {
+        let config = self.claimed.config();
+        match self.grpc_code() {
+            Some(code) => code.is_some_and(|c| (config.grpc_storable)(c)),
+            None => (config.storable)(self.status),
         }
-        (config.storable)(self.status)
     }
 
     /// Whether the answer says the operation was cut off midway (a timeout inside the
-    /// layer): it may have run, so its key must not be released.
+    /// layer: HTTP `408`, gRPC `DEADLINE_EXCEEDED` by default): it may have run, so its key
+    /// must not be released.
     fn maybe_ran(&self) -> bool {
-        !is_grpc(&self.headers) && (self.claimed.config().maybe_ran)(self.status)
+        let config = self.claimed.config();
+        match self.grpc_code() {
+            Some(code) => code.is_some_and(|c| (config.grpc_maybe_ran)(c)),
+            None => !is_grpc(&self.headers) && (config.maybe_ran)(self.status),
+        }
     }
 
     /// The body ended: store the outcome, or release the key if it is not storable (a key

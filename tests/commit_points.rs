@@ -386,3 +386,50 @@ async fn a_commit_after_losing_the_key_is_refused() {
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(outcome.lock().unwrap().as_deref(), Some("Err(LeaseLost)"));
 }
+
+/// A gRPC handler cut off by its deadline (`DEADLINE_EXCEEDED`, as a timeout inside the
+/// layer answers) may have made its effect: its key is kept, never released for a second
+/// run (the gRPC twin of HTTP `408`).
+#[tokio::test]
+async fn grpc_deadline_exceeded_is_never_run_twice() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route(
+            "/pkg.Svc/Pay",
+            post({
+                let runs = Arc::clone(&runs);
+                move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    // A trailers-only answer: the deadline ran out midway.
+                    http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "4")
+                        .header("grpc-message", "deadline exceeded")
+                        .body(axum::body::Body::empty())
+                        .unwrap()
+                }
+            }),
+        )
+        .layer(layer(MemoryStore::new(), 30_000).grpc_methods(["/pkg.Svc/Pay"]));
+    let req = || {
+        Request::post("/pkg.Svc/Pay")
+            .header("content-type", "application/grpc")
+            .header("idempotency-key", "d1")
+            .body(axum::body::Body::from(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap()
+    };
+    let first = call(&app, req()).await;
+    assert_eq!(first.headers["grpc-status"], "4");
+    let retry = call(&app, req()).await;
+    let status = retry
+        .headers
+        .get("grpc-status")
+        .or(retry.trailers.as_ref().and_then(|t| t.get("grpc-status")))
+        .expect("a grpc-status");
+    assert_eq!(status, "6", "ALREADY_EXISTS: it may have run");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "a cut-off gRPC call ran again"
+    );
+}

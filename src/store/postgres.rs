@@ -16,14 +16,24 @@
 //!     token       bytea,                     -- lease token; NULL once completed
 //!     fingerprint bytea       NOT NULL,      -- the claiming request's fingerprint
 //!     record      bytea,                     -- Record::encode(); NULL while in flight
-//!     expires_at  timestamptz NOT NULL,      -- lease end, or record TTL end
-//!     contested   boolean     NOT NULL DEFAULT false  -- a lapsed lease, contested once
+//!     expires_at  timestamptz NOT NULL,      -- lease end; record TTL end; commit TTL end
+//!     contested   boolean     NOT NULL DEFAULT false,  -- a lapsed lease, contested once
+//!     committed   boolean     NOT NULL DEFAULT false,  -- past its commit point
+//!     lease_until timestamptz,               -- a committed claim's lease end
+//!     status      smallint,                  -- the record's status, readable in SQL
+//!     headers     jsonb                      -- its headers: [[name, value], …] in order
 //! );
-//! ALTER TABLE "idempotency_records"
-//!     ADD COLUMN IF NOT EXISTS contested boolean NOT NULL DEFAULT false;  -- older tables
+//! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS contested boolean NOT NULL DEFAULT false;
+//! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS committed boolean NOT NULL DEFAULT false;
+//! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS lease_until timestamptz;
+//! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS status smallint;
+//! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS headers jsonb;
 //! CREATE INDEX IF NOT EXISTS "idempotency_records_expires_at_idx"
 //!     ON "idempotency_records" (expires_at);
 //! ```
+//!
+//! The `ALTER TABLE` statements bring a table made by an older version up to date; run
+//! them (or `migrate`) before the new version serves.
 //!
 //! The index is named `{table}_expires_at_idx`; when that would pass PostgreSQL's 63-byte
 //! limit on names, the table name is cut to 39 bytes and followed by `_` and eight hex
@@ -46,8 +56,10 @@
 //!
 //!   ```sql
 //!   WITH live AS (
-//!       SELECT h.fingerprint, h.record,
-//!              (extract(epoch FROM h.expires_at - now()) * 1000000)::bigint AS rest
+//!       SELECT h.fingerprint, h.record, h.committed,
+//!              -- a committed claim without a record is in flight until lease_until
+//!              (extract(epoch FROM (CASE WHEN h.committed AND h.record IS NULL
+//!                   THEN h.lease_until ELSE h.expires_at END) - now()) * 1000000)::bigint AS rest
 //!       FROM "idempotency_records" AS h WHERE h.key = $1 AND h.expires_at > now()
 //!   ), claimed AS (
 //!       INSERT INTO "idempotency_records" AS r
@@ -55,11 +67,11 @@
 //!       SELECT $1, $2, $3, NULL, now() + $4::bigint * interval '1 microsecond', false
 //!       WHERE NOT EXISTS (SELECT 1 FROM live)
 //!       ON CONFLICT (key) DO UPDATE SET
-//!           -- <spare>: r.token IS NOT NULL AND NOT r.contested (a lapsed, uncontested claim)
+//!           -- <spare>: r.token IS NOT NULL AND NOT r.contested AND NOT r.committed
 //!           token = CASE WHEN <spare> THEN r.token ELSE excluded.token END,
 //!           fingerprint = CASE WHEN <spare> THEN r.fingerprint ELSE excluded.fingerprint END,
-//!           record = NULL,
-//!           contested = (<spare>),
+//!           record = NULL, contested = (<spare>), committed = false,
+//!           lease_until = NULL, status = NULL, headers = NULL,
 //!           expires_at = CASE WHEN <spare>
 //!               THEN now() + greatest($4::bigint / 2, 1) * interval '1 microsecond'
 //!               ELSE excluded.expires_at END
@@ -67,10 +79,14 @@
 //!       RETURNING r.token = $2 AS acquired, r.fingerprint,
 //!           (extract(epoch FROM r.expires_at - now()) * 1000000)::bigint AS rest
 //!   )
-//!   SELECT acquired, fingerprint, NULL::bytea, rest FROM claimed
+//!   SELECT acquired, fingerprint, NULL::bytea, rest, false FROM claimed
 //!   UNION ALL
-//!   SELECT false, fingerprint, record, rest FROM live
+//!   SELECT false, fingerprint, record, rest, committed FROM live
 //!   ```
+//!
+//!   A committed row without a record whose `rest` ran out answers
+//!   [`Claim::OutcomeUnknown`]; it is live until its commit's TTL (`expires_at`) ends, so it
+//!   is never contested nor taken over before.
 //!
 //!   A replay or an in-flight answer only reads: it locks no row and writes nothing, so its
 //!   commit does not wait for the write-ahead log to reach the disk.
@@ -81,11 +97,20 @@
 //!   snapshot shows no live row: the statement returns nothing. The store then runs it
 //!   again, with a fresh snapshot that shows the winner's row. This only happens under a
 //!   race on one key.
-//! - **complete**: `UPDATE … SET token = NULL, record = $3, expires_at = now() + ttl WHERE
-//!   key = $1 AND token = $2`.
-//! - **release**: `DELETE … WHERE key = $1 AND token = $2`.
+//! - **complete**: `UPDATE … SET token = NULL, record = $3, status = …, headers = …,
+//!   expires_at = now() + ttl WHERE key = $1 AND token = $2`.
+//! - **release**: `DELETE … WHERE key = $1 AND token = $2 AND NOT committed`, and in the
+//!   same statement, for a committed row, `UPDATE … SET lease_until = least(lease_until,
+//!   now())` ([`StoreError::Committed`]).
 //! - **extend**: `UPDATE … SET expires_at = now() + lease, contested = false WHERE key = $1
-//!   AND token = $2`.
+//!   AND token = $2` (a committed row: `lease_until = now() + lease`, `expires_at` not below
+//!   its commit's TTL).
+//! - **commit**: `UPDATE … SET committed = true, lease_until = expires_at, expires_at =
+//!   greatest(expires_at, now() + ttl) WHERE key = $1 AND token = $2`; the same statement
+//!   runs in your transaction with [`PostgresStore::commit_in`].
+//! - **settle**: `UPDATE … SET token = NULL, record = $2, … WHERE key = $1 AND committed AND
+//!   record IS NULL AND lease_until <= now() AND expires_at > now()`.
+//! - **inspect**: one `SELECT` of the row; **purge**: `DELETE … WHERE key = $1`.
 //!
 //! A fenced statement that changes no row answers [`StoreError::LeaseLost`]. Fencing is by
 //! token, not by clock: a lapsed lease lets a new claim take the row over (which replaces
@@ -105,7 +130,7 @@
 //!               ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
 //!   AND <gone>
 //! -- <gone>: expires_at <= now()
-//! --         AND (token IS NULL OR expires_at <= now() - interval '3600 seconds')
+//! --         AND (token IS NULL OR committed OR expires_at <= now() - interval '3600 seconds')
 //! ```
 //!
 //! `SKIP LOCKED` lets several instances sweep at once without waiting on each other, and
