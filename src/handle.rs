@@ -88,7 +88,7 @@ impl fmt::Debug for IdempotencyClaim {
         f.debug_struct("IdempotencyClaim")
             .field("key", &self.key())
             .field("token", &self.shared.token)
-            .field("committed", &self.shared.commit.load(Ordering::Relaxed))
+            .field("committed", &self.is_committed())
             .finish()
     }
 }

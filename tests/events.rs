@@ -191,3 +191,94 @@ async fn a_layer_without_a_caller_scope_says_so_once() {
     }
     assert_eq!(runs.started(), 0);
 }
+
+/// Every span's fields as they were recorded, by span id.
+#[derive(Clone, Default)]
+struct Spans(Arc<Mutex<Vec<(tracing::span::Id, String, Vec<(String, String)>)>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        _ctx: Context<'_, S>,
+    ) {
+        let mut fields = Vec::new();
+        attrs.record(&mut Fields(&mut fields));
+        let name = attrs.metadata().name().to_owned();
+        self.0.lock().unwrap().push((id.clone(), name, fields));
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        _ctx: Context<'_, S>,
+    ) {
+        let mut spans = self.0.lock().unwrap();
+        if let Some((_, _, fields)) = spans.iter_mut().rev().find(|(i, _, _)| i == id) {
+            values.record(&mut Fields(fields));
+        }
+    }
+}
+
+/// The `idempotency` span carries OpenTelemetry's HTTP attributes and the outcome; replays
+/// and 409s are `info` events, 422s and unknown outcomes `warn`.
+#[tokio::test(flavor = "current_thread")]
+async fn spans_carry_http_attributes_and_answers_are_events() {
+    let capture = Capture::default();
+    let spans = Spans::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::registry()
+            .with(capture.clone())
+            .with(spans.clone()),
+    );
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(runs.handler(Duration::ZERO));
+    assert_eq!(call(&svc, request("k")).await.status, 201);
+    assert!(call(&svc, request("k")).await.replayed());
+    let mut other = request("k");
+    *other.body_mut() = axum::body::Body::from("{\"other\":1}");
+    assert_eq!(call(&svc, other).await.status, 422);
+
+    let spans = spans.0.lock().unwrap().clone();
+    let ours: Vec<_> = spans
+        .iter()
+        .filter(|(_, n, _)| n == "idempotency")
+        .collect();
+    assert_eq!(ours.len(), 3);
+    let field = |fields: &Vec<(String, String)>, name: &str| {
+        fields
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    for (expected, (_, _, fields)) in [("executed", 201), ("replayed", 201), ("mismatch", 422)]
+        .iter()
+        .zip(&ours)
+    {
+        assert_eq!(
+            field(fields, "http.request.method").as_deref(),
+            Some("POST")
+        );
+        assert_eq!(field(fields, "url.path").as_deref(), Some("/orders"));
+        assert_eq!(field(fields, "outcome").as_deref(), Some(expected.0));
+        assert_eq!(
+            field(fields, "http.response.status_code"),
+            Some(expected.1.to_string())
+        );
+    }
+    let events = capture.events();
+    assert!(
+        events.iter().any(|e| e.level == tracing::Level::INFO
+            && e.message().contains("replayed the stored answer"))
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.level == tracing::Level::WARN && e.message().contains("another payload"))
+    );
+}

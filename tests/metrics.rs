@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::post;
-use common::{call, post as post_req};
+use std::sync::atomic::Ordering;
+
+use common::{FaultStore, call, post as post_req};
 use http::StatusCode;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use tower_idempotency::{
@@ -121,8 +123,69 @@ async fn a_scripted_sequence_is_counted() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(call(&app, crash()).await.status, 500);
     store.sweep();
+    // (Counters are drained by each snapshot: this one holds the sequence above.)
+    let first = snapshot(&snapshotter);
 
-    let m = snapshot(&snapshotter);
+    // A failed completion, retried; a lost claim reply, its orphan released; a key purged
+    // under its running operation (its lease is lost). On a store that counts as "custom".
+    let faulty = FaultStore::new(MemoryStore::new());
+    let purge_under = faulty.clone();
+    let faulty_app = Router::new()
+        .route(
+            "/orders",
+            post(move |claim: IdempotencyClaim, body: String| {
+                let store = purge_under.clone();
+                async move {
+                    if body == "purge" {
+                        store.purge(claim.store_key()).await.unwrap();
+                    }
+                    (StatusCode::CREATED, "made")
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(faulty.clone()).share_keys_across_callers());
+    faulty.faults.complete_failures.store(1, Ordering::SeqCst);
+    assert_eq!(
+        call(&faulty_app, post_req(Some("f1"), "x")).await.status,
+        201
+    );
+    faulty.faults.claim_lost_replies.store(1, Ordering::SeqCst);
+    assert_eq!(
+        call(&faulty_app, post_req(Some("f2"), "x")).await.status,
+        503
+    );
+    for _ in 0..200 {
+        if faulty.faults.released.load(Ordering::SeqCst) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        call(&faulty_app, post_req(Some("f3"), "purge"))
+            .await
+            .status,
+        201
+    );
+
+    // Evictions: a small store whose records left their one-second window.
+    let small = MemoryStore::builder()
+        .max_bytes(8 * 1024)
+        .min_retention(Duration::from_secs(1))
+        .build();
+    let small_app = Router::new()
+        .route("/orders", post(|| async { (StatusCode::CREATED, "made") }))
+        .layer(IdempotencyLayer::new(small.clone()).share_keys_across_callers());
+    for i in 0..8 {
+        call(&small_app, post_req(Some(&format!("s{i}")), "x")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for i in 8..16 {
+        call(&small_app, post_req(Some(&format!("s{i}")), "x")).await;
+    }
+    assert!(small.evictions() > 0);
+    let second = snapshot(&snapshotter);
+
+    let m = &first;
     let get = |name: &str| m.get(name).copied().unwrap_or(0.0);
     assert_eq!(
         get("idempotency_requests_total{outcome=executed}"),
@@ -160,4 +223,19 @@ async fn a_scripted_sequence_is_counted() {
     assert_eq!(get("idempotency_memory_entries{}"), store.len() as f64);
     assert_eq!(get("idempotency_memory_bytes{}"), store.bytes() as f64);
     assert_eq!(store.len(), 3);
+
+    let m = &second;
+    let get = |name: &str| m.get(name).copied().unwrap_or(0.0);
+    assert_eq!(get("idempotency_completion_retries_total{}"), 1.0, "{m:#?}");
+    assert_eq!(get("idempotency_orphan_releases_total{}"), 1.0);
+    assert_eq!(get("idempotency_lost_leases_total{}"), 1.0);
+    assert_eq!(
+        get("idempotency_memory_evictions_total{}"),
+        small.evictions() as f64
+    );
+    // The injected failure, and the completion that found its key purged (lease lost).
+    assert_eq!(
+        get("idempotency_store_call_duration_seconds{backend=custom,op=complete,result=error}"),
+        2.0
+    );
 }
