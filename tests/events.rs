@@ -192,9 +192,12 @@ async fn a_layer_without_a_caller_scope_says_so_once() {
     assert_eq!(runs.started(), 0);
 }
 
-/// Every span's fields as they were recorded, by span id.
+/// A span: its id, its name, and its fields in the order they were recorded.
+type SpanFields = (tracing::span::Id, String, Vec<(String, String)>);
+
+/// Every span's fields as they were recorded.
 #[derive(Clone, Default)]
-struct Spans(Arc<Mutex<Vec<(tracing::span::Id, String, Vec<(String, String)>)>>>);
+struct Spans(Arc<Mutex<Vec<SpanFields>>>);
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
     fn on_new_span(
