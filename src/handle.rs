@@ -63,6 +63,10 @@ impl Shared {
 /// A request that never declares a commit point keeps the default behaviour: an error
 /// answer (or a panic, or a lost response) releases the key, so a retry runs again.
 ///
+/// A tonic handler finds it with
+/// `request.extensions().get::<IdempotencyClaim>()`; any Tower service in
+/// `req.extensions()`.
+///
 /// ```
 /// use axum::{Router, routing::post};
 /// use tower_idempotency::{IdempotencyClaim, IdempotencyLayer, MemoryStore};

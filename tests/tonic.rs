@@ -234,7 +234,20 @@ impl demo::Orders for Arc<Scripted> {
     ) -> Result<Response<Order>, Status> {
         let n = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
         tokio::time::sleep(self.delay).await;
+        // A tonic handler finds its claim in the request's extensions.
+        let claim = request
+            .extensions()
+            .get::<tower_idempotency::IdempotencyClaim>()
+            .cloned();
         let new = request.into_inner();
+        if new.item == "committed-unavailable" {
+            let claim = claim.expect("a covered call carries its claim");
+            claim
+                .commit()
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+            return Err(Status::unavailable("charged, then the warehouse went down"));
+        }
         match new.item.as_str() {
             "invalid" => {
                 let mut metadata = MetadataMap::new();
@@ -478,6 +491,28 @@ async fn retryable_error_statuses_are_not_stored() {
         }
         assert_eq!(handler.runs(), before + 2, "{item} ran again on retry");
     }
+}
+
+/// A tonic handler that declared its commit point (through the claim in its request's
+/// extensions) has even a retryable error status stored: the retry replays it, the handler
+/// runs once.
+#[tokio::test]
+async fn a_committed_call_is_never_run_again() {
+    let handler = Arc::new(Scripted::default());
+    let addr = start(demo::layer(MemoryStore::new()), Arc::clone(&handler)).await;
+    let mut client = client(addr).await;
+    let first = client
+        .create_order(with_key(new_order("committed-unavailable", 100), "c-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), Code::Unavailable);
+    let retry = client
+        .create_order(with_key(new_order("committed-unavailable", 100), "c-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(retry.code(), Code::Unavailable);
+    assert!(replayed(retry.metadata()));
+    assert_eq!(handler.runs(), 1, "a committed call ran again");
 }
 
 /// A handler's error status is a trailers-only answer (HEADERS with END_STREAM). Without
