@@ -354,5 +354,17 @@ async fn a_rolled_back_commit_point_lets_a_retry_run() {
     assert!(!retry.replayed());
     assert_eq!(app.runs.load(Ordering::SeqCst), 2);
     assert_eq!(rows(&pool, &orders, "k").await, 1);
+    // The stored answer's status and headers are readable in SQL.
+    let (status, content_type): (Option<i16>, Option<String>) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT status, (SELECT h->>1 FROM jsonb_array_elements(headers) AS h \
+             WHERE h->>0 = 'content-type') FROM \"{records}\" WHERE key = $1"
+        )))
+        .bind(StoreKey::new(&Scope::anonymous(), "k").as_str())
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(status, Some(201));
+    assert_eq!(content_type.as_deref(), Some("text/plain; charset=utf-8"));
     teardown(&pool, &orders, &records).await;
 }
