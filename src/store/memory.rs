@@ -392,6 +392,30 @@ impl MemoryStore {
     }
 }
 
+/// A record on its way into an entry (see [`Inner::completion`]).
+struct Completion {
+    record: Arc<Record>,
+    size: usize,
+    seq: u64,
+    now: Instant,
+    expires_at: Instant,
+}
+
+impl Completion {
+    /// Replaces what `entry` held with the record, waking its waiters.
+    fn put(&self, inner: &Inner, entry: &mut Entry) {
+        entry.wake();
+        inner.bytes.fetch_add(self.size, Ordering::Relaxed);
+        inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+        *entry = Entry {
+            state: State::Completed(Arc::clone(&self.record)),
+            expires_at: self.expires_at,
+            size: self.size,
+            seq: self.seq,
+        };
+    }
+}
+
 /// The answer for a committed claim whose lease lapsed and whose commit is still kept.
 fn unknown_outcome(entry: &Entry, now: Instant) -> Option<Claim> {
     match &entry.state {
@@ -507,6 +531,42 @@ impl Inner {
         false
     }
 
+    /// A record about to be stored under `key`: a tombstone if it could never fit, its body
+    /// copied to a buffer of its own, and its place in time.
+    fn completion(&self, key: &StoreKey, record: Record, ttl: Duration) -> Completion {
+        let overhead = key.as_str().len() + ENTRY_OVERHEAD;
+        let record = if record.size() + overhead > self.max_bytes {
+            Record::tombstone(record.status(), record.headers().clone())
+                .with_fingerprint(*record.fingerprint())
+        } else {
+            record
+        };
+        let record = Arc::new(record.with_own_body());
+        let now = Instant::now();
+        Completion {
+            size: record.size() + overhead,
+            record,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            now,
+            expires_at: time::add(now, ttl),
+        }
+    }
+
+    /// Puts a stored record in the eviction queue, then evicts what the cap asks for.
+    fn enqueue(&self, key: Arc<str>, completion: &Completion) {
+        let window_end = time::add(completion.now, self.min_retention);
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(Queued {
+                key,
+                seq: completion.seq,
+                evictable_at: window_end.min(completion.expires_at),
+                expires_at: completion.expires_at,
+            });
+        self.after_complete(completion.now);
+    }
+
     /// After a completion: if the store is past its cap, evicts what is past the window
     /// until it is under again (never the record just written, nor any inside the window).
     fn after_complete(&self, now: Instant) {
@@ -538,42 +598,12 @@ impl IdempotencyStore for MemoryStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let overhead = key.as_str().len() + ENTRY_OVERHEAD;
-        let record = if record.size() + overhead > self.inner.max_bytes {
-            Record::tombstone(record.status(), record.headers().clone())
-                .with_fingerprint(*record.fingerprint())
-        } else {
-            record
-        };
-        let record = Arc::new(record.with_own_body());
-        let size = record.size() + overhead;
-        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let expires_at = time::add(now, ttl);
-        let window_end = time::add(now, self.inner.min_retention);
+        let completion = self.inner.completion(key, record, ttl);
         let key = self.with_owned(key, token, |key, entry| {
-            entry.wake();
-            self.inner.bytes.fetch_add(size, Ordering::Relaxed);
-            self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
-            *entry = Entry {
-                state: State::Completed(record),
-                expires_at,
-                size,
-                seq,
-            };
+            completion.put(&self.inner, entry);
             Arc::clone(key)
         })?;
-        self.inner
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(Queued {
-                key,
-                seq,
-                evictable_at: window_end.min(expires_at),
-                expires_at,
-            });
-        self.inner.after_complete(now);
+        self.inner.enqueue(key, &completion);
         Ok(())
     }
 
@@ -625,39 +655,18 @@ impl IdempotencyStore for MemoryStore {
         record: Record,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let record = Arc::new(record.with_own_body());
-        let size = record.size() + key.as_str().len() + ENTRY_OVERHEAD;
-        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let expires_at = time::add(now, ttl);
+        let completion = self.inner.completion(key, record, ttl);
         let Some(mut entry) = self.inner.map.get_mut(key.as_str()) else {
             return Ok(false);
         };
+        let now = completion.now;
         if entry.expires_at > now || unknown_outcome(&entry, now).is_none() {
             return Ok(false);
         }
-        entry.wake();
-        self.inner.bytes.fetch_add(size, Ordering::Relaxed);
-        self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
-        *entry = Entry {
-            state: State::Completed(record),
-            expires_at,
-            size,
-            seq,
-        };
+        completion.put(&self.inner, &mut entry);
         let key = Arc::clone(entry.key());
         drop(entry);
-        self.inner
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(Queued {
-                key,
-                seq,
-                evictable_at: time::add(now, self.inner.min_retention).min(expires_at),
-                expires_at,
-            });
-        self.inner.after_complete(now);
+        self.inner.enqueue(key, &completion);
         Ok(true)
     }
 
