@@ -187,9 +187,12 @@ impl IdempotencyClaim {
 
 /// The answer when a handler asks for an [`IdempotencyClaim`] that the request does not
 /// carry (feature `axum`): the route is not behind an
-/// [`IdempotencyLayer`](crate::IdempotencyLayer), the request is not covered, or it came
-/// without a key where keys are optional. It answers `500`; take `Option<IdempotencyClaim>`
-/// where a claim may be absent.
+/// [`IdempotencyLayer`](crate::IdempotencyLayer), the request is not covered, it came
+/// without a key where keys are optional
+/// ([`MissingKey::Optional`](crate::policy::MissingKey::Optional)), or the store failed
+/// and the layer ran it unprotected
+/// ([`StoreFailure::FailOpen`](crate::policy::StoreFailure::FailOpen)). It answers `500`;
+/// take `Option<IdempotencyClaim>` where a claim may be absent.
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 #[derive(Debug, Clone, Copy, thiserror::Error)]
