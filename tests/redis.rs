@@ -523,16 +523,15 @@ fn fuzz_stored_values() {
     let in_flight = (
         any::<[u8; 16]>(),
         proptest::collection::vec(any::<u8>(), 0..40),
-        any::<bool>(),
+        // No flag, contested, or committed.
+        prop_oneof![Just(None), Just(Some(b'C')), Just(Some(b'K'))],
         deadline,
     )
-        .prop_map(|(token, fp, contested, deadline)| {
+        .prop_map(|(token, fp, flag, deadline)| {
             let mut v = vec![b'L'];
             v.extend_from_slice(&token);
             v.extend_from_slice(&fp);
-            if contested {
-                v.push(b'C');
-            }
+            v.extend(flag);
             v.extend_from_slice(deadline.as_bytes());
             v
         });
@@ -603,6 +602,10 @@ fn fuzz_stored_values() {
                         prop_assert_eq!(decoded.as_ref(), Ok(&**record));
                     }
                     Ok(Claim::InFlight { .. }) => prop_assert!(in_flight_layout),
+                    // A committed claim (`K` after the fingerprint) whose deadline passed.
+                    Ok(Claim::OutcomeUnknown { .. }) => {
+                        prop_assert!(in_flight_layout && value.get(49) == Some(&b'K'))
+                    }
                     Ok(other) => panic!("{other:?}"),
                     // Unreadable (the layer answers record-unreadable), or a script that
                     // could not read the value (the layer answers store-unavailable).
