@@ -86,7 +86,10 @@ where
     let store_key = StoreKey::new(&scope, key.as_str());
     let fingerprint = config.fingerprint_of(&parts, &bytes);
     parts.extensions.insert(key);
-    let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
+    // Kept (a reference count) to fingerprint again the legacy way, should a stored
+    // fingerprint be an earlier version's.
+    let body = bytes.clone();
+    let mut req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
     let store = Arc::clone(&config.store);
 
     // The token is made here, before the claim is sent: if the answer never comes, the
@@ -148,7 +151,9 @@ where
             }
             Claim::Completed(record) => {
                 pending.not_ours();
-                if *record.fingerprint() != fingerprint {
+                let (same, _) =
+                    same_request(&config, req, &body, fingerprint, record.fingerprint());
+                if !same {
                     return Ok(mismatch(&config, grpc));
                 }
                 if record.is_tombstone() {
@@ -188,7 +193,9 @@ where
             Claim::OutcomeUnknown { fingerprint: held } => {
                 let key = pending.key().clone();
                 pending.not_ours();
-                if held != fingerprint {
+                let same;
+                (same, req) = same_request(&config, req, &body, fingerprint, &held);
+                if !same {
                     return Ok(mismatch(&config, grpc));
                 }
                 let unsettled = config
@@ -201,7 +208,9 @@ where
                 fingerprint: held,
                 lease_remaining,
             } => {
-                if held != fingerprint {
+                let same;
+                (same, req) = same_request(&config, req, &body, fingerprint, &held);
+                if !same {
                     pending.not_ours();
                     return Ok(mismatch(&config, grpc));
                 }
@@ -347,6 +356,24 @@ async fn outcome_unknown<B>(
         Problem::new(ProblemKind::OutcomeUnknown, detail),
         IdempotencyOutcome::OutcomeUnknown,
     )
+}
+
+/// Whether `stored` is this request's fingerprint: equal, or, for a fingerprint an earlier
+/// version stored (bare SHA-256, see [`crate::fingerprint`]), equal once this request is
+/// fingerprinted the old way. Hands the request back.
+fn same_request<B>(
+    config: &Config,
+    req: Request<B>,
+    body: &Bytes,
+    fingerprint: crate::fingerprint::Fingerprint,
+    stored: &crate::fingerprint::Fingerprint,
+) -> (bool, Request<B>) {
+    if *stored == fingerprint || !stored.is_legacy() || fingerprint.is_legacy() {
+        return (*stored == fingerprint, req);
+    }
+    let (parts, b) = req.into_parts();
+    let old = crate::fingerprint::legacy(|| config.fingerprint_of(&parts, body));
+    (old == *stored, Request::from_parts(parts, b))
 }
 
 /// A store answered `Acquired` with a token other than the one the layer sent.

@@ -1,0 +1,79 @@
+//! Fingerprints are tagged with their hash: a record stored by an earlier version (a bare
+//! SHA-256 fingerprint) still replays after the upgrade to XXH3-128, never a `422`.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Runs, assert_problem, call, post};
+use http::{HeaderMap, StatusCode};
+use sha2::{Digest, Sha256};
+use tower::Layer;
+use tower_idempotency::{
+    Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, LeaseToken, MemoryStore, Record, Scope,
+    StoreKey,
+};
+
+/// The fingerprint 0.1 computed for `POST /orders` with a JSON body.
+fn sha256_fingerprint(body: &str) -> Fingerprint {
+    let mut sha = Sha256::new();
+    for field in [
+        &b"POST"[..],
+        b"/orders",
+        b"application/json",
+        body.as_bytes(),
+    ] {
+        sha.update((field.len() as u64).to_be_bytes());
+        sha.update(field);
+    }
+    Fingerprint::from_bytes(sha.finalize().into())
+}
+
+#[tokio::test]
+async fn records_stored_with_the_old_hash_still_replay() {
+    let store = MemoryStore::new();
+    let old = sha256_fingerprint("{\"sku\":1}");
+    assert!(old.is_legacy());
+    // An earlier version ran `old-1` and stored its answer.
+    let key = StoreKey::new(&Scope::anonymous(), "old-1");
+    let token = LeaseToken::new();
+    let claim = store
+        .claim(&key, &old, token, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(matches!(claim, Claim::Acquired(_)));
+    let record = Record::new(
+        StatusCode::CREATED,
+        HeaderMap::new(),
+        Bytes::from("run 0"),
+        None,
+    )
+    .with_fingerprint(old);
+    store
+        .complete(&key, token, record, Duration::from_secs(600))
+        .await
+        .unwrap();
+    // And holds `old-2` in flight.
+    let key2 = StoreKey::new(&Scope::anonymous(), "old-2");
+    store
+        .claim(&key2, &old, LeaseToken::new(), Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store)
+        .share_keys_across_callers()
+        .layer(runs.handler(Duration::ZERO));
+    let replay = call(&svc, post(Some("old-1"), "{\"sku\":1}")).await;
+    assert_eq!(replay.status, StatusCode::CREATED, "{}", replay.text());
+    assert!(replay.replayed());
+    assert_eq!(replay.text(), "run 0");
+    // The same payload in flight is the same request (409), not a reuse (422).
+    let busy = call(&svc, post(Some("old-2"), "{\"sku\":1}")).await;
+    assert_problem(&busy, 409, "key-in-use");
+    // Another payload is still refused.
+    let other = call(&svc, post(Some("old-1"), "{\"sku\":2}")).await;
+    assert_problem(&other, 422, "key-reused");
+    assert_eq!(runs.started(), 0);
+}
