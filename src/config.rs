@@ -69,6 +69,8 @@ pub(crate) struct Config {
     pub(crate) type_base: String,
     pub(crate) link: bool,
     pub(crate) recover: Option<Arc<crate::handle::RecoverFn>>,
+    /// The 409 and 422 answers, rendered once.
+    pub(crate) problems: Arc<crate::problem::ProblemCache>,
     pub(crate) store_timeout: Duration,
     pub(crate) keeper: Arc<LeaseKeeper>,
     pub(crate) work: DetachedWork,
@@ -103,6 +105,8 @@ impl Clone for Config {
             type_base: self.type_base.clone(),
             link: self.link,
             recover: self.recover.clone(),
+            // Rendered with this configuration's type base: a fresh cache.
+            problems: Arc::default(),
             store_timeout: self.store_timeout,
             // A fresh keeper: a derived configuration may have another lease.
             keeper: Arc::new(LeaseKeeper::new()),
@@ -119,6 +123,24 @@ impl Config {
             store: Arc::clone(&self.store),
             lease: self.lease,
             timeout: self.store_timeout,
+        }
+    }
+
+    /// Whether a request is covered, when its method, path and headers tell (`None` when a
+    /// [`cover_when`](crate::IdempotencyLayer::cover_when) function must see the whole head).
+    pub(crate) fn covers_by_method(
+        &self,
+        method: &http::Method,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+    ) -> Option<bool> {
+        let grpc = crate::problem::is_grpc(headers);
+        if grpc && self.grpc_methods.iter().any(|m| m == uri.path()) {
+            return Some(true);
+        }
+        match &self.cover {
+            Cover::Methods(methods) => Some(!grpc && methods.contains(method)),
+            Cover::When(_) => None,
         }
     }
 

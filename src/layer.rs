@@ -117,6 +117,7 @@ impl IdempotencyLayer {
                 type_base: DEFAULT_TYPE_BASE.to_owned(),
                 link: false,
                 recover: None,
+                problems: Arc::default(),
                 store_timeout: Duration::from_secs(2),
                 keeper: Arc::new(LeaseKeeper::new()),
                 work: DetachedWork::default(),
@@ -125,7 +126,10 @@ impl IdempotencyLayer {
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        f(Arc::make_mut(&mut self.config));
+        let config = Arc::make_mut(&mut self.config);
+        f(config);
+        // Answers rendered before the change (a problem type base) are rendered again.
+        config.problems = Arc::default();
         self
     }
 

@@ -84,7 +84,7 @@ pub(crate) fn problem<B>(
     outcome: IdempotencyOutcome,
 ) -> Response<IdempotencyBody<B>> {
     let res = problem
-        .into_response(grpc, &config.type_base, config.link)
+        .into_response_cached(grpc, &config.type_base, config.link, Some(&config.problems))
         .map(|b| IdempotencyBody::full(b, None));
     mark(res, outcome)
 }

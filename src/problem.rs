@@ -210,12 +210,15 @@ impl ProblemKind {
 #[derive(Debug, Clone)]
 pub(crate) struct Problem {
     pub(crate) kind: ProblemKind,
-    pub(crate) detail: String,
+    pub(crate) detail: std::borrow::Cow<'static, str>,
     pub(crate) retry_after: Option<Duration>,
 }
 
 impl Problem {
-    pub(crate) fn new(kind: ProblemKind, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        kind: ProblemKind,
+        detail: impl Into<std::borrow::Cow<'static, str>>,
+    ) -> Self {
         Self {
             kind,
             detail: detail.into(),
@@ -228,11 +231,64 @@ impl Problem {
         self
     }
 
+    /// Whether the detail is the same for every answer of this kind (a `&'static str`),
+    /// so that what is built from it can be built once per layer.
+    fn is_static(&self) -> bool {
+        matches!(self.detail, std::borrow::Cow::Borrowed(_))
+    }
+
     /// The answer as a response with an empty (gRPC) or JSON body.
+    #[cfg(test)]
     pub(crate) fn into_response(self, grpc: bool, type_base: &str, link: bool) -> Response<Bytes> {
-        let mut res = if grpc {
-            let mut res = Response::new(Bytes::new());
-            let h = res.headers_mut();
+        self.into_response_cached(grpc, type_base, link, None)
+    }
+
+    /// The JSON body, or (gRPC) the `grpc-message` value.
+    fn render(&self, grpc: bool, type_base: &str) -> Rendered {
+        if grpc {
+            let message = percent_encode(&format!("{}: {}", self.kind.title(), self.detail));
+            return Rendered {
+                body: Bytes::new(),
+                grpc_message: HeaderValue::try_from(message).ok(),
+            };
+        }
+        let mut body = String::with_capacity(200 + self.detail.len());
+        body.push_str("{\"type\":");
+        json_string(&mut body, type_base);
+        // Re-open the string to add the slug (a slug needs no escaping).
+        body.pop();
+        body.push_str(self.kind.slug());
+        body.push_str("\",\"title\":");
+        json_string(&mut body, self.kind.title());
+        body.push_str(",\"status\":");
+        body.push_str(itoa(self.kind.status().as_u16()).as_str());
+        body.push_str(",\"detail\":");
+        json_string(&mut body, &self.detail);
+        body.push('}');
+        Rendered {
+            body: Bytes::from(body),
+            grpc_message: None,
+        }
+    }
+
+    /// [`into_response`](Self::into_response), taking the body (or gRPC message) from
+    /// `cache` when the detail is static, and rendering it there the first time.
+    pub(crate) fn into_response_cached(
+        self,
+        grpc: bool,
+        type_base: &str,
+        link: bool,
+        cache: Option<&ProblemCache>,
+    ) -> Response<Bytes> {
+        let rendered = match cache.and_then(|c| c.slot(self.kind, grpc)) {
+            Some(slot) if self.is_static() => {
+                slot.get_or_init(|| self.render(grpc, type_base)).clone()
+            }
+            _ => self.render(grpc, type_base),
+        };
+        let mut res = Response::new(rendered.body);
+        let h = res.headers_mut();
+        if grpc {
             h.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/grpc"),
@@ -241,39 +297,25 @@ impl Problem {
                 "grpc-status",
                 HeaderValue::from(u16::from(self.kind.grpc_code())),
             );
-            let message = percent_encode(&format!("{}: {}", self.kind.title(), self.detail));
-            if let Ok(v) = HeaderValue::try_from(message) {
+            if let Some(v) = rendered.grpc_message {
                 h.insert("grpc-message", v);
             }
-            res
         } else {
-            let type_uri = format!("{type_base}{}", self.kind.slug());
-            let status = self.kind.status();
-            let mut body = String::with_capacity(160 + self.detail.len());
-            body.push_str("{\"type\":");
-            json_string(&mut body, &type_uri);
-            body.push_str(",\"title\":");
-            json_string(&mut body, self.kind.title());
-            body.push_str(",\"status\":");
-            body.push_str(itoa(status.as_u16()).as_str());
-            body.push_str(",\"detail\":");
-            json_string(&mut body, &self.detail);
-            body.push('}');
-            let mut res = Response::new(Bytes::from(body));
-            *res.status_mut() = status;
+            *res.status_mut() = self.kind.status();
             let h = res.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/problem+json"),
             );
-            if let (true, Ok(v)) = (
-                link,
-                HeaderValue::try_from(format!("<{type_uri}>; rel=\"describedby\"")),
-            ) {
+            if link
+                && let Ok(v) = HeaderValue::try_from(format!(
+                    "<{type_base}{}>; rel=\"describedby\"",
+                    self.kind.slug()
+                ))
+            {
                 h.insert(header::LINK, v);
             }
-            res
-        };
+        }
         if let Some(after) = self.retry_after {
             let secs = after
                 .as_secs()
@@ -285,24 +327,57 @@ impl Problem {
     }
 }
 
+/// A problem's body, or its gRPC message, as rendered.
+#[derive(Clone)]
+struct Rendered {
+    body: Bytes,
+    grpc_message: Option<HeaderValue>,
+}
+
+/// The answers with a static detail that a layer gives most (409 and 422), rendered once.
+#[derive(Default)]
+pub(crate) struct ProblemCache {
+    slots: [std::sync::OnceLock<Rendered>; 4],
+}
+
+impl ProblemCache {
+    fn slot(&self, kind: ProblemKind, grpc: bool) -> Option<&std::sync::OnceLock<Rendered>> {
+        let i = match kind {
+            ProblemKind::KeyInUse => 0,
+            ProblemKind::KeyReused => 1,
+            _ => return None,
+        };
+        Some(&self.slots[i * 2 + usize::from(grpc)])
+    }
+}
+
 fn itoa(n: u16) -> String {
     n.to_string()
 }
 
-/// Appends `s` as a JSON string literal.
+/// Appends `s` as a JSON string literal, copying the runs that need no escape whole.
 fn json_string(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            b if b < 0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            out.push_str(&format!("\\u{b:04x}"));
+        } else {
+            out.push_str(escape);
         }
+        start = i + 1;
     }
+    out.push_str(&s[start..]);
     out.push('"');
 }
 
@@ -389,6 +464,48 @@ mod tests {
         assert_eq!(res.headers()["grpc-status"], "14");
         let msg = res.headers()["grpc-message"].to_str().unwrap();
         assert!(msg.ends_with("100%25 down %E2%9C%97"), "{msg}");
+    }
+
+    #[test]
+    fn details_with_control_and_multibyte_characters_are_valid_json() {
+        let detail = "a\u{1}b\tc\\d\u{1f}é✗\"";
+        let res = Problem::new(ProblemKind::KeyReused, detail.to_owned()).into_response(
+            false,
+            DEFAULT_TYPE_BASE,
+            false,
+        );
+        let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+        assert_eq!(body["detail"], detail);
+        let text = std::str::from_utf8(res.body()).unwrap();
+        assert!(text.contains("a\\u0001b\\tc"), "{text}");
+    }
+
+    #[test]
+    fn cached_answers_match_fresh_ones_and_keep_their_retry_after() {
+        let cache = ProblemCache::default();
+        for grpc in [false, true] {
+            for round in 0..2 {
+                let after = Duration::from_secs(1 + round);
+                let cached = Problem::new(ProblemKind::KeyInUse, "busy")
+                    .retry_after(after)
+                    .into_response_cached(grpc, DEFAULT_TYPE_BASE, true, Some(&cache));
+                let fresh = Problem::new(ProblemKind::KeyInUse, "busy")
+                    .retry_after(after)
+                    .into_response(grpc, DEFAULT_TYPE_BASE, true);
+                assert_eq!(cached.status(), fresh.status());
+                assert_eq!(cached.headers(), fresh.headers());
+                assert_eq!(cached.body(), fresh.body());
+            }
+        }
+        // A detail built per request is never taken from the cache.
+        let own = Problem::new(ProblemKind::KeyInUse, format!("busy {}", 7)).into_response_cached(
+            false,
+            DEFAULT_TYPE_BASE,
+            false,
+            Some(&cache),
+        );
+        let body: serde_json::Value = serde_json::from_slice(own.body()).unwrap();
+        assert_eq!(body["detail"], "busy 7");
     }
 
     /// Every kind's `type` URI points at a section of this module's documentation: a

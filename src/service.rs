@@ -109,13 +109,18 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let config = &self.config;
+        // An uncovered request goes straight to the ready service: no clone, no split.
+        let known = config.covers_by_method(req.method(), req.uri(), req.headers());
+        if known == Some(false) {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        let (mut parts, body) = req.into_parts();
+        if known.is_none() && !config.covers(&parts) {
+            return ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body)));
+        }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (mut parts, body) = req.into_parts();
-        let config = &self.config;
-        if !config.covers(&parts) {
-            return ResponseFuture::passthrough(inner.call(Request::from_parts(parts, body)));
-        }
         let grpc = is_grpc(&parts.headers);
         let mut values = parts.headers.get_all(&config.header).iter();
         let (key, generated) = match (values.next(), values.next()) {
