@@ -432,3 +432,67 @@ async fn grpc_deadline_exceeded_is_never_run_twice() {
         "a cut-off gRPC call ran again"
     );
 }
+
+/// A recovery hook per route: each route has its own layer over one store, and each
+/// unknown outcome is rebuilt by its own route's hook.
+#[tokio::test]
+async fn each_route_recovers_with_its_own_hook() {
+    let store = MemoryStore::new();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let panicking = |runs: Arc<AtomicUsize>| {
+        move |claim: IdempotencyClaim| async move {
+            claim.commit().await.expect("commit point");
+            runs.fetch_add(1, Ordering::SeqCst);
+            panic!("crashed after the effect");
+            #[allow(unreachable_code)]
+            ()
+        }
+    };
+    let hook = |name: &'static str| {
+        layer(store.clone(), 30_000).recover_with(move |unsettled| async move {
+            Ok(Some(
+                http::Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(Bytes::from(format!("{name} {}", unsettled.key())))
+                    .unwrap(),
+            ))
+        })
+    };
+    let app = Router::new()
+        .route(
+            "/payments",
+            post(panicking(Arc::clone(&runs))).layer(hook("payment")),
+        )
+        .route(
+            "/refunds",
+            post(panicking(Arc::clone(&runs))).layer(hook("refund")),
+        );
+    let req = |path: &str, key: &str| {
+        Request::post(path)
+            .header("idempotency-key", key)
+            .body(axum::body::Body::from("{}"))
+            .unwrap()
+    };
+    for (path, key, expected) in [
+        ("/payments", "p1", "payment p1"),
+        ("/refunds", "r1", "refund r1"),
+    ] {
+        let first = tokio::spawn({
+            let app = app.clone();
+            let req = req(path, key);
+            async move { call(&app, req).await }
+        })
+        .await;
+        assert!(first.unwrap_err().is_panic());
+        let recovered = call(&app, req(path, key)).await;
+        assert_eq!(
+            recovered.status,
+            StatusCode::CREATED,
+            "{}",
+            recovered.text()
+        );
+        assert_eq!(recovered.outcome, Some(IdempotencyOutcome::Recovered));
+        assert_eq!(recovered.body, expected);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "each operation ran once");
+}
