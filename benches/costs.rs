@@ -1,0 +1,318 @@
+//! What one request costs, counted rather than timed: heap allocations per call (a counting
+//! global allocator) and, under callgrind, instructions per call. Both are exact and do not
+//! depend on the load of the machine, so they tell small changes apart where wall-clock
+//! medians cannot.
+//!
+//! Every case is an axum `Router` with one `POST /orders` route (the handler reads its body
+//! and answers `201` with a small JSON body) and a `GET /orders` route, called through
+//! `Router::clone().oneshot(req)` with the response body collected, on a current-thread
+//! runtime. `bare` has no layer; `noop` has a `Router::layer` that does nothing (what any
+//! layer costs); `layer` has `IdempotencyLayer::new(MemoryStore::new())`.
+//!
+//! ```text
+//! CARGO_TARGET_DIR=/work/target-bench cargo bench --bench costs            # allocations
+//! bash scripts/instructions.sh                                              # instructions
+//! ```
+//!
+//! With arguments `<case> <calls>` the binary only makes `calls` calls of one case (what
+//! `scripts/instructions.sh` runs under callgrind, counting inside `measured` alone).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderValue, Method, Request, StatusCode, header::CONTENT_TYPE};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_idempotency::{IdempotencyLayer, MemoryStore, REPLAYED_HEADER};
+
+/// Counts allocations (and reallocations, which allocate) made by the whole process.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const RESPONSE: &[u8] = br#"{"id":"4c1f0a52-6a55-4d39-9a3e-1d4f2b7c9e10","status":"created"}"#;
+
+async fn create(body: Bytes) -> impl IntoResponse {
+    black_box(&body);
+    (
+        StatusCode::CREATED,
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        RESPONSE,
+    )
+}
+
+async fn list() -> &'static str {
+    "[]"
+}
+
+fn routes() -> Router {
+    Router::new().route("/orders", post(create).get(list))
+}
+
+/// How a case's router is built.
+#[derive(Clone, Copy)]
+enum Stack {
+    Bare,
+    Noop,
+    Layer,
+}
+
+fn router(stack: Stack, store: &MemoryStore) -> Router {
+    match stack {
+        Stack::Bare => routes(),
+        Stack::Noop => routes().layer(tower::layer::layer_fn(|s| s)),
+        Stack::Layer => {
+            routes().layer(IdempotencyLayer::new(store.clone()).share_keys_across_callers())
+        }
+    }
+}
+
+/// What a case sends.
+#[derive(Clone, Copy)]
+enum Send {
+    /// `GET /orders`, which the layer does not cover.
+    Get,
+    /// A `POST` with a fresh key each call, and a body of this size.
+    First(usize),
+    /// The same `POST` each call, answered once before the count.
+    Replay(usize),
+    /// A `POST` whose key is held by a claim that never ends.
+    InFlight,
+}
+
+struct Case {
+    name: &'static str,
+    stack: Stack,
+    send: Send,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "get/bare",
+        stack: Stack::Bare,
+        send: Send::Get,
+    },
+    Case {
+        name: "get/noop",
+        stack: Stack::Noop,
+        send: Send::Get,
+    },
+    Case {
+        name: "get/layer",
+        stack: Stack::Layer,
+        send: Send::Get,
+    },
+    Case {
+        name: "first-0/bare",
+        stack: Stack::Bare,
+        send: Send::First(0),
+    },
+    Case {
+        name: "first-0/layer",
+        stack: Stack::Layer,
+        send: Send::First(0),
+    },
+    Case {
+        name: "first-1k/bare",
+        stack: Stack::Bare,
+        send: Send::First(1024),
+    },
+    Case {
+        name: "first-1k/layer",
+        stack: Stack::Layer,
+        send: Send::First(1024),
+    },
+    Case {
+        name: "first-64k/bare",
+        stack: Stack::Bare,
+        send: Send::First(65536),
+    },
+    Case {
+        name: "first-64k/layer",
+        stack: Stack::Layer,
+        send: Send::First(65536),
+    },
+    Case {
+        name: "replay-1k/bare",
+        stack: Stack::Bare,
+        send: Send::Replay(1024),
+    },
+    Case {
+        name: "replay-1k/layer",
+        stack: Stack::Layer,
+        send: Send::Replay(1024),
+    },
+    Case {
+        name: "replay-64k/bare",
+        stack: Stack::Bare,
+        send: Send::Replay(65536),
+    },
+    Case {
+        name: "replay-64k/layer",
+        stack: Stack::Layer,
+        send: Send::Replay(65536),
+    },
+    Case {
+        name: "409-1k/bare",
+        stack: Stack::Bare,
+        send: Send::InFlight,
+    },
+    Case {
+        name: "409-1k/layer",
+        stack: Stack::Layer,
+        send: Send::InFlight,
+    },
+];
+
+fn body_of(size: usize) -> Bytes {
+    (0..size).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// Keys are built before the calls (and the same length every time), so that what is
+/// counted is the call alone.
+fn request(method: Method, key: Option<&str>, body: &Bytes) -> Request<Body> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri("/orders")
+        .header(CONTENT_TYPE, "application/json");
+    if let Some(key) = key {
+        b = b.header("idempotency-key", key);
+    }
+    b.body(Body::from(body.clone())).expect("a request")
+}
+
+async fn call(app: &Router, req: Request<Body>) -> (StatusCode, bool, Bytes) {
+    let res = app.clone().oneshot(req).await.expect("infallible");
+    let status = res.status();
+    let replayed = res.headers().contains_key(REPLAYED_HEADER);
+    let body = res.into_body().collect().await.expect("a body").to_bytes();
+    (status, replayed, body)
+}
+
+/// Makes `calls` calls of `case` and returns the allocations they made.
+fn run(case: &Case, calls: usize) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let (app, requests) = rt.block_on(async {
+        let store = MemoryStore::new();
+        let app = router(case.stack, &store);
+        let layered = matches!(case.stack, Stack::Layer);
+        let (method, size) = match case.send {
+            Send::Get => (Method::GET, 0),
+            Send::First(n) | Send::Replay(n) => (Method::POST, n),
+            Send::InFlight => (Method::POST, 1024),
+        };
+        let body = body_of(size);
+        let keys: Vec<String> = match case.send {
+            Send::Get => vec![],
+            Send::First(_) => (0..calls + 1).map(|i| format!("costs-{i:012}")).collect(),
+            Send::Replay(_) | Send::InFlight => vec!["costs-000000000000".to_owned()],
+        };
+        let key_of = |i: usize| match case.send {
+            Send::Get => None,
+            Send::First(_) => Some(keys[i].as_str()),
+            _ => Some(keys[0].as_str()),
+        };
+        // The expected answer, once, before counting (it also warms up the runtime).
+        match case.send {
+            Send::InFlight if layered => {
+                // A first request that never ends holds the key.
+                let held = request(Method::POST, key_of(0), &body);
+                let hold = Router::new()
+                    .route(
+                        "/orders",
+                        post(|| async { std::future::pending::<StatusCode>().await }),
+                    )
+                    .layer(IdempotencyLayer::new(store.clone()).share_keys_across_callers());
+                tokio::spawn(async move { hold.oneshot(held).await });
+                tokio::task::yield_now().await;
+                let (status, _, _) = call(&app, request(method.clone(), key_of(0), &body)).await;
+                assert_eq!(status, StatusCode::CONFLICT);
+            }
+            _ => {
+                let (status, _, _) =
+                    call(&app, request(method.clone(), key_of(calls), &body)).await;
+                assert!(status.is_success(), "{status}");
+                if let (Send::Replay(_), true) = (case.send, layered) {
+                    let (_, replayed, body) =
+                        call(&app, request(method.clone(), key_of(0), &body)).await;
+                    assert!(replayed);
+                    assert_eq!(body, RESPONSE);
+                }
+            }
+        }
+        let requests: Vec<Request<Body>> = (0..calls)
+            .map(|i| request(method.clone(), key_of(i), &body))
+            .collect();
+        (app, requests)
+    });
+    measured(&rt, &app, requests)
+}
+
+/// The calls alone: `scripts/instructions.sh` counts instructions inside this function
+/// only (callgrind's `--toggle-collect`).
+#[inline(never)]
+fn measured(rt: &tokio::runtime::Runtime, app: &Router, requests: Vec<Request<Body>>) -> u64 {
+    rt.block_on(async {
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        for req in requests {
+            black_box(call(app, req).await);
+        }
+        ALLOCATIONS.load(Ordering::Relaxed) - before
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if let [name, calls] = args.as_slice() {
+        let case = CASES
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no case {name}"));
+        let calls = calls.parse().expect("a number of calls");
+        black_box(run(case, calls));
+        return;
+    }
+    const CALLS: usize = 2000;
+    println!("| case | allocations per call |");
+    println!("|---|---:|");
+    for case in CASES {
+        let allocations = run(case, CALLS);
+        println!(
+            "| {} | {:.1} |",
+            case.name,
+            allocations as f64 / CALLS as f64
+        );
+    }
+}
