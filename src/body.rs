@@ -273,15 +273,43 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    use http_body_util::BodyExt;
     if body.size_hint().lower() > limit as u64 {
         return Err(BufferError::TooLarge);
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if is_length_limit(&*err) => Err(BufferError::TooLarge),
-        Err(err) => Err(BufferError::Read(err.to_string())),
+    let hint = body.size_hint();
+    let mut body = std::pin::pin!(http_body_util::Limited::new(body, limit));
+    // A body in one chunk (the common case) is kept as it is: no copy, no allocation.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(err) if is_length_limit(&*err) => return Err(BufferError::TooLarge),
+            Err(err) => return Err(BufferError::Read(err.to_string())),
+        };
+        // Trailers of a request are not part of what is fingerprinted or replayed.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if let Some(joined) = &mut joined {
+            joined.extend_from_slice(&data);
+        } else if let Some(head) = first.take() {
+            let expected = hint.upper().unwrap_or(hint.lower()).min(limit as u64) as usize;
+            let mut buf = bytes::BytesMut::with_capacity(expected.max(head.len() + data.len()));
+            buf.extend_from_slice(&head);
+            buf.extend_from_slice(&data);
+            joined = Some(buf);
+        } else {
+            first = Some(data);
+        }
     }
+    Ok(match joined {
+        Some(joined) => joined.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 /// Whether `err`, or an error it wraps, is a body length limit.

@@ -215,7 +215,38 @@ impl Claimed {
     /// the store still fails, the claim moves to a tracked task that goes on retrying for
     /// [`COMPLETION_RETRY_WINDOW`], keeping the lease alive, so that the response is not
     /// held for a whole outage and the key never runs twice meanwhile.
+    /// Stores the outcome at once if the store answers at once (the embedded memory store)
+    /// and takes it; otherwise hands the record back for [`complete`](Self::complete).
+    pub(crate) fn complete_now(&mut self, record: Record) -> Result<(), Record> {
+        let timer = crate::metrics::Timer::start();
+        match self.config.complete_direct(&self.key, self.token, record) {
+            Ok(Ok(())) => {
+                timer.store_call_ended(&*self.config.store, "complete", true);
+                self.stored(0);
+                Ok(())
+            }
+            // Taken over (or refused): the full path deals with it.
+            Ok(Err((_, record))) | Err(record) => Err(record),
+        }
+    }
+
     pub(crate) async fn complete(mut self, record: Record) {
+        // The embedded memory store: one direct call, which hands the record back if it
+        // refuses, so that no copy of it is made for the attempt.
+        let timer = crate::metrics::Timer::start();
+        let record = match self.config.complete_direct(&self.key, self.token, record) {
+            Ok(result) => {
+                timer.store_call_ended(&*self.config.store, "complete", result.is_ok());
+                match result {
+                    Ok(()) => return self.stored(0),
+                    Err((StoreError::LeaseLost, record)) => {
+                        return self.taken_over(false, record).await;
+                    }
+                    Err((_, record)) => record,
+                }
+            }
+            Err(record) => record,
+        };
         let mut failures = 0;
         let inline_until = crate::time::deadline_after(self.config.store_timeout);
         match self

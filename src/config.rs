@@ -42,6 +42,10 @@ pub(crate) enum ScopeRule {
 
 pub(crate) struct Config {
     pub(crate) store: Arc<dyn IdempotencyStore>,
+    /// The same store when it is the embedded [`MemoryStore`](crate::MemoryStore): its
+    /// calls are made directly, without a boxed future each.
+    #[cfg(feature = "memory")]
+    pub(crate) memory: Option<crate::MemoryStore>,
     pub(crate) header: HeaderName,
     pub(crate) parsing: KeyParsing,
     pub(crate) max_key_len: usize,
@@ -80,6 +84,8 @@ impl Clone for Config {
     fn clone(&self) -> Self {
         Self {
             store: Arc::clone(&self.store),
+            #[cfg(feature = "memory")]
+            memory: self.memory.clone(),
             header: self.header.clone(),
             parsing: self.parsing,
             max_key_len: self.max_key_len,
@@ -117,6 +123,43 @@ impl Clone for Config {
 }
 
 impl Config {
+    /// Claims through the embedded memory store directly (no boxed future), when it is
+    /// this layer's store; `None` otherwise.
+    #[inline]
+    pub(crate) fn claim_direct(
+        &self,
+        key: &crate::key::StoreKey,
+        fingerprint: &crate::fingerprint::Fingerprint,
+        token: crate::store::LeaseToken,
+    ) -> Option<Result<crate::store::Claim, crate::store::StoreError>> {
+        #[cfg(feature = "memory")]
+        if let Some(memory) = &self.memory {
+            return Some(memory.claim_direct(key, fingerprint, token, self.lease));
+        }
+        let _ = (key, fingerprint, token);
+        None
+    }
+
+    /// Completes through the embedded memory store directly, when it is this layer's store:
+    /// `Ok` with the store's answer (and the record back if it refused), or `Err` with the
+    /// record untouched.
+    #[inline]
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn complete_direct(
+        &self,
+        key: &crate::key::StoreKey,
+        token: crate::store::LeaseToken,
+        record: crate::record::Record,
+    ) -> Result<Result<(), (crate::store::StoreError, crate::record::Record)>, crate::record::Record>
+    {
+        #[cfg(feature = "memory")]
+        if let Some(memory) = &self.memory {
+            return Ok(memory.complete_owned(key, token, record, self.ttl));
+        }
+        let _ = (key, token);
+        Err(record)
+    }
+
     /// What the lease keeper needs to renew this configuration's claims.
     pub(crate) fn renewal(&self) -> Renewal {
         Renewal {

@@ -96,11 +96,16 @@ where
     // claim that may have landed is released by it (on every path, drops included).
     let pending = PendingClaim::new(&config, store_key);
     let timer = crate::metrics::Timer::start();
-    let mut claim = bounded(
-        config.store_timeout,
-        store.claim(pending.key(), &fingerprint, pending.token(), config.lease),
-    )
-    .await;
+    let mut claim = match config.claim_direct(pending.key(), &fingerprint, pending.token()) {
+        Some(claim) => claim,
+        None => {
+            bounded(
+                config.store_timeout,
+                store.claim(pending.key(), &fingerprint, pending.token(), config.lease),
+            )
+            .await
+        }
+    };
     timer.store_call(&*config.store, "claim", &claim);
     let mut waited = false;
     loop {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use bytes::Bytes;
+#[cfg(feature = "axum")]
 use http::request::Parts;
 use http::{HeaderMap, Method, Response, Uri};
 

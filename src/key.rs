@@ -1,6 +1,7 @@
 //! Idempotency keys: parsing, validation and the caller scope.
 
 use std::fmt;
+use std::sync::Arc;
 
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
@@ -238,8 +239,11 @@ impl fmt::Debug for Scope {
 /// The key under which a store keeps an operation: the caller's scope and the client's key.
 ///
 /// Its text form is `scope:key`; it is printable ASCII, at most 64 + 1 + the key limit long.
+///
+/// Cloning one is a reference count: the layer, the store and the lease keeper share one
+/// copy of the text.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct StoreKey(String);
+pub struct StoreKey(Arc<str>);
 
 impl StoreKey {
     /// The store key for a client's key in a scope.
@@ -253,11 +257,28 @@ impl StoreKey {
     /// assert!(a.as_str().ends_with(":k1"));
     /// ```
     pub fn new(scope: &Scope, key: &str) -> Self {
-        let mut s = String::with_capacity(scope.0.len() + 1 + key.len());
-        s.push_str(&scope.0);
+        let (scope, len) = (&*scope.0, scope.0.len() + 1 + key.len());
+        // Written on the stack and copied once into its shared allocation.
+        let mut buf = [0u8; 384];
+        if let Some(out) = buf.get_mut(..len) {
+            out[..scope.len()].copy_from_slice(scope.as_bytes());
+            out[scope.len()] = b':';
+            out[scope.len() + 1..].copy_from_slice(key.as_bytes());
+            // Both halves are `str`s and `:` is ASCII.
+            let text = std::str::from_utf8(out).unwrap_or_default();
+            return Self(Arc::from(text));
+        }
+        let mut s = String::with_capacity(len);
+        s.push_str(scope);
         s.push(':');
         s.push_str(key);
-        Self(s)
+        Self(Arc::from(s))
+    }
+
+    /// The shared text, for a store that keeps the key (no copy).
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
+    pub(crate) fn shared(&self) -> &Arc<str> {
+        &self.0
     }
 
     /// The key as text.
@@ -286,12 +307,12 @@ impl StoreKey {
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
         let key_ok = !key.is_empty() && key.bytes().all(|b| (0x20..0x7f).contains(&b));
-        (scope_ok && key_ok).then(|| Self(text.to_owned()))
+        (scope_ok && key_ok).then(|| Self(Arc::from(text)))
     }
 
     /// Moves the key out, leaving an empty one behind (no allocation).
     pub(crate) fn take(&mut self) -> Self {
-        Self(std::mem::take(&mut self.0))
+        self.clone()
     }
 
     /// The client's key, without the scope: what the layer's log events show, so that

@@ -85,13 +85,25 @@ impl IdempotencyLayer {
     /// let layer = IdempotencyLayer::new(shared);
     /// ```
     pub fn new(store: impl IdempotencyStore) -> Self {
-        Self::with_store(Arc::new(store))
+        #[cfg(feature = "memory")]
+        let memory = (&store as &dyn std::any::Any)
+            .downcast_ref::<crate::MemoryStore>()
+            .cloned();
+        #[cfg_attr(not(feature = "memory"), allow(unused_mut))]
+        let mut layer = Self::with_store(Arc::new(store));
+        #[cfg(feature = "memory")]
+        {
+            Arc::make_mut(&mut layer.config).memory = memory;
+        }
+        layer
     }
 
     fn with_store(store: Arc<dyn IdempotencyStore>) -> Self {
         Self {
             config: Arc::new(Config {
                 store,
+                #[cfg(feature = "memory")]
+                memory: None,
                 header: HeaderName::from_static("idempotency-key"),
                 parsing: KeyParsing::Lenient,
                 max_key_len: 255,

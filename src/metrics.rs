@@ -42,12 +42,18 @@ impl Timer {
         op: &'static str,
         result: &Result<T, StoreError>,
     ) {
+        self.store_call_ended(store, op, result.is_ok());
+    }
+
+    /// Records the call's latency, given whether it succeeded.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn store_call_ended(self, store: &dyn IdempotencyStore, op: &'static str, ok: bool) {
         #[cfg(feature = "metrics")]
         metrics::histogram!(
             "idempotency_store_call_duration_seconds",
             "op" => op,
             "backend" => store.backend_name(),
-            "result" => if result.is_ok() { "ok" } else { "error" },
+            "result" => if ok { "ok" } else { "error" },
         )
         .record(self.started.elapsed().as_secs_f64());
     }

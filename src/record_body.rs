@@ -32,9 +32,9 @@ pub(crate) struct Recorder<B> {
     recording: Option<Recording>,
     completing: Option<BoxFuture>,
     /// Frames that end the response, held until the record is stored.
-    held: VecDeque<Frame<Bytes>>,
+    held: Frames,
     /// Frames read before the response head left ([`Recorder::prime`]), given out first.
-    ready: VecDeque<Frame<Bytes>>,
+    ready: Frames,
     /// An error the inner body gave while priming (a `B::Error`), given out after `ready`.
     ready_error: Option<Box<dyn Any + Send>>,
     /// The body's length as declared up front (`Content-Length` or an exact size hint).
@@ -49,11 +49,52 @@ pub(crate) struct Recorder<B> {
     drain: fn(Pin<Box<B>>, Recording),
 }
 
+/// Frames in order. Most bodies hold one frame at a time (a whole JSON answer, its
+/// trailers): that one is kept inline, without an allocation.
+#[derive(Default)]
+struct Frames {
+    first: Option<Frame<Bytes>>,
+    more: VecDeque<Frame<Bytes>>,
+}
+
+impl Frames {
+    fn push_back(&mut self, frame: Frame<Bytes>) {
+        if self.first.is_none() && self.more.is_empty() {
+            self.first = Some(frame);
+        } else {
+            self.more.push_back(frame);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Frame<Bytes>> {
+        self.first.take().or_else(|| self.more.pop_front())
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.more.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.first = None;
+        self.more.clear();
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Frame<Bytes>> {
+        self.first.iter().chain(&self.more)
+    }
+}
+
 /// What is being recorded, and the claim it will settle.
 pub(crate) struct Recording {
     claimed: Claimed,
     status: StatusCode,
     headers: HeaderMap,
+    /// The body's first chunk, and the others (most bodies are one chunk: no allocation).
+    first: Option<Bytes>,
     chunks: Vec<Bytes>,
     len: usize,
     overflow: bool,
@@ -80,14 +121,15 @@ where
                 claimed,
                 status: parts.status,
                 headers,
+                first: None,
                 chunks: Vec::new(),
                 len: 0,
                 overflow: false,
                 trailers: None,
             }),
             completing: None,
-            held: VecDeque::new(),
-            ready: VecDeque::new(),
+            held: Frames::default(),
+            ready: Frames::default(),
             ready_error: None,
             declared,
             sent: 0,
@@ -142,7 +184,17 @@ impl<B> Recorder<B> {
     fn finish(&mut self) {
         self.inner = None;
         if let Some(recording) = self.recording.take() {
-            self.completing = Some(Box::pin(recording.finish()));
+            let (mut claimed, record, settle) = recording.outcome();
+            // Stored at once when the store answers at once (the embedded memory store):
+            // no future to box and poll.
+            let record = match settle {
+                Settle::Complete => match claimed.complete_now(record) {
+                    Ok(()) => return,
+                    Err(record) => record,
+                },
+                Settle::Release => record,
+            };
+            self.completing = Some(Box::pin(settle.apply(claimed, record)));
         }
     }
 }
@@ -158,8 +210,8 @@ where
         inner: Some(inner),
         recording: Some(recording),
         completing: None,
-        held: VecDeque::new(),
-        ready: VecDeque::new(),
+        held: Frames::default(),
+        ready: Frames::default(),
         ready_error: None,
         declared: None,
         sent: 0,
@@ -188,9 +240,14 @@ impl Recording {
             self.len += data.len();
             if self.len > self.claimed.config().max_response_body {
                 self.overflow = true;
+                self.first = None;
                 self.chunks = Vec::new();
             } else if !data.is_empty() {
-                self.chunks.push(data.clone());
+                if self.first.is_none() {
+                    self.first = Some(data.clone());
+                } else {
+                    self.chunks.push(data.clone());
+                }
             }
         } else if let Some(trailers) = frame.trailers_ref() {
             match &mut self.trailers {
@@ -234,25 +291,29 @@ impl Recording {
         }
     }
 
-    /// The body ended: store the outcome, or release the key if it is not storable (a key
-    /// past its commit point is not released: the answer is stored after all).
-    async fn finish(self) {
-        if self.maybe_ran() {
-            let fingerprint = self.claimed.fingerprint();
-            let record = Record::tombstone(self.status, self.headers).with_fingerprint(fingerprint);
-            self.claimed.complete(record).await;
-            return;
-        }
-        let storable = self.storable();
+    /// The body ended: the outcome to store, or to release the key with if it is not
+    /// storable (a key past its commit point is not released: the answer is stored after
+    /// all).
+    fn outcome(self) -> (Claimed, Record, Settle) {
         let fingerprint = self.claimed.fingerprint();
+        if self.maybe_ran() {
+            let record = Record::tombstone(self.status, self.headers).with_fingerprint(fingerprint);
+            return (self.claimed, record, Settle::Complete);
+        }
+        let settle = if self.storable() {
+            Settle::Complete
+        } else {
+            Settle::Release
+        };
         let record = if self.overflow {
             Record::tombstone(self.status, self.headers)
         } else {
-            let body = match self.chunks.len() {
-                0 => Bytes::new(),
-                1 => self.chunks.into_iter().next().unwrap_or_default(),
-                _ => {
+            let body = match (self.first, self.chunks.is_empty()) {
+                (None, _) => Bytes::new(),
+                (Some(first), true) => first,
+                (Some(first), false) => {
                     let mut buf = BytesMut::with_capacity(self.len);
+                    buf.extend_from_slice(&first);
                     for chunk in &self.chunks {
                         buf.extend_from_slice(chunk);
                     }
@@ -262,11 +323,7 @@ impl Recording {
             Record::new(self.status, self.headers, body, self.trailers)
         }
         .with_fingerprint(fingerprint);
-        if storable {
-            self.claimed.complete(record).await;
-        } else {
-            self.claimed.release(Some(record)).await;
-        }
+        (self.claimed, record, settle)
     }
 
     /// The body failed (or panicked) midway. A status that is not storable releases the
@@ -280,6 +337,21 @@ impl Recording {
             self.claimed.release(Some(record)).await;
         } else {
             self.claimed.complete(record).await;
+        }
+    }
+}
+
+/// What to do with an operation's outcome.
+enum Settle {
+    Complete,
+    Release,
+}
+
+impl Settle {
+    async fn apply(self, claimed: Claimed, record: Record) {
+        match self {
+            Settle::Complete => claimed.complete(record).await,
+            Settle::Release => claimed.release(Some(record)).await,
         }
     }
 }
@@ -392,7 +464,7 @@ where
         let held: u64 = self
             .held
             .iter()
-            .chain(&self.ready)
+            .chain(self.ready.iter())
             .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
             .sum();
         match &self.inner {
@@ -408,7 +480,12 @@ where
             // A body that ends with trailers gets no exact length: hyper would turn it into
             // a `content-length` the service's own answer did not have (gRPC never sends
             // one, and a client reading by length can stop before the trailers).
-            None if self.held.iter().chain(&self.ready).any(Frame::is_trailers) => {
+            None if self
+                .held
+                .iter()
+                .chain(self.ready.iter())
+                .any(Frame::is_trailers) =>
+            {
                 let mut out = SizeHint::new();
                 out.set_lower(held);
                 out

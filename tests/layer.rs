@@ -466,6 +466,52 @@ impl http_body::Body for Chunks {
     }
 }
 
+/// A body that arrives in pieces reaches the handler whole, and is the same request as the
+/// same bytes in one piece: the retry replays.
+#[tokio::test]
+async fn a_body_in_chunks_is_passed_on_whole_and_matches_one_chunk() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(tower::service_fn({
+            let (seen, runs) = (Arc::clone(&seen), Arc::clone(&runs));
+            move |req: Request<Body>| {
+                let (seen, runs) = (Arc::clone(&seen), Arc::clone(&runs));
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let body = http_body_util::BodyExt::collect(req.into_body())
+                        .await
+                        .unwrap()
+                        .to_bytes();
+                    seen.lock().unwrap().push(body);
+                    Ok::<_, Infallible>(Response::new(Body::from("made")))
+                }
+            }
+        }));
+    let pieces = ["{\"item\":", "", "\"book\",", "\"amount\":12}"];
+    let chunked = futures_stream(pieces.iter().map(|p| Bytes::from(*p)).collect());
+    let req = |body| {
+        Request::post("/orders")
+            .header("idempotency-key", "chunked")
+            .body(body)
+            .unwrap()
+    };
+    let first = call(&svc, req(chunked)).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(seen.lock().unwrap()[0], pieces.concat().as_bytes());
+    let retry = call(&svc, req(Body::from(pieces.concat()))).await;
+    assert!(
+        retry.replayed(),
+        "the same bytes in one piece are the same request"
+    );
+    assert_eq!(retry.body, "made");
+    // Other pieces that join to other bytes are another request.
+    let other = futures_stream(vec![Bytes::from("{\"item\":"), Bytes::from("\"pen\"}")]);
+    assert_problem(&call(&svc, req(other)).await, 422, "key-reused");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn the_handler_gets_the_same_body_and_the_key() {
     let seen = Arc::new(std::sync::Mutex::new(None));

@@ -284,6 +284,43 @@ impl MemoryStore {
         );
     }
 
+    /// [`IdempotencyStore::claim`], called directly by the layer.
+    pub(crate) fn claim_direct(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.ensure_sweeper();
+        self.claim_now(key, fingerprint, token, lease)
+    }
+
+    /// [`IdempotencyStore::complete`], handing the record back (as it would have been
+    /// stored) when the token does not own the key, so that the caller need not keep a copy.
+    pub(crate) fn complete_owned(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), (StoreError, Record)> {
+        let completion = self.inner.completion(key, record, ttl);
+        match self.with_owned(key, token, |key, entry| {
+            completion.put(&self.inner, entry);
+            Arc::clone(key)
+        }) {
+            Ok(key) => {
+                self.inner.enqueue(key, &completion);
+                Ok(())
+            }
+            Err(err) => {
+                let record = Arc::try_unwrap(completion.record).unwrap_or_else(|r| (*r).clone());
+                Err((err, record))
+            }
+        }
+    }
+
     fn claim_now(
         &self,
         key: &StoreKey,
@@ -328,7 +365,7 @@ impl MemoryStore {
             seq: inner.seq.fetch_add(1, Ordering::Relaxed),
         };
         let unreserve = || inner.bytes.fetch_sub(size, Ordering::Relaxed);
-        match inner.map.entry(Arc::from(key.as_str())) {
+        match inner.map.entry(Arc::clone(key.shared())) {
             MapEntry::Occupied(mut occupied) => {
                 let entry = occupied.get_mut();
                 if entry.expires_at > now {
@@ -598,13 +635,8 @@ impl IdempotencyStore for MemoryStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let completion = self.inner.completion(key, record, ttl);
-        let key = self.with_owned(key, token, |key, entry| {
-            completion.put(&self.inner, entry);
-            Arc::clone(key)
-        })?;
-        self.inner.enqueue(key, &completion);
-        Ok(())
+        self.complete_owned(key, token, record, ttl)
+            .map_err(|(err, _)| err)
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
