@@ -145,6 +145,8 @@ impl Config {
     /// record untouched.
     #[inline]
     #[allow(clippy::type_complexity)]
+    // The record handed back is the point: no copy is kept for the attempt.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn complete_direct(
         &self,
         key: &crate::key::StoreKey,
