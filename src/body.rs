@@ -153,8 +153,11 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Passthrough { #[pin] inner: B },
-        Live { inner: Recorder<B> },
-        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        // Boxed, like the trailers: every response of the layer (uncovered ones too) moves
+        // through several futures, and a body the size of the recorder would be copied
+        // at each move.
+        Live { inner: Box<Recorder<B>> },
+        Full { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
     }
 }
 
@@ -167,7 +170,9 @@ impl<B> IdempotencyBody<B> {
 
     pub(crate) fn live(inner: Recorder<B>) -> Self {
         Self {
-            kind: Kind::Live { inner },
+            kind: Kind::Live {
+                inner: Box::new(inner),
+            },
         }
     }
 
@@ -175,7 +180,7 @@ impl<B> IdempotencyBody<B> {
         Self {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
-                trailers,
+                trailers: trailers.map(Box::new),
             },
         }
     }
@@ -220,13 +225,13 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             KindProj::Passthrough { inner } => inner.poll_frame(cx),
-            KindProj::Live { inner } => Pin::new(inner).poll_frame(cx),
+            KindProj::Live { inner } => Pin::new(&mut **inner).poll_frame(cx),
             KindProj::Full { data, trailers } => {
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 if let Some(trailers) = trailers.take() {
-                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
                 }
                 Poll::Ready(None)
             }

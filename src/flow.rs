@@ -139,7 +139,7 @@ where
             }
             Err(err) => {
                 pending.failed();
-                return store_failed(inner, req, &config, grpc, err).await;
+                return Box::pin(store_failed(inner, req, &config, grpc, err)).await;
             }
             Ok(found) => found,
         };
@@ -152,7 +152,7 @@ where
                 // made can be released by the layer, so refuse rather than run unfenced.
                 pending.failed();
                 let err = StoreError::backend(ForeignToken);
-                return store_failed(inner, req, &config, grpc, err).await;
+                return Box::pin(store_failed(inner, req, &config, grpc, err)).await;
             }
             Claim::Completed(record) => {
                 pending.not_ours();
@@ -207,7 +207,9 @@ where
                     .recover
                     .as_ref()
                     .map(|_| Unsettled::new(key.clone(), req.method(), req.uri(), req.headers()));
-                return Ok(outcome_unknown(&config, grpc, unsettled, key, fingerprint).await);
+                return Ok(
+                    Box::pin(outcome_unknown(&config, grpc, unsettled, key, fingerprint)).await,
+                );
             }
             Claim::InFlight {
                 fingerprint: held,
@@ -493,7 +495,7 @@ where
         }
     };
     if config.disconnect != Disconnect::Finish {
-        return work.await;
+        return Box::pin(work).await;
     }
     // If the client goes away and this future is dropped, the operation goes on by itself
     // on a tracked task, and its response body (dropped unread) is drained and stored.

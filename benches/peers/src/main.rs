@@ -32,6 +32,8 @@ const WRAPPERS: usize = NAMES.len();
 const DEFAULT_ROUNDS: usize = 12;
 /// What one timed batch should take.
 const BATCH_TARGET: Duration = Duration::from_millis(30);
+/// The shortest calibration probe.
+const PROBE_MIN: Duration = Duration::from_millis(5);
 /// Calls per wrapper and case in the allocation count.
 const ALLOC_CALLS: usize = 1000;
 
@@ -288,19 +290,28 @@ async fn calibrate(cases: &[Case], verdicts: &[Vec<Option<String>>]) -> Vec<Vec<
     let subjects = subjects(cases).await;
     let mut sizes = vec![vec![0; cases.len()]; WRAPPERS];
     for (c, case) in cases.iter().enumerate() {
-        let (warm, probe) = if case.is_large() {
-            (10, 20)
-        } else {
-            (100, 300)
-        };
+        let warm = if case.is_large() { 10 } else { 100 };
         for (w, subject) in subjects.iter().enumerate() {
             if verdicts[w][c].is_some() {
                 continue;
             }
             let (status, _) = expected(w, case.kind);
             run(&subject.router, subject.batch(c, case, warm), status).await;
-            let (took, _) = run(&subject.router, subject.batch(c, case, probe), status).await;
-            let per_call = took.as_secs_f64() / probe as f64;
+            // Three probes of at least PROBE_MIN each; the fastest counts, so that a probe
+            // slowed down by the machine's other work does not shrink the batches.
+            let mut probe = warm;
+            let mut per_call = f64::INFINITY;
+            for _ in 0..3 {
+                loop {
+                    let requests = subject.batch(c, case, probe);
+                    let (took, _) = run(&subject.router, requests, status).await;
+                    if took >= PROBE_MIN || probe >= 100_000 {
+                        per_call = per_call.min(took.as_secs_f64() / probe as f64);
+                        break;
+                    }
+                    probe *= 2;
+                }
+            }
             sizes[w][c] = ((BATCH_TARGET.as_secs_f64() / per_call) as usize).clamp(10, 200_000);
         }
     }
