@@ -24,6 +24,30 @@ use crate::store::{ErrorChain, IdempotencyStore, LeaseToken, StoreError};
 const SHARDS: usize = 16;
 const FIRST_RETRY: Duration = Duration::from_millis(50);
 
+/// Registrations are numbered in sequence by the keeper itself (no caller picks them), so
+/// their number is its own hash: no SipHash on every first request.
+type Ids = std::hash::BuildHasherDefault<IdHasher>;
+
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Spread the sequence over the table's control bits (hashbrown reads the top 7).
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 struct Held {
     key: StoreKey,
     token: LeaseToken,
@@ -32,7 +56,7 @@ struct Held {
 }
 
 pub(crate) struct LeaseKeeper {
-    shards: [Mutex<HashMap<u64, Held>>; SHARDS],
+    shards: [Mutex<HashMap<u64, Held, Ids>>; SHARDS],
     next_id: AtomicU64,
     started: Arc<AtomicBool>,
 }
@@ -66,13 +90,13 @@ pub(crate) struct Renewal {
 impl LeaseKeeper {
     pub(crate) fn new() -> Self {
         Self {
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::default())),
             next_id: AtomicU64::new(0),
             started: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Held>> {
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Held, Ids>> {
         self.shards[id as usize % SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
