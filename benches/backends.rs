@@ -1,6 +1,8 @@
 //! First-request and replay latency through the layer on the Redis and PostgreSQL stores,
 //! next to the bare service and to one plain round trip to the server (`PING`,
 //! `SELECT 1`), so that the number of round trips per request can be read off the times.
+//! On PostgreSQL, `two_upserts` is the floor a first request is held to: two single-row
+//! `INSERT … ON CONFLICT` statements, each its own commit.
 //!
 //! ```text
 //! REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
@@ -187,8 +189,39 @@ fn postgres(c: &mut Criterion) {
             black_box(row)
         })
     });
+    // The floor for a first request: two single-row `INSERT … ON CONFLICT` statements, each
+    // its own commit, on a table shaped like the store's (key, small and 1 KiB columns).
+    let floor = format!("{table}_floor");
+    let create = format!(
+        "CREATE TABLE \"{floor}\" (key text PRIMARY KEY, state smallint NOT NULL, \
+         body bytea)"
+    );
+    rt.block_on(sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&pool))
+        .expect("create the floor table");
+    let upsert = format!(
+        "INSERT INTO \"{floor}\" (key, state, body) VALUES ($1, $2, $3) \
+         ON CONFLICT (key) DO UPDATE SET state = EXCLUDED.state, body = EXCLUDED.body"
+    );
+    let payload = vec![b'x'; 1024];
+    g.bench_function("two_upserts", |b| {
+        b.to_async(&rt).iter(|| async {
+            let key = uuid::Uuid::new_v4().to_string();
+            for (state, body) in [(0i16, None), (1i16, Some(payload.as_slice()))] {
+                sqlx::query(sqlx::AssertSqlSafe(upsert.as_str()))
+                    .bind(&key)
+                    .bind(state)
+                    .bind(body)
+                    .execute(&pool)
+                    .await
+                    .expect("upsert");
+            }
+        })
+    });
     common::layer_benches(&mut g, &rt, store);
     g.finish();
+    let drop_floor = format!("DROP TABLE IF EXISTS \"{floor}\"");
+    rt.block_on(sqlx::raw_sql(sqlx::AssertSqlSafe(drop_floor)).execute(&pool))
+        .expect("drop the floor table");
     let drop_table = format!("DROP TABLE IF EXISTS \"{table}\"");
     rt.block_on(sqlx::raw_sql(sqlx::AssertSqlSafe(drop_table)).execute(&pool))
         .expect("drop the bench table");

@@ -100,14 +100,42 @@ impl Fingerprint {
             }
             return Self(hasher.finalize().into());
         }
-        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
-        for field in fields {
-            hasher.update(&(field.len() as u64).to_be_bytes());
+        // Small requests (most) are laid out on the stack and hashed in one call; the
+        // streaming hasher, which gives the same digest for the same bytes, takes over
+        // past the buffer.
+        let mut buf = [0u8; 512];
+        let mut len = 0;
+        let mut fields = fields.into_iter();
+        let mut streaming = None;
+        for field in fields.by_ref() {
+            let prefix = (field.len() as u64).to_be_bytes();
+            if len + prefix.len() + field.len() <= buf.len() {
+                buf[len..len + prefix.len()].copy_from_slice(&prefix);
+                len += prefix.len();
+                buf[len..len + field.len()].copy_from_slice(field);
+                len += field.len();
+                continue;
+            }
+            let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+            hasher.update(&buf[..len]);
+            hasher.update(&prefix);
             hasher.update(field);
+            streaming = Some(hasher);
+            break;
         }
+        let digest = match streaming {
+            None => xxhash_rust::xxh3::xxh3_128(&buf[..len]),
+            Some(mut hasher) => {
+                for field in fields {
+                    hasher.update(&(field.len() as u64).to_be_bytes());
+                    hasher.update(field);
+                }
+                hasher.digest128()
+            }
+        };
         let mut out = [0u8; 32];
         out[0] = TAG_XXH3_128;
-        out[1..17].copy_from_slice(&hasher.digest128().to_be_bytes());
+        out[1..17].copy_from_slice(&digest.to_be_bytes());
         Self(out)
     }
 
@@ -284,6 +312,43 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The digest the streaming hasher gives for the fields, as every fingerprint was made
+    /// before small requests were hashed in one call: both must agree, or stored
+    /// fingerprints would stop matching their retries.
+    fn streamed(fields: &[&[u8]]) -> Fingerprint {
+        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+        for field in fields {
+            hasher.update(&(field.len() as u64).to_be_bytes());
+            hasher.update(field);
+        }
+        let mut out = [0u8; 32];
+        out[0] = TAG_XXH3_128;
+        out[1..17].copy_from_slice(&hasher.digest128().to_be_bytes());
+        Fingerprint(out)
+    }
+
+    #[test]
+    fn small_and_large_requests_hash_as_the_stream_does() {
+        let body: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        // Around the stack buffer's end: the method, path and type take 8 + 4, 8 + 7 and
+        // 8 + 16 bytes, so a body of 461 bytes fills it exactly.
+        for size in [
+            0, 1, 100, 400, 459, 460, 461, 462, 463, 500, 512, 513, 4096, 70_000,
+        ] {
+            let fields: [&[u8]; 4] = [b"POST", b"/orders", b"application/json", &body[..size]];
+            assert_eq!(
+                Fingerprint::of_fields(fields),
+                streamed(&fields),
+                "body of {size}"
+            );
+        }
+        // A large first field, then small ones.
+        let fields: [&[u8]; 3] = [&body[..600], b"x", b""];
+        assert_eq!(Fingerprint::of_fields(fields), streamed(&fields));
+        let none: [&[u8]; 0] = [];
+        assert_eq!(Fingerprint::of_fields(none), streamed(&none));
+    }
 
     fn parts(method: &str, uri: &str, ct: Option<&str>) -> Parts {
         let mut b = http::Request::builder().method(method).uri(uri);

@@ -21,24 +21,77 @@ use crate::fingerprint::hex;
 /// }
 /// # assert!(handler(http::Request::new(())).is_none());
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct IdempotencyKey(String);
+#[derive(Clone)]
+pub struct IdempotencyKey(KeyText);
+
+/// A key's text: kept inline up to [`INLINE`] bytes (UUIDs and most keys), so that reading
+/// a key from its header allocates nothing.
+#[derive(Clone)]
+enum KeyText {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<str>),
+}
+
+const INLINE: usize = 62;
+
+impl KeyText {
+    fn new(text: &str) -> Self {
+        match u8::try_from(text.len()) {
+            Ok(len) if text.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..text.len()].copy_from_slice(text.as_bytes());
+                Self::Inline { len, bytes }
+            }
+            _ => Self::Heap(text.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Always whole characters of a `str` (copied from one above).
+            Self::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            Self::Heap(text) => text,
+        }
+    }
+}
+
+impl PartialEq for IdempotencyKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for IdempotencyKey {}
+
+impl std::hash::Hash for IdempotencyKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
 
 impl IdempotencyKey {
     /// The key as a string.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
+    }
+
+    fn new(text: &str) -> Self {
+        Self(KeyText::new(text))
     }
 
     pub(crate) fn generate() -> Self {
-        Self(uuid::Uuid::new_v4().to_string())
+        let mut buf = uuid::Uuid::encode_buffer();
+        Self::new(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf))
     }
 
     /// The key as an RFC 9651 sf-string header value (`"…"`).
     pub(crate) fn to_header_value(&self) -> HeaderValue {
-        let mut out = String::with_capacity(self.0.len() + 2);
+        let key = self.as_str();
+        let mut out = String::with_capacity(key.len() + 2);
         out.push('"');
-        for c in self.0.chars() {
+        for c in key.chars() {
             if c == '"' || c == '\\' {
                 out.push('\\');
             }
@@ -51,13 +104,15 @@ impl IdempotencyKey {
 
 impl fmt::Debug for IdempotencyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("IdempotencyKey").field(&self.0).finish()
+        f.debug_tuple("IdempotencyKey")
+            .field(&self.as_str())
+            .finish()
     }
 }
 
 impl fmt::Display for IdempotencyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -125,7 +180,7 @@ pub fn parse_key(
             .parse()
             .map_err(|_| KeyError::NotSfString)?;
         match item.bare_item.as_string() {
-            Some(s) => s.as_str().to_owned(),
+            Some(s) => std::borrow::Cow::Owned(s.as_str().to_owned()),
             None => return Err(KeyError::NotSfString),
         }
     } else {
@@ -136,9 +191,7 @@ pub fn parse_key(
             return Err(KeyError::NotPrintable);
         }
         // Checked above: every byte is printable ASCII.
-        std::str::from_utf8(bytes)
-            .map_err(|_| KeyError::NotPrintable)?
-            .to_owned()
+        std::borrow::Cow::Borrowed(std::str::from_utf8(bytes).map_err(|_| KeyError::NotPrintable)?)
     };
     if key.is_empty() {
         return Err(KeyError::Empty);
@@ -152,7 +205,7 @@ pub fn parse_key(
     if !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
         return Err(KeyError::NotPrintable);
     }
-    Ok(IdempotencyKey(key))
+    Ok(IdempotencyKey::new(&key))
 }
 
 /// Who sent a request: keys are only ever shared within one scope.
@@ -418,8 +471,26 @@ mod tests {
         let key = IdempotencyKey::generate();
         let value = key.to_header_value();
         assert_eq!(parse_key(&value, KeyParsing::Strict, 255).unwrap(), key);
-        let tricky = IdempotencyKey("a\"b\\c".to_owned());
+        let tricky = IdempotencyKey::new("a\"b\\c");
         let value = tricky.to_header_value();
         assert_eq!(parse_key(&value, KeyParsing::Strict, 255).unwrap(), tricky);
+    }
+
+    #[test]
+    fn keys_short_and_long_keep_their_text() {
+        for len in [1, 36, INLINE - 1, INLINE, INLINE + 1, 255] {
+            let text: String = (0..len)
+                .map(|i| char::from(b'!' + (i % 90) as u8))
+                .collect();
+            let text = text.replace('"', "#");
+            let key = parse(text.as_bytes(), KeyParsing::Lenient).unwrap();
+            assert_eq!(key.as_str(), text, "{len}");
+            assert_eq!(key.to_string(), text);
+            assert_eq!(key, IdempotencyKey::new(&text));
+            assert_ne!(key, IdempotencyKey::new(&text[1..]));
+            let quoted = key.to_header_value();
+            assert_eq!(parse_key(&quoted, KeyParsing::Strict, 255).unwrap(), key);
+        }
+        assert_eq!(IdempotencyKey::generate().as_str().len(), 36);
     }
 }
