@@ -77,3 +77,41 @@ async fn records_stored_with_the_old_hash_still_replay() {
     assert_problem(&other, 422, "key-reused");
     assert_eq!(runs.started(), 0);
 }
+
+/// A fingerprint function of the application's own that builds on `Fingerprint::of_fields`
+/// (here a preset) is upgraded the same way: its records stored as SHA-256 still replay.
+#[tokio::test]
+async fn a_fingerprint_function_built_on_of_fields_upgrades_too() {
+    let store = MemoryStore::new();
+    let old = sha256_fingerprint("{\"sku\":1}");
+    let key = StoreKey::new(&Scope::anonymous(), "old-3");
+    let token = LeaseToken::new();
+    store
+        .claim(&key, &old, token, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let record = Record::new(
+        StatusCode::CREATED,
+        HeaderMap::new(),
+        Bytes::from("run 0"),
+        None,
+    )
+    .with_fingerprint(old);
+    store
+        .complete(&key, token, record, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store)
+        .share_keys_across_callers()
+        .fingerprint_with(|parts, body| {
+            Fingerprint::of_request_ignoring_media_type_parameters(parts, body)
+        })
+        .layer(runs.handler(Duration::ZERO));
+    let replay = call(&svc, post(Some("old-3"), "{\"sku\":1}")).await;
+    assert!(replay.replayed(), "{}", replay.text());
+    assert_eq!(replay.text(), "run 0");
+    let other = call(&svc, post(Some("old-3"), "{\"sku\":2}")).await;
+    assert_problem(&other, 422, "key-reused");
+    assert_eq!(runs.started(), 0);
+}
