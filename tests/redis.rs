@@ -996,3 +996,86 @@ async fn a_full_redis_refuses_new_claims_and_still_replays() {
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(runs.load(Ordering::SeqCst), 0, "nothing runs unprotected");
 }
+
+/// The round trips since the last reset: every operation of the store is one script call
+/// (the commands a script runs inside are not round trips).
+async fn commands(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (evalsha, eval, load) = script_calls(admin).await;
+    evalsha + eval + load
+}
+
+/// Through the layer: a first request is two round trips (claim, complete), a replay and a
+/// duplicate in flight one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_layer_makes_two_round_trips_for_a_first_request_and_one_for_a_replay() {
+    let Some(_) = redis_url() else { return };
+    let server = PrivateRedis::start();
+    let mut admin = redis::Client::open(server.url())
+        .expect("a url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("an admin connection");
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let svc = IdempotencyLayer::new(store)
+        .share_keys_across_callers()
+        .layer(tower::service_fn({
+            let gate = Arc::clone(&gate);
+            move |req: Request<Body>| {
+                let gate = Arc::clone(&gate);
+                async move {
+                    if req.uri().path() == "/slow" {
+                        let _ = gate.acquire().await;
+                    }
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(StatusCode::CREATED)
+                            .body(Body::from("made"))
+                            .unwrap(),
+                    )
+                }
+            }
+        }));
+    let post = |path: &str, key: &str| {
+        Request::post(path)
+            .header("idempotency-key", key)
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let send = |req| {
+        let svc = svc.clone();
+        async move {
+            let res = svc.oneshot(req).await.unwrap();
+            let status = res.status();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (status, body)
+        }
+    };
+    reset_stats(&mut admin).await;
+    assert_eq!(send(post("/orders", "rt-1")).await.0, StatusCode::CREATED);
+    assert_eq!(
+        commands(&mut admin).await,
+        2,
+        "first request: claim, complete"
+    );
+    reset_stats(&mut admin).await;
+    let (status, body) = send(post("/orders", "rt-1")).await;
+    assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"made"[..]));
+    assert_eq!(commands(&mut admin).await, 1, "replay: one claim");
+    // A duplicate while the first still runs.
+    let first = tokio::spawn(send(post("/slow", "rt-2")));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while commands(&mut admin).await < 1 {
+        assert!(Instant::now() < deadline, "the first request never claimed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    reset_stats(&mut admin).await;
+    assert_eq!(send(post("/slow", "rt-2")).await.0, StatusCode::CONFLICT);
+    assert_eq!(
+        commands(&mut admin).await,
+        1,
+        "duplicate in flight: one claim"
+    );
+    gate.add_permits(1);
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+}
