@@ -172,20 +172,30 @@ impl Config {
     }
 
     /// Whether a request is covered, when its method, path and headers tell (`None` when a
-    /// [`cover_when`](crate::IdempotencyLayer::cover_when) function must see the whole head).
+    /// [`cover_when`](crate::IdempotencyLayer::cover_when) function must see the whole head),
+    /// and whether it is a gRPC call (`None` when that was not needed to decide).
     pub(crate) fn covers_by_method(
         &self,
         method: &http::Method,
         uri: &http::Uri,
         headers: &http::HeaderMap,
-    ) -> Option<bool> {
+    ) -> (Option<bool>, Option<bool>) {
+        // A method no rule covers, with no gRPC method chosen, is decided without reading
+        // the content type.
+        let by_method = match &self.cover {
+            Cover::Methods(methods) => methods.contains(method),
+            Cover::When(_) => true,
+        };
+        if !by_method && self.grpc_methods.is_empty() {
+            return (Some(false), None);
+        }
         let grpc = crate::problem::is_grpc(headers);
         if grpc && self.grpc_methods.iter().any(|m| m == uri.path()) {
-            return Some(true);
+            return (Some(true), Some(true));
         }
         match &self.cover {
-            Cover::Methods(methods) => Some(!grpc && methods.contains(method)),
-            Cover::When(_) => None,
+            Cover::Methods(_) => (Some(!grpc && by_method), Some(grpc)),
+            Cover::When(_) => (None, Some(grpc)),
         }
     }
 

@@ -93,6 +93,8 @@ pub(crate) struct Recording {
     claimed: Claimed,
     status: StatusCode,
     headers: HeaderMap,
+    /// Whether the answer is a gRPC one (its content type).
+    grpc: bool,
     /// The body's first chunk, and the others (most bodies are one chunk: no allocation).
     first: Option<Bytes>,
     chunks: Vec<Bytes>,
@@ -120,6 +122,7 @@ where
             recording: Some(Recording {
                 claimed,
                 status: parts.status,
+                grpc: is_grpc(&headers),
                 headers,
                 first: None,
                 chunks: Vec::new(),
@@ -260,7 +263,7 @@ impl Recording {
     /// For a gRPC answer (HTTP 200 with a gRPC content type): its `grpc-status`, from the
     /// trailers or (trailers-only) the headers; `Some(None)` when it has none.
     fn grpc_code(&self) -> Option<Option<u32>> {
-        if !(is_grpc(&self.headers) && self.status == StatusCode::OK) {
+        if !(self.grpc && self.status == StatusCode::OK) {
             return None;
         }
         Some(
@@ -287,7 +290,7 @@ impl Recording {
         let config = self.claimed.config();
         match self.grpc_code() {
             Some(code) => code.is_some_and(|c| (config.grpc_maybe_ran)(c)),
-            None => !is_grpc(&self.headers) && (config.maybe_ran)(self.status),
+            None => !self.grpc && (config.maybe_ran)(self.status),
         }
     }
 

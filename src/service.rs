@@ -111,7 +111,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = &self.config;
         // An uncovered request goes straight to the ready service: no clone, no split.
-        let known = config.covers_by_method(req.method(), req.uri(), req.headers());
+        let (known, grpc) = config.covers_by_method(req.method(), req.uri(), req.headers());
         if known == Some(false) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
@@ -121,7 +121,7 @@ where
         }
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let grpc = is_grpc(&parts.headers);
+        let grpc = grpc.unwrap_or_else(|| is_grpc(&parts.headers));
         let mut values = parts.headers.get_all(&config.header).iter();
         let (key, generated) = match (values.next(), values.next()) {
             (None, _) => match config.missing {
