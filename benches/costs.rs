@@ -14,6 +14,10 @@
 //! bash scripts/instructions.sh                                              # instructions
 //! ```
 //!
+//! `cargo bench --bench costs -- scaling` measures instead how throughput on distinct keys
+//! grows from one worker thread to two (each a thread with its own current-thread runtime,
+//! sharing one router and store), for the bare router and the layer, in alternating rounds.
+//!
 //! With arguments `<case> <calls>` the binary only makes `calls` calls of one case (what
 //! `scripts/instructions.sh` runs under callgrind, counting inside `measured` alone).
 
@@ -34,21 +38,29 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore, REPLAYED_HEADER};
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+/// Off for the scaling runs: one counter written by every thread would be what they measure.
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+fn count() {
+    if COUNTING.load(Ordering::Relaxed) {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -295,6 +307,10 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    if args.first().map(String::as_str) == Some("scaling") {
+        scaling();
+        return;
+    }
     if let [name, calls] = args.as_slice() {
         let case = CASES
             .iter()
@@ -314,5 +330,68 @@ fn main() {
             case.name,
             allocations as f64 / CALLS as f64
         );
+    }
+}
+
+/// First requests per second on distinct keys, one worker thread against two, bare and
+/// layer. Each worker is a thread with a current-thread runtime of its own and 16 tasks
+/// (thread per core, as a server pins its workers), all sharing one router and one store:
+/// what is measured is what the layer and its store share between threads.
+fn scaling() {
+    COUNTING.store(false, Ordering::Relaxed);
+    const TASKS: usize = 16;
+    const PER_TASK: usize = 2500;
+    const ROUNDS: usize = 7;
+    let throughput = |stack: Stack, workers: usize| -> f64 {
+        let store = MemoryStore::builder().max_bytes(1 << 34).build();
+        let app = router(stack, &store);
+        let body = body_of(1024);
+        let started = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for w in 0..workers {
+                let (app, body) = (app.clone(), body.clone());
+                s.spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime");
+                    let local = tokio::task::LocalSet::new();
+                    local.block_on(&rt, async {
+                        let tasks: Vec<_> = (0..TASKS)
+                            .map(|t| {
+                                let (app, body) = (app.clone(), body.clone());
+                                tokio::task::spawn_local(async move {
+                                    for i in 0..PER_TASK / workers {
+                                        let key = format!("scale-{w:02}-{t:04}-{i:08}");
+                                        let req = request(Method::POST, Some(&key), &body);
+                                        let (status, _, _) = call(&app, req).await;
+                                        assert_eq!(status, StatusCode::CREATED);
+                                    }
+                                })
+                            })
+                            .collect();
+                        for task in tasks {
+                            task.await.expect("a task");
+                        }
+                    });
+                });
+            }
+        });
+        (TASKS * (PER_TASK / workers) * workers) as f64 / started.elapsed().as_secs_f64()
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("| stack | 1 worker (req/s) | 2 workers (req/s) | 2 ÷ 1 |");
+    println!("|---|---:|---:|---:|");
+    for (name, stack) in [("bare", Stack::Bare), ("layer", Stack::Layer)] {
+        let (mut one, mut two) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            one.push(throughput(stack, 1));
+            two.push(throughput(stack, 2));
+        }
+        let (one, two) = (median(one), median(two));
+        println!("| {name} | {one:.0} | {two:.0} | {:.2} |", two / one);
     }
 }

@@ -17,6 +17,8 @@
 //! - `ORDER_AFTER_COMMIT_MS` (default 0): how long the create handler waits after its
 //!   commit point, before answering (a window to kill the demo in, by hand);
 //! - `IDEMPOTENCY_LEASE_MS` (default 30000): the lease of a running operation;
+//! - `IDEMPOTENCY_MEMORY_MAX_MB` (default 64): the memory store's cap (a load test of new
+//!   keys fills the default one in about a second, and then gets `503 store-full`);
 //! - `IDEMPOTENCY_LAYER` (default `on`): `off` serves the same routes without the layer,
 //!   for load comparisons;
 //! - `RUST_LOG` (default `info`): which events are logged (lost leases, store failures and
@@ -269,7 +271,17 @@ pub type Backend = (Arc<dyn IdempotencyStore>, OrderBook);
 /// Opens the store named by `IDEMPOTENCY_STORE`, and the order book that goes with it.
 pub async fn open_store(url: &str) -> Result<Backend, String> {
     if url == "memory" {
-        return Ok((Arc::new(MemoryStore::new()), OrderBook::memory()));
+        let mut store = MemoryStore::builder();
+        if let Some(mb) = std::env::var("IDEMPOTENCY_MEMORY_MAX_MB")
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            let mb: usize = mb.parse().map_err(|_| {
+                format!("IDEMPOTENCY_MEMORY_MAX_MB must be a number of MiB, not {mb:?}")
+            })?;
+            store = store.max_bytes(mb.saturating_mul(1 << 20));
+        }
+        return Ok((Arc::new(store.build()), OrderBook::memory()));
     }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         return open_redis(url).await;

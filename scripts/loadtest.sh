@@ -5,11 +5,12 @@
 # for DURATION seconds, prints requests/s and latency percentiles, and stops it:
 #   1. layer on,  a unique Idempotency-Key per request (every request is a first request);
 #   2. layer off (IDEMPOTENCY_LAYER=off), the same requests;
-#   3. layer on,  one key for every request (the first runs, all others are replays).
+#   3. layer on,  one key for every request (the first runs, all others are replays);
+#   4. with REDIS_URL set, 1 and 3 again on Redis.
 #
 # Settings (environment): DURATION (seconds, default 10, at most 60), THREADS (wrk threads,
 # default 2, at most 8), CONNECTIONS (default 32, at most 256), PORT (default 3917; the
-# runs use PORT, PORT+1, PORT+2), CARGO_TARGET_DIR (default target).
+# runs use PORT to PORT+4), CARGO_TARGET_DIR (default target).
 # Only 127.0.0.1 is used. wrk is installed with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +31,15 @@ if ! command -v wrk >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq wrk >/dev/null
 fi
 
-echo "==> cargo build --release --example axum"
-cargo build --release --example axum
+# With REDIS_URL set, the layer also runs on Redis (the demo built with `--features redis`).
+FEATURES=()
+if [[ -n "${REDIS_URL:-}" ]]; then FEATURES=(--features redis); fi
+echo "==> cargo build --release --example axum ${FEATURES[*]}"
+cargo build --release --example axum "${FEATURES[@]}"
 BIN="$CARGO_TARGET_DIR/release/examples/axum"
+# Room for every new key of a run in the memory store (its default 64 MiB cap would be full
+# within a second, and later requests measured as `503 store-full`).
+export IDEMPOTENCY_MEMORY_MAX_MB="${IDEMPOTENCY_MEMORY_MAX_MB:-8192}"
 
 WORK="$(mktemp -d)"
 SERVER_PID=""
@@ -85,8 +92,9 @@ function done(summary, latency, requests)
 end
 LUA
 
-start_server() { # port layer
-    LISTEN_ADDR="127.0.0.1:$1" IDEMPOTENCY_LAYER="$2" "$BIN" >"$WORK/server-$1.log" 2>&1 &
+start_server() { # port layer [store]
+    LISTEN_ADDR="127.0.0.1:$1" IDEMPOTENCY_LAYER="$2" IDEMPOTENCY_STORE="${3:-memory}" \
+        "$BIN" >"$WORK/server-$1.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
@@ -103,11 +111,11 @@ stop_server() {
     SERVER_PID=""
 }
 
-run() { # name port layer key_mode
-    local name="$1" port="$2" layer="$3" mode="$4"
+run() { # name port layer key_mode [store]
+    local name="$1" port="$2" layer="$3" mode="$4" store="${5:-memory}"
     echo
-    echo "==> $name: layer=$layer keys=$mode, wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s"
-    start_server "$port" "$layer"
+    echo "==> $name: layer=$layer store=$store keys=$mode, wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s"
+    start_server "$port" "$layer" "$store"
     RUN_NAME="$name" KEY_MODE="$mode" timeout $((DURATION + 30)) \
         wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/orders.lua" \
         "http://127.0.0.1:$port/orders" | tee "$WORK/$name.out"
@@ -118,6 +126,10 @@ echo "==> machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -
 run layer_unique_keys "$PORT" on unique
 run bare_unique_keys "$((PORT + 1))" off unique
 run layer_replays "$((PORT + 2))" on same
+if [[ -n "${REDIS_URL:-}" ]]; then
+    run redis_unique_keys "$((PORT + 3))" on unique "$REDIS_URL"
+    run redis_replays "$((PORT + 4))" on same "$REDIS_URL"
+fi
 
 echo
 echo "==> summary (latencies in µs)"

@@ -159,6 +159,7 @@
 //! | `tower-http` | yes | [`RebuildBody`] for the body of tower-http's `RequestBodyLimitLayer` |
 //! | `json` | no | [`Fingerprint::of_canonical_json`] |
 //! | `conformance` | no | the store conformance suite |
+//! | `client` | no | [`client`]: a key per call and retries that keep it, for any Tower HTTP client |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![deny(missing_docs, unreachable_pub, missing_debug_implementations)]
@@ -166,6 +167,9 @@
 
 pub mod body;
 mod claim;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 mod config;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]

@@ -1,0 +1,310 @@
+//! A gateway: puts the idempotency layer in front of any HTTP service, in any language.
+//!
+//! It listens on `LISTEN_ADDR`, and forwards every request to `UPSTREAM_URL` as it came (method,
+//! path and query, headers, body, the `Idempotency-Key` included). A `POST` or `PATCH` with a key
+//! runs upstream once: a retry gets the first answer replayed, a duplicate that arrives while the
+//! first runs gets `409`, and the same key with another payload gets `422`.
+//!
+//! ```text
+//! UPSTREAM_URL=http://127.0.0.1:8080 cargo run --example gateway
+//! curl -i -X POST localhost:3002/payments -H 'Idempotency-Key: pay-1' -d '{"amount":12}'
+//! ```
+//!
+//! Environment:
+//! - `LISTEN_ADDR` (default `127.0.0.1:3002`): where to listen;
+//! - `UPSTREAM_URL` (required): the service behind, `http://host:port` (a path prefix is kept:
+//!   `http://host:port/api` forwards `/payments` to `/api/payments`);
+//! - `IDEMPOTENCY_STORE` (default `memory`): `memory`, `redis://…` (feature `redis`) or
+//!   `postgres://…` (feature `postgres`), as in the orders demo; several gateways share a
+//!   Redis or PostgreSQL store;
+//! - `IDEMPOTENCY_ASSIGN_KEY` (default off): `1` gives a request without a key one of its own
+//!   (echoed in the response's `Idempotency-Key` header), instead of refusing it with `400`;
+//! - `IDEMPOTENCY_SCOPE_HEADER` and `IDEMPOTENCY_SCOPE_SECRET`: keep the keys of callers apart by
+//!   a credential header (for example `authorization`), hashed with the secret. Without them the
+//!   gateway shares keys across callers: only right when one caller (or callers that trust each
+//!   other) stands behind it;
+//! - `IDEMPOTENCY_LEASE_MS` (default 30000): how long a running request holds its key before
+//!   another may take it over.
+//!
+//! On Ctrl-C or SIGTERM the gateway stops taking requests, lets the ones in progress finish,
+//! and waits (up to 10 s) for the records still being stored.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tower_idempotency::policy::MissingKey;
+use tower_idempotency::{DetachedWork, IdempotencyLayer, IdempotencyStore, MemoryStore};
+
+/// What the gateway is set up with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The service behind.
+    pub upstream: Uri,
+    /// `memory`, `redis://…` or `postgres://…`.
+    pub store: String,
+    /// Give a request without a key one of its own.
+    pub assign_key: bool,
+    /// Keep callers apart by this credential header, hashed with this secret.
+    pub scope: Option<(HeaderName, Vec<u8>)>,
+    /// The lease of a running request.
+    pub lease: Duration,
+}
+
+impl Settings {
+    /// Reads the settings from the environment.
+    pub fn from_env() -> Result<Self, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let listen = var("LISTEN_ADDR")
+            .unwrap_or_else(|| "127.0.0.1:3002".to_owned())
+            .parse()
+            .map_err(|e| format!("LISTEN_ADDR: {e}"))?;
+        let upstream = var("UPSTREAM_URL")
+            .ok_or("UPSTREAM_URL is required: the service to forward to, http://host:port")?;
+        let upstream: Uri = upstream
+            .parse()
+            .map_err(|e| format!("UPSTREAM_URL {upstream:?}: {e}"))?;
+        if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
+            return Err(format!(
+                "UPSTREAM_URL must be http://host:port…, not {upstream}"
+            ));
+        }
+        let scope = match (
+            var("IDEMPOTENCY_SCOPE_HEADER"),
+            var("IDEMPOTENCY_SCOPE_SECRET"),
+        ) {
+            (Some(header), Some(secret)) => Some((
+                header
+                    .parse()
+                    .map_err(|e| format!("IDEMPOTENCY_SCOPE_HEADER: {e}"))?,
+                secret.into_bytes(),
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "IDEMPOTENCY_SCOPE_HEADER and IDEMPOTENCY_SCOPE_SECRET go together".to_owned(),
+                );
+            }
+        };
+        let lease = match var("IDEMPOTENCY_LEASE_MS") {
+            Some(ms) => Duration::from_millis(
+                ms.parse()
+                    .map_err(|e| format!("IDEMPOTENCY_LEASE_MS: {e}"))?,
+            ),
+            None => Duration::from_secs(30),
+        };
+        Ok(Self {
+            listen,
+            upstream,
+            store: var("IDEMPOTENCY_STORE").unwrap_or_else(|| "memory".to_owned()),
+            assign_key: var("IDEMPOTENCY_ASSIGN_KEY").is_some_and(|v| v == "1" || v == "true"),
+            scope,
+            lease,
+        })
+    }
+}
+
+/// Opens the store named by `url`.
+pub async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
+    if url == "memory" {
+        return Ok(Arc::new(MemoryStore::new()));
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        #[cfg(feature = "redis")]
+        {
+            let store = tower_idempotency::RedisStore::connect(url)
+                .await
+                .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
+            return Ok(Arc::new(store));
+        }
+        #[cfg(not(feature = "redis"))]
+        return Err("this build has no Redis store: run with `--features redis`".to_owned());
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        #[cfg(feature = "postgres")]
+        {
+            let pool = tower_idempotency::sqlx::PgPool::connect(url)
+                .await
+                .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
+            let store = tower_idempotency::PostgresStore::new(pool);
+            store
+                .migrate()
+                .await
+                .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
+            return Ok(Arc::new(store));
+        }
+        #[cfg(not(feature = "postgres"))]
+        return Err(
+            "this build has no PostgreSQL store: run with `--features postgres`".to_owned(),
+        );
+    }
+    Err(format!(
+        "IDEMPOTENCY_STORE must be `memory`, `redis://…` or `postgres://…`, not {url:?}"
+    ))
+}
+
+/// Where requests go, and the client that takes them there.
+#[derive(Clone)]
+struct Upstream {
+    base: Uri,
+    client: Client<HttpConnector, Body>,
+}
+
+/// Headers that belong to one connection, not to the request: never forwarded.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
+
+/// Removes the hop-by-hop headers, and those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut axum::http::HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| name.trim().parse().ok())
+        .collect();
+    let hop: Vec<HeaderName> = headers.keys().filter(|n| hop_by_hop(n)).cloned().collect();
+    for name in named.iter().chain(&hop) {
+        headers.remove(name);
+    }
+}
+
+/// Forwards one request upstream and its answer back.
+async fn forward(State(upstream): State<Upstream>, req: Request) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let prefix = upstream.base.path().trim_end_matches('/');
+    let target = format!(
+        "{}://{}{prefix}{path}",
+        upstream.base.scheme_str().unwrap_or("http"),
+        upstream.base.authority().map_or("", |a| a.as_str()),
+    );
+    parts.uri = match target.parse() {
+        Ok(uri) => uri,
+        Err(_) => return (StatusCode::BAD_REQUEST, "unforwardable path").into_response(),
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    // The upstream sees its own host; the client's is kept for it.
+    if let Some(host) = parts.headers.remove(header::HOST) {
+        parts.headers.insert("x-forwarded-host", host);
+    }
+    match upstream
+        .client
+        .request(Request::from_parts(parts, body))
+        .await
+    {
+        Ok(res) => {
+            let (mut parts, body) = res.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "upstream unreachable");
+            // Not stored (a 502 is not storable by default): a retry goes upstream again.
+            (StatusCode::BAD_GATEWAY, "upstream unreachable").into_response()
+        }
+    }
+}
+
+/// The gateway's router (every path forwarded, behind the layer), and the layer's detached
+/// work, to finish at shutdown.
+pub async fn app(settings: &Settings) -> Result<(Router, DetachedWork), String> {
+    let store = open_store(&settings.store).await?;
+    let mut layer = IdempotencyLayer::new(store).lease(settings.lease);
+    layer = match &settings.scope {
+        Some((header, secret)) => layer.scope_by_credential(header.clone(), secret),
+        // One caller behind the gateway, or callers that trust each other.
+        None => layer.share_keys_across_callers(),
+    };
+    if settings.assign_key {
+        layer = layer.missing_key(MissingKey::Generate);
+    }
+    let work = layer.detached_work();
+    let upstream = Upstream {
+        base: settings.upstream.clone(),
+        client: Client::builder(TokioExecutor::new()).build_http(),
+    };
+    let router = Router::new()
+        .fallback(forward)
+        .with_state(upstream)
+        .layer(layer);
+    Ok((router, work))
+}
+
+#[allow(dead_code)]
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("gateway: {err}");
+            std::process::exit(2);
+        }
+    };
+    let (app, work) = match app(&settings).await {
+        Ok(app) => app,
+        Err(err) => {
+            eprintln!("gateway: {err}");
+            std::process::exit(1);
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .unwrap_or_else(|e| panic!("cannot listen on {}: {e}", settings.listen));
+    tracing::info!(
+        listen = %settings.listen,
+        upstream = %settings.upstream,
+        store = %settings.store,
+        "gateway ready"
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            #[cfg(unix)]
+            {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("a SIGTERM handler");
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = ctrl_c.await;
+        })
+        .await
+        .expect("the server runs");
+    // The records of answers already sent (and of requests whose client left) are stored
+    // before exiting.
+    if let Err(unfinished) = work.shutdown(Duration::from_secs(10)).await {
+        eprintln!("gateway stopped: {unfinished}");
+    }
+}

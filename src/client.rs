@@ -1,0 +1,534 @@
+//! The client side (feature `client`): one key per logical call, and retries that keep it.
+//!
+//! A client that timed out cannot know whether its operation ran. It must send the same
+//! request again **with the same key**, so that the server replays the first answer instead
+//! of running the operation twice. Two pieces do that for any Tower HTTP client (hyper-util's
+//! client, a tonic `Channel`, any `Service<http::Request<B>>`):
+//!
+//! - [`IdempotencyKeyLayer`] gives each call a fresh key (a UUID v4) unless the caller set one,
+//!   and puts it in the request's extensions as an [`IdempotencyKey`], so the caller can log
+//!   it or look the operation up later;
+//! - [`RetryPolicy`], a [`tower::retry::Policy`], sends the call again when its outcome is not
+//!   known (a transport error, a timeout), when the key is still in use (`409` with
+//!   `Retry-After`; gRPC `ABORTED`) and when the service is unavailable (`503`; gRPC
+//!   `UNAVAILABLE`). It honours `Retry-After` (capped), backs off exponentially with jitter,
+//!   spends from a shared budget, and stops on every other answer: `422` (the key was used with
+//!   another payload), `410`, other `4xx` and `5xx`, gRPC `FAILED_PRECONDITION` and the other
+//!   codes, and any replayed answer.
+//!
+//! The key layer goes **outside** the retry layer, so that every attempt carries the key the
+//! call was given; a timeout goes inside, so that each attempt has its own:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use tower::retry::RetryLayer;
+//! use tower::timeout::TimeoutLayer;
+//! use tower_idempotency::client::{IdempotencyKeyLayer, RetryPolicy};
+//!
+//! # fn wrap<S>(http_client: S) -> impl Sized
+//! # where S: tower::Service<http::Request<http_body_util::Full<bytes::Bytes>>> + Clone {
+//! let client = ServiceBuilder::new()
+//!     .layer(IdempotencyKeyLayer::new())
+//!     .layer(RetryLayer::new(RetryPolicy::new()))
+//!     .layer(TimeoutLayer::new(Duration::from_secs(2)))
+//!     .service(http_client);
+//! # client }
+//! ```
+//!
+//! Only requests whose body can be sent again are retried ([`CloneBody`]: `Full<Bytes>`,
+//! `Empty<Bytes>`, `Bytes`, `String`, `Vec<u8>`). Any other is sent once, never retried with a
+//! body that is gone.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use tower::retry::budget::{Budget, TpsBudget};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::key::IdempotencyKey;
+use crate::outcome::REPLAYED_HEADER;
+
+/// Gives each request a fresh `Idempotency-Key` unless it carries one (see the
+/// [module docs](self)).
+///
+/// By default it covers `POST` and `PATCH` (the methods the server layer covers) and gRPC
+/// calls, and uses the header `idempotency-key`.
+///
+/// ```
+/// use tower_idempotency::client::IdempotencyKeyLayer;
+///
+/// let layer = IdempotencyKeyLayer::new()
+///     .header(http::HeaderName::from_static("x-idempotency-key"))
+///     .methods([http::Method::POST, http::Method::PUT]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct IdempotencyKeyLayer {
+    header: HeaderName,
+    methods: Arc<[Method]>,
+}
+
+impl Default for IdempotencyKeyLayer {
+    fn default() -> Self {
+        Self {
+            header: HeaderName::from_static("idempotency-key"),
+            methods: Arc::from([Method::POST, Method::PATCH]),
+        }
+    }
+}
+
+impl IdempotencyKeyLayer {
+    /// The layer with its defaults: header `idempotency-key`, methods `POST` and `PATCH`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The header that carries the key. Default: `idempotency-key`.
+    ///
+    /// ```
+    /// let layer = tower_idempotency::client::IdempotencyKeyLayer::new()
+    ///     .header(http::HeaderName::from_static("x-request-key"));
+    /// ```
+    pub fn header(mut self, header: HeaderName) -> Self {
+        self.header = header;
+        self
+    }
+
+    /// The methods whose requests get a key. Default: `POST` and `PATCH`. gRPC calls (all
+    /// `POST`) get one as long as `POST` is listed.
+    ///
+    /// ```
+    /// let layer = tower_idempotency::client::IdempotencyKeyLayer::new()
+    ///     .methods([http::Method::POST, http::Method::PUT, http::Method::DELETE]);
+    /// ```
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.methods = methods.into_iter().collect();
+        self
+    }
+}
+
+impl<S> Layer<S> for IdempotencyKeyLayer {
+    type Service = SetIdempotencyKey<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SetIdempotencyKey {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`IdempotencyKeyLayer`].
+#[derive(Debug, Clone)]
+pub struct SetIdempotencyKey<S> {
+    inner: S,
+    layer: IdempotencyKeyLayer,
+}
+
+impl<S, B> Service<Request<B>> for SetIdempotencyKey<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let layer = &self.layer;
+        if layer.methods.contains(req.method()) {
+            let key = match req.headers().get(&layer.header) {
+                // The caller chose the key (a retry of its own, across restarts): keep it.
+                Some(value) => {
+                    crate::key::parse_key(value, crate::key::KeyParsing::Lenient, usize::MAX).ok()
+                }
+                None => {
+                    let key = IdempotencyKey::generate();
+                    if let Ok(value) = HeaderValue::from_str(key.as_str()) {
+                        req.headers_mut().insert(layer.header.clone(), value);
+                    }
+                    Some(key)
+                }
+            };
+            if let Some(key) = key {
+                req.extensions_mut().insert(key);
+            }
+        }
+        self.inner.call(req)
+    }
+}
+
+/// A request body that can be sent again for a retry.
+///
+/// Implemented for the bodies a client holds whole. A body that is not (a stream) cannot be
+/// retried: implement this trait for it returning `None`, or buffer it first.
+pub trait CloneBody: Sized {
+    /// A copy of the body for another attempt, or `None` if it cannot be sent again.
+    fn clone_body(&self) -> Option<Self>;
+}
+
+impl CloneBody for http_body_util::Full<Bytes> {
+    fn clone_body(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+impl CloneBody for http_body_util::Empty<Bytes> {
+    fn clone_body(&self) -> Option<Self> {
+        Some(*self)
+    }
+}
+
+impl CloneBody for Bytes {
+    fn clone_body(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+impl CloneBody for String {
+    fn clone_body(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+impl CloneBody for Vec<u8> {
+    fn clone_body(&self) -> Option<Self> {
+        Some(self.clone())
+    }
+}
+
+/// A request for another attempt: the same method, URI, version, headers (the key
+/// included), extensions and body; `None` if the body cannot be sent again.
+fn clone_request<B: CloneBody>(req: &Request<B>) -> Option<Request<B>> {
+    let mut copy = Request::new(req.body().clone_body()?);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    *copy.extensions_mut() = req.extensions().clone();
+    Some(copy)
+}
+
+/// What to do after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The answer is final.
+    Stop,
+    /// Send the call again, after the server's `Retry-After` if it gave one.
+    Retry(Option<Duration>),
+}
+
+/// The verdict on an answer (see [`RetryPolicy`]).
+fn verdict<B>(res: &Response<B>) -> Verdict {
+    let headers = res.headers();
+    if headers.contains_key(REPLAYED_HEADER) {
+        return Verdict::Stop;
+    }
+    let after = retry_after(headers);
+    let grpc = headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc && res.status() == StatusCode::OK {
+        // A trailers-only answer carries its status in the headers; one in the trailers
+        // came from a call that ran to the end, which is final.
+        let code = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok());
+        return match code {
+            // ABORTED (the key is in use), UNAVAILABLE.
+            Some(10 | 14) => Verdict::Retry(after),
+            _ => Verdict::Stop,
+        };
+    }
+    match res.status() {
+        // The key is in use: the first attempt still runs. A `409` without `Retry-After` is
+        // the application's own conflict, which is final.
+        StatusCode::CONFLICT if after.is_some() => Verdict::Retry(after),
+        StatusCode::SERVICE_UNAVAILABLE => Verdict::Retry(after),
+        _ => Verdict::Stop,
+    }
+}
+
+/// `Retry-After` in seconds (the form this crate's server sends); an HTTP date is not read.
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let secs = headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+/// A [`tower::retry::Policy`] that sends a call again with the same key while its outcome is
+/// not known (see the [module docs](self) for what it retries and what it does not).
+///
+/// Defaults: at most 5 retries; backoff from 100 ms, doubling up to 5 s, each pause between
+/// half and all of its step (jittered); `Retry-After` honoured up to 30 s; a budget of 20%
+/// retries over 10 s on top of 10 retries a second, shared by the clones of one policy.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::client::RetryPolicy;
+///
+/// let policy = RetryPolicy::new()
+///     .max_retries(8)
+///     .backoff(Duration::from_millis(50), Duration::from_secs(2))
+///     .max_retry_after(Duration::from_secs(10));
+/// ```
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    max_retries: u32,
+    first_backoff: Duration,
+    max_backoff: Duration,
+    max_retry_after: Duration,
+    budget: Arc<TpsBudget>,
+    /// Retries made so far for this call (each call gets a clone of the policy).
+    retries: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 5,
+            first_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(30),
+            budget: Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2)),
+            retries: 0,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The policy with its defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The most retries of one call. Default: 5.
+    ///
+    /// ```
+    /// let policy = tower_idempotency::client::RetryPolicy::new().max_retries(3);
+    /// ```
+    pub fn max_retries(mut self, max: u32) -> Self {
+        self.max_retries = max;
+        self
+    }
+
+    /// The first pause and the longest one; each retry doubles the step, and the pause is
+    /// taken at random between half and all of it. Default: 100 ms and 5 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let policy = tower_idempotency::client::RetryPolicy::new()
+    ///     .backoff(Duration::from_millis(20), Duration::from_secs(1));
+    /// ```
+    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.first_backoff = crate::store::clamp_duration(first);
+        self.max_backoff = crate::store::clamp_duration(max.max(first));
+        self
+    }
+
+    /// The longest `Retry-After` honoured; a longer one is cut to it. Default: 30 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let policy = tower_idempotency::client::RetryPolicy::new()
+    ///     .max_retry_after(Duration::from_secs(5));
+    /// ```
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = crate::store::clamp_duration(max);
+        self
+    }
+
+    /// The budget retries are withdrawn from, shared by every clone of this policy (every
+    /// call through one client). Default: `TpsBudget::new(10 s, 10 per second, 20%)`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower::retry::budget::TpsBudget;
+    /// let policy = tower_idempotency::client::RetryPolicy::new()
+    ///     .budget(TpsBudget::new(Duration::from_secs(10), 2, 0.1));
+    /// ```
+    pub fn budget(mut self, budget: TpsBudget) -> Self {
+        self.budget = Arc::new(budget);
+        self
+    }
+
+    /// The pause before the next retry, or `None` when retries ran out (the count or the
+    /// budget).
+    fn next_pause(&mut self, retry_after: Option<Duration>) -> Option<Duration> {
+        if self.retries >= self.max_retries || !self.budget.withdraw() {
+            return None;
+        }
+        let step = self
+            .first_backoff
+            .saturating_mul(1u32.checked_shl(self.retries).unwrap_or(u32::MAX))
+            .min(self.max_backoff);
+        // Between half and all of the step: callers that failed together spread out.
+        let half = step / 2;
+        let backoff = half + random_below(step - half);
+        let pause = match retry_after {
+            Some(after) => after.min(self.max_retry_after),
+            None => backoff,
+        };
+        self.retries += 1;
+        Some(pause)
+    }
+}
+
+/// A random duration below `max` (a randomly keyed hash is enough for jitter).
+fn random_below(max: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(nanos);
+    Duration::from_nanos(h.finish() % nanos)
+}
+
+impl<B, ResBody, E> tower::retry::Policy<Request<B>, Response<ResBody>, E> for RetryPolicy
+where
+    B: CloneBody,
+{
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        _req: &mut Request<B>,
+        result: &mut Result<Response<ResBody>, E>,
+    ) -> Option<Self::Future> {
+        let after = match result {
+            Ok(res) => match verdict(res) {
+                Verdict::Stop => {
+                    self.budget.deposit();
+                    return None;
+                }
+                Verdict::Retry(after) => after,
+            },
+            // A transport error or a timeout: the outcome is not known.
+            Err(_) => None,
+        };
+        let pause = self.next_pause(after)?;
+        tracing::debug!(
+            retry = self.retries,
+            pause_ms = pause.as_millis() as u64,
+            "retrying with the same idempotency key"
+        );
+        Some(tokio::time::sleep(pause))
+    }
+
+    fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
+        clone_request(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, headers: &[(&str, &str)]) -> Response<()> {
+        let mut res = Response::builder().status(status);
+        for (name, value) in headers {
+            res = res.header(*name, *value);
+        }
+        res.body(()).unwrap()
+    }
+
+    #[test]
+    fn verdicts() {
+        let retry_in = |s| Verdict::Retry(Some(Duration::from_secs(s)));
+        assert_eq!(verdict(&answer(409, &[("retry-after", "2")])), retry_in(2));
+        assert_eq!(
+            verdict(&answer(409, &[])),
+            Verdict::Stop,
+            "an app's own conflict"
+        );
+        assert_eq!(verdict(&answer(503, &[])), Verdict::Retry(None));
+        assert_eq!(verdict(&answer(503, &[("retry-after", "7")])), retry_in(7));
+        for status in [200, 201, 400, 404, 410, 413, 422, 429, 500, 502] {
+            assert_eq!(verdict(&answer(status, &[])), Verdict::Stop, "{status}");
+        }
+        let replayed = answer(503, &[(REPLAYED_HEADER.as_str(), "true")]);
+        assert_eq!(
+            verdict(&replayed),
+            Verdict::Stop,
+            "a replayed answer is final"
+        );
+        let grpc = |code: &str| {
+            answer(
+                200,
+                &[("content-type", "application/grpc"), ("grpc-status", code)],
+            )
+        };
+        assert_eq!(verdict(&grpc("10")), Verdict::Retry(None), "ABORTED");
+        assert_eq!(verdict(&grpc("14")), Verdict::Retry(None), "UNAVAILABLE");
+        for code in ["0", "2", "3", "9", "13"] {
+            assert_eq!(verdict(&grpc(code)), Verdict::Stop, "{code}");
+        }
+        let streamed = answer(200, &[("content-type", "application/grpc")]);
+        assert_eq!(verdict(&streamed), Verdict::Stop);
+        assert_eq!(
+            verdict(&answer(409, &[("retry-after", "soon")])),
+            Verdict::Stop
+        );
+    }
+
+    #[test]
+    fn pauses_grow_are_capped_and_run_out() {
+        let mut policy = RetryPolicy::new()
+            .max_retries(4)
+            .backoff(Duration::from_millis(100), Duration::from_millis(300))
+            .max_retry_after(Duration::from_secs(1));
+        let steps = [100, 200, 300];
+        for step in steps {
+            let pause = policy.next_pause(None).unwrap();
+            let step = Duration::from_millis(step);
+            assert!(pause >= step / 2 && pause <= step, "{pause:?} for {step:?}");
+        }
+        assert_eq!(
+            policy.next_pause(Some(Duration::from_secs(60))),
+            Some(Duration::from_secs(1)),
+            "Retry-After is capped"
+        );
+        assert_eq!(policy.next_pause(None), None, "four retries at most");
+    }
+
+    #[test]
+    fn an_empty_budget_stops_retries() {
+        let mut policy = RetryPolicy::new().budget(TpsBudget::new(Duration::from_secs(1), 0, 0.0));
+        assert_eq!(policy.next_pause(None), None);
+    }
+
+    #[test]
+    fn requests_are_copied_whole_or_not_at_all() {
+        let req = Request::post("/orders")
+            .header("idempotency-key", "k1")
+            .body(http_body_util::Full::new(Bytes::from("{}")))
+            .unwrap();
+        let copy = clone_request(&req).unwrap();
+        assert_eq!(copy.method(), Method::POST);
+        assert_eq!(copy.uri(), "/orders");
+        assert_eq!(copy.headers()["idempotency-key"], "k1");
+
+        struct Stream;
+        impl CloneBody for Stream {
+            fn clone_body(&self) -> Option<Self> {
+                None
+            }
+        }
+        assert!(clone_request(&Request::new(Stream)).is_none());
+    }
+}

@@ -1,0 +1,242 @@
+//! The whole story, end to end over TCP: a client calls a server through this crate's
+//! client side (a key per call, a retry policy), the first attempt's answer is lost (the
+//! client times out, or a proxy drops the response after the server answered), the client
+//! retries with the same key, and the operation runs once: the client ends with the
+//! original answer, marked replayed.
+#![cfg(feature = "client")]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::routing::post;
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::retry::RetryLayer;
+use tower::timeout::TimeoutLayer;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_idempotency::client::{IdempotencyKeyLayer, RetryPolicy};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, REPLAYED_HEADER};
+
+/// What the server saw: the key of every attempt, and how often the operation ran.
+#[derive(Clone, Default)]
+struct Seen {
+    keys: Arc<Mutex<Vec<Option<String>>>>,
+    runs: Arc<AtomicUsize>,
+}
+
+/// A server whose `POST /orders` takes `work` to make an order, behind the layer.
+async fn server(seen: Seen, work: Duration) -> std::net::SocketAddr {
+    let runs = Arc::clone(&seen.runs);
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move || {
+                let runs = Arc::clone(&runs);
+                async move {
+                    tokio::time::sleep(work).await;
+                    let n = runs.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::CREATED, format!("order {n}"))
+                }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new(MemoryStore::new())
+                .share_keys_across_callers()
+                .lease(Duration::from_secs(5)),
+        )
+        // Outside the layer: every attempt is seen, replays and 409s included.
+        .layer(axum::middleware::map_request(move |req: Request| {
+            let key = req
+                .headers()
+                .get("idempotency-key")
+                .map(|v| v.to_str().unwrap().to_owned());
+            seen.keys.lock().unwrap().push(key);
+            async move { req }
+        }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// hyper-util's client with the client side of this crate: a key per call, retries with
+/// it, and a timeout per attempt.
+fn client(
+    timeout: Duration,
+) -> impl Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<hyper::body::Incoming>,
+    Error = BoxError,
+    Future: Send,
+> + Clone {
+    let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    ServiceBuilder::new()
+        .layer(IdempotencyKeyLayer::new())
+        .layer(RetryLayer::new(
+            RetryPolicy::new()
+                .max_retries(20)
+                .backoff(Duration::from_millis(20), Duration::from_millis(100))
+                .max_retry_after(Duration::from_millis(150)),
+        ))
+        .layer(TimeoutLayer::new(timeout))
+        .service(http)
+}
+
+fn order(addr: std::net::SocketAddr) -> http::Request<Full<Bytes>> {
+    http::Request::post(format!("http://{addr}/orders"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"sku\":1}")))
+        .unwrap()
+}
+
+async fn answer(res: http::Response<hyper::body::Incoming>) -> (StatusCode, bool, Bytes) {
+    let status = res.status();
+    let replayed = res
+        .headers()
+        .get(REPLAYED_HEADER)
+        .is_some_and(|v| v == "true");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, replayed, body)
+}
+
+/// Every attempt carried the same key, one the client made.
+fn one_key(seen: &Seen) -> usize {
+    let keys = seen.keys.lock().unwrap();
+    let first = keys[0].clone().expect("the client sent a key");
+    assert_eq!(first.len(), 36, "a UUID: {first}");
+    assert!(
+        keys.iter().all(|k| k.as_deref() == Some(first.as_str())),
+        "{keys:?}"
+    );
+    keys.len()
+}
+
+#[tokio::test]
+async fn a_client_that_times_out_retries_with_its_key_and_gets_the_first_answer() {
+    let seen = Seen::default();
+    // The operation takes longer than the client waits for an attempt.
+    let addr = server(seen.clone(), Duration::from_millis(400)).await;
+    let res = client(Duration::from_millis(150))
+        .oneshot(order(addr))
+        .await
+        .expect("the call ends with an answer");
+    let (status, replayed, body) = answer(res).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed, "the answer is the first attempt's, replayed");
+    assert_eq!(body, "order 0");
+    assert_eq!(
+        seen.runs.load(Ordering::SeqCst),
+        1,
+        "the operation ran once"
+    );
+    let attempts = one_key(&seen);
+    // A first attempt, at least one 409 while it ran, and the replay.
+    assert!(attempts >= 3, "{attempts} attempts");
+}
+
+/// Accepts connections on a port of its own and forwards them to `upstream`, but the first
+/// connection's response is read from the server and never passed on: the client's
+/// connection is closed after the server answered.
+async fn dropping_proxy(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let mut server = TcpStream::connect(upstream).await.unwrap();
+            if !std::mem::take(&mut first) {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                let (mut client_read, _client_write) = client.split();
+                let (mut server_read, mut server_write) = server.split();
+                let forward = async {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = client_read.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                // The response leaves the server only once its record is stored: its first
+                // bytes are proof enough that the operation ran and was recorded.
+                let swallow = async {
+                    let mut buf = [0u8; 4096];
+                    let _ = server_read.read(&mut buf).await;
+                };
+                tokio::select! {
+                    () = forward => {}
+                    () = swallow => {}
+                }
+                // Both connections close here, the answer unsent.
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_response_lost_after_the_server_answered_is_replayed_to_the_retry() {
+    let seen = Seen::default();
+    let server = server(seen.clone(), Duration::from_millis(10)).await;
+    let proxy = dropping_proxy(server).await;
+    let res = client(Duration::from_secs(5))
+        .oneshot(order(proxy))
+        .await
+        .expect("the call ends with an answer");
+    let (status, replayed, body) = answer(res).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed, "the retry got the lost answer, replayed");
+    assert_eq!(body, "order 0");
+    assert_eq!(
+        seen.runs.load(Ordering::SeqCst),
+        1,
+        "the operation ran once"
+    );
+    assert_eq!(one_key(&seen), 2, "the lost attempt and its retry");
+}
+
+#[tokio::test]
+async fn final_answers_are_not_retried() {
+    let seen = Seen::default();
+    let addr = server(seen.clone(), Duration::ZERO).await;
+    let client = client(Duration::from_secs(5));
+    // The caller chose the key: it is kept.
+    let mut first = order(addr);
+    first
+        .headers_mut()
+        .insert("idempotency-key", "caller-1".parse().unwrap());
+    let (status, replayed, _) = answer(client.clone().oneshot(first).await.unwrap()).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false));
+    // The same key with another payload: 422, final.
+    let mut other = order(addr);
+    other
+        .headers_mut()
+        .insert("idempotency-key", "caller-1".parse().unwrap());
+    *other.body_mut() = Full::new(Bytes::from_static(b"{\"sku\":2}"));
+    let (status, _, _) = answer(client.clone().oneshot(other).await.unwrap()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // A plain 404 is final too.
+    let missing = http::Request::post(format!("http://{addr}/nowhere"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, _) = answer(client.oneshot(missing).await.unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let keys = seen.keys.lock().unwrap();
+    assert_eq!(keys.len(), 3, "one attempt each: {keys:?}");
+    assert_eq!(keys[1].as_deref(), Some("caller-1"));
+    assert_eq!(seen.runs.load(Ordering::SeqCst), 1);
+}
