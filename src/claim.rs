@@ -24,17 +24,17 @@ const MAX_PAUSE: Duration = Duration::from_secs(2);
 /// call failed or overran, or the request was dropped meanwhile), the claim may still have
 /// landed: it is released by its token, on a tracked task, so that no key stays blocked
 /// for a lease with nothing running.
-pub(crate) struct PendingClaim {
-    config: Arc<Config>,
+pub(crate) struct PendingClaim<'a> {
+    config: &'a Arc<Config>,
     key: StoreKey,
     token: LeaseToken,
     armed: bool,
 }
 
-impl PendingClaim {
-    pub(crate) fn new(config: &Arc<Config>, key: StoreKey) -> Self {
+impl<'a> PendingClaim<'a> {
+    pub(crate) fn new(config: &'a Arc<Config>, key: StoreKey) -> Self {
         Self {
-            config: Arc::clone(config),
+            config,
             key,
             token: LeaseToken::new(),
             armed: true,
@@ -59,7 +59,7 @@ impl PendingClaim {
     pub(crate) fn acquired(mut self, fingerprint: Fingerprint) -> Claimed {
         self.armed = false;
         let key = self.key.take();
-        Claimed::new(Arc::clone(&self.config), key, self.token, fingerprint)
+        Claimed::new(Arc::clone(self.config), key, self.token, fingerprint)
     }
 
     /// The claim failed or overran: release whatever it may have left.
@@ -113,7 +113,7 @@ impl PendingClaim {
     }
 }
 
-impl Drop for PendingClaim {
+impl Drop for PendingClaim<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.armed = false;
@@ -125,14 +125,13 @@ impl Drop for PendingClaim {
 /// Ownership of a claim: completes or releases it exactly once, and releases it if dropped
 /// unsettled (a panic, a cancelled operation). Its lease is kept alive until then.
 pub(crate) struct Claimed {
-    config: Arc<Config>,
-    key: StoreKey,
-    token: LeaseToken,
+    /// The key, its token and the configuration, shared with the handler's
+    /// [`IdempotencyClaim`] (which also records whether it declared a commit point): one
+    /// allocation per claim, and one reference to the layer's configuration.
+    shared: Arc<Shared>,
     fingerprint: Fingerprint,
     registration: Option<Registration>,
     settled: bool,
-    /// Shared with the handler's [`IdempotencyClaim`]: whether it declared a commit point.
-    shared: Option<Arc<Shared>>,
 }
 
 impl Claimed {
@@ -142,16 +141,12 @@ impl Claimed {
         token: LeaseToken,
         fingerprint: Fingerprint,
     ) -> Self {
-        let registration = config.keeper.register(&config.renewal(), &key, token);
-        let shared = Shared::new(Arc::clone(&config), key.clone(), token);
+        let registration = config.keeper.register(&config, &key, token);
         Self {
-            config,
-            key,
-            token,
+            shared: Shared::new(config, key, token),
             fingerprint,
             registration: Some(registration),
             settled: false,
-            shared: Some(shared),
         }
     }
 
@@ -159,25 +154,20 @@ impl Claimed {
     /// outcome in hand, without renewing its lease (nobody can take a committed key over).
     fn resumed(config: Arc<Config>, key: StoreKey, token: LeaseToken, record: &Record) -> Self {
         Self {
-            config,
-            key,
-            token,
+            shared: Shared::new(config, key, token),
             fingerprint: *record.fingerprint(),
             registration: None,
             settled: false,
-            shared: None,
         }
     }
 
     pub(crate) fn config(&self) -> &Arc<Config> {
-        &self.config
+        &self.shared.config
     }
 
     /// The handle the operation gets in its request's extensions.
-    pub(crate) fn handle(&self) -> Option<IdempotencyClaim> {
-        self.shared
-            .as_ref()
-            .map(|s| IdempotencyClaim::new(Arc::clone(s)))
+    pub(crate) fn handle(&self) -> IdempotencyClaim {
+        IdempotencyClaim::new(Arc::clone(&self.shared))
     }
 
     pub(crate) fn fingerprint(&self) -> Fingerprint {
@@ -186,7 +176,9 @@ impl Claimed {
 
     fn settle(&mut self) {
         self.settled = true;
-        self.registration = None;
+        if let Some(registration) = self.registration.take() {
+            self.shared.config.keeper.unregister(registration);
+        }
     }
 
     /// Frees the key so that a retry runs the operation. Waits for the first attempt (within
@@ -197,16 +189,16 @@ impl Claimed {
     /// safe; without one, the key is left with its outcome unknown.
     pub(crate) async fn release(mut self, fallback: Option<Record>) {
         if let Some(record) = fallback {
-            if self.shared.as_ref().is_some_and(|s| s.confirmed()) {
+            if self.shared.confirmed() {
                 return self.complete(record).await;
             }
             self.settle();
-            let config = Arc::clone(&self.config);
-            release(config, self.key.clone(), self.token, Some(record), false).await;
+            let config = Arc::clone(&self.shared.config);
+            release(config, self.shared.key.clone(), self.shared.token, Some(record), false).await;
         } else {
             self.settle();
-            let config = Arc::clone(&self.config);
-            release(config, self.key.clone(), self.token, None, false).await;
+            let config = Arc::clone(&self.shared.config);
+            release(config, self.shared.key.clone(), self.shared.token, None, false).await;
         }
     }
 
@@ -221,9 +213,9 @@ impl Claimed {
     #[allow(clippy::result_large_err)]
     pub(crate) fn complete_now(&mut self, record: Record) -> Result<(), Record> {
         let timer = crate::metrics::Timer::start();
-        match self.config.complete_direct(&self.key, self.token, record) {
+        match self.shared.config.complete_direct(&self.shared.key, self.shared.token, record) {
             Ok(Ok(())) => {
-                timer.store_call_ended(&*self.config.store, "complete", true);
+                timer.store_call_ended(&*self.shared.config.store, "complete", true);
                 self.stored(0);
                 Ok(())
             }
@@ -236,9 +228,9 @@ impl Claimed {
         // The embedded memory store: one direct call, which hands the record back if it
         // refuses, so that no copy of it is made for the attempt.
         let timer = crate::metrics::Timer::start();
-        let record = match self.config.complete_direct(&self.key, self.token, record) {
+        let record = match self.shared.config.complete_direct(&self.shared.key, self.shared.token, record) {
             Ok(result) => {
-                timer.store_call_ended(&*self.config.store, "complete", result.is_ok());
+                timer.store_call_ended(&*self.shared.config.store, "complete", result.is_ok());
                 match result {
                     Ok(()) => return self.stored(0),
                     Err((StoreError::LeaseLost, record)) => {
@@ -250,7 +242,7 @@ impl Claimed {
             Err(record) => record,
         };
         let mut failures = 0;
-        let inline_until = crate::time::deadline_after(self.config.store_timeout);
+        let inline_until = crate::time::deadline_after(self.shared.config.store_timeout);
         match self
             .complete_until(&record, inline_until, &mut failures)
             .await
@@ -259,13 +251,13 @@ impl Claimed {
             Err(StoreError::LeaseLost) => self.taken_over(failures > 0, record).await,
             Err(err) => {
                 tracing::warn!(
-                    key = self.key.client_key(),
+                    key = self.shared.key.client_key(),
                     error = %ErrorChain(&err),
                     failures,
                     "storing the idempotency record failed; retrying in the background, \
                      the key stays claimed meanwhile"
                 );
-                let work = self.config.work.clone();
+                let work = self.shared.config.work.clone();
                 work.spawn("completion", self.complete_retrying(record, failures));
             }
         }
@@ -279,7 +271,7 @@ impl Claimed {
             Err(err) => {
                 self.settle();
                 tracing::error!(
-                    key = self.key.client_key(),
+                    key = self.shared.key.client_key(),
                     error = %ErrorChain(&err),
                     failures,
                     "gave up storing the idempotency record; once its lease ends, a \
@@ -298,20 +290,20 @@ impl Claimed {
         until: tokio::time::Instant,
         failures: &mut u32,
     ) -> Result<(), StoreError> {
-        let timeout = self.config.store_timeout;
+        let timeout = self.shared.config.store_timeout;
         let mut pause = FIRST_PAUSE;
         loop {
             let call =
-                self.config
+                self.shared.config
                     .store
-                    .complete(&self.key, self.token, record.clone(), self.config.ttl);
+                    .complete(&self.shared.key, self.shared.token, record.clone(), self.shared.config.ttl);
             let bound = until.min(crate::time::deadline_after(timeout));
             let timer = crate::metrics::Timer::start();
             let result = match tokio::time::timeout_at(bound, call).await {
                 Ok(result) => result,
                 Err(_) => Err(StoreError::Timeout(timeout)),
             };
-            timer.store_call(&*self.config.store, "complete", &result);
+            timer.store_call(&*self.shared.config.store, "complete", &result);
             let err = match result {
                 Ok(()) => return Ok(()),
                 Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),
@@ -325,7 +317,7 @@ impl Claimed {
             }
             if failures.is_power_of_two() {
                 tracing::warn!(
-                    key = self.key.client_key(),
+                    key = self.shared.key.client_key(),
                     error = %ErrorChain(&err),
                     failures = *failures,
                     "storing the idempotency record failed; retrying"
@@ -340,7 +332,7 @@ impl Claimed {
         self.settle();
         if failures > 0 {
             tracing::info!(
-                key = self.key.client_key(),
+                key = self.shared.key.client_key(),
                 failures,
                 "idempotency record stored after failed attempts"
             );
@@ -358,17 +350,17 @@ impl Claimed {
         self.settle();
         crate::metrics::lost_lease();
         tracing::warn!(
-            key = self.key.client_key(),
+            key = self.shared.key.client_key(),
             after_failures,
             "the idempotency key was taken over by another request after this one's lease \
              lapsed; this outcome is stored if the key is freed again, otherwise the other \
              request's outcome is kept"
         );
-        if store_if_free(&self.config, &self.key, self.fingerprint, &record).await {
+        if store_if_free(&self.shared.config, &self.shared.key, self.fingerprint, &record).await {
             return;
         }
-        let config = Arc::clone(&self.config);
-        let (key, fingerprint) = (self.key.clone(), self.fingerprint);
+        let config = Arc::clone(&self.shared.config);
+        let (key, fingerprint) = (self.shared.key.clone(), self.fingerprint);
         let work = config.work.clone();
         work.spawn("store after takeover", async move {
             let give_up = crate::time::deadline_after(COMPLETION_RETRY_WINDOW);
@@ -433,8 +425,8 @@ impl Drop for Claimed {
             return;
         }
         self.settle();
-        let config = Arc::clone(&self.config);
-        let (key, token) = (self.key.clone(), self.token);
+        let config = Arc::clone(&self.shared.config);
+        let (key, token) = (self.shared.key.clone(), self.shared.token);
         let work = config.work.clone();
         work.spawn("release", release(config, key, token, None, true));
     }

@@ -90,7 +90,7 @@ where
     // fingerprint be an earlier version's.
     let body = bytes.clone();
     let mut req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
-    let store = Arc::clone(&config.store);
+    let store = &config.store;
 
     // The token is made here, before the claim is sent: if the answer never comes, the
     // claim that may have landed is released by it (on every path, drops included).
@@ -473,9 +473,7 @@ where
     ResBody::Error: Send,
 {
     let mut req = req;
-    if let Some(handle) = claimed.handle() {
-        req.extensions_mut().insert(handle);
-    }
+    req.extensions_mut().insert(claimed.handle());
     let fut = inner.call(req);
     let config = Arc::clone(claimed.config());
     let work = async move {

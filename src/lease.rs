@@ -67,17 +67,11 @@ impl std::fmt::Debug for LeaseKeeper {
     }
 }
 
-/// A claim registered with the keeper; dropping it stops the renewals.
-pub(crate) struct Registration {
-    keeper: Arc<LeaseKeeper>,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.keeper.shard(self.id).remove(&self.id);
-    }
-}
+/// A claim registered with the keeper, by number: [`LeaseKeeper::unregister`] stops its
+/// renewals. (Not a guard holding the keeper: every request would then write the keeper's
+/// shared reference count, which threads serving requests side by side contend for.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Registration(u64);
 
 /// What the keeper needs to renew a lease.
 #[derive(Clone)]
@@ -106,10 +100,10 @@ impl LeaseKeeper {
         self.shard(id).contains_key(&id)
     }
 
-    /// Keeps `key` claimed with `token` until the registration is dropped.
+    /// Keeps `key` claimed with `token` until [`unregister`](Self::unregister) is called.
     pub(crate) fn register(
         self: &Arc<Self>,
-        renewal: &Renewal,
+        config: &crate::config::Config,
         key: &StoreKey,
         token: LeaseToken,
     ) -> Registration {
@@ -123,16 +117,21 @@ impl LeaseKeeper {
                 renewing: false,
             },
         );
-        let renewal = renewal.clone();
-        let period = renewal.lease / 3;
-        crate::periodic::ensure_running(&self.started, self, period, move |keeper| {
-            keeper.renew_due(&renewal, period);
-            std::future::ready(())
-        });
-        Registration {
-            keeper: Arc::clone(self),
-            id,
+        // The keeper's task starts with the first registration; later ones only look.
+        if !self.started.load(Ordering::Acquire) {
+            let renewal = config.renewal();
+            let period = renewal.lease / 3;
+            crate::periodic::ensure_running(&self.started, self, period, move |keeper| {
+                keeper.renew_due(&renewal, period);
+                std::future::ready(())
+            });
         }
+        Registration(id)
+    }
+
+    /// Stops renewing a registered claim.
+    pub(crate) fn unregister(&self, registration: Registration) {
+        self.shard(registration.0).remove(&registration.0);
     }
 
     /// Extends every claim last renewed a period ago or more, each on its own task.

@@ -45,7 +45,8 @@ pub(crate) struct Recorder<B> {
     /// Already draining on a task of its own: dropped again (its runtime shutting down),
     /// it settles the claim instead of draining once more.
     detached: bool,
-    work: DetachedWork,
+    /// Where the record's storing goes on if the body is dropped meanwhile (set with it).
+    work: Option<DetachedWork>,
     drain: fn(Pin<Box<B>>, Recording),
 }
 
@@ -110,7 +111,6 @@ where
 {
     pub(crate) fn new(body: B, parts: &http::response::Parts, claimed: Claimed) -> Self {
         let config = claimed.config();
-        let work = config.work.clone();
         let headers = replayed_headers(config, &parts.headers);
         let declared = parts
             .headers
@@ -138,7 +138,7 @@ where
             sent: 0,
             polling: false,
             detached: false,
-            work,
+            work: None,
             drain: drain::<B>,
         }
     }
@@ -197,6 +197,7 @@ impl<B> Recorder<B> {
                 },
                 Settle::Release => record,
             };
+            self.work = Some(claimed.config().work.clone());
             self.completing = Some(Box::pin(settle.apply(claimed, record)));
         }
     }
@@ -220,7 +221,7 @@ where
         sent: 0,
         polling: false,
         detached: true,
-        work: work.clone(),
+        work: None,
         drain: drain::<B>,
     };
     work.spawn("drain", async move {
@@ -421,7 +422,8 @@ where
                     this.inner = None;
                     this.held.clear();
                     if let Some(recording) = this.recording.take() {
-                        this.work.spawn("settle a failed body", recording.fail());
+                        let work = recording.claimed.config().work.clone();
+                        work.spawn("settle a failed body", recording.fail());
                     }
                     return Poll::Ready(Some(Err(err)));
                 }
@@ -502,7 +504,9 @@ impl<B> Drop for Recorder<B> {
     fn drop(&mut self) {
         if let Some(completing) = self.completing.take() {
             // The client went away while the record was being stored: finish storing.
-            self.work.spawn("store", completing);
+            if let Some(work) = &self.work {
+                work.spawn("store", completing);
+            }
             return;
         }
         let Some(recording) = self.recording.take() else {
@@ -511,7 +515,8 @@ impl<B> Drop for Recorder<B> {
         if self.polling {
             // The inner body panicked: never poll it again; settle the claim once.
             self.inner = None;
-            self.work.spawn("settle a panicked body", recording.fail());
+            let work = recording.claimed.config().work.clone();
+            work.spawn("settle a panicked body", recording.fail());
             return;
         }
         match (recording.claimed.config().disconnect, self.inner.take()) {
