@@ -40,6 +40,9 @@ BIN="$CARGO_TARGET_DIR/release/examples/axum"
 # Room for every new key of a run in the memory store (its default 64 MiB cap would be full
 # within a second, and later requests measured as `503 store-full`).
 export IDEMPOTENCY_MEMORY_MAX_MB="${IDEMPOTENCY_MEMORY_MAX_MB:-8192}"
+# The demo logs at `info` by default: a span per covered request and a line per replay,
+# written to a file here. The runs measure the layer, not the log: `warn` unless set.
+export RUST_LOG="${RUST_LOG:-warn}"
 
 WORK="$(mktemp -d)"
 SERVER_PID=""
