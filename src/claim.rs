@@ -194,11 +194,25 @@ impl Claimed {
             }
             self.settle();
             let config = Arc::clone(&self.shared.config);
-            release(config, self.shared.key.clone(), self.shared.token, Some(record), false).await;
+            release(
+                config,
+                self.shared.key.clone(),
+                self.shared.token,
+                Some(record),
+                false,
+            )
+            .await;
         } else {
             self.settle();
             let config = Arc::clone(&self.shared.config);
-            release(config, self.shared.key.clone(), self.shared.token, None, false).await;
+            release(
+                config,
+                self.shared.key.clone(),
+                self.shared.token,
+                None,
+                false,
+            )
+            .await;
         }
     }
 
@@ -213,7 +227,11 @@ impl Claimed {
     #[allow(clippy::result_large_err)]
     pub(crate) fn complete_now(&mut self, record: Record) -> Result<(), Record> {
         let timer = crate::metrics::Timer::start();
-        match self.shared.config.complete_direct(&self.shared.key, self.shared.token, record) {
+        match self
+            .shared
+            .config
+            .complete_direct(&self.shared.key, self.shared.token, record)
+        {
             Ok(Ok(())) => {
                 timer.store_call_ended(&*self.shared.config.store, "complete", true);
                 self.stored(0);
@@ -228,19 +246,24 @@ impl Claimed {
         // The embedded memory store: one direct call, which hands the record back if it
         // refuses, so that no copy of it is made for the attempt.
         let timer = crate::metrics::Timer::start();
-        let record = match self.shared.config.complete_direct(&self.shared.key, self.shared.token, record) {
-            Ok(result) => {
-                timer.store_call_ended(&*self.shared.config.store, "complete", result.is_ok());
-                match result {
-                    Ok(()) => return self.stored(0),
-                    Err((StoreError::LeaseLost, record)) => {
-                        return self.taken_over(false, record).await;
+        let record =
+            match self
+                .shared
+                .config
+                .complete_direct(&self.shared.key, self.shared.token, record)
+            {
+                Ok(result) => {
+                    timer.store_call_ended(&*self.shared.config.store, "complete", result.is_ok());
+                    match result {
+                        Ok(()) => return self.stored(0),
+                        Err((StoreError::LeaseLost, record)) => {
+                            return self.taken_over(false, record).await;
+                        }
+                        Err((_, record)) => record,
                     }
-                    Err((_, record)) => record,
                 }
-            }
-            Err(record) => record,
-        };
+                Err(record) => record,
+            };
         let mut failures = 0;
         let inline_until = crate::time::deadline_after(self.shared.config.store_timeout);
         match self
@@ -293,10 +316,12 @@ impl Claimed {
         let timeout = self.shared.config.store_timeout;
         let mut pause = FIRST_PAUSE;
         loop {
-            let call =
-                self.shared.config
-                    .store
-                    .complete(&self.shared.key, self.shared.token, record.clone(), self.shared.config.ttl);
+            let call = self.shared.config.store.complete(
+                &self.shared.key,
+                self.shared.token,
+                record.clone(),
+                self.shared.config.ttl,
+            );
             let bound = until.min(crate::time::deadline_after(timeout));
             let timer = crate::metrics::Timer::start();
             let result = match tokio::time::timeout_at(bound, call).await {
@@ -356,7 +381,14 @@ impl Claimed {
              lapsed; this outcome is stored if the key is freed again, otherwise the other \
              request's outcome is kept"
         );
-        if store_if_free(&self.shared.config, &self.shared.key, self.fingerprint, &record).await {
+        if store_if_free(
+            &self.shared.config,
+            &self.shared.key,
+            self.fingerprint,
+            &record,
+        )
+        .await
+        {
             return;
         }
         let config = Arc::clone(&self.shared.config);

@@ -435,6 +435,160 @@ where
     }
 }
 
+/// Retries calls whose request body cannot be cloned: a tonic client's, or any streaming
+/// body. The body is read once (up to `max_body` bytes) and rebuilt for every attempt
+/// ([`RebuildBody`](crate::RebuildBody)); what is retried, and when, is decided as by
+/// [`RetryPolicy`].
+///
+/// For a tonic client, between the key layer and the channel:
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_idempotency::client::{BufferedRetryLayer, IdempotencyKeyLayer, RetryPolicy};
+///
+/// let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:50051")
+///     .timeout(Duration::from_secs(2))
+///     .connect()
+///     .await?;
+/// let service = tower::ServiceBuilder::new()
+///     .layer(IdempotencyKeyLayer::new())
+///     .layer(BufferedRetryLayer::new(RetryPolicy::new()))
+///     .service(channel);
+/// let grpc = tonic::client::Grpc::new(service); // or a generated client's `new(service)`
+/// # drop(grpc); Ok(()) }
+/// ```
+///
+/// A body larger than `max_body` (default 1 MiB) is not sent at all: the call fails with
+/// [`BodyTooLarge`], since it could not be retried with the same bytes.
+#[derive(Debug, Clone)]
+pub struct BufferedRetryLayer {
+    policy: RetryPolicy,
+    max_body: usize,
+}
+
+impl BufferedRetryLayer {
+    /// The layer, retrying as `policy` says, with bodies of up to 1 MiB.
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self {
+            policy,
+            max_body: 1024 * 1024,
+        }
+    }
+
+    /// The largest body read for retries. Default: 1 MiB.
+    ///
+    /// ```
+    /// use tower_idempotency::client::{BufferedRetryLayer, RetryPolicy};
+    /// let layer = BufferedRetryLayer::new(RetryPolicy::new()).max_body(64 * 1024);
+    /// ```
+    pub fn max_body(mut self, max: usize) -> Self {
+        self.max_body = max;
+        self
+    }
+}
+
+impl<S> Layer<S> for BufferedRetryLayer {
+    type Service = BufferedRetry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BufferedRetry {
+            inner,
+            policy: self.policy.clone(),
+            max_body: self.max_body,
+        }
+    }
+}
+
+/// The service of [`BufferedRetryLayer`].
+#[derive(Debug, Clone)]
+pub struct BufferedRetry<S> {
+    inner: S,
+    policy: RetryPolicy,
+    max_body: usize,
+}
+
+/// A request body too large to be kept for retries ([`BufferedRetryLayer::max_body`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than {max} bytes, the most kept for retries")]
+pub struct BodyTooLarge {
+    max: usize,
+}
+
+/// A request body that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body could not be read: {0}")]
+pub struct BodyUnreadable(String);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S, B, ResBody> Service<Request<B>> for BufferedRetry<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError> + Send,
+    B: http_body::Body<Data = Bytes> + crate::RebuildBody + Send + 'static,
+    B::Error: Into<BoxError>,
+    ResBody: Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<ResBody>, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Each attempt waits for the inner service to be ready (a retry may come much
+        // later than this call).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let mut policy = self.policy.clone();
+        let max = self.max_body;
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let bytes = match crate::body::buffer(body, max).await {
+                Ok(bytes) => bytes,
+                Err(crate::body::BufferError::TooLarge) => return Err(BodyTooLarge { max }.into()),
+                Err(crate::body::BufferError::Read(err)) => return Err(BodyUnreadable(err).into()),
+            };
+            loop {
+                let mut attempt = Request::new(B::from_bytes(bytes.clone()));
+                *attempt.method_mut() = parts.method.clone();
+                *attempt.uri_mut() = parts.uri.clone();
+                *attempt.version_mut() = parts.version;
+                *attempt.headers_mut() = parts.headers.clone();
+                *attempt.extensions_mut() = parts.extensions.clone();
+                let result = match tower::ServiceExt::ready(&mut inner).await {
+                    Ok(ready) => ready.call(attempt).await.map_err(Into::into),
+                    Err(err) => Err(err.into()),
+                };
+                let after = match &result {
+                    Ok(res) => match verdict(res) {
+                        Verdict::Stop => {
+                            policy.budget.deposit();
+                            return result;
+                        }
+                        Verdict::Retry(after) => after,
+                    },
+                    Err(_) => None,
+                };
+                let Some(pause) = policy.next_pause(after) else {
+                    return result;
+                };
+                tracing::debug!(
+                    retry = policy.retries,
+                    pause_ms = pause.as_millis() as u64,
+                    "retrying with the same idempotency key"
+                );
+                tokio::time::sleep(pause).await;
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
