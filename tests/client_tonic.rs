@@ -4,7 +4,7 @@
 #![cfg(all(feature = "client", feature = "tonic"))]
 
 #[path = "../examples/tonic.rs"]
-#[allow(unreachable_pub, missing_docs, dead_code)]
+#[allow(unreachable_pub, missing_docs)]
 mod demo;
 
 use std::sync::Arc;
