@@ -228,7 +228,11 @@ enum Verdict {
 
 /// The verdict on an answer (see [`RetryPolicy`]).
 fn verdict<B>(res: &Response<B>) -> Verdict {
-    let headers = res.headers();
+    verdict_of(res.status(), res.headers())
+}
+
+/// The verdict on an answer's status and headers.
+fn verdict_of(status: StatusCode, headers: &http::HeaderMap) -> Verdict {
     if headers.contains_key(REPLAYED_HEADER) {
         return Verdict::Stop;
     }
@@ -236,7 +240,7 @@ fn verdict<B>(res: &Response<B>) -> Verdict {
     let grpc = headers
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if grpc && res.status() == StatusCode::OK {
+    if grpc && status == StatusCode::OK {
         // A trailers-only answer carries its status in the headers; one in the trailers
         // came from a call that ran to the end, which is final.
         let code = headers
@@ -248,7 +252,7 @@ fn verdict<B>(res: &Response<B>) -> Verdict {
             _ => Verdict::Stop,
         };
     }
-    match res.status() {
+    match status {
         // The key is in use: the first attempt still runs. A `409` without `Retry-After` is
         // the application's own conflict, which is final.
         StatusCode::CONFLICT if after.is_some() => Verdict::Retry(after),
@@ -586,6 +590,139 @@ where
                 tokio::time::sleep(pause).await;
             }
         })
+    }
+}
+
+/// The client side for [reqwest](https://docs.rs/reqwest), through
+/// [reqwest-middleware](https://docs.rs/reqwest-middleware) (feature `reqwest`).
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest {
+    use http::{HeaderName, HeaderValue, Method};
+
+    use tower::retry::budget::Budget as _;
+
+    use super::{RetryPolicy, Verdict, verdict_of};
+    use crate::key::IdempotencyKey;
+
+    /// A reqwest middleware that gives each call one key (or keeps the caller's) and sends it
+    /// again with that key while its outcome is not known, as [`RetryPolicy`] decides.
+    ///
+    /// A request whose body cannot be cloned (a stream) is sent once.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tower_idempotency::client::RetryPolicy;
+    /// use tower_idempotency::client::reqwest::IdempotencyMiddleware;
+    ///
+    /// let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    /// let client = reqwest_middleware::ClientBuilder::new(http)
+    ///     .with(IdempotencyMiddleware::new(RetryPolicy::new()))
+    ///     .build();
+    /// let answer = client
+    ///     .post("http://127.0.0.1:3000/orders")
+    ///     .header("content-type", "application/json")
+    ///     .body(r#"{"item":"book","amount":12}"#)
+    ///     .send()
+    ///     .await?;
+    /// # drop(answer); Ok(()) }
+    /// ```
+    #[derive(Debug, Clone)]
+    pub struct IdempotencyMiddleware {
+        header: HeaderName,
+        methods: Vec<Method>,
+        policy: RetryPolicy,
+    }
+
+    impl IdempotencyMiddleware {
+        /// The middleware, retrying as `policy` says; keys go in `idempotency-key` on `POST`
+        /// and `PATCH` requests.
+        pub fn new(policy: RetryPolicy) -> Self {
+            Self {
+                header: HeaderName::from_static("idempotency-key"),
+                methods: vec![Method::POST, Method::PATCH],
+                policy,
+            }
+        }
+
+        /// The header that carries the key. Default: `idempotency-key`.
+        ///
+        /// ```
+        /// use tower_idempotency::client::{RetryPolicy, reqwest::IdempotencyMiddleware};
+        /// let m = IdempotencyMiddleware::new(RetryPolicy::new())
+        ///     .header(http::HeaderName::from_static("x-idempotency-key"));
+        /// ```
+        pub fn header(mut self, header: HeaderName) -> Self {
+            self.header = header;
+            self
+        }
+
+        /// The methods whose requests get a key and are retried. Default: `POST` and `PATCH`.
+        ///
+        /// ```
+        /// use tower_idempotency::client::{RetryPolicy, reqwest::IdempotencyMiddleware};
+        /// let m = IdempotencyMiddleware::new(RetryPolicy::new())
+        ///     .methods([http::Method::POST, http::Method::PUT]);
+        /// ```
+        pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+            self.methods = methods.into_iter().collect();
+            self
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl reqwest_middleware::Middleware for IdempotencyMiddleware {
+        async fn handle(
+            &self,
+            mut req: ::reqwest::Request,
+            extensions: &mut http::Extensions,
+            next: reqwest_middleware::Next<'_>,
+        ) -> reqwest_middleware::Result<::reqwest::Response> {
+            if !self.methods.contains(req.method()) {
+                return next.run(req, extensions).await;
+            }
+            if !req.headers().contains_key(&self.header) {
+                let key = IdempotencyKey::generate();
+                if let Ok(value) = HeaderValue::from_str(key.as_str()) {
+                    req.headers_mut().insert(self.header.clone(), value);
+                }
+                extensions.insert(key);
+            }
+            let mut policy = self.policy.clone();
+            loop {
+                // A body that cannot be sent again (a stream) is sent once.
+                let Some(attempt) = req.try_clone() else {
+                    return next.run(req, extensions).await;
+                };
+                let result = next.clone().run(attempt, extensions).await;
+                let after = match &result {
+                    Ok(res) => match verdict_of(res.status(), res.headers()) {
+                        Verdict::Stop => {
+                            policy.budget.deposit();
+                            return result;
+                        }
+                        Verdict::Retry(after) => after,
+                    },
+                    // A request that could not be built, or a redirect loop, is final.
+                    Err(reqwest_middleware::Error::Reqwest(err))
+                        if err.is_builder() || err.is_redirect() =>
+                    {
+                        return result;
+                    }
+                    Err(_) => None,
+                };
+                let Some(pause) = policy.next_pause(after) else {
+                    return result;
+                };
+                tracing::debug!(
+                    retry = policy.retries,
+                    pause_ms = pause.as_millis() as u64,
+                    "retrying with the same idempotency key"
+                );
+                tokio::time::sleep(pause).await;
+            }
+        }
     }
 }
 

@@ -1,0 +1,129 @@
+//! The client side with reqwest, through reqwest-middleware: a call that times out is
+//! retried with its key and ends with the first answer, replayed; the operation runs once.
+#![cfg(feature = "reqwest")]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::routing::post;
+use http::StatusCode;
+use tower_idempotency::client::RetryPolicy;
+use tower_idempotency::client::reqwest::IdempotencyMiddleware;
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
+
+#[derive(Clone, Default)]
+struct Seen {
+    keys: Arc<Mutex<Vec<Option<String>>>>,
+    runs: Arc<AtomicUsize>,
+}
+
+async fn server(seen: Seen, work: Duration) -> std::net::SocketAddr {
+    let runs = Arc::clone(&seen.runs);
+    let app = Router::new()
+        .route(
+            "/orders",
+            post(move |body: String| {
+                let runs = Arc::clone(&runs);
+                async move {
+                    tokio::time::sleep(work).await;
+                    let n = runs.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::CREATED, format!("order {n} for {body}"))
+                }
+            }),
+        )
+        .layer(
+            IdempotencyLayer::new(MemoryStore::new())
+                .share_keys_across_callers()
+                .lease(Duration::from_secs(5)),
+        )
+        .layer(axum::middleware::map_request(move |req: Request| {
+            let key = req
+                .headers()
+                .get("idempotency-key")
+                .map(|v| v.to_str().unwrap().to_owned());
+            seen.keys.lock().unwrap().push(key);
+            async move { req }
+        }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn client(timeout: Duration) -> reqwest_middleware::ClientWithMiddleware {
+    let http = reqwest::Client::builder().timeout(timeout).build().unwrap();
+    reqwest_middleware::ClientBuilder::new(http)
+        .with(IdempotencyMiddleware::new(
+            RetryPolicy::new()
+                .max_retries(20)
+                .backoff(Duration::from_millis(20), Duration::from_millis(100))
+                .max_retry_after(Duration::from_millis(150)),
+        ))
+        .build()
+}
+
+#[tokio::test]
+async fn a_reqwest_call_that_times_out_is_retried_with_its_key_and_replayed() {
+    let seen = Seen::default();
+    let addr = server(seen.clone(), Duration::from_millis(400)).await;
+    let res = client(Duration::from_millis(150))
+        .post(format!("http://{addr}/orders"))
+        .body("{\"sku\":1}")
+        .send()
+        .await
+        .expect("the call ends with an answer");
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    assert_eq!(res.text().await.unwrap(), "order 0 for {\"sku\":1}");
+    assert_eq!(
+        seen.runs.load(Ordering::SeqCst),
+        1,
+        "the operation ran once"
+    );
+    let keys = seen.keys.lock().unwrap().clone();
+    assert!(keys.len() >= 3, "{keys:?}");
+    let first = keys[0].clone().expect("a key was sent");
+    assert!(
+        keys.iter().all(|k| k.as_deref() == Some(first.as_str())),
+        "{keys:?}"
+    );
+}
+
+#[tokio::test]
+async fn final_answers_and_other_methods_are_sent_once() {
+    let seen = Seen::default();
+    let addr = server(seen.clone(), Duration::ZERO).await;
+    let client = client(Duration::from_secs(5));
+    let first = client
+        .post(format!("http://{addr}/orders"))
+        .header("idempotency-key", "mine")
+        .body("a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let reused = client
+        .post(format!("http://{addr}/orders"))
+        .header("idempotency-key", "mine")
+        .body("b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // A GET gets no key and is not retried (405 here).
+    let get = client
+        .get(format!("http://{addr}/orders"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let keys = seen.keys.lock().unwrap().clone();
+    assert_eq!(
+        keys,
+        [Some("mine".to_owned()), Some("mine".to_owned()), None],
+        "one attempt each"
+    );
+}
