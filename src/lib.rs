@@ -160,6 +160,7 @@
 //! | `json` | no | [`Fingerprint::of_canonical_json`] |
 //! | `conformance` | no | the store conformance suite |
 //! | `client` | no | [`client`]: a key per call and retries that keep it, for any Tower HTTP client |
+//! | `reqwest` | no | `client::reqwest`: the same as a reqwest-middleware middleware |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![deny(missing_docs, unreachable_pub, missing_debug_implementations)]
