@@ -8,8 +8,9 @@
 //!
 //! Environment:
 //! - `LISTEN_ADDR` (default `127.0.0.1:3000`): where to listen;
-//! - `IDEMPOTENCY_STORE` (default `memory`): `memory`, `redis://…` (feature `redis`) or
-//!   `postgres://…` (feature `postgres`);
+//! - `IDEMPOTENCY_STORE` (default `memory`): `memory`, `redis://…` (feature `redis`),
+//!   `redis-cluster://host:port[,host:port…]` (any nodes of a Redis Cluster; feature `redis`)
+//!   or `postgres://…` (feature `postgres`);
 //! - `IDEMPOTENCY_ON_IN_FLIGHT` (default `reject`): `reject` answers 409 to a duplicate
 //!   that arrives while the first request runs, `wait` makes it wait for the result
 //!   (`IDEMPOTENCY_WAIT_MS`, default 10000);
@@ -283,6 +284,9 @@ pub async fn open_store(url: &str) -> Result<Backend, String> {
         }
         return Ok((Arc::new(store.build()), OrderBook::memory()));
     }
+    if let Some(nodes) = url.strip_prefix("redis-cluster://") {
+        return open_redis_cluster(nodes).await;
+    }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         return open_redis(url).await;
     }
@@ -290,7 +294,8 @@ pub async fn open_store(url: &str) -> Result<Backend, String> {
         return open_postgres(url).await;
     }
     Err(format!(
-        "IDEMPOTENCY_STORE must be `memory`, `redis://…` or `postgres://…`, not {url:?}"
+        "IDEMPOTENCY_STORE must be `memory`, `redis://…`, `redis-cluster://host:port,…` or \
+         `postgres://…`, not {url:?}"
     ))
 }
 
@@ -300,6 +305,25 @@ async fn open_redis(url: &str) -> Result<Backend, String> {
         .await
         .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
     Ok((Arc::new(store), OrderBook::memory()))
+}
+
+/// `host:port[,host:port…]`: any nodes of a Redis Cluster.
+#[cfg(feature = "redis")]
+async fn open_redis_cluster(nodes: &str) -> Result<Backend, String> {
+    let urls: Vec<String> = nodes
+        .split(',')
+        .filter(|n| !n.trim().is_empty())
+        .map(|n| format!("redis://{}", n.trim()))
+        .collect();
+    let store = tower_idempotency::RedisStore::connect_cluster(&urls)
+        .await
+        .map_err(|e| format!("cannot connect to the Redis Cluster at {nodes}: {e}"))?;
+    Ok((Arc::new(store), OrderBook::memory()))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis_cluster(_nodes: &str) -> Result<Backend, String> {
+    Err("this build has no Redis store: run with `--features redis`".to_owned())
 }
 
 #[cfg(not(feature = "redis"))]

@@ -14,8 +14,9 @@
 //! - `LISTEN_ADDR` (default `127.0.0.1:3002`): where to listen;
 //! - `UPSTREAM_URL` (required): the service behind, `http://host:port` (a path prefix is kept:
 //!   `http://host:port/api` forwards `/payments` to `/api/payments`);
-//! - `IDEMPOTENCY_STORE` (default `memory`): `memory`, `redis://…` (feature `redis`) or
-//!   `postgres://…` (feature `postgres`), as in the orders demo; several gateways share a
+//! - `IDEMPOTENCY_STORE` (default `memory`): `memory`, `redis://…`,
+//!   `redis-cluster://host:port[,host:port…]` (feature `redis`) or `postgres://…` (feature
+//!   `postgres`), as in the orders demo; several gateways share a
 //!   Redis or PostgreSQL store;
 //! - `IDEMPOTENCY_ASSIGN_KEY` (default off): `1` gives a request without a key one of its own
 //!   (echoed in the response's `Idempotency-Key` header), instead of refusing it with `400`;
@@ -118,6 +119,24 @@ impl Settings {
 pub async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
     if url == "memory" {
         return Ok(Arc::new(MemoryStore::new()));
+    }
+    if let Some(nodes) = url.strip_prefix("redis-cluster://") {
+        #[cfg(feature = "redis")]
+        {
+            let urls: Vec<String> = nodes
+                .split(',')
+                .filter(|n| !n.trim().is_empty())
+                .map(|n| format!("redis://{}", n.trim()))
+                .collect();
+            let store = tower_idempotency::RedisStore::connect_cluster(&urls)
+                .await
+                .map_err(|e| format!("cannot connect to the Redis Cluster at {nodes}: {e}"))?;
+            return Ok(Arc::new(store));
+        }
+        #[cfg(not(feature = "redis"))]
+        return Err(format!(
+            "this build has no Redis store (for {nodes}): run with `--features redis`"
+        ));
     }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
         #[cfg(feature = "redis")]

@@ -2,9 +2,12 @@
 //!
 //! [`RedisStore`] keeps each operation under **one Redis key**, `{prefix}{store_key}`
 //! (for example `idempotency:anon:8e03978e-40d5`), and every script touches that key alone,
-//! so the layout suits Redis Cluster as well as a single server (the store itself talks
-//! through a [`ConnectionManager`]: one server, a replica set's primary, or a cluster
-//! proxy). Entries expire by themselves (`PX`), so no sweep job is needed: a completed
+//! so the layout suits Redis Cluster as well as a single server. The store talks through a
+//! [`ConnectionManager`] (one server, a replica set's primary, or a cluster proxy), or,
+//! built with [`RedisStore::connect_cluster`], through the cluster client: there each key
+//! carries a hash tag of the store's own, made from a hash of the whole store key
+//! (`{prefix}{{16 hex digits}}{store_key}`), so that keys spread over every slot whatever
+//! braces a client puts in its keys. Entries expire by themselves (`PX`), so no sweep job is needed: a completed
 //! record when its TTL ends, an in-flight claim [`ORPHAN_RETENTION`] after its lease.
 //!
 //! The lease is fenced by token, not by the key's expiry: the claim's value carries its
@@ -305,9 +308,133 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 #[derive(Clone)]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub struct RedisStore {
-    manager: ConnectionManager,
+    conn: Connection,
     prefix: Arc<str>,
     durability: Durability,
+}
+
+/// How the store reaches Redis: one server (or a proxy), or a Redis Cluster.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster {
+        conn: redis::cluster_async::ClusterConnection,
+        /// The nodes the store was given, for reading their settings.
+        nodes: Arc<[String]>,
+    },
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster { conn, .. } => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster { conn, .. } => conn.get_db(),
+        }
+    }
+}
+
+/// The risks of the server behind `con` (see [`RedisStore::check_server`]).
+async fn risks_on(
+    con: &mut (impl redis::aio::ConnectionLike + Send),
+) -> Result<Vec<RedisRisk>, StoreError> {
+    let persistence: String = redis::cmd("INFO")
+        .arg("persistence")
+        .query_async(con)
+        .await
+        .map_err(StoreError::backend)?;
+    let memory: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(con)
+        .await
+        .map_err(StoreError::backend)?;
+    let fsync: Option<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendfsync")
+        .query_async::<Vec<String>>(con)
+        .await
+        .ok()
+        .and_then(|pair| pair.into_iter().nth(1));
+    Ok(risks_of(&persistence, &memory, fsync.as_deref()))
+}
+
+/// Where `WAIT` and `WAITAOF` go: they count the writes of the connection they are sent on,
+/// so on a cluster they must reach the primary that holds the key just written.
+struct Waiter {
+    conn: Connection,
+    slot: u16,
+}
+
+impl redis::aio::ConnectionLike for Waiter {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match &mut self.conn {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster { conn, .. } => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::new(self.slot, SlotAddr::Master),
+                ));
+                Box::pin(conn.route_command(cmd.clone(), route))
+            }
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        self.conn.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}
+
+/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the first `{…}`
+/// with something inside), or of the whole key, modulo 16384.
+fn cluster_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in tagged {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
 }
 
 impl fmt::Debug for RedisStore {
@@ -351,6 +478,65 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// Connects to a Redis Cluster through any of its nodes (`redis://host:port` each; the
+    /// client finds the others), loads the scripts on every primary, and logs a `warn` for
+    /// each [`RedisRisk`] of the nodes given.
+    ///
+    /// Every operation still touches one key, so it runs on the node that holds it, in one
+    /// round trip. On a cluster the Redis key carries a hash tag of its own, made from a hash
+    /// of the whole store key (`idempotency:{3f2a…}anon:k1`): keys spread over every slot, and
+    /// a client cannot pin its keys, or everyone's, to one node by putting braces in them.
+    /// (A prefix with a hash tag of its own, such as `{orders}:`, pins the store to one slot
+    /// on purpose.) Durability waits ([`durability`](Self::durability)) go to the primary of
+    /// the key just written.
+    ///
+    /// The cluster client fails fast as [`connect`](Self::connect)'s does: 1 s to connect,
+    /// 2 s per command, two retries.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// let store = tower_idempotency::RedisStore::connect_cluster([
+    ///     "redis://10.0.0.1:6379",
+    ///     "redis://10.0.0.2:6379",
+    /// ])
+    /// .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect_cluster(
+        nodes: impl IntoIterator<Item = impl AsRef<str>>,
+    ) -> Result<Self, StoreError> {
+        let nodes: Arc<[String]> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        let client = redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_secs(2))
+            .retries(2)
+            .build()
+            .map_err(StoreError::backend)?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(StoreError::backend)?;
+        let store = Self {
+            conn: Connection::Cluster { conn, nodes },
+            prefix: Arc::from(DEFAULT_PREFIX),
+            durability: Durability::Acknowledged,
+        };
+        store.load_scripts().await?;
+        match store.check_server().await {
+            Ok(risks) => {
+                for risk in &risks {
+                    tracing::warn!(risk = %risk, "a Redis Cluster node can lose idempotency records");
+                }
+            }
+            Err(err) => tracing::warn!(
+                error = %super::ErrorChain(&err),
+                "could not read the Redis Cluster nodes' persistence and eviction settings"
+            ),
+        }
+        Ok(store)
+    }
+
     /// Like [`connect`](Self::connect), but refuses a server that can lose records: any
     /// [`RedisRisk`] (no append-only file, `appendfsync` other than `always`, an eviction
     /// policy other than `noeviction`), or settings that cannot be read, fail with
@@ -382,25 +568,26 @@ impl RedisStore {
     /// how it syncs its append-only file: that is reported as
     /// [`RedisRisk::FsyncUnknown`].
     pub async fn check_server(&self) -> Result<Vec<RedisRisk>, StoreError> {
-        let mut con = self.manager.clone();
-        let persistence: String = redis::cmd("INFO")
-            .arg("persistence")
-            .query_async(&mut con)
-            .await
-            .map_err(StoreError::backend)?;
-        let memory: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut con)
-            .await
-            .map_err(StoreError::backend)?;
-        let fsync: Option<String> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendfsync")
-            .query_async::<Vec<String>>(&mut con)
-            .await
-            .ok()
-            .and_then(|pair| pair.into_iter().nth(1));
-        Ok(risks_of(&persistence, &memory, fsync.as_deref()))
+        match &self.conn {
+            Connection::Single(manager) => risks_on(&mut manager.clone()).await,
+            // Each node keeps its own share of the keys: any of them can lose records.
+            Connection::Cluster { nodes, .. } => {
+                let mut all = Vec::new();
+                for node in nodes.iter() {
+                    let client = redis::Client::open(node.as_str()).map_err(StoreError::backend)?;
+                    let mut con = client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .map_err(StoreError::backend)?;
+                    for risk in risks_on(&mut con).await? {
+                        if !all.contains(&risk) {
+                            all.push(risk);
+                        }
+                    }
+                }
+                Ok(all)
+            }
+        }
     }
 
     /// How long `complete` waits, after storing a record, for it to be safe from a crash or
@@ -463,7 +650,7 @@ impl RedisStore {
     /// ```
     pub fn new(manager: ConnectionManager) -> Self {
         Self {
-            manager,
+            conn: Connection::Single(manager),
             prefix: Arc::from(DEFAULT_PREFIX),
             durability: Durability::Acknowledged,
         }
@@ -485,8 +672,29 @@ impl RedisStore {
         self
     }
 
-    /// Loads the scripts in one pipelined round trip.
+    /// Loads the scripts in one pipelined round trip (on a cluster, one `SCRIPT LOAD` per
+    /// script, which the cluster client sends to every primary).
     async fn load_scripts(&self) -> Result<(), StoreError> {
+        if matches!(self.conn, Connection::Cluster { .. }) {
+            let mut con = self.conn.clone();
+            for code in [
+                CLAIM_LUA,
+                COMPLETE_LUA,
+                RELEASE_LUA,
+                EXTEND_LUA,
+                COMMIT_LUA,
+                SETTLE_LUA,
+                INSPECT_LUA,
+            ] {
+                let () = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(code)
+                    .exec_async(&mut con)
+                    .await
+                    .map_err(StoreError::backend)?;
+            }
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for code in [
             CLAIM_LUA,
@@ -499,7 +707,7 @@ impl RedisStore {
         ] {
             pipe.cmd("SCRIPT").arg("LOAD").arg(code);
         }
-        let mut con = self.manager.clone();
+        let mut con = self.conn.clone();
         let _: Vec<String> = pipe
             .query_async(&mut con)
             .await
@@ -508,16 +716,28 @@ impl RedisStore {
     }
 
     fn redis_key(&self, key: &StoreKey) -> String {
-        let mut k = String::with_capacity(self.prefix.len() + key.as_str().len());
+        let mut k = String::with_capacity(self.prefix.len() + 19 + key.as_str().len());
         k.push_str(&self.prefix);
+        if matches!(self.conn, Connection::Cluster { .. }) {
+            // On a cluster the key's slot is chosen here, from a hash of the whole store key:
+            // a client key with braces of its own (`{x}`) comes after this tag, so it cannot
+            // pin every key to one slot, or one node.
+            let tag = xxhash_rust::xxh3::xxh3_64(key.as_str().as_bytes());
+            k.push('{');
+            k.push_str(&format!("{tag:016x}"));
+            k.push('}');
+        }
         k.push_str(key.as_str());
         k
     }
 
     /// Waits, as [`Durability`] says, until the writes of this connection (the record just
     /// stored among them) are on enough replicas or in enough append-only files.
-    async fn wait_durable(&self) -> Result<(), StoreError> {
-        let mut con = self.manager.clone();
+    async fn wait_durable(&self, key: &StoreKey) -> Result<(), StoreError> {
+        let mut con = Waiter {
+            conn: self.conn.clone(),
+            slot: cluster_slot(self.redis_key(key).as_bytes()),
+        };
         match self.durability {
             Durability::Acknowledged => Ok(()),
             Durability::Replicated { replicas, timeout } => {
@@ -563,7 +783,7 @@ impl RedisStore {
     /// Runs a fencing script (complete, release, extend, commit): 1 is done, 0 is lost,
     /// 2 is committed (release only).
     async fn fenced(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<(), StoreError> {
-        let mut con = self.manager.clone();
+        let mut con = self.conn.clone();
         let done: i64 = invocation
             .invoke_async(&mut con)
             .await
@@ -665,7 +885,7 @@ impl IdempotencyStore for RedisStore {
         let mut value = [0u8; 49];
         value[..17].copy_from_slice(&owner_prefix(token));
         value[17..].copy_from_slice(fingerprint.as_bytes());
-        let mut con = self.manager.clone();
+        let mut con = self.conn.clone();
         let reply: Value = SCRIPTS
             .claim
             .key(self.redis_key(key))
@@ -703,7 +923,7 @@ impl IdempotencyStore for RedisStore {
                 .arg(millis(ttl)),
         )
         .await?;
-        self.wait_durable().await
+        self.wait_durable(key).await
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
@@ -755,7 +975,7 @@ impl IdempotencyStore for RedisStore {
         record: Record,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let mut con = self.manager.clone();
+        let mut con = self.conn.clone();
         let done: i64 = SCRIPTS
             .settle
             .key(self.redis_key(key))
@@ -765,13 +985,13 @@ impl IdempotencyStore for RedisStore {
             .await
             .map_err(StoreError::backend)?;
         if done == 1 {
-            self.wait_durable().await?;
+            self.wait_durable(key).await?;
         }
         Ok(done == 1)
     }
 
     async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
-        let mut con = self.manager.clone();
+        let mut con = self.conn.clone();
         let reply: Value = SCRIPTS
             .inspect
             .key(self.redis_key(key))
@@ -782,7 +1002,7 @@ impl IdempotencyStore for RedisStore {
     }
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        let mut con = self.manager.clone();
+        let mut con = self.conn.clone();
         let removed: i64 = redis::cmd("DEL")
             .arg(self.redis_key(key))
             .query_async(&mut con)
@@ -997,6 +1217,25 @@ fn risks_of(persistence: &str, memory: &str, fsync: Option<&str>) -> Vec<RedisRi
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cluster_slots_are_the_servers() {
+        // The examples of the Redis Cluster specification, and `CLUSTER KEYSLOT foo`.
+        assert_eq!(cluster_slot(b"123456789"), 0x31C3);
+        assert_eq!(cluster_slot(b"foo"), 12182);
+        assert_eq!(
+            cluster_slot(b"{user1000}.following"),
+            cluster_slot(b"user1000")
+        );
+        assert_eq!(
+            cluster_slot(b"{user1000}.followers"),
+            cluster_slot(b"user1000")
+        );
+        // An empty tag does not count: the whole key is hashed.
+        assert_ne!(cluster_slot(b"foo{}{bar}"), cluster_slot(b"bar"));
+        assert_eq!(cluster_slot(b"foo{{bar}}zap"), cluster_slot(b"{bar"));
+        assert_eq!(cluster_slot(b"foo{bar}{zap}"), cluster_slot(b"bar"));
+    }
+
     use super::*;
 
     #[test]

@@ -710,6 +710,144 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A handler that declares its commit point, then answers `201`, runs counted in `runs`;
+/// its first instance is cut off from `store` right after the commit point (as if it
+/// crashed). A second instance on the same store answers the retries: `outcome-unknown`,
+/// never a second run.
+pub async fn commit_then_cut_off<S: IdempotencyStore + Clone>(store: S) {
+    use tower::Layer as _;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let instance = |store: Box<dyn Fn() -> tower_idempotency::IdempotencyLayer>| {
+        let runs = Arc::clone(&runs);
+        store().layer(tower::service_fn(move |req: Request<Body>| {
+            let runs = Arc::clone(&runs);
+            async move {
+                let claim = req
+                    .extensions()
+                    .get::<tower_idempotency::IdempotencyClaim>()
+                    .cloned()
+                    .expect("a covered request carries its claim");
+                claim.commit().await.expect("the commit point");
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .body(Body::from("made"))
+                        .unwrap(),
+                )
+            }
+        }))
+    };
+    let layer = |store: Arc<dyn IdempotencyStore>| {
+        tower_idempotency::IdempotencyLayer::new(store)
+            .share_keys_across_callers()
+            .lease(Duration::from_millis(300))
+            .store_timeout(Duration::from_millis(200))
+    };
+    let cut = FaultStore::new(store.clone());
+    cut.faults.fail_after_commit.store(true, Ordering::SeqCst);
+    let first = {
+        let cut: Arc<dyn IdempotencyStore> = Arc::new(cut.clone());
+        instance(Box::new(move || layer(Arc::clone(&cut))))
+    };
+    let key = uuid::Uuid::new_v4().to_string();
+    assert_eq!(
+        call(&first, post(Some(&key), "{}")).await.status,
+        StatusCode::CREATED
+    );
+    assert!(cut.faults.cut_off.load(Ordering::SeqCst));
+    let second = {
+        let store: Arc<dyn IdempotencyStore> = Arc::new(store);
+        instance(Box::new(move || layer(Arc::clone(&store))))
+    };
+    let mut answer = call(&second, post(Some(&key), "{}")).await;
+    for _ in 0..200 {
+        if answer.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        answer = call(&second, post(Some(&key), "{}")).await;
+    }
+    assert_problem(&answer, 500, "outcome-unknown");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "a committed operation ran again"
+    );
+}
+
+/// A Redis Cluster of three primaries on loopback ports, started for a test and stopped with
+/// it (each node a [`PrivateRedis`]; `redis-cli --cluster create` assigns the slots).
+pub struct PrivateCluster {
+    pub nodes: Vec<PrivateRedis>,
+}
+
+impl PrivateCluster {
+    pub fn start() -> Self {
+        let nodes: Vec<PrivateRedis> = (0..3)
+            .map(|_| {
+                PrivateRedis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })
+            .collect();
+        let status = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("redis-cli must be on PATH");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        // Every node must agree that the cluster is up before it takes commands.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        for node in &nodes {
+            loop {
+                let out = std::process::Command::new("redis-cli")
+                    .args(["-p", &node.port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli");
+                if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cluster did not come up"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Self { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(PrivateRedis::url).collect()
+    }
+
+    /// How many keys each node holds.
+    pub fn keys_per_node(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let out = std::process::Command::new("redis-cli")
+                    .args(["-p", &node.port.to_string(), "dbsize"])
+                    .output()
+                    .expect("redis-cli");
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .expect("a key count")
+            })
+            .collect()
+    }
+}
+
 /// The heartbeat fails for the whole run, so the lease lapses while nobody else claims the
 /// key: the owner still stores its outcome, and the retry replays it (one run).
 pub async fn uncontested_lapse<S: IdempotencyStore + Clone>(store: S) {
