@@ -302,7 +302,15 @@ where
         if let Some(joined) = &mut joined {
             joined.extend_from_slice(&data);
         } else if let Some(head) = first.take() {
-            let expected = hint.upper().unwrap_or(hint.lower()).min(limit as u64) as usize;
+            // Sized from what the client declared, but never more than 64 KiB ahead of what
+            // it sent: a client that announces a large body and sends two bytes must not
+            // make the server reserve the whole limit.
+            const AHEAD: u64 = 64 * 1024;
+            let expected = hint
+                .upper()
+                .unwrap_or(hint.lower())
+                .min(limit as u64)
+                .min(AHEAD) as usize;
             let mut buf = bytes::BytesMut::with_capacity(expected.max(head.len() + data.len()));
             buf.extend_from_slice(&head);
             buf.extend_from_slice(&data);

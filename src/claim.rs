@@ -216,11 +216,6 @@ impl Claimed {
         }
     }
 
-    /// Stores the outcome. Tries for up to the store-call bound in all (a transient failure
-    /// is retried at once, with jittered backoff, and the response end waits for it); if
-    /// the store still fails, the claim moves to a tracked task that goes on retrying for
-    /// [`COMPLETION_RETRY_WINDOW`], keeping the lease alive, so that the response is not
-    /// held for a whole outage and the key never runs twice meanwhile.
     /// Stores the outcome at once if the store answers at once (the embedded memory store)
     /// and takes it; otherwise hands the record back for [`complete`](Self::complete).
     // The record handed back is the point: no copy is kept for the attempt.
@@ -242,6 +237,11 @@ impl Claimed {
         }
     }
 
+    /// Stores the outcome. Tries for up to the store-call bound in all (a transient failure
+    /// is retried at once, with jittered backoff, and the response end waits for it); if
+    /// the store still fails, the claim moves to a tracked task that goes on retrying for
+    /// [`COMPLETION_RETRY_WINDOW`], keeping the lease alive, so that the response is not
+    /// held for a whole outage and the key never runs twice meanwhile.
     pub(crate) async fn complete(mut self, record: Record) {
         // The embedded memory store: one direct call, which hands the record back if it
         // refuses, so that no copy of it is made for the attempt.

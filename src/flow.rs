@@ -207,9 +207,15 @@ where
                     .recover
                     .as_ref()
                     .map(|_| Unsettled::new(key.clone(), req.method(), req.uri(), req.headers()));
-                return Ok(
-                    Box::pin(outcome_unknown(&config, grpc, unsettled, key, fingerprint)).await,
-                );
+                return Ok(Box::pin(outcome_unknown(
+                    &config,
+                    grpc,
+                    unsettled,
+                    key,
+                    fingerprint,
+                    held,
+                ))
+                .await);
             }
             Claim::InFlight {
                 fingerprint: held,
@@ -295,6 +301,7 @@ async fn outcome_unknown<B>(
     unsettled: Option<Unsettled>,
     key: StoreKey,
     fingerprint: crate::fingerprint::Fingerprint,
+    held: crate::fingerprint::Fingerprint,
 ) -> Response<IdempotencyBody<B>> {
     if let (Some(recover), Some(unsettled)) = (&config.recover, unsettled) {
         match recover(unsettled).await {
@@ -324,7 +331,9 @@ async fn outcome_unknown<B>(
                     Ok(false) => {
                         if let Ok(KeyState::Completed { record, .. }) =
                             bounded(config.store_timeout, config.store.inspect(&key)).await
-                            && *record.fingerprint() == fingerprint
+                            // The owner's own fingerprint (this request matched it, perhaps
+                            // the way an earlier version made it), or this request's.
+                            && (*record.fingerprint() == held || *record.fingerprint() == fingerprint)
                         {
                             return replay(&record);
                         }

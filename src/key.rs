@@ -363,7 +363,7 @@ impl StoreKey {
         (scope_ok && key_ok).then(|| Self(Arc::from(text)))
     }
 
-    /// Moves the key out, leaving an empty one behind (no allocation).
+    /// A handle on the same key (a reference count; the text is shared, not copied).
     pub(crate) fn take(&mut self) -> Self {
         self.clone()
     }

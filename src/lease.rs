@@ -43,8 +43,10 @@ impl std::hash::Hasher for IdHasher {
     }
 
     fn write_u64(&mut self, n: u64) {
-        // Spread the sequence over the table's control bits (hashbrown reads the top 7).
-        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // Spread the sequence over every bit: hashbrown takes the bucket from the low bits and
+        // its control byte from the top 7, and the ids of one shard share their low bits.
+        let h = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 29);
     }
 }
 

@@ -231,12 +231,6 @@ impl Problem {
         self
     }
 
-    /// Whether the detail is the same for every answer of this kind (a `&'static str`),
-    /// so that what is built from it can be built once per layer.
-    fn is_static(&self) -> bool {
-        matches!(self.detail, std::borrow::Cow::Borrowed(_))
-    }
-
     /// The answer as a response with an empty (gRPC) or JSON body.
     #[cfg(test)]
     pub(crate) fn into_response(self, grpc: bool, type_base: &str, link: bool) -> Response<Bytes> {
@@ -280,9 +274,16 @@ impl Problem {
         link: bool,
         cache: Option<&ProblemCache>,
     ) -> Response<Bytes> {
-        let rendered = match cache.and_then(|c| c.slot(self.kind, grpc)) {
-            Some(slot) if self.is_static() => {
-                slot.get_or_init(|| self.render(grpc, type_base)).clone()
+        let rendered = match (cache.and_then(|c| c.slot(self.kind, grpc)), &self.detail) {
+            (Some(slot), std::borrow::Cow::Borrowed(detail)) => {
+                let (cached_detail, rendered) =
+                    slot.get_or_init(|| (detail, self.render(grpc, type_base)));
+                // One slot per kind: a kind with another static detail is rendered afresh.
+                if std::ptr::eq(*cached_detail, *detail) || cached_detail == detail {
+                    rendered.clone()
+                } else {
+                    self.render(grpc, type_base)
+                }
             }
             _ => self.render(grpc, type_base),
         };
@@ -334,14 +335,19 @@ struct Rendered {
     grpc_message: Option<HeaderValue>,
 }
 
-/// The answers with a static detail that a layer gives most (409 and 422), rendered once.
+/// The answers with a static detail that a layer gives most (409 and 422), rendered once,
+/// each with the detail it was rendered from.
 #[derive(Default)]
 pub(crate) struct ProblemCache {
-    slots: [std::sync::OnceLock<Rendered>; 4],
+    slots: [std::sync::OnceLock<(&'static str, Rendered)>; 4],
 }
 
 impl ProblemCache {
-    fn slot(&self, kind: ProblemKind, grpc: bool) -> Option<&std::sync::OnceLock<Rendered>> {
+    fn slot(
+        &self,
+        kind: ProblemKind,
+        grpc: bool,
+    ) -> Option<&std::sync::OnceLock<(&'static str, Rendered)>> {
         let i = match kind {
             ProblemKind::KeyInUse => 0,
             ProblemKind::KeyReused => 1,
@@ -497,6 +503,11 @@ mod tests {
                 assert_eq!(cached.body(), fresh.body());
             }
         }
+        // Another static detail of the same kind gets its own body.
+        let other = Problem::new(ProblemKind::KeyInUse, "another static detail")
+            .into_response_cached(false, DEFAULT_TYPE_BASE, false, Some(&cache));
+        let body: serde_json::Value = serde_json::from_slice(other.body()).unwrap();
+        assert_eq!(body["detail"], "another static detail");
         // A detail built per request is never taken from the cache.
         let own = Problem::new(ProblemKind::KeyInUse, format!("busy {}", 7)).into_response_cached(
             false,

@@ -115,3 +115,60 @@ async fn a_fingerprint_function_built_on_of_fields_upgrades_too() {
     assert_problem(&other, 422, "key-reused");
     assert_eq!(runs.started(), 0);
 }
+
+/// A committed operation of an earlier version (SHA-256 fingerprint) whose owner stores its
+/// answer while a retry's recovery hook runs: the retry replays the stored answer, not the
+/// hook's, so the key keeps one answer.
+#[tokio::test]
+async fn a_recovery_that_loses_the_race_to_an_earlier_versions_owner_replays_its_answer() {
+    let store = MemoryStore::new();
+    let old = sha256_fingerprint("{\"sku\":1}");
+    let key = StoreKey::new(&Scope::anonymous(), "old-4");
+    let token = LeaseToken::new();
+    store
+        .claim(&key, &old, token, Duration::from_millis(30))
+        .await
+        .unwrap();
+    store
+        .commit(&key, token, Duration::from_secs(600))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let owner_record = Record::new(
+        StatusCode::CREATED,
+        HeaderMap::new(),
+        Bytes::from("the owner's answer"),
+        None,
+    )
+    .with_fingerprint(old);
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .recover_with({
+            let store = store.clone();
+            let key = key.clone();
+            move |_unsettled| {
+                let (store, key, record) = (store.clone(), key.clone(), owner_record.clone());
+                async move {
+                    // The owner comes back meanwhile and stores its own answer.
+                    store
+                        .complete(&key, token, record, Duration::from_secs(600))
+                        .await
+                        .expect("the committed owner still completes");
+                    Ok(Some(
+                        http::Response::builder()
+                            .status(StatusCode::CREATED)
+                            .body(Bytes::from("the hook's answer"))
+                            .unwrap(),
+                    ))
+                }
+            }
+        })
+        .layer(runs.handler(Duration::ZERO));
+    let retry = call(&svc, post(Some("old-4"), "{\"sku\":1}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.text(), "the owner's answer");
+    let again = call(&svc, post(Some("old-4"), "{\"sku\":1}")).await;
+    assert_eq!(again.text(), "the owner's answer");
+    assert_eq!(runs.started(), 0);
+}

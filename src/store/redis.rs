@@ -734,9 +734,16 @@ impl RedisStore {
     /// Waits, as [`Durability`] says, until the writes of this connection (the record just
     /// stored among them) are on enough replicas or in enough append-only files.
     async fn wait_durable(&self, key: &StoreKey) -> Result<(), StoreError> {
+        if matches!(self.durability, Durability::Acknowledged) {
+            return Ok(());
+        }
+        let slot = match self.conn {
+            Connection::Cluster { .. } => cluster_slot(self.redis_key(key).as_bytes()),
+            Connection::Single(_) => 0,
+        };
         let mut con = Waiter {
             conn: self.conn.clone(),
-            slot: cluster_slot(self.redis_key(key).as_bytes()),
+            slot,
         };
         match self.durability {
             Durability::Acknowledged => Ok(()),
