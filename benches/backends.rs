@@ -156,6 +156,58 @@ fn redis(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same on a Redis Cluster: `REDIS_CLUSTER_NODES` lists nodes as `host:port,…`
+/// (`scripts/redis_cluster.sh start` makes a local one of three primaries).
+#[cfg(feature = "redis")]
+fn redis_cluster(c: &mut Criterion) {
+    use std::hint::black_box;
+    use tower_idempotency::RedisStore;
+    use tower_idempotency::redis;
+
+    let Some(nodes) = std::env::var("REDIS_CLUSTER_NODES")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        println!("redis_cluster: skipped: REDIS_CLUSTER_NODES not set");
+        return;
+    };
+    let urls: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}")).collect();
+    let rt = common::current_thread();
+    let prefix = format!("tower-idempotency-bench:{}:", uuid::Uuid::new_v4().simple());
+    let store = rt
+        .block_on(RedisStore::connect_cluster(&urls))
+        .expect("connect to REDIS_CLUSTER_NODES")
+        .prefix(prefix);
+    // A plain round trip to one node, for comparison.
+    let ping = rt
+        .block_on(async {
+            redis::Client::open(urls[0].as_str())?
+                .get_multiplexed_async_connection()
+                .await
+        })
+        .expect("a plain connection to a node");
+    let mut g = c.benchmark_group("redis_cluster");
+    g.bench_function("round_trip_ping", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut con = ping.clone();
+            async move {
+                let pong: String = redis::cmd("PING")
+                    .query_async(&mut con)
+                    .await
+                    .expect("PONG");
+                black_box(pong)
+            }
+        })
+    });
+    common::layer_benches(&mut g, &rt, store);
+    g.finish();
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis_cluster(_c: &mut Criterion) {
+    println!("redis_cluster: skipped: built without the `redis` feature (use --all-features)");
+}
+
 #[cfg(not(feature = "redis"))]
 fn redis(_c: &mut Criterion) {
     println!("redis: skipped: built without the `redis` feature (use --all-features)");
@@ -243,6 +295,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = backends;
     config = config();
-    targets = redis, postgres
+    targets = redis, redis_cluster, postgres
 }
 criterion_main!(backends);

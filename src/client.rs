@@ -38,7 +38,8 @@
 //!
 //! Only requests whose body can be sent again are retried ([`CloneBody`]: `Full<Bytes>`,
 //! `Empty<Bytes>`, `Bytes`, `String`, `Vec<u8>`). Any other is sent once, never retried with a
-//! body that is gone.
+//! body that is gone. Nor is a `POST` or `PATCH` (any method HTTP does not define as
+//! idempotent) that carries no key: a second attempt could run it twice.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -291,6 +292,7 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 /// ```
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
+    key_header: HeaderName,
     max_retries: u32,
     first_backoff: Duration,
     max_backoff: Duration,
@@ -303,6 +305,7 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
+            key_header: HeaderName::from_static("idempotency-key"),
             max_retries: 5,
             first_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
@@ -317,6 +320,33 @@ impl RetryPolicy {
     /// The policy with its defaults.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The header that carries the key. A request whose method is not idempotent by HTTP's
+    /// definition (`POST`, `PATCH`, any other than `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`
+    /// and `DELETE`) is retried only when it carries this header: without a key, a second
+    /// attempt could run the operation twice. Default: `idempotency-key`.
+    ///
+    /// ```
+    /// let policy = tower_idempotency::client::RetryPolicy::new()
+    ///     .key_header(http::HeaderName::from_static("x-idempotency-key"));
+    /// ```
+    pub fn key_header(mut self, header: HeaderName) -> Self {
+        self.key_header = header;
+        self
+    }
+
+    /// Whether a request may be sent more than once.
+    fn may_retry(&self, method: &Method, headers: &http::HeaderMap) -> bool {
+        matches!(
+            *method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        ) || headers.contains_key(&self.key_header)
     }
 
     /// The most retries of one call. Default: 5.
@@ -435,6 +465,9 @@ where
     }
 
     fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
+        if !self.may_retry(req.method(), req.headers()) {
+            return None;
+        }
         clone_request(req)
     }
 }
@@ -552,6 +585,15 @@ where
         let mut policy = self.policy.clone();
         let max = self.max_body;
         Box::pin(async move {
+            if !policy.may_retry(req.method(), req.headers()) {
+                // Not safe to send twice without a key: once, as it is.
+                return tower::ServiceExt::ready(&mut inner)
+                    .await
+                    .map_err(Into::into)?
+                    .call(req)
+                    .await
+                    .map_err(Into::into);
+            }
             let (parts, body) = req.into_parts();
             let bytes = match crate::body::buffer(body, max).await {
                 Ok(bytes) => bytes,
@@ -795,6 +837,27 @@ mod tests {
             "Retry-After is capped"
         );
         assert_eq!(policy.next_pause(None), None, "four retries at most");
+    }
+
+    #[test]
+    fn requests_without_a_key_are_retried_only_when_idempotent() {
+        let mut policy = RetryPolicy::new();
+        let req = |method: Method, key: bool| {
+            let mut b = Request::builder().method(method).uri("/orders");
+            if key {
+                b = b.header("idempotency-key", "k");
+            }
+            b.body(Bytes::new()).unwrap()
+        };
+        type P =
+            dyn tower::retry::Policy<Request<Bytes>, Response<()>, (), Future = tokio::time::Sleep>;
+        let policy: &mut P = &mut policy;
+        assert!(policy.clone_request(&req(Method::POST, false)).is_none());
+        assert!(policy.clone_request(&req(Method::PATCH, false)).is_none());
+        assert!(policy.clone_request(&req(Method::POST, true)).is_some());
+        for method in [Method::GET, Method::PUT, Method::DELETE, Method::HEAD] {
+            assert!(policy.clone_request(&req(method, false)).is_some());
+        }
     }
 
     #[test]
