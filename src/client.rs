@@ -861,6 +861,24 @@ mod tests {
     }
 
     #[test]
+    fn the_defaults_are_the_documented_ones() {
+        let mut policy = RetryPolicy::new();
+        let mut pauses = Vec::new();
+        while let Some(pause) = policy.next_pause(None) {
+            pauses.push(pause);
+        }
+        assert_eq!(pauses.len(), 5, "five retries");
+        assert!(pauses[0] >= Duration::from_millis(50) && pauses[0] <= Duration::from_millis(100));
+        assert!(pauses[4] <= Duration::from_secs(5));
+        let mut policy = RetryPolicy::new();
+        assert_eq!(
+            policy.next_pause(Some(Duration::from_secs(120))),
+            Some(Duration::from_secs(30)),
+            "Retry-After is honoured up to 30 s"
+        );
+    }
+
+    #[test]
     fn an_empty_budget_stops_retries() {
         let mut policy = RetryPolicy::new().budget(TpsBudget::new(Duration::from_secs(1), 0, 0.0));
         assert_eq!(policy.next_pause(None), None);
