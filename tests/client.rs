@@ -138,8 +138,9 @@ async fn a_client_that_times_out_retries_with_its_key_and_gets_the_first_answer(
         "the operation ran once"
     );
     let attempts = one_key(&seen);
-    // A first attempt, at least one 409 while it ran, and the replay.
-    assert!(attempts >= 3, "{attempts} attempts");
+    // The first attempt and the replay (and, unless the machine stalled the client past
+    // the handler's end, 409s between them).
+    assert!(attempts >= 2, "{attempts} attempts");
 }
 
 /// Accepts connections on a port of its own and forwards them to `upstream`, but the first

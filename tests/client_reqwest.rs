@@ -84,7 +84,7 @@ async fn a_reqwest_call_that_times_out_is_retried_with_its_key_and_replayed() {
         "the operation ran once"
     );
     let keys = seen.keys.lock().unwrap().clone();
-    assert!(keys.len() >= 3, "{keys:?}");
+    assert!(keys.len() >= 2, "{keys:?}");
     let first = keys[0].clone().expect("a key was sent");
     assert!(
         keys.iter().all(|k| k.as_deref() == Some(first.as_str())),
