@@ -113,6 +113,38 @@ impl IdempotencyKeyLayer {
     }
 }
 
+impl IdempotencyKeyLayer {
+    /// Gives a request of a covered method its key: the caller's, if it set one (a retry of
+    /// its own, across restarts), or a new one in the header. The key also goes into
+    /// `extensions`. Returns whether the method is covered.
+    fn assign(
+        &self,
+        method: &Method,
+        headers: &mut http::HeaderMap,
+        extensions: &mut http::Extensions,
+    ) -> bool {
+        if !self.methods.contains(method) {
+            return false;
+        }
+        let key = match headers.get(&self.header) {
+            Some(value) => {
+                crate::key::parse_key(value, crate::key::KeyParsing::Lenient, usize::MAX).ok()
+            }
+            None => {
+                let key = IdempotencyKey::generate();
+                if let Ok(value) = HeaderValue::from_str(key.as_str()) {
+                    headers.insert(self.header.clone(), value);
+                }
+                Some(key)
+            }
+        };
+        if let Some(key) = key {
+            extensions.insert(key);
+        }
+        true
+    }
+}
+
 impl<S> Layer<S> for IdempotencyKeyLayer {
     type Service = SetIdempotencyKey<S>;
 
@@ -144,25 +176,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let layer = &self.layer;
-        if layer.methods.contains(req.method()) {
-            let key = match req.headers().get(&layer.header) {
-                // The caller chose the key (a retry of its own, across restarts): keep it.
-                Some(value) => {
-                    crate::key::parse_key(value, crate::key::KeyParsing::Lenient, usize::MAX).ok()
-                }
-                None => {
-                    let key = IdempotencyKey::generate();
-                    if let Ok(value) = HeaderValue::from_str(key.as_str()) {
-                        req.headers_mut().insert(layer.header.clone(), value);
-                    }
-                    Some(key)
-                }
-            };
-            if let Some(key) = key {
-                req.extensions_mut().insert(key);
-            }
-        }
+        // A request lends one half of its head at a time: the extensions step out meanwhile.
+        let mut extensions = std::mem::take(req.extensions_mut());
+        let method = req.method().clone();
+        self.layer
+            .assign(&method, req.headers_mut(), &mut extensions);
+        *req.extensions_mut() = extensions;
         self.inner.call(req)
     }
 }
@@ -209,13 +228,18 @@ impl CloneBody for Vec<u8> {
 /// A request for another attempt: the same method, URI, version, headers (the key
 /// included), extensions and body; `None` if the body cannot be sent again.
 fn clone_request<B: CloneBody>(req: &Request<B>) -> Option<Request<B>> {
-    let mut copy = Request::new(req.body().clone_body()?);
+    Some(with_head_of(req, req.body().clone_body()?))
+}
+
+/// A request with `body` and a copy of `req`'s method, URI, version, headers and extensions.
+fn with_head_of<A, B>(req: &Request<A>, body: B) -> Request<B> {
+    let mut copy = Request::new(body);
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
     *copy.headers_mut() = req.headers().clone();
     *copy.extensions_mut() = req.extensions().clone();
-    Some(copy)
+    copy
 }
 
 /// What to do after an attempt.
@@ -228,6 +252,7 @@ enum Verdict {
 }
 
 /// The verdict on an answer (see [`RetryPolicy`]).
+#[cfg(test)]
 fn verdict<B>(res: &Response<B>) -> Verdict {
     verdict_of(res.status(), res.headers())
 }
@@ -399,6 +424,30 @@ impl RetryPolicy {
         self
     }
 
+    /// After an attempt that gave `answer` (a response's status and headers; `None` for an
+    /// error, whose outcome is not known): the pause before the next attempt, or `None` when
+    /// the answer is final or retries ran out.
+    fn after_attempt(
+        &mut self,
+        answer: Option<(StatusCode, &http::HeaderMap)>,
+    ) -> Option<Duration> {
+        let after = match answer.map(|(status, headers)| verdict_of(status, headers)) {
+            Some(Verdict::Stop) => {
+                self.budget.deposit();
+                return None;
+            }
+            Some(Verdict::Retry(after)) => after,
+            None => None,
+        };
+        let pause = self.next_pause(after)?;
+        tracing::debug!(
+            retry = self.retries,
+            pause_ms = pause.as_millis() as u64,
+            "retrying with the same idempotency key"
+        );
+        Some(pause)
+    }
+
     /// The pause before the next retry, or `None` when retries ran out (the count or the
     /// budget).
     fn next_pause(&mut self, retry_after: Option<Duration>) -> Option<Duration> {
@@ -444,24 +493,11 @@ where
         _req: &mut Request<B>,
         result: &mut Result<Response<ResBody>, E>,
     ) -> Option<Self::Future> {
-        let after = match result {
-            Ok(res) => match verdict(res) {
-                Verdict::Stop => {
-                    self.budget.deposit();
-                    return None;
-                }
-                Verdict::Retry(after) => after,
-            },
-            // A transport error or a timeout: the outcome is not known.
-            Err(_) => None,
-        };
-        let pause = self.next_pause(after)?;
-        tracing::debug!(
-            retry = self.retries,
-            pause_ms = pause.as_millis() as u64,
-            "retrying with the same idempotency key"
-        );
-        Some(tokio::time::sleep(pause))
+        let answer = result
+            .as_ref()
+            .ok()
+            .map(|res| (res.status(), res.headers()));
+        self.after_attempt(answer).map(tokio::time::sleep)
     }
 
     fn clone_request(&mut self, req: &Request<B>) -> Option<Request<B>> {
@@ -600,35 +636,20 @@ where
                 Err(crate::body::BufferError::TooLarge) => return Err(BodyTooLarge { max }.into()),
                 Err(crate::body::BufferError::Read(err)) => return Err(BodyUnreadable(err).into()),
             };
+            let head = Request::from_parts(parts, ());
             loop {
-                let mut attempt = Request::new(B::from_bytes(bytes.clone()));
-                *attempt.method_mut() = parts.method.clone();
-                *attempt.uri_mut() = parts.uri.clone();
-                *attempt.version_mut() = parts.version;
-                *attempt.headers_mut() = parts.headers.clone();
-                *attempt.extensions_mut() = parts.extensions.clone();
+                let attempt = with_head_of(&head, B::from_bytes(bytes.clone()));
                 let result = match tower::ServiceExt::ready(&mut inner).await {
                     Ok(ready) => ready.call(attempt).await.map_err(Into::into),
                     Err(err) => Err(err.into()),
                 };
-                let after = match &result {
-                    Ok(res) => match verdict(res) {
-                        Verdict::Stop => {
-                            policy.budget.deposit();
-                            return result;
-                        }
-                        Verdict::Retry(after) => after,
-                    },
-                    Err(_) => None,
-                };
-                let Some(pause) = policy.next_pause(after) else {
+                let answer = result
+                    .as_ref()
+                    .ok()
+                    .map(|res| (res.status(), res.headers()));
+                let Some(pause) = policy.after_attempt(answer) else {
                     return result;
                 };
-                tracing::debug!(
-                    retry = policy.retries,
-                    pause_ms = pause.as_millis() as u64,
-                    "retrying with the same idempotency key"
-                );
                 tokio::time::sleep(pause).await;
             }
         })
@@ -640,12 +661,9 @@ where
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest {
-    use http::{HeaderName, HeaderValue, Method};
+    use http::{HeaderName, Method};
 
-    use tower::retry::budget::Budget as _;
-
-    use super::{RetryPolicy, Verdict, verdict_of};
-    use crate::key::IdempotencyKey;
+    use super::{IdempotencyKeyLayer, RetryPolicy};
 
     /// A reqwest middleware that gives each call one key (or keeps the caller's) and sends it
     /// again with that key while its outcome is not known, as [`RetryPolicy`] decides.
@@ -672,8 +690,7 @@ pub mod reqwest {
     /// ```
     #[derive(Debug, Clone)]
     pub struct IdempotencyMiddleware {
-        header: HeaderName,
-        methods: Vec<Method>,
+        keys: IdempotencyKeyLayer,
         policy: RetryPolicy,
     }
 
@@ -682,8 +699,7 @@ pub mod reqwest {
         /// and `PATCH` requests.
         pub fn new(policy: RetryPolicy) -> Self {
             Self {
-                header: HeaderName::from_static("idempotency-key"),
-                methods: vec![Method::POST, Method::PATCH],
+                keys: IdempotencyKeyLayer::new(),
                 policy,
             }
         }
@@ -696,7 +712,8 @@ pub mod reqwest {
         ///     .header(http::HeaderName::from_static("x-idempotency-key"));
         /// ```
         pub fn header(mut self, header: HeaderName) -> Self {
-            self.header = header;
+            self.policy = self.policy.key_header(header.clone());
+            self.keys = self.keys.header(header);
             self
         }
 
@@ -708,7 +725,7 @@ pub mod reqwest {
         ///     .methods([http::Method::POST, http::Method::PUT]);
         /// ```
         pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
-            self.methods = methods.into_iter().collect();
+            self.keys = self.keys.methods(methods);
             self
         }
     }
@@ -721,15 +738,9 @@ pub mod reqwest {
             extensions: &mut http::Extensions,
             next: reqwest_middleware::Next<'_>,
         ) -> reqwest_middleware::Result<::reqwest::Response> {
-            if !self.methods.contains(req.method()) {
+            let method = req.method().clone();
+            if !self.keys.assign(&method, req.headers_mut(), extensions) {
                 return next.run(req, extensions).await;
-            }
-            if !req.headers().contains_key(&self.header) {
-                let key = IdempotencyKey::generate();
-                if let Ok(value) = HeaderValue::from_str(key.as_str()) {
-                    req.headers_mut().insert(self.header.clone(), value);
-                }
-                extensions.insert(key);
             }
             let mut policy = self.policy.clone();
             loop {
@@ -738,30 +749,19 @@ pub mod reqwest {
                     return next.run(req, extensions).await;
                 };
                 let result = next.clone().run(attempt, extensions).await;
-                let after = match &result {
-                    Ok(res) => match verdict_of(res.status(), res.headers()) {
-                        Verdict::Stop => {
-                            policy.budget.deposit();
-                            return result;
-                        }
-                        Verdict::Retry(after) => after,
-                    },
-                    // A request that could not be built, or a redirect loop, is final.
-                    Err(reqwest_middleware::Error::Reqwest(err))
-                        if err.is_builder() || err.is_redirect() =>
-                    {
-                        return result;
-                    }
-                    Err(_) => None,
-                };
-                let Some(pause) = policy.next_pause(after) else {
+                // A request that could not be built, or a redirect loop, is final.
+                if let Err(reqwest_middleware::Error::Reqwest(err)) = &result
+                    && (err.is_builder() || err.is_redirect())
+                {
+                    return result;
+                }
+                let answer = result
+                    .as_ref()
+                    .ok()
+                    .map(|res| (res.status(), res.headers()));
+                let Some(pause) = policy.after_attempt(answer) else {
                     return result;
                 };
-                tracing::debug!(
-                    retry = policy.retries,
-                    pause_ms = pause.as_millis() as u64,
-                    "retrying with the same idempotency key"
-                );
                 tokio::time::sleep(pause).await;
             }
         }
