@@ -118,7 +118,6 @@ mod common {
 
 #[cfg(feature = "redis")]
 fn redis(c: &mut Criterion) {
-    use std::hint::black_box;
     use tower_idempotency::RedisStore;
     use tower_idempotency::redis;
 
@@ -140,27 +139,37 @@ fn redis(c: &mut Criterion) {
         })
         .expect("a plain connection to REDIS_URL");
     let mut g = c.benchmark_group("redis");
+    ping_bench(&mut g, &rt, ping);
+    common::layer_benches(&mut g, &rt, store);
+    g.finish();
+}
+
+/// One plain round trip (`PING`) on `con`, to read the store's round trips against.
+#[cfg(feature = "redis")]
+fn ping_bench(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    con: tower_idempotency::redis::aio::MultiplexedConnection,
+) {
+    use tower_idempotency::redis;
     g.bench_function("round_trip_ping", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut con = ping.clone();
+        b.to_async(rt).iter(|| {
+            let mut con = con.clone();
             async move {
                 let pong: String = redis::cmd("PING")
                     .query_async(&mut con)
                     .await
                     .expect("PONG");
-                black_box(pong)
+                std::hint::black_box(pong)
             }
         })
     });
-    common::layer_benches(&mut g, &rt, store);
-    g.finish();
 }
 
 /// The same on a Redis Cluster: `REDIS_CLUSTER_NODES` lists nodes as `host:port,…`
 /// (`scripts/redis_cluster.sh start` makes a local one of three primaries).
 #[cfg(feature = "redis")]
 fn redis_cluster(c: &mut Criterion) {
-    use std::hint::black_box;
     use tower_idempotency::RedisStore;
     use tower_idempotency::redis;
 
@@ -187,18 +196,7 @@ fn redis_cluster(c: &mut Criterion) {
         })
         .expect("a plain connection to a node");
     let mut g = c.benchmark_group("redis_cluster");
-    g.bench_function("round_trip_ping", |b| {
-        b.to_async(&rt).iter(|| {
-            let mut con = ping.clone();
-            async move {
-                let pong: String = redis::cmd("PING")
-                    .query_async(&mut con)
-                    .await
-                    .expect("PONG");
-                black_box(pong)
-            }
-        })
-    });
+    ping_bench(&mut g, &rt, ping);
     common::layer_benches(&mut g, &rt, store);
     g.finish();
 }

@@ -5,14 +5,13 @@
 //! original answer, marked replayed.
 #![cfg(feature = "client")]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::Request;
-use axum::routing::post;
 use bytes::Bytes;
+use common::{Seen, counting_server};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -22,50 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::retry::RetryLayer;
 use tower::timeout::TimeoutLayer;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_idempotency::REPLAYED_HEADER;
 use tower_idempotency::client::{IdempotencyKeyLayer, RetryPolicy};
-use tower_idempotency::{IdempotencyLayer, MemoryStore, REPLAYED_HEADER};
-
-/// What the server saw: the key of every attempt, and how often the operation ran.
-#[derive(Clone, Default)]
-struct Seen {
-    keys: Arc<Mutex<Vec<Option<String>>>>,
-    runs: Arc<AtomicUsize>,
-}
-
-/// A server whose `POST /orders` takes `work` to make an order, behind the layer.
-async fn server(seen: Seen, work: Duration) -> std::net::SocketAddr {
-    let runs = Arc::clone(&seen.runs);
-    let app = Router::new()
-        .route(
-            "/orders",
-            post(move || {
-                let runs = Arc::clone(&runs);
-                async move {
-                    tokio::time::sleep(work).await;
-                    let n = runs.fetch_add(1, Ordering::SeqCst);
-                    (StatusCode::CREATED, format!("order {n}"))
-                }
-            }),
-        )
-        .layer(
-            IdempotencyLayer::new(MemoryStore::new())
-                .share_keys_across_callers()
-                .lease(Duration::from_secs(5)),
-        )
-        // Outside the layer: every attempt is seen, replays and 409s included.
-        .layer(axum::middleware::map_request(move |req: Request| {
-            let key = req
-                .headers()
-                .get("idempotency-key")
-                .map(|v| v.to_str().unwrap().to_owned());
-            seen.keys.lock().unwrap().push(key);
-            async move { req }
-        }));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
 
 /// hyper-util's client with the client side of this crate: a key per call, retries with
 /// it, and a timeout per attempt.
@@ -123,7 +80,7 @@ fn one_key(seen: &Seen) -> usize {
 async fn a_client_that_times_out_retries_with_its_key_and_gets_the_first_answer() {
     let seen = Seen::default();
     // The operation takes longer than the client waits for an attempt.
-    let addr = server(seen.clone(), Duration::from_millis(400)).await;
+    let addr = counting_server(seen.clone(), Duration::from_millis(400)).await;
     let res = client(Duration::from_millis(150))
         .oneshot(order(addr))
         .await
@@ -131,7 +88,7 @@ async fn a_client_that_times_out_retries_with_its_key_and_gets_the_first_answer(
     let (status, replayed, body) = answer(res).await;
     assert_eq!(status, StatusCode::CREATED);
     assert!(replayed, "the answer is the first attempt's, replayed");
-    assert_eq!(body, "order 0");
+    assert_eq!(body, "order 0 for {\"sku\":1}");
     assert_eq!(
         seen.runs.load(Ordering::SeqCst),
         1,
@@ -192,7 +149,7 @@ async fn dropping_proxy(upstream: std::net::SocketAddr) -> std::net::SocketAddr 
 #[tokio::test]
 async fn a_response_lost_after_the_server_answered_is_replayed_to_the_retry() {
     let seen = Seen::default();
-    let server = server(seen.clone(), Duration::from_millis(10)).await;
+    let server = counting_server(seen.clone(), Duration::from_millis(10)).await;
     let proxy = dropping_proxy(server).await;
     let res = client(Duration::from_secs(5))
         .oneshot(order(proxy))
@@ -201,7 +158,7 @@ async fn a_response_lost_after_the_server_answered_is_replayed_to_the_retry() {
     let (status, replayed, body) = answer(res).await;
     assert_eq!(status, StatusCode::CREATED);
     assert!(replayed, "the retry got the lost answer, replayed");
-    assert_eq!(body, "order 0");
+    assert_eq!(body, "order 0 for {\"sku\":1}");
     assert_eq!(
         seen.runs.load(Ordering::SeqCst),
         1,
@@ -213,7 +170,7 @@ async fn a_response_lost_after_the_server_answered_is_replayed_to_the_retry() {
 #[tokio::test]
 async fn final_answers_are_not_retried() {
     let seen = Seen::default();
-    let addr = server(seen.clone(), Duration::ZERO).await;
+    let addr = counting_server(seen.clone(), Duration::ZERO).await;
     let client = client(Duration::from_secs(5));
     // The caller chose the key: it is kept.
     let mut first = order(addr);

@@ -2,56 +2,15 @@
 //! retried with its key and ends with the first answer, replayed; the operation runs once.
 #![cfg(feature = "reqwest")]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::Request;
-use axum::routing::post;
+use common::{Seen, counting_server};
 use http::StatusCode;
 use tower_idempotency::client::RetryPolicy;
 use tower_idempotency::client::reqwest::IdempotencyMiddleware;
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
-
-#[derive(Clone, Default)]
-struct Seen {
-    keys: Arc<Mutex<Vec<Option<String>>>>,
-    runs: Arc<AtomicUsize>,
-}
-
-async fn server(seen: Seen, work: Duration) -> std::net::SocketAddr {
-    let runs = Arc::clone(&seen.runs);
-    let app = Router::new()
-        .route(
-            "/orders",
-            post(move |body: String| {
-                let runs = Arc::clone(&runs);
-                async move {
-                    tokio::time::sleep(work).await;
-                    let n = runs.fetch_add(1, Ordering::SeqCst);
-                    (StatusCode::CREATED, format!("order {n} for {body}"))
-                }
-            }),
-        )
-        .layer(
-            IdempotencyLayer::new(MemoryStore::new())
-                .share_keys_across_callers()
-                .lease(Duration::from_secs(5)),
-        )
-        .layer(axum::middleware::map_request(move |req: Request| {
-            let key = req
-                .headers()
-                .get("idempotency-key")
-                .map(|v| v.to_str().unwrap().to_owned());
-            seen.keys.lock().unwrap().push(key);
-            async move { req }
-        }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
 
 fn client(timeout: Duration) -> reqwest_middleware::ClientWithMiddleware {
     let http = reqwest::Client::builder().timeout(timeout).build().unwrap();
@@ -68,7 +27,7 @@ fn client(timeout: Duration) -> reqwest_middleware::ClientWithMiddleware {
 #[tokio::test]
 async fn a_reqwest_call_that_times_out_is_retried_with_its_key_and_replayed() {
     let seen = Seen::default();
-    let addr = server(seen.clone(), Duration::from_millis(400)).await;
+    let addr = counting_server(seen.clone(), Duration::from_millis(400)).await;
     let res = client(Duration::from_millis(150))
         .post(format!("http://{addr}/orders"))
         .body("{\"sku\":1}")
@@ -95,7 +54,7 @@ async fn a_reqwest_call_that_times_out_is_retried_with_its_key_and_replayed() {
 #[tokio::test]
 async fn final_answers_and_other_methods_are_sent_once() {
     let seen = Seen::default();
-    let addr = server(seen.clone(), Duration::ZERO).await;
+    let addr = counting_server(seen.clone(), Duration::ZERO).await;
     let client = client(Duration::from_secs(5));
     let first = client
         .post(format!("http://{addr}/orders"))

@@ -134,39 +134,8 @@ async fn the_store_works_across_a_cluster() {
 
     // One round trip per operation on the cluster too: the script goes straight to the key's
     // primary (no MOVED redirection), once.
-    let stats = |cmd: &str| -> u64 {
-        cluster
-            .nodes
-            .iter()
-            .map(|node| {
-                let out = std::process::Command::new("redis-cli")
-                    .args(["-p", &node.port.to_string(), "info", "commandstats"])
-                    .output()
-                    .expect("redis-cli");
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
-                    .and_then(|rest| rest.split(',').next())
-                    .map_or(0, |n| n.parse::<u64>().unwrap())
-            })
-            .sum()
-    };
-    let errors = || -> u64 {
-        cluster
-            .nodes
-            .iter()
-            .map(|node| {
-                let out = std::process::Command::new("redis-cli")
-                    .args(["-p", &node.port.to_string(), "info", "stats"])
-                    .output()
-                    .expect("redis-cli");
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .find_map(|l| l.strip_prefix("total_error_replies:"))
-                    .map_or(0, |n| n.trim().parse::<u64>().unwrap())
-            })
-            .sum()
-    };
+    let stats = |cmd: &str| cluster.info_sum("commandstats", &format!("cmdstat_{cmd}:calls="));
+    let errors = || cluster.info_sum("stats", "total_error_replies:");
     let (calls, errs) = (stats("evalsha"), errors());
     for i in 0..10 {
         let replay = call(&svc, post(Some(&format!("order-{i}")), "{}")).await;

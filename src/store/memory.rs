@@ -626,8 +626,7 @@ impl IdempotencyStore for MemoryStore {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.ensure_sweeper();
-        self.claim_now(key, fingerprint, token, lease)
+        self.claim_direct(key, fingerprint, token, lease)
     }
 
     async fn complete(

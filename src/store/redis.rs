@@ -266,6 +266,17 @@ redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], 0, 48) .. keep .. str
 return 1
 "#;
 
+/// Every script, as loaded by [`RedisStore::connect`] and [`RedisStore::connect_cluster`].
+const ALL_LUA: [&str; 7] = [
+    CLAIM_LUA,
+    COMPLETE_LUA,
+    RELEASE_LUA,
+    EXTEND_LUA,
+    COMMIT_LUA,
+    SETTLE_LUA,
+    INSPECT_LUA,
+];
+
 struct Scripts {
     claim: Script,
     complete: Script,
@@ -464,17 +475,7 @@ impl RedisStore {
     /// ```
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let store = Self::open(url).await?;
-        match store.check_server().await {
-            Ok(risks) => {
-                for risk in &risks {
-                    tracing::warn!(risk = %risk, "the Redis server can lose idempotency records");
-                }
-            }
-            Err(err) => tracing::warn!(
-                error = %super::ErrorChain(&err),
-                "could not read the Redis server's persistence and eviction settings"
-            ),
-        }
+        store.warn_of_risks().await;
         Ok(store)
     }
 
@@ -523,18 +524,23 @@ impl RedisStore {
             durability: Durability::Acknowledged,
         };
         store.load_scripts().await?;
-        match store.check_server().await {
+        store.warn_of_risks().await;
+        Ok(store)
+    }
+
+    /// Logs a `warn` for each [`RedisRisk`] of the server (or the cluster nodes given).
+    async fn warn_of_risks(&self) {
+        match self.check_server().await {
             Ok(risks) => {
                 for risk in &risks {
-                    tracing::warn!(risk = %risk, "a Redis Cluster node can lose idempotency records");
+                    tracing::warn!(risk = %risk, "the Redis server can lose idempotency records");
                 }
             }
             Err(err) => tracing::warn!(
                 error = %super::ErrorChain(&err),
-                "could not read the Redis Cluster nodes' persistence and eviction settings"
+                "could not read the Redis server's persistence and eviction settings"
             ),
         }
-        Ok(store)
     }
 
     /// Like [`connect`](Self::connect), but refuses a server that can lose records: any
@@ -677,15 +683,7 @@ impl RedisStore {
     async fn load_scripts(&self) -> Result<(), StoreError> {
         if matches!(self.conn, Connection::Cluster { .. }) {
             let mut con = self.conn.clone();
-            for code in [
-                CLAIM_LUA,
-                COMPLETE_LUA,
-                RELEASE_LUA,
-                EXTEND_LUA,
-                COMMIT_LUA,
-                SETTLE_LUA,
-                INSPECT_LUA,
-            ] {
+            for code in ALL_LUA {
                 let () = redis::cmd("SCRIPT")
                     .arg("LOAD")
                     .arg(code)
@@ -696,15 +694,7 @@ impl RedisStore {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for code in [
-            CLAIM_LUA,
-            COMPLETE_LUA,
-            RELEASE_LUA,
-            EXTEND_LUA,
-            COMMIT_LUA,
-            SETTLE_LUA,
-            INSPECT_LUA,
-        ] {
+        for code in ALL_LUA {
             pipe.cmd("SCRIPT").arg("LOAD").arg(code);
         }
         let mut con = self.conn.clone();

@@ -776,6 +776,52 @@ pub async fn commit_then_cut_off<S: IdempotencyStore + Clone>(store: S) {
     );
 }
 
+/// What a [`counting_server`] saw: the key of every attempt, and how often the operation ran.
+#[derive(Clone, Default)]
+pub struct Seen {
+    pub keys: Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    pub runs: Arc<AtomicUsize>,
+}
+
+/// A server on a loopback port whose `POST /orders` takes `work` and answers `201` with
+/// `order {n} for {body}`, behind the layer on a memory store; every attempt's key is
+/// recorded in front of the layer (replays and 409s included).
+pub async fn counting_server(seen: Seen, work: Duration) -> std::net::SocketAddr {
+    use axum::routing::post;
+    let runs = Arc::clone(&seen.runs);
+    let app = axum::Router::new()
+        .route(
+            "/orders",
+            post(move |body: String| {
+                let runs = Arc::clone(&runs);
+                async move {
+                    tokio::time::sleep(work).await;
+                    let n = runs.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::CREATED, format!("order {n} for {body}"))
+                }
+            }),
+        )
+        .layer(
+            tower_idempotency::IdempotencyLayer::new(tower_idempotency::MemoryStore::new())
+                .share_keys_across_callers()
+                .lease(Duration::from_secs(5)),
+        )
+        .layer(axum::middleware::map_request(
+            move |req: axum::extract::Request| {
+                let key = req
+                    .headers()
+                    .get("idempotency-key")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                seen.keys.lock().unwrap().push(key);
+                async move { req }
+            },
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
 /// A Redis Cluster of three primaries on loopback ports, started for a test and stopped with
 /// it (each node a [`PrivateRedis`]; `redis-cli --cluster create` assigns the slots).
 pub struct PrivateCluster {
@@ -830,21 +876,42 @@ impl PrivateCluster {
         self.nodes.iter().map(PrivateRedis::url).collect()
     }
 
-    /// How many keys each node holds.
-    pub fn keys_per_node(&self) -> Vec<u64> {
+    /// Runs `redis-cli` with `args` on every node and returns each node's output.
+    fn on_each(&self, args: &[&str]) -> Vec<String> {
         self.nodes
             .iter()
             .map(|node| {
                 let out = std::process::Command::new("redis-cli")
-                    .args(["-p", &node.port.to_string(), "dbsize"])
+                    .args(["-p", &node.port.to_string()])
+                    .args(args)
                     .output()
                     .expect("redis-cli");
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .parse()
-                    .expect("a key count")
+                String::from_utf8_lossy(&out.stdout).into_owned()
             })
             .collect()
+    }
+
+    /// How many keys each node holds.
+    pub fn keys_per_node(&self) -> Vec<u64> {
+        self.on_each(&["dbsize"])
+            .iter()
+            .map(|out| out.trim().parse().expect("a key count"))
+            .collect()
+    }
+
+    /// The sum over the nodes of the `INFO {section}` field starting with `prefix` (up to the
+    /// next comma): `("commandstats", "cmdstat_evalsha:calls=")`, `("stats",
+    /// "total_error_replies:")`.
+    pub fn info_sum(&self, section: &str, prefix: &str) -> u64 {
+        self.on_each(&["info", section])
+            .iter()
+            .map(|out| {
+                out.lines()
+                    .find_map(|l| l.strip_prefix(prefix))
+                    .and_then(|rest| rest.split(',').next())
+                    .map_or(0, |n| n.trim().parse::<u64>().expect("a count"))
+            })
+            .sum()
     }
 }
 
