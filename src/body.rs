@@ -302,16 +302,8 @@ where
         if let Some(joined) = &mut joined {
             joined.extend_from_slice(&data);
         } else if let Some(head) = first.take() {
-            // Sized from what the client declared, but never more than 64 KiB ahead of what
-            // it sent: a client that announces a large body and sends two bytes must not
-            // make the server reserve the whole limit.
-            const AHEAD: u64 = 64 * 1024;
-            let expected = hint
-                .upper()
-                .unwrap_or(hint.lower())
-                .min(limit as u64)
-                .min(AHEAD) as usize;
-            let mut buf = bytes::BytesMut::with_capacity(expected.max(head.len() + data.len()));
+            let capacity = joined_capacity(&hint, limit, head.len() + data.len());
+            let mut buf = bytes::BytesMut::with_capacity(capacity);
             buf.extend_from_slice(&head);
             buf.extend_from_slice(&data);
             joined = Some(buf);
@@ -323,6 +315,17 @@ where
         Some(joined) => joined.freeze(),
         None => first.unwrap_or_default(),
     })
+}
+
+/// The buffer for a body in several chunks, once `have` bytes arrived: sized from what the
+/// client declared, within the limit, but never more than 64 KiB ahead of what it sent, so
+/// that a client announcing a large body and sending two bytes does not make the server
+/// reserve the whole limit.
+fn joined_capacity(declared: &http_body::SizeHint, limit: usize, have: usize) -> usize {
+    const AHEAD: usize = 64 * 1024;
+    let declared = declared.upper().unwrap_or(declared.lower());
+    let declared = usize::try_from(declared).unwrap_or(usize::MAX).min(limit);
+    declared.min(have.saturating_add(AHEAD)).max(have)
 }
 
 /// Whether `err`, or an error it wraps, is a body length limit.
@@ -340,4 +343,25 @@ fn is_length_limit(err: &(dyn std::error::Error + 'static)) -> bool {
 pub(crate) enum BufferError {
     TooLarge,
     Read(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_declared_length_reserves_at_most_64_kib_ahead() {
+        let declared = http_body::SizeHint::with_exact(1024 * 1024);
+        // Two bytes arrived of a declared mebibyte: not a mebibyte reserved.
+        assert_eq!(joined_capacity(&declared, 1024 * 1024, 2), 2 + 64 * 1024);
+        // A small declared body is reserved whole.
+        let small = http_body::SizeHint::with_exact(3000);
+        assert_eq!(joined_capacity(&small, 1024 * 1024, 2), 3000);
+        // Never less than what arrived, never more than the limit ahead of it.
+        assert_eq!(
+            joined_capacity(&http_body::SizeHint::new(), 1 << 20, 70_000),
+            70_000
+        );
+        assert_eq!(joined_capacity(&declared, 100, 2), 100);
+    }
 }

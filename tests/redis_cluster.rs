@@ -179,3 +179,89 @@ async fn a_commit_point_holds_across_a_cluster() {
         .expect("connect to the cluster");
     common::commit_then_cut_off(store).await;
 }
+
+/// A durability wait counts the replicas of the primary that holds the key just written:
+/// with a replica on one primary only, `complete` with `Replicated { replicas: 1 }` succeeds
+/// exactly for the keys that land on that primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_waits_go_to_the_keys_primary() {
+    if !redis_here() {
+        return;
+    }
+    let cluster = PrivateCluster::start();
+    let first = &cluster.nodes[0];
+    let replica = common::PrivateRedis::start_with(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+    ]);
+    let redis_cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        assert!(out.status.success(), "redis-cli {args:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let first_id = redis_cli(&["-p", &first.port.to_string(), "cluster", "myid"]);
+    redis_cli(&[
+        "--cluster",
+        "add-node",
+        &format!("127.0.0.1:{}", replica.port),
+        &format!("127.0.0.1:{}", first.port),
+        "--cluster-slave",
+        "--cluster-master-id",
+        &first_id,
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !redis_cli(&["-p", &replica.port.to_string(), "info", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never synced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let store = RedisStore::connect_cluster(cluster.urls())
+        .await
+        .expect("connect to the cluster")
+        .durability(tower_idempotency::store::redis::Durability::Replicated {
+            replicas: 1,
+            timeout: Duration::from_millis(200),
+        });
+    let (mut on_first, mut elsewhere) = (0, 0);
+    for i in 0..24 {
+        let key = StoreKey::new(&Scope::anonymous(), &format!("replicated-{i}"));
+        let token = LeaseToken::new();
+        let fp = Fingerprint::from_bytes([4; 32]);
+        let before = cluster.keys_per_node()[0];
+        store
+            .claim(&key, &fp, token, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let lands_on_first = cluster.keys_per_node()[0] > before;
+        let record = tower_idempotency::Record::new(
+            StatusCode::CREATED,
+            http::HeaderMap::new(),
+            bytes::Bytes::from_static(b"kept"),
+            None,
+        )
+        .with_fingerprint(fp);
+        let stored = store
+            .complete(&key, token, record, Duration::from_secs(60))
+            .await;
+        assert_eq!(
+            stored.is_ok(),
+            lands_on_first,
+            "key {i}: {stored:?} (on the primary with the replica: {lands_on_first})"
+        );
+        if lands_on_first {
+            on_first += 1;
+        } else {
+            elsewhere += 1;
+        }
+    }
+    assert!(on_first > 0 && elsewhere > 0, "{on_first} / {elsewhere}");
+}
