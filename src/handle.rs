@@ -59,7 +59,9 @@ impl Shared {
 /// otherwise `500 outcome-unknown` (or what the layer's
 /// [`recover_with`](crate::IdempotencyLayer::recover_with) hook rebuilds). On PostgreSQL,
 /// [`PostgresStore::commit_in`](crate::PostgresStore::commit_in) writes the commit point
-/// inside your own transaction instead, so that it holds if and only if your writes do.
+/// inside your own transaction instead, so that it holds if and only if your writes do;
+/// on MySQL and MariaDB, [`MySqlStore::commit_in`](crate::MySqlStore::commit_in) does the
+/// same.
 ///
 /// A request that never declares a commit point keeps the default behaviour: an error
 /// answer (or a panic, or a lost response) releases the key, so a retry runs again.
@@ -141,7 +143,8 @@ impl IdempotencyClaim {
     /// crash between the two leaves `outcome-unknown`, never a second run); call it after
     /// to get *at least once* (a crash between the two lets a retry run again). On
     /// PostgreSQL, [`PostgresStore::commit_in`](crate::PostgresStore::commit_in) gives
-    /// *exactly once*.
+    /// *exactly once*, and on MySQL or MariaDB
+    /// [`MySqlStore::commit_in`](crate::MySqlStore::commit_in).
     ///
     /// Committing twice is the same as once.
     pub async fn commit(&self) -> Result<(), StoreError> {
@@ -162,20 +165,21 @@ impl IdempotencyClaim {
 
     /// Whether this request declared its commit point (with [`commit`](Self::commit), or
     /// inside a transaction with
-    /// [`PostgresStore::commit_in`](crate::PostgresStore::commit_in), which counts here even
-    /// if the transaction later rolled back).
+    /// [`PostgresStore::commit_in`](crate::PostgresStore::commit_in) or
+    /// [`MySqlStore::commit_in`](crate::MySqlStore::commit_in), which counts here even if
+    /// the transaction later rolled back).
     pub fn is_committed(&self) -> bool {
         self.shared.commit.load(Ordering::Acquire) != NOT_COMMITTED
     }
 
     /// How long a committed key is kept: the layer's record TTL.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     pub(crate) fn ttl(&self) -> std::time::Duration {
         self.shared.config.ttl
     }
 
     /// A commit point was written inside the application's transaction.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     pub(crate) fn committed_in_transaction(&self) {
         let _ = self.shared.commit.compare_exchange(
             NOT_COMMITTED,

@@ -129,12 +129,14 @@
 //! # Stores
 //!
 //! [`IdempotencyStore`] is one small async trait (claim, complete, release, extend, wait),
-//! object safe, with three backends:
+//! object safe, with four backends:
 //!
 //! - [`MemoryStore`] (feature `memory`, on by default): one instance, bounded by bytes,
 //!   with a guaranteed replay window;
 //! - `RedisStore` (feature `redis`): one key per record, one Lua script call per operation;
-//! - `PostgresStore` (feature `postgres`): one table, a single-statement claim.
+//! - `PostgresStore` (feature `postgres`): one table, a single-statement claim;
+//! - `MySqlStore` (feature `mysql`): one table on MySQL or MariaDB, a claim in one call of a
+//!   stored procedure.
 //!
 //! A store of your own is checked by the public conformance suite (feature `conformance`,
 //! the `conformance` module and `store_conformance_tests!`).
@@ -156,6 +158,7 @@
 //! | `tonic` | no | [`RebuildBody`] for tonic's body |
 //! | `redis` | no | `RedisStore`, and `redis` re-exported |
 //! | `postgres` | no | `PostgresStore`, and `sqlx` re-exported |
+//! | `mysql` | no | `MySqlStore` (MySQL 8.0.29+, MariaDB 10.6+), and `sqlx` re-exported |
 //! | `tower-http` | yes | [`RebuildBody`] for the body of tower-http's `RequestBodyLimitLayer` |
 //! | `json` | no | [`Fingerprint::of_canonical_json`] |
 //! | `conformance` | no | the store conformance suite |
@@ -208,12 +211,15 @@ pub use record::Record;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis;
 pub use service::Idempotency;
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
 pub use sqlx;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+pub use store::mysql::MySqlStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::postgres::PostgresStore;

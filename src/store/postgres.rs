@@ -185,19 +185,17 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgPool, Row};
 
+use super::sql::{
+    CLAIM_ATTEMPTS, ClaimContention, ClaimRow, StateRow, derived_name, micros, split_table,
+};
 use super::{Claim, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::record::{DecodeError, Record};
+use crate::record::Record;
 
 const DEFAULT_TABLE: &str = "idempotency_records";
 const DEFAULT_SWEEP_BATCH: u32 = 1000;
 const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-/// Durations are capped at [`MAX_DURATION`](super::MAX_DURATION), as on every store, far
-/// inside `timestamptz`'s range.
-const MAX_MICROS: u128 = super::MAX_DURATION.as_secs() as u128 * 1_000_000;
-/// How often a claim that lost a race (see the module docs) is run again before giving up.
-const CLAIM_ATTEMPTS: usize = 16;
 
 /// A [`IdempotencyStore`] in a PostgreSQL table, shared by every instance that uses the same
 /// database (feature `postgres`).
@@ -231,26 +229,7 @@ pub struct PostgresStore {
     inner: Arc<Inner>,
 }
 
-/// A table name that is not `name` or `schema.name`, each part matching
-/// `[A-Za-z_][A-Za-z0-9_]*` and at most 63 bytes long.
-///
-/// [`PostgresStore::table`] does not panic on a bad name: the store keeps it, and
-/// [`PostgresStore::migrate`] and every operation then fail with
-/// [`StoreError::Backend`] wrapping this error.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid idempotency table name {name:?}: expected `name` or `schema.name` of [A-Za-z_][A-Za-z0-9_]* (at most 63 bytes each)"
-)]
-pub struct InvalidTableName {
-    name: String,
-}
-
-impl InvalidTableName {
-    /// The name that was refused.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
+pub use super::sql::InvalidTableName;
 
 /// The settings a store was built with.
 #[derive(Clone)]
@@ -299,30 +278,13 @@ impl fmt::Debug for PostgresStore {
     }
 }
 
-/// A claim ran again and again and always lost a race (see the module docs).
-#[derive(Debug, thiserror::Error)]
-#[error("the claim of an idempotency key kept losing races to concurrent claims")]
-struct ClaimContention;
+/// PostgreSQL's limit on the length of a name.
+const MAX_NAME: usize = 63;
 
 /// Validates `name` and quotes each of its parts; returns the quoted name and the quoted
 /// name of its expiry index.
 fn quote_table(name: &str) -> Result<(String, String), InvalidTableName> {
-    fn valid_part(part: &str) -> bool {
-        let mut bytes = part.bytes();
-        matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
-            && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && part.len() <= 63
-    }
-    let invalid = || InvalidTableName {
-        name: name.to_owned(),
-    };
-    let (schema, table) = match name.split_once('.') {
-        Some((schema, table)) => (Some(schema), table),
-        None => (None, name),
-    };
-    if !valid_part(table) || !schema.is_none_or(valid_part) {
-        return Err(invalid());
-    }
+    let (schema, table) = split_table(name, MAX_NAME)?;
     let quoted = match schema {
         Some(schema) => format!("\"{schema}\".\"{table}\""),
         None => format!("\"{table}\""),
@@ -335,17 +297,7 @@ fn quote_table(name: &str) -> Result<(String, String), InvalidTableName> {
 /// not fit, the table name is cut and followed by eight hex digits of its SHA-256: two long
 /// names that share a prefix still get two indexes.
 fn index_name(table: &str) -> String {
-    use sha2::Digest as _;
-    const SUFFIX: &str = "_expires_at_idx";
-    const MAX: usize = 63;
-    if table.len() + SUFFIX.len() <= MAX {
-        return format!("{table}{SUFFIX}");
-    }
-    let digest = sha2::Sha256::digest(table.as_bytes());
-    let hash: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
-    // Table names are ASCII (checked above), so any byte offset is a char boundary.
-    let stem = &table[..MAX - SUFFIX.len() - 1 - hash.len()];
-    format!("{stem}_{hash}{SUFFIX}")
+    derived_name(table, "_expires_at_idx", MAX_NAME)
 }
 
 impl Sql {
@@ -485,11 +437,6 @@ impl Sql {
             sweep: sweep.into(),
         })
     }
-}
-
-fn micros(d: Duration) -> i64 {
-    // Capped well below i64::MAX, so the cast is lossless.
-    d.as_micros().min(MAX_MICROS) as i64
 }
 
 impl PostgresStore {
@@ -697,14 +644,7 @@ impl PostgresStore {
             &self.inner,
             interval,
             |inner| async move {
-                match inner.sweep().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(rows = n, "swept expired idempotency records"),
-                    Err(err) => tracing::warn!(
-                        error = &err as &dyn std::error::Error,
-                        "idempotency sweep failed"
-                    ),
-                }
+                super::sql::log_sweep(inner.sweep().await);
             },
         );
     }
@@ -745,85 +685,31 @@ impl PostgresStore {
 }
 
 fn read_claim(row: &PgRow, token: LeaseToken) -> Result<Claim, StoreError> {
-    let acquired: bool = row.try_get(0).map_err(StoreError::backend)?;
-    if acquired {
-        return Ok(Claim::Acquired(token));
+    ClaimRow {
+        acquired: row.try_get(0).map_err(StoreError::backend)?,
+        fingerprint: row.try_get(1).map_err(StoreError::backend)?,
+        record: row.try_get(2).map_err(StoreError::backend)?,
+        rest: row.try_get(3).map_err(StoreError::backend)?,
+        committed: row.try_get(4).map_err(StoreError::backend)?,
     }
-    let record: Option<Vec<u8>> = row.try_get(2).map_err(StoreError::backend)?;
-    if let Some(bytes) = record {
-        let record = Record::decode(&bytes).map_err(StoreError::Decode)?;
-        return Ok(Claim::Completed(Arc::new(record)));
-    }
-    let fingerprint = fingerprint_of(row.try_get(1).map_err(StoreError::backend)?)?;
-    let remaining: Option<i64> = row.try_get(3).map_err(StoreError::backend)?;
-    let committed: bool = row.try_get(4).map_err(StoreError::backend)?;
-    if committed && remaining.is_none_or(|us| us <= 0) {
-        return Ok(Claim::OutcomeUnknown { fingerprint });
-    }
-    Ok(Claim::InFlight {
-        fingerprint,
-        lease_remaining: remaining.map(|us| Duration::from_micros(us.max(0) as u64)),
-    })
-}
-
-fn fingerprint_of(bytes: Vec<u8>) -> Result<Fingerprint, StoreError> {
-    let bytes: [u8; 32] = bytes
-        .try_into()
-        .map_err(|_| StoreError::Decode(DecodeError::Invalid("fingerprint")))?;
-    Ok(Fingerprint::from_bytes(bytes))
-}
-
-fn micros_left(us: Option<i64>) -> Option<Duration> {
-    us.filter(|us| *us > 0)
-        .map(|us| Duration::from_micros(us.unsigned_abs()))
+    .into_claim(token)
 }
 
 /// Reads a row of the inspect statement.
 fn read_state(row: &PgRow) -> Result<KeyState, StoreError> {
-    let record: Option<Vec<u8>> = row.try_get(0).map_err(StoreError::backend)?;
-    let fingerprint: Vec<u8> = row.try_get(1).map_err(StoreError::backend)?;
-    let committed: bool = row.try_get(2).map_err(StoreError::backend)?;
-    let expires: Option<i64> = row.try_get(3).map_err(StoreError::backend)?;
-    let lease: Option<i64> = row.try_get(4).map_err(StoreError::backend)?;
-    let expires_in = micros_left(expires);
-    if let Some(bytes) = record {
-        return Ok(match expires_in {
-            Some(_) => KeyState::Completed {
-                record: Arc::new(Record::decode(&bytes).map_err(StoreError::Decode)?),
-                expires_in,
-            },
-            None => KeyState::Free,
-        });
+    StateRow {
+        record: row.try_get(0).map_err(StoreError::backend)?,
+        fingerprint: row.try_get(1).map_err(StoreError::backend)?,
+        committed: row.try_get(2).map_err(StoreError::backend)?,
+        expires: row.try_get(3).map_err(StoreError::backend)?,
+        lease: row.try_get(4).map_err(StoreError::backend)?,
     }
-    let fingerprint = fingerprint_of(fingerprint)?;
-    if committed {
-        return Ok(match (expires_in, micros_left(lease)) {
-            (None, _) => KeyState::Free,
-            (Some(_), None) => KeyState::OutcomeUnknown {
-                fingerprint,
-                expires_in,
-            },
-            (Some(_), Some(lease_remaining)) => KeyState::InFlight {
-                fingerprint,
-                lease_remaining,
-                committed: true,
-            },
-        });
-    }
-    // A lapsed claim nobody took over is kept for its owner (ORPHAN_RETENTION).
-    if expires.is_some_and(|us| us <= -(ORPHAN_RETENTION.as_micros() as i64)) {
-        return Ok(KeyState::Free);
-    }
-    Ok(KeyState::InFlight {
-        fingerprint,
-        lease_remaining: expires_in.unwrap_or(Duration::ZERO),
-        committed: false,
-    })
+    .into_state()
 }
 
 /// The readable columns of a record: its status, and its headers' names and values (as
 /// text, non-UTF-8 bytes replaced).
-fn readable(record: &Record) -> (i16, Vec<String>, Vec<String>) {
+pub(crate) fn readable(record: &Record) -> (i16, Vec<String>, Vec<String>) {
     let mut names = Vec::with_capacity(record.headers().len());
     let mut values = Vec::with_capacity(record.headers().len());
     for (name, value) in record.headers() {
@@ -843,19 +729,15 @@ impl Inner {
     async fn sweep(&self) -> Result<u64, StoreError> {
         let sql = self.sql()?;
         let batch = self.config.sweep_batch;
-        let mut total = 0;
-        loop {
-            let deleted = sqlx::query(AssertSqlSafe(Arc::clone(&sql.sweep)))
+        super::sql::sweep_in_batches(batch, || async {
+            Ok(sqlx::query(AssertSqlSafe(Arc::clone(&sql.sweep)))
                 .bind(i64::from(batch))
                 .execute(&self.config.pool)
                 .await
                 .map_err(StoreError::backend)?
-                .rows_affected();
-            total += deleted;
-            if deleted < u64::from(batch) {
-                return Ok(total);
-            }
-        }
+                .rows_affected())
+        })
+        .await
     }
 }
 
@@ -1003,7 +885,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn table_names_are_validated_and_quoted() {
+    fn table_names_are_quoted_with_their_index() {
         assert_eq!(
             quote_table("idempotency_records").unwrap(),
             (
@@ -1015,28 +897,8 @@ mod tests {
             quote_table("app.Keys_1").unwrap().0,
             "\"app\".\"Keys_1\"".to_owned()
         );
-        assert_eq!(quote_table("_x").unwrap().0, "\"_x\"");
-        for bad in [
-            "",
-            ".",
-            "a.",
-            ".a",
-            "1abc",
-            "a-b",
-            "a.b.c",
-            "a\"b",
-            "a;drop table x",
-            "tâble",
-            &"x".repeat(64),
-        ] {
-            assert_eq!(
-                quote_table(bad),
-                Err(InvalidTableName {
-                    name: bad.to_owned()
-                }),
-                "{bad:?}"
-            );
-        }
+        assert!(quote_table(&"x".repeat(64)).is_err());
+        assert!(quote_table("a\"b").is_err());
         let long = "y".repeat(63);
         let (_, idx) = quote_table(&long).unwrap();
         assert_eq!(idx.len(), 63 + 2);
@@ -1045,24 +907,5 @@ mod tests {
             index_name(&"a".repeat(48)),
             format!("{}_expires_at_idx", "a".repeat(48))
         );
-    }
-
-    #[test]
-    fn long_table_names_sharing_a_prefix_get_distinct_index_names() {
-        let prefix = "orders_idempotency_records_for_the_billing_servi"; // 48 bytes
-        assert_eq!(prefix.len(), 48);
-        let a = index_name(&format!("{prefix}ce_a"));
-        let b = index_name(&format!("{prefix}ce_b"));
-        assert_ne!(a, b);
-        for idx in [&a, &b] {
-            assert!(idx.len() <= 63, "{idx} is longer than PostgreSQL keeps");
-            assert!(idx.starts_with(&prefix[..30]) && idx.ends_with("_expires_at_idx"));
-        }
-    }
-
-    #[test]
-    fn durations_are_capped() {
-        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
-        assert_eq!(micros(Duration::MAX), MAX_MICROS as i64);
     }
 }

@@ -1,0 +1,971 @@
+//! A MySQL and MariaDB store (feature `mysql`).
+//!
+//! [`MySqlStore`] keeps every idempotency key of a fleet of instances in one InnoDB table,
+//! through a [`sqlx::MySqlPool`] that you build and pass in. Expiry is judged by the
+//! database clock in UTC (`UTC_TIMESTAMP(6)`), so instances whose clocks drift, or whose
+//! sessions use different time zones, still agree on who owns a key.
+//!
+//! It runs on MySQL 8.0.29 or later and on MariaDB 10.6 or later (the first versions with
+//! `CREATE PROCEDURE IF NOT EXISTS`; the tests run on MariaDB 10.11).
+//!
+//! # The table and its two procedures
+//!
+//! [`MySqlStore::migrate`] creates them, if they do not exist yet. For the default table
+//! name `idempotency_records`:
+//!
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS `idempotency_records` (
+//!     `key`       VARBINARY(3072) NOT NULL PRIMARY KEY,  -- scope:key (StoreKey), compared byte for byte
+//!     token       BINARY(16),                   -- lease token; NULL once completed
+//!     fingerprint BINARY(32)  NOT NULL,         -- the claiming request's fingerprint
+//!     record      LONGBLOB,                     -- Record::encode(); NULL while in flight
+//!     expires_at  DATETIME(6) NOT NULL,         -- lease end; record TTL end; commit TTL end (UTC)
+//!     contested   BOOLEAN     NOT NULL DEFAULT FALSE,  -- a lapsed lease, contested once
+//!     committed   BOOLEAN     NOT NULL DEFAULT FALSE,  -- past its commit point
+//!     lease_until DATETIME(6),                  -- a committed claim's lease end (UTC)
+//!     status      SMALLINT,                     -- the record's status, readable in SQL
+//!     headers     JSON,                         -- its headers: [[name, value], …] in order
+//!     KEY expires_at_idx (expires_at)
+//! ) ENGINE = InnoDB;
+//! CREATE PROCEDURE IF NOT EXISTS `idempotency_records_claim_v1`(…) …;
+//! CREATE PROCEDURE IF NOT EXISTS `idempotency_records_release_v1`(…) …;
+//! ```
+//!
+//! The key is binary, so keys that differ only in case or accents are two keys whatever the
+//! server's default collation. It holds 3072 bytes, InnoDB's limit for an index: a store
+//! key is the scope (at most 64 bytes), a colon and the client's key, so keep
+//! [`max_key_len`](crate::IdempotencyLayer::max_key_len) at 3007 or less (the default is
+//! 255). A longer key is refused with [`StoreError::Backend`] before it reaches the server.
+//!
+//! The procedures are named `{table}_claim_v1` and `{table}_release_v1` (cut and followed by
+//! a hash when that passes 64 bytes). A later version that changes one gives it a new
+//! number, so instances of two versions can share a table during a rolling upgrade. They
+//! are created with `SQL SECURITY INVOKER` and run with strict SQL mode whatever the
+//! caller's session says. The statements run on a connection of their own that holds the
+//! named lock `tower_idempotency.migrate`, so instances that migrate at the same time do not
+//! trip over each other. Migrating needs the `CREATE` and `CREATE ROUTINE` privileges;
+//! serving needs `SELECT`, `INSERT`, `UPDATE`, `DELETE` on the table and `EXECUTE` on the
+//! procedures. You may as well create all three with your own migration tool (the exact
+//! statements are printed by [`MySqlStore::migration_sql`]) and never call `migrate`.
+//!
+//! # One round trip per operation
+//!
+//! Each operation is one statement, so one round trip on a connection whose statements are
+//! already prepared (sqlx caches them per connection):
+//!
+//! - **claim** (and so **replay**): `CALL {table}_claim_v1(key, token, fingerprint,
+//!   lease_µs)`. MySQL has no statement that both writes and returns rows, so the procedure
+//!   does on the server what PostgreSQL's one statement does:
+//!
+//!   ```sql
+//!   SELECT MAX(expires_at > UTC_TIMESTAMP(6)) INTO live FROM t WHERE `key` = k;
+//!   IF live IS NULL THEN          -- no row: insert one (a no-op if a concurrent claim won)
+//!       INSERT INTO t (`key`, token, fingerprint, expires_at) VALUES (k, tok, fp, now + lease)
+//!       ON DUPLICATE KEY UPDATE token = token;
+//!   ELSEIF live = 0 THEN          -- an expired row
+//!       -- a lapsed claim not yet contested: contested, its owner gets half a lease more
+//!       UPDATE t SET contested = TRUE, expires_at = now + GREATEST(lease DIV 2, 1)
+//!       WHERE `key` = k AND expires_at <= now AND token IS NOT NULL AND NOT contested AND NOT committed;
+//!       -- anything else that expired: taken over
+//!       UPDATE t SET token = tok, fingerprint = fp, record = NULL, …, expires_at = now + lease
+//!       WHERE `key` = k AND expires_at <= now AND (token IS NULL OR contested OR committed);
+//!   END IF;
+//!   SELECT token <=> tok, fingerprint, record, <µs left>, committed
+//!   FROM t WHERE `key` = k AND expires_at > now;
+//!   ```
+//!
+//!   A replay or an in-flight answer only reads: it locks no row and writes nothing. A
+//!   takeover is decided by the `UPDATE`'s own `WHERE`, which InnoDB evaluates on the latest
+//!   row under its lock, so two claims never both take a key. A committed row without a
+//!   record whose lease ran out answers [`Claim::OutcomeUnknown`] until its commit's TTL
+//!   ends.
+//!
+//!   When the row disappears between the steps (a sweep or a purge), the procedure returns
+//!   nothing and the store calls it again; so it does, a few times, when InnoDB picks the
+//!   claim as a deadlock victim.
+//! - **complete**: `UPDATE … SET token = NULL, record = ?, status = ?, headers = ?,
+//!   expires_at = now + ttl WHERE `key` = ? AND token = ?`.
+//! - **release**: `CALL {table}_release_v1(key, token)`: deletes the row if it is this
+//!   token's and not committed; a committed one keeps it and ends its lease
+//!   ([`StoreError::Committed`]).
+//! - **extend**, **commit**, **settle**: one `UPDATE` each, as on PostgreSQL; the commit's
+//!   runs in your transaction with [`MySqlStore::commit_in`].
+//! - **inspect**: one `SELECT` of the row; **purge**: `DELETE … WHERE `key` = ?`.
+//!
+//! A fenced statement that matches no row answers [`StoreError::LeaseLost`] (sqlx counts
+//! matched rows, not changed ones). Every `UPDATE` assigns only values computed from the row
+//! as it was, so it means the same whether the server evaluates assignments left to right
+//! (MySQL, MariaDB's default) or simultaneously (MariaDB's `SIMULTANEOUS_ASSIGNMENT`).
+//!
+//! # Expiry and sweeping
+//!
+//! Expired rows are invisible to claims (they take them over), so removing them is only
+//! garbage collection. [`MySqlStore::sweep`] deletes completed rows past their TTL, and
+//! in-flight rows [`ORPHAN_RETENTION`] after their lease (so that an owner back from an
+//! outage can still store its outcome), oldest first, in batches of
+//! [`sweep_batch`](MySqlStore::sweep_batch) rows:
+//!
+//! ```sql
+//! DELETE FROM t WHERE expires_at <= UTC_TIMESTAMP(6)
+//!     AND (token IS NULL OR committed OR expires_at <= UTC_TIMESTAMP(6) - INTERVAL 3600 SECOND)
+//! ORDER BY expires_at LIMIT ?
+//! ```
+//!
+//! Each batch is its own short transaction on the expiry index. The first claim on a store
+//! starts a background task on the current Tokio runtime that sweeps every
+//! [`sweep_interval`](MySqlStore::sweep_interval); the task ends when the last handle to
+//! the store is dropped.
+//!
+//! # What it keeps, and what it can lose
+//!
+//! A record is kept for its whole TTL and never evicted: the table grows with the number of
+//! keys answered within one TTL. A record must fit in the server's `max_allowed_packet`
+//! (16 MiB on MariaDB, 64 MiB on MySQL 8 by default; the layer stores answers of at most
+//! [`max_response_body`](crate::IdempotencyLayer::max_response_body), 1 MiB by default).
+//!
+//! Every operation is a committed statement, so what InnoDB keeps is what the store keeps:
+//! with `innodb_flush_log_at_trx_commit = 1` (the default) an acknowledged record or claim
+//! survives a crash of the server. With `0` or `2`, a crash can lose about the last second
+//! of commits (those records' retries run again). A failover to an asynchronously
+//! replicated server can lose what it had not received; use semi-synchronous replication or
+//! a Galera / Group Replication cluster where a failover must lose nothing.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use tower_idempotency::sqlx::MySqlPool;
+//! use tower_idempotency::{IdempotencyLayer, MySqlStore};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = MySqlPool::connect("mysql://app@db.internal/app").await?;
+//! let store = MySqlStore::new(pool);
+//! store.migrate().await?;
+//!
+//! let layer = IdempotencyLayer::new(store);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::mysql::MySqlRow;
+use sqlx::{AssertSqlSafe, Connection, MySqlConnection, MySqlPool, Row};
+
+use super::sql::{
+    CLAIM_ATTEMPTS, ClaimContention, ClaimRow, StateRow, derived_name, micros, split_table,
+};
+use super::{Claim, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::Record;
+
+pub use super::sql::InvalidTableName;
+
+const DEFAULT_TABLE: &str = "idempotency_records";
+const DEFAULT_SWEEP_BATCH: u32 = 1000;
+const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// MySQL's and MariaDB's limit on the length of a name.
+const MAX_NAME: usize = 64;
+/// The longest store key the table holds: InnoDB's limit on an index key.
+pub const MAX_KEY_BYTES: usize = 3072;
+/// The named lock that serialises migrations.
+const MIGRATE_LOCK: &str = "tower_idempotency.migrate";
+/// The SQL mode the procedures are created with (and so run with): strict, so that a value
+/// that does not fit is an error and never silently cut.
+const PROCEDURE_SQL_MODE: &str = "STRICT_ALL_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION";
+
+/// A [`IdempotencyStore`] in a MySQL or MariaDB table, shared by every instance that uses
+/// the same database (feature `mysql`).
+///
+/// Claim and release are one call of a stored procedure each; complete, extend, commit,
+/// settle, inspect and purge are one statement each. Expiry follows the database clock;
+/// expired rows are deleted in batches by a background sweep. The module documentation
+/// ([`crate::store::mysql`]) shows the table and every statement.
+///
+/// Cloning a `MySqlStore` gives another handle to the same store (and pool).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_idempotency::MySqlStore;
+/// use tower_idempotency::sqlx::mysql::MySqlPoolOptions;
+///
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = MySqlPoolOptions::new()
+///     .max_connections(20)
+///     .connect("mysql://app@db.internal/app")
+///     .await?;
+/// let store = MySqlStore::new(pool)
+///     .table("idempotency_records")
+///     .sweep_batch(500)
+///     .sweep_interval(Duration::from_secs(30));
+/// store.migrate().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct MySqlStore {
+    inner: Arc<Inner>,
+}
+
+/// The settings a store was built with.
+#[derive(Clone)]
+struct Config {
+    pool: MySqlPool,
+    table: String,
+    sweep_batch: u32,
+    sweep_interval: Duration,
+}
+
+struct Inner {
+    config: Config,
+    sql: Result<Sql, InvalidTableName>,
+    sweeper_started: Arc<AtomicBool>,
+}
+
+/// The statements, built once for the table.
+struct Sql {
+    /// The migration, one statement per entry.
+    migrate: Vec<String>,
+    claim: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    extend: Arc<str>,
+    commit: Arc<str>,
+    settle: Arc<str>,
+    inspect: Arc<str>,
+    purge: Arc<str>,
+    sweep: Arc<str>,
+}
+
+impl fmt::Debug for MySqlStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &self.inner;
+        f.debug_struct("MySqlStore")
+            .field("table", &inner.config.table)
+            .field("table_valid", &inner.sql.is_ok())
+            .field("sweep_batch", &inner.config.sweep_batch)
+            .field("sweep_interval", &inner.config.sweep_interval)
+            .field("pool", &inner.config.pool)
+            .finish()
+    }
+}
+
+/// A store key longer than the table holds ([`MAX_KEY_BYTES`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the idempotency store key is {len} bytes long, more than the {MAX_KEY_BYTES} a MySQL table holds (lower the layer's max_key_len)"
+)]
+struct KeyTooLong {
+    len: usize,
+}
+
+/// Validates `name` and quotes each part; returns the quoted table and the quoted names of
+/// its claim and release procedures.
+fn quote_names(name: &str) -> Result<(String, String, String), InvalidTableName> {
+    let (schema, table) = split_table(name, MAX_NAME)?;
+    let quote = |object: &str| match schema {
+        Some(schema) => format!("`{schema}`.`{object}`"),
+        None => format!("`{object}`"),
+    };
+    Ok((
+        quote(table),
+        quote(&derived_name(table, "_claim_v1", MAX_NAME)),
+        quote(&derived_name(table, "_release_v1", MAX_NAME)),
+    ))
+}
+
+impl Sql {
+    fn new(table: &str) -> Result<Self, InvalidTableName> {
+        let (t, claim_proc, release_proc) = quote_names(table)?;
+        let now = "UTC_TIMESTAMP(6)";
+        let create_table = format!(
+            "CREATE TABLE IF NOT EXISTS {t} (\n\
+             \x20   `key`       VARBINARY({MAX_KEY_BYTES}) NOT NULL PRIMARY KEY,\n\
+             \x20   token       BINARY(16),\n\
+             \x20   fingerprint BINARY(32)  NOT NULL,\n\
+             \x20   record      LONGBLOB,\n\
+             \x20   expires_at  DATETIME(6) NOT NULL,\n\
+             \x20   contested   BOOLEAN     NOT NULL DEFAULT FALSE,\n\
+             \x20   committed   BOOLEAN     NOT NULL DEFAULT FALSE,\n\
+             \x20   lease_until DATETIME(6),\n\
+             \x20   status      SMALLINT,\n\
+             \x20   headers     JSON,\n\
+             \x20   KEY expires_at_idx (expires_at)\n\
+             ) ENGINE = InnoDB"
+        );
+        // Every UPDATE below assigns values computed from the row as it was (constants,
+        // parameters, or the column's own old value), so the order in which the server
+        // evaluates assignments does not matter.
+        let create_claim = format!(
+            "CREATE PROCEDURE IF NOT EXISTS {claim_proc}(\n\
+             \x20   IN k VARBINARY({MAX_KEY_BYTES}), IN tok BINARY(16), IN fp BINARY(32), IN lease BIGINT)\n\
+             MODIFIES SQL DATA SQL SECURITY INVOKER\n\
+             BEGIN\n\
+             \x20   DECLARE live INT;\n\
+             \x20   SELECT MAX(expires_at > {now}) INTO live FROM {t} WHERE `key` = k;\n\
+             \x20   IF live IS NULL THEN\n\
+             \x20       INSERT INTO {t} (`key`, token, fingerprint, expires_at)\n\
+             \x20       VALUES (k, tok, fp, {now} + INTERVAL lease MICROSECOND)\n\
+             \x20       ON DUPLICATE KEY UPDATE token = token;\n\
+             \x20   ELSEIF live = 0 THEN\n\
+             \x20       UPDATE {t} SET contested = TRUE,\n\
+             \x20           expires_at = {now} + INTERVAL GREATEST(lease DIV 2, 1) MICROSECOND\n\
+             \x20       WHERE `key` = k AND expires_at <= {now}\n\
+             \x20           AND token IS NOT NULL AND NOT contested AND NOT committed;\n\
+             \x20       UPDATE {t} SET token = tok, fingerprint = fp, record = NULL,\n\
+             \x20           contested = FALSE, committed = FALSE, lease_until = NULL,\n\
+             \x20           status = NULL, headers = NULL,\n\
+             \x20           expires_at = {now} + INTERVAL lease MICROSECOND\n\
+             \x20       WHERE `key` = k AND expires_at <= {now}\n\
+             \x20           AND (token IS NULL OR contested OR committed);\n\
+             \x20   END IF;\n\
+             \x20   SELECT token <=> tok, fingerprint, record,\n\
+             \x20       TIMESTAMPDIFF(MICROSECOND, {now},\n\
+             \x20           IF(committed AND record IS NULL, lease_until, expires_at)),\n\
+             \x20       committed\n\
+             \x20   FROM {t} WHERE `key` = k AND expires_at > {now};\n\
+             END"
+        );
+        let create_release = format!(
+            "CREATE PROCEDURE IF NOT EXISTS {release_proc}(\n\
+             \x20   IN k VARBINARY({MAX_KEY_BYTES}), IN tok BINARY(16))\n\
+             MODIFIES SQL DATA SQL SECURITY INVOKER\n\
+             BEGIN\n\
+             \x20   DELETE FROM {t} WHERE `key` = k AND token = tok AND NOT committed;\n\
+             \x20   IF ROW_COUNT() > 0 THEN\n\
+             \x20       SELECT 1, 0;\n\
+             \x20   ELSE\n\
+             \x20       UPDATE {t} SET lease_until = LEAST(lease_until, {now})\n\
+             \x20       WHERE `key` = k AND token = tok AND committed;\n\
+             \x20       SELECT 0, COUNT(*) FROM {t} WHERE `key` = k AND token = tok AND committed;\n\
+             \x20   END IF;\n\
+             END"
+        );
+        let complete = format!(
+            "UPDATE {t} SET token = NULL, record = ?, status = ?, headers = ?, \
+             expires_at = {now} + INTERVAL ? MICROSECOND \
+             WHERE `key` = ? AND token = ?"
+        );
+        let extend = format!(
+            "UPDATE {t} SET \
+             expires_at = IF(committed, \
+                 GREATEST(expires_at, {now} + INTERVAL ? MICROSECOND), \
+                 {now} + INTERVAL ? MICROSECOND), \
+             lease_until = IF(committed, {now} + INTERVAL ? MICROSECOND, NULL), \
+             contested = FALSE \
+             WHERE `key` = ? AND token = ?"
+        );
+        let commit = format!(
+            "UPDATE {t} SET \
+             lease_until = IF(committed, lease_until, expires_at), \
+             expires_at = GREATEST(expires_at, {now} + INTERVAL ? MICROSECOND), \
+             committed = TRUE, contested = FALSE \
+             WHERE `key` = ? AND token = ?"
+        );
+        let settle = format!(
+            "UPDATE {t} SET token = NULL, record = ?, status = ?, headers = ?, \
+             expires_at = {now} + INTERVAL ? MICROSECOND \
+             WHERE `key` = ? AND committed AND record IS NULL AND lease_until <= {now} \
+             AND expires_at > {now}"
+        );
+        let inspect = format!(
+            "SELECT record, fingerprint, committed, \
+             TIMESTAMPDIFF(MICROSECOND, {now}, expires_at), \
+             TIMESTAMPDIFF(MICROSECOND, {now}, lease_until) \
+             FROM {t} WHERE `key` = ?"
+        );
+        let purge = format!("DELETE FROM {t} WHERE `key` = ?");
+        let retention = ORPHAN_RETENTION.as_secs();
+        let sweep = format!(
+            "DELETE FROM {t} WHERE expires_at <= {now} \
+             AND (token IS NULL OR committed OR expires_at <= {now} - INTERVAL {retention} SECOND) \
+             ORDER BY expires_at LIMIT ?"
+        );
+        Ok(Self {
+            migrate: vec![create_table, create_claim, create_release],
+            claim: format!("CALL {claim_proc}(?, ?, ?, ?)").into(),
+            complete: complete.into(),
+            release: format!("CALL {release_proc}(?, ?)").into(),
+            extend: extend.into(),
+            commit: commit.into(),
+            settle: settle.into(),
+            inspect: inspect.into(),
+            purge: purge.into(),
+            sweep: sweep.into(),
+        })
+    }
+}
+
+/// The record's headers as JSON: `[[name, value], …]`, in order (values as text, non-UTF-8
+/// bytes replaced).
+fn headers_json(record: &Record) -> String {
+    fn string(out: &mut String, s: &str) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if u32::from(c) < 0x20 || c == '\u{7f}' => {
+                    out.push_str(&format!("\\u{:04x}", u32::from(c)));
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    let mut out = String::from("[");
+    for (i, (name, value)) in record.headers().iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('[');
+        string(&mut out, name.as_str());
+        out.push(',');
+        string(&mut out, &String::from_utf8_lossy(value.as_bytes()));
+        out.push(']');
+    }
+    out.push(']');
+    out
+}
+
+/// The store key's bytes, or an error when the table cannot hold them.
+fn key_bytes(key: &StoreKey) -> Result<&[u8], StoreError> {
+    let bytes = key.as_str().as_bytes();
+    if bytes.len() > MAX_KEY_BYTES {
+        return Err(StoreError::backend(KeyTooLong { len: bytes.len() }));
+    }
+    Ok(bytes)
+}
+
+/// Whether InnoDB rolled the statement back to break a deadlock (SQLSTATE 40001).
+fn is_deadlock(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "40001")
+}
+
+impl MySqlStore {
+    /// A store on `pool`, in the table `idempotency_records`, swept every 60 seconds in
+    /// batches of 1000 rows. Call [`migrate`](Self::migrate) once to create the table.
+    ///
+    /// ```no_run
+    /// use tower_idempotency::MySqlStore;
+    /// use tower_idempotency::sqlx::MySqlPool;
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MySqlStore::new(MySqlPool::connect("mysql://root@localhost/app").await?);
+    /// store.migrate().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn new(pool: MySqlPool) -> Self {
+        Self::from_config(Config {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            sweep_batch: DEFAULT_SWEEP_BATCH,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+        })
+    }
+
+    fn from_config(config: Config) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                sql: Sql::new(&config.table),
+                config,
+                sweeper_started: Arc::new(AtomicBool::new(false)),
+            }),
+        }
+    }
+
+    fn edit(self, f: impl FnOnce(&mut Config)) -> Self {
+        let mut config = self.inner.config.clone();
+        f(&mut config);
+        Self::from_config(config)
+    }
+
+    /// The table that holds the records: `name` or `database.name`, each part matching
+    /// `[A-Za-z_][A-Za-z0-9_]*` (at most 64 bytes). Default: `idempotency_records`.
+    ///
+    /// The name is quoted in every statement. Whether the server tells `Keys` from `keys`
+    /// depends on its `lower_case_table_names`. An invalid name does not panic:
+    /// [`migrate`](Self::migrate) and every operation then fail with
+    /// [`StoreError::Backend`] wrapping an [`InvalidTableName`].
+    ///
+    /// ```no_run
+    /// use tower_idempotency::MySqlStore;
+    /// use tower_idempotency::sqlx::MySqlPool;
+    ///
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = MySqlPool::connect("mysql://root@localhost/app").await?;
+    /// let store = MySqlStore::new(pool).table("billing.idempotency_keys");
+    /// store.migrate().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn table(self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.edit(|c| c.table = name)
+    }
+
+    /// How many expired rows one sweep statement deletes at most; a sweep runs statements
+    /// until one deletes fewer. Default: 1000. Zero counts as one.
+    pub fn sweep_batch(self, rows: u32) -> Self {
+        self.edit(|c| c.sweep_batch = rows.max(1))
+    }
+
+    /// How often the background task sweeps expired rows. Default: 60 seconds.
+    /// `Duration::ZERO` turns the background task off (call [`sweep`](Self::sweep) yourself,
+    /// or never: expired rows are invisible to claims anyway).
+    pub fn sweep_interval(self, interval: Duration) -> Self {
+        let interval = super::clamp_duration(interval);
+        self.edit(|c| c.sweep_interval = interval)
+    }
+
+    /// The pool the store uses.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.inner.config.pool
+    }
+
+    /// The name of the table, as given to [`table`](Self::table).
+    pub fn table_name(&self) -> &str {
+        &self.inner.config.table
+    }
+
+    /// The statements [`migrate`](Self::migrate) runs, in order, for your own migration
+    /// tool: the table, then the claim and release procedures. Run each as one statement
+    /// (a client such as `mysql` needs `DELIMITER` around the procedures), under a strict
+    /// SQL mode.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use tower_idempotency::MySqlStore;
+    /// use tower_idempotency::sqlx::mysql::MySqlPoolOptions;
+    ///
+    /// let pool = MySqlPoolOptions::new().connect_lazy("mysql://root@localhost/app").unwrap();
+    /// let sql = MySqlStore::new(pool).migration_sql().unwrap();
+    /// assert!(sql[0].starts_with("CREATE TABLE IF NOT EXISTS `idempotency_records`"));
+    /// assert!(sql[1].starts_with("CREATE PROCEDURE IF NOT EXISTS `idempotency_records_claim_v1`"));
+    /// # });
+    /// ```
+    pub fn migration_sql(&self) -> Result<Vec<String>, InvalidTableName> {
+        self.inner
+            .sql
+            .as_ref()
+            .map(|sql| sql.migrate.clone())
+            .map_err(Clone::clone)
+    }
+
+    /// Creates the table and its procedures if they do not exist (the SQL is in the
+    /// [module documentation](crate::store::mysql)). Safe to call from many instances at
+    /// once. Fails with [`StoreError::Backend`] when the table name is invalid
+    /// ([`InvalidTableName`]) or the database refuses.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        // A connection of its own: the named lock and the SQL mode are per session, and
+        // this session is closed afterwards rather than handed back to your pool.
+        let mut conn = MySqlConnection::connect_with(&self.inner.config.pool.connect_options())
+            .await
+            .map_err(StoreError::backend)?;
+        let result = async {
+            let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 60)")
+                .bind(MIGRATE_LOCK)
+                .fetch_one(&mut conn)
+                .await?;
+            if locked != Some(1) {
+                return Err(sqlx::Error::Protocol(format!(
+                    "could not take the lock {MIGRATE_LOCK} within 60 s"
+                )));
+            }
+            sqlx::query("SET SESSION sql_mode = ?")
+                .bind(PROCEDURE_SQL_MODE)
+                .execute(&mut conn)
+                .await?;
+            for statement in &sql.migrate {
+                sqlx::raw_sql(AssertSqlSafe(statement.as_str()))
+                    .execute(&mut conn)
+                    .await?;
+            }
+            Ok(())
+        }
+        .await;
+        let _ = conn.close().await;
+        result.map_err(StoreError::backend)
+    }
+
+    /// Deletes every expired row now, in batches of [`sweep_batch`](Self::sweep_batch),
+    /// and returns how many it deleted.
+    ///
+    /// The background task does this periodically; expired rows are never visible to
+    /// claims, so sweeping only reclaims space.
+    pub async fn sweep(&self) -> Result<u64, StoreError> {
+        self.inner.sweep().await
+    }
+
+    /// Declares the commit point of `claim` inside your own transaction on this store's
+    /// database, so that it holds **if and only if your transaction commits**: the key
+    /// becomes committed together with your business rows, or not at all.
+    ///
+    /// Run it in the transaction that makes the operation's effects (after its writes or
+    /// before, as long as it is the same transaction, on InnoDB tables), then commit.
+    /// Should the instance crash after the commit and before the answer is stored, a retry
+    /// never runs the operation again: it gets what the layer's recovery hook
+    /// ([`IdempotencyLayer::recover_with`](crate::IdempotencyLayer::recover_with)) rebuilds
+    /// from those rows, or `500 outcome-unknown`. Should the transaction roll back, the
+    /// mark rolls back with it and a retry runs normally.
+    ///
+    /// [`StoreError::LeaseLost`] means the key is no longer this request's (its lease lapsed
+    /// and another request took it over): roll back. The statement locks the row until your
+    /// transaction ends, so keep the transaction short (the lease keeper's renewals wait for
+    /// it).
+    ///
+    /// `claim` must come from a layer on this store (the same table).
+    ///
+    /// ```no_run
+    /// use tower_idempotency::{IdempotencyClaim, MySqlStore};
+    /// use tower_idempotency::sqlx::{self, MySqlPool};
+    ///
+    /// async fn pay(pool: &MySqlPool, store: &MySqlStore, claim: &IdempotencyClaim)
+    ///     -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+    ///     let mut tx = pool.begin().await?;
+    ///     let id = sqlx::query(
+    ///         "INSERT INTO payments (scope, idempotency_key, amount) VALUES (?, ?, 100)",
+    ///     )
+    ///     .bind(claim.scope())
+    ///     .bind(claim.key())
+    ///     .execute(&mut *tx)
+    ///     .await?
+    ///     .last_insert_id();
+    ///     store.commit_in(&mut *tx, claim).await?;
+    ///     tx.commit().await?;
+    ///     Ok(id)
+    /// }
+    /// ```
+    pub async fn commit_in<'c, E>(
+        &self,
+        executor: E,
+        claim: &crate::IdempotencyClaim,
+    ) -> Result<(), StoreError>
+    where
+        E: sqlx::Executor<'c, Database = sqlx::MySql>,
+    {
+        let sql = self.inner.sql()?;
+        let done = sqlx::query(AssertSqlSafe(Arc::clone(&sql.commit)))
+            .bind(micros(claim.ttl()))
+            .bind(key_bytes(claim.store_key())?)
+            .bind(&claim.token().to_bytes()[..])
+            .execute(executor)
+            .await
+            .map_err(StoreError::backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::LeaseLost);
+        }
+        claim.committed_in_transaction();
+        Ok(())
+    }
+
+    fn ensure_sweeper(&self) {
+        let interval = self.inner.config.sweep_interval;
+        if interval.is_zero() {
+            return;
+        }
+        crate::periodic::ensure_running(
+            &self.inner.sweeper_started,
+            &self.inner,
+            interval,
+            |inner| async move { super::sql::log_sweep(inner.sweep().await) },
+        );
+    }
+
+    /// One call of the claim procedure: the row it found, if any.
+    async fn claim_once(
+        &self,
+        sql: &Sql,
+        key: &[u8],
+        token: LeaseToken,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Option<MySqlRow>, sqlx::Error> {
+        sqlx::query(AssertSqlSafe(Arc::clone(&sql.claim)))
+            .bind(key)
+            .bind(&token.to_bytes()[..])
+            .bind(&fingerprint.as_bytes()[..])
+            .bind(micros(lease))
+            .fetch_optional(&self.inner.config.pool)
+            .await
+    }
+
+    async fn fenced(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::MySql, sqlx::mysql::MySqlArguments>,
+    ) -> Result<(), StoreError> {
+        let done = query
+            .execute(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if done.rows_affected() == 0 {
+            Err(StoreError::LeaseLost)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn read_claim(row: &MySqlRow, token: LeaseToken) -> Result<Claim, StoreError> {
+    ClaimRow {
+        acquired: row.try_get(0).map_err(StoreError::backend)?,
+        fingerprint: row.try_get(1).map_err(StoreError::backend)?,
+        record: row.try_get(2).map_err(StoreError::backend)?,
+        rest: row.try_get(3).map_err(StoreError::backend)?,
+        committed: row.try_get(4).map_err(StoreError::backend)?,
+    }
+    .into_claim(token)
+}
+
+/// Reads a row of the inspect statement.
+fn read_state(row: &MySqlRow) -> Result<KeyState, StoreError> {
+    StateRow {
+        record: row.try_get(0).map_err(StoreError::backend)?,
+        fingerprint: row.try_get(1).map_err(StoreError::backend)?,
+        committed: row.try_get(2).map_err(StoreError::backend)?,
+        expires: row.try_get(3).map_err(StoreError::backend)?,
+        lease: row.try_get(4).map_err(StoreError::backend)?,
+    }
+    .into_state()
+}
+
+impl Inner {
+    fn sql(&self) -> Result<&Sql, StoreError> {
+        self.sql
+            .as_ref()
+            .map_err(|err| StoreError::backend(err.clone()))
+    }
+
+    async fn sweep(&self) -> Result<u64, StoreError> {
+        let sql = self.sql()?;
+        let batch = self.config.sweep_batch;
+        super::sql::sweep_in_batches(batch, || async {
+            Ok(sqlx::query(AssertSqlSafe(Arc::clone(&sql.sweep)))
+                .bind(batch)
+                .execute(&self.config.pool)
+                .await
+                .map_err(StoreError::backend)?
+                .rows_affected())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl IdempotencyStore for MySqlStore {
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.ensure_sweeper();
+        let sql = self.inner.sql()?;
+        let key_bytes = key_bytes(key)?;
+        for _ in 0..CLAIM_ATTEMPTS {
+            match self
+                .claim_once(sql, key_bytes, token, fingerprint, lease)
+                .await
+            {
+                Ok(Some(row)) => return read_claim(&row, token),
+                // The row went away between the procedure's steps, or InnoDB broke a
+                // deadlock by rolling this call back: run it again.
+                Ok(None) => {}
+                Err(err) if is_deadlock(&err) => {}
+                Err(err) => return Err(StoreError::backend(err)),
+            }
+            tracing::debug!(key = %key, "idempotency claim lost a race; running it again");
+        }
+        Err(StoreError::backend(ClaimContention))
+    }
+
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        self.fenced(
+            sqlx::query(AssertSqlSafe(Arc::clone(&sql.complete)))
+                .bind(record.encode())
+                .bind(record.status().as_u16() as i16)
+                .bind(headers_json(&record))
+                .bind(micros(ttl))
+                .bind(key_bytes(key)?)
+                .bind(&token.to_bytes()[..]),
+        )
+        .await
+    }
+
+    async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        let (gone, kept): (i64, i64) = sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.release)))
+            .bind(key_bytes(key)?)
+            .bind(&token.to_bytes()[..])
+            .fetch_one(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        match (gone, kept) {
+            (0, 0) => Err(StoreError::LeaseLost),
+            (0, _) => Err(StoreError::Committed),
+            _ => Ok(()),
+        }
+    }
+
+    async fn commit(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        self.fenced(
+            sqlx::query(AssertSqlSafe(Arc::clone(&sql.commit)))
+                .bind(micros(ttl))
+                .bind(key_bytes(key)?)
+                .bind(&token.to_bytes()[..]),
+        )
+        .await
+    }
+
+    async fn settle(
+        &self,
+        key: &StoreKey,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let sql = self.inner.sql()?;
+        let done = sqlx::query(AssertSqlSafe(Arc::clone(&sql.settle)))
+            .bind(record.encode())
+            .bind(record.status().as_u16() as i16)
+            .bind(headers_json(&record))
+            .bind(micros(ttl))
+            .bind(key_bytes(key)?)
+            .execute(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        let sql = self.inner.sql()?;
+        let row = sqlx::query(AssertSqlSafe(Arc::clone(&sql.inspect)))
+            .bind(key_bytes(key)?)
+            .fetch_optional(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        match row {
+            Some(row) => read_state(&row),
+            None => Ok(KeyState::Free),
+        }
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let sql = self.inner.sql()?;
+        let done = sqlx::query(AssertSqlSafe(Arc::clone(&sql.purge)))
+            .bind(key_bytes(key)?)
+            .execute(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "mysql"
+    }
+
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        let lease = micros(lease);
+        self.fenced(
+            sqlx::query(AssertSqlSafe(Arc::clone(&sql.extend)))
+                .bind(lease)
+                .bind(lease)
+                .bind(lease)
+                .bind(key_bytes(key)?)
+                .bind(&token.to_bytes()[..]),
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::{HeaderMap, HeaderValue, StatusCode};
+
+    #[test]
+    fn names_are_quoted_with_backticks_and_procedures_follow_the_table() {
+        let (t, claim, release) = quote_names("idempotency_records").unwrap();
+        assert_eq!(t, "`idempotency_records`");
+        assert_eq!(claim, "`idempotency_records_claim_v1`");
+        assert_eq!(release, "`idempotency_records_release_v1`");
+        let (t, claim, _) = quote_names("app.keys").unwrap();
+        assert_eq!(t, "`app`.`keys`");
+        assert_eq!(claim, "`app`.`keys_claim_v1`");
+        for bad in ["a`b", "a.b.c", "", "1x", &"x".repeat(65)] {
+            assert!(quote_names(bad).is_err(), "{bad:?}");
+        }
+        // A 64-byte table name still gives procedure names within 64 bytes, and distinct.
+        let (_, a, _) = quote_names(&format!("{}a", "x".repeat(63))).unwrap();
+        let (_, b, _) = quote_names(&format!("{}b", "x".repeat(63))).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64 + 2);
+    }
+
+    #[test]
+    fn headers_are_written_as_a_json_array_of_pairs() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        headers.append(
+            "x-note",
+            HeaderValue::from_static("say \"hi\" \\ now\tplease"),
+        );
+        headers.append(
+            "x-raw",
+            HeaderValue::from_bytes(b"caf\xe9").expect("obs-text is a valid value"),
+        );
+        let record = Record::new(StatusCode::CREATED, headers, Bytes::new(), None);
+        assert_eq!(
+            headers_json(&record),
+            "[[\"content-type\",\"text/plain\"],\
+             [\"x-note\",\"say \\\"hi\\\" \\\\ now\\u0009please\"],\
+             [\"x-raw\",\"caf\u{fffd}\"]]"
+        );
+        let empty = Record::new(StatusCode::OK, HeaderMap::new(), Bytes::new(), None);
+        assert_eq!(headers_json(&empty), "[]");
+    }
+
+    #[test]
+    fn keys_longer_than_the_table_holds_are_refused() {
+        let scope = crate::Scope::anonymous();
+        let fits = StoreKey::new(&scope, &"k".repeat(MAX_KEY_BYTES - 5));
+        assert_eq!(fits.as_str().len(), MAX_KEY_BYTES);
+        assert!(key_bytes(&fits).is_ok());
+        let long = StoreKey::new(&scope, &"k".repeat(MAX_KEY_BYTES - 4));
+        match key_bytes(&long) {
+            Err(StoreError::Backend(err)) => {
+                assert!(err.to_string().contains("3073 bytes"), "{err}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+}

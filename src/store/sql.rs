@@ -1,0 +1,270 @@
+//! What the SQL stores share: table names, durations in microseconds, the sweep loop, and
+//! turning the values of a row into a [`Claim`] or a [`KeyState`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Claim, KeyState, LeaseToken, ORPHAN_RETENTION, StoreError};
+use crate::fingerprint::Fingerprint;
+use crate::record::{DecodeError, Record};
+
+/// A table name that is not `name` or `schema.name`, each part matching
+/// `[A-Za-z_][A-Za-z0-9_]*` and no longer than the database allows (63 bytes on
+/// PostgreSQL, 64 on MySQL and MariaDB).
+///
+/// The stores' `table` setters do not panic on a bad name: the store keeps it, and
+/// `migrate` and every operation then fail with [`StoreError::Backend`] wrapping this
+/// error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid idempotency table name {name:?}: expected `name` or `schema.name` of [A-Za-z_][A-Za-z0-9_]* (at most {max} bytes each)"
+)]
+pub struct InvalidTableName {
+    name: String,
+    max: usize,
+}
+
+impl InvalidTableName {
+    /// The name that was refused.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Splits a valid table name into its schema (if any) and table parts, each at most `max`
+/// bytes of `[A-Za-z_][A-Za-z0-9_]*`.
+pub(crate) fn split_table(
+    name: &str,
+    max: usize,
+) -> Result<(Option<&str>, &str), InvalidTableName> {
+    let valid_part = |part: &str| {
+        let mut bytes = part.bytes();
+        matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && part.len() <= max
+    };
+    let (schema, table) = match name.split_once('.') {
+        Some((schema, table)) => (Some(schema), table),
+        None => (None, name),
+    };
+    if !valid_part(table) || !schema.is_none_or(valid_part) {
+        return Err(InvalidTableName {
+            name: name.to_owned(),
+            max,
+        });
+    }
+    Ok((schema, table))
+}
+
+/// `{stem}{suffix}`, or, when that passes `max` bytes, `stem` cut short and followed by `_`
+/// and eight hex digits of its SHA-256: two long stems that share a prefix still give two
+/// names. `stem` is ASCII (a checked table name).
+pub(crate) fn derived_name(stem: &str, suffix: &str, max: usize) -> String {
+    use sha2::Digest as _;
+    if stem.len() + suffix.len() <= max {
+        return format!("{stem}{suffix}");
+    }
+    let digest = sha2::Sha256::digest(stem.as_bytes());
+    let hash: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let cut = &stem[..max - suffix.len() - 1 - hash.len()];
+    format!("{cut}_{hash}{suffix}")
+}
+
+/// Durations are capped at [`MAX_DURATION`](super::MAX_DURATION), as on every store, far
+/// inside both databases' time ranges.
+const MAX_MICROS: u128 = super::MAX_DURATION.as_secs() as u128 * 1_000_000;
+
+/// `d` in microseconds, capped at [`MAX_DURATION`](super::MAX_DURATION).
+pub(crate) fn micros(d: Duration) -> i64 {
+    // Capped well below i64::MAX, so the cast is lossless.
+    d.as_micros().min(MAX_MICROS) as i64
+}
+
+/// How often a claim that lost a race to a concurrent one is run again before giving up.
+pub(crate) const CLAIM_ATTEMPTS: usize = 16;
+
+/// A claim ran again and again and always lost a race to concurrent claims.
+#[derive(Debug, thiserror::Error)]
+#[error("the claim of an idempotency key kept losing races to concurrent claims")]
+pub(crate) struct ClaimContention;
+
+/// What a claim statement read: whether it took the key, and the row it found.
+pub(crate) struct ClaimRow {
+    pub(crate) acquired: bool,
+    pub(crate) fingerprint: Vec<u8>,
+    pub(crate) record: Option<Vec<u8>>,
+    /// Microseconds until the lease ends (a committed claim: its `lease_until`).
+    pub(crate) rest: Option<i64>,
+    pub(crate) committed: bool,
+}
+
+impl ClaimRow {
+    pub(crate) fn into_claim(self, token: LeaseToken) -> Result<Claim, StoreError> {
+        if self.acquired {
+            return Ok(Claim::Acquired(token));
+        }
+        if let Some(bytes) = self.record {
+            let record = Record::decode(&bytes).map_err(StoreError::Decode)?;
+            return Ok(Claim::Completed(Arc::new(record)));
+        }
+        let fingerprint = fingerprint_of(self.fingerprint)?;
+        if self.committed && self.rest.is_none_or(|us| us <= 0) {
+            return Ok(Claim::OutcomeUnknown { fingerprint });
+        }
+        Ok(Claim::InFlight {
+            fingerprint,
+            lease_remaining: self.rest.map(|us| Duration::from_micros(us.max(0) as u64)),
+        })
+    }
+}
+
+/// What an inspect statement read of a row.
+pub(crate) struct StateRow {
+    pub(crate) record: Option<Vec<u8>>,
+    pub(crate) fingerprint: Vec<u8>,
+    pub(crate) committed: bool,
+    /// Microseconds until `expires_at` (negative once past).
+    pub(crate) expires: Option<i64>,
+    /// Microseconds until `lease_until`.
+    pub(crate) lease: Option<i64>,
+}
+
+impl StateRow {
+    pub(crate) fn into_state(self) -> Result<KeyState, StoreError> {
+        let expires_in = micros_left(self.expires);
+        if let Some(bytes) = self.record {
+            return Ok(match expires_in {
+                Some(_) => KeyState::Completed {
+                    record: Arc::new(Record::decode(&bytes).map_err(StoreError::Decode)?),
+                    expires_in,
+                },
+                None => KeyState::Free,
+            });
+        }
+        let fingerprint = fingerprint_of(self.fingerprint)?;
+        if self.committed {
+            return Ok(match (expires_in, micros_left(self.lease)) {
+                (None, _) => KeyState::Free,
+                (Some(_), None) => KeyState::OutcomeUnknown {
+                    fingerprint,
+                    expires_in,
+                },
+                (Some(_), Some(lease_remaining)) => KeyState::InFlight {
+                    fingerprint,
+                    lease_remaining,
+                    committed: true,
+                },
+            });
+        }
+        // A lapsed claim nobody took over is kept for its owner (ORPHAN_RETENTION).
+        if self
+            .expires
+            .is_some_and(|us| us <= -(ORPHAN_RETENTION.as_micros() as i64))
+        {
+            return Ok(KeyState::Free);
+        }
+        Ok(KeyState::InFlight {
+            fingerprint,
+            lease_remaining: expires_in.unwrap_or(Duration::ZERO),
+            committed: false,
+        })
+    }
+}
+
+fn fingerprint_of(bytes: Vec<u8>) -> Result<Fingerprint, StoreError> {
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Decode(DecodeError::Invalid("fingerprint")))?;
+    Ok(Fingerprint::from_bytes(bytes))
+}
+
+fn micros_left(us: Option<i64>) -> Option<Duration> {
+    us.filter(|us| *us > 0)
+        .map(|us| Duration::from_micros(us.unsigned_abs()))
+}
+
+/// Runs `batch` (one statement that deletes at most `size` rows, and says how many it
+/// deleted) until it deletes fewer; returns the total.
+pub(crate) async fn sweep_in_batches<F, Fut>(size: u32, mut batch: F) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let deleted = batch().await?;
+        total += deleted;
+        if deleted < u64::from(size) {
+            return Ok(total);
+        }
+    }
+}
+
+/// Logs the result of a background sweep.
+pub(crate) fn log_sweep(result: Result<u64, StoreError>) {
+    match result {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(rows = n, "swept expired idempotency records"),
+        Err(err) => tracing::warn!(
+            error = &err as &dyn std::error::Error,
+            "idempotency sweep failed"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_validated() {
+        assert_eq!(split_table("records", 63), Ok((None, "records")));
+        assert_eq!(split_table("app.Keys_1", 63), Ok((Some("app"), "Keys_1")));
+        assert_eq!(split_table("_x", 63), Ok((None, "_x")));
+        for bad in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "1abc",
+            "a-b",
+            "a.b.c",
+            "a\"b",
+            "a`b",
+            "a;drop table x",
+            "tâble",
+            &"x".repeat(64),
+        ] {
+            assert_eq!(
+                split_table(bad, 63),
+                Err(InvalidTableName {
+                    name: bad.to_owned(),
+                    max: 63
+                }),
+                "{bad:?}"
+            );
+        }
+        assert!(split_table(&"x".repeat(64), 64).is_ok());
+        let err = split_table("a-b", 64).unwrap_err();
+        assert!(err.to_string().contains("at most 64 bytes"), "{err}");
+    }
+
+    #[test]
+    fn long_derived_names_sharing_a_prefix_stay_distinct() {
+        assert_eq!(derived_name("t", "_claim", 64), "t_claim");
+        let prefix = "orders_idempotency_records_for_the_billing_servi"; // 48 bytes
+        let a = derived_name(&format!("{prefix}ce_a"), "_expires_at_idx", 63);
+        let b = derived_name(&format!("{prefix}ce_b"), "_expires_at_idx", 63);
+        assert_ne!(a, b);
+        for name in [&a, &b] {
+            assert_eq!(name.len(), 63, "{name}");
+            assert!(name.starts_with(&prefix[..30]) && name.ends_with("_expires_at_idx"));
+        }
+    }
+
+    #[test]
+    fn durations_are_capped() {
+        assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
+        assert_eq!(micros(Duration::MAX), MAX_MICROS as i64);
+    }
+}
