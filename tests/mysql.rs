@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, ServiceExt};
 use tower_idempotency::sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlSslMode};
-use tower_idempotency::sqlx::{self, Executor, MySqlPool};
+use tower_idempotency::sqlx::{self, MySqlPool};
 use tower_idempotency::{
     Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, KeyState, LeaseToken, MySqlStore,
     Record, Scope, StoreError, StoreKey,
@@ -59,6 +59,7 @@ tower_idempotency::store_conformance_tests!(mysql_store, make_store);
 /// every statement must mean the same under both.
 #[cfg(feature = "conformance")]
 async fn make_simultaneous_store() -> Option<MySqlStore> {
+    use tower_idempotency::sqlx::Executor;
     let url = mysql_url()?;
     let pool = MySqlPoolOptions::new()
         .max_connections(16)
