@@ -9,8 +9,8 @@
 //! Environment:
 //! - `LISTEN_ADDR` (default `127.0.0.1:3000`): where to listen;
 //! - `IDEMPOTENCY_STORE` (default `memory`): `memory`, `redis://…` (feature `redis`),
-//!   `redis-cluster://host:port[,host:port…]` (any nodes of a Redis Cluster; feature `redis`)
-//!   or `postgres://…` (feature `postgres`);
+//!   `redis-cluster://host:port[,host:port…]` (any nodes of a Redis Cluster; feature `redis`),
+//!   `postgres://…` (feature `postgres`) or `mysql://…` (MySQL or MariaDB; feature `mysql`);
 //! - `IDEMPOTENCY_ON_IN_FLIGHT` (default `reject`): `reject` answers 409 to a duplicate
 //!   that arrives while the first request runs, `wait` makes it wait for the result
 //!   (`IDEMPOTENCY_WAIT_MS`, default 10000);
@@ -29,9 +29,10 @@
 //! then waits (up to 10 s) for the work the layer finishes in the background, so that no
 //! stored outcome is lost at shutdown.
 //!
-//! **Exactly once.** `POST /orders` declares its commit point: on PostgreSQL inside the
-//! transaction that inserts the order (the orders live in the table `demo_orders`, so two
-//! demos on one database list the same orders), elsewhere just before the order is kept. A
+//! **Exactly once.** `POST /orders` declares its commit point: on PostgreSQL, MySQL and
+//! MariaDB inside the transaction that inserts the order (the orders live in the table
+//! `demo_orders`, so two demos on one database list the same orders), elsewhere just before
+//! the order is kept. A
 //! recovery hook rebuilds the answer of a committed order whose answer was never stored,
 //! from the order made under the key. To see it by hand:
 //!
@@ -85,6 +86,9 @@ pub enum OrderBook {
     /// In the table `demo_orders` of the store's database (feature `postgres`).
     #[cfg(feature = "postgres")]
     Postgres(tower_idempotency::PostgresStore),
+    /// In the table `demo_orders` of the store's database (feature `mysql`).
+    #[cfg(feature = "mysql")]
+    MySql(tower_idempotency::MySqlStore),
 }
 
 impl OrderBook {
@@ -105,6 +109,16 @@ impl OrderBook {
             #[cfg(feature = "postgres")]
             Self::Postgres(store) => tower_idempotency::sqlx::query_as::<_, (String, String, i64)>(
                 "SELECT id, item, amount FROM demo_orders WHERE scope = $1 AND idem_key = $2",
+            )
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(store.pool())
+            .await
+            .map(|row| row.map(|(id, item, amount)| Order { id, item, amount }))
+            .map_err(|e| e.to_string()),
+            #[cfg(feature = "mysql")]
+            Self::MySql(store) => tower_idempotency::sqlx::query_as::<_, (String, String, i64)>(
+                "SELECT id, item, amount FROM demo_orders WHERE scope = ? AND idem_key = ?",
             )
             .bind(scope)
             .bind(key)
@@ -135,11 +149,23 @@ impl OrderBook {
                     .collect()
             })
             .map_err(|e| e.to_string()),
+            #[cfg(feature = "mysql")]
+            Self::MySql(store) => tower_idempotency::sqlx::query_as::<_, (String, String, i64)>(
+                "SELECT id, item, amount FROM demo_orders ORDER BY created_at, id",
+            )
+            .fetch_all(store.pool())
+            .await
+            .map(|rows| {
+                rows.into_iter()
+                    .map(|(id, item, amount)| Order { id, item, amount })
+                    .collect()
+            })
+            .map_err(|e| e.to_string()),
         }
     }
 
     /// Keeps `order`, made under `claim` (if the layer is on), declaring the commit point
-    /// with it: in the same transaction on PostgreSQL, just before elsewhere.
+    /// with it: in the same transaction on PostgreSQL and MySQL, just before elsewhere.
     async fn create(&self, claim: Option<&IdempotencyClaim>, order: &Order) -> Result<(), String> {
         let (scope, key) = claim.map_or(("", ""), |c| (c.scope(), c.key()));
         match self {
@@ -161,6 +187,30 @@ impl OrderBook {
                 tower_idempotency::sqlx::query(
                     "INSERT INTO demo_orders (id, item, amount, scope, idem_key) \
                      VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&order.id)
+                .bind(&order.item)
+                .bind(order.amount)
+                .bind(scope)
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail)?;
+                if let Some(claim) = claim {
+                    store
+                        .commit_in(&mut *tx, claim)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                tx.commit().await.map_err(fail)
+            }
+            #[cfg(feature = "mysql")]
+            Self::MySql(store) => {
+                let fail = |e: tower_idempotency::sqlx::Error| e.to_string();
+                let mut tx = store.pool().begin().await.map_err(fail)?;
+                tower_idempotency::sqlx::query(
+                    "INSERT INTO demo_orders (id, item, amount, scope, idem_key) \
+                     VALUES (?, ?, ?, ?, ?)",
                 )
                 .bind(&order.id)
                 .bind(&order.item)
@@ -293,9 +343,12 @@ pub async fn open_store(url: &str) -> Result<Backend, String> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         return open_postgres(url).await;
     }
+    if url.starts_with("mysql://") {
+        return open_mysql(url).await;
+    }
     Err(format!(
-        "IDEMPOTENCY_STORE must be `memory`, `redis://…`, `redis-cluster://host:port,…` or \
-         `postgres://…`, not {url:?}"
+        "IDEMPOTENCY_STORE must be `memory`, `redis://…`, `redis-cluster://host:port,…`, \
+         `postgres://…` or `mysql://…`, not {url:?}"
     ))
 }
 
@@ -355,6 +408,34 @@ async fn open_postgres(url: &str) -> Result<Backend, String> {
 #[cfg(not(feature = "postgres"))]
 async fn open_postgres(_url: &str) -> Result<Backend, String> {
     Err("this build has no PostgreSQL store: run with `--features postgres`".to_owned())
+}
+
+#[cfg(feature = "mysql")]
+async fn open_mysql(url: &str) -> Result<Backend, String> {
+    let pool = tower_idempotency::sqlx::MySqlPool::connect(url)
+        .await
+        .map_err(|e| format!("cannot connect to MySQL at {url}: {e}"))?;
+    let store = tower_idempotency::MySqlStore::new(pool.clone());
+    store
+        .migrate()
+        .await
+        .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
+    tower_idempotency::sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS demo_orders (id VARCHAR(64) PRIMARY KEY, \
+         item TEXT NOT NULL, amount BIGINT NOT NULL, scope VARCHAR(64) NOT NULL, \
+         idem_key VARBINARY(1024) NOT NULL, \
+         created_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
+         KEY by_key (scope, idem_key)) ENGINE = InnoDB",
+    )
+    .execute(&pool)
+    .await
+    .map_err(|e| format!("cannot create the demo_orders table: {e}"))?;
+    Ok((Arc::new(store.clone()), OrderBook::MySql(store)))
+}
+
+#[cfg(not(feature = "mysql"))]
+async fn open_mysql(_url: &str) -> Result<Backend, String> {
+    Err("this build has no MySQL store: run with `--features mysql`".to_owned())
 }
 
 /// The demo application: `POST /orders` (key required), `GET /orders`, `GET /orders/{id}`.

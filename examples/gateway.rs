@@ -15,9 +15,9 @@
 //! - `UPSTREAM_URL` (required): the service behind, `http://host:port` (a path prefix is kept:
 //!   `http://host:port/api` forwards `/payments` to `/api/payments`);
 //! - `IDEMPOTENCY_STORE` (default `memory`): `memory`, `redis://…`,
-//!   `redis-cluster://host:port[,host:port…]` (feature `redis`) or `postgres://…` (feature
-//!   `postgres`), as in the orders demo; several gateways share a
-//!   Redis or PostgreSQL store;
+//!   `redis-cluster://host:port[,host:port…]` (feature `redis`), `postgres://…` (feature
+//!   `postgres`) or `mysql://…` (feature `mysql`), as in the orders demo; several gateways
+//!   share a Redis, PostgreSQL or MySQL store;
 //! - `IDEMPOTENCY_ASSIGN_KEY` (default off): `1` gives a request without a key one of its own
 //!   (echoed in the response's `Idempotency-Key` header), instead of refusing it with `400`;
 //! - `IDEMPOTENCY_SCOPE_HEADER` and `IDEMPOTENCY_SCOPE_SECRET`: keep the keys of callers apart by
@@ -52,7 +52,7 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// The service behind.
     pub upstream: Uri,
-    /// `memory`, `redis://…` or `postgres://…`.
+    /// `memory`, `redis://…`, `redis-cluster://…`, `postgres://…` or `mysql://…`.
     pub store: String,
     /// Give a request without a key one of its own.
     pub assign_key: bool,
@@ -167,8 +167,25 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> 
             "this build has no PostgreSQL store: run with `--features postgres`".to_owned(),
         );
     }
+    if url.starts_with("mysql://") {
+        #[cfg(feature = "mysql")]
+        {
+            let pool = tower_idempotency::sqlx::MySqlPool::connect(url)
+                .await
+                .map_err(|e| format!("cannot connect to MySQL at {url}: {e}"))?;
+            let store = tower_idempotency::MySqlStore::new(pool);
+            store
+                .migrate()
+                .await
+                .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
+            return Ok(Arc::new(store));
+        }
+        #[cfg(not(feature = "mysql"))]
+        return Err("this build has no MySQL store: run with `--features mysql`".to_owned());
+    }
     Err(format!(
-        "IDEMPOTENCY_STORE must be `memory`, `redis://…` or `postgres://…`, not {url:?}"
+        "IDEMPOTENCY_STORE must be `memory`, `redis://…`, `redis-cluster://…`, `postgres://…` \
+         or `mysql://…`, not {url:?}"
     ))
 }
 

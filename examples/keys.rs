@@ -1,9 +1,9 @@
-//! `keys`: inspect, purge and settle idempotency keys on Redis or PostgreSQL.
+//! `keys`: inspect, purge and settle idempotency keys on Redis, PostgreSQL or MySQL.
 //!
 //! ```text
-//! cargo run --example keys --features redis,postgres -- STORE COMMAND KEY [OPTIONS]
+//! cargo run --example keys --features redis,postgres,mysql -- STORE COMMAND KEY [OPTIONS]
 //!
-//! STORE     redis://host:port[/db] or postgres://user@host/db
+//! STORE     redis://host:port[/db], postgres://user@host/db or mysql://user@host/db
 //! COMMAND   inspect             what the store holds under the key
 //!           purge               remove it (a retry then runs the operation again!)
 //!           settle              give a key whose outcome is unknown its answer:
@@ -11,9 +11,9 @@
 //! KEY       the client's key, in the shared scope (`anon`), or with
 //!           --principal ID      in the scope of an authenticated principal (`user:42`), or
 //!           --stored SCOPE:KEY  as the store keeps it (a Redis key without its prefix,
-//!                               the `key` column of the PostgreSQL table)
+//!                               the `key` column of the SQL table)
 //! OPTIONS   --prefix P          the Redis key prefix (default `idempotency:`)
-//!           --table T           the PostgreSQL table (default `idempotency_records`)
+//!           --table T           the SQL table (default `idempotency_records`)
 //!           --ttl SECONDS       how long a settled answer is kept (default 86400)
 //! ```
 //!
@@ -25,7 +25,8 @@
 //!     settle crash-1 --status 201 --header 'content-type: application/json' --body '{"id":"…"}'
 //! ```
 //!
-//! On PostgreSQL the table's `status` and `headers` columns can be read in SQL too.
+//! On PostgreSQL and MySQL the table's `status` and `headers` columns can be read in SQL
+//! too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -161,8 +162,24 @@ async fn open(args: &Args) -> Result<Arc<dyn IdempotencyStore>, String> {
         #[cfg(not(feature = "postgres"))]
         return Err("this build has no PostgreSQL store: add `--features postgres`".to_owned());
     }
+    if url.starts_with("mysql://") {
+        #[cfg(feature = "mysql")]
+        {
+            let pool = tower_idempotency::sqlx::MySqlPool::connect(url)
+                .await
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            let store = tower_idempotency::MySqlStore::new(pool).sweep_interval(Duration::ZERO);
+            let store = match &args.table {
+                Some(table) => store.table(table.clone()),
+                None => store,
+            };
+            return Ok(Arc::new(store));
+        }
+        #[cfg(not(feature = "mysql"))]
+        return Err("this build has no MySQL store: add `--features mysql`".to_owned());
+    }
     Err(format!(
-        "STORE must be redis://… or postgres://…, not {url:?}"
+        "STORE must be redis://…, postgres://… or mysql://…, not {url:?}"
     ))
 }
 

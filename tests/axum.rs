@@ -263,6 +263,45 @@ async fn demo_in_flight_reject_and_wait() {
 async fn demo_settings_come_from_the_environment() {
     // Only checks parsing of values; the variables are not set in the test environment.
     assert!(demo::open_store("memory").await.is_ok());
-    let err = demo::open_store("mysql://x").await.err().unwrap();
+    let err = demo::open_store("mongodb://x").await.err().unwrap();
     assert!(err.contains("IDEMPOTENCY_STORE"), "{err}");
+}
+
+/// The demo on MySQL or MariaDB (`IDEMPOTENCY_STORE=mysql://…`): an order is made once
+/// under its key, in the table `demo_orders` beside the store's table, and its retry is
+/// replayed; the recovery hook finds it by its key. Needs `MYSQL_URL`.
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn the_demo_keeps_its_orders_in_mysql() {
+    let Some(url) = std::env::var("MYSQL_URL").ok().filter(|u| !u.is_empty()) else {
+        println!("skipped: MYSQL_URL not set");
+        return;
+    };
+    let (store, orders) = demo::open_store(&url).await.expect("the demo opens MySQL");
+    let layer = IdempotencyLayer::new(store).share_keys_across_callers();
+    let app = demo::app_on(orders.clone(), Some(layer), Duration::ZERO, Duration::ZERO);
+    let key = format!("demo-{}", uuid::Uuid::new_v4());
+    let body = r#"{"item":"book","amount":12}"#;
+    let first = call(&app, post_req(Some(&key), body)).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    let retry = call(&app, post_req(Some(&key), body)).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    let id = first.json()["id"].as_str().expect("an id").to_owned();
+    let found = orders
+        .find(tower_idempotency::Scope::anonymous().as_str(), &key)
+        .await
+        .expect("read demo_orders")
+        .expect("the order is found by its key");
+    assert_eq!(found.id, id);
+    let listed = call(&app, Request::get("/orders").body(Body::empty()).unwrap()).await;
+    let listed = listed.json();
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|o| o["id"].as_str())
+        .filter(|o| *o == id)
+        .collect();
+    assert_eq!(ids, [id.as_str()], "one order under the key");
 }

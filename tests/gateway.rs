@@ -73,10 +73,14 @@ async fn upstream(state: Upstream) -> SocketAddr {
 }
 
 async fn gateway(upstream: SocketAddr, assign_key: bool) -> SocketAddr {
+    gateway_on(upstream, assign_key, "memory").await
+}
+
+async fn gateway_on(upstream: SocketAddr, assign_key: bool, store: &str) -> SocketAddr {
     let settings = gateway::Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         upstream: format!("http://{upstream}/api").parse().unwrap(),
-        store: "memory".to_owned(),
+        store: store.to_owned(),
         assign_key,
         scope: None,
         lease: Duration::from_secs(5),
@@ -236,4 +240,30 @@ async fn an_unreachable_upstream_is_502_and_not_kept() {
             "a 502 is not replayed"
         );
     }
+}
+
+/// Two gateways on one MySQL store (`IDEMPOTENCY_STORE=mysql://…`) in front of one
+/// upstream: a key sent to both runs upstream once, and the second gateway replays the
+/// first one's answer. Needs `MYSQL_URL`.
+#[cfg(feature = "mysql")]
+#[tokio::test]
+async fn two_gateways_on_mysql_share_their_keys() {
+    let Some(url) = std::env::var("MYSQL_URL").ok().filter(|u| !u.is_empty()) else {
+        println!("skipped: MYSQL_URL not set");
+        return;
+    };
+    let state = Upstream::default();
+    let up = upstream(state.clone()).await;
+    let (a, b) = (
+        gateway_on(up, false, &url).await,
+        gateway_on(up, false, &url).await,
+    );
+    let key = format!("pay-{}", uuid::Uuid::new_v4());
+    let first = send("POST", format!("http://{a}/payments"), Some(&key), "{}").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
+    let retry = send("POST", format!("http://{b}/payments"), Some(&key), "{}").await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.headers["idempotent-replayed"], "true");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(state.runs.load(Ordering::SeqCst), 1);
 }

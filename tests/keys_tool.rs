@@ -1,8 +1,8 @@
-//! The `keys` example (inspect, purge, settle) against Redis and PostgreSQL: a committed key
-//! whose outcome is unknown is inspected, settled by hand, and then replayed.
+//! The `keys` example (inspect, purge, settle) against Redis, PostgreSQL and MySQL: a
+//! committed key whose outcome is unknown is inspected, settled by hand, and then replayed.
 //!
-//! Needs `REDIS_URL` / `DATABASE_URL`; says it was skipped without them.
-#![cfg(all(feature = "redis", feature = "postgres"))]
+//! Needs `REDIS_URL` / `DATABASE_URL` / `MYSQL_URL`; says it was skipped without them.
+#![cfg(all(feature = "redis", feature = "postgres", feature = "mysql"))]
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/keys.rs"]
@@ -11,7 +11,8 @@ mod tool;
 use std::time::Duration;
 
 use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyStore, LeaseToken, PostgresStore, RedisStore, Scope, StoreKey,
+    Claim, Fingerprint, IdempotencyStore, LeaseToken, MySqlStore, PostgresStore, RedisStore, Scope,
+    StoreKey,
 };
 
 async fn unknown_outcome(store: &dyn IdempotencyStore, key: &StoreKey) {
@@ -132,6 +133,20 @@ async fn keys_tool_on_postgres() {
         .await
         .unwrap();
     let store = PostgresStore::new(pool).table("tower_idempotency_tool");
+    store.migrate().await.unwrap();
+    round(&store, &url, &["--table", "tower_idempotency_tool"]).await;
+}
+
+#[tokio::test]
+async fn keys_tool_on_mysql() {
+    let Some(url) = std::env::var("MYSQL_URL").ok().filter(|u| !u.is_empty()) else {
+        println!("skipped: MYSQL_URL not set");
+        return;
+    };
+    let pool = tower_idempotency::sqlx::MySqlPool::connect(&url)
+        .await
+        .unwrap();
+    let store = MySqlStore::new(pool).table("tower_idempotency_tool");
     store.migrate().await.unwrap();
     round(&store, &url, &["--table", "tower_idempotency_tool"]).await;
 }
