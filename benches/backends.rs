@@ -1,23 +1,25 @@
-//! First-request and replay latency through the layer on the Redis and PostgreSQL stores,
-//! next to the bare service and to one plain round trip to the server (`PING`,
+//! First-request and replay latency through the layer on the Redis, PostgreSQL and MySQL
+//! stores, next to the bare service and to one plain round trip to the server (`PING`,
 //! `SELECT 1`), so that the number of round trips per request can be read off the times.
-//! On PostgreSQL, `two_upserts` is the floor a first request is held to: two single-row
-//! `INSERT … ON CONFLICT` statements, each its own commit.
+//! On the SQL databases, `two_upserts` is the floor a first request is held to: two
+//! single-row upserts (`INSERT … ON CONFLICT`, `INSERT … ON DUPLICATE KEY UPDATE`), each
+//! its own commit.
 //!
 //! ```text
 //! REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
+//!     MYSQL_URL=mysql://root@127.0.0.1:3306/test \
 //!     CARGO_TARGET_DIR=/work/target-bench cargo bench --all-features --bench backends
 //! ```
 //!
 //! Each backend is skipped, with a message, when its feature is off or its URL unset. Redis
-//! keys are written under a prefix of their own with a ten-minute TTL; PostgreSQL records go
-//! to a table of their own, dropped at the end.
+//! keys are written under a prefix of their own with a ten-minute TTL; SQL records go to a
+//! table of their own, dropped at the end.
 
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
-#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
 mod common {
     use std::convert::Infallible;
     use std::hint::black_box;
@@ -282,6 +284,80 @@ fn postgres(_c: &mut Criterion) {
     println!("postgres: skipped: built without the `postgres` feature (use --all-features)");
 }
 
+#[cfg(feature = "mysql")]
+fn mysql(c: &mut Criterion) {
+    use std::hint::black_box;
+    use tower_idempotency::MySqlStore;
+    use tower_idempotency::sqlx::{self, mysql::MySqlPoolOptions};
+
+    let Some(url) = std::env::var("MYSQL_URL").ok().filter(|u| !u.is_empty()) else {
+        println!("mysql: skipped: MYSQL_URL not set");
+        return;
+    };
+    let rt = common::current_thread();
+    let table = format!("ti_bench_{}", uuid::Uuid::new_v4().simple());
+    let pool = rt
+        .block_on(MySqlPoolOptions::new().max_connections(4).connect(&url))
+        .expect("connect to MYSQL_URL");
+    let store = MySqlStore::new(pool.clone()).table(table.clone());
+    rt.block_on(store.migrate())
+        .expect("create the bench table");
+    let mut g = c.benchmark_group("mysql");
+    g.bench_function("round_trip_select_1", |b| {
+        b.to_async(&rt).iter(|| async {
+            let row = sqlx::query("SELECT 1")
+                .execute(&pool)
+                .await
+                .expect("SELECT 1");
+            black_box(row)
+        })
+    });
+    // The floor for a first request: two single-row upserts, each its own commit, on an
+    // InnoDB table shaped like the store's.
+    let floor = format!("{table}_floor");
+    let create = format!(
+        "CREATE TABLE `{floor}` (`key` VARBINARY(255) PRIMARY KEY, state SMALLINT NOT NULL, \
+         body LONGBLOB) ENGINE = InnoDB"
+    );
+    rt.block_on(sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&pool))
+        .expect("create the floor table");
+    let upsert = format!(
+        "INSERT INTO `{floor}` (`key`, state, body) VALUES (?, ?, ?) \
+         ON DUPLICATE KEY UPDATE state = VALUES(state), body = VALUES(body)"
+    );
+    let payload = vec![b'x'; 1024];
+    g.bench_function("two_upserts", |b| {
+        b.to_async(&rt).iter(|| async {
+            let key = uuid::Uuid::new_v4().to_string();
+            for (state, body) in [(0i16, None), (1i16, Some(payload.as_slice()))] {
+                sqlx::query(sqlx::AssertSqlSafe(upsert.as_str()))
+                    .bind(&key)
+                    .bind(state)
+                    .bind(body)
+                    .execute(&pool)
+                    .await
+                    .expect("upsert");
+            }
+        })
+    });
+    common::layer_benches(&mut g, &rt, store);
+    g.finish();
+    for sql in [
+        format!("DROP TABLE IF EXISTS `{floor}`"),
+        format!("DROP TABLE IF EXISTS `{table}`"),
+        format!("DROP PROCEDURE IF EXISTS `{table}_claim_v1`"),
+        format!("DROP PROCEDURE IF EXISTS `{table}_release_v1`"),
+    ] {
+        rt.block_on(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool))
+            .expect("drop the bench objects");
+    }
+}
+
+#[cfg(not(feature = "mysql"))]
+fn mysql(_c: &mut Criterion) {
+    println!("mysql: skipped: built without the `mysql` feature (use --all-features)");
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(30)
@@ -293,6 +369,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = backends;
     config = config();
-    targets = redis, redis_cluster, postgres
+    targets = redis, redis_cluster, postgres, mysql
 }
 criterion_main!(backends);

@@ -1,13 +1,13 @@
-//! The failure behaviours where the backend matters, through the layer, on Redis and on
-//! PostgreSQL: waiting duplicates, the wait timing out, the lease heartbeat, a crashed
-//! owner, an outage (fail open on Redis, fail closed and recovery on PostgreSQL) and a
+//! The failure behaviours where the backend matters, through the layer, on Redis, PostgreSQL
+//! and MySQL: waiting duplicates, the wait timing out, the lease heartbeat, a crashed owner,
+//! an outage (fail open on Redis, fail closed and recovery on the SQL stores) and a
 //! `complete` that fails after the operation ran.
 //!
-//! The Redis tests need `REDIS_URL` and the PostgreSQL tests `DATABASE_URL`; without it a
-//! test prints "skipped: … not set" and passes. The Redis outage test starts its own
-//! `redis-server` (on `PATH`) on a free port; the PostgreSQL outage tests route their pool
-//! through a TCP proxy they stop and restart. Neither ever stops the shared server.
-#![cfg(any(feature = "redis", feature = "postgres"))]
+//! The Redis tests need `REDIS_URL`, the PostgreSQL tests `DATABASE_URL` and the MySQL tests
+//! `MYSQL_URL`; without it a test prints "skipped: … not set" and passes. The Redis outage
+//! test starts its own `redis-server` (on `PATH`) on a free port; the SQL outage tests route
+//! their pool through a TCP proxy they stop and restart. None ever stops the shared server.
+#![cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
 
 mod common;
 
@@ -635,5 +635,296 @@ mod postgres_backend {
                 assert_eq!(runs.started(), 1, "the operation ran once");
             })
             .await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// MySQL / MariaDB
+// ---------------------------------------------------------------------------------------
+
+#[cfg(feature = "mysql")]
+mod mysql_backend {
+    use std::future::Future;
+    use std::str::FromStr;
+    use std::sync::atomic::Ordering;
+
+    use common::FaultProxy;
+    use tower_idempotency::MySqlStore;
+    use tower_idempotency::sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlSslMode};
+    use tower_idempotency::sqlx::{self, MySqlPool};
+
+    use super::*;
+
+    fn mysql_url() -> Option<String> {
+        match std::env::var("MYSQL_URL") {
+            Ok(url) if !url.is_empty() => Some(url),
+            _ => {
+                println!("skipped: MYSQL_URL not set");
+                None
+            }
+        }
+    }
+
+    /// A table of the test's own on a direct pool, dropped (with its procedures) at the end.
+    async fn on_mysql<Fut>(scenario: impl FnOnce(MySqlStore) -> Fut)
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(url) = mysql_url() else { return };
+        let admin = MySqlPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await
+            .expect("connect to MYSQL_URL");
+        run_on_table(&admin, admin.clone(), scenario).await;
+    }
+
+    async fn run_on_table<Fut>(
+        admin: &MySqlPool,
+        pool: MySqlPool,
+        scenario: impl FnOnce(MySqlStore) -> Fut,
+    ) where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let table = format!("ti_fail_{}", uuid::Uuid::new_v4().simple());
+        let store = MySqlStore::new(pool)
+            .table(&table)
+            .sweep_interval(Duration::ZERO);
+        // Migrated on the direct pool: the store's own may go through a proxy.
+        MySqlStore::new(admin.clone())
+            .table(&table)
+            .migrate()
+            .await
+            .expect("migrate");
+        let outcome = tokio::spawn(scenario(store)).await;
+        for sql in [
+            format!("DROP TABLE IF EXISTS `{table}`"),
+            format!("DROP PROCEDURE IF EXISTS `{table}_claim_v1`"),
+            format!("DROP PROCEDURE IF EXISTS `{table}_release_v1`"),
+        ] {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(admin).await;
+        }
+        if let Err(err) = outcome {
+            std::panic::resume_unwind(err.into_panic());
+        }
+    }
+
+    /// A proxy in front of the server, and a pool through it whose acquire times out after
+    /// `acquire_timeout`.
+    async fn through_proxy(url: &str, acquire_timeout: Duration) -> (FaultProxy, MySqlPool) {
+        let options = MySqlConnectOptions::from_str(url).expect("MYSQL_URL");
+        let upstream = tokio::net::lookup_host((options.get_host(), options.get_port()))
+            .await
+            .expect("resolve the server")
+            .next()
+            .expect("an address");
+        let proxy = FaultProxy::start(upstream).await;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(acquire_timeout)
+            .connect_with(
+                options
+                    .host("127.0.0.1")
+                    .port(proxy.port)
+                    .ssl_mode(MySqlSslMode::Disabled),
+            )
+            .await
+            .expect("connect through the proxy");
+        (proxy, pool)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql_wait_mode_runs_once_and_replays_to_every_waiter() {
+        on_mysql(wait_mode_runs_once).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql_wait_timeout_answers_409() {
+        on_mysql(wait_times_out).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql_heartbeat_keeps_a_slow_operation_claimed() {
+        on_mysql(heartbeat_keeps_the_key).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql_crashed_owner_blocks_only_for_its_lease() {
+        on_mysql(crashed_owner_blocks_only_for_its_lease).await;
+    }
+
+    /// With the database unreachable (every connection dropped), covered requests get 503
+    /// quickly and nothing runs; once it is back, the same service protects requests again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql_outage_fails_closed_and_recovers_without_rebuilding() {
+        let Some(url) = mysql_url() else { return };
+        let admin = MySqlPool::connect(&url)
+            .await
+            .expect("connect to MYSQL_URL");
+        let (proxy, pool) = through_proxy(&url, Duration::from_secs(1)).await;
+        run_on_table(&admin, pool, |store| async move {
+            let runs = Runs::default();
+            let svc = IdempotencyLayer::new(store)
+                .share_keys_across_callers()
+                .store_timeout(Duration::from_secs(2))
+                .layer(runs.handler(Duration::ZERO));
+            let before = send(&svc, &fresh_key()).await;
+            assert_eq!(before.status, StatusCode::CREATED);
+
+            proxy.drop_all();
+            let key = fresh_key();
+            for _ in 0..2 {
+                let sent = Instant::now();
+                let refused = send(&svc, &key).await;
+                assert_problem(&refused, 503, "store-unavailable");
+                assert!(
+                    sent.elapsed() < Duration::from_secs(3),
+                    "{:?}",
+                    sent.elapsed()
+                );
+                assert_eq!(runs.started(), 1, "nothing runs while the store is down");
+            }
+
+            proxy.pass();
+            let mut answer = send(&svc, &key).await;
+            for _ in 0..30 {
+                if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+                    break;
+                }
+                tokio::time::sleep(ms(100)).await;
+                answer = send(&svc, &key).await;
+            }
+            assert_eq!(
+                answer.status,
+                StatusCode::CREATED,
+                "the same service recovers"
+            );
+            assert_eq!(answer.outcome, Some(IdempotencyOutcome::Executed));
+            let retry = send(&svc, &key).await;
+            assert!(retry.replayed(), "and protects again");
+            assert_eq!(retry.body, answer.body);
+            assert_eq!(runs.started(), 2);
+        })
+        .await;
+    }
+
+    /// The database goes away while the handler runs, for longer than the lease, so storing
+    /// its outcome fails: the layer retries `complete` until the database is back, never
+    /// releases the key, and a retry then replays the one run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql_complete_failing_after_the_run_is_retried() {
+        let Some(url) = mysql_url() else { return };
+        let admin = MySqlPool::connect(&url)
+            .await
+            .expect("connect to MYSQL_URL");
+        let (proxy, pool) = through_proxy(&url, ms(250)).await;
+        run_on_table(&admin, pool, |store| async move {
+            let store = common::FaultStore::new(store);
+            let runs = Runs::default();
+            let svc = IdempotencyLayer::new(store.clone())
+                .share_keys_across_callers()
+                .lease(ms(300))
+                .layer(runs.handler(ms(200)));
+            let key = fresh_key();
+            let first = tokio::spawn({
+                let svc = svc.clone();
+                let key = key.clone();
+                async move { send(&svc, &key).await }
+            });
+            eventually("the handler runs", || runs.started() == 1).await;
+            proxy.drop_all();
+            eventually("the handler ends", || runs.finished() == 1).await;
+
+            let refused = send(&svc, &key).await;
+            assert_problem(&refused, 503, "store-unavailable");
+            // Past the lease: the claim lapsed in the database meanwhile.
+            tokio::time::sleep(ms(500)).await;
+            assert!(
+                store.faults.failed_completes.load(Ordering::SeqCst) >= 1,
+                "storing the outcome failed during the outage"
+            );
+            assert!(
+                !first.is_finished(),
+                "the body ends only once the outcome is stored"
+            );
+
+            proxy.pass();
+            let first = tokio::time::timeout(Duration::from_secs(10), first)
+                .await
+                .expect("the outcome is stored once the database is back")
+                .expect("the first request");
+            assert_eq!(first.status, StatusCode::CREATED);
+            let completes = store.faults.completes.load(Ordering::SeqCst);
+            let failed = store.faults.failed_completes.load(Ordering::SeqCst);
+            assert_eq!(
+                completes - failed,
+                1,
+                "stored once, after {failed} failures"
+            );
+            assert_eq!(
+                store.faults.released.load(Ordering::SeqCst),
+                0,
+                "never released"
+            );
+
+            let retry = send(&svc, &key).await;
+            assert!(retry.replayed(), "a retry after recovery replays");
+            assert_eq!(retry.body, first.body);
+            assert_eq!(runs.started(), 1, "the operation ran once");
+        })
+        .await;
+    }
+
+    /// A blackholed database (connections open, nothing moves) holds no request past the
+    /// store-call bound: `503` within it, and the key runs once the database is back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blackholed_mysql_answers_within_the_bound() {
+        let Some(url) = mysql_url() else { return };
+        let admin = MySqlPool::connect(&url)
+            .await
+            .expect("connect to MYSQL_URL");
+        let (proxy, pool) = through_proxy(&url, Duration::from_secs(30)).await;
+        run_on_table(&admin, pool, |store| async move {
+            let runs = Runs::default();
+            let svc = IdempotencyLayer::new(store)
+                .share_keys_across_callers()
+                .store_timeout(ms(500))
+                .layer(runs.handler(Duration::ZERO));
+            assert_eq!(send(&svc, &fresh_key()).await.status, StatusCode::CREATED);
+
+            proxy.blackhole();
+            let key = fresh_key();
+            let sent = Instant::now();
+            let answer = tokio::time::timeout(Duration::from_secs(8), send(&svc, &key))
+                .await
+                .expect("a blackholed store must not hold the request");
+            assert_problem(&answer, 503, "store-unavailable");
+            assert!(
+                sent.elapsed() < Duration::from_secs(3),
+                "{:?}",
+                sent.elapsed()
+            );
+
+            proxy.pass();
+            let mut last = None;
+            for _ in 0..50 {
+                let answer = send(&svc, &key).await;
+                if answer.status == StatusCode::CREATED {
+                    last = Some(answer);
+                    break;
+                }
+                tokio::time::sleep(ms(200)).await;
+            }
+            assert!(last.is_some(), "the key runs once the database is back");
+            assert_eq!(runs.started(), 2);
+        })
+        .await;
+    }
+
+    /// The heartbeat fails for the whole run and the lease lapses, but nobody claims the
+    /// key: the owner's outcome is stored and replayed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mysql_owner_completes_after_an_uncontested_lease_lapse() {
+        on_mysql(common::uncontested_lapse).await;
     }
 }
