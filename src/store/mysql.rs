@@ -5,8 +5,9 @@
 //! database clock in UTC (`UTC_TIMESTAMP(6)`), so instances whose clocks drift, or whose
 //! sessions use different time zones, still agree on who owns a key.
 //!
-//! It runs on MySQL 8.0.29 or later and on MariaDB 10.6 or later (the first versions with
-//! `CREATE PROCEDURE IF NOT EXISTS`; the tests run on MariaDB 10.11).
+//! It is written for MySQL 8.0.29 or later (the first with `CREATE PROCEDURE IF NOT
+//! EXISTS`) and MariaDB 10.6 or later. Its test suite runs on MariaDB 10.11; MySQL itself is
+//! not part of it.
 //!
 //! # The table and its two procedures
 //!
