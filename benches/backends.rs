@@ -340,14 +340,11 @@ fn mysql(c: &mut Criterion) {
             }
         })
     });
+    let drop_store = store.drop_sql().expect("a valid name");
     common::layer_benches(&mut g, &rt, store);
     g.finish();
-    for sql in [
-        format!("DROP TABLE IF EXISTS `{floor}`"),
-        format!("DROP TABLE IF EXISTS `{table}`"),
-        format!("DROP PROCEDURE IF EXISTS `{table}_claim_v1`"),
-        format!("DROP PROCEDURE IF EXISTS `{table}_release_v1`"),
-    ] {
+    let drop_floor = format!("DROP TABLE IF EXISTS `{floor}`");
+    for sql in drop_store.into_iter().chain([drop_floor]) {
         rt.block_on(sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool))
             .expect("drop the bench objects");
     }

@@ -691,17 +691,10 @@ mod mysql_backend {
             .table(&table)
             .sweep_interval(Duration::ZERO);
         // Migrated on the direct pool: the store's own may go through a proxy.
-        MySqlStore::new(admin.clone())
-            .table(&table)
-            .migrate()
-            .await
-            .expect("migrate");
+        let direct = MySqlStore::new(admin.clone()).table(&table);
+        direct.migrate().await.expect("migrate");
         let outcome = tokio::spawn(scenario(store)).await;
-        for sql in [
-            format!("DROP TABLE IF EXISTS `{table}`"),
-            format!("DROP PROCEDURE IF EXISTS `{table}_claim_v1`"),
-            format!("DROP PROCEDURE IF EXISTS `{table}_release_v1`"),
-        ] {
+        for sql in direct.drop_sql().expect("a valid name") {
             let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(admin).await;
         }
         if let Err(err) = outcome {

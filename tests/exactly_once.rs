@@ -363,12 +363,9 @@ mod my {
         }
 
         async fn teardown(&self) {
-            for sql in [
-                format!("DROP TABLE IF EXISTS {}", self.orders),
-                format!("DROP TABLE IF EXISTS `{}`", self.records),
-                format!("DROP PROCEDURE IF EXISTS `{}_claim_v1`", self.records),
-                format!("DROP PROCEDURE IF EXISTS `{}_release_v1`", self.records),
-            ] {
+            let drop_store = self.store.drop_sql().expect("a valid name");
+            let drop_orders = format!("DROP TABLE IF EXISTS {}", self.orders);
+            for sql in drop_store.into_iter().chain([drop_orders]) {
                 let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
                     .execute(&self.pool)
                     .await;

@@ -104,22 +104,12 @@ async fn pool(url: &str) -> MySqlPool {
         .expect("connect to MYSQL_URL")
 }
 
-/// Drops a store's table and its procedures.
+/// Drops a store's table and its procedures (with the statements the store gives).
 async fn drop_store(pool: &MySqlPool, table: &str) {
-    let procedures: Vec<String> = sqlx::query_scalar(
-        "SELECT ROUTINE_NAME FROM information_schema.ROUTINES \
-         WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME LIKE CONCAT(?, '\\_%')",
-    )
-    .bind(table)
-    .fetch_all(pool)
-    .await
-    .unwrap_or_default();
-    for procedure in procedures {
-        let sql = format!("DROP PROCEDURE IF EXISTS `{procedure}`");
+    let store = MySqlStore::new(pool.clone()).table(table);
+    for sql in store.drop_sql().expect("a valid name") {
         let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await;
     }
-    let sql = format!("DROP TABLE IF EXISTS `{table}`");
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await;
 }
 
 async fn count_rows(pool: &MySqlPool, table: &str) -> i64 {
@@ -762,4 +752,93 @@ async fn damaged_record_is_a_decode_error() {
     assert!(store.purge(&k).await.unwrap());
     assert!(matches!(store.inspect(&k).await, Ok(KeyState::Free)));
     drop_store(&pool, &table).await;
+}
+
+/// A lapsed claim is contested once before any claim takes it over, however short the
+/// lease: the procedure judges every step by one clock reading, so the grace it gives the
+/// owner cannot run out between two of its statements.
+#[tokio::test]
+async fn a_lapsed_claim_is_contested_before_it_is_taken_over() {
+    let Some(url) = mysql_url() else { return };
+    let (pool, store, table) = private_store(&url, "grace").await;
+    for round in 0..20 {
+        let k = key(&format!("grace-{round}"));
+        acquire(&store, &k, Duration::from_micros(200)).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let contest = store
+            .claim(&k, &fp(2), LeaseToken::new(), Duration::from_micros(200))
+            .await;
+        match contest {
+            // The grace is at least 1 ms (`takeover_grace`), whatever the lease.
+            Ok(Claim::InFlight {
+                lease_remaining: Some(left),
+                ..
+            }) => assert!(left > Duration::from_micros(500), "round {round}: {left:?}"),
+            other => {
+                panic!("round {round}: the first claim after the lapse must contest, got {other:?}")
+            }
+        }
+    }
+    drop_store(&pool, &table).await;
+}
+
+/// Two tables whose names differ only in case are two stores (table names are
+/// case-sensitive on Linux, routine names never are): each has procedures of its own.
+#[tokio::test]
+async fn tables_differing_only_in_case_are_two_stores() {
+    let Some(url) = mysql_url() else { return };
+    let pool = pool(&url).await;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let names = [format!("ti_Case_{id}"), format!("ti_case_{id}")];
+    let stores: Vec<MySqlStore> = names
+        .iter()
+        .map(|name| {
+            MySqlStore::new(pool.clone())
+                .table(name)
+                .sweep_interval(Duration::ZERO)
+        })
+        .collect();
+    for store in &stores {
+        store.migrate().await.expect("migrate");
+    }
+    for (i, store) in stores.iter().enumerate() {
+        let k = key("same-key");
+        let token = acquire(store, &k, Duration::from_secs(30)).await;
+        store
+            .complete(
+                &k,
+                token,
+                record(if i == 0 { b"upper" } else { b"lower" }),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap_or_else(|err| panic!("{}: {err:?}", names[i]));
+    }
+    for (i, store) in stores.iter().enumerate() {
+        match store
+            .claim(
+                &key("same-key"),
+                &fp(1),
+                LeaseToken::new(),
+                Duration::from_secs(30),
+            )
+            .await
+        {
+            Ok(Claim::Completed(r)) => {
+                assert_eq!(
+                    r.body(),
+                    &Bytes::from_static(if i == 0 { b"upper" } else { b"lower" })
+                )
+            }
+            other => panic!("{}: {other:?}", names[i]),
+        }
+    }
+    for store in &stores {
+        for sql in store.drop_sql().expect("a valid name") {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+    }
 }

@@ -688,3 +688,34 @@ async fn damaged_record_is_a_decode_error() {
     ));
     drop_table(&pool, &table).await;
 }
+
+/// A contest gives the owner at least 1 ms (`takeover_grace`), however short its lease.
+#[tokio::test]
+async fn a_contest_gives_the_owner_at_least_a_millisecond() {
+    let Some(url) = database_url() else { return };
+    let pool = pool(&url).await;
+    let table = private_table("grace");
+    let store = PostgresStore::new(pool.clone())
+        .table(&table)
+        .sweep_interval(Duration::ZERO);
+    store.migrate().await.expect("migrate");
+    let k = key("grace");
+    acquire(&store, &k, Duration::from_micros(100)).await;
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    match store
+        .claim(
+            &k,
+            &fp(2),
+            tower_idempotency::LeaseToken::new(),
+            Duration::from_micros(100),
+        )
+        .await
+    {
+        Ok(Claim::InFlight {
+            lease_remaining: Some(left),
+            ..
+        }) => assert!(left > Duration::from_micros(500), "{left:?}"),
+        other => panic!("the first claim after the lapse must contest, got {other:?}"),
+    }
+    drop_table(&pool, &table).await;
+}

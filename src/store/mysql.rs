@@ -28,8 +28,8 @@
 //!     headers     JSON,                         -- its headers: [[name, value], …] in order
 //!     KEY expires_at_idx (expires_at)
 //! ) ENGINE = InnoDB;
-//! CREATE PROCEDURE IF NOT EXISTS `idempotency_records_claim_v1`(…) …;
-//! CREATE PROCEDURE IF NOT EXISTS `idempotency_records_release_v1`(…) …;
+//! CREATE PROCEDURE IF NOT EXISTS `idempotency_records_claim_<hash>`(…) …;
+//! CREATE PROCEDURE IF NOT EXISTS `idempotency_records_release_<hash>`(…) …;
 //! ```
 //!
 //! The key is binary, so keys that differ only in case or accents are two keys whatever the
@@ -38,34 +38,41 @@
 //! [`max_key_len`](crate::IdempotencyLayer::max_key_len) at 3007 or less (the default is
 //! 255). A longer key is refused with [`StoreError::Backend`] before it reaches the server.
 //!
-//! The procedures are named `{table}_claim_v1` and `{table}_release_v1` (cut and followed by
-//! a hash when that passes 64 bytes). A later version that changes one gives it a new
-//! number, so instances of two versions can share a table during a rolling upgrade. They
-//! are created with `SQL SECURITY INVOKER` and run with strict SQL mode whatever the
-//! caller's session says. The statements run on a connection of their own that holds the
-//! named lock `tower_idempotency.migrate`, so instances that migrate at the same time do not
+//! The procedures are named `{table}_claim_` and `{table}_release_` followed by eight hex
+//! digits of a hash of their body (the table name cut and hashed too when that passes 64
+//! bytes). A version of this crate that changes a procedure thus creates one of a new name,
+//! so instances of two versions can share a table during a rolling upgrade (drop the old
+//! procedures once no instance uses them); and tables whose names differ only in case,
+//! which routine names cannot tell apart, get procedures of their own. They are created
+//! with `SQL SECURITY INVOKER` and run with strict SQL mode whatever the caller's session
+//! says. The statements run on a connection of their own that holds the named lock
+//! `tower_idempotency.migrate` (on a Galera cluster, which has no such locks, they run
+//! without it: each is `IF NOT EXISTS`), so instances that migrate at the same time do not
 //! trip over each other. Migrating needs the `CREATE` and `CREATE ROUTINE` privileges;
 //! serving needs `SELECT`, `INSERT`, `UPDATE`, `DELETE` on the table and `EXECUTE` on the
 //! procedures. You may as well create all three with your own migration tool (the exact
-//! statements are printed by [`MySqlStore::migration_sql`]) and never call `migrate`.
+//! statements are given by [`MySqlStore::migration_sql`]) and never call `migrate`;
+//! [`MySqlStore::drop_sql`] gives the statements that remove them. The key's 3072 bytes need
+//! InnoDB's default 16 KiB pages (`innodb_page_size`).
 //!
 //! # One round trip per operation
 //!
 //! Each operation is one statement, so one round trip on a connection whose statements are
 //! already prepared (sqlx caches them per connection):
 //!
-//! - **claim** (and so **replay**): `CALL {table}_claim_v1(key, token, fingerprint,
+//! - **claim** (and so **replay**): `CALL {table}_claim_…(key, token, fingerprint,
 //!   lease_µs)`. MySQL has no statement that both writes and returns rows, so the procedure
-//!   does on the server what PostgreSQL's one statement does:
+//!   does on the server what PostgreSQL's one statement does, every step judged by one
+//!   reading of the clock (`now`):
 //!
 //!   ```sql
-//!   SELECT MAX(expires_at > UTC_TIMESTAMP(6)) INTO live FROM t WHERE `key` = k;
+//!   SELECT MAX(expires_at > now) INTO live FROM t WHERE `key` = k;
 //!   IF live IS NULL THEN          -- no row: insert one (a no-op if a concurrent claim won)
 //!       INSERT INTO t (`key`, token, fingerprint, expires_at) VALUES (k, tok, fp, now + lease)
 //!       ON DUPLICATE KEY UPDATE token = token;
 //!   ELSEIF live = 0 THEN          -- an expired row
 //!       -- a lapsed claim not yet contested: contested, its owner gets half a lease more
-//!       UPDATE t SET contested = TRUE, expires_at = now + GREATEST(lease DIV 2, 1)
+//!       UPDATE t SET contested = TRUE, expires_at = now + GREATEST(lease DIV 2, 1000)
 //!       WHERE `key` = k AND expires_at <= now AND token IS NOT NULL AND NOT contested AND NOT committed;
 //!       -- anything else that expired: taken over
 //!       UPDATE t SET token = tok, fingerprint = fp, record = NULL, …, expires_at = now + lease
@@ -86,7 +93,7 @@
 //!   claim as a deadlock victim.
 //! - **complete**: `UPDATE … SET token = NULL, record = ?, status = ?, headers = ?,
 //!   expires_at = now + ttl WHERE `key` = ? AND token = ?`.
-//! - **release**: `CALL {table}_release_v1(key, token)`: deletes the row if it is this
+//! - **release**: `CALL {table}_release_…(key, token)`: deletes the row if it is this
 //!   token's and not committed; a committed one keeps it and ends its lease
 //!   ([`StoreError::Committed`]).
 //! - **extend**, **commit**, **settle**: one `UPDATE` each, as on PostgreSQL; the commit's
@@ -232,6 +239,8 @@ struct Inner {
 struct Sql {
     /// The migration, one statement per entry.
     migrate: Vec<String>,
+    /// What undoes it.
+    drop: Vec<String>,
     claim: Arc<str>,
     complete: Arc<str>,
     release: Arc<str>,
@@ -265,24 +274,52 @@ struct KeyTooLong {
     len: usize,
 }
 
-/// Validates `name` and quotes each part; returns the quoted table and the quoted names of
-/// its claim and release procedures.
-fn quote_names(name: &str) -> Result<(String, String, String), InvalidTableName> {
-    let (schema, table) = split_table(name, MAX_NAME)?;
-    let quote = |object: &str| match schema {
-        Some(schema) => format!("`{schema}`.`{object}`"),
-        None => format!("`{object}`"),
-    };
-    Ok((
-        quote(table),
-        quote(&derived_name(table, "_claim_v1", MAX_NAME)),
-        quote(&derived_name(table, "_release_v1", MAX_NAME)),
-    ))
+/// A table's name, validated, with its parts quoted.
+struct Names<'a> {
+    schema: Option<&'a str>,
+    table: &'a str,
+}
+
+impl<'a> Names<'a> {
+    fn new(name: &'a str) -> Result<Self, InvalidTableName> {
+        let (schema, table) = split_table(name, MAX_NAME)?;
+        Ok(Self { schema, table })
+    }
+
+    fn quote(&self, object: &str) -> String {
+        match self.schema {
+            Some(schema) => format!("`{schema}`.`{object}`"),
+            None => format!("`{object}`"),
+        }
+    }
+
+    /// The quoted table.
+    fn table(&self) -> String {
+        self.quote(self.table)
+    }
+
+    /// The quoted name of the procedure `what` with this `body`: `{table}_{what}_` and eight
+    /// hex digits of the body's SHA-256 (cut and hashed to fit 64 bytes). A body that
+    /// changes gets a new name, so two versions of the store can share a table during a
+    /// rolling upgrade; and since the body names the table exactly, tables whose names
+    /// differ only in case (which routine names cannot tell apart) get procedures of their
+    /// own.
+    fn procedure(&self, what: &str, body: &str) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(body.as_bytes());
+        let hash: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        self.quote(&derived_name(
+            self.table,
+            &format!("_{what}_{hash}"),
+            MAX_NAME,
+        ))
+    }
 }
 
 impl Sql {
     fn new(table: &str) -> Result<Self, InvalidTableName> {
-        let (t, claim_proc, release_proc) = quote_names(table)?;
+        let names = Names::new(table)?;
+        let t = names.table();
         let now = "UTC_TIMESTAMP(6)";
         let create_table = format!(
             "CREATE TABLE IF NOT EXISTS {t} (\n\
@@ -301,39 +338,44 @@ impl Sql {
         );
         // Every UPDATE below assigns values computed from the row as it was (constants,
         // parameters, or the column's own old value), so the order in which the server
-        // evaluates assignments does not matter.
-        let create_claim = format!(
-            "CREATE PROCEDURE IF NOT EXISTS {claim_proc}(\n\
+        // evaluates assignments does not matter. Inside a procedure the clock is read once
+        // (`n`): the server reads `UTC_TIMESTAMP` anew for each statement, and a grace
+        // given by one statement could otherwise have run out by the next.
+        let claim_body = format!(
+            "(\n\
              \x20   IN k VARBINARY({MAX_KEY_BYTES}), IN tok BINARY(16), IN fp BINARY(32), IN lease BIGINT)\n\
              MODIFIES SQL DATA SQL SECURITY INVOKER\n\
              BEGIN\n\
+             \x20   DECLARE n DATETIME(6) DEFAULT UTC_TIMESTAMP(6);\n\
              \x20   DECLARE live INT;\n\
-             \x20   SELECT MAX(expires_at > {now}) INTO live FROM {t} WHERE `key` = k;\n\
+             \x20   SELECT MAX(expires_at > n) INTO live FROM {t} WHERE `key` = k;\n\
              \x20   IF live IS NULL THEN\n\
              \x20       INSERT INTO {t} (`key`, token, fingerprint, expires_at)\n\
-             \x20       VALUES (k, tok, fp, {now} + INTERVAL lease MICROSECOND)\n\
+             \x20       VALUES (k, tok, fp, n + INTERVAL lease MICROSECOND)\n\
              \x20       ON DUPLICATE KEY UPDATE token = token;\n\
              \x20   ELSEIF live = 0 THEN\n\
              \x20       UPDATE {t} SET contested = TRUE,\n\
-             \x20           expires_at = {now} + INTERVAL GREATEST(lease DIV 2, 1) MICROSECOND\n\
-             \x20       WHERE `key` = k AND expires_at <= {now}\n\
+             \x20           expires_at = n + INTERVAL GREATEST(lease DIV 2, 1000) MICROSECOND\n\
+             \x20       WHERE `key` = k AND expires_at <= n\n\
              \x20           AND token IS NOT NULL AND NOT contested AND NOT committed;\n\
              \x20       UPDATE {t} SET token = tok, fingerprint = fp, record = NULL,\n\
              \x20           contested = FALSE, committed = FALSE, lease_until = NULL,\n\
              \x20           status = NULL, headers = NULL,\n\
-             \x20           expires_at = {now} + INTERVAL lease MICROSECOND\n\
-             \x20       WHERE `key` = k AND expires_at <= {now}\n\
+             \x20           expires_at = n + INTERVAL lease MICROSECOND\n\
+             \x20       WHERE `key` = k AND expires_at <= n\n\
              \x20           AND (token IS NULL OR contested OR committed);\n\
              \x20   END IF;\n\
              \x20   SELECT token <=> tok, fingerprint, record,\n\
-             \x20       TIMESTAMPDIFF(MICROSECOND, {now},\n\
+             \x20       TIMESTAMPDIFF(MICROSECOND, n,\n\
              \x20           IF(committed AND record IS NULL, lease_until, expires_at)),\n\
              \x20       committed\n\
-             \x20   FROM {t} WHERE `key` = k AND expires_at > {now};\n\
+             \x20   FROM {t} WHERE `key` = k AND expires_at > n;\n\
              END"
         );
-        let create_release = format!(
-            "CREATE PROCEDURE IF NOT EXISTS {release_proc}(\n\
+        // The UPDATE's count is of the rows it matched (sqlx sets CLIENT_FOUND_ROWS), read
+        // at once: a later read could find the row settled meanwhile.
+        let release_body = format!(
+            "(\n\
              \x20   IN k VARBINARY({MAX_KEY_BYTES}), IN tok BINARY(16))\n\
              MODIFIES SQL DATA SQL SECURITY INVOKER\n\
              BEGIN\n\
@@ -343,10 +385,14 @@ impl Sql {
              \x20   ELSE\n\
              \x20       UPDATE {t} SET lease_until = LEAST(lease_until, {now})\n\
              \x20       WHERE `key` = k AND token = tok AND committed;\n\
-             \x20       SELECT 0, COUNT(*) FROM {t} WHERE `key` = k AND token = tok AND committed;\n\
+             \x20       SELECT 0, ROW_COUNT();\n\
              \x20   END IF;\n\
              END"
         );
+        let claim_proc = names.procedure("claim", &claim_body);
+        let release_proc = names.procedure("release", &release_body);
+        let create_claim = format!("CREATE PROCEDURE IF NOT EXISTS {claim_proc}{claim_body}");
+        let create_release = format!("CREATE PROCEDURE IF NOT EXISTS {release_proc}{release_body}");
         let complete = format!(
             "UPDATE {t} SET token = NULL, record = ?, status = ?, headers = ?, \
              expires_at = {now} + INTERVAL ? MICROSECOND \
@@ -388,6 +434,11 @@ impl Sql {
              ORDER BY expires_at LIMIT ?"
         );
         Ok(Self {
+            drop: vec![
+                format!("DROP PROCEDURE IF EXISTS {claim_proc}"),
+                format!("DROP PROCEDURE IF EXISTS {release_proc}"),
+                format!("DROP TABLE IF EXISTS {t}"),
+            ],
             migrate: vec![create_table, create_claim, create_release],
             claim: format!("CALL {claim_proc}(?, ?, ?, ?)").into(),
             complete: complete.into(),
@@ -443,11 +494,32 @@ fn key_bytes(key: &StoreKey) -> Result<&[u8], StoreError> {
     Ok(bytes)
 }
 
-/// Whether InnoDB rolled the statement back to break a deadlock (SQLSTATE 40001).
+/// Whether InnoDB rolled the statement back to break a deadlock, or a Galera cluster to
+/// resolve a conflict between nodes (SQLSTATE 40001): the statement can run again.
 fn is_deadlock(err: &sqlx::Error) -> bool {
     err.as_database_error()
         .and_then(|e| e.code())
         .is_some_and(|code| code == "40001")
+}
+
+/// The server's error number, if `err` is an error the server sent.
+fn error_number(err: &sqlx::Error) -> Option<u16> {
+    err.as_database_error()
+        .and_then(|e| e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .map(|e| e.number())
+}
+
+/// `ER_NOT_SUPPORTED_YET`: what a Galera node answers to `GET_LOCK`.
+const ER_NOT_SUPPORTED_YET: u16 = 1235;
+/// `ER_BINLOG_LOGGING_IMPOSSIBLE`: a `READ COMMITTED` write under statement-based binary
+/// logging.
+const ER_BINLOG_LOGGING_IMPOSSIBLE: u16 = 1598;
+/// How often a fenced statement that InnoDB rolled back to break a deadlock runs again.
+const DEADLOCK_ATTEMPTS: usize = 4;
+
+/// A connection of the store's own, outside your pool, for what changes session settings.
+async fn own_connection(pool: &MySqlPool) -> Result<MySqlConnection, sqlx::Error> {
+    MySqlConnection::connect_with(&pool.connect_options()).await
 }
 
 impl MySqlStore {
@@ -550,7 +622,7 @@ impl MySqlStore {
     /// let pool = MySqlPoolOptions::new().connect_lazy("mysql://root@localhost/app").unwrap();
     /// let sql = MySqlStore::new(pool).migration_sql().unwrap();
     /// assert!(sql[0].starts_with("CREATE TABLE IF NOT EXISTS `idempotency_records`"));
-    /// assert!(sql[1].starts_with("CREATE PROCEDURE IF NOT EXISTS `idempotency_records_claim_v1`"));
+    /// assert!(sql[1].starts_with("CREATE PROCEDURE IF NOT EXISTS `idempotency_records_claim_"));
     /// # });
     /// ```
     pub fn migration_sql(&self) -> Result<Vec<String>, InvalidTableName> {
@@ -558,6 +630,17 @@ impl MySqlStore {
             .sql
             .as_ref()
             .map(|sql| sql.migrate.clone())
+            .map_err(Clone::clone)
+    }
+
+    /// The statements that remove what [`migrate`](Self::migrate) created: the procedures,
+    /// then the table, with every record in it. For tests and for taking a store down; run
+    /// them only once no instance uses the table.
+    pub fn drop_sql(&self) -> Result<Vec<String>, InvalidTableName> {
+        self.inner
+            .sql
+            .as_ref()
+            .map(|sql| sql.drop.clone())
             .map_err(Clone::clone)
     }
 
@@ -569,18 +652,26 @@ impl MySqlStore {
         let sql = self.inner.sql()?;
         // A connection of its own: the named lock and the SQL mode are per session, and
         // this session is closed afterwards rather than handed back to your pool.
-        let mut conn = MySqlConnection::connect_with(&self.inner.config.pool.connect_options())
+        let mut conn = own_connection(&self.inner.config.pool)
             .await
             .map_err(StoreError::backend)?;
         let result = async {
-            let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 60)")
+            let locked = sqlx::query_scalar::<_, Option<i64>>("SELECT GET_LOCK(?, 60)")
                 .bind(MIGRATE_LOCK)
                 .fetch_one(&mut conn)
-                .await?;
-            if locked != Some(1) {
-                return Err(sqlx::Error::Protocol(format!(
-                    "could not take the lock {MIGRATE_LOCK} within 60 s"
-                )));
+                .await;
+            match locked {
+                Ok(Some(1)) => {}
+                // Galera has no named locks; every statement is `IF NOT EXISTS` anyway.
+                Err(err) if error_number(&err) == Some(ER_NOT_SUPPORTED_YET) => {
+                    tracing::debug!("no named lock on this server: migrating without it");
+                }
+                Err(err) => return Err(err),
+                Ok(_) => {
+                    return Err(sqlx::Error::Protocol(format!(
+                        "could not take the lock {MIGRATE_LOCK} within 60 s"
+                    )));
+                }
             }
             sqlx::query("SET SESSION sql_mode = ?")
                 .bind(PROCEDURE_SQL_MODE)
@@ -623,6 +714,12 @@ impl MySqlStore {
     /// and another request took it over): roll back. The statement locks the row until your
     /// transaction ends, so keep the transaction short (the lease keeper's renewals wait for
     /// it).
+    ///
+    /// On MariaDB 11.6.2 and later, `innodb_snapshot_isolation` (on by default) makes the
+    /// statement fail with error 1020 ("Record has changed since last read") when your
+    /// transaction read anything before it and the lease keeper renewed the key since: roll
+    /// back, as for any error. Calling `commit_in` first in the transaction (it locks the
+    /// row, so renewals wait), or running the transaction at `READ COMMITTED`, avoids it.
     ///
     /// `claim` must come from a layer on this store (the same table).
     ///
@@ -700,14 +797,21 @@ impl MySqlStore {
             .await
     }
 
-    async fn fenced(
+    /// Runs a fenced statement (built afresh by `query` for each attempt): `LeaseLost` when
+    /// it matches no row. A statement rolled back to break a deadlock runs again: each sets
+    /// the row to the same values whenever it runs.
+    async fn fenced<'q>(
         &self,
-        query: sqlx::query::Query<'_, sqlx::MySql, sqlx::mysql::MySqlArguments>,
+        query: impl Fn() -> sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments>,
     ) -> Result<(), StoreError> {
-        let done = query
-            .execute(&self.inner.config.pool)
-            .await
-            .map_err(StoreError::backend)?;
+        let mut attempt = 1;
+        let done = loop {
+            match query().execute(&self.inner.config.pool).await {
+                Ok(done) => break done,
+                Err(err) if is_deadlock(&err) && attempt < DEADLOCK_ATTEMPTS => attempt += 1,
+                Err(err) => return Err(StoreError::backend(err)),
+            }
+        };
         if done.rows_affected() == 0 {
             Err(StoreError::LeaseLost)
         } else {
@@ -739,6 +843,39 @@ fn read_state(row: &MySqlRow) -> Result<KeyState, StoreError> {
     .into_state()
 }
 
+/// Deletes expired rows on `conn` in batches of `batch` until one deletes fewer; returns
+/// how many it deleted.
+async fn sweep_on(
+    conn: &mut MySqlConnection,
+    sweep: &Arc<str>,
+    batch: u32,
+) -> Result<u64, StoreError> {
+    let backend = StoreError::backend;
+    sqlx::raw_sql("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    let delete = || sqlx::query(AssertSqlSafe(Arc::clone(sweep))).bind(batch);
+    let mut total = 0;
+    loop {
+        let done = match delete().execute(&mut *conn).await {
+            Err(err) if error_number(&err) == Some(ER_BINLOG_LOGGING_IMPOSSIBLE) => {
+                sqlx::raw_sql("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(backend)?;
+                delete().execute(&mut *conn).await
+            }
+            other => other,
+        };
+        let deleted = done.map_err(backend)?.rows_affected();
+        total += deleted;
+        if deleted < u64::from(batch) {
+            return Ok(total);
+        }
+    }
+}
+
 impl Inner {
     fn sql(&self) -> Result<&Sql, StoreError> {
         self.sql
@@ -746,18 +883,20 @@ impl Inner {
             .map_err(|err| StoreError::backend(err.clone()))
     }
 
+    /// Sweeps on a connection of its own at `READ COMMITTED`: a batch then locks only the
+    /// rows it deletes, not the lapsed claims it passes over (kept for their owners) nor the
+    /// gaps of the expiry index, so owners and new claims do not wait for it. Under
+    /// statement-based binary logging, which refuses such writes, it sweeps at the server's
+    /// default level instead.
     async fn sweep(&self) -> Result<u64, StoreError> {
         let sql = self.sql()?;
         let batch = self.config.sweep_batch;
-        super::sql::sweep_in_batches(batch, || async {
-            Ok(sqlx::query(AssertSqlSafe(Arc::clone(&sql.sweep)))
-                .bind(batch)
-                .execute(&self.config.pool)
-                .await
-                .map_err(StoreError::backend)?
-                .rows_affected())
-        })
-        .await
+        let mut conn = own_connection(&self.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        let result = sweep_on(&mut conn, &sql.sweep, batch).await;
+        let _ = conn.close().await;
+        result
     }
 }
 
@@ -798,15 +937,17 @@ impl IdempotencyStore for MySqlStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
-        self.fenced(
+        let (key, token) = (key_bytes(key)?, token.to_bytes());
+        let (encoded, headers) = (record.encode(), headers_json(&record));
+        self.fenced(|| {
             sqlx::query(AssertSqlSafe(Arc::clone(&sql.complete)))
-                .bind(record.encode())
+                .bind(&encoded[..])
                 .bind(record.status().as_u16() as i16)
-                .bind(headers_json(&record))
+                .bind(headers.as_str())
                 .bind(micros(ttl))
-                .bind(key_bytes(key)?)
-                .bind(&token.to_bytes()[..]),
-        )
+                .bind(key)
+                .bind(&token[..])
+        })
         .await
     }
 
@@ -832,12 +973,13 @@ impl IdempotencyStore for MySqlStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
-        self.fenced(
+        let (key, token) = (key_bytes(key)?, token.to_bytes());
+        self.fenced(|| {
             sqlx::query(AssertSqlSafe(Arc::clone(&sql.commit)))
                 .bind(micros(ttl))
-                .bind(key_bytes(key)?)
-                .bind(&token.to_bytes()[..]),
-        )
+                .bind(key)
+                .bind(&token[..])
+        })
         .await
     }
 
@@ -895,14 +1037,15 @@ impl IdempotencyStore for MySqlStore {
     ) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
         let lease = micros(lease);
-        self.fenced(
+        let (key, token) = (key_bytes(key)?, token.to_bytes());
+        self.fenced(|| {
             sqlx::query(AssertSqlSafe(Arc::clone(&sql.extend)))
                 .bind(lease)
                 .bind(lease)
                 .bind(lease)
-                .bind(key_bytes(key)?)
-                .bind(&token.to_bytes()[..]),
-        )
+                .bind(key)
+                .bind(&token[..])
+        })
         .await
     }
 }
@@ -914,22 +1057,41 @@ mod tests {
     use http::{HeaderMap, HeaderValue, StatusCode};
 
     #[test]
-    fn names_are_quoted_with_backticks_and_procedures_follow_the_table() {
-        let (t, claim, release) = quote_names("idempotency_records").unwrap();
-        assert_eq!(t, "`idempotency_records`");
-        assert_eq!(claim, "`idempotency_records_claim_v1`");
-        assert_eq!(release, "`idempotency_records_release_v1`");
-        let (t, claim, _) = quote_names("app.keys").unwrap();
-        assert_eq!(t, "`app`.`keys`");
-        assert_eq!(claim, "`app`.`keys_claim_v1`");
+    fn names_are_quoted_and_procedures_are_named_for_their_table_and_body() {
+        let names = Names::new("idempotency_records").unwrap();
+        assert_eq!(names.table(), "`idempotency_records`");
+        let claim = names.procedure("claim", "BEGIN SELECT 1; END");
+        assert!(claim.starts_with("`idempotency_records_claim_"), "{claim}");
+        assert_eq!(claim.len(), "`idempotency_records_claim_`".len() + 8);
+        assert_ne!(claim, names.procedure("claim", "BEGIN SELECT 2; END"));
+        let names = Names::new("app.keys").unwrap();
+        assert_eq!(names.table(), "`app`.`keys`");
+        assert!(
+            names
+                .procedure("claim", "b")
+                .starts_with("`app`.`keys_claim_")
+        );
         for bad in ["a`b", "a.b.c", "", "1x", &"x".repeat(65)] {
-            assert!(quote_names(bad).is_err(), "{bad:?}");
+            assert!(Names::new(bad).is_err(), "{bad:?}");
         }
         // A 64-byte table name still gives procedure names within 64 bytes, and distinct.
-        let (_, a, _) = quote_names(&format!("{}a", "x".repeat(63))).unwrap();
-        let (_, b, _) = quote_names(&format!("{}b", "x".repeat(63))).unwrap();
+        let (a, b) = (
+            format!("{}a", "x".repeat(63)),
+            format!("{}b", "x".repeat(63)),
+        );
+        let a = Names::new(&a).unwrap().procedure("release", "b");
+        let b = Names::new(&b).unwrap().procedure("release", "b");
         assert_ne!(a, b);
         assert_eq!(a.len(), 64 + 2);
+        // Tables that differ only in case name themselves in their bodies, so their
+        // procedures differ even to a server that ignores case in routine names.
+        for name in ["Keys", "keys"] {
+            let sql = Sql::new(name).unwrap();
+            assert!(sql.migrate[1].contains(&format!("`{name}`")));
+        }
+        let upper = Sql::new("Keys").unwrap().claim.to_ascii_lowercase();
+        let lower = Sql::new("keys").unwrap().claim.to_ascii_lowercase();
+        assert_ne!(upper, lower);
     }
 
     #[test]

@@ -73,7 +73,7 @@
 //!           record = NULL, contested = (<spare>), committed = false,
 //!           lease_until = NULL, status = NULL, headers = NULL,
 //!           expires_at = CASE WHEN <spare>
-//!               THEN now() + greatest($4::bigint / 2, 1) * interval '1 microsecond'
+//!               THEN now() + greatest($4::bigint / 2, 1000) * interval '1 microsecond'
 //!               ELSE excluded.expires_at END
 //!           WHERE r.expires_at <= now()
 //!       RETURNING r.token = $2 AS acquired, r.fingerprint,
@@ -350,7 +350,7 @@ impl Sql {
              \x20       status = NULL,\n\
              \x20       headers = NULL,\n\
              \x20       expires_at = CASE WHEN {spare}\n\
-             \x20           THEN now() + greatest($4::bigint / 2, 1) * interval '1 microsecond'\n\
+             \x20           THEN now() + greatest($4::bigint / 2, 1000) * interval '1 microsecond'\n\
              \x20           ELSE excluded.expires_at END\n\
              \x20       WHERE r.expires_at <= now()\n\
              \x20   RETURNING r.token = $2 AS acquired, r.fingerprint,\n\
@@ -729,15 +729,19 @@ impl Inner {
     async fn sweep(&self) -> Result<u64, StoreError> {
         let sql = self.sql()?;
         let batch = self.config.sweep_batch;
-        super::sql::sweep_in_batches(batch, || async {
-            Ok(sqlx::query(AssertSqlSafe(Arc::clone(&sql.sweep)))
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(AssertSqlSafe(Arc::clone(&sql.sweep)))
                 .bind(i64::from(batch))
                 .execute(&self.config.pool)
                 .await
                 .map_err(StoreError::backend)?
-                .rows_affected())
-        })
-        .await
+                .rows_affected();
+            total += deleted;
+            if deleted < u64::from(batch) {
+                return Ok(total);
+            }
+        }
     }
 }
 

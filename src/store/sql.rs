@@ -183,23 +183,6 @@ fn micros_left(us: Option<i64>) -> Option<Duration> {
         .map(|us| Duration::from_micros(us.unsigned_abs()))
 }
 
-/// Runs `batch` (one statement that deletes at most `size` rows, and says how many it
-/// deleted) until it deletes fewer; returns the total.
-pub(crate) async fn sweep_in_batches<F, Fut>(size: u32, mut batch: F) -> Result<u64, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<u64, StoreError>>,
-{
-    let mut total = 0;
-    loop {
-        let deleted = batch().await?;
-        total += deleted;
-        if deleted < u64::from(size) {
-            return Ok(total);
-        }
-    }
-}
-
 /// Logs the result of a background sweep.
 pub(crate) fn log_sweep(result: Result<u64, StoreError>) {
     match result {
