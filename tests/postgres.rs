@@ -4,24 +4,21 @@
 //! when it is not set the test prints "skipped: DATABASE_URL not set" and passes.
 #![cfg(feature = "postgres")]
 
-use std::convert::Infallible;
+mod common;
+
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http::{HeaderMap, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tower::{Layer, ServiceExt};
 use tower_idempotency::sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use tower_idempotency::sqlx::{self, PgPool};
 use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, LeaseToken, PostgresStore, Record,
-    Scope, StoreError, StoreKey,
+    Claim, Fingerprint, IdempotencyStore, LeaseToken, PostgresStore, Record, Scope, StoreError,
+    StoreKey,
 };
 
 /// The table the conformance suite shares across runs (its keys are fresh random ones).
@@ -117,104 +114,7 @@ async fn many_instances_run_once() {
     let store_b = PostgresStore::new(pool(&url).await).table(&table);
     store_a.migrate().await.expect("migrate");
     store_b.migrate().await.expect("migrate twice is harmless");
-
-    let runs = Arc::new(AtomicUsize::new(0));
-    let handler = {
-        let runs = Arc::clone(&runs);
-        tower::service_fn(move |_req: Request<Body>| {
-            let runs = Arc::clone(&runs);
-            async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                runs.fetch_add(1, Ordering::SeqCst);
-                let body = uuid::Uuid::new_v4().to_string();
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .status(StatusCode::CREATED)
-                        .body(Body::from(body))
-                        .expect("response"),
-                )
-            }
-        })
-    };
-    let instances = [
-        IdempotencyLayer::new(store_a.clone())
-            .share_keys_across_callers()
-            .layer(handler.clone()),
-        IdempotencyLayer::new(store_b.clone())
-            .share_keys_across_callers()
-            .layer(handler),
-    ];
-    let idem_key = uuid::Uuid::new_v4().to_string();
-    let request = |key: &str| {
-        Request::post("/orders")
-            .header("idempotency-key", key)
-            .header("content-type", "application/json")
-            .body(Body::from(r#"{"item":"book","qty":1}"#))
-            .expect("request")
-    };
-
-    let barrier = Arc::new(tokio::sync::Barrier::new(64));
-    let tasks: Vec<_> = (0..64)
-        .map(|i| {
-            let svc = instances[i % 2].clone();
-            let key = idem_key.clone();
-            let barrier = Arc::clone(&barrier);
-            tokio::spawn(async move {
-                barrier.wait().await;
-                // Retry until done: 409 means the first request is still running.
-                for _ in 0..200 {
-                    let res = svc
-                        .clone()
-                        .oneshot(request(&key))
-                        .await
-                        .expect("infallible");
-                    match res.status() {
-                        StatusCode::CREATED => {
-                            let body = res.into_body().collect().await.expect("body").to_bytes();
-                            return body;
-                        }
-                        StatusCode::CONFLICT => {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                        other => panic!("unexpected status {other}"),
-                    }
-                }
-                panic!("the request never completed");
-            })
-        })
-        .collect();
-    let mut bodies = Vec::new();
-    for task in tasks {
-        bodies.push(task.await.expect("task panicked"));
-    }
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        1,
-        "the handler must run exactly once"
-    );
-    assert!(
-        bodies.iter().all(|b| b == &bodies[0]),
-        "every 201 must carry the same body"
-    );
-
-    for svc in &instances {
-        let res = svc
-            .clone()
-            .oneshot(request(&idem_key))
-            .await
-            .expect("infallible");
-        assert_eq!(res.status(), StatusCode::CREATED);
-        assert_eq!(
-            res.headers()
-                .get(tower_idempotency::REPLAYED_HEADER)
-                .map(|v| v.as_bytes()),
-            Some(&b"true"[..]),
-            "a later retry must be a replay"
-        );
-        let body = res.into_body().collect().await.expect("body").to_bytes();
-        assert_eq!(body, bodies[0]);
-    }
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    common::two_instances_run_once(store_a.clone(), store_b).await;
     drop_table(store_a.pool(), &table).await;
 }
 

@@ -962,3 +962,106 @@ impl http_body::Body for ChannelBody {
         self.0.poll_recv(cx).map(|f| f.map(Ok))
     }
 }
+
+/// Two instances (two stores on one shared backend, two layered services): 64 concurrent
+/// requests with one key run the handler once, every answer is the same, and a later retry
+/// on either instance is a replay.
+pub async fn two_instances_run_once<S: IdempotencyStore + Clone>(store_a: S, store_b: S) {
+    use tower::Layer;
+    use tower_idempotency::IdempotencyLayer;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = Arc::clone(&runs);
+        tower::service_fn(move |_req: Request<Body>| {
+            let runs = Arc::clone(&runs);
+            async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                runs.fetch_add(1, Ordering::SeqCst);
+                let body = uuid::Uuid::new_v4().to_string();
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .body(Body::from(body))
+                        .expect("response"),
+                )
+            }
+        })
+    };
+    let instances = [
+        IdempotencyLayer::new(store_a.clone())
+            .share_keys_across_callers()
+            .layer(handler.clone()),
+        IdempotencyLayer::new(store_b.clone())
+            .share_keys_across_callers()
+            .layer(handler),
+    ];
+    let idem_key = uuid::Uuid::new_v4().to_string();
+    let request = |key: &str| {
+        Request::post("/orders")
+            .header("idempotency-key", key)
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"item":"book","qty":1}"#))
+            .expect("request")
+    };
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let svc = instances[i % 2].clone();
+            let key = idem_key.clone();
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                // Retry until done: 409 means the first request is still running.
+                for _ in 0..200 {
+                    let res = svc
+                        .clone()
+                        .oneshot(request(&key))
+                        .await
+                        .expect("infallible");
+                    match res.status() {
+                        StatusCode::CREATED => {
+                            return res.into_body().collect().await.expect("body").to_bytes();
+                        }
+                        StatusCode::CONFLICT => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+                panic!("the request never completed");
+            })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for task in tasks {
+        bodies.push(task.await.expect("task panicked"));
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the handler must run exactly once"
+    );
+    assert!(
+        bodies.iter().all(|b| b == &bodies[0]),
+        "every 201 must carry the same body"
+    );
+    for svc in &instances {
+        let res = svc
+            .clone()
+            .oneshot(request(&idem_key))
+            .await
+            .expect("infallible");
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert_eq!(
+            res.headers()
+                .get(tower_idempotency::REPLAYED_HEADER)
+                .map(|v| v.as_bytes()),
+            Some(&b"true"[..]),
+            "a later retry must be a replay"
+        );
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body, bodies[0]);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
