@@ -7,15 +7,19 @@ Counts, per scenario: double runs (a key with more than one order across both in
 lost results (a key whose final answer is not the one order it created) and keys that still
 answer 409 once the store is back. Exit status 1 if any is not zero.
 
-    python3 scripts/faultrun.py                  # every scenario, Redis and PostgreSQL
+    python3 scripts/faultrun.py                  # every scenario, Redis, PostgreSQL and MySQL
     python3 scripts/faultrun.py --only redis     # one store
     python3 scripts/faultrun.py --keys 100 --lease-ms 3000
 
 Needs: redis-server on PATH (a private one is started, with appendfsync always, so that a
 kill loses nothing it acknowledged), PostgreSQL at DATABASE_URL (default
-postgres://postgres@127.0.0.1:5432/test; only reached through a proxy this script runs, never
-stopped), and the demo built with `cargo build --example axum --all-features`. Bounded: each
+postgres://postgres@127.0.0.1:5432/test) and MySQL or MariaDB at MYSQL_URL (default
+mysql://root@127.0.0.1:3306/test), each only reached through a proxy this script runs and never
+stopped, and the demo built with `cargo build --example axum --all-features`. Bounded: each
 scenario stops after its outage plus 30 seconds, whatever happens.
+
+On PostgreSQL and MySQL the two demos keep their orders in one table and both list all of
+them, so orders are told apart by their id.
 """
 
 import argparse
@@ -285,7 +289,8 @@ def scenario(binary, name, store_url, fault, restore, outage, lease_ms, nkeys):
     orders = {}
     for demo in demos:
         for order in demo.orders():
-            orders.setdefault(order["item"], []).append(order["id"])
+            orders.setdefault(order["item"], set()).add(order["id"])
+    orders = {item: sorted(ids) for item, ids in orders.items()}
     double = sum(1 for k in keys if len(orders.get(k, [])) > 1)
     for key in keys:
         made = orders.get(key, [])
@@ -297,7 +302,7 @@ def scenario(binary, name, store_url, fault, restore, outage, lease_ms, nkeys):
         demo.stop()
     took = time.time() - started
     answers = ", ".join(f"{k}: {v}" for k, v in sorted(stats.items(), key=lambda kv: str(kv[0])))
-    print(f"{name:<28} outage {outage:>4.1f}s  keys {nkeys}  runs {sum(len(v) for v in orders.values()):>4}  "
+    print(f"{name:<28} outage {outage:>4.1f}s  keys {nkeys}  runs {sum(len(orders.get(k, [])) for k in keys):>4}  "
           f"double {double}  lost {lost}  409-after {in_use}  unfinished-during-load {len(unfinished)}  "
           f"({took:.0f}s; answers {answers}; log {log.name})", flush=True)
     return double + lost + in_use
@@ -305,7 +310,7 @@ def scenario(binary, name, store_url, fault, restore, outage, lease_ms, nkeys):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["redis", "postgres"])
+    parser.add_argument("--only", choices=["redis", "postgres", "mysql"])
     parser.add_argument("--keys", type=int, default=300)
     parser.add_argument("--lease-ms", type=int, default=3000)
     parser.add_argument("--binary", default=os.path.join(ROOT, "target", "debug", "examples", "axum"))
@@ -337,17 +342,22 @@ def main():
                 failures += scenario(args.binary, "redis-blackholed", url, lambda: proxy.set("blackhole"), lambda: proxy.set("pass"), outage, args.lease_ms, args.keys)
         finally:
             redis.stop()
-    if args.only in (None, "postgres"):
-        db = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
-        rest = db.split("://", 1)[1]
+    for name, var, default, default_port in (
+        ("postgres", "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test", 5432),
+        ("mysql", "MYSQL_URL", "mysql://root@127.0.0.1:3306/test", 3306),
+    ):
+        if args.only not in (None, name):
+            continue
+        db = os.environ.get(var, default)
+        scheme, rest = db.split("://", 1)
         creds, hostpart = rest.rsplit("@", 1)
         hostport, dbname = hostpart.split("/", 1)
-        pg_port = int(hostport.split(":")[1]) if ":" in hostport else 5432
-        proxy = Proxy(pg_port)
-        url = f"postgres://{creds}@127.0.0.1:{proxy.port}/{dbname}"
+        port = int(hostport.split(":")[1]) if ":" in hostport else default_port
+        proxy = Proxy(port)
+        url = f"{scheme}://{creds}@127.0.0.1:{proxy.port}/{dbname}"
         for outage in (short, long):
-            failures += scenario(args.binary, "postgres-dropped", url, lambda: proxy.set("drop"), lambda: proxy.set("pass"), outage, args.lease_ms, args.keys)
-            failures += scenario(args.binary, "postgres-blackholed", url, lambda: proxy.set("blackhole"), lambda: proxy.set("pass"), outage, args.lease_ms, args.keys)
+            failures += scenario(args.binary, f"{name}-dropped", url, lambda p=proxy: p.set("drop"), lambda p=proxy: p.set("pass"), outage, args.lease_ms, args.keys)
+            failures += scenario(args.binary, f"{name}-blackholed", url, lambda p=proxy: p.set("blackhole"), lambda p=proxy: p.set("pass"), outage, args.lease_ms, args.keys)
     print("FAIL" if failures else "OK: 0 double runs, 0 lost results, 0 keys at 409 after recovery")
     sys.exit(1 if failures else 0)
 
