@@ -3,17 +3,18 @@
 # and retries with the same key after the lease: the same order comes back, replayed, and
 # the database holds one row for it.
 #
-#   cargo build --example axum --features postgres,metrics
+#   cargo build --example axum --features postgres,mysql
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test bash scripts/crash_demo.sh
+#   CRASH_DEMO_STORE=mysql://root@127.0.0.1:3306/test bash scripts/crash_demo.sh   # MySQL
 #
 # Bounded: about 10 seconds. Exit 1 if the retry ran the order again or did not replay it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-db="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+db="${CRASH_DEMO_STORE:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}}"
 addr="127.0.0.1:${CRASH_DEMO_PORT:-3911}"
 demo="${CARGO_TARGET_DIR:-target}/debug/examples/axum"
-[ -x "$demo" ] || { echo "build it first: cargo build --example axum --features postgres" >&2; exit 1; }
+[ -x "$demo" ] || { echo "build it first: cargo build --example axum --features postgres,mysql" >&2; exit 1; }
 key="crash-demo-$(date +%s%N)"
 body='{"item":"book","amount":12}'
 export IDEMPOTENCY_STORE="$db" LISTEN_ADDR="$addr" IDEMPOTENCY_LEASE_MS=1000
@@ -39,7 +40,17 @@ up || { echo "the demo did not restart" >&2; exit 1; }
 sleep 1.2   # past the dead instance's lease
 answer=$(post)
 echo "$answer" | sed -n '1p;/idempotent-replayed/p;$p'
-rows=$(psql "$db" -tAc "SELECT count(*) FROM demo_orders WHERE idem_key = '$key'")
+case "$db" in
+    mysql://*)
+        # mysql://user[:password]@host:port/database
+        rest="${db#mysql://}"; creds="${rest%%@*}"; hostpart="${rest#*@}"
+        hostport="${hostpart%%/*}"; database="${hostpart#*/}"
+        user="${creds%%:*}"; pass=""; [ "$creds" != "$user" ] && pass="${creds#*:}"
+        rows=$(MYSQL_PWD="$pass" mysql --protocol=tcp -h"${hostport%%:*}" -P"${hostport##*:}" \
+            -u"$user" -N -e "SELECT COUNT(*) FROM demo_orders WHERE idem_key = '$key'" "$database")
+        ;;
+    *) rows=$(psql "$db" -tAc "SELECT count(*) FROM demo_orders WHERE idem_key = '$key'") ;;
+esac
 echo "rows for the key: $rows"
 echo "$answer" | grep -qi '^idempotent-replayed: true' || { echo "FAIL: not replayed" >&2; exit 1; }
 [ "$rows" = 1 ] || { echo "FAIL: $rows orders for one key" >&2; exit 1; }
