@@ -386,8 +386,9 @@ impl IdempotencyLayer {
 
     /// A recovery hook: when a retry finds its key committed with no stored outcome (the
     /// operation declared its commit point with
-    /// [`IdempotencyClaim::commit`](crate::IdempotencyClaim::commit) or
-    /// [`PostgresStore::commit_in`](crate::PostgresStore::commit_in), then its instance
+    /// [`IdempotencyClaim::commit`](crate::IdempotencyClaim::commit),
+    /// [`PostgresStore::commit_in`](crate::PostgresStore::commit_in) or
+    /// [`MySqlStore::commit_in`](crate::MySqlStore::commit_in), then its instance
     /// crashed or it failed without an answer), the hook is asked to rebuild the answer from
     /// the application's own state, given the key and scope the operation saw
     /// ([`Unsettled`](crate::Unsettled)).
