@@ -101,7 +101,8 @@
 //! - **inspect**: one `SELECT` of the row; **purge**: `DELETE … WHERE `key` = ?`.
 //!
 //! A fenced statement that matches no row answers [`StoreError::LeaseLost`] (sqlx counts
-//! matched rows, not changed ones). Every `UPDATE` assigns only values computed from the row
+//! matched rows, not changed ones); one that InnoDB (or a Galera cluster) rolled back to
+//! break a deadlock runs again, a few times. Every `UPDATE` assigns only values computed from the row
 //! as it was, so it means the same whether the server evaluates assignments left to right
 //! (MySQL, MariaDB's default) or simultaneously (MariaDB's `SIMULTANEOUS_ASSIGNMENT`).
 //!
@@ -119,7 +120,9 @@
 //! ORDER BY expires_at LIMIT ?
 //! ```
 //!
-//! Each batch is its own short transaction on the expiry index. The first claim on a store
+//! Each batch is its own short transaction on the expiry index, run at `READ COMMITTED` on a
+//! connection the sweep opens for itself, so that it locks only the rows it deletes (not the
+//! lapsed claims it keeps, nor gaps that new claims insert into). The first claim on a store
 //! starts a background task on the current Tokio runtime that sweeps every
 //! [`sweep_interval`](MySqlStore::sweep_interval); the task ends when the last handle to
 //! the store is dropped.

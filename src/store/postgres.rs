@@ -709,7 +709,7 @@ fn read_state(row: &PgRow) -> Result<KeyState, StoreError> {
 
 /// The readable columns of a record: its status, and its headers' names and values (as
 /// text, non-UTF-8 bytes replaced).
-pub(crate) fn readable(record: &Record) -> (i16, Vec<String>, Vec<String>) {
+fn readable(record: &Record) -> (i16, Vec<String>, Vec<String>) {
     let mut names = Vec::with_capacity(record.headers().len());
     let mut values = Vec::with_capacity(record.headers().len());
     for (name, value) in record.headers() {
