@@ -120,9 +120,10 @@
 //! ORDER BY expires_at LIMIT ?
 //! ```
 //!
-//! Each batch is its own short transaction on the expiry index, run at `READ COMMITTED` on a
-//! connection the sweep opens for itself, so that it locks only the rows it deletes (not the
-//! lapsed claims it keeps, nor gaps that new claims insert into). The first claim on a store
+//! Each batch is one short statement on the expiry index. While it runs, InnoDB locks the
+//! rows it scans and the index gaps among them, so a completion or a claim that touches one
+//! of them waits for the end of that batch (milliseconds; lower
+//! [`sweep_batch`](MySqlStore::sweep_batch) to shorten it). The first claim on a store
 //! starts a background task on the current Tokio runtime that sweeps every
 //! [`sweep_interval`](MySqlStore::sweep_interval); the task ends when the last handle to
 //! the store is dropped.
@@ -514,16 +515,8 @@ fn error_number(err: &sqlx::Error) -> Option<u16> {
 
 /// `ER_NOT_SUPPORTED_YET`: what a Galera node answers to `GET_LOCK`.
 const ER_NOT_SUPPORTED_YET: u16 = 1235;
-/// `ER_BINLOG_LOGGING_IMPOSSIBLE`: a `READ COMMITTED` write under statement-based binary
-/// logging.
-const ER_BINLOG_LOGGING_IMPOSSIBLE: u16 = 1598;
 /// How often a fenced statement that InnoDB rolled back to break a deadlock runs again.
 const DEADLOCK_ATTEMPTS: usize = 4;
-
-/// A connection of the store's own, outside your pool, for what changes session settings.
-async fn own_connection(pool: &MySqlPool) -> Result<MySqlConnection, sqlx::Error> {
-    MySqlConnection::connect_with(&pool.connect_options()).await
-}
 
 impl MySqlStore {
     /// A store on `pool`, in the table `idempotency_records`, swept every 60 seconds in
@@ -655,7 +648,7 @@ impl MySqlStore {
         let sql = self.inner.sql()?;
         // A connection of its own: the named lock and the SQL mode are per session, and
         // this session is closed afterwards rather than handed back to your pool.
-        let mut conn = own_connection(&self.inner.config.pool)
+        let mut conn = MySqlConnection::connect_with(&self.inner.config.pool.connect_options())
             .await
             .map_err(StoreError::backend)?;
         let result = async {
@@ -846,39 +839,6 @@ fn read_state(row: &MySqlRow) -> Result<KeyState, StoreError> {
     .into_state()
 }
 
-/// Deletes expired rows on `conn` in batches of `batch` until one deletes fewer; returns
-/// how many it deleted.
-async fn sweep_on(
-    conn: &mut MySqlConnection,
-    sweep: &Arc<str>,
-    batch: u32,
-) -> Result<u64, StoreError> {
-    let backend = StoreError::backend;
-    sqlx::raw_sql("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        .execute(&mut *conn)
-        .await
-        .map_err(backend)?;
-    let delete = || sqlx::query(AssertSqlSafe(Arc::clone(sweep))).bind(batch);
-    let mut total = 0;
-    loop {
-        let done = match delete().execute(&mut *conn).await {
-            Err(err) if error_number(&err) == Some(ER_BINLOG_LOGGING_IMPOSSIBLE) => {
-                sqlx::raw_sql("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(backend)?;
-                delete().execute(&mut *conn).await
-            }
-            other => other,
-        };
-        let deleted = done.map_err(backend)?.rows_affected();
-        total += deleted;
-        if deleted < u64::from(batch) {
-            return Ok(total);
-        }
-    }
-}
-
 impl Inner {
     fn sql(&self) -> Result<&Sql, StoreError> {
         self.sql
@@ -886,20 +846,22 @@ impl Inner {
             .map_err(|err| StoreError::backend(err.clone()))
     }
 
-    /// Sweeps on a connection of its own at `READ COMMITTED`: a batch then locks only the
-    /// rows it deletes, not the lapsed claims it passes over (kept for their owners) nor the
-    /// gaps of the expiry index, so owners and new claims do not wait for it. Under
-    /// statement-based binary logging, which refuses such writes, it sweeps at the server's
-    /// default level instead.
     async fn sweep(&self) -> Result<u64, StoreError> {
         let sql = self.sql()?;
         let batch = self.config.sweep_batch;
-        let mut conn = own_connection(&self.config.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        let result = sweep_on(&mut conn, &sql.sweep, batch).await;
-        let _ = conn.close().await;
-        result
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(AssertSqlSafe(Arc::clone(&sql.sweep)))
+                .bind(batch)
+                .execute(&self.config.pool)
+                .await
+                .map_err(StoreError::backend)?
+                .rows_affected();
+            total += deleted;
+            if deleted < u64::from(batch) {
+                return Ok(total);
+            }
+        }
     }
 }
 
