@@ -218,6 +218,132 @@ async fn crashed_owner_blocks_only_for_its_lease<S: IdempotencyStore + Clone>(st
 // Redis
 // ---------------------------------------------------------------------------------------
 
+/// With the store unreachable (every connection through `proxy` dropped), covered requests
+/// get 503 quickly and nothing runs; once it is back, the same service protects requests
+/// again. `store` reaches its server through `proxy`, with a short acquire timeout.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn outage_fails_closed_and_recovers<S: IdempotencyStore + Clone>(
+    store: S,
+    proxy: &common::FaultProxy,
+) {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store)
+        .share_keys_across_callers()
+        .store_timeout(Duration::from_secs(2))
+        .layer(runs.handler(Duration::ZERO));
+    let before = send(&svc, &fresh_key()).await;
+    assert_eq!(before.status, StatusCode::CREATED);
+
+    proxy.drop_all();
+    let key = fresh_key();
+    for _ in 0..2 {
+        let sent = Instant::now();
+        let refused = send(&svc, &key).await;
+        assert_problem(&refused, 503, "store-unavailable");
+        assert_eq!(refused.outcome, Some(IdempotencyOutcome::StoreUnavailable));
+        assert!(
+            sent.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            sent.elapsed()
+        );
+        assert_eq!(runs.started(), 1, "nothing runs while the store is down");
+    }
+
+    proxy.pass();
+    let mut answer = send(&svc, &key).await;
+    for _ in 0..30 {
+        if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(ms(100)).await;
+        answer = send(&svc, &key).await;
+    }
+    assert_eq!(
+        answer.status,
+        StatusCode::CREATED,
+        "the same service recovers"
+    );
+    assert_eq!(answer.outcome, Some(IdempotencyOutcome::Executed));
+    let retry = send(&svc, &key).await;
+    assert!(retry.replayed(), "and protects again");
+    assert_eq!(retry.body, answer.body);
+    assert_eq!(runs.started(), 2);
+}
+
+/// The store goes away while the handler runs, for longer than the lease, so storing its
+/// outcome fails: the layer retries `complete` until the store is back, never releases the
+/// key, and a retry then replays the one run. `store` reaches its server through `proxy`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn complete_failing_after_the_run_is_retried<S: IdempotencyStore + Clone>(
+    store: S,
+    proxy: &common::FaultProxy,
+) {
+    use std::sync::atomic::Ordering;
+    let store = common::FaultStore::new(store);
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .lease(ms(300))
+        .layer(runs.handler(ms(200)));
+    let key = fresh_key();
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        let key = key.clone();
+        async move { send(&svc, &key).await }
+    });
+    eventually("the handler runs", || runs.started() == 1).await;
+    proxy.drop_all();
+    eventually("the handler ends", || runs.finished() == 1).await;
+
+    // Meanwhile a retry cannot claim: 503, and nothing runs.
+    let refused = send(&svc, &key).await;
+    assert_problem(&refused, 503, "store-unavailable");
+    // Past the lease: the claim lapsed in the store meanwhile.
+    tokio::time::sleep(ms(500)).await;
+    assert!(
+        store.faults.failed_completes.load(Ordering::SeqCst) >= 1,
+        "storing the outcome failed during the outage"
+    );
+    assert!(
+        !first.is_finished(),
+        "the body ends only once the outcome is stored"
+    );
+
+    proxy.pass();
+    let first = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the outcome is stored once the store is back")
+        .expect("the first request");
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.outcome, Some(IdempotencyOutcome::Executed));
+    let completes = store.faults.completes.load(Ordering::SeqCst);
+    let failed = store.faults.failed_completes.load(Ordering::SeqCst);
+    assert!(completes >= 2, "complete was retried: {completes}");
+    assert_eq!(completes - failed, 1, "and succeeded once");
+    // (The refused retry's claim is released by its token, which frees nothing.)
+    assert_eq!(
+        store.faults.released.load(Ordering::SeqCst),
+        0,
+        "never released"
+    );
+
+    let retry = send(&svc, &key).await;
+    assert!(retry.replayed(), "a retry after recovery replays");
+    assert_eq!(retry.body, first.body);
+    assert_eq!(runs.started(), 1, "the operation ran once");
+}
+
+/// A proxy in front of the server at `host:port`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn proxy_to(host: &str, port: u16) -> common::FaultProxy {
+    let upstream = tokio::net::lookup_host((host, port))
+        .await
+        .expect("resolve the server")
+        .next()
+        .expect("an address");
+    common::FaultProxy::start(upstream).await
+}
+
 #[cfg(feature = "redis")]
 mod redis_backend {
     use tower_idempotency::RedisStore;
@@ -320,14 +446,9 @@ mod redis_backend {
 
 #[cfg(feature = "postgres")]
 mod postgres_backend {
+    use common::FaultProxy;
     use std::future::Future;
     use std::str::FromStr;
-    use std::sync::Mutex;
-
-    use std::sync::atomic::Ordering;
-
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio::task::JoinHandle;
     use tower_idempotency::PostgresStore;
     use tower_idempotency::sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
     use tower_idempotency::sqlx::{self, PgPool};
@@ -399,100 +520,28 @@ mod postgres_backend {
         table.run(scenario(store)).await;
     }
 
-    /// A TCP proxy in front of the PostgreSQL server that can be stopped (every connection
-    /// through it dropped, nothing listening) and restarted on the same port.
-    struct Proxy {
-        port: u16,
-        upstream: (String, u16),
-        accept: Option<JoinHandle<()>>,
-        connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    }
-
-    impl Proxy {
-        async fn start(upstream: (String, u16)) -> Self {
-            let mut proxy = Self {
-                port: 0,
-                upstream,
-                accept: None,
-                connections: Arc::default(),
-            };
-            proxy.restart().await;
-            proxy
-        }
-
-        /// Listens (again) on the proxy's port and forwards every connection upstream.
-        async fn restart(&mut self) {
-            assert!(self.accept.is_none(), "the proxy is already running");
-            let listener = TcpListener::bind(("127.0.0.1", self.port))
-                .await
-                .expect("bind the proxy port");
-            self.port = listener.local_addr().expect("proxy address").port();
-            let upstream = self.upstream.clone();
-            let connections = Arc::clone(&self.connections);
-            self.accept = Some(tokio::spawn(async move {
-                while let Ok((mut client, _)) = listener.accept().await {
-                    let upstream = upstream.clone();
-                    let forward = tokio::spawn(async move {
-                        let Ok(mut server) =
-                            TcpStream::connect((upstream.0.as_str(), upstream.1)).await
-                        else {
-                            return;
-                        };
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    });
-                    let mut connections = connections.lock().expect("connections");
-                    connections.retain(|c| !c.is_finished());
-                    connections.push(forward);
-                }
-            }));
-        }
-
-        /// Stops listening and drops every connection through the proxy.
-        async fn stop(&mut self) {
-            let Some(accept) = self.accept.take() else {
-                return;
-            };
-            accept.abort();
-            let _ = accept.await;
-            let connections = std::mem::take(&mut *self.connections.lock().expect("connections"));
-            for forward in connections {
-                forward.abort();
-                let _ = forward.await;
-            }
-        }
-
-        /// A pool whose connections all go through the proxy.
-        async fn pool(&self, url: &str, acquire_timeout: Duration) -> PgPool {
-            let options = PgConnectOptions::from_str(url)
-                .expect("DATABASE_URL")
-                .host("127.0.0.1")
-                .port(self.port)
-                .ssl_mode(PgSslMode::Disable);
-            PgPoolOptions::new()
-                .max_connections(4)
-                .acquire_timeout(acquire_timeout)
-                .connect_with(options)
-                .await
-                .expect("connect through the proxy")
-        }
-    }
-
-    impl Drop for Proxy {
-        fn drop(&mut self) {
-            if let Some(accept) = self.accept.take() {
-                accept.abort();
-            }
-            if let Ok(connections) = self.connections.lock() {
-                for forward in connections.iter() {
-                    forward.abort();
-                }
-            }
-        }
-    }
-
-    fn upstream(url: &str) -> (String, u16) {
+    /// A proxy in front of the server, and a pool through it whose acquire times out after
+    /// `acquire_timeout`.
+    async fn through_proxy(url: &str, acquire_timeout: Duration) -> (FaultProxy, PgPool) {
         let options = PgConnectOptions::from_str(url).expect("DATABASE_URL");
-        (options.get_host().to_owned(), options.get_port())
+        let host = if options.get_host().starts_with('/') {
+            "127.0.0.1"
+        } else {
+            options.get_host()
+        };
+        let proxy = proxy_to(host, options.get_port()).await;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(acquire_timeout)
+            .connect_with(
+                options
+                    .host("127.0.0.1")
+                    .port(proxy.port)
+                    .ssl_mode(PgSslMode::Disable),
+            )
+            .await
+            .expect("connect through the proxy");
+        (proxy, pool)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,125 +564,26 @@ mod postgres_backend {
         on_postgres(crashed_owner_blocks_only_for_its_lease).await;
     }
 
-    /// With the database unreachable, covered requests get 503 and nothing runs; once it is
-    /// back, the same service protects requests again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_outage_fails_closed_and_recovers_without_rebuilding() {
         let Some(url) = database_url() else { return };
         let table = PgTable::create(url).await;
-        let mut proxy = Proxy::start(upstream(&table.url)).await;
-        let store = table.store(proxy.pool(&table.url, Duration::from_secs(1)).await);
+        let (proxy, pool) = through_proxy(&table.url, Duration::from_secs(1)).await;
+        let store = table.store(pool);
         table
-            .run(async move {
-                let runs = Runs::default();
-                let svc = IdempotencyLayer::new(store)
-                    .share_keys_across_callers()
-                    .layer(runs.handler(Duration::ZERO));
-                let before = send(&svc, &fresh_key()).await;
-                assert_eq!(before.status, StatusCode::CREATED);
-                assert_eq!(runs.started(), 1);
-
-                proxy.stop().await;
-                let key = fresh_key();
-                for _ in 0..2 {
-                    let sent = Instant::now();
-                    let refused = send(&svc, &key).await;
-                    assert_problem(&refused, 503, "store-unavailable");
-                    assert_eq!(refused.outcome, Some(IdempotencyOutcome::StoreUnavailable));
-                    assert!(
-                        sent.elapsed() < Duration::from_secs(3),
-                        "the pool's acquire timeout bounds the wait"
-                    );
-                    assert_eq!(runs.started(), 1, "nothing runs while the store is down");
-                }
-
-                proxy.restart().await;
-                let mut answer = send(&svc, &key).await;
-                for _ in 0..20 {
-                    if answer.status != StatusCode::SERVICE_UNAVAILABLE {
-                        break;
-                    }
-                    tokio::time::sleep(ms(100)).await;
-                    answer = send(&svc, &key).await;
-                }
-                assert_eq!(
-                    answer.status,
-                    StatusCode::CREATED,
-                    "the same service recovers"
-                );
-                assert_eq!(answer.outcome, Some(IdempotencyOutcome::Executed));
-                assert_eq!(runs.started(), 2);
-                let retry = send(&svc, &key).await;
-                assert!(retry.replayed(), "and protects again");
-                assert_eq!(retry.body, answer.body);
-                assert_eq!(runs.started(), 2);
-            })
+            .run(async move { outage_fails_closed_and_recovers(store, &proxy).await })
             .await;
     }
 
-    /// The database goes away while the handler runs, so storing its outcome fails: the
-    /// layer retries `complete` until the database is back, never releases the key, and a
-    /// retry then replays the one run.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_complete_failing_after_the_run_is_retried() {
         let Some(url) = database_url() else { return };
         let table = PgTable::create(url).await;
-        let mut proxy = Proxy::start(upstream(&table.url)).await;
         // A short acquire timeout, so that each `complete` during the outage fails quickly.
-        let store = common::FaultStore::new(table.store(proxy.pool(&table.url, ms(250)).await));
+        let (proxy, pool) = through_proxy(&table.url, ms(250)).await;
+        let store = table.store(pool);
         table
-            .run(async move {
-                let runs = Runs::default();
-                let svc = IdempotencyLayer::new(store.clone())
-                    .share_keys_across_callers()
-                    .layer(runs.handler(ms(200)));
-                let key = fresh_key();
-                let first = tokio::spawn({
-                    let svc = svc.clone();
-                    let key = key.clone();
-                    async move { send(&svc, &key).await }
-                });
-                eventually("the handler runs", || runs.started() == 1).await;
-                proxy.stop().await;
-                eventually("the handler ends", || runs.finished() == 1).await;
-
-                // Meanwhile a retry cannot claim: 503, and nothing runs.
-                let refused = send(&svc, &key).await;
-                assert_problem(&refused, 503, "store-unavailable");
-                tokio::time::sleep(ms(300)).await;
-                assert!(
-                    store.faults.failed_completes.load(Ordering::SeqCst) >= 1,
-                    "storing the outcome failed during the outage"
-                );
-                assert!(
-                    !first.is_finished(),
-                    "the body ends only once the outcome is stored"
-                );
-
-                proxy.restart().await;
-                let first = tokio::time::timeout(Duration::from_secs(5), first)
-                    .await
-                    .expect("the outcome is stored once the database is back")
-                    .expect("the first request");
-                assert_eq!(first.status, StatusCode::CREATED);
-                assert_eq!(first.outcome, Some(IdempotencyOutcome::Executed));
-                let completes = store.faults.completes.load(Ordering::SeqCst);
-                let failed = store.faults.failed_completes.load(Ordering::SeqCst);
-                assert!(completes >= 2, "complete was retried: {completes}");
-                assert_eq!(completes - failed, 1, "and succeeded once");
-                // (The refused retry's claim is released by its token, which frees nothing.)
-                assert_eq!(
-                    store.faults.released.load(Ordering::SeqCst),
-                    0,
-                    "never released"
-                );
-
-                let retry = send(&svc, &key).await;
-                assert_eq!(retry.status, StatusCode::CREATED);
-                assert!(retry.replayed(), "a retry after recovery replays");
-                assert_eq!(retry.body, first.body);
-                assert_eq!(runs.started(), 1, "the operation ran once");
-            })
+            .run(async move { complete_failing_after_the_run_is_retried(store, &proxy).await })
             .await;
     }
 }
@@ -646,7 +596,6 @@ mod postgres_backend {
 mod mysql_backend {
     use std::future::Future;
     use std::str::FromStr;
-    use std::sync::atomic::Ordering;
 
     use common::FaultProxy;
     use tower_idempotency::MySqlStore;
@@ -706,12 +655,7 @@ mod mysql_backend {
     /// `acquire_timeout`.
     async fn through_proxy(url: &str, acquire_timeout: Duration) -> (FaultProxy, MySqlPool) {
         let options = MySqlConnectOptions::from_str(url).expect("MYSQL_URL");
-        let upstream = tokio::net::lookup_host((options.get_host(), options.get_port()))
-            .await
-            .expect("resolve the server")
-            .next()
-            .expect("an address");
-        let proxy = FaultProxy::start(upstream).await;
+        let proxy = proxy_to(options.get_host(), options.get_port()).await;
         let pool = MySqlPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(acquire_timeout)
@@ -746,8 +690,6 @@ mod mysql_backend {
         on_mysql(crashed_owner_blocks_only_for_its_lease).await;
     }
 
-    /// With the database unreachable (every connection dropped), covered requests get 503
-    /// quickly and nothing runs; once it is back, the same service protects requests again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mysql_outage_fails_closed_and_recovers_without_rebuilding() {
         let Some(url) = mysql_url() else { return };
@@ -756,54 +698,11 @@ mod mysql_backend {
             .expect("connect to MYSQL_URL");
         let (proxy, pool) = through_proxy(&url, Duration::from_secs(1)).await;
         run_on_table(&admin, pool, |store| async move {
-            let runs = Runs::default();
-            let svc = IdempotencyLayer::new(store)
-                .share_keys_across_callers()
-                .store_timeout(Duration::from_secs(2))
-                .layer(runs.handler(Duration::ZERO));
-            let before = send(&svc, &fresh_key()).await;
-            assert_eq!(before.status, StatusCode::CREATED);
-
-            proxy.drop_all();
-            let key = fresh_key();
-            for _ in 0..2 {
-                let sent = Instant::now();
-                let refused = send(&svc, &key).await;
-                assert_problem(&refused, 503, "store-unavailable");
-                assert!(
-                    sent.elapsed() < Duration::from_secs(3),
-                    "{:?}",
-                    sent.elapsed()
-                );
-                assert_eq!(runs.started(), 1, "nothing runs while the store is down");
-            }
-
-            proxy.pass();
-            let mut answer = send(&svc, &key).await;
-            for _ in 0..30 {
-                if answer.status != StatusCode::SERVICE_UNAVAILABLE {
-                    break;
-                }
-                tokio::time::sleep(ms(100)).await;
-                answer = send(&svc, &key).await;
-            }
-            assert_eq!(
-                answer.status,
-                StatusCode::CREATED,
-                "the same service recovers"
-            );
-            assert_eq!(answer.outcome, Some(IdempotencyOutcome::Executed));
-            let retry = send(&svc, &key).await;
-            assert!(retry.replayed(), "and protects again");
-            assert_eq!(retry.body, answer.body);
-            assert_eq!(runs.started(), 2);
+            outage_fails_closed_and_recovers(store, &proxy).await
         })
         .await;
     }
 
-    /// The database goes away while the handler runs, for longer than the lease, so storing
-    /// its outcome fails: the layer retries `complete` until the database is back, never
-    /// releases the key, and a retry then replays the one run.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mysql_complete_failing_after_the_run_is_retried() {
         let Some(url) = mysql_url() else { return };
@@ -812,58 +711,7 @@ mod mysql_backend {
             .expect("connect to MYSQL_URL");
         let (proxy, pool) = through_proxy(&url, ms(250)).await;
         run_on_table(&admin, pool, |store| async move {
-            let store = common::FaultStore::new(store);
-            let runs = Runs::default();
-            let svc = IdempotencyLayer::new(store.clone())
-                .share_keys_across_callers()
-                .lease(ms(300))
-                .layer(runs.handler(ms(200)));
-            let key = fresh_key();
-            let first = tokio::spawn({
-                let svc = svc.clone();
-                let key = key.clone();
-                async move { send(&svc, &key).await }
-            });
-            eventually("the handler runs", || runs.started() == 1).await;
-            proxy.drop_all();
-            eventually("the handler ends", || runs.finished() == 1).await;
-
-            let refused = send(&svc, &key).await;
-            assert_problem(&refused, 503, "store-unavailable");
-            // Past the lease: the claim lapsed in the database meanwhile.
-            tokio::time::sleep(ms(500)).await;
-            assert!(
-                store.faults.failed_completes.load(Ordering::SeqCst) >= 1,
-                "storing the outcome failed during the outage"
-            );
-            assert!(
-                !first.is_finished(),
-                "the body ends only once the outcome is stored"
-            );
-
-            proxy.pass();
-            let first = tokio::time::timeout(Duration::from_secs(10), first)
-                .await
-                .expect("the outcome is stored once the database is back")
-                .expect("the first request");
-            assert_eq!(first.status, StatusCode::CREATED);
-            let completes = store.faults.completes.load(Ordering::SeqCst);
-            let failed = store.faults.failed_completes.load(Ordering::SeqCst);
-            assert_eq!(
-                completes - failed,
-                1,
-                "stored once, after {failed} failures"
-            );
-            assert_eq!(
-                store.faults.released.load(Ordering::SeqCst),
-                0,
-                "never released"
-            );
-
-            let retry = send(&svc, &key).await;
-            assert!(retry.replayed(), "a retry after recovery replays");
-            assert_eq!(retry.body, first.body);
-            assert_eq!(runs.started(), 1, "the operation ran once");
+            complete_failing_after_the_run_is_retried(store, &proxy).await
         })
         .await;
     }
