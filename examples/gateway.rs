@@ -65,7 +65,13 @@ pub struct Settings {
 impl Settings {
     /// Reads the settings from the environment.
     pub fn from_env() -> Result<Self, String> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings from `get`, which returns the value of a variable (an empty
+    /// value counts as unset).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let var = |name: &str| get(name).filter(|v| !v.is_empty());
         let listen = var("LISTEN_ADDR")
             .unwrap_or_else(|| "127.0.0.1:3002".to_owned())
             .parse()
