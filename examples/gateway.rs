@@ -36,12 +36,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{HeaderName, StatusCode, Uri, header};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderName, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower::ServiceExt;
 use tower_idempotency::policy::MissingKey;
 use tower_idempotency::{DetachedWork, IdempotencyLayer, IdempotencyStore, MemoryStore};
 
@@ -196,7 +198,6 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> 
 }
 
 /// Where requests go, and the client that takes them there.
-#[derive(Clone)]
 struct Upstream {
     base: Uri,
     client: Client<HttpConnector, Body>,
@@ -233,8 +234,27 @@ fn strip_hop_by_hop(headers: &mut axum::http::HeaderMap) {
     }
 }
 
+/// An RFC 9457 problem that the gateway answers itself.
+fn problem(status: StatusCode, slug: &str, title: &str, detail: &str) -> Response {
+    let body = serde_json::json!({
+        "type": format!("{PROBLEM_BASE}{slug}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Where the gateway's own problem types are described: this example's documentation.
+const PROBLEM_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/#gateway-";
+
 /// Forwards one request upstream and its answer back.
-async fn forward(State(upstream): State<Upstream>, req: Request) -> Response {
+async fn forward(State(upstream): State<Arc<Upstream>>, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let prefix = upstream.base.path().trim_end_matches('/');
@@ -243,13 +263,30 @@ async fn forward(State(upstream): State<Upstream>, req: Request) -> Response {
         upstream.base.scheme_str().unwrap_or("http"),
         upstream.base.authority().map_or("", |a| a.as_str()),
     );
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority()?.as_str().parse().ok());
     parts.uri = match target.parse() {
         Ok(uri) => uri,
-        Err(_) => return (StatusCode::BAD_REQUEST, "unforwardable path").into_response(),
+        Err(_) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "path-not-forwardable",
+                "Path not forwardable",
+                "The request's path cannot be joined to the upstream's address; nothing was \
+                 forwarded.",
+            );
+        }
     };
+    // The upstream client speaks HTTP/1.1, whatever the client spoke to the gateway
+    // (HTTP/1.0, HTTP/1.1 or HTTP/2).
+    parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     // The upstream sees its own host; the client's is kept for it.
-    if let Some(host) = parts.headers.remove(header::HOST) {
+    parts.headers.remove(header::HOST);
+    if let Some(host) = host {
         parts.headers.insert("x-forwarded-host", host);
     }
     match upstream
@@ -290,9 +327,53 @@ pub async fn app(settings: &Settings) -> Result<(Router, DetachedWork), String> 
     };
     let router = Router::new()
         .fallback(forward)
-        .with_state(upstream)
+        .with_state(Arc::new(upstream))
         .layer(layer);
     Ok((router, work))
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets the requests in progress
+/// finish. Each connection speaks HTTP/1.1 (or 1.0) or HTTP/2 with prior knowledge (h2c),
+/// whichever its first bytes say; the client's address is in each request's extensions as
+/// axum's `ConnectInfo<SocketAddr>`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors, or a connection reset before it was taken:
+                    // pause rather than spin, and go on.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req.map(Body::new))
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(error = %err, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 #[allow(dead_code)]
@@ -317,33 +398,35 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .unwrap_or_else(|e| panic!("cannot listen on {}: {e}", settings.listen));
+    let listener = match tokio::net::TcpListener::bind(settings.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("gateway: cannot listen on {}: {err}", settings.listen);
+            std::process::exit(1);
+        }
+    };
     tracing::info!(
         listen = %settings.listen,
         upstream = %settings.upstream,
         store = %settings.store,
         "gateway ready"
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let ctrl_c = tokio::signal::ctrl_c();
-            #[cfg(unix)]
-            {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("a SIGTERM handler");
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
+    serve(listener, app, async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("a SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
             }
-            #[cfg(not(unix))]
-            let _ = ctrl_c.await;
-        })
-        .await
-        .expect("the server runs");
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+    })
+    .await;
     // The records of answers already sent (and of requests whose client left) are stored
     // before exiting.
     if let Err(unfinished) = work.shutdown(Duration::from_secs(10)).await {
