@@ -30,14 +30,14 @@
 //! On Ctrl-C or SIGTERM the gateway stops taking requests, lets the ones in progress finish,
 //! and waits (up to 10 s) for the records still being stored.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderName, StatusCode, Uri, Version, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -62,6 +62,9 @@ pub struct Settings {
     pub scope: Option<(HeaderName, Vec<u8>)>,
     /// The lease of a running request.
     pub lease: Duration,
+    /// Keep the `Forwarded` and `X-Forwarded-*` headers the client sent (it is a proxy the
+    /// gateway trusts), adding the gateway's own hop; otherwise they are replaced.
+    pub trust_forwarded: bool,
 }
 
 impl Settings {
@@ -74,6 +77,11 @@ impl Settings {
     /// value counts as unset).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
         let var = |name: &str| get(name).filter(|v| !v.is_empty());
+        let flag = |name: &str| match var(name).as_deref() {
+            None | Some("0" | "false" | "no" | "off") => Ok(false),
+            Some("1" | "true" | "yes" | "on") => Ok(true),
+            Some(other) => Err(format!("{name} must be 1 or 0, not {other:?}")),
+        };
         let listen = var("LISTEN_ADDR")
             .unwrap_or_else(|| "127.0.0.1:3002".to_owned())
             .parse()
@@ -116,9 +124,10 @@ impl Settings {
             listen,
             upstream,
             store: var("IDEMPOTENCY_STORE").unwrap_or_else(|| "memory".to_owned()),
-            assign_key: var("IDEMPOTENCY_ASSIGN_KEY").is_some_and(|v| v == "1" || v == "true"),
+            assign_key: flag("IDEMPOTENCY_ASSIGN_KEY")?,
             scope,
             lease,
+            trust_forwarded: flag("TRUST_FORWARDED")?,
         })
     }
 }
@@ -201,6 +210,7 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> 
 struct Upstream {
     base: Uri,
     client: Client<HttpConnector, Body>,
+    trust_forwarded: bool,
 }
 
 /// Headers that belong to one connection, not to the request: never forwarded.
@@ -231,6 +241,93 @@ fn strip_hop_by_hop(headers: &mut axum::http::HeaderMap) {
     let hop: Vec<HeaderName> = headers.keys().filter(|n| hop_by_hop(n)).cloned().collect();
     for name in named.iter().chain(&hop) {
         headers.remove(name);
+    }
+}
+
+/// The headers that say whom a proxy forwards for.
+const FORWARDING: [&str; 4] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+/// Writes the gateway's hop in `Forwarded` (RFC 7239) and `X-Forwarded-For`, `-Host` and
+/// `-Proto`: the client's address, the host it asked for (its `Host`, or its HTTP/2
+/// `:authority`) and `http` (the gateway listens on plain HTTP). What the client sent in
+/// these headers is dropped first, unless `trust` (the client is a proxy the gateway
+/// trusts): then the gateway's hop is appended to its `Forwarded` and `X-Forwarded-For`,
+/// and its `X-Forwarded-Host` and `-Proto` are kept.
+fn forwarding(
+    headers: &mut HeaderMap,
+    peer: Option<IpAddr>,
+    host: Option<HeaderValue>,
+    trust: bool,
+) {
+    fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
+        let values: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    }
+    let (earlier_for, earlier_forwarded) = if trust {
+        (
+            joined(headers, "x-forwarded-for"),
+            joined(headers, "forwarded"),
+        )
+    } else {
+        for name in FORWARDING {
+            headers.remove(name);
+        }
+        (None, None)
+    };
+    // One element of `Forwarded`: a value that is not a token is quoted (an IPv6
+    // address in brackets, a host with a port).
+    let quoted = |v: &str| {
+        if v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        {
+            v.to_owned()
+        } else {
+            format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+        }
+    };
+    let mut element = Vec::new();
+    if let Some(ip) = peer {
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        element.push(format!("for={}", quoted(&node)));
+        let chain = match earlier_for {
+            Some(earlier) => format!("{earlier}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(value) = HeaderValue::from_str(&chain) {
+            headers.insert("x-forwarded-for", value);
+        }
+    }
+    if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
+        element.push(format!("host={}", quoted(host)));
+    }
+    element.push("proto=http".to_owned());
+    let element = element.join(";");
+    let forwarded = match earlier_forwarded {
+        Some(earlier) => format!("{earlier}, {element}"),
+        None => element,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+        headers.insert("forwarded", value);
+    }
+    if !headers.contains_key("x-forwarded-host")
+        && let Some(host) = host
+    {
+        headers.insert("x-forwarded-host", host);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
 }
 
@@ -284,11 +381,13 @@ async fn forward(State(upstream): State<Arc<Upstream>>, req: Request) -> Respons
     // (HTTP/1.0, HTTP/1.1 or HTTP/2).
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
-    // The upstream sees its own host; the client's is kept for it.
+    // The upstream sees its own host; the client's is passed on in the forwarding headers.
     parts.headers.remove(header::HOST);
-    if let Some(host) = host {
-        parts.headers.insert("x-forwarded-host", host);
-    }
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    forwarding(&mut parts.headers, peer, host, upstream.trust_forwarded);
     match upstream
         .client
         .request(Request::from_parts(parts, body))
@@ -324,6 +423,7 @@ pub async fn app(settings: &Settings) -> Result<(Router, DetachedWork), String> 
     let upstream = Upstream {
         base: settings.upstream.clone(),
         client: Client::builder(TokioExecutor::new()).build_http(),
+        trust_forwarded: settings.trust_forwarded,
     };
     let router = Router::new()
         .fallback(forward)

@@ -97,18 +97,28 @@ async fn gateway(upstream: SocketAddr, assign_key: bool) -> SocketAddr {
 }
 
 async fn gateway_on(upstream: SocketAddr, assign_key: bool, store: &str) -> SocketAddr {
-    let settings = gateway::Settings {
+    let mut settings = settings(upstream);
+    settings.store = store.to_owned();
+    settings.assign_key = assign_key;
+    start(settings).await
+}
+
+/// The settings of a gateway in front of `http://{upstream}/api`, on the memory store.
+fn settings(upstream: SocketAddr) -> gateway::Settings {
+    gateway::Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         upstream: format!("http://{upstream}/api").parse().unwrap(),
-        store: store.to_owned(),
-        assign_key,
+        store: "memory".to_owned(),
+        assign_key: false,
         scope: None,
         lease: Duration::from_secs(5),
-    };
+        trust_forwarded: false,
+    }
+}
+
+async fn start(settings: gateway::Settings) -> SocketAddr {
     let (app, _work) = gateway::app(&settings).await.unwrap();
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .unwrap();
+    let listener = TcpListener::bind(settings.listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(gateway::serve(listener, app, std::future::pending()));
     addr
@@ -472,7 +482,6 @@ async fn dot_segments_never_leave_the_upstream_prefix() {
 }
 
 #[tokio::test]
-#[ignore = "pending"]
 async fn forwarding_headers_are_the_gateways_own() {
     let state = Upstream::default();
     let gw = gateway(upstream(state.clone()).await, false).await;
@@ -517,6 +526,26 @@ async fn forwarding_headers_are_the_gateways_own() {
         answer.contains("forwarded=Some(\"for=127.0.0.1;host=shop.example;proto=http\")"),
         "{answer}"
     );
+
+    // Behind a proxy it trusts (`TRUST_FORWARDED=1`): the proxy's headers are kept, and the
+    // gateway's hop added.
+    let mut trusting = settings(upstream(state.clone()).await);
+    trusting.trust_forwarded = true;
+    let gw = start(trusting).await;
+    let answer = raw(
+        gw,
+        &format!("GET /echo HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n{spoofed}\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for expected in [
+        "x-forwarded-host=Some(\"evil.example\")",
+        "x-forwarded-for=Some(\"6.6.6.6, 127.0.0.1\")",
+        "x-forwarded-proto=Some(\"https\")",
+        "forwarded=Some(\"for=6.6.6.6;host=evil.example, for=127.0.0.1;host=\\\"[::1]:8080\\\";proto=http\")",
+    ] {
+        assert!(answer.contains(expected), "{expected} in {answer}");
+    }
 }
 
 #[test]
