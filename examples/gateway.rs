@@ -38,6 +38,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, Version, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -350,6 +351,51 @@ fn problem(status: StatusCode, slug: &str, title: &str, detail: &str) -> Respons
 /// Where the gateway's own problem types are described: this example's documentation.
 const PROBLEM_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/#gateway-";
 
+/// Whether `path` could climb out of the upstream's prefix: it is not a path from the root
+/// (`*`, or a relative form), or one of its segments is `.` or `..` once percent-decoded
+/// (`%2e%2e`, `%2E.`), split at `/` and `\\` (as some upstreams split) and with any
+/// `;parameters` set aside (as Tomcat does: `..;x` is `..` there), which also catches
+/// `..%2f` and `..%5c`.
+fn climbs(path: &str) -> bool {
+    if !path.starts_with('/') {
+        return true;
+    }
+    let mut decoded = Vec::with_capacity(path.len());
+    let mut bytes = path.bytes();
+    while let Some(b) = bytes.next() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        if b == b'%'
+            && let (Some(h), Some(l)) = (bytes.clone().next(), bytes.clone().nth(1))
+            && let (Some(h), Some(l)) = (hex(h), hex(l))
+        {
+            decoded.push((h * 16 + l) as u8);
+            bytes.nth(1);
+        } else {
+            decoded.push(b);
+        }
+    }
+    decoded
+        .split(|&b| b == b'/' || b == b'\\')
+        .map(|segment| segment.split(|&b| b == b';').next().unwrap_or_default())
+        .any(|segment| segment == b"." || segment == b"..")
+}
+
+/// Refuses, before the idempotency layer sees it, a request whose path could reach outside
+/// the upstream's prefix.
+async fn refuse_dot_segments(req: Request, next: Next) -> Response {
+    if climbs(req.uri().path()) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "path-not-forwardable",
+            "Path not forwardable",
+            "The request's path has a `.` or `..` segment (perhaps percent-encoded, or \
+             followed by an encoded slash or a backslash), which could reach outside the \
+             upstream's prefix; nothing was forwarded.",
+        );
+    }
+    next.run(req).await
+}
+
 /// Forwards one request upstream and its answer back.
 async fn forward(State(upstream): State<Arc<Upstream>>, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
@@ -428,7 +474,8 @@ pub async fn app(settings: &Settings) -> Result<(Router, DetachedWork), String> 
     let router = Router::new()
         .fallback(forward)
         .with_state(Arc::new(upstream))
-        .layer(layer);
+        .layer(layer)
+        .layer(axum::middleware::from_fn(refuse_dot_segments));
     Ok((router, work))
 }
 
