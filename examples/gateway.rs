@@ -48,6 +48,34 @@ use tower::ServiceExt;
 use tower_idempotency::policy::MissingKey;
 use tower_idempotency::{DetachedWork, IdempotencyLayer, IdempotencyStore, MemoryStore};
 
+/// How the gateway tells its callers apart, so that one caller is never served another's
+/// stored answer. There is no default: the gateway does not start without one.
+#[derive(Debug, Clone)]
+pub enum CallerScope {
+    /// Each value of this credential header (an API key, a bearer token) is a caller of its
+    /// own, identified by an HMAC-SHA-256 of it keyed with the secret; a request without the
+    /// header is refused (`403 caller-unknown`). A new or refreshed credential is a new
+    /// caller: its retry runs again.
+    Credential {
+        /// The header, such as `authorization`.
+        header: HeaderName,
+        /// The HMAC key, the same on every gateway sharing a store.
+        secret: Vec<u8>,
+    },
+    /// One scope for every caller: right only when a single caller, or callers that trust
+    /// each other, stand behind the gateway.
+    Shared,
+}
+
+/// Why the gateway refuses to start without a scope.
+const NO_SCOPE: &str = "no caller scope chosen. Keys of different callers must be kept \
+    apart, or one caller can be served another's stored response: set \
+    IDEMPOTENCY_SCOPE_HEADER (a credential header, such as authorization) and \
+    IDEMPOTENCY_SCOPE_SECRET (the HMAC secret, the same on every gateway sharing a store) to \
+    scope keys by credential, or IDEMPOTENCY_SHARED_SCOPE=1 to share one scope among all \
+    callers (only when one caller, or callers that trust each other, stand behind the \
+    gateway)";
+
 /// What the gateway is set up with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -59,8 +87,8 @@ pub struct Settings {
     pub store: String,
     /// Give a request without a key one of its own.
     pub assign_key: bool,
-    /// Keep callers apart by this credential header, hashed with this secret.
-    pub scope: Option<(HeaderName, Vec<u8>)>,
+    /// How the keys of different callers are kept apart.
+    pub scope: CallerScope,
     /// The lease of a running request.
     pub lease: Duration,
     /// Keep the `Forwarded` and `X-Forwarded-*` headers the client sent (it is a proxy the
@@ -100,14 +128,23 @@ impl Settings {
         let scope = match (
             var("IDEMPOTENCY_SCOPE_HEADER"),
             var("IDEMPOTENCY_SCOPE_SECRET"),
+            flag("IDEMPOTENCY_SHARED_SCOPE")?,
         ) {
-            (Some(header), Some(secret)) => Some((
-                header
+            (Some(header), Some(secret), false) => CallerScope::Credential {
+                header: header
                     .parse()
                     .map_err(|e| format!("IDEMPOTENCY_SCOPE_HEADER: {e}"))?,
-                secret.into_bytes(),
-            )),
-            (None, None) => None,
+                secret: secret.into_bytes(),
+            },
+            (None, None, true) => CallerScope::Shared,
+            (None, None, false) => return Err(NO_SCOPE.to_owned()),
+            (Some(_), Some(_), true) => {
+                return Err(
+                    "IDEMPOTENCY_SHARED_SCOPE=1 contradicts IDEMPOTENCY_SCOPE_HEADER \
+                            and IDEMPOTENCY_SCOPE_SECRET: choose one way to scope keys"
+                        .to_owned(),
+                );
+            }
             _ => {
                 return Err(
                     "IDEMPOTENCY_SCOPE_HEADER and IDEMPOTENCY_SCOPE_SECRET go together".to_owned(),
@@ -353,7 +390,7 @@ const PROBLEM_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idemp
 
 /// Whether `path` could climb out of the upstream's prefix: it is not a path from the root
 /// (`*`, or a relative form), or one of its segments is `.` or `..` once percent-decoded
-/// (`%2e%2e`, `%2E.`), split at `/` and `\\` (as some upstreams split) and with any
+/// (`%2e%2e`, `%2E.`), split at `/` and `\` (as some upstreams split) and with any
 /// `;parameters` set aside (as Tomcat does: `..;x` is `..` there), which also catches
 /// `..%2f` and `..%5c`.
 fn climbs(path: &str) -> bool {
@@ -458,9 +495,12 @@ pub async fn app(settings: &Settings) -> Result<(Router, DetachedWork), String> 
     let store = open_store(&settings.store).await?;
     let mut layer = IdempotencyLayer::new(store).lease(settings.lease);
     layer = match &settings.scope {
-        Some((header, secret)) => layer.scope_by_credential(header.clone(), secret),
-        // One caller behind the gateway, or callers that trust each other.
-        None => layer.share_keys_across_callers(),
+        CallerScope::Credential { header, secret } => {
+            layer.scope_by_credential(header.clone(), secret)
+        }
+        // One caller behind the gateway, or callers that trust each other: chosen
+        // explicitly.
+        CallerScope::Shared => layer.share_keys_across_callers(),
     };
     if settings.assign_key {
         layer = layer.missing_key(MissingKey::Generate);

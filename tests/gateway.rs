@@ -110,7 +110,7 @@ fn settings(upstream: SocketAddr) -> gateway::Settings {
         upstream: format!("http://{upstream}/api").parse().unwrap(),
         store: "memory".to_owned(),
         assign_key: false,
-        scope: None,
+        scope: gateway::CallerScope::Shared,
         lease: Duration::from_secs(5),
         trust_forwarded: false,
     }
@@ -551,7 +551,6 @@ async fn forwarding_headers_are_the_gateways_own() {
 }
 
 #[test]
-#[ignore = "pending"]
 fn the_gateway_will_not_start_without_a_scope_decision() {
     let vars = |extra: &'static [(&'static str, &'static str)]| {
         move |name: &str| {
@@ -628,4 +627,36 @@ async fn http1_and_http2_clients_are_both_served() {
     assert_eq!(h1.headers["idempotent-replayed"], "true");
     assert_eq!(h1.body, first.body);
     assert_eq!(state.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn callers_are_kept_apart_by_their_credential() {
+    let state = Upstream::default();
+    let mut scoped = settings(upstream(state.clone()).await);
+    scoped.scope = gateway::CallerScope::Credential {
+        header: http::header::AUTHORIZATION,
+        secret: b"fleet secret".to_vec(),
+    };
+    let gw = start(scoped).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let pay = |token: Option<&'static str>| {
+        let mut req = http::Request::post(format!("http://{gw}/payments"))
+            .header("idempotency-key", "pay-same");
+        if let Some(token) = token {
+            req = req.header("authorization", token);
+        }
+        client.request(req.body(Full::new(Bytes::from_static(b"{}"))).unwrap())
+    };
+    assert_eq!(pay(None).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        pay(Some("Bearer a")).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        pay(Some("Bearer b")).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    let retry = pay(Some("Bearer a")).await.unwrap();
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(state.runs.load(Ordering::SeqCst), 2, "one run per caller");
 }
