@@ -7,7 +7,11 @@
 //!
 //! - [`IdempotencyKeyLayer`] gives each call a fresh key (a UUID v4) unless the caller set one,
 //!   and puts it in the request's extensions as an [`IdempotencyKey`], so the caller can log
-//!   it or look the operation up later;
+//!   it or look the operation up later. The header carries it as the draft's RFC 9651
+//!   sf-string (`Idempotency-Key: "8e03978e-…"`), which the server accepts whether it parses
+//!   keys strictly or leniently ([`KeyParsing`](crate::KeyParsing)); a key the caller set
+//!   bare is sent quoted, `"` and `\` escaped, and one no sf-string can carry (not printable
+//!   ASCII, empty, repeated) fails the call with a [`KeyError`] before anything is sent;
 //! - [`RetryPolicy`], a [`tower::retry::Policy`], sends the call again when its outcome is not
 //!   known (a transport error, a timeout), when the key is still in use (`409` with
 //!   `Retry-After`; gRPC `ABORTED`) and when the service is unavailable (`503`; gRPC
@@ -52,7 +56,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::key::IdempotencyKey;
+use crate::key::{IdempotencyKey, KeyError};
 use crate::outcome::REPLAYED_HEADER;
 
 /// Gives each request a fresh `Idempotency-Key` unless it carries one (see the
@@ -60,6 +64,19 @@ use crate::outcome::REPLAYED_HEADER;
 ///
 /// By default it covers `POST` and `PATCH` (the methods the server layer covers) and gRPC
 /// calls, and uses the header `idempotency-key`.
+///
+/// The key is sent as an RFC 9651 sf-string, quoted, as the draft specifies, so that a server
+/// with strict key parsing accepts it as well as a lenient one. A key the caller set is read
+/// this way:
+///
+/// - a value that starts with `"` is an sf-string already (`"abc"` is the key `abc`), and
+///   must be a valid one;
+/// - any other value is the key's own text, sent quoted with `"` and `\` escaped: `say "hi"`
+///   goes as `"say \"hi\""`, and the server reads `say "hi"`.
+///
+/// A key must be printable ASCII (spaces included), not empty, and set once: otherwise the
+/// call fails with a [`KeyError`] (boxed in the service's `BoxError`) and is not sent, since
+/// no server would accept it.
 ///
 /// ```
 /// use tower_idempotency::client::IdempotencyKeyLayer;
@@ -115,34 +132,72 @@ impl IdempotencyKeyLayer {
 
 impl IdempotencyKeyLayer {
     /// Gives a request of a covered method its key: the caller's, if it set one (a retry of
-    /// its own, across restarts), or a new one in the header. The key also goes into
-    /// `extensions`. Returns whether the method is covered.
+    /// its own, across restarts), or a new one; either way the header carries it as an
+    /// sf-string ([`key_header_value`]). The key also goes into `extensions`. Returns whether
+    /// the method is covered, or why the caller's key cannot be sent.
     fn assign(
         &self,
         method: &Method,
         headers: &mut http::HeaderMap,
         extensions: &mut http::Extensions,
-    ) -> bool {
+    ) -> Result<bool, KeyError> {
         if !self.methods.contains(method) {
-            return false;
+            return Ok(false);
         }
-        let key = match headers.get(&self.header) {
-            Some(value) => {
-                crate::key::parse_key(value, crate::key::KeyParsing::Lenient, usize::MAX).ok()
+        let mut values = headers.get_all(&self.header).iter();
+        let key = match (values.next(), values.next()) {
+            (Some(_), Some(_)) => return Err(KeyError::Repeated),
+            (Some(value), None) => {
+                let (key, value) = key_header_value(value)?;
+                headers.insert(self.header.clone(), value);
+                key
             }
-            None => {
+            (None, _) => {
                 let key = IdempotencyKey::generate();
-                if let Ok(value) = HeaderValue::from_str(key.as_str()) {
-                    headers.insert(self.header.clone(), value);
-                }
-                Some(key)
+                headers.insert(self.header.clone(), key.to_header_value());
+                key
             }
         };
-        if let Some(key) = key {
-            extensions.insert(key);
-        }
-        true
+        extensions.insert(key);
+        Ok(true)
     }
+}
+
+/// The key a caller set in the header, and the header value to send for it: always an
+/// RFC 9651 sf-string (`"…"`), which the server accepts under every
+/// [`KeyParsing`](crate::KeyParsing), strict included.
+///
+/// A value that starts with `"` is taken as an sf-string already, and must be a valid one
+/// ([`KeyError::NotSfString`]). Any other is the key's own text, sent quoted, with `"` and
+/// `\` escaped: `say "hi"` goes as `"say \"hi\""`. A key must be printable ASCII (spaces
+/// included) and not empty; no sf-string can carry another character
+/// ([`KeyError::NotPrintable`]).
+fn key_header_value(value: &HeaderValue) -> Result<(IdempotencyKey, HeaderValue), KeyError> {
+    use crate::key::{KeyParsing, parse_key};
+    let bytes = value.as_bytes();
+    if bytes.first() == Some(&b'"') {
+        let key = parse_key(value, KeyParsing::Strict, usize::MAX)?;
+        let value = key.to_header_value();
+        return Ok((key, value));
+    }
+    if bytes.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if !bytes.iter().all(|b| (0x20..=0x7e).contains(b)) {
+        return Err(KeyError::NotPrintable);
+    }
+    let mut quoted = Vec::with_capacity(bytes.len() + 2);
+    quoted.push(b'"');
+    for &b in bytes {
+        if b == b'"' || b == b'\\' {
+            quoted.push(b'\\');
+        }
+        quoted.push(b);
+    }
+    quoted.push(b'"');
+    let quoted = HeaderValue::from_bytes(&quoted).map_err(|_| KeyError::NotPrintable)?;
+    let key = parse_key(&quoted, KeyParsing::Strict, usize::MAX)?;
+    Ok((key, quoted))
 }
 
 impl<S> Layer<S> for IdempotencyKeyLayer {
@@ -156,7 +211,8 @@ impl<S> Layer<S> for IdempotencyKeyLayer {
     }
 }
 
-/// The service of [`IdempotencyKeyLayer`].
+/// The service of [`IdempotencyKeyLayer`]. Its errors are the inner service's, boxed, or a
+/// [`KeyError`] for a key the caller set that cannot be sent.
 #[derive(Debug, Clone)]
 pub struct SetIdempotencyKey<S> {
     inner: S,
@@ -166,23 +222,64 @@ pub struct SetIdempotencyKey<S> {
 impl<S, B> Service<Request<B>> for SetIdempotencyKey<S>
 where
     S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
 {
     type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Error = BoxError;
+    type Future = SetIdempotencyKeyFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // A request lends one half of its head at a time: the extensions step out meanwhile.
         let mut extensions = std::mem::take(req.extensions_mut());
         let method = req.method().clone();
-        self.layer
+        let assigned = self
+            .layer
             .assign(&method, req.headers_mut(), &mut extensions);
         *req.extensions_mut() = extensions;
-        self.inner.call(req)
+        match assigned {
+            Ok(_) => SetIdempotencyKeyFuture {
+                sent: Some(self.inner.call(req)),
+                refused: None,
+            },
+            Err(error) => SetIdempotencyKeyFuture {
+                sent: None,
+                refused: Some(error),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`SetIdempotencyKey`]: the inner service's, or a [`KeyError`] for a key
+    /// the caller set that no server would accept (the request is not sent).
+    #[derive(Debug)]
+    pub struct SetIdempotencyKeyFuture<F> {
+        #[pin]
+        sent: Option<F>,
+        refused: Option<KeyError>,
+    }
+}
+
+impl<F, T, E> std::future::Future for SetIdempotencyKeyFuture<F>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.sent.as_pin_mut() {
+            Some(future) => future.poll(cx).map_err(Into::into),
+            None => Poll::Ready(Err(this.refused.take().map_or_else(
+                || "polled after completion".into(),
+                |e| Box::new(e) as BoxError,
+            ))),
+        }
     }
 }
 
@@ -668,6 +765,10 @@ pub mod reqwest {
     /// A reqwest middleware that gives each call one key (or keeps the caller's) and sends it
     /// again with that key while its outcome is not known, as [`RetryPolicy`] decides.
     ///
+    /// Keys go as sf-strings, as [`IdempotencyKeyLayer`] sends them; a caller's key that
+    /// cannot be sent fails the call with a middleware error holding the
+    /// [`KeyError`](crate::KeyError).
+    ///
     /// A request whose body cannot be cloned (a stream) is sent once.
     ///
     /// ```no_run
@@ -739,8 +840,11 @@ pub mod reqwest {
             next: reqwest_middleware::Next<'_>,
         ) -> reqwest_middleware::Result<::reqwest::Response> {
             let method = req.method().clone();
-            if !self.keys.assign(&method, req.headers_mut(), extensions) {
-                return next.run(req, extensions).await;
+            match self.keys.assign(&method, req.headers_mut(), extensions) {
+                Ok(true) => {}
+                Ok(false) => return next.run(req, extensions).await,
+                // A key the caller set that no server would accept: not sent.
+                Err(refused) => return Err(reqwest_middleware::Error::middleware(refused)),
             }
             let mut policy = self.policy.clone();
             loop {
@@ -882,6 +986,53 @@ mod tests {
     fn an_empty_budget_stops_retries() {
         let mut policy = RetryPolicy::new().budget(TpsBudget::new(Duration::from_secs(1), 0, 0.0));
         assert_eq!(policy.next_pause(None), None);
+    }
+
+    #[test]
+    fn keys_go_as_sf_strings_every_parsing_mode_reads_back() {
+        use crate::key::{KeyParsing, parse_key};
+        for (set, key, sent) in [
+            ("k1", "k1", r#""k1""#),
+            (r#""k1""#, "k1", r#""k1""#),
+            (r#"say "hi""#, r#"say "hi""#, r#""say \"hi\"""#),
+            (r"a\b", r"a\b", r#""a\\b""#),
+            (r#""a\"b""#, r#"a"b"#, r#""a\"b""#),
+            ("two words", "two words", r#""two words""#),
+        ] {
+            let (parsed, value) = key_header_value(&HeaderValue::from_static(set)).unwrap();
+            assert_eq!(
+                (parsed.as_str(), value.to_str().unwrap()),
+                (key, sent),
+                "{set}"
+            );
+            for parsing in [KeyParsing::Strict, KeyParsing::Lenient] {
+                assert_eq!(parse_key(&value, parsing, 255).unwrap().as_str(), key);
+            }
+        }
+        for (set, why) in [
+            (&b""[..], KeyError::Empty),
+            (b"tab\there", KeyError::NotPrintable),
+            ("clé".as_bytes(), KeyError::NotPrintable),
+            (br#""unclosed"#, KeyError::NotSfString),
+            (br#""""#, KeyError::Empty),
+        ] {
+            let value = HeaderValue::from_bytes(set).unwrap();
+            assert_eq!(key_header_value(&value).unwrap_err(), why, "{value:?}");
+        }
+        let layer = IdempotencyKeyLayer::new();
+        let mut headers = http::HeaderMap::new();
+        headers.append("idempotency-key", HeaderValue::from_static("a"));
+        headers.append("idempotency-key", HeaderValue::from_static("b"));
+        let refused = layer.assign(&Method::POST, &mut headers, &mut http::Extensions::new());
+        assert_eq!(refused, Err(KeyError::Repeated));
+        let mut headers = http::HeaderMap::new();
+        let mut extensions = http::Extensions::new();
+        assert_eq!(
+            layer.assign(&Method::POST, &mut headers, &mut extensions),
+            Ok(true)
+        );
+        let made = extensions.get::<IdempotencyKey>().unwrap();
+        assert_eq!(headers["idempotency-key"], format!("\"{made}\""));
     }
 
     #[test]

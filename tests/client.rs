@@ -21,8 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tower::retry::RetryLayer;
 use tower::timeout::TimeoutLayer;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
-use tower_idempotency::REPLAYED_HEADER;
 use tower_idempotency::client::{IdempotencyKeyLayer, RetryPolicy};
+use tower_idempotency::{IdempotencyKey, KeyError, KeyParsing, REPLAYED_HEADER};
 
 /// hyper-util's client with the client side of this crate: a key per call, retries with
 /// it, and a timeout per attempt.
@@ -64,11 +64,14 @@ async fn answer(res: http::Response<hyper::body::Incoming>) -> (StatusCode, bool
     (status, replayed, body)
 }
 
-/// Every attempt carried the same key, one the client made.
+/// Every attempt carried the same key, one the client made, as an sf-string.
 fn one_key(seen: &Seen) -> usize {
     let keys = seen.keys.lock().unwrap();
     let first = keys[0].clone().expect("the client sent a key");
-    assert_eq!(first.len(), 36, "a UUID: {first}");
+    assert!(
+        first.len() == 38 && first.starts_with('"') && first.ends_with('"'),
+        "a quoted UUID: {first}"
+    );
     assert!(
         keys.iter().all(|k| k.as_deref() == Some(first.as_str())),
         "{keys:?}"
@@ -195,6 +198,84 @@ async fn final_answers_are_not_retried() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let keys = seen.keys.lock().unwrap();
     assert_eq!(keys.len(), 3, "one attempt each: {keys:?}");
-    assert_eq!(keys[1].as_deref(), Some("caller-1"));
+    assert_eq!(
+        keys[1].as_deref(),
+        Some("\"caller-1\""),
+        "sent as an sf-string"
+    );
     assert_eq!(seen.runs.load(Ordering::SeqCst), 1);
+}
+
+/// A server on a loopback port whose `POST /orders` answers `201` with the key the layer read
+/// (parsing it as `parsing` says); a refused key gets the layer's `400`.
+async fn key_echo_server(parsing: KeyParsing) -> std::net::SocketAddr {
+    use axum::routing::post;
+    let app = axum::Router::new()
+        .route(
+            "/orders",
+            post(|req: axum::extract::Request| async move {
+                let key = req.extensions().get::<IdempotencyKey>().unwrap();
+                (StatusCode::CREATED, key.as_str().to_owned())
+            }),
+        )
+        .layer(
+            tower_idempotency::IdempotencyLayer::new(tower_idempotency::MemoryStore::new())
+                .share_keys_across_callers()
+                .key_parsing(parsing),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test]
+async fn keys_the_client_sends_are_accepted_by_every_parsing_mode_of_the_server() {
+    for parsing in [KeyParsing::Strict, KeyParsing::Lenient] {
+        let addr = key_echo_server(parsing).await;
+        let client = client(Duration::from_secs(5));
+
+        // A key the client made.
+        let (status, _, key) = answer(client.clone().oneshot(order(addr)).await.unwrap()).await;
+        assert_eq!(status, StatusCode::CREATED, "{parsing:?}: {key:?}");
+        assert_eq!(key.len(), 36, "{parsing:?}: a UUID: {key:?}");
+
+        // Keys the caller set: bare, already an sf-string, and holding `"` or `\`. The
+        // server reads the caller's text, whatever the mode.
+        for (sent, read) in [
+            ("caller-1", "caller-1"),
+            ("\"quoted-1\"", "quoted-1"),
+            ("say \"hi\"", "say \"hi\""),
+            ("back\\slash", "back\\slash"),
+            ("\"esc\\\"aped\"", "esc\"aped"),
+        ] {
+            let mut req = order(addr);
+            req.headers_mut()
+                .insert("idempotency-key", sent.parse().unwrap());
+            let (status, replayed, key) = answer(client.clone().oneshot(req).await.unwrap()).await;
+            assert_eq!(
+                (status, replayed, String::from_utf8_lossy(&key)),
+                (StatusCode::CREATED, false, read.into()),
+                "{parsing:?}: the caller's key {sent}"
+            );
+        }
+    }
+
+    // A key that no sf-string can carry (not ASCII) is refused by the client, with the
+    // reason: it never reaches a server that would refuse it.
+    let addr = key_echo_server(KeyParsing::Lenient).await;
+    let mut req = order(addr);
+    req.headers_mut().insert(
+        "idempotency-key",
+        http::HeaderValue::from_bytes("clé".as_bytes()).unwrap(),
+    );
+    let refused = match client(Duration::from_secs(5)).oneshot(req).await {
+        Ok(res) => panic!("sent, answered {}", res.status()),
+        Err(err) => err,
+    };
+    assert_eq!(
+        refused.downcast_ref::<KeyError>(),
+        Some(&KeyError::NotPrintable),
+        "{refused}"
+    );
 }

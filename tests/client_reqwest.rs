@@ -82,7 +82,55 @@ async fn final_answers_and_other_methods_are_sent_once() {
     let keys = seen.keys.lock().unwrap().clone();
     assert_eq!(
         keys,
-        [Some("mine".to_owned()), Some("mine".to_owned()), None],
-        "one attempt each"
+        [
+            Some("\"mine\"".to_owned()),
+            Some("\"mine\"".to_owned()),
+            None
+        ],
+        "one attempt each, the key as an sf-string"
     );
+}
+
+#[tokio::test]
+async fn reqwest_keys_are_accepted_by_every_parsing_mode_of_the_server() {
+    use axum::routing::post;
+    use tower_idempotency::{IdempotencyKey, KeyParsing};
+    for parsing in [KeyParsing::Strict, KeyParsing::Lenient] {
+        // Answers with the key the layer read.
+        let app = axum::Router::new()
+            .route(
+                "/orders",
+                post(|req: axum::extract::Request| async move {
+                    let key = req.extensions().get::<IdempotencyKey>().unwrap();
+                    (StatusCode::CREATED, key.as_str().to_owned())
+                }),
+            )
+            .layer(
+                tower_idempotency::IdempotencyLayer::new(tower_idempotency::MemoryStore::new())
+                    .share_keys_across_callers()
+                    .key_parsing(parsing),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let client = client(Duration::from_secs(5));
+
+        let made = client
+            .post(format!("http://{addr}/orders"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(made.status(), StatusCode::CREATED, "{parsing:?}");
+        assert_eq!(made.text().await.unwrap().len(), 36, "{parsing:?}: a UUID");
+        for (sent, read) in [("mine", "mine"), ("say \"hi\" \\o/", "say \"hi\" \\o/")] {
+            let res = client
+                .post(format!("http://{addr}/orders"))
+                .header("idempotency-key", sent)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::CREATED, "{parsing:?}: {sent}");
+            assert_eq!(res.text().await.unwrap(), read, "{parsing:?}");
+        }
+    }
 }
