@@ -65,15 +65,17 @@ impl Entry {
         }
     }
 
-    /// A committed claim whose lease ended: its outcome is unknown until settled.
-    fn unknown(&self, now: Instant) -> Option<Fingerprint> {
+    /// A committed claim whose lease ended: its outcome is unknown until settled. Its
+    /// fingerprint, token and how long it is kept.
+    fn unknown(&self, now: Instant) -> Option<(Fingerprint, LeaseToken, Instant)> {
         match self {
             Entry::Claimed {
                 fingerprint,
+                token,
                 until,
                 committed_until: Some(committed),
                 ..
-            } if *until <= now && *committed > now => Some(*fingerprint),
+            } if *until <= now && *committed > now => Some((*fingerprint, *token, *committed)),
             _ => None,
         }
     }
@@ -129,8 +131,10 @@ impl IdempotencyStore for LockedMapStore {
         }
         // A committed claim is never taken over: once its lease ends (its owner crashed or
         // let go), its outcome is unknown.
-        if let Some(fingerprint) = entries.get(key.as_str()).and_then(|e| e.unknown(now)) {
-            return Ok(Claim::OutcomeUnknown { fingerprint });
+        if let Some((fingerprint, token, _)) =
+            entries.get(key.as_str()).and_then(|e| e.unknown(now))
+        {
+            return Ok(Claim::OutcomeUnknown { fingerprint, token });
         }
         // Expired entries are invisible: treat them as absent.
         // A lapsed lease is contested once before it is taken over: the owner may only be
@@ -221,6 +225,13 @@ impl IdempotencyStore for LockedMapStore {
         }
     }
 
+    async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        // Committed or not, the token's claim goes: the key is free.
+        self.owned(key, token, |entries| {
+            entries.remove(key.as_str());
+        })
+    }
+
     async fn commit(
         &self,
         key: &StoreKey,
@@ -249,18 +260,16 @@ impl IdempotencyStore for LockedMapStore {
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut entries = self.entries();
-        if entries
-            .get(key.as_str())
-            .and_then(|e| e.unknown(now))
-            .is_none()
-        {
+        let Some((_, _, kept_until)) = entries.get(key.as_str()).and_then(|e| e.unknown(now))
+        else {
             return Ok(false);
-        }
+        };
+        // Settling never shortens what the commit was kept for.
         entries.insert(
             key.as_str().to_owned(),
             Entry::Done {
                 record: Arc::new(record),
-                until: now + clamp_duration(ttl),
+                until: (now + clamp_duration(ttl)).max(kept_until),
             },
         );
         Ok(true)
@@ -272,7 +281,7 @@ impl IdempotencyStore for LockedMapStore {
         let Some(entry) = entries.get(key.as_str()).filter(|e| e.kept_until() > now) else {
             return Ok(KeyState::Free);
         };
-        if let Some(fingerprint) = entry.unknown(now) {
+        if let Some((fingerprint, _, _)) = entry.unknown(now) {
             return Ok(KeyState::OutcomeUnknown {
                 fingerprint,
                 expires_in: Some(entry.kept_until() - now),

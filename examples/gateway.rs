@@ -45,8 +45,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::ServiceExt;
+use tower_http::timeout::TimeoutBody;
 use tower_idempotency::policy::MissingKey;
-use tower_idempotency::{DetachedWork, IdempotencyLayer, IdempotencyStore, MemoryStore};
+use tower_idempotency::{
+    DetachedWork, IdempotencyClaim, IdempotencyLayer, IdempotencyStore, MemoryStore,
+};
 
 /// How the gateway tells its callers apart, so that one caller is never served another's
 /// stored answer. There is no default: the gateway does not start without one.
@@ -91,6 +94,12 @@ pub struct Settings {
     pub scope: CallerScope,
     /// The lease of a running request.
     pub lease: Duration,
+    /// How long the upstream has to begin its answer once the request is forwarded (then
+    /// `504`, and the key is kept), and the longest pause within its body.
+    pub upstream_timeout: Duration,
+    /// How long connecting to the upstream may take (then `502`, and the key is released);
+    /// shorter than `upstream_timeout`, so that a request that timed out was connected.
+    pub connect_timeout: Duration,
     /// Keep the `Forwarded` and `X-Forwarded-*` headers the client sent (it is a proxy the
     /// gateway trusts), adding the gateway's own hop; otherwise they are replaced.
     pub trust_forwarded: bool,
@@ -151,12 +160,29 @@ impl Settings {
                 );
             }
         };
-        let lease = match var("IDEMPOTENCY_LEASE_MS") {
-            Some(ms) => Duration::from_millis(
-                ms.parse()
-                    .map_err(|e| format!("IDEMPOTENCY_LEASE_MS: {e}"))?,
-            ),
-            None => Duration::from_secs(30),
+        let millis = |name: &str| -> Result<Option<Duration>, String> {
+            var(name)
+                .map(|ms| match ms.parse::<u64>() {
+                    Ok(0) => Err(format!("{name} must be more than 0")),
+                    Ok(ms) => Ok(Duration::from_millis(ms)),
+                    Err(e) => Err(format!("{name} {ms:?}: {e}")),
+                })
+                .transpose()
+        };
+        let lease = millis("IDEMPOTENCY_LEASE_MS")?.unwrap_or(Duration::from_secs(30));
+        let upstream_timeout = millis("UPSTREAM_TIMEOUT_MS")?.unwrap_or(Duration::from_secs(30));
+        let connect_timeout = match millis("UPSTREAM_CONNECT_TIMEOUT_MS")? {
+            Some(connect) if connect >= upstream_timeout => {
+                return Err(format!(
+                    "UPSTREAM_CONNECT_TIMEOUT_MS ({} ms) must be shorter than \
+                     UPSTREAM_TIMEOUT_MS ({} ms): a request that times out must have been \
+                     connected, to know whether it may have reached the upstream",
+                    connect.as_millis(),
+                    upstream_timeout.as_millis()
+                ));
+            }
+            Some(connect) => connect,
+            None => Duration::from_secs(5).min(upstream_timeout / 2),
         };
         Ok(Self {
             listen,
@@ -165,6 +191,8 @@ impl Settings {
             assign_key: flag("IDEMPOTENCY_ASSIGN_KEY")?,
             scope,
             lease,
+            upstream_timeout,
+            connect_timeout,
             trust_forwarded: flag("TRUST_FORWARDED")?,
         })
     }
@@ -249,6 +277,8 @@ struct Upstream {
     base: Uri,
     client: Client<HttpConnector, Body>,
     trust_forwarded: bool,
+    /// How long the upstream has to begin its answer, and the longest pause in its body.
+    timeout: Duration,
 }
 
 /// Headers that belong to one connection, not to the request: never forwarded.
@@ -471,22 +501,114 @@ async fn forward(State(upstream): State<Arc<Upstream>>, req: Request) -> Respons
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     forwarding(&mut parts.headers, peer, host, upstream.trust_forwarded);
-    match upstream
-        .client
-        .request(Request::from_parts(parts, body))
-        .await
-    {
-        Ok(res) => {
+    // The operation's claim on its key (a covered request with a key has one).
+    let claim = parts.extensions.get::<IdempotencyClaim>().cloned();
+    let sent = tokio::time::timeout(
+        upstream.timeout,
+        upstream.client.request(Request::from_parts(parts, body)),
+    )
+    .await;
+    match sent {
+        Ok(Ok(res)) => {
             let (mut parts, body) = res.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, Body::new(body))
+            // A body that pauses longer than the timeout is cut off: its record is a
+            // tombstone (the operation ran), or, for a 5xx, the key is released.
+            Response::from_parts(parts, Body::new(TimeoutBody::new(upstream.timeout, body)))
         }
-        Err(err) => {
-            tracing::warn!(error = %err, "upstream unreachable");
-            // Not stored (a 502 is not storable by default): a retry goes upstream again.
-            (StatusCode::BAD_GATEWAY, "upstream unreachable").into_response()
+        // Nothing reached the upstream (connection refused, no route, connect timeout):
+        // the 502 is not storable, so the key is released and a retry is sent again.
+        Ok(Err(err)) if err.is_connect() => {
+            tracing::warn!(error = %chain(&err), "upstream unreachable");
+            problem(
+                StatusCode::BAD_GATEWAY,
+                "upstream-unreachable",
+                "Upstream unreachable",
+                &format!(
+                    "The gateway could not connect to the upstream ({}); nothing was sent to \
+                     it. A retry with the same Idempotency-Key is sent again.",
+                    chain(&err)
+                ),
+            )
+        }
+        Ok(Err(err)) => {
+            tracing::warn!(error = %chain(&err), "upstream failed after the request was sent");
+            may_have_run(
+                claim,
+                StatusCode::BAD_GATEWAY,
+                "upstream-failed",
+                "Upstream failed",
+                format!(
+                    "The request was sent to the upstream, which failed before answering ({}).",
+                    chain(&err)
+                ),
+            )
+            .await
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?upstream.timeout, "upstream timed out");
+            may_have_run(
+                claim,
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream-timeout",
+                "Upstream timed out",
+                format!(
+                    "The request was sent to the upstream, which did not answer within {} ms.",
+                    upstream.timeout.as_millis()
+                ),
+            )
+            .await
         }
     }
+}
+
+/// The request reached the upstream, which gave no answer: it may have run. Its key is kept
+/// by declaring the operation's commit point, so the answer written here is stored under
+/// it (a committed operation's error answer is stored, not released) and every retry gets
+/// it replayed instead of running the upstream again.
+async fn may_have_run(
+    claim: Option<IdempotencyClaim>,
+    status: StatusCode,
+    slug: &str,
+    title: &str,
+    what: String,
+) -> Response {
+    let then = match claim {
+        Some(claim) => match claim.commit().await {
+            Ok(()) => {
+                "It may have run. It will not be sent again with this Idempotency-Key: a \
+                 retry gets this answer. Look its result up at the upstream before sending it \
+                 again with a new key."
+            }
+            Err(err) => {
+                tracing::error!(
+                    key = claim.key(),
+                    error = %chain(&err),
+                    "could not keep the key of a request that may have run upstream"
+                );
+                "It may have run. The gateway could not record that in its store, so a retry \
+                 with the same Idempotency-Key may be sent again: look its result up at the \
+                 upstream first."
+            }
+        },
+        None => {
+            "It may have run. The request had no Idempotency-Key: look its result up at the \
+             upstream before sending it again."
+        }
+    };
+    problem(status, slug, title, &format!("{what} {then}"))
+}
+
+/// An error with its sources, `: `-separated.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        out.push_str(": ");
+        out.push_str(&err.to_string());
+        source = err.source();
+    }
+    out
 }
 
 /// The gateway's router (every path forwarded, behind the layer), and the layer's detached
@@ -506,10 +628,14 @@ pub async fn app(settings: &Settings) -> Result<(Router, DetachedWork), String> 
         layer = layer.missing_key(MissingKey::Generate);
     }
     let work = layer.detached_work();
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(settings.connect_timeout));
+    connector.set_nodelay(true);
     let upstream = Upstream {
         base: settings.upstream.clone(),
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new()).build(connector),
         trust_forwarded: settings.trust_forwarded,
+        timeout: settings.upstream_timeout,
     };
     let router = Router::new()
         .fallback(forward)

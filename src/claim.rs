@@ -187,33 +187,29 @@ impl Claimed {
     /// A key past its commit point is not freed (the store refuses): then `fallback`, the
     /// answer the operation gave, is stored instead, since running it again is no longer
     /// safe; without one, the key is left with its outcome unknown.
+    ///
+    /// Only a commit point the store confirmed binds the key to `fallback`. One the
+    /// operation was told failed (it may land yet) is withdrawn first, holding the key
+    /// meanwhile, so that a retry runs ([`withdraw`]). One written inside the application's
+    /// transaction may or may not hold (its `COMMIT`'s reply may have been lost): the key
+    /// is let go without `fallback`, so that if it holds, retries get the recovery hook's
+    /// answer or `outcome-unknown`, never an error answer that may be false.
     pub(crate) async fn release(mut self, fallback: Option<Record>) {
-        if let Some(record) = fallback {
-            if self.shared.confirmed() {
-                return self.complete(record).await;
-            }
-            self.settle();
-            let config = Arc::clone(&self.shared.config);
-            release(
-                config,
-                self.shared.key.clone(),
-                self.shared.token,
-                Some(record),
-                false,
-            )
-            .await;
-        } else {
-            self.settle();
-            let config = Arc::clone(&self.shared.config);
-            release(
-                config,
-                self.shared.key.clone(),
-                self.shared.token,
-                None,
-                false,
-            )
-            .await;
+        if self.shared.confirmed()
+            && let Some(record) = fallback
+        {
+            return self.complete(record).await;
         }
+        let config = Arc::clone(&self.shared.config);
+        let (key, token) = (self.shared.key.clone(), self.shared.token);
+        if self.shared.in_doubt() {
+            let registration = self.registration.take();
+            self.settled = true;
+            return withdraw(config, key, token, registration, false).await;
+        }
+        self.settle();
+        let fallback = fallback.filter(|_| !self.shared.in_transaction());
+        release(config, key, token, fallback, false).await;
     }
 
     /// Stores the outcome at once if the store answers at once (the embedded memory store)
@@ -313,44 +309,17 @@ impl Claimed {
         until: tokio::time::Instant,
         failures: &mut u32,
     ) -> Result<(), StoreError> {
-        let timeout = self.shared.config.store_timeout;
-        let mut pause = FIRST_PAUSE;
-        loop {
-            let call = self.shared.config.store.complete(
-                &self.shared.key,
-                self.shared.token,
-                record.clone(),
-                self.shared.config.ttl,
-            );
-            let bound = until.min(crate::time::deadline_after(timeout));
-            let timer = crate::metrics::Timer::start();
-            let result = match tokio::time::timeout_at(bound, call).await {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::Timeout(timeout)),
-            };
-            timer.store_call(&*self.shared.config.store, "complete", &result);
-            let err = match result {
-                Ok(()) => return Ok(()),
-                Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),
-                Err(err) => err,
-            };
-            *failures += 1;
-            crate::metrics::completion_retry();
-            let wait = crate::time::jittered(pause);
-            if crate::time::deadline_after(wait) >= until {
-                return Err(err);
+        let s = &self.shared;
+        let mut first = true;
+        retry_until(&s.config, "complete", &s.key, until, failures, || {
+            if !std::mem::take(&mut first) {
+                crate::metrics::completion_retry();
             }
-            if failures.is_power_of_two() {
-                tracing::warn!(
-                    key = self.shared.key.client_key(),
-                    error = %ErrorChain(&err),
-                    failures = *failures,
-                    "storing the idempotency record failed; retrying"
-                );
-            }
-            tokio::time::sleep(wait).await;
-            pause = (pause * 2).min(MAX_PAUSE);
-        }
+            s.config
+                .store
+                .complete(&s.key, s.token, record.clone(), s.config.ttl)
+        })
+        .await
     }
 
     fn stored(&mut self, failures: u32) {
@@ -456,11 +425,148 @@ impl Drop for Claimed {
         if self.settled {
             return;
         }
-        self.settle();
         let config = Arc::clone(&self.shared.config);
         let (key, token) = (self.shared.key.clone(), self.shared.token);
         let work = config.work.clone();
+        if self.shared.in_doubt() {
+            let registration = self.registration.take();
+            self.settled = true;
+            work.spawn(
+                "withdraw commit",
+                withdraw(config, key, token, registration, true),
+            );
+            return;
+        }
+        self.settle();
         work.spawn("release", release(config, key, token, None, true));
+    }
+}
+
+/// Withdraws a commit the operation was told failed but that may land yet (it timed out,
+/// or its connection broke after sending it), then lets the key go: `revoke`, fenced by
+/// the token, tried for up to the store-call bound inline and then on a tracked task for
+/// [`COMPLETION_RETRY_WINDOW`], like a completion. The lease is kept alive until then
+/// (`registration`), so the key is held, never answered from a commit that was withdrawn.
+///
+/// A late commit that lands after the revocation finds no claim of its token and changes
+/// nothing; one that lands before is undone by it. Either way the key ends free.
+async fn withdraw(
+    config: Arc<Config>,
+    key: StoreKey,
+    token: LeaseToken,
+    registration: Option<Registration>,
+    detached: bool,
+) {
+    let mut failures = 0;
+    let inline = if detached {
+        COMPLETION_RETRY_WINDOW
+    } else {
+        config.store_timeout
+    };
+    let result = revoke_until(&config, &key, token, inline, &mut failures).await;
+    if detached || !matches!(&result, Err(e) if !matches!(e, StoreError::LeaseLost)) {
+        return withdrawn(&config, &key, registration, failures, &result);
+    }
+    tracing::warn!(
+        key = key.client_key(),
+        failures,
+        "withdrawing an unconfirmed commit point failed; retrying in the background, the \
+         key stays claimed meanwhile"
+    );
+    let work = config.work.clone();
+    work.spawn("withdraw commit", async move {
+        let result =
+            revoke_until(&config, &key, token, COMPLETION_RETRY_WINDOW, &mut failures).await;
+        withdrawn(&config, &key, registration, failures, &result);
+    });
+}
+
+async fn revoke_until(
+    config: &Config,
+    key: &StoreKey,
+    token: LeaseToken,
+    window: Duration,
+    failures: &mut u32,
+) -> Result<(), StoreError> {
+    let until = crate::time::deadline_after(window);
+    retry_until(config, "revoke", key, until, failures, || {
+        config.store.revoke(key, token)
+    })
+    .await
+}
+
+/// The end of [`withdraw`]: the lease is no longer kept alive, and the result is logged.
+fn withdrawn(
+    config: &Config,
+    key: &StoreKey,
+    registration: Option<Registration>,
+    failures: u32,
+    result: &Result<(), StoreError>,
+) {
+    if let Some(registration) = registration {
+        config.keeper.unregister(registration);
+    }
+    match result {
+        Ok(()) => tracing::info!(
+            key = key.client_key(),
+            failures,
+            "withdrew a commit point whose confirmation was lost; a retry can run"
+        ),
+        Err(StoreError::LeaseLost) => {}
+        Err(err) => tracing::error!(
+            key = key.client_key(),
+            error = %ErrorChain(err),
+            "gave up withdrawing a commit point that was not confirmed; if it landed, \
+             retries get outcome-unknown until the key is settled"
+        ),
+    }
+}
+
+/// Calls `call` (one store call, bounded by the store-call bound) until it succeeds or the
+/// key is no longer the caller's (`LeaseLost`, answered at once), retrying other failures
+/// with jittered backoff until `until`; then answers the last failure.
+async fn retry_until<F, Fut>(
+    config: &Config,
+    what: &'static str,
+    key: &StoreKey,
+    until: tokio::time::Instant,
+    failures: &mut u32,
+    mut call: F,
+) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    let timeout = config.store_timeout;
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let bound = until.min(crate::time::deadline_after(timeout));
+        let timer = crate::metrics::Timer::start();
+        let result = match tokio::time::timeout_at(bound, call()).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        };
+        timer.store_call(&*config.store, what, &result);
+        let err = match result {
+            Ok(()) => return Ok(()),
+            Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),
+            Err(err) => err,
+        };
+        *failures += 1;
+        let wait = crate::time::jittered(pause);
+        if crate::time::deadline_after(wait) >= until {
+            return Err(err);
+        }
+        if failures.is_power_of_two() {
+            tracing::warn!(
+                key = key.client_key(),
+                error = %ErrorChain(&err),
+                failures = *failures,
+                "idempotency store call ({what}) failed; retrying"
+            );
+        }
+        tokio::time::sleep(wait).await;
+        pause = (pause * 2).min(MAX_PAUSE);
     }
 }
 
@@ -487,7 +593,10 @@ async fn release(
             "releasing the idempotency key failed; retrying"
         ),
     }
-    let until = crate::time::deadline_after(config.lease);
+    // Retried as long as a completion would be: after an outage longer than the lease, the
+    // key is freed as soon as the store answers again, instead of being held by a lapsed
+    // lease (and contested) while retries are told it still runs.
+    let until = crate::time::deadline_after(COMPLETION_RETRY_WINDOW);
     let retry = {
         let config = Arc::clone(&config);
         async move {
@@ -497,7 +606,8 @@ async fn release(
                 if now >= until {
                     tracing::warn!(
                         key = key.client_key(),
-                        "could not release the idempotency key; it is free once its lease ends"
+                        "gave up releasing the idempotency key; it is free once its lease ends \
+                         and is contested"
                     );
                     return;
                 }

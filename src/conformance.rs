@@ -46,6 +46,8 @@
 //! | [`commit_fencing`] | only the owner's token commits; a free or completed key cannot be committed; committing twice is once |
 //! | [`commit_expires`] | a committed key with no outcome is freed when its TTL ends |
 //! | [`settle_unknown`] | only an outcome-unknown key is settled; the settled record is replayed, and the late owner's `complete` is refused |
+//! | [`settle_keeps_retention`] | settling with a TTL shorter than the commit's never shortens how long the key is kept |
+//! | [`revoke_withdraws_a_commit`] | `revoke` frees a key its token holds, committed or not; a late commit with that token changes nothing; `OutcomeUnknown` names the committing token |
 //! | [`inspect_states`] | `inspect` tells free, in flight (committed or not), completed, tombstone and outcome unknown apart |
 //! | [`purge_any_state`] | `purge` frees a key in any state and says whether it held something |
 
@@ -661,13 +663,22 @@ pub async fn wait_times_out<S: IdempotencyStore + ?Sized>(store: &S) {
     );
 }
 
-async fn expect_unknown<S: IdempotencyStore + ?Sized>(store: &S, key: &StoreKey, what: &str) {
+/// Claims `key` and expects [`Claim::OutcomeUnknown`] with the committing request's
+/// fingerprint; answers the token it carries.
+async fn expect_unknown<S: IdempotencyStore + ?Sized>(
+    store: &S,
+    key: &StoreKey,
+    what: &str,
+) -> LeaseToken {
     match store.claim(key, &fp(1), LeaseToken::new(), LEASE).await {
-        Ok(Claim::OutcomeUnknown { fingerprint }) => assert_eq!(
-            fingerprint,
-            fp(1),
-            "{what}: OutcomeUnknown must carry the committing request's fingerprint"
-        ),
+        Ok(Claim::OutcomeUnknown { fingerprint, token }) => {
+            assert_eq!(
+                fingerprint,
+                fp(1),
+                "{what}: OutcomeUnknown must carry the committing request's fingerprint"
+            );
+            token
+        }
         other => panic!("{what}: the claim must be OutcomeUnknown, got {other:?}"),
     }
 }
@@ -861,6 +872,113 @@ pub async fn settle_unknown<S: IdempotencyStore + ?Sized>(store: &S) {
     );
 }
 
+/// Settling never shortens what a commit was kept for: a key committed for a long TTL and
+/// settled with a short one is still replayed after the short one.
+pub async fn settle_keeps_retention<S: IdempotencyStore + ?Sized>(store: &S) {
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    store.commit(&key, token, TTL).await.expect("commit");
+    let _ = store.release(&key, token).await;
+    expect_unknown(store, &key, "after the owner let go").await;
+    assert!(
+        store
+            .settle(&key, record_of(201, b"settled"), Duration::from_millis(50))
+            .await
+            .expect("settle"),
+        "an outcome-unknown key is settled"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let record = expect_completed(store, &key).await;
+    assert_eq!(
+        &record.body()[..],
+        b"settled",
+        "a settle with a TTL shorter than the commit's must keep the record as long as the \
+         commit was to be kept"
+    );
+    match store.inspect(&key).await {
+        Ok(KeyState::Completed {
+            expires_in: Some(left),
+            ..
+        }) => assert!(
+            left > TTL / 2,
+            "the settled record must be kept about the commit's TTL, is kept {left:?}"
+        ),
+        Ok(KeyState::Completed { .. }) => {}
+        other => panic!("expected the settled record, got {other:?}"),
+    }
+}
+
+/// `revoke` frees a key held with its token, committed or not, lapsed or not; a stranger's
+/// token, a completed key and a free key get `LeaseLost` and change nothing; a commit with
+/// the revoked token changes nothing; `OutcomeUnknown` carries the committing token.
+pub async fn revoke_withdraws_a_commit<S: IdempotencyStore + ?Sized>(store: &S) {
+    // Committed, lease live.
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    store.commit(&key, token, TTL).await.expect("commit");
+    expect_lost(
+        store.revoke(&key, LeaseToken::new()).await,
+        "revoke with a stranger's token",
+    );
+    expect_in_flight(store, &key, LEASE, "a commit a stranger tried to revoke").await;
+    store
+        .revoke(&key, token)
+        .await
+        .expect("the owner revokes its committed claim");
+    assert!(
+        matches!(store.inspect(&key).await, Ok(KeyState::Free)),
+        "a revoked commit leaves the key free"
+    );
+    // A commit that lands after its revocation (its command was late) changes nothing.
+    expect_lost(
+        store.commit(&key, token, TTL).await,
+        "a commit that lands after its revocation",
+    );
+    let next = acquire(store, &key, &fp(1), LEASE).await;
+    expect_lost(
+        store.revoke(&key, token).await,
+        "a revoke with the old token after another claim took the key",
+    );
+    expect_lost(
+        store.commit(&key, token, TTL).await,
+        "a late commit with the old token",
+    );
+    store
+        .release(&key, next)
+        .await
+        .expect("the new claim is not committed: it is released");
+    // Outcome unknown: the committing token is named, and revokes it.
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    store.commit(&key, token, TTL).await.expect("commit");
+    let _ = store.release(&key, token).await;
+    let named = expect_unknown(store, &key, "after the owner let go").await;
+    assert_eq!(
+        named, token,
+        "OutcomeUnknown must carry the token that committed"
+    );
+    store
+        .revoke(&key, named)
+        .await
+        .expect("an outcome-unknown key is revoked with the token it names");
+    acquire(store, &key, &fp(2), LEASE).await;
+    // Not committed: revoke is a release.
+    let key = fresh_key();
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    store.revoke(&key, token).await.expect("revoke");
+    // A completed key keeps its record.
+    let token = acquire(store, &key, &fp(1), LEASE).await;
+    store
+        .complete(&key, token, record_of(200, b"kept"), TTL)
+        .await
+        .expect("complete");
+    expect_lost(store.revoke(&key, token).await, "revoke of a completed key");
+    assert_eq!(&expect_completed(store, &key).await.body()[..], b"kept");
+    expect_lost(
+        store.revoke(&fresh_key(), LeaseToken::new()).await,
+        "revoke of a free key",
+    );
+}
+
 /// `inspect` tells every state apart and changes nothing.
 pub async fn inspect_states<S: IdempotencyStore + ?Sized>(store: &S) {
     let key = fresh_key();
@@ -1016,7 +1134,8 @@ macro_rules! store_conformance_tests {
                 extend_keeps_claim, extreme_durations, ttl_expiry, wait_sees_completion,
                 wait_acquires_after_release, wait_times_out, commit_point,
                 committed_never_taken_over, commit_fencing, commit_expires, settle_unknown,
-                inspect_states, purge_any_state);
+                settle_keeps_retention, revoke_withdraws_a_commit, inspect_states,
+                purge_any_state);
         }
     };
     (@tests $make:path; $($check:ident),*) => {

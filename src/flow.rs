@@ -15,7 +15,7 @@ use tower_service::Service;
 use crate::body::{BufferError, IdempotencyBody, RebuildBody, buffer};
 use crate::claim::{Claimed, PendingClaim};
 use crate::config::Config;
-use crate::handle::Unsettled;
+use crate::handle::{Recovery, Unsettled};
 use crate::key::{IdempotencyKey, StoreKey};
 use crate::outcome::{IdempotencyOutcome, REPLAYED_HEADER, mark, problem};
 use crate::policy::{Disconnect, InFlight, StoreFailure};
@@ -108,6 +108,8 @@ where
     };
     timer.store_call(&*config.store, "claim", &claim);
     let mut waited = false;
+    // Whether the recovery hook already sent this request round again (once at most).
+    let mut rerun = false;
     loop {
         let found = match claim {
             // A record exists but cannot be read: the operation ran. Whatever the failure
@@ -195,27 +197,70 @@ where
                 }
                 return Ok(replay(&record));
             }
-            Claim::OutcomeUnknown { fingerprint: held } => {
+            Claim::OutcomeUnknown {
+                fingerprint: held,
+                token: committed_by,
+            } => {
                 let key = pending.key().clone();
-                pending.not_ours();
                 let same;
                 (same, req) = same_request(&config, req, &body, fingerprint, &held);
                 if !same {
+                    pending.not_ours();
                     return Ok(mismatch(&config, grpc));
                 }
                 let unsettled = config
                     .recover
                     .as_ref()
                     .map(|_| Unsettled::new(key.clone(), req.method(), req.uri(), req.headers()));
-                return Ok(Box::pin(outcome_unknown(
+                let found = Box::pin(outcome_unknown(
                     &config,
                     grpc,
-                    unsettled,
+                    unsettled.filter(|_| !rerun),
                     key,
                     fingerprint,
                     held,
                 ))
-                .await);
+                .await;
+                match found {
+                    Unknown::Answer(res) => {
+                        pending.not_ours();
+                        return Ok(res);
+                    }
+                    // The hook proved the operation never made its effects: its commit is
+                    // withdrawn (fenced by the token that made it; a retry that withdrew it
+                    // first makes this one find the key in flight), and the key claimed anew.
+                    Unknown::NeverRan => {
+                        rerun = true;
+                        let timer = crate::metrics::Timer::start();
+                        let revoked = bounded(
+                            config.store_timeout,
+                            store.revoke(pending.key(), committed_by),
+                        )
+                        .await;
+                        timer.store_call(&*config.store, "revoke", &revoked);
+                        match revoked {
+                            Ok(()) => tracing::info!(
+                                key = pending.key().client_key(),
+                                "the recovery hook found the committed operation never ran: \
+                                 its commit is withdrawn and this retry runs it"
+                            ),
+                            Err(StoreError::LeaseLost) => {}
+                            Err(err) => {
+                                pending.not_ours();
+                                return Box::pin(store_failed(inner, req, &config, grpc, err))
+                                    .await;
+                            }
+                        }
+                        let timer = crate::metrics::Timer::start();
+                        claim = bounded(
+                            config.store_timeout,
+                            store.claim(pending.key(), &fingerprint, pending.token(), config.lease),
+                        )
+                        .await;
+                        timer.store_call(&*config.store, "claim", &claim);
+                        continue;
+                    }
+                }
             }
             Claim::InFlight {
                 fingerprint: held,
@@ -293,8 +338,16 @@ fn unreadable<B, ReqBody>(
     )
 }
 
+/// What a retry that found its key committed with no stored outcome answers.
+enum Unknown<B> {
+    /// The recovery hook's answer (stored and replayed), or `outcome-unknown`.
+    Answer(Response<IdempotencyBody<B>>),
+    /// The recovery hook found the operation never made its effects: run it.
+    NeverRan,
+}
+
 /// A retry found its key committed with no stored outcome: the recovery hook's answer,
-/// stored and replayed, or `outcome-unknown`.
+/// stored and replayed, or `outcome-unknown`; or the hook's word that it never ran.
 async fn outcome_unknown<B>(
     config: &Config,
     grpc: bool,
@@ -302,10 +355,14 @@ async fn outcome_unknown<B>(
     key: StoreKey,
     fingerprint: crate::fingerprint::Fingerprint,
     held: crate::fingerprint::Fingerprint,
-) -> Response<IdempotencyBody<B>> {
+) -> Unknown<B> {
     if let (Some(recover), Some(unsettled)) = (&config.recover, unsettled) {
         match recover(unsettled).await {
-            Ok(Some(res)) => {
+            Ok(Recovery::NeverRan) => {
+                crate::metrics::recovery("never-ran");
+                return Unknown::NeverRan;
+            }
+            Ok(Recovery::Answer(res)) => {
                 crate::metrics::recovery("recovered");
                 let (parts, body) = res.into_parts();
                 let headers = crate::record_body::replayed_headers(config, &parts.headers);
@@ -335,7 +392,7 @@ async fn outcome_unknown<B>(
                             // the way an earlier version made it), or this request's.
                             && (*record.fingerprint() == held || *record.fingerprint() == fingerprint)
                         {
-                            return replay(&record);
+                            return Unknown::Answer(replay(&record));
                         }
                     }
                     Err(err) => tracing::warn!(
@@ -345,9 +402,9 @@ async fn outcome_unknown<B>(
                          it; answering it all the same"
                     ),
                 }
-                return mark(replay(&record), IdempotencyOutcome::Recovered);
+                return Unknown::Answer(mark(replay(&record), IdempotencyOutcome::Recovered));
             }
-            Ok(None) => crate::metrics::recovery("none"),
+            Ok(_) => crate::metrics::recovery("none"),
             Err(err) => {
                 crate::metrics::recovery("error");
                 tracing::warn!(
@@ -366,12 +423,12 @@ async fn outcome_unknown<B>(
     let detail = "The operation with this Idempotency-Key declared its effects committed and \
                   then ended without an answer that could be kept. It will not run again with \
                   this key; do not retry it with a new key before looking its result up.";
-    problem(
+    Unknown::Answer(problem(
         config,
         grpc,
         Problem::new(ProblemKind::OutcomeUnknown, detail),
         IdempotencyOutcome::OutcomeUnknown,
-    )
+    ))
 }
 
 /// Whether `stored` is this request's fingerprint: equal, or, for a fingerprint an earlier

@@ -22,6 +22,11 @@ const NOT_COMMITTED: u8 = 0;
 const IN_TRANSACTION: u8 = 1;
 /// A commit point the store confirmed.
 const CONFIRMED: u8 = 2;
+/// A commit the operation was told failed (`Err`) but whose command may still land: it
+/// timed out, or the connection failed after it was sent. The layer withdraws it
+/// ([`IdempotencyStore::revoke`](crate::store::IdempotencyStore::revoke)) before the key is
+/// let go, so that `Err` means "not committed".
+const IN_DOUBT: u8 = 3;
 
 /// What the claim guard and the handler's handle share.
 pub(crate) struct Shared {
@@ -45,6 +50,18 @@ impl Shared {
     /// have rolled back, so it does not count).
     pub(crate) fn confirmed(&self) -> bool {
         self.commit.load(Ordering::Acquire) == CONFIRMED
+    }
+
+    /// Whether the last commit point was written inside the application's transaction
+    /// (and none confirmed by the store): whether it holds is not known to the layer.
+    pub(crate) fn in_transaction(&self) -> bool {
+        self.commit.load(Ordering::Acquire) == IN_TRANSACTION
+    }
+
+    /// Whether the operation was told its commit failed while the commit may have landed
+    /// (and no later commit was confirmed): it must be withdrawn before the key is let go.
+    pub(crate) fn in_doubt(&self) -> bool {
+        self.commit.load(Ordering::Acquire) == IN_DOUBT
     }
 }
 
@@ -132,11 +149,16 @@ impl IdempotencyClaim {
     /// layer's [`store_timeout`](crate::IdempotencyLayer::store_timeout)).
     ///
     /// On `Ok`, the key is never released again: a retry gets the stored answer or
-    /// `outcome-unknown`, never a second run. On `Err`, do not make the effects:
-    /// [`StoreError::LeaseLost`] means the key is no longer this request's (its lease
-    /// lapsed and another took it over), any other error that the store could not be
-    /// asked. (Should a failed call have landed after all, the key stays committed: the
-    /// store never releases it.)
+    /// `outcome-unknown`, never a second run. On `Err`, do not make the effects: the key
+    /// is **not committed**. [`StoreError::LeaseLost`] means the key is no longer this
+    /// request's (its lease lapsed and another took it over); any other error means the
+    /// store could not confirm the commit, and the layer makes sure it does not hold: should
+    /// the call land after all (it timed out while the store was paused, or the connection
+    /// broke after it was sent), the layer withdraws it once the operation ends
+    /// ([`IdempotencyStore::revoke`](crate::store::IdempotencyStore::revoke), fenced by the
+    /// token and retried like a completion), holding the key meanwhile, so a retry runs the
+    /// operation instead of being told a failure or `outcome-unknown`. The operation's error
+    /// answer is never stored for such a key.
     ///
     /// With a store that is not your database, a commit point cannot be atomic with your
     /// effects. Call it **before** the step that cannot be undone to get *at most once* (a
@@ -157,7 +179,27 @@ impl IdempotencyClaim {
         )
         .await;
         started.store_call(&*config.store, "commit", &result);
-        result?;
+        match result {
+            Ok(()) => {}
+            // A definite answer: nothing was committed.
+            Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),
+            Err(err) => {
+                // The command may still land: it is withdrawn when the operation ends.
+                let _ = s.commit.compare_exchange(
+                    NOT_COMMITTED,
+                    IN_DOUBT,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                tracing::warn!(
+                    key = self.key(),
+                    error = %crate::store::ErrorChain(&err),
+                    "the commit point could not be confirmed; it is withdrawn when the \
+                     operation ends, so that a retry can run"
+                );
+                return Err(err);
+            }
+        }
         s.commit.store(CONFIRMED, Ordering::Release);
         tracing::debug!(key = self.key(), "commit point declared");
         Ok(())
@@ -169,7 +211,10 @@ impl IdempotencyClaim {
     /// [`MySqlStore::commit_in`](crate::MySqlStore::commit_in), which counts here even if
     /// the transaction later rolled back).
     pub fn is_committed(&self) -> bool {
-        self.shared.commit.load(Ordering::Acquire) != NOT_COMMITTED
+        matches!(
+            self.shared.commit.load(Ordering::Acquire),
+            IN_TRANSACTION | CONFIRMED
+        )
     }
 
     /// How long a committed key is kept: the layer's record TTL.
@@ -181,8 +226,16 @@ impl IdempotencyClaim {
     /// A commit point was written inside the application's transaction.
     #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     pub(crate) fn committed_in_transaction(&self) {
-        let _ = self.shared.commit.compare_exchange(
+        let commit = &self.shared.commit;
+        let _ = commit.compare_exchange(
             NOT_COMMITTED,
+            IN_TRANSACTION,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        // A doubtful commit followed by one in a transaction: the transaction decides.
+        let _ = commit.compare_exchange(
+            IN_DOUBT,
             IN_TRANSACTION,
             Ordering::AcqRel,
             Ordering::Acquire,
@@ -291,16 +344,59 @@ impl Unsettled {
 /// An error a recovery hook returns.
 pub type RecoveryError = Box<dyn std::error::Error + Send + Sync>;
 
-type RecoveryFuture =
-    Pin<Box<dyn Future<Output = Result<Option<Response<Bytes>>, RecoveryError>> + Send>>;
+/// What a recovery hook ([`IdempotencyLayer::recover_with`](crate::IdempotencyLayer::recover_with))
+/// found of a committed operation with no stored outcome.
+///
+/// A hook may also return `Option<Response<Bytes>>`: `Some` is [`Recovery::Answer`], `None`
+/// is [`Recovery::Unknown`].
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower_idempotency::Recovery;
+///
+/// let found: Recovery = Some(http::Response::new(Bytes::from_static(b"order 7"))).into();
+/// assert!(matches!(found, Recovery::Answer(_)));
+/// let nothing: Recovery = None.into();
+/// assert!(matches!(nothing, Recovery::Unknown));
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Recovery {
+    /// The operation's answer, rebuilt from what it left: stored under the key and
+    /// replayed, to this retry and every later one.
+    Answer(Response<Bytes>),
+    /// Nothing can be said yet: the retry gets `500 outcome-unknown`, and the hook is asked
+    /// again on the next retry.
+    Unknown,
+    /// The operation certainly made none of its effects (for instance it committed, then
+    /// crashed before the step the commit protected, and the hook's own records prove the
+    /// step never happened): the commit is withdrawn, fenced by the token that made it
+    /// ([`IdempotencyStore::revoke`](crate::store::IdempotencyStore::revoke)), and this
+    /// retry runs the operation. Should another retry have withdrawn it first and be
+    /// running it already, this one is told it is in flight. Only answer this when the
+    /// effects provably never happened: it runs the operation again.
+    NeverRan,
+}
+
+impl From<Option<Response<Bytes>>> for Recovery {
+    fn from(found: Option<Response<Bytes>>) -> Self {
+        found.map_or(Self::Unknown, Self::Answer)
+    }
+}
+
+type RecoveryFuture = Pin<Box<dyn Future<Output = Result<Recovery, RecoveryError>> + Send>>;
 
 /// A recovery hook, boxed.
 pub(crate) type RecoverFn = dyn Fn(Unsettled) -> RecoveryFuture + Send + Sync;
 
-pub(crate) fn boxed_recovery<F, Fut>(f: F) -> Arc<RecoverFn>
+pub(crate) fn boxed_recovery<F, Fut, R>(f: F) -> Arc<RecoverFn>
 where
     F: Fn(Unsettled) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Option<Response<Bytes>>, RecoveryError>> + Send + 'static,
+    Fut: Future<Output = Result<R, RecoveryError>> + Send + 'static,
+    R: Into<Recovery> + 'static,
 {
-    Arc::new(move |unsettled| Box::pin(f(unsettled)) as RecoveryFuture)
+    Arc::new(move |unsettled| {
+        let fut = f(unsettled);
+        Box::pin(async move { fut.await.map(Into::into) }) as RecoveryFuture
+    })
 }

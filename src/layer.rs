@@ -393,15 +393,21 @@ impl IdempotencyLayer {
     /// the application's own state, given the key and scope the operation saw
     /// ([`Unsettled`](crate::Unsettled)).
     ///
-    /// - `Ok(Some(response))`: the answer is stored under the key
-    ///   ([`IdempotencyStore::settle`]) and replayed, to this retry and every later one
-    ///   (with `Idempotent-Replayed: true`; the outcome is
-    ///   [`IdempotencyOutcome::Recovered`](crate::IdempotencyOutcome::Recovered)).
-    /// - `Ok(None)` (nothing found: an operation that committed before its effects and
-    ///   crashed before making them) or `Err`: the retry gets `500 outcome-unknown`, and the
-    ///   hook is asked again on the next retry.
+    /// The hook answers a [`Recovery`](crate::Recovery), or simply an
+    /// `Option<Response<Bytes>>`:
     ///
-    /// The hook never runs the operation: it only reads what it left. Default: none (retries
+    /// - `Ok(Some(response))` ([`Recovery::Answer`](crate::Recovery::Answer)): the answer is
+    ///   stored under the key ([`IdempotencyStore::settle`]) and replayed, to this retry
+    ///   and every later one (with `Idempotent-Replayed: true`; the outcome is
+    ///   [`IdempotencyOutcome::Recovered`](crate::IdempotencyOutcome::Recovered)).
+    /// - `Ok(None)` ([`Recovery::Unknown`](crate::Recovery::Unknown): nothing can be said
+    ///   yet) or `Err`: the retry gets `500 outcome-unknown`, and the hook is asked again on
+    ///   the next retry.
+    /// - `Ok(Recovery::NeverRan)`: the operation provably made none of its effects (it
+    ///   committed before them and crashed before making them): the commit is withdrawn,
+    ///   fenced by the token that made it, and this retry runs the operation.
+    ///
+    /// The hook itself never runs the operation: it only reads what it left. Default: none (retries
     /// get `outcome-unknown` until an operator settles the key). One hook per layer: give a
     /// route its own layer for a hook of its own, or match on [`Unsettled::uri`](crate::Unsettled::uri).
     ///
@@ -422,13 +428,11 @@ impl IdempotencyLayer {
     ///     }))
     /// });
     /// ```
-    pub fn recover_with<F, Fut>(self, f: F) -> Self
+    pub fn recover_with<F, Fut, R>(self, f: F) -> Self
     where
         F: Fn(crate::Unsettled) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<
-                Output = Result<Option<http::Response<bytes::Bytes>>, crate::handle::RecoveryError>,
-            > + Send
-            + 'static,
+        Fut: std::future::Future<Output = Result<R, crate::handle::RecoveryError>> + Send + 'static,
+        R: Into<crate::Recovery> + 'static,
     {
         let hook = crate::handle::boxed_recovery(f);
         self.edit(|c| c.recover = Some(hook))

@@ -14,7 +14,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::{get, post};
 use bytes::Bytes;
-use common::{Answer, FaultStore, assert_problem, call, post as post_req};
+use common::{Answer, FaultStore, PausedWire, assert_problem, call, post as post_req};
 use http::{Request, StatusCode};
 use tower_idempotency::{
     IdempotencyClaim, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, KeyState,
@@ -495,4 +495,64 @@ async fn each_route_recovers_with_its_own_hook() {
         assert_eq!(recovered.body, expected);
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2, "each operation ran once");
+}
+
+/// The store pauses (a Redis server stopped longer than the store timeout) while the
+/// handler is at `claim.commit()`: the commit times out and the handler, as documented,
+/// makes no order and answers 503. The commit command, already on the wire, lands when the
+/// store resumes. `Err` must mean "not committed": the layer withdraws the late commit
+/// instead of binding the key to the 503 (or leaving it `outcome-unknown`), and a retry
+/// runs and creates the one order.
+#[tokio::test]
+async fn a_commit_that_timed_out_is_withdrawn_and_never_binds_the_key() {
+    let wire = PausedWire::new(MemoryStore::new());
+    let orders = Orders::default();
+    let app = {
+        let (on_wire, orders) = (wire.clone(), orders.clone());
+        Router::new()
+            .route(
+                "/orders",
+                post(move |claim: IdempotencyClaim| {
+                    let (wire, orders) = (on_wire.clone(), orders.clone());
+                    async move {
+                        if orders.runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                            // The first attempt finds the store paused at its commit.
+                            wire.pause();
+                        }
+                        match claim.commit().await {
+                            Ok(()) => {
+                                let mut by_key = orders.by_key.lock().unwrap();
+                                by_key.insert(claim.key().to_owned(), "order".into());
+                                (StatusCode::CREATED, "order created")
+                            }
+                            Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "order not created"),
+                        }
+                    }
+                }),
+            )
+            .layer(
+                IdempotencyLayer::new(wire.clone())
+                    .share_keys_across_callers()
+                    .lease(Duration::from_millis(400))
+                    .store_timeout(Duration::from_millis(100)),
+            )
+    };
+    let first = call(&app, post_req(Some("k"), "{}")).await;
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    // The pause outlasts the store timeout several times, then the wire delivers it all.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    wire.resume();
+    let retry = retry_past_409(&app, "k", "{}").await;
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "the first attempt was told its commit failed, so the retry must run: {:?} {:?}",
+        retry.body,
+        wire.landed.lock().unwrap()
+    );
+    let again = call(&app, post_req(Some("k"), "{}")).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.outcome, Some(IdempotencyOutcome::Replayed));
+    assert_eq!(orders.by_key.lock().unwrap().len(), 1, "exactly one order");
+    assert_eq!(orders.runs(), 2, "the failed attempt and the retry ran");
 }

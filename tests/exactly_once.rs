@@ -71,6 +71,9 @@ struct App<D> {
     after_commit: Duration,
     /// Whether the handler rolls back instead of committing (and answers 500).
     roll_back: bool,
+    /// Whether the handler acts as if the reply to its `COMMIT` was lost: the transaction
+    /// committed, but the handler saw an error and answers `503 order not created`.
+    reply_lost: bool,
 }
 
 async fn create_order<D: OrdersDb>(
@@ -83,6 +86,9 @@ async fn create_order<D: OrdersDb>(
         return (StatusCode::INTERNAL_SERVER_ERROR, "rolled back".into());
     };
     println!("COMMITTED {id}");
+    if app.reply_lost {
+        return (StatusCode::SERVICE_UNAVAILABLE, "order not created".into());
+    }
     tokio::time::sleep(app.after_commit).await;
     (StatusCode::CREATED, format!("{{\"id\":{id}}}"))
 }
@@ -247,6 +253,11 @@ mod pg {
     async fn a_rolled_back_commit_point_lets_a_retry_run() {
         super::a_rolled_back_commit_point_lets_a_retry_run::<Pg>().await;
     }
+
+    #[tokio::test]
+    async fn a_lost_commit_reply_never_binds_the_key_to_a_false_answer() {
+        super::a_lost_commit_reply_never_binds_the_key_to_a_false_answer::<Pg>().await;
+    }
 }
 
 #[cfg(feature = "mysql")]
@@ -382,6 +393,11 @@ mod my {
     async fn a_rolled_back_commit_point_lets_a_retry_run() {
         super::a_rolled_back_commit_point_lets_a_retry_run::<My>().await;
     }
+
+    #[tokio::test]
+    async fn a_lost_commit_reply_never_binds_the_key_to_a_false_answer() {
+        super::a_lost_commit_reply_never_binds_the_key_to_a_false_answer::<My>().await;
+    }
 }
 
 /// The server side of the crash test, run by the parent as a child process.
@@ -408,6 +424,7 @@ async fn serve_child<D: OrdersDb>() {
         runs: Arc::default(),
         after_commit: Duration::from_secs(60),
         roll_back: false,
+        reply_lost: false,
     };
     let router = router(app, layer(&db));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -495,6 +512,7 @@ async fn crash_after_the_business_commit_never_runs_twice<D: OrdersDb>() {
         runs: Arc::default(),
         after_commit: Duration::ZERO,
         roll_back: false,
+        reply_lost: false,
     };
     let plain = router(app.clone(), layer(&db));
     let retry = retry_past_409(&plain, &key).await;
@@ -555,6 +573,7 @@ async fn a_rolled_back_commit_point_lets_a_retry_run<D: OrdersDb>() {
         runs: Arc::default(),
         after_commit: Duration::ZERO,
         roll_back: true,
+        reply_lost: false,
     };
     let failing = router(app.clone(), layer(&db));
     let first = call(&failing, post_req(Some("k"), "{\"sku\":1}")).await;
@@ -577,5 +596,45 @@ async fn a_rolled_back_commit_point_lets_a_retry_run<D: OrdersDb>() {
     let (status, content_type) = db.stored(&StoreKey::new(&Scope::anonymous(), "k")).await;
     assert_eq!(status, Some(201));
     assert_eq!(content_type.as_deref(), Some("text/plain; charset=utf-8"));
+    db.teardown().await;
+}
+
+/// The reply to the transaction's `COMMIT` is lost: the order and the commit point are
+/// committed together, but the handler saw an error and answers `503 order not created`.
+/// Whether a commit written in a transaction holds is not the layer's to know, so that
+/// answer is never stored: the key goes to the recovery hook, which finds the order, and
+/// every retry gets `201` with it. Exactly one order exists.
+async fn a_lost_commit_reply_never_binds_the_key_to_a_false_answer<D: OrdersDb>() {
+    let Some(url) = D::url() else { return };
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (orders, records) = (format!("lost_orders_{id}"), format!("lost_records_{id}"));
+    let db = D::setup(&url, &orders, &records).await;
+    let app = App {
+        db: db.clone(),
+        runs: Arc::default(),
+        after_commit: Duration::ZERO,
+        roll_back: false,
+        reply_lost: true,
+    };
+    let instance = router(app.clone(), recovering(layer(&db), db.clone()));
+    let first = call(&instance, post_req(Some("k"), "{\"sku\":1}")).await;
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    let key = StoreKey::new(&Scope::anonymous(), "k");
+    assert_eq!(
+        db.stored(&key).await.0,
+        None,
+        "the handler's 503 must not be stored under a key whose commit may hold"
+    );
+    for attempt in 0..2 {
+        let retry = call(&instance, post_req(Some("k"), "{\"sku\":1}")).await;
+        assert_eq!(
+            retry.status,
+            StatusCode::CREATED,
+            "retry {attempt}: the order exists, so the retry must be told so, got {:?}",
+            retry.body
+        );
+    }
+    assert_eq!(app.runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(db.rows("k").await, 1, "exactly one order exists");
     db.teardown().await;
 }

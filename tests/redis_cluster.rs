@@ -63,6 +63,8 @@ async fn the_store_works_across_a_cluster() {
     check::commit_fencing(&store).await;
     check::commit_expires(&store).await;
     check::settle_unknown(&store).await;
+    check::settle_keeps_retention(&store).await;
+    check::revoke_withdraws_a_commit(&store).await;
     check::inspect_states(&store).await;
     check::purge_any_state(&store).await;
 

@@ -460,11 +460,25 @@ fn unknown_outcome(entry: &Entry, now: Instant) -> Option<Claim> {
     match &entry.state {
         State::InFlight {
             fingerprint,
+            token,
             committed_until: Some(until),
             ..
         } if *until > now => Some(Claim::OutcomeUnknown {
             fingerprint: *fingerprint,
+            token: *token,
         }),
+        _ => None,
+    }
+}
+
+/// Until when a committed claim whose lease lapsed is kept, if `entry` is one (its outcome
+/// is unknown).
+fn committed_until(entry: &Entry, now: Instant) -> Option<Instant> {
+    match &entry.state {
+        State::InFlight {
+            committed_until: Some(until),
+            ..
+        } if *until > now => Some(*until),
         _ => None,
     }
 }
@@ -662,6 +676,17 @@ impl IdempotencyStore for MemoryStore {
         }
     }
 
+    async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        let removed = self.inner.map.remove_if(
+            key.as_str(),
+            |_, e| matches!(e.state, State::InFlight { token: owner, .. } if owner == token),
+        );
+        let (_, entry) = removed.ok_or(StoreError::LeaseLost)?;
+        entry.wake();
+        self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+        Ok(())
+    }
+
     async fn commit(
         &self,
         key: &StoreKey,
@@ -693,9 +718,15 @@ impl IdempotencyStore for MemoryStore {
             return Ok(false);
         };
         let now = completion.now;
-        if entry.expires_at > now || unknown_outcome(&entry, now).is_none() {
+        if entry.expires_at > now {
             return Ok(false);
         }
+        let Some(kept_until) = committed_until(&entry, now) else {
+            return Ok(false);
+        };
+        // Settling never shortens what the commit was kept for.
+        let mut completion = completion;
+        completion.expires_at = completion.expires_at.max(kept_until);
         completion.put(&self.inner, &mut entry);
         let key = Arc::clone(entry.key());
         drop(entry);

@@ -168,6 +168,10 @@ pub enum Claim {
     OutcomeUnknown {
         /// The fingerprint of the request that committed.
         fingerprint: Fingerprint,
+        /// The token that committed (and still owns the key): a recovery that finds the
+        /// operation never made its effects withdraws the commit with it
+        /// ([`IdempotencyStore::revoke`]), so that a retry can run.
+        token: LeaseToken,
     },
 }
 
@@ -374,8 +378,20 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
+    /// Withdraws the claim on `key` held with `token`, its commit point included: frees the
+    /// key whether or not it was committed, so that a retry may run the operation. For a
+    /// commit the layer was not told succeeded (its reply was lost, or it timed out while
+    /// its command may still land), and for a recovery that found the operation never made
+    /// its effects. [`StoreError::LeaseLost`], changing nothing, when `token` does not own
+    /// the key (another claim took it, or it holds a record).
+    ///
+    /// Since it is fenced by the token, a `commit` with the same token that lands after it
+    /// finds nothing to commit and changes nothing.
+    async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError>;
+
     /// Gives a key whose outcome is unknown ([`Claim::OutcomeUnknown`]) its outcome:
-    /// stores `record` for `ttl`, as `complete` would have. Answers whether it stored it:
+    /// stores `record` for `ttl`, as `complete` would have, but never for less than the
+    /// commit was still to be kept: settling never shortens a key's retention. Answers whether it stored it:
     /// `false`, changing nothing, when the key is in any other state (free, in flight with
     /// a live lease, completed, or committed but still owned by a live lease).
     async fn settle(
@@ -460,6 +476,10 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
         (**self).release(key, token).await
+    }
+
+    async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        (**self).revoke(key, token).await
     }
 
     async fn extend(

@@ -78,7 +78,7 @@
 //!       UPDATE t SET token = tok, fingerprint = fp, record = NULL, …, expires_at = now + lease
 //!       WHERE `key` = k AND expires_at <= now AND (token IS NULL OR contested OR committed);
 //!   END IF;
-//!   SELECT token <=> tok, fingerprint, record, <µs left>, committed
+//!   SELECT token <=> tok, fingerprint, record, <µs left>, committed, token
 //!   FROM t WHERE `key` = k AND expires_at > now;
 //!   ```
 //!
@@ -96,6 +96,8 @@
 //! - **release**: `CALL {table}_release_…(key, token)`: deletes the row if it is this
 //!   token's and not committed; a committed one keeps it and ends its lease
 //!   ([`StoreError::Committed`]).
+//! - **revoke**: `DELETE … WHERE `key` = ? AND token = ? AND record IS NULL`, committed or
+//!   not.
 //! - **extend**, **commit**, **settle**: one `UPDATE` each, as on PostgreSQL; the commit's
 //!   runs in your transaction with [`MySqlStore::commit_in`].
 //! - **inspect**: one `SELECT` of the row; **purge**: `DELETE … WHERE `key` = ?`.
@@ -248,6 +250,7 @@ struct Sql {
     claim: Arc<str>,
     complete: Arc<str>,
     release: Arc<str>,
+    revoke: Arc<str>,
     extend: Arc<str>,
     commit: Arc<str>,
     settle: Arc<str>,
@@ -372,7 +375,7 @@ impl Sql {
              \x20   SELECT token <=> tok, fingerprint, record,\n\
              \x20       TIMESTAMPDIFF(MICROSECOND, n,\n\
              \x20           IF(committed AND record IS NULL, lease_until, expires_at)),\n\
-             \x20       committed\n\
+             \x20       committed, token\n\
              \x20   FROM {t} WHERE `key` = k AND expires_at > n;\n\
              END"
         );
@@ -420,7 +423,7 @@ impl Sql {
         );
         let settle = format!(
             "UPDATE {t} SET token = NULL, record = ?, status = ?, headers = ?, \
-             expires_at = {now} + INTERVAL ? MICROSECOND \
+             expires_at = GREATEST(expires_at, {now} + INTERVAL ? MICROSECOND) \
              WHERE `key` = ? AND committed AND record IS NULL AND lease_until <= {now} \
              AND expires_at > {now}"
         );
@@ -431,6 +434,7 @@ impl Sql {
              FROM {t} WHERE `key` = ?"
         );
         let purge = format!("DELETE FROM {t} WHERE `key` = ?");
+        let revoke = format!("DELETE FROM {t} WHERE `key` = ? AND token = ? AND record IS NULL");
         let retention = ORPHAN_RETENTION.as_secs();
         let sweep = format!(
             "DELETE FROM {t} WHERE expires_at <= {now} \
@@ -447,6 +451,7 @@ impl Sql {
             claim: format!("CALL {claim_proc}(?, ?, ?, ?)").into(),
             complete: complete.into(),
             release: format!("CALL {release_proc}(?, ?)").into(),
+            revoke: revoke.into(),
             extend: extend.into(),
             commit: commit.into(),
             settle: settle.into(),
@@ -823,6 +828,7 @@ fn read_claim(row: &MySqlRow, token: LeaseToken) -> Result<Claim, StoreError> {
         record: row.try_get(2).map_err(StoreError::backend)?,
         rest: row.try_get(3).map_err(StoreError::backend)?,
         committed: row.try_get(4).map_err(StoreError::backend)?,
+        token: row.try_get(5).map_err(StoreError::backend)?,
     }
     .into_claim(token)
 }
@@ -929,6 +935,17 @@ impl IdempotencyStore for MySqlStore {
             (0, _) => Err(StoreError::Committed),
             _ => Ok(()),
         }
+    }
+
+    async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        let (key, token) = (key_bytes(key)?, token.to_bytes());
+        self.fenced(|| {
+            sqlx::query(AssertSqlSafe(Arc::clone(&sql.revoke)))
+                .bind(key)
+                .bind(&token[..])
+        })
+        .await
     }
 
     async fn commit(

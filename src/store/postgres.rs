@@ -56,7 +56,7 @@
 //!
 //!   ```sql
 //!   WITH live AS (
-//!       SELECT h.fingerprint, h.record, h.committed,
+//!       SELECT h.fingerprint, h.record, h.committed, h.token,
 //!              -- a committed claim without a record is in flight until lease_until
 //!              (extract(epoch FROM (CASE WHEN h.committed AND h.record IS NULL
 //!                   THEN h.lease_until ELSE h.expires_at END) - now()) * 1000000)::bigint AS rest
@@ -79,9 +79,9 @@
 //!       RETURNING r.token = $2 AS acquired, r.fingerprint,
 //!           (extract(epoch FROM r.expires_at - now()) * 1000000)::bigint AS rest
 //!   )
-//!   SELECT acquired, fingerprint, NULL::bytea, rest, false FROM claimed
+//!   SELECT acquired, fingerprint, NULL::bytea, rest, false, NULL::bytea FROM claimed
 //!   UNION ALL
-//!   SELECT false, fingerprint, record, rest, committed FROM live
+//!   SELECT false, fingerprint, record, rest, committed, token FROM live
 //!   ```
 //!
 //!   A committed row without a record whose `rest` ran out answers
@@ -102,14 +102,17 @@
 //! - **release**: `DELETE … WHERE key = $1 AND token = $2 AND NOT committed`, and in the
 //!   same statement, for a committed row, `UPDATE … SET lease_until = least(lease_until,
 //!   now())` ([`StoreError::Committed`]).
+//! - **revoke**: `DELETE … WHERE key = $1 AND token = $2 AND record IS NULL`, committed or
+//!   not.
 //! - **extend**: `UPDATE … SET expires_at = now() + lease, contested = false WHERE key = $1
 //!   AND token = $2` (a committed row: `lease_until = now() + lease`, `expires_at` not below
 //!   its commit's TTL).
 //! - **commit**: `UPDATE … SET committed = true, lease_until = expires_at, expires_at =
 //!   greatest(expires_at, now() + ttl) WHERE key = $1 AND token = $2`; the same statement
 //!   runs in your transaction with [`PostgresStore::commit_in`].
-//! - **settle**: `UPDATE … SET token = NULL, record = $2, … WHERE key = $1 AND committed AND
-//!   record IS NULL AND lease_until <= now() AND expires_at > now()`.
+//! - **settle**: `UPDATE … SET token = NULL, record = $2, …, expires_at = greatest(expires_at,
+//!   now() + ttl) WHERE key = $1 AND committed AND record IS NULL AND lease_until <= now()
+//!   AND expires_at > now()` (settling never shortens what the commit was kept for).
 //! - **inspect**: one `SELECT` of the row; **purge**: `DELETE … WHERE key = $1`.
 //!
 //! A fenced statement that changes no row answers [`StoreError::LeaseLost`]. Fencing is by
@@ -252,6 +255,7 @@ struct Sql {
     claim: Arc<str>,
     complete: Arc<str>,
     release: Arc<str>,
+    revoke: Arc<str>,
     extend: Arc<str>,
     commit: Arc<str>,
     settle: Arc<str>,
@@ -332,7 +336,7 @@ impl Sql {
         // until `expires_at`.
         let claim = format!(
             "WITH live AS (\n\
-             \x20   SELECT h.fingerprint, h.record, h.committed,\n\
+             \x20   SELECT h.fingerprint, h.record, h.committed, h.token,\n\
              \x20          (extract(epoch FROM (CASE WHEN h.committed AND h.record IS NULL\n\
              \x20               THEN h.lease_until ELSE h.expires_at END) - now()) * 1000000)::bigint AS rest\n\
              \x20   FROM {t} AS h WHERE h.key = $1 AND h.expires_at > now()\n\
@@ -356,9 +360,9 @@ impl Sql {
              \x20   RETURNING r.token = $2 AS acquired, r.fingerprint,\n\
              \x20       (extract(epoch FROM r.expires_at - now()) * 1000000)::bigint AS rest\n\
              )\n\
-             SELECT acquired, fingerprint, NULL::bytea, rest, false FROM claimed\n\
+             SELECT acquired, fingerprint, NULL::bytea, rest, false, NULL::bytea FROM claimed\n\
              UNION ALL\n\
-             SELECT false, fingerprint, record, rest, committed FROM live"
+             SELECT false, fingerprint, record, rest, committed, token FROM live"
         );
         // The readable columns: the status, and the headers as a JSON array of
         // [name, value] pairs in order.
@@ -384,6 +388,7 @@ impl Sql {
              WHERE key = $1 AND token = $2 AND committed RETURNING 1) \
              SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)"
         );
+        let revoke = format!("DELETE FROM {t} WHERE key = $1 AND token = $2 AND record IS NULL");
         let extend = format!(
             "UPDATE {t} SET \
              expires_at = CASE WHEN committed \
@@ -401,7 +406,7 @@ impl Sql {
         );
         let settle = format!(
             "UPDATE {t} SET token = NULL, record = $2, {}, \
-             expires_at = now() + $3::bigint * interval '1 microsecond' \
+             expires_at = greatest(expires_at, now() + $3::bigint * interval '1 microsecond') \
              WHERE key = $1 AND committed AND record IS NULL AND lease_until <= now() \
              AND expires_at > now()",
             readable(4)
@@ -429,6 +434,7 @@ impl Sql {
             claim: claim.into(),
             complete: complete.into(),
             release: release.into(),
+            revoke: revoke.into(),
             extend: extend.into(),
             commit: commit.into(),
             settle: settle.into(),
@@ -691,6 +697,7 @@ fn read_claim(row: &PgRow, token: LeaseToken) -> Result<Claim, StoreError> {
         record: row.try_get(2).map_err(StoreError::backend)?,
         rest: row.try_get(3).map_err(StoreError::backend)?,
         committed: row.try_get(4).map_err(StoreError::backend)?,
+        token: row.try_get(5).map_err(StoreError::backend)?,
     }
     .into_claim(token)
 }
@@ -801,6 +808,16 @@ impl IdempotencyStore for PostgresStore {
             (0, _) => Err(StoreError::Committed),
             _ => Ok(()),
         }
+    }
+
+    async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        let sql = self.inner.sql()?;
+        self.fenced(
+            sqlx::query(AssertSqlSafe(Arc::clone(&sql.revoke)))
+                .bind(key.as_str())
+                .bind(token.to_bytes().to_vec()),
+        )
+        .await
     }
 
     async fn commit(

@@ -35,12 +35,13 @@
 //! | `complete` | if the value starts with `L` + this token: `SET R… PX ttl`; if it already is this very record: done; else *lost* |
 //! | `release` | if the value starts with `L` + this token: `DEL` (committed: the deadline becomes now, *committed*), else *lost* |
 //! | `extend` | if the value starts with `L` + this token: a new deadline, `PX lease+retention` (committed: `PX` the later of the lease and the commit's expiry), else *lost* |
+//! | `revoke` | if the value starts with `L` + this token: `DEL`, committed or not, else *lost* |
 //! | `commit` | if the value starts with `L` + this token: mark it `K`, `PX` the TTL (or the rest of the lease, if longer), else *lost* |
-//! | `settle` | if the value is committed (`K`) and its deadline passed: `SET R… PX ttl` |
+//! | `settle` | if the value is committed (`K`) and its deadline passed: `SET R… PX` the TTL or the key's remaining `PTTL`, whichever is longer |
 //! | `inspect` | `GET`, `TIME` and `PTTL` in one script |
 //! | `purge` | `DEL` (a plain command) |
 //!
-//! A committed claim whose deadline passed answers a claim with its fingerprint alone:
+//! A committed claim whose deadline passed answers a claim with its fingerprint and token:
 //! [`Claim::OutcomeUnknown`]. It is never contested nor taken over, and expires with the
 //! TTL it was committed for.
 //!
@@ -150,7 +151,7 @@ if v and string.sub(v, 1, 1) == 'L' then
     return {string.sub(v, 18, 49), rest}
   end
   if committed then
-    return {string.sub(v, 18, 49)}
+    return {string.sub(v, 18, 49), string.sub(v, 2, 17)}
   end
   if not contested then
     local grace = math.max(math.floor(tonumber(ARGV[2]) / 2), 1)
@@ -222,7 +223,8 @@ return 1
 "#;
 
 /// KEYS[1]: the key. ARGV[1]: the record value, ARGV[2]: the TTL in milliseconds. Stores
-/// the record only over a committed claim whose lease has ended. Answers 1 (stored) or 0.
+/// the record only over a committed claim whose lease has ended, for the TTL or what the
+/// commit still had, whichever is longer. Answers 1 (stored) or 0.
 const SETTLE_LUA: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if not v or string.sub(v, 1, 1) ~= 'L' or string.sub(v, 50, 50) ~= 'K' then
@@ -234,7 +236,18 @@ local deadline = tonumber(string.sub(v, 51))
 if deadline and deadline > now then
   return 0
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local px = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[1]))
+redis.call('SET', KEYS[1], ARGV[1], 'PX', string.format('%.0f', px))
+return 1
+"#;
+
+/// KEYS[1]: the key. ARGV[1]: `L` + token. Deletes the claim if the token owns it,
+/// committed or not. Answers 1 (done) or 0 (lost).
+const REVOKE_LUA: &str = r#"
+if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
 return 1
 "#;
 
@@ -267,10 +280,11 @@ return 1
 "#;
 
 /// Every script, as loaded by [`RedisStore::connect`] and [`RedisStore::connect_cluster`].
-const ALL_LUA: [&str; 7] = [
+const ALL_LUA: [&str; 8] = [
     CLAIM_LUA,
     COMPLETE_LUA,
     RELEASE_LUA,
+    REVOKE_LUA,
     EXTEND_LUA,
     COMMIT_LUA,
     SETTLE_LUA,
@@ -281,6 +295,7 @@ struct Scripts {
     claim: Script,
     complete: Script,
     release: Script,
+    revoke: Script,
     extend: Script,
     commit: Script,
     settle: Script,
@@ -291,6 +306,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     claim: Script::new(CLAIM_LUA),
     complete: Script::new(COMPLETE_LUA),
     release: Script::new(RELEASE_LUA),
+    revoke: Script::new(REVOKE_LUA),
     extend: Script::new(EXTEND_LUA),
     commit: Script::new(COMMIT_LUA),
     settle: Script::new(SETTLE_LUA),
@@ -834,12 +850,18 @@ fn bytes_of(value: &Value) -> Option<&[u8]> {
 fn parse_claim(reply: Value, token: LeaseToken) -> Result<Claim, StoreError> {
     match reply {
         Value::Int(1) => Ok(Claim::Acquired(token)),
-        Value::Array(items) if items.len() == 1 => {
+        // A committed claim whose lease ended: its fingerprint and its token (16 bytes; an
+        // in-flight answer has a number there).
+        Value::Array(items) if items.len() == 2 && matches!(items[1], Value::BulkString(_)) => {
             let fingerprint: [u8; 32] = bytes_of(&items[0])
                 .and_then(|b| b.try_into().ok())
                 .ok_or_else(|| damaged("committed fingerprint"))?;
+            let owner: [u8; 16] = bytes_of(&items[1])
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| damaged("committed token"))?;
             Ok(Claim::OutcomeUnknown {
                 fingerprint: Fingerprint::from_bytes(fingerprint),
+                token: LeaseToken::from_bytes(owner),
             })
         }
         Value::Array(items) => {
@@ -927,6 +949,16 @@ impl IdempotencyStore for RedisStore {
         self.fenced(
             SCRIPTS
                 .release
+                .key(self.redis_key(key))
+                .arg(&owner_prefix(token)[..]),
+        )
+        .await
+    }
+
+    async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.fenced(
+            SCRIPTS
+                .revoke
                 .key(self.redis_key(key))
                 .arg(&owner_prefix(token)[..]),
         )
@@ -1379,7 +1411,7 @@ mod tests {
                 }
                 Ok(Claim::OutcomeUnknown { .. }) => {
                     prop_assert!(
-                        matches!(&reply, Value::Array(items) if items.len() == 1),
+                        matches!(&reply, Value::Array(items) if items.len() == 2),
                         "{}", shape
                     );
                 }

@@ -96,6 +96,8 @@ pub(crate) struct ClaimRow {
     /// Microseconds until the lease ends (a committed claim: its `lease_until`).
     pub(crate) rest: Option<i64>,
     pub(crate) committed: bool,
+    /// The token that holds the key (none once completed, or for a claim just taken).
+    pub(crate) token: Option<Vec<u8>>,
 }
 
 impl ClaimRow {
@@ -109,7 +111,14 @@ impl ClaimRow {
         }
         let fingerprint = fingerprint_of(self.fingerprint)?;
         if self.committed && self.rest.is_none_or(|us| us <= 0) {
-            return Ok(Claim::OutcomeUnknown { fingerprint });
+            let owner: [u8; 16] = self
+                .token
+                .and_then(|t| t.try_into().ok())
+                .ok_or(StoreError::Decode(DecodeError::Invalid("committed token")))?;
+            return Ok(Claim::OutcomeUnknown {
+                fingerprint,
+                token: LeaseToken::from_bytes(owner),
+            });
         }
         Ok(Claim::InFlight {
             fingerprint,
