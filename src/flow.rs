@@ -126,16 +126,30 @@ where
                     .extensions()
                     .get::<IdempotencyKey>()
                     .map_or("", |k| k.as_str());
-                tracing::warn!(key, "idempotency store is full; refusing the request");
+                // The truth about when a new key may fit: the memory store knows when its
+                // oldest record leaves the replay window; others get the configured hint.
+                #[cfg(feature = "memory")]
+                let after = config
+                    .memory
+                    .as_ref()
+                    .and_then(crate::MemoryStore::room_in)
+                    .unwrap_or(config.retry_after);
+                #[cfg(not(feature = "memory"))]
+                let after = config.retry_after;
+                tracing::warn!(
+                    key,
+                    retry_after_s = after.as_secs(),
+                    "idempotency store is full; refusing the request"
+                );
                 return Ok(problem(
                     &config,
                     grpc,
                     Problem::new(
                         ProblemKind::StoreFull,
                         "The idempotency store has no room for a new key right now; nothing \
-                         was done. Retry later.",
+                         was done. Retry after Retry-After, when room may be free.",
                     )
-                    .retry_after(config.retry_after),
+                    .retry_after(after),
                     IdempotencyOutcome::StoreFull,
                 ));
             }

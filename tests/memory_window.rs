@@ -240,3 +240,40 @@ async fn a_full_store_answers_503_store_full() {
         assert_eq!(runs.started(), 0, "{policy:?}");
     }
 }
+
+/// A store full of records inside their replay window refuses new keys until the oldest
+/// leaves it: `Retry-After` says when that is (it said `1` while the store refused new keys
+/// for the rest of its five-minute window), and counts down as the window passes.
+#[tokio::test]
+async fn store_full_retry_after_tells_when_the_oldest_record_may_go() {
+    let window = Duration::from_secs(120);
+    let store = MemoryStore::builder()
+        .max_bytes(20_000)
+        .min_retention(window)
+        .build();
+    let mut n = 0;
+    while complete_new(&store, &format!("kept-{n}"), 500)
+        .await
+        .is_ok()
+    {
+        n += 1;
+    }
+    assert!(n > 3, "some records fit: {n}");
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(runs.handler(Duration::ZERO));
+    let answer = call(&svc, post(Some("new"), "{}")).await;
+    assert_problem(&answer, 503, "store-full");
+    let after: u64 = answer.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (window.as_secs() - 5..=window.as_secs()).contains(&after),
+        "Retry-After must be the time until the oldest record leaves the {window:?} window, \
+         got {after}"
+    );
+    assert_eq!(runs.started(), 0);
+}

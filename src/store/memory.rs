@@ -45,8 +45,8 @@ const MIN_MIN_RETENTION: Duration = Duration::from_secs(1);
 ///   claims included. When a new claim does not fit, the store first evicts records older
 ///   than the window (oldest first; each counted by [`evictions`](MemoryStore::evictions)
 ///   and logged at `debug`); if that is not enough it **refuses the claim** with
-///   [`StoreError::Full`] (the layer answers `503 store-full` with `Retry-After`, and
-///   nothing runs) rather than forget a record inside the window. Refusals are counted by
+///   [`StoreError::Full`] (the layer answers `503 store-full` with `Retry-After` set to
+///   when the oldest record may go, [`room_in`](MemoryStore::room_in), and nothing runs) rather than forget a record inside the window. Refusals are counted by
 ///   [`refusals`](MemoryStore::refusals).
 /// - A completion is never refused, since its operation already ran: the records of
 ///   operations that were running when the store filled up may take it past the cap, by at
@@ -264,6 +264,25 @@ impl MemoryStore {
     /// How many claims were refused with [`StoreError::Full`], since the store was built.
     pub fn refusals(&self) -> u64 {
         self.inner.refusals.load(Ordering::Relaxed)
+    }
+
+    /// How long until a record may leave the store to make room: until the oldest stored
+    /// record leaves the replay window ([`min_retention`](MemoryStoreBuilder::min_retention))
+    /// or expires, whichever is sooner. `None` when no record is stored or the oldest may go
+    /// now. The layer answers this (at least one second) as the `Retry-After` of
+    /// `503 store-full`, so that clients come back when a new key can fit rather than hammer
+    /// a store that must refuse them for the rest of its window.
+    ///
+    /// ```
+    /// use tower_idempotency::MemoryStore;
+    /// assert_eq!(MemoryStore::new().room_in(), None);
+    /// ```
+    pub fn room_in(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let queue = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let front = queue.front()?;
+        let left = front.evictable_at.saturating_duration_since(now);
+        (!left.is_zero()).then_some(left)
     }
 
     /// Removes every expired entry now.
