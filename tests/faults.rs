@@ -453,3 +453,67 @@ async fn a_taken_over_owner_stores_its_outcome_once_the_key_is_free() {
     assert_eq!(replay.body, first.body);
     assert_eq!(runs.started(), 1);
 }
+
+/// The store is cut off while a request that answered an error (not storable) releases its
+/// key, and stays cut off for several leases. The release keeps trying until it lands, so
+/// the key is free as soon as the store is back: it was given up after one lease and the
+/// key held by a lapsed lease, so retries were told "still running" (409) for up to half a
+/// lease after the outage although nothing ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_outlasts_an_outage_longer_than_the_lease() {
+    use tower_idempotency::{IdempotencyStore, KeyState, Scope, StoreKey};
+    let inner = MemoryStore::new();
+    let store = FaultStore::new(inner.clone());
+    let lease = Duration::from_millis(200);
+    let faults = std::sync::Arc::clone(&store.faults);
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = {
+        let runs = std::sync::Arc::clone(&runs);
+        tower::service_fn(move |_req: http::Request<axum::body::Body>| {
+            let (faults, runs) = (std::sync::Arc::clone(&faults), std::sync::Arc::clone(&runs));
+            async move {
+                let n = runs.fetch_add(1, Ordering::SeqCst);
+                let status = if n == 0 {
+                    // The store goes away while the first attempt fails.
+                    faults.cut_off.store(true, Ordering::SeqCst);
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    http::StatusCode::CREATED
+                };
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(status)
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .lease(lease)
+        .store_timeout(Duration::from_millis(50))
+        .layer(handler);
+    let first = call(&svc, post(Some("outage"), "{}")).await;
+    assert_eq!(first.status, 503);
+    // An outage of five leases.
+    tokio::time::sleep(lease * 5).await;
+    store.faults.cut_off.store(false, Ordering::SeqCst);
+    let key = StoreKey::new(&Scope::anonymous(), "outage");
+    let mut free = false;
+    for _ in 0..60 {
+        if matches!(inner.inspect(&key).await, Ok(KeyState::Free)) {
+            free = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        free,
+        "the key must be released once the store is back, not held by its lapsed lease: {:?}",
+        inner.inspect(&key).await
+    );
+    let retry = call(&svc, post(Some("outage"), "{}")).await;
+    assert_eq!(retry.status, 201, "the retry runs at once, no 409");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
