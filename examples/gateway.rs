@@ -1,34 +1,96 @@
 //! A gateway: puts the idempotency layer in front of any HTTP service, in any language.
 //!
-//! It listens on `LISTEN_ADDR`, and forwards every request to `UPSTREAM_URL` as it came (method,
-//! path and query, headers, body, the `Idempotency-Key` included). A `POST` or `PATCH` with a key
-//! runs upstream once: a retry gets the first answer replayed, a duplicate that arrives while the
+//! It listens on `LISTEN_ADDR` (HTTP/1.0, HTTP/1.1, and HTTP/2 with prior knowledge, h2c),
+//! and forwards every request to `UPSTREAM_URL` over HTTP/1.1 (method, path and query,
+//! headers, body, the `Idempotency-Key` included). A `POST` or `PATCH` with a key runs
+//! upstream once: a retry gets the first answer replayed, a duplicate that arrives while the
 //! first runs gets `409`, and the same key with another payload gets `422`.
 //!
 //! ```text
-//! UPSTREAM_URL=http://127.0.0.1:8080 cargo run --example gateway
+//! UPSTREAM_URL=http://127.0.0.1:8080 IDEMPOTENCY_SHARED_SCOPE=1 cargo run --example gateway
 //! curl -i -X POST localhost:3002/payments -H 'Idempotency-Key: pay-1' -d '{"amount":12}'
 //! ```
 //!
-//! Environment:
+//! # Environment
+//!
 //! - `LISTEN_ADDR` (default `127.0.0.1:3002`): where to listen;
 //! - `UPSTREAM_URL` (required): the service behind, `http://host:port` (a path prefix is kept:
 //!   `http://host:port/api` forwards `/payments` to `/api/payments`);
+//! - the caller scope (required, one of the two): keys of different callers must be kept
+//!   apart, or one caller could be served another's stored response, so the gateway does not
+//!   start until told how:
+//!   - `IDEMPOTENCY_SCOPE_HEADER` and `IDEMPOTENCY_SCOPE_SECRET`: each value of this
+//!     credential header (for example `authorization`) is a caller of its own, identified by
+//!     an HMAC-SHA-256 keyed with the secret (the same on every gateway sharing a store); a
+//!     request without the header gets `403 caller-unknown`, and a refreshed credential is a
+//!     new caller (its retry runs again);
+//!   - `IDEMPOTENCY_SHARED_SCOPE=1`: one scope for every caller, only right when one caller
+//!     (or callers that trust each other) stands behind the gateway;
 //! - `IDEMPOTENCY_STORE` (default `memory`): `memory`, `redis://…`,
 //!   `redis-cluster://host:port[,host:port…]` (feature `redis`), `postgres://…` (feature
 //!   `postgres`) or `mysql://…` (feature `mysql`), as in the orders demo; several gateways
 //!   share a Redis, PostgreSQL or MySQL store;
-//! - `IDEMPOTENCY_ASSIGN_KEY` (default off): `1` gives a request without a key one of its own
+//! - `IDEMPOTENCY_ASSIGN_KEY` (default `0`): `1` gives a request without a key one of its own
 //!   (echoed in the response's `Idempotency-Key` header), instead of refusing it with `400`;
-//! - `IDEMPOTENCY_SCOPE_HEADER` and `IDEMPOTENCY_SCOPE_SECRET`: keep the keys of callers apart by
-//!   a credential header (for example `authorization`), hashed with the secret. Without them the
-//!   gateway shares keys across callers: only right when one caller (or callers that trust each
-//!   other) stands behind it;
 //! - `IDEMPOTENCY_LEASE_MS` (default 30000): how long a running request holds its key before
-//!   another may take it over.
+//!   another may take it over (renewed while it runs);
+//! - `UPSTREAM_TIMEOUT_MS` (default 30000): how long the upstream has to begin its answer once
+//!   the request is forwarded, and the longest pause within the answer's body;
+//! - `UPSTREAM_CONNECT_TIMEOUT_MS` (default 5000, or half of `UPSTREAM_TIMEOUT_MS` if that is
+//!   less; must be shorter than it): how long connecting to the upstream may take;
+//! - `TRUST_FORWARDED` (default `0`): `1` when the gateway's clients are proxies it trusts.
+//!   The gateway writes `Forwarded` (RFC 7239) and `X-Forwarded-For`, `-Host` and `-Proto`
+//!   itself: the client's address, the host it asked for (`Host`, or HTTP/2's `:authority`)
+//!   and `http`. Without `TRUST_FORWARDED=1` whatever the client sent in those four headers
+//!   is dropped first; with it, the gateway's hop is appended to the client's `Forwarded`
+//!   and `X-Forwarded-For`, and its `X-Forwarded-Host` and `-Proto` are kept.
 //!
-//! On Ctrl-C or SIGTERM the gateway stops taking requests, lets the ones in progress finish,
-//! and waits (up to 10 s) for the records still being stored.
+//! Flags take `1` or `0` (`true`/`false`, `yes`/`no`, `on`/`off`); anything else is an error.
+//!
+//! # When the upstream fails
+//!
+//! - **Connecting fails** (refused, unreachable, connect timeout): nothing reached the
+//!   upstream. The answer is `502 upstream-unreachable`, the key is released, and a retry
+//!   with the same key is sent upstream again.
+//! - **The upstream fails after the request was sent** (it closes the connection, resets it,
+//!   or sends no valid answer): it may have run. The gateway declares the operation's commit
+//!   point (`IdempotencyClaim::commit`) and answers `502 upstream-failed`; that answer is
+//!   stored under the key, and every retry with it gets the same answer replayed (with
+//!   `Idempotent-Replayed: true`): the upstream never runs twice. Look the result up at the
+//!   upstream before sending the operation again with a new key.
+//! - **The upstream does not begin its answer within `UPSTREAM_TIMEOUT_MS`**: the same, with
+//!   `504 upstream-timeout`.
+//! - **The upstream's answer stops midway** (its body fails, or pauses longer than
+//!   `UPSTREAM_TIMEOUT_MS`): the client's response is cut off; the key keeps a tombstone
+//!   (retries get `410 response-not-stored`), or, if the upstream's status was a `5xx`, is
+//!   released.
+//! - **The upstream answers** (any status): that answer, stored and replayed as the layer's
+//!   settings say (`5xx`, `408`, `409`, `425` and `429` release the key: a retry runs again).
+//!
+//! If the store cannot record the commit point (it is unreachable), the answer says so: the
+//! key may then be released and a retry sent again. A crash of the gateway while a request is
+//! upstream leaves its key held until the lease runs out; after that a retry is sent again.
+//!
+//! # Requests refused before the layer
+//!
+//! A path that is not from the root (`*`), or that has a `.` or `..` segment, plain or
+//! percent-encoded (`%2e%2e`, `%2E.`), before an encoded slash or a backslash (`..%2f`,
+//! `..\`), or with `;parameters` (`..;x`), gets `400 path-not-forwardable` and nothing is
+//! forwarded: no path leaves the prefix of `UPSTREAM_URL`.
+//!
+//! The gateway's own problems (`application/problem+json`, RFC 9457) have the `type`
+//! `https://docs.rs/crate/tower-idempotency/latest/source/examples/gateway.rs#<slug>`, where
+//! `<slug>` is `upstream-unreachable`, `upstream-failed`, `upstream-timeout` or
+//! `path-not-forwardable`; the layer's own (`409`, `422`, `403`, …) are described in the
+//! `problem` module.
+//!
+//! # Exit status
+//!
+//! - `0`: stopped on Ctrl-C or SIGTERM, after the requests in progress finished and the
+//!   records still being stored were stored (waiting up to 10 s for them);
+//! - `1`: the store could not be opened, the address could not be bound, or records were still
+//!   unstored 10 s after the stop;
+//! - `2`: the settings are wrong or incomplete (the message on stderr names the setting).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -415,8 +477,10 @@ fn problem(status: StatusCode, slug: &str, title: &str, detail: &str) -> Respons
         .into_response()
 }
 
-/// Where the gateway's own problem types are described: this example's documentation.
-const PROBLEM_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/#gateway-";
+/// Where the gateway's own problem types are described: this example's module
+/// documentation.
+const PROBLEM_BASE: &str =
+    "https://docs.rs/crate/tower-idempotency/latest/source/examples/gateway.rs#";
 
 /// Whether `path` could climb out of the upstream's prefix: it is not a path from the root
 /// (`*`, or a relative form), or one of its segments is `.` or `..` once percent-decoded
@@ -744,5 +808,6 @@ async fn main() {
     // before exiting.
     if let Err(unfinished) = work.shutdown(Duration::from_secs(10)).await {
         eprintln!("gateway stopped: {unfinished}");
+        std::process::exit(1);
     }
 }

@@ -564,9 +564,7 @@ fn the_gateway_will_not_start_without_a_scope_decision() {
                 .map(|(_, v)| (*v).to_owned())
         }
     };
-    let err = gateway::Settings::from_vars(vars(&[]))
-        .err()
-        .expect("no scope decision: refused");
+    let err = gateway::Settings::from_vars(vars(&[])).expect_err("no scope decision: refused");
     for setting in [
         "IDEMPOTENCY_SCOPE_HEADER",
         "IDEMPOTENCY_SCOPE_SECRET",
