@@ -40,11 +40,19 @@
 //! # client }
 //! ```
 //!
-//! Only requests whose body can be sent again are retried ([`CloneBody`]: `Full<Bytes>`,
-//! `Empty<Bytes>`, `Bytes`, `String`, `Vec<u8>`). Any other is sent once, never retried with a
-//! body that is gone. Nor is a `POST` or `PATCH` (any method HTTP does not define as
-//! idempotent) that carries no key: a second attempt could run it twice.
+//! With tower's `RetryLayer`, only requests whose body can be sent again are retried
+//! ([`CloneBody`]: `Full<Bytes>`, `Empty<Bytes>`, `Bytes`, `String`, `Vec<u8>`). Any other is
+//! sent once, never retried with a body that is gone. Nor is a `POST` or `PATCH` (any method
+//! HTTP does not define as idempotent) that carries no key: a second attempt could run it
+//! twice.
+//!
+//! For a streaming body (a tonic client's; any [`WrapBody`]), [`BufferedRetryLayer`] takes
+//! the place of `RetryLayer`: it sends the body as it comes, never waiting for its end, so
+//! client-streaming and bidirectional gRPC calls start at once, and keeps a copy of up to
+//! `max_body` bytes (1 MiB) for retries. A call whose body grows past that is sent once,
+//! without retries (see [`BufferedRetryLayer`]).
 
+use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -606,9 +614,9 @@ where
 }
 
 /// Retries calls whose request body cannot be cloned: a tonic client's, or any streaming
-/// body. The body is read once (up to `max_body` bytes) and rebuilt for every attempt
-/// ([`RebuildBody`](crate::RebuildBody)); what is retried, and when, is decided as by
-/// [`RetryPolicy`].
+/// body. The body is sent as it comes, never held back until it ends, while a copy of it is
+/// kept (up to `max_body` bytes) for another attempt; what is retried, and when, is decided
+/// as by [`RetryPolicy`].
 ///
 /// For a tonic client, between the key layer and the channel:
 ///
@@ -629,8 +637,28 @@ where
 /// # drop(grpc); Ok(()) }
 /// ```
 ///
-/// A body larger than `max_body` (default 1 MiB) is not sent at all: the call fails with
-/// [`BodyTooLarge`], since it could not be retried with the same bytes.
+/// # Streaming calls and large bodies
+///
+/// Each attempt streams the request body to the inner service frame by frame, as the
+/// caller produces it: a client-streaming or bidirectional gRPC call, or an upload whose
+/// body has not ended, starts at once, and the server can answer before the stream ends.
+/// A retry sends the kept copy again, then goes on with what the caller has not produced
+/// yet.
+///
+/// A call is retried only while the copy holds every byte the body has yielded so far:
+///
+/// - a body that ended within `max_body` (a unary call, any small request) can be retried
+///   after any failed attempt;
+/// - so can one that the failed attempt had not read past `max_body`, even one still open
+///   (a connection refused before the body was read; a stream whose first messages went
+///   out before the transport failed);
+/// - a body that grew past `max_body` is sent on as it comes, and the call is **not
+///   retried**: its first attempt's answer or error is the call's. The copy is dropped then,
+///   so a long upload or an endless stream holds at most `max_body` bytes, and nothing once
+///   the answer has come.
+///
+/// A body that fails to be read, or yields trailers that do not fit, is not retried either.
+/// The kept copy is freed once the call has its final answer.
 #[derive(Debug, Clone)]
 pub struct BufferedRetryLayer {
     policy: RetryPolicy,
@@ -638,7 +666,7 @@ pub struct BufferedRetryLayer {
 }
 
 impl BufferedRetryLayer {
-    /// The layer, retrying as `policy` says, with bodies of up to 1 MiB.
+    /// The layer, retrying as `policy` says, keeping copies of up to 1 MiB.
     pub fn new(policy: RetryPolicy) -> Self {
         Self {
             policy,
@@ -646,7 +674,9 @@ impl BufferedRetryLayer {
         }
     }
 
-    /// The largest body read for retries. Default: 1 MiB.
+    /// The most bytes of a body kept for retries; a call whose body grows past it is sent
+    /// once (see [Streaming calls and large bodies](BufferedRetryLayer#streaming-calls-and-large-bodies)).
+    /// Default: 1 MiB.
     ///
     /// ```
     /// use tower_idempotency::client::{BufferedRetryLayer, RetryPolicy};
@@ -678,27 +708,303 @@ pub struct BufferedRetry<S> {
     max_body: usize,
 }
 
-/// A request body too large to be kept for retries ([`BufferedRetryLayer::max_body`]).
-#[derive(Debug, thiserror::Error)]
-#[error("the request body is larger than {max} bytes, the most kept for retries")]
-pub struct BodyTooLarge {
-    max: usize,
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body type that [`BufferedRetry`] can send: one it can build around a
+/// [`RetryBody`], the caller's body with a copy kept for retries.
+///
+/// Implemented for tonic's body (feature `tonic`), axum's (feature `axum`), and
+/// `http-body-util`'s `BoxBody` and `UnsyncBoxBody`. A body held whole, such as
+/// `Full<Bytes>`, needs no copy: use [`RetryPolicy`] with tower's `RetryLayer`.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::BodyExt;
+/// use http_body_util::combinators::UnsyncBoxBody;
+/// use tower_idempotency::client::{RetryBody, WrapBody};
+///
+/// struct MyBody(UnsyncBoxBody<Bytes, std::io::Error>);
+/// # impl http_body::Body for MyBody {
+/// #     type Data = Bytes;
+/// #     type Error = std::io::Error;
+/// #     fn poll_frame(
+/// #         mut self: std::pin::Pin<&mut Self>,
+/// #         cx: &mut std::task::Context<'_>,
+/// #     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+/// #         std::pin::Pin::new(&mut self.0).poll_frame(cx)
+/// #     }
+/// # }
+///
+/// impl WrapBody for MyBody {
+///     fn wrap(body: RetryBody<Self>) -> Self {
+///         MyBody(body.boxed_unsync())
+///     }
+/// }
+/// ```
+pub trait WrapBody: http_body::Body<Data = Bytes> + Sized {
+    /// A body of this type yielding what `body` yields.
+    fn wrap(body: RetryBody<Self>) -> Self;
 }
 
-/// A request body that could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error("the request body could not be read: {0}")]
-pub struct BodyUnreadable(String);
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+impl WrapBody for tonic::body::Body {
+    fn wrap(body: RetryBody<Self>) -> Self {
+        tonic::body::Body::new(body)
+    }
+}
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+impl WrapBody for axum_core::body::Body {
+    fn wrap(body: RetryBody<Self>) -> Self {
+        axum_core::body::Body::new(body)
+    }
+}
+
+impl<E: 'static> WrapBody for http_body_util::combinators::BoxBody<Bytes, E> {
+    fn wrap(body: RetryBody<Self>) -> Self {
+        http_body_util::combinators::BoxBody::new(body)
+    }
+}
+
+impl<E: 'static> WrapBody for http_body_util::combinators::UnsyncBoxBody<Bytes, E> {
+    fn wrap(body: RetryBody<Self>) -> Self {
+        http_body_util::combinators::UnsyncBoxBody::new(body)
+    }
+}
+
+/// A request body as [`BufferedRetry`] sends it: what the caller's body yields, as it comes
+/// (after the kept copy, on a retry), while a copy is kept for another attempt.
+///
+/// The body of an attempt that was given up (a later attempt has started) yields nothing
+/// more and never ends: ending it would tell the server a cut-off body was whole.
+pub struct RetryBody<B> {
+    tee: Arc<std::sync::Mutex<Tee<B>>>,
+    attempt: u64,
+}
+
+impl<B> fmt::Debug for RetryBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBody")
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The caller's body, shared by the attempts of one call, and the copy of what it yielded.
+struct Tee<B> {
+    source: std::pin::Pin<Box<B>>,
+    /// What the source yielded, in order (while `recording`), or what the current attempt
+    /// has yet to send of it (once not).
+    kept: std::collections::VecDeque<Kept>,
+    /// The size of `kept`.
+    kept_bytes: usize,
+    max: usize,
+    /// How many of `kept` the current attempt has sent (0 once not `recording`).
+    sent: usize,
+    /// The attempt whose body may read; the bodies of earlier ones are given up.
+    attempt: u64,
+    /// Whether what the source yields is kept: until the copy outgrows `max`, or the call
+    /// has its final answer.
+    recording: bool,
+    ended: bool,
+    failed: bool,
+}
+
+/// A frame of the caller's body, kept.
+#[derive(Clone)]
+enum Kept {
+    Data(Bytes),
+    Trailers(http::HeaderMap),
+}
+
+impl Kept {
+    fn len(&self) -> usize {
+        match self {
+            Self::Data(data) => data.len(),
+            Self::Trailers(trailers) => trailers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len())
+                .sum(),
+        }
+    }
+
+    fn into_frame(self) -> http_body::Frame<Bytes> {
+        match self {
+            Self::Data(data) => http_body::Frame::data(data),
+            Self::Trailers(trailers) => http_body::Frame::trailers(trailers),
+        }
+    }
+}
+
+impl<B> Tee<B> {
+    fn new(source: B, max: usize) -> Self {
+        Self {
+            source: Box::pin(source),
+            kept: std::collections::VecDeque::new(),
+            kept_bytes: 0,
+            max,
+            sent: 0,
+            attempt: 0,
+            recording: true,
+            ended: false,
+            failed: false,
+        }
+    }
+
+    /// Whether another attempt can send the same body: all it yielded so far is kept.
+    fn resendable(&self) -> bool {
+        self.recording && !self.failed
+    }
+
+    /// The body of the next attempt; the previous attempt's is given up.
+    fn next_attempt(tee: &Arc<std::sync::Mutex<Self>>) -> RetryBody<B> {
+        let mut this = lock(tee);
+        this.attempt += 1;
+        this.sent = 0;
+        RetryBody {
+            tee: Arc::clone(tee),
+            attempt: this.attempt,
+        }
+    }
+
+    /// The call has its final answer: nothing more is kept, and the copy goes as the
+    /// current attempt sends it.
+    fn finish(&mut self) {
+        self.recording = false;
+        let sent = std::mem::take(&mut self.sent);
+        for kept in self.kept.drain(..sent) {
+            self.kept_bytes -= kept.len();
+        }
+    }
+
+    fn keep(&mut self, frame: &http_body::Frame<Bytes>) {
+        if !self.recording {
+            return;
+        }
+        let kept = if let Some(data) = frame.data_ref() {
+            Kept::Data(data.clone())
+        } else if let Some(trailers) = frame.trailers_ref() {
+            Kept::Trailers(trailers.clone())
+        } else {
+            // A kind of frame this crate does not know cannot be sent again.
+            self.overflow();
+            return;
+        };
+        if self.kept_bytes.saturating_add(kept.len()) > self.max {
+            self.overflow();
+            return;
+        }
+        self.kept_bytes += kept.len();
+        self.kept.push_back(kept);
+        self.sent += 1;
+    }
+
+    /// The copy cannot be whole: it goes, and the call will not be retried.
+    fn overflow(&mut self) {
+        // The current attempt reads from the source only once it sent all of the copy.
+        self.recording = false;
+        self.kept.clear();
+        self.kept_bytes = 0;
+        self.sent = 0;
+    }
+
+    /// Whether the source will yield nothing more.
+    fn source_done(&self) -> bool
+    where
+        B: http_body::Body,
+    {
+        self.ended || self.failed || self.source.is_end_stream()
+    }
+
+    /// What the current attempt has yet to send of the copy.
+    fn unsent(&self) -> impl Iterator<Item = &Kept> {
+        self.kept.iter().skip(self.sent)
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<B> http_body::Body for RetryBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let mut tee = lock(&self.tee);
+        if tee.attempt != self.attempt {
+            // Given up: a later attempt reads the body now.
+            return Poll::Pending;
+        }
+        if tee.recording {
+            if let Some(kept) = tee.kept.get(tee.sent).cloned() {
+                tee.sent += 1;
+                return Poll::Ready(Some(Ok(kept.into_frame())));
+            }
+        } else if let Some(kept) = tee.kept.pop_front() {
+            tee.kept_bytes -= kept.len();
+            return Poll::Ready(Some(Ok(kept.into_frame())));
+        }
+        if tee.ended || tee.failed {
+            return Poll::Ready(None);
+        }
+        match tee.source.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                tee.keep(&frame);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                tee.failed = true;
+                Poll::Ready(Some(Err(err)))
+            }
+            Poll::Ready(None) => {
+                tee.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let tee = lock(&self.tee);
+        tee.attempt == self.attempt && tee.source_done() && tee.unsent().next().is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let tee = lock(&self.tee);
+        if tee.attempt != self.attempt {
+            return http_body::SizeHint::default();
+        }
+        let unsent = tee.unsent().map(|kept| kept.len() as u64).sum::<u64>();
+        if tee.source_done() {
+            return http_body::SizeHint::with_exact(unsent);
+        }
+        let rest = tee.source.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(unsent));
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper.saturating_add(unsent));
+        }
+        hint
+    }
+}
 
 impl<S, B, ResBody> Service<Request<B>> for BufferedRetry<S>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError> + Send,
-    B: http_body::Body<Data = Bytes> + crate::RebuildBody + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: WrapBody + Send + 'static,
     ResBody: Send + 'static,
 {
     type Response = Response<ResBody>;
@@ -728,23 +1034,26 @@ where
                     .map_err(Into::into);
             }
             let (parts, body) = req.into_parts();
-            let bytes = match crate::body::buffer(body, max).await {
-                Ok(bytes) => bytes,
-                Err(crate::body::BufferError::TooLarge) => return Err(BodyTooLarge { max }.into()),
-                Err(crate::body::BufferError::Read(err)) => return Err(BodyUnreadable(err).into()),
-            };
+            let tee = Arc::new(std::sync::Mutex::new(Tee::new(body, max)));
             let head = Request::from_parts(parts, ());
             loop {
-                let attempt = with_head_of(&head, B::from_bytes(bytes.clone()));
+                let attempt = with_head_of(&head, B::wrap(Tee::next_attempt(&tee)));
                 let result = match tower::ServiceExt::ready(&mut inner).await {
                     Ok(ready) => ready.call(attempt).await.map_err(Into::into),
                     Err(err) => Err(err.into()),
                 };
-                let answer = result
-                    .as_ref()
-                    .ok()
-                    .map(|res| (res.status(), res.headers()));
-                let Some(pause) = policy.after_attempt(answer) else {
+                let pause = if lock(&tee).resendable() {
+                    let answer = result
+                        .as_ref()
+                        .ok()
+                        .map(|res| (res.status(), res.headers()));
+                    policy.after_attempt(answer)
+                } else {
+                    // The body grew past what is kept, or failed: this attempt was the one.
+                    None
+                };
+                let Some(pause) = pause else {
+                    lock(&tee).finish();
                     return result;
                 };
                 tokio::time::sleep(pause).await;
@@ -875,6 +1184,7 @@ pub mod reqwest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt as _;
 
     fn answer(status: u16, headers: &[(&str, &str)]) -> Response<()> {
         let mut res = Response::builder().status(status);
@@ -1033,6 +1343,220 @@ mod tests {
         );
         let made = extensions.get::<IdempotencyKey>().unwrap();
         assert_eq!(headers["idempotency-key"], format!("\"{made}\""));
+    }
+
+    /// A request body fed by a channel: it ends when the sender goes.
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl http_body::Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|data| data.map(|data| Ok(http_body::Frame::data(data))))
+        }
+    }
+
+    type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
+
+    /// What one attempt of the scripted service does: read `frames` frames of the body (all
+    /// of it if `None`), then answer `status`, or fail if it is `None`.
+    #[derive(Clone, Copy)]
+    struct Step {
+        frames: Option<usize>,
+        status: Option<u16>,
+    }
+
+    /// A service that follows `steps`, one per attempt, and records what each attempt read.
+    fn scripted(
+        steps: &[Step],
+    ) -> (
+        impl Service<Request<Body>, Response = Response<()>, Error = BoxError, Future: Send + 'static>
+        + Clone
+        + Send
+        + 'static,
+        Arc<std::sync::Mutex<Vec<Vec<Bytes>>>>,
+    ) {
+        use http_body_util::BodyExt;
+        let steps = Arc::new(std::sync::Mutex::new(steps.to_vec()));
+        let read = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&read);
+        let service = tower::service_fn(move |req: Request<Body>| {
+            let step = steps.lock().unwrap().remove(0);
+            let read = Arc::clone(&read);
+            async move {
+                let mut body = req.into_body();
+                let mut got = Vec::new();
+                while step.frames.is_none_or(|n| got.len() < n) {
+                    match body.frame().await {
+                        Some(frame) => got.push(frame.unwrap().into_data().unwrap()),
+                        None => break,
+                    }
+                }
+                read.lock().unwrap().push(got);
+                match step.status {
+                    Some(status) => Ok(Response::builder().status(status).body(()).unwrap()),
+                    None => Err(BoxError::from("connection reset")),
+                }
+            }
+        });
+        (service, seen)
+    }
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy::new().backoff(Duration::from_millis(1), Duration::from_millis(1))
+    }
+
+    fn keyed(body: Body) -> Request<Body> {
+        Request::post("/up")
+            .header("idempotency-key", "\"k\"")
+            .body(body)
+            .unwrap()
+    }
+
+    const FAIL: Step = Step {
+        frames: None,
+        status: None,
+    };
+    const OK: Step = Step {
+        frames: None,
+        status: Some(200),
+    };
+
+    #[tokio::test]
+    async fn a_body_that_ended_within_the_bound_is_sent_again() {
+        use http_body_util::BodyExt;
+        let (inner, read) = scripted(&[FAIL, OK]);
+        let body = http_body_util::Full::new(Bytes::from_static(b"abc")).boxed_unsync();
+        let res = BufferedRetryLayer::new(quick())
+            .layer(inner)
+            .oneshot(keyed(body))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(*read.lock().unwrap(), vec![vec![Bytes::from("abc")]; 2]);
+    }
+
+    #[tokio::test]
+    async fn an_attempt_that_failed_before_reading_the_body_is_retried_with_all_of_it() {
+        let untouched = Step {
+            frames: Some(0),
+            status: None,
+        };
+        let (inner, read) = scripted(&[untouched, OK]);
+        let (feed, rx) = tokio::sync::mpsc::unbounded_channel();
+        feed.send(Bytes::from("a")).unwrap();
+        let call = tokio::spawn(
+            BufferedRetryLayer::new(quick())
+                .layer(inner)
+                .oneshot(keyed(Body::new(Fed(rx)))),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        feed.send(Bytes::from("b")).unwrap();
+        drop(feed);
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+        let read = read.lock().unwrap();
+        assert_eq!(*read, [vec![], vec![Bytes::from("a"), Bytes::from("b")]]);
+    }
+
+    #[tokio::test]
+    async fn an_open_stream_is_sent_at_once_and_resent_from_its_copy() {
+        // The first attempt reads one frame and fails while the stream is open; the retry
+        // sends that frame again, then the rest as it comes.
+        let first_frame = Step {
+            frames: Some(1),
+            status: None,
+        };
+        let (inner, read) = scripted(&[first_frame, OK]);
+        let (feed, rx) = tokio::sync::mpsc::unbounded_channel();
+        feed.send(Bytes::from("a")).unwrap();
+        let call = tokio::spawn(
+            BufferedRetryLayer::new(quick())
+                .layer(inner)
+                .oneshot(keyed(Body::new(Fed(rx)))),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(read.lock().unwrap().len(), 1, "the first attempt ran");
+        feed.send(Bytes::from("b")).unwrap();
+        drop(feed);
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+        let read = read.lock().unwrap();
+        assert_eq!(
+            *read,
+            [
+                vec![Bytes::from("a")],
+                vec![Bytes::from("a"), Bytes::from("b")]
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_bound_is_sent_once() {
+        use http_body_util::BodyExt;
+        // Retryable answers, but the body outgrew the copy: the first answer is the call's.
+        for first in [
+            FAIL,
+            Step {
+                frames: None,
+                status: Some(503),
+            },
+        ] {
+            let (inner, read) = scripted(&[first, OK]);
+            let (feed, rx) = tokio::sync::mpsc::unbounded_channel();
+            for chunk in ["abc", "def"] {
+                feed.send(Bytes::from(chunk)).unwrap();
+            }
+            drop(feed);
+            let result = BufferedRetryLayer::new(quick())
+                .max_body(4)
+                .layer(inner)
+                .oneshot(keyed(Fed(rx).boxed_unsync()))
+                .await;
+            match first.status {
+                Some(status) => assert_eq!(result.unwrap().status(), status),
+                None => assert!(result.is_err()),
+            }
+            assert_eq!(read.lock().unwrap().len(), 1, "one attempt");
+        }
+    }
+
+    #[test]
+    fn the_copy_goes_with_the_final_answer() {
+        use http_body::Body as _;
+        let tee_ = Arc::new(std::sync::Mutex::new(Tee::new(
+            http_body_util::Full::new(Bytes::from_static(b"abc")),
+            10,
+        )));
+        let mut body = Tee::next_attempt(&tee_);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert_eq!(body.size_hint().exact(), Some(3));
+        let frame = std::pin::Pin::new(&mut body).poll_frame(&mut cx);
+        assert!(matches!(frame, Poll::Ready(Some(Ok(_)))));
+        assert!(body.is_end_stream(), "Full tells it ended");
+        assert_eq!(lock(&tee_).kept_bytes, 3);
+        // A retry resends the copy, exactly.
+        let mut again = Tee::next_attempt(&tee_);
+        assert!(
+            std::pin::Pin::new(&mut body)
+                .poll_frame(&mut cx)
+                .is_pending(),
+            "given up"
+        );
+        assert_eq!(again.size_hint().exact(), Some(3));
+        let frame = std::pin::Pin::new(&mut again).poll_frame(&mut cx);
+        let Poll::Ready(Some(Ok(frame))) = frame else {
+            panic!("the copy")
+        };
+        assert_eq!(frame.into_data().unwrap(), "abc");
+        lock(&tee_).finish();
+        assert_eq!(lock(&tee_).kept_bytes, 0, "the copy is freed");
+        assert!(again.is_end_stream());
     }
 
     #[test]
