@@ -277,6 +277,72 @@ impl Scope {
         Self(std::borrow::Cow::Owned(hex(&mac.finalize().into_bytes())))
     }
 
+    /// The scope of the credential a request carries in header `name`, as
+    /// [`scope_by_credential`](crate::IdempotencyLayer::scope_by_credential) derives it:
+    /// every field of the header, in order, goes into one HMAC keyed with `secret`.
+    ///
+    /// - Fields that are empty or blank (spaces and tabs only) carry nothing; with no other
+    ///   field the caller is unknown: `None`, as when the header is missing.
+    /// - One field: [`Scope::keyed`] of its bytes (the scope earlier versions derived).
+    /// - `Cookie` in several fields (what HTTP/2 clients send, RFC 9113 §8.2.3): the fields
+    ///   joined with `"; "`, the cookie as HTTP/1.1 carries it in one field, so a caller has
+    ///   the same scope over either protocol.
+    /// - Any other header in several fields: each field prefixed by its length (8 bytes,
+    ///   big-endian), so no bytes can be moved from one field to the next without changing
+    ///   the scope, and no list of fields has the scope of a single one (a field value never
+    ///   holds the NUL byte such a length starts with).
+    ///
+    /// ```
+    /// use http::{HeaderMap, header::COOKIE};
+    /// use tower_idempotency::Scope;
+    ///
+    /// let of = |fields: &[&str]| {
+    ///     let mut headers = HeaderMap::new();
+    ///     for field in fields {
+    ///         headers.append(COOKIE, field.parse().unwrap());
+    ///     }
+    ///     Scope::of_credential(b"fleet secret", &headers, &COOKIE)
+    /// };
+    /// let a = of(&["theme=dark", "session=a"]);
+    /// assert_ne!(a, of(&["theme=dark", "session=b"]));
+    /// assert_eq!(a, of(&["theme=dark; session=a"]));
+    /// assert_eq!(of(&["session=a"]), Some(Scope::keyed(b"fleet secret", b"session=a")));
+    /// assert_eq!(of(&[" ", ""]), None);
+    /// ```
+    pub fn of_credential(
+        secret: &[u8],
+        headers: &http::HeaderMap,
+        name: &http::HeaderName,
+    ) -> Option<Self> {
+        use hmac::Mac as _;
+        fn blank(value: &HeaderValue) -> bool {
+            value.as_bytes().iter().all(|&b| b == b' ' || b == b'\t')
+        }
+        let mut fields = headers.get_all(name).iter().filter(|v| !blank(v));
+        let first = fields.next()?;
+        let mut rest = fields.peekable();
+        if rest.peek().is_none() {
+            return Some(Self::keyed(secret, first.as_bytes()));
+        }
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of every length"));
+        if name == http::header::COOKIE {
+            mac.update(first.as_bytes());
+            for field in rest {
+                mac.update(b"; ");
+                mac.update(field.as_bytes());
+            }
+        } else {
+            for field in std::iter::once(first).chain(rest) {
+                mac.update(&(field.len() as u64).to_be_bytes());
+                mac.update(field.as_bytes());
+            }
+        }
+        Some(Self(std::borrow::Cow::Owned(hex(&mac
+            .finalize()
+            .into_bytes()))))
+    }
+
     /// The scope as text: `anon` or 64 hexadecimal digits.
     pub fn as_str(&self) -> &str {
         &self.0

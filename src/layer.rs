@@ -288,7 +288,14 @@ impl IdempotencyLayer {
     /// HMAC-SHA-256 keyed with `secret`, so that the scope stored in Redis or PostgreSQL (and
     /// its key prefix) cannot be turned back into the credential. `secret` must be the same
     /// on every instance that shares the store (at least 32 random bytes). A request without
-    /// the header is refused with `403 caller-unknown`.
+    /// the header, or with only empty or blank values of it, is refused with
+    /// `403 caller-unknown`: an empty credential identifies nobody.
+    ///
+    /// Every field of the header counts, in order (see [`Scope::of_credential`]): a
+    /// `Cookie` that an HTTP/2 client sends as one field per cookie is joined with `"; "`
+    /// (RFC 9113 §8.2.3), so it has the scope of the same cookie in one HTTP/1.1 field; any
+    /// other header sent in several fields is hashed field by field, each prefixed by its
+    /// length. Two callers whose credentials share their first field are two callers.
     ///
     /// **A new credential is a new caller:** a client that refreshes its token (which it
     /// does exactly when it retries after a timeout) or rotates its API key loses its keys,
@@ -312,11 +319,7 @@ impl IdempotencyLayer {
                 "the secret of scope_by_credential is short: use at least 32 random bytes"
             );
         }
-        self.scope_by(move |req| {
-            req.headers
-                .get(&header)
-                .map(|credential| Scope::keyed(&secret, credential.as_bytes()))
-        })
+        self.scope_by(move |req| Scope::of_credential(&secret, &req.headers, &header))
     }
 
     /// Shares one scope between every caller: any caller who sends a key gets the answer
