@@ -14,7 +14,8 @@
 //!                               the `key` column of the SQL table)
 //! OPTIONS   --prefix P          the Redis key prefix (default `idempotency:`)
 //!           --table T           the SQL table (default `idempotency_records`)
-//!           --ttl SECONDS       how long a settled answer is kept (default 86400)
+//!           --ttl SECONDS       how long a settled answer is kept, at least 1 (default
+//!                               86400); never shorter than the commit was to be kept
 //! ```
 //!
 //! For example, after the demo crashed between its commit point and its answer:
@@ -71,7 +72,16 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--table" => args.table = Some(value("--table")?),
             "--ttl" => {
                 let v = value("--ttl")?;
-                let secs: u64 = v.parse().map_err(|_| format!("--ttl {v:?}: not seconds"))?;
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|_| format!("--ttl {v:?}: not a whole number of seconds"))?;
+                if secs == 0 {
+                    // A settled answer kept for no time frees a committed key at once, and
+                    // a retry would run the operation again.
+                    return Err("--ttl 0: a settled answer must be kept at least 1 second \
+                                (settling never shortens how long a committed key is kept)"
+                        .into());
+                }
                 args.ttl = Duration::from_secs(secs);
             }
             "--status" => {

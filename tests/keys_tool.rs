@@ -44,9 +44,26 @@ async fn round(store: &dyn IdempotencyStore, url: &str, extra: &[&str]) {
     let out = tool::keys(argv("inspect", &[])).await.unwrap();
     assert!(out.contains("outcome unknown"), "{out}");
     assert!(out.contains(&"07".repeat(32)), "{out}");
+    // A zero TTL would free a committed key at once (and let the operation run again):
+    // refused, and the key is left as it was.
+    for ttl in ["0", "-1", "1.5"] {
+        let err = tool::keys(argv("settle", &["--status", "201", "--ttl", ttl]))
+            .await
+            .unwrap_err();
+        assert!(err.contains("--ttl"), "--ttl {ttl}: {err}");
+    }
+    let out = tool::keys(argv("inspect", &[])).await.unwrap();
+    assert!(
+        out.contains("outcome unknown"),
+        "a refused settle changes nothing: {out}"
+    );
+    // A settle with a TTL shorter than the commit's keeps the key as long as the commit was
+    // to be kept: settling never shortens retention.
     let out = tool::keys(argv(
         "settle",
         &[
+            "--ttl",
+            "1",
             "--status",
             "201",
             "--header",
@@ -58,6 +75,7 @@ async fn round(store: &dyn IdempotencyStore, url: &str, extra: &[&str]) {
     .await
     .unwrap();
     assert!(out.contains("settled"), "{out}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     match store
         .claim(
             &key,
