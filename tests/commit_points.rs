@@ -556,3 +556,87 @@ async fn a_commit_that_timed_out_is_withdrawn_and_never_binds_the_key() {
     assert_eq!(orders.by_key.lock().unwrap().len(), 1, "exactly one order");
     assert_eq!(orders.runs(), 2, "the failed attempt and the retry ran");
 }
+
+/// A handler commits, then crashes before the step the commit protects (the card was never
+/// charged). The recovery hook, which can see that no charge exists, answers
+/// `Recovery::NeverRan`: the commit is withdrawn (fenced by the token that made it) and the
+/// retry runs. Eight retries that all hear "never ran" at once run it once between them:
+/// one withdraws the commit and runs, the others find the key in flight (or, later, its
+/// answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recovery_that_finds_nothing_ran_lets_exactly_one_retry_run() {
+    use tower_idempotency::Recovery;
+    let charges = Arc::new(AtomicUsize::new(0));
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let hook_calls = Arc::new(AtomicUsize::new(0));
+    let store = MemoryStore::new();
+    let app = Router::new()
+        .route(
+            "/orders",
+            post({
+                let (charges, attempts) = (Arc::clone(&charges), Arc::clone(&attempts));
+                move |claim: IdempotencyClaim| async move {
+                    claim.commit().await.expect("commit point");
+                    if attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("crashed after the commit point, before charging");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let n = charges.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::CREATED, format!("charge {n}"))
+                }
+            }),
+        )
+        .layer(layer(store.clone(), 30_000).recover_with({
+            let (charges, hook_calls) = (Arc::clone(&charges), Arc::clone(&hook_calls));
+            move |_unsettled| {
+                let (charges, hook_calls) = (Arc::clone(&charges), Arc::clone(&hook_calls));
+                async move {
+                    hook_calls.fetch_add(1, Ordering::SeqCst);
+                    // A slow look-up, so that the retries all decide before any runs.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok(if charges.load(Ordering::SeqCst) == 0 {
+                        Recovery::NeverRan
+                    } else {
+                        Recovery::Unknown
+                    })
+                }
+            }
+        }));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, post_req(Some("k"), "{}")).await }
+    })
+    .await;
+    assert!(first.unwrap_err().is_panic());
+    let retries: Vec<_> = (0..8)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { call(&app, post_req(Some("k"), "{}")).await })
+        })
+        .collect();
+    let mut created = 0;
+    for retry in retries {
+        let answer = retry.await.unwrap();
+        match answer.status.as_u16() {
+            201 => created += 1,
+            409 => {}
+            other => panic!("a retry got {other}: {:?}", answer.body),
+        }
+    }
+    assert!(created >= 1, "the retry that withdrew the commit ran");
+    assert!(
+        hook_calls.load(Ordering::SeqCst) >= 2,
+        "the retries asked the hook"
+    );
+    assert_eq!(charges.load(Ordering::SeqCst), 1, "exactly one charge");
+    let replay = retry_past_409(&app, "k", "{}").await;
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert_eq!(replay.outcome, Some(IdempotencyOutcome::Replayed));
+    assert_eq!(&replay.body[..], b"charge 0");
+    assert_eq!(charges.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        2,
+        "the crashed attempt and one retry"
+    );
+}
