@@ -1372,15 +1372,18 @@ mod tests {
         status: Option<u16>,
     }
 
+    /// What each attempt of a [`scripted`] service read.
+    type Reads = Arc<std::sync::Mutex<Vec<Vec<Bytes>>>>;
+
     /// A service that follows `steps`, one per attempt, and records what each attempt read.
     fn scripted(
         steps: &[Step],
     ) -> (
-        impl Service<Request<Body>, Response = Response<()>, Error = BoxError, Future: Send + 'static>
+        impl Service<Request<Body>, Response = Response<()>, Error = BoxError, Future: Send>
         + Clone
         + Send
         + 'static,
-        Arc<std::sync::Mutex<Vec<Vec<Bytes>>>>,
+        Reads,
     ) {
         use http_body_util::BodyExt;
         let steps = Arc::new(std::sync::Mutex::new(steps.to_vec()));
