@@ -485,7 +485,8 @@ fn replay<B>(record: &Record) -> Response<IdempotencyBody<B>> {
         record.trailers().cloned(),
     ));
     *res.status_mut() = record.status();
-    *res.headers_mut() = record.headers().clone();
+    // Framed by its body, never by what the record says (see `replay_headers`).
+    *res.headers_mut() = crate::outcome::replay_headers(record);
     res.headers_mut()
         .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
     mark(res, IdempotencyOutcome::Replayed)

@@ -485,8 +485,11 @@ impl IdempotencyLayer {
         self.edit(|c| c.grpc_storable = Arc::new(f))
     }
 
-    /// Which response headers are stored and replayed, besides the hop-by-hop headers and
-    /// `Date`, which never are. Default: [`policy::default_replay_header`], every header but
+    /// Which response headers are stored and replayed, besides the fields of the first
+    /// answer's connection (the hop-by-hop headers and every header its `Connection` names,
+    /// RFC 9110 §7.6.1), the framing headers (`Content-Length`, `Transfer-Encoding`) and
+    /// `Date`, which never are: a replay's `Content-Length` is its stored body's length
+    /// (none for an empty body or one with trailers, which the server frames). Default: [`policy::default_replay_header`], every header but
     /// `Set-Cookie`, `Authentication-Info` and `Proxy-Authentication-Info`, which belong to
     /// the caller that got them first. A function set here replaces the default, so it can
     /// opt in to `Set-Cookie` (only where a replay always reaches the same caller) or keep

@@ -57,7 +57,9 @@
 //!    whole) leaves only once that is done, so a client that has the whole answer and retries
 //!    at once gets the replay. A body over the response limit leaves a tombstone.
 //! 8. **Replay.** Status, headers, body and trailers come back byte for byte, with
-//!    `Idempotent-Replayed: true`. Hop-by-hop headers and `Date` are not stored, nor, unless
+//!    `Idempotent-Replayed: true`. The connection's own headers (hop-by-hop, and any that
+//!    `Connection` names), the framing (`Content-Length`, `Transfer-Encoding`: a replay is
+//!    framed by its body) and `Date` are not stored, nor, unless
 //!    [`IdempotencyLayer::replay_headers`] opts in, `Set-Cookie` and the other per-caller
 //!    headers.
 //!

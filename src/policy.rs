@@ -131,7 +131,9 @@ pub fn default_grpc_maybe_ran(code: u32) -> bool {
 /// [`replay_headers`](crate::IdempotencyLayer::replay_headers) is not set: every header but
 /// the ones addressed to one caller, which a retry from another connection or session must
 /// not receive: `Set-Cookie`, `Authentication-Info` and `Proxy-Authentication-Info`. (The
-/// hop-by-hop headers and `Date` are never stored, whatever the setting.)
+/// fields of the first answer's connection, which are the hop-by-hop headers and every
+/// header its `Connection` names, the framing headers `Content-Length` and
+/// `Transfer-Encoding`, and `Date` are never stored, whatever the setting.)
 ///
 /// ```
 /// use http::HeaderName;
@@ -146,12 +148,15 @@ pub fn default_replay_header(name: &http::HeaderName) -> bool {
         || name.as_str() == "proxy-authentication-info")
 }
 
-/// Whether a response header can be stored at all: everything but the hop-by-hop headers
-/// and `Date`.
+/// Whether a response header can be stored at all: everything but the fields of the
+/// first answer's connection (the fixed hop-by-hop set of RFC 9110 §7.6.1; the fields a
+/// `Connection` header names are found by [`connection_fields`]), the framing
+/// (`Content-Length`, `Transfer-Encoding`: a replay is framed by its own body) and `Date`.
 pub(crate) fn is_replayable_header(name: &http::HeaderName) -> bool {
     use http::header;
     !(name == header::CONNECTION
         || name == header::TRANSFER_ENCODING
+        || name == header::CONTENT_LENGTH
         || name == header::UPGRADE
         || name == header::TE
         || name == header::TRAILER
@@ -159,4 +164,40 @@ pub(crate) fn is_replayable_header(name: &http::HeaderName) -> bool {
         || name == header::DATE
         || name.as_str() == "keep-alive"
         || name.as_str() == "proxy-connection")
+}
+
+/// The fields that the `Connection` header of `headers` names (every value, each a comma
+/// separated list of field names, RFC 9110 §7.6.1): they belong to that connection alone,
+/// so they are never stored nor replayed. Empty when there is no `Connection` header.
+pub(crate) fn connection_fields(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
+    let mut names = Vec::new();
+    for value in headers.get_all(http::header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            // `HeaderName::from_bytes` folds case; a token that is no field name names none.
+            if let Ok(name) = http::HeaderName::from_bytes(token)
+                && !names.contains(&name)
+            {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+/// `headers` without the fields a record never keeps: [`is_replayable_header`] and the
+/// fields named in `Connection` ([`connection_fields`]), and without those `wanted`
+/// refuses; every other value in order.
+pub(crate) fn storable_headers(
+    headers: &http::HeaderMap,
+    wanted: impl Fn(&http::HeaderName) -> bool,
+) -> http::HeaderMap {
+    let named = connection_fields(headers);
+    let mut kept = http::HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if is_replayable_header(name) && !named.contains(name) && wanted(name) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
 }

@@ -19,7 +19,7 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::claim::Claimed;
-use crate::policy::{Disconnect, is_replayable_header};
+use crate::policy::{Disconnect, storable_headers};
 use crate::problem::is_grpc;
 use crate::record::Record;
 use crate::tasks::DetachedWork;
@@ -360,22 +360,16 @@ impl Settle {
     }
 }
 
-/// The headers of an answer that are kept for replay: not hop-by-hop, and chosen by the
-/// layer's filter ([`default_replay_header`](crate::policy::default_replay_header) unless
-/// set).
+/// The headers of an answer that are kept for replay: not the connection's own (the
+/// hop-by-hop set and whatever its `Connection` header names), not its framing
+/// (`Content-Length`, `Transfer-Encoding`), not `Date`, and chosen by the layer's filter
+/// ([`default_replay_header`](crate::policy::default_replay_header) unless set). Both the
+/// handler's answers and the recovery hook's are kept through this.
 pub(crate) fn replayed_headers(config: &crate::config::Config, all: &HeaderMap) -> HeaderMap {
-    let filter = &config.replay_header;
-    let mut headers = HeaderMap::with_capacity(all.len());
-    for (name, value) in all {
-        let wanted = match filter {
-            Some(f) => f(name),
-            None => crate::policy::default_replay_header(name),
-        };
-        if is_replayable_header(name) && wanted {
-            headers.append(name.clone(), value.clone());
-        }
+    match &config.replay_header {
+        Some(f) => storable_headers(all, |name| f(name)),
+        None => storable_headers(all, crate::policy::default_replay_header),
     }
-    headers
 }
 
 impl<B> Recorder<B>
