@@ -374,7 +374,12 @@ pub enum Recovery {
     /// ([`IdempotencyStore::revoke`](crate::store::IdempotencyStore::revoke)), and this
     /// retry runs the operation. Should another retry have withdrawn it first and be
     /// running it already, this one is told it is in flight. Only answer this when the
-    /// effects provably never happened: it runs the operation again.
+    /// effects provably never happened **and can no longer happen**: it runs the operation
+    /// again. An owner whose lease lapsed may be alive but cut off (a paused process), and
+    /// could still make its effect after the hook looked; so answer `NeverRan` only when
+    /// the owner is known to be gone, or when the effect itself is fenced by the key (for
+    /// instance written under a unique constraint on scope and key, so that a late owner's
+    /// write fails).
     NeverRan,
 }
 

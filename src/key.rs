@@ -448,9 +448,15 @@ impl StoreKey {
     }
 }
 
+/// The scope is left out: it may be derived from a credential
+/// ([`IdempotencyLayer::scope_by_credential`](crate::IdempotencyLayer::scope_by_credential)),
+/// and a `Debug` value easily ends up in a log or a panic message.
 impl fmt::Debug for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("StoreKey").field(&self.0).finish()
+        f.debug_struct("StoreKey")
+            .field("scope", &format_args!("…"))
+            .field("key", &self.client_key())
+            .finish()
     }
 }
 
@@ -463,6 +469,15 @@ impl fmt::Display for StoreKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_key_debug_never_shows_the_scope() {
+        let scope = Scope::keyed(b"0123456789abcdef0123456789abcdef", b"Bearer secret");
+        let key = StoreKey::new(&scope, "order-1");
+        let shown = format!("{key:?}");
+        assert!(shown.contains("order-1"), "{shown}");
+        assert!(!shown.contains(scope.as_str()), "the scope reached Debug: {shown}");
+    }
 
     fn parse(v: &[u8], p: KeyParsing) -> Result<IdempotencyKey, KeyError> {
         parse_key(&HeaderValue::from_bytes(v).unwrap(), p, 255)

@@ -895,7 +895,10 @@ impl IdempotencyStore for MySqlStore {
                 Err(err) if is_deadlock(&err) => {}
                 Err(err) => return Err(StoreError::backend(err)),
             }
-            tracing::debug!(key = %key, "idempotency claim lost a race; running it again");
+            tracing::debug!(
+                key = key.client_key(),
+                "idempotency claim lost a race; running it again"
+            );
         }
         Err(StoreError::backend(ClaimContention))
     }

@@ -768,7 +768,10 @@ impl IdempotencyStore for PostgresStore {
                 return Ok(claim);
             }
             // Lost a race to a transaction that committed after our snapshot: run again.
-            tracing::debug!(key = %key, "idempotency claim lost a race; running it again");
+            tracing::debug!(
+                key = key.client_key(),
+                "idempotency claim lost a race; running it again"
+            );
         }
         Err(StoreError::backend(ClaimContention))
     }
