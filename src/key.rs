@@ -476,7 +476,10 @@ mod tests {
         let key = StoreKey::new(&scope, "order-1");
         let shown = format!("{key:?}");
         assert!(shown.contains("order-1"), "{shown}");
-        assert!(!shown.contains(scope.as_str()), "the scope reached Debug: {shown}");
+        assert!(
+            !shown.contains(scope.as_str()),
+            "the scope reached Debug: {shown}"
+        );
     }
 
     fn parse(v: &[u8], p: KeyParsing) -> Result<IdempotencyKey, KeyError> {
