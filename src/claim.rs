@@ -260,6 +260,9 @@ impl Claimed {
                 }
                 Err(record) => record,
             };
+        if let Some(registration) = self.registration {
+            self.shared.config.keeper.settling(registration);
+        }
         let mut failures = 0;
         let inline_until = crate::time::deadline_after(self.shared.config.store_timeout);
         match self
@@ -457,6 +460,9 @@ async fn withdraw(
     registration: Option<Registration>,
     detached: bool,
 ) {
+    if let Some(registration) = registration {
+        config.keeper.settling(registration);
+    }
     let mut failures = 0;
     let inline = if detached {
         COMPLETION_RETRY_WINDOW

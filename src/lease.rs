@@ -55,6 +55,9 @@ struct Held {
     token: LeaseToken,
     renewed: Instant,
     renewing: bool,
+    /// The owner is storing its outcome (or withdrawing its claim): a heartbeat that finds
+    /// the key no longer in flight raced that call, and is no takeover.
+    settling: bool,
 }
 
 pub(crate) struct LeaseKeeper {
@@ -117,6 +120,7 @@ impl LeaseKeeper {
                 token,
                 renewed: Instant::now(),
                 renewing: false,
+                settling: false,
             },
         );
         // The keeper's task starts with the first registration; later ones only look.
@@ -132,6 +136,14 @@ impl LeaseKeeper {
     }
 
     /// Stops renewing a registered claim.
+    /// The owner is about to store its outcome (or withdraw its claim): the lease is still
+    /// kept alive meanwhile, but a heartbeat refused from now on only raced that call.
+    pub(crate) fn settling(&self, registration: Registration) {
+        if let Some(held) = self.shard(registration.0).get_mut(&registration.0) {
+            held.settling = true;
+        }
+    }
+
     pub(crate) fn unregister(&self, registration: Registration) {
         self.shard(registration.0).remove(&registration.0);
     }
@@ -204,8 +216,15 @@ async fn renew(
                 return;
             }
             Err(StoreError::LeaseLost) => {
-                // Settled meanwhile (completed or released): nothing to say.
-                if keeper.shard(id).remove(&id).is_some() {
+                // Settled meanwhile (completed or released), or being settled (the
+                // heartbeat raced the owner's completion): nothing to say.
+                let removed = keeper.shard(id).remove(&id);
+                if removed.as_ref().is_some_and(|held| held.settling) {
+                    tracing::debug!(
+                        key = key.client_key(),
+                        "a heartbeat raced the owner's completion; nothing was taken over"
+                    );
+                } else if removed.is_some() {
                     tracing::warn!(
                         key = key.client_key(),
                         "idempotency key was taken over by another request after this \

@@ -285,3 +285,34 @@ async fn spans_carry_http_attributes_and_answers_are_events() {
             .any(|e| e.level == tracing::Level::WARN && e.message().contains("another payload"))
     );
 }
+
+/// A heartbeat that lands just after the completion stored the record finds the key no
+/// longer in flight. That is not a takeover: nothing else claimed the key. It logged
+/// "taken over by another request" for a request that was alone.
+#[tokio::test(flavor = "current_thread")]
+async fn a_heartbeat_racing_the_completion_is_not_a_takeover() {
+    let capture = Capture::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
+    let store = FaultStore::new(MemoryStore::new());
+    // The record is stored at once; its reply takes longer than a heartbeat period.
+    store
+        .faults
+        .complete_reply_delay_ms
+        .store(300, Ordering::SeqCst);
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .lease(Duration::from_millis(150))
+        .layer(runs.handler(Duration::ZERO));
+    assert_eq!(call(&svc, request("alone-1")).await.status, 201);
+    assert!(
+        store.faults.extends.load(Ordering::SeqCst) >= 1,
+        "a heartbeat ran while the completion's reply was on its way"
+    );
+    let taken = capture.warnings_about("alone-1", "taken over");
+    assert!(taken.is_empty(), "a spurious takeover warning: {taken:?}");
+    let replay = call(&svc, request("alone-1")).await;
+    assert_eq!(replay.status, 201);
+    assert_eq!(runs.started(), 1);
+}

@@ -204,6 +204,9 @@ pub struct Faults {
     pub extend_failures: AtomicUsize,
     /// Delay every complete by this many milliseconds.
     pub complete_delay_ms: AtomicUsize,
+    /// Delay the reply of every complete by this many milliseconds (the record is stored at
+    /// once, as when a reply is slow on the wire).
+    pub complete_reply_delay_ms: AtomicUsize,
     /// Delay the reply of every claim by this many milliseconds (the claim itself lands at
     /// once, as when a reply is slow on the wire).
     pub claim_reply_delay_ms: AtomicUsize,
@@ -327,6 +330,10 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         } else {
             self.inner.complete(key, token, record, ttl).await
         };
+        let reply_delay = self.faults.complete_reply_delay_ms.load(Ordering::SeqCst);
+        if reply_delay > 0 {
+            tokio::time::sleep(Duration::from_millis(reply_delay as u64)).await;
+        }
         if result.is_err() {
             self.faults.failed_completes.fetch_add(1, Ordering::SeqCst);
         }
