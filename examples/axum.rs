@@ -34,7 +34,19 @@
 //! `demo_orders`, so two demos on one database list the same orders), elsewhere just before
 //! the order is kept. A
 //! recovery hook rebuilds the answer of a committed order whose answer was never stored,
-//! from the order made under the key. To see it by hand:
+//! from the order made under the key. If the commit point cannot be confirmed (the store
+//! times out), the demo makes no order and answers `503`; the layer withdraws the commit
+//! should it land later, so the retry creates the order. If the reply to the transaction's
+//! `COMMIT` is lost, the demo answers `503` too, but the layer does not store that answer:
+//! the retry gets the order from the recovery hook if the transaction committed, or creates
+//! it if it did not.
+//!
+//! On the memory store and on Redis the demo keeps its orders **in its own process
+//! memory**: an instance killed after its commit point takes its orders with it, so the
+//! other instance's recovery hook cannot find them, and that key answers
+//! `500 outcome-unknown` for its TTL (true to the contract: the operation never runs twice)
+//! until an operator settles it with the keys tool. Keep the orders in PostgreSQL or MySQL
+//! to see the hook rebuild them across instances. To see it by hand:
 //!
 //! ```text
 //! IDEMPOTENCY_STORE=postgres://postgres@127.0.0.1:5432/test ORDER_AFTER_COMMIT_MS=20000 \
