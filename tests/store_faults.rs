@@ -153,6 +153,101 @@ mod redis {
         assert_eq!(runs.started(), 1);
     }
 
+    /// Redis is paused (SIGSTOP, longer than the store timeout) while 16 requests are at
+    /// `claim.commit()`: every commit times out, every handler makes no order and answers
+    /// 503, and the commands already on the wire land when Redis resumes, commit first.
+    /// None of the keys may end bound to "503 order not created" or `outcome-unknown`:
+    /// each retry creates its order, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_in_flight_when_redis_pauses_are_withdrawn_and_retries_run_once() {
+        use axum::Router;
+        use axum::routing::post as route_post;
+        use std::collections::HashMap;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        use tower_idempotency::IdempotencyClaim;
+        if !redis_configured() {
+            return;
+        }
+        const KEYS: usize = 16;
+        let server = PrivateRedis::start();
+        let store = RedisStore::connect(&server.url()).await.unwrap();
+        let orders: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let at_commit = Arc::new(AtomicUsize::new(0));
+        let (go, gate) = tokio::sync::watch::channel(false);
+        let app = Router::new()
+            .route(
+                "/orders",
+                route_post({
+                    let (orders, at_commit) = (Arc::clone(&orders), Arc::clone(&at_commit));
+                    move |claim: IdempotencyClaim| {
+                        let (orders, at_commit, mut gate) =
+                            (Arc::clone(&orders), Arc::clone(&at_commit), gate.clone());
+                        async move {
+                            at_commit.fetch_add(1, Ordering::SeqCst);
+                            let _ = gate.wait_for(|go| *go).await;
+                            match claim.commit().await {
+                                Ok(()) => {
+                                    *orders
+                                        .lock()
+                                        .unwrap()
+                                        .entry(claim.key().to_owned())
+                                        .or_default() += 1;
+                                    (http::StatusCode::CREATED, "order created")
+                                }
+                                Err(_) => {
+                                    (http::StatusCode::SERVICE_UNAVAILABLE, "order not created")
+                                }
+                            }
+                        }
+                    }
+                }),
+            )
+            .layer(
+                IdempotencyLayer::new(store)
+                    .share_keys_across_callers()
+                    .lease(Duration::from_millis(1000))
+                    .store_timeout(Duration::from_millis(200)),
+            );
+        let keys: Vec<String> = (0..KEYS).map(|i| format!("paused-{i}")).collect();
+        let firsts: Vec<_> = keys
+            .iter()
+            .map(|key| {
+                let (app, key) = (app.clone(), key.clone());
+                tokio::spawn(async move { call(&app, post(Some(&key), "{}")).await })
+            })
+            .collect();
+        common::eventually("every request is at its commit point", || {
+            at_commit.load(Ordering::SeqCst) == KEYS
+        })
+        .await;
+        server.pause();
+        go.send_replace(true);
+        for first in firsts {
+            assert_eq!(first.await.unwrap().status, 503);
+        }
+        // A pause of several store timeouts, then Redis delivers what is on the wire.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        server.resume();
+        for key in &keys {
+            let mut answer = call(&app, post(Some(key), "{}")).await;
+            for _ in 0..200 {
+                if answer.status != 409 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                answer = call(&app, post(Some(key), "{}")).await;
+            }
+            assert_eq!(answer.status, 201, "{key}: {}", answer.text());
+        }
+        let orders = orders.lock().unwrap();
+        assert_eq!(orders.len(), KEYS, "every key has its order: {orders:?}");
+        assert!(
+            orders.values().all(|n| *n == 1),
+            "one order per key: {orders:?}"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn owner_completes_after_an_uncontested_lease_lapse() {
         if !redis_configured() {
