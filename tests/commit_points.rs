@@ -640,3 +640,66 @@ async fn a_recovery_that_finds_nothing_ran_lets_exactly_one_retry_run() {
         "the crashed attempt and one retry"
     );
 }
+
+/// The recovery hook races an owner that is still alive: its heartbeat fails, its lease
+/// lapses while it runs past its commit point, a retry finds the key `outcome-unknown` and
+/// the hook settles it; then the owner ends and tries to store its own answer. The key
+/// keeps one answer, the first stored (the owner's store is refused, fenced by its token),
+/// every retry replays that one, and the operation ran once.
+#[tokio::test]
+async fn a_recovery_racing_a_live_owner_leaves_the_key_one_answer() {
+    let store = FaultStore::new(MemoryStore::new());
+    store
+        .faults
+        .extend_failures
+        .store(usize::MAX, Ordering::SeqCst);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route(
+            "/orders",
+            post({
+                let runs = Arc::clone(&runs);
+                move |claim: IdempotencyClaim| async move {
+                    claim.commit().await.expect("commit point");
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    // Alive but slow: longer than its lease, which it cannot renew.
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    (StatusCode::CREATED, "the owner's answer")
+                }
+            }),
+        )
+        .layer(layer(store.clone(), 150).recover_with(|_| async {
+            Ok(Some(
+                http::Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(Bytes::from_static(b"the recovered answer"))
+                    .unwrap(),
+            ))
+        }));
+    let owner = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, post_req(Some("race"), "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let recovered = call(&app, post_req(Some("race"), "{}")).await;
+    assert_eq!(recovered.outcome, Some(IdempotencyOutcome::Recovered));
+    let owner = owner.await.unwrap();
+    assert_eq!(owner.status, StatusCode::CREATED);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let replay = call(&app, post_req(Some("race"), "{}")).await;
+        assert_eq!(replay.outcome, Some(IdempotencyOutcome::Replayed));
+        assert_eq!(&replay.body[..], b"the recovered answer");
+    }
+    match store
+        .inspect(&StoreKey::new(&Scope::anonymous(), "race"))
+        .await
+        .unwrap()
+    {
+        KeyState::Completed { record, .. } => {
+            assert_eq!(&record.body()[..], b"the recovered answer")
+        }
+        other => panic!("one stored answer, got {other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
