@@ -277,3 +277,71 @@ async fn store_full_retry_after_tells_when_the_oldest_record_may_go() {
     );
     assert_eq!(runs.started(), 0);
 }
+
+/// Concurrent large records: operations claimed while the store had room all complete
+/// (their operations ran, so their records are never refused) and may take the store past
+/// its cap, by at most their own records; from then on every new claim is refused until
+/// records leave the window, so the store never grows further.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_large_records_overshoot_the_cap_by_at_most_their_own_size() {
+    const CAP: usize = 200_000;
+    const BODY: usize = 50_000;
+    const CLAIMS: usize = 24;
+    let store = MemoryStore::builder().max_bytes(CAP).build();
+    let mut tokens = Vec::new();
+    for i in 0..CLAIMS {
+        let token = LeaseToken::new();
+        match store
+            .claim(&key(&format!("big-{i}")), &fp(), token, LEASE)
+            .await
+        {
+            Ok(Claim::Acquired(_)) => tokens.push((i, token)),
+            other => panic!("claim {i} while the store has room: {other:?}"),
+        }
+    }
+    let before = store.bytes();
+    let completions: Vec<_> = tokens
+        .into_iter()
+        .map(|(i, token)| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .complete(&key(&format!("big-{i}")), token, record(BODY), TTL)
+                    .await
+            })
+        })
+        .collect();
+    for completion in completions {
+        completion
+            .await
+            .unwrap()
+            .expect("a completion is never refused");
+    }
+    let bound = before + CLAIMS * (BODY + 1_000);
+    assert!(
+        store.bytes() <= bound,
+        "{} bytes: past the cap by more than the records in flight ({bound})",
+        store.bytes()
+    );
+    for i in 0..CLAIMS {
+        assert!(
+            is_completed(&claim(&store, &format!("big-{i}")).await),
+            "record {i} is kept"
+        );
+    }
+    let full = store.bytes();
+    assert!(
+        full > CAP,
+        "the records in flight took the store past its cap"
+    );
+    for i in 0..10 {
+        assert!(
+            matches!(
+                claim(&store, &format!("new-{i}")).await,
+                Err(StoreError::Full)
+            ),
+            "a store past its cap refuses new claims"
+        );
+    }
+    assert_eq!(store.bytes(), full, "refused claims add nothing");
+}
