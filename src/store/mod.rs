@@ -318,8 +318,12 @@ impl StoreError {
 /// - **Commit points**: a claim marked committed ([`commit`](Self::commit)) is never taken
 ///   over and never released: while its lease runs it reads as in flight, after that (or
 ///   once its owner let go with `release`) as [`Claim::OutcomeUnknown`], until its owner
-///   completes it, an operator or a recovery settles it ([`settle`](Self::settle)), or its
-///   TTL ends.
+///   completes it, an operator or a recovery settles it ([`settle`](Self::settle), which
+///   never shortens how long the key is kept), or its TTL ends.
+/// - **Revocation**: [`revoke`](Self::revoke) with the owner's token frees the key, commit
+///   point included, and a later `commit` with that token changes nothing; the layer uses
+///   it for a commit it was not told succeeded, and when a recovery hook finds the
+///   operation never ran ([`Claim::OutcomeUnknown`] names the committing token for that).
 /// - **Expiry**: a completed record lives for its TTL, a claim for its lease; expired
 ///   entries are invisible to `claim` and are reclaimed without an external job.
 /// - **Fidelity**: a record is returned exactly as it was completed.
