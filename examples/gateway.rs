@@ -53,9 +53,10 @@
 //!   upstream. The answer is `502 upstream-unreachable`, the key is released, and a retry
 //!   with the same key is sent upstream again.
 //! - **The upstream fails after the request was sent** (it closes the connection, resets it,
-//!   or sends no valid answer): it may have run. The gateway declares the operation's commit
-//!   point (`IdempotencyClaim::commit`) and answers `502 upstream-failed`; that answer is
-//!   stored under the key, and every retry with it gets the same answer replayed (with
+//!   or sends no valid answer): it may have run. The gateway answers `502 upstream-failed`
+//!   marked [`MayHaveRun`](tower_idempotency::MayHaveRun), so that answer is stored under
+//!   the key whatever its status (the completion is retried, holding the key, while the
+//!   store fails), and every retry with it gets the same answer replayed (with
 //!   `Idempotent-Replayed: true`): the upstream never runs twice. Look the result up at the
 //!   upstream before sending the operation again with a new key.
 //! - **The upstream does not begin its answer within `UPSTREAM_TIMEOUT_MS`**: the same, with
@@ -67,9 +68,8 @@
 //! - **The upstream answers** (any status): that answer, stored and replayed as the layer's
 //!   settings say (`5xx`, `408`, `409`, `425` and `429` release the key: a retry runs again).
 //!
-//! If the store cannot record the commit point (it is unreachable), the answer says so: the
-//! key may then be released and a retry sent again. A crash of the gateway while a request is
-//! upstream leaves its key held until the lease runs out; after that a retry is sent again.
+//! A crash of the gateway while a request is upstream leaves its key held until the lease
+//! runs out; after that a retry is sent again.
 //!
 //! # Requests refused before the layer
 //!
@@ -110,7 +110,7 @@ use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
 use tower_idempotency::policy::MissingKey;
 use tower_idempotency::{
-    DetachedWork, IdempotencyClaim, IdempotencyLayer, IdempotencyStore, MemoryStore,
+    DetachedWork, IdempotencyClaim, IdempotencyLayer, IdempotencyStore, MayHaveRun, MemoryStore,
 };
 
 /// How the gateway tells its callers apart, so that one caller is never served another's
@@ -565,8 +565,8 @@ async fn forward(State(upstream): State<Arc<Upstream>>, req: Request) -> Respons
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     forwarding(&mut parts.headers, peer, host, upstream.trust_forwarded);
-    // The operation's claim on its key (a covered request with a key has one).
-    let claim = parts.extensions.get::<IdempotencyClaim>().cloned();
+    // Whether the layer holds a key for the operation (a covered request with a key).
+    let keyed = parts.extensions.get::<IdempotencyClaim>().is_some();
     let sent = tokio::time::timeout(
         upstream.timeout,
         upstream.client.request(Request::from_parts(parts, body)),
@@ -598,7 +598,7 @@ async fn forward(State(upstream): State<Arc<Upstream>>, req: Request) -> Respons
         Ok(Err(err)) => {
             tracing::warn!(error = %chain(&err), "upstream failed after the request was sent");
             may_have_run(
-                claim,
+                keyed,
                 StatusCode::BAD_GATEWAY,
                 "upstream-failed",
                 "Upstream failed",
@@ -607,12 +607,11 @@ async fn forward(State(upstream): State<Arc<Upstream>>, req: Request) -> Respons
                     chain(&err)
                 ),
             )
-            .await
         }
         Err(_) => {
             tracing::warn!(timeout = ?upstream.timeout, "upstream timed out");
             may_have_run(
-                claim,
+                keyed,
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream-timeout",
                 "Upstream timed out",
@@ -621,46 +620,32 @@ async fn forward(State(upstream): State<Arc<Upstream>>, req: Request) -> Respons
                     upstream.timeout.as_millis()
                 ),
             )
-            .await
         }
     }
 }
 
-/// The request reached the upstream, which gave no answer: it may have run. Its key is kept
-/// by declaring the operation's commit point, so the answer written here is stored under
-/// it (a committed operation's error answer is stored, not released) and every retry gets
-/// it replayed instead of running the upstream again.
-async fn may_have_run(
-    claim: Option<IdempotencyClaim>,
+/// The request reached the upstream, which gave no answer: it may have run. The answer is
+/// marked [`MayHaveRun`], so the layer stores it whatever its status and never releases
+/// the key: every retry gets it replayed instead of being sent upstream again. (Storing it
+/// is the completion's one store call, retried while the store fails, holding the key.)
+fn may_have_run(
+    keyed: bool,
     status: StatusCode,
     slug: &str,
     title: &str,
     what: String,
 ) -> Response {
-    let then = match claim {
-        Some(claim) => match claim.commit().await {
-            Ok(()) => {
-                "It may have run. It will not be sent again with this Idempotency-Key: a \
-                 retry gets this answer. Look its result up at the upstream before sending it \
-                 again with a new key."
-            }
-            Err(err) => {
-                tracing::error!(
-                    key = claim.key(),
-                    error = %chain(&err),
-                    "could not keep the key of a request that may have run upstream"
-                );
-                "It may have run. The gateway could not record that in its store, so a retry \
-                 with the same Idempotency-Key may be sent again: look its result up at the \
-                 upstream first."
-            }
-        },
-        None => {
-            "It may have run. The request had no Idempotency-Key: look its result up at the \
-             upstream before sending it again."
-        }
+    let then = if keyed {
+        "It may have run. It will not be sent again with this Idempotency-Key: a retry gets \
+         this answer. Look its result up at the upstream before sending it again with a new \
+         key."
+    } else {
+        "It may have run. The request had no Idempotency-Key: look its result up at the \
+         upstream before sending it again."
     };
-    problem(status, slug, title, &format!("{what} {then}"))
+    let mut res = problem(status, slug, title, &format!("{what} {then}"));
+    res.extensions_mut().insert(MayHaveRun);
+    res
 }
 
 /// An error with its sources, `: `-separated.

@@ -243,6 +243,34 @@ impl IdempotencyClaim {
     }
 }
 
+/// A mark for a response whose operation **may have run** although its status says it
+/// failed: put it in the response's extensions, and the layer stores that answer whatever
+/// its status, never releasing the key, so that every retry gets it replayed instead of
+/// running the operation again.
+///
+/// It is for errors that happen after the effect may have been made, such as a proxy whose
+/// upstream received the request and then dropped the connection. Unlike a
+/// [`commit`](IdempotencyClaim::commit) point it costs no store call of its own: the answer
+/// is stored by the completion, which is retried (holding the key) while the store fails.
+///
+/// ```
+/// use axum::{Router, http::StatusCode, response::IntoResponse, routing::post};
+/// use tower_idempotency::{IdempotencyLayer, MayHaveRun, MemoryStore};
+///
+/// async fn forward() -> impl IntoResponse {
+///     // The request went out and no answer came back: it may have run.
+///     let mut res = (StatusCode::BAD_GATEWAY, "the upstream may have run it").into_response();
+///     res.extensions_mut().insert(MayHaveRun);
+///     res
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/payments", post(forward))
+///     .layer(IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers());
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MayHaveRun;
+
 /// The answer when a handler asks for an [`IdempotencyClaim`] that the request does not
 /// carry (feature `axum`): the route is not behind an
 /// [`IdempotencyLayer`](crate::IdempotencyLayer), the request is not covered, it came

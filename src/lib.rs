@@ -204,7 +204,7 @@ pub use fingerprint::Fingerprint;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use handle::MissingClaim;
-pub use handle::{IdempotencyClaim, Recovery, RecoveryError, Unsettled};
+pub use handle::{IdempotencyClaim, MayHaveRun, Recovery, RecoveryError, Unsettled};
 pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope, StoreKey, parse_key};
 pub use layer::IdempotencyLayer;
 pub use outcome::{IdempotencyOutcome, REPLAYED_HEADER};

@@ -19,6 +19,7 @@ use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::claim::Claimed;
+use crate::handle::MayHaveRun;
 use crate::policy::{Disconnect, storable_headers};
 use crate::problem::is_grpc;
 use crate::record::Record;
@@ -102,6 +103,8 @@ pub(crate) struct Recording {
     len: usize,
     overflow: bool,
     trailers: Option<HeaderMap>,
+    /// The answer carried [`MayHaveRun`]: stored whatever its status.
+    may_have_run: bool,
 }
 
 impl<B> Recorder<B>
@@ -129,6 +132,7 @@ where
                 len: 0,
                 overflow: false,
                 trailers: None,
+                may_have_run: parts.extensions.get::<MayHaveRun>().is_some(),
             }),
             completing: None,
             held: Frames::default(),
@@ -304,7 +308,7 @@ impl Recording {
             let record = Record::tombstone(self.status, self.headers).with_fingerprint(fingerprint);
             return (self.claimed, record, Settle::Complete);
         }
-        let settle = if self.storable() {
+        let settle = if self.storable() || self.may_have_run {
             Settle::Complete
         } else {
             Settle::Release
@@ -334,7 +338,7 @@ impl Recording {
     /// key, so a retry runs (unless the operation committed); otherwise the operation ran
     /// but its response is broken, and a tombstone keeps it from running twice.
     async fn fail(self) {
-        let release = !self.storable() && !self.maybe_ran();
+        let release = !self.storable() && !self.maybe_ran() && !self.may_have_run;
         let fingerprint = self.claimed.fingerprint();
         let record = Record::tombstone(self.status, self.headers).with_fingerprint(fingerprint);
         if release {

@@ -703,3 +703,53 @@ async fn a_recovery_racing_a_live_owner_leaves_the_key_one_answer() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// A `502` marked `MayHaveRun` (a proxy whose upstream got the request and dropped the
+/// connection) is stored and replayed, not released; while the store fails to take it,
+/// the completion is retried holding the key, so no retry runs the operation again.
+#[tokio::test]
+async fn an_answer_marked_may_have_run_is_stored_whatever_its_status() {
+    use axum::response::IntoResponse;
+    use tower_idempotency::MayHaveRun;
+    let store = FaultStore::new(MemoryStore::new());
+    store.faults.complete_failures.store(3, Ordering::SeqCst);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route(
+            "/orders",
+            post({
+                let runs = Arc::clone(&runs);
+                move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let mut res =
+                        (StatusCode::BAD_GATEWAY, "the upstream may have run it").into_response();
+                    res.extensions_mut().insert(MayHaveRun);
+                    res
+                }
+            }),
+        )
+        .layer(layer(store.clone(), 30_000));
+    let first = call(&app, post_req(Some("maybe"), "{}")).await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY);
+    let retry = retry_past_409(&app, "maybe", "{}").await;
+    assert_eq!(retry.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(retry.outcome, Some(IdempotencyOutcome::Replayed));
+    assert_eq!(&retry.body[..], b"the upstream may have run it");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "never run again");
+    // Without the mark, the same status releases the key: the retry runs.
+    let plain = Router::new()
+        .route(
+            "/orders",
+            post({
+                let runs = Arc::clone(&runs);
+                move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::BAD_GATEWAY
+                }
+            }),
+        )
+        .layer(layer(MemoryStore::new(), 30_000));
+    call(&plain, post_req(Some("plain"), "{}")).await;
+    call(&plain, post_req(Some("plain"), "{}")).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
