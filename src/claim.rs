@@ -141,7 +141,7 @@ impl Claimed {
         token: LeaseToken,
         fingerprint: Fingerprint,
     ) -> Self {
-        let registration = config.keeper.register(&config, &key, token);
+        let registration = config.keeper.register(&key, token, || config.renewal());
         Self {
             shared: Shared::new(config, key, token),
             fingerprint,

@@ -72,7 +72,7 @@ pub(crate) struct Config {
     pub(crate) retry_after: Duration,
     pub(crate) type_base: String,
     pub(crate) link: bool,
-    pub(crate) recover: Option<Arc<crate::handle::RecoverFn>>,
+    pub(crate) recover: Option<Arc<crate::recover::RecoverFn>>,
     /// The 409 and 422 answers, rendered once.
     pub(crate) problems: Arc<crate::problem::ProblemCache>,
     pub(crate) store_timeout: Duration,

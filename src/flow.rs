@@ -8,20 +8,21 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
+use crate::answer::{mismatch, problem, replay};
 use crate::body::{BufferError, IdempotencyBody, RebuildBody, buffer};
 use crate::claim::{Claimed, PendingClaim};
 use crate::config::Config;
-use crate::handle::{Recovery, Unsettled};
 use crate::key::{IdempotencyKey, StoreKey};
-use crate::outcome::{IdempotencyOutcome, REPLAYED_HEADER, mark, problem};
+use crate::outcome::{IdempotencyOutcome, mark};
 use crate::policy::{Disconnect, InFlight, StoreFailure};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::Record;
 use crate::record_body::Recorder;
+use crate::recover::{Recovery, Unsettled};
 use crate::store::{Claim, ErrorChain, KeyState, StoreError, bounded};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -467,30 +468,6 @@ fn same_request<B>(
 #[derive(Debug, thiserror::Error)]
 #[error("the store acquired the key with a token other than the caller's (a contract violation)")]
 struct ForeignToken;
-
-fn mismatch<B>(config: &Config, grpc: bool) -> Response<IdempotencyBody<B>> {
-    let detail = "This Idempotency-Key was already used with a different request payload; \
-                  use a new key for a new request.";
-    problem(
-        config,
-        grpc,
-        Problem::new(ProblemKind::KeyReused, detail),
-        IdempotencyOutcome::Mismatch,
-    )
-}
-
-fn replay<B>(record: &Record) -> Response<IdempotencyBody<B>> {
-    let mut res = Response::new(IdempotencyBody::full(
-        record.body().clone(),
-        record.trailers().cloned(),
-    ));
-    *res.status_mut() = record.status();
-    // Framed by its body, never by what the record says (see `replay_headers`).
-    *res.headers_mut() = crate::outcome::replay_headers(record);
-    res.headers_mut()
-        .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
-    mark(res, IdempotencyOutcome::Replayed)
-}
 
 async fn store_failed<S, ReqBody, ResBody>(
     mut inner: S,

@@ -434,10 +434,11 @@ impl IdempotencyLayer {
     pub fn recover_with<F, Fut, R>(self, f: F) -> Self
     where
         F: Fn(crate::Unsettled) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Result<R, crate::handle::RecoveryError>> + Send + 'static,
+        Fut:
+            std::future::Future<Output = Result<R, crate::recover::RecoveryError>> + Send + 'static,
         R: Into<crate::Recovery> + 'static,
     {
-        let hook = crate::handle::boxed_recovery(f);
+        let hook = crate::recover::boxed_recovery(f);
         self.edit(|c| c.recover = Some(hook))
     }
 

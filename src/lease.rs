@@ -106,11 +106,13 @@ impl LeaseKeeper {
     }
 
     /// Keeps `key` claimed with `token` until [`unregister`](Self::unregister) is called.
+    /// Keeps the lease of `token` on `key` alive until it is unregistered; `renewal` says
+    /// how (asked once, when the keeper's task starts).
     pub(crate) fn register(
         self: &Arc<Self>,
-        config: &crate::config::Config,
         key: &StoreKey,
         token: LeaseToken,
+        renewal: impl FnOnce() -> Renewal,
     ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.shard(id).insert(
@@ -125,7 +127,7 @@ impl LeaseKeeper {
         );
         // The keeper's task starts with the first registration; later ones only look.
         if !self.started.load(Ordering::Acquire) {
-            let renewal = config.renewal();
+            let renewal = renewal();
             let period = renewal.lease / 3;
             crate::periodic::ensure_running(&self.started, self, period, move |keeper| {
                 keeper.renew_due(&renewal, period);

@@ -171,6 +171,7 @@
 #![deny(missing_docs, unreachable_pub, missing_debug_implementations)]
 #![warn(rust_2018_idioms)]
 
+mod answer;
 pub mod body;
 mod claim;
 #[cfg(feature = "client")]
@@ -194,6 +195,7 @@ pub mod policy;
 pub mod problem;
 pub mod record;
 mod record_body;
+mod recover;
 mod service;
 pub mod store;
 mod tasks;
@@ -204,11 +206,12 @@ pub use fingerprint::Fingerprint;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use handle::MissingClaim;
-pub use handle::{IdempotencyClaim, MayHaveRun, Recovery, RecoveryError, Unsettled};
+pub use handle::{IdempotencyClaim, MayHaveRun};
 pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope, StoreKey, parse_key};
 pub use layer::IdempotencyLayer;
 pub use outcome::{IdempotencyOutcome, REPLAYED_HEADER};
 pub use record::Record;
+pub use recover::{Recovery, RecoveryError, Unsettled};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis;

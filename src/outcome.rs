@@ -1,13 +1,7 @@
-//! What the layer did with a request, and the answers it gives of its own.
+//! What the layer did with a request ([`IdempotencyOutcome`]), as every covered response
+//! carries it in its extensions.
 
-use http::header::CONTENT_LENGTH;
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
-
-use crate::body::IdempotencyBody;
-use crate::config::Config;
-use crate::policy::{is_replayable_header, storable_headers};
-use crate::problem::Problem;
-use crate::record::Record;
+use http::{HeaderName, Response};
 
 /// The header that marks a replayed response: `Idempotent-Replayed: true`.
 pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -79,50 +73,8 @@ impl IdempotencyOutcome {
     }
 }
 
-/// An answer of the layer's own: a problem body, or a gRPC status for gRPC requests.
-pub(crate) fn problem<B>(
-    config: &Config,
-    grpc: bool,
-    problem: Problem,
-    outcome: IdempotencyOutcome,
-) -> Response<IdempotencyBody<B>> {
-    let res = problem
-        .into_response_cached(grpc, &config.type_base, config.link, Some(&config.problems))
-        .map(|b| IdempotencyBody::full(b, None));
-    mark(res, outcome)
-}
-
 /// Puts the outcome in the response's extensions.
 pub(crate) fn mark<B>(mut res: Response<B>, outcome: IdempotencyOutcome) -> Response<B> {
     res.extensions_mut().insert(outcome);
     res
-}
-
-/// The headers a replay of `record` carries: the stored ones, less any field a record
-/// must not hold (the layer never stores one, but a record made by hand, settled by an
-/// operator, written by an older version or damaged may), with framing from the body
-/// itself, never from the record:
-///
-/// - `Content-Length` is the body's length when the body is not empty, has no trailers
-///   and the status allows content (not 1xx, `204`, `304`);
-/// - otherwise there is none: an empty body (an answer to `HEAD`, a `204`, a `304`, a
-///   trailers-only gRPC answer) and a body with trailers are framed by the server from the
-///   body's size (hyper sends `content-length: 0` for an empty body where one belongs, and
-///   chunks or DATA frames for trailers);
-/// - `Transfer-Encoding` is never replayed.
-pub(crate) fn replay_headers(record: &Record) -> HeaderMap {
-    let stored = record.headers();
-    let mut headers = if stored.keys().all(is_replayable_header) {
-        stored.clone()
-    } else {
-        storable_headers(stored, |_| true)
-    };
-    let status = record.status();
-    let has_content = !(status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED);
-    if has_content && record.trailers().is_none() && !record.body().is_empty() {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(record.body().len()));
-    }
-    headers
 }

@@ -12,12 +12,13 @@ use http_body::Body;
 use tower_service::Service;
 use tracing::Instrument;
 
+use crate::answer::problem;
 use crate::body::{IdempotencyBody, RebuildBody};
 use crate::config::Config;
 use crate::flow::flow;
 use crate::future::ResponseFuture;
 use crate::key::{IdempotencyKey, KeyError, parse_key};
-use crate::outcome::{IdempotencyOutcome, mark, problem};
+use crate::outcome::{IdempotencyOutcome, mark};
 use crate::policy::MissingKey;
 use crate::problem::{Problem, ProblemKind, is_grpc};
 

@@ -4,14 +4,41 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::store::MAX_DURATION as FAR;
+const FAR: Duration = MAX_DURATION;
 
-/// `now + after`, saturating at [`MAX_DURATION`](crate::store::MAX_DURATION) from now.
+/// The longest duration the crate works with: ten years.
+///
+/// Every duration setting of [`IdempotencyLayer`](crate::IdempotencyLayer) (lease, TTL,
+/// `Retry-After`, store timeout, the wait of [`InFlight::Wait`](crate::policy::InFlight))
+/// is clamped to it when set, and every store of this crate clamps the leases, TTLs and
+/// timeouts it is given to it, so `Duration::MAX` means "ten years" everywhere: long enough
+/// to mean "forever" for an idempotency key, short enough that every clock and every store
+/// can add it to "now" without overflow. A store of your own should do the same
+/// ([`clamp_duration`]).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// `d`, or [`MAX_DURATION`] if it is longer.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::store::{MAX_DURATION, clamp_duration};
+/// assert_eq!(clamp_duration(Duration::MAX), MAX_DURATION);
+/// assert_eq!(clamp_duration(Duration::from_secs(5)), Duration::from_secs(5));
+/// ```
+pub const fn clamp_duration(d: Duration) -> Duration {
+    if d.as_secs() >= MAX_DURATION.as_secs() {
+        MAX_DURATION
+    } else {
+        d
+    }
+}
+
+/// `now + after`, saturating at [`MAX_DURATION`] from now.
 pub(crate) fn deadline_after(after: Duration) -> Instant {
     add(Instant::now(), after)
 }
 
-/// `at + after`, saturating at [`MAX_DURATION`](crate::store::MAX_DURATION) after `at`.
+/// `at + after`, saturating at [`MAX_DURATION`] after `at`.
 pub(crate) fn add(at: Instant, after: Duration) -> Instant {
     at.checked_add(after.min(FAR))
         .or_else(|| at.checked_add(FAR))

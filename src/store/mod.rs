@@ -105,32 +105,7 @@ impl fmt::Debug for LeaseToken {
 /// `complete` for ten minutes.
 pub const ORPHAN_RETENTION: Duration = Duration::from_secs(3600);
 
-/// The longest duration the crate works with: ten years.
-///
-/// Every duration setting of [`IdempotencyLayer`](crate::IdempotencyLayer) (lease, TTL,
-/// `Retry-After`, store timeout, the wait of [`InFlight::Wait`](crate::policy::InFlight))
-/// is clamped to it when set, and every store of this crate clamps the leases, TTLs and
-/// timeouts it is given to it, so `Duration::MAX` means "ten years" everywhere: long enough
-/// to mean "forever" for an idempotency key, short enough that every clock and every store
-/// can add it to "now" without overflow. A store of your own should do the same
-/// ([`clamp_duration`]).
-pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-
-/// `d`, or [`MAX_DURATION`] if it is longer.
-///
-/// ```
-/// use std::time::Duration;
-/// use tower_idempotency::store::{MAX_DURATION, clamp_duration};
-/// assert_eq!(clamp_duration(Duration::MAX), MAX_DURATION);
-/// assert_eq!(clamp_duration(Duration::from_secs(5)), Duration::from_secs(5));
-/// ```
-pub const fn clamp_duration(d: Duration) -> Duration {
-    if d.as_secs() >= MAX_DURATION.as_secs() {
-        MAX_DURATION
-    } else {
-        d
-    }
-}
+pub use crate::time::{MAX_DURATION, clamp_duration};
 
 /// How long a lapsed lease is contested before a claim takes the key over: half the lease
 /// (at least 1 ms).

@@ -1,0 +1,80 @@
+//! Every answer the layer writes itself: its problems (an RFC 9457 body, or a gRPC status
+//! for gRPC requests) and its replays of stored records, each marked with its
+//! [`IdempotencyOutcome`].
+
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+
+use crate::body::IdempotencyBody;
+use crate::config::Config;
+use crate::outcome::{IdempotencyOutcome, REPLAYED_HEADER, mark};
+use crate::policy::{is_replayable_header, storable_headers};
+use crate::problem::{Problem, ProblemKind};
+use crate::record::Record;
+
+/// An answer of the layer's own: a problem body, or a gRPC status for gRPC requests.
+pub(crate) fn problem<B>(
+    config: &Config,
+    grpc: bool,
+    problem: Problem,
+    outcome: IdempotencyOutcome,
+) -> Response<IdempotencyBody<B>> {
+    let res = problem
+        .into_response_cached(grpc, &config.type_base, config.link, Some(&config.problems))
+        .map(|b| IdempotencyBody::full(b, None));
+    mark(res, outcome)
+}
+
+/// The key was used with another payload: `422 key-reused`.
+pub(crate) fn mismatch<B>(config: &Config, grpc: bool) -> Response<IdempotencyBody<B>> {
+    let detail = "This Idempotency-Key was already used with a different request payload; \
+                  use a new key for a new request.";
+    problem(
+        config,
+        grpc,
+        Problem::new(ProblemKind::KeyReused, detail),
+        IdempotencyOutcome::Mismatch,
+    )
+}
+
+pub(crate) fn replay<B>(record: &Record) -> Response<IdempotencyBody<B>> {
+    let mut res = Response::new(IdempotencyBody::full(
+        record.body().clone(),
+        record.trailers().cloned(),
+    ));
+    *res.status_mut() = record.status();
+    // Framed by its body, never by what the record says (see `replay_headers`).
+    *res.headers_mut() = replay_headers(record);
+    res.headers_mut()
+        .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    mark(res, IdempotencyOutcome::Replayed)
+}
+
+/// The headers a replay of `record` carries: the stored ones, less any field a record
+/// must not hold (the layer never stores one, but a record made by hand, settled by an
+/// operator, written by an older version or damaged may), with framing from the body
+/// itself, never from the record:
+///
+/// - `Content-Length` is the body's length when the body is not empty, has no trailers
+///   and the status allows content (not 1xx, `204`, `304`);
+/// - otherwise there is none: an empty body (an answer to `HEAD`, a `204`, a `304`, a
+///   trailers-only gRPC answer) and a body with trailers are framed by the server from the
+///   body's size (hyper sends `content-length: 0` for an empty body where one belongs, and
+///   chunks or DATA frames for trailers);
+/// - `Transfer-Encoding` is never replayed.
+pub(crate) fn replay_headers(record: &Record) -> HeaderMap {
+    let stored = record.headers();
+    let mut headers = if stored.keys().all(is_replayable_header) {
+        stored.clone()
+    } else {
+        storable_headers(stored, |_| true)
+    };
+    let status = record.status();
+    let has_content = !(status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED);
+    if has_content && record.trailers().is_none() && !record.body().is_empty() {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(record.body().len()));
+    }
+    headers
+}
