@@ -1,0 +1,34 @@
+//! The stores: Redis (and Redis Cluster), PostgreSQL, MySQL/MariaDB and their failures, exactly
+//! once inside the handler's transaction, the keys tool, and the conformance suite on the memory
+//! store and the custom-store example. The backend tests need their service's URL (`REDIS_URL`,
+//! `DATABASE_URL`, `MYSQL_URL`) and say they were skipped without it. One test binary; each
+//! file is a module.
+
+#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
+#[path = "../common"]
+mod common {
+    //! The helpers this binary uses, from `tests/common/`.
+    mod fault_store;
+    // The store tests look at statuses and bodies; the counting handler and the channel-fed
+    // body are for the layer's tests.
+    #[allow(dead_code)]
+    mod requests;
+    mod scenarios;
+    mod servers;
+
+    pub use fault_store::*;
+    pub use requests::*;
+    pub use scenarios::*;
+    pub use servers::*;
+}
+
+mod backend_failures;
+mod conformance_custom;
+mod conformance_memory;
+mod exactly_once;
+mod keys_tool;
+mod mysql;
+mod postgres;
+mod redis;
+mod redis_cluster;
+mod store_faults;

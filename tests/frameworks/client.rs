@@ -1,0 +1,281 @@
+//! The whole story, end to end over TCP: a client calls a server through this crate's
+//! client side (a key per call, a retry policy), the first attempt's answer is lost (the
+//! client times out, or a proxy drops the response after the server answered), the client
+//! retries with the same key, and the operation runs once: the client ends with the
+//! original answer, marked replayed.
+#![cfg(feature = "client")]
+
+use crate::common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Seen, counting_server};
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::retry::RetryLayer;
+use tower::timeout::TimeoutLayer;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_idempotency::client::{IdempotencyKeyLayer, RetryPolicy};
+use tower_idempotency::{IdempotencyKey, KeyError, KeyParsing, REPLAYED_HEADER};
+
+/// hyper-util's client with the client side of this crate: a key per call, retries with
+/// it, and a timeout per attempt.
+fn client(
+    timeout: Duration,
+) -> impl Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<hyper::body::Incoming>,
+    Error = BoxError,
+    Future: Send,
+> + Clone {
+    let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    ServiceBuilder::new()
+        .layer(IdempotencyKeyLayer::new())
+        .layer(RetryLayer::new(
+            RetryPolicy::new()
+                .max_retries(20)
+                .backoff(Duration::from_millis(20), Duration::from_millis(100))
+                .max_retry_after(Duration::from_millis(150)),
+        ))
+        .layer(TimeoutLayer::new(timeout))
+        .service(http)
+}
+
+fn order(addr: std::net::SocketAddr) -> http::Request<Full<Bytes>> {
+    http::Request::post(format!("http://{addr}/orders"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"sku\":1}")))
+        .unwrap()
+}
+
+async fn answer(res: http::Response<hyper::body::Incoming>) -> (StatusCode, bool, Bytes) {
+    let status = res.status();
+    let replayed = res
+        .headers()
+        .get(REPLAYED_HEADER)
+        .is_some_and(|v| v == "true");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, replayed, body)
+}
+
+/// Every attempt carried the same key, one the client made, as an sf-string.
+fn one_key(seen: &Seen) -> usize {
+    let keys = seen.keys.lock().unwrap();
+    let first = keys[0].clone().expect("the client sent a key");
+    assert!(
+        first.len() == 38 && first.starts_with('"') && first.ends_with('"'),
+        "a quoted UUID: {first}"
+    );
+    assert!(
+        keys.iter().all(|k| k.as_deref() == Some(first.as_str())),
+        "{keys:?}"
+    );
+    keys.len()
+}
+
+#[tokio::test]
+async fn a_client_that_times_out_retries_with_its_key_and_gets_the_first_answer() {
+    let seen = Seen::default();
+    // The operation takes longer than the client waits for an attempt.
+    let addr = counting_server(seen.clone(), Duration::from_millis(400)).await;
+    let res = client(Duration::from_millis(150))
+        .oneshot(order(addr))
+        .await
+        .expect("the call ends with an answer");
+    let (status, replayed, body) = answer(res).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed, "the answer is the first attempt's, replayed");
+    assert_eq!(body, "order 0 for {\"sku\":1}");
+    assert_eq!(
+        seen.runs.load(Ordering::SeqCst),
+        1,
+        "the operation ran once"
+    );
+    let attempts = one_key(&seen);
+    // The first attempt and the replay (and, unless the machine stalled the client past
+    // the handler's end, 409s between them).
+    assert!(attempts >= 2, "{attempts} attempts");
+}
+
+/// Accepts connections on a port of its own and forwards them to `upstream`, but the first
+/// connection's response is read from the server and never passed on: the client's
+/// connection is closed after the server answered.
+async fn dropping_proxy(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let mut server = TcpStream::connect(upstream).await.unwrap();
+            if !std::mem::take(&mut first) {
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                let (mut client_read, _client_write) = client.split();
+                let (mut server_read, mut server_write) = server.split();
+                let forward = async {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = client_read.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                // The response leaves the server only once its record is stored: its first
+                // bytes are proof enough that the operation ran and was recorded.
+                let swallow = async {
+                    let mut buf = [0u8; 4096];
+                    let _ = server_read.read(&mut buf).await;
+                };
+                tokio::select! {
+                    () = forward => {}
+                    () = swallow => {}
+                }
+                // Both connections close here, the answer unsent.
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_response_lost_after_the_server_answered_is_replayed_to_the_retry() {
+    let seen = Seen::default();
+    let server = counting_server(seen.clone(), Duration::from_millis(10)).await;
+    let proxy = dropping_proxy(server).await;
+    let res = client(Duration::from_secs(5))
+        .oneshot(order(proxy))
+        .await
+        .expect("the call ends with an answer");
+    let (status, replayed, body) = answer(res).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(replayed, "the retry got the lost answer, replayed");
+    assert_eq!(body, "order 0 for {\"sku\":1}");
+    assert_eq!(
+        seen.runs.load(Ordering::SeqCst),
+        1,
+        "the operation ran once"
+    );
+    assert_eq!(one_key(&seen), 2, "the lost attempt and its retry");
+}
+
+#[tokio::test]
+async fn final_answers_are_not_retried() {
+    let seen = Seen::default();
+    let addr = counting_server(seen.clone(), Duration::ZERO).await;
+    let client = client(Duration::from_secs(5));
+    // The caller chose the key: it is kept.
+    let mut first = order(addr);
+    first
+        .headers_mut()
+        .insert("idempotency-key", "caller-1".parse().unwrap());
+    let (status, replayed, _) = answer(client.clone().oneshot(first).await.unwrap()).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false));
+    // The same key with another payload: 422, final.
+    let mut other = order(addr);
+    other
+        .headers_mut()
+        .insert("idempotency-key", "caller-1".parse().unwrap());
+    *other.body_mut() = Full::new(Bytes::from_static(b"{\"sku\":2}"));
+    let (status, _, _) = answer(client.clone().oneshot(other).await.unwrap()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // A plain 404 is final too.
+    let missing = http::Request::post(format!("http://{addr}/nowhere"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, _) = answer(client.oneshot(missing).await.unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let keys = seen.keys.lock().unwrap();
+    assert_eq!(keys.len(), 3, "one attempt each: {keys:?}");
+    assert_eq!(
+        keys[1].as_deref(),
+        Some("\"caller-1\""),
+        "sent as an sf-string"
+    );
+    assert_eq!(seen.runs.load(Ordering::SeqCst), 1);
+}
+
+/// A server on a loopback port whose `POST /orders` answers `201` with the key the layer read
+/// (parsing it as `parsing` says); a refused key gets the layer's `400`.
+async fn key_echo_server(parsing: KeyParsing) -> std::net::SocketAddr {
+    use axum::routing::post;
+    let app = axum::Router::new()
+        .route(
+            "/orders",
+            post(|req: axum::extract::Request| async move {
+                let key = req.extensions().get::<IdempotencyKey>().unwrap();
+                (StatusCode::CREATED, key.as_str().to_owned())
+            }),
+        )
+        .layer(
+            tower_idempotency::IdempotencyLayer::new(tower_idempotency::MemoryStore::new())
+                .share_keys_across_callers()
+                .key_parsing(parsing),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test]
+async fn keys_the_client_sends_are_accepted_by_every_parsing_mode_of_the_server() {
+    for parsing in [KeyParsing::Strict, KeyParsing::Lenient] {
+        let addr = key_echo_server(parsing).await;
+        let client = client(Duration::from_secs(5));
+
+        // A key the client made.
+        let (status, _, key) = answer(client.clone().oneshot(order(addr)).await.unwrap()).await;
+        assert_eq!(status, StatusCode::CREATED, "{parsing:?}: {key:?}");
+        assert_eq!(key.len(), 36, "{parsing:?}: a UUID: {key:?}");
+
+        // Keys the caller set: bare, already an sf-string, and holding `"` or `\`. The
+        // server reads the caller's text, whatever the mode.
+        for (sent, read) in [
+            ("caller-1", "caller-1"),
+            ("\"quoted-1\"", "quoted-1"),
+            ("say \"hi\"", "say \"hi\""),
+            ("back\\slash", "back\\slash"),
+            ("\"esc\\\"aped\"", "esc\"aped"),
+        ] {
+            let mut req = order(addr);
+            req.headers_mut()
+                .insert("idempotency-key", sent.parse().unwrap());
+            let (status, replayed, key) = answer(client.clone().oneshot(req).await.unwrap()).await;
+            assert_eq!(
+                (status, replayed, String::from_utf8_lossy(&key)),
+                (StatusCode::CREATED, false, read.into()),
+                "{parsing:?}: the caller's key {sent}"
+            );
+        }
+    }
+
+    // A key that no sf-string can carry (not ASCII) is refused by the client, with the
+    // reason: it never reaches a server that would refuse it.
+    let addr = key_echo_server(KeyParsing::Lenient).await;
+    let mut req = order(addr);
+    req.headers_mut().insert(
+        "idempotency-key",
+        http::HeaderValue::from_bytes("clé".as_bytes()).unwrap(),
+    );
+    let refused = match client(Duration::from_secs(5)).oneshot(req).await {
+        Ok(res) => panic!("sent, answered {}", res.status()),
+        Err(err) => err,
+    };
+    assert_eq!(
+        refused.downcast_ref::<KeyError>(),
+        Some(&KeyError::NotPrintable),
+        "{refused}"
+    );
+}

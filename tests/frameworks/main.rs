@@ -1,0 +1,26 @@
+//! The layer inside the frameworks and next to the middleware it is used with (axum, hyper,
+//! tonic, tower-http), the examples driven over real connections (the gateway among them),
+//! and the client side (tower, tonic, reqwest). One test binary; each file is a module.
+
+#[path = "../common"]
+mod common {
+    //! The helpers this binary uses, from `tests/common/`.
+    #[cfg(feature = "client")]
+    mod counting_server;
+    // The framework tests call and collect; the counting handlers are for the layer's tests.
+    #[allow(dead_code)]
+    mod requests;
+
+    #[cfg(feature = "client")]
+    pub use counting_server::*;
+    pub use requests::*;
+}
+
+mod axum;
+mod client;
+mod client_reqwest;
+mod client_tonic;
+mod gateway;
+mod hyper;
+mod tonic;
+mod tower_http;
