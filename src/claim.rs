@@ -1,6 +1,7 @@
 //! Owning a claim: the guard that completes or releases it exactly once, and the guard that
 //! releases a claim whose reply never arrived.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,8 +80,7 @@ impl<'a> PendingClaim<'a> {
         let until =
             crate::time::deadline_after(lease.saturating_add(crate::store::takeover_grace(lease)));
         self.config.work.spawn("orphan release", async move {
-            let mut pause = FIRST_PAUSE;
-            loop {
+            crate::time::retry(until, MAX_PAUSE.max(timeout), || async {
                 match bounded(timeout, store.release(&key, token)).await {
                     Ok(()) => {
                         crate::metrics::orphan_release();
@@ -89,26 +89,24 @@ impl<'a> PendingClaim<'a> {
                             "released an idempotency claim whose request was not answered \
                              by the store ({why}); a retry can run now"
                         );
-                        return;
+                        ControlFlow::Break(())
                     }
                     // Not (or not yet) landed, or not ours; a claim stuck on the wire may
                     // still land, so look again until a lease has passed.
-                    Err(StoreError::LeaseLost) => {}
+                    Err(StoreError::LeaseLost) => ControlFlow::Continue(()),
                     // Only the request's own handler can commit, and it never ran.
-                    Err(StoreError::Committed) => return,
-                    Err(err) => tracing::warn!(
-                        key = key.client_key(),
-                        error = %ErrorChain(&err),
-                        "releasing an unanswered idempotency claim failed; retrying"
-                    ),
+                    Err(StoreError::Committed) => ControlFlow::Break(()),
+                    Err(err) => {
+                        tracing::warn!(
+                            key = key.client_key(),
+                            error = %ErrorChain(&err),
+                            "releasing an unanswered idempotency claim failed; retrying"
+                        );
+                        ControlFlow::Continue(())
+                    }
                 }
-                let now = tokio::time::Instant::now();
-                if now >= until {
-                    return;
-                }
-                tokio::time::sleep(crate::time::jittered(pause).min(until - now)).await;
-                pause = (pause * 2).min(MAX_PAUSE.max(timeout));
-            }
+            })
+            .await;
         });
     }
 }
@@ -368,14 +366,16 @@ impl Claimed {
         let work = config.work.clone();
         work.spawn("store after takeover", async move {
             let give_up = crate::time::deadline_after(COMPLETION_RETRY_WINDOW);
-            let mut pause = FIRST_PAUSE;
-            while tokio::time::Instant::now() < give_up {
-                tokio::time::sleep(crate::time::jittered(pause)).await;
-                pause = (pause * 2).min(MAX_PAUSE / 2);
+            // The first look was just made.
+            tokio::time::sleep(crate::time::jittered(FIRST_PAUSE)).await;
+            crate::time::retry(give_up, MAX_PAUSE / 2, || async {
                 if store_if_free(&config, &key, fingerprint, &record).await {
-                    return;
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
                 }
-            }
+            })
+            .await;
         });
     }
 }
@@ -544,36 +544,42 @@ where
     Fut: std::future::Future<Output = Result<(), StoreError>>,
 {
     let timeout = config.store_timeout;
-    let mut pause = FIRST_PAUSE;
-    loop {
-        let bound = until.min(crate::time::deadline_after(timeout));
-        let timer = crate::metrics::Timer::start();
-        let result = match tokio::time::timeout_at(bound, call()).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(timeout)),
-        };
-        timer.store_call(&*config.store, what, &result);
-        let err = match result {
-            Ok(()) => return Ok(()),
-            Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),
-            Err(err) => err,
-        };
-        *failures += 1;
-        let wait = crate::time::jittered(pause);
-        if crate::time::deadline_after(wait) >= until {
-            return Err(err);
+    // Shared by the attempts (one at a time; the future is sent between threads).
+    let count = std::sync::atomic::AtomicU32::new(*failures);
+    let last = std::sync::Mutex::new(None);
+    let done = crate::time::retry(until, MAX_PAUSE, || {
+        let (call, count, last) = (call(), &count, &last);
+        async move {
+            let bound = until.min(crate::time::deadline_after(timeout));
+            let timer = crate::metrics::Timer::start();
+            let result = match tokio::time::timeout_at(bound, call).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Timeout(timeout)),
+            };
+            timer.store_call(&*config.store, what, &result);
+            match result {
+                Ok(()) => ControlFlow::Break(Ok(())),
+                Err(StoreError::LeaseLost) => ControlFlow::Break(Err(StoreError::LeaseLost)),
+                Err(err) => {
+                    let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            key = key.client_key(),
+                            error = %ErrorChain(&err),
+                            failures = n,
+                            "idempotency store call ({what}) failed; retrying"
+                        );
+                    }
+                    *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                    ControlFlow::Continue(())
+                }
+            }
         }
-        if failures.is_power_of_two() {
-            tracing::warn!(
-                key = key.client_key(),
-                error = %ErrorChain(&err),
-                failures = *failures,
-                "idempotency store call ({what}) failed; retrying"
-            );
-        }
-        tokio::time::sleep(wait).await;
-        pause = (pause * 2).min(MAX_PAUSE);
-    }
+    })
+    .await;
+    *failures = count.into_inner();
+    let last = last.into_inner().unwrap_or_else(|p| p.into_inner());
+    done.unwrap_or_else(|| Err(last.unwrap_or(StoreError::Timeout(timeout))))
 }
 
 /// Releases a claim: one bounded attempt, then (if that failed) retries on a tracked task
@@ -606,26 +612,24 @@ async fn release(
     let retry = {
         let config = Arc::clone(&config);
         async move {
-            let mut pause = FIRST_PAUSE;
-            loop {
-                let now = tokio::time::Instant::now();
-                if now >= until {
-                    tracing::warn!(
-                        key = key.client_key(),
-                        "gave up releasing the idempotency key; it is free once its lease ends \
-                         and is contested"
-                    );
-                    return;
-                }
-                tokio::time::sleep(crate::time::jittered(pause).min(until - now)).await;
-                pause = (pause * 2).min(MAX_PAUSE);
+            // The first attempt was just made.
+            tokio::time::sleep(crate::time::jittered(FIRST_PAUSE)).await;
+            let released = crate::time::retry(until, MAX_PAUSE, || async {
                 match bounded(timeout, config.store.release(&key, token)).await {
-                    Ok(()) | Err(StoreError::LeaseLost) => return,
-                    Err(StoreError::Committed) => {
-                        return committed(config, key, token, fallback).await;
-                    }
-                    Err(_) => {}
+                    Ok(()) | Err(StoreError::LeaseLost) => ControlFlow::Break(false),
+                    Err(StoreError::Committed) => ControlFlow::Break(true),
+                    Err(_) => ControlFlow::Continue(()),
                 }
+            })
+            .await;
+            match released {
+                Some(false) => {}
+                Some(true) => committed(config, key, token, fallback).await,
+                None => tracing::warn!(
+                    key = key.client_key(),
+                    "gave up releasing the idempotency key; it is free once its lease ends \
+                     and is contested"
+                ),
             }
         }
     };

@@ -45,6 +45,35 @@ pub(crate) fn add(at: Instant, after: Duration) -> Instant {
         .unwrap_or(at)
 }
 
+/// The first pause of [`retry`]: 50 ms.
+pub(crate) const FIRST_PAUSE: Duration = Duration::from_millis(50);
+
+/// The one retry shape of the crate: runs `attempt` at once, then again after a jittered
+/// pause that doubles from [`FIRST_PAUSE`] up to `max_pause`, until it breaks with a value
+/// (answered as `Some`) or the next attempt would start past `until` (`None`).
+pub(crate) async fn retry<T, F, Fut>(
+    until: Instant,
+    max_pause: Duration,
+    mut attempt: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::ops::ControlFlow<T>>,
+{
+    let mut pause = FIRST_PAUSE;
+    loop {
+        if let std::ops::ControlFlow::Break(done) = attempt().await {
+            return Some(done);
+        }
+        let wait = jittered(pause);
+        if deadline_after(wait) >= until {
+            return None;
+        }
+        tokio::time::sleep(wait).await;
+        pause = (pause * 2).min(max_pause.max(FIRST_PAUSE));
+    }
+}
+
 /// A pause of `base` with up to a quarter of it added at random, so that many tasks that
 /// failed together do not retry together.
 pub(crate) fn jittered(base: Duration) -> Duration {
