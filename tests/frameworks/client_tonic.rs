@@ -3,9 +3,7 @@
 //! operation runs once.
 #![cfg(all(feature = "client", feature = "tonic"))]
 
-#[path = "../../examples/tonic.rs"]
-#[allow(unreachable_pub, missing_docs)]
-mod demo;
+use crate::tonic_example as demo;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,9 +1,7 @@
 //! The gateway example in front of an upstream that knows nothing of idempotency and counts
 //! its executions: each key runs upstream once, whatever the retries.
 
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../examples/gateway.rs"]
-mod gateway;
+use crate::gateway_example as gateway;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -16,6 +16,15 @@ mod common {
     pub use requests::*;
 }
 
+// The examples more than one module drives, or whose name a module already has: loaded once.
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../examples/gateway.rs"]
+mod gateway_example;
+#[cfg(feature = "tonic")]
+#[allow(unreachable_pub, missing_docs)]
+#[path = "../../examples/tonic.rs"]
+mod tonic_example;
+
 mod axum;
 mod client;
 mod client_reqwest;

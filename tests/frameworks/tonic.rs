@@ -2,9 +2,7 @@
 //! HTTP/2 client, to see the bytes) over 127.0.0.1.
 #![cfg(feature = "tonic")]
 
-#[path = "../../examples/tonic.rs"]
-#[allow(unreachable_pub, missing_docs)]
-mod demo;
+use crate::tonic_example as demo;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
