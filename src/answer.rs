@@ -6,15 +6,15 @@ use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::body::IdempotencyBody;
-use crate::config::Config;
 use crate::outcome::{IdempotencyOutcome, REPLAYED_HEADER, mark};
 use crate::policy::{is_replayable_header, storable_headers};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::Record;
+use crate::runtime::Runtime;
 
 /// An answer of the layer's own: a problem body, or a gRPC status for gRPC requests.
 pub(crate) fn problem<B>(
-    config: &Config,
+    config: &Runtime,
     grpc: bool,
     problem: Problem,
     outcome: IdempotencyOutcome,
@@ -26,7 +26,7 @@ pub(crate) fn problem<B>(
 }
 
 /// The key was used with another payload: `422 key-reused`.
-pub(crate) fn mismatch<B>(config: &Config, grpc: bool) -> Response<IdempotencyBody<B>> {
+pub(crate) fn mismatch<B>(config: &Runtime, grpc: bool) -> Response<IdempotencyBody<B>> {
     let detail = "This Idempotency-Key was already used with a different request payload; \
                   use a new key for a new request.";
     problem(

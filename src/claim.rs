@@ -5,12 +5,12 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::Config;
 use crate::fingerprint::Fingerprint;
 use crate::handle::{IdempotencyClaim, Shared};
 use crate::key::StoreKey;
 use crate::lease::Registration;
 use crate::record::Record;
+use crate::runtime::Runtime;
 use crate::store::{Claim, ErrorChain, LeaseToken, StoreError, bounded};
 
 /// How long the layer keeps trying to store an outcome while the store fails: ten minutes.
@@ -26,14 +26,14 @@ const MAX_PAUSE: Duration = Duration::from_secs(2);
 /// landed: it is released by its token, on a tracked task, so that no key stays blocked
 /// for a lease with nothing running.
 pub(crate) struct PendingClaim<'a> {
-    config: &'a Arc<Config>,
+    config: &'a Arc<Runtime>,
     key: StoreKey,
     token: LeaseToken,
     armed: bool,
 }
 
 impl<'a> PendingClaim<'a> {
-    pub(crate) fn new(config: &'a Arc<Config>, key: StoreKey) -> Self {
+    pub(crate) fn new(config: &'a Arc<Runtime>, key: StoreKey) -> Self {
         Self {
             config,
             key,
@@ -134,7 +134,7 @@ pub(crate) struct Claimed {
 
 impl Claimed {
     fn new(
-        config: Arc<Config>,
+        config: Arc<Runtime>,
         key: StoreKey,
         token: LeaseToken,
         fingerprint: Fingerprint,
@@ -150,7 +150,7 @@ impl Claimed {
 
     /// A claim found committed when its release was attempted: it is completed with the
     /// outcome in hand, without renewing its lease (nobody can take a committed key over).
-    fn resumed(config: Arc<Config>, key: StoreKey, token: LeaseToken, record: &Record) -> Self {
+    fn resumed(config: Arc<Runtime>, key: StoreKey, token: LeaseToken, record: &Record) -> Self {
         Self {
             shared: Shared::new(config, key, token),
             fingerprint: *record.fingerprint(),
@@ -159,7 +159,7 @@ impl Claimed {
         }
     }
 
-    pub(crate) fn config(&self) -> &Arc<Config> {
+    pub(crate) fn config(&self) -> &Arc<Runtime> {
         &self.shared.config
     }
 
@@ -384,7 +384,7 @@ impl Claimed {
 /// record exists (another's, or an earlier attempt's); false while another holds the key or
 /// the store fails.
 async fn store_if_free(
-    config: &Config,
+    config: &Runtime,
     key: &StoreKey,
     fingerprint: Fingerprint,
     record: &Record,
@@ -454,7 +454,7 @@ impl Drop for Claimed {
 /// A late commit that lands after the revocation finds no claim of its token and changes
 /// nothing; one that lands before is undone by it. Either way the key ends free.
 async fn withdraw(
-    config: Arc<Config>,
+    config: Arc<Runtime>,
     key: StoreKey,
     token: LeaseToken,
     registration: Option<Registration>,
@@ -488,7 +488,7 @@ async fn withdraw(
 }
 
 async fn revoke_until(
-    config: &Config,
+    config: &Runtime,
     key: &StoreKey,
     token: LeaseToken,
     window: Duration,
@@ -503,7 +503,7 @@ async fn revoke_until(
 
 /// The end of [`withdraw`]: the lease is no longer kept alive, and the result is logged.
 fn withdrawn(
-    config: &Config,
+    config: &Runtime,
     key: &StoreKey,
     registration: Option<Registration>,
     failures: u32,
@@ -532,7 +532,7 @@ fn withdrawn(
 /// key is no longer the caller's (`LeaseLost`, answered at once), retrying other failures
 /// with jittered backoff until `until`; then answers the last failure.
 async fn retry_until<F, Fut>(
-    config: &Config,
+    config: &Runtime,
     what: &'static str,
     key: &StoreKey,
     until: tokio::time::Instant,
@@ -586,7 +586,7 @@ where
 /// until the lease would have ended anyway. A committed key is not released: `fallback` is
 /// stored under it if there is one (see [`Claimed::release`]).
 async fn release(
-    config: Arc<Config>,
+    config: Arc<Runtime>,
     key: StoreKey,
     token: LeaseToken,
     fallback: Option<Record>,
@@ -643,7 +643,7 @@ async fn release(
 /// The release of a claim was refused because it passed its commit point: store the answer
 /// the operation gave, or, with none, leave the key with its outcome unknown.
 async fn committed(
-    config: Arc<Config>,
+    config: Arc<Runtime>,
     key: StoreKey,
     token: LeaseToken,
     fallback: Option<Record>,

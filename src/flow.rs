@@ -15,7 +15,6 @@ use tower_service::Service;
 use crate::answer::{mismatch, problem, replay};
 use crate::body::{BufferError, IdempotencyBody, RebuildBody, buffer};
 use crate::claim::{Claimed, PendingClaim};
-use crate::config::Config;
 use crate::key::{IdempotencyKey, StoreKey};
 use crate::outcome::{IdempotencyOutcome, mark};
 use crate::policy::{Disconnect, InFlight, StoreFailure};
@@ -23,6 +22,7 @@ use crate::problem::{Problem, ProblemKind};
 use crate::record::Record;
 use crate::record_body::Recorder;
 use crate::recover::{Recovery, Unsettled};
+use crate::runtime::Runtime;
 use crate::store::{Claim, ErrorChain, KeyState, StoreError, bounded};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -33,7 +33,7 @@ pub(crate) async fn flow<S, ReqBody, ResBody>(
     mut parts: Parts,
     body: ReqBody,
     key: IdempotencyKey,
-    config: Arc<Config>,
+    config: Arc<Runtime>,
     grpc: bool,
 ) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
 where
@@ -327,7 +327,7 @@ where
 }
 
 fn unreadable<B, ReqBody>(
-    config: &Config,
+    config: &Runtime,
     grpc: bool,
     req: &Request<ReqBody>,
     err: &crate::record::DecodeError,
@@ -364,7 +364,7 @@ enum Unknown<B> {
 /// A retry found its key committed with no stored outcome: the recovery hook's answer,
 /// stored and replayed, or `outcome-unknown`; or the hook's word that it never ran.
 async fn outcome_unknown<B>(
-    config: &Config,
+    config: &Runtime,
     grpc: bool,
     unsettled: Option<Unsettled>,
     key: StoreKey,
@@ -450,7 +450,7 @@ async fn outcome_unknown<B>(
 /// version stored (bare SHA-256, see [`crate::fingerprint`]), equal once this request is
 /// fingerprinted the old way. Hands the request back.
 fn same_request<B>(
-    config: &Config,
+    config: &Runtime,
     req: Request<B>,
     body: &Bytes,
     fingerprint: crate::fingerprint::Fingerprint,
@@ -472,7 +472,7 @@ struct ForeignToken;
 async fn store_failed<S, ReqBody, ResBody>(
     mut inner: S,
     req: Request<ReqBody>,
-    config: &Config,
+    config: &Runtime,
     grpc: bool,
     err: StoreError,
 ) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
@@ -567,7 +567,7 @@ where
 struct Detachable<T: Send + 'static> {
     fut: Option<BoxFuture<T>>,
     polling: bool,
-    config: Arc<Config>,
+    config: Arc<Runtime>,
 }
 
 impl<T: Send + 'static> Future for Detachable<T> {

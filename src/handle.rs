@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 #[cfg(feature = "axum")]
 use http::request::Parts;
 
-use crate::config::Config;
 use crate::key::StoreKey;
+use crate::runtime::Runtime;
 use crate::store::{LeaseToken, StoreError, bounded};
 
 const NOT_COMMITTED: u8 = 0;
@@ -26,14 +26,14 @@ const IN_DOUBT: u8 = 3;
 
 /// What the claim guard and the handler's handle share.
 pub(crate) struct Shared {
-    pub(crate) config: Arc<Config>,
+    pub(crate) config: Arc<Runtime>,
     pub(crate) key: StoreKey,
     pub(crate) token: LeaseToken,
     commit: AtomicU8,
 }
 
 impl Shared {
-    pub(crate) fn new(config: Arc<Config>, key: StoreKey, token: LeaseToken) -> Arc<Self> {
+    pub(crate) fn new(config: Arc<Runtime>, key: StoreKey, token: LeaseToken) -> Arc<Self> {
         Arc::new(Self {
             config,
             key,

@@ -1,7 +1,7 @@
 //! [`IdempotencyLayer`] and its configuration.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,13 +9,12 @@ use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
 use tower_layer::Layer;
 
-use crate::config::{Config, Cover};
 use crate::fingerprint::Fingerprint;
 use crate::key::{KeyParsing, Scope};
-use crate::lease::LeaseKeeper;
-use crate::policy::{self, Disconnect, InFlight, MissingKey, StoreFailure};
-use crate::problem::DEFAULT_TYPE_BASE;
+use crate::policy::{Disconnect, InFlight, MissingKey, StoreFailure};
+use crate::runtime::Runtime;
 use crate::service::Idempotency;
+use crate::settings::{Cover, Settings};
 use crate::store::{IdempotencyStore, clamp_duration};
 use crate::tasks::DetachedWork;
 
@@ -39,12 +38,20 @@ use crate::tasks::DetachedWork;
 /// ```
 #[derive(Clone)]
 pub struct IdempotencyLayer {
-    config: Arc<Config>,
+    settings: Settings,
+    store: Arc<dyn IdempotencyStore>,
+    /// The same store when it is the embedded [`MemoryStore`](crate::MemoryStore).
+    #[cfg(feature = "memory")]
+    memory: Option<crate::MemoryStore>,
+    work: DetachedWork,
+    /// The running parts, made by the first service and shared by the services of this
+    /// layer and its clones; a changed setting starts a new one.
+    runtime: Arc<OnceLock<Arc<Runtime>>>,
 }
 
 impl fmt::Debug for IdempotencyLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.config;
+        let c = &self.settings;
         f.debug_struct("IdempotencyLayer")
             .field("header", &c.header)
             .field("parsing", &c.parsing)
@@ -85,63 +92,26 @@ impl IdempotencyLayer {
     /// let layer = IdempotencyLayer::new(shared);
     /// ```
     pub fn new(store: impl IdempotencyStore) -> Self {
+        // The embedded store is called directly, without a boxed future per call.
         #[cfg(feature = "memory")]
         let memory = (&store as &dyn std::any::Any)
             .downcast_ref::<crate::MemoryStore>()
             .cloned();
-        #[cfg_attr(not(feature = "memory"), allow(unused_mut))]
-        let mut layer = Self::with_store(Arc::new(store));
-        #[cfg(feature = "memory")]
-        {
-            Arc::make_mut(&mut layer.config).memory = memory;
-        }
-        layer
-    }
-
-    fn with_store(store: Arc<dyn IdempotencyStore>) -> Self {
         Self {
-            config: Arc::new(Config {
-                store,
-                #[cfg(feature = "memory")]
-                memory: None,
-                header: HeaderName::from_static("idempotency-key"),
-                parsing: KeyParsing::Lenient,
-                max_key_len: 255,
-                missing: MissingKey::Required,
-                cover: Cover::Methods(vec![Method::POST, Method::PATCH]),
-                grpc_methods: Arc::from([]),
-                scope: crate::config::ScopeRule::Unset,
-                scope_warned: Arc::default(),
-                fingerprint: None,
-                max_request_body: 1024 * 1024,
-                max_response_body: 1024 * 1024,
-                storable: Arc::new(policy::default_storable),
-                grpc_storable: Arc::new(policy::default_grpc_storable),
-                maybe_ran: Arc::new(policy::default_maybe_ran),
-                grpc_maybe_ran: Arc::new(policy::default_grpc_maybe_ran),
-                replay_header: None,
-                lease: Duration::from_secs(30),
-                ttl: Duration::from_secs(24 * 60 * 60),
-                in_flight: InFlight::Reject,
-                store_failure: StoreFailure::FailClosed,
-                disconnect: Disconnect::Finish,
-                retry_after: Duration::from_secs(1),
-                type_base: DEFAULT_TYPE_BASE.to_owned(),
-                link: false,
-                recover: None,
-                problems: Arc::default(),
-                store_timeout: Duration::from_secs(2),
-                keeper: Arc::new(LeaseKeeper::new()),
-                work: DetachedWork::default(),
-            }),
+            settings: Settings::default(),
+            store: Arc::new(store),
+            #[cfg(feature = "memory")]
+            memory,
+            work: DetachedWork::default(),
+            runtime: Arc::default(),
         }
     }
 
-    fn edit(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        let config = Arc::make_mut(&mut self.config);
-        f(config);
-        // Answers rendered before the change (a problem type base) are rendered again.
-        config.problems = Arc::default();
+    fn edit(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        f(&mut self.settings);
+        // The services of the changed layer get running parts of their own: a lease keeper
+        // for its lease, answers rendered with its problem type base.
+        self.runtime = Arc::default();
         self
     }
 
@@ -253,7 +223,7 @@ impl IdempotencyLayer {
     /// });
     /// ```
     pub fn scope_by(self, f: impl Fn(&Parts) -> Option<Scope> + Send + Sync + 'static) -> Self {
-        self.edit(|c| c.scope = crate::config::ScopeRule::By(Arc::new(f)))
+        self.edit(|c| c.scope = crate::settings::ScopeRule::By(Arc::new(f)))
     }
 
     /// Scopes keys by the authenticated principal that an authentication layer (placed
@@ -333,7 +303,7 @@ impl IdempotencyLayer {
     /// let layer = tower_idempotency::IdempotencyLayer::default().share_keys_across_callers();
     /// ```
     pub fn share_keys_across_callers(self) -> Self {
-        self.edit(|c| c.scope = crate::config::ScopeRule::Shared)
+        self.edit(|c| c.scope = crate::settings::ScopeRule::Shared)
     }
 
     /// Computes request fingerprints with `f`. Default: [`Fingerprint::of_request`]
@@ -613,7 +583,7 @@ impl IdempotencyLayer {
     /// # }
     /// ```
     pub fn detached_work(&self) -> DetachedWork {
-        self.config.work.clone()
+        self.work.clone()
     }
 
     /// The base of the problem `type` URIs, for example your API's error documentation;
@@ -638,6 +608,15 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = Idempotency<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency::with_config(inner, Arc::clone(&self.config))
+        let runtime = self.runtime.get_or_init(|| {
+            Arc::new(Runtime::new(
+                self.settings.clone(),
+                Arc::clone(&self.store),
+                #[cfg(feature = "memory")]
+                self.memory.clone(),
+                self.work.clone(),
+            ))
+        });
+        Idempotency::with_config(inner, Arc::clone(runtime))
     }
 }

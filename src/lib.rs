@@ -177,7 +177,6 @@ mod claim;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
-mod config;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
@@ -196,7 +195,9 @@ pub mod problem;
 pub mod record;
 mod record_body;
 mod recover;
+mod runtime;
 mod service;
+mod settings;
 pub mod store;
 mod tasks;
 mod time;

@@ -98,6 +98,7 @@ pub(crate) fn recovery(result: &'static str) {
 
 /// The memory store evicted a record, and now holds `bytes` in `entries`.
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+#[cfg_attr(not(feature = "memory"), allow(dead_code))]
 pub(crate) fn memory_eviction() {
     #[cfg(feature = "metrics")]
     metrics::counter!("idempotency_memory_evictions_total").increment(1);
@@ -105,6 +106,7 @@ pub(crate) fn memory_eviction() {
 
 /// The memory store's size.
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+#[cfg_attr(not(feature = "memory"), allow(dead_code))]
 pub(crate) fn memory_size(bytes: usize, entries: usize) {
     #[cfg(feature = "metrics")]
     {

@@ -157,6 +157,7 @@ impl Record {
     /// The record with its body copied into a buffer of its own, of the body's exact size: a
     /// body sliced from a larger buffer (what tonic's encoder yields) would otherwise keep
     /// all of that buffer alive. For a store that keeps records in memory.
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn with_own_body(mut self) -> Self {
         if !self.body.is_empty() {
             self.body = Bytes::copy_from_slice(&self.body);

@@ -369,7 +369,7 @@ impl Settle {
 /// (`Content-Length`, `Transfer-Encoding`), not `Date`, and chosen by the layer's filter
 /// ([`default_replay_header`](crate::policy::default_replay_header) unless set). Both the
 /// handler's answers and the recovery hook's are kept through this.
-pub(crate) fn replayed_headers(config: &crate::config::Config, all: &HeaderMap) -> HeaderMap {
+pub(crate) fn replayed_headers(config: &crate::runtime::Runtime, all: &HeaderMap) -> HeaderMap {
     match &config.replay_header {
         Some(f) => storable_headers(all, |name| f(name)),
         None => storable_headers(all, crate::policy::default_replay_header),

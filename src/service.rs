@@ -14,13 +14,13 @@ use tracing::Instrument;
 
 use crate::answer::problem;
 use crate::body::{IdempotencyBody, RebuildBody};
-use crate::config::Config;
 use crate::flow::flow;
 use crate::future::ResponseFuture;
 use crate::key::{IdempotencyKey, KeyError, parse_key};
 use crate::outcome::{IdempotencyOutcome, mark};
 use crate::policy::MissingKey;
 use crate::problem::{Problem, ProblemKind, is_grpc};
+use crate::runtime::Runtime;
 
 /// The service made by [`IdempotencyLayer`](crate::IdempotencyLayer).
 ///
@@ -31,7 +31,7 @@ use crate::problem::{Problem, ProblemKind, is_grpc};
 #[derive(Clone)]
 pub struct Idempotency<S> {
     inner: S,
-    config: Arc<Config>,
+    config: Arc<Runtime>,
 }
 
 impl<S: fmt::Debug> fmt::Debug for Idempotency<S> {
@@ -43,7 +43,7 @@ impl<S: fmt::Debug> fmt::Debug for Idempotency<S> {
 }
 
 impl<S> Idempotency<S> {
-    pub(crate) fn with_config(inner: S, config: Arc<Config>) -> Self {
+    pub(crate) fn with_config(inner: S, config: Arc<Runtime>) -> Self {
         Self { inner, config }
     }
 
@@ -178,7 +178,7 @@ async fn covered<S, ReqBody, ResBody>(
     parts: Parts,
     body: ReqBody,
     key: IdempotencyKey,
-    config: Arc<Config>,
+    config: Arc<Runtime>,
     grpc: bool,
     generated: bool,
 ) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
@@ -217,7 +217,7 @@ where
     Ok(res)
 }
 
-fn reject<F, B, E>(config: &Config, grpc: bool, err: KeyError) -> ResponseFuture<F, B, E> {
+fn reject<F, B, E>(config: &Runtime, grpc: bool, err: KeyError) -> ResponseFuture<F, B, E> {
     let kind = match err {
         KeyError::Missing => ProblemKind::MissingKey,
         _ => ProblemKind::InvalidKey,

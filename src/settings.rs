@@ -1,0 +1,160 @@
+//! What the layer is set up with: a plain value, cloned with the layer, that says how each
+//! request is treated. The running parts it needs (the store, the lease keeper, detached
+//! work, caches) are in [`Runtime`](crate::runtime::Runtime).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderName, Method, StatusCode};
+
+use crate::fingerprint::Fingerprint;
+use crate::key::{KeyParsing, Scope};
+use crate::policy::{self, Disconnect, InFlight, MissingKey, StoreFailure};
+use crate::problem::DEFAULT_TYPE_BASE;
+
+pub(crate) type CoverFn = dyn Fn(&Parts) -> bool + Send + Sync;
+pub(crate) type ScopeFn = dyn Fn(&Parts) -> Option<Scope> + Send + Sync;
+pub(crate) type FingerprintFn = dyn Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync;
+pub(crate) type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
+pub(crate) type GrpcFn = dyn Fn(u32) -> bool + Send + Sync;
+pub(crate) type HeaderFn = dyn Fn(&HeaderName) -> bool + Send + Sync;
+
+#[derive(Clone)]
+pub(crate) enum Cover {
+    /// HTTP requests with these methods; gRPC calls only when listed in `grpc_methods`.
+    Methods(Vec<Method>),
+    /// Whatever the user's function says, gRPC calls included.
+    When(Arc<CoverFn>),
+}
+
+/// How the layer tells callers apart.
+#[derive(Clone)]
+pub(crate) enum ScopeRule {
+    /// Nothing configured: no caller can be identified, so covered requests are refused.
+    Unset,
+    /// Every caller shares one scope, by the user's explicit choice.
+    Shared,
+    /// The user's function; `None` is a caller it cannot identify.
+    By(Arc<ScopeFn>),
+}
+
+/// Every setting of [`IdempotencyLayer`](crate::IdempotencyLayer), each documented on its
+/// setter there.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub(crate) header: HeaderName,
+    pub(crate) parsing: KeyParsing,
+    pub(crate) max_key_len: usize,
+    pub(crate) missing: MissingKey,
+    pub(crate) cover: Cover,
+    /// The gRPC methods covered (full paths, `/package.Service/Method`).
+    pub(crate) grpc_methods: Arc<[String]>,
+    pub(crate) scope: ScopeRule,
+    pub(crate) fingerprint: Option<Arc<FingerprintFn>>,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) storable: Arc<StatusFn>,
+    pub(crate) grpc_storable: Arc<GrpcFn>,
+    pub(crate) maybe_ran: Arc<StatusFn>,
+    pub(crate) grpc_maybe_ran: Arc<GrpcFn>,
+    pub(crate) replay_header: Option<Arc<HeaderFn>>,
+    pub(crate) lease: Duration,
+    pub(crate) ttl: Duration,
+    pub(crate) in_flight: InFlight,
+    pub(crate) store_failure: StoreFailure,
+    pub(crate) disconnect: Disconnect,
+    pub(crate) retry_after: Duration,
+    pub(crate) type_base: String,
+    pub(crate) link: bool,
+    pub(crate) recover: Option<Arc<crate::recover::RecoverFn>>,
+    pub(crate) store_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            header: HeaderName::from_static("idempotency-key"),
+            parsing: KeyParsing::Lenient,
+            max_key_len: 255,
+            missing: MissingKey::Required,
+            cover: Cover::Methods(vec![Method::POST, Method::PATCH]),
+            grpc_methods: Arc::from([]),
+            scope: ScopeRule::Unset,
+            fingerprint: None,
+            max_request_body: 1024 * 1024,
+            max_response_body: 1024 * 1024,
+            storable: Arc::new(policy::default_storable),
+            grpc_storable: Arc::new(policy::default_grpc_storable),
+            maybe_ran: Arc::new(policy::default_maybe_ran),
+            grpc_maybe_ran: Arc::new(policy::default_grpc_maybe_ran),
+            replay_header: None,
+            lease: Duration::from_secs(30),
+            ttl: Duration::from_secs(24 * 60 * 60),
+            in_flight: InFlight::Reject,
+            store_failure: StoreFailure::FailClosed,
+            disconnect: Disconnect::Finish,
+            retry_after: Duration::from_secs(1),
+            type_base: DEFAULT_TYPE_BASE.to_owned(),
+            link: false,
+            recover: None,
+            store_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Settings {
+    /// Whether a request is covered, when its method, path and headers tell (`None` when a
+    /// [`cover_when`](crate::IdempotencyLayer::cover_when) function must see the whole head),
+    /// and whether it is a gRPC call (`None` when that was not needed to decide).
+    pub(crate) fn covers_by_method(
+        &self,
+        method: &http::Method,
+        uri: &http::Uri,
+        headers: &http::HeaderMap,
+    ) -> (Option<bool>, Option<bool>) {
+        // A method no rule covers, with no gRPC method chosen, is decided without reading
+        // the content type.
+        let by_method = match &self.cover {
+            Cover::Methods(methods) => methods.contains(method),
+            Cover::When(_) => true,
+        };
+        if !by_method && self.grpc_methods.is_empty() {
+            return (Some(false), None);
+        }
+        let grpc = crate::problem::is_grpc(headers);
+        if grpc && self.grpc_methods.iter().any(|m| m == uri.path()) {
+            return (Some(true), Some(true));
+        }
+        match &self.cover {
+            Cover::Methods(_) => (Some(!grpc && by_method), Some(grpc)),
+            Cover::When(_) => (None, Some(grpc)),
+        }
+    }
+
+    pub(crate) fn covers(&self, parts: &Parts) -> bool {
+        if crate::problem::is_grpc(&parts.headers) {
+            // Every gRPC call is a POST, and a streaming one cannot be buffered and replayed:
+            // a gRPC method is covered only when it was chosen.
+            if self.grpc_methods.iter().any(|m| m == parts.uri.path()) {
+                return true;
+            }
+            return match &self.cover {
+                Cover::When(f) => f(parts),
+                Cover::Methods(_) => false,
+            };
+        }
+        match &self.cover {
+            Cover::Methods(methods) => methods.contains(&parts.method),
+            Cover::When(f) => f(parts),
+        }
+    }
+
+    pub(crate) fn fingerprint_of(&self, parts: &Parts, body: &Bytes) -> Fingerprint {
+        match &self.fingerprint {
+            Some(f) => f(parts, body),
+            None => Fingerprint::of_request(parts, body),
+        }
+    }
+}
