@@ -11,7 +11,7 @@ use crate::key::StoreKey;
 use crate::lease::Registration;
 use crate::record::Record;
 use crate::runtime::Runtime;
-use crate::store::{Claim, ErrorChain, LeaseToken, StoreError, bounded};
+use crate::store::{Claim, ErrorChain, LeaseToken, StoreError};
 
 /// How long the layer keeps trying to store an outcome while the store fails: ten minutes.
 /// The key stays claimed (and its lease extended whenever the store answers) meanwhile, so
@@ -70,10 +70,10 @@ impl<'a> PendingClaim<'a> {
     }
 
     fn release_orphan(&self, why: &'static str) {
-        let store = Arc::clone(&self.config.store);
+        let config = Arc::clone(self.config);
         let key = self.key.clone();
         let token = self.token;
-        let timeout = self.config.store_timeout;
+        let timeout = config.store_timeout;
         // Past a lease and its contest from now, a claim that landed is free for the taking
         // anyway.
         let lease = self.config.lease;
@@ -81,7 +81,7 @@ impl<'a> PendingClaim<'a> {
             crate::time::deadline_after(lease.saturating_add(crate::store::takeover_grace(lease)));
         self.config.work.spawn("orphan release", async move {
             crate::time::retry(until, MAX_PAUSE.max(timeout), || async {
-                match bounded(timeout, store.release(&key, token)).await {
+                match config.release(&key, token).await {
                     Ok(()) => {
                         crate::metrics::orphan_release();
                         tracing::warn!(
@@ -389,16 +389,10 @@ async fn store_if_free(
     fingerprint: Fingerprint,
     record: &Record,
 ) -> bool {
-    let store = &config.store;
-    let timeout = config.store_timeout;
     let token = LeaseToken::new();
-    match bounded(timeout, store.claim(key, &fingerprint, token, config.lease)).await {
+    match config.claim(key, &fingerprint, token).await {
         Ok(Claim::Acquired(_)) => {
-            let stored = bounded(
-                timeout,
-                store.complete(key, token, record.clone(), config.ttl),
-            )
-            .await;
+            let stored = config.complete(key, token, record.clone()).await;
             if stored.is_ok() {
                 tracing::warn!(
                     key = key.client_key(),
@@ -406,18 +400,18 @@ async fn store_if_free(
                 );
                 return true;
             }
-            let _ = bounded(timeout, store.release(key, token)).await;
+            let _ = config.release(key, token).await;
             false
         }
         Ok(Claim::Completed(_)) => true,
         // Another request committed and left no outcome: this outcome settles it.
         Ok(Claim::OutcomeUnknown { .. }) => {
-            let _ = bounded(timeout, store.settle(key, record.clone(), config.ttl)).await;
+            let _ = config.settle(key, record.clone()).await;
             true
         }
         Ok(Claim::InFlight { .. }) => false,
         Err(_) => {
-            let _ = bounded(timeout, store.release(key, token)).await;
+            let _ = config.release(key, token).await;
             false
         }
     }
@@ -592,10 +586,7 @@ async fn release(
     fallback: Option<Record>,
     detached: bool,
 ) {
-    let timeout = config.store_timeout;
-    let timer = crate::metrics::Timer::start();
-    let result = bounded(timeout, config.store.release(&key, token)).await;
-    timer.store_call(&*config.store, "release", &result);
+    let result = config.release(&key, token).await;
     match result {
         Ok(()) | Err(StoreError::LeaseLost) => return,
         Err(StoreError::Committed) => return committed(config, key, token, fallback).await,
@@ -615,7 +606,7 @@ async fn release(
             // The first attempt was just made.
             tokio::time::sleep(crate::time::jittered(FIRST_PAUSE)).await;
             let released = crate::time::retry(until, MAX_PAUSE, || async {
-                match bounded(timeout, config.store.release(&key, token)).await {
+                match config.release(&key, token).await {
                     Ok(()) | Err(StoreError::LeaseLost) => ControlFlow::Break(false),
                     Err(StoreError::Committed) => ControlFlow::Break(true),
                     Err(_) => ControlFlow::Continue(()),

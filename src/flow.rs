@@ -23,7 +23,7 @@ use crate::record::Record;
 use crate::record_body::Recorder;
 use crate::recover::{Recovery, Unsettled};
 use crate::runtime::Runtime;
-use crate::store::{Claim, ErrorChain, KeyState, StoreError, bounded};
+use crate::store::{Claim, ErrorChain, KeyState, StoreError};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -91,23 +91,13 @@ where
     // fingerprint be an earlier version's.
     let body = bytes.clone();
     let mut req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
-    let store = &config.store;
 
     // The token is made here, before the claim is sent: if the answer never comes, the
     // claim that may have landed is released by it (on every path, drops included).
     let pending = PendingClaim::new(&config, store_key);
-    let timer = crate::metrics::Timer::start();
-    let mut claim = match config.claim_direct(pending.key(), &fingerprint, pending.token()) {
-        Some(claim) => claim,
-        None => {
-            bounded(
-                config.store_timeout,
-                store.claim(pending.key(), &fingerprint, pending.token(), config.lease),
-            )
-            .await
-        }
-    };
-    timer.store_call(&*config.store, "claim", &claim);
+    let mut claim = config
+        .claim(pending.key(), &fingerprint, pending.token())
+        .await;
     let mut waited = false;
     // Whether the recovery hook already sent this request round again (once at most).
     let mut rerun = false;
@@ -246,14 +236,7 @@ where
                     // first makes this one find the key in flight), and the key claimed anew.
                     Unknown::NeverRan => {
                         rerun = true;
-                        let timer = crate::metrics::Timer::start();
-                        let revoked = bounded(
-                            config.store_timeout,
-                            store.revoke(pending.key(), committed_by),
-                        )
-                        .await;
-                        timer.store_call(&*config.store, "revoke", &revoked);
-                        match revoked {
+                        match config.revoke(pending.key(), committed_by).await {
                             Ok(()) => tracing::info!(
                                 key = pending.key().client_key(),
                                 "the recovery hook found the committed operation never ran: \
@@ -266,13 +249,9 @@ where
                                     .await;
                             }
                         }
-                        let timer = crate::metrics::Timer::start();
-                        claim = bounded(
-                            config.store_timeout,
-                            store.claim(pending.key(), &fingerprint, pending.token(), config.lease),
-                        )
-                        .await;
-                        timer.store_call(&*config.store, "claim", &claim);
+                        claim = config
+                            .claim(pending.key(), &fingerprint, pending.token())
+                            .await;
                         continue;
                     }
                 }
@@ -290,21 +269,9 @@ where
                 match config.in_flight {
                     InFlight::Wait(timeout) if !waited => {
                         waited = true;
-                        // Each step of the wait is a store call; the whole wait is bounded
-                        // by its own timeout plus one call.
-                        let timer = crate::metrics::Timer::start();
-                        claim = bounded(
-                            timeout.saturating_add(config.store_timeout),
-                            store.wait(
-                                pending.key(),
-                                &fingerprint,
-                                pending.token(),
-                                config.lease,
-                                timeout,
-                            ),
-                        )
-                        .await;
-                        timer.store_call(&*config.store, "wait", &claim);
+                        claim = config
+                            .wait(pending.key(), &fingerprint, pending.token(), timeout)
+                            .await;
                         continue;
                     }
                     _ => {
@@ -383,13 +350,7 @@ async fn outcome_unknown<B>(
                 let headers = crate::record_body::replayed_headers(config, &parts.headers);
                 let record =
                     Record::new(parts.status, headers, body, None).with_fingerprint(fingerprint);
-                let timer = crate::metrics::Timer::start();
-                let settled = bounded(
-                    config.store_timeout,
-                    config.store.settle(&key, record.clone(), config.ttl),
-                )
-                .await;
-                timer.store_call(&*config.store, "settle", &settled);
+                let settled = config.settle(&key, record.clone()).await;
                 match settled {
                     Ok(true) => {
                         tracing::info!(
@@ -402,7 +363,7 @@ async fn outcome_unknown<B>(
                     // stored its own answer): replay what is stored.
                     Ok(false) => {
                         if let Ok(KeyState::Completed { record, .. }) =
-                            bounded(config.store_timeout, config.store.inspect(&key)).await
+                            config.inspect(&key).await
                             // The owner's own fingerprint (this request matched it, perhaps
                             // the way an earlier version made it), or this request's.
                             && (*record.fingerprint() == held || *record.fingerprint() == fingerprint)

@@ -10,7 +10,7 @@ use http::request::Parts;
 
 use crate::key::StoreKey;
 use crate::runtime::Runtime;
-use crate::store::{LeaseToken, StoreError, bounded};
+use crate::store::{LeaseToken, StoreError};
 
 const NOT_COMMITTED: u8 = 0;
 /// A commit point written inside the application's transaction: it holds if and only if
@@ -167,15 +167,7 @@ impl IdempotencyClaim {
     /// Committing twice is the same as once.
     pub async fn commit(&self) -> Result<(), StoreError> {
         let s = &self.shared;
-        let config = &s.config;
-        let started = crate::metrics::Timer::start();
-        let result = bounded(
-            config.store_timeout,
-            config.store.commit(&s.key, s.token, config.ttl),
-        )
-        .await;
-        started.store_call(&*config.store, "commit", &result);
-        match result {
+        match s.config.commit(&s.key, s.token).await {
             Ok(()) => {}
             // A definite answer: nothing was committed.
             Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),

@@ -2,15 +2,19 @@
 //! called directly), the lease keeper, the detached work, the rendered problems; with the
 //! [`Settings`] they were made for.
 
+use std::future::Future;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::request::Parts;
 
-use crate::key::Scope;
+use crate::fingerprint::Fingerprint;
+use crate::key::{Scope, StoreKey};
 use crate::lease::{LeaseKeeper, Renewal};
+use crate::record::Record;
 use crate::settings::{ScopeRule, Settings};
-use crate::store::IdempotencyStore;
+use crate::store::{Claim, IdempotencyStore, KeyState, LeaseToken, StoreError, bounded};
 use crate::tasks::DetachedWork;
 
 /// What a layer's services share while they run; made once per layer (and again after a
@@ -62,10 +66,10 @@ impl Runtime {
     #[inline]
     pub(crate) fn claim_direct(
         &self,
-        key: &crate::key::StoreKey,
-        fingerprint: &crate::fingerprint::Fingerprint,
-        token: crate::store::LeaseToken,
-    ) -> Option<Result<crate::store::Claim, crate::store::StoreError>> {
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+    ) -> Option<Result<Claim, StoreError>> {
         #[cfg(feature = "memory")]
         if let Some(memory) = &self.memory {
             return Some(memory.claim_direct(key, fingerprint, token, self.lease));
@@ -83,17 +87,120 @@ impl Runtime {
     #[allow(clippy::result_large_err)]
     pub(crate) fn complete_direct(
         &self,
-        key: &crate::key::StoreKey,
-        token: crate::store::LeaseToken,
-        record: crate::record::Record,
-    ) -> Result<Result<(), (crate::store::StoreError, crate::record::Record)>, crate::record::Record>
-    {
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+    ) -> Result<Result<(), (StoreError, Record)>, Record> {
         #[cfg(feature = "memory")]
         if let Some(memory) = &self.memory {
             return Ok(memory.complete_owned(key, token, record, self.ttl));
         }
         let _ = (key, token);
         Err(record)
+    }
+
+    /// One store call as the layer makes every one: bounded by the store timeout (a call
+    /// that overruns is [`StoreError::Timeout`], and may still land), and timed for the
+    /// metrics under `op`.
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let timer = crate::metrics::Timer::start();
+        let result = bounded(self.store_timeout, call).await;
+        timer.store_call(&*self.store, op, &result);
+        result
+    }
+
+    // The store as the layer calls it: with the layer's lease, TTL and store timeout, so that
+    // no call site passes them by hand.
+
+    /// Claims `key` for the layer's lease (directly on the embedded memory store).
+    pub(crate) async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+    ) -> Result<Claim, StoreError> {
+        let timer = crate::metrics::Timer::start();
+        let result = match self.claim_direct(key, fingerprint, token) {
+            Some(claim) => claim,
+            None => {
+                bounded(
+                    self.store_timeout,
+                    self.store.claim(key, fingerprint, token, self.lease),
+                )
+                .await
+            }
+        };
+        timer.store_call(&*self.store, "claim", &result);
+        result
+    }
+
+    /// Waits up to `timeout` for `key` to finish, then claims it: the whole wait is bounded by
+    /// its own timeout plus one store call.
+    pub(crate) async fn wait(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+        timeout: Duration,
+    ) -> Result<Claim, StoreError> {
+        let timer = crate::metrics::Timer::start();
+        let result = bounded(
+            timeout.saturating_add(self.store_timeout),
+            self.store
+                .wait(key, fingerprint, token, self.lease, timeout),
+        )
+        .await;
+        timer.store_call(&*self.store, "wait", &result);
+        result
+    }
+
+    /// Stores `record` under `key` held with `token`, for the layer's TTL.
+    pub(crate) async fn complete(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        record: Record,
+    ) -> Result<(), StoreError> {
+        self.call(
+            "complete",
+            self.store.complete(key, token, record, self.ttl),
+        )
+        .await
+    }
+
+    /// Frees `key` held with `token` (a committed key: [`StoreError::Committed`]).
+    pub(crate) async fn release(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+    ) -> Result<(), StoreError> {
+        self.call("release", self.store.release(key, token)).await
+    }
+
+    /// Frees `key` held with `token`, its commit point included.
+    pub(crate) async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.call("revoke", self.store.revoke(key, token)).await
+    }
+
+    /// Declares the commit point of the claim on `key` held with `token`, kept for the TTL.
+    pub(crate) async fn commit(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        self.call("commit", self.store.commit(key, token, self.ttl))
+            .await
+    }
+
+    /// Gives an outcome-unknown `key` the answer `record`, for the TTL.
+    pub(crate) async fn settle(&self, key: &StoreKey, record: Record) -> Result<bool, StoreError> {
+        self.call("settle", self.store.settle(key, record, self.ttl))
+            .await
+    }
+
+    /// What the store holds under `key`.
+    pub(crate) async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        self.call("inspect", self.store.inspect(key)).await
     }
 
     /// What the lease keeper needs to renew this configuration's claims.
