@@ -592,8 +592,14 @@ async fn a_recovery_that_finds_nothing_ran_lets_exactly_one_retry_run() {
                 let (charges, hook_calls) = (Arc::clone(&charges), Arc::clone(&hook_calls));
                 async move {
                     hook_calls.fetch_add(1, Ordering::SeqCst);
-                    // A slow look-up, so that the retries all decide before any runs.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // A slow look-up: it answers once another retry is asking too (or after
+                    // a second), so that at least two retries decide before any runs.
+                    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+                    while hook_calls.load(Ordering::SeqCst) < 2
+                        && tokio::time::Instant::now() < until
+                    {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                     Ok(if charges.load(Ordering::SeqCst) == 0 {
                         Recovery::NeverRan
                     } else {
