@@ -110,7 +110,7 @@ use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
 use tower_idempotency::policy::MissingKey;
 use tower_idempotency::{
-    DetachedWork, IdempotencyClaim, IdempotencyLayer, IdempotencyStore, MayHaveRun, MemoryStore,
+    DetachedWork, IdempotencyClaim, IdempotencyLayer, IdempotencyStore, MayHaveRun,
 };
 
 /// How the gateway tells its callers apart, so that one caller is never served another's
@@ -260,78 +260,11 @@ impl Settings {
     }
 }
 
-/// Opens the store named by `url`.
+/// Opens the store named by `url` ([`tower_idempotency::store::open`]).
 pub async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
-    if url == "memory" {
-        return Ok(Arc::new(MemoryStore::new()));
-    }
-    if let Some(nodes) = url.strip_prefix("redis-cluster://") {
-        #[cfg(feature = "redis")]
-        {
-            let urls: Vec<String> = nodes
-                .split(',')
-                .filter(|n| !n.trim().is_empty())
-                .map(|n| format!("redis://{}", n.trim()))
-                .collect();
-            let store = tower_idempotency::RedisStore::connect_cluster(&urls)
-                .await
-                .map_err(|e| format!("cannot connect to the Redis Cluster at {nodes}: {e}"))?;
-            return Ok(Arc::new(store));
-        }
-        #[cfg(not(feature = "redis"))]
-        return Err(format!(
-            "this build has no Redis store (for {nodes}): run with `--features redis`"
-        ));
-    }
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
-        #[cfg(feature = "redis")]
-        {
-            let store = tower_idempotency::RedisStore::connect(url)
-                .await
-                .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
-            return Ok(Arc::new(store));
-        }
-        #[cfg(not(feature = "redis"))]
-        return Err("this build has no Redis store: run with `--features redis`".to_owned());
-    }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        #[cfg(feature = "postgres")]
-        {
-            let pool = tower_idempotency::sqlx::PgPool::connect(url)
-                .await
-                .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
-            let store = tower_idempotency::PostgresStore::new(pool);
-            store
-                .migrate()
-                .await
-                .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
-            return Ok(Arc::new(store));
-        }
-        #[cfg(not(feature = "postgres"))]
-        return Err(
-            "this build has no PostgreSQL store: run with `--features postgres`".to_owned(),
-        );
-    }
-    if url.starts_with("mysql://") {
-        #[cfg(feature = "mysql")]
-        {
-            let pool = tower_idempotency::sqlx::MySqlPool::connect(url)
-                .await
-                .map_err(|e| format!("cannot connect to MySQL at {url}: {e}"))?;
-            let store = tower_idempotency::MySqlStore::new(pool);
-            store
-                .migrate()
-                .await
-                .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
-            return Ok(Arc::new(store));
-        }
-        #[cfg(not(feature = "mysql"))]
-        return Err("this build has no MySQL store: run with `--features mysql`".to_owned());
-    }
-    Err(format!(
-        "IDEMPOTENCY_STORE must be `memory`, `redis://…`, `redis-cluster://…`, `postgres://…` \
-         or `mysql://…`, not {url:?}"
-    ))
+    tower_idempotency::store::open(url)
+        .await
+        .map_err(|e| format!("IDEMPOTENCY_STORE: {}", chain(&e)))
 }
 
 /// Where requests go, and the client that takes them there.

@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tower_idempotency::store::OpenOptions;
 use tower_idempotency::{IdempotencyStore, KeyState, Record, Scope, StoreKey};
 
 const USAGE: &str = "usage: keys STORE (inspect|purge|settle) KEY [--principal ID | --stored SCOPE:KEY] \
@@ -140,57 +141,33 @@ fn store_key(args: &Args) -> Result<StoreKey, String> {
 }
 
 async fn open(args: &Args) -> Result<Arc<dyn IdempotencyStore>, String> {
-    let url = args.store.as_str();
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
-        #[cfg(feature = "redis")]
-        {
-            let store = tower_idempotency::RedisStore::connect(url)
-                .await
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-            let store = match &args.prefix {
-                Some(prefix) => store.prefix(prefix.clone()),
-                None => store,
-            };
-            return Ok(Arc::new(store));
-        }
-        #[cfg(not(feature = "redis"))]
-        return Err("this build has no Redis store: add `--features redis`".to_owned());
+    let url = args.store.trim();
+    if url == "memory" {
+        return Err(
+            "STORE must be a shared store (redis://…, postgres://… or mysql://…): \
+                    a memory store lives in its own process"
+                .to_owned(),
+        );
     }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        #[cfg(feature = "postgres")]
-        {
-            let pool = tower_idempotency::sqlx::PgPool::connect(url)
-                .await
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-            let store = tower_idempotency::PostgresStore::new(pool).sweep_interval(Duration::ZERO);
-            let store = match &args.table {
-                Some(table) => store.table(table.clone()),
-                None => store,
-            };
-            return Ok(Arc::new(store));
-        }
-        #[cfg(not(feature = "postgres"))]
-        return Err("this build has no PostgreSQL store: add `--features postgres`".to_owned());
+    // An operator's tool: it changes no schema and sweeps nothing.
+    let mut options = OpenOptions::new().migrate(false).sweep(false);
+    if let Some(prefix) = &args.prefix {
+        options = options.prefix(prefix.clone());
     }
-    if url.starts_with("mysql://") {
-        #[cfg(feature = "mysql")]
-        {
-            let pool = tower_idempotency::sqlx::MySqlPool::connect(url)
-                .await
-                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-            let store = tower_idempotency::MySqlStore::new(pool).sweep_interval(Duration::ZERO);
-            let store = match &args.table {
-                Some(table) => store.table(table.clone()),
-                None => store,
-            };
-            return Ok(Arc::new(store));
-        }
-        #[cfg(not(feature = "mysql"))]
-        return Err("this build has no MySQL store: add `--features mysql`".to_owned());
+    if let Some(table) = &args.table {
+        options = options.table(table.clone());
     }
-    Err(format!(
-        "STORE must be redis://…, postgres://… or mysql://…, not {url:?}"
-    ))
+    tower_idempotency::store::open_with(url, &options)
+        .await
+        .map_err(|e| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        })
 }
 
 fn describe(state: &KeyState) -> String {
