@@ -345,7 +345,7 @@ impl IdempotencyLayer {
     }
 
     /// Which HTTP statuses are stored; a response with another status releases the key so a
-    /// retry runs again. Default: [`policy::default_storable`] (all but 5xx, 408, 409, 425
+    /// retry runs again. Default: [`policy::default_storable`](crate::policy::default_storable) (all but 5xx, 408, 409, 425
     /// and 429).
     ///
     /// ```
@@ -417,7 +417,7 @@ impl IdempotencyLayer {
     /// midway, after it may have written its side effect. Such an answer is not released
     /// for a retry to run again: the key keeps a tombstone, and retries get
     /// `410 response-not-stored` (the operation will not run twice). Checked before
-    /// [`storable_when`](Self::storable_when). Default: [`policy::default_maybe_ran`]
+    /// [`storable_when`](Self::storable_when). Default: [`policy::default_maybe_ran`](crate::policy::default_maybe_ran)
     /// (`408 Request Timeout`).
     ///
     /// ```
@@ -434,7 +434,7 @@ impl IdempotencyLayer {
     /// [`maybe_ran_when`](Self::maybe_ran_when) does for HTTP: the key keeps a tombstone and
     /// retries get `ALREADY_EXISTS` (`response-not-stored`), never a second run. Checked
     /// before [`grpc_storable_when`](Self::grpc_storable_when). Default:
-    /// [`policy::default_grpc_maybe_ran`] (`DEADLINE_EXCEEDED`).
+    /// [`policy::default_grpc_maybe_ran`](crate::policy::default_grpc_maybe_ran) (`DEADLINE_EXCEEDED`).
     ///
     /// ```
     /// // A service whose handlers answer DEADLINE_EXCEEDED only before doing anything.
@@ -446,7 +446,7 @@ impl IdempotencyLayer {
     }
 
     /// Which gRPC status codes are stored (for gRPC responses, whose HTTP status is always
-    /// 200). Default: [`policy::default_grpc_storable`].
+    /// 200). Default: [`policy::default_grpc_storable`](crate::policy::default_grpc_storable).
     ///
     /// ```
     /// let layer = tower_idempotency::IdempotencyLayer::default()
@@ -460,7 +460,7 @@ impl IdempotencyLayer {
     /// answer's connection (the hop-by-hop headers and every header its `Connection` names,
     /// RFC 9110 §7.6.1), the framing headers (`Content-Length`, `Transfer-Encoding`) and
     /// `Date`, which never are: a replay's `Content-Length` is its stored body's length
-    /// (none for an empty body or one with trailers, which the server frames). Default: [`policy::default_replay_header`], every header but
+    /// (none for an empty body or one with trailers, which the server frames). Default: [`policy::default_replay_header`](crate::policy::default_replay_header), every header but
     /// `Set-Cookie`, `Authentication-Info` and `Proxy-Authentication-Info`, which belong to
     /// the caller that got them first. A function set here replaces the default, so it can
     /// opt in to `Set-Cookie` (only where a replay always reaches the same caller) or keep

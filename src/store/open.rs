@@ -138,129 +138,152 @@ pub async fn open(url: &str) -> Result<Arc<dyn IdempotencyStore>, OpenError> {
 }
 
 /// Opens the store `url` names (see [`open`]) as `options` say.
-#[cfg_attr(
-    not(any(feature = "redis", feature = "postgres", feature = "mysql")),
-    allow(unused_variables)
-)]
 pub async fn open_with(
     url: &str,
     options: &OpenOptions,
 ) -> Result<Arc<dyn IdempotencyStore>, OpenError> {
     let url = url.trim();
-    let shown = redacted(url);
     let scheme = url.split_once("://").map_or(url, |(scheme, _)| scheme);
-    let connect = |source| OpenError::Connect {
-        url: shown.clone(),
-        source,
-    };
-    #[cfg_attr(
-        not(any(feature = "postgres", feature = "mysql")),
-        allow(unused_variables)
-    )]
-    let migrate = |source| OpenError::Migrate {
-        url: shown.clone(),
-        source,
-    };
     match scheme {
-        "memory" if url == "memory" => {
-            #[cfg(feature = "memory")]
-            return Ok(Arc::new(crate::MemoryStore::new()));
-            #[cfg(not(feature = "memory"))]
-            return Err(OpenError::NotBuilt {
-                store: "memory",
-                feature: "memory",
-            });
-        }
-        "redis" | "rediss" | "redis-cluster" => {
-            #[cfg(feature = "redis")]
-            {
-                let store = if scheme == "redis-cluster" {
-                    let nodes: Vec<String> = url["redis-cluster://".len()..]
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|n| !n.is_empty())
-                        .map(|n| format!("redis://{n}"))
-                        .collect();
-                    if nodes.is_empty() {
-                        return Err(OpenError::UnknownScheme(shown));
-                    }
-                    crate::RedisStore::connect_cluster(&nodes)
-                        .await
-                        .map_err(connect)?
-                } else {
-                    crate::RedisStore::connect(url).await.map_err(connect)?
-                };
-                let store = match &options.prefix {
-                    Some(prefix) => store.prefix(prefix.clone()),
-                    None => store,
-                };
-                return Ok(Arc::new(store));
-            }
-            #[cfg(not(feature = "redis"))]
-            return Err(OpenError::NotBuilt {
-                store: "Redis",
-                feature: "redis",
-            });
-        }
-        "postgres" | "postgresql" => {
-            #[cfg(feature = "postgres")]
-            {
-                let pool = crate::sqlx::postgres::PgPoolOptions::new()
-                    .acquire_timeout(options.connect_timeout)
-                    .connect(url)
-                    .await
-                    .map_err(|e| connect(StoreError::backend(e)))?;
-                let mut store = crate::PostgresStore::new(pool);
-                if let Some(table) = &options.table {
-                    store = store.table(table.clone());
-                }
-                if !options.sweep {
-                    store = store.sweep_interval(Duration::ZERO);
-                }
-                if options.migrate {
-                    store.migrate().await.map_err(migrate)?;
-                }
-                return Ok(Arc::new(store));
-            }
-            #[cfg(not(feature = "postgres"))]
-            return Err(OpenError::NotBuilt {
-                store: "PostgreSQL",
-                feature: "postgres",
-            });
-        }
-        "mysql" | "mariadb" => {
-            #[cfg(feature = "mysql")]
-            {
-                // sqlx speaks to MariaDB with the mysql:// scheme.
-                let url = match url.strip_prefix("mariadb://") {
-                    Some(rest) => format!("mysql://{rest}"),
-                    None => url.to_owned(),
-                };
-                let pool = crate::sqlx::mysql::MySqlPoolOptions::new()
-                    .acquire_timeout(options.connect_timeout)
-                    .connect(&url)
-                    .await
-                    .map_err(|e| connect(StoreError::backend(e)))?;
-                let mut store = crate::MySqlStore::new(pool);
-                if let Some(table) = &options.table {
-                    store = store.table(table.clone());
-                }
-                if !options.sweep {
-                    store = store.sweep_interval(Duration::ZERO);
-                }
-                if options.migrate {
-                    store.migrate().await.map_err(migrate)?;
-                }
-                return Ok(Arc::new(store));
-            }
-            #[cfg(not(feature = "mysql"))]
-            return Err(OpenError::NotBuilt {
-                store: "MySQL",
-                feature: "mysql",
-            });
-        }
-        _ => Err(OpenError::UnknownScheme(shown)),
+        "memory" if url == "memory" => memory(),
+        "redis" | "rediss" | "redis-cluster" => redis(url, options).await,
+        "postgres" | "postgresql" => postgres(url, options).await,
+        "mysql" | "mariadb" => mysql(url, options).await,
+        _ => Err(OpenError::UnknownScheme(redacted(url))),
     }
+}
+
+fn connect(url: &str) -> impl FnOnce(StoreError) -> OpenError + '_ {
+    move |source| OpenError::Connect {
+        url: redacted(url),
+        source,
+    }
+}
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+fn migrate(url: &str) -> impl FnOnce(StoreError) -> OpenError + '_ {
+    move |source| OpenError::Migrate {
+        url: redacted(url),
+        source,
+    }
+}
+
+#[cfg(feature = "memory")]
+fn memory() -> Result<Arc<dyn IdempotencyStore>, OpenError> {
+    Ok(Arc::new(crate::MemoryStore::new()))
+}
+
+#[cfg(not(feature = "memory"))]
+fn memory() -> Result<Arc<dyn IdempotencyStore>, OpenError> {
+    Err(OpenError::NotBuilt {
+        store: "memory",
+        feature: "memory",
+    })
+}
+
+#[cfg(feature = "redis")]
+async fn redis(url: &str, options: &OpenOptions) -> Result<Arc<dyn IdempotencyStore>, OpenError> {
+    let store = match url.strip_prefix("redis-cluster://") {
+        Some(nodes) => {
+            let nodes: Vec<String> = nodes
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|n| format!("redis://{n}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err(OpenError::UnknownScheme(redacted(url)));
+            }
+            crate::RedisStore::connect_cluster(&nodes)
+                .await
+                .map_err(connect(url))?
+        }
+        None => crate::RedisStore::connect(url)
+            .await
+            .map_err(connect(url))?,
+    };
+    Ok(Arc::new(match &options.prefix {
+        Some(prefix) => store.prefix(prefix.clone()),
+        None => store,
+    }))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis(url: &str, options: &OpenOptions) -> Result<Arc<dyn IdempotencyStore>, OpenError> {
+    let _ = (url, options, connect(url));
+    Err(OpenError::NotBuilt {
+        store: "Redis",
+        feature: "redis",
+    })
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(
+    url: &str,
+    options: &OpenOptions,
+) -> Result<Arc<dyn IdempotencyStore>, OpenError> {
+    let pool = crate::sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(options.connect_timeout)
+        .connect(url)
+        .await
+        .map_err(|e| connect(url)(StoreError::backend(e)))?;
+    let mut store = crate::PostgresStore::new(pool);
+    if let Some(table) = &options.table {
+        store = store.table(table.clone());
+    }
+    if !options.sweep {
+        store = store.sweep_interval(Duration::ZERO);
+    }
+    if options.migrate {
+        store.migrate().await.map_err(migrate(url))?;
+    }
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres(
+    url: &str,
+    options: &OpenOptions,
+) -> Result<Arc<dyn IdempotencyStore>, OpenError> {
+    let _ = (url, options);
+    Err(OpenError::NotBuilt {
+        store: "PostgreSQL",
+        feature: "postgres",
+    })
+}
+
+#[cfg(feature = "mysql")]
+async fn mysql(url: &str, options: &OpenOptions) -> Result<Arc<dyn IdempotencyStore>, OpenError> {
+    // sqlx speaks to MariaDB with the mysql:// scheme.
+    let sqlx_url = match url.strip_prefix("mariadb://") {
+        Some(rest) => format!("mysql://{rest}"),
+        None => url.to_owned(),
+    };
+    let pool = crate::sqlx::mysql::MySqlPoolOptions::new()
+        .acquire_timeout(options.connect_timeout)
+        .connect(&sqlx_url)
+        .await
+        .map_err(|e| connect(url)(StoreError::backend(e)))?;
+    let mut store = crate::MySqlStore::new(pool);
+    if let Some(table) = &options.table {
+        store = store.table(table.clone());
+    }
+    if !options.sweep {
+        store = store.sweep_interval(Duration::ZERO);
+    }
+    if options.migrate {
+        store.migrate().await.map_err(migrate(url))?;
+    }
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "mysql"))]
+async fn mysql(url: &str, options: &OpenOptions) -> Result<Arc<dyn IdempotencyStore>, OpenError> {
+    let _ = (url, options);
+    Err(OpenError::NotBuilt {
+        store: "MySQL",
+        feature: "mysql",
+    })
 }
 
 /// `url` with the password of its user information (`user:password@`) replaced by `***`.
