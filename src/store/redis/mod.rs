@@ -111,207 +111,24 @@
 //! ```
 
 use std::fmt;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
 
 use super::{Claim, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::record::{DecodeError, Record};
+use crate::record::Record;
+mod connection;
+mod scripts;
 
-const TAG_IN_FLIGHT: u8 = b'L';
-const TAG_RECORD: u8 = b'R';
+use connection::{Connection, Waiter, cluster_slot};
+use scripts::*;
+
 const DEFAULT_PREFIX: &str = "idempotency:";
-
-/// KEYS[1]: the key. ARGV[1]: `L` + token + fingerprint, ARGV[2]: the lease in
-/// milliseconds, ARGV[3]: how long a lapsed claim is kept for its owner, in milliseconds.
-/// Answers 1 (acquired), {fingerprint, remaining lease in ms} (in flight) or the stored
-/// value (completed). The lease deadline is judged by the server's clock (`TIME`); a value
-/// without one (written by an older version) falls back on the key's own expiry. The first
-/// claim to find a lease lapsed marks it contested (`C` before the deadline) and gives the
-/// owner half a lease more; a claim after that takes the key over.
-const CLAIM_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 1) == 'L' then
-  local tail = string.sub(v, 50)
-  local flag = string.sub(tail, 1, 1)
-  local contested = flag == 'C'
-  local committed = flag == 'K'
-  if contested or committed then tail = string.sub(tail, 2) end
-  local deadline = tonumber(tail)
-  local rest
-  if deadline then rest = deadline - now else rest = redis.call('PTTL', KEYS[1]) end
-  if rest > 0 then
-    return {string.sub(v, 18, 49), rest}
-  end
-  if committed then
-    return {string.sub(v, 18, 49), string.sub(v, 2, 17)}
-  end
-  if not contested then
-    local grace = math.max(math.floor(tonumber(ARGV[2]) / 2), 1)
-    redis.call('SET', KEYS[1], string.sub(v, 1, 49) .. 'C' .. string.format('%.0f', now + grace),
-      'PX', string.format('%.0f', grace + tonumber(ARGV[3])))
-    return {string.sub(v, 18, 49), grace}
-  end
-  v = false
-end
-if not v then
-  local lease = tonumber(ARGV[2])
-  redis.call('SET', KEYS[1], ARGV[1] .. string.format('%.0f', now + lease),
-    'PX', string.format('%.0f', lease + tonumber(ARGV[3])))
-  return 1
-end
-return v
-"#;
-
-/// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: the record value, ARGV[3]: the TTL in
-/// milliseconds. Answers 1 (done) or 0 (lost). A key that already holds exactly this record
-/// answers 1 too: a retried `complete` (its first reply was lost, or its durability wait fell
-/// short) is not mistaken for a lost lease.
-const COMPLETE_LUA: &str = r#"
-if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
-  if redis.call('GET', KEYS[1]) == ARGV[2] then return 1 end
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
-"#;
-
-/// KEYS[1]: the key. ARGV[1]: `L` + token. Answers 1 (done), 0 (lost) or 2 (committed:
-/// not released, its lease ends now).
-const RELEASE_LUA: &str = r#"
-if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
-  return 0
-end
-if redis.call('GETRANGE', KEYS[1], 49, 49) == 'K' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local v = redis.call('GET', KEYS[1])
-  local deadline = tonumber(string.sub(v, 51)) or now
-  redis.call('SET', KEYS[1], string.sub(v, 1, 50) .. string.format('%.0f', math.min(deadline, now)),
-    'KEEPTTL')
-  return 2
-end
-redis.call('DEL', KEYS[1])
-return 1
-"#;
-
-/// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: how long the commit is kept, in
-/// milliseconds. Marks the claim committed (`K`), keeping its lease deadline, and keeps the
-/// key that long (or to the end of its lease, if later). Answers 1 (done) or 0 (lost).
-const COMMIT_LUA: &str = r#"
-if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
-  return 0
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local v = redis.call('GET', KEYS[1])
-local tail = string.sub(v, 50)
-local flag = string.sub(tail, 1, 1)
-if flag == 'C' or flag == 'K' then tail = string.sub(tail, 2) end
-local px = tonumber(ARGV[2])
-local deadline = tonumber(tail)
-if deadline then px = math.max(px, deadline - now) end
-redis.call('SET', KEYS[1], string.sub(v, 1, 49) .. 'K' .. tail, 'PX', string.format('%.0f', px))
-return 1
-"#;
-
-/// KEYS[1]: the key. ARGV[1]: the record value, ARGV[2]: the TTL in milliseconds. Stores
-/// the record only over a committed claim whose lease has ended, for the TTL or what the
-/// commit still had, whichever is longer. Answers 1 (stored) or 0.
-const SETTLE_LUA: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if not v or string.sub(v, 1, 1) ~= 'L' or string.sub(v, 50, 50) ~= 'K' then
-  return 0
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local deadline = tonumber(string.sub(v, 51))
-if deadline and deadline > now then
-  return 0
-end
-local px = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[1]))
-redis.call('SET', KEYS[1], ARGV[1], 'PX', string.format('%.0f', px))
-return 1
-"#;
-
-/// KEYS[1]: the key. ARGV[1]: `L` + token. Deletes the claim if the token owns it,
-/// committed or not. Answers 1 (done) or 0 (lost).
-const REVOKE_LUA: &str = r#"
-if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-return 1
-"#;
-
-/// KEYS[1]: the key. Answers {value or nil, the server's time in ms, PTTL}.
-const INSPECT_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return {redis.call('GET', KEYS[1]), now, redis.call('PTTL', KEYS[1])}
-"#;
-
-/// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: the lease in milliseconds, ARGV[3]:
-/// how long a lapsed claim is kept, in milliseconds. Sets a new lease deadline by the
-/// server's clock. Answers 1 (done) or 0 (lost).
-const EXTEND_LUA: &str = r#"
-if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
-  return 0
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[2])
-local keep = ''
-local px = lease + tonumber(ARGV[3])
-if redis.call('GETRANGE', KEYS[1], 49, 49) == 'K' then
-  keep = 'K'
-  px = math.max(lease, redis.call('PTTL', KEYS[1]))
-end
-redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], 0, 48) .. keep .. string.format('%.0f', now + lease),
-  'PX', string.format('%.0f', px))
-return 1
-"#;
-
-/// Every script, as loaded by [`RedisStore::connect`] and [`RedisStore::connect_cluster`].
-const ALL_LUA: [&str; 8] = [
-    CLAIM_LUA,
-    COMPLETE_LUA,
-    RELEASE_LUA,
-    REVOKE_LUA,
-    EXTEND_LUA,
-    COMMIT_LUA,
-    SETTLE_LUA,
-    INSPECT_LUA,
-];
-
-struct Scripts {
-    claim: Script,
-    complete: Script,
-    release: Script,
-    revoke: Script,
-    extend: Script,
-    commit: Script,
-    settle: Script,
-    inspect: Script,
-}
-
-static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    claim: Script::new(CLAIM_LUA),
-    complete: Script::new(COMPLETE_LUA),
-    release: Script::new(RELEASE_LUA),
-    revoke: Script::new(REVOKE_LUA),
-    extend: Script::new(EXTEND_LUA),
-    commit: Script::new(COMMIT_LUA),
-    settle: Script::new(SETTLE_LUA),
-    inspect: Script::new(INSPECT_LUA),
-});
 
 /// An [`IdempotencyStore`] in Redis, for fleets of instances (feature `redis`).
 ///
@@ -340,45 +157,6 @@ pub struct RedisStore {
     durability: Durability,
 }
 
-/// How the store reaches Redis: one server (or a proxy), or a Redis Cluster.
-#[derive(Clone)]
-enum Connection {
-    Single(ConnectionManager),
-    Cluster {
-        conn: redis::cluster_async::ClusterConnection,
-        /// The nodes the store was given, for reading their settings.
-        nodes: Arc<[String]>,
-    },
-}
-
-impl redis::aio::ConnectionLike for Connection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        match self {
-            Connection::Single(c) => c.req_packed_command(cmd),
-            Connection::Cluster { conn, .. } => conn.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        match self {
-            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Connection::Cluster { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Connection::Single(c) => c.get_db(),
-            Connection::Cluster { conn, .. } => conn.get_db(),
-        }
-    }
-}
-
 /// The risks of the server behind `con` (see [`RedisStore::check_server`]).
 async fn risks_on(
     con: &mut (impl redis::aio::ConnectionLike + Send),
@@ -401,67 +179,6 @@ async fn risks_on(
         .ok()
         .and_then(|pair| pair.into_iter().nth(1));
     Ok(risks_of(&persistence, &memory, fsync.as_deref()))
-}
-
-/// Where `WAIT` and `WAITAOF` go: they count the writes of the connection they are sent on,
-/// so on a cluster they must reach the primary that holds the key just written.
-struct Waiter {
-    conn: Connection,
-    slot: u16,
-}
-
-impl redis::aio::ConnectionLike for Waiter {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        match &mut self.conn {
-            Connection::Single(c) => c.req_packed_command(cmd),
-            Connection::Cluster { conn, .. } => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                    Route::new(self.slot, SlotAddr::Master),
-                ));
-                Box::pin(conn.route_command(cmd.clone(), route))
-            }
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        self.conn.req_packed_commands(pipeline, offset, count)
-    }
-
-    fn get_db(&self) -> i64 {
-        self.conn.get_db()
-    }
-}
-
-/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the first `{…}`
-/// with something inside), or of the whole key, modulo 16384.
-fn cluster_slot(key: &[u8]) -> u16 {
-    let tagged = key
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            let close = rest.iter().position(|&b| b == b'}')?;
-            (close > 0).then(|| &rest[..close])
-        })
-        .unwrap_or(key);
-    let mut crc: u16 = 0;
-    for &byte in tagged {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
 }
 
 impl fmt::Debug for RedisStore {
@@ -814,81 +531,6 @@ impl RedisStore {
         value.push(TAG_RECORD);
         value.extend_from_slice(&encoded);
         value
-    }
-}
-
-/// `L` followed by the token: the prefix of the value a claim owns.
-fn owner_prefix(token: LeaseToken) -> [u8; 17] {
-    let mut out = [TAG_IN_FLIGHT; 17];
-    out[1..].copy_from_slice(&token.to_bytes());
-    out
-}
-
-/// [`MAX_DURATION`](super::MAX_DURATION) in milliseconds: longer durations are capped
-/// here, as on every store, so that every sum a script makes stays exact in Lua's numbers
-/// and inside Redis's expiry range.
-const MAX_MILLIS: u64 = super::MAX_DURATION.as_secs() * 1000;
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis())
-        .unwrap_or(u64::MAX)
-        .clamp(1, MAX_MILLIS)
-}
-
-fn damaged(what: &'static str) -> StoreError {
-    StoreError::Decode(DecodeError::Invalid(what))
-}
-
-fn bytes_of(value: &Value) -> Option<&[u8]> {
-    match value {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
-    }
-}
-
-fn parse_claim(reply: Value, token: LeaseToken) -> Result<Claim, StoreError> {
-    match reply {
-        Value::Int(1) => Ok(Claim::Acquired(token)),
-        // A committed claim whose lease ended: its fingerprint and its token (16 bytes; an
-        // in-flight answer has a number there).
-        Value::Array(items) if items.len() == 2 && matches!(items[1], Value::BulkString(_)) => {
-            let fingerprint: [u8; 32] = bytes_of(&items[0])
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| damaged("committed fingerprint"))?;
-            let owner: [u8; 16] = bytes_of(&items[1])
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| damaged("committed token"))?;
-            Ok(Claim::OutcomeUnknown {
-                fingerprint: Fingerprint::from_bytes(fingerprint),
-                token: LeaseToken::from_bytes(owner),
-            })
-        }
-        Value::Array(items) => {
-            let [fingerprint, pttl] = items.as_slice() else {
-                return Err(damaged("redis claim reply"));
-            };
-            let fingerprint: [u8; 32] = bytes_of(fingerprint)
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| damaged("in-flight fingerprint"))?;
-            let lease_remaining = match pttl {
-                Value::Int(ms) if *ms > 0 => Some(super::clamp_duration(Duration::from_millis(
-                    ms.unsigned_abs(),
-                ))),
-                _ => None,
-            };
-            Ok(Claim::InFlight {
-                fingerprint: Fingerprint::from_bytes(fingerprint),
-                lease_remaining,
-            })
-        }
-        Value::BulkString(bytes) => match bytes.split_first() {
-            Some((&TAG_RECORD, encoded)) => Record::decode(encoded)
-                .map(|record| Claim::Completed(Arc::new(record)))
-                .map_err(StoreError::Decode),
-            _ => Err(damaged("redis value tag")),
-        },
-        _ => Err(damaged("redis claim reply")),
     }
 }
 
