@@ -5,7 +5,7 @@
 //! answers one question of the store contract; the comments say what the layer relies on.
 //!
 //! To check it, run the conformance suite on it; this repository does so in
-//! `tests/conformance_custom.rs`:
+//! `tests/backends/conformance_custom.rs`:
 //!
 //! ```text
 //! async fn make_store() -> Option<LockedMapStore> { Some(LockedMapStore::default()) }
