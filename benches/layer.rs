@@ -34,9 +34,9 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
+use tower_idempotency::store::{Claim, Record, StoreKey};
 use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, REPLAYED_HEADER, Record,
-    Scope, StoreKey,
+    Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, REPLAYED_HEADER, Scope,
 };
 
 /// The response of the trivial handler.
@@ -223,7 +223,7 @@ fn in_flight_409(c: &mut Criterion) {
         .block_on(store.claim(
             &store_key,
             &fingerprint,
-            tower_idempotency::LeaseToken::new(),
+            tower_idempotency::store::LeaseToken::new(),
             Duration::from_secs(24 * 3600),
         ))
         .expect("claim");
@@ -317,7 +317,7 @@ fn store_throughput(c: &mut Criterion) {
                                         .claim(
                                             &key,
                                             &fp,
-                                            tower_idempotency::LeaseToken::new(),
+                                            tower_idempotency::store::LeaseToken::new(),
                                             lease,
                                         )
                                         .await
@@ -381,7 +381,7 @@ fn store_throughput(c: &mut Criterion) {
                                         .claim(
                                             &key,
                                             &fp,
-                                            tower_idempotency::LeaseToken::new(),
+                                            tower_idempotency::store::LeaseToken::new(),
                                             lease,
                                         )
                                         .await

@@ -36,9 +36,8 @@ use http::header::{CONTENT_TYPE, LOCATION};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, ServiceExt};
-use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Record, Scope, StoreKey,
-};
+use tower_idempotency::store::{Claim, Record, StoreKey};
+use tower_idempotency::{Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Scope};
 
 /// A cap no scenario reaches.
 const NO_CAP: usize = 1 << 40;
@@ -204,7 +203,7 @@ async fn distinct_keys(store: MemoryStore, name: &str, body: usize, n: usize) {
         let t = Instant::now();
         let key = StoreKey::new(&Scope::anonymous(), &format!("key-{i:012}"));
         let token = loop {
-            let token = tower_idempotency::LeaseToken::new();
+            let token = tower_idempotency::store::LeaseToken::new();
             match store.claim(&key, &fp, token, lease).await {
                 Ok(Claim::Acquired(_)) => break token,
                 Err(tower_idempotency::StoreError::Full) => {
@@ -252,7 +251,7 @@ async fn distinct_keys(store: MemoryStore, name: &str, body: usize, n: usize) {
 
 /// Claims and completes `key`; `false` when the store refused the claim as full.
 async fn answer(store: &MemoryStore, key: &StoreKey, record: &Record) -> bool {
-    let token = tower_idempotency::LeaseToken::new();
+    let token = tower_idempotency::store::LeaseToken::new();
     match store
         .claim(key, record.fingerprint(), token, Duration::from_secs(30))
         .await
@@ -308,7 +307,7 @@ async fn flood(body: usize, n: usize) {
             .claim(
                 &key,
                 &Fingerprint::from_bytes([5; 32]),
-                tower_idempotency::LeaseToken::new(),
+                tower_idempotency::store::LeaseToken::new(),
                 Duration::from_secs(30),
             )
             .await

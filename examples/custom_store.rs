@@ -21,10 +21,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_idempotency::async_trait;
-use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, Record,
-    StoreError, StoreKey, clamp_duration, takeover_grace,
+use tower_idempotency::store::{
+    Claim, KeyState, LeaseToken, ORPHAN_RETENTION, Record, StoreKey, clamp_duration, takeover_grace,
 };
+use tower_idempotency::{Fingerprint, IdempotencyStore, StoreError};
 
 /// What a key holds.
 #[derive(Debug)]

@@ -35,7 +35,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tower_idempotency::store::OpenOptions;
-use tower_idempotency::{IdempotencyStore, KeyState, Record, Scope, StoreKey};
+use tower_idempotency::store::{KeyState, Record, StoreKey};
+use tower_idempotency::{IdempotencyStore, Scope};
 
 const USAGE: &str = "usage: keys STORE (inspect|purge|settle) KEY [--principal ID | --stored SCOPE:KEY] \
 [--prefix P] [--table T] [--ttl SECONDS] [--status N] [--header 'name: value']... [--body TEXT]";

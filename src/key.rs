@@ -161,7 +161,8 @@ pub enum KeyError {
 ///
 /// ```
 /// use http::HeaderValue;
-/// use tower_idempotency::{parse_key, KeyError, KeyParsing};
+/// use tower_idempotency::{KeyError, KeyParsing};
+/// use tower_idempotency::key::parse_key;
 ///
 /// let quoted = HeaderValue::from_static("\"8e03978e-40d5\"");
 /// assert_eq!(parse_key(&quoted, KeyParsing::Strict, 255).unwrap().as_str(), "8e03978e-40d5");
@@ -368,7 +369,8 @@ impl StoreKey {
     /// The store key for a client's key in a scope.
     ///
     /// ```
-    /// use tower_idempotency::{Scope, StoreKey};
+    /// use tower_idempotency::{Scope};
+    /// use tower_idempotency::store::StoreKey;
     ///
     /// let a = StoreKey::new(&Scope::of(b"alice"), "k1");
     /// let b = StoreKey::new(&Scope::of(b"bob"), "k1");
@@ -411,7 +413,8 @@ impl StoreKey {
     /// not printable ASCII.
     ///
     /// ```
-    /// use tower_idempotency::{Scope, StoreKey};
+    /// use tower_idempotency::{Scope};
+    /// use tower_idempotency::store::StoreKey;
     ///
     /// let key = StoreKey::new(&Scope::of_principal(&"user:42"), "order-1");
     /// assert_eq!(StoreKey::from_stored(key.as_str()), Some(key));
@@ -438,7 +441,8 @@ impl StoreKey {
     /// nothing derived from a credential reaches the logs.
     ///
     /// ```
-    /// use tower_idempotency::{Scope, StoreKey};
+    /// use tower_idempotency::{Scope};
+    /// use tower_idempotency::store::StoreKey;
     ///
     /// assert_eq!(StoreKey::new(&Scope::of(b"alice"), "k:1").client_key(), "k:1");
     /// ```

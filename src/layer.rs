@@ -480,7 +480,7 @@ impl IdempotencyLayer {
     /// How long a claim holds its key while the operation runs; the layer extends it while
     /// the operation goes on, so a crashed owner blocks its key for about this long.
     /// Default: 30 seconds; at least 10 milliseconds, at most
-    /// [`MAX_DURATION`](crate::MAX_DURATION) (longer values are clamped).
+    /// [`MAX_DURATION`](crate::store::MAX_DURATION) (longer values are clamped).
     ///
     /// ```
     /// use std::time::Duration;
@@ -491,7 +491,7 @@ impl IdempotencyLayer {
     }
 
     /// How long a completed record is kept for replay. Default: 24 hours; at least
-    /// 1 millisecond, at most [`MAX_DURATION`](crate::MAX_DURATION) (longer values are
+    /// 1 millisecond, at most [`MAX_DURATION`](crate::store::MAX_DURATION) (longer values are
     /// clamped).
     ///
     /// ```
@@ -505,7 +505,7 @@ impl IdempotencyLayer {
 
     /// What a request gets while another with its key runs. Default: [`InFlight::Reject`]
     /// (`409` with `Retry-After`). The wait of [`InFlight::Wait`] is clamped to
-    /// [`MAX_DURATION`](crate::MAX_DURATION).
+    /// [`MAX_DURATION`](crate::store::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;
@@ -542,7 +542,7 @@ impl IdempotencyLayer {
     }
 
     /// The `Retry-After` sent with `409` and `503` answers. Default: 1 second (for `409`,
-    /// never more than the lease still runs); at most [`MAX_DURATION`](crate::MAX_DURATION)
+    /// never more than the lease still runs); at most [`MAX_DURATION`](crate::store::MAX_DURATION)
     /// (longer values are clamped). The header carries whole seconds, rounded up, at least 1.
     ///
     /// ```
@@ -559,7 +559,7 @@ impl IdempotencyLayer {
     /// store failure: the request gets `503` with `Retry-After` (or, with
     /// [`StoreFailure::FailOpen`], runs unprotected), and a claim that may have landed is
     /// released by its token. Default: 2 seconds; at least 1 millisecond, at most
-    /// [`MAX_DURATION`](crate::MAX_DURATION).
+    /// [`MAX_DURATION`](crate::store::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;

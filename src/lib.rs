@@ -32,7 +32,7 @@
 //!    untouched.
 //! 2. **Key.** The `Idempotency-Key` header is parsed as an RFC 9651 sf-string or, by
 //!    default, a bare value ([`KeyParsing`]). A missing key is refused with `400`, passed
-//!    through, or replaced by a fresh UUID ([`MissingKey`](policy::MissingKey)). The key is
+//!    through, or replaced by a fresh UUID ([`MissingKey`]). The key is
 //!    put in the request's extensions as an [`IdempotencyKey`].
 //! 3. **Scope.** The key is stored within the caller's [`Scope`], as the layer was told to
 //!    find it: the authenticated principal ([`IdempotencyLayer::scope_by_principal`], the
@@ -44,11 +44,11 @@
 //!    hashed with the method, path and content type into a [`Fingerprint`]. The service
 //!    behind receives the same bytes in the same body type ([`RebuildBody`]).
 //! 5. **Claim.** One store call answers: the key is free (run), in flight (`409` with
-//!    `Retry-After`, or wait: [`InFlight`](policy::InFlight)), or completed (replay). A
+//!    `Retry-After`, or wait: [`InFlight`]), or completed (replay). A
 //!    different fingerprint under the same key is `422`.
 //! 6. **Run.** The operation runs in the response future; if the client disconnects and the
 //!    future is dropped, the operation moves to a tracked task of its own, finishes and is
-//!    stored ([`Disconnect`](policy::Disconnect), [`DetachedWork`]). A heartbeat extends the
+//!    stored ([`Disconnect`], [`DetachedWork`]). A heartbeat extends the
 //!    lease while it runs (a failed one is retried at once); an error or a panic releases
 //!    the key.
 //! 7. **Record.** The response streams to the client while a copy is kept; at the end of
@@ -64,7 +64,7 @@
 //!    headers.
 //!
 //! Every store call is bounded ([`IdempotencyLayer::store_timeout`], 2 s by default). Store
-//! failures fail closed with `503` by default ([`StoreFailure`](policy::StoreFailure)), and a
+//! failures fail closed with `503` by default ([`StoreFailure`]), and a
 //! claim whose answer never came is released by the token the layer sent with it.
 //! Every answer of the layer's own is an RFC 9457 problem, or a gRPC status for gRPC
 //! requests: see [`problem`]. Every covered response carries an [`IdempotencyOutcome`] in
@@ -208,10 +208,10 @@ pub use fingerprint::Fingerprint;
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use handle::MissingClaim;
 pub use handle::{IdempotencyClaim, MayHaveRun};
-pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope, StoreKey, parse_key};
+pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope};
 pub use layer::IdempotencyLayer;
 pub use outcome::{IdempotencyOutcome, REPLAYED_HEADER};
-pub use record::Record;
+pub use policy::{Disconnect, InFlight, MissingKey, StoreFailure};
 pub use recover::{Recovery, RecoveryError, Unsettled};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -232,10 +232,7 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::RedisStore;
-pub use store::{
-    Claim, IdempotencyStore, KeyState, LeaseToken, MAX_DURATION, ORPHAN_RETENTION, StoreError,
-    clamp_duration, takeover_grace,
-};
+pub use store::{IdempotencyStore, StoreError};
 pub use tasks::{DetachedWork, Unfinished};
 
 /// The attribute that makes [`IdempotencyStore`]'s async methods object safe, re-exported

@@ -35,7 +35,8 @@ use crate::fingerprint::Fingerprint;
 /// ```
 /// use bytes::Bytes;
 /// use http::{HeaderMap, StatusCode};
-/// use tower_idempotency::{Fingerprint, Record};
+/// use tower_idempotency::{Fingerprint};
+/// use tower_idempotency::store::Record;
 ///
 /// let mut headers = HeaderMap::new();
 /// headers.append("set-cookie", "a=1".parse().unwrap());

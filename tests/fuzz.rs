@@ -18,7 +18,9 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use tower_idempotency::{Fingerprint, KeyError, KeyParsing, Record, Scope, StoreKey, parse_key};
+use tower_idempotency::key::parse_key;
+use tower_idempotency::store::{Record, StoreKey};
+use tower_idempotency::{Fingerprint, KeyError, KeyParsing, Scope};
 
 /// Runs `check` on inputs from `strategy`: 100,000 cases (or `FUZZ_CASES`), and, when
 /// `FUZZ_SECONDS` is set, more rounds of that many until so many seconds have passed. Each

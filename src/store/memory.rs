@@ -176,7 +176,7 @@ impl MemoryStoreBuilder {
     /// room (it still ends with its TTL, if that is shorter). When a new claim finds no room
     /// without breaking it, the claim is refused with [`StoreError::Full`]. Default: five
     /// minutes ([`DEFAULT_MIN_RETENTION`]), longer than the retry loop of any client; at
-    /// least one second, at most [`MAX_DURATION`](crate::MAX_DURATION).
+    /// least one second, at most [`MAX_DURATION`](crate::store::MAX_DURATION).
     ///
     /// ```
     /// use std::time::Duration;

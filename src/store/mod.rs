@@ -7,10 +7,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::fingerprint::Fingerprint;
-use crate::key::StoreKey;
-use crate::record::Record;
-
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub mod memory;
@@ -19,6 +15,11 @@ pub mod memory;
 pub mod mysql;
 mod open;
 pub use open::{OpenError, OpenOptions, open, open_with};
+
+// What a store of your own works with, in one place.
+pub use crate::fingerprint::Fingerprint;
+pub use crate::key::StoreKey;
+pub use crate::record::Record;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;

@@ -20,9 +20,9 @@ use http::{Request, StatusCode};
 use tokio::time::Instant;
 use tower::Layer;
 use tower_idempotency::policy::InFlight;
+use tower_idempotency::store::{Claim, StoreKey};
 use tower_idempotency::{
-    Claim, Fingerprint, Idempotency, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, Scope,
-    StoreKey,
+    Fingerprint, Idempotency, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, Scope,
 };
 
 type Svc = Idempotency<Handler>;
@@ -187,7 +187,7 @@ async fn crashed_owner_blocks_only_for_its_lease<S: IdempotencyStore + Clone>(st
         .claim(
             &StoreKey::new(&Scope::anonymous(), &key),
             &order_fingerprint(),
-            tower_idempotency::LeaseToken::new(),
+            tower_idempotency::store::LeaseToken::new(),
             ms(500),
         )
         .await

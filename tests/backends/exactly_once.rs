@@ -26,9 +26,9 @@ use axum::routing::post;
 use bytes::Bytes;
 use common::{Answer, assert_problem, call, post as post_req};
 use http::StatusCode;
+use tower_idempotency::store::{KeyState, StoreKey};
 use tower_idempotency::{
-    IdempotencyClaim, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, KeyState, Scope,
-    StoreKey,
+    IdempotencyClaim, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, Scope,
 };
 
 /// A database with an orders table beside the store's table: what the handler, the

@@ -10,9 +10,9 @@ mod tool;
 
 use std::time::Duration;
 
+use tower_idempotency::store::{Claim, LeaseToken, StoreKey};
 use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyStore, LeaseToken, MySqlStore, PostgresStore, RedisStore, Scope,
-    StoreKey,
+    Fingerprint, IdempotencyStore, MySqlStore, PostgresStore, RedisStore, Scope,
 };
 
 async fn unknown_outcome(store: &dyn IdempotencyStore, key: &StoreKey) {

@@ -16,10 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower_idempotency::sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlSslMode};
 use tower_idempotency::sqlx::{self, MySqlPool};
-use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyStore, KeyState, LeaseToken, MySqlStore, Record, Scope,
-    StoreError, StoreKey,
-};
+use tower_idempotency::store::{Claim, KeyState, LeaseToken, Record, StoreKey};
+use tower_idempotency::{Fingerprint, IdempotencyStore, MySqlStore, Scope, StoreError};
 
 /// The table the conformance suite shares across runs (its keys are fresh random ones).
 #[cfg(feature = "conformance")]

@@ -16,10 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower_idempotency::sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use tower_idempotency::sqlx::{self, PgPool};
-use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyStore, LeaseToken, PostgresStore, Record, Scope, StoreError,
-    StoreKey,
-};
+use tower_idempotency::store::{Claim, LeaseToken, Record, StoreKey};
+use tower_idempotency::{Fingerprint, IdempotencyStore, PostgresStore, Scope, StoreError};
 
 /// The table the conformance suite shares across runs (its keys are fresh random ones).
 #[cfg(feature = "conformance")]
@@ -96,7 +94,12 @@ fn record(body: &'static [u8]) -> Record {
 
 async fn acquire(store: &PostgresStore, k: &StoreKey, lease: Duration) -> LeaseToken {
     match store
-        .claim(k, &fp(1), tower_idempotency::LeaseToken::new(), lease)
+        .claim(
+            k,
+            &fp(1),
+            tower_idempotency::store::LeaseToken::new(),
+            lease,
+        )
         .await
     {
         Ok(Claim::Acquired(token)) => token,
@@ -255,7 +258,7 @@ async fn one_statement_per_operation() {
             .claim(
                 &warm,
                 &fp(1),
-                tower_idempotency::LeaseToken::new(),
+                tower_idempotency::store::LeaseToken::new(),
                 Duration::from_secs(30)
             )
             .await,
@@ -289,7 +292,7 @@ async fn one_statement_per_operation() {
             .claim(
                 &k,
                 &fp(1),
-                tower_idempotency::LeaseToken::new(),
+                tower_idempotency::store::LeaseToken::new(),
                 Duration::from_secs(30)
             )
             .await,
@@ -313,7 +316,7 @@ async fn one_statement_per_operation() {
         .claim(
             &k,
             &fp(1),
-            tower_idempotency::LeaseToken::new(),
+            tower_idempotency::store::LeaseToken::new(),
             Duration::from_secs(30),
         )
         .await
@@ -380,7 +383,12 @@ async fn sweep_deletes_expired_rows_only() {
     for i in 0..3 {
         let k = key(&format!("lease-{i}"));
         let claim = store
-            .claim(&k, &fp(1), tower_idempotency::LeaseToken::new(), short)
+            .claim(
+                &k,
+                &fp(1),
+                tower_idempotency::store::LeaseToken::new(),
+                short,
+            )
             .await;
         assert!(matches!(claim, Ok(Claim::InFlight { .. })), "{claim:?}");
     }
@@ -408,14 +416,19 @@ async fn sweep_deletes_expired_rows_only() {
             .claim(
                 &key("live-claim"),
                 &fp(1),
-                tower_idempotency::LeaseToken::new(),
+                tower_idempotency::store::LeaseToken::new(),
                 long
             )
             .await,
         Ok(Claim::InFlight { .. })
     ));
     match store
-        .claim(&live, &fp(1), tower_idempotency::LeaseToken::new(), long)
+        .claim(
+            &live,
+            &fp(1),
+            tower_idempotency::store::LeaseToken::new(),
+            long,
+        )
         .await
     {
         Ok(Claim::Completed(r)) => assert_eq!(r.body(), &Bytes::from_static(b"kept")),
@@ -479,7 +492,12 @@ async fn migrate_upgrades_a_table_of_the_previous_version() {
     let k = StoreKey::new(&Scope::anonymous(), "old");
     let lease = Duration::from_millis(200);
     let first = store
-        .claim(&k, &fp(1), tower_idempotency::LeaseToken::new(), lease)
+        .claim(
+            &k,
+            &fp(1),
+            tower_idempotency::store::LeaseToken::new(),
+            lease,
+        )
         .await;
     assert!(matches!(first, Ok(Claim::InFlight { .. })), "{first:?}");
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -536,7 +554,7 @@ async fn invalid_table_name_is_an_error() {
             .claim(
                 &key("k"),
                 &fp(1),
-                tower_idempotency::LeaseToken::new(),
+                tower_idempotency::store::LeaseToken::new(),
                 Duration::from_secs(1),
             )
             .await
@@ -580,7 +598,7 @@ async fn damaged_record_is_a_decode_error() {
             .claim(
                 &k,
                 &fp(1),
-                tower_idempotency::LeaseToken::new(),
+                tower_idempotency::store::LeaseToken::new(),
                 Duration::from_secs(30)
             )
             .await,
@@ -606,7 +624,7 @@ async fn a_contest_gives_the_owner_at_least_a_millisecond() {
         .claim(
             &k,
             &fp(2),
-            tower_idempotency::LeaseToken::new(),
+            tower_idempotency::store::LeaseToken::new(),
             Duration::from_micros(100),
         )
         .await

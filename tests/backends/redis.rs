@@ -20,9 +20,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
+use tower_idempotency::store::{Claim, LeaseToken, Record, StoreKey};
 use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyBody, IdempotencyLayer, IdempotencyStore, LeaseToken,
-    REPLAYED_HEADER, Record, RedisStore, Scope, StoreKey,
+    Fingerprint, IdempotencyBody, IdempotencyLayer, IdempotencyStore, REPLAYED_HEADER, RedisStore,
+    Scope,
 };
 
 fn redis_url() -> Option<String> {
@@ -269,7 +270,12 @@ async fn one_round_trip_per_operation() {
 
     reset_stats(&mut admin).await;
     let Claim::Acquired(token) = store
-        .claim(&key("a"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .claim(
+            &key("a"),
+            &fp,
+            tower_idempotency::store::LeaseToken::new(),
+            lease,
+        )
         .await
         .unwrap()
     else {
@@ -281,7 +287,12 @@ async fn one_round_trip_per_operation() {
     assert_eq!(script_calls(&mut admin).await, (2, 0, 0), "extend");
 
     let claim = store
-        .claim(&key("a"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .claim(
+            &key("a"),
+            &fp,
+            tower_idempotency::store::LeaseToken::new(),
+            lease,
+        )
         .await
         .unwrap();
     assert!(
@@ -300,7 +311,12 @@ async fn one_round_trip_per_operation() {
     assert_eq!(script_calls(&mut admin).await, (4, 0, 0), "complete");
 
     let Claim::Completed(got) = store
-        .claim(&key("a"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .claim(
+            &key("a"),
+            &fp,
+            tower_idempotency::store::LeaseToken::new(),
+            lease,
+        )
         .await
         .unwrap()
     else {
@@ -310,7 +326,12 @@ async fn one_round_trip_per_operation() {
     assert_eq!(script_calls(&mut admin).await, (5, 0, 0), "replay");
 
     let Claim::Acquired(other) = store
-        .claim(&key("b"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .claim(
+            &key("b"),
+            &fp,
+            tower_idempotency::store::LeaseToken::new(),
+            lease,
+        )
         .await
         .unwrap()
     else {
@@ -347,7 +368,12 @@ async fn one_round_trip_per_operation() {
         .unwrap();
     reset_stats(&mut admin).await;
     store
-        .claim(&key("c"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .claim(
+            &key("c"),
+            &fp,
+            tower_idempotency::store::LeaseToken::new(),
+            lease,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -356,7 +382,12 @@ async fn one_round_trip_per_operation() {
         "claim after SCRIPT FLUSH"
     );
     store
-        .claim(&key("c"), &fp, tower_idempotency::LeaseToken::new(), lease)
+        .claim(
+            &key("c"),
+            &fp,
+            tower_idempotency::store::LeaseToken::new(),
+            lease,
+        )
         .await
         .unwrap();
     assert_eq!(script_calls(&mut admin).await, (3, 0, 1), "the next claim");
@@ -377,7 +408,7 @@ async fn keys_carry_the_prefix_and_stale_tokens_are_lost() {
         .claim(
             &key,
             &fp,
-            tower_idempotency::LeaseToken::new(),
+            tower_idempotency::store::LeaseToken::new(),
             Duration::from_secs(5),
         )
         .await
@@ -407,7 +438,7 @@ async fn keys_carry_the_prefix_and_stale_tokens_are_lost() {
         .await
         .unwrap();
     // The key outlives the lease, so that a lapsed owner can still complete.
-    let retention = tower_idempotency::ORPHAN_RETENTION.as_millis() as i64;
+    let retention = tower_idempotency::store::ORPHAN_RETENTION.as_millis() as i64;
     assert!(
         pttl > retention && pttl <= retention + 5000,
         "the key lives for the lease and the retention: {pttl}"

@@ -18,9 +18,8 @@ use common::{PrivateCluster, call, post};
 use http::StatusCode;
 use tower::Layer;
 use tower_idempotency::conformance as check;
-use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, LeaseToken, RedisStore, Scope, StoreKey,
-};
+use tower_idempotency::store::{Claim, LeaseToken, StoreKey};
+use tower_idempotency::{Fingerprint, IdempotencyLayer, IdempotencyStore, RedisStore, Scope};
 
 fn redis_here() -> bool {
     let here = std::env::var("REDIS_URL").is_ok_and(|u| !u.is_empty());
@@ -106,7 +105,7 @@ async fn the_store_works_across_a_cluster() {
             .claim(&key, &fp, token, Duration::from_secs(30))
             .await
             .unwrap();
-        let record = tower_idempotency::Record::new(
+        let record = tower_idempotency::store::Record::new(
             StatusCode::CREATED,
             http::HeaderMap::new(),
             bytes::Bytes::from_static(b"kept"),
@@ -244,7 +243,7 @@ async fn durability_waits_go_to_the_keys_primary() {
             .await
             .unwrap();
         let lands_on_first = cluster.keys_per_node()[0] > before;
-        let record = tower_idempotency::Record::new(
+        let record = tower_idempotency::store::Record::new(
             StatusCode::CREATED,
             http::HeaderMap::new(),
             bytes::Bytes::from_static(b"kept"),

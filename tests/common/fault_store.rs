@@ -5,9 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyStore, KeyState, LeaseToken, Record, StoreError, StoreKey,
-};
+use tower_idempotency::store::{Claim, KeyState, LeaseToken, Record, StoreKey};
+use tower_idempotency::{Fingerprint, IdempotencyStore, StoreError};
 
 /// Which store operations fail or stall.
 #[derive(Debug, Default)]

@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyStore, KeyState, LeaseToken, Record, StoreError, StoreKey,
-};
+use tower_idempotency::store::{Claim, KeyState, LeaseToken, Record, StoreKey};
+use tower_idempotency::{Fingerprint, IdempotencyStore, StoreError};
 
 /// A store behind a wire that can be paused, as a paused Redis server is: every call is
 /// sent in order to one worker that applies them one by one, and while the wire is paused

@@ -16,9 +16,9 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use common::{Answer, FaultStore, PausedWire, assert_problem, call, post as post_req};
 use http::{Request, StatusCode};
+use tower_idempotency::store::{KeyState, StoreKey};
 use tower_idempotency::{
-    IdempotencyClaim, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, KeyState,
-    MemoryStore, Scope, StoreKey,
+    IdempotencyClaim, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, MemoryStore, Scope,
 };
 
 /// The app's own state: the orders it created, by the key they were created under.

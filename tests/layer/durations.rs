@@ -13,7 +13,8 @@ use std::time::Duration;
 use common::{FaultStore, Runs, assert_problem, call, post};
 use tower::Layer;
 use tower_idempotency::policy::{InFlight, StoreFailure};
-use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MAX_DURATION, MemoryStore};
+use tower_idempotency::store::MAX_DURATION;
+use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore};
 
 /// Every duration setting at its extreme.
 fn extreme(store: impl IdempotencyStore) -> IdempotencyLayer {

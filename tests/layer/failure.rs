@@ -19,9 +19,8 @@ use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tower::{Layer, ServiceExt};
 use tower_idempotency::policy::{Disconnect, InFlight};
-use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Scope, StoreKey,
-};
+use tower_idempotency::store::{Claim, StoreKey};
+use tower_idempotency::{Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Scope};
 
 fn store_key(key: &str) -> StoreKey {
     StoreKey::new(&Scope::anonymous(), key)
@@ -83,7 +82,7 @@ async fn a_crashed_owner_blocks_its_key_only_for_its_lease() {
         .claim(
             &store_key("crash"),
             &fingerprint,
-            tower_idempotency::LeaseToken::new(),
+            tower_idempotency::store::LeaseToken::new(),
             Duration::from_millis(300),
         )
         .await
@@ -455,7 +454,7 @@ async fn dropping_at_every_stage_leaks_no_claim() {
         .claim(
             &store_key("finish"),
             &Fingerprint::from_bytes([0; 32]),
-            tower_idempotency::LeaseToken::new(),
+            tower_idempotency::store::LeaseToken::new(),
             Duration::from_secs(1),
         )
         .await

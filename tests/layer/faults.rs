@@ -401,7 +401,8 @@ async fn an_unreadable_record_never_runs_again() {
 /// replays it, and the operation ran once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_taken_over_owner_stores_its_outcome_once_the_key_is_free() {
-    use tower_idempotency::{Claim, Fingerprint, IdempotencyStore, LeaseToken, Scope, StoreKey};
+    use tower_idempotency::store::{Claim, LeaseToken, StoreKey};
+    use tower_idempotency::{Fingerprint, IdempotencyStore, Scope};
     let store = FaultStore::new(MemoryStore::new());
     store
         .faults
@@ -461,7 +462,8 @@ async fn a_taken_over_owner_stores_its_outcome_once_the_key_is_free() {
 /// lease after the outage although nothing ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_outlasts_an_outage_longer_than_the_lease() {
-    use tower_idempotency::{IdempotencyStore, KeyState, Scope, StoreKey};
+    use tower_idempotency::store::{KeyState, StoreKey};
+    use tower_idempotency::{IdempotencyStore, Scope};
     let inner = MemoryStore::new();
     let store = FaultStore::new(inner.clone());
     let lease = Duration::from_millis(200);

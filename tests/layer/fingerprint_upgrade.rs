@@ -10,10 +10,8 @@ use common::{Runs, assert_problem, call, post};
 use http::{HeaderMap, StatusCode};
 use sha2::{Digest, Sha256};
 use tower::Layer;
-use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, LeaseToken, MemoryStore, Record, Scope,
-    StoreKey,
-};
+use tower_idempotency::store::{Claim, LeaseToken, Record, StoreKey};
+use tower_idempotency::{Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Scope};
 
 /// The fingerprint 0.1 computed for `POST /orders` with a JSON body.
 fn sha256_fingerprint(body: &str) -> Fingerprint {

@@ -17,9 +17,9 @@ use common::{Counter, FaultStore, assert_problem, call, post};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use tower::Layer;
+use tower_idempotency::store::{KeyState, LeaseToken, Record, StoreKey};
 use tower_idempotency::{
-    Fingerprint, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, KeyState, LeaseToken,
-    MemoryStore, Record, Scope, StoreKey,
+    Fingerprint, IdempotencyLayer, IdempotencyOutcome, IdempotencyStore, MemoryStore, Scope,
 };
 
 const SECRET: &str = "a fleet-wide secret of 32 bytes!";

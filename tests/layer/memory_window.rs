@@ -14,9 +14,9 @@ use common::{Runs, assert_problem, call, post};
 use http::{HeaderMap, StatusCode};
 use tower::Layer;
 use tower_idempotency::policy::StoreFailure;
+use tower_idempotency::store::{Claim, LeaseToken, Record, StoreKey};
 use tower_idempotency::{
-    Claim, Fingerprint, IdempotencyLayer, IdempotencyStore, LeaseToken, MemoryStore, Record, Scope,
-    StoreError, StoreKey,
+    Fingerprint, IdempotencyLayer, IdempotencyStore, MemoryStore, Scope, StoreError,
 };
 
 const LEASE: Duration = Duration::from_secs(30);

@@ -13,9 +13,8 @@ use std::sync::atomic::Ordering;
 use common::{FaultStore, call, post as post_req};
 use http::StatusCode;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use tower_idempotency::{
-    IdempotencyClaim, IdempotencyLayer, IdempotencyStore, KeyState, MemoryStore, Scope, StoreKey,
-};
+use tower_idempotency::store::{KeyState, StoreKey};
+use tower_idempotency::{IdempotencyClaim, IdempotencyLayer, IdempotencyStore, MemoryStore, Scope};
 
 /// Every metric as `name{label=value,…}` → value (counters and gauges), or the number of
 /// samples (histograms).
