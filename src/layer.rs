@@ -38,6 +38,14 @@ use crate::tasks::DetachedWork;
 /// ```
 #[derive(Clone)]
 pub struct IdempotencyLayer {
+    /// One allocation, so that cloning the layer is one reference count (axum clones a
+    /// router's layers on every request of a router that was not given its state).
+    parts: Arc<LayerParts>,
+}
+
+/// What a layer holds.
+#[derive(Clone)]
+struct LayerParts {
     settings: Settings,
     store: Arc<dyn IdempotencyStore>,
     /// The same store when it is the embedded [`MemoryStore`](crate::MemoryStore).
@@ -46,12 +54,12 @@ pub struct IdempotencyLayer {
     work: DetachedWork,
     /// The running parts, made by the first service and shared by the services of this
     /// layer and its clones; a changed setting starts a new one.
-    runtime: Arc<OnceLock<Arc<Runtime>>>,
+    runtime: OnceLock<Arc<Runtime>>,
 }
 
 impl fmt::Debug for IdempotencyLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.settings;
+        let c = &self.parts.settings;
         f.debug_struct("IdempotencyLayer")
             .field("header", &c.header)
             .field("parsing", &c.parsing)
@@ -98,20 +106,23 @@ impl IdempotencyLayer {
             .downcast_ref::<crate::MemoryStore>()
             .cloned();
         Self {
-            settings: Settings::default(),
-            store: Arc::new(store),
-            #[cfg(feature = "memory")]
-            memory,
-            work: DetachedWork::default(),
-            runtime: Arc::default(),
+            parts: Arc::new(LayerParts {
+                settings: Settings::default(),
+                store: Arc::new(store),
+                #[cfg(feature = "memory")]
+                memory,
+                work: DetachedWork::default(),
+                runtime: OnceLock::new(),
+            }),
         }
     }
 
     fn edit(mut self, f: impl FnOnce(&mut Settings)) -> Self {
-        f(&mut self.settings);
+        let parts = Arc::make_mut(&mut self.parts);
+        f(&mut parts.settings);
         // The services of the changed layer get running parts of their own: a lease keeper
         // for its lease, answers rendered with its problem type base.
-        self.runtime = Arc::default();
+        parts.runtime = OnceLock::new();
         self
     }
 
@@ -583,7 +594,7 @@ impl IdempotencyLayer {
     /// # }
     /// ```
     pub fn detached_work(&self) -> DetachedWork {
-        self.work.clone()
+        self.parts.work.clone()
     }
 
     /// The base of the problem `type` URIs, for example your API's error documentation;
@@ -608,13 +619,14 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = Idempotency<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let runtime = self.runtime.get_or_init(|| {
+        let parts = &*self.parts;
+        let runtime = parts.runtime.get_or_init(|| {
             Arc::new(Runtime::new(
-                self.settings.clone(),
-                Arc::clone(&self.store),
+                parts.settings.clone(),
+                Arc::clone(&parts.store),
                 #[cfg(feature = "memory")]
-                self.memory.clone(),
-                self.work.clone(),
+                parts.memory.clone(),
+                parts.work.clone(),
             ))
         });
         Idempotency::with_config(inner, Arc::clone(runtime))
