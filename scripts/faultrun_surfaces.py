@@ -274,7 +274,7 @@ class RedisMonitor:
         self.lines = []
         self.names = {}
         try:
-            with open(os.path.join(ROOT, "src", "store", "redis.rs"), encoding="utf-8") as f:
+            with open(os.path.join(ROOT, "src", "store", "redis", "scripts.rs"), encoding="utf-8") as f:
                 source = f.read()
             for name, code in re.findall(r'const (\w+)_LUA: &str = r#"(.*?)"#;', source, re.S):
                 self.names[hashlib.sha1(code.encode()).hexdigest()] = name.lower()
