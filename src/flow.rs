@@ -243,10 +243,27 @@ where
                                  its commit is withdrawn and this retry runs it"
                             ),
                             Err(StoreError::LeaseLost) => {}
+                            // Never run unprotected here, whatever the failure policy: the
+                            // key was committed, and the withdrawal may have landed.
                             Err(err) => {
                                 pending.not_ours();
-                                return Box::pin(store_failed(inner, req, &config, grpc, err))
-                                    .await;
+                                tracing::warn!(
+                                    key = pending_key_of(&req),
+                                    error = %ErrorChain(&err),
+                                    "withdrawing a commit the recovery hook found never ran \
+                                     failed; refusing the request"
+                                );
+                                return Ok(problem(
+                                    &config,
+                                    grpc,
+                                    Problem::new(
+                                        ProblemKind::StoreUnavailable,
+                                        "The idempotency store cannot be reached; nothing was \
+                                         done. Retry later.",
+                                    )
+                                    .retry_after(config.retry_after),
+                                    IdempotencyOutcome::StoreUnavailable,
+                                ));
                             }
                         }
                         claim = config
@@ -318,6 +335,13 @@ fn unreadable<B, ReqBody>(
         Problem::new(ProblemKind::RecordUnreadable, detail),
         IdempotencyOutcome::RecordUnreadable,
     )
+}
+
+/// The client's key of a request the flow handles.
+fn pending_key_of<B>(req: &Request<B>) -> &str {
+    req.extensions()
+        .get::<IdempotencyKey>()
+        .map_or("", |k| k.as_str())
 }
 
 /// What a retry that found its key committed with no stored outcome answers.

@@ -17,6 +17,8 @@ pub struct Faults {
     pub complete_failures: AtomicUsize,
     /// Fail this many of the next releases.
     pub release_failures: AtomicUsize,
+    /// Fail this many of the next revokes.
+    pub revoke_failures: AtomicUsize,
     /// Fail this many of the next extends.
     pub extend_failures: AtomicUsize,
     /// Delay every complete by this many milliseconds.
@@ -172,6 +174,9 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
 
     async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
         self.cut_off()?;
+        if take(&self.faults.revoke_failures) {
+            return Err(StoreError::backend(Injected));
+        }
         self.inner.revoke(key, token).await
     }
 

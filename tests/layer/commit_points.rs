@@ -759,3 +759,46 @@ async fn an_answer_marked_may_have_run_is_stored_whatever_its_status() {
     call(&plain, post_req(Some("plain"), "{}")).await;
     assert_eq!(runs.load(Ordering::SeqCst), 3);
 }
+
+/// The recovery hook says the committed operation never ran, but withdrawing its commit
+/// fails: the retry is refused with `503`, even under the fail-open policy, since the key
+/// was committed and the withdrawal may have landed. Running it unprotected could run it
+/// twice. The next retry withdraws it and runs, once.
+#[tokio::test]
+async fn a_failed_withdrawal_never_runs_unprotected_even_failing_open() {
+    use tower_idempotency::{Recovery, StoreFailure};
+    let store = FaultStore::new(MemoryStore::new());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route(
+            "/orders",
+            post({
+                let runs = Arc::clone(&runs);
+                move |claim: IdempotencyClaim| async move {
+                    claim.commit().await.expect("commit point");
+                    if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("crashed after the commit point, before the effect");
+                    }
+                    (StatusCode::CREATED, "done")
+                }
+            }),
+        )
+        .layer(
+            layer(store.clone(), 30_000)
+                .on_store_failure(StoreFailure::FailOpen)
+                .recover_with(|_| async { Ok(Recovery::NeverRan) }),
+        );
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, post_req(Some("w"), "{}")).await }
+    })
+    .await;
+    assert!(first.unwrap_err().is_panic());
+    store.faults.revoke_failures.store(1, Ordering::SeqCst);
+    let refused = retry_past_409(&app, "w", "{}").await;
+    assert_problem(&refused, 503, "store-unavailable");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "not run unprotected");
+    let retry = call(&app, post_req(Some("w"), "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
