@@ -25,6 +25,20 @@ pub(crate) fn problem<B>(
     mark(res, outcome)
 }
 
+/// The store could not be reached: `503 store-unavailable` with `Retry-After`; nothing ran.
+pub(crate) fn store_unavailable<B>(config: &Runtime, grpc: bool) -> Response<IdempotencyBody<B>> {
+    problem(
+        config,
+        grpc,
+        Problem::new(
+            ProblemKind::StoreUnavailable,
+            "The idempotency store cannot be reached; nothing was done. Retry later.",
+        )
+        .retry_after(config.retry_after),
+        IdempotencyOutcome::StoreUnavailable,
+    )
+}
+
 /// The key was used with another payload: `422 key-reused`.
 pub(crate) fn mismatch<B>(config: &Runtime, grpc: bool) -> Response<IdempotencyBody<B>> {
     let detail = "This Idempotency-Key was already used with a different request payload; \

@@ -12,7 +12,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::answer::{mismatch, problem, replay};
+use crate::answer::{mismatch, problem, replay, store_unavailable};
 use crate::body::{BufferError, IdempotencyBody, RebuildBody, buffer};
 use crate::claim::{Claimed, PendingClaim};
 use crate::key::{IdempotencyKey, StoreKey};
@@ -113,10 +113,7 @@ where
             // changed, and running unprotected could run a duplicate.
             Err(StoreError::Full) => {
                 pending.not_ours();
-                let key = req
-                    .extensions()
-                    .get::<IdempotencyKey>()
-                    .map_or("", |k| k.as_str());
+                let key = client_key(&req);
                 // The truth about when a new key may fit: the memory store knows when its
                 // oldest record leaves the replay window; others get the configured hint.
                 #[cfg(feature = "memory")]
@@ -248,22 +245,12 @@ where
                             Err(err) => {
                                 pending.not_ours();
                                 tracing::warn!(
-                                    key = pending_key_of(&req),
+                                    key = client_key(&req),
                                     error = %ErrorChain(&err),
                                     "withdrawing a commit the recovery hook found never ran \
                                      failed; refusing the request"
                                 );
-                                return Ok(problem(
-                                    &config,
-                                    grpc,
-                                    Problem::new(
-                                        ProblemKind::StoreUnavailable,
-                                        "The idempotency store cannot be reached; nothing was \
-                                         done. Retry later.",
-                                    )
-                                    .retry_after(config.retry_after),
-                                    IdempotencyOutcome::StoreUnavailable,
-                                ));
+                                return Ok(store_unavailable(&config, grpc));
                             }
                         }
                         claim = config
@@ -316,10 +303,7 @@ fn unreadable<B, ReqBody>(
     req: &Request<ReqBody>,
     err: &crate::record::DecodeError,
 ) -> Response<IdempotencyBody<B>> {
-    let key = req
-        .extensions()
-        .get::<IdempotencyKey>()
-        .map_or("", |k| k.as_str());
+    let key = client_key(req);
     tracing::error!(
         key,
         error = %ErrorChain(err),
@@ -338,7 +322,7 @@ fn unreadable<B, ReqBody>(
 }
 
 /// The client's key of a request the flow handles.
-fn pending_key_of<B>(req: &Request<B>) -> &str {
+fn client_key<B>(req: &Request<B>) -> &str {
     req.extensions()
         .get::<IdempotencyKey>()
         .map_or("", |k| k.as_str())
@@ -464,10 +448,7 @@ async fn store_failed<S, ReqBody, ResBody>(
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
-    let key = req
-        .extensions()
-        .get::<IdempotencyKey>()
-        .map_or("", |k| k.as_str());
+    let key = client_key(&req);
     match config.store_failure {
         StoreFailure::FailClosed => {
             tracing::warn!(
@@ -475,16 +456,7 @@ where
                 error = %ErrorChain(&err),
                 "idempotency store failed; refusing the request"
             );
-            Ok(problem(
-                config,
-                grpc,
-                Problem::new(
-                    ProblemKind::StoreUnavailable,
-                    "The idempotency store cannot be reached; nothing was done. Retry later.",
-                )
-                .retry_after(config.retry_after),
-                IdempotencyOutcome::StoreUnavailable,
-            ))
+            Ok(store_unavailable(config, grpc))
         }
         StoreFailure::FailOpen => {
             tracing::warn!(
