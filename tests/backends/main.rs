@@ -33,6 +33,7 @@ mod conformance_memory;
 mod exactly_once;
 mod keys_tool;
 mod mysql;
+mod open;
 mod postgres;
 mod redis;
 mod redis_cluster;
