@@ -12,13 +12,14 @@ use crate::lease::Registration;
 use crate::record::Record;
 use crate::runtime::Runtime;
 use crate::store::{Claim, ErrorChain, LeaseToken, StoreError};
+use crate::time::FIRST_PAUSE;
 
 /// How long the layer keeps trying to store an outcome while the store fails: ten minutes.
 /// The key stays claimed (and its lease extended whenever the store answers) meanwhile, so
 /// no retry runs the operation again; past this, the layer gives up and logs an `error`.
 pub(crate) const COMPLETION_RETRY_WINDOW: Duration = Duration::from_secs(600);
-/// The first pause before retrying a failed store call; it doubles up to [`MAX_PAUSE`].
-const FIRST_PAUSE: Duration = Duration::from_millis(50);
+/// The longest pause between two attempts of a failed store call ([`crate::time::retry`]
+/// doubles its pause from [`FIRST_PAUSE`] up to this).
 const MAX_PAUSE: Duration = Duration::from_secs(2);
 
 /// A claim sent to the store whose answer is not in yet. If the answer never comes (the
