@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use dashmap::mapref::entry::Entry as MapEntry;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{Claim, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, StoreError};
+use super::machine::{self, Claimed, Refused, Slot};
+use super::{Claim, IdempotencyStore, KeyState, LeaseToken, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Record;
@@ -119,33 +119,18 @@ struct Queued {
 
 #[derive(Debug)]
 struct Entry {
-    state: State,
-    expires_at: Instant,
+    /// What the key holds, changed only by the [`machine`]'s transitions.
+    slot: Slot<Arc<Record>, Instant>,
+    /// Tasks waiting for the claim to end ([`IdempotencyStore::wait`]), woken when the
+    /// slot stops being held.
+    waiters: Option<Arc<Notify>>,
     size: usize,
     seq: u64,
 }
 
-#[derive(Debug)]
-enum State {
-    InFlight {
-        token: LeaseToken,
-        fingerprint: Fingerprint,
-        waiters: Option<Arc<Notify>>,
-        /// A claim found the lease lapsed and gave the owner a grace period to show it is
-        /// alive (see [`IdempotencyStore`]'s contract); the next lapse is a takeover.
-        contested: bool,
-        /// Past its commit point: kept until then, never taken over nor released.
-        committed_until: Option<Instant>,
-    },
-    Completed(Arc<Record>),
-}
-
 impl Entry {
-    fn wake(&self) {
-        if let State::InFlight {
-            waiters: Some(n), ..
-        } = &self.state
-        {
+    fn wake(&mut self) {
+        if let Some(n) = self.waiters.take() {
             n.notify_waiters();
         }
     }
@@ -326,18 +311,21 @@ impl MemoryStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), (StoreError, Record)> {
-        let completion = self.inner.completion(key, record, ttl);
-        match self.with_owned(key, token, |key, entry| {
-            completion.put(&self.inner, entry);
-            Arc::clone(key)
-        }) {
-            Ok(key) => {
+        let mut completion = self.inner.completion(key, record, ttl);
+        let stored = self.inner.map.get_mut(key.as_str()).and_then(|mut entry| {
+            let record = Arc::clone(&completion.record);
+            machine::complete(&mut entry.slot, completion.now, token, record, ttl).ok()?;
+            completion.account(&self.inner, &mut entry);
+            Some(Arc::clone(entry.key()))
+        });
+        match stored {
+            Some(key) => {
                 self.inner.enqueue(key, &completion);
                 Ok(())
             }
-            Err(err) => {
+            None => {
                 let record = Arc::try_unwrap(completion.record).unwrap_or_else(|r| (*r).clone());
-                Err((err, record))
+                Err((StoreError::LeaseLost, record))
             }
         }
     }
@@ -352,13 +340,10 @@ impl MemoryStore {
         let now = Instant::now();
         let inner = &self.inner;
         // Replays and duplicates only read: no key copy, no write lock.
-        if let Some(entry) = inner.map.get(key.as_str()) {
-            if entry.expires_at > now {
-                return Ok(live(&entry, now));
-            }
-            if let Some(unknown) = unknown_outcome(&entry, now) {
-                return Ok(unknown);
-            }
+        if let Some(entry) = inner.map.get(key.as_str())
+            && let Some(answer) = machine::peek(&entry.slot, now)
+        {
+            return Ok(answer.into_claim(token));
         }
         // Room for a new claim is reserved before the entry is locked (making room takes
         // other entries' locks), and given back if the key turns out to be taken.
@@ -373,80 +358,45 @@ impl MemoryStore {
             );
             return Err(StoreError::Full);
         }
-        let fresh = |inner: &Inner| Entry {
-            state: State::InFlight {
-                token,
-                fingerprint: *fingerprint,
+        let mut entry = inner
+            .map
+            .entry(Arc::clone(key.shared()))
+            .or_insert_with(|| Entry {
+                slot: Slot::Free,
                 waiters: None,
-                contested: false,
-                committed_until: None,
-            },
-            expires_at: time::add(now, lease),
-            size,
-            seq: inner.seq.fetch_add(1, Ordering::Relaxed),
-        };
-        let unreserve = || inner.bytes.fetch_sub(size, Ordering::Relaxed);
-        match inner.map.entry(Arc::clone(key.shared())) {
-            MapEntry::Occupied(mut occupied) => {
-                let entry = occupied.get_mut();
-                if entry.expires_at > now {
-                    unreserve();
-                    return Ok(live(entry, now));
-                }
-                if let Some(unknown) = unknown_outcome(entry, now) {
-                    unreserve();
-                    return Ok(unknown);
-                }
-                if let State::InFlight {
-                    contested: contested @ false,
-                    fingerprint,
-                    committed_until: None,
-                    ..
-                } = &mut entry.state
-                {
-                    // A lapsed lease: the owner gets a grace period to show it is alive
-                    // (a store outage, not a crash) before a claim takes the key over.
-                    unreserve();
-                    *contested = true;
-                    let grace = super::takeover_grace(lease);
-                    entry.expires_at = time::add(now, grace);
-                    return Ok(Claim::InFlight {
-                        fingerprint: *fingerprint,
-                        lease_remaining: Some(grace),
-                    });
-                }
-                entry.wake();
-                inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
-                *entry = fresh(inner);
-                Ok(Claim::Acquired(token))
-            }
-            MapEntry::Vacant(vacant) => {
-                vacant.insert(fresh(inner));
-                Ok(Claim::Acquired(token))
-            }
+                size: 0,
+                seq: 0,
+            });
+        let claimed = machine::claim(&mut entry.slot, now, fingerprint, token, lease);
+        if claimed == Claimed::Acquired {
+            // Whatever the key held before (an expired record, a claim taken over) is gone.
+            entry.wake();
+            inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+            entry.size = size;
+            entry.seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+        } else {
+            inner.bytes.fetch_sub(size, Ordering::Relaxed);
         }
+        Ok(claimed.into_claim(token))
     }
 
-    /// Runs `f` on the entry that `token` owns; `LeaseLost` if it owns none. Ownership is
-    /// by token alone: a lapsed lease that no claim took over is still owned.
-    fn with_owned<T>(
+    /// Applies `transition` to the slot of `key` and wakes its waiters; forgets the entry
+    /// if that left it free. `None` when the store holds nothing under `key`.
+    fn transition<T>(
         &self,
         key: &StoreKey,
-        token: LeaseToken,
-        f: impl FnOnce(&Arc<str>, &mut Entry) -> T,
-    ) -> Result<T, StoreError> {
-        let mut entry = self
-            .inner
-            .map
-            .get_mut(key.as_str())
-            .ok_or(StoreError::LeaseLost)?;
-        match entry.state {
-            State::InFlight { token: owner, .. } if owner == token => {
-                let (key, entry) = entry.pair_mut();
-                Ok(f(key, entry))
-            }
-            _ => Err(StoreError::LeaseLost),
+        transition: impl FnOnce(&mut Slot<Arc<Record>, Instant>) -> T,
+    ) -> Option<T> {
+        let mut out = None;
+        let removed = self.inner.map.remove_if_mut(key.as_str(), |_, entry| {
+            out = Some(transition(&mut entry.slot));
+            entry.wake();
+            matches!(entry.slot, Slot::Free)
+        });
+        if let Some((_, entry)) = removed {
+            self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
         }
+        out
     }
 }
 
@@ -456,73 +406,21 @@ struct Completion {
     size: usize,
     seq: u64,
     now: Instant,
+    /// Set from the slot once the record is in it.
     expires_at: Instant,
 }
 
 impl Completion {
-    /// Replaces what `entry` held with the record, waking its waiters.
-    fn put(&self, inner: &Inner, entry: &mut Entry) {
+    /// Counts the record in `entry`, which now holds it, and wakes the entry's waiters.
+    fn account(&mut self, inner: &Inner, entry: &mut Entry) {
         entry.wake();
         inner.bytes.fetch_add(self.size, Ordering::Relaxed);
         inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
-        *entry = Entry {
-            state: State::Completed(Arc::clone(&self.record)),
-            expires_at: self.expires_at,
-            size: self.size,
-            seq: self.seq,
-        };
-    }
-}
-
-/// The answer for a committed claim whose lease lapsed and whose commit is still kept.
-fn unknown_outcome(entry: &Entry, now: Instant) -> Option<Claim> {
-    match &entry.state {
-        State::InFlight {
-            fingerprint,
-            token,
-            committed_until: Some(until),
-            ..
-        } if *until > now => Some(Claim::OutcomeUnknown {
-            fingerprint: *fingerprint,
-            token: *token,
-        }),
-        _ => None,
-    }
-}
-
-/// Until when a committed claim whose lease lapsed is kept, if `entry` is one (its outcome
-/// is unknown).
-fn committed_until(entry: &Entry, now: Instant) -> Option<Instant> {
-    match &entry.state {
-        State::InFlight {
-            committed_until: Some(until),
-            ..
-        } if *until > now => Some(*until),
-        _ => None,
-    }
-}
-
-/// When an entry may be swept: a record at its expiry, a committed claim when its commit
-/// ends (or its lease, if later), another claim [`ORPHAN_RETENTION`] after its lease.
-fn gone_at(entry: &Entry) -> Instant {
-    match entry.state {
-        State::InFlight {
-            committed_until: Some(until),
-            ..
-        } => until.max(entry.expires_at),
-        State::InFlight { .. } => time::add(entry.expires_at, ORPHAN_RETENTION),
-        State::Completed(_) => entry.expires_at,
-    }
-}
-
-/// The answer for a live (unexpired) entry.
-fn live(entry: &Entry, now: Instant) -> Claim {
-    match &entry.state {
-        State::InFlight { fingerprint, .. } => Claim::InFlight {
-            fingerprint: *fingerprint,
-            lease_remaining: Some(entry.expires_at - now),
-        },
-        State::Completed(record) => Claim::Completed(Arc::clone(record)),
+        entry.size = self.size;
+        entry.seq = self.seq;
+        if let Slot::Completed { expires_at, .. } = entry.slot {
+            self.expires_at = expires_at;
+        }
     }
 }
 
@@ -530,7 +428,7 @@ impl Inner {
     fn sweep(&self, now: Instant) {
         self.map.retain(|_, entry| {
             // A lapsed claim nobody took over stays for its owner a while longer.
-            if gone_at(entry) > now {
+            if entry.slot.gone_at().is_some_and(|at| at > now) {
                 return true;
             }
             entry.wake();
@@ -584,11 +482,11 @@ impl Inner {
                 return false;
             };
             let removed = self.map.remove_if(&q.key, |_, e| {
-                e.seq == q.seq && matches!(e.state, State::Completed(_))
+                e.seq == q.seq && matches!(e.slot, Slot::Completed { .. })
             });
             if let Some((key, entry)) = removed {
                 self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
-                if entry.expires_at > now {
+                if entry.slot.gone_at().is_some_and(|at| at > now) {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::memory_eviction();
                     tracing::debug!(
@@ -674,35 +572,15 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
-        let removed = self.inner.map.remove_if(key.as_str(), |_, e| {
-            matches!(
-                e.state,
-                State::InFlight { token: owner, committed_until: None, .. } if owner == token
-            )
-        });
-        match removed {
-            Some((_, entry)) => {
-                entry.wake();
-                self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
-                Ok(())
-            }
-            // Committed: the owner lets go, and the key reads as outcome unknown at once.
-            None => self.with_owned(key, token, |_, entry| {
-                entry.expires_at = entry.expires_at.min(Instant::now());
-                entry.wake();
-                Err(StoreError::Committed)
-            })?,
-        }
+        let now = Instant::now();
+        self.transition(key, |slot| machine::release(slot, now, token))
+            .unwrap_or(Err(Refused::LeaseLost))?;
+        Ok(())
     }
 
     async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
-        let removed = self.inner.map.remove_if(
-            key.as_str(),
-            |_, e| matches!(e.state, State::InFlight { token: owner, .. } if owner == token),
-        );
-        let (_, entry) = removed.ok_or(StoreError::LeaseLost)?;
-        entry.wake();
-        self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+        self.transition(key, |slot| machine::revoke(slot, token))
+            .unwrap_or(Err(Refused::LeaseLost))?;
         Ok(())
     }
 
@@ -712,18 +590,13 @@ impl IdempotencyStore for MemoryStore {
         token: LeaseToken,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let until = time::deadline_after(ttl);
-        self.with_owned(key, token, |_, entry| {
-            if let State::InFlight {
-                committed_until,
-                contested,
-                ..
-            } = &mut entry.state
-            {
-                *contested = false;
-                *committed_until = Some(committed_until.map_or(until, |u| u.max(until)));
-            }
-        })
+        let mut entry = self
+            .inner
+            .map
+            .get_mut(key.as_str())
+            .ok_or(StoreError::LeaseLost)?;
+        machine::commit(&mut entry.slot, Instant::now(), token, ttl)?;
+        Ok(())
     }
 
     async fn settle(
@@ -732,21 +605,15 @@ impl IdempotencyStore for MemoryStore {
         record: Record,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let completion = self.inner.completion(key, record, ttl);
+        let mut completion = self.inner.completion(key, record, ttl);
         let Some(mut entry) = self.inner.map.get_mut(key.as_str()) else {
             return Ok(false);
         };
-        let now = completion.now;
-        if entry.expires_at > now {
+        let record = Arc::clone(&completion.record);
+        if machine::settle(&mut entry.slot, completion.now, record, ttl).is_err() {
             return Ok(false);
         }
-        let Some(kept_until) = committed_until(&entry, now) else {
-            return Ok(false);
-        };
-        // Settling never shortens what the commit was kept for.
-        let mut completion = completion;
-        completion.expires_at = completion.expires_at.max(kept_until);
-        completion.put(&self.inner, &mut entry);
+        completion.account(&self.inner, &mut entry);
         let key = Arc::clone(entry.key());
         drop(entry);
         self.inner.enqueue(key, &completion);
@@ -754,54 +621,17 @@ impl IdempotencyStore for MemoryStore {
     }
 
     async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
-        let now = Instant::now();
-        let Some(entry) = self.inner.map.get(key.as_str()) else {
-            return Ok(KeyState::Free);
-        };
-        Ok(match &entry.state {
-            State::Completed(record) if entry.expires_at > now => KeyState::Completed {
-                record: Arc::clone(record),
-                expires_in: Some(entry.expires_at - now),
-            },
-            State::Completed(_) => KeyState::Free,
-            State::InFlight {
-                fingerprint,
-                committed_until,
-                ..
-            } => {
-                if entry.expires_at <= now
-                    && let Some(until) = committed_until
-                {
-                    if *until > now {
-                        KeyState::OutcomeUnknown {
-                            fingerprint: *fingerprint,
-                            expires_in: Some(*until - now),
-                        }
-                    } else {
-                        KeyState::Free
-                    }
-                } else if gone_at(&entry) <= now {
-                    KeyState::Free
-                } else {
-                    KeyState::InFlight {
-                        fingerprint: *fingerprint,
-                        lease_remaining: entry.expires_at.saturating_duration_since(now),
-                        committed: committed_until.is_some(),
-                    }
-                }
-            }
+        Ok(match self.inner.map.get(key.as_str()) {
+            Some(entry) => machine::inspect(&entry.slot, Instant::now()),
+            None => KeyState::Free,
         })
     }
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        match self.inner.map.remove(key.as_str()) {
-            Some((_, entry)) => {
-                entry.wake();
-                self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
-                Ok(gone_at(&entry) > Instant::now())
-            }
-            None => Ok(false),
-        }
+        let now = Instant::now();
+        Ok(self
+            .transition(key, |slot| machine::purge(slot, now))
+            .unwrap_or(false))
     }
 
     fn backend_name(&self) -> &'static str {
@@ -814,12 +644,13 @@ impl IdempotencyStore for MemoryStore {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.with_owned(key, token, |_, entry| {
-            entry.expires_at = time::deadline_after(lease);
-            if let State::InFlight { contested, .. } = &mut entry.state {
-                *contested = false;
-            }
-        })
+        let mut entry = self
+            .inner
+            .map
+            .get_mut(key.as_str())
+            .ok_or(StoreError::LeaseLost)?;
+        machine::extend(&mut entry.slot, Instant::now(), token, lease)?;
+        Ok(())
     }
 
     /// Waits without polling: completion and release wake the waiters at once.
@@ -836,14 +667,12 @@ impl IdempotencyStore for MemoryStore {
         loop {
             // Register interest before looking, so that no wake-up is missed.
             let registered = self.inner.map.get_mut(key.as_str()).and_then(|mut e| {
-                let expires_at = e.expires_at;
-                match &mut e.state {
-                    State::InFlight { waiters, .. } => Some((
-                        Arc::clone(waiters.get_or_insert_with(|| Arc::new(Notify::new()))),
-                        expires_at,
-                    )),
-                    State::Completed(_) => None,
-                }
+                let Slot::Held(held) = &e.slot else {
+                    return None;
+                };
+                let lease_end = held.lease_until;
+                let notify = e.waiters.get_or_insert_with(|| Arc::new(Notify::new()));
+                Some((Arc::clone(notify), lease_end))
             });
             let Some((notify, lease_end)) = registered else {
                 let claim = self.claim_now(key, fingerprint, token, lease)?;
