@@ -1,8 +1,13 @@
 //! How to write an idempotency store of your own, and how to test it.
 //!
-//! `LockedMapStore` keeps everything in one `HashMap` behind a mutex: simple, correct, and a
-//! template for a backend of your own (a database, a cache, a key-value service). Each method
-//! answers one question of the store contract; the comments say what the layer relies on.
+//! `LockedMapStore` keeps every key's [`Slot`] in one `HashMap` behind a mutex. It does not
+//! write the store contract itself: each method loads a key's slot, applies one transition of
+//! [`tower_idempotency::store::machine`] (the same functions `MemoryStore` executes and the
+//! protocol model checks), and writes the slot back, all under one lock. A backend of your own
+//! (a database, a cache, a key-value service) does the same with whatever makes its
+//! read-modify-write atomic: a row lock, a transaction, a compare-and-swap on a version. It
+//! then only has to store a slot: a token, a fingerprint, two moments and a flag while held;
+//! a record (`Record::encode`) and its expiry once completed.
 //!
 //! To check it, run the conformance suite on it; this repository does so in
 //! `tests/backends/conformance_custom.rs`:
@@ -21,96 +26,37 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tower_idempotency::async_trait;
-use tower_idempotency::store::{
-    Claim, KeyState, LeaseToken, ORPHAN_RETENTION, Record, StoreKey, clamp_duration, takeover_grace,
-};
+use tower_idempotency::store::machine::{self, Slot};
+use tower_idempotency::store::{Claim, KeyState, LeaseToken, Record, StoreKey};
 use tower_idempotency::{Fingerprint, IdempotencyStore, StoreError};
 
-/// What a key holds.
-#[derive(Debug)]
-enum Entry {
-    /// Someone runs the operation and owns the key until `until`.
-    Claimed {
-        token: LeaseToken,
-        fingerprint: Fingerprint,
-        until: Instant,
-        /// A claim found the lease lapsed and gave the owner a grace period.
-        contested: bool,
-        /// Past its commit point, kept until then: never taken over nor released.
-        committed_until: Option<Instant>,
-    },
-    /// The operation ran; its record is replayed until `until`.
-    Done { record: Arc<Record>, until: Instant },
-}
-
-impl Entry {
-    /// Until when the entry answers claims (a lease or a TTL).
-    fn until(&self) -> Instant {
-        match self {
-            Entry::Claimed { until, .. } | Entry::Done { until, .. } => *until,
-        }
-    }
-
-    /// Until when the entry must be kept: a lapsed claim stays a while for its owner, a
-    /// committed one until its commit expires.
-    fn kept_until(&self) -> Instant {
-        match self {
-            Entry::Claimed {
-                until,
-                committed_until: Some(committed),
-                ..
-            } => (*committed).max(*until),
-            Entry::Claimed { until, .. } => *until + ORPHAN_RETENTION,
-            Entry::Done { until, .. } => *until,
-        }
-    }
-
-    /// A committed claim whose lease ended: its outcome is unknown until settled. Its
-    /// fingerprint, token and how long it is kept.
-    fn unknown(&self, now: Instant) -> Option<(Fingerprint, LeaseToken, Instant)> {
-        match self {
-            Entry::Claimed {
-                fingerprint,
-                token,
-                until,
-                committed_until: Some(committed),
-                ..
-            } if *until <= now && *committed > now => Some((*fingerprint, *token, *committed)),
-            _ => None,
-        }
-    }
-}
+/// What a key holds, on the store's clock.
+type KeySlot = Slot<Arc<Record>, Instant>;
 
 /// A store on a mutex-guarded map.
 #[derive(Debug, Clone, Default)]
 pub struct LockedMapStore {
-    entries: Arc<Mutex<HashMap<String, Entry>>>,
+    slots: Arc<Mutex<HashMap<String, KeySlot>>>,
 }
 
 impl LockedMapStore {
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        // A panic elsewhere cannot leave the map half-updated: every change is one insert or
-        // remove, so a poisoned lock is safe to use.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs `f` on the entry `token` owns, or answers `LeaseLost`.
-    fn owned(
-        &self,
-        key: &StoreKey,
-        token: LeaseToken,
-        f: impl FnOnce(&mut HashMap<String, Entry>),
-    ) -> Result<(), StoreError> {
-        let mut entries = self.entries();
-        match entries.get(key.as_str()) {
-            // Fencing by token, not by clock: the owner may act even after its lease ran
-            // out, as long as no other claim took the key over (which replaces the token).
-            Some(Entry::Claimed { token: owner, .. }) if *owner == token => {
-                f(&mut entries);
-                Ok(())
-            }
-            _ => Err(StoreError::LeaseLost),
+    /// Runs one transition on the slot of `key` atomically, at one "now", and keeps what it
+    /// leaves (a free slot is not kept).
+    fn with_slot<T>(&self, key: &StoreKey, f: impl FnOnce(&mut KeySlot, Instant) -> T) -> T {
+        // A panic elsewhere cannot leave a slot half-updated (each is replaced whole), so a
+        // poisoned lock is safe to use.
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        // Expiry without a cron job: now and then, forget every slot past its keeping.
+        if slots.len() % 1024 == 1023 {
+            slots.retain(|_, slot| slot.gone_at().is_some_and(|at| at > now));
         }
+        let mut slot = slots.remove(key.as_str()).unwrap_or_default();
+        let out = f(&mut slot, now);
+        if !matches!(slot, Slot::Free) {
+            slots.insert(key.as_str().to_owned(), slot);
+        }
+        out
     }
 }
 
@@ -123,64 +69,10 @@ impl IdempotencyStore for LockedMapStore {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let now = Instant::now();
-        let mut entries = self.entries();
-        // Expiry without a cron job: now and then, drop every entry past its keeping.
-        if entries.len() % 1024 == 1023 {
-            entries.retain(|_, e| e.kept_until() > now);
-        }
-        // A committed claim is never taken over: once its lease ends (its owner crashed or
-        // let go), its outcome is unknown.
-        if let Some((fingerprint, token, _)) =
-            entries.get(key.as_str()).and_then(|e| e.unknown(now))
-        {
-            return Ok(Claim::OutcomeUnknown { fingerprint, token });
-        }
-        // Expired entries are invisible: treat them as absent.
-        // A lapsed lease is contested once before it is taken over: the owner may only be
-        // cut off from the store, and gets `takeover_grace` to extend it.
-        if let Some(Entry::Claimed {
-            fingerprint,
-            until,
-            contested: contested @ false,
-            committed_until: None,
-            ..
-        }) = entries.get_mut(key.as_str())
-            && *until <= now
-        {
-            *contested = true;
-            *until = now + takeover_grace(lease);
-            return Ok(Claim::InFlight {
-                fingerprint: *fingerprint,
-                lease_remaining: Some(takeover_grace(lease)),
-            });
-        }
-        match entries.get(key.as_str()).filter(|e| e.until() > now) {
-            Some(Entry::Claimed {
-                fingerprint, until, ..
-            }) => Ok(Claim::InFlight {
-                fingerprint: *fingerprint,
-                lease_remaining: Some(*until - now),
-            }),
-            Some(Entry::Done { record, .. }) => Ok(Claim::Completed(Arc::clone(record))),
-            None => {
-                // Atomic: the check and the insert happen under one lock. The token is the
-                // caller's, so a caller whose reply got lost can still release the claim.
-                entries.insert(
-                    key.as_str().to_owned(),
-                    Entry::Claimed {
-                        token,
-                        fingerprint: *fingerprint,
-                        // Durations are clamped to MAX_DURATION, as every store does: a lease of
-                        // Duration::MAX must not overflow the clock.
-                        until: now + clamp_duration(lease),
-                        contested: false,
-                        committed_until: None,
-                    },
-                );
-                Ok(Claim::Acquired(token))
-            }
-        }
+        let claimed = self.with_slot(key, |slot, now| {
+            machine::claim(slot, now, fingerprint, token, lease)
+        });
+        Ok(claimed.into_claim(token))
     }
 
     async fn complete(
@@ -190,46 +82,19 @@ impl IdempotencyStore for LockedMapStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.owned(key, token, |entries| {
-            entries.insert(
-                key.as_str().to_owned(),
-                Entry::Done {
-                    record: Arc::new(record),
-                    until: Instant::now() + clamp_duration(ttl),
-                },
-            );
+        let record = Arc::new(record);
+        self.with_slot(key, |slot, now| {
+            machine::complete(slot, now, token, record, ttl)
         })
+        .map_err(|_| StoreError::LeaseLost)
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
-        let mut committed = false;
-        self.owned(key, token, |entries| {
-            // A committed claim is not freed: its owner lets go (the lease ends now), and
-            // the key reads as outcome unknown.
-            if let Some(Entry::Claimed {
-                until,
-                committed_until: Some(_),
-                ..
-            }) = entries.get_mut(key.as_str())
-            {
-                *until = (*until).min(Instant::now());
-                committed = true;
-            } else {
-                entries.remove(key.as_str());
-            }
-        })?;
-        if committed {
-            Err(StoreError::Committed)
-        } else {
-            Ok(())
-        }
+        Ok(self.with_slot(key, |slot, now| machine::release(slot, now, token))?)
     }
 
     async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
-        // Committed or not, the token's claim goes: the key is free.
-        self.owned(key, token, |entries| {
-            entries.remove(key.as_str());
-        })
+        Ok(self.with_slot(key, |slot, _| machine::revoke(slot, token))?)
     }
 
     async fn commit(
@@ -238,79 +103,7 @@ impl IdempotencyStore for LockedMapStore {
         token: LeaseToken,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let keep = Instant::now() + clamp_duration(ttl);
-        self.owned(key, token, |entries| {
-            if let Some(Entry::Claimed {
-                contested,
-                committed_until,
-                ..
-            }) = entries.get_mut(key.as_str())
-            {
-                *contested = false;
-                *committed_until = Some(committed_until.map_or(keep, |c| c.max(keep)));
-            }
-        })
-    }
-
-    async fn settle(
-        &self,
-        key: &StoreKey,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        let now = Instant::now();
-        let mut entries = self.entries();
-        let Some((_, _, kept_until)) = entries.get(key.as_str()).and_then(|e| e.unknown(now))
-        else {
-            return Ok(false);
-        };
-        // Settling never shortens what the commit was kept for.
-        entries.insert(
-            key.as_str().to_owned(),
-            Entry::Done {
-                record: Arc::new(record),
-                until: (now + clamp_duration(ttl)).max(kept_until),
-            },
-        );
-        Ok(true)
-    }
-
-    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
-        let now = Instant::now();
-        let entries = self.entries();
-        let Some(entry) = entries.get(key.as_str()).filter(|e| e.kept_until() > now) else {
-            return Ok(KeyState::Free);
-        };
-        if let Some((fingerprint, _, _)) = entry.unknown(now) {
-            return Ok(KeyState::OutcomeUnknown {
-                fingerprint,
-                expires_in: Some(entry.kept_until() - now),
-            });
-        }
-        Ok(match entry {
-            Entry::Claimed {
-                fingerprint,
-                until,
-                committed_until,
-                ..
-            } => KeyState::InFlight {
-                fingerprint: *fingerprint,
-                lease_remaining: until.saturating_duration_since(now),
-                committed: committed_until.is_some(),
-            },
-            Entry::Done { record, until } => KeyState::Completed {
-                record: Arc::clone(record),
-                expires_in: Some(*until - now),
-            },
-        })
-    }
-
-    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        let now = Instant::now();
-        Ok(self
-            .entries()
-            .remove(key.as_str())
-            .is_some_and(|e| e.kept_until() > now))
+        Ok(self.with_slot(key, |slot, now| machine::commit(slot, now, token, ttl))?)
     }
 
     async fn extend(
@@ -319,17 +112,27 @@ impl IdempotencyStore for LockedMapStore {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.owned(key, token, |entries| {
-            if let Some(Entry::Claimed {
-                until, contested, ..
-            }) = entries.get_mut(key.as_str())
-            {
-                // A committed claim keeps its commit's expiry (`kept_until` takes the
-                // later of the two).
-                *until = Instant::now() + clamp_duration(lease);
-                *contested = false;
-            }
-        })
+        Ok(self.with_slot(key, |slot, now| machine::extend(slot, now, token, lease))?)
+    }
+
+    async fn settle(
+        &self,
+        key: &StoreKey,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let record = Arc::new(record);
+        Ok(self
+            .with_slot(key, |slot, now| machine::settle(slot, now, record, ttl))
+            .is_ok())
+    }
+
+    async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
+        Ok(self.with_slot(key, |slot, now| machine::inspect(slot, now)))
+    }
+
+    async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        Ok(self.with_slot(key, |slot, now| machine::purge(slot, now)))
     }
 
     // `wait` keeps the trait's default, which polls `claim` with a growing pause.
