@@ -132,7 +132,7 @@ impl IdempotencyStore for LockedMapStore {
     }
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        Ok(self.with_slot(key, |slot, now| machine::purge(slot, now)))
+        Ok(self.with_slot(key, machine::purge))
     }
 
     // `wait` keeps the trait's default, which polls `claim` with a growing pause.
