@@ -1,8 +1,9 @@
-//! The stores: Redis (and Redis Cluster), PostgreSQL, MySQL/MariaDB and their failures, exactly
-//! once inside the handler's transaction, the keys tool, and the conformance suite on the memory
-//! store and the custom-store example. The backend tests need their service's URL (`REDIS_URL`,
-//! `DATABASE_URL`, `MYSQL_URL`) and say they were skipped without it. One test binary; each
-//! file is a module.
+//! The stores: Redis (and Redis Cluster), PostgreSQL, MySQL/MariaDB (the scenarios the two
+//! SQL stores share are written once, in `sql_scenarios`) and their failures, exactly once
+//! inside the handler's transaction, the keys tool, and the conformance suite on the memory
+//! store and the custom-store example. The backend tests need their service's URL
+//! (`REDIS_URL`, `DATABASE_URL`, `MYSQL_URL`) and say they were skipped without it. One test
+//! binary; each file is a module.
 
 #[cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
 #[path = "../common"]
@@ -37,4 +38,6 @@ mod open;
 mod postgres;
 mod redis;
 mod redis_cluster;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+mod sql_scenarios;
 mod store_faults;

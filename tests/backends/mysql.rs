@@ -1,10 +1,10 @@
-//! The MySQL store against a real server (MariaDB on the machines these tests run on).
+//! The MySQL store against a real server (MariaDB on the machines these tests run on): the
+//! scenarios it shares with the PostgreSQL store (`sql_scenarios`), and what is its own (its
+//! wire protocol, its SQL modes, its collations, its procedures, its key length).
 //!
 //! Every test reads `MYSQL_URL` (for example `mysql://root@127.0.0.1:3306/test`); when it
 //! is not set the test prints "skipped: MYSQL_URL not set" and passes.
 #![cfg(feature = "mysql")]
-
-use crate::common;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -16,34 +16,102 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower_idempotency::sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlSslMode};
 use tower_idempotency::sqlx::{self, MySqlPool};
-use tower_idempotency::store::{Claim, KeyState, LeaseToken, Record, StoreKey};
-use tower_idempotency::{Fingerprint, IdempotencyStore, MySqlStore, Scope, StoreError};
+use tower_idempotency::store::{Claim, LeaseToken, Record};
+use tower_idempotency::{IdempotencyStore, MySqlStore, StoreError};
 
-/// The table the conformance suite shares across runs (its keys are fresh random ones).
-#[cfg(feature = "conformance")]
-const CONFORMANCE_TABLE: &str = "tower_idempotency_conformance";
+use crate::sql_scenarios::{
+    self, SqlStore, acquire, fp, key, pool, private_store, private_table, record,
+};
 
-fn mysql_url() -> Option<String> {
-    match std::env::var("MYSQL_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            println!("skipped: MYSQL_URL not set");
-            None
+impl SqlStore for MySqlStore {
+    type Pool = MySqlPool;
+    const URL_VAR: &'static str = "MYSQL_URL";
+
+    async fn connect(url: &str, connections: u32) -> MySqlPool {
+        MySqlPoolOptions::new()
+            .max_connections(connections)
+            .connect(url)
+            .await
+            .expect("connect to MYSQL_URL")
+    }
+
+    fn on(pool: MySqlPool) -> Self {
+        Self::new(pool)
+    }
+
+    fn pool_of(&self) -> &MySqlPool {
+        self.pool()
+    }
+
+    fn with_table(self, name: &str) -> Self {
+        self.table(name)
+    }
+
+    fn with_sweep_batch(self, rows: u32) -> Self {
+        self.sweep_batch(rows)
+    }
+
+    fn with_sweep_interval(self, interval: Duration) -> Self {
+        self.sweep_interval(interval)
+    }
+
+    async fn create_table(&self) -> Result<(), StoreError> {
+        self.migrate().await
+    }
+
+    async fn sweep_now(&self) -> Result<u64, StoreError> {
+        self.sweep().await
+    }
+
+    fn shown_migration(&self) -> Option<Result<Vec<String>, String>> {
+        Some(self.migration_sql().map_err(|err| err.to_string()))
+    }
+
+    /// Drops the table and its procedures (with the statements the store gives).
+    async fn drop_table(pool: &MySqlPool, table: &str) {
+        let store = MySqlStore::new(pool.clone()).table(table);
+        for sql in store.drop_sql().expect("a valid name") {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await;
         }
     }
+
+    async fn count_rows(pool: &MySqlPool, table: &str) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM `{table}`");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(pool)
+            .await
+            .expect("count rows")
+    }
+
+    async fn execute(pool: &MySqlPool, sql: String) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .expect("run SQL");
+    }
+
+    fn age_lapsed_claims_sql(table: &str) -> String {
+        format!(
+            "UPDATE `{table}` SET expires_at = UTC_TIMESTAMP(6) - INTERVAL 2 HOUR \
+             WHERE `key` LIKE '%lease-%'"
+        )
+    }
+
+    fn damage_records_sql(table: &str) -> String {
+        format!("UPDATE `{table}` SET record = X'0001'")
+    }
+}
+
+sql_scenarios::sql_store_tests!(MySqlStore);
+
+/// `MYSQL_URL`, or `None` after saying the test was skipped.
+fn mysql_url() -> Option<String> {
+    sql_scenarios::url::<MySqlStore>()
 }
 
 #[cfg(feature = "conformance")]
 async fn make_store() -> Option<MySqlStore> {
-    let url = mysql_url()?;
-    let pool = MySqlPoolOptions::new()
-        .max_connections(16)
-        .connect(&url)
-        .await
-        .expect("connect to MYSQL_URL");
-    let store = MySqlStore::new(pool).table(CONFORMANCE_TABLE);
-    store.migrate().await.expect("migrate");
-    Some(store)
+    sql_scenarios::conformance_store().await
 }
 
 #[cfg(feature = "conformance")]
@@ -78,133 +146,13 @@ async fn make_simultaneous_store() -> Option<MySqlStore> {
         simultaneous.contains("SIMULTANEOUS_ASSIGNMENT"),
         "{simultaneous}"
     );
-    let store = MySqlStore::new(pool).table(CONFORMANCE_TABLE);
+    let store = MySqlStore::new(pool).table(sql_scenarios::CONFORMANCE_TABLE);
     store.migrate().await.expect("migrate");
     Some(store)
 }
 
 #[cfg(feature = "conformance")]
 tower_idempotency::store_conformance_tests!(mysql_simultaneous_assignment, make_simultaneous_store);
-
-/// A table name no other test (or run) uses, short enough for its procedures' names.
-fn private_table(what: &str) -> String {
-    format!("ti_{what}_{}", uuid::Uuid::new_v4().simple())
-}
-
-async fn pool(url: &str) -> MySqlPool {
-    MySqlPoolOptions::new()
-        .max_connections(8)
-        .connect(url)
-        .await
-        .expect("connect to MYSQL_URL")
-}
-
-/// Drops a store's table and its procedures (with the statements the store gives).
-async fn drop_store(pool: &MySqlPool, table: &str) {
-    let store = MySqlStore::new(pool.clone()).table(table);
-    for sql in store.drop_sql().expect("a valid name") {
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await;
-    }
-}
-
-async fn count_rows(pool: &MySqlPool, table: &str) -> i64 {
-    let sql = format!("SELECT COUNT(*) FROM `{table}`");
-    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .fetch_one(pool)
-        .await
-        .expect("count rows")
-}
-
-fn key(k: &str) -> StoreKey {
-    StoreKey::new(&Scope::anonymous(), k)
-}
-
-fn fp(n: u8) -> Fingerprint {
-    Fingerprint::from_bytes([n; 32])
-}
-
-fn record(body: &'static [u8]) -> Record {
-    Record::new(
-        StatusCode::OK,
-        HeaderMap::new(),
-        Bytes::from_static(body),
-        None,
-    )
-}
-
-async fn acquire(store: &MySqlStore, k: &StoreKey, lease: Duration) -> LeaseToken {
-    match store.claim(k, &fp(1), LeaseToken::new(), lease).await {
-        Ok(Claim::Acquired(token)) => token,
-        other => panic!("expected to acquire {k}, got {other:?}"),
-    }
-}
-
-/// A store on a table of its own, without a background sweep.
-async fn private_store(url: &str, what: &str) -> (MySqlPool, MySqlStore, String) {
-    let pool = pool(url).await;
-    let table = private_table(what);
-    let store = MySqlStore::new(pool.clone())
-        .table(&table)
-        .sweep_interval(Duration::ZERO);
-    store.migrate().await.expect("migrate");
-    (pool, store, table)
-}
-
-/// Two instances (two pools, two stores, two layered services) on one table: 64 concurrent
-/// requests with one key run the handler once, and every answer is the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn many_instances_run_once() {
-    let Some(url) = mysql_url() else { return };
-    let table = private_table("fleet");
-    let store_a = MySqlStore::new(pool(&url).await).table(&table);
-    let store_b = MySqlStore::new(pool(&url).await).table(&table);
-    store_a.migrate().await.expect("migrate");
-    store_b.migrate().await.expect("migrate twice is harmless");
-    common::two_instances_run_once(store_a.clone(), store_b).await;
-    drop_store(store_a.pool(), &table).await;
-}
-
-/// Many tasks on two pools claim many keys at once, each key from several tasks: exactly
-/// one claim per key wins, and InnoDB's deadlock breaking (if it happens) never surfaces
-/// as an error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_claims_on_many_keys_each_have_one_winner() {
-    let Some(url) = mysql_url() else { return };
-    let (pool_a, store_a, table) = private_store(&url, "race").await;
-    let store_b = MySqlStore::new(pool(&url).await)
-        .table(&table)
-        .sweep_interval(Duration::ZERO);
-    let keys: Vec<StoreKey> = (0..40).map(|i| key(&format!("race-{i}"))).collect();
-    let mut tasks = Vec::new();
-    for round in 0..6 {
-        for k in &keys {
-            let store = if round % 2 == 0 {
-                store_a.clone()
-            } else {
-                store_b.clone()
-            };
-            let k = k.clone();
-            tasks.push(tokio::spawn(async move {
-                let claim = store
-                    .claim(&k, &fp(1), LeaseToken::new(), Duration::from_secs(30))
-                    .await;
-                (k, claim)
-            }));
-        }
-    }
-    let mut winners = std::collections::HashMap::<String, usize>::new();
-    for task in tasks {
-        let (k, claim) = task.await.expect("task");
-        match claim {
-            Ok(Claim::Acquired(_)) => *winners.entry(k.to_string()).or_default() += 1,
-            Ok(Claim::InFlight { .. }) => {}
-            other => panic!("{k}: unexpected {other:?}"),
-        }
-    }
-    assert_eq!(winners.len(), keys.len(), "every key has a winner");
-    assert!(winners.values().all(|n| *n == 1), "{winners:?}");
-    drop_store(&pool_a, &table).await;
-}
 
 /// Counts the commands a MySQL client sends through it. After the handshake every command
 /// is a packet with sequence number 0 whose first byte says what it is (`0x17` executes a
@@ -299,73 +247,24 @@ async fn one_round_trip_per_operation() {
         .sweep_interval(Duration::ZERO);
     store.migrate().await.expect("migrate");
 
-    // Warm up: prepare every statement once on the connection.
-    let warm = key("warm-up");
-    let token = acquire(&store, &warm, Duration::from_secs(30)).await;
-    store
-        .extend(&warm, token, Duration::from_secs(30))
-        .await
-        .unwrap();
-    store
-        .complete(&warm, token, record(b"w"), Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert!(matches!(
-        store
-            .claim(&warm, &fp(1), LeaseToken::new(), Duration::from_secs(30))
-            .await,
-        Ok(Claim::Completed(_))
-    ));
-    let other = key("warm-up-2");
-    let token = acquire(&store, &other, Duration::from_secs(30)).await;
-    store.release(&other, token).await.unwrap();
-    assert!(
-        wire.take().contains(&0x16),
-        "the proxy must see statements being prepared"
-    );
+    sql_scenarios::each_operation_once(&store, |what| {
+        let commands = wire.take();
+        if what == "warm-up" {
+            assert!(
+                commands.contains(&0x16),
+                "the proxy must see statements being prepared"
+            );
+        } else {
+            assert_eq!(
+                commands,
+                [0x17],
+                "{what} must be one prepared statement in one round trip"
+            );
+        }
+    })
+    .await;
 
-    let one_command = |what: &str, commands: Vec<u8>| {
-        assert_eq!(
-            commands,
-            [0x17],
-            "{what} must be one prepared statement in one round trip"
-        );
-    };
-    let k = key(&uuid::Uuid::new_v4().to_string());
-    let token = acquire(&store, &k, Duration::from_secs(30)).await;
-    one_command("claim", wire.take());
-    assert!(matches!(
-        store
-            .claim(&k, &fp(1), LeaseToken::new(), Duration::from_secs(30))
-            .await,
-        Ok(Claim::InFlight { .. })
-    ));
-    one_command("claim of a key in flight", wire.take());
-    store
-        .extend(&k, token, Duration::from_secs(30))
-        .await
-        .unwrap();
-    one_command("extend", wire.take());
-    store
-        .complete(&k, token, record(b"done"), Duration::from_secs(60))
-        .await
-        .unwrap();
-    one_command("complete", wire.take());
-    match store
-        .claim(&k, &fp(1), LeaseToken::new(), Duration::from_secs(30))
-        .await
-    {
-        Ok(Claim::Completed(r)) => assert_eq!(r.body(), &Bytes::from_static(b"done")),
-        other => panic!("expected the record, got {other:?}"),
-    }
-    one_command("replay", wire.take());
-    let k2 = key(&uuid::Uuid::new_v4().to_string());
-    let token = acquire(&store, &k2, Duration::from_secs(30)).await;
-    wire.take();
-    store.release(&k2, token).await.unwrap();
-    one_command("release", wire.take());
-
-    drop_store(&pool, &table).await;
+    MySqlStore::drop_table(&pool, &table).await;
 }
 
 /// Keys are compared byte for byte: keys that a case- or accent-insensitive collation
@@ -373,7 +272,7 @@ async fn one_round_trip_per_operation() {
 #[tokio::test]
 async fn keys_differing_in_case_or_accents_are_distinct() {
     let Some(url) = mysql_url() else { return };
-    let (pool, store, table) = private_store(&url, "case").await;
+    let (pool, store, table) = private_store::<MySqlStore>(&url, "case").await;
     let lease = Duration::from_secs(30);
     for (i, k) in ["order-ABC", "order-abc", "order-abç", "order-abc "]
         .into_iter()
@@ -391,7 +290,7 @@ async fn keys_differing_in_case_or_accents_are_distinct() {
         let record = Record::new(StatusCode::OK, HeaderMap::new(), body, None);
         store.complete(&k, token, record, lease).await.unwrap();
     }
-    assert_eq!(count_rows(&pool, &table).await, 4);
+    assert_eq!(MySqlStore::count_rows(&pool, &table).await, 4);
     match store
         .claim(&key("order-abc"), &fp(1), LeaseToken::new(), lease)
         .await
@@ -399,14 +298,14 @@ async fn keys_differing_in_case_or_accents_are_distinct() {
         Ok(Claim::Completed(r)) => assert_eq!(r.body(), &Bytes::from_static(b"answer 1")),
         other => panic!("expected the second answer, got {other:?}"),
     }
-    drop_store(&pool, &table).await;
+    MySqlStore::drop_table(&pool, &table).await;
 }
 
 /// The stored answer's status and headers are readable in SQL, as JSON.
 #[tokio::test]
 async fn status_and_headers_are_readable_in_sql() {
     let Some(url) = mysql_url() else { return };
-    let (pool, store, table) = private_store(&url, "readable").await;
+    let (pool, store, table) = private_store::<MySqlStore>(&url, "readable").await;
     let k = key("readable");
     let token = acquire(&store, &k, Duration::from_secs(30)).await;
     let mut headers = HeaderMap::new();
@@ -434,119 +333,7 @@ async fn status_and_headers_are_readable_in_sql() {
     assert_eq!(status, Some(201));
     assert_eq!(content_type.as_deref(), Some("application/json"));
     assert_eq!(note.as_deref(), Some("a \"quoted\" \\ value"));
-    drop_store(&pool, &table).await;
-}
-
-/// `sweep` deletes expired records, in batches, and leaves live ones, and lapsed claims
-/// too: their owner may still store its outcome for `ORPHAN_RETENTION`.
-#[tokio::test]
-async fn sweep_deletes_expired_rows_only() {
-    let Some(url) = mysql_url() else { return };
-    let pool = pool(&url).await;
-    let table = private_table("sweep");
-    let store = MySqlStore::new(pool.clone())
-        .table(&table)
-        .sweep_batch(2)
-        .sweep_interval(Duration::ZERO);
-    store.migrate().await.expect("migrate");
-    let short = Duration::from_millis(200);
-    let long = Duration::from_secs(600);
-
-    for i in 0..3 {
-        acquire(&store, &key(&format!("lease-{i}")), short).await;
-    }
-    for i in 0..2 {
-        let k = key(&format!("ttl-{i}"));
-        let token = acquire(&store, &k, long).await;
-        store
-            .complete(&k, token, record(b"old"), short)
-            .await
-            .unwrap();
-    }
-    acquire(&store, &key("live-claim"), long).await;
-    let live = key("live-record");
-    let token = acquire(&store, &live, long).await;
-    store
-        .complete(&live, token, record(b"kept"), long)
-        .await
-        .unwrap();
-
-    assert_eq!(count_rows(&pool, &table).await, 7);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(
-        store.sweep().await.expect("sweep"),
-        2,
-        "two records expired"
-    );
-    assert_eq!(count_rows(&pool, &table).await, 5);
-    for i in 0..3 {
-        let k = key(&format!("lease-{i}"));
-        let claim = store.claim(&k, &fp(1), LeaseToken::new(), short).await;
-        assert!(matches!(claim, Ok(Claim::InFlight { .. })), "{claim:?}");
-    }
-    // Past the retention, a lapsed claim is swept (aged here by moving its deadline back).
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE `{table}` SET expires_at = UTC_TIMESTAMP(6) - INTERVAL 2 HOUR \
-         WHERE `key` LIKE '%lease-%'"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        store.sweep().await.expect("sweep"),
-        3,
-        "three old claims swept"
-    );
-    assert_eq!(count_rows(&pool, &table).await, 2);
-    assert_eq!(
-        store.sweep().await.expect("sweep"),
-        0,
-        "nothing left to sweep"
-    );
-    assert!(matches!(
-        store
-            .claim(&key("live-claim"), &fp(1), LeaseToken::new(), long)
-            .await,
-        Ok(Claim::InFlight { .. })
-    ));
-    match store.claim(&live, &fp(1), LeaseToken::new(), long).await {
-        Ok(Claim::Completed(r)) => assert_eq!(r.body(), &Bytes::from_static(b"kept")),
-        other => panic!("the live record must stay, got {other:?}"),
-    }
-    drop_store(&pool, &table).await;
-}
-
-/// The background task sweeps by itself.
-#[tokio::test]
-async fn background_sweeper_runs() {
-    let Some(url) = mysql_url() else { return };
-    let pool = pool(&url).await;
-    let table = private_table("sweeper");
-    let store = MySqlStore::new(pool.clone())
-        .table(&table)
-        .sweep_interval(Duration::from_millis(100));
-    store.migrate().await.expect("migrate");
-    let a = key("a");
-    let token = acquire(&store, &a, Duration::from_secs(600)).await;
-    store
-        .complete(&a, token, record(b"short"), Duration::from_millis(50))
-        .await
-        .unwrap();
-    acquire(&store, &key("b"), Duration::from_secs(600)).await;
-    let mut rows = 2;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        rows = count_rows(&pool, &table).await;
-        if rows == 1 {
-            break;
-        }
-    }
-    assert_eq!(
-        rows, 1,
-        "the sweeper must delete the expired record, and only it"
-    );
-    drop(store);
-    drop_store(&pool, &table).await;
+    MySqlStore::drop_table(&pool, &table).await;
 }
 
 /// Several instances migrating at once all succeed, and the store works afterwards.
@@ -554,7 +341,7 @@ async fn background_sweeper_runs() {
 async fn concurrent_migrations_are_safe() {
     let Some(url) = mysql_url() else { return };
     let table = private_table("migrate");
-    let pool = pool(&url).await;
+    let pool = pool::<MySqlStore>(&url).await;
     let migrations: Vec<_> = (0..6)
         .map(|_| {
             let store = MySqlStore::new(pool.clone()).table(&table);
@@ -574,35 +361,7 @@ async fn concurrent_migrations_are_safe() {
         .await
         .unwrap();
     assert!(mode.contains("PIPES_AS_CONCAT"), "{mode}");
-    drop_store(&pool, &table).await;
-}
-
-/// A bad table name fails every operation, without a panic and without touching the
-/// database.
-#[tokio::test]
-async fn invalid_table_name_is_an_error() {
-    let Some(url) = mysql_url() else { return };
-    let store = MySqlStore::new(pool(&url).await).table("records`; DROP TABLE x");
-    assert!(format!("{store:?}").contains("table_valid: false"));
-    assert!(store.migration_sql().is_err());
-    for result in [
-        store.migrate().await,
-        store.sweep().await.map(drop),
-        store
-            .claim(&key("k"), &fp(1), LeaseToken::new(), Duration::from_secs(1))
-            .await
-            .map(drop),
-    ] {
-        match result {
-            Err(StoreError::Backend(err)) => {
-                assert!(
-                    err.to_string().contains("invalid idempotency table name"),
-                    "{err}"
-                )
-            }
-            other => panic!("expected an invalid table name error, got {other:?}"),
-        }
-    }
+    MySqlStore::drop_table(&pool, &table).await;
 }
 
 /// A key longer than the table holds is refused before it reaches the server, never cut
@@ -610,7 +369,7 @@ async fn invalid_table_name_is_an_error() {
 #[tokio::test]
 async fn a_key_too_long_for_the_table_is_refused() {
     let Some(url) = mysql_url() else { return };
-    let (pool, store, table) = private_store(&url, "long").await;
+    let (pool, store, table) = private_store::<MySqlStore>(&url, "long").await;
     let long = key(&"k".repeat(4000));
     match store
         .claim(&long, &fp(1), LeaseToken::new(), Duration::from_secs(5))
@@ -619,67 +378,8 @@ async fn a_key_too_long_for_the_table_is_refused() {
         Err(StoreError::Backend(err)) => assert!(err.to_string().contains("max_key_len"), "{err}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
-    assert_eq!(count_rows(&pool, &table).await, 0);
-    drop_store(&pool, &table).await;
-}
-
-/// A record that is not a valid encoding is a decode error, not a crash.
-#[tokio::test]
-async fn damaged_record_is_a_decode_error() {
-    let Some(url) = mysql_url() else { return };
-    let (pool, store, table) = private_store(&url, "damaged").await;
-    let k = key("k");
-    let token = acquire(&store, &k, Duration::from_secs(30)).await;
-    store
-        .complete(&k, token, record(b"x"), Duration::from_secs(60))
-        .await
-        .unwrap();
-    let sql = format!("UPDATE `{table}` SET record = X'0001'");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(&pool)
-        .await
-        .unwrap();
-    assert!(matches!(
-        store
-            .claim(&k, &fp(1), LeaseToken::new(), Duration::from_secs(30))
-            .await,
-        Err(StoreError::Decode(_))
-    ));
-    assert!(matches!(
-        store.inspect(&k).await,
-        Err(StoreError::Decode(_))
-    ));
-    assert!(store.purge(&k).await.unwrap());
-    assert!(matches!(store.inspect(&k).await, Ok(KeyState::Free)));
-    drop_store(&pool, &table).await;
-}
-
-/// A lapsed claim is contested once before any claim takes it over, however short the
-/// lease: the procedure judges every step by one clock reading, so the grace it gives the
-/// owner cannot run out between two of its statements.
-#[tokio::test]
-async fn a_lapsed_claim_is_contested_before_it_is_taken_over() {
-    let Some(url) = mysql_url() else { return };
-    let (pool, store, table) = private_store(&url, "grace").await;
-    for round in 0..20 {
-        let k = key(&format!("grace-{round}"));
-        acquire(&store, &k, Duration::from_micros(200)).await;
-        tokio::time::sleep(Duration::from_millis(3)).await;
-        let contest = store
-            .claim(&k, &fp(2), LeaseToken::new(), Duration::from_micros(200))
-            .await;
-        match contest {
-            // The grace is at least 1 ms (`takeover_grace`), whatever the lease.
-            Ok(Claim::InFlight {
-                lease_remaining: Some(left),
-                ..
-            }) => assert!(left > Duration::from_micros(500), "round {round}: {left:?}"),
-            other => {
-                panic!("round {round}: the first claim after the lapse must contest, got {other:?}")
-            }
-        }
-    }
-    drop_store(&pool, &table).await;
+    assert_eq!(MySqlStore::count_rows(&pool, &table).await, 0);
+    MySqlStore::drop_table(&pool, &table).await;
 }
 
 /// Two tables whose names differ only in case are two stores (table names are
@@ -687,7 +387,7 @@ async fn a_lapsed_claim_is_contested_before_it_is_taken_over() {
 #[tokio::test]
 async fn tables_differing_only_in_case_are_two_stores() {
     let Some(url) = mysql_url() else { return };
-    let pool = pool(&url).await;
+    let pool = pool::<MySqlStore>(&url).await;
     let id = uuid::Uuid::new_v4().simple().to_string();
     let names = [format!("ti_Case_{id}"), format!("ti_case_{id}")];
     let stores: Vec<MySqlStore> = names
