@@ -10,7 +10,8 @@
 //! - `LISTEN_ADDR` (default `127.0.0.1:3000`): where to listen;
 //! - `IDEMPOTENCY_STORE` (default `memory`): `memory`, `redis://…` (feature `redis`),
 //!   `redis-cluster://host:port[,host:port…]` (any nodes of a Redis Cluster; feature `redis`),
-//!   `postgres://…` (feature `postgres`) or `mysql://…` (MySQL or MariaDB; feature `mysql`);
+//!   `postgres://…` (feature `postgres`) or `mysql://…` / `mariadb://…` (MySQL or MariaDB;
+//!   feature `mysql`);
 //! - `IDEMPOTENCY_ON_IN_FLIGHT` (default `reject`): `reject` answers 409 to a duplicate
 //!   that arrives while the first request runs, `wait` makes it wait for the result
 //!   (`IDEMPOTENCY_WAIT_MS`, default 10000);
@@ -332,68 +333,55 @@ impl Settings {
 pub type Backend = (Arc<dyn IdempotencyStore>, OrderBook);
 
 /// Opens the store named by `IDEMPOTENCY_STORE`, and the order book that goes with it.
+///
+/// Redis comes from [`tower_idempotency::store::open`], with the orders in this process; so
+/// does a store this build lacks, whose error names the feature to enable. The others are
+/// opened here: the memory store for its cap (`IDEMPOTENCY_MEMORY_MAX_MB`, which `open` has
+/// no option for), and PostgreSQL and MySQL because their order book declares the commit
+/// point inside its own transaction, with the concrete store's `commit_in` and its pool,
+/// which the `Arc<dyn IdempotencyStore>` that `open` returns does not offer.
 pub async fn open_store(url: &str) -> Result<Backend, String> {
-    if url == "memory" {
-        let mut store = MemoryStore::builder();
-        if let Some(mb) = std::env::var("IDEMPOTENCY_MEMORY_MAX_MB")
-            .ok()
-            .filter(|v| !v.is_empty())
-        {
-            let mb: usize = mb.parse().map_err(|_| {
-                format!("IDEMPOTENCY_MEMORY_MAX_MB must be a number of MiB, not {mb:?}")
-            })?;
-            store = store.max_bytes(mb.saturating_mul(1 << 20));
+    let url = url.trim();
+    let scheme = url.split_once("://").map_or(url, |(scheme, _)| scheme);
+    match scheme {
+        "memory" if url == "memory" => open_memory(),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => open_postgres(url).await,
+        #[cfg(feature = "mysql")]
+        "mysql" | "mariadb" => open_mysql(url).await,
+        _ => {
+            let store = tower_idempotency::store::open(url)
+                .await
+                .map_err(|e| format!("IDEMPOTENCY_STORE: {}", chain(&e)))?;
+            Ok((store, OrderBook::memory()))
         }
-        return Ok((Arc::new(store.build()), OrderBook::memory()));
     }
-    if let Some(nodes) = url.strip_prefix("redis-cluster://") {
-        return open_redis_cluster(nodes).await;
-    }
-    if url.starts_with("redis://") || url.starts_with("rediss://") {
-        return open_redis(url).await;
-    }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return open_postgres(url).await;
-    }
-    if url.starts_with("mysql://") {
-        return open_mysql(url).await;
-    }
-    Err(format!(
-        "IDEMPOTENCY_STORE must be `memory`, `redis://…`, `redis-cluster://host:port,…`, \
-         `postgres://…` or `mysql://…`, not {url:?}"
-    ))
 }
 
-#[cfg(feature = "redis")]
-async fn open_redis(url: &str) -> Result<Backend, String> {
-    let store = tower_idempotency::RedisStore::connect(url)
-        .await
-        .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
-    Ok((Arc::new(store), OrderBook::memory()))
+/// An error and its sources, `: `-separated.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
-/// `host:port[,host:port…]`: any nodes of a Redis Cluster.
-#[cfg(feature = "redis")]
-async fn open_redis_cluster(nodes: &str) -> Result<Backend, String> {
-    let urls: Vec<String> = nodes
-        .split(',')
-        .filter(|n| !n.trim().is_empty())
-        .map(|n| format!("redis://{}", n.trim()))
-        .collect();
-    let store = tower_idempotency::RedisStore::connect_cluster(&urls)
-        .await
-        .map_err(|e| format!("cannot connect to the Redis Cluster at {nodes}: {e}"))?;
-    Ok((Arc::new(store), OrderBook::memory()))
-}
-
-#[cfg(not(feature = "redis"))]
-async fn open_redis_cluster(_nodes: &str) -> Result<Backend, String> {
-    Err("this build has no Redis store: run with `--features redis`".to_owned())
-}
-
-#[cfg(not(feature = "redis"))]
-async fn open_redis(_url: &str) -> Result<Backend, String> {
-    Err("this build has no Redis store: run with `--features redis`".to_owned())
+/// The memory store, capped at `IDEMPOTENCY_MEMORY_MAX_MB` if set.
+fn open_memory() -> Result<Backend, String> {
+    let mut store = MemoryStore::builder();
+    if let Some(mb) = std::env::var("IDEMPOTENCY_MEMORY_MAX_MB")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        let mb: usize = mb.parse().map_err(|_| {
+            format!("IDEMPOTENCY_MEMORY_MAX_MB must be a number of MiB, not {mb:?}")
+        })?;
+        store = store.max_bytes(mb.saturating_mul(1 << 20));
+    }
+    Ok((Arc::new(store.build()), OrderBook::memory()))
 }
 
 #[cfg(feature = "postgres")]
@@ -417,14 +405,14 @@ async fn open_postgres(url: &str) -> Result<Backend, String> {
     Ok((Arc::new(store.clone()), OrderBook::Postgres(store)))
 }
 
-#[cfg(not(feature = "postgres"))]
-async fn open_postgres(_url: &str) -> Result<Backend, String> {
-    Err("this build has no PostgreSQL store: run with `--features postgres`".to_owned())
-}
-
 #[cfg(feature = "mysql")]
 async fn open_mysql(url: &str) -> Result<Backend, String> {
-    let pool = tower_idempotency::sqlx::MySqlPool::connect(url)
+    // sqlx speaks to MariaDB with the mysql:// scheme.
+    let sqlx_url = match url.strip_prefix("mariadb://") {
+        Some(rest) => format!("mysql://{rest}"),
+        None => url.to_owned(),
+    };
+    let pool = tower_idempotency::sqlx::MySqlPool::connect(&sqlx_url)
         .await
         .map_err(|e| format!("cannot connect to MySQL at {url}: {e}"))?;
     let store = tower_idempotency::MySqlStore::new(pool.clone());
@@ -443,11 +431,6 @@ async fn open_mysql(url: &str) -> Result<Backend, String> {
     .await
     .map_err(|e| format!("cannot create the demo_orders table: {e}"))?;
     Ok((Arc::new(store.clone()), OrderBook::MySql(store)))
-}
-
-#[cfg(not(feature = "mysql"))]
-async fn open_mysql(_url: &str) -> Result<Backend, String> {
-    Err("this build has no MySQL store: run with `--features mysql`".to_owned())
 }
 
 /// The demo application: `POST /orders` (key required), `GET /orders`, `GET /orders/{id}`.
