@@ -102,9 +102,7 @@ impl IdempotencyLayer {
     pub fn new(store: impl IdempotencyStore) -> Self {
         // The embedded store is called directly, without a boxed future per call.
         #[cfg(feature = "memory")]
-        let memory = (&store as &dyn std::any::Any)
-            .downcast_ref::<crate::MemoryStore>()
-            .cloned();
+        let memory = store.as_memory_store().cloned();
         Self {
             parts: Arc::new(LayerParts {
                 settings: Settings::default(),

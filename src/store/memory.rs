@@ -638,6 +638,10 @@ impl IdempotencyStore for MemoryStore {
         "memory"
     }
 
+    fn as_memory_store(&self) -> Option<&MemoryStore> {
+        Some(self)
+    }
+
     async fn extend(
         &self,
         key: &StoreKey,

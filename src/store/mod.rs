@@ -398,6 +398,15 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         "custom"
     }
 
+    /// The embedded [`MemoryStore`](crate::MemoryStore) this store is, if it is one (also
+    /// behind an `Arc`), so that the layer calls it directly, without a boxed future per
+    /// call. Every other store keeps the default, `None`.
+    #[cfg(feature = "memory")]
+    #[doc(hidden)]
+    fn as_memory_store(&self) -> Option<&memory::MemoryStore> {
+        None
+    }
+
     /// Extends the lease on `key` held with `token` to `lease` from now.
     async fn extend(
         &self,
@@ -513,6 +522,11 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
 
     fn backend_name(&self) -> &'static str {
         (**self).backend_name()
+    }
+
+    #[cfg(feature = "memory")]
+    fn as_memory_store(&self) -> Option<&memory::MemoryStore> {
+        (**self).as_memory_store()
     }
 }
 
