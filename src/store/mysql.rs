@@ -180,9 +180,6 @@ use crate::record::Record;
 
 pub use super::sql::InvalidTableName;
 
-const DEFAULT_TABLE: &str = "idempotency_records";
-const DEFAULT_SWEEP_BATCH: u32 = 1000;
-const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// MySQL's and MariaDB's limit on the length of a name.
 const MAX_NAME: usize = 64;
 /// The longest store key the table holds: InnoDB's limit on an index key.
@@ -227,13 +224,7 @@ pub struct MySqlStore {
 }
 
 /// The settings a store was built with.
-#[derive(Clone)]
-struct Config {
-    pool: MySqlPool,
-    table: String,
-    sweep_batch: u32,
-    sweep_interval: Duration,
-}
+type Config = super::sql::Settings<MySqlPool>;
 
 struct Inner {
     config: Config,
@@ -538,12 +529,7 @@ impl MySqlStore {
     /// # }
     /// ```
     pub fn new(pool: MySqlPool) -> Self {
-        Self::from_config(Config {
-            pool,
-            table: DEFAULT_TABLE.to_owned(),
-            sweep_batch: DEFAULT_SWEEP_BATCH,
-            sweep_interval: DEFAULT_SWEEP_INTERVAL,
-        })
+        Self::from_config(Config::new(pool))
     }
 
     fn from_config(config: Config) -> Self {
@@ -589,15 +575,14 @@ impl MySqlStore {
     /// How many expired rows one sweep statement deletes at most; a sweep runs statements
     /// until one deletes fewer. Default: 1000. Zero counts as one.
     pub fn sweep_batch(self, rows: u32) -> Self {
-        self.edit(|c| c.sweep_batch = rows.max(1))
+        self.edit(|c| c.set_sweep_batch(rows))
     }
 
     /// How often the background task sweeps expired rows. Default: 60 seconds.
     /// `Duration::ZERO` turns the background task off (call [`sweep`](Self::sweep) yourself,
     /// or never: expired rows are invisible to claims anyway).
     pub fn sweep_interval(self, interval: Duration) -> Self {
-        let interval = super::clamp_duration(interval);
-        self.edit(|c| c.sweep_interval = interval)
+        self.edit(|c| c.set_sweep_interval(interval))
     }
 
     /// The pool the store uses.

@@ -196,10 +196,6 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Record;
 
-const DEFAULT_TABLE: &str = "idempotency_records";
-const DEFAULT_SWEEP_BATCH: u32 = 1000;
-const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
-
 /// A [`IdempotencyStore`] in a PostgreSQL table, shared by every instance that uses the same
 /// database (feature `postgres`).
 ///
@@ -235,13 +231,7 @@ pub struct PostgresStore {
 pub use super::sql::InvalidTableName;
 
 /// The settings a store was built with.
-#[derive(Clone)]
-struct Config {
-    pool: PgPool,
-    table: String,
-    sweep_batch: u32,
-    sweep_interval: Duration,
-}
+type Config = super::sql::Settings<PgPool>;
 
 struct Inner {
     config: Config,
@@ -460,12 +450,7 @@ impl PostgresStore {
     /// # }
     /// ```
     pub fn new(pool: PgPool) -> Self {
-        Self::from_config(Config {
-            pool,
-            table: DEFAULT_TABLE.to_owned(),
-            sweep_batch: DEFAULT_SWEEP_BATCH,
-            sweep_interval: DEFAULT_SWEEP_INTERVAL,
-        })
+        Self::from_config(Config::new(pool))
     }
 
     fn from_config(config: Config) -> Self {
@@ -521,7 +506,7 @@ impl PostgresStore {
     /// # }
     /// ```
     pub fn sweep_batch(self, rows: u32) -> Self {
-        self.edit(|c| c.sweep_batch = rows.max(1))
+        self.edit(|c| c.set_sweep_batch(rows))
     }
 
     /// How often the background task sweeps expired rows. Default: 60 seconds.
@@ -540,8 +525,7 @@ impl PostgresStore {
     /// # }
     /// ```
     pub fn sweep_interval(self, interval: Duration) -> Self {
-        let interval = super::clamp_duration(interval);
-        self.edit(|c| c.sweep_interval = interval)
+        self.edit(|c| c.set_sweep_interval(interval))
     }
 
     /// The pool the store uses.

@@ -75,6 +75,37 @@ pub(crate) fn derived_name(stem: &str, suffix: &str, max: usize) -> String {
 const MAX_MICROS: u128 = super::MAX_DURATION.as_secs() as u128 * 1_000_000;
 
 /// `d` in microseconds, capped at [`MAX_DURATION`](super::MAX_DURATION).
+/// What both SQL stores are built with, and their defaults: the table
+/// `idempotency_records`, swept every 60 seconds in batches of 1000 rows.
+#[derive(Clone)]
+pub(crate) struct Settings<P> {
+    pub(crate) pool: P,
+    pub(crate) table: String,
+    pub(crate) sweep_batch: u32,
+    pub(crate) sweep_interval: Duration,
+}
+
+impl<P> Settings<P> {
+    pub(crate) fn new(pool: P) -> Self {
+        Self {
+            pool,
+            table: "idempotency_records".to_owned(),
+            sweep_batch: 1000,
+            sweep_interval: Duration::from_secs(60),
+        }
+    }
+
+    /// At least one row per sweep statement.
+    pub(crate) fn set_sweep_batch(&mut self, rows: u32) {
+        self.sweep_batch = rows.max(1);
+    }
+
+    /// Clamped to [`MAX_DURATION`](super::MAX_DURATION); zero turns the sweeper off.
+    pub(crate) fn set_sweep_interval(&mut self, interval: Duration) {
+        self.sweep_interval = super::clamp_duration(interval);
+    }
+}
+
 pub(crate) fn micros(d: Duration) -> i64 {
     // Capped well below i64::MAX, so the cast is lossless.
     d.as_micros().min(MAX_MICROS) as i64
