@@ -388,7 +388,7 @@ fn open_memory() -> Result<Backend, String> {
 async fn open_postgres(url: &str) -> Result<Backend, String> {
     let pool = tower_idempotency::sqlx::PgPool::connect(url)
         .await
-        .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
+        .map_err(|e| format!("IDEMPOTENCY_STORE: cannot connect to PostgreSQL: {e}"))?;
     let store = tower_idempotency::PostgresStore::new(pool.clone());
     store
         .migrate()
@@ -414,7 +414,7 @@ async fn open_mysql(url: &str) -> Result<Backend, String> {
     };
     let pool = tower_idempotency::sqlx::MySqlPool::connect(&sqlx_url)
         .await
-        .map_err(|e| format!("cannot connect to MySQL at {url}: {e}"))?;
+        .map_err(|e| format!("IDEMPOTENCY_STORE: cannot connect to MySQL: {e}"))?;
     let store = tower_idempotency::MySqlStore::new(pool.clone());
     store
         .migrate()
