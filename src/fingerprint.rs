@@ -239,24 +239,9 @@ impl Fingerprint {
     #[cfg(feature = "json")]
     #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
     pub fn of_canonical_json(parts: &Parts, body: &[u8]) -> Self {
-        // Keys are sorted here, not left to `serde_json`'s map, whose order depends on a
-        // feature (`preserve_order`) any crate in the build may turn on. The parser limits
-        // nesting (128 levels), so the recursion is bounded.
-        fn sorted(value: serde_json::Value) -> serde_json::Value {
-            use serde_json::Value;
-            match value {
-                Value::Object(map) => {
-                    let mut entries: Vec<_> = map.into_iter().collect();
-                    entries.sort_by(|a, b| a.0.cmp(&b.0));
-                    Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
-                }
-                Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
-                other => other,
-            }
-        }
         let canonical = serde_json::from_slice::<serde_json::Value>(body)
             .ok()
-            .and_then(|value| serde_json::to_vec(&sorted(value)).ok());
+            .map(canonical_json);
         let media_type = media_type(parts);
         Self::of_fields([
             parts.method.as_str().as_bytes(),
@@ -270,6 +255,28 @@ impl Fingerprint {
     pub fn to_hex(&self) -> String {
         hex(&self.0)
     }
+}
+
+/// `value` as JSON text with every object's keys sorted: the same text for the same value,
+/// whatever order its maps had. Keys are sorted here, not left to `serde_json`'s map, whose
+/// order depends on a feature (`preserve_order`) any crate in the build may turn on.
+#[cfg(feature = "json")]
+pub(crate) fn canonical_json(value: serde_json::Value) -> Vec<u8> {
+    // The parser limits nesting (128 levels), so the recursion is bounded for parsed
+    // values; a value built in memory is as deep as its author made it.
+    fn sorted(value: serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<_> = map.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+            }
+            Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+            other => other,
+        }
+    }
+    serde_json::to_vec(&sorted(value)).unwrap_or_default()
 }
 
 impl fmt::Debug for Fingerprint {

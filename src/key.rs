@@ -81,6 +81,22 @@ impl IdempotencyKey {
         Self(KeyText::new(text))
     }
 
+    /// The key of a call of [`function::Idempotent`](crate::function::Idempotent): any
+    /// text of at most `max` characters without control characters.
+    pub(crate) fn from_call(text: &str, max: usize) -> Result<Self, KeyError> {
+        if text.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        let len = text.chars().count();
+        if len > max {
+            return Err(KeyError::TooLong { len, max });
+        }
+        if text.chars().any(char::is_control) {
+            return Err(KeyError::NotPrintable);
+        }
+        Ok(Self::new(text))
+    }
+
     pub(crate) fn generate() -> Self {
         let mut buf = uuid::Uuid::encode_buffer();
         Self::new(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf))
@@ -219,6 +235,11 @@ pub fn parse_key(
 /// [`share_keys_across_callers`](crate::IdempotencyLayer::share_keys_across_callers).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Scope(std::borrow::Cow<'static, str>);
+
+/// The scope a call of [`function::Idempotent`](crate::function::Idempotent) names for
+/// itself, put in its request's extensions: the layer's scope rule does not apply to it.
+#[derive(Clone, Debug)]
+pub(crate) struct CallScope(pub(crate) Scope);
 
 impl Scope {
     /// The one scope shared by every caller: what

@@ -613,10 +613,9 @@ impl IdempotencyLayer {
     }
 }
 
-impl<S> Layer<S> for IdempotencyLayer {
-    type Service = Idempotency<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
+impl IdempotencyLayer {
+    /// The running parts of this layer's services, made once.
+    pub(crate) fn runtime(&self) -> Arc<Runtime> {
         let parts = &*self.parts;
         let runtime = parts.runtime.get_or_init(|| {
             Arc::new(Runtime::new(
@@ -627,6 +626,14 @@ impl<S> Layer<S> for IdempotencyLayer {
                 parts.work.clone(),
             ))
         });
-        Idempotency::with_config(inner, Arc::clone(runtime))
+        Arc::clone(runtime)
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::with_config(inner, self.runtime())
     }
 }

@@ -162,7 +162,7 @@
 //! | `postgres` | no | `PostgresStore`, and `sqlx` re-exported |
 //! | `mysql` | no | `MySqlStore` (MySQL 8.0.29+, MariaDB 10.6+), and `sqlx` re-exported |
 //! | `tower-http` | yes | [`RebuildBody`] for the body of tower-http's `RequestBodyLimitLayer` |
-//! | `json` | no | [`Fingerprint::of_canonical_json`] |
+//! | `json` | no | [`Fingerprint::of_canonical_json`]; JSON results and inputs for [`function`] (`serde`) |
 //! | `conformance` | no | the store conformance suite |
 //! | `client` | no | [`client`]: a key per call and retries that keep it, for any Tower HTTP client |
 //! | `reqwest` | no | `client::reqwest`: the same as a reqwest-middleware middleware |
@@ -182,6 +182,7 @@ pub mod client;
 pub mod conformance;
 pub mod fingerprint;
 mod flow;
+pub mod function;
 pub mod future;
 mod handle;
 pub mod key;

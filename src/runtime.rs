@@ -214,6 +214,9 @@ impl Runtime {
 
     /// The caller's scope, or `None` when the caller cannot be identified.
     pub(crate) fn scope_of(&self, parts: &Parts) -> Option<Scope> {
+        if let Some(call) = parts.extensions.get::<crate::key::CallScope>() {
+            return Some(call.0.clone());
+        }
         match &self.scope {
             ScopeRule::By(f) => f(parts),
             ScopeRule::Shared => Some(Scope::anonymous()),

@@ -1,0 +1,532 @@
+//! Idempotent operations outside HTTP: a function call, a job, a queue message, an agent's
+//! tool call.
+//!
+//! [`Idempotent`] runs an async operation once per (scope, key) over the layer's own
+//! machinery, not a second implementation of it: the same store, lease and heartbeat,
+//! token fencing, commit points ([`IdempotencyClaim::commit`], `commit_in`),
+//! outcome-unknown and recovery hook, in-flight policy and store-failure policy, configured
+//! on an [`IdempotencyLayer`] as for HTTP. No HTTP type appears in its API.
+//!
+//! - The **first call** with a key runs the operation; an `Ok` result is stored (encoded by
+//!   a [`Codec`]) and returned.
+//! - A **duplicate** gets the stored result ([`Output::replayed`]), or waits for it
+//!   ([`InFlight::Wait`](crate::InFlight::Wait)), or is told [`CallError::InFlight`].
+//! - The same key with **another input** is [`CallError::Mismatch`]: the input is
+//!   fingerprinted as a request body is.
+//! - An **`Err` result** frees the key, so that a retry runs the operation again, unless the
+//!   operation passed its commit point: then the error is stored and replayed
+//!   ([`CallError::Operation`]), and a crash after the commit point leaves
+//!   [`CallError::OutcomeUnknown`] (or the recovery hook's answer, see [`recovered`]).
+//! - A **panicking** or **cancelled** operation is treated as a handler's would be: the key
+//!   is freed unless committed (or, with [`Disconnect::Finish`](crate::Disconnect::Finish),
+//!   a cancelled call's operation runs on to the end and its result is stored).
+//!
+//! ```
+//! use bytes::Bytes;
+//! use tower_idempotency::function::{CallError, Idempotent};
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let calls = Idempotent::new(&IdempotencyLayer::new(MemoryStore::new()));
+//! let charge = |claim: tower_idempotency::IdempotencyClaim| async move {
+//!     claim.commit().await.map_err(|e| Bytes::from(e.to_string()))?;
+//!     Ok::<_, Bytes>(Bytes::from("charged 12 EUR"))
+//! };
+//! let first = calls.key("charge-7").input("12 EUR").run(charge).await.unwrap();
+//! assert!(!first.replayed);
+//! // The same key again: the stored result, and the operation does not run.
+//! let again = calls
+//!     .key("charge-7")
+//!     .input("12 EUR")
+//!     .run(|_| async { unreachable!("never runs twice") })
+//!     .await
+//!     .unwrap();
+//! assert!(again.replayed);
+//! assert_eq!(again.value, first.value);
+//! // The same key with another input is refused.
+//! let other = calls.key("charge-7").input("13 EUR").run(charge).await;
+//! assert!(matches!(other, Err(CallError::Mismatch)));
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower_service::Service;
+
+use crate::handle::IdempotencyClaim;
+use crate::key::{CallScope, IdempotencyKey, Scope};
+use crate::outcome::IdempotencyOutcome;
+use crate::recover::Recovery;
+use crate::runtime::Runtime;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+/// What an operation answers, encoded: `Ok` is stored, `Err` frees the key unless committed.
+type Encoded = Result<Bytes, Bytes>;
+type Operation = Box<dyn FnOnce(IdempotencyClaim) -> BoxFuture<Encoded> + Send>;
+
+/// How results and errors are stored: encoded to bytes when the operation ends, decoded
+/// when they are replayed.
+pub trait Codec<T>: Send + Sync + 'static {
+    /// The bytes to store for `value`.
+    fn encode(&self, value: &T) -> Result<Bytes, CodecError>;
+    /// The value stored as `bytes`.
+    fn decode(&self, bytes: &Bytes) -> Result<T, CodecError>;
+}
+
+/// A value could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CodecError(pub String);
+
+/// Bytes stored as they are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Raw;
+
+impl Codec<Bytes> for Raw {
+    fn encode(&self, value: &Bytes) -> Result<Bytes, CodecError> {
+        Ok(value.clone())
+    }
+    fn decode(&self, bytes: &Bytes) -> Result<Bytes, CodecError> {
+        Ok(bytes.clone())
+    }
+}
+
+/// Values stored as JSON with `serde` (feature `json`).
+#[cfg(feature = "json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json;
+
+#[cfg(feature = "json")]
+impl<T: serde::Serialize + serde::de::DeserializeOwned> Codec<T> for Json {
+    fn encode(&self, value: &T) -> Result<Bytes, CodecError> {
+        serde_json::to_vec(value)
+            .map(Bytes::from)
+            .map_err(|e| CodecError(e.to_string()))
+    }
+    fn decode(&self, bytes: &Bytes) -> Result<T, CodecError> {
+        serde_json::from_slice(bytes).map_err(|e| CodecError(e.to_string()))
+    }
+}
+
+/// A result, and whether it was replayed from the store rather than made by this call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Output<T> {
+    /// The operation's result.
+    pub value: T,
+    /// `true` when the operation ran before (or its outcome was recovered) and this is its
+    /// stored result; `false` when this call ran it.
+    pub replayed: bool,
+}
+
+impl<T> Output<T> {
+    /// The result.
+    pub fn into_inner(self) -> T {
+        self.value
+    }
+}
+
+/// Why a call did not give the operation's result.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallError<E> {
+    /// The operation answered `Err`. When `replayed` is false it ran in this call (and the
+    /// key was freed, unless it passed its commit point); when true it is a committed
+    /// operation's stored error.
+    #[error("the operation failed")]
+    Operation {
+        /// Its error.
+        error: E,
+        /// Whether it is a stored error, replayed.
+        replayed: bool,
+    },
+    /// Another call with this key is running: try again after `retry_after`.
+    #[error("a call with this idempotency key is still running")]
+    InFlight {
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// This key was used with another input.
+    #[error("the idempotency key was already used with another input")]
+    Mismatch,
+    /// The operation passed its commit point and no outcome is stored (its instance
+    /// crashed, or it was cut off): it must not run again. The layer's recovery hook may
+    /// rebuild the outcome ([`recovered`]); otherwise an operator settles the key.
+    #[error("the operation passed its commit point and its outcome is unknown")]
+    OutcomeUnknown,
+    /// The key, or the input, was refused before anything ran.
+    #[error("the call was refused: {0}")]
+    Rejected(String),
+    /// The operation ran before, but its result was too large to keep.
+    #[error("the operation ran before, but its result was not kept")]
+    NotStored,
+    /// The store failed (or is full) and the layer fails closed: nothing ran.
+    #[error("the idempotency store is unavailable; nothing ran")]
+    StoreUnavailable {
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// A stored record cannot be read: the operation ran, and does not run again.
+    #[error("the stored result cannot be read")]
+    RecordUnreadable,
+    /// The stored (or the new) result could not be encoded or decoded.
+    #[error("the result could not be encoded or decoded")]
+    Codec(#[source] CodecError),
+}
+
+/// The recovery hook's answer for an operation run by [`Idempotent`] whose outcome was
+/// unknown: the result it should have given, encoded as the call's codec encodes it.
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Recovery, function};
+///
+/// let layer = IdempotencyLayer::new(MemoryStore::new()).recover_with(|unsettled| async move {
+///     // Look the key up in the system of record.
+///     let found: Option<String> = None;
+///     Ok::<_, tower_idempotency::RecoveryError>(match found {
+///         Some(receipt) => function::recovered(Bytes::from(receipt)),
+///         None => Recovery::Unknown,
+///     })
+/// });
+/// ```
+pub fn recovered(encoded: Bytes) -> Recovery {
+    Recovery::Answer(Response::new(encoded))
+}
+
+/// Runs operations once per key. Cheap to clone; built from an [`IdempotencyLayer`]
+/// (its store, lease, TTL, store timeout, in-flight and store-failure policies, recovery
+/// hook, input size limit), so HTTP routes and functions can share one.
+///
+/// The layer's caller scope rule does not apply: a call names its own scope
+/// ([`Call::scope`]; none means one scope shared by every call).
+#[derive(Clone)]
+pub struct Idempotent {
+    runtime: Arc<Runtime>,
+}
+
+impl fmt::Debug for Idempotent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotent").finish_non_exhaustive()
+    }
+}
+
+impl Idempotent {
+    /// Calls over `layer`'s store and settings.
+    pub fn new(layer: &crate::IdempotencyLayer) -> Self {
+        Self {
+            runtime: layer.runtime(),
+        }
+    }
+
+    /// A call with this key (at most the layer's
+    /// [`max_key_len`](crate::IdempotencyLayer::max_key_len) characters, no control
+    /// characters; any other text, such as a message id, is fine).
+    pub fn key(&self, key: impl Into<String>) -> Call<'_> {
+        Call {
+            runtime: &self.runtime,
+            key: key.into(),
+            scope: None,
+            input: Bytes::new(),
+        }
+    }
+}
+
+/// One call: its key, scope and input, then [`run`](Self::run).
+#[must_use = "a call does nothing until it is run"]
+pub struct Call<'a> {
+    runtime: &'a Arc<Runtime>,
+    key: String,
+    scope: Option<Scope>,
+    input: Bytes,
+}
+
+impl fmt::Debug for Call<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call")
+            .field("key", &self.key)
+            .field("scope", &self.scope)
+            .field("input_bytes", &self.input.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Call<'_> {
+    /// Whose key it is: keys of different scopes never meet (a tenant, a user, a queue).
+    /// Default: one scope for every call.
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.scope = Some(scope);
+        self
+    }
+
+    /// The operation's input, fingerprinted: the same key with another input is
+    /// [`CallError::Mismatch`]. Default: empty.
+    pub fn input(mut self, input: impl Into<Bytes>) -> Self {
+        self.input = input.into();
+        self
+    }
+
+    /// The operation's input as JSON (feature `json`), with object keys sorted so that the
+    /// fingerprint does not depend on the order of a map.
+    #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+    pub fn json_input<I: serde::Serialize + ?Sized>(
+        mut self,
+        input: &I,
+    ) -> Result<Self, CodecError> {
+        let value = serde_json::to_value(input).map_err(|e| CodecError(e.to_string()))?;
+        self.input = Bytes::from(crate::fingerprint::canonical_json(value));
+        Ok(self)
+    }
+
+    /// Runs `op` once for this key, with raw bytes as its result and error.
+    pub async fn run<F, Fut>(self, op: F) -> Result<Output<Bytes>, CallError<Bytes>>
+    where
+        F: FnOnce(IdempotencyClaim) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Bytes, Bytes>> + Send + 'static,
+    {
+        self.run_with(Raw, op).await
+    }
+
+    /// Runs `op` once for this key, its result and error stored as JSON (feature `json`).
+    #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+    pub async fn run_json<T, E, F, Fut>(self, op: F) -> Result<Output<T>, CallError<E>>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+        E: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+        F: FnOnce(IdempotencyClaim) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        self.run_with(Json, op).await
+    }
+
+    /// Runs `op` once for this key, its result and error stored with `codec`.
+    pub async fn run_with<C, T, E, F, Fut>(self, codec: C, op: F) -> Result<Output<T>, CallError<E>>
+    where
+        C: Codec<T> + Codec<E>,
+        T: Send + 'static,
+        E: Send + 'static,
+        F: FnOnce(IdempotencyClaim) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let codec = Arc::new(codec);
+        // The operation's own value travels beside the stored bytes, so that the first
+        // call returns it as made, not as decoded (and an error that cannot be encoded is
+        // still returned).
+        let made: Arc<Mutex<Option<Result<T, E>>>> = Arc::new(Mutex::new(None));
+        let operation: Operation = {
+            let (codec, made) = (Arc::clone(&codec), Arc::clone(&made));
+            Box::new(move |claim| {
+                Box::pin(async move {
+                    let result = op(claim).await;
+                    let encoded = match &result {
+                        Ok(value) => Codec::<T>::encode(&*codec, value),
+                        Err(error) => Codec::<E>::encode(&*codec, error),
+                    };
+                    let ok = result.is_ok();
+                    *made.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+                    match (ok, encoded) {
+                        (true, Ok(bytes)) => Ok(bytes),
+                        (false, Ok(bytes)) => Err(bytes),
+                        // A result that cannot be stored is not stored: the key is freed
+                        // (unless committed, where an empty error is kept).
+                        (_, Err(_)) => Err(Bytes::new()),
+                    }
+                })
+            })
+        };
+        let (status, body, outcome) = self.call(operation).await?;
+        let taken = made.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match (outcome, taken) {
+            (IdempotencyOutcome::Executed, Some(Ok(value))) => Ok(Output {
+                value,
+                replayed: false,
+            }),
+            (IdempotencyOutcome::Executed, Some(Err(error))) => Err(CallError::Operation {
+                error,
+                replayed: false,
+            }),
+            (IdempotencyOutcome::Executed, None) => Err(CallError::Rejected(
+                "the operation did not finish".to_owned(),
+            )),
+            (_, _) => {
+                if status == StatusCode::OK {
+                    Codec::<T>::decode(&*codec, &body)
+                        .map(|value| Output {
+                            value,
+                            replayed: true,
+                        })
+                        .map_err(CallError::Codec)
+                } else {
+                    match Codec::<E>::decode(&*codec, &body) {
+                        Ok(error) => Err(CallError::Operation {
+                            error,
+                            replayed: true,
+                        }),
+                        Err(err) => Err(CallError::Codec(err)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the call through the layer's flow; answers the stored (or made) status and
+    /// bytes, and the layer's outcome, or the layer's refusal as an error.
+    async fn call<E>(
+        self,
+        operation: Operation,
+    ) -> Result<(StatusCode, Bytes, IdempotencyOutcome), CallError<E>> {
+        let runtime = Arc::clone(self.runtime);
+        let key = IdempotencyKey::from_call(&self.key, runtime.max_key_len)
+            .map_err(|e| CallError::Rejected(e.to_string()))?;
+        let mut req = Request::new(Full::new(self.input));
+        *req.method_mut() = Method::POST;
+        req.extensions_mut()
+            .insert(CallScope(self.scope.unwrap_or_else(Scope::anonymous)));
+        let (parts, body) = req.into_parts();
+        let inner = Runner {
+            operation: Arc::new(Mutex::new(Some(operation))),
+        };
+        let Ok(res) = crate::flow::flow(inner, parts, body, key, runtime, false).await;
+        let outcome = res
+            .extensions()
+            .get::<IdempotencyOutcome>()
+            .copied()
+            .unwrap_or(IdempotencyOutcome::Executed);
+        let status = res.status();
+        let retry_after = retry_after(res.headers());
+        // Reading the body to its end is what stores the record of a first run.
+        let body = match res.into_body().collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => Bytes::new(),
+        };
+        match outcome {
+            IdempotencyOutcome::Executed
+            | IdempotencyOutcome::Replayed
+            | IdempotencyOutcome::Recovered
+            | IdempotencyOutcome::PassedThrough
+            | IdempotencyOutcome::Unprotected => Ok((status, body, outcome)),
+            IdempotencyOutcome::InFlight => Err(CallError::InFlight { retry_after }),
+            IdempotencyOutcome::Mismatch => Err(CallError::Mismatch),
+            IdempotencyOutcome::OutcomeUnknown => Err(CallError::OutcomeUnknown),
+            IdempotencyOutcome::NotStored => Err(CallError::NotStored),
+            IdempotencyOutcome::RecordUnreadable => Err(CallError::RecordUnreadable),
+            IdempotencyOutcome::StoreUnavailable | IdempotencyOutcome::StoreFull => {
+                Err(CallError::StoreUnavailable { retry_after })
+            }
+            IdempotencyOutcome::Rejected => Err(CallError::Rejected(problem_detail(&body))),
+        }
+    }
+}
+
+fn retry_after(headers: &HeaderMap) -> Duration {
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map_or(Duration::from_secs(1), Duration::from_secs)
+}
+
+/// The `detail` of a problem answer, or its whole text.
+fn problem_detail(body: &Bytes) -> String {
+    let text = String::from_utf8_lossy(body);
+    text.split("\"detail\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or(&text)
+        .to_owned()
+}
+
+/// The service the layer's flow runs: it takes the call's operation and answers its
+/// encoded result, `200` for `Ok` (stored) and `500` for `Err` (the key freed unless
+/// committed).
+#[derive(Clone)]
+struct Runner {
+    operation: Arc<Mutex<Option<Operation>>>,
+}
+
+impl Service<Request<Full<Bytes>>> for Runner {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Full<Bytes>>) -> Self::Future {
+        let operation = self
+            .operation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let claim = req.extensions().get::<IdempotencyClaim>().cloned();
+        Box::pin(async move {
+            let (status, bytes) = match (operation, claim) {
+                (Some(operation), Some(claim)) => match operation(claim).await {
+                    Ok(bytes) => (StatusCode::OK, bytes),
+                    Err(bytes) => (StatusCode::INTERNAL_SERVER_ERROR, bytes),
+                },
+                // The flow runs the service once, with the claim: never reached.
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
+            };
+            let mut res = Response::new(Full::new(bytes));
+            *res.status_mut() = status;
+            Ok(res)
+        })
+    }
+}
+
+/// A [`Codec`] for one type only, from two functions (for the
+/// [`IdempotentService`] adapter and codecs of your own).
+pub struct FnCodec<T, Enc, Dec> {
+    encode: Enc,
+    decode: Dec,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T, Enc, Dec> fmt::Debug for FnCodec<T, Enc, Dec> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnCodec").finish_non_exhaustive()
+    }
+}
+
+impl<T, Enc, Dec> FnCodec<T, Enc, Dec>
+where
+    Enc: Fn(&T) -> Result<Bytes, CodecError> + Send + Sync + 'static,
+    Dec: Fn(&Bytes) -> Result<T, CodecError> + Send + Sync + 'static,
+{
+    /// A codec from its two halves.
+    pub fn new(encode: Enc, decode: Dec) -> Self {
+        Self {
+            encode,
+            decode,
+            _value: PhantomData,
+        }
+    }
+}
+
+impl<T: 'static, Enc, Dec> Codec<T> for FnCodec<T, Enc, Dec>
+where
+    Enc: Fn(&T) -> Result<Bytes, CodecError> + Send + Sync + 'static,
+    Dec: Fn(&Bytes) -> Result<T, CodecError> + Send + Sync + 'static,
+{
+    fn encode(&self, value: &T) -> Result<Bytes, CodecError> {
+        (self.encode)(value)
+    }
+    fn decode(&self, bytes: &Bytes) -> Result<T, CodecError> {
+        (self.decode)(bytes)
+    }
+}
