@@ -26,6 +26,7 @@ mod events;
 mod failure;
 mod faults;
 mod fingerprint_upgrade;
+mod function;
 mod headers;
 mod layer;
 mod memory_window;
