@@ -5,7 +5,7 @@
 //! machinery, not a second implementation of it: the same store, lease and heartbeat,
 //! token fencing, commit points ([`IdempotencyClaim::commit`], `commit_in`),
 //! outcome-unknown and recovery hook, in-flight policy and store-failure policy, configured
-//! on an [`IdempotencyLayer`] as for HTTP. No HTTP type appears in its API.
+//! on an [`IdempotencyLayer`](crate::IdempotencyLayer) as for HTTP. No HTTP type appears in its API.
 //!
 //! - The **first call** with a key runs the operation; an `Ok` result is stored (encoded by
 //!   a [`Codec`]) and returned.
@@ -71,9 +71,23 @@ use crate::recover::Recovery;
 use crate::runtime::Runtime;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-/// What an operation answers, encoded: `Ok` is stored, `Err` frees the key unless committed.
-type Encoded = Result<Bytes, Bytes>;
+/// What an operation answered, encoded for the store.
+enum Encoded {
+    /// A result: stored and replayed.
+    Ok(Bytes),
+    /// An error: the key is freed, unless the operation passed its commit point (then it
+    /// is stored and replayed).
+    Err(Bytes),
+    /// A result the codec could not encode: the operation ran, so its key is kept with an
+    /// empty record that replays as [`CallError::NotStored`], never a second run.
+    Unencodable,
+}
 type Operation = Box<dyn FnOnce(IdempotencyClaim) -> BoxFuture<Encoded> + Send>;
+/// The operation's own result, as made, beside its encoding.
+type Made<T, E> = Arc<Mutex<Option<Result<T, E>>>>;
+
+/// The internal header that marks a stored result the codec could not encode.
+const UNENCODABLE: http::HeaderName = http::HeaderName::from_static("x-idempotent-unencodable");
 
 /// How results and errors are stored: encoded to bytes when the operation ends, decoded
 /// when they are replayed.
@@ -206,7 +220,7 @@ pub fn recovered(encoded: Bytes) -> Recovery {
     Recovery::Answer(Response::new(encoded))
 }
 
-/// Runs operations once per key. Cheap to clone; built from an [`IdempotencyLayer`]
+/// Runs operations once per key. Cheap to clone; built from an [`IdempotencyLayer`](crate::IdempotencyLayer)
 /// (its store, lease, TTL, store timeout, in-flight and store-failure policies, recovery
 /// hook, input size limit), so HTTP routes and functions can share one.
 ///
@@ -326,7 +340,7 @@ impl Call<'_> {
         // The operation's own value travels beside the stored bytes, so that the first
         // call returns it as made, not as decoded (and an error that cannot be encoded is
         // still returned).
-        let made: Arc<Mutex<Option<Result<T, E>>>> = Arc::new(Mutex::new(None));
+        let made: Made<T, E> = Arc::new(Mutex::new(None));
         let operation: Operation = {
             let (codec, made) = (Arc::clone(&codec), Arc::clone(&made));
             Box::new(move |claim| {
@@ -339,11 +353,19 @@ impl Call<'_> {
                     let ok = result.is_ok();
                     *made.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
                     match (ok, encoded) {
-                        (true, Ok(bytes)) => Ok(bytes),
-                        (false, Ok(bytes)) => Err(bytes),
-                        // A result that cannot be stored is not stored: the key is freed
-                        // (unless committed, where an empty error is kept).
-                        (_, Err(_)) => Err(Bytes::new()),
+                        (true, Ok(bytes)) => Encoded::Ok(bytes),
+                        (true, Err(err)) => {
+                            tracing::warn!(
+                                error = %err,
+                                "the operation's result cannot be encoded: it is returned \
+                                 to this call, and its key is kept without it"
+                            );
+                            Encoded::Unencodable
+                        }
+                        (false, Ok(bytes)) => Encoded::Err(bytes),
+                        // An error that cannot be encoded frees the key all the same
+                        // (past a commit point, an empty error is kept).
+                        (false, Err(_)) => Encoded::Err(Bytes::new()),
                     }
                 })
             })
@@ -408,12 +430,14 @@ impl Call<'_> {
             .unwrap_or(IdempotencyOutcome::Executed);
         let status = res.status();
         let retry_after = retry_after(res.headers());
+        let unencodable = res.headers().contains_key(UNENCODABLE);
         // Reading the body to its end is what stores the record of a first run.
         let body = match res.into_body().collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(_) => Bytes::new(),
         };
         match outcome {
+            IdempotencyOutcome::Replayed if unencodable => Err(CallError::NotStored),
             IdempotencyOutcome::Executed
             | IdempotencyOutcome::Replayed
             | IdempotencyOutcome::Recovered
@@ -474,16 +498,21 @@ impl Service<Request<Full<Bytes>>> for Runner {
             .take();
         let claim = req.extensions().get::<IdempotencyClaim>().cloned();
         Box::pin(async move {
-            let (status, bytes) = match (operation, claim) {
+            let (status, bytes, unencodable) = match (operation, claim) {
                 (Some(operation), Some(claim)) => match operation(claim).await {
-                    Ok(bytes) => (StatusCode::OK, bytes),
-                    Err(bytes) => (StatusCode::INTERNAL_SERVER_ERROR, bytes),
+                    Encoded::Ok(bytes) => (StatusCode::OK, bytes, false),
+                    Encoded::Err(bytes) => (StatusCode::INTERNAL_SERVER_ERROR, bytes, false),
+                    Encoded::Unencodable => (StatusCode::OK, Bytes::new(), true),
                 },
                 // The flow runs the service once, with the claim: never reached.
-                _ => (StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, Bytes::new(), false),
             };
             let mut res = Response::new(Full::new(bytes));
             *res.status_mut() = status;
+            if unencodable {
+                res.headers_mut()
+                    .insert(UNENCODABLE, http::HeaderValue::from_static("1"));
+            }
             Ok(res)
         })
     }
@@ -528,5 +557,243 @@ where
     }
     fn decode(&self, bytes: &Bytes) -> Result<T, CodecError> {
         (self.decode)(bytes)
+    }
+}
+
+/// Who a request is, for [`IdempotentService`]: its key, scope and fingerprinted input.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    key: String,
+    scope: Option<Scope>,
+    input: Bytes,
+}
+
+impl Identity {
+    /// A request with this key (see [`Idempotent::key`]).
+    pub fn new(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            scope: None,
+            input: Bytes::new(),
+        }
+    }
+
+    /// Its scope (see [`Call::scope`]).
+    pub fn scope(mut self, scope: Scope) -> Self {
+        self.scope = Some(scope);
+        self
+    }
+
+    /// Its fingerprinted input (see [`Call::input`]).
+    pub fn input(mut self, input: impl Into<Bytes>) -> Self {
+        self.input = input.into();
+        self
+    }
+}
+
+/// Why an [`IdempotentService`] did not answer with its inner service's response.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError<E> {
+    /// The inner service failed in this call (the key was freed, unless its operation
+    /// passed its commit point).
+    #[error("the inner service failed")]
+    Inner(#[source] E),
+    /// The request had no identity: the reason, and nothing ran.
+    #[error("the request cannot be identified: {0}")]
+    Unidentified(String),
+    /// The layer answered instead of the service: in flight, mismatch, outcome unknown,
+    /// store unavailable… An inner error stored after a commit point is replayed as
+    /// [`CallError::Operation`] with empty bytes (the error itself is not kept).
+    #[error(transparent)]
+    Idempotency(CallError<Bytes>),
+}
+
+/// A [`Layer`](tower_layer::Layer) that makes any `Service<Req>` idempotent, HTTP or not (a
+/// queue consumer's handler, a job runner): `identify` reads each request's key, scope and
+/// input, and `codec` stores the response. Built on [`Idempotent`], with its guarantees.
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower::{Service, ServiceExt, service_fn};
+/// use tower_idempotency::function::{FnCodec, Identity, IdempotentServiceLayer, CodecError};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// struct Job { id: String, payload: String }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let layer = IdempotentServiceLayer::new(
+///     &IdempotencyLayer::new(MemoryStore::new()),
+///     |job: &Job| Ok(Identity::new(job.id.clone()).input(job.payload.clone())),
+///     FnCodec::new(
+///         |done: &String| Ok(Bytes::from(done.clone())),
+///         |bytes: &Bytes| String::from_utf8(bytes.to_vec()).map_err(|e| CodecError(e.to_string())),
+///     ),
+/// );
+/// let mut svc = tower::ServiceBuilder::new()
+///     .layer(layer)
+///     .service(service_fn(|job: Job| async move {
+///         Ok::<_, std::convert::Infallible>(format!("sent {}", job.payload))
+///     }));
+/// let job = || Job { id: "job-1".into(), payload: "mail".into() };
+/// let first = svc.ready().await.unwrap().call(job()).await.unwrap();
+/// let again = svc.ready().await.unwrap().call(job()).await.unwrap();
+/// assert_eq!((first.value.as_str(), first.replayed), ("sent mail", false));
+/// assert_eq!((again.value.as_str(), again.replayed), ("sent mail", true));
+/// # }
+/// ```
+pub struct IdempotentServiceLayer<K, C> {
+    calls: Idempotent,
+    identify: Arc<K>,
+    codec: Arc<C>,
+}
+
+impl<K, C> Clone for IdempotentServiceLayer<K, C> {
+    fn clone(&self) -> Self {
+        Self {
+            calls: self.calls.clone(),
+            identify: Arc::clone(&self.identify),
+            codec: Arc::clone(&self.codec),
+        }
+    }
+}
+
+impl<K, C> fmt::Debug for IdempotentServiceLayer<K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotentServiceLayer")
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, C> IdempotentServiceLayer<K, C> {
+    /// Over `layer`'s store and settings; `identify` tells each request's identity (an
+    /// `Err` refuses it with [`ServiceError::Unidentified`]), `codec` stores responses.
+    pub fn new(layer: &crate::IdempotencyLayer, identify: K, codec: C) -> Self {
+        Self {
+            calls: Idempotent::new(layer),
+            identify: Arc::new(identify),
+            codec: Arc::new(codec),
+        }
+    }
+}
+
+impl<S, K, C> tower_layer::Layer<S> for IdempotentServiceLayer<K, C> {
+    type Service = IdempotentService<S, K, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotentService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`IdempotentServiceLayer`]: answers `Output<S::Response>`, replayed or
+/// made.
+pub struct IdempotentService<S, K, C> {
+    inner: S,
+    layer: IdempotentServiceLayer<K, C>,
+}
+
+impl<S: Clone, K, C> Clone for IdempotentService<S, K, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+impl<S, K, C> fmt::Debug for IdempotentService<S, K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotentService").finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, K, C> Service<Req> for IdempotentService<S, K, C>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    Req: Send + 'static,
+    K: Fn(&Req) -> Result<Identity, String> + Send + Sync + 'static,
+    C: Codec<S::Response>,
+{
+    type Response = Output<S::Response>;
+    type Error = ServiceError<S::Error>;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(ServiceError::Inner)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        // The ready service handles this request; a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let identity = (layer.identify)(&req).map_err(ServiceError::Unidentified)?;
+            let made: Made<S::Response, S::Error> = Arc::new(Mutex::new(None));
+            let operation: Operation = {
+                let (made, codec) = (Arc::clone(&made), Arc::clone(&layer.codec));
+                Box::new(move |_claim| {
+                    Box::pin(async move {
+                        let result = inner.call(req).await;
+                        // An inner error is not encodable: the key is freed (or, past a
+                        // commit point, an empty error is kept).
+                        let encoded = match &result {
+                            Ok(res) => match codec.encode(res) {
+                                Ok(bytes) => Encoded::Ok(bytes),
+                                Err(err) => {
+                                    tracing::warn!(
+                                        error = %err,
+                                        "the service's response cannot be encoded: it is \
+                                         returned to this call, and its key is kept without it"
+                                    );
+                                    Encoded::Unencodable
+                                }
+                            },
+                            Err(_) => Encoded::Err(Bytes::new()),
+                        };
+                        *made.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+                        encoded
+                    })
+                })
+            };
+            let mut call = layer.calls.key(identity.key).input(identity.input);
+            if let Some(scope) = identity.scope {
+                call = call.scope(scope);
+            }
+            let (status, body, outcome) = call
+                .call::<Bytes>(operation)
+                .await
+                .map_err(ServiceError::Idempotency)?;
+            let taken = made.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match (outcome, taken) {
+                (IdempotencyOutcome::Executed, Some(Ok(value))) => Ok(Output {
+                    value,
+                    replayed: false,
+                }),
+                (IdempotencyOutcome::Executed, Some(Err(err))) => Err(ServiceError::Inner(err)),
+                (IdempotencyOutcome::Executed, None) => Err(ServiceError::Idempotency(
+                    CallError::Rejected("the operation did not finish".to_owned()),
+                )),
+                _ if status == StatusCode::OK => layer
+                    .codec
+                    .decode(&body)
+                    .map(|value| Output {
+                        value,
+                        replayed: true,
+                    })
+                    .map_err(|e| ServiceError::Idempotency(CallError::Codec(e))),
+                _ => Err(ServiceError::Idempotency(CallError::Operation {
+                    error: body,
+                    replayed: true,
+                })),
+            }
+        })
     }
 }

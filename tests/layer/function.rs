@@ -448,3 +448,173 @@ mod json {
         assert!(matches!(read, Err(CallError::Codec(_))), "{read:?}");
     }
 }
+
+#[tokio::test]
+async fn a_result_the_codec_cannot_encode_is_returned_once_and_never_runs_again() {
+    use tower_idempotency::function::{CodecError, FnCodec};
+    let calls = calls(IdempotencyLayer::new(MemoryStore::new()));
+    let codec = || {
+        FnCodec::new(
+            |_: &Bytes| Err(CodecError("cannot encode".into())),
+            |b: &Bytes| Ok(b.clone()),
+        )
+    };
+    let runs = Arc::new(AtomicUsize::new(0));
+    let first = calls
+        .key("k")
+        .run_with(codec(), counted(&runs, Duration::ZERO, "made"))
+        .await
+        .unwrap();
+    assert_eq!(first.value, "made");
+    let again = calls
+        .key("k")
+        .run_with(codec(), counted(&runs, Duration::ZERO, "made twice"))
+        .await;
+    assert!(matches!(again, Err(CallError::NotStored)), "{again:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+mod service {
+    use super::*;
+    use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+    use tower_idempotency::function::{
+        CodecError, FnCodec, IdempotentServiceLayer, Identity, ServiceError,
+    };
+
+    #[derive(Clone, Debug)]
+    struct Message {
+        id: Option<String>,
+        body: String,
+    }
+
+    #[derive(Debug)]
+    struct Broken;
+
+    fn stack(
+        runs: &Arc<AtomicUsize>,
+        fail_first: usize,
+    ) -> impl Service<
+        Message,
+        Response = tower_idempotency::function::Output<String>,
+        Error = ServiceError<Broken>,
+        Future = impl std::future::Future<
+            Output = Result<tower_idempotency::function::Output<String>, ServiceError<Broken>>,
+        > + Send,
+    > + Clone
+    + Send
+    + 'static {
+        let layer = IdempotentServiceLayer::new(
+            &IdempotencyLayer::new(MemoryStore::new())
+                .on_in_flight(InFlight::Wait(Duration::from_secs(5))),
+            |m: &Message| {
+                let id =
+                    m.id.clone()
+                        .ok_or_else(|| "the message has no id".to_owned())?;
+                Ok(Identity::new(id)
+                    .scope(Scope::of(b"orders-queue"))
+                    .input(m.body.clone()))
+            },
+            FnCodec::new(
+                |s: &String| Ok(Bytes::from(s.clone())),
+                |b: &Bytes| String::from_utf8(b.to_vec()).map_err(|e| CodecError(e.to_string())),
+            ),
+        );
+        let runs = Arc::clone(runs);
+        let failures = Arc::new(AtomicUsize::new(fail_first));
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(move |m: Message| {
+                let (runs, failures) = (Arc::clone(&runs), Arc::clone(&failures));
+                async move {
+                    if failures
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        return Err(Broken);
+                    }
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Ok(format!("handled {}", m.body))
+                }
+            }))
+    }
+
+    fn message(id: &str, body: &str) -> Message {
+        Message {
+            id: Some(id.into()),
+            body: body.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn redelivered_messages_hammering_one_id_are_handled_once() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let svc = stack(&runs, 0);
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let svc = svc.clone();
+            tasks.push(tokio::spawn(async move {
+                svc.oneshot(message("m-1", "order 7")).await
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.unwrap().unwrap().value, "handled order 7");
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_inner_error_reaches_the_caller_and_the_redelivery_runs() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut svc = stack(&runs, 1);
+        let failed = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(message("m-1", "order 7"))
+            .await;
+        assert!(matches!(failed, Err(ServiceError::Inner(Broken))));
+        let redelivered = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(message("m-1", "order 7"))
+            .await
+            .unwrap();
+        assert!(!redelivered.replayed);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_message_without_an_id_or_with_a_changed_body_is_refused() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut svc = stack(&runs, 0);
+        let anonymous = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Message {
+                id: None,
+                body: "x".into(),
+            })
+            .await;
+        assert!(matches!(anonymous, Err(ServiceError::Unidentified(why)) if why.contains("no id")));
+        svc.ready()
+            .await
+            .unwrap()
+            .call(message("m-2", "order 8"))
+            .await
+            .unwrap();
+        let changed = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(message("m-2", "order 9"))
+            .await;
+        assert!(matches!(
+            changed,
+            Err(ServiceError::Idempotency(CallError::Mismatch))
+        ));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}
