@@ -162,6 +162,8 @@
 //! | `postgres` | no | `PostgresStore`, and `sqlx` re-exported |
 //! | `mysql` | no | `MySqlStore` (MySQL 8.0.29+, MariaDB 10.6+), and `sqlx` re-exported |
 //! | `tower-http` | yes | [`RebuildBody`] for the body of tower-http's `RequestBodyLimitLayer` |
+//! | `nats` | no | [`consumer::nats`]: idempotent NATS JetStream consumers, and `async_nats` re-exported |
+//! | `amqp` | no | [`consumer::amqp`]: idempotent RabbitMQ consumers, and `lapin` re-exported |
 //! | `json` | no | [`Fingerprint::of_canonical_json`]; JSON results and inputs for [`function`] (`serde`) |
 //! | `conformance` | no | the store conformance suite |
 //! | `client` | no | [`client`]: a key per call and retries that keep it, for any Tower HTTP client |
@@ -180,6 +182,9 @@ pub mod client;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
+#[cfg(any(feature = "nats", feature = "amqp"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "nats", feature = "amqp"))))]
+pub mod consumer;
 pub mod fingerprint;
 mod flow;
 pub mod function;
@@ -217,6 +222,12 @@ pub use recover::{Recovery, RecoveryError, Unsettled};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub use async_nats;
+#[cfg(feature = "amqp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
+pub use lapin;
 pub use service::Idempotency;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]

@@ -1,0 +1,298 @@
+//! Idempotent message consumers: a redelivered or republished message runs its handler
+//! once, over [`function::Idempotent`](crate::function::Idempotent) and so over the layer's
+//! own machinery.
+//!
+//! What every broker adapter does with a message, once its handler's call is over
+//! ([`Settle`], decided by [`decide`]):
+//!
+//! | The call | The message |
+//! |---|---|
+//! | ran and its record is stored, or was replayed | acknowledged: **after** the record is stored |
+//! | the handler failed before its commit point (the key was freed) | redelivered (after the retry delay): it runs again |
+//! | the handler failed after its commit point (its error is stored) | acknowledged: it never runs again |
+//! | another consumer holds the key | redelivered after the lease's `Retry-After` |
+//! | the store is unavailable | redelivered after the retry delay: nothing ran |
+//! | passed its commit point and crashed (outcome unknown) | redelivered until [`ConsumerSettings::max_deliveries`], then dead-lettered; never run again |
+//! | no key, a bad key, or a changed payload under a seen key | dead-lettered at once: no redelivery could help |
+//! | ran before but its record cannot be read | acknowledged, logged: it never runs again |
+//!
+//! Dead-lettering calls the consumer's dead-letter hook with the message and the reason,
+//! then tells the broker to stop redelivering (JetStream `TERM`; AMQP `reject` without
+//! requeue, which routes to the queue's dead-letter exchange if it has one).
+//!
+//! Brokers: NATS JetStream ([`nats`], feature `nats`) and RabbitMQ ([`amqp`], feature
+//! `amqp`).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::function::{CallError, Output};
+
+#[cfg(feature = "amqp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
+pub mod amqp;
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub mod nats;
+
+/// What becomes of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Settle {
+    /// Acknowledge it: handled (now or before).
+    Ack,
+    /// Have it delivered again after this delay.
+    Retry(Duration),
+    /// Stop its delivery, after the dead-letter hook saw it.
+    DeadLetter(DeadReason),
+}
+
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadReason {
+    /// It carries no key where the consumer looks for one.
+    NoKey,
+    /// Its key is not a valid key (empty, too long, control characters).
+    BadKey(String),
+    /// Its key was seen with another payload.
+    PayloadChanged,
+    /// Its handler passed its commit point and its outcome is unknown, after this many
+    /// deliveries; it is never run again. Settle it (`IdempotencyStore::settle`) once its
+    /// outcome is known.
+    OutcomeUnknown,
+    /// It kept being redelivered (its handler kept failing, or the store kept failing) for
+    /// this many deliveries.
+    TooManyDeliveries,
+}
+
+impl fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoKey => f.write_str("the message carries no idempotency key"),
+            Self::BadKey(why) => write!(f, "the message's idempotency key is refused: {why}"),
+            Self::PayloadChanged => {
+                f.write_str("the message's key was seen before with another payload")
+            }
+            Self::OutcomeUnknown => f.write_str(
+                "the handler passed its commit point and its outcome is unknown; it does not \
+                 run again",
+            ),
+            Self::TooManyDeliveries => f.write_str("the message was delivered too many times"),
+        }
+    }
+}
+
+/// A message the consumer gave up on, as its dead-letter hook sees it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Its key, if it had one.
+    pub key: Option<String>,
+    /// Where it came from (a subject, a queue).
+    pub source: String,
+    /// Its payload.
+    pub payload: Bytes,
+    /// How many times it was delivered, if the broker says.
+    pub deliveries: Option<u64>,
+    /// Why.
+    pub reason: DeadReason,
+}
+
+type DeadLetterFn = dyn Fn(DeadLetter) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync;
+
+/// How a consumer settles messages: shared by every broker adapter.
+#[derive(Clone)]
+pub struct ConsumerSettings {
+    pub(crate) max_deliveries: u64,
+    pub(crate) retry_delay: Duration,
+    pub(crate) dead_letter: Option<Arc<DeadLetterFn>>,
+}
+
+impl fmt::Debug for ConsumerSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerSettings")
+            .field("max_deliveries", &self.max_deliveries)
+            .field("retry_delay", &self.retry_delay)
+            .field("dead_letter", &self.dead_letter.is_some())
+            .finish()
+    }
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            max_deliveries: 10,
+            retry_delay: Duration::from_secs(1),
+            dead_letter: None,
+        }
+    }
+}
+
+impl ConsumerSettings {
+    /// After this many deliveries, a message that still cannot be settled (its outcome is
+    /// unknown, or its handler or the store keep failing) is dead-lettered. Default: 10.
+    /// At least 1.
+    pub fn max_deliveries(mut self, n: u64) -> Self {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// How long before a failed message is delivered again. Default: one second.
+    pub fn retry_delay(mut self, delay: Duration) -> Self {
+        self.retry_delay = crate::time::clamp_duration(delay);
+        self
+    }
+
+    /// Called with every message the consumer gives up on, before the broker is told to
+    /// stop delivering it (keep it somewhere, alert someone). Without one, such messages are
+    /// logged at `error`.
+    pub fn on_dead_letter<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(DeadLetter) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.dead_letter = Some(Arc::new(move |letter| Box::pin(f(letter))));
+        self
+    }
+
+    /// Hands a message over to the dead-letter hook (or the log).
+    pub(crate) async fn dead_letter(&self, letter: DeadLetter) {
+        tracing::error!(
+            key = letter.key.as_deref().unwrap_or(""),
+            source = %letter.source,
+            deliveries = letter.deliveries,
+            reason = %letter.reason,
+            "dead-lettered a message"
+        );
+        if let Some(hook) = &self.dead_letter {
+            hook(letter).await;
+        }
+    }
+}
+
+/// What becomes of a message whose handler's call ended with `result`, on its
+/// `deliveries`-th delivery (`None` when the broker does not count).
+pub fn decide<T, E>(
+    result: &Result<Output<T>, CallError<E>>,
+    deliveries: Option<u64>,
+    settings: &ConsumerSettings,
+) -> Settle {
+    let exhausted = deliveries.is_some_and(|n| n >= settings.max_deliveries);
+    let retry = |delay: Duration| {
+        if exhausted {
+            Settle::DeadLetter(DeadReason::TooManyDeliveries)
+        } else {
+            Settle::Retry(delay)
+        }
+    };
+    match result {
+        Ok(_) => Settle::Ack,
+        // Its error is stored: it passed its commit point, and never runs again.
+        Err(CallError::Operation { replayed: true, .. }) => Settle::Ack,
+        Err(CallError::Operation {
+            replayed: false, ..
+        }) => retry(settings.retry_delay),
+        Err(CallError::InFlight { retry_after }) => retry(*retry_after),
+        Err(CallError::StoreUnavailable { retry_after }) => {
+            retry((*retry_after).max(settings.retry_delay))
+        }
+        Err(CallError::OutcomeUnknown) if exhausted => {
+            Settle::DeadLetter(DeadReason::OutcomeUnknown)
+        }
+        // The recovery hook may answer on a later delivery, or an operator settle the key.
+        Err(CallError::OutcomeUnknown) => Settle::Retry(settings.retry_delay),
+        Err(CallError::Mismatch) => Settle::DeadLetter(DeadReason::PayloadChanged),
+        Err(CallError::Rejected(why)) => Settle::DeadLetter(DeadReason::BadKey(why.clone())),
+        // It ran before; what it answered is lost or unreadable, but it must not run again.
+        Err(CallError::NotStored | CallError::RecordUnreadable | CallError::Codec(_)) => {
+            Settle::Ack
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Ended = Result<Output<()>, CallError<()>>;
+
+    fn ok() -> Ended {
+        Ok(Output {
+            value: (),
+            replayed: false,
+        })
+    }
+
+    #[test]
+    fn every_call_result_settles_its_message() {
+        let s = ConsumerSettings::default().max_deliveries(3);
+        let d = Duration::from_secs(1);
+        let cases: Vec<(Ended, Option<u64>, Settle)> = vec![
+            (ok(), Some(1), Settle::Ack),
+            (ok(), Some(99), Settle::Ack),
+            (
+                Err(CallError::Operation {
+                    error: (),
+                    replayed: false,
+                }),
+                Some(1),
+                Settle::Retry(d),
+            ),
+            (
+                Err(CallError::Operation {
+                    error: (),
+                    replayed: false,
+                }),
+                Some(3),
+                Settle::DeadLetter(DeadReason::TooManyDeliveries),
+            ),
+            (
+                Err(CallError::Operation {
+                    error: (),
+                    replayed: true,
+                }),
+                Some(1),
+                Settle::Ack,
+            ),
+            (
+                Err(CallError::InFlight {
+                    retry_after: Duration::from_secs(5),
+                }),
+                None,
+                Settle::Retry(Duration::from_secs(5)),
+            ),
+            (Err(CallError::OutcomeUnknown), Some(2), Settle::Retry(d)),
+            (
+                Err(CallError::OutcomeUnknown),
+                Some(3),
+                Settle::DeadLetter(DeadReason::OutcomeUnknown),
+            ),
+            (
+                Err(CallError::Mismatch),
+                Some(1),
+                Settle::DeadLetter(DeadReason::PayloadChanged),
+            ),
+            (Err(CallError::RecordUnreadable), Some(1), Settle::Ack),
+            (
+                Err(CallError::StoreUnavailable {
+                    retry_after: Duration::from_millis(10),
+                }),
+                Some(1),
+                Settle::Retry(d),
+            ),
+        ];
+        for (result, deliveries, expected) in cases {
+            assert_eq!(
+                decide(&result, deliveries, &s),
+                expected,
+                "{result:?} at delivery {deliveries:?}"
+            );
+        }
+    }
+}
