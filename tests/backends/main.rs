@@ -34,6 +34,7 @@ mod conformance_memory;
 mod exactly_once;
 mod keys_tool;
 mod mysql;
+mod nats_consumer;
 mod open;
 mod postgres;
 mod redis;

@@ -1,0 +1,472 @@
+//! The JetStream consumer against the NATS server on `NATS_URL`: duplicates published on
+//! purpose, two consumers of one durable consumer, a consumer killed between its effect and
+//! its ack, a handler that fails then succeeds, a crash past the commit point, messages
+//! without a key or with a changed payload.
+#![cfg(feature = "nats")]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tower_idempotency::async_nats::{self, HeaderMap, jetstream};
+use tower_idempotency::consumer::nats::JetStreamConsumer;
+use tower_idempotency::consumer::{ConsumerSettings, DeadLetter, DeadReason};
+use tower_idempotency::{IdempotencyClaim, IdempotencyLayer, MemoryStore, StoreError};
+
+fn nats_url() -> Option<String> {
+    let url = std::env::var("NATS_URL").ok();
+    if url.is_none() {
+        println!("skipped: NATS_URL not set");
+    }
+    url
+}
+
+/// A stream and a durable pull consumer of its own, deleted when dropped.
+struct Bench {
+    js: jetstream::Context,
+    name: String,
+    subject: String,
+    url: String,
+}
+
+impl Bench {
+    async fn new(ack_wait: Duration) -> Option<Self> {
+        let url = nats_url()?;
+        let client = async_nats::connect(&url).await.expect("NATS answers");
+        let js = jetstream::new(client);
+        let name = format!("T{}", uuid::Uuid::new_v4().simple());
+        let subject = format!("{name}.orders");
+        js.create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            storage: jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        })
+        .await
+        .expect("stream created");
+        let bench = Self {
+            js,
+            name,
+            subject,
+            url,
+        };
+        bench
+            .js
+            .get_stream(&bench.name)
+            .await
+            .unwrap()
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some("workers".into()),
+                ack_wait,
+                ..Default::default()
+            })
+            .await
+            .expect("consumer created");
+        Some(bench)
+    }
+
+    /// The durable consumer, on a connection of its own (as another instance would have).
+    async fn consumer(&self) -> (async_nats::Client, jetstream::consumer::PullConsumer) {
+        let client = async_nats::connect(&self.url).await.unwrap();
+        let js = jetstream::new(client.clone());
+        let consumer = js
+            .get_stream(&self.name)
+            .await
+            .unwrap()
+            .get_consumer("workers")
+            .await
+            .unwrap();
+        (client, consumer)
+    }
+
+    async fn publish(&self, key: Option<&str>, payload: &str) {
+        let mut headers = HeaderMap::new();
+        if let Some(key) = key {
+            headers.insert("Idempotency-Key", key);
+        }
+        self.js
+            .publish_with_headers(
+                self.subject.clone(),
+                headers,
+                Bytes::from(payload.to_owned()),
+            )
+            .await
+            .unwrap()
+            .await
+            .expect("published");
+    }
+
+    /// Waits until every message was acknowledged or terminated.
+    async fn drained(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let info = self
+                .js
+                .get_stream(&self.name)
+                .await
+                .unwrap()
+                .get_consumer::<jetstream::consumer::pull::Config>("workers")
+                .await
+                .unwrap()
+                .get_info()
+                .await
+                .unwrap();
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let (js, name) = (self.js.clone(), self.name.clone());
+        // Best effort: a stream left behind is in memory and named for this test alone.
+        tokio::spawn(async move {
+            let _ = js.delete_stream(&name).await;
+        });
+    }
+}
+
+type Effects = Arc<Mutex<HashMap<String, usize>>>;
+
+fn effect(effects: &Effects, payload: &Bytes) {
+    *effects
+        .lock()
+        .unwrap()
+        .entry(String::from_utf8_lossy(payload).into_owned())
+        .or_default() += 1;
+}
+
+fn settings() -> ConsumerSettings {
+    ConsumerSettings::default()
+        .retry_delay(Duration::from_millis(50))
+        .max_deliveries(4)
+}
+
+#[tokio::test]
+async fn duplicates_published_on_purpose_run_their_handler_once() {
+    let Some(bench) = Bench::new(Duration::from_secs(5)).await else {
+        return;
+    };
+    for round in 0..3 {
+        for n in 0..20 {
+            let _ = round;
+            bench
+                .publish(Some(&format!("order-{n}")), &format!("order-{n}"))
+                .await;
+        }
+    }
+    let effects: Effects = Arc::default();
+    let worker = {
+        let effects = Arc::clone(&effects);
+        JetStreamConsumer::new(
+            &IdempotencyLayer::new(MemoryStore::new()),
+            move |msg: async_nats::Message, _claim: IdempotencyClaim| {
+                let effects = Arc::clone(&effects);
+                async move {
+                    effect(&effects, &msg.payload);
+                    Ok::<_, StoreError>(())
+                }
+            },
+        )
+        .key_from_header("Idempotency-Key")
+        .settings(settings())
+        .concurrency(8)
+    };
+    let (_client, consumer) = bench.consumer().await;
+    let messages = consumer.messages().await.unwrap();
+    let task = tokio::spawn(async move { worker.run(messages).await });
+    assert!(
+        bench.drained(Duration::from_secs(20)).await,
+        "all 60 settled"
+    );
+    task.abort();
+    let effects = effects.lock().unwrap();
+    assert_eq!(effects.len(), 20);
+    assert!(effects.values().all(|&n| n == 1), "{effects:?}");
+}
+
+#[tokio::test]
+async fn two_consumers_of_one_durable_consumer_sharing_a_store_run_each_key_once() {
+    let Some(bench) = Bench::new(Duration::from_secs(5)).await else {
+        return;
+    };
+    for _ in 0..4 {
+        for n in 0..25 {
+            bench
+                .publish(Some(&format!("k{n}")), &format!("k{n}"))
+                .await;
+        }
+    }
+    let store = MemoryStore::new();
+    let effects: Effects = Arc::default();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let effects = Arc::clone(&effects);
+        let worker = JetStreamConsumer::new(
+            &IdempotencyLayer::new(store.clone()),
+            move |msg: async_nats::Message, _claim: IdempotencyClaim| {
+                let effects = Arc::clone(&effects);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    effect(&effects, &msg.payload);
+                    Ok::<_, StoreError>(())
+                }
+            },
+        )
+        .key_from_header("Idempotency-Key")
+        .settings(settings())
+        .concurrency(4);
+        let (client, consumer) = bench.consumer().await;
+        let messages = consumer.messages().await.unwrap();
+        tasks.push((
+            client,
+            tokio::spawn(async move { worker.run(messages).await }),
+        ));
+    }
+    assert!(
+        bench.drained(Duration::from_secs(30)).await,
+        "all 100 settled"
+    );
+    for (_, task) in tasks {
+        task.abort();
+    }
+    let effects = effects.lock().unwrap();
+    assert_eq!(effects.len(), 25);
+    assert!(effects.values().all(|&n| n == 1), "{effects:?}");
+}
+
+/// The same kill with a plain consumer runs the effect twice; with this one, once: the
+/// record is stored before the ack, and the redelivery is answered from it.
+#[tokio::test]
+async fn a_consumer_killed_between_its_effect_and_its_ack_does_not_run_it_again() {
+    let Some(bench) = Bench::new(Duration::from_millis(500)).await else {
+        return;
+    };
+    bench.publish(Some("pay-1"), "pay-1").await;
+    let store = MemoryStore::new();
+    let effects: Effects = Arc::default();
+    let (effected_tx, mut effected) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let make = |slow: bool| {
+        let effects = Arc::clone(&effects);
+        let effected_tx = effected_tx.clone();
+        JetStreamConsumer::new(
+            &IdempotencyLayer::new(store.clone()),
+            move |msg: async_nats::Message, _claim: IdempotencyClaim| {
+                let (effects, effected_tx) = (Arc::clone(&effects), effected_tx.clone());
+                async move {
+                    effect(&effects, &msg.payload);
+                    let _ = effected_tx.send(());
+                    if slow {
+                        // Killed here, after the effect and before the ack.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Ok::<_, StoreError>(())
+                }
+            },
+        )
+        .key_from_header("Idempotency-Key")
+        .settings(settings())
+    };
+    let (first_client, consumer) = bench.consumer().await;
+    let messages = consumer.messages().await.unwrap();
+    let first = make(true);
+    let killed = tokio::spawn(async move { first.run(messages).await });
+    effected.recv().await.unwrap();
+    killed.abort();
+    drop(first_client);
+    // Another instance gets the redelivery once the ack wait ran out.
+    let (_client, consumer) = bench.consumer().await;
+    let messages = consumer.messages().await.unwrap();
+    let second = make(false);
+    let task = tokio::spawn(async move { second.run(messages).await });
+    assert!(bench.drained(Duration::from_secs(10)).await);
+    task.abort();
+    assert_eq!(effects.lock().unwrap()["pay-1"], 1);
+}
+
+/// The control for the test above: the same kill, with a consumer that acks after its
+/// effect and keeps no record, runs the effect twice.
+#[tokio::test]
+async fn a_plain_consumer_killed_between_its_effect_and_its_ack_runs_it_twice() {
+    use futures_util::StreamExt;
+    let Some(bench) = Bench::new(Duration::from_millis(500)).await else {
+        return;
+    };
+    bench.publish(Some("pay-1"), "pay-1").await;
+    let effects: Effects = Arc::default();
+    let (effected_tx, mut effected) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let plain = |slow: bool, consumer: jetstream::consumer::PullConsumer| {
+        let (effects, effected_tx) = (Arc::clone(&effects), effected_tx.clone());
+        async move {
+            let mut messages = consumer.messages().await.unwrap();
+            while let Some(Ok(msg)) = messages.next().await {
+                effect(&effects, &msg.payload);
+                let _ = effected_tx.send(());
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                msg.ack().await.unwrap();
+            }
+        }
+    };
+    let (first_client, consumer) = bench.consumer().await;
+    let killed = tokio::spawn(plain(true, consumer));
+    effected.recv().await.unwrap();
+    killed.abort();
+    drop(first_client);
+    let (_client, consumer) = bench.consumer().await;
+    let task = tokio::spawn(plain(false, consumer));
+    assert!(bench.drained(Duration::from_secs(10)).await);
+    task.abort();
+    assert_eq!(effects.lock().unwrap()["pay-1"], 2);
+}
+
+#[tokio::test]
+async fn a_handler_that_fails_before_its_commit_point_is_redelivered_and_runs() {
+    let Some(bench) = Bench::new(Duration::from_secs(5)).await else {
+        return;
+    };
+    bench.publish(Some("flaky"), "flaky").await;
+    let effects: Effects = Arc::default();
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(2));
+    let worker = {
+        let (effects, failures) = (Arc::clone(&effects), Arc::clone(&failures));
+        JetStreamConsumer::new(
+            &IdempotencyLayer::new(MemoryStore::new()),
+            move |msg: async_nats::Message, _claim: IdempotencyClaim| {
+                let (effects, failures) = (Arc::clone(&effects), Arc::clone(&failures));
+                async move {
+                    if failures
+                        .fetch_update(
+                            std::sync::atomic::Ordering::SeqCst,
+                            std::sync::atomic::Ordering::SeqCst,
+                            |n| n.checked_sub(1),
+                        )
+                        .is_ok()
+                    {
+                        return Err("the mail server is down");
+                    }
+                    effect(&effects, &msg.payload);
+                    Ok(())
+                }
+            },
+        )
+        .key_from_header("Idempotency-Key")
+        .settings(settings())
+    };
+    let (_client, consumer) = bench.consumer().await;
+    let messages = consumer.messages().await.unwrap();
+    let task = tokio::spawn(async move { worker.run(messages).await });
+    assert!(bench.drained(Duration::from_secs(10)).await);
+    task.abort();
+    assert_eq!(effects.lock().unwrap()["flaky"], 1);
+    assert_eq!(failures.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// A handler that crashes after its commit point is never run again: its redeliveries find
+/// the outcome unknown, and after `max_deliveries` the message goes to the dead-letter hook.
+#[tokio::test]
+async fn a_crash_past_the_commit_point_is_dead_lettered_never_run_again() {
+    let Some(bench) = Bench::new(Duration::from_millis(500)).await else {
+        return;
+    };
+    bench.publish(Some("charge-1"), "charge-1").await;
+    let effects: Effects = Arc::default();
+    let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new()).lease(Duration::from_millis(100));
+    let worker = {
+        let (effects, dead) = (Arc::clone(&effects), Arc::clone(&dead));
+        JetStreamConsumer::new(
+            &layer,
+            move |msg: async_nats::Message, claim: IdempotencyClaim| {
+                let effects = Arc::clone(&effects);
+                async move {
+                    claim.commit().await?;
+                    effect(&effects, &msg.payload);
+                    // The instance dies here: a panic in the handler's task.
+                    if effects.lock().unwrap()["charge-1"] == 1 {
+                        panic!("crashed after charging");
+                    }
+                    Ok::<_, StoreError>(())
+                }
+            },
+        )
+        .key_from_header("Idempotency-Key")
+        .settings(settings().max_deliveries(3).on_dead_letter(move |letter| {
+            let dead = Arc::clone(&dead);
+            async move { dead.lock().unwrap().push(letter) }
+        }))
+    };
+    let worker = Arc::new(worker);
+    // Each instance handles messages until it crashes; a new one takes over.
+    for _ in 0..8 {
+        let (_client, consumer) = bench.consumer().await;
+        let messages = consumer.messages().await.unwrap();
+        let w = Arc::clone(&worker);
+        let task = tokio::spawn(async move { w.run(messages).await });
+        if bench.drained(Duration::from_secs(3)).await {
+            task.abort();
+            break;
+        }
+        task.abort();
+    }
+    assert!(bench.drained(Duration::from_secs(1)).await, "settled");
+    assert_eq!(effects.lock().unwrap()["charge-1"], 1, "charged once");
+    let dead = dead.lock().unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason, DeadReason::OutcomeUnknown);
+    assert_eq!(dead[0].key.as_deref(), Some("charge-1"));
+}
+
+#[tokio::test]
+async fn messages_without_a_key_or_with_a_changed_payload_are_dead_lettered_at_once() {
+    let Some(bench) = Bench::new(Duration::from_secs(5)).await else {
+        return;
+    };
+    bench.publish(None, "anonymous").await;
+    bench.publish(Some("k"), "first").await;
+    bench.publish(Some("k"), "changed").await;
+    let effects: Effects = Arc::default();
+    let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
+    let worker = {
+        let (effects, dead) = (Arc::clone(&effects), Arc::clone(&dead));
+        JetStreamConsumer::new(
+            &IdempotencyLayer::new(MemoryStore::new()),
+            move |msg: async_nats::Message, _claim: IdempotencyClaim| {
+                let effects = Arc::clone(&effects);
+                async move {
+                    effect(&effects, &msg.payload);
+                    Ok::<_, StoreError>(())
+                }
+            },
+        )
+        .key_from_header("Idempotency-Key")
+        .settings(settings().on_dead_letter(move |letter| {
+            let dead = Arc::clone(&dead);
+            async move { dead.lock().unwrap().push(letter) }
+        }))
+    };
+    let (_client, consumer) = bench.consumer().await;
+    let messages = consumer.messages().await.unwrap();
+    let task = tokio::spawn(async move { worker.run(messages).await });
+    assert!(bench.drained(Duration::from_secs(10)).await);
+    task.abort();
+    let reasons: Vec<_> = dead
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.reason.clone())
+        .collect();
+    assert_eq!(reasons, [DeadReason::NoKey, DeadReason::PayloadChanged]);
+    let effects = effects.lock().unwrap();
+    assert_eq!(effects.get("first"), Some(&1));
+    assert_eq!(effects.get("anonymous"), None);
+    assert_eq!(effects.get("changed"), None);
+}
