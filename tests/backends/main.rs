@@ -28,6 +28,7 @@ mod common {
     pub use servers::*;
 }
 
+mod amqp_consumer;
 mod backend_failures;
 mod conformance_custom;
 mod conformance_memory;

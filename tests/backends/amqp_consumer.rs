@@ -1,0 +1,439 @@
+//! The RabbitMQ consumer against the broker on `AMQP_URL`, on quorum queues (which count
+//! deliveries): duplicates published on purpose, two consumers of one queue, a consumer
+//! killed between its effect and its ack (and a plain consumer as the control), a crash past
+//! the commit point, messages without a key or with a changed payload.
+#![cfg(feature = "amqp")]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tower_idempotency::consumer::amqp::AmqpConsumer;
+use tower_idempotency::consumer::{ConsumerSettings, DeadLetter, DeadReason};
+use tower_idempotency::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use tower_idempotency::lapin::types::{AMQPValue, FieldTable};
+use tower_idempotency::lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tower_idempotency::{IdempotencyClaim, IdempotencyLayer, MemoryStore, StoreError};
+
+fn amqp_url() -> Option<String> {
+    let url = std::env::var("AMQP_URL").ok();
+    if url.is_none() {
+        println!("skipped: AMQP_URL not set");
+    }
+    url
+}
+
+/// A quorum queue of its own, deleted at the end.
+struct Bench {
+    url: String,
+    queue: String,
+    channel: Channel,
+    _conn: Connection,
+}
+
+impl Bench {
+    async fn new() -> Option<Self> {
+        let url = amqp_url()?;
+        let conn = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ answers");
+        let channel = conn.create_channel().await.unwrap();
+        let queue = format!("test-{}", uuid::Uuid::new_v4().simple());
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .expect("queue declared");
+        Some(Self {
+            url,
+            queue,
+            channel,
+            _conn: conn,
+        })
+    }
+
+    async fn publish(&self, id: Option<&str>, payload: &str) {
+        let mut props = BasicProperties::default();
+        if let Some(id) = id {
+            props = props.with_message_id(id.into());
+        }
+        self.channel
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                payload.as_bytes(),
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// A consumer of the queue on a connection of its own (as another instance would have).
+    async fn deliveries(&self) -> (Connection, tower_idempotency::lapin::Consumer) {
+        let conn = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .basic_qos(16, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let consumer = channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                format!("c-{}", uuid::Uuid::new_v4().simple()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (conn, consumer)
+    }
+
+    /// Ready messages (unacknowledged ones come back when their connection closes).
+    async fn ready(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    async fn delete(self) {
+        let _ = self
+            .channel
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+}
+
+type Effects = Arc<Mutex<HashMap<String, usize>>>;
+
+fn effect(effects: &Effects, payload: &Bytes) -> usize {
+    let mut effects = effects.lock().unwrap();
+    let n = effects
+        .entry(String::from_utf8_lossy(payload).into_owned())
+        .or_default();
+    *n += 1;
+    *n
+}
+
+/// Waits until `done` holds, for at most `within`.
+async fn until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+type Handled = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+fn counting_consumer(
+    store: &MemoryStore,
+    effects: &Effects,
+) -> AmqpConsumer<impl Fn(Bytes, IdempotencyClaim) -> Handled + Send + Sync + 'static> {
+    let effects = Arc::clone(effects);
+    AmqpConsumer::new(
+        &IdempotencyLayer::new(store.clone()),
+        move |payload: Bytes, _claim: IdempotencyClaim| {
+            let effects = Arc::clone(&effects);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                effect(&effects, &payload);
+                Ok(())
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        },
+    )
+    .settings(
+        ConsumerSettings::default()
+            .retry_delay(Duration::from_millis(50))
+            .max_deliveries(4),
+    )
+    .concurrency(8)
+}
+
+#[tokio::test]
+async fn duplicates_published_on_purpose_run_their_handler_once() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    for _ in 0..3 {
+        for n in 0..20 {
+            bench
+                .publish(Some(&format!("o{n}")), &format!("o{n}"))
+                .await;
+        }
+    }
+    let effects: Effects = Arc::default();
+    let worker = counting_consumer(&MemoryStore::new(), &effects);
+    let (conn, deliveries) = bench.deliveries().await;
+    let task = tokio::spawn(async move { worker.run(deliveries).await });
+    assert!(
+        until(Duration::from_secs(20), || effects.lock().unwrap().len()
+            == 20)
+        .await
+    );
+    // Every delivery settled: none comes back once the consumer is gone.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    task.abort();
+    conn.close(200, "done".into()).await.unwrap();
+    assert_eq!(bench.ready().await, 0);
+    assert!(effects.lock().unwrap().values().all(|&n| n == 1));
+    bench.delete().await;
+}
+
+#[tokio::test]
+async fn two_consumers_of_one_queue_sharing_a_store_run_each_key_once() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    for _ in 0..4 {
+        for n in 0..25 {
+            bench
+                .publish(Some(&format!("k{n}")), &format!("k{n}"))
+                .await;
+        }
+    }
+    let (store, effects): (MemoryStore, Effects) = (MemoryStore::new(), Arc::default());
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let worker = counting_consumer(&store, &effects);
+        let (conn, deliveries) = bench.deliveries().await;
+        running.push((
+            conn,
+            tokio::spawn(async move { worker.run(deliveries).await }),
+        ));
+    }
+    assert!(
+        until(Duration::from_secs(30), || effects.lock().unwrap().len()
+            == 25)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (conn, task) in running {
+        task.abort();
+        conn.close(200, "done".into()).await.unwrap();
+    }
+    assert_eq!(bench.ready().await, 0);
+    {
+        let effects = effects.lock().unwrap();
+        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
+    }
+    bench.delete().await;
+}
+
+/// Runs `consume` over the queue until it made one effect, then kills it (its connection
+/// closes with the delivery unacknowledged), and runs `consume` again on a new connection.
+async fn kill_after_the_effect<F, Fut>(bench: &Bench, effects: &Effects, consume: F)
+where
+    F: Fn(tower_idempotency::lapin::Consumer, bool) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (conn, deliveries) = bench.deliveries().await;
+    let killed = tokio::spawn(consume(deliveries, true));
+    assert!(
+        until(Duration::from_secs(10), || !effects
+            .lock()
+            .unwrap()
+            .is_empty())
+        .await
+    );
+    killed.abort();
+    conn.close(320, "killed".into()).await.unwrap();
+    let (conn, deliveries) = bench.deliveries().await;
+    let task = tokio::spawn(consume(deliveries, false));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    task.abort();
+    conn.close(200, "done".into()).await.unwrap();
+    assert_eq!(bench.ready().await, 0, "the redelivery was settled");
+}
+
+#[tokio::test]
+async fn a_consumer_killed_between_its_effect_and_its_ack_does_not_run_it_again() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    bench.publish(Some("pay-1"), "pay-1").await;
+    let (store, effects): (MemoryStore, Effects) = (MemoryStore::new(), Arc::default());
+    kill_after_the_effect(&bench, &effects, |deliveries, slow| {
+        let effects = Arc::clone(&effects);
+        // The redelivery waits for the killed consumer's operation, which its instance
+        // finishes (Disconnect::Finish), instead of being requeued for a second.
+        let layer = IdempotencyLayer::new(store.clone())
+            .on_in_flight(tower_idempotency::InFlight::Wait(Duration::from_secs(5)));
+        let worker = AmqpConsumer::new(&layer, move |payload: Bytes, _claim: IdempotencyClaim| {
+            let effects = Arc::clone(&effects);
+            async move {
+                effect(&effects, &payload);
+                if slow {
+                    // Killed here, after the effect and before the ack.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok::<_, StoreError>(())
+            }
+        });
+        async move {
+            let _ = worker.run(deliveries).await;
+        }
+    })
+    .await;
+    assert_eq!(effects.lock().unwrap()["pay-1"], 1);
+    bench.delete().await;
+}
+
+/// The control for the test above: the same kill with a consumer that acks after its effect
+/// and keeps no record runs the effect twice.
+#[tokio::test]
+async fn a_plain_consumer_killed_between_its_effect_and_its_ack_runs_it_twice() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    bench.publish(Some("pay-1"), "pay-1").await;
+    let effects: Effects = Arc::default();
+    kill_after_the_effect(&bench, &effects, |mut deliveries, slow| {
+        let effects = Arc::clone(&effects);
+        async move {
+            while let Some(Ok(delivery)) = deliveries.next().await {
+                effect(&effects, &Bytes::from(delivery.data.clone()));
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .unwrap();
+            }
+        }
+    })
+    .await;
+    assert_eq!(effects.lock().unwrap()["pay-1"], 2);
+    bench.delete().await;
+}
+
+#[tokio::test]
+async fn a_crash_past_the_commit_point_is_dead_lettered_never_run_again() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    bench.publish(Some("charge-1"), "charge-1").await;
+    let effects: Effects = Arc::default();
+    let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new()).lease(Duration::from_millis(100));
+    let worker = {
+        let (effects, dead) = (Arc::clone(&effects), Arc::clone(&dead));
+        Arc::new(
+            AmqpConsumer::new(&layer, move |payload: Bytes, claim: IdempotencyClaim| {
+                let effects = Arc::clone(&effects);
+                async move {
+                    claim.commit().await?;
+                    if effect(&effects, &payload) == 1 {
+                        panic!("crashed after charging");
+                    }
+                    Ok::<_, StoreError>(())
+                }
+            })
+            .settings(
+                ConsumerSettings::default()
+                    .retry_delay(Duration::from_millis(50))
+                    .max_deliveries(3)
+                    .on_dead_letter(move |letter| {
+                        let dead = Arc::clone(&dead);
+                        async move { dead.lock().unwrap().push(letter) }
+                    }),
+            ),
+        )
+    };
+    // Each instance runs until it crashes (its connection then closes and the delivery
+    // comes back); a new one takes over.
+    for _ in 0..6 {
+        if !dead.lock().unwrap().is_empty() {
+            break;
+        }
+        let (conn, deliveries) = bench.deliveries().await;
+        let w = Arc::clone(&worker);
+        let task = tokio::spawn(async move { w.run(deliveries).await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        task.abort();
+        let _ = conn.close(320, "instance gone".into()).await;
+    }
+    assert_eq!(effects.lock().unwrap()["charge-1"], 1, "charged once");
+    {
+        let dead = dead.lock().unwrap();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].reason, DeadReason::OutcomeUnknown);
+        assert_eq!(dead[0].deliveries, Some(3));
+    }
+    assert_eq!(bench.ready().await, 0, "rejected, not requeued");
+    bench.delete().await;
+}
+
+#[tokio::test]
+async fn messages_without_a_key_or_with_a_changed_payload_are_dead_lettered_at_once() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    bench.publish(None, "anonymous").await;
+    bench.publish(Some("k"), "first").await;
+    bench.publish(Some("k"), "changed").await;
+    let effects: Effects = Arc::default();
+    let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
+    let worker = {
+        let dead = Arc::clone(&dead);
+        counting_consumer(&MemoryStore::new(), &effects)
+            .concurrency(1)
+            .settings(ConsumerSettings::default().on_dead_letter(move |letter| {
+                let dead = Arc::clone(&dead);
+                async move { dead.lock().unwrap().push(letter) }
+            }))
+    };
+    let (conn, deliveries) = bench.deliveries().await;
+    let task = tokio::spawn(async move { worker.run(deliveries).await });
+    assert!(until(Duration::from_secs(10), || dead.lock().unwrap().len() == 2).await);
+    task.abort();
+    conn.close(200, "done".into()).await.unwrap();
+    let reasons: Vec<_> = dead
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.reason.clone())
+        .collect();
+    assert_eq!(reasons, [DeadReason::NoKey, DeadReason::PayloadChanged]);
+    assert_eq!(bench.ready().await, 0, "rejected, not requeued");
+    {
+        let effects = effects.lock().unwrap();
+        assert_eq!(effects.get("first"), Some(&1));
+        assert_eq!(effects.len(), 1);
+    }
+    bench.delete().await;
+}
