@@ -27,12 +27,13 @@ use crate::store::{Claim, ErrorChain, KeyState, StoreError};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// The path of a covered request with a key.
+/// The path of a covered request with a key (`None`: the key is in the body, read once it
+/// is buffered, see [`IdempotencyLayer::key_from_json`](crate::IdempotencyLayer)).
 pub(crate) async fn flow<S, ReqBody, ResBody>(
-    inner: S,
+    mut inner: S,
     mut parts: Parts,
     body: ReqBody,
-    key: IdempotencyKey,
+    key: Option<IdempotencyKey>,
     config: Arc<Runtime>,
     grpc: bool,
 ) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
@@ -48,7 +49,10 @@ where
     // Keys are kept apart per caller: a caller the layer cannot identify is refused, never
     // put in a scope it might share with another.
     let Some(scope) = config.scope_of(&parts) else {
-        tracing::debug!(key = key.as_str(), "caller unknown; refusing the request");
+        tracing::debug!(
+            key = key.as_ref().map(|k| k.as_str()),
+            "caller unknown; refusing the request"
+        );
         return Ok(problem(
             &config,
             grpc,
@@ -84,6 +88,30 @@ where
             ));
         }
     };
+    let key = match key {
+        Some(key) => key,
+        None => match crate::key::from_body(&config, &bytes) {
+            Ok(key) => key,
+            Err(None) => {
+                // No key in the body, and keys are optional: the request runs unprotected.
+                let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
+                let res = inner.call(req).await?;
+                return Ok(mark(
+                    res.map(IdempotencyBody::passthrough),
+                    IdempotencyOutcome::PassedThrough,
+                ));
+            }
+            Err(Some(refused)) => {
+                return Ok(problem(
+                    &config,
+                    grpc,
+                    refused,
+                    IdempotencyOutcome::Rejected,
+                ));
+            }
+        },
+    };
+    tracing::Span::current().record("key", key.as_str());
     let store_key = StoreKey::new(&scope, key.as_str());
     let fingerprint = config.fingerprint_of(&parts, &bytes);
     parts.extensions.insert(key);

@@ -422,7 +422,7 @@ impl Call<'_> {
         let inner = Runner {
             operation: Arc::new(Mutex::new(Some(operation))),
         };
-        let Ok(res) = crate::flow::flow(inner, parts, body, key, runtime, false).await;
+        let Ok(res) = crate::flow::flow(inner, parts, body, Some(key), runtime, false).await;
         let outcome = res
             .extensions()
             .get::<IdempotencyOutcome>()

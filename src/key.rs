@@ -236,6 +236,59 @@ pub fn parse_key(
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Scope(std::borrow::Cow<'static, str>);
 
+/// The key of a request whose key is in its JSON body
+/// ([`IdempotencyLayer::key_from_json`](crate::IdempotencyLayer::key_from_json)): the string
+/// at the layer's JSON pointer. `Err(None)` when there is none and keys are optional;
+/// `Err(Some(problem))`, a `400`, when there is none and keys are required, or it is not a
+/// string, or not a valid key, or the body is not JSON.
+pub(crate) fn from_body(
+    config: &crate::runtime::Runtime,
+    body: &[u8],
+) -> Result<IdempotencyKey, Option<crate::problem::Problem>> {
+    use crate::problem::{Problem, ProblemKind};
+    let pointer = config.key_pointer.as_deref().unwrap_or("");
+    let invalid = |detail: String| Some(Problem::new(ProblemKind::InvalidKey, detail));
+    #[cfg(feature = "json")]
+    let found = match serde_json::from_slice::<serde_json::Value>(body) {
+        Err(_) => {
+            return Err(invalid(format!(
+                "The request body is not JSON, and this endpoint reads its idempotency key \
+                 from the body at {pointer}."
+            )));
+        }
+        Ok(doc) => match doc.pointer(pointer) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(text)) => Some(Ok(text.clone())),
+            Some(other) => Some(Err(other.to_string())),
+        },
+    };
+    #[cfg(not(feature = "json"))]
+    let found: Option<Result<String, String>> = {
+        let _ = body;
+        None
+    };
+    match found {
+        None if config.missing == crate::policy::MissingKey::Optional => Err(None),
+        None => Err(Some(Problem::new(
+            ProblemKind::MissingKey,
+            format!(
+                "This request must carry its idempotency key as a string at {pointer} in its \
+                 JSON body."
+            ),
+        ))),
+        Some(Err(value)) => Err(invalid(format!(
+            "The idempotency key at {pointer} in the request body must be a string, not {}.",
+            if value.len() > 40 {
+                "a longer value"
+            } else {
+                &value
+            }
+        ))),
+        Some(Ok(text)) => IdempotencyKey::from_call(&text, config.max_key_len)
+            .map_err(|err| invalid(format!("The idempotency key at {pointer}: {err}."))),
+    }
+}
+
 /// The scope a call of [`function::Idempotent`](crate::function::Idempotent) names for
 /// itself, put in its request's extensions: the layer's scope rule does not apply to it.
 #[derive(Clone, Debug)]

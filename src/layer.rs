@@ -155,6 +155,30 @@ impl IdempotencyLayer {
         self.edit(|c| c.max_key_len = max)
     }
 
+    /// Reads each covered request's key from its JSON body, at `pointer` (RFC 6901: a
+    /// webhook's event id at `/id`, a JSON-RPC call's `/params/_meta/idempotencyKey`),
+    /// instead of from a header (feature `json`). The body is buffered once, within
+    /// [`max_request_body`](Self::max_request_body), for the key and the fingerprint.
+    ///
+    /// The value must be a string (any text of at most
+    /// [`max_key_len`](Self::max_key_len) characters without control characters): a
+    /// number, an object, a body that is not JSON, or an empty string is a `400
+    /// invalid-key` problem; no value there (or `null`) is `400 missing-key`, or, with
+    /// [`MissingKey::Optional`], the request runs unprotected. Nothing runs in the `400`
+    /// cases. [`MissingKey::Generate`] has no meaning here and counts as required.
+    ///
+    /// ```
+    /// let webhooks = tower_idempotency::IdempotencyLayer::default()
+    ///     .share_keys_across_callers()
+    ///     .key_from_json("/id");
+    /// ```
+    #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+    pub fn key_from_json(self, pointer: impl Into<String>) -> Self {
+        let pointer: Arc<str> = pointer.into().into();
+        self.edit(|c| c.key_pointer = Some(pointer))
+    }
+
     /// What to do with a covered request without a key. Default: [`MissingKey::Required`].
     ///
     /// ```

@@ -123,40 +123,46 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let grpc = grpc.unwrap_or_else(|| is_grpc(&parts.headers));
-        let mut values = parts.headers.get_all(&config.header).iter();
-        let (key, generated) = match (values.next(), values.next()) {
-            (None, _) => match config.missing {
-                MissingKey::Required => {
-                    return reject(config, grpc, KeyError::Missing);
-                }
-                MissingKey::Optional => {
-                    return ResponseFuture::covered(Box::pin(async move {
-                        let res = inner.call(Request::from_parts(parts, body)).await?;
-                        crate::metrics::outcome(IdempotencyOutcome::PassedThrough);
-                        Ok(mark(
-                            res.map(IdempotencyBody::passthrough),
-                            IdempotencyOutcome::PassedThrough,
-                        ))
-                    }));
-                }
-                MissingKey::Generate => {
-                    let key = IdempotencyKey::generate();
-                    parts
-                        .headers
-                        .insert(config.header.clone(), key.to_header_value());
-                    (key, true)
-                }
-            },
-            (Some(_), Some(_)) => return reject(config, grpc, KeyError::Repeated),
-            (Some(value), None) => match parse_key(value, config.parsing, config.max_key_len) {
-                Ok(key) => (key, false),
-                Err(err) => return reject(config, grpc, err),
-            },
+        let (key, generated) = if config.key_pointer.is_some() {
+            // The key is in the body: the flow reads it once the body is buffered.
+            (None, false)
+        } else {
+            let mut values = parts.headers.get_all(&config.header).iter();
+            let (key, generated) = match (values.next(), values.next()) {
+                (None, _) => match config.missing {
+                    MissingKey::Required => {
+                        return reject(config, grpc, KeyError::Missing);
+                    }
+                    MissingKey::Optional => {
+                        return ResponseFuture::covered(Box::pin(async move {
+                            let res = inner.call(Request::from_parts(parts, body)).await?;
+                            crate::metrics::outcome(IdempotencyOutcome::PassedThrough);
+                            Ok(mark(
+                                res.map(IdempotencyBody::passthrough),
+                                IdempotencyOutcome::PassedThrough,
+                            ))
+                        }));
+                    }
+                    MissingKey::Generate => {
+                        let key = IdempotencyKey::generate();
+                        parts
+                            .headers
+                            .insert(config.header.clone(), key.to_header_value());
+                        (key, true)
+                    }
+                },
+                (Some(_), Some(_)) => return reject(config, grpc, KeyError::Repeated),
+                (Some(value), None) => match parse_key(value, config.parsing, config.max_key_len) {
+                    Ok(key) => (key, false),
+                    Err(err) => return reject(config, grpc, err),
+                },
+            };
+            (Some(key), generated)
         };
         // Attributes named after OpenTelemetry's HTTP conventions where they fit.
         let span = tracing::info_span!(
             "idempotency",
-            key = %key,
+            key = key.as_ref().map(|k| k.as_str()),
             outcome = tracing::field::Empty,
             "http.request.method" = %parts.method,
             "url.path" = parts.uri.path(),
@@ -177,7 +183,7 @@ async fn covered<S, ReqBody, ResBody>(
     inner: S,
     parts: Parts,
     body: ReqBody,
-    key: IdempotencyKey,
+    key: Option<IdempotencyKey>,
     config: Arc<Runtime>,
     grpc: bool,
     generated: bool,
@@ -191,7 +197,10 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
-    let echo = generated.then(|| (config.header.clone(), key.to_header_value()));
+    let echo = key
+        .as_ref()
+        .filter(|_| generated)
+        .map(|key| (config.header.clone(), key.to_header_value()));
     let mut res = flow(inner, parts, body, key, config, grpc).await?;
     if let Some((name, value)) = echo {
         res.headers_mut().insert(name, value);

@@ -47,6 +47,8 @@ pub(crate) struct Settings {
     pub(crate) header: HeaderName,
     pub(crate) parsing: KeyParsing,
     pub(crate) max_key_len: usize,
+    /// Where in a JSON body the key is, instead of a header.
+    pub(crate) key_pointer: Option<Arc<str>>,
     pub(crate) missing: MissingKey,
     pub(crate) cover: Cover,
     /// The gRPC methods covered (full paths, `/package.Service/Method`).
@@ -78,6 +80,7 @@ impl Default for Settings {
             header: HeaderName::from_static("idempotency-key"),
             parsing: KeyParsing::Lenient,
             max_key_len: 255,
+            key_pointer: None,
             missing: MissingKey::Required,
             cover: Cover::Methods(vec![Method::POST, Method::PATCH]),
             grpc_methods: Arc::from([]),

@@ -20,6 +20,7 @@ mod common {
     pub use tcp::*;
 }
 
+mod body_key;
 mod commit_points;
 mod durations;
 mod events;
