@@ -90,7 +90,12 @@ where
     };
     let key = match key {
         Some(key) => key,
-        None => match crate::key::from_body(&config, &bytes) {
+        None => match crate::key::from_body(
+            config.key_pointer.as_deref().unwrap_or(""),
+            config.missing == crate::policy::MissingKey::Optional,
+            config.max_key_len,
+            &bytes,
+        ) {
             Ok(key) => key,
             Err(None) => {
                 // No key in the body, and keys are optional: the request runs unprotected.

@@ -242,11 +242,12 @@ pub struct Scope(std::borrow::Cow<'static, str>);
 /// `Err(Some(problem))`, a `400`, when there is none and keys are required, or it is not a
 /// string, or not a valid key, or the body is not JSON.
 pub(crate) fn from_body(
-    config: &crate::runtime::Runtime,
+    pointer: &str,
+    optional: bool,
+    max_len: usize,
     body: &[u8],
 ) -> Result<IdempotencyKey, Option<crate::problem::Problem>> {
     use crate::problem::{Problem, ProblemKind};
-    let pointer = config.key_pointer.as_deref().unwrap_or("");
     let invalid = |detail: String| Some(Problem::new(ProblemKind::InvalidKey, detail));
     #[cfg(feature = "json")]
     let found = match serde_json::from_slice::<serde_json::Value>(body) {
@@ -268,7 +269,7 @@ pub(crate) fn from_body(
         None
     };
     match found {
-        None if config.missing == crate::policy::MissingKey::Optional => Err(None),
+        None if optional => Err(None),
         None => Err(Some(Problem::new(
             ProblemKind::MissingKey,
             format!(
@@ -284,7 +285,7 @@ pub(crate) fn from_body(
                 &value
             }
         ))),
-        Some(Ok(text)) => IdempotencyKey::from_call(&text, config.max_key_len)
+        Some(Ok(text)) => IdempotencyKey::from_call(&text, max_len)
             .map_err(|err| invalid(format!("The idempotency key at {pointer}: {err}."))),
     }
 }
