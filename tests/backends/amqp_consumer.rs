@@ -437,3 +437,105 @@ async fn messages_without_a_key_or_with_a_changed_payload_are_dead_lettered_at_o
     }
     bench.delete().await;
 }
+
+/// The consumer's connection is cut (every connection dropped, new ones refused) while it
+/// handles a queue of duplicated messages, then restored: the broker requeues what was not
+/// acknowledged, every message is settled, and no key runs twice.
+#[tokio::test]
+async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    for _ in 0..2 {
+        for n in 0..40 {
+            bench
+                .publish(Some(&format!("c{n}")), &format!("c{n}"))
+                .await;
+        }
+    }
+    let authority = bench
+        .url
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    let upstream: std::net::SocketAddr = authority.parse().expect("AMQP_URL is amqp://…@host:port");
+    let proxy = crate::common::FaultProxy::start(upstream).await;
+    let via_proxy = bench
+        .url
+        .replace(&authority, &format!("127.0.0.1:{}", proxy.port));
+    let effects: Effects = Arc::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .on_in_flight(tower_idempotency::InFlight::Wait(Duration::from_secs(5)));
+    let worker = {
+        let effects = Arc::clone(&effects);
+        Arc::new(
+            AmqpConsumer::new(&layer, move |payload: Bytes, _claim: IdempotencyClaim| {
+                let effects = Arc::clone(&effects);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    effect(&effects, &payload);
+                    Ok::<_, StoreError>(())
+                }
+            })
+            .settings(ConsumerSettings::default().retry_delay(Duration::from_millis(50)))
+            .concurrency(4),
+        )
+    };
+    // A supervisor: the consumer connects again whenever its connection fails.
+    let supervisor = {
+        let worker = Arc::clone(&worker);
+        let queue = bench.queue.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(conn) =
+                    Connection::connect(&via_proxy, ConnectionProperties::default()).await
+                    && let Ok(channel) = conn.create_channel().await
+                    && channel
+                        .basic_qos(8, BasicQosOptions::default())
+                        .await
+                        .is_ok()
+                    && let Ok(deliveries) = channel
+                        .basic_consume(
+                            queue.as_str().into(),
+                            "".into(),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                {
+                    let _ = worker.run(deliveries).await;
+                    let _ = conn.close(200, "reconnecting".into()).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    assert!(
+        until(Duration::from_secs(10), || effects.lock().unwrap().len()
+            >= 10)
+        .await
+    );
+    proxy.drop_all();
+    let before_the_cut = effects.lock().unwrap().len();
+    assert!(before_the_cut < 40, "the cut falls mid-stream");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.pass();
+    assert!(
+        until(Duration::from_secs(30), || effects.lock().unwrap().len()
+            == 40)
+        .await
+    );
+    // Let the last duplicates settle, then stop: nothing may be left.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    supervisor.abort();
+    proxy.drop_all();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bench.ready().await, 0, "every delivery settled");
+    {
+        let effects = effects.lock().unwrap();
+        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
+    }
+    bench.delete().await;
+}

@@ -5,14 +5,20 @@
 //! (`REDIS_URL`, `DATABASE_URL`, `MYSQL_URL`) and say they were skipped without it. One test
 //! binary; each file is a module.
 
-#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "nats",
+    feature = "amqp"
+))]
 #[path = "../common"]
 mod common {
     //! The helpers this binary uses, from `tests/common/`.
     // Built for fewer than all three backends, some helpers have no test to serve.
     #![cfg_attr(
         not(all(feature = "redis", feature = "postgres", feature = "mysql")),
-        allow(dead_code)
+        allow(dead_code, unused_imports)
     )]
     mod fault_store;
     // The store tests look at statuses and bodies; the counting handler and the channel-fed

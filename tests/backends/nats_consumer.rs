@@ -68,7 +68,15 @@ impl Bench {
 
     /// The durable consumer, on a connection of its own (as another instance would have).
     async fn consumer(&self) -> (async_nats::Client, jetstream::consumer::PullConsumer) {
-        let client = async_nats::connect(&self.url).await.unwrap();
+        self.consumer_at(&self.url).await
+    }
+
+    /// The durable consumer, connected through `url` (a fault proxy).
+    async fn consumer_at(
+        &self,
+        url: &str,
+    ) -> (async_nats::Client, jetstream::consumer::PullConsumer) {
+        let client = async_nats::connect(url).await.unwrap();
         let js = jetstream::new(client.clone());
         let consumer = js
             .get_stream(&self.name)
@@ -469,4 +477,100 @@ async fn messages_without_a_key_or_with_a_changed_payload_are_dead_lettered_at_o
     assert_eq!(effects.get("first"), Some(&1));
     assert_eq!(effects.get("anonymous"), None);
     assert_eq!(effects.get("changed"), None);
+}
+
+/// The consumer's connection is cut (every connection dropped, new ones refused) while it
+/// handles a stream of duplicated messages, then restored: every message is settled, and
+/// no key runs twice.
+#[tokio::test]
+async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
+    let Some(bench) = Bench::new(Duration::from_millis(800)).await else {
+        return;
+    };
+    for _ in 0..2 {
+        for n in 0..40 {
+            bench
+                .publish(Some(&format!("c{n}")), &format!("c{n}"))
+                .await;
+        }
+    }
+    let upstream: std::net::SocketAddr = bench
+        .url
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("NATS_URL is nats://host:port");
+    let proxy = crate::common::FaultProxy::start(upstream).await;
+    let via_proxy = format!("nats://127.0.0.1:{}", proxy.port);
+    let effects: Effects = Arc::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .on_in_flight(tower_idempotency::InFlight::Wait(Duration::from_secs(5)));
+    let worker = {
+        let effects = Arc::clone(&effects);
+        Arc::new(
+            JetStreamConsumer::new(
+                &layer,
+                move |msg: async_nats::Message, _claim: IdempotencyClaim| {
+                    let effects = Arc::clone(&effects);
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        effect(&effects, &msg.payload);
+                        Ok::<_, StoreError>(())
+                    }
+                },
+            )
+            .key_from_header("Idempotency-Key")
+            .settings(settings())
+            .concurrency(4),
+        )
+    };
+    // A supervisor: the consumer runs again whenever its stream ends or fails.
+    let supervisor = {
+        let (worker, via_proxy) = (Arc::clone(&worker), via_proxy.clone());
+        let stream = bench.name.clone();
+        let js_url = via_proxy.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(client) = async_nats::connect(&js_url).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let js = jetstream::new(client);
+                let consumer: Result<jetstream::consumer::PullConsumer, _> =
+                    async { js.get_stream(&stream).await?.get_consumer("workers").await }
+                        .await
+                        .map_err(|e: Box<dyn std::error::Error + Send + Sync>| e);
+                if let Ok(consumer) = consumer
+                    && let Ok(messages) = consumer.messages().await
+                {
+                    let _ = worker.run(messages).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    assert!(until_effects(&effects, 10, Duration::from_secs(10)).await);
+    proxy.drop_all();
+    let before_the_cut = effects.lock().unwrap().len();
+    assert!(before_the_cut < 40, "the cut falls mid-stream");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.pass();
+    assert!(
+        bench.drained(Duration::from_secs(30)).await,
+        "every message settled"
+    );
+    supervisor.abort();
+    let effects = effects.lock().unwrap();
+    assert_eq!(effects.len(), 40, "{effects:?}");
+    assert!(effects.values().all(|&n| n == 1), "{effects:?}");
+}
+
+async fn until_effects(effects: &Effects, at_least: usize, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while effects.lock().unwrap().len() < at_least {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
 }
