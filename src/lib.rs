@@ -208,6 +208,9 @@ pub mod store;
 mod tasks;
 mod time;
 
+#[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+pub use async_nats;
 pub use body::{IdempotencyBody, RebuildBody};
 pub use fingerprint::Fingerprint;
 #[cfg(feature = "axum")]
@@ -215,6 +218,9 @@ pub use fingerprint::Fingerprint;
 pub use handle::MissingClaim;
 pub use handle::{IdempotencyClaim, MayHaveRun};
 pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope};
+#[cfg(feature = "amqp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
+pub use lapin;
 pub use layer::IdempotencyLayer;
 pub use outcome::{IdempotencyOutcome, REPLAYED_HEADER};
 pub use policy::{Disconnect, InFlight, MissingKey, StoreFailure};
@@ -222,12 +228,6 @@ pub use recover::{Recovery, RecoveryError, Unsettled};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis;
-#[cfg(feature = "nats")]
-#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
-pub use async_nats;
-#[cfg(feature = "amqp")]
-#[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
-pub use lapin;
 pub use service::Idempotency;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]

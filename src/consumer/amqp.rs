@@ -40,10 +40,10 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::{Stream, TryStreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
-use futures_util::{Stream, TryStreamExt};
 
 use super::{ConsumerSettings, DeadLetter, DeadReason, Settle, decide};
 use crate::function::{CallError, Idempotent, Output};
