@@ -58,10 +58,10 @@ impl<'a> PendingClaim<'a> {
     }
 
     /// The store answered that this claim owns the key.
-    pub(crate) fn acquired(mut self, fingerprint: Fingerprint) -> Claimed {
+    pub(crate) fn acquired(mut self, fingerprint: Fingerprint, ttl: Duration) -> Claimed {
         self.armed = false;
         let key = self.key.take();
-        Claimed::new(Arc::clone(self.config), key, self.token, fingerprint)
+        Claimed::new(Arc::clone(self.config), key, self.token, fingerprint, ttl)
     }
 
     /// The claim failed or overran: release whatever it may have left.
@@ -139,10 +139,11 @@ impl Claimed {
         key: StoreKey,
         token: LeaseToken,
         fingerprint: Fingerprint,
+        ttl: Duration,
     ) -> Self {
         let registration = config.keeper.register(&key, token, || config.renewal());
         Self {
-            shared: Shared::new(config, key, token),
+            shared: Shared::new(config, key, token, ttl),
             fingerprint,
             registration: Some(registration),
             settled: false,
@@ -151,9 +152,15 @@ impl Claimed {
 
     /// A claim found committed when its release was attempted: it is completed with the
     /// outcome in hand, without renewing its lease (nobody can take a committed key over).
-    fn resumed(config: Arc<Runtime>, key: StoreKey, token: LeaseToken, record: &Record) -> Self {
+    fn resumed(
+        config: Arc<Runtime>,
+        key: StoreKey,
+        token: LeaseToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Self {
         Self {
-            shared: Shared::new(config, key, token),
+            shared: Shared::new(config, key, token, ttl),
             fingerprint: *record.fingerprint(),
             registration: None,
             settled: false,
@@ -171,6 +178,11 @@ impl Claimed {
 
     pub(crate) fn fingerprint(&self) -> Fingerprint {
         self.fingerprint
+    }
+
+    /// How long this claim's record is kept.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.shared.ttl
     }
 
     fn settle(&mut self) {
@@ -208,7 +220,8 @@ impl Claimed {
         }
         self.settle();
         let fallback = fallback.filter(|_| !self.shared.in_transaction());
-        release(config, key, token, fallback, false).await;
+        let ttl = self.shared.ttl;
+        release(config, key, token, fallback, false, ttl).await;
     }
 
     /// Stores the outcome at once if the store answers at once (the embedded memory store)
@@ -217,11 +230,12 @@ impl Claimed {
     #[allow(clippy::result_large_err)]
     pub(crate) fn complete_now(&mut self, record: Record) -> Result<(), Record> {
         let timer = crate::metrics::Timer::start();
-        match self
-            .shared
-            .config
-            .complete_direct(&self.shared.key, self.shared.token, record)
-        {
+        match self.shared.config.complete_direct(
+            &self.shared.key,
+            self.shared.token,
+            record,
+            self.shared.ttl,
+        ) {
             Ok(Ok(())) => {
                 timer.store_call_ended(&*self.shared.config.store, "complete", true);
                 self.stored(0);
@@ -241,24 +255,24 @@ impl Claimed {
         // The embedded memory store: one direct call, which hands the record back if it
         // refuses, so that no copy of it is made for the attempt.
         let timer = crate::metrics::Timer::start();
-        let record =
-            match self
-                .shared
-                .config
-                .complete_direct(&self.shared.key, self.shared.token, record)
-            {
-                Ok(result) => {
-                    timer.store_call_ended(&*self.shared.config.store, "complete", result.is_ok());
-                    match result {
-                        Ok(()) => return self.stored(0),
-                        Err((StoreError::LeaseLost, record)) => {
-                            return self.taken_over(false, record).await;
-                        }
-                        Err((_, record)) => record,
+        let record = match self.shared.config.complete_direct(
+            &self.shared.key,
+            self.shared.token,
+            record,
+            self.shared.ttl,
+        ) {
+            Ok(result) => {
+                timer.store_call_ended(&*self.shared.config.store, "complete", result.is_ok());
+                match result {
+                    Ok(()) => return self.stored(0),
+                    Err((StoreError::LeaseLost, record)) => {
+                        return self.taken_over(false, record).await;
                     }
+                    Err((_, record)) => record,
                 }
-                Err(record) => record,
-            };
+            }
+            Err(record) => record,
+        };
         if let Some(registration) = self.registration {
             self.shared.config.keeper.settling(registration);
         }
@@ -319,7 +333,7 @@ impl Claimed {
             }
             s.config
                 .store
-                .complete(&s.key, s.token, record.clone(), s.config.ttl)
+                .complete(&s.key, s.token, record.clone(), s.ttl)
         })
         .await
     }
@@ -352,11 +366,13 @@ impl Claimed {
              lapsed; this outcome is stored if the key is freed again, otherwise the other \
              request's outcome is kept"
         );
+        let ttl = self.shared.ttl;
         if store_if_free(
             &self.shared.config,
             &self.shared.key,
             self.fingerprint,
             &record,
+            ttl,
         )
         .await
         {
@@ -370,7 +386,7 @@ impl Claimed {
             // The first look was just made.
             tokio::time::sleep(crate::time::jittered(FIRST_PAUSE)).await;
             crate::time::retry(give_up, MAX_PAUSE / 2, || async {
-                if store_if_free(&config, &key, fingerprint, &record).await {
+                if store_if_free(&config, &key, fingerprint, &record, ttl).await {
                     ControlFlow::Break(())
                 } else {
                     ControlFlow::Continue(())
@@ -389,11 +405,12 @@ async fn store_if_free(
     key: &StoreKey,
     fingerprint: Fingerprint,
     record: &Record,
+    ttl: Duration,
 ) -> bool {
     let token = LeaseToken::new();
     match config.claim(key, &fingerprint, token).await {
         Ok(Claim::Acquired(_)) => {
-            let stored = config.complete(key, token, record.clone()).await;
+            let stored = config.complete(key, token, record.clone(), ttl).await;
             if stored.is_ok() {
                 tracing::warn!(
                     key = key.client_key(),
@@ -407,7 +424,7 @@ async fn store_if_free(
         Ok(Claim::Completed(_)) => true,
         // Another request committed and left no outcome: this outcome settles it.
         Ok(Claim::OutcomeUnknown { .. }) => {
-            let _ = config.settle(key, record.clone()).await;
+            let _ = config.settle(key, record.clone(), ttl).await;
             true
         }
         Ok(Claim::InFlight { .. }) => false,
@@ -436,7 +453,8 @@ impl Drop for Claimed {
             return;
         }
         self.settle();
-        work.spawn("release", release(config, key, token, None, true));
+        let ttl = self.shared.ttl;
+        work.spawn("release", release(config, key, token, None, true, ttl));
     }
 }
 
@@ -586,11 +604,12 @@ async fn release(
     token: LeaseToken,
     fallback: Option<Record>,
     detached: bool,
+    ttl: Duration,
 ) {
     let result = config.release(&key, token).await;
     match result {
         Ok(()) | Err(StoreError::LeaseLost) => return,
-        Err(StoreError::Committed) => return committed(config, key, token, fallback).await,
+        Err(StoreError::Committed) => return committed(config, key, token, fallback, ttl).await,
         Err(err) => tracing::warn!(
             key = key.client_key(),
             error = %ErrorChain(&err),
@@ -616,7 +635,7 @@ async fn release(
             .await;
             match released {
                 Some(false) => {}
-                Some(true) => committed(config, key, token, fallback).await,
+                Some(true) => committed(config, key, token, fallback, ttl).await,
                 None => tracing::warn!(
                     key = key.client_key(),
                     "gave up releasing the idempotency key; it is free once its lease ends \
@@ -639,6 +658,7 @@ async fn committed(
     key: StoreKey,
     token: LeaseToken,
     fallback: Option<Record>,
+    ttl: Duration,
 ) {
     match fallback {
         Some(record) => {
@@ -648,7 +668,7 @@ async fn committed(
                 "the operation passed its commit point and answered an error: storing that \
                  answer, since running it again is no longer safe"
             );
-            Claimed::resumed(config, key, token, &record)
+            Claimed::resumed(config, key, token, &record, ttl)
                 .complete(record)
                 .await;
         }

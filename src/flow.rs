@@ -119,6 +119,7 @@ where
     tracing::Span::current().record("key", key.as_str());
     let store_key = StoreKey::new(&scope, key.as_str());
     let fingerprint = config.fingerprint_of(&parts, &bytes);
+    let ttl = config.ttl_of(&parts);
     parts.extensions.insert(key);
     // Kept (a reference count) to fingerprint again the legacy way, should a stored
     // fingerprint be an earlier version's.
@@ -182,7 +183,7 @@ where
         };
         match found {
             Claim::Acquired(token) if token == pending.token() => {
-                return run(inner, req, pending.acquired(fingerprint)).await;
+                return run(inner, req, pending.acquired(fingerprint, ttl)).await;
             }
             Claim::Acquired(_) => {
                 // A store that ignores the caller's token breaks the contract; nothing it
@@ -249,6 +250,7 @@ where
                     .map(|_| Unsettled::new(key.clone(), req.method(), req.uri(), req.headers()));
                 let found = Box::pin(outcome_unknown(
                     &config,
+                    ttl,
                     grpc,
                     unsettled.filter(|_| !rerun),
                     key,
@@ -354,6 +356,30 @@ fn unreadable<B, ReqBody>(
     )
 }
 
+/// The header that tells how long a key is kept ([`IdempotencyLayer::announce_expiry`]).
+///
+/// [`IdempotencyLayer::announce_expiry`]: crate::IdempotencyLayer::announce_expiry
+pub(crate) const EXPIRES_HEADER: http::HeaderName =
+    http::HeaderName::from_static("idempotency-expires");
+
+/// Puts `Idempotency-Expires` on an answer that is to be stored (and so replayed with it):
+/// now plus the claim's TTL, as an HTTP-date. gRPC answers, whose status comes in trailers,
+/// and answers that release their key do not carry it.
+fn announce_expiry(config: &Runtime, parts: &mut http::response::Parts, ttl: std::time::Duration) {
+    let kept = (config.storable)(parts.status)
+        || parts
+            .extensions
+            .get::<crate::handle::MayHaveRun>()
+            .is_some();
+    if !kept || crate::problem::is_grpc(&parts.headers) {
+        return;
+    }
+    let until = std::time::SystemTime::now() + ttl;
+    if let Ok(value) = http::HeaderValue::from_str(&httpdate::fmt_http_date(until)) {
+        parts.headers.insert(EXPIRES_HEADER, value);
+    }
+}
+
 /// The client's key of a request the flow handles.
 fn client_key<B>(req: &Request<B>) -> &str {
     req.extensions()
@@ -373,6 +399,7 @@ enum Unknown<B> {
 /// stored and replayed, or `outcome-unknown`; or the hook's word that it never ran.
 async fn outcome_unknown<B>(
     config: &Runtime,
+    ttl: std::time::Duration,
     grpc: bool,
     unsettled: Option<Unsettled>,
     key: StoreKey,
@@ -391,7 +418,7 @@ async fn outcome_unknown<B>(
                 let headers = crate::record_body::replayed_headers(config, &parts.headers);
                 let record =
                     Record::new(parts.status, headers, body, None).with_fingerprint(fingerprint);
-                let settled = config.settle(&key, record.clone()).await;
+                let settled = config.settle(&key, record.clone(), ttl).await;
                 match settled {
                     Ok(true) => {
                         tracing::info!(
@@ -527,7 +554,10 @@ where
     let work = async move {
         match fut.await {
             Ok(res) => {
-                let (parts, body) = res.into_parts();
+                let (mut parts, body) = res.into_parts();
+                if claimed.config().announce_expiry {
+                    announce_expiry(claimed.config(), &mut parts, claimed.ttl());
+                }
                 let mut recorder = Recorder::new(body, &parts, claimed);
                 // A body complete at once leaves with its head, after its record is stored.
                 recorder.prime().await;

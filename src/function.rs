@@ -254,6 +254,7 @@ impl Idempotent {
             key: key.into(),
             scope: None,
             input: Bytes::new(),
+            ttl: None,
         }
     }
 }
@@ -265,6 +266,7 @@ pub struct Call<'a> {
     key: String,
     scope: Option<Scope>,
     input: Bytes,
+    ttl: Option<Duration>,
 }
 
 impl fmt::Debug for Call<'_> {
@@ -282,6 +284,13 @@ impl Call<'_> {
     /// Default: one scope for every call.
     pub fn scope(mut self, scope: Scope) -> Self {
         self.scope = Some(scope);
+        self
+    }
+
+    /// How long this call's result (or commit point) is kept, between one second and the
+    /// layer's [`ttl`](crate::IdempotencyLayer::ttl). Default: the layer's TTL.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
         self
     }
 
@@ -418,6 +427,9 @@ impl Call<'_> {
         *req.method_mut() = Method::POST;
         req.extensions_mut()
             .insert(CallScope(self.scope.unwrap_or_else(Scope::anonymous)));
+        if let Some(ttl) = self.ttl {
+            req.extensions_mut().insert(crate::policy::RecordTtl(ttl));
+        }
         let (parts, body) = req.into_parts();
         let inner = Runner {
             operation: Arc::new(Mutex::new(Some(operation))),

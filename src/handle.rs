@@ -29,15 +29,24 @@ pub(crate) struct Shared {
     pub(crate) config: Arc<Runtime>,
     pub(crate) key: StoreKey,
     pub(crate) token: LeaseToken,
+    /// How long this claim's record (or commit) is kept: the layer's TTL, or the request's
+    /// own ([`IdempotencyLayer::ttl_by`](crate::IdempotencyLayer::ttl_by)).
+    pub(crate) ttl: std::time::Duration,
     commit: AtomicU8,
 }
 
 impl Shared {
-    pub(crate) fn new(config: Arc<Runtime>, key: StoreKey, token: LeaseToken) -> Arc<Self> {
+    pub(crate) fn new(
+        config: Arc<Runtime>,
+        key: StoreKey,
+        token: LeaseToken,
+        ttl: std::time::Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             key,
             token,
+            ttl,
             commit: AtomicU8::new(NOT_COMMITTED),
         })
     }
@@ -167,7 +176,7 @@ impl IdempotencyClaim {
     /// Committing twice is the same as once.
     pub async fn commit(&self) -> Result<(), StoreError> {
         let s = &self.shared;
-        match s.config.commit(&s.key, s.token).await {
+        match s.config.commit(&s.key, s.token, s.ttl).await {
             Ok(()) => {}
             // A definite answer: nothing was committed.
             Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),
@@ -205,10 +214,10 @@ impl IdempotencyClaim {
         )
     }
 
-    /// How long a committed key is kept: the layer's record TTL.
+    /// How long a committed key is kept: the claim's record TTL.
     #[cfg_attr(not(any(feature = "postgres", feature = "mysql")), allow(dead_code))]
     pub(crate) fn ttl(&self) -> std::time::Duration {
-        self.shared.config.ttl
+        self.shared.ttl
     }
 
     /// A commit point was written inside the application's transaction.

@@ -523,6 +523,38 @@ impl IdempotencyLayer {
         self.edit(|c| c.lease = clamp_duration(lease).max(Duration::from_millis(10)))
     }
 
+    /// A request's own record TTL: `f` reads it from the request (its route, a header your
+    /// service trusts), `None` keeps the layer's [`ttl`](Self::ttl). The answer is kept
+    /// between one second and the layer's TTL, which is thus the longest any request may
+    /// ask for. A [`RecordTtl`](crate::RecordTtl) in the request's extensions (put there by
+    /// an outer layer) comes first. A commit point is kept as long as the record would be.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .ttl(Duration::from_secs(30 * 24 * 3600)) // payments: a month
+    ///     .ttl_by(|req| {
+    ///         (!req.uri.path().starts_with("/payments")).then(|| Duration::from_secs(3600))
+    ///     });
+    /// ```
+    pub fn ttl_by(
+        self,
+        f: impl Fn(&http::request::Parts) -> Option<Duration> + Send + Sync + 'static,
+    ) -> Self {
+        self.edit(|c| c.ttl_by = Some(Arc::new(f)))
+    }
+
+    /// Tells clients how long their key is kept: a storable answer (the first one and every
+    /// replay) carries `Idempotency-Expires`, an HTTP-date until which the key is kept at
+    /// least (the request's TTL from when its answer began). Default: off.
+    ///
+    /// ```
+    /// let layer = tower_idempotency::IdempotencyLayer::default().announce_expiry(true);
+    /// ```
+    pub fn announce_expiry(self, on: bool) -> Self {
+        self.edit(|c| c.announce_expiry = on)
+    }
+
     /// How long a completed record is kept for replay. Default: 24 hours; at least
     /// 1 millisecond, at most [`MAX_DURATION`](crate::store::MAX_DURATION) (longer values are
     /// clamped).

@@ -201,3 +201,22 @@ pub(crate) fn storable_headers(
     }
     kept
 }
+
+/// The shortest record TTL a request may ask for: one second.
+pub(crate) const MIN_RECORD_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A request's own record TTL, put in its extensions by a layer outside the idempotency
+/// layer (or by [`Call::ttl`](crate::function::Call::ttl)): its record, or its commit point,
+/// is kept this long instead of the layer's [`ttl`](crate::IdempotencyLayer::ttl), between
+/// one second and that TTL (the layer's TTL is the longest a request may ask for). See also
+/// [`ttl_by`](crate::IdempotencyLayer::ttl_by).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::RecordTtl;
+///
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(RecordTtl(Duration::from_secs(600)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordTtl(pub std::time::Duration);

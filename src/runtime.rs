@@ -90,12 +90,13 @@ impl Runtime {
         key: &StoreKey,
         token: LeaseToken,
         record: Record,
+        ttl: Duration,
     ) -> Result<Result<(), (StoreError, Record)>, Record> {
         #[cfg(feature = "memory")]
         if let Some(memory) = &self.memory {
-            return Ok(memory.complete_owned(key, token, record, self.ttl));
+            return Ok(memory.complete_owned(key, token, record, ttl));
         }
-        let _ = (key, token);
+        let _ = (key, token, ttl);
         Err(record)
     }
 
@@ -158,18 +159,16 @@ impl Runtime {
         result
     }
 
-    /// Stores `record` under `key` held with `token`, for the layer's TTL.
+    /// Stores `record` under `key` held with `token`, for `ttl` (the claim's TTL).
     pub(crate) async fn complete(
         &self,
         key: &StoreKey,
         token: LeaseToken,
         record: Record,
+        ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.call(
-            "complete",
-            self.store.complete(key, token, record, self.ttl),
-        )
-        .await
+        self.call("complete", self.store.complete(key, token, record, ttl))
+            .await
     }
 
     /// Frees `key` held with `token` (a committed key: [`StoreError::Committed`]).
@@ -186,15 +185,26 @@ impl Runtime {
         self.call("revoke", self.store.revoke(key, token)).await
     }
 
-    /// Declares the commit point of the claim on `key` held with `token`, kept for the TTL.
-    pub(crate) async fn commit(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.call("commit", self.store.commit(key, token, self.ttl))
+    /// Declares the commit point of the claim on `key` held with `token`, kept for `ttl`
+    /// (the claim's TTL).
+    pub(crate) async fn commit(
+        &self,
+        key: &StoreKey,
+        token: LeaseToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.call("commit", self.store.commit(key, token, ttl))
             .await
     }
 
-    /// Gives an outcome-unknown `key` the answer `record`, for the TTL.
-    pub(crate) async fn settle(&self, key: &StoreKey, record: Record) -> Result<bool, StoreError> {
-        self.call("settle", self.store.settle(key, record, self.ttl))
+    /// Gives an outcome-unknown `key` the answer `record`, for `ttl`.
+    pub(crate) async fn settle(
+        &self,
+        key: &StoreKey,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.call("settle", self.store.settle(key, record, ttl))
             .await
     }
 

@@ -20,6 +20,7 @@ pub(crate) type FingerprintFn = dyn Fn(&Parts, &Bytes) -> Fingerprint + Send + S
 pub(crate) type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
 pub(crate) type GrpcFn = dyn Fn(u32) -> bool + Send + Sync;
 pub(crate) type HeaderFn = dyn Fn(&HeaderName) -> bool + Send + Sync;
+pub(crate) type TtlFn = dyn Fn(&Parts) -> Option<Duration> + Send + Sync;
 
 #[derive(Clone)]
 pub(crate) enum Cover {
@@ -47,6 +48,10 @@ pub(crate) struct Settings {
     pub(crate) header: HeaderName,
     pub(crate) parsing: KeyParsing,
     pub(crate) max_key_len: usize,
+    /// A request's own record TTL, if it asks for one (bounded by `ttl`).
+    pub(crate) ttl_by: Option<Arc<TtlFn>>,
+    /// Whether storable answers carry `Idempotency-Expires`.
+    pub(crate) announce_expiry: bool,
     /// Where in a JSON body the key is, instead of a header.
     pub(crate) key_pointer: Option<Arc<str>>,
     pub(crate) missing: MissingKey,
@@ -81,6 +86,8 @@ impl Default for Settings {
             parsing: KeyParsing::Lenient,
             max_key_len: 255,
             key_pointer: None,
+            ttl_by: None,
+            announce_expiry: false,
             missing: MissingKey::Required,
             cover: Cover::Methods(vec![Method::POST, Method::PATCH]),
             grpc_methods: Arc::from([]),
@@ -151,6 +158,21 @@ impl Settings {
         match &self.cover {
             Cover::Methods(methods) => methods.contains(&parts.method),
             Cover::When(f) => f(parts),
+        }
+    }
+
+    /// How long this request's record is kept: what it asks for (a [`RecordTtl`] an outer
+    /// layer put in its extensions, or `ttl_by`), between one second and the layer's TTL;
+    /// otherwise the layer's TTL.
+    pub(crate) fn ttl_of(&self, parts: &Parts) -> Duration {
+        let asked = parts
+            .extensions
+            .get::<crate::policy::RecordTtl>()
+            .map(|t| t.0)
+            .or_else(|| self.ttl_by.as_ref().and_then(|f| f(parts)));
+        match asked {
+            Some(ttl) => ttl.clamp(crate::policy::MIN_RECORD_TTL.min(self.ttl), self.ttl),
+            None => self.ttl,
         }
     }
 

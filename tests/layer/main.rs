@@ -30,6 +30,7 @@ mod fingerprint_upgrade;
 mod function;
 mod headers;
 mod layer;
+mod lifetime;
 mod memory_window;
 mod metrics;
 mod read_your_writes;
