@@ -225,7 +225,10 @@ pub fn recovered(encoded: Bytes) -> Recovery {
 /// hook, input size limit), so HTTP routes and functions can share one.
 ///
 /// The layer's caller scope rule does not apply: a call names its own scope
-/// ([`Call::scope`]; none means one scope shared by every call).
+/// ([`Call::scope`]; none means one scope shared by every call). Nor does fail-open: an
+/// operation is always given its claim, so when the store fails, a call is refused with
+/// [`CallError::StoreUnavailable`] and nothing runs, whatever the layer's
+/// [`on_store_failure`](crate::IdempotencyLayer::on_store_failure).
 #[derive(Clone)]
 pub struct Idempotent {
     runtime: Arc<Runtime>,
@@ -381,19 +384,20 @@ impl Call<'_> {
         };
         let (status, body, outcome) = self.call(operation).await?;
         let taken = made.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Ran in this call: its own result, as made. Otherwise the stored one.
         match (outcome, taken) {
-            (IdempotencyOutcome::Executed, Some(Ok(value))) => Ok(Output {
+            (_, Some(Ok(value))) => Ok(Output {
                 value,
                 replayed: false,
             }),
-            (IdempotencyOutcome::Executed, Some(Err(error))) => Err(CallError::Operation {
+            (_, Some(Err(error))) => Err(CallError::Operation {
                 error,
                 replayed: false,
             }),
             (IdempotencyOutcome::Executed, None) => Err(CallError::Rejected(
                 "the operation did not finish".to_owned(),
             )),
-            (_, _) => {
+            (_, None) => {
                 if status == StatusCode::OK {
                     Codec::<T>::decode(&*codec, &body)
                         .map(|value| Output {
@@ -452,9 +456,12 @@ impl Call<'_> {
             IdempotencyOutcome::Replayed if unencodable => Err(CallError::NotStored),
             IdempotencyOutcome::Executed
             | IdempotencyOutcome::Replayed
-            | IdempotencyOutcome::Recovered
-            | IdempotencyOutcome::PassedThrough
-            | IdempotencyOutcome::Unprotected => Ok((status, body, outcome)),
+            | IdempotencyOutcome::Recovered => Ok((status, body, outcome)),
+            // The store failed and the layer fails open: the flow ran the service without a
+            // claim, and the runner ran nothing (an operation is always given its claim).
+            IdempotencyOutcome::Unprotected | IdempotencyOutcome::PassedThrough => {
+                Err(CallError::StoreUnavailable { retry_after })
+            }
             IdempotencyOutcome::InFlight => Err(CallError::InFlight { retry_after }),
             IdempotencyOutcome::Mismatch => Err(CallError::Mismatch),
             IdempotencyOutcome::OutcomeUnknown => Err(CallError::OutcomeUnknown),
@@ -475,14 +482,28 @@ fn retry_after(headers: &HeaderMap) -> Duration {
         .map_or(Duration::from_secs(1), Duration::from_secs)
 }
 
-/// The `detail` of a problem answer, or its whole text.
+/// The `detail` of a problem answer (the layer writes it as a JSON string; its escapes are
+/// undone), or the whole text.
 fn problem_detail(body: &Bytes) -> String {
     let text = String::from_utf8_lossy(body);
-    text.split("\"detail\":\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap_or(&text)
-        .to_owned()
+    let Some((_, rest)) = text.split_once("\"detail\":\"") else {
+        return text.into_owned();
+    };
+    let mut detail = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return detail,
+            '\\' => match chars.next() {
+                Some('n') => detail.push('\n'),
+                Some('t') => detail.push('\t'),
+                Some(other) => detail.push(other),
+                None => break,
+            },
+            c => detail.push(c),
+        }
+    }
+    text.into_owned()
 }
 
 /// The service the layer's flow runs: it takes the call's operation and answers its
@@ -785,11 +806,11 @@ where
                 .map_err(ServiceError::Idempotency)?;
             let taken = made.lock().unwrap_or_else(|p| p.into_inner()).take();
             match (outcome, taken) {
-                (IdempotencyOutcome::Executed, Some(Ok(value))) => Ok(Output {
+                (_, Some(Ok(value))) => Ok(Output {
                     value,
                     replayed: false,
                 }),
-                (IdempotencyOutcome::Executed, Some(Err(err))) => Err(ServiceError::Inner(err)),
+                (_, Some(Err(err))) => Err(ServiceError::Inner(err)),
                 (IdempotencyOutcome::Executed, None) => Err(ServiceError::Idempotency(
                     CallError::Rejected("the operation did not finish".to_owned()),
                 )),
@@ -807,5 +828,23 @@ where
                 })),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_problems_detail_is_read_with_its_escapes() {
+        let body = Bytes::from_static(
+            br#"{"type":"x","detail":"a \"quoted\" word\nand a \\ slash","status":400}"#,
+        );
+        assert_eq!(problem_detail(&body), "a \"quoted\" word\nand a \\ slash");
+        assert_eq!(problem_detail(&Bytes::from_static(b"plain")), "plain");
+        assert_eq!(
+            problem_detail(&Bytes::from_static(br#"{"detail":"cut"#)),
+            r#"{"detail":"cut"#
+        );
     }
 }

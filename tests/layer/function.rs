@@ -618,3 +618,34 @@ mod service {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }
+
+/// An operation is given its claim, so it never runs without one: under fail-open, a call
+/// whose store fails is refused like under fail-closed (an HTTP handler would run
+/// unprotected).
+#[tokio::test]
+async fn a_failing_store_under_fail_open_still_runs_no_call_unprotected() {
+    let store = FaultStore::new(MemoryStore::new());
+    store.faults.claim_failures.store(1, Ordering::SeqCst);
+    let calls = calls(
+        IdempotencyLayer::new(store.clone())
+            .on_store_failure(tower_idempotency::StoreFailure::FailOpen),
+    );
+    let runs = Arc::new(AtomicUsize::new(0));
+    let refused = calls
+        .key("k")
+        .run(counted(&runs, Duration::ZERO, "ran unprotected"))
+        .await;
+    assert!(
+        matches!(refused, Err(CallError::StoreUnavailable { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    // Once the store answers, the call runs, protected.
+    let out = calls
+        .key("k")
+        .run(counted(&runs, Duration::ZERO, "ran"))
+        .await
+        .unwrap();
+    assert!(!out.replayed);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
