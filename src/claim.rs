@@ -30,17 +30,25 @@ pub(crate) struct PendingClaim<'a> {
     config: &'a Arc<Runtime>,
     key: StoreKey,
     token: LeaseToken,
+    /// The lease the claim asks for (the request's).
+    lease: Duration,
     armed: bool,
 }
 
 impl<'a> PendingClaim<'a> {
-    pub(crate) fn new(config: &'a Arc<Runtime>, key: StoreKey) -> Self {
+    pub(crate) fn new(config: &'a Arc<Runtime>, key: StoreKey, lease: Duration) -> Self {
         Self {
             config,
             key,
             token: LeaseToken::new(),
+            lease,
             armed: true,
         }
+    }
+
+    /// The lease the claim asks for.
+    pub(crate) fn lease(&self) -> Duration {
+        self.lease
     }
 
     pub(crate) fn key(&self) -> &StoreKey {
@@ -61,7 +69,13 @@ impl<'a> PendingClaim<'a> {
     pub(crate) fn acquired(mut self, fingerprint: Fingerprint, ttl: Duration) -> Claimed {
         self.armed = false;
         let key = self.key.take();
-        Claimed::new(Arc::clone(self.config), key, self.token, fingerprint, ttl)
+        Claimed::new(
+            Arc::clone(self.config),
+            key,
+            self.token,
+            fingerprint,
+            (ttl, self.lease),
+        )
     }
 
     /// The claim failed or overran: release whatever it may have left.
@@ -77,7 +91,7 @@ impl<'a> PendingClaim<'a> {
         let timeout = config.store_timeout;
         // Past a lease and its contest from now, a claim that landed is free for the taking
         // anyway.
-        let lease = self.config.lease;
+        let lease = self.lease;
         let until =
             crate::time::deadline_after(lease.saturating_add(crate::store::takeover_grace(lease)));
         self.config.work.spawn("orphan release", async move {
@@ -139,9 +153,11 @@ impl Claimed {
         key: StoreKey,
         token: LeaseToken,
         fingerprint: Fingerprint,
-        ttl: Duration,
+        (ttl, lease): (Duration, Duration),
     ) -> Self {
-        let registration = config.keeper.register(&key, token, || config.renewal());
+        let registration = config
+            .keeper
+            .register(&key, token, lease, || config.renewal());
         Self {
             shared: Shared::new(config, key, token, ttl),
             fingerprint,
@@ -408,7 +424,7 @@ async fn store_if_free(
     ttl: Duration,
 ) -> bool {
     let token = LeaseToken::new();
-    match config.claim(key, &fingerprint, token).await {
+    match config.claim(key, &fingerprint, token, config.lease).await {
         Ok(Claim::Acquired(_)) => {
             let stored = config.complete(key, token, record.clone(), ttl).await;
             if stored.is_ok() {

@@ -120,6 +120,7 @@ where
     let store_key = StoreKey::new(&scope, key.as_str());
     let fingerprint = config.fingerprint_of(&parts, &bytes);
     let ttl = config.ttl_of(&parts);
+    let lease = config.lease_of(&parts);
     parts.extensions.insert(key);
     // Kept (a reference count) to fingerprint again the legacy way, should a stored
     // fingerprint be an earlier version's.
@@ -128,9 +129,14 @@ where
 
     // The token is made here, before the claim is sent: if the answer never comes, the
     // claim that may have landed is released by it (on every path, drops included).
-    let pending = PendingClaim::new(&config, store_key);
+    let pending = PendingClaim::new(&config, store_key, lease);
     let mut claim = config
-        .claim(pending.key(), &fingerprint, pending.token())
+        .claim(
+            pending.key(),
+            &fingerprint,
+            pending.token(),
+            pending.lease(),
+        )
         .await;
     let mut waited = false;
     // Whether the recovery hook already sent this request round again (once at most).
@@ -289,7 +295,12 @@ where
                             }
                         }
                         claim = config
-                            .claim(pending.key(), &fingerprint, pending.token())
+                            .claim(
+                                pending.key(),
+                                &fingerprint,
+                                pending.token(),
+                                pending.lease(),
+                            )
                             .await;
                         continue;
                     }
@@ -309,7 +320,13 @@ where
                     InFlight::Wait(timeout) if !waited => {
                         waited = true;
                         claim = config
-                            .wait(pending.key(), &fingerprint, pending.token(), timeout)
+                            .wait(
+                                pending.key(),
+                                &fingerprint,
+                                pending.token(),
+                                pending.lease(),
+                                timeout,
+                            )
                             .await;
                         continue;
                     }

@@ -258,6 +258,7 @@ impl Idempotent {
             scope: None,
             input: Bytes::new(),
             ttl: None,
+            lease: None,
         }
     }
 }
@@ -270,6 +271,7 @@ pub struct Call<'a> {
     scope: Option<Scope>,
     input: Bytes,
     ttl: Option<Duration>,
+    lease: Option<Duration>,
 }
 
 impl fmt::Debug for Call<'_> {
@@ -294,6 +296,14 @@ impl Call<'_> {
     /// layer's [`ttl`](crate::IdempotencyLayer::ttl). Default: the layer's TTL.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
+        self
+    }
+
+    /// How long this call's claim is leased, at least the layer's
+    /// [`lease`](crate::IdempotencyLayer::lease) (see [`ClaimLease`](crate::ClaimLease)).
+    /// Default: the layer's lease.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
         self
     }
 
@@ -433,6 +443,10 @@ impl Call<'_> {
             .insert(CallScope(self.scope.unwrap_or_else(Scope::anonymous)));
         if let Some(ttl) = self.ttl {
             req.extensions_mut().insert(crate::policy::RecordTtl(ttl));
+        }
+        if let Some(lease) = self.lease {
+            req.extensions_mut()
+                .insert(crate::policy::ClaimLease(lease));
         }
         let (parts, body) = req.into_parts();
         let inner = Runner {

@@ -544,6 +544,28 @@ impl IdempotencyLayer {
         self.edit(|c| c.ttl_by = Some(Arc::new(f)))
     }
 
+    /// A request's own lease: `f` reads it from the request (its route, say), `None` keeps
+    /// the layer's [`lease`](Self::lease). It is never shorter than the layer's lease (whose
+    /// third is how often the lease keeper renews), so give the layer the shortest lease
+    /// any route needs. A [`ClaimLease`](crate::ClaimLease) in the request's extensions
+    /// comes first.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .lease(Duration::from_secs(10))
+    ///     .lease_by(|req| {
+    ///         // Reports run long on a busy pool: a pause of a minute is no crash.
+    ///         req.uri.path().starts_with("/reports").then(|| Duration::from_secs(120))
+    ///     });
+    /// ```
+    pub fn lease_by(
+        self,
+        f: impl Fn(&http::request::Parts) -> Option<Duration> + Send + Sync + 'static,
+    ) -> Self {
+        self.edit(|c| c.lease_by = Some(Arc::new(f)))
+    }
+
     /// Tells clients how long their key is kept: a storable answer (the first one and every
     /// replay) carries `Idempotency-Expires`, an HTTP-date until which the key is kept at
     /// least (the request's TTL from when its answer began). Default: off.

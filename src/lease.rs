@@ -53,6 +53,9 @@ impl std::hash::Hasher for IdHasher {
 struct Held {
     key: StoreKey,
     token: LeaseToken,
+    /// The claim's lease: each renewal extends it this long (at least the keeper's lease,
+    /// whose third is the keeper's period).
+    lease: Duration,
     renewed: Instant,
     renewing: bool,
     /// The owner is storing its outcome (or withdrawing its claim): a heartbeat that finds
@@ -112,6 +115,7 @@ impl LeaseKeeper {
         self: &Arc<Self>,
         key: &StoreKey,
         token: LeaseToken,
+        lease: Duration,
         renewal: impl FnOnce() -> Renewal,
     ) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -120,6 +124,7 @@ impl LeaseKeeper {
             Held {
                 key: key.clone(),
                 token,
+                lease,
                 renewed: Instant::now(),
                 renewing: false,
                 settling: false,
@@ -154,7 +159,7 @@ impl LeaseKeeper {
     fn renew_due(self: &Arc<Self>, renewal: &Renewal, period: Duration) {
         let now = Instant::now();
         for shard in 0..SHARDS {
-            let due: Vec<(u64, StoreKey, LeaseToken)> = {
+            let due: Vec<(u64, StoreKey, LeaseToken, Duration)> = {
                 let mut held = self.shard(shard as u64);
                 held.iter_mut()
                     .filter(|(_, h)| {
@@ -162,19 +167,16 @@ impl LeaseKeeper {
                     })
                     .map(|(id, h)| {
                         h.renewing = true;
-                        (*id, h.key.clone(), h.token)
+                        (*id, h.key.clone(), h.token, h.lease)
                     })
                     .collect()
             };
-            for (id, key, token) in due {
-                tokio::spawn(renew(
-                    Arc::downgrade(self),
-                    renewal.clone(),
-                    period,
-                    id,
-                    key,
-                    token,
-                ));
+            for (id, key, token, lease) in due {
+                let renewal = Renewal {
+                    lease,
+                    ..renewal.clone()
+                };
+                tokio::spawn(renew(Arc::downgrade(self), renewal, period, id, key, token));
             }
         }
     }

@@ -223,7 +223,7 @@ pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope};
 pub use lapin;
 pub use layer::IdempotencyLayer;
 pub use outcome::{IdempotencyOutcome, REPLAYED_HEADER};
-pub use policy::{Disconnect, InFlight, MissingKey, RecordTtl, StoreFailure};
+pub use policy::{ClaimLease, Disconnect, InFlight, MissingKey, RecordTtl, StoreFailure};
 pub use recover::{Recovery, RecoveryError, Unsettled};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -220,3 +220,13 @@ pub(crate) const MIN_RECORD_TTL: std::time::Duration = std::time::Duration::from
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordTtl(pub std::time::Duration);
+
+/// A request's own lease, put in its extensions by a layer outside the idempotency layer
+/// (or by [`Call::lease`](crate::function::Call::lease)): its claim is leased this long
+/// instead of the layer's [`lease`](crate::IdempotencyLayer::lease), and never shorter (the
+/// layer's lease sets how often the lease keeper runs). A longer lease lets a slow or
+/// paused owner keep its key longer before another request takes it over, at the price of
+/// a crashed owner holding it longer. See also
+/// [`lease_by`](crate::IdempotencyLayer::lease_by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimLease(pub std::time::Duration);

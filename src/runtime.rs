@@ -69,12 +69,13 @@ impl Runtime {
         key: &StoreKey,
         fingerprint: &Fingerprint,
         token: LeaseToken,
+        lease: Duration,
     ) -> Option<Result<Claim, StoreError>> {
         #[cfg(feature = "memory")]
         if let Some(memory) = &self.memory {
-            return Some(memory.claim_direct(key, fingerprint, token, self.lease));
+            return Some(memory.claim_direct(key, fingerprint, token, lease));
         }
-        let _ = (key, fingerprint, token);
+        let _ = (key, fingerprint, token, lease);
         None
     }
 
@@ -117,20 +118,22 @@ impl Runtime {
     // The store as the layer calls it: with the layer's lease, TTL and store timeout, so that
     // no call site passes them by hand.
 
-    /// Claims `key` for the layer's lease (directly on the embedded memory store).
+    /// Claims `key` for `lease` (the request's, see `Settings::lease_of`; directly on the
+    /// embedded memory store).
     pub(crate) async fn claim(
         &self,
         key: &StoreKey,
         fingerprint: &Fingerprint,
         token: LeaseToken,
+        lease: Duration,
     ) -> Result<Claim, StoreError> {
         let timer = crate::metrics::Timer::start();
-        let result = match self.claim_direct(key, fingerprint, token) {
+        let result = match self.claim_direct(key, fingerprint, token, lease) {
             Some(claim) => claim,
             None => {
                 bounded(
                     self.store_timeout,
-                    self.store.claim(key, fingerprint, token, self.lease),
+                    self.store.claim(key, fingerprint, token, lease),
                 )
                 .await
             }
@@ -146,13 +149,13 @@ impl Runtime {
         key: &StoreKey,
         fingerprint: &Fingerprint,
         token: LeaseToken,
+        lease: Duration,
         timeout: Duration,
     ) -> Result<Claim, StoreError> {
         let timer = crate::metrics::Timer::start();
         let result = bounded(
             timeout.saturating_add(self.store_timeout),
-            self.store
-                .wait(key, fingerprint, token, self.lease, timeout),
+            self.store.wait(key, fingerprint, token, lease, timeout),
         )
         .await;
         timer.store_call(&*self.store, "wait", &result);

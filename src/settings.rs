@@ -21,6 +21,7 @@ pub(crate) type StatusFn = dyn Fn(StatusCode) -> bool + Send + Sync;
 pub(crate) type GrpcFn = dyn Fn(u32) -> bool + Send + Sync;
 pub(crate) type HeaderFn = dyn Fn(&HeaderName) -> bool + Send + Sync;
 pub(crate) type TtlFn = dyn Fn(&Parts) -> Option<Duration> + Send + Sync;
+pub(crate) type LeaseFn = dyn Fn(&Parts) -> Option<Duration> + Send + Sync;
 
 #[derive(Clone)]
 pub(crate) enum Cover {
@@ -50,6 +51,8 @@ pub(crate) struct Settings {
     pub(crate) max_key_len: usize,
     /// A request's own record TTL, if it asks for one (bounded by `ttl`).
     pub(crate) ttl_by: Option<Arc<TtlFn>>,
+    /// A request's own lease, if it asks for one (at least `lease`).
+    pub(crate) lease_by: Option<Arc<LeaseFn>>,
     /// Whether storable answers carry `Idempotency-Expires`.
     pub(crate) announce_expiry: bool,
     /// Where in a JSON body the key is, instead of a header.
@@ -87,6 +90,7 @@ impl Default for Settings {
             max_key_len: 255,
             key_pointer: None,
             ttl_by: None,
+            lease_by: None,
             announce_expiry: false,
             missing: MissingKey::Required,
             cover: Cover::Methods(vec![Method::POST, Method::PATCH]),
@@ -173,6 +177,24 @@ impl Settings {
         match asked {
             Some(ttl) => ttl.clamp(crate::policy::MIN_RECORD_TTL.min(self.ttl), self.ttl),
             None => self.ttl,
+        }
+    }
+
+    /// How long this request's claim is leased: what it asks for (a [`ClaimLease`] an outer
+    /// layer put in its extensions, or `lease_by`), at least the layer's lease (whose third
+    /// is the period of the lease keeper) and at most `MAX_DURATION`; otherwise the layer's
+    /// lease.
+    ///
+    /// [`ClaimLease`]: crate::policy::ClaimLease
+    pub(crate) fn lease_of(&self, parts: &Parts) -> Duration {
+        let asked = parts
+            .extensions
+            .get::<crate::policy::ClaimLease>()
+            .map(|l| l.0)
+            .or_else(|| self.lease_by.as_ref().and_then(|f| f(parts)));
+        match asked {
+            Some(lease) => crate::time::clamp_duration(lease).max(self.lease),
+            None => self.lease,
         }
     }
 

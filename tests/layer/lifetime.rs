@@ -205,3 +205,84 @@ async fn a_commit_point_is_kept_as_long_as_the_requests_ttl() {
         "the commit point ended with the call's 10 s"
     );
 }
+
+/// A route that asks for a longer lease keeps its key while its owner cannot renew (a store
+/// that refuses heartbeats stands for an owner paused past its lease); on the layer's short
+/// lease, the same pause lets a retry take the key over and run again.
+#[tokio::test]
+async fn a_route_with_a_longer_lease_is_not_taken_over_while_its_owner_cannot_renew() {
+    use crate::common::FaultStore;
+    for (path, runs_expected) in [("/orders", 2), ("/reports", 1)] {
+        let store = FaultStore::new(MemoryStore::new());
+        store
+            .faults
+            .extend_failures
+            .store(1_000, std::sync::atomic::Ordering::SeqCst);
+        let counter = Counter::default();
+        let svc = ServiceBuilder::new()
+            .layer(
+                IdempotencyLayer::new(store.clone())
+                    .share_keys_across_callers()
+                    .lease(Duration::from_millis(100))
+                    .lease_by(|req| (req.uri.path() == "/reports").then(|| Duration::from_secs(5))),
+            )
+            .service(counter.service(Duration::from_millis(800)));
+        let first = {
+            let svc = svc.clone();
+            tokio::spawn(async move { call(&svc, to(path, "k")).await })
+        };
+        // Past the short lease and its contest: a retry contests, then takes over.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let _contest = call(&svc, to(path, "k")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let retry = call(&svc, to(path, "k")).await;
+        first.await.unwrap();
+        assert_eq!(counter.runs(), runs_expected, "{path}: {:?}", retry.status);
+        if runs_expected == 1 {
+            assert_eq!(
+                retry.status,
+                StatusCode::CONFLICT,
+                "still held by its owner"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lease_asked_for_is_never_shorter_than_the_layers() {
+    use tower_idempotency::store::{KeyState, StoreKey};
+    use tower_idempotency::{IdempotencyStore, Scope};
+    let store = MemoryStore::new();
+    let svc = ServiceBuilder::new()
+        .map_request(|mut req: Request<Body>| {
+            req.extensions_mut()
+                .insert(tower_idempotency::ClaimLease(Duration::ZERO));
+            req
+        })
+        .layer(
+            IdempotencyLayer::new(store.clone())
+                .share_keys_across_callers()
+                .lease(Duration::from_secs(30)),
+        )
+        .service(Counter::default().service(Duration::from_millis(300)));
+    let running = {
+        let svc = svc.clone();
+        tokio::spawn(async move { call(&svc, post(Some("k"), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let state = store
+        .inspect(&StoreKey::new(&Scope::anonymous(), "k"))
+        .await
+        .unwrap();
+    let KeyState::InFlight {
+        lease_remaining, ..
+    } = state
+    else {
+        panic!("in flight: {state}");
+    };
+    assert!(
+        lease_remaining > Duration::from_secs(29),
+        "{lease_remaining:?}"
+    );
+    running.await.unwrap();
+}
