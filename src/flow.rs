@@ -198,6 +198,18 @@ where
                 let err = StoreError::backend(ForeignToken);
                 return Box::pin(store_failed(inner, req, &config, grpc, err)).await;
             }
+            // A sealed record no store opened (an instance without the key ring, in a fleet
+            // turning encryption on): never replayed as ciphertext, never run again.
+            Claim::Completed(record)
+                if record.headers().contains_key(crate::record::SEALED_HEADER) =>
+            {
+                pending.not_ours();
+                let err = crate::record::DecodeError::Sealed(
+                    "a sealed record, and this layer's store does not open sealed records"
+                        .to_owned(),
+                );
+                return Ok(unreadable(&config, grpc, &req, &err));
+            }
             Claim::Completed(record) => {
                 pending.not_ours();
                 let (same, _) =
@@ -212,7 +224,17 @@ where
                             .get("grpc-status")
                             .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok())
                             .is_some_and(|c| (config.grpc_maybe_ran)(c));
-                    let detail = if grpc_cut {
+                    let withheld = record
+                        .headers()
+                        .contains_key(crate::handle::WITHHELD_HEADER);
+                    let detail = if withheld {
+                        format!(
+                            "The operation ran and answered {}; that answer was delivered to \
+                             the first request only and is not kept (it held a secret). It \
+                             will not run again with this key.",
+                            record.status()
+                        )
+                    } else if grpc_cut {
                         "The call was cut off midway (its deadline ran out) and may have run; \
                          its outcome is not known. It will not run again with this key."
                             .to_owned()

@@ -268,6 +268,34 @@ impl IdempotencyClaim {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MayHaveRun;
 
+/// A mark for an answer that must not be kept, such as one that mints a secret (an API key,
+/// a one-time password): put it in the response's extensions, and the layer delivers the
+/// answer to this caller only and keeps a tombstone instead (its status, none of its
+/// headers or body), so that the operation never runs again and a retry gets `410
+/// response-not-stored` saying the answer was delivered and is not kept. For a whole route,
+/// insert it in a response-mapping layer on that route.
+///
+/// ```
+/// use axum::{Router, response::IntoResponse, routing::post};
+/// use tower_idempotency::{DeliverOnce, IdempotencyLayer, MemoryStore};
+///
+/// async fn mint_api_key() -> impl IntoResponse {
+///     let mut res = "sk_live_…".into_response();
+///     res.extensions_mut().insert(DeliverOnce);
+///     res
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/api-keys", post(mint_api_key))
+///     .layer(IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers());
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeliverOnce;
+
+/// The header of a tombstone kept for a [`DeliverOnce`] answer.
+pub(crate) const WITHHELD_HEADER: http::HeaderName =
+    http::HeaderName::from_static("idempotency-withheld");
+
 /// The answer when a handler asks for an [`IdempotencyClaim`] that the request does not
 /// carry (feature `axum`): the route is not behind an
 /// [`IdempotencyLayer`](crate::IdempotencyLayer), the request is not covered, it came

@@ -216,7 +216,7 @@ pub use fingerprint::Fingerprint;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub use handle::MissingClaim;
-pub use handle::{IdempotencyClaim, MayHaveRun};
+pub use handle::{DeliverOnce, IdempotencyClaim, MayHaveRun};
 pub use key::{IdempotencyKey, KeyError, KeyParsing, Scope};
 #[cfg(feature = "amqp")]
 #[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]

@@ -73,7 +73,17 @@ pub enum DecodeError {
     /// A field holds a value that cannot be part of a response.
     #[error("record encoding holds an invalid {0}")]
     Invalid(&'static str),
+    /// A record sealed at rest cannot be opened (feature `encryption`): tampered, moved to
+    /// another key, sealed under a key the ring does not hold (its id is said), or a
+    /// plaintext record where records are sealed.
+    #[error("sealed record: {0}")]
+    Sealed(String),
 }
+
+/// The header that marks a record sealed at rest (feature `encryption`,
+/// `store::sealed`) and names its key id. The layer never replays a record that carries it:
+/// one its store did not open is unreadable, whether or not this build can seal.
+pub const SEALED_HEADER: http::HeaderName = http::HeaderName::from_static("idempotency-sealed");
 
 const MAGIC: u8 = 0xA7;
 const VERSION: u8 = 1;

@@ -105,6 +105,8 @@ pub(crate) struct Recording {
     trailers: Option<HeaderMap>,
     /// The answer carried [`MayHaveRun`]: stored whatever its status.
     may_have_run: bool,
+    /// The answer carried [`DeliverOnce`](crate::DeliverOnce): a tombstone is kept instead.
+    deliver_once: bool,
 }
 
 impl<B> Recorder<B>
@@ -133,6 +135,10 @@ where
                 overflow: false,
                 trailers: None,
                 may_have_run: parts.extensions.get::<MayHaveRun>().is_some(),
+                deliver_once: parts
+                    .extensions
+                    .get::<crate::handle::DeliverOnce>()
+                    .is_some(),
             }),
             completing: None,
             held: Frames::default(),
@@ -313,7 +319,14 @@ impl Recording {
         } else {
             Settle::Release
         };
-        let record = if self.overflow {
+        let record = if self.deliver_once {
+            let mut withheld = http::HeaderMap::with_capacity(1);
+            withheld.insert(
+                crate::handle::WITHHELD_HEADER,
+                http::HeaderValue::from_static("1"),
+            );
+            Record::tombstone(self.status, withheld)
+        } else if self.overflow {
             Record::tombstone(self.status, self.headers)
         } else {
             let body = match (self.first, self.chunks.is_empty()) {

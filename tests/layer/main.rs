@@ -34,4 +34,5 @@ mod lifetime;
 mod memory_window;
 mod metrics;
 mod read_your_writes;
+mod secrets;
 mod trailers;
