@@ -19,6 +19,10 @@
 //! - `ORDER_AFTER_COMMIT_MS` (default 0): how long the create handler waits after its
 //!   commit point, before answering (a window to kill the demo in, by hand);
 //! - `IDEMPOTENCY_LEASE_MS` (default 30000): the lease of a running operation;
+//! - `IDEMPOTENCY_ENCRYPTION_KEYS` (feature `encryption`): `ID:KEY,…`, each KEY 32 bytes
+//!   in standard base64, the first the active one: records are sealed at rest on every
+//!   store (restart with a new first key and the old one listed: old orders still replay;
+//!   without the old one: a retry of an old order is refused, never run again);
 //! - `IDEMPOTENCY_MEMORY_MAX_MB` (default 64): the memory store's cap (a load test of new
 //!   keys fills the default one in about a second, and then gets `503 store-full`);
 //! - `IDEMPOTENCY_LAYER` (default `on`): `off` serves the same routes without the layer,
@@ -269,6 +273,8 @@ pub struct Settings {
     pub lease: Duration,
     /// How long the create handler waits after its commit point.
     pub after_commit: Duration,
+    /// `IDEMPOTENCY_ENCRYPTION_KEYS`: `ID:KEY,…` to seal the records at rest.
+    pub encryption_keys: Option<String>,
 }
 
 impl Settings {
@@ -325,6 +331,7 @@ impl Settings {
             latency: Duration::from_millis(latency),
             lease: Duration::from_millis(lease_ms),
             after_commit: Duration::from_millis(after_commit_ms),
+            encryption_keys: var("IDEMPOTENCY_ENCRYPTION_KEYS"),
         })
     }
 }
@@ -561,6 +568,22 @@ async fn serve() -> Result<(), String> {
         .share_keys_across_callers()
         .on_in_flight(settings.in_flight)
         .lease(settings.lease);
+    let layer = match &settings.encryption_keys {
+        None => layer,
+        #[cfg(feature = "encryption")]
+        Some(keys) => {
+            let ring = tower_idempotency::store::sealed::Keyring::parse(keys)
+                .map_err(|e| format!("IDEMPOTENCY_ENCRYPTION_KEYS: {e}"))?;
+            println!("records sealed at rest with key {:?}", ring.active_id());
+            layer.encrypt_records(ring)
+        }
+        #[cfg(not(feature = "encryption"))]
+        Some(_) => {
+            return Err("IDEMPOTENCY_ENCRYPTION_KEYS needs the demo built with \
+                        `--features encryption`"
+                .to_owned());
+        }
+    };
     let work = layer.detached_work();
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await

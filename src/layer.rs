@@ -124,6 +124,33 @@ impl IdempotencyLayer {
         self
     }
 
+    /// Seals every record at rest with `ring` (feature `encryption`): the layer's store is
+    /// wrapped in [`Sealed`](crate::store::sealed::Sealed), which refuses plaintext records
+    /// (see there for the cipher, rotation and what a fleet mid-rollout does). Call it
+    /// after choosing the store; the embedded memory store is then called through the
+    /// wrapper.
+    ///
+    /// ```
+    /// use tower_idempotency::IdempotencyLayer;
+    /// use tower_idempotency::store::sealed::Keyring;
+    ///
+    /// let ring = Keyring::new("2026-12", [7u8; 32]).unwrap();
+    /// let layer = IdempotencyLayer::default().encrypt_records(ring);
+    /// ```
+    #[cfg(feature = "encryption")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+    pub fn encrypt_records(mut self, ring: crate::store::sealed::Keyring) -> Self {
+        let parts = Arc::make_mut(&mut self.parts);
+        let inner = Arc::clone(&parts.store);
+        parts.store = Arc::new(crate::store::sealed::Sealed::new(inner, ring));
+        #[cfg(feature = "memory")]
+        {
+            parts.memory = None;
+        }
+        parts.runtime = OnceLock::new();
+        self
+    }
+
     /// The request header that carries the key. Default: `Idempotency-Key`.
     ///
     /// ```

@@ -292,6 +292,7 @@ mod conformance {
 }
 
 /// The raw values each shared store holds carry no byte of the secret body or header.
+#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
 mod raw_values {
     use super::*;
 
@@ -391,4 +392,42 @@ mod raw_values {
         }
         <MySqlStore as crate::sql_scenarios::SqlStore>::drop_table(&pool, &table).await;
     }
+}
+
+/// `IdempotencyLayer::encrypt_records`: one setting seals what the layer's store keeps, the
+/// embedded memory store included, and replays it.
+#[tokio::test]
+async fn one_setting_seals_the_layers_records() {
+    let memory = MemoryStore::new();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = {
+        let runs = Arc::clone(&runs);
+        IdempotencyLayer::new(memory.clone())
+            .share_keys_across_callers()
+            .encrypt_records(ring_b())
+            .layer(tower::service_fn(move |_req: Request<Body>| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                async {
+                    Ok::<_, Infallible>(Response::new(Body::from(format!(
+                        "{{\"card\":\"{SECRET}\"}}"
+                    ))))
+                }
+            }))
+    };
+    for _ in 0..2 {
+        let req = Request::post("/cards")
+            .header("idempotency-key", "e1")
+            .body(Body::from("{}"))
+            .unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains(SECRET));
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let stored = raw(&memory, &key("e1")).await;
+    assert_eq!(stored.headers()["idempotency-sealed"], "k2");
+    assert!(!String::from_utf8_lossy(&stored.encode()).contains(SECRET));
 }
