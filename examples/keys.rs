@@ -27,7 +27,9 @@
 //! ```
 //!
 //! On PostgreSQL and MySQL the table's `status` and `headers` columns can be read in SQL
-//! too.
+//! too. Where the service seals its records, set `IDEMPOTENCY_ENCRYPTION_KEYS` as it does
+//! (and build with `--features encryption`): `inspect` then opens records and `settle`
+//! seals its answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -169,6 +171,31 @@ async fn open(args: &Args) -> Result<Arc<dyn IdempotencyStore>, String> {
             }
             text
         })
+        .and_then(sealed)
+}
+
+/// With `IDEMPOTENCY_ENCRYPTION_KEYS` set (feature `encryption`), the store as the sealing
+/// layers see it: `inspect` opens records, `settle` seals its answer.
+fn sealed(store: Arc<dyn IdempotencyStore>) -> Result<Arc<dyn IdempotencyStore>, String> {
+    let keys = std::env::var("IDEMPOTENCY_ENCRYPTION_KEYS")
+        .ok()
+        .filter(|k| !k.is_empty());
+    match keys {
+        None => Ok(store),
+        #[cfg(feature = "encryption")]
+        Some(keys) => {
+            let ring = tower_idempotency::store::sealed::Keyring::parse(&keys)
+                .map_err(|e| format!("IDEMPOTENCY_ENCRYPTION_KEYS: {e}"))?;
+            Ok(Arc::new(tower_idempotency::store::sealed::Sealed::new(
+                store, ring,
+            )))
+        }
+        #[cfg(not(feature = "encryption"))]
+        Some(_) => Err(
+            "IDEMPOTENCY_ENCRYPTION_KEYS needs the tool built with `--features encryption`"
+                .to_owned(),
+        ),
+    }
 }
 
 fn describe(state: &KeyState) -> String {
