@@ -323,6 +323,14 @@ impl Problem {
                 .saturating_add(u64::from(after.subsec_nanos() > 0));
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            if grpc {
+                // gRPC's own form (gRFC A6), which gRPC clients' retry policies obey: the
+                // same pause, in milliseconds.
+                let ms =
+                    u64::try_from(Duration::from_secs(secs.max(1)).as_millis()).unwrap_or(u64::MAX);
+                res.headers_mut()
+                    .insert("grpc-retry-pushback-ms", HeaderValue::from(ms));
+            }
         }
         res
     }
@@ -428,6 +436,26 @@ pub(crate) const ALL_KINDS: [ProblemKind; 12] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_pushback_says_what_retry_after_says() {
+        let res = Problem::new(ProblemKind::KeyInUse, "busy")
+            .retry_after(Duration::from_millis(1500))
+            .into_response(true, DEFAULT_TYPE_BASE, false);
+        assert_eq!(res.headers()["grpc-status"], "10");
+        assert_eq!(res.headers()["retry-after"], "2");
+        assert_eq!(res.headers()["grpc-retry-pushback-ms"], "2000");
+        let http = Problem::new(ProblemKind::KeyInUse, "busy")
+            .retry_after(Duration::from_secs(1))
+            .into_response(false, DEFAULT_TYPE_BASE, false);
+        assert!(!http.headers().contains_key("grpc-retry-pushback-ms"));
+        let none = Problem::new(ProblemKind::KeyReused, "other payload").into_response(
+            true,
+            DEFAULT_TYPE_BASE,
+            false,
+        );
+        assert!(!none.headers().contains_key("grpc-retry-pushback-ms"));
+    }
 
     #[test]
     fn http_problems_are_rfc9457_json() {

@@ -120,6 +120,24 @@ mod tests {
         for code in ["0", "2", "3", "9", "13"] {
             assert_eq!(verdict(&grpc(code)), Verdict::Stop, "{code}");
         }
+        // gRPC's pushback (gRFC A6) comes before Retry-After; negative or unreadable: stop.
+        let pushed = |ms: &str| {
+            answer(
+                200,
+                &[
+                    ("content-type", "application/grpc"),
+                    ("grpc-status", "10"),
+                    ("retry-after", "9"),
+                    ("grpc-retry-pushback-ms", ms),
+                ],
+            )
+        };
+        assert_eq!(
+            verdict(&pushed("250")),
+            Verdict::Retry(Some(Duration::from_millis(250)))
+        );
+        assert_eq!(verdict(&pushed("-1")), Verdict::Stop);
+        assert_eq!(verdict(&pushed("soon")), Verdict::Stop);
         let streamed = answer(200, &[("content-type", "application/grpc")]);
         assert_eq!(verdict(&streamed), Verdict::Stop);
         assert_eq!(

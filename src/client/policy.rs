@@ -91,6 +91,15 @@ pub(super) fn verdict_of(status: StatusCode, headers: &http::HeaderMap) -> Verdi
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if grpc && status == StatusCode::OK {
+        // gRPC's pushback (gRFC A6) comes first: a pause in milliseconds, or, negative or
+        // unreadable, "do not retry".
+        let after = match headers.get("grpc-retry-pushback-ms") {
+            None => after,
+            Some(v) => match v.to_str().ok().and_then(|v| v.trim().parse::<i64>().ok()) {
+                Some(ms) if ms >= 0 => Some(Duration::from_millis(ms.unsigned_abs())),
+                _ => return Verdict::Stop,
+            },
+        };
         // A trailers-only answer carries its status in the headers; one in the trailers
         // came from a call that ran to the end, which is final.
         let code = headers

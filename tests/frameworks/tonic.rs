@@ -423,6 +423,12 @@ async fn concurrent_calls_are_aborted_by_default() {
             }
             Err(status) => {
                 assert_eq!(status.code(), Code::Aborted, "{status:?}");
+                // The pause gRPC clients obey (gRFC A6), beside Retry-After.
+                let pushback = status
+                    .metadata()
+                    .get("grpc-retry-pushback-ms")
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                assert_eq!(pushback, Some(1000), "{:?}", status.metadata());
                 aborted += 1;
             }
         }
