@@ -145,6 +145,8 @@ pub(crate) struct Claimed {
     fingerprint: Fingerprint,
     registration: Option<Registration>,
     settled: bool,
+    /// The request's span (`idempotency.lease_lost` is recorded on it).
+    span: tracing::Span,
 }
 
 impl Claimed {
@@ -155,6 +157,8 @@ impl Claimed {
         fingerprint: Fingerprint,
         (ttl, lease): (Duration, Duration),
     ) -> Self {
+        // The request's span, kept to record a lost lease found after the response left.
+        let span = tracing::Span::current();
         let registration = config
             .keeper
             .register(&key, token, lease, || config.renewal());
@@ -163,6 +167,7 @@ impl Claimed {
             fingerprint,
             registration: Some(registration),
             settled: false,
+            span,
         }
     }
 
@@ -180,6 +185,7 @@ impl Claimed {
             fingerprint: *record.fingerprint(),
             registration: None,
             settled: false,
+            span: tracing::Span::none(),
         }
     }
 
@@ -375,6 +381,7 @@ impl Claimed {
     async fn taken_over(&mut self, after_failures: bool, record: Record) {
         self.settle();
         crate::metrics::lost_lease();
+        self.span.record("idempotency.lease_lost", true);
         tracing::warn!(
             key = self.shared.key.client_key(),
             after_failures,

@@ -116,8 +116,12 @@ where
             }
         },
     };
-    tracing::Span::current().record("key", key.as_str());
     let store_key = StoreKey::new(&scope, key.as_str());
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        let hash = xxhash_rust::xxh3::xxh3_64(store_key.as_str().as_bytes());
+        span.record("idempotency.key_hash", format!("{hash:016x}").as_str());
+    }
     let fingerprint = config.fingerprint_of(&parts, &bytes);
     let ttl = config.ttl_of(&parts);
     let lease = config.lease_of(&parts);
@@ -130,6 +134,7 @@ where
     // The token is made here, before the claim is sent: if the answer never comes, the
     // claim that may have landed is released by it (on every path, drops included).
     let pending = PendingClaim::new(&config, store_key, lease);
+    let claim_started = (!span.is_disabled()).then(std::time::Instant::now);
     let mut claim = config
         .claim(
             pending.key(),
@@ -138,6 +143,12 @@ where
             pending.lease(),
         )
         .await;
+    if let Some(started) = claim_started {
+        span.record(
+            "idempotency.store.claim_ms",
+            started.elapsed().as_secs_f64() * 1000.0,
+        );
+    }
     let mut waited = false;
     // Whether the recovery hook already sent this request round again (once at most).
     let mut rerun = false;

@@ -160,10 +160,16 @@ where
             (Some(key), generated)
         };
         // Attributes named after OpenTelemetry's HTTP conventions where they fit.
+        // No attribute holds the client's key or scope: a hash of the store key stands for
+        // them (README, "Observability").
         let span = tracing::info_span!(
             "idempotency",
-            key = key.as_ref().map(|k| k.as_str()),
-            outcome = tracing::field::Empty,
+            "idempotency.key_hash" = tracing::field::Empty,
+            "idempotency.outcome" = tracing::field::Empty,
+            "idempotency.replayed" = tracing::field::Empty,
+            "idempotency.store" = config.store.backend_name(),
+            "idempotency.store.claim_ms" = tracing::field::Empty,
+            "idempotency.lease_lost" = tracing::field::Empty,
             "http.request.method" = %parts.method,
             "url.path" = parts.uri.path(),
             "http.response.status_code" = tracing::field::Empty,
@@ -207,7 +213,14 @@ where
     }
     if let Some(&outcome) = res.extensions().get::<IdempotencyOutcome>() {
         let span = tracing::Span::current();
-        span.record("outcome", outcome.as_str());
+        span.record("idempotency.outcome", outcome.as_str());
+        span.record(
+            "idempotency.replayed",
+            matches!(
+                outcome,
+                IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered
+            ),
+        );
         span.record("http.response.status_code", res.status().as_u16());
         crate::metrics::outcome(outcome);
         match outcome {

@@ -225,8 +225,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
     }
 }
 
-/// The `idempotency` span carries OpenTelemetry's HTTP attributes and the outcome; replays
-/// and 409s are `info` events, 422s and unknown outcomes `warn`.
+/// The `idempotency` span carries OpenTelemetry's HTTP attributes and the documented
+/// `idempotency.*` ones (never the raw key or scope); replays and 409s are `info` events,
+/// 422s and unknown outcomes `warn`.
 #[tokio::test(flavor = "current_thread")]
 async fn spans_carry_http_attributes_and_answers_are_events() {
     let capture = Capture::default();
@@ -240,9 +241,9 @@ async fn spans_carry_http_attributes_and_answers_are_events() {
     let svc = IdempotencyLayer::new(MemoryStore::new())
         .share_keys_across_callers()
         .layer(runs.handler(Duration::ZERO));
-    assert_eq!(call(&svc, request("k")).await.status, 201);
-    assert!(call(&svc, request("k")).await.replayed());
-    let mut other = request("k");
+    assert_eq!(call(&svc, request("order-7f3a")).await.status, 201);
+    assert!(call(&svc, request("order-7f3a")).await.replayed());
+    let mut other = request("order-7f3a");
     *other.body_mut() = axum::body::Body::from("{\"other\":1}");
     assert_eq!(call(&svc, other).await.status, 422);
 
@@ -268,7 +269,35 @@ async fn spans_carry_http_attributes_and_answers_are_events() {
             Some("POST")
         );
         assert_eq!(field(fields, "url.path").as_deref(), Some("/orders"));
-        assert_eq!(field(fields, "outcome").as_deref(), Some(expected.0));
+        assert_eq!(
+            field(fields, "idempotency.outcome").as_deref(),
+            Some(expected.0)
+        );
+        assert_eq!(
+            field(fields, "idempotency.replayed").as_deref(),
+            Some(if expected.0 == "replayed" {
+                "true"
+            } else {
+                "false"
+            })
+        );
+        assert_eq!(
+            field(fields, "idempotency.store").as_deref(),
+            Some("memory")
+        );
+        let hash = field(fields, "idempotency.key_hash").expect("a key hash");
+        assert!(
+            hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{hash}"
+        );
+        assert!(field(fields, "idempotency.store.claim_ms").is_some());
+        // Never the client's key, nor its scope.
+        for (name, value) in fields.iter() {
+            assert!(
+                !value.contains("order-7f3a") && !value.contains("anon"),
+                "{name} = {value}"
+            );
+        }
         assert_eq!(
             field(fields, "http.response.status_code"),
             Some(expected.1.to_string())
@@ -315,4 +344,38 @@ async fn a_heartbeat_racing_the_completion_is_not_a_takeover() {
     let replay = call(&svc, request("alone-1")).await;
     assert_eq!(replay.status, 201);
     assert_eq!(runs.started(), 1);
+}
+
+/// A request whose lease was taken over before its outcome was stored says so on its span.
+#[tokio::test(flavor = "current_thread")]
+async fn a_lost_lease_is_an_attribute_of_the_requests_span() {
+    let spans = Spans::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    let store = FaultStore::new(MemoryStore::new());
+    // The owner cannot renew: its lease lapses while it runs.
+    store.faults.extend_failures.store(1_000, Ordering::SeqCst);
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .lease(Duration::from_millis(100))
+        .layer(runs.handler(Duration::from_millis(600)));
+    let first = {
+        let svc = svc.clone();
+        tokio::spawn(async move { call(&svc, request("lapsed")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    call(&svc, request("lapsed")).await; // contests the lapsed lease
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    call(&svc, request("lapsed")).await; // takes the key over
+    first.await.unwrap();
+    eventually("the first request's span says its lease was lost", || {
+        spans.0.lock().unwrap().iter().any(|(_, name, fields)| {
+            name == "idempotency"
+                && fields
+                    .iter()
+                    .any(|(n, v)| n == "idempotency.lease_lost" && v == "true")
+        })
+    })
+    .await;
 }

@@ -240,3 +240,77 @@ async fn a_scripted_sequence_is_counted() {
         2.0
     );
 }
+
+/// No label takes a value a client chose: hostile keys, paths, bodies and methods leave
+/// only the documented label values (bounded cardinality).
+#[tokio::test]
+async fn no_label_takes_a_client_chosen_value() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _recorder = metrics::set_default_local_recorder(&recorder);
+    let app = Router::new()
+        .route("/{*path}", post(|body: String| async move { body }))
+        .layer(IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers());
+    for n in 0..50 {
+        let mut req = post_req(Some(&format!("key-{n}-<script>{{}}")), &format!("body {n}"));
+        *req.uri_mut() = format!("/path-{n}/x?q={n}").parse().unwrap();
+        call(&app, req).await;
+        let mut bad = post_req(Some(&format!("\"key {n}\" ; drop")), "b");
+        *bad.uri_mut() = format!("/evil-{n}").parse().unwrap();
+        call(&app, bad).await;
+    }
+    let allowed_labels: &[(&str, &[&str])] = &[
+        (
+            "outcome",
+            &[
+                "passed_through",
+                "executed",
+                "replayed",
+                "in_flight",
+                "mismatch",
+                "rejected",
+                "not_stored",
+                "store_unavailable",
+                "store_full",
+                "unprotected",
+                "record_unreadable",
+                "outcome_unknown",
+                "recovered",
+            ],
+        ),
+        (
+            "op",
+            &[
+                "claim", "wait", "complete", "release", "revoke", "commit", "settle", "inspect",
+                "extend",
+            ],
+        ),
+        (
+            "backend",
+            &["memory", "redis", "postgres", "mysql", "custom"],
+        ),
+        // Store calls (`ok`, `error`) and recoveries (`recovered`, `never-ran`, `none`, `error`).
+        ("result", &["ok", "error", "recovered", "never-ran", "none"]),
+    ];
+    let snapshot = snapshot(&snapshotter);
+    assert!(
+        snapshot
+            .keys()
+            .any(|k| k.starts_with("idempotency_requests_total{outcome=executed")),
+        "{snapshot:?}"
+    );
+    for name in snapshot.keys() {
+        let labels = name
+            .split_once('{')
+            .map(|(_, rest)| rest.trim_end_matches('}'))
+            .unwrap_or("");
+        for label in labels.split(',').filter(|l| !l.is_empty()) {
+            let (key, value) = label.split_once('=').unwrap();
+            let allowed = allowed_labels
+                .iter()
+                .find(|(k, _)| *k == key)
+                .unwrap_or_else(|| panic!("an undocumented label {key} in {name}"));
+            assert!(allowed.1.contains(&value), "{key}={value} in {name}");
+        }
+    }
+}
