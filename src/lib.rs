@@ -164,6 +164,7 @@
 //! | `tower-http` | yes | [`RebuildBody`] for the body of tower-http's `RequestBodyLimitLayer` |
 //! | `nats` | no | [`consumer::nats`]: idempotent NATS JetStream consumers, and `async_nats` re-exported |
 //! | `amqp` | no | [`consumer::amqp`]: idempotent RabbitMQ consumers, and `lapin` re-exported |
+//! | `openapi` | no | [`openapi`]: the layer's contract in a `utoipa` OpenAPI document |
 //! | `json` | no | [`Fingerprint::of_canonical_json`]; JSON results and inputs for [`function`] (`serde`) |
 //! | `conformance` | no | the store conformance suite |
 //! | `client` | no | [`client`]: a key per call and retries that keep it, for any Tower HTTP client |
@@ -194,6 +195,9 @@ pub mod key;
 mod layer;
 mod lease;
 pub mod metrics;
+#[cfg(feature = "openapi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "openapi")))]
+pub mod openapi;
 mod outcome;
 mod periodic;
 pub mod policy;

@@ -31,5 +31,6 @@ mod client_reqwest;
 mod client_tonic;
 mod gateway;
 mod hyper;
+mod openapi;
 mod tonic;
 mod tower_http;
