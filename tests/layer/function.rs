@@ -15,6 +15,27 @@ fn calls(layer: IdempotencyLayer) -> Idempotent {
     Idempotent::new(&layer)
 }
 
+/// Runs `attempt` until it is not told the key is in flight (a crashed or cancelled call
+/// lets its key go on a task of its own), for at most five seconds.
+async fn past_in_flight<T, Fut>(
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<tower_idempotency::function::Output<T>, CallError<Bytes>>
+where
+    Fut: std::future::Future<
+            Output = Result<tower_idempotency::function::Output<T>, CallError<Bytes>>,
+        >,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match attempt().await {
+            Err(CallError::InFlight { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// An operation that counts its runs and answers `answer` after `pause`.
 fn counted(
     runs: &Arc<AtomicUsize>,
@@ -207,12 +228,13 @@ async fn a_panic_after_the_commit_point_never_runs_again() {
         })
     };
     assert!(panicked.await.unwrap_err().is_panic());
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let runs = Arc::new(AtomicUsize::new(0));
-    let retry = calls
-        .key("k")
-        .run(counted(&runs, Duration::ZERO, "charged again"))
-        .await;
+    let retry = past_in_flight(|| {
+        calls
+            .key("k")
+            .run(counted(&runs, Duration::ZERO, "charged again"))
+    })
+    .await;
     assert!(matches!(retry, Err(CallError::OutcomeUnknown)), "{retry:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
@@ -254,10 +276,7 @@ async fn a_cancelled_call_under_release_frees_the_key() {
             .run(counted(&runs, Duration::from_secs(10), "never")),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let retry = calls
-        .key("k")
-        .run(counted(&runs, Duration::ZERO, "ran"))
+    let retry = past_in_flight(|| calls.key("k").run(counted(&runs, Duration::ZERO, "ran")))
         .await
         .unwrap();
     assert_eq!(retry.value, "ran");
@@ -371,13 +390,14 @@ async fn the_recovery_hook_answers_for_a_committed_operation_that_crashed() {
         })
     };
     assert!(crashed.await.unwrap_err().is_panic());
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let runs = Arc::new(AtomicUsize::new(0));
-    let out = calls
-        .key("k")
-        .run(counted(&runs, Duration::ZERO, "charged twice"))
-        .await
-        .unwrap();
+    let out = past_in_flight(|| {
+        calls
+            .key("k")
+            .run(counted(&runs, Duration::ZERO, "charged twice"))
+    })
+    .await
+    .unwrap();
     assert_eq!(out.value, "charged, per the ledger");
     assert!(out.replayed);
     assert_eq!(runs.load(Ordering::SeqCst), 0);
