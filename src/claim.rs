@@ -209,6 +209,9 @@ impl Claimed {
 
     fn settle(&mut self) {
         self.settled = true;
+        // The request's span closes once its claim is settled, not when a retried
+        // completion finally gives up.
+        self.span = tracing::Span::none();
         if let Some(registration) = self.registration.take() {
             self.shared.config.keeper.unregister(registration);
         }
@@ -379,9 +382,9 @@ impl Claimed {
     /// is made before the response ends, so a retry cannot slip in ahead of it; while the
     /// key is held by another, a tracked task looks again.
     async fn taken_over(&mut self, after_failures: bool, record: Record) {
+        self.span.record("idempotency.lease_lost", true);
         self.settle();
         crate::metrics::lost_lease();
-        self.span.record("idempotency.lease_lost", true);
         tracing::warn!(
             key = self.shared.key.client_key(),
             after_failures,
