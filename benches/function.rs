@@ -33,7 +33,7 @@ fn bench(c: &mut Criterion) {
         .max_bytes(2 << 30)
         .min_retention(std::time::Duration::from_secs(1))
         .build();
-    let calls = Idempotent::new(&IdempotencyLayer::new(store));
+    let calls = Idempotent::new(&IdempotencyLayer::new(store).share_keys_across_callers());
     let mut group = c.benchmark_group("function");
     group.bench_function("bare", |b| {
         b.to_async(&rt)

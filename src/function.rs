@@ -28,7 +28,9 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
-//! let calls = Idempotent::new(&IdempotencyLayer::new(MemoryStore::new()));
+//! // One caller, the service itself: its keys may share one scope.
+//! let calls =
+//!     Idempotent::new(&IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers());
 //! let charge = |claim: tower_idempotency::IdempotencyClaim| async move {
 //!     claim.commit().await.map_err(|e| Bytes::from(e.to_string()))?;
 //!     Ok::<_, Bytes>(Bytes::from("charged 12 EUR"))
@@ -224,8 +226,11 @@ pub fn recovered(encoded: Bytes) -> Recovery {
 /// (its store, lease, TTL, store timeout, in-flight and store-failure policies, recovery
 /// hook, input size limit), so HTTP routes and functions can share one.
 ///
-/// The layer's caller scope rule does not apply: a call names its own scope
-/// ([`Call::scope`]; none means one scope shared by every call). Nor does fail-open: an
+/// A call names its own scope ([`Call::scope`]); one that names none is in the one shared
+/// scope if the layer shares keys across callers
+/// ([`share_keys_across_callers`](crate::IdempotencyLayer::share_keys_across_callers)),
+/// and is refused otherwise ([`CallError::Rejected`], nothing runs), so that two callers'
+/// equal keys never meet by default. The layer's fail-open policy does not apply either: an
 /// operation is always given its claim, so when the store fails, a call is refused with
 /// [`CallError::StoreUnavailable`] and nothing runs, whatever the layer's
 /// [`on_store_failure`](crate::IdempotencyLayer::on_store_failure).
@@ -286,7 +291,8 @@ impl fmt::Debug for Call<'_> {
 
 impl Call<'_> {
     /// Whose key it is: keys of different scopes never meet (a tenant, a user, a queue).
-    /// Default: one scope for every call.
+    /// Without one, the call is in the shared scope if its layer shares keys across callers,
+    /// and refused otherwise.
     pub fn scope(mut self, scope: Scope) -> Self {
         self.scope = Some(scope);
         self
@@ -437,10 +443,25 @@ impl Call<'_> {
         let runtime = Arc::clone(self.runtime);
         let key = IdempotencyKey::from_call(&self.key, runtime.max_key_len)
             .map_err(|e| CallError::Rejected(e.to_string()))?;
+        // No silent shared scope: without one of its own, a call is in the one shared scope
+        // only where the layer was told keys are shared across callers.
+        let scope = match self.scope {
+            Some(scope) => scope,
+            None if matches!(runtime.scope, crate::settings::ScopeRule::Shared) => {
+                Scope::anonymous()
+            }
+            None => {
+                return Err(CallError::Rejected(
+                    "the call names no scope, and its layer does not share keys across \
+                     callers: name one with Call::scope (a tenant, a user, a queue), or call \
+                     share_keys_across_callers() on the layer"
+                        .to_owned(),
+                ));
+            }
+        };
         let mut req = Request::new(Full::new(self.input));
         *req.method_mut() = Method::POST;
-        req.extensions_mut()
-            .insert(CallScope(self.scope.unwrap_or_else(Scope::anonymous)));
+        req.extensions_mut().insert(CallScope(scope));
         if let Some(ttl) = self.ttl {
             req.extensions_mut().insert(crate::policy::RecordTtl(ttl));
         }
@@ -671,7 +692,7 @@ pub enum ServiceError<E> {
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let layer = IdempotentServiceLayer::new(
-///     &IdempotencyLayer::new(MemoryStore::new()),
+///     &IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers(),
 ///     |job: &Job| Ok(Identity::new(job.id.clone()).input(job.payload.clone())),
 ///     FnCodec::new(
 ///         |done: &String| Ok(Bytes::from(done.clone())),

@@ -193,9 +193,8 @@ where
         let handler = Arc::clone(&self.handler);
         let owned = msg.clone();
         let mut call = self.calls.key(key).input(msg.payload.clone());
-        if let Some(scope) = &self.scope {
-            call = call.scope(scope.clone());
-        }
+        // The messages of one stream or queue share a scope unless told otherwise.
+        call = call.scope(self.scope.clone().unwrap_or_else(Scope::anonymous));
         call.run(move |claim| async move {
             handler(owned, claim)
                 .await

@@ -11,8 +11,9 @@ use tower_idempotency::{IdempotencyClaim, IdempotencyLayer, InFlight, MemoryStor
 
 use crate::common::FaultStore;
 
+/// Calls over `layer`, whose keys are shared across callers (a call names no scope).
 fn calls(layer: IdempotencyLayer) -> Idempotent {
-    Idempotent::new(&layer)
+    Idempotent::new(&layer.share_keys_across_callers())
 }
 
 /// Runs `attempt` until it is not told the key is in flight (a crashed or cancelled call
@@ -322,17 +323,45 @@ async fn scopes_keep_equal_keys_apart() {
     assert_eq!(runs.load(Ordering::SeqCst), 2, "one run per tenant");
 }
 
+/// No silent shared scope: a call that names no scope runs only on a layer that was told
+/// keys are shared across callers; otherwise it is refused and nothing runs (two callers'
+/// equal keys must never meet by default).
 #[tokio::test]
-async fn a_layer_without_a_scope_rule_still_runs_calls_in_their_own_scope() {
-    // HTTP requests through such a layer are refused (caller unknown); calls name their
-    // scope themselves.
-    let calls = Idempotent::new(&IdempotencyLayer::new(MemoryStore::new()));
-    let out = calls
-        .key("k")
-        .run(|_| async { Ok::<_, Bytes>(Bytes::from("ok")) })
-        .await
-        .unwrap();
-    assert_eq!(out.value, "ok");
+async fn a_call_without_a_scope_is_refused_unless_the_layer_shares_keys() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    for layer in [
+        IdempotencyLayer::new(MemoryStore::new()),
+        IdempotencyLayer::new(MemoryStore::new()).scope_by(|_| Some(Scope::of(b"a user"))),
+    ] {
+        let refused = Idempotent::new(&layer)
+            .key("k")
+            .run(counted(&runs, Duration::ZERO, "ran"))
+            .await;
+        assert!(
+            matches!(&refused, Err(CallError::Rejected(why)) if why.contains("scope")),
+            "{refused:?}"
+        );
+        // Naming one is enough.
+        let named = Idempotent::new(&layer)
+            .key("k")
+            .scope(Scope::of(b"tenant-1"))
+            .run(counted(&runs, Duration::ZERO, "ran"))
+            .await
+            .unwrap();
+        assert_eq!(named.value, "ran");
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "only the calls with a scope ran"
+    );
+    let shared =
+        Idempotent::new(&IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers())
+            .key("k")
+            .run(counted(&runs, Duration::ZERO, "ran"))
+            .await
+            .unwrap();
+    assert_eq!(shared.value, "ran");
 }
 
 #[tokio::test]

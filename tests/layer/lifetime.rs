@@ -143,7 +143,11 @@ async fn expiry_is_not_announced_by_default_nor_on_answers_that_free_their_key()
 async fn a_calls_own_ttl_bounds_how_long_its_result_is_kept() {
     use bytes::Bytes;
     use tower_idempotency::function::Idempotent;
-    let calls = Idempotent::new(&IdempotencyLayer::new(MemoryStore::new()).ttl(HOUR));
+    let calls = Idempotent::new(
+        &IdempotencyLayer::new(MemoryStore::new())
+            .share_keys_across_callers()
+            .ttl(HOUR),
+    );
     let run = |n: &'static str| {
         let calls = calls.clone();
         async move {
@@ -168,6 +172,7 @@ async fn a_commit_point_is_kept_as_long_as_the_requests_ttl() {
     use tower_idempotency::function::{CallError, Idempotent};
     let calls = Idempotent::new(
         &IdempotencyLayer::new(MemoryStore::new())
+            .share_keys_across_callers()
             .ttl(HOUR)
             .lease(Duration::from_millis(100)),
     );
