@@ -291,3 +291,29 @@ async fn a_lease_asked_for_is_never_shorter_than_the_layers() {
     );
     running.await.unwrap();
 }
+
+/// A `RecordTtl` an outer layer put in the request comes before the layer's `ttl_by`.
+#[tokio::test(start_paused = true)]
+async fn a_record_ttl_from_an_outer_layer_comes_before_ttl_by() {
+    let counter = Counter::default();
+    let svc = ServiceBuilder::new()
+        .map_request(|mut req: Request<Body>| {
+            req.extensions_mut()
+                .insert(RecordTtl(Duration::from_secs(5)));
+            req
+        })
+        .layer(
+            IdempotencyLayer::new(MemoryStore::new())
+                .share_keys_across_callers()
+                .ttl(HOUR)
+                .ttl_by(|_| Some(HOUR)),
+        )
+        .service(counter.service(Duration::ZERO));
+    call(&svc, post(Some("k"), "{}")).await;
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert!(
+        !call(&svc, post(Some("k"), "{}")).await.replayed(),
+        "kept 5 s, not an hour"
+    );
+    assert_eq!(counter.runs(), 2);
+}
