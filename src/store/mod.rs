@@ -32,6 +32,8 @@ pub mod redis;
 pub mod sealed;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod sql;
+#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
+mod wakeup;
 
 /// A lease token: proof of ownership of an in-flight claim.
 ///

@@ -173,10 +173,20 @@ use sqlx::{AssertSqlSafe, Connection, MySqlConnection, MySqlPool, Row};
 use super::sql::{
     CLAIM_ATTEMPTS, ClaimContention, ClaimRow, StateRow, derived_name, micros, split_table,
 };
+use super::wakeup::{Polling, Wait, Wakeups, wait_woken};
 use super::{Claim, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Record;
+
+/// How a duplicate polls a key that another instance holds: MySQL has no push channel, so
+/// it starts at 1 ms and grows by half each time, up to 100 ms, so that it never lags
+/// the end of the key by much more than half the time it already waited.
+const POLLING: Polling = Polling {
+    first: Duration::from_millis(1),
+    grow_percent: 150,
+    cap: Duration::from_millis(100),
+};
 
 pub use super::sql::InvalidTableName;
 
@@ -230,6 +240,8 @@ struct Inner {
     config: Config,
     sql: Result<Sql, InvalidTableName>,
     sweeper_started: Arc<AtomicBool>,
+    /// The duplicates of this process waiting on a key, woken by its end here.
+    wakeups: Wakeups,
 }
 
 /// The statements, built once for the table.
@@ -538,6 +550,7 @@ impl MySqlStore {
                 sql: Sql::new(&config.table),
                 config,
                 sweeper_started: Arc::new(AtomicBool::new(false)),
+                wakeups: Wakeups::default(),
             }),
         }
     }
@@ -896,6 +909,7 @@ impl IdempotencyStore for MySqlStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
+        let name = key.as_str();
         let (key, token) = (key_bytes(key)?, token.to_bytes());
         let (encoded, headers) = (record.encode(), headers_json(&record));
         self.fenced(|| {
@@ -907,7 +921,9 @@ impl IdempotencyStore for MySqlStore {
                 .bind(key)
                 .bind(&token[..])
         })
-        .await
+        .await?;
+        self.inner.wakeups.wake(name);
+        Ok(())
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
@@ -918,6 +934,9 @@ impl IdempotencyStore for MySqlStore {
             .fetch_one(&self.inner.config.pool)
             .await
             .map_err(StoreError::backend)?;
+        if gone + kept > 0 {
+            self.inner.wakeups.wake(key.as_str());
+        }
         match (gone, kept) {
             (0, 0) => Err(StoreError::LeaseLost),
             (0, _) => Err(StoreError::Committed),
@@ -927,13 +946,35 @@ impl IdempotencyStore for MySqlStore {
 
     async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
+        let name = key.as_str();
         let (key, token) = (key_bytes(key)?, token.to_bytes());
         self.fenced(|| {
             sqlx::query(AssertSqlSafe(Arc::clone(&sql.revoke)))
                 .bind(key)
                 .bind(&token[..])
         })
-        .await
+        .await?;
+        self.inner.wakeups.wake(name);
+        Ok(())
+    }
+
+    async fn wait(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+        lease: Duration,
+        timeout: Duration,
+    ) -> Result<Claim, StoreError> {
+        key_bytes(key)?;
+        let wait = Wait {
+            key,
+            fingerprint,
+            token,
+            lease,
+            timeout,
+        };
+        wait_woken(self, &self.inner.wakeups, key.as_str(), None, POLLING, wait).await
     }
 
     async fn commit(
@@ -969,6 +1010,9 @@ impl IdempotencyStore for MySqlStore {
             .execute(&self.inner.config.pool)
             .await
             .map_err(StoreError::backend)?;
+        if done.rows_affected() > 0 {
+            self.inner.wakeups.wake(key.as_str());
+        }
         Ok(done.rows_affected() > 0)
     }
 
@@ -992,6 +1036,7 @@ impl IdempotencyStore for MySqlStore {
             .execute(&self.inner.config.pool)
             .await
             .map_err(StoreError::backend)?;
+        self.inner.wakeups.wake(key.as_str());
         Ok(done.rows_affected() > 0)
     }
 

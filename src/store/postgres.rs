@@ -21,13 +21,15 @@
 //!     committed   boolean     NOT NULL DEFAULT false,  -- past its commit point
 //!     lease_until timestamptz,               -- a committed claim's lease end
 //!     status      smallint,                  -- the record's status, readable in SQL
-//!     headers     jsonb                      -- its headers: [[name, value], …] in order
+//!     headers     jsonb,                     -- its headers: [[name, value], …] in order
+//!     waiters     boolean     NOT NULL DEFAULT false   -- a duplicate waits: announce the end
 //! );
 //! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS contested boolean NOT NULL DEFAULT false;
 //! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS committed boolean NOT NULL DEFAULT false;
 //! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS lease_until timestamptz;
 //! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS status smallint;
 //! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS headers jsonb;
+//! ALTER TABLE "idempotency_records" ADD COLUMN IF NOT EXISTS waiters boolean NOT NULL DEFAULT false;
 //! CREATE INDEX IF NOT EXISTS "idempotency_records_expires_at_idx"
 //!     ON "idempotency_records" (expires_at);
 //! ```
@@ -195,6 +197,10 @@ use super::{Claim, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, Sto
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Record;
+#[path = "postgres_push.rs"]
+mod push;
+use super::wakeup::{Polling, Wait, wait_woken};
+use push::{PgPush, channel_of, name_of};
 
 /// A [`IdempotencyStore`] in a PostgreSQL table, shared by every instance that uses the same
 /// database (feature `postgres`).
@@ -237,6 +243,9 @@ struct Inner {
     config: Config,
     sql: Result<Sql, InvalidTableName>,
     sweeper_started: Arc<AtomicBool>,
+    /// How duplicates in wait mode hear of the end of the key they wait on (a valid table
+    /// only).
+    push: Option<PgPush>,
 }
 
 /// The statements, built once for the table.
@@ -252,6 +261,9 @@ struct Sql {
     inspect: Arc<str>,
     purge: Arc<str>,
     sweep: Arc<str>,
+    wait: Arc<str>,
+    /// The channel on which the ends of keys that duplicates wait on are announced.
+    channel: String,
 }
 
 impl fmt::Debug for Inner {
@@ -297,6 +309,7 @@ fn index_name(table: &str) -> String {
 impl Sql {
     fn new(table: &str) -> Result<Self, InvalidTableName> {
         let (t, idx) = quote_table(table)?;
+        let channel = channel_of(table);
         let migrate = format!(
             "SELECT pg_advisory_xact_lock(hashtext('tower_idempotency.migrate')::bigint);\n\
              CREATE TABLE IF NOT EXISTS {t} (\n\
@@ -309,13 +322,15 @@ impl Sql {
              \x20   committed   boolean     NOT NULL DEFAULT false,\n\
              \x20   lease_until timestamptz,\n\
              \x20   status      smallint,\n\
-             \x20   headers     jsonb\n\
+             \x20   headers     jsonb,\n\
+             \x20   waiters     boolean     NOT NULL DEFAULT false\n\
              );\n\
              ALTER TABLE {t} ADD COLUMN IF NOT EXISTS contested boolean NOT NULL DEFAULT false;\n\
              ALTER TABLE {t} ADD COLUMN IF NOT EXISTS committed boolean NOT NULL DEFAULT false;\n\
              ALTER TABLE {t} ADD COLUMN IF NOT EXISTS lease_until timestamptz;\n\
              ALTER TABLE {t} ADD COLUMN IF NOT EXISTS status smallint;\n\
              ALTER TABLE {t} ADD COLUMN IF NOT EXISTS headers jsonb;\n\
+             ALTER TABLE {t} ADD COLUMN IF NOT EXISTS waiters boolean NOT NULL DEFAULT false;\n\
              CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);"
         );
         // Whether a conflicting row is a lapsed, uncontested, uncommitted claim: then it is
@@ -365,20 +380,37 @@ impl Sql {
                 n + 2
             )
         };
+        // The statements that end an in-flight key announce it on the table's channel when
+        // a duplicate waits on it (`waiters`), with the key's SHA-256 as the payload.
+        let announce =
+            format!("pg_notify('{channel}', encode(sha256(convert_to($1, 'UTF8')), 'hex'))");
+        let notify = |rows: &str| {
+            format!(
+                "SELECT (SELECT count(*) FROM {rows}), \
+                 (SELECT count({announce}) FROM {rows} WHERE waiters)"
+            )
+        };
         let complete = format!(
-            "UPDATE {t} SET token = NULL, record = $3, {}, \
+            "WITH done AS (UPDATE {t} SET token = NULL, record = $3, {}, \
              expires_at = now() + $4::bigint * interval '1 microsecond' \
-             WHERE key = $1 AND token = $2",
-            readable(5)
+             WHERE key = $1 AND token = $2 RETURNING waiters) {}",
+            readable(5),
+            notify("done")
         );
         let release = format!(
             "WITH gone AS (DELETE FROM {t} WHERE key = $1 AND token = $2 AND NOT committed \
-             RETURNING 1), \
+             RETURNING waiters), \
              kept AS (UPDATE {t} SET lease_until = least(lease_until, now()) \
-             WHERE key = $1 AND token = $2 AND committed RETURNING 1) \
-             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept)"
+             WHERE key = $1 AND token = $2 AND committed RETURNING waiters), \
+             ended AS (SELECT waiters FROM gone UNION ALL SELECT waiters FROM kept) \
+             SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM kept), \
+             (SELECT count({announce}) FROM ended WHERE waiters)"
         );
-        let revoke = format!("DELETE FROM {t} WHERE key = $1 AND token = $2 AND record IS NULL");
+        let revoke = format!(
+            "WITH done AS (DELETE FROM {t} WHERE key = $1 AND token = $2 AND record IS NULL \
+             RETURNING waiters) {}",
+            notify("done")
+        );
         let extend = format!(
             "UPDATE {t} SET \
              expires_at = CASE WHEN committed \
@@ -395,11 +427,12 @@ impl Sql {
              WHERE key = $1 AND token = $2"
         );
         let settle = format!(
-            "UPDATE {t} SET token = NULL, record = $2, {}, \
+            "WITH done AS (UPDATE {t} SET token = NULL, record = $2, {}, \
              expires_at = greatest(expires_at, now() + $3::bigint * interval '1 microsecond') \
              WHERE key = $1 AND committed AND record IS NULL AND lease_until <= now() \
-             AND expires_at > now()",
-            readable(4)
+             AND expires_at > now() RETURNING waiters) {}",
+            readable(4),
+            notify("done")
         );
         let inspect = format!(
             "SELECT record, fingerprint, committed, \
@@ -407,7 +440,14 @@ impl Sql {
              (extract(epoch FROM lease_until - now()) * 1000000)::bigint \
              FROM {t} WHERE key = $1"
         );
-        let purge = format!("DELETE FROM {t} WHERE key = $1");
+        let purge = format!(
+            "WITH done AS (DELETE FROM {t} WHERE key = $1 RETURNING waiters) {}",
+            notify("done")
+        );
+        // A duplicate about to wait marks the in-flight row, so that its end is announced.
+        let wait = format!(
+            "UPDATE {t} SET waiters = true WHERE key = $1 AND record IS NULL AND NOT waiters"
+        );
         let retention = ORPHAN_RETENTION.as_secs();
         let gone = format!(
             "expires_at <= now() AND (token IS NULL OR committed \
@@ -431,6 +471,8 @@ impl Sql {
             inspect: inspect.into(),
             purge: purge.into(),
             sweep: sweep.into(),
+            wait: wait.into(),
+            channel,
         })
     }
 }
@@ -454,11 +496,20 @@ impl PostgresStore {
     }
 
     fn from_config(config: Config) -> Self {
+        let sql = Sql::new(&config.table);
+        let push = sql.as_ref().ok().map(|sql| {
+            PgPush::new(
+                config.pool.clone(),
+                sql.channel.clone(),
+                Arc::clone(&sql.wait),
+            )
+        });
         Self {
             inner: Arc::new(Inner {
-                sql: Sql::new(&config.table),
+                sql,
                 config,
                 sweeper_started: Arc::new(AtomicBool::new(false)),
+                push,
             }),
         }
     }
@@ -658,6 +709,30 @@ impl PostgresStore {
         row.map(|row| read_claim(&row, token)).transpose()
     }
 
+    /// Runs a statement that ends `key` (and announces it to the waiters of other
+    /// instances), wakes the waiters of this process, and answers whether it changed a row.
+    async fn announced(
+        &self,
+        key: &StoreKey,
+        query: sqlx::query::QueryAs<'_, sqlx::Postgres, (i64, i64), sqlx::postgres::PgArguments>,
+    ) -> Result<bool, StoreError> {
+        let (done, _announced) = query
+            .fetch_one(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if done > 0 {
+            self.wake_here(key);
+        }
+        Ok(done > 0)
+    }
+
+    /// Wakes the waiters of `key` in this process.
+    fn wake_here(&self, key: &StoreKey) {
+        if let Some(push) = &self.inner.push {
+            push.wakeups.wake_by(|| name_of(key));
+        }
+    }
+
     async fn fenced(
         &self,
         query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -769,27 +844,38 @@ impl IdempotencyStore for PostgresStore {
     ) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
         let (status, names, values) = readable(&record);
-        self.fenced(
-            sqlx::query(AssertSqlSafe(Arc::clone(&sql.complete)))
-                .bind(key.as_str())
-                .bind(token.to_bytes().to_vec())
-                .bind(record.encode())
-                .bind(micros(ttl))
-                .bind(status)
-                .bind(names)
-                .bind(values),
-        )
-        .await
+        let done = self
+            .announced(
+                key,
+                sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.complete)))
+                    .bind(key.as_str())
+                    .bind(token.to_bytes().to_vec())
+                    .bind(record.encode())
+                    .bind(micros(ttl))
+                    .bind(status)
+                    .bind(names)
+                    .bind(values),
+            )
+            .await?;
+        if done {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
-        let (gone, kept): (i64, i64) = sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.release)))
-            .bind(key.as_str())
-            .bind(token.to_bytes().to_vec())
-            .fetch_one(&self.inner.config.pool)
-            .await
-            .map_err(StoreError::backend)?;
+        let (gone, kept, _announced): (i64, i64, i64) =
+            sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.release)))
+                .bind(key.as_str())
+                .bind(token.to_bytes().to_vec())
+                .fetch_one(&self.inner.config.pool)
+                .await
+                .map_err(StoreError::backend)?;
+        if gone + kept > 0 {
+            self.wake_here(key);
+        }
         match (gone, kept) {
             (0, 0) => Err(StoreError::LeaseLost),
             (0, _) => Err(StoreError::Committed),
@@ -799,10 +885,48 @@ impl IdempotencyStore for PostgresStore {
 
     async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
-        self.fenced(
-            sqlx::query(AssertSqlSafe(Arc::clone(&sql.revoke)))
-                .bind(key.as_str())
-                .bind(token.to_bytes().to_vec()),
+        let done = self
+            .announced(
+                key,
+                sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.revoke)))
+                    .bind(key.as_str())
+                    .bind(token.to_bytes().to_vec()),
+            )
+            .await?;
+        if done {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseLost)
+        }
+    }
+
+    async fn wait(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+        lease: Duration,
+        timeout: Duration,
+    ) -> Result<Claim, StoreError> {
+        let Some(push) = &self.inner.push else {
+            // An invalid table: the claim answers the error.
+            return self.claim(key, fingerprint, token, lease).await;
+        };
+        let wait = Wait {
+            key,
+            fingerprint,
+            token,
+            lease,
+            timeout,
+        };
+        let name = name_of(key);
+        wait_woken(
+            self,
+            &push.wakeups,
+            &name,
+            Some(push),
+            Polling::DEFAULT,
+            wait,
         )
         .await
     }
@@ -831,17 +955,17 @@ impl IdempotencyStore for PostgresStore {
     ) -> Result<bool, StoreError> {
         let sql = self.inner.sql()?;
         let (status, names, values) = readable(&record);
-        let done = sqlx::query(AssertSqlSafe(Arc::clone(&sql.settle)))
-            .bind(key.as_str())
-            .bind(record.encode())
-            .bind(micros(ttl))
-            .bind(status)
-            .bind(names)
-            .bind(values)
-            .execute(&self.inner.config.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        Ok(done.rows_affected() > 0)
+        self.announced(
+            key,
+            sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.settle)))
+                .bind(key.as_str())
+                .bind(record.encode())
+                .bind(micros(ttl))
+                .bind(status)
+                .bind(names)
+                .bind(values),
+        )
+        .await
     }
 
     async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
@@ -859,12 +983,11 @@ impl IdempotencyStore for PostgresStore {
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
         let sql = self.inner.sql()?;
-        let done = sqlx::query(AssertSqlSafe(Arc::clone(&sql.purge)))
-            .bind(key.as_str())
-            .execute(&self.inner.config.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        Ok(done.rows_affected() > 0)
+        self.announced(
+            key,
+            sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.purge))).bind(key.as_str()),
+        )
+        .await
     }
 
     fn backend_name(&self) -> &'static str {

@@ -123,9 +123,12 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Record;
 mod connection;
+mod push;
 mod scripts;
 
+use super::wakeup::{Polling, Wait, wait_woken};
 use connection::{Connection, Waiter, cluster_slot};
+use push::RedisPush;
 use scripts::*;
 
 const DEFAULT_PREFIX: &str = "idempotency:";
@@ -155,6 +158,7 @@ pub struct RedisStore {
     conn: Connection,
     prefix: Arc<str>,
     durability: Durability,
+    push: Arc<RedisPush>,
 }
 
 /// The risks of the server behind `con` (see [`RedisStore::check_server`]).
@@ -255,6 +259,7 @@ impl RedisStore {
             conn: Connection::Cluster { conn, nodes },
             prefix: Arc::from(DEFAULT_PREFIX),
             durability: Durability::Acknowledged,
+            push: Arc::new(RedisPush::new(None)),
         };
         store.load_scripts().await?;
         store.warn_of_risks().await;
@@ -359,10 +364,11 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_with_config(client, config)
+        let manager = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(StoreError::backend)?;
-        let store = Self::new(manager);
+        let mut store = Self::new(manager);
+        store.push = Arc::new(RedisPush::new(Some(client)));
         store.load_scripts().await?;
         Ok(store)
     }
@@ -392,6 +398,7 @@ impl RedisStore {
             conn: Connection::Single(manager),
             prefix: Arc::from(DEFAULT_PREFIX),
             durability: Durability::Acknowledged,
+            push: Arc::new(RedisPush::new(None)),
         }
     }
 
@@ -525,6 +532,12 @@ impl RedisStore {
         }
     }
 
+    /// The scripts' last argument: whether they publish what they did, for the waiters of
+    /// other instances.
+    fn announce(&self) -> &'static str {
+        if self.push.publishes() { "1" } else { "0" }
+    }
+
     fn record_value(record: &Record) -> Vec<u8> {
         let encoded = record.encode();
         let mut value = Vec::with_capacity(1 + encoded.len());
@@ -575,34 +588,76 @@ impl IdempotencyStore for RedisStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let value = Self::record_value(&record);
+        let name = self.redis_key(key);
         self.fenced(
             SCRIPTS
                 .complete
-                .key(self.redis_key(key))
+                .key(&name)
                 .arg(&owner_prefix(token)[..])
                 .arg(value)
-                .arg(millis(ttl)),
+                .arg(millis(ttl))
+                .arg(self.announce()),
         )
         .await?;
+        self.push.wakeups.wake(&name);
         self.wait_durable(key).await
     }
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.fenced(
-            SCRIPTS
-                .release
-                .key(self.redis_key(key))
-                .arg(&owner_prefix(token)[..]),
-        )
-        .await
+        let name = self.redis_key(key);
+        let released = self
+            .fenced(
+                SCRIPTS
+                    .release
+                    .key(&name)
+                    .arg(&owner_prefix(token)[..])
+                    .arg(self.announce()),
+            )
+            .await;
+        if matches!(released, Ok(()) | Err(StoreError::Committed)) {
+            self.push.wakeups.wake(&name);
+        }
+        released
     }
 
     async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
+        let name = self.redis_key(key);
         self.fenced(
             SCRIPTS
                 .revoke
-                .key(self.redis_key(key))
-                .arg(&owner_prefix(token)[..]),
+                .key(&name)
+                .arg(&owner_prefix(token)[..])
+                .arg(self.announce()),
+        )
+        .await?;
+        self.push.wakeups.wake(&name);
+        Ok(())
+    }
+
+    async fn wait(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        token: LeaseToken,
+        lease: Duration,
+        timeout: Duration,
+    ) -> Result<Claim, StoreError> {
+        let name = self.redis_key(key);
+        let push = self.push.publishes().then_some(&*self.push as _);
+        let wait = Wait {
+            key,
+            fingerprint,
+            token,
+            lease,
+            timeout,
+        };
+        wait_woken(
+            self,
+            &self.push.wakeups,
+            &name,
+            push,
+            Polling::DEFAULT,
+            wait,
         )
         .await
     }
@@ -647,15 +702,18 @@ impl IdempotencyStore for RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let mut con = self.conn.clone();
+        let name = self.redis_key(key);
         let done: i64 = SCRIPTS
             .settle
-            .key(self.redis_key(key))
+            .key(&name)
             .arg(Self::record_value(&record))
             .arg(millis(ttl))
+            .arg(self.announce())
             .invoke_async(&mut con)
             .await
             .map_err(StoreError::backend)?;
         if done == 1 {
+            self.push.wakeups.wake(&name);
             self.wait_durable(key).await?;
         }
         Ok(done == 1)
@@ -674,11 +732,26 @@ impl IdempotencyStore for RedisStore {
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
         let mut con = self.conn.clone();
-        let removed: i64 = redis::cmd("DEL")
-            .arg(self.redis_key(key))
-            .query_async(&mut con)
-            .await
-            .map_err(StoreError::backend)?;
+        let name = self.redis_key(key);
+        let removed: i64 = if self.push.publishes() {
+            let (removed, _listeners): (i64, i64) = redis::pipe()
+                .cmd("DEL")
+                .arg(&name)
+                .cmd("PUBLISH")
+                .arg(&name)
+                .arg("")
+                .query_async(&mut con)
+                .await
+                .map_err(StoreError::backend)?;
+            removed
+        } else {
+            redis::cmd("DEL")
+                .arg(&name)
+                .query_async(&mut con)
+                .await
+                .map_err(StoreError::backend)?
+        };
+        self.push.wakeups.wake(&name);
         Ok(removed > 0)
     }
 

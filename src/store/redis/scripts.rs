@@ -57,7 +57,8 @@ return v
 "#;
 
 /// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: the record value, ARGV[3]: the TTL in
-/// milliseconds. Answers 1 (done) or 0 (lost). A key that already holds exactly this record
+/// milliseconds, ARGV[4]: `1` to announce it (`PUBLISH` on the key's channel, for waiters).
+/// Answers 1 (done) or 0 (lost). A key that already holds exactly this record
 /// answers 1 too: a retried `complete` (its first reply was lost, or its durability wait fell
 /// short) is not mistaken for a lost lease.
 pub(super) const COMPLETE_LUA: &str = r#"
@@ -66,11 +67,12 @@ if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1], '') end
 return 1
 "#;
 
-/// KEYS[1]: the key. ARGV[1]: `L` + token. Answers 1 (done), 0 (lost) or 2 (committed:
-/// not released, its lease ends now).
+/// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: `1` to announce it. Answers 1 (done), 0
+/// (lost) or 2 (committed: not released, its lease ends now).
 pub(super) const RELEASE_LUA: &str = r#"
 if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
   return 0
@@ -82,9 +84,11 @@ if redis.call('GETRANGE', KEYS[1], 49, 49) == 'K' then
   local deadline = tonumber(string.sub(v, 51)) or now
   redis.call('SET', KEYS[1], string.sub(v, 1, 50) .. string.format('%.0f', math.min(deadline, now)),
     'KEEPTTL')
+  if ARGV[2] == '1' then redis.call('PUBLISH', KEYS[1], '') end
   return 2
 end
 redis.call('DEL', KEYS[1])
+if ARGV[2] == '1' then redis.call('PUBLISH', KEYS[1], '') end
 return 1
 "#;
 
@@ -108,7 +112,8 @@ redis.call('SET', KEYS[1], string.sub(v, 1, 49) .. 'K' .. tail, 'PX', string.for
 return 1
 "#;
 
-/// KEYS[1]: the key. ARGV[1]: the record value, ARGV[2]: the TTL in milliseconds. Stores
+/// KEYS[1]: the key. ARGV[1]: the record value, ARGV[2]: the TTL in milliseconds, ARGV[3]:
+/// `1` to announce it. Stores
 /// the record only over a committed claim whose lease has ended, for the TTL or what the
 /// commit still had, whichever is longer. Answers 1 (stored) or 0.
 pub(super) const SETTLE_LUA: &str = r#"
@@ -124,16 +129,18 @@ if deadline and deadline > now then
 end
 local px = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[1]))
 redis.call('SET', KEYS[1], ARGV[1], 'PX', string.format('%.0f', px))
+if ARGV[3] == '1' then redis.call('PUBLISH', KEYS[1], '') end
 return 1
 "#;
 
-/// KEYS[1]: the key. ARGV[1]: `L` + token. Deletes the claim if the token owns it,
-/// committed or not. Answers 1 (done) or 0 (lost).
+/// KEYS[1]: the key. ARGV[1]: `L` + token, ARGV[2]: `1` to announce it. Deletes the claim
+/// if the token owns it, committed or not. Answers 1 (done) or 0 (lost).
 pub(super) const REVOKE_LUA: &str = r#"
 if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
+if ARGV[2] == '1' then redis.call('PUBLISH', KEYS[1], '') end
 return 1
 "#;
 
