@@ -584,6 +584,22 @@ impl PostgresStore {
         &self.inner.config.pool
     }
 
+    /// The channel on which the end of a key that a duplicate waits on (in wait mode) is
+    /// announced with `NOTIFY`, its payload the key's SHA-256 in hex; `None` for an invalid
+    /// table name. One per table, the same on every instance.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = tower_idempotency::sqlx::PgPool::connect("postgres://localhost/app").await?;
+    /// let store = tower_idempotency::PostgresStore::new(pool);
+    /// println!("LISTEN \"{}\"", store.notify_channel().unwrap());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn notify_channel(&self) -> Option<&str> {
+        self.inner.sql.as_ref().ok().map(|sql| sql.channel.as_str())
+    }
+
     /// The name of the table, as given to [`table`](Self::table).
     pub fn table_name(&self) -> &str {
         &self.inner.config.table

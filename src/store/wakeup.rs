@@ -232,12 +232,17 @@ pub(crate) async fn wait_woken<S: IdempotencyStore + ?Sized>(
     let mut interest = wakeups.register(name);
     let mut subscription: Option<Subscription> = None;
     let mut pause = polling.first;
+    // Whether the waiter must tell the backend (again) that it waits: at first, after a
+    // new subscription, and after a wake (the key may have been freed and claimed anew).
+    // A recheck that found the key still held needs no new word.
+    let mut tell = true;
     loop {
         if let Some(push) = push {
             if !subscription.as_ref().is_some_and(Subscription::alive) {
                 subscription = push.subscribe(name).await;
+                tell = true;
             }
-            if subscription.is_some() {
+            if subscription.is_some() && tell {
                 push.announce(wait.key).await?;
             }
         }
@@ -265,7 +270,9 @@ pub(crate) async fn wait_woken<S: IdempotencyStore + ?Sized>(
             this
         };
         // Woken, or the time is up: either way, look again.
-        let _ = tokio::time::timeout(sleep.min(deadline - now), interest.woken()).await;
+        tell = tokio::time::timeout(sleep.min(deadline - now), interest.woken())
+            .await
+            .is_ok();
     }
 }
 

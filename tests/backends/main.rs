@@ -50,3 +50,4 @@ mod sealed;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod sql_scenarios;
 mod store_faults;
+mod wakeups;

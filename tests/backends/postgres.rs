@@ -315,3 +315,147 @@ async fn long_table_names_sharing_a_prefix_each_get_an_index() {
         PostgresStore::drop_table(&pool, table).await;
     }
 }
+
+/// A store on `port` of 127.0.0.1 (a proxy in front of the server of `url`), on `table`.
+async fn store_through(url: &str, port: u16, table: &str) -> PostgresStore {
+    let options = PgConnectOptions::from_str(url).expect("DATABASE_URL");
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .test_before_acquire(false)
+        .connect_with(
+            options
+                .host("127.0.0.1")
+                .port(port)
+                .ssl_mode(PgSslMode::Disable),
+        )
+        .await
+        .expect("connect through the proxy");
+    PostgresStore::new(pool)
+        .table(table)
+        .sweep_interval(Duration::ZERO)
+}
+
+fn waiter(store: &PostgresStore, k: &StoreKey) -> tokio::task::JoinHandle<Claim> {
+    let (store, k) = (store.clone(), k.clone());
+    tokio::spawn(async move {
+        store
+            .wait(
+                &k,
+                &fp(1),
+                LeaseToken::new(),
+                Duration::from_secs(30),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("wait")
+    })
+}
+
+/// Two instances on one database: the waiter on the second hears of the first's
+/// completion, and of its release, through `LISTEN`/`NOTIFY`. Counted on the wire: its
+/// statements are a mark and a claim at first, a claim per 500 ms recheck of the holder's
+/// remaining lease, and a mark and a claim once woken, where polling (5 ms doubling to
+/// 250 ms) makes 13 claims while the key is held for two seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_another_instance_is_woken_by_notify_not_by_polling() {
+    let Some(url) = database_url() else { return };
+    let options = PgConnectOptions::from_str(&url).expect("DATABASE_URL");
+    let (port, wire) = wire_proxy((options.get_host().to_owned(), options.get_port())).await;
+    let table = private_table("wake");
+    let first = PostgresStore::new(pool::<PostgresStore>(&url).await)
+        .table(&table)
+        .sweep_interval(Duration::ZERO);
+    first.migrate().await.expect("migrate");
+    let second = store_through(&url, port, &table).await;
+    let lease = Duration::from_secs(30);
+
+    for (what, k) in [
+        ("completion", "woken-by-completion"),
+        ("release", "woken-by-release"),
+    ] {
+        let k = StoreKey::new(&Scope::anonymous(), k);
+        let token = acquire(&first, &k, lease).await;
+        wire.take();
+        let waiting = waiter(&second, &k);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if what == "completion" {
+            first
+                .complete(&k, token, sql_scenarios::record(b"done"), lease)
+                .await
+                .expect("complete");
+            assert!(matches!(waiting.await.unwrap(), Claim::Completed(_)));
+        } else {
+            first.release(&k, token).await.expect("release");
+            assert!(matches!(waiting.await.unwrap(), Claim::Acquired(_)));
+        }
+        let (trips, _) = wire.take();
+        let statements = trips.iter().filter(|t| t.contains('E')).count();
+        assert!(
+            statements <= 9,
+            "woken by the {what}, not polling: {statements} statements ({trips:?})"
+        );
+    }
+    PostgresStore::drop_table(first.pool(), &table).await;
+}
+
+/// The listener's connection killed on the server while a waiter waits: the listener
+/// connects again and listens, every waiter looks again, and the completion still reaches
+/// the waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_listener_loses_no_waiter() {
+    let Some(url) = database_url() else { return };
+    let table = private_table("wakekill");
+    let admin = pool::<PostgresStore>(&url).await;
+    let first = PostgresStore::new(admin.clone())
+        .table(&table)
+        .sweep_interval(Duration::ZERO);
+    first.migrate().await.expect("migrate");
+    let second = PostgresStore::new(pool::<PostgresStore>(&url).await)
+        .table(&table)
+        .sweep_interval(Duration::ZERO);
+    let channel = second.notify_channel().expect("a valid table").to_owned();
+    let listeners = |pool: PgPool, channel: String| async move {
+        sqlx::query_scalar::<_, i32>(
+            // sqlx listens with `LISTEN "…"` at first and `LISTEN "…";` after a reconnection.
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN \"' || $1 || '\"%'",
+        )
+        .bind(channel)
+        .fetch_all(&pool)
+        .await
+        .expect("pg_stat_activity")
+    };
+    let lease = Duration::from_secs(30);
+    let k = StoreKey::new(&Scope::anonymous(), "killed-listener");
+    let token = acquire(&first, &k, lease).await;
+    let waiting = waiter(&second, &k);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = listeners(admin.clone(), channel.clone()).await;
+    assert_eq!(before.len(), 1, "one listener for the waiting instance");
+    let () = sqlx::query_scalar("SELECT pg_terminate_backend($1)::int")
+        .bind(before[0])
+        .fetch_one(&admin)
+        .await
+        .map(|_: i32| ())
+        .expect("terminate the listener");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = listeners(admin.clone(), channel.clone()).await;
+        if now.len() == 1 && now != before {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listener came back: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first
+        .complete(&k, token, sql_scenarios::record(b"after the kill"), lease)
+        .await
+        .expect("complete");
+    let Claim::Completed(stored) = waiting.await.unwrap() else {
+        panic!("the waiter still gets the answer");
+    };
+    assert_eq!(stored.body(), &b"after the kill"[..]);
+    PostgresStore::drop_table(first.pool(), &table).await;
+}

@@ -1,0 +1,297 @@
+//! Duplicates in wait mode hear of the end of the key they wait on from the store's push
+//! channel (Redis pub/sub here; PostgreSQL `LISTEN`/`NOTIFY` in `postgres.rs`), not by
+//! polling, and lose nothing when that channel fails.
+//!
+//! Time is not measured here (BENCHMARKS.md has the latency, `cargo bench --bench wakeup`);
+//! what these tests count is the claims a waiter makes. Polling from 5 ms doubling to
+//! 250 ms makes 13 claims while a key is held for two seconds; a waiter woken by push makes
+//! its first claim, a recheck per 500 ms of the holder's remaining lease, and one claim
+//! when woken.
+#![cfg(feature = "redis")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower_idempotency::store::{Claim, LeaseToken, StoreKey};
+use tower_idempotency::{IdempotencyStore, RedisStore};
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use tower_idempotency::store::Record;
+use tower_idempotency::{Fingerprint, Scope};
+
+use crate::common::PrivateRedis;
+
+fn key(k: &str) -> StoreKey {
+    StoreKey::new(&Scope::anonymous(), k)
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+fn record(body: &'static [u8]) -> Record {
+    Record::new(
+        StatusCode::OK,
+        HeaderMap::new(),
+        Bytes::from_static(body),
+        None,
+    )
+}
+
+const HOLD: Duration = Duration::from_secs(2);
+const LONG: Duration = Duration::from_secs(30);
+
+fn redis_here() -> bool {
+    if std::env::var("REDIS_URL").is_ok_and(|u| !u.is_empty()) {
+        true
+    } else {
+        eprintln!("skipped: REDIS_URL not set");
+        false
+    }
+}
+
+async fn admin(server: &PrivateRedis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("a url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("an admin connection")
+}
+
+/// The claims (script calls) since the last reset, and resets.
+async fn claims_since(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .expect("INFO commandstats");
+    let calls = info
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().expect("a count"));
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(admin)
+        .await
+        .expect("CONFIG RESETSTAT");
+    calls
+}
+
+/// The subscribers of `channel` on the server.
+async fn subscribers(admin: &mut redis::aio::MultiplexedConnection, channel: &str) -> i64 {
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(admin)
+        .await
+        .expect("PUBSUB NUMSUB");
+    n
+}
+
+fn waiter(store: &RedisStore, k: &StoreKey) -> tokio::task::JoinHandle<Claim> {
+    let (store, k) = (store.clone(), k.clone());
+    tokio::spawn(async move {
+        store
+            .wait(&k, &fp(1), LeaseToken::new(), LONG, Duration::from_secs(10))
+            .await
+            .expect("wait")
+    })
+}
+
+/// Two instances on one Redis: the waiter on the second is woken by the first's
+/// completion, with a handful of claims where polling makes thirteen, and its subscription
+/// ends with its wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_on_another_instance_is_woken_by_the_completion_not_by_polling() {
+    if !redis_here() {
+        return;
+    }
+    let server = PrivateRedis::start();
+    let mut admin = admin(&server).await;
+    let first = RedisStore::connect(&server.url()).await.expect("connect");
+    let second = RedisStore::connect(&server.url()).await.expect("connect");
+    let k = key("woken-by-completion");
+    let Claim::Acquired(token) = first
+        .claim(&k, &fp(1), LeaseToken::new(), LONG)
+        .await
+        .unwrap()
+    else {
+        panic!("the first claim acquires");
+    };
+    claims_since(&mut admin).await;
+    let waiting = waiter(&second, &k);
+    tokio::time::sleep(HOLD).await;
+    assert_eq!(
+        subscribers(&mut admin, &format!("idempotency:{k}")).await,
+        1,
+        "the waiter listens on its key's channel"
+    );
+    first
+        .complete(&k, token, record(b"done"), LONG)
+        .await
+        .expect("complete");
+    let Claim::Completed(stored) = waiting.await.unwrap() else {
+        panic!("the waiter gets the stored answer");
+    };
+    assert_eq!(stored.body(), &b"done"[..]);
+    let claims = claims_since(&mut admin).await - 1;
+    assert!(
+        claims <= 7,
+        "a woken waiter claims at first, per 500 ms recheck and once woken: {claims} claims"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while subscribers(&mut admin, &format!("idempotency:{k}")).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the subscription outlived the wait"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A release on one instance wakes the waiter on another, which then owns the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_wakes_a_waiter_on_another_instance_which_takes_the_key() {
+    if !redis_here() {
+        return;
+    }
+    let server = PrivateRedis::start();
+    let mut admin = admin(&server).await;
+    let first = RedisStore::connect(&server.url()).await.expect("connect");
+    let second = RedisStore::connect(&server.url()).await.expect("connect");
+    let k = key("woken-by-release");
+    let Claim::Acquired(token) = first
+        .claim(&k, &fp(1), LeaseToken::new(), LONG)
+        .await
+        .unwrap()
+    else {
+        panic!("the first claim acquires");
+    };
+    claims_since(&mut admin).await;
+    let waiting = waiter(&second, &k);
+    tokio::time::sleep(HOLD).await;
+    first.release(&k, token).await.expect("release");
+    let Claim::Acquired(owner) = waiting.await.unwrap() else {
+        panic!("the waiter takes the released key");
+    };
+    let claims = claims_since(&mut admin).await - 1;
+    assert!(claims <= 7, "woken, not polling: {claims} claims");
+    second
+        .complete(&k, owner, record(b"second"), LONG)
+        .await
+        .expect("the waiter owns the key");
+}
+
+/// The pub/sub connection killed mid-wait: the waiter looks again, subscribes anew, and
+/// still gets the answer, as the next waiter does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_push_connection_loses_no_waiter() {
+    if !redis_here() {
+        return;
+    }
+    let server = PrivateRedis::start();
+    let mut admin = admin(&server).await;
+    let first = RedisStore::connect(&server.url()).await.expect("connect");
+    let second = RedisStore::connect(&server.url()).await.expect("connect");
+    let k = key("push-killed");
+    let Claim::Acquired(token) = first
+        .claim(&k, &fp(1), LeaseToken::new(), LONG)
+        .await
+        .unwrap()
+    else {
+        panic!("the first claim acquires");
+    };
+    let waiting = waiter(&second, &k);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT KILL TYPE pubsub");
+    assert_eq!(killed, 1, "the store's one pub/sub connection");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    first
+        .complete(&k, token, record(b"after the kill"), LONG)
+        .await
+        .expect("complete");
+    let Claim::Completed(stored) = waiting.await.unwrap() else {
+        panic!("the waiter still gets the answer");
+    };
+    assert_eq!(stored.body(), &b"after the kill"[..]);
+
+    // The channel works again for the next waiter.
+    let k = key("push-after-kill");
+    let Claim::Acquired(token) = first
+        .claim(&k, &fp(1), LeaseToken::new(), LONG)
+        .await
+        .unwrap()
+    else {
+        panic!("acquires");
+    };
+    claims_since(&mut admin).await;
+    let waiting = waiter(&second, &k);
+    tokio::time::sleep(HOLD).await;
+    first
+        .complete(&k, token, record(b"again"), LONG)
+        .await
+        .expect("complete");
+    assert!(matches!(waiting.await.unwrap(), Claim::Completed(_)));
+    let claims = claims_since(&mut admin).await - 1;
+    assert!(claims <= 7, "pushed again after the kill: {claims} claims");
+}
+
+/// Sixteen waiters on each of two instances, one key: every one gets the one answer, and
+/// no subscription is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_waiters_on_two_instances_all_get_the_one_answer() {
+    if !redis_here() {
+        return;
+    }
+    let server = PrivateRedis::start();
+    let mut admin = admin(&server).await;
+    let first = RedisStore::connect(&server.url()).await.expect("connect");
+    let second = RedisStore::connect(&server.url()).await.expect("connect");
+    let k = key("many-waiters");
+    let Claim::Acquired(token) = first
+        .claim(&k, &fp(1), LeaseToken::new(), LONG)
+        .await
+        .unwrap()
+    else {
+        panic!("the first claim acquires");
+    };
+    let waiters: Vec<_> = (0..32)
+        .map(|i| waiter(if i % 2 == 0 { &first } else { &second }, &k))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first
+        .complete(&k, token, record(b"one answer"), LONG)
+        .await
+        .expect("complete");
+    let answers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    for waiting in waiters {
+        match waiting.await.unwrap() {
+            Claim::Completed(stored) => answers.lock().unwrap().push(stored.body().clone()),
+            other => panic!("every waiter gets the answer, got {other:?}"),
+        }
+    }
+    assert!(
+        answers
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|b| b == &b"one answer"[..])
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while subscribers(&mut admin, &format!("idempotency:{k}")).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "subscriptions outlived the waits"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
