@@ -516,3 +516,34 @@ async fn the_default_profile_answers_the_bytes_it_always_did() {
         assert!(reused.headers.get("link").is_none());
     }
 }
+
+/// The README's "Error formats" examples are what the layer answers, byte for byte.
+#[tokio::test]
+async fn the_readme_error_format_examples_are_what_the_layer_answers() {
+    let readme = include_str!("../../README.md");
+    for (profile, head) in [
+        (
+            Profile::AgenticCommerce,
+            "HTTP/1.1 422 Unprocessable Entity\ncontent-type: application/json\n\n",
+        ),
+        (
+            Profile::Stripe,
+            "HTTP/1.1 400 Bad Request\ncontent-type: application/json\n\n",
+        ),
+    ] {
+        let svc = layer(MemoryStore::new(), profile).layer(Runs::default().handler(Duration::ZERO));
+        call(&svc, post(Some("readme"), "{}")).await;
+        let reused = call(&svc, post(Some("readme"), "{\"sku\":2}")).await;
+        assert_eq!(
+            format!("HTTP/1.1 {}", reused.status),
+            head.lines().next().unwrap(),
+            "{profile:?}"
+        );
+        assert_eq!(reused.headers["content-type"], "application/json");
+        let example = format!("{head}{}\n", reused.text());
+        assert!(
+            readme.contains(&example),
+            "{profile:?}: the README shows\n{example}"
+        );
+    }
+}
