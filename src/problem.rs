@@ -82,6 +82,11 @@
 //! - a replay carries `Idempotent-Replayed: true`
 //!   (<https://docs.stripe.com/error-low-level#idempotency>).
 //!
+//! The reference gives no `type` for `idempotency_key_in_use`; this profile answers it with
+//! `invalid_request_error`, the type of Stripe's other request errors (Stripe's clients
+//! choose their error by the `409` status, not by the type). Stripe's own API does not
+//! require a key; `missing-key` and `invalid-key` are request errors of this layer's own.
+//!
 //! | Kind | HTTP | `type` | `code` |
 //! |---|---|---|---|
 //! | `missing-key` | 400 | `invalid_request_error` | `idempotency_key_missing` *(own)* |
