@@ -20,7 +20,15 @@ pub(crate) fn problem<B>(
     outcome: IdempotencyOutcome,
 ) -> Response<IdempotencyBody<B>> {
     let res = problem
-        .into_response_cached(grpc, &config.type_base, config.link, Some(&config.problems))
+        .into_response_cached(
+            grpc,
+            crate::problem::Style {
+                profile: config.problem_profile,
+                type_base: &config.type_base,
+                link: config.link,
+            },
+            Some(&config.problems),
+        )
         .map(|b| IdempotencyBody::full(b, None));
     mark(res, outcome)
 }

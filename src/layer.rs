@@ -703,6 +703,8 @@ impl IdempotencyLayer {
     /// The base of the problem `type` URIs, for example your API's error documentation;
     /// setting it also adds a `Link: <…>; rel="describedby"` header to every problem.
     /// Default: this crate's [`problem`](crate::problem) documentation, without `Link`.
+    /// Under the [Stripe profile](Self::problem_profile) the same URI is the `doc_url`; the
+    /// Agentic Commerce profile has no field for it and gets only the `Link` header.
     ///
     /// ```
     /// // Problems then have "type": "https://api.example.com/errors/key-reused", ...
@@ -715,6 +717,28 @@ impl IdempotencyLayer {
             c.type_base = base;
             c.link = true;
         })
+    }
+
+    /// The shape of the answers this layer gives on its own over HTTP (its `400`, `409`,
+    /// `422`, `503`… bodies, statuses and content type): RFC 9457 problem details,
+    /// Stripe's error object, or the Agentic Commerce Protocol's error. gRPC requests get a
+    /// gRPC status whatever the profile, and `Retry-After` stays on every `409` and `503`.
+    /// The [`problem`](crate::problem#profiles) module lists what each profile answers.
+    /// Default: [`Profile::Rfc9457`](crate::problem::Profile::Rfc9457).
+    ///
+    /// Only HTTP answers have a profile: the [`function`](crate::function) and consumer
+    /// entry points return errors, not bodies, and are not affected.
+    ///
+    /// ```
+    /// use tower_idempotency::problem::Profile;
+    ///
+    /// // A reused key is then `409 {"type": "invalid_request", "code": "idempotency_in_flight", ...}`
+    /// // while the first request runs, and `422 ... "idempotency_conflict"` with another payload.
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .problem_profile(Profile::AgenticCommerce);
+    /// ```
+    pub fn problem_profile(self, profile: crate::problem::Profile) -> Self {
+        self.edit(|c| c.problem_profile = profile)
     }
 }
 

@@ -2,6 +2,11 @@
 //! `Idempotency-Key` header parameter, the `Idempotent-Replayed` response header and the
 //! problem responses the layer answers, added to the operations it covers.
 //!
+//! [`document`] describes the default [RFC 9457 profile](crate::problem::Profile::Rfc9457);
+//! a layer set to another [`problem_profile`](crate::IdempotencyLayer::problem_profile) is
+//! described by [`document_with_profile`], with that profile's statuses, content type and
+//! body schema.
+//!
 //! ```
 //! use http::Method;
 //! use tower_idempotency::openapi::document;
@@ -32,10 +37,51 @@ use utoipa::openapi::{
     ComponentsBuilder, ContentBuilder, HeaderBuilder, OpenApi, Ref, RefOr, Required,
 };
 
-use crate::problem::ProblemKind;
+use crate::problem::{ProblemKind, Profile};
 
-/// The name of the problem schema added to the document's components.
+/// The name of the problem schema added to the document's components (RFC 9457 profile).
 pub const PROBLEM_SCHEMA: &str = "IdempotencyProblem";
+
+/// The name of the error schema added to the document's components under the Stripe
+/// profile.
+pub const STRIPE_ERROR_SCHEMA: &str = "IdempotencyStripeError";
+
+/// The name of the error schema added to the document's components under the Agentic
+/// Commerce profile.
+pub const AGENTIC_COMMERCE_ERROR_SCHEMA: &str = "IdempotencyAgenticCommerceError";
+
+/// The name of the schema of `profile`'s answers in the document's components.
+///
+/// ```
+/// use tower_idempotency::openapi::{PROBLEM_SCHEMA, schema_name};
+/// use tower_idempotency::problem::Profile;
+///
+/// assert_eq!(schema_name(Profile::Rfc9457), PROBLEM_SCHEMA);
+/// assert_eq!(schema_name(Profile::Stripe), "IdempotencyStripeError");
+/// ```
+pub fn schema_name(profile: Profile) -> &'static str {
+    match profile {
+        Profile::Stripe => STRIPE_ERROR_SCHEMA,
+        Profile::AgenticCommerce => AGENTIC_COMMERCE_ERROR_SCHEMA,
+        _ => PROBLEM_SCHEMA,
+    }
+}
+
+/// Every kind, in the order the responses list them.
+const KINDS: [ProblemKind; 12] = [
+    ProblemKind::MissingKey,
+    ProblemKind::InvalidKey,
+    ProblemKind::BodyUnreadable,
+    ProblemKind::RequestTooLarge,
+    ProblemKind::KeyInUse,
+    ProblemKind::KeyReused,
+    ProblemKind::ResponseNotStored,
+    ProblemKind::CallerUnknown,
+    ProblemKind::StoreUnavailable,
+    ProblemKind::StoreFull,
+    ProblemKind::RecordUnreadable,
+    ProblemKind::OutcomeUnknown,
+];
 
 /// Adds the layer's contract to every operation of `api` whose method is in `methods` (the
 /// layer's [`methods`](crate::IdempotencyLayer::methods); `POST` and `PATCH` by default):
@@ -44,6 +90,38 @@ pub const PROBLEM_SCHEMA: &str = "IdempotencyProblem";
 /// `503`, with `Retry-After` on `409` and `503`) with an RFC 9457 body. Answers the number
 /// of operations documented. Operations that already describe a status keep their own.
 pub fn document(api: &mut OpenApi, methods: &[Method]) -> usize {
+    document_with_profile(api, methods, Profile::Rfc9457)
+}
+
+/// [`document`], for a layer whose answers follow `profile` (its
+/// [`problem_profile`](crate::IdempotencyLayer::problem_profile)): the problem responses
+/// have that profile's statuses (Stripe answers a reused key with `400`, not `422`),
+/// content type and body schema (named [`schema_name`]), and their descriptions list the
+/// codes the body carries.
+///
+/// ```
+/// use http::Method;
+/// use tower_idempotency::openapi::document_with_profile;
+/// use tower_idempotency::problem::Profile;
+/// use utoipa::openapi::path::OperationBuilder;
+/// use utoipa::openapi::response::ResponseBuilder;
+/// use utoipa::openapi::{HttpMethod, OpenApiBuilder, PathItem, PathsBuilder};
+///
+/// let mut api = OpenApiBuilder::new()
+///     .paths(PathsBuilder::new().path(
+///         "/checkout_sessions",
+///         PathItem::new(
+///             HttpMethod::Post,
+///             OperationBuilder::new()
+///                 .response("201", ResponseBuilder::new().description("created")),
+///         ),
+///     ))
+///     .build();
+/// document_with_profile(&mut api, &[Method::POST], Profile::AgenticCommerce);
+/// let json = api.to_json().unwrap();
+/// assert!(json.contains("idempotency_conflict") && json.contains("IdempotencyAgenticCommerceError"));
+/// ```
+pub fn document_with_profile(api: &mut OpenApi, methods: &[Method], profile: Profile) -> usize {
     let mut documented = 0;
     for item in api.paths.paths.values_mut() {
         let operations = [
@@ -57,7 +135,7 @@ pub fn document(api: &mut OpenApi, methods: &[Method]) -> usize {
             if let Some(operation) = operation
                 && methods.contains(&method)
             {
-                document_operation(operation);
+                document_operation_with_profile(operation, profile);
                 documented += 1;
             }
         }
@@ -68,14 +146,78 @@ pub fn document(api: &mut OpenApi, methods: &[Method]) -> usize {
             .get_or_insert_with(|| ComponentsBuilder::new().build());
         components
             .schemas
-            .entry(PROBLEM_SCHEMA.to_owned())
-            .or_insert_with(|| RefOr::T(problem_schema()));
+            .entry(schema_name(profile).to_owned())
+            .or_insert_with(|| RefOr::T(schema_of(profile)));
     }
     documented
 }
 
 fn string() -> utoipa::openapi::schema::Object {
     ObjectBuilder::new().schema_type(Type::String).build()
+}
+
+fn schema_of(profile: Profile) -> utoipa::openapi::schema::Schema {
+    match profile {
+        Profile::Stripe => stripe_schema(),
+        Profile::AgenticCommerce => agentic_commerce_schema(),
+        _ => problem_schema(),
+    }
+}
+
+/// A string property limited to `values`.
+fn one_of(values: &[&str]) -> ObjectBuilder {
+    let mut values: Vec<&str> = values.to_vec();
+    values.sort_unstable();
+    values.dedup();
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values))
+}
+
+/// The `type` values (with `error_type`) or codes (with `code`) `profile` answers.
+fn values_of(
+    profile: Profile,
+    f: fn(Profile, ProblemKind) -> Option<&'static str>,
+) -> Vec<&'static str> {
+    KINDS.iter().filter_map(|&k| f(profile, k)).collect()
+}
+
+fn stripe_schema() -> utoipa::openapi::schema::Schema {
+    let profile = Profile::Stripe;
+    let error = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property("type", one_of(&values_of(profile, Profile::error_type)))
+        .property("code", one_of(&values_of(profile, |p, k| Some(p.code(k)))))
+        .property("message", ObjectBuilder::new().schema_type(Type::String))
+        .property("doc_url", ObjectBuilder::new().schema_type(Type::String))
+        .required("type")
+        .required("code")
+        .required("message");
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "A Stripe-style error object answered by the idempotency layer.",
+        ))
+        .property("error", error)
+        .required("error")
+        .into()
+}
+
+fn agentic_commerce_schema() -> utoipa::openapi::schema::Schema {
+    let profile = Profile::AgenticCommerce;
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "An Agentic Commerce Protocol error answered by the idempotency layer.",
+        ))
+        .property("type", one_of(&values_of(profile, Profile::error_type)))
+        .property("code", one_of(&values_of(profile, |p, k| Some(p.code(k)))))
+        .property("message", ObjectBuilder::new().schema_type(Type::String))
+        .property("param", ObjectBuilder::new().schema_type(Type::String))
+        .required("type")
+        .required("code")
+        .required("message")
+        .into()
 }
 
 fn problem_schema() -> utoipa::openapi::schema::Schema {
@@ -94,8 +236,13 @@ fn problem_schema() -> utoipa::openapi::schema::Schema {
         .into()
 }
 
-/// Adds the contract to one operation.
+/// Adds the contract to one operation (RFC 9457 profile).
 pub fn document_operation(operation: &mut Operation) {
+    document_operation_with_profile(operation, Profile::Rfc9457);
+}
+
+/// Adds the contract to one operation, for a layer whose answers follow `profile`.
+pub fn document_operation_with_profile(operation: &mut Operation, profile: Profile) {
     let parameters = operation.parameters.get_or_insert_with(Vec::new);
     let has_key = parameters.iter().any(|p| match p {
         RefOr::T(p) => p.name.eq_ignore_ascii_case("idempotency-key"),
@@ -129,43 +276,34 @@ pub fn document_operation(operation: &mut Operation) {
                 .or_insert_with(|| RefOr::T(replayed.clone()));
         }
     }
-    let problems: [(&str, &[ProblemKind]); 8] = [
-        (
-            "400",
-            &[
-                ProblemKind::MissingKey,
-                ProblemKind::InvalidKey,
-                ProblemKind::BodyUnreadable,
-            ],
-        ),
-        ("403", &[ProblemKind::CallerUnknown]),
-        ("409", &[ProblemKind::KeyInUse]),
-        ("410", &[ProblemKind::ResponseNotStored]),
-        ("413", &[ProblemKind::RequestTooLarge]),
-        ("422", &[ProblemKind::KeyReused]),
-        (
-            "500",
-            &[ProblemKind::RecordUnreadable, ProblemKind::OutcomeUnknown],
-        ),
-        (
-            "503",
-            &[ProblemKind::StoreUnavailable, ProblemKind::StoreFull],
-        ),
-    ];
+    // The kinds each status answers under this profile, in status order.
+    let mut problems: Vec<(String, Vec<ProblemKind>)> = Vec::new();
+    let mut statuses: Vec<u16> = KINDS.iter().map(|&k| profile.status(k).as_u16()).collect();
+    statuses.sort_unstable();
+    statuses.dedup();
+    for status in statuses {
+        let kinds = KINDS
+            .iter()
+            .copied()
+            .filter(|&k| profile.status(k).as_u16() == status)
+            .collect();
+        problems.push((status.to_string(), kinds));
+    }
     for (status, kinds) in problems {
+        let status = status.as_str();
         if operation.responses.responses.contains_key(status) {
             continue;
         }
-        let slugs: Vec<&str> = kinds.iter().map(|k| k.slug()).collect();
+        let codes: Vec<&str> = kinds.iter().map(|&k| profile.code(k)).collect();
         let mut response = ResponseBuilder::new()
             .description(format!(
                 "The idempotency layer's answer ({}).",
-                slugs.join(", ")
+                codes.join(", ")
             ))
             .content(
-                "application/problem+json",
+                profile.content_type(),
                 ContentBuilder::new()
-                    .schema(Some(Ref::from_schema_name(PROBLEM_SCHEMA)))
+                    .schema(Some(Ref::from_schema_name(schema_name(profile))))
                     .build(),
             );
         if matches!(status, "409" | "503") {

@@ -1,9 +1,11 @@
-//! The answers the layer gives on its own: RFC 9457 problem details over HTTP, statuses over
-//! gRPC.
+//! The answers the layer gives on its own: RFC 9457 problem details over HTTP (or, as a
+//! [`Profile`] chooses, Stripe's or the Agentic Commerce Protocol's error bodies), statuses
+//! over gRPC.
 //!
-//! Every rejection is an `application/problem+json` body with `type`, `title`, `status` and
-//! `detail`, or, for gRPC requests (`content-type: application/grpc…`), a trailers-only
-//! response carrying `grpc-status` and `grpc-message`.
+//! By default every rejection is an `application/problem+json` body with `type`, `title`,
+//! `status` and `detail`, or, for gRPC requests (`content-type: application/grpc…`), a
+//! trailers-only response carrying `grpc-status` and `grpc-message`. The statuses below are
+//! those of the default profile; see [Profiles](#profiles) for the others.
 //!
 //! | Kind | HTTP | gRPC | When |
 //! |---|---|---|---|
@@ -26,6 +28,114 @@
 //! points it at a service's own documentation, and then a `Link: <…>; rel="describedby"`
 //! header carries the same URI. Each kind has its own section below, which the default URI
 //! points at.
+//!
+//! # Profiles
+//!
+//! Clients built for another API's errors read this layer's answers when the layer speaks
+//! their shape: [`IdempotencyLayer::problem_profile`](crate::IdempotencyLayer::problem_profile)
+//! chooses one of the [`Profile`]s. In every profile:
+//!
+//! - `Retry-After` (in seconds) is on every `409` and `503`, so clients, this crate's
+//!   [`client`](crate::client) included, wait and retry with the same key;
+//! - a replay carries `Idempotent-Replayed: true` (RFC 9457 leaves it to the service; Stripe
+//!   and ACP name this header);
+//! - gRPC requests get the gRPC status of the first table, whatever the profile;
+//! - a body is rendered once per layer for the two answers given most (`409` and `422`), as
+//!   in the default profile, and every detail a request put in (a key, a JSON value) is
+//!   escaped: the body is always valid JSON;
+//! - [`problem_type_base`](crate::IdempotencyLayer::problem_type_base) adds the `Link: <…>;
+//!   rel="describedby"` header to every answer. In RFC 9457 the same URI is the `type`; in
+//!   Stripe it is the `doc_url` (by default this page's section for the kind); ACP's error
+//!   has no field for it, so only the header carries it.
+//!
+//! Codes marked *(own)* are this crate's: the profile's specification names no code for the
+//! situation, so the answer takes the closest `type` it documents and a code of its own;
+//! the other codes are the specification's. The [`function`](crate::function) and consumer
+//! entry points return errors, not HTTP bodies: profiles do not apply to them.
+//!
+//! ## RFC 9457
+//!
+//! The default: `application/problem+json`, `{"type", "title", "status", "detail"}`, with
+//! the statuses of the first table and `type` the base URI followed by the kind's slug. Its
+//! bytes are those earlier versions answered.
+//!
+//! ## Stripe
+//!
+//! `application/json`, `{"error": {"type", "code", "message", "doc_url"}}`; `message` is the
+//! detail.
+//!
+//! What it follows, from Stripe's API reference:
+//! - errors are an `error` object whose `type` is one of `api_error`, `card_error`,
+//!   `idempotency_error` or `invalid_request_error`, with a nullable `code`, `message`,
+//!   `param` and `doc_url` (<https://docs.stripe.com/api/errors>);
+//! - `409 Conflict` means the request conflicts with another, such as one using the same
+//!   idempotency key, and `idempotency_key_in_use` is the code of a request made while
+//!   another with its key is in progress, to be retried after a pause
+//!   (<https://docs.stripe.com/error-low-level#status-codes>,
+//!   <https://docs.stripe.com/error-codes>);
+//! - `idempotency_error` is the type for a key reused with another endpoint or other
+//!   parameters (<https://docs.stripe.com/api/errors>), and Stripe's Python library raises
+//!   its `IdempotencyError` only for that type on a `400` or `404`, while a `409` becomes
+//!   its generic API error, retried with the same key
+//!   (<https://github.com/stripe/stripe-python>, the status-to-error mapping of its API
+//!   requestor): so `key-reused` is `400` here, not `422`, and `key-in-use` stays `409`;
+//! - a replay carries `Idempotent-Replayed: true`
+//!   (<https://docs.stripe.com/error-low-level#idempotency>).
+//!
+//! The reference gives no `type` for `idempotency_key_in_use`; this profile answers it with
+//! `invalid_request_error`, the type of Stripe's other request errors (Stripe's clients
+//! choose their error by the `409` status, not by the type). Stripe's own API does not
+//! require a key; `missing-key` and `invalid-key` are request errors of this layer's own.
+//!
+//! | Kind | HTTP | `type` | `code` |
+//! |---|---|---|---|
+//! | `missing-key` | 400 | `invalid_request_error` | `idempotency_key_missing` *(own)* |
+//! | `invalid-key` | 400 | `invalid_request_error` | `idempotency_key_invalid` *(own)* |
+//! | `request-too-large` | 413 | `invalid_request_error` | `request_too_large` *(own)* |
+//! | `body-unreadable` | 400 | `invalid_request_error` | `request_body_unreadable` *(own)* |
+//! | `key-in-use` | 409 + `Retry-After` | `invalid_request_error` | `idempotency_key_in_use` |
+//! | `key-reused` | **400** | `idempotency_error` | `idempotency_key_reused` *(own; Stripe documents none)* |
+//! | `response-not-stored` | 410 | `api_error` | `response_not_stored` *(own)* |
+//! | `caller-unknown` | 403 | `invalid_request_error` | `caller_unknown` *(own)* |
+//! | `store-unavailable` | 503 + `Retry-After` | `api_error` | `idempotency_store_unavailable` *(own)* |
+//! | `store-full` | 503 + `Retry-After` | `api_error` | `idempotency_store_full` *(own)* |
+//! | `record-unreadable` | 500 | `api_error` | `record_unreadable` *(own)* |
+//! | `outcome-unknown` | 500 | `api_error` | `outcome_unknown` *(own)* |
+//!
+//! ## Agentic Commerce Protocol
+//!
+//! `application/json`, the flat `{"type", "code", "message"}` (ACP's optional `param`, a
+//! JSONPath into the request body, is left out: these answers are about a header or the
+//! request as a whole); `message` is the detail.
+//!
+//! What it follows, from the Agentic Checkout specification's idempotency section (§6, in
+//! <https://github.com/agentic-commerce-protocol/agentic-commerce-protocol/blob/main/rfcs/rfc.agentic_checkout.md>):
+//! - errors are flat objects with `type` (one of `invalid_request`, `processing_error`,
+//!   `service_unavailable`), `code`, `message` and an optional `param` (§3.1);
+//! - every idempotency error has `type: invalid_request`: a missing key is `400
+//!   idempotency_key_required`, the same key with another body `422 idempotency_conflict`
+//!   (permanent), the same key while the first still runs `409 idempotency_in_flight` with
+//!   `Retry-After` in seconds (§6.1, §6.4);
+//! - a replay returns the first status and should carry `Idempotent-Replayed: true`
+//!   (§6.3); `5xx` answers are not stored against the key (§6.5), which is this layer's
+//!   default storable rule. `record-unreadable` and `outcome-unknown` are `500` answers of
+//!   the layer's own about an operation that already ran: a retry gets them again rather
+//!   than a second run, as §6.3 forbids re-executing side effects.
+//!
+//! | Kind | HTTP | `type` | `code` |
+//! |---|---|---|---|
+//! | `missing-key` | 400 | `invalid_request` | `idempotency_key_required` |
+//! | `invalid-key` | 400 | `invalid_request` | `idempotency_key_invalid` *(own)* |
+//! | `request-too-large` | 413 | `invalid_request` | `request_too_large` *(own)* |
+//! | `body-unreadable` | 400 | `invalid_request` | `request_body_unreadable` *(own)* |
+//! | `key-in-use` | 409 + `Retry-After` | `invalid_request` | `idempotency_in_flight` |
+//! | `key-reused` | 422 | `invalid_request` | `idempotency_conflict` |
+//! | `response-not-stored` | 410 | `processing_error` | `response_not_stored` *(own)* |
+//! | `caller-unknown` | 403 | `invalid_request` | `caller_unknown` *(own)* |
+//! | `store-unavailable` | 503 + `Retry-After` | `service_unavailable` | `idempotency_store_unavailable` *(own)* |
+//! | `store-full` | 503 + `Retry-After` | `service_unavailable` | `idempotency_store_full` *(own)* |
+//! | `record-unreadable` | 500 | `processing_error` | `record_unreadable` *(own)* |
+//! | `outcome-unknown` | 500 | `processing_error` | `outcome_unknown` *(own)* |
 //!
 //! # Problem types
 //!
@@ -206,6 +316,162 @@ impl ProblemKind {
     }
 }
 
+/// The shape of the answers the layer gives on its own over HTTP: their status, content
+/// type and body. Chosen per layer with
+/// [`IdempotencyLayer::problem_profile`](crate::IdempotencyLayer::problem_profile); the
+/// default is [`Rfc9457`](Profile::Rfc9457). gRPC requests get a gRPC status whatever the
+/// profile. See the [module docs](self#profiles) for each profile's table and sources.
+///
+/// ```
+/// use tower_idempotency::problem::{Profile, ProblemKind};
+///
+/// let profile = Profile::AgenticCommerce;
+/// assert_eq!(profile.status(ProblemKind::KeyReused).as_u16(), 422);
+/// assert_eq!(profile.code(ProblemKind::KeyInUse), "idempotency_in_flight");
+/// assert_eq!(profile.content_type(), "application/json");
+/// assert_eq!(Profile::Stripe.status(ProblemKind::KeyReused).as_u16(), 400);
+/// assert_eq!(Profile::default(), Profile::Rfc9457);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Profile {
+    /// RFC 9457 problem details: `application/problem+json` with `type`, `title`,
+    /// `status` and `detail`. The default, byte for byte what earlier versions answered.
+    #[default]
+    Rfc9457,
+    /// Stripe's error object: `application/json` with
+    /// `{"error": {"type", "code", "message", "doc_url"}}`, and `400 idempotency_error`
+    /// for a key reused with another payload, as Stripe's clients expect.
+    Stripe,
+    /// The Agentic Commerce Protocol's flat error: `application/json` with `type`, `code`
+    /// and `message` (`idempotency_key_required`, `idempotency_in_flight`,
+    /// `idempotency_conflict`).
+    AgenticCommerce,
+}
+
+impl Profile {
+    /// Every profile, in the order of the module docs' tables.
+    pub const ALL: [Profile; 3] = [Profile::Rfc9457, Profile::Stripe, Profile::AgenticCommerce];
+
+    /// The HTTP status of `kind`'s answer under this profile: the kind's own
+    /// [`status`](ProblemKind::status), except where the profile's specification says
+    /// otherwise (Stripe answers a reused key with `400`).
+    pub fn status(self, kind: ProblemKind) -> StatusCode {
+        match (self, kind) {
+            (Self::Stripe, ProblemKind::KeyReused) => StatusCode::BAD_REQUEST,
+            _ => kind.status(),
+        }
+    }
+
+    /// The `Content-Type` of the answers: `application/problem+json` for RFC 9457,
+    /// `application/json` for the others.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Rfc9457 => "application/problem+json",
+            Self::Stripe | Self::AgenticCommerce => "application/json",
+        }
+    }
+
+    /// The machine-readable code of `kind`'s answer: for RFC 9457 the kind's
+    /// [`slug`](ProblemKind::slug) (the last part of its `type` URI); for the others the
+    /// body's `code`, the profile's own where its specification names one for the
+    /// situation, this crate's otherwise (the module docs' tables say which).
+    pub fn code(self, kind: ProblemKind) -> &'static str {
+        use ProblemKind as K;
+        match self {
+            Self::Rfc9457 => kind.slug(),
+            Self::Stripe => match kind {
+                K::KeyInUse => "idempotency_key_in_use",
+                K::KeyReused => "idempotency_key_reused",
+                _ => own_code(kind),
+            },
+            Self::AgenticCommerce => match kind {
+                K::MissingKey => "idempotency_key_required",
+                K::KeyInUse => "idempotency_in_flight",
+                K::KeyReused => "idempotency_conflict",
+                _ => own_code(kind),
+            },
+        }
+    }
+
+    /// The body's `type` of `kind`'s answer: `None` for RFC 9457 (whose `type` is a URI,
+    /// see [`IdempotencyLayer::problem_type_base`](crate::IdempotencyLayer::problem_type_base));
+    /// for the others one of the error types the profile's specification lists.
+    pub fn error_type(self, kind: ProblemKind) -> Option<&'static str> {
+        use ProblemKind as K;
+        match self {
+            Self::Rfc9457 => None,
+            Self::Stripe => Some(match kind {
+                K::KeyReused => "idempotency_error",
+                K::MissingKey
+                | K::InvalidKey
+                | K::RequestTooLarge
+                | K::BodyUnreadable
+                | K::KeyInUse
+                | K::CallerUnknown => "invalid_request_error",
+                K::ResponseNotStored
+                | K::StoreUnavailable
+                | K::StoreFull
+                | K::RecordUnreadable
+                | K::OutcomeUnknown => "api_error",
+            }),
+            Self::AgenticCommerce => Some(match kind {
+                K::MissingKey
+                | K::InvalidKey
+                | K::RequestTooLarge
+                | K::BodyUnreadable
+                | K::KeyInUse
+                | K::KeyReused
+                | K::CallerUnknown => "invalid_request",
+                K::StoreUnavailable | K::StoreFull => "service_unavailable",
+                K::ResponseNotStored | K::RecordUnreadable | K::OutcomeUnknown => {
+                    "processing_error"
+                }
+            }),
+        }
+    }
+}
+
+/// This crate's own code for a kind a profile names no code for: the slug in snake case,
+/// prefixed where the slug alone would not say it is about idempotency.
+fn own_code(kind: ProblemKind) -> &'static str {
+    match kind {
+        ProblemKind::MissingKey => "idempotency_key_missing",
+        ProblemKind::InvalidKey => "idempotency_key_invalid",
+        ProblemKind::RequestTooLarge => "request_too_large",
+        ProblemKind::BodyUnreadable => "request_body_unreadable",
+        ProblemKind::KeyInUse => "idempotency_key_in_use",
+        ProblemKind::KeyReused => "idempotency_key_reused",
+        ProblemKind::ResponseNotStored => "response_not_stored",
+        ProblemKind::CallerUnknown => "caller_unknown",
+        ProblemKind::StoreUnavailable => "idempotency_store_unavailable",
+        ProblemKind::StoreFull => "idempotency_store_full",
+        ProblemKind::RecordUnreadable => "record_unreadable",
+        ProblemKind::OutcomeUnknown => "outcome_unknown",
+    }
+}
+
+/// How a layer renders its problems: the profile, the base of `type` URIs (or Stripe's
+/// `doc_url`), and whether a `Link` header carries the same URI.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Style<'a> {
+    pub(crate) profile: Profile,
+    pub(crate) type_base: &'a str,
+    pub(crate) link: bool,
+}
+
+impl<'a> Style<'a> {
+    /// The default profile with `type_base`, as earlier versions rendered.
+    #[cfg(test)]
+    pub(crate) fn rfc9457(type_base: &'a str, link: bool) -> Self {
+        Self {
+            profile: Profile::Rfc9457,
+            type_base,
+            link,
+        }
+    }
+}
+
 /// One answer of the layer's own.
 #[derive(Debug, Clone)]
 pub(crate) struct Problem {
@@ -234,11 +500,17 @@ impl Problem {
     /// The answer as a response with an empty (gRPC) or JSON body.
     #[cfg(test)]
     pub(crate) fn into_response(self, grpc: bool, type_base: &str, link: bool) -> Response<Bytes> {
-        self.into_response_cached(grpc, type_base, link, None)
+        self.into_response_cached(grpc, Style::rfc9457(type_base, link), None)
+    }
+
+    /// The answer as `profile` renders it (tests of other profiles).
+    #[cfg(test)]
+    pub(crate) fn into_profile_response(self, grpc: bool, style: Style<'_>) -> Response<Bytes> {
+        self.into_response_cached(grpc, style, None)
     }
 
     /// The JSON body, or (gRPC) the `grpc-message` value.
-    fn render(&self, grpc: bool, type_base: &str) -> Rendered {
+    fn render(&self, grpc: bool, style: Style<'_>) -> Rendered {
         if grpc {
             let message = percent_encode(&format!("{}: {}", self.kind.title(), self.detail));
             return Rendered {
@@ -247,18 +519,39 @@ impl Problem {
             };
         }
         let mut body = String::with_capacity(200 + self.detail.len());
-        body.push_str("{\"type\":");
-        json_string(&mut body, type_base);
-        // Re-open the string to add the slug (a slug needs no escaping).
-        body.pop();
-        body.push_str(self.kind.slug());
-        body.push_str("\",\"title\":");
-        json_string(&mut body, self.kind.title());
-        body.push_str(",\"status\":");
-        body.push_str(itoa(self.kind.status().as_u16()).as_str());
-        body.push_str(",\"detail\":");
-        json_string(&mut body, &self.detail);
-        body.push('}');
+        match style.profile {
+            Profile::Rfc9457 => {
+                body.push_str("{\"type\":");
+                json_uri(&mut body, style.type_base, self.kind.slug());
+                body.push_str(",\"title\":");
+                json_string(&mut body, self.kind.title());
+                body.push_str(",\"status\":");
+                body.push_str(itoa(self.kind.status().as_u16()).as_str());
+                body.push_str(",\"detail\":");
+                json_string(&mut body, &self.detail);
+                body.push('}');
+            }
+            Profile::Stripe => {
+                body.push_str("{\"error\":{\"type\":");
+                json_string(&mut body, style.profile.error_type(self.kind).unwrap_or(""));
+                body.push_str(",\"code\":");
+                json_string(&mut body, style.profile.code(self.kind));
+                body.push_str(",\"message\":");
+                json_string(&mut body, &self.detail);
+                body.push_str(",\"doc_url\":");
+                json_uri(&mut body, style.type_base, self.kind.slug());
+                body.push_str("}}");
+            }
+            Profile::AgenticCommerce => {
+                body.push_str("{\"type\":");
+                json_string(&mut body, style.profile.error_type(self.kind).unwrap_or(""));
+                body.push_str(",\"code\":");
+                json_string(&mut body, style.profile.code(self.kind));
+                body.push_str(",\"message\":");
+                json_string(&mut body, &self.detail);
+                body.push('}');
+            }
+        }
         Rendered {
             body: Bytes::from(body),
             grpc_message: None,
@@ -267,26 +560,29 @@ impl Problem {
 
     /// [`into_response`](Self::into_response), taking the body (or gRPC message) from
     /// `cache` when the detail is static, and rendering it there the first time.
+    ///
+    /// A cache belongs to one layer's runtime, which renders with one style: a cached body
+    /// is the one `style` renders.
     pub(crate) fn into_response_cached(
         self,
         grpc: bool,
-        type_base: &str,
-        link: bool,
+        style: Style<'_>,
         cache: Option<&ProblemCache>,
     ) -> Response<Bytes> {
         let rendered = match (cache.and_then(|c| c.slot(self.kind, grpc)), &self.detail) {
             (Some(slot), std::borrow::Cow::Borrowed(detail)) => {
                 let (cached_detail, rendered) =
-                    slot.get_or_init(|| (detail, self.render(grpc, type_base)));
+                    slot.get_or_init(|| (detail, self.render(grpc, style)));
                 // One slot per kind: a kind with another static detail is rendered afresh.
                 if std::ptr::eq(*cached_detail, *detail) || cached_detail == detail {
                     rendered.clone()
                 } else {
-                    self.render(grpc, type_base)
+                    self.render(grpc, style)
                 }
             }
-            _ => self.render(grpc, type_base),
+            _ => self.render(grpc, style),
         };
+        let (type_base, link) = (style.type_base, style.link);
         let mut res = Response::new(rendered.body);
         let h = res.headers_mut();
         if grpc {
@@ -302,11 +598,11 @@ impl Problem {
                 h.insert("grpc-message", v);
             }
         } else {
-            *res.status_mut() = self.kind.status();
+            *res.status_mut() = style.profile.status(self.kind);
             let h = res.headers_mut();
             h.insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static("application/problem+json"),
+                HeaderValue::from_static(style.profile.content_type()),
             );
             if link
                 && let Ok(v) = HeaderValue::try_from(format!(
@@ -367,6 +663,15 @@ impl ProblemCache {
 
 fn itoa(n: u16) -> String {
     n.to_string()
+}
+
+/// Appends `base` followed by `slug` as one JSON string literal (a slug needs no escape).
+fn json_uri(out: &mut String, base: &str, slug: &str) {
+    json_string(out, base);
+    // Re-open the string to add the slug.
+    out.pop();
+    out.push_str(slug);
+    out.push('"');
 }
 
 /// Appends `s` as a JSON string literal, copying the runs that need no escape whole.
@@ -522,7 +827,11 @@ mod tests {
                 let after = Duration::from_secs(1 + round);
                 let cached = Problem::new(ProblemKind::KeyInUse, "busy")
                     .retry_after(after)
-                    .into_response_cached(grpc, DEFAULT_TYPE_BASE, true, Some(&cache));
+                    .into_response_cached(
+                        grpc,
+                        Style::rfc9457(DEFAULT_TYPE_BASE, true),
+                        Some(&cache),
+                    );
                 let fresh = Problem::new(ProblemKind::KeyInUse, "busy")
                     .retry_after(after)
                     .into_response(grpc, DEFAULT_TYPE_BASE, true);
@@ -533,18 +842,189 @@ mod tests {
         }
         // Another static detail of the same kind gets its own body.
         let other = Problem::new(ProblemKind::KeyInUse, "another static detail")
-            .into_response_cached(false, DEFAULT_TYPE_BASE, false, Some(&cache));
+            .into_response_cached(
+                false,
+                Style::rfc9457(DEFAULT_TYPE_BASE, false),
+                Some(&cache),
+            );
         let body: serde_json::Value = serde_json::from_slice(other.body()).unwrap();
         assert_eq!(body["detail"], "another static detail");
         // A detail built per request is never taken from the cache.
         let own = Problem::new(ProblemKind::KeyInUse, format!("busy {}", 7)).into_response_cached(
             false,
-            DEFAULT_TYPE_BASE,
-            false,
+            Style::rfc9457(DEFAULT_TYPE_BASE, false),
             Some(&cache),
         );
         let body: serde_json::Value = serde_json::from_slice(own.body()).unwrap();
         assert_eq!(body["detail"], "busy 7");
+    }
+
+    /// The default profile's bytes are those of earlier versions, pinned.
+    #[test]
+    fn the_default_profile_renders_the_bytes_it_always_did() {
+        let res = Problem::new(ProblemKind::KeyReused, "a \"b\"\n").into_response(
+            false,
+            DEFAULT_TYPE_BASE,
+            false,
+        );
+        assert_eq!(
+            std::str::from_utf8(res.body()).unwrap(),
+            "{\"type\":\"https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/#key-reused\",\
+             \"title\":\"Idempotency-Key is already used\",\"status\":422,\"detail\":\"a \\\"b\\\"\\n\"}"
+        );
+    }
+
+    /// Every kind, in every profile, renders the profile's documented shape: status,
+    /// content type, field names and types, and the table's codes.
+    #[test]
+    fn every_kind_renders_its_profiles_shape() {
+        let hostile = "key \"k\\\" \u{0}\u{1f} é ✗ </script>";
+        for profile in Profile::ALL {
+            for kind in ALL_KINDS {
+                let style = Style {
+                    profile,
+                    type_base: "https://api.example.com/errors/\"x\"/",
+                    link: true,
+                };
+                let res =
+                    Problem::new(kind, hostile.to_owned()).into_profile_response(false, style);
+                assert_eq!(res.status(), profile.status(kind), "{profile:?} {kind:?}");
+                assert_eq!(res.headers()["content-type"], profile.content_type());
+                let body: serde_json::Value = serde_json::from_slice(res.body())
+                    .unwrap_or_else(|e| panic!("{profile:?} {kind:?}: {e}"));
+                let fields = |v: &serde_json::Value| {
+                    let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+                    keys.sort();
+                    keys
+                };
+                match profile {
+                    Profile::Rfc9457 => {
+                        assert_eq!(fields(&body), ["detail", "status", "title", "type"]);
+                        assert_eq!(body["status"], kind.status().as_u16());
+                        assert_eq!(body["detail"], hostile);
+                        assert_eq!(
+                            body["type"],
+                            format!("https://api.example.com/errors/\"x\"/{}", kind.slug())
+                        );
+                    }
+                    Profile::Stripe => {
+                        assert_eq!(fields(&body), ["error"]);
+                        let error = &body["error"];
+                        assert_eq!(fields(error), ["code", "doc_url", "message", "type"]);
+                        assert_eq!(error["type"], profile.error_type(kind).unwrap());
+                        assert!(
+                            [
+                                "api_error",
+                                "card_error",
+                                "idempotency_error",
+                                "invalid_request_error"
+                            ]
+                            .contains(&error["type"].as_str().unwrap())
+                        );
+                        assert_eq!(error["code"], profile.code(kind));
+                        assert_eq!(error["message"], hostile);
+                        assert_eq!(
+                            error["doc_url"],
+                            format!("https://api.example.com/errors/\"x\"/{}", kind.slug())
+                        );
+                    }
+                    Profile::AgenticCommerce => {
+                        assert_eq!(fields(&body), ["code", "message", "type"]);
+                        assert!(
+                            ["invalid_request", "processing_error", "service_unavailable"]
+                                .contains(&body["type"].as_str().unwrap())
+                        );
+                        assert_eq!(body["type"], profile.error_type(kind).unwrap());
+                        assert_eq!(body["code"], profile.code(kind));
+                        assert_eq!(body["message"], hostile);
+                    }
+                }
+            }
+        }
+        // The codes the specifications name.
+        assert_eq!(
+            Profile::Stripe.code(ProblemKind::KeyInUse),
+            "idempotency_key_in_use"
+        );
+        assert_eq!(
+            Profile::Stripe.error_type(ProblemKind::KeyReused),
+            Some("idempotency_error")
+        );
+        assert_eq!(
+            Profile::Stripe.status(ProblemKind::KeyReused),
+            StatusCode::BAD_REQUEST
+        );
+        let acp = Profile::AgenticCommerce;
+        assert_eq!(
+            acp.code(ProblemKind::MissingKey),
+            "idempotency_key_required"
+        );
+        assert_eq!(acp.code(ProblemKind::KeyInUse), "idempotency_in_flight");
+        assert_eq!(acp.code(ProblemKind::KeyReused), "idempotency_conflict");
+        assert_eq!(
+            acp.status(ProblemKind::KeyReused),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+    }
+
+    /// Every code in the module docs' tables is the one the profile answers.
+    #[test]
+    fn the_profile_tables_say_what_the_profiles_answer() {
+        let source = include_str!("problem.rs");
+        for profile in [Profile::Stripe, Profile::AgenticCommerce] {
+            for kind in ALL_KINDS {
+                let status = profile.status(kind).as_u16();
+                let row = format!(
+                    "//! | `{}` | {}",
+                    kind.slug(),
+                    if matches!(status, 409 | 503) {
+                        format!("{status} + `Retry-After`")
+                    } else if status != kind.status().as_u16() {
+                        format!("**{status}**")
+                    } else {
+                        status.to_string()
+                    }
+                );
+                let tail = format!(
+                    " | `{}` | `{}`",
+                    profile.error_type(kind).unwrap(),
+                    profile.code(kind)
+                );
+                assert!(
+                    source
+                        .lines()
+                        .any(|l| l.starts_with(&row) && l.contains(&tail)),
+                    "{profile:?}: no row `{row}{tail}`"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_cached_profile_answer_matches_a_fresh_one() {
+        for profile in Profile::ALL {
+            let cache = ProblemCache::default();
+            let style = Style {
+                profile,
+                type_base: DEFAULT_TYPE_BASE,
+                link: false,
+            };
+            for _ in 0..2 {
+                let cached = Problem::new(ProblemKind::KeyReused, "other payload")
+                    .into_response_cached(false, style, Some(&cache));
+                let fresh = Problem::new(ProblemKind::KeyReused, "other payload")
+                    .into_profile_response(false, style);
+                assert_eq!(cached.status(), fresh.status());
+                assert_eq!(cached.headers(), fresh.headers());
+                assert_eq!(cached.body(), fresh.body());
+            }
+            // gRPC answers are the same in every profile.
+            let grpc = Problem::new(ProblemKind::KeyReused, "other payload")
+                .into_profile_response(true, style);
+            assert_eq!(grpc.status(), StatusCode::OK);
+            assert_eq!(grpc.headers()["grpc-status"], "9");
+            assert!(grpc.body().is_empty());
+        }
     }
 
     /// Every kind's `type` URI points at a section of this module's documentation: a

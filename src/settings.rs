@@ -78,6 +78,7 @@ pub(crate) struct Settings {
     pub(crate) retry_after: Duration,
     pub(crate) type_base: String,
     pub(crate) link: bool,
+    pub(crate) problem_profile: crate::problem::Profile,
     pub(crate) recover: Option<Arc<crate::recover::RecoverFn>>,
     pub(crate) store_timeout: Duration,
 }
@@ -112,6 +113,7 @@ impl Default for Settings {
             retry_after: Duration::from_secs(1),
             type_base: DEFAULT_TYPE_BASE.to_owned(),
             link: false,
+            problem_profile: crate::problem::Profile::Rfc9457,
             recover: None,
             store_timeout: Duration::from_secs(2),
         }

@@ -19,6 +19,15 @@ pub struct Seen {
 /// `order {n} for {body}`, behind the layer on a memory store; every attempt's key is
 /// recorded in front of the layer (replays and 409s included).
 pub async fn counting_server(seen: Seen, work: Duration) -> std::net::SocketAddr {
+    counting_server_with_profile(seen, work, tower_idempotency::problem::Profile::Rfc9457).await
+}
+
+/// A [`counting_server`] whose layer answers in `profile`.
+pub async fn counting_server_with_profile(
+    seen: Seen,
+    work: Duration,
+    profile: tower_idempotency::problem::Profile,
+) -> std::net::SocketAddr {
     use axum::routing::post;
     let runs = Arc::clone(&seen.runs);
     let app = axum::Router::new()
@@ -36,6 +45,7 @@ pub async fn counting_server(seen: Seen, work: Duration) -> std::net::SocketAddr
         .layer(
             tower_idempotency::IdempotencyLayer::new(tower_idempotency::MemoryStore::new())
                 .share_keys_across_callers()
+                .problem_profile(profile)
                 .lease(Duration::from_secs(5)),
         )
         .layer(axum::middleware::map_request(

@@ -206,6 +206,52 @@ async fn final_answers_are_not_retried() {
     assert_eq!(seen.runs.load(Ordering::SeqCst), 1);
 }
 
+/// The client reads only statuses and headers, which every problem profile keeps: under
+/// each, a timed-out call is retried through the `409`s to its replay, and a key reused with
+/// another payload (Stripe: `400`, the others `422`) is final.
+#[tokio::test]
+async fn the_client_works_against_every_problem_profile() {
+    use tower_idempotency::problem::Profile;
+    for profile in Profile::ALL {
+        let seen = Seen::default();
+        let addr =
+            common::counting_server_with_profile(seen.clone(), Duration::from_millis(400), profile)
+                .await;
+        let client = client(Duration::from_millis(150));
+        let mut req = order(addr);
+        req.headers_mut()
+            .insert("idempotency-key", "profile-1".parse().unwrap());
+        let (status, replayed, body) = answer(client.clone().oneshot(req).await.unwrap()).await;
+        assert_eq!(status, StatusCode::CREATED, "{profile:?}");
+        assert!(
+            replayed,
+            "{profile:?}: the first attempt's answer, replayed"
+        );
+        assert_eq!(body, "order 0 for {\"sku\":1}");
+        let attempts = seen.keys.lock().unwrap().len();
+        assert!(attempts >= 2, "{profile:?}: {attempts} attempts");
+
+        let mut other = order(addr);
+        other
+            .headers_mut()
+            .insert("idempotency-key", "profile-1".parse().unwrap());
+        *other.body_mut() = Full::new(Bytes::from_static(b"{\"sku\":2}"));
+        let before = seen.keys.lock().unwrap().len();
+        let (status, _, _) = answer(client.oneshot(other).await.unwrap()).await;
+        let reused = match profile {
+            Profile::Stripe => StatusCode::BAD_REQUEST,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        assert_eq!(status, reused, "{profile:?}");
+        assert_eq!(
+            seen.keys.lock().unwrap().len(),
+            before + 1,
+            "{profile:?}: not retried"
+        );
+        assert_eq!(seen.runs.load(Ordering::SeqCst), 1, "{profile:?}: ran once");
+    }
+}
+
 /// A server on a loopback port whose `POST /orders` answers `201` with the key the layer read
 /// (parsing it as `parsing` says); a refused key gets the layer's `400`.
 async fn key_echo_server(parsing: KeyParsing) -> std::net::SocketAddr {

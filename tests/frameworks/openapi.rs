@@ -64,3 +64,132 @@ fn documenting_twice_changes_nothing_more() {
     tower_idempotency::openapi::document(&mut api, &[http::Method::POST]);
     assert_eq!(api.to_json().unwrap(), once);
 }
+
+/// Under each problem profile, the document describes what the layer then answers: the
+/// profile's statuses (Stripe: a reused key is `400`, no `422`), content type, body schema
+/// and codes; and a served answer validates against that schema's required fields and enums.
+#[tokio::test]
+async fn the_document_follows_the_layers_problem_profile() {
+    use std::time::Duration;
+    use tower::Layer;
+    use tower_idempotency::openapi::{document_with_profile, schema_name};
+    use tower_idempotency::problem::Profile;
+    use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    use utoipa::openapi::path::OperationBuilder;
+    use utoipa::openapi::response::ResponseBuilder;
+    use utoipa::openapi::{HttpMethod, OpenApiBuilder, PathItem, PathsBuilder};
+
+    for profile in Profile::ALL {
+        let mut api = OpenApiBuilder::new()
+            .paths(
+                PathsBuilder::new().path(
+                    "/orders",
+                    PathItem::new(
+                        HttpMethod::Post,
+                        OperationBuilder::new()
+                            .response("201", ResponseBuilder::new().description("created")),
+                    ),
+                ),
+            )
+            .build();
+        assert_eq!(
+            document_with_profile(&mut api, &[http::Method::POST], profile),
+            1
+        );
+        let doc: serde_json::Value = serde_json::from_str(&api.to_json().unwrap()).unwrap();
+        let responses = &doc["paths"]["/orders"]["post"]["responses"];
+        let (content_type, name) = match profile {
+            Profile::Rfc9457 => ("application/problem+json", "IdempotencyProblem"),
+            Profile::Stripe => ("application/json", "IdempotencyStripeError"),
+            _ => ("application/json", "IdempotencyAgenticCommerceError"),
+        };
+        assert_eq!(schema_name(profile), name);
+        let statuses: &[&str] = match profile {
+            Profile::Stripe => &["400", "403", "409", "410", "413", "500", "503"],
+            _ => &["400", "403", "409", "410", "413", "422", "500", "503"],
+        };
+        for status in statuses {
+            assert_eq!(
+                responses[*status]["content"][content_type]["schema"]["$ref"],
+                format!("#/components/schemas/{name}"),
+                "{profile:?} {status}"
+            );
+        }
+        assert_eq!(
+            responses.as_object().unwrap().len(),
+            statuses.len() + 1,
+            "{profile:?}: the problem statuses and 201, no others"
+        );
+        assert!(responses["409"]["headers"]["Retry-After"].is_object());
+        assert!(responses["503"]["headers"]["Retry-After"].is_object());
+        let description = |status: &str| {
+            responses[status]["description"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        match profile {
+            Profile::Rfc9457 => assert!(description("422").contains("key-reused")),
+            Profile::Stripe => {
+                assert!(description("400").contains("idempotency_key_reused"));
+                assert!(description("409").contains("idempotency_key_in_use"));
+            }
+            _ => {
+                assert!(description("400").contains("idempotency_key_required"));
+                assert!(description("409").contains("idempotency_in_flight"));
+                assert!(description("422").contains("idempotency_conflict"));
+            }
+        }
+
+        // An answer the layer gives under this profile has what the schema requires, with
+        // values from its enums.
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let svc = IdempotencyLayer::new(MemoryStore::new())
+            .share_keys_across_callers()
+            .problem_profile(profile)
+            .layer(tower::service_fn(move |_req: Request<Body>| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::ZERO).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Body::from("made")))
+                }
+            }));
+        let post = |key: &str, body: &'static str| {
+            Request::post("/orders")
+                .header("idempotency-key", key)
+                .body(Body::from(body))
+                .unwrap()
+        };
+        svc.clone().oneshot(post("k", "{}")).await.unwrap();
+        let res = svc.clone().oneshot(post("k", "{\"sku\":2}")).await.unwrap();
+        let status = res.status().as_u16().to_string();
+        assert!(
+            statuses.contains(&status.as_str()),
+            "{profile:?}: {status} is documented"
+        );
+        assert_eq!(res.headers()["content-type"], content_type);
+        let body: serde_json::Value =
+            serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        let schema = &doc["components"]["schemas"][name];
+        let (object, schema) = match profile {
+            Profile::Stripe => (&body["error"], &schema["properties"]["error"]),
+            _ => (&body, schema),
+        };
+        for field in schema["required"].as_array().unwrap() {
+            let field = field.as_str().unwrap();
+            assert!(
+                object.get(field).is_some(),
+                "{profile:?}: {field} required: {body}"
+            );
+        }
+        for (field, spec) in schema["properties"].as_object().unwrap() {
+            if let Some(values) = spec["enum"].as_array() {
+                assert!(
+                    values.contains(&object[field]),
+                    "{profile:?}: {field} = {} not in {values:?}",
+                    object[field]
+                );
+            }
+        }
+    }
+}

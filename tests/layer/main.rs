@@ -33,6 +33,7 @@ mod layer;
 mod lifetime;
 mod memory_window;
 mod metrics;
+mod profiles;
 mod read_your_writes;
 mod secrets;
 mod trailers;
