@@ -46,6 +46,7 @@ mod open;
 mod postgres;
 mod redis;
 mod redis_cluster;
+mod round_trips;
 mod sealed;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 mod sql_scenarios;

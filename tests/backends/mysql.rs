@@ -442,3 +442,31 @@ async fn tables_differing_only_in_case_are_two_stores() {
         }
     }
 }
+
+/// Through the layer, on MySQL: a first request is two round trips, three with a commit
+/// point, and a replay one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_layer_round_trips_are_two_three_with_a_commit_point_and_one_per_replay() {
+    let Some(url) = mysql_url() else { return };
+    let options = MySqlConnectOptions::from_str(&url).expect("MYSQL_URL");
+    let (port, wire) = command_proxy((options.get_host().to_owned(), options.get_port())).await;
+    // One connection: every statement is prepared once, in the warm-up.
+    let pool = MySqlPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect_with(
+            options
+                .host("127.0.0.1")
+                .port(port)
+                .ssl_mode(MySqlSslMode::Disabled),
+        )
+        .await
+        .expect("connect through the proxy");
+    let table = private_table("layertrips");
+    let store = MySqlStore::new(pool.clone())
+        .table(&table)
+        .sweep_interval(Duration::ZERO);
+    store.migrate().await.expect("migrate");
+    crate::round_trips::layer_round_trips(store, async || wire.take().len()).await;
+    MySqlStore::drop_table(&pool, &table).await;
+}

@@ -459,3 +459,21 @@ async fn a_killed_listener_loses_no_waiter() {
     assert_eq!(stored.body(), &b"after the kill"[..]);
     PostgresStore::drop_table(first.pool(), &table).await;
 }
+
+/// Through the layer, on PostgreSQL: a first request is two round trips, three with a
+/// commit point, and a replay one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_layer_round_trips_are_two_three_with_a_commit_point_and_one_per_replay() {
+    let Some(url) = database_url() else { return };
+    let options = PgConnectOptions::from_str(&url).expect("DATABASE_URL");
+    let (port, wire) = wire_proxy((options.get_host().to_owned(), options.get_port())).await;
+    let table = private_table("layertrips");
+    let store = store_through(&url, port, &table).await;
+    store.migrate().await.expect("migrate");
+    crate::round_trips::layer_round_trips(store.clone(), async || {
+        let (trips, _pings) = wire.take();
+        trips.iter().filter(|trip| trip.contains('E')).count()
+    })
+    .await;
+    PostgresStore::drop_table(store.pool(), &table).await;
+}

@@ -1113,3 +1113,23 @@ async fn the_layer_makes_two_round_trips_for_a_first_request_and_one_for_a_repla
     gate.add_permits(1);
     assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
 }
+
+/// Through the layer, on Redis: a first request is two round trips, three with a commit
+/// point, and a replay one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_layer_round_trips_are_two_three_with_a_commit_point_and_one_per_replay() {
+    let Some(_) = redis_url() else { return };
+    let server = PrivateRedis::start();
+    let mut admin = redis::Client::open(server.url())
+        .expect("a url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("an admin connection");
+    let store = RedisStore::connect(&server.url()).await.expect("connect");
+    crate::round_trips::layer_round_trips(store, async || {
+        let n = commands(&mut admin).await;
+        reset_stats(&mut admin).await;
+        n as usize
+    })
+    .await;
+}
