@@ -425,8 +425,11 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// Returns [`Claim::Completed`] when the operation finished, [`Claim::Acquired`] when it
     /// was released (the caller now owns the key and must run the operation), or
     /// [`Claim::InFlight`] when the time ran out. The default polls [`claim`](Self::claim)
-    /// with a growing pause (5 ms doubling up to 250 ms); backends with a push mechanism
-    /// replace it.
+    /// with a growing pause (5 ms doubling up to 250 ms); the stores of this crate replace
+    /// it: the memory store and, within a process, every shared store wake their waiters
+    /// directly; Redis (pub/sub) and PostgreSQL (`LISTEN`/`NOTIFY`) wake those of other
+    /// instances too; MySQL, which has no push channel, polls from 1 ms growing by half up
+    /// to 100 ms.
     async fn wait(
         &self,
         key: &StoreKey,

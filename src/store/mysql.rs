@@ -144,6 +144,14 @@
 //! replicated server can lose what it had not received; use semi-synchronous replication or
 //! a Galera / Group Replication cluster where a failover must lose nothing.
 //!
+//! # Waiting
+//!
+//! MySQL has no channel to push the end of a key to another connection, so a duplicate in
+//! wait mode ([`IdempotencyStore::wait`]) polls: its first look again comes 1 ms after the
+//! first, and each pause is half as long again as the one before, up to 100 ms, so that it
+//! lags the end of the key by at most about a third of the time it already waited. Waiters
+//! in the process that ended the key are woken at once.
+//!
 //! # Example
 //!
 //! ```no_run

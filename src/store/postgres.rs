@@ -159,10 +159,23 @@
 //!
 //! # Waiting
 //!
-//! [`IdempotencyStore::wait`] keeps the trait's default: it polls `claim` with a growing
-//! pause (5 ms doubling up to 250 ms). A push through `LISTEN`/`NOTIFY` would hold a
-//! dedicated connection per store and a trigger on the table; the poll costs one indexed
-//! read per attempt and needs nothing more than the table.
+//! A duplicate in wait mode ([`IdempotencyStore::wait`]) is woken by `LISTEN`/`NOTIFY`,
+//! not by polling:
+//!
+//! - before it looks at the key, it marks the in-flight row (`waiters = true`, one
+//!   statement), and the store's listener, on a connection of its own (a one-connection
+//!   pool with the options of the store's pool, opened at the first wait and kept while the
+//!   store lives), listens on the table's channel ([`PostgresStore::notify_channel`]);
+//! - the statements that end a key (`complete`, `release`, `revoke`, `settle`, `purge`)
+//!   send `pg_notify` on that channel, with the key's SHA-256 as the payload, only for a
+//!   marked row: a key nobody waits on notifies nothing, so completions do not take
+//!   PostgreSQL's commit-time notification lock;
+//! - the waiter claims again as soon as the notification arrives (half a millisecond on
+//!   loopback, see BENCHMARKS.md), when the holder's lease ends, and at least every 500 ms
+//!   as a safety net. Waiters in the process that ended the key are woken directly.
+//!
+//! When the listener's connection is lost, every waiter looks again at once and the
+//! listener connects again; while it cannot, waiters poll (5 ms doubling up to 250 ms).
 //!
 //! # Example
 //!
