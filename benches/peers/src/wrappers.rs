@@ -20,6 +20,7 @@ pub const NAMES: [&str; 5] = [
 
 pub const BARE: usize = 0;
 pub const OURS: usize = 1;
+pub const AXUM_IDEMPOTENT: usize = 4;
 
 /// What `POST /orders` answers.
 pub const CREATED: &str = r#"{"id":"4c1f0a52-6a55-4d39-9a3e-1d4f2b7c9e10","status":"created"}"#;
@@ -30,8 +31,13 @@ pub const LISTED: &str = "[]";
 /// The session cookie axum-idempotent's session layer reads.
 pub const SESSION_COOKIE: &str = "session";
 
-/// Sessions axum-idempotent's store keeps: more than a run creates.
-const SESSIONS: u64 = 1_000_000;
+/// Sessions axum-idempotent's store keeps: more than a run creates (a million prefilled
+/// records, one session each, and the first requests timed after them).
+const SESSIONS: u64 = 8_000_000;
+
+/// The byte cap of our memory store: more than a run fills (its default, 64 MiB, holds
+/// some 50,000 records; the grid keeps up to a million and more live).
+const OUR_MAX_BYTES: usize = 16 << 30;
 
 /// How many times each wrapper's `POST /orders` handler ran.
 static HANDLER_RUNS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
@@ -82,7 +88,7 @@ pub fn build(wrapper: usize) -> Built {
         },
         OURS => {
             use tower_idempotency::{IdempotencyLayer, MemoryStore};
-            let store = MemoryStore::new();
+            let store = MemoryStore::builder().max_bytes(OUR_MAX_BYTES).build();
             let layer = |store| IdempotencyLayer::new(store).share_keys_across_callers();
             Built {
                 router: orders(OURS).layer(layer(store.clone())),
@@ -114,7 +120,7 @@ pub fn build(wrapper: usize) -> Built {
                 never_ending: Some(never_ending().layer(IdempotencyLayer::new(store))),
             }
         }
-        4 => {
+        AXUM_IDEMPOTENT => {
             use axum_idempotent::{IdempotentLayer, IdempotentOptions};
             use ruts::store::moka::MokaStore;
             use ruts::{CookieOptions, SessionLayer};
