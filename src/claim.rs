@@ -291,7 +291,8 @@ impl Claimed {
                 match result {
                     Ok(()) => return self.stored(0),
                     Err((StoreError::LeaseLost, record)) => {
-                        return self.taken_over(false, record).await;
+                        // Boxed: a rare path, kept out of the size of every completion.
+                        return Box::pin(self.taken_over(false, record)).await;
                     }
                     Err((_, record)) => record,
                 }
@@ -308,7 +309,7 @@ impl Claimed {
             .await
         {
             Ok(()) => self.stored(failures),
-            Err(StoreError::LeaseLost) => self.taken_over(failures > 0, record).await,
+            Err(StoreError::LeaseLost) => Box::pin(self.taken_over(failures > 0, record)).await,
             Err(err) => {
                 tracing::warn!(
                     key = self.shared.key.client_key(),

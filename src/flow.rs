@@ -615,7 +615,9 @@ where
                 Ok(mark(res, IdempotencyOutcome::Executed))
             }
             Err(err) => {
-                claimed.release(None).await;
+                // Boxed: the release is a large future on a rare path, and the whole
+                // operation's future would be its size.
+                Box::pin(claimed.release(None)).await;
                 Err(err)
             }
         }

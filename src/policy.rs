@@ -192,6 +192,14 @@ pub(crate) fn storable_headers(
     headers: &http::HeaderMap,
     wanted: impl Fn(&http::HeaderName) -> bool,
 ) -> http::HeaderMap {
+    // Most answers keep every header: a copy of the map then costs no hashing.
+    // (`Connection` itself is never kept, so no field is named by one here.)
+    if headers
+        .keys()
+        .all(|name| is_replayable_header(name) && wanted(name))
+    {
+        return headers.clone();
+    }
     let named = connection_fields(headers);
     let mut kept = http::HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
