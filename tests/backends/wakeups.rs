@@ -295,3 +295,49 @@ async fn many_waiters_on_two_instances_all_get_the_one_answer() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A store built on a connection of the user's wakes its waiters by push once given a
+/// client for its pub/sub connection, and polls without one; either way, its completions
+/// wake the waiters of other instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_on_the_users_connection_is_pushed_once_given_a_client() {
+    if !redis_here() {
+        return;
+    }
+    let server = PrivateRedis::start();
+    let mut admin = admin(&server).await;
+    let first = RedisStore::connect(&server.url()).await.expect("connect");
+    let client = redis::Client::open(server.url()).expect("a url");
+    let manager = redis::aio::ConnectionManager::new(client.clone())
+        .await
+        .expect("a connection");
+    let plain = RedisStore::new(manager.clone());
+    for (pushed, first, second) in [
+        (false, first.clone(), plain.clone()),
+        (true, first.clone(), RedisStore::new(manager).pubsub(client)),
+        (true, plain, first),
+    ] {
+        let k = key(&uuid::Uuid::new_v4().to_string());
+        let Claim::Acquired(token) = first
+            .claim(&k, &fp(1), LeaseToken::new(), LONG)
+            .await
+            .unwrap()
+        else {
+            panic!("the first claim acquires");
+        };
+        claims_since(&mut admin).await;
+        let waiting = waiter(&second, &k);
+        tokio::time::sleep(HOLD).await;
+        first
+            .complete(&k, token, record(b"done"), LONG)
+            .await
+            .expect("complete");
+        assert!(matches!(waiting.await.unwrap(), Claim::Completed(_)));
+        let claims = claims_since(&mut admin).await - 1;
+        if pushed {
+            assert!(claims <= 7, "pushed: {claims} claims");
+        } else {
+            assert!(claims >= 10, "without a client it polls: {claims} claims");
+        }
+    }
+}

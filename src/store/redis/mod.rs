@@ -64,9 +64,10 @@
 //! every 500 ms as a safety net. Waiters in the process that ended the key are woken
 //! directly. When the pub/sub connection is lost, every waiter looks again and subscribes
 //! anew; while it cannot, it polls (5 ms doubling up to 250 ms). On a cluster
-//! ([`RedisStore::connect_cluster`], where `PUBLISH` reaches every node) and on a store
-//! built with [`RedisStore::new`] (which has no client to open a pub/sub connection with),
-//! the scripts do not publish and waiters poll, woken directly only by their own process.
+//! ([`RedisStore::connect_cluster`], where `PUBLISH` reaches every node) the scripts do
+//! not publish, and waiters poll, woken directly only by their own process; so do the
+//! waiters of a store built with [`RedisStore::new`] without [`RedisStore::pubsub`] (no
+//! client to open a pub/sub connection with), though its scripts publish for others.
 //!
 //! Connection and I/O errors become [`StoreError::Backend`] (the layer answers `503` by
 //! default); a value it cannot read becomes [`StoreError::Decode`]. The
@@ -413,6 +414,30 @@ impl RedisStore {
         }
     }
 
+    /// The client the store opens its pub/sub connection with, so that duplicates in wait
+    /// mode are woken by the end of the key they wait on instead of polling (see
+    /// [the module documentation](crate::store::redis)). [`connect`](Self::connect) sets it;
+    /// a store built with [`new`](Self::new) has none until this is called. Use the client
+    /// of the same server (or proxy) as the connection.
+    ///
+    /// ```no_run
+    /// use tower_idempotency::RedisStore;
+    /// use tower_idempotency::redis::{Client, aio::ConnectionManager};
+    ///
+    /// # async fn run() -> Result<(), tower_idempotency::redis::RedisError> {
+    /// let client = Client::open("redis://127.0.0.1:6379")?;
+    /// let manager = ConnectionManager::new(client.clone()).await?;
+    /// let store = RedisStore::new(manager).pubsub(client);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn pubsub(mut self, client: redis::Client) -> Self {
+        if matches!(self.conn, Connection::Single(_)) {
+            self.push = Arc::new(RedisPush::new(Some(client)));
+        }
+        self
+    }
+
     /// The prefix of every Redis key the store writes, so that several services (or
     /// environments) can share one Redis. Default: `idempotency:`.
     ///
@@ -543,10 +568,16 @@ impl RedisStore {
         }
     }
 
-    /// The scripts' last argument: whether they publish what they did, for the waiters of
-    /// other instances.
+    /// Whether the scripts publish the end of a key, for the waiters of other instances:
+    /// on one server, whether or not this store listens itself (others may); never on a
+    /// cluster, where a `PUBLISH` goes to every node.
+    fn publishes(&self) -> bool {
+        matches!(self.conn, Connection::Single(_))
+    }
+
+    /// The scripts' last argument: whether they publish what they did.
     fn announce(&self) -> &'static str {
-        if self.push.publishes() { "1" } else { "0" }
+        if self.publishes() { "1" } else { "0" }
     }
 
     fn record_value(record: &Record) -> Vec<u8> {
@@ -654,7 +685,7 @@ impl IdempotencyStore for RedisStore {
         timeout: Duration,
     ) -> Result<Claim, StoreError> {
         let name = self.redis_key(key);
-        let push = self.push.publishes().then_some(&*self.push as _);
+        let push = self.push.listens().then_some(&*self.push as _);
         let wait = Wait {
             key,
             fingerprint,
@@ -744,7 +775,7 @@ impl IdempotencyStore for RedisStore {
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
         let mut con = self.conn.clone();
         let name = self.redis_key(key);
-        let removed: i64 = if self.push.publishes() {
+        let removed: i64 = if self.publishes() {
             let (removed, _listeners): (i64, i64) = redis::pipe()
                 .cmd("DEL")
                 .arg(&name)

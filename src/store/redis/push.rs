@@ -31,9 +31,9 @@ enum Control {
 /// The listener of one store (shared by its clones).
 pub(super) struct RedisPush {
     /// Where the pub/sub connection goes; `None` for a store on a connection of the user's
-    /// (there is no client to open another) and on a cluster (its pub/sub would broadcast
-    /// every completion to every node): their waiters poll, and are still woken by the
-    /// completions of their own process.
+    /// (there is no client to open another, unless given one) and on a cluster (its
+    /// pub/sub would broadcast every completion to every node): their waiters poll, and
+    /// are still woken by the completions of their own process.
     client: Option<redis::Client>,
     pub(super) wakeups: Arc<Wakeups>,
     /// The running listener: its control channel, and whether its connection is alive.
@@ -49,8 +49,8 @@ impl RedisPush {
         }
     }
 
-    /// Whether the scripts publish: only where someone can subscribe.
-    pub(super) fn publishes(&self) -> bool {
+    /// Whether this store's waiters can subscribe.
+    pub(super) fn listens(&self) -> bool {
         self.client.is_some()
     }
 
