@@ -33,7 +33,7 @@ use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use wrappers::{AXUM_IDEMPOTENT, BARE, CREATED, LISTED, NAMES, OURS, SESSION_COOKIE};
+use wrappers::{AXUM_IDEMPOTENT, BARE, CRATESTACK, CREATED, LISTED, NAMES, OURS, SESSION_COOKIE};
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
@@ -701,6 +701,8 @@ fn main() {
         batch.as_millis()
     );
     println!();
+    println!("{NOTES}");
+    println!();
     println!(
         "Load before the run: {}",
         std::fs::read_to_string("/proc/loadavg")
@@ -845,10 +847,25 @@ async fn bench(
     }
 }
 
+/// What the marks beside a peer's numbers say (facts from the peers' code).
+const NOTES: &str = "Marks beside a number: ᵃ axum-idempotent (key-header mode) does not \
+read the request body (no fingerprint: a key reused with another body replays the first \
+answer) and has no in-flight lock (a duplicate while the first runs executes the handler \
+again), so it does not do the same work. ᶜ cratestack-axum reads the whole body, \
+fingerprints it (SHA-256) and locks the key in flight like ours, but holds no lease (a \
+first request whose caller goes away leaves its key answering 409 until the record's TTL, \
+24 h here) and finishes nothing after the caller leaves; its store is this harness's own \
+`Mutex<HashMap>` (no cap, no byte accounting, no eviction queue). idempotent reads and \
+fingerprints the body (XXH3-128) and locks in flight, and runs every keyed request in a \
+task of its own. Ours also accounts every record's bytes against a cap (raised here), \
+keeps a lease alive while the handler runs and finishes a first request in a task when \
+its caller goes away.";
+
 /// What a peer does not do that the layer does, beside its numbers (facts from its code).
 fn peer_note(wrapper: usize, kind: Kind) -> &'static str {
     match (wrapper, kind) {
         (AXUM_IDEMPOTENT, Kind::First | Kind::Replay) => " ᵃ",
+        (CRATESTACK, Kind::First | Kind::Replay | Kind::InFlight) => " ᶜ",
         _ => "",
     }
 }

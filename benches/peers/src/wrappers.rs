@@ -20,6 +20,7 @@ pub const NAMES: [&str; 5] = [
 
 pub const BARE: usize = 0;
 pub const OURS: usize = 1;
+pub const CRATESTACK: usize = 2;
 pub const AXUM_IDEMPOTENT: usize = 4;
 
 /// What `POST /orders` answers.
@@ -95,7 +96,7 @@ pub fn build(wrapper: usize) -> Built {
                 never_ending: Some(never_ending().layer(layer(store))),
             }
         }
-        2 => {
+        CRATESTACK => {
             use cratestack_axum::idempotency::{IdempotencyLayer, IdempotencyStore};
             let store: Arc<dyn IdempotencyStore> =
                 Arc::new(crate::cratestack_store::MemoryStore::default());
