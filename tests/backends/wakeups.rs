@@ -341,3 +341,65 @@ async fn a_store_on_the_users_connection_is_pushed_once_given_a_client() {
         }
     }
 }
+
+/// Waits cancelled at every moment (the layer bounds each wait, and a client may go away),
+/// some while their subscription is being confirmed: no channel stays subscribed after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_waits_leave_no_subscription_behind() {
+    if !redis_here() {
+        return;
+    }
+    let server = PrivateRedis::start();
+    let mut admin = admin(&server).await;
+    let first = RedisStore::connect(&server.url()).await.expect("connect");
+    let second = RedisStore::connect(&server.url()).await.expect("connect");
+    let k = key("cancelled-waits");
+    let Claim::Acquired(token) = first
+        .claim(&k, &fp(1), LeaseToken::new(), LONG)
+        .await
+        .unwrap()
+    else {
+        panic!("the first claim acquires");
+    };
+    let mut cancelled = 0;
+    let fingerprint = fp(1);
+    for micros in (0..400).step_by(5) {
+        let wait = second.wait(
+            &k,
+            &fingerprint,
+            LeaseToken::new(),
+            LONG,
+            Duration::from_secs(10),
+        );
+        if tokio::time::timeout(Duration::from_micros(micros), wait)
+            .await
+            .is_err()
+        {
+            cancelled += 1;
+        }
+    }
+    assert!(cancelled > 0, "the waits were cut off");
+    let channel = format!("idempotency:{k}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while subscribers(&mut admin, &channel).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "a cancelled wait left its channel subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // And the next waiter is still woken.
+    claims_since(&mut admin).await;
+    let waiting = waiter(&second, &k);
+    tokio::time::sleep(HOLD).await;
+    first
+        .complete(&k, token, record(b"done"), LONG)
+        .await
+        .expect("complete");
+    assert!(matches!(waiting.await.unwrap(), Claim::Completed(_)));
+    let claims = claims_since(&mut admin).await - 1;
+    assert!(
+        claims <= 7,
+        "pushed after the cancellations: {claims} claims"
+    );
+}

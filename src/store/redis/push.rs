@@ -143,8 +143,17 @@ async fn listen(
                         break;
                     }
                 }
-                channels.insert(name, count + 1);
-                let _ = confirm.send(true);
+                if confirm.send(true).is_ok() {
+                    channels.insert(name, count + 1);
+                } else if count == 0 {
+                    // The waiter was dropped (its wait cancelled) before it heard: no one
+                    // will unsubscribe for it.
+                    let unsubscribed =
+                        tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(&*name)).await;
+                    if !matches!(unsubscribed, Ok(Ok(()))) {
+                        break;
+                    }
+                }
             }
             Event::Command(Some(Control::Unsubscribe(name))) => {
                 if let Some(count) = channels.get_mut(&name) {
