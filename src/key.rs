@@ -479,6 +479,7 @@ impl StoreKey {
         Self(text)
     }
 
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn shared(&self) -> &Arc<str> {
         &self.0
     }
