@@ -799,3 +799,113 @@ fn options_come_from_the_environment_too() {
     let out = keys_env(&["inspect", "k"], &[("IDEMPOTENCY_KEYS_OUTPUT", "xml")]);
     assert_eq!(code(&out), 2);
 }
+
+/// Private servers a test starts, pauses and kills (the root crate's test helpers).
+#[allow(dead_code)]
+#[path = "../../../tests/common/servers.rs"]
+mod servers;
+
+#[tokio::test]
+async fn list_and_vacuum_walk_every_primary_of_a_redis_cluster() {
+    if std::env::var("REDIS_URL").map_or(true, |u| u.is_empty()) {
+        println!("skipped: REDIS_URL not set (no Redis on this machine)");
+        return;
+    }
+    let cluster = servers::PrivateCluster::start();
+    let store = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
+    let mut made = Vec::new();
+    for i in 0..30 {
+        let key = fresh(&format!("cluster{i}"));
+        completed(&store, &StoreKey::new(&Scope::anonymous(), &key), TTL, "c").await;
+        made.push(key);
+    }
+    let flying = fresh("cluster-flying");
+    acquire(&store, &StoreKey::new(&Scope::anonymous(), &flying), LEASE).await;
+    let per_node = cluster.keys_per_node();
+    assert!(
+        per_node.iter().filter(|&&n| n > 0).count() >= 2,
+        "the keys spread over several primaries: {per_node:?}"
+    );
+    let url = format!(
+        "redis-cluster://{}",
+        cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let out = keys(&[
+        "--store",
+        &url,
+        "list",
+        "--state",
+        "completed",
+        "--output",
+        "json",
+        "--page-size",
+        "4",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lines = json_lines(&out);
+    for key in &made {
+        assert!(
+            lines.iter().any(|l| l["client_key"] == key.as_str()),
+            "{key} is listed, whichever primary holds it"
+        );
+    }
+    assert!(!lines.iter().any(|l| l["client_key"] == flying.as_str()));
+    let out = keys(&["--store", &url, "inspect", &made[0]]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = keys(&["--store", &url, "vacuum", "--yes", "--output", "json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(json_lines(&out)[0]["scanned"].as_u64().unwrap() >= 31);
+    let out = keys(&["--store", &url, "purge", &made[1], "--yes"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let out = keys(&["--store", &url, "inspect", &made[1]]);
+    assert_eq!(code(&out), 1);
+}
+
+#[tokio::test]
+async fn a_paused_or_killed_store_is_exit_3_within_the_timeout() {
+    if std::env::var("REDIS_URL").map_or(true, |u| u.is_empty()) {
+        println!("skipped: REDIS_URL not set (no Redis on this machine)");
+        return;
+    }
+    let mut server = servers::PrivateRedis::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let key = fresh("paused");
+    completed(&store, &StoreKey::new(&Scope::anonymous(), &key), TTL, "p").await;
+    let url = server.url();
+    let out = keys(&["--store", &url, "list", "--output", "json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    server.pause();
+    for args in [
+        &["list", "--timeout", "1s"][..],
+        &["inspect", &key, "--timeout", "1s"],
+        &["vacuum", "--yes", "--timeout", "1s"],
+        &["purge", &key, "--yes", "--timeout", "1s"],
+    ] {
+        let started = Instant::now();
+        let out = keys(&[&["--store", &url][..], args].concat());
+        assert_eq!(code(&out), 3, "paused, {args:?}: {}", stderr(&out));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{args:?}: gave up after {:?}",
+            started.elapsed()
+        );
+    }
+    server.resume();
+    let out = keys(&["--store", &url, "inspect", &key]);
+    assert_eq!(
+        code(&out),
+        0,
+        "the paused purge changed nothing: {}",
+        stderr(&out)
+    );
+    server.kill();
+    let started = Instant::now();
+    let out = keys(&["--store", &url, "list", "--timeout", "1s"]);
+    assert_eq!(code(&out), 3, "killed: {}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
