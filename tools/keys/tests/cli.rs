@@ -909,3 +909,83 @@ async fn a_paused_or_killed_store_is_exit_3_within_the_timeout() {
     assert_eq!(code(&out), 3, "killed: {}", stderr(&out));
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// Runs the tool on a terminal (`script` gives it a pseudo-terminal) and types `answer`.
+fn on_a_terminal(args: &[&str], answer: &str) -> Option<(i32, String)> {
+    use std::io::Write as _;
+    let line = std::iter::once(BIN)
+        .chain(args.iter().copied())
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = match Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(_) => return None,
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(answer.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    Some((code(&out), stdout(&out)))
+}
+
+#[tokio::test]
+async fn on_a_terminal_a_destructive_command_asks_first() {
+    let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) else {
+        println!("skipped: REDIS_URL not set");
+        return;
+    };
+    let prefix = "tower-idempotency-keys-tty:";
+    let store = RedisStore::connect(&url).await.unwrap().prefix(prefix);
+    let key = fresh("tty");
+    completed(&store, &StoreKey::new(&Scope::anonymous(), &key), TTL, "t").await;
+    let args = [
+        "--store",
+        url.as_str(),
+        "--prefix",
+        prefix,
+        "purge",
+        key.as_str(),
+    ];
+    let Some((code_no, shown)) = on_a_terminal(&args, "n\n") else {
+        println!("skipped: no `script` to give the tool a terminal");
+        return;
+    };
+    assert_eq!(code_no, 4, "answered no: {shown}");
+    assert!(shown.contains("[y/N]"), "it asked: {shown}");
+    assert!(
+        shown.contains("completed, status 201"),
+        "it showed what goes: {shown}"
+    );
+    assert!(matches!(
+        store
+            .inspect(&StoreKey::new(&Scope::anonymous(), &key))
+            .await
+            .unwrap(),
+        tower_idempotency::store::KeyState::Completed { .. }
+    ));
+    let (code_yes, shown) = on_a_terminal(&args, "y\n").unwrap();
+    assert_eq!(code_yes, 0, "answered yes: {shown}");
+    assert!(matches!(
+        store
+            .inspect(&StoreKey::new(&Scope::anonymous(), &key))
+            .await
+            .unwrap(),
+        tower_idempotency::store::KeyState::Free
+    ));
+    let (code_vacuum, _) = on_a_terminal(
+        &["--store", url.as_str(), "--prefix", prefix, "vacuum"],
+        "\n",
+    )
+    .unwrap();
+    assert_eq!(code_vacuum, 4, "no answer is no");
+}
