@@ -96,12 +96,23 @@ pub struct Cli {
     )]
     output: Output,
     /// Answer yes to the confirmation of purge, settle and vacuum (required when stdin is
-    /// not a terminal).
-    #[arg(long, short = 'y', env = "IDEMPOTENCY_KEYS_YES", global = true)]
+    /// not a terminal). In the environment: 1/0, true/false, yes/no, on/off.
+    #[arg(
+        long,
+        short = 'y',
+        env = "IDEMPOTENCY_KEYS_YES",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        global = true
+    )]
     yes: bool,
     /// Show the progress of `list` and `vacuum` on stderr even when stderr is not a
     /// terminal (on a terminal it is shown anyway).
-    #[arg(long, env = "IDEMPOTENCY_KEYS_PROGRESS", global = true)]
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_KEYS_PROGRESS",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        global = true
+    )]
     progress: bool,
     /// How long connecting, and then each store call, may take (e.g. 3s, 500ms, 1m).
     #[arg(
@@ -215,7 +226,12 @@ struct KeyArgs {
     principal: Option<String>,
     /// The key as the store keeps it, SCOPE:KEY (as `list` shows it: a Redis key without
     /// its prefix, the SQL table's `key` column).
-    #[arg(long, value_name = "SCOPE:KEY", conflicts_with = "principal")]
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_KEYS_STORED",
+        value_name = "SCOPE:KEY",
+        conflicts_with = "principal"
+    )]
     stored: Option<String>,
 }
 

@@ -790,14 +790,55 @@ fn help_explains_every_command_option_and_exit_status() {
     }
 }
 
-#[test]
-fn options_come_from_the_environment_too() {
+#[tokio::test]
+async fn options_come_from_the_environment_too() {
     // The store and the output from the environment: the same usage checks apply.
     let out = keys_env(&["inspect", "k"], &[("IDEMPOTENCY_STORE", "memory")]);
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("shared store"), "{}", stderr(&out));
     let out = keys_env(&["inspect", "k"], &[("IDEMPOTENCY_KEYS_OUTPUT", "xml")]);
     assert_eq!(code(&out), 2);
+    let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) else {
+        println!("skipped the rest: REDIS_URL not set");
+        return;
+    };
+    // --yes from the environment: a purge of a free key is "nothing there" (1), not refused
+    // (4); a false value is no --yes.
+    let key = fresh("env");
+    for (yes, expected) in [("true", 1), ("1", 1), ("false", 4), ("0", 4)] {
+        let out = keys_env(
+            &["purge", &key],
+            &[("IDEMPOTENCY_STORE", &url), ("IDEMPOTENCY_KEYS_YES", yes)],
+        );
+        assert_eq!(
+            code(&out),
+            expected,
+            "IDEMPOTENCY_KEYS_YES={yes}: {}",
+            stderr(&out)
+        );
+    }
+    let out = keys_env(
+        &["inspect"],
+        &[
+            ("IDEMPOTENCY_STORE", &url),
+            ("IDEMPOTENCY_KEYS_STORED", "anon:nothing-here"),
+        ],
+    );
+    assert_eq!(
+        code(&out),
+        1,
+        "the key from the environment: {}",
+        stderr(&out)
+    );
+    let out = keys_env(
+        &["list", "--limit", "1"],
+        &[
+            ("IDEMPOTENCY_STORE", &url),
+            ("IDEMPOTENCY_KEYS_OUTPUT", "json"),
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    json_lines(&out);
 }
 
 /// Private servers a test starts, pauses and kills (the root crate's test helpers).
