@@ -70,7 +70,7 @@ impl RedisStore {
             return Err(super::damaged("CLUSTER SLOTS reply"));
         };
         // (first slot, primary's address) per range; a primary may serve several ranges.
-        let mut firsts: Vec<(u16, Vec<u8>)> = Vec::new();
+        let mut firsts: Vec<(u16, Vec<Value>)> = Vec::new();
         for range in ranges {
             let Value::Array(parts) = range else {
                 return Err(super::damaged("CLUSTER SLOTS range"));
@@ -80,7 +80,8 @@ impl RedisStore {
             else {
                 return Err(super::damaged("CLUSTER SLOTS range"));
             };
-            let address = format!("{primary:?}").into_bytes();
+            // [host, port, id, …]: a primary is its host and port.
+            let address: Vec<Value> = primary.iter().take(2).cloned().collect();
             let start = u16::try_from(*start).map_err(|_| super::damaged("CLUSTER SLOTS slot"))?;
             match firsts.iter_mut().find(|(_, a)| *a == address) {
                 Some(known) => known.0 = known.0.min(start),

@@ -589,6 +589,28 @@ async fn sealed_records_open_with_the_services_keys() {
         )],
     );
     assert_eq!(code(&out), 5, "{}", stderr(&out));
+    // list: with the service's keys, the record is listed opened; with other keys it is
+    // listed as unreadable (exit 5), and the walk goes on.
+    let out = keys_env(&[&base[..], &["list", "--output", "json"]].concat(), &env);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        json_lines(&out)
+            .iter()
+            .any(|l| l["client_key"] == done.as_str() && l["state"] == "completed")
+    );
+    let out = keys_env(
+        &[&base[..], &["list", "--output", "json"]].concat(),
+        &[(
+            "IDEMPOTENCY_ENCRYPTION_KEYS",
+            "k9:AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+        )],
+    );
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        json_lines(&out)
+            .iter()
+            .any(|l| l["client_key"] == done.as_str() && l["state"] == "unreadable")
+    );
     // Bad keys: a usage error.
     let out = keys_env(
         &[&base[..], &["inspect", &done]].concat(),
