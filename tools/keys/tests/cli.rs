@@ -1052,3 +1052,81 @@ async fn on_a_terminal_a_destructive_command_asks_first() {
     .unwrap();
     assert_eq!(code_vacuum, 4, "no answer is no");
 }
+
+/// PostgreSQL goes silent in the middle of a long `list` (a fault proxy blackholes the
+/// connection after the first page): the walk stops with exit 3 within `--timeout`, and
+/// what it printed before is whole JSON lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_goes_silent_mid_walk_is_exit_3_with_whole_lines() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) else {
+        println!("skipped: DATABASE_URL not set");
+        return;
+    };
+    let table = "tower_idempotency_keys_midwalk";
+    let pool = tower_idempotency::sqlx::PgPool::connect(&url)
+        .await
+        .unwrap();
+    let store = PostgresStore::new(pool).table(table);
+    store.migrate().await.unwrap();
+    for _ in 0..40 {
+        let key = StoreKey::new(&Scope::anonymous(), &fresh("midwalk"));
+        completed(&store, &key, TTL, "m").await;
+    }
+    let proxy = servers::FaultProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let via_proxy = url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    assert_ne!(via_proxy, url, "DATABASE_URL names 127.0.0.1:5432");
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "--store",
+            &via_proxy,
+            "--table",
+            table,
+            "list",
+            "--output",
+            "json",
+            "--page-size",
+            "1",
+            "--timeout",
+            "1s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().expect("a first key");
+    proxy.blackhole();
+    let started = Instant::now();
+    let mut printed = vec![first];
+    while let Some(line) = lines.next_line().await.unwrap() {
+        printed.push(line);
+    }
+    let status = child.wait().await.unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains("store"), "a clear error: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        printed.len() < 40,
+        "the walk stopped midway: {} lines",
+        printed.len()
+    );
+    for line in &printed {
+        let value: Value = serde_json::from_str(line).expect("whole JSON lines");
+        assert_eq!(value["state"], "completed");
+    }
+    proxy.pass();
+}
