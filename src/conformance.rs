@@ -50,6 +50,13 @@
 //! | [`revoke_withdraws_a_commit`] | `revoke` frees a key its token holds, committed or not; a late commit with that token changes nothing; `OutcomeUnknown` names the committing token |
 //! | [`inspect_states`] | `inspect` tells free, in flight (committed or not), completed, tombstone and outcome unknown apart |
 //! | [`purge_any_state`] | `purge` frees a key in any state and says whether it held something |
+//! | [`list_by_state`] | `list` finds every key in flight, outcome unknown or completed, under the state it is in, across pages; never a free or expired key |
+//! | [`list_by_remaining_life`] | `list` with [`ListFilter::expires_within`] lists a record near its end and leaves a long-lived one out |
+//! | [`vacuum_keeps_live_entries`] | `vacuum` removes nothing a claim could see: live records, claims in flight, committed keys and a lapsed claim whose owner may still complete all stay |
+//!
+//! `list` and `vacuum` are optional for a store of your own: a store that keeps the
+//! trait's defaults ([`StoreError::Unsupported`]) passes their checks with a message that
+//! says they were skipped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +67,10 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use crate::fingerprint::Fingerprint;
 use crate::key::{Scope, StoreKey};
 use crate::record::Record;
-use crate::store::{Claim, IdempotencyStore, KeyState, LeaseToken, StoreError, takeover_grace};
+use crate::store::{
+    Claim, IdempotencyStore, KeyState, LeaseToken, ListFilter, ListedKey, StateFilter, StoreError,
+    takeover_grace,
+};
 
 #[doc(hidden)]
 pub mod __private {
@@ -1081,6 +1091,240 @@ pub async fn purge_any_state<S: IdempotencyStore + ?Sized>(store: &S) {
     acquire(store, &key, &fp(2), LEASE).await;
 }
 
+/// Every key `store` lists under `filter`, or `None` (with a message saying the check is
+/// skipped) when the store does not support `list`.
+async fn listed<S: IdempotencyStore + ?Sized>(
+    store: &S,
+    filter: &ListFilter,
+) -> Option<Vec<ListedKey>> {
+    match crate::store::list_all(store, filter).await {
+        Ok(all) => {
+            for listed in &all {
+                assert!(
+                    filter.matches(&listed.state),
+                    "list answered {} in state {}, which the filter {filter:?} leaves out",
+                    listed.key,
+                    listed.state
+                );
+            }
+            Some(all)
+        }
+        Err(StoreError::Unsupported { .. }) => {
+            println!(
+                "skipped: this store does not support `list` (StoreError::Unsupported, the trait's default)"
+            );
+            None
+        }
+        Err(err) => panic!("list failed: {err:?}"),
+    }
+}
+
+fn state_of(all: &[ListedKey], key: &StoreKey) -> Option<KeyState> {
+    all.iter()
+        .filter(|l| &l.key == key)
+        .map(|l| l.state.clone())
+        .next()
+}
+
+/// A committed key whose owner let go: its outcome is unknown.
+async fn make_unknown<S: IdempotencyStore + ?Sized>(store: &S, key: &StoreKey) {
+    let token = acquire(store, key, &fp(1), LEASE).await;
+    store.commit(key, token, TTL).await.expect("commit");
+    assert!(matches!(
+        store.release(key, token).await,
+        Err(StoreError::Committed)
+    ));
+}
+
+/// `list` finds every key in flight, outcome unknown or completed under the state it is in,
+/// with each state filter and across small pages; a key that was released, or a record
+/// past its TTL, is never listed.
+pub async fn list_by_state<S: IdempotencyStore + ?Sized>(store: &S) {
+    let (flying, done, unknown, released, expired) = (
+        fresh_key(),
+        fresh_key(),
+        fresh_key(),
+        fresh_key(),
+        fresh_key(),
+    );
+    acquire(store, &flying, &fp(1), LEASE).await;
+    let token = acquire(store, &done, &fp(1), LEASE).await;
+    store
+        .complete(&done, token, record_of(201, b"done"), TTL)
+        .await
+        .expect("complete");
+    make_unknown(store, &unknown).await;
+    let token = acquire(store, &released, &fp(1), LEASE).await;
+    store.release(&released, token).await.expect("release");
+    let token = acquire(store, &expired, &fp(1), LEASE).await;
+    store
+        .complete(
+            &expired,
+            token,
+            record_of(200, b"old"),
+            Duration::from_millis(200),
+        )
+        .await
+        .expect("complete");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let Some(all) = listed(store, &ListFilter::new().page_size(1000)).await else {
+        return;
+    };
+    assert!(
+        matches!(
+            state_of(&all, &flying),
+            Some(KeyState::InFlight {
+                committed: false,
+                ..
+            })
+        ),
+        "a claim in flight is listed in flight"
+    );
+    match state_of(&all, &done) {
+        Some(KeyState::Completed { record, .. }) => {
+            assert_eq!(record.status(), StatusCode::CREATED);
+            assert_eq!(&record.body()[..], b"done");
+        }
+        other => panic!("a completed key is listed with its record, got {other:?}"),
+    }
+    assert!(
+        matches!(
+            state_of(&all, &unknown),
+            Some(KeyState::OutcomeUnknown { .. })
+        ),
+        "a committed key without an outcome is listed as outcome unknown"
+    );
+    assert!(
+        state_of(&all, &released).is_none(),
+        "a released key is free: never listed"
+    );
+    assert!(
+        state_of(&all, &expired).is_none(),
+        "a record past its TTL is invisible to claim: never listed"
+    );
+    for (filter, key) in [
+        (StateFilter::IN_FLIGHT, &flying),
+        (StateFilter::COMPLETED, &done),
+        (StateFilter::OUTCOME_UNKNOWN, &unknown),
+    ] {
+        let some = listed(store, &ListFilter::new().states(filter).page_size(1000))
+            .await
+            .expect("list worked a moment ago");
+        for other in [&flying, &done, &unknown] {
+            assert_eq!(
+                state_of(&some, other).is_some(),
+                other == key,
+                "with {filter:?}, only the key in that state is listed"
+            );
+        }
+    }
+    // Small pages: a walk of many calls still finds every key (keys claimed meanwhile by
+    // other tests may or may not be listed).
+    let small = listed(store, &ListFilter::new().page_size(7))
+        .await
+        .expect("list worked a moment ago");
+    for key in [&flying, &done, &unknown] {
+        assert!(
+            state_of(&small, key).is_some(),
+            "a walk in pages of 7 keys finds {key}"
+        );
+    }
+}
+
+/// [`ListFilter::expires_within`] lists a record near the end of its TTL and leaves a
+/// long-lived one out.
+pub async fn list_by_remaining_life<S: IdempotencyStore + ?Sized>(store: &S) {
+    let (soon, later) = (fresh_key(), fresh_key());
+    let token = acquire(store, &soon, &fp(1), LEASE).await;
+    store
+        .complete(
+            &soon,
+            token,
+            record_of(200, b"soon"),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("complete");
+    let token = acquire(store, &later, &fp(1), LEASE).await;
+    store
+        .complete(&later, token, record_of(200, b"later"), TTL)
+        .await
+        .expect("complete");
+    let filter = ListFilter::new()
+        .states(StateFilter::COMPLETED)
+        .expires_within(Duration::from_secs(60))
+        .page_size(1000);
+    let Some(all) = listed(store, &filter).await else {
+        return;
+    };
+    assert!(
+        state_of(&all, &soon).is_some(),
+        "a record kept 30 s more expires within 60 s"
+    );
+    assert!(
+        state_of(&all, &later).is_none(),
+        "a record kept 10 min more does not expire within 60 s"
+    );
+}
+
+/// `vacuum` removes only what a claim cannot see: after it, a live record replays, a claim
+/// in flight is still in flight, a committed key still reads as outcome unknown, and the
+/// owner of a lapsed claim nobody took over still completes it; an expired record stays
+/// invisible.
+pub async fn vacuum_keeps_live_entries<S: IdempotencyStore + ?Sized>(store: &S) {
+    let (live, flying, unknown, lapsed, expired) = (
+        fresh_key(),
+        fresh_key(),
+        fresh_key(),
+        fresh_key(),
+        fresh_key(),
+    );
+    let token = acquire(store, &live, &fp(1), LEASE).await;
+    store
+        .complete(&live, token, record_of(201, b"live"), TTL)
+        .await
+        .expect("complete");
+    acquire(store, &flying, &fp(1), LEASE).await;
+    make_unknown(store, &unknown).await;
+    let lapsed_token = acquire(store, &lapsed, &fp(1), Duration::from_millis(100)).await;
+    let token = acquire(store, &expired, &fp(1), LEASE).await;
+    store
+        .complete(
+            &expired,
+            token,
+            record_of(200, b"old"),
+            Duration::from_millis(100),
+        )
+        .await
+        .expect("complete");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    match crate::store::vacuum_all(store, 100).await {
+        Ok(_) => {}
+        Err(StoreError::Unsupported { .. }) => {
+            println!(
+                "skipped: this store does not support `vacuum` (StoreError::Unsupported, the trait's default)"
+            );
+            return;
+        }
+        Err(err) => panic!("vacuum failed: {err:?}"),
+    }
+    assert_eq!(
+        &expect_completed(store, &live).await.body()[..],
+        b"live",
+        "vacuum kept a live record"
+    );
+    expect_in_flight(store, &flying, LEASE, "after a vacuum").await;
+    expect_unknown(store, &unknown, "after a vacuum").await;
+    assert!(matches!(store.inspect(&expired).await, Ok(KeyState::Free)));
+    store
+        .complete(&lapsed, lapsed_token, record_of(202, b"late"), TTL)
+        .await
+        .expect("vacuum keeps a lapsed claim nobody took over: its owner still completes");
+    assert_eq!(&expect_completed(store, &lapsed).await.body()[..], b"late");
+}
+
 /// Runs `check` on a fresh multi-threaded runtime, or prints that it was skipped when the
 /// factory returns `None`. Used by [`store_conformance_tests!`](crate::store_conformance_tests).
 #[doc(hidden)]
@@ -1135,7 +1379,8 @@ macro_rules! store_conformance_tests {
                 wait_acquires_after_release, wait_times_out, commit_point,
                 committed_never_taken_over, commit_fencing, commit_expires, settle_unknown,
                 settle_keeps_retention, revoke_withdraws_a_commit, inspect_states,
-                purge_any_state);
+                purge_any_state, list_by_state, list_by_remaining_life,
+                vacuum_keeps_live_entries);
         }
     };
     (@tests $make:path; $($check:ident),*) => {

@@ -473,6 +473,13 @@ impl StoreKey {
 
     /// The shared text, for a store that keeps the key (no copy).
     #[cfg_attr(not(feature = "memory"), allow(dead_code))]
+    /// The key a store holds as `text` (a store's own keys, already validated when stored).
+    #[allow(dead_code)]
+    pub(crate) fn from_shared(text: Arc<str>) -> Self {
+        Self(text)
+    }
+
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn shared(&self) -> &Arc<str> {
         &self.0
     }

@@ -275,6 +275,56 @@ impl MemoryStore {
         self.inner.sweep(Instant::now());
     }
 
+    /// One page of [`IdempotencyStore::list`]: the `page_size` smallest keys after
+    /// `cursor`, found in one pass over the map (so a walk over `n` keys costs `n²/page`
+    /// steps: use a large page for a large store).
+    fn list_page(
+        &self,
+        filter: &super::ListFilter,
+        cursor: Option<&super::Cursor>,
+    ) -> super::ListPage {
+        use std::collections::BTreeMap;
+        let size = filter.page_size_or_default();
+        let after = cursor.map(super::Cursor::as_str);
+        let now = Instant::now();
+        let mut smallest: BTreeMap<Arc<str>, KeyState> = BTreeMap::new();
+        for entry in self.inner.map.iter() {
+            let key = entry.key();
+            if after.is_some_and(|after| &**key <= after) {
+                continue;
+            }
+            if smallest.len() == size
+                && smallest
+                    .last_key_value()
+                    .is_some_and(|(last, _)| key >= last)
+            {
+                continue;
+            }
+            let state = machine::inspect(&entry.slot, now);
+            if matches!(state, KeyState::Free) {
+                continue;
+            }
+            smallest.insert(Arc::clone(key), state);
+            if smallest.len() > size {
+                smallest.pop_last();
+            }
+        }
+        let scanned = smallest.len() as u64;
+        let next = (smallest.len() == size)
+            .then(|| {
+                smallest
+                    .last_key_value()
+                    .map(|(k, _)| super::Cursor::new(&**k))
+            })
+            .flatten();
+        let entries = smallest
+            .into_iter()
+            .filter(|(_, state)| filter.matches(state))
+            .map(|(key, state)| super::ListedKey::new(StoreKey::from_shared(key), state))
+            .collect();
+        super::ListPage::new(entries, scanned, next)
+    }
+
     fn ensure_sweeper(&self) {
         let interval = self.inner.sweep_interval;
         crate::periodic::ensure_running(
@@ -425,12 +475,15 @@ impl Completion {
 }
 
 impl Inner {
-    fn sweep(&self, now: Instant) {
+    /// Removes every expired entry; answers how many.
+    fn sweep(&self, now: Instant) -> u64 {
+        let mut removed = 0;
         self.map.retain(|_, entry| {
             // A lapsed claim nobody took over stays for its owner a while longer.
             if entry.slot.gone_at().is_some_and(|at| at > now) {
                 return true;
             }
+            removed += 1;
             entry.wake();
             self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
             false
@@ -442,6 +495,7 @@ impl Inner {
         }
         drop(queue);
         crate::metrics::memory_size(self.bytes.load(Ordering::Relaxed), self.map.len());
+        removed
     }
 
     /// Counts `size` more bytes if they fit under the cap, making room first by evicting
@@ -632,6 +686,28 @@ impl IdempotencyStore for MemoryStore {
         Ok(self
             .transition(key, |slot| machine::purge(slot, now))
             .unwrap_or(false))
+    }
+
+    /// Answers every matching key in pages of [`ListFilter::page_size`](super::ListFilter::page_size), in key order;
+    /// each page is one pass over the map.
+    async fn list(
+        &self,
+        filter: &super::ListFilter,
+        cursor: Option<&super::Cursor>,
+    ) -> Result<super::ListPage, StoreError> {
+        Ok(self.list_page(filter, cursor))
+    }
+
+    /// Removes every expired entry in one step, whatever `batch` (the map is locked a
+    /// shard at a time, as the background sweep does).
+    async fn vacuum(
+        &self,
+        _cursor: Option<&super::Cursor>,
+        _batch: usize,
+    ) -> Result<super::VacuumPage, StoreError> {
+        let scanned = self.inner.map.len() as u64;
+        let removed = self.inner.sweep(Instant::now());
+        Ok(super::VacuumPage::new(removed, scanned, None))
     }
 
     fn backend_name(&self) -> &'static str {

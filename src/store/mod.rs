@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub mod list;
 pub mod machine;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
@@ -14,6 +15,9 @@ pub mod memory;
 #[cfg(feature = "mysql")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
 pub mod mysql;
+pub use list::{
+    Cursor, ListFilter, ListPage, ListedKey, StateFilter, VacuumPage, list_all, vacuum_all,
+};
 mod open;
 pub use open::{OpenError, OpenOptions, open, open_with};
 
@@ -269,6 +273,14 @@ pub enum StoreError {
     /// by [`IdempotencyStore::release`]; the release ended the owner's lease.
     #[error("the idempotency key passed its commit point and cannot be released")]
     Committed,
+    /// The store does not offer this operation (the default of
+    /// [`IdempotencyStore::list`] and [`IdempotencyStore::vacuum`] for stores that do not
+    /// implement them). Nothing was changed.
+    #[error("this idempotency store does not support `{operation}`")]
+    Unsupported {
+        /// The operation: `"list"` or `"vacuum"`.
+        operation: &'static str,
+    },
 }
 
 impl StoreError {
@@ -396,6 +408,43 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// answers whether there was anything. Meant for operators: purging a key whose
     /// operation ran lets a retry run it again.
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError>;
+
+    /// One page of the keys the store holds that match `filter`, from `cursor` (`None`:
+    /// from the start); the page's [`next`](ListPage::next) continues, `None` when the
+    /// walk is over. See [the `list` module](mod@crate::store::list) for the walk.
+    ///
+    /// A call reads at most [`ListFilter::page_size`] keys, so its page may hold fewer
+    /// matches, even none, with more to come. Keys claimed or removed during a walk may or
+    /// may not be listed; a key present for the whole walk is listed (on Redis, possibly
+    /// twice: `SCAN` may return a key again). Expired entries are never listed.
+    ///
+    /// The default answers [`StoreError::Unsupported`]: a store of your own lists nothing
+    /// until it implements this.
+    async fn list(
+        &self,
+        filter: &ListFilter,
+        cursor: Option<&Cursor>,
+    ) -> Result<ListPage, StoreError> {
+        let _ = (filter, cursor);
+        Err(StoreError::Unsupported { operation: "list" })
+    }
+
+    /// Removes now, in one bounded step of at most about `batch` entries, what has expired
+    /// (exactly what the store's own expiry reclaims, and nothing [`claim`](Self::claim)
+    /// could see: see [the `list` module](mod@crate::store::list#what-vacuum-removes)), from `cursor` (`None`: from
+    /// the start); the answer's [`next`](VacuumPage::next) continues, `None` when done.
+    ///
+    /// The default answers [`StoreError::Unsupported`].
+    async fn vacuum(
+        &self,
+        cursor: Option<&Cursor>,
+        batch: usize,
+    ) -> Result<VacuumPage, StoreError> {
+        let _ = (cursor, batch);
+        Err(StoreError::Unsupported {
+            operation: "vacuum",
+        })
+    }
 
     /// A short name for the backend, used as a label by the `metrics` feature. Default:
     /// `"custom"`.
@@ -526,6 +575,22 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Arc<S> {
 
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
         (**self).purge(key).await
+    }
+
+    async fn list(
+        &self,
+        filter: &ListFilter,
+        cursor: Option<&Cursor>,
+    ) -> Result<ListPage, StoreError> {
+        (**self).list(filter, cursor).await
+    }
+
+    async fn vacuum(
+        &self,
+        cursor: Option<&Cursor>,
+        batch: usize,
+    ) -> Result<VacuumPage, StoreError> {
+        (**self).vacuum(cursor, batch).await
     }
 
     fn backend_name(&self) -> &'static str {

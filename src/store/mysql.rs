@@ -1048,6 +1048,26 @@ impl IdempotencyStore for MySqlStore {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Keyset pagination over the primary key: one `SELECT … WHERE `key` > ? ORDER BY `key`
+    /// LIMIT page` per page, no lock taken.
+    async fn list(
+        &self,
+        filter: &super::ListFilter,
+        cursor: Option<&super::Cursor>,
+    ) -> Result<super::ListPage, StoreError> {
+        self.list_page(filter, cursor).await
+    }
+
+    /// One statement of the background sweep, `batch` rows at most, so that a big table
+    /// is never locked for long.
+    async fn vacuum(
+        &self,
+        _cursor: Option<&super::Cursor>,
+        batch: usize,
+    ) -> Result<super::VacuumPage, StoreError> {
+        self.vacuum_step(batch).await
+    }
+
     fn backend_name(&self) -> &'static str {
         "mysql"
     }
@@ -1070,6 +1090,72 @@ impl IdempotencyStore for MySqlStore {
                 .bind(&token[..])
         })
         .await
+    }
+}
+
+/// `list` and `vacuum`, apart from the request path's statements.
+impl MySqlStore {
+    async fn list_page(
+        &self,
+        filter: &super::ListFilter,
+        cursor: Option<&super::Cursor>,
+    ) -> Result<super::ListPage, StoreError> {
+        let names =
+            Names::new(&self.inner.config.table).map_err(|err| StoreError::backend(err.clone()))?;
+        let t = names.table();
+        let now = "UTC_TIMESTAMP(6)";
+        let size = filter.page_size_or_default();
+        let statement = format!(
+            "SELECT record, fingerprint, committed, \
+             TIMESTAMPDIFF(MICROSECOND, {now}, expires_at), \
+             TIMESTAMPDIFF(MICROSECOND, {now}, lease_until), `key` \
+             FROM {t} WHERE `key` > ? ORDER BY `key` LIMIT ?"
+        );
+        let rows = sqlx::query(AssertSqlSafe(statement))
+            .bind(cursor.map_or(&b""[..], |c| c.as_str().as_bytes()))
+            .bind(u64::try_from(size).unwrap_or(u64::MAX))
+            .fetch_all(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        let scanned = rows.len() as u64;
+        let mut last = None;
+        let mut entries = Vec::new();
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            let key: Vec<u8> = row.try_get(5).map_err(StoreError::backend)?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            if let Some(store_key) = StoreKey::from_stored(&key) {
+                match read_state(row) {
+                    Ok(state) if filter.matches(&state) => {
+                        entries.push(super::ListedKey::new(store_key, state));
+                    }
+                    Ok(_) => {}
+                    Err(StoreError::Decode(_)) => unreadable.push(store_key),
+                    Err(err) => return Err(err),
+                }
+            }
+            last = Some(key);
+        }
+        let next = (rows.len() == size)
+            .then(|| last.map(super::Cursor::new))
+            .flatten();
+        Ok(super::ListPage::new(entries, scanned, next).with_unreadable(unreadable))
+    }
+
+    async fn vacuum_step(&self, batch: usize) -> Result<super::VacuumPage, StoreError> {
+        let sql = self.inner.sql()?;
+        let batch = u64::try_from(batch.max(1)).unwrap_or(u64::MAX);
+        let removed = sqlx::query(AssertSqlSafe(Arc::clone(&sql.sweep)))
+            .bind(batch)
+            .execute(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?
+            .rows_affected();
+        Ok(super::VacuumPage::new(
+            removed,
+            removed,
+            (removed >= batch).then(|| super::Cursor::new("more")),
+        ))
     }
 }
 

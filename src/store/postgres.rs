@@ -1019,6 +1019,26 @@ impl IdempotencyStore for PostgresStore {
         .await
     }
 
+    /// Keyset pagination over the primary key: one `SELECT … WHERE key > $cursor ORDER BY
+    /// key LIMIT page` per page, no lock taken.
+    async fn list(
+        &self,
+        filter: &super::ListFilter,
+        cursor: Option<&super::Cursor>,
+    ) -> Result<super::ListPage, StoreError> {
+        self.list_page(filter, cursor).await
+    }
+
+    /// One statement of the background sweep, `batch` rows at most (`FOR UPDATE SKIP
+    /// LOCKED`: rows a request holds are left for the next step).
+    async fn vacuum(
+        &self,
+        _cursor: Option<&super::Cursor>,
+        batch: usize,
+    ) -> Result<super::VacuumPage, StoreError> {
+        self.vacuum_step(batch).await
+    }
+
     fn backend_name(&self) -> &'static str {
         "postgres"
     }
@@ -1037,6 +1057,70 @@ impl IdempotencyStore for PostgresStore {
                 .bind(micros(lease)),
         )
         .await
+    }
+}
+
+/// `list` and `vacuum`, apart from the request path's statements.
+impl PostgresStore {
+    async fn list_page(
+        &self,
+        filter: &super::ListFilter,
+        cursor: Option<&super::Cursor>,
+    ) -> Result<super::ListPage, StoreError> {
+        let (t, _) = quote_table(&self.inner.config.table)
+            .map_err(|err| StoreError::backend(err.clone()))?;
+        let size = filter.page_size_or_default();
+        let statement = format!(
+            "SELECT record, fingerprint, committed, \
+             (extract(epoch FROM expires_at - now()) * 1000000)::bigint, \
+             (extract(epoch FROM lease_until - now()) * 1000000)::bigint, key \
+             FROM {t} WHERE key > $1 ORDER BY key LIMIT $2"
+        );
+        let rows = sqlx::query(AssertSqlSafe(statement))
+            .bind(cursor.map_or("", super::Cursor::as_str))
+            .bind(i64::try_from(size).unwrap_or(i64::MAX))
+            .fetch_all(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        let scanned = rows.len() as u64;
+        let mut last = None;
+        let mut entries = Vec::new();
+        let mut unreadable = Vec::new();
+        for row in &rows {
+            let key: String = row.try_get(5).map_err(StoreError::backend)?;
+            if let Some(store_key) = StoreKey::from_stored(&key) {
+                match read_state(row) {
+                    Ok(state) if filter.matches(&state) => {
+                        entries.push(super::ListedKey::new(store_key, state));
+                    }
+                    Ok(_) => {}
+                    Err(StoreError::Decode(_)) => unreadable.push(store_key),
+                    Err(err) => return Err(err),
+                }
+            }
+            last = Some(key);
+        }
+        let next = (rows.len() == size)
+            .then(|| last.map(super::Cursor::new))
+            .flatten();
+        Ok(super::ListPage::new(entries, scanned, next).with_unreadable(unreadable))
+    }
+
+    async fn vacuum_step(&self, batch: usize) -> Result<super::VacuumPage, StoreError> {
+        let sql = self.inner.sql()?;
+        let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
+        let removed = sqlx::query(AssertSqlSafe(Arc::clone(&sql.sweep)))
+            .bind(batch)
+            .execute(&self.inner.config.pool)
+            .await
+            .map_err(StoreError::backend)?
+            .rows_affected();
+        let more = removed >= batch.unsigned_abs();
+        Ok(super::VacuumPage::new(
+            removed,
+            removed,
+            more.then(|| super::Cursor::new("more")),
+        ))
     }
 }
 

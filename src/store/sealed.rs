@@ -432,6 +432,45 @@ impl<S: IdempotencyStore> IdempotencyStore for Sealed<S> {
         self.inner.purge(key).await
     }
 
+    /// The inner store's page, with every listed record opened as
+    /// [`inspect`](IdempotencyStore::inspect) opens it; a record that does not open (a
+    /// plaintext record, or one sealed under a key the ring lacks) is listed in
+    /// [`ListPage::unreadable`](super::ListPage::unreadable).
+    async fn list(
+        &self,
+        filter: &super::ListFilter,
+        cursor: Option<&super::Cursor>,
+    ) -> Result<super::ListPage, StoreError> {
+        let mut page = self.inner.list(filter, cursor).await?;
+        let mut unreadable = std::mem::take(&mut page.unreadable);
+        page.entries.retain_mut(|listed| {
+            let KeyState::Completed { record, .. } = &mut listed.state else {
+                return true;
+            };
+            let sealed = (**record).clone();
+            match open(&self.ring, &listed.key, sealed, self.accept_plaintext) {
+                Ok(opened) => {
+                    *record = Arc::new(opened);
+                    true
+                }
+                Err(_) => {
+                    unreadable.push(listed.key.clone());
+                    false
+                }
+            }
+        });
+        page.unreadable = unreadable;
+        Ok(page)
+    }
+
+    async fn vacuum(
+        &self,
+        cursor: Option<&super::Cursor>,
+        batch: usize,
+    ) -> Result<super::VacuumPage, StoreError> {
+        self.inner.vacuum(cursor, batch).await
+    }
+
     fn backend_name(&self) -> &'static str {
         self.inner.backend_name()
     }

@@ -39,7 +39,6 @@ mod backend_failures;
 mod conformance_custom;
 mod conformance_memory;
 mod exactly_once;
-mod keys_tool;
 mod mysql;
 mod nats_consumer;
 mod open;

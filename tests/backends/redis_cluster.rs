@@ -9,7 +9,7 @@
 use crate::common;
 
 #[allow(dead_code, unreachable_pub)]
-#[path = "../../examples/gateway.rs"]
+#[path = "../../tools/gateway/src/gateway.rs"]
 mod gateway;
 
 use std::time::Duration;

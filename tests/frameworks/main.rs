@@ -18,7 +18,7 @@ mod common {
 
 // The examples more than one module drives, or whose name a module already has: loaded once.
 #[allow(dead_code, unreachable_pub)]
-#[path = "../../examples/gateway.rs"]
+#[path = "../../tools/gateway/src/gateway.rs"]
 mod gateway_example;
 #[cfg(feature = "tonic")]
 #[allow(unreachable_pub, missing_docs)]

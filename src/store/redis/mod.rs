@@ -137,6 +137,7 @@ use crate::record::Record;
 mod connection;
 mod push;
 mod scripts;
+mod walk;
 
 use super::wakeup::{Polling, Wait, wait_woken};
 use connection::{Connection, Waiter, cluster_slot};
@@ -795,6 +796,27 @@ impl IdempotencyStore for RedisStore {
         };
         self.push.wakeups.wake(&name);
         Ok(removed > 0)
+    }
+
+    /// A `SCAN … MATCH {prefix}*` step (on every primary of a cluster, one after the other),
+    /// each key read with the inspect script. `SCAN` may return a key twice.
+    async fn list(
+        &self,
+        filter: &super::ListFilter,
+        cursor: Option<&super::Cursor>,
+    ) -> Result<super::ListPage, StoreError> {
+        self.list_page(filter, cursor).await
+    }
+
+    /// Redis expires entries by itself (`PX`) exactly when the other stores sweep them:
+    /// a vacuum walks the keys (Redis reclaims every expired key the walk passes) and
+    /// reports nothing removed.
+    async fn vacuum(
+        &self,
+        cursor: Option<&super::Cursor>,
+        batch: usize,
+    ) -> Result<super::VacuumPage, StoreError> {
+        self.vacuum_step(cursor, batch).await
     }
 
     fn backend_name(&self) -> &'static str {
