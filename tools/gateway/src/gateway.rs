@@ -52,6 +52,11 @@
 //!   is dropped first; with it, the gateway's hop is appended to the client's `Forwarded`
 //!   and `X-Forwarded-For`, and its `X-Forwarded-Host` and `-Proto` are kept.
 //!
+//! - `IDEMPOTENCY_PROBLEM_PROFILE` (default `rfc9457`): the shape of the gateway's own
+//!   refusals (`400`, `409`, `422`, `503`, …): `rfc9457` (problem details), `stripe`
+//!   (Stripe's error object) or `agentic-commerce` (the Agentic Commerce Protocol's error);
+//!   see the library's `problem::Profile`.
+//!
 //! Flags take `1` or `0` (`true`/`false`, `yes`/`no`, `on`/`off`); anything else is an error.
 //!
 //! # When the upstream fails
@@ -117,6 +122,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
 use tower_idempotency::policy::MissingKey;
+use tower_idempotency::problem::Profile;
 use tower_idempotency::{
     DetachedWork, IdempotencyClaim, IdempotencyLayer, IdempotencyStore, MayHaveRun,
 };
@@ -173,6 +179,8 @@ pub struct Settings {
     /// Keep the `Forwarded` and `X-Forwarded-*` headers the client sent (it is a proxy the
     /// gateway trusts), adding the gateway's own hop; otherwise they are replaced.
     pub trust_forwarded: bool,
+    /// The shape of the gateway's own refusals.
+    pub profile: Profile,
 }
 
 impl Settings {
@@ -264,6 +272,17 @@ impl Settings {
             upstream_timeout,
             connect_timeout,
             trust_forwarded: flag("TRUST_FORWARDED")?,
+            profile: match var("IDEMPOTENCY_PROBLEM_PROFILE").as_deref() {
+                None | Some("rfc9457") => Profile::Rfc9457,
+                Some("stripe") => Profile::Stripe,
+                Some("agentic-commerce") => Profile::AgenticCommerce,
+                Some(other) => {
+                    return Err(format!(
+                        "IDEMPOTENCY_PROBLEM_PROFILE must be rfc9457, stripe or \
+                         agentic-commerce, not {other:?}"
+                    ));
+                }
+            },
         })
     }
 }
@@ -605,7 +624,9 @@ fn chain(err: &dyn std::error::Error) -> String {
 /// work, to finish at shutdown.
 pub async fn app(settings: &Settings) -> Result<(Router, DetachedWork), String> {
     let store = open_store(&settings.store).await?;
-    let mut layer = IdempotencyLayer::new(store).lease(settings.lease);
+    let mut layer = IdempotencyLayer::new(store)
+        .lease(settings.lease)
+        .problem_profile(settings.profile);
     layer = match &settings.scope {
         CallerScope::Credential { header, secret } => {
             layer.scope_by_credential(header.clone(), secret)

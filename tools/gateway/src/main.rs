@@ -104,6 +104,14 @@ struct Cli {
         default_missing_value = "1"
     )]
     trust_forwarded: Option<String>,
+    /// The shape of the gateway's own refusals (400, 409, 422, 503…): RFC 9457 problem
+    /// details, Stripe's error object, or the Agentic Commerce Protocol's error.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_PROBLEM_PROFILE",
+        value_name = "rfc9457|stripe|agentic-commerce"
+    )]
+    problem_profile: Option<String>,
 }
 
 impl Cli {
@@ -121,6 +129,7 @@ impl Cli {
             "UPSTREAM_TIMEOUT_MS" => self.upstream_timeout_ms.clone(),
             "UPSTREAM_CONNECT_TIMEOUT_MS" => self.upstream_connect_timeout_ms.clone(),
             "TRUST_FORWARDED" => self.trust_forwarded.clone(),
+            "IDEMPOTENCY_PROBLEM_PROFILE" => self.problem_profile.clone(),
             // A setting the gateway reads that has no flag yet: still from the environment.
             other => std::env::var(other).ok(),
         }

@@ -364,6 +364,14 @@ fn bad_flags_and_settings_exit_2_without_serving() {
             ][..],
             "connect timeout longer than the upstream timeout",
         ),
+        (
+            &["--listen", &listen, "--shared-scope"],
+            &[
+                ("UPSTREAM_URL", "http://127.0.0.1:1"),
+                ("IDEMPOTENCY_PROBLEM_PROFILE", "stripe-ish"),
+            ][..],
+            "unknown problem profile",
+        ),
     ] {
         let mut cmd = Command::new(BIN);
         for name in variables_read() {
@@ -408,4 +416,46 @@ fn an_unreachable_store_exits_1() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("IDEMPOTENCY_STORE"));
+}
+
+/// The gateway's own refusals in the profile it is told, by flag or environment: a request
+/// without a key is Stripe's `400` error object, over HTTP/1.1 and HTTP/2.
+#[tokio::test]
+async fn the_problem_profile_shapes_the_gateways_own_refusals() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let up = upstream(Arc::clone(&runs)).await;
+    for by_flag in [false, true] {
+        let port = free_port();
+        let mut args = vec!["--shared-scope"];
+        let mut env = vec![
+            ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
+            ("UPSTREAM_URL", format!("http://{up}")),
+        ];
+        if by_flag {
+            args.extend(["--problem-profile", "stripe"]);
+        } else {
+            env.push(("IDEMPOTENCY_PROBLEM_PROFILE", "stripe".into()));
+        }
+        let gw = start(&args, &env, port).await;
+        for http2 in [false, true] {
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+                .http2_only(http2)
+                .build_http();
+            let req = Request::post(format!("http://{}/payments", gw.addr))
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            let res = client.request(req).await.expect("the gateway answers");
+            assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(res.headers()["content-type"], "application/json");
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            let error: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+            assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+            assert!(error["error"]["message"].is_string(), "{error}");
+        }
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "nothing reached the upstream"
+    );
 }
