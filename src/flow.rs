@@ -31,7 +31,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// is buffered, see [`IdempotencyLayer::key_from_json`](crate::IdempotencyLayer)).
 pub(crate) async fn flow<S, ReqBody, ResBody>(
     mut inner: S,
-    mut parts: Parts,
+    parts: Parts,
     body: ReqBody,
     key: Option<IdempotencyKey>,
     config: Arc<Runtime>,
@@ -125,7 +125,8 @@ where
     let fingerprint = config.fingerprint_of(&parts, &bytes);
     let ttl = config.ttl_of(&parts);
     let lease = config.lease_of(&parts);
-    parts.extensions.insert(key);
+    // The key goes into the request's extensions only when the request goes on to the
+    // service (`run`, or unprotected under fail-open): a replay or a refusal never needs it.
     // Kept (a reference count) to fingerprint again the legacy way, should a stored
     // fingerprint be an earlier version's.
     let body = bytes.clone();
@@ -158,13 +159,13 @@ where
             // policy, it must not run again.
             Err(StoreError::Decode(err)) => {
                 pending.not_ours();
-                return Ok(unreadable(&config, grpc, &req, &err));
+                return Ok(unreadable(&config, grpc, key.as_str(), &err));
             }
             // The store refused a new claim to keep its recent records: nothing was
             // changed, and running unprotected could run a duplicate.
             Err(StoreError::Full) => {
                 pending.not_ours();
-                let key = client_key(&req);
+                let key = key.as_str();
                 // The truth about when a new key may fit: the memory store knows when its
                 // oldest record leaves the replay window; others get the configured hint.
                 #[cfg(feature = "memory")]
@@ -194,20 +195,20 @@ where
             }
             Err(err) => {
                 pending.failed();
-                return Box::pin(store_failed(inner, req, &config, grpc, err)).await;
+                return Box::pin(store_failed(inner, req, key, &config, grpc, err)).await;
             }
             Ok(found) => found,
         };
         match found {
             Claim::Acquired(token) if token == pending.token() => {
-                return run(inner, req, pending.acquired(fingerprint, ttl)).await;
+                return run(inner, req, key, pending.acquired(fingerprint, ttl)).await;
             }
             Claim::Acquired(_) => {
                 // A store that ignores the caller's token breaks the contract; nothing it
                 // made can be released by the layer, so refuse rather than run unfenced.
                 pending.failed();
                 let err = StoreError::backend(ForeignToken);
-                return Box::pin(store_failed(inner, req, &config, grpc, err)).await;
+                return Box::pin(store_failed(inner, req, key, &config, grpc, err)).await;
             }
             // A sealed record no store opened (an instance without the key ring, in a fleet
             // turning encryption on): never replayed as ciphertext, never run again.
@@ -219,7 +220,7 @@ where
                     "a sealed record, and this layer's store does not open sealed records"
                         .to_owned(),
                 );
-                return Ok(unreadable(&config, grpc, &req, &err));
+                return Ok(unreadable(&config, grpc, key.as_str(), &err));
             }
             Claim::Completed(record) => {
                 pending.not_ours();
@@ -276,23 +277,22 @@ where
                 fingerprint: held,
                 token: committed_by,
             } => {
-                let key = pending.key().clone();
+                let store_key = pending.key().clone();
                 let same;
                 (same, req) = same_request(&config, req, &body, fingerprint, &held);
                 if !same {
                     pending.not_ours();
                     return Ok(mismatch(&config, grpc));
                 }
-                let unsettled = config
-                    .recover
-                    .as_ref()
-                    .map(|_| Unsettled::new(key.clone(), req.method(), req.uri(), req.headers()));
+                let unsettled = config.recover.as_ref().map(|_| {
+                    Unsettled::new(store_key.clone(), req.method(), req.uri(), req.headers())
+                });
                 let found = Box::pin(outcome_unknown(
                     &config,
                     ttl,
                     grpc,
                     unsettled.filter(|_| !rerun),
-                    key,
+                    store_key,
                     fingerprint,
                     held,
                 ))
@@ -319,7 +319,7 @@ where
                             Err(err) => {
                                 pending.not_ours();
                                 tracing::warn!(
-                                    key = client_key(&req),
+                                    key = key.as_str(),
                                     error = %ErrorChain(&err),
                                     "withdrawing a commit the recovery hook found never ran \
                                      failed; refusing the request"
@@ -382,13 +382,12 @@ where
     }
 }
 
-fn unreadable<B, ReqBody>(
+fn unreadable<B>(
     config: &Runtime,
     grpc: bool,
-    req: &Request<ReqBody>,
+    key: &str,
     err: &crate::record::DecodeError,
 ) -> Response<IdempotencyBody<B>> {
-    let key = client_key(req);
     tracing::error!(
         key,
         error = %ErrorChain(err),
@@ -428,13 +427,6 @@ fn announce_expiry(config: &Runtime, parts: &mut http::response::Parts, ttl: std
     if let Ok(value) = http::HeaderValue::from_str(&httpdate::fmt_http_date(until)) {
         parts.headers.insert(EXPIRES_HEADER, value);
     }
-}
-
-/// The client's key of a request the flow handles.
-fn client_key<B>(req: &Request<B>) -> &str {
-    req.extensions()
-        .get::<IdempotencyKey>()
-        .map_or("", |k| k.as_str())
 }
 
 /// What a retry that found its key committed with no stored outcome answers.
@@ -550,7 +542,8 @@ struct ForeignToken;
 
 async fn store_failed<S, ReqBody, ResBody>(
     mut inner: S,
-    req: Request<ReqBody>,
+    mut req: Request<ReqBody>,
+    key: IdempotencyKey,
     config: &Runtime,
     grpc: bool,
     err: StoreError,
@@ -558,11 +551,10 @@ async fn store_failed<S, ReqBody, ResBody>(
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
 {
-    let key = client_key(&req);
     match config.store_failure {
         StoreFailure::FailClosed => {
             tracing::warn!(
-                key,
+                key = key.as_str(),
                 error = %ErrorChain(&err),
                 "idempotency store failed; refusing the request"
             );
@@ -570,10 +562,11 @@ where
         }
         StoreFailure::FailOpen => {
             tracing::warn!(
-                key,
+                key = key.as_str(),
                 error = %ErrorChain(&err),
                 "idempotency store failed; running the request without protection"
             );
+            req.extensions_mut().insert(key);
             let res = inner.call(req).await?;
             Ok(mark(
                 res.map(IdempotencyBody::passthrough),
@@ -587,6 +580,7 @@ where
 async fn run<S, ReqBody, ResBody>(
     mut inner: S,
     req: Request<ReqBody>,
+    key: IdempotencyKey,
     claimed: Claimed,
 ) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
 where
@@ -598,6 +592,7 @@ where
     ResBody::Error: Send,
 {
     let mut req = req;
+    req.extensions_mut().insert(key);
     req.extensions_mut().insert(claimed.handle());
     let fut = inner.call(req);
     let config = Arc::clone(claimed.config());

@@ -113,6 +113,7 @@ fn settings(upstream: SocketAddr) -> gateway::Settings {
         upstream_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(1),
         trust_forwarded: false,
+        profile: tower_idempotency::problem::Profile::Rfc9457,
     }
 }
 

@@ -928,6 +928,37 @@ async fn store_failure_can_fail_open() {
     assert_eq!(counter.runs(), 2, "fail open runs without protection");
 }
 
+/// The service sees the request's key in its extensions on every path that reaches it: a
+/// first request, and one run unprotected because the store failed under fail-open.
+#[tokio::test]
+async fn the_service_sees_the_key_when_it_runs_protected_or_not() {
+    let store = FaultStore::new(MemoryStore::new());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .on_store_failure(StoreFailure::FailOpen)
+        .layer(tower::service_fn({
+            let seen = Arc::clone(&seen);
+            move |req: Request<Body>| {
+                let key = req.extensions().get::<IdempotencyKey>().cloned();
+                seen.lock()
+                    .unwrap()
+                    .push(key.map(|k| k.as_str().to_owned()));
+                async move { Ok::<_, std::convert::Infallible>(Response::new(Body::from("ok"))) }
+            }
+        }));
+    assert_eq!(call(&svc, post(Some("protected"), "{}")).await.status, 200);
+    assert_eq!(call(&svc, post(Some("protected"), "{}")).await.status, 200);
+    store.faults.claim_failures.store(1, Ordering::SeqCst);
+    let answer = call(&svc, post(Some("unprotected"), "{}")).await;
+    assert_eq!(answer.outcome, Some(IdempotencyOutcome::Unprotected));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [Some("protected".to_owned()), Some("unprotected".to_owned())],
+        "the replay never reached the service; both runs saw their key"
+    );
+}
+
 #[tokio::test]
 async fn problem_type_base_and_link() {
     let svc = IdempotencyLayer::new(MemoryStore::new())
