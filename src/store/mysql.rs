@@ -149,7 +149,7 @@
 //! MySQL has no channel to push the end of a key to another connection, so a duplicate in
 //! wait mode ([`IdempotencyStore::wait`]) polls: its first look again comes 1 ms after the
 //! first, and each pause is half as long again as the one before, up to 100 ms, so that it
-//! lags the end of the key by at most about a third of the time it already waited. Waiters
+//! lags the end of the key by at most about half the time it already waited. Waiters
 //! in the process that ended the key are woken at once.
 //!
 //! # Example
