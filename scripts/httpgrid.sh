@@ -11,7 +11,9 @@
 #   redis-new    with REDIS_URL: Redis, a new key per request;
 #   redis-replay with REDIS_URL: Redis, one key for every request.
 # `POST /orders` declares a commit point (one more store call per first request); the demo
-# has no covered route without one.
+# has no covered route without one. So three more runs use benches/serve.rs, the demo's
+# handler less its commit point (`plain` below), against its own layer-off baseline:
+#   plain-off, plain-memory-new, plain-redis-new (the last with REDIS_URL).
 # Prints one line per run and a summary: the median req/s of each run over the repetitions,
 # as a share of `off` from the same repetition, with p50 and p99.
 #
@@ -34,7 +36,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 (( CONNECTIONS >= THREADS && CONNECTIONS <= 256 )) || { echo "CONNECTIONS must be THREADS..256" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
 
-RUNS="${RUNS:-off memory-new memory-replay redis-new redis-replay}"
+RUNS="${RUNS:-off memory-new memory-replay redis-new redis-replay plain-off plain-memory-new plain-redis-new}"
 FEATURES=()
 if [[ -n "${REDIS_URL:-}" ]]; then
     FEATURES=(--features redis)
@@ -42,7 +44,17 @@ else
     RUNS="$(tr ' ' '\n' <<<"$RUNS" | grep -v '^redis' | tr '\n' ' ')"
 fi
 nice -n 10 cargo build --release --example axum "${FEATURES[@]}" >&2
-BIN="$CARGO_TARGET_DIR/release/examples/axum"
+DEMO="$CARGO_TARGET_DIR/release/examples/axum"
+SERVE=""
+if grep -q plain <<<"$RUNS"; then
+    SERVE=$(nice -n 10 cargo bench --bench serve "${FEATURES[@]}" --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="serve" and m.get("executable"):
+        print(m["executable"])')
+    [[ -x "$SERVE" ]] || { echo "cannot build benches/serve.rs" >&2; exit 1; }
+fi
 # Room for every key of a run (the default 64 MiB cap is full within a second), and no
 # log lines per request: the runs measure the layer.
 export IDEMPOTENCY_MEMORY_MAX_MB="${IDEMPOTENCY_MEMORY_MAX_MB:-8192}"
@@ -96,9 +108,9 @@ function done(summary, latency, requests)
 end
 LUA
 
-start_server() { # layer store
-    LISTEN_ADDR="127.0.0.1:$PORT" IDEMPOTENCY_LAYER="$1" IDEMPOTENCY_STORE="$2" \
-        "$BIN" >"$WORK/server.log" 2>&1 &
+start_server() { # binary layer store [args]
+    LISTEN_ADDR="127.0.0.1:$PORT" IDEMPOTENCY_LAYER="$2" IDEMPOTENCY_STORE="$3" \
+        "$1" "${@:4}" >"$WORK/server.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
@@ -130,10 +142,17 @@ for rep in $(seq 1 "$REPS"); do
             memory-replay) layer=on store=memory mode=same ;;
             redis-new) layer=on store="$REDIS_URL" mode=unique ;;
             redis-replay) layer=on store="$REDIS_URL" mode=same ;;
+            plain-off) layer=off store=memory mode=unique ;;
+            plain-memory-new) layer=on store=memory mode=unique ;;
+            plain-redis-new) layer=on store="$REDIS_URL" mode=unique ;;
             *) echo "unknown run $run" >&2; exit 2 ;;
         esac
         id="$(date +%s%N)"
-        start_server "$layer" "$store"
+        if [[ "$run" == plain-* ]]; then
+            start_server "$SERVE" "$layer" "$store" --serve
+        else
+            start_server "$DEMO" "$layer" "$store"
+        fi
         line=$(RUN_ID="$id" KEY_MODE="$mode" timeout $((DURATION + 30)) \
             wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/orders.lua" \
             "http://127.0.0.1:$PORT/orders" | grep '^RESULT' | sed 's/^RESULT //')
@@ -150,13 +169,14 @@ import statistics, sys
 rows = [dict(kv.split("=", 1) for kv in line.split()) for line in open(sys.argv[1])]
 runs = sys.argv[2].split()
 print()
-print("| run | req/s (median of %d) | × layer off (median of the per-repetition ratios) | p50 µs | p99 µs (median; range) | non-2xx |" % len({r["rep"] for r in rows}))
+print("| run | req/s (median of %d) | × its layer off (median of the per-repetition ratios) | p50 µs | p99 µs (median; range) | non-2xx |" % len({r["rep"] for r in rows}))
 print("|---|---:|---:|---:|---:|---:|")
-off = {r["rep"]: float(r["rps"]) for r in rows if r["run"] == "off"}
+base = {name: {r["rep"]: float(r["rps"]) for r in rows if r["run"] == name} for name in ("off", "plain-off")}
 for run in runs:
     rs = [r for r in rows if r["run"] == run]
     if not rs:
         continue
+    off = base["plain-off" if run.startswith("plain") else "off"]
     rps = statistics.median(float(r["rps"]) for r in rs)
     ratio = statistics.median(float(r["rps"]) / off[r["rep"]] for r in rs) if off else float("nan")
     p50 = statistics.median(int(r["p50_us"]) for r in rs)
