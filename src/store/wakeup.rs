@@ -279,6 +279,8 @@ pub(crate) async fn wait_woken<S: IdempotencyStore + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Record, StoreKey};
 
     #[tokio::test]
     async fn a_wake_after_seen_is_not_missed_and_the_map_empties() {
@@ -311,5 +313,59 @@ mod tests {
         drop(b);
         assert_eq!(wakeups.keys_held(), 0, "the last waiter takes its key away");
         assert_eq!(wakeups.waiting.load(Ordering::SeqCst), 0);
+    }
+
+    /// A waiter whose next poll is ten seconds away gets the answer as soon as a completion
+    /// in its process wakes it: what every shared store does for its own waiters (MySQL's
+    /// only quick path).
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    async fn a_wake_in_the_process_ends_the_wait_before_the_next_poll() {
+        let store = MemoryStore::new();
+        let key = StoreKey::new(&crate::key::Scope::anonymous(), "woken-here");
+        let fingerprint = Fingerprint::from_bytes([1; 32]);
+        let lease = Duration::from_secs(30);
+        let Claim::Acquired(token) = store
+            .claim(&key, &fingerprint, LeaseToken::new(), lease)
+            .await
+            .unwrap()
+        else {
+            panic!("acquired");
+        };
+        let slow = Polling {
+            first: Duration::from_secs(10),
+            grow_percent: 100,
+            cap: Duration::from_secs(10),
+        };
+        // The waiter and the completer share one `Wakeups`, as a store's clones do.
+        let shared = std::sync::Arc::new(Wakeups::default());
+        let waiter = {
+            let (store, key, shared) = (store.clone(), key.clone(), std::sync::Arc::clone(&shared));
+            tokio::spawn(async move {
+                let wait = Wait {
+                    key: &key,
+                    fingerprint: &fingerprint,
+                    token: LeaseToken::new(),
+                    lease,
+                    timeout: Duration::from_secs(20),
+                };
+                wait_woken(&store, &shared, "woken-here", None, slow, wait).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let record = Record::new(
+            http::StatusCode::OK,
+            http::HeaderMap::new(),
+            bytes::Bytes::from_static(b"done"),
+            None,
+        );
+        store.complete(&key, token, record, lease).await.unwrap();
+        shared.wake("woken-here");
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken, not left to its ten-second poll")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(answer, Claim::Completed(_)));
     }
 }

@@ -470,3 +470,49 @@ async fn through_the_layer_round_trips_are_two_three_with_a_commit_point_and_one
     crate::round_trips::layer_round_trips(store, async || wire.take().len()).await;
     MySqlStore::drop_table(&pool, &table).await;
 }
+
+/// MySQL has no push channel, but a waiter in the process that ends its key is woken by
+/// that end, not by its next poll: five times, once the waiter's polls are 100 ms apart,
+/// the answer reaches it within 40 ms of being stored (by polling alone each lag would be
+/// anywhere up to 100 ms, so all five within 40 ms would happen about once in a hundred).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_in_the_process_that_ends_its_key_is_woken_at_once() {
+    let Some(url) = mysql_url() else { return };
+    let (pool, store, table) = private_store::<MySqlStore>(&url, "wakehere").await;
+    let lease = Duration::from_secs(30);
+    for round in 0..5 {
+        let k = key(&format!("woken-here-{round}"));
+        let token = acquire(&store, &k, lease).await;
+        let waiting = {
+            let (store, k) = (store.clone(), k.clone());
+            tokio::spawn(async move {
+                let claim = store
+                    .wait(
+                        &k,
+                        &fp(1),
+                        LeaseToken::new(),
+                        lease,
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .expect("wait");
+                (claim, tokio::time::Instant::now())
+            })
+        };
+        // Long enough for the polls to reach their 100 ms cap.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        store
+            .complete(&k, token, record(b"done"), lease)
+            .await
+            .expect("complete");
+        let stored = tokio::time::Instant::now();
+        let (claim, answered) = waiting.await.unwrap();
+        assert!(matches!(claim, Claim::Completed(_)));
+        let lag = answered.saturating_duration_since(stored);
+        assert!(
+            lag < Duration::from_millis(40),
+            "round {round}: the waiter heard {lag:?} after the answer was stored"
+        );
+    }
+    MySqlStore::drop_table(&pool, &table).await;
+}
