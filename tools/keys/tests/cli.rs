@@ -1130,3 +1130,30 @@ async fn a_store_that_goes_silent_mid_walk_is_exit_3_with_whole_lines() {
     }
     proxy.pass();
 }
+
+/// A `--table` the SQL stores refuse (it would need quoting) is the operator's mistake:
+/// exit 2 with the store's reason, on PostgreSQL and MySQL alike, and nothing runs.
+#[test]
+fn a_table_name_the_store_refuses_is_a_usage_error() {
+    for var in ["DATABASE_URL", "MYSQL_URL"] {
+        let Some(url) = std::env::var(var).ok().filter(|u| !u.is_empty()) else {
+            eprintln!("skipped for {var}: not set");
+            continue;
+        };
+        for command in [
+            &["inspect", "k"][..],
+            &["list"][..],
+            &["vacuum", "--yes"][..],
+        ] {
+            let mut args = command.to_vec();
+            args.extend(["--store", &url, "--table", "x;drop table y"]);
+            let out = keys(&args);
+            assert_eq!(code(&out), 2, "{var} {command:?}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains("table name"),
+                "{var} {command:?} says why: {}",
+                stderr(&out)
+            );
+        }
+    }
+}
