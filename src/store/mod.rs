@@ -288,6 +288,29 @@ impl StoreError {
     pub fn backend(err: impl StdError + Send + Sync + 'static) -> Self {
         Self::Backend(Box::new(err))
     }
+
+    /// Whether the store refused the table name it was given (PostgreSQL's or MySQL's
+    /// `InvalidTableName`): a mistake in its configuration, not a failure of the store.
+    /// Always `false` for the other stores.
+    ///
+    /// ```
+    /// use tower_idempotency::StoreError;
+    ///
+    /// assert!(!StoreError::Full.is_invalid_table_name());
+    /// ```
+    pub fn is_invalid_table_name(&self) -> bool {
+        #[cfg(any(feature = "postgres", feature = "mysql"))]
+        {
+            let mut source: Option<&(dyn StdError + 'static)> = Some(self);
+            while let Some(err) = source {
+                if err.is::<sql::InvalidTableName>() {
+                    return true;
+                }
+                source = err.source();
+            }
+        }
+        false
+    }
 }
 
 /// Where idempotency records live.

@@ -423,22 +423,10 @@ fn store_failed(err: StoreError) -> Failure {
     let code = match err {
         StoreError::Decode(_) => EXIT_UNREADABLE,
         // A --table the store refuses is the operator's mistake, not the store's failure.
-        _ if names_a_bad_table(&err) => EXIT_USAGE,
+        _ if err.is_invalid_table_name() => EXIT_USAGE,
         _ => EXIT_STORE,
     };
     fail(code, format!("the store failed: {}", chain(&err)))
-}
-
-/// Whether `err` comes from a table name the SQL stores refuse.
-fn names_a_bad_table(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(err);
-    while let Some(e) = source {
-        if e.is::<tower_idempotency::store::postgres::InvalidTableName>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// Runs a store call within `timeout`.
