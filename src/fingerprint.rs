@@ -101,7 +101,7 @@ impl Fingerprint {
             return Self(hasher.finalize().into());
         }
         // Small requests (most, up to about 2 KiB) are laid out on the stack and hashed in
-        // one call, which costs a third of the streaming hasher's setup and updates; the
+        // one call, cheaper than the streaming hasher's setup and updates; the
         // streaming hasher, which gives the same digest for the same bytes, takes over
         // past the buffer.
         let mut buf = [0u8; 2048];
