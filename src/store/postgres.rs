@@ -1082,28 +1082,14 @@ impl PostgresStore {
             .fetch_all(&self.inner.config.pool)
             .await
             .map_err(StoreError::backend)?;
-        let scanned = rows.len() as u64;
-        let mut last = None;
-        let mut entries = Vec::new();
-        let mut unreadable = Vec::new();
-        for row in &rows {
-            let key: String = row.try_get(5).map_err(StoreError::backend)?;
-            if let Some(store_key) = StoreKey::from_stored(&key) {
-                match read_state(row) {
-                    Ok(state) if filter.matches(&state) => {
-                        entries.push(super::ListedKey::new(store_key, state));
-                    }
-                    Ok(_) => {}
-                    Err(StoreError::Decode(_)) => unreadable.push(store_key),
-                    Err(err) => return Err(err),
-                }
-            }
-            last = Some(key);
-        }
-        let next = (rows.len() == size)
-            .then(|| last.map(super::Cursor::new))
-            .flatten();
-        Ok(super::ListPage::new(entries, scanned, next).with_unreadable(unreadable))
+        let rows = rows
+            .iter()
+            .map(|row| {
+                let key: String = row.try_get(5).map_err(StoreError::backend)?;
+                Ok((key, read_state(row)))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        super::sql::list_page(rows, filter, size)
     }
 
     async fn vacuum_step(&self, batch: usize) -> Result<super::VacuumPage, StoreError> {

@@ -224,6 +224,36 @@ fn micros_left(us: Option<i64>) -> Option<Duration> {
 }
 
 /// Logs the result of a background sweep.
+/// One page of `list` from the rows of a keyset query that asked for `size` rows: each
+/// row's stored key and its state as read. A key that is not a store key is skipped (but
+/// still moves the cursor); a record that cannot be read is counted as unreadable.
+pub(crate) fn list_page(
+    rows: Vec<(String, Result<KeyState, StoreError>)>,
+    filter: &super::ListFilter,
+    size: usize,
+) -> Result<super::ListPage, StoreError> {
+    let scanned = rows.len() as u64;
+    let full = rows.len() == size;
+    let mut last = None;
+    let mut entries = Vec::new();
+    let mut unreadable = Vec::new();
+    for (key, state) in rows {
+        if let Some(store_key) = crate::key::StoreKey::from_stored(&key) {
+            match state {
+                Ok(state) if filter.matches(&state) => {
+                    entries.push(super::ListedKey::new(store_key, state));
+                }
+                Ok(_) => {}
+                Err(StoreError::Decode(_)) => unreadable.push(store_key),
+                Err(err) => return Err(err),
+            }
+        }
+        last = Some(key);
+    }
+    let next = full.then(|| last.map(super::Cursor::new)).flatten();
+    Ok(super::ListPage::new(entries, scanned, next).with_unreadable(unreadable))
+}
+
 pub(crate) fn log_sweep(result: Result<u64, StoreError>) {
     match result {
         Ok(0) => {}
