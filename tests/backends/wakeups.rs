@@ -91,6 +91,32 @@ async fn subscribers(admin: &mut redis::aio::MultiplexedConnection, channel: &st
     n
 }
 
+/// Claims the free key `k` on `store`, which must acquire it.
+async fn acquire(store: &RedisStore, k: &StoreKey) -> LeaseToken {
+    match store
+        .claim(k, &fp(1), LeaseToken::new(), LONG)
+        .await
+        .unwrap()
+    {
+        Claim::Acquired(token) => token,
+        other => panic!("the first claim acquires, got {other:?}"),
+    }
+}
+
+/// Waits (up to 3 s) until nobody is subscribed to the channel of `k`.
+async fn no_subscription_left(
+    admin: &mut redis::aio::MultiplexedConnection,
+    k: &StoreKey,
+    what: &str,
+) {
+    let channel = format!("idempotency:{k}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while subscribers(admin, &channel).await > 0 {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn waiter(store: &RedisStore, k: &StoreKey) -> tokio::task::JoinHandle<Claim> {
     let (store, k) = (store.clone(), k.clone());
     tokio::spawn(async move {
@@ -114,13 +140,7 @@ async fn a_waiter_on_another_instance_is_woken_by_the_completion_not_by_polling(
     let first = RedisStore::connect(&server.url()).await.expect("connect");
     let second = RedisStore::connect(&server.url()).await.expect("connect");
     let k = key("woken-by-completion");
-    let Claim::Acquired(token) = first
-        .claim(&k, &fp(1), LeaseToken::new(), LONG)
-        .await
-        .unwrap()
-    else {
-        panic!("the first claim acquires");
-    };
+    let token = acquire(&first, &k).await;
     claims_since(&mut admin).await;
     let waiting = waiter(&second, &k);
     tokio::time::sleep(HOLD).await;
@@ -142,14 +162,7 @@ async fn a_waiter_on_another_instance_is_woken_by_the_completion_not_by_polling(
         claims <= 7,
         "a woken waiter claims at first, per 500 ms recheck and once woken: {claims} claims"
     );
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while subscribers(&mut admin, &format!("idempotency:{k}")).await > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the subscription outlived the wait"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    no_subscription_left(&mut admin, &k, "the subscription outlived the wait").await;
 }
 
 /// A release on one instance wakes the waiter on another, which then owns the key.
@@ -163,13 +176,7 @@ async fn a_release_wakes_a_waiter_on_another_instance_which_takes_the_key() {
     let first = RedisStore::connect(&server.url()).await.expect("connect");
     let second = RedisStore::connect(&server.url()).await.expect("connect");
     let k = key("woken-by-release");
-    let Claim::Acquired(token) = first
-        .claim(&k, &fp(1), LeaseToken::new(), LONG)
-        .await
-        .unwrap()
-    else {
-        panic!("the first claim acquires");
-    };
+    let token = acquire(&first, &k).await;
     claims_since(&mut admin).await;
     let waiting = waiter(&second, &k);
     tokio::time::sleep(HOLD).await;
@@ -197,13 +204,7 @@ async fn a_killed_push_connection_loses_no_waiter() {
     let first = RedisStore::connect(&server.url()).await.expect("connect");
     let second = RedisStore::connect(&server.url()).await.expect("connect");
     let k = key("push-killed");
-    let Claim::Acquired(token) = first
-        .claim(&k, &fp(1), LeaseToken::new(), LONG)
-        .await
-        .unwrap()
-    else {
-        panic!("the first claim acquires");
-    };
+    let token = acquire(&first, &k).await;
     let waiting = waiter(&second, &k);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed: i64 = redis::cmd("CLIENT")
@@ -226,13 +227,7 @@ async fn a_killed_push_connection_loses_no_waiter() {
 
     // The channel works again for the next waiter.
     let k = key("push-after-kill");
-    let Claim::Acquired(token) = first
-        .claim(&k, &fp(1), LeaseToken::new(), LONG)
-        .await
-        .unwrap()
-    else {
-        panic!("acquires");
-    };
+    let token = acquire(&first, &k).await;
     claims_since(&mut admin).await;
     let waiting = waiter(&second, &k);
     tokio::time::sleep(HOLD).await;
@@ -257,13 +252,7 @@ async fn many_waiters_on_two_instances_all_get_the_one_answer() {
     let first = RedisStore::connect(&server.url()).await.expect("connect");
     let second = RedisStore::connect(&server.url()).await.expect("connect");
     let k = key("many-waiters");
-    let Claim::Acquired(token) = first
-        .claim(&k, &fp(1), LeaseToken::new(), LONG)
-        .await
-        .unwrap()
-    else {
-        panic!("the first claim acquires");
-    };
+    let token = acquire(&first, &k).await;
     let waiters: Vec<_> = (0..32)
         .map(|i| waiter(if i % 2 == 0 { &first } else { &second }, &k))
         .collect();
@@ -286,14 +275,7 @@ async fn many_waiters_on_two_instances_all_get_the_one_answer() {
             .iter()
             .all(|b| b == &b"one answer"[..])
     );
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while subscribers(&mut admin, &format!("idempotency:{k}")).await > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "subscriptions outlived the waits"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    no_subscription_left(&mut admin, &k, "subscriptions outlived the waits").await;
 }
 
 /// A store built on a connection of the user's wakes its waiters by push once given a
@@ -318,13 +300,7 @@ async fn a_store_on_the_users_connection_is_pushed_once_given_a_client() {
         (true, plain, first),
     ] {
         let k = key(&uuid::Uuid::new_v4().to_string());
-        let Claim::Acquired(token) = first
-            .claim(&k, &fp(1), LeaseToken::new(), LONG)
-            .await
-            .unwrap()
-        else {
-            panic!("the first claim acquires");
-        };
+        let token = acquire(&first, &k).await;
         claims_since(&mut admin).await;
         let waiting = waiter(&second, &k);
         tokio::time::sleep(HOLD).await;
@@ -354,13 +330,7 @@ async fn cancelled_waits_leave_no_subscription_behind() {
     let first = RedisStore::connect(&server.url()).await.expect("connect");
     let second = RedisStore::connect(&server.url()).await.expect("connect");
     let k = key("cancelled-waits");
-    let Claim::Acquired(token) = first
-        .claim(&k, &fp(1), LeaseToken::new(), LONG)
-        .await
-        .unwrap()
-    else {
-        panic!("the first claim acquires");
-    };
+    let token = acquire(&first, &k).await;
     let mut cancelled = 0;
     let fingerprint = fp(1);
     for micros in (0..400).step_by(5) {
@@ -379,15 +349,12 @@ async fn cancelled_waits_leave_no_subscription_behind() {
         }
     }
     assert!(cancelled > 0, "the waits were cut off");
-    let channel = format!("idempotency:{k}");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while subscribers(&mut admin, &channel).await > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "a cancelled wait left its channel subscribed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    no_subscription_left(
+        &mut admin,
+        &k,
+        "a cancelled wait left its channel subscribed",
+    )
+    .await;
     // And the next waiter is still woken.
     claims_since(&mut admin).await;
     let waiting = waiter(&second, &k);
