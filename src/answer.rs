@@ -3,10 +3,10 @@
 //! [`IdempotencyOutcome`].
 
 use http::header::CONTENT_LENGTH;
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http::{Extensions, HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::body::IdempotencyBody;
-use crate::outcome::{IdempotencyOutcome, REPLAYED_HEADER, mark};
+use crate::outcome::{IdempotencyOutcome, REPLAYED_HEADER, mark_reusing};
 use crate::policy::{is_replayable_header, storable_headers};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::Record;
@@ -19,6 +19,17 @@ pub(crate) fn problem<B>(
     problem: Problem,
     outcome: IdempotencyOutcome,
 ) -> Response<IdempotencyBody<B>> {
+    problem_reusing(config, grpc, problem, outcome, Extensions::new())
+}
+
+/// [`problem`], with `spare` (a request's extensions, emptied) as the response's.
+pub(crate) fn problem_reusing<B>(
+    config: &Runtime,
+    grpc: bool,
+    problem: Problem,
+    outcome: IdempotencyOutcome,
+    spare: Extensions,
+) -> Response<IdempotencyBody<B>> {
     let res = problem
         .into_response_cached(
             grpc,
@@ -30,7 +41,7 @@ pub(crate) fn problem<B>(
             Some(&config.problems),
         )
         .map(|b| IdempotencyBody::full(b, None));
-    mark(res, outcome)
+    mark_reusing(res, outcome, spare)
 }
 
 /// The store could not be reached: `503 store-unavailable` with `Retry-After`; nothing ran.
@@ -48,28 +59,47 @@ pub(crate) fn store_unavailable<B>(config: &Runtime, grpc: bool) -> Response<Ide
 }
 
 /// The key was used with another payload: `422 key-reused`.
-pub(crate) fn mismatch<B>(config: &Runtime, grpc: bool) -> Response<IdempotencyBody<B>> {
+pub(crate) fn mismatch<B>(
+    config: &Runtime,
+    grpc: bool,
+    spare: Extensions,
+) -> Response<IdempotencyBody<B>> {
     let detail = "This Idempotency-Key was already used with a different request payload; \
                   use a new key for a new request.";
-    problem(
+    problem_reusing(
         config,
         grpc,
         Problem::new(ProblemKind::KeyReused, detail),
         IdempotencyOutcome::Mismatch,
+        spare,
     )
 }
 
 pub(crate) fn replay<B>(record: &Record) -> Response<IdempotencyBody<B>> {
+    replay_reusing(record, Extensions::new())
+}
+
+/// [`replay`], with `spare` (a request's extensions, emptied) as the response's: no map to
+/// allocate for the outcome.
+pub(crate) fn replay_reusing<B>(
+    record: &Record,
+    spare: Extensions,
+) -> Response<IdempotencyBody<B>> {
     let mut res = Response::new(IdempotencyBody::full(
         record.body().clone(),
         record.trailers().cloned(),
     ));
     *res.status_mut() = record.status();
-    // Framed by its body, never by what the record says (see `replay_headers`).
-    *res.headers_mut() = replay_headers(record);
-    res.headers_mut()
-        .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
-    mark(res, IdempotencyOutcome::Replayed)
+    // Made once per record (a record the memory store keeps is replayed by a clone).
+    *res.headers_mut() = record
+        .replay_headers(|record| {
+            // Framed by its body, never by what the record says (see `replay_headers`).
+            let mut headers = replay_headers(record);
+            headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+            headers
+        })
+        .clone();
+    mark_reusing(res, IdempotencyOutcome::Replayed, spare)
 }
 
 /// The headers a replay of `record` carries: the stored ones, less any field a record

@@ -12,7 +12,9 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::answer::{mismatch, problem, replay, store_unavailable};
+use crate::answer::{
+    mismatch, problem, problem_reusing, replay, replay_reusing, store_unavailable,
+};
 use crate::body::{BufferError, IdempotencyBody, RebuildBody, buffer};
 use crate::claim::{Claimed, PendingClaim};
 use crate::key::{IdempotencyKey, StoreKey};
@@ -29,14 +31,23 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// The path of a covered request with a key (`None`: the key is in the body, read once it
 /// is buffered, see [`IdempotencyLayer::key_from_json`](crate::IdempotencyLayer)).
-pub(crate) async fn flow<S, ReqBody, ResBody>(
+/// `traced`: the request's span is enabled (attributes are recorded on it).
+///
+/// A function that returns an `async` block, not an `async fn`: an `async fn` keeps its
+/// arguments in its future beside the copies its body moves them into; the block uses
+/// them where they are.
+// The arguments are what the flow starts from; bundling them would only rename them. And
+// `async fn` is what this function must not be (above).
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+pub(crate) fn flow<S, ReqBody, ResBody>(
     mut inner: S,
     parts: Parts,
     body: ReqBody,
     key: Option<IdempotencyKey>,
     config: Arc<Runtime>,
     grpc: bool,
-) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+    traced: bool,
+) -> impl Future<Output = Result<Response<IdempotencyBody<ResBody>>, S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -46,335 +57,339 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
-    // Keys are kept apart per caller: a caller the layer cannot identify is refused, never
-    // put in a scope it might share with another.
-    let Some(scope) = config.scope_of(&parts) else {
-        tracing::debug!(
-            key = key.as_ref().map(|k| k.as_str()),
-            "caller unknown; refusing the request"
-        );
-        return Ok(problem(
-            &config,
-            grpc,
-            Problem::new(
-                ProblemKind::CallerUnknown,
-                "The caller of this request cannot be identified, so its Idempotency-Key \
-                 cannot be kept apart from other callers' keys; nothing was done.",
-            ),
-            IdempotencyOutcome::Rejected,
-        ));
-    };
-    let bytes = match buffer(body, config.max_request_body).await {
-        Ok(bytes) => bytes,
-        Err(BufferError::TooLarge) => {
-            let detail = format!(
-                "The request body is larger than {} bytes, the most this endpoint accepts.",
-                config.max_request_body
+    async move {
+        // Keys are kept apart per caller: a caller the layer cannot identify is refused, never
+        // put in a scope it might share with another.
+        let Some(scope) = config.scope_of(&parts) else {
+            tracing::debug!(
+                key = key.as_ref().map(|k| k.as_str()),
+                "caller unknown; refusing the request"
             );
             return Ok(problem(
                 &config,
                 grpc,
-                Problem::new(ProblemKind::RequestTooLarge, detail),
+                Problem::new(
+                    ProblemKind::CallerUnknown,
+                    "The caller of this request cannot be identified, so its Idempotency-Key \
+                 cannot be kept apart from other callers' keys; nothing was done.",
+                ),
                 IdempotencyOutcome::Rejected,
             ));
-        }
-        Err(BufferError::Read(err)) => {
-            let detail = format!("The request body could not be read: {err}");
-            return Ok(problem(
-                &config,
-                grpc,
-                Problem::new(ProblemKind::BodyUnreadable, detail),
-                IdempotencyOutcome::Rejected,
-            ));
-        }
-    };
-    let key = match key {
-        Some(key) => key,
-        None => match crate::key::from_body(
-            config.key_pointer.as_deref().unwrap_or(""),
-            config.missing == crate::policy::MissingKey::Optional,
-            config.max_key_len,
-            &bytes,
-        ) {
-            Ok(key) => key,
-            Err(None) => {
-                // No key in the body, and keys are optional: the request runs unprotected.
-                let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
-                let res = inner.call(req).await?;
-                return Ok(mark(
-                    res.map(IdempotencyBody::passthrough),
-                    IdempotencyOutcome::PassedThrough,
-                ));
-            }
-            Err(Some(refused)) => {
+        };
+        let bytes = match buffer(body, config.max_request_body).await {
+            Ok(bytes) => bytes,
+            Err(BufferError::TooLarge) => {
+                let detail = format!(
+                    "The request body is larger than {} bytes, the most this endpoint accepts.",
+                    config.max_request_body
+                );
                 return Ok(problem(
                     &config,
                     grpc,
-                    refused,
+                    Problem::new(ProblemKind::RequestTooLarge, detail),
                     IdempotencyOutcome::Rejected,
                 ));
             }
-        },
-    };
-    let store_key = StoreKey::new(&scope, key.as_str());
-    let span = tracing::Span::current();
-    if !span.is_disabled() {
-        let hash = xxhash_rust::xxh3::xxh3_64(store_key.as_str().as_bytes());
-        span.record("idempotency.key_hash", format!("{hash:016x}").as_str());
-    }
-    let fingerprint = config.fingerprint_of(&parts, &bytes);
-    let ttl = config.ttl_of(&parts);
-    let lease = config.lease_of(&parts);
-    // The key goes into the request's extensions only when the request goes on to the
-    // service (`run`, or unprotected under fail-open): a replay or a refusal never needs it.
-    // Kept (a reference count) to fingerprint again the legacy way, should a stored
-    // fingerprint be an earlier version's.
-    let body = bytes.clone();
-    let mut req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
-
-    // The token is made here, before the claim is sent: if the answer never comes, the
-    // claim that may have landed is released by it (on every path, drops included).
-    let pending = PendingClaim::new(&config, store_key, lease);
-    let claim_started = (!span.is_disabled()).then(std::time::Instant::now);
-    let mut claim = config
-        .claim(
-            pending.key(),
-            &fingerprint,
-            pending.token(),
-            pending.lease(),
-        )
-        .await;
-    if let Some(started) = claim_started {
-        span.record(
-            "idempotency.store.claim_ms",
-            started.elapsed().as_secs_f64() * 1000.0,
-        );
-    }
-    let mut waited = false;
-    // Whether the recovery hook already sent this request round again (once at most).
-    let mut rerun = false;
-    loop {
-        let found = match claim {
-            // A record exists but cannot be read: the operation ran. Whatever the failure
-            // policy, it must not run again.
-            Err(StoreError::Decode(err)) => {
-                pending.not_ours();
-                return Ok(unreadable(&config, grpc, key.as_str(), &err));
-            }
-            // The store refused a new claim to keep its recent records: nothing was
-            // changed, and running unprotected could run a duplicate.
-            Err(StoreError::Full) => {
-                pending.not_ours();
-                let key = key.as_str();
-                // The truth about when a new key may fit: the memory store knows when its
-                // oldest record leaves the replay window; others get the configured hint.
-                #[cfg(feature = "memory")]
-                let after = config
-                    .memory
-                    .as_ref()
-                    .and_then(crate::MemoryStore::room_in)
-                    .unwrap_or(config.retry_after);
-                #[cfg(not(feature = "memory"))]
-                let after = config.retry_after;
-                tracing::warn!(
-                    key,
-                    retry_after_s = after.as_secs(),
-                    "idempotency store is full; refusing the request"
-                );
+            Err(BufferError::Read(err)) => {
+                let detail = format!("The request body could not be read: {err}");
                 return Ok(problem(
                     &config,
                     grpc,
-                    Problem::new(
-                        ProblemKind::StoreFull,
-                        "The idempotency store has no room for a new key right now; nothing \
-                         was done. Retry after Retry-After, when room may be free.",
-                    )
-                    .retry_after(after),
-                    IdempotencyOutcome::StoreFull,
+                    Problem::new(ProblemKind::BodyUnreadable, detail),
+                    IdempotencyOutcome::Rejected,
                 ));
             }
-            Err(err) => {
-                pending.failed();
-                return Box::pin(store_failed(inner, req, key, &config, grpc, err)).await;
-            }
-            Ok(found) => found,
         };
-        match found {
-            Claim::Acquired(token) if token == pending.token() => {
-                return run(inner, req, key, pending.acquired(fingerprint, ttl)).await;
-            }
-            Claim::Acquired(_) => {
-                // A store that ignores the caller's token breaks the contract; nothing it
-                // made can be released by the layer, so refuse rather than run unfenced.
-                pending.failed();
-                let err = StoreError::backend(ForeignToken);
-                return Box::pin(store_failed(inner, req, key, &config, grpc, err)).await;
-            }
-            // A sealed record no store opened (an instance without the key ring, in a fleet
-            // turning encryption on): never replayed as ciphertext, never run again.
-            Claim::Completed(record)
-                if record.headers().contains_key(crate::record::SEALED_HEADER) =>
-            {
-                pending.not_ours();
-                let err = crate::record::DecodeError::Sealed(
-                    "a sealed record, and this layer's store does not open sealed records"
-                        .to_owned(),
-                );
-                return Ok(unreadable(&config, grpc, key.as_str(), &err));
-            }
-            Claim::Completed(record) => {
-                pending.not_ours();
-                let (same, _) =
-                    same_request(&config, req, &body, fingerprint, record.fingerprint());
-                if !same {
-                    return Ok(mismatch(&config, grpc));
+        let key = match key {
+            Some(key) => key,
+            None => match crate::key::from_body(
+                config.key_pointer.as_deref().unwrap_or(""),
+                config.missing == crate::policy::MissingKey::Optional,
+                config.max_key_len,
+                &bytes,
+            ) {
+                Ok(key) => key,
+                Err(None) => {
+                    // No key in the body, and keys are optional: the request runs unprotected.
+                    let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
+                    let res = inner.call(req).await?;
+                    return Ok(mark(
+                        res.map(IdempotencyBody::passthrough),
+                        IdempotencyOutcome::PassedThrough,
+                    ));
                 }
-                if record.is_tombstone() {
-                    let grpc_cut = crate::problem::is_grpc(record.headers())
-                        && record
-                            .headers()
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok())
-                            .is_some_and(|c| (config.grpc_maybe_ran)(c));
-                    let withheld = record
-                        .headers()
-                        .contains_key(crate::handle::WITHHELD_HEADER);
-                    let detail = if withheld {
-                        format!(
-                            "The operation ran and answered {}; that answer was delivered to \
-                             the first request only and is not kept (it held a secret). It \
-                             will not run again with this key.",
-                            record.status()
-                        )
-                    } else if grpc_cut {
-                        "The call was cut off midway (its deadline ran out) and may have run; \
-                         its outcome is not known. It will not run again with this key."
-                            .to_owned()
-                    } else if (config.maybe_ran)(record.status()) {
-                        format!(
-                            "The operation was cut off midway (it answered {}) and may have \
-                             run; its outcome is not known. It will not run again with this \
-                             key.",
-                            record.status()
-                        )
-                    } else {
-                        format!(
-                            "The operation ran and answered {}, but its response could not be \
-                             kept for replay. It will not run again with this key.",
-                            record.status()
-                        )
-                    };
+                Err(Some(refused)) => {
                     return Ok(problem(
                         &config,
                         grpc,
-                        Problem::new(ProblemKind::ResponseNotStored, detail),
-                        IdempotencyOutcome::NotStored,
+                        refused,
+                        IdempotencyOutcome::Rejected,
                     ));
                 }
-                return Ok(replay(&record));
-            }
-            Claim::OutcomeUnknown {
-                fingerprint: held,
-                token: committed_by,
-            } => {
-                let store_key = pending.key().clone();
-                let same;
-                (same, req) = same_request(&config, req, &body, fingerprint, &held);
-                if !same {
+            },
+        };
+        let store_key = StoreKey::new(&scope, key.as_str());
+        let span = if traced {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        };
+        if traced {
+            let hash = xxhash_rust::xxh3::xxh3_64(store_key.as_str().as_bytes());
+            span.record("idempotency.key_hash", format!("{hash:016x}").as_str());
+        }
+        let fingerprint = config.fingerprint_of(&parts, &bytes);
+        let ttl = config.ttl_of(&parts);
+        let lease = config.lease_of(&parts);
+        // The request is put back together only when it goes on to the service (`run`, or
+        // unprotected under fail-open), and the key put in its extensions then: a replay or a
+        // refusal never needs either, and answers with the request's extensions (emptied) as
+        // its own, so that the outcome needs no map of its own.
+        let request = |parts, bytes| Request::from_parts(parts, ReqBody::from_bytes(bytes));
+
+        // The token is made here, before the claim is sent: if the answer never comes, the
+        // claim that may have landed is released by it (on every path, drops included).
+        let pending = PendingClaim::new(&config, store_key, lease);
+        let claim_started = traced.then(std::time::Instant::now);
+        let mut claim = config
+            .claim(
+                pending.key(),
+                &fingerprint,
+                pending.token(),
+                pending.lease(),
+            )
+            .await;
+        if let Some(started) = claim_started {
+            span.record(
+                "idempotency.store.claim_ms",
+                started.elapsed().as_secs_f64() * 1000.0,
+            );
+        }
+        let mut waited = false;
+        // Whether the recovery hook already sent this request round again (once at most).
+        let mut rerun = false;
+        loop {
+            let found = match claim {
+                // A record exists but cannot be read: the operation ran. Whatever the failure
+                // policy, it must not run again.
+                Err(StoreError::Decode(err)) => {
                     pending.not_ours();
-                    return Ok(mismatch(&config, grpc));
+                    return Ok(unreadable(&config, grpc, key.as_str(), &err));
                 }
-                let unsettled = config.recover.as_ref().map(|_| {
-                    Unsettled::new(store_key.clone(), req.method(), req.uri(), req.headers())
-                });
-                let found = Box::pin(outcome_unknown(
-                    &config,
-                    ttl,
-                    grpc,
-                    unsettled.filter(|_| !rerun),
-                    store_key,
-                    fingerprint,
-                    held,
-                ))
-                .await;
-                match found {
-                    Unknown::Answer(res) => {
-                        pending.not_ours();
-                        return Ok(res);
-                    }
-                    // The hook proved the operation never made its effects: its commit is
-                    // withdrawn (fenced by the token that made it; a retry that withdrew it
-                    // first makes this one find the key in flight), and the key claimed anew.
-                    Unknown::NeverRan => {
-                        rerun = true;
-                        match config.revoke(pending.key(), committed_by).await {
-                            Ok(()) => tracing::info!(
-                                key = pending.key().client_key(),
-                                "the recovery hook found the committed operation never ran: \
-                                 its commit is withdrawn and this retry runs it"
-                            ),
-                            Err(StoreError::LeaseLost) => {}
-                            // Never run unprotected here, whatever the failure policy: the
-                            // key was committed, and the withdrawal may have landed.
-                            Err(err) => {
-                                pending.not_ours();
-                                tracing::warn!(
-                                    key = key.as_str(),
-                                    error = %ErrorChain(&err),
-                                    "withdrawing a commit the recovery hook found never ran \
-                                     failed; refusing the request"
-                                );
-                                return Ok(store_unavailable(&config, grpc));
-                            }
-                        }
-                        claim = config
-                            .claim(
-                                pending.key(),
-                                &fingerprint,
-                                pending.token(),
-                                pending.lease(),
-                            )
-                            .await;
-                        continue;
-                    }
-                }
-            }
-            Claim::InFlight {
-                fingerprint: held,
-                lease_remaining,
-            } => {
-                let same;
-                (same, req) = same_request(&config, req, &body, fingerprint, &held);
-                if !same {
+                // The store refused a new claim to keep its recent records: nothing was
+                // changed, and running unprotected could run a duplicate.
+                Err(StoreError::Full) => {
                     pending.not_ours();
-                    return Ok(mismatch(&config, grpc));
+                    let key = key.as_str();
+                    // The truth about when a new key may fit: the memory store knows when its
+                    // oldest record leaves the replay window; others get the configured hint.
+                    #[cfg(feature = "memory")]
+                    let after = config
+                        .memory
+                        .as_ref()
+                        .and_then(crate::MemoryStore::room_in)
+                        .unwrap_or(config.retry_after);
+                    #[cfg(not(feature = "memory"))]
+                    let after = config.retry_after;
+                    tracing::warn!(
+                        key,
+                        retry_after_s = after.as_secs(),
+                        "idempotency store is full; refusing the request"
+                    );
+                    return Ok(problem(
+                        &config,
+                        grpc,
+                        Problem::new(
+                            ProblemKind::StoreFull,
+                            "The idempotency store has no room for a new key right now; nothing \
+                         was done. Retry after Retry-After, when room may be free.",
+                        )
+                        .retry_after(after),
+                        IdempotencyOutcome::StoreFull,
+                    ));
                 }
-                match config.in_flight {
-                    InFlight::Wait(timeout) if !waited => {
-                        waited = true;
-                        claim = config
-                            .wait(
-                                pending.key(),
-                                &fingerprint,
-                                pending.token(),
-                                pending.lease(),
-                                timeout,
-                            )
-                            .await;
-                        continue;
+                Err(err) => {
+                    pending.failed();
+                    let req = request(parts, bytes);
+                    return Box::pin(store_failed(inner, req, key, &config, grpc, err)).await;
+                }
+                Ok(found) => found,
+            };
+            match found {
+                Claim::Acquired(token) if token == pending.token() => {
+                    let req = request(parts, bytes);
+                    return run(inner, req, key, pending.acquired(fingerprint, ttl)).await;
+                }
+                Claim::Acquired(_) => {
+                    // A store that ignores the caller's token breaks the contract; nothing it
+                    // made can be released by the layer, so refuse rather than run unfenced.
+                    pending.failed();
+                    let err = StoreError::backend(ForeignToken);
+                    let req = request(parts, bytes);
+                    return Box::pin(store_failed(inner, req, key, &config, grpc, err)).await;
+                }
+                // A sealed record no store opened (an instance without the key ring, in a fleet
+                // turning encryption on): never replayed as ciphertext, never run again.
+                Claim::Completed(record)
+                    if record.headers().contains_key(crate::record::SEALED_HEADER) =>
+                {
+                    pending.not_ours();
+                    let err = crate::record::DecodeError::Sealed(
+                        "a sealed record, and this layer's store does not open sealed records"
+                            .to_owned(),
+                    );
+                    return Ok(unreadable(&config, grpc, key.as_str(), &err));
+                }
+                Claim::Completed(record) => {
+                    pending.not_ours();
+                    if !same_request(&config, &parts, &bytes, fingerprint, record.fingerprint()) {
+                        return Ok(mismatch(&config, grpc, parts.extensions));
                     }
-                    _ => {
-                        pending.not_ours();
-                        let after = lease_remaining
-                            .map_or(config.retry_after, |l| l.min(config.retry_after));
-                        let detail = "A request with this Idempotency-Key is still being \
-                                      processed; retry later to get its result.";
-                        return Ok(problem(
+                    if record.is_tombstone() {
+                        let grpc_cut = crate::problem::is_grpc(record.headers())
+                            && record
+                                .headers()
+                                .get("grpc-status")
+                                .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok())
+                                .is_some_and(|c| (config.grpc_maybe_ran)(c));
+                        let withheld = record
+                            .headers()
+                            .contains_key(crate::handle::WITHHELD_HEADER);
+                        let detail = if withheld {
+                            format!(
+                                "The operation ran and answered {}; that answer was delivered to \
+                             the first request only and is not kept (it held a secret). It \
+                             will not run again with this key.",
+                                record.status()
+                            )
+                        } else if grpc_cut {
+                            "The call was cut off midway (its deadline ran out) and may have run; \
+                         its outcome is not known. It will not run again with this key."
+                                .to_owned()
+                        } else if (config.maybe_ran)(record.status()) {
+                            format!(
+                                "The operation was cut off midway (it answered {}) and may have \
+                             run; its outcome is not known. It will not run again with this \
+                             key.",
+                                record.status()
+                            )
+                        } else {
+                            format!(
+                                "The operation ran and answered {}, but its response could not be \
+                             kept for replay. It will not run again with this key.",
+                                record.status()
+                            )
+                        };
+                        return Ok(problem_reusing(
                             &config,
                             grpc,
-                            Problem::new(ProblemKind::KeyInUse, detail).retry_after(after),
-                            IdempotencyOutcome::InFlight,
+                            Problem::new(ProblemKind::ResponseNotStored, detail),
+                            IdempotencyOutcome::NotStored,
+                            parts.extensions,
                         ));
+                    }
+                    return Ok(replay_reusing(&record, parts.extensions));
+                }
+                Claim::OutcomeUnknown {
+                    fingerprint: held,
+                    token: committed_by,
+                } => {
+                    let store_key = pending.key().clone();
+                    if !same_request(&config, &parts, &bytes, fingerprint, &held) {
+                        pending.not_ours();
+                        return Ok(mismatch(&config, grpc, parts.extensions));
+                    }
+                    let unsettled = config.recover.as_ref().map(|_| {
+                        Unsettled::new(store_key.clone(), &parts.method, &parts.uri, &parts.headers)
+                    });
+                    let found = Box::pin(outcome_unknown(
+                        &config,
+                        ttl,
+                        grpc,
+                        unsettled.filter(|_| !rerun),
+                        store_key,
+                        fingerprint,
+                        held,
+                    ))
+                    .await;
+                    match found {
+                        Unknown::Answer(res) => {
+                            pending.not_ours();
+                            return Ok(res);
+                        }
+                        // The hook proved the operation never made its effects: its commit is
+                        // withdrawn (fenced by the token that made it; a retry that withdrew it
+                        // first makes this one find the key in flight), and the key claimed anew.
+                        Unknown::NeverRan => {
+                            rerun = true;
+                            match config.revoke(pending.key(), committed_by).await {
+                                Ok(()) => tracing::info!(
+                                    key = pending.key().client_key(),
+                                    "the recovery hook found the committed operation never ran: \
+                                 its commit is withdrawn and this retry runs it"
+                                ),
+                                Err(StoreError::LeaseLost) => {}
+                                // Never run unprotected here, whatever the failure policy: the
+                                // key was committed, and the withdrawal may have landed.
+                                Err(err) => {
+                                    pending.not_ours();
+                                    tracing::warn!(
+                                        key = key.as_str(),
+                                        error = %ErrorChain(&err),
+                                        "withdrawing a commit the recovery hook found never ran \
+                                         failed; refusing the request"
+                                    );
+                                    return Ok(store_unavailable(&config, grpc));
+                                }
+                            }
+                            claim = config
+                                .claim(
+                                    pending.key(),
+                                    &fingerprint,
+                                    pending.token(),
+                                    pending.lease(),
+                                )
+                                .await;
+                            continue;
+                        }
+                    }
+                }
+                Claim::InFlight {
+                    fingerprint: held,
+                    lease_remaining,
+                } => {
+                    if !same_request(&config, &parts, &bytes, fingerprint, &held) {
+                        pending.not_ours();
+                        return Ok(mismatch(&config, grpc, parts.extensions));
+                    }
+                    match config.in_flight {
+                        InFlight::Wait(timeout) if !waited => {
+                            waited = true;
+                            claim = config
+                                .wait(
+                                    pending.key(),
+                                    &fingerprint,
+                                    pending.token(),
+                                    pending.lease(),
+                                    timeout,
+                                )
+                                .await;
+                            continue;
+                        }
+                        _ => {
+                            pending.not_ours();
+                            let after = lease_remaining
+                                .map_or(config.retry_after, |l| l.min(config.retry_after));
+                            let detail = "A request with this Idempotency-Key is still being \
+                                      processed; retry later to get its result.";
+                            return Ok(problem_reusing(
+                                &config,
+                                grpc,
+                                Problem::new(ProblemKind::KeyInUse, detail).retry_after(after),
+                                IdempotencyOutcome::InFlight,
+                                parts.extensions,
+                            ));
+                        }
                     }
                 }
             }
@@ -519,20 +534,18 @@ async fn outcome_unknown<B>(
 
 /// Whether `stored` is this request's fingerprint: equal, or, for a fingerprint an earlier
 /// version stored (bare SHA-256, see [`crate::fingerprint`]), equal once this request is
-/// fingerprinted the old way. Hands the request back.
-fn same_request<B>(
+/// fingerprinted the old way.
+fn same_request(
     config: &Runtime,
-    req: Request<B>,
+    parts: &Parts,
     body: &Bytes,
     fingerprint: crate::fingerprint::Fingerprint,
     stored: &crate::fingerprint::Fingerprint,
-) -> (bool, Request<B>) {
+) -> bool {
     if *stored == fingerprint || !stored.is_legacy() || fingerprint.is_legacy() {
-        return (*stored == fingerprint, req);
+        return *stored == fingerprint;
     }
-    let (parts, b) = req.into_parts();
-    let old = crate::fingerprint::legacy(|| config.fingerprint_of(&parts, body));
-    (old == *stored, Request::from_parts(parts, b))
+    crate::fingerprint::legacy(|| config.fingerprint_of(parts, body)) == *stored
 }
 
 /// A store answered `Acquired` with a token other than the one the layer sent.
@@ -576,13 +589,18 @@ where
     }
 }
 
-/// Runs the operation that owns the claim.
-async fn run<S, ReqBody, ResBody>(
+/// Runs the operation that owns the claim: calls the service now, and answers the future
+/// of its response (recorded as it streams).
+///
+/// Not an `async fn`: everything before the first wait happens here, and the future is the
+/// boxed operation alone, so that the flow's own future, allocated for every covered
+/// request, does not hold a copy of the request and the claim.
+fn run<S, ReqBody, ResBody>(
     mut inner: S,
-    req: Request<ReqBody>,
+    mut req: Request<ReqBody>,
     key: IdempotencyKey,
     claimed: Claimed,
-) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+) -> Detachable<Result<Response<IdempotencyBody<ResBody>>, S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -591,7 +609,6 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Send,
 {
-    let mut req = req;
     req.extensions_mut().insert(key);
     req.extensions_mut().insert(claimed.handle());
     let fut = inner.call(req);
@@ -617,23 +634,23 @@ where
             }
         }
     };
-    if config.disconnect != Disconnect::Finish {
-        return Box::pin(work).await;
-    }
     // If the client goes away and this future is dropped, the operation goes on by itself
-    // on a tracked task, and its response body (dropped unread) is drained and stored.
+    // on a tracked task (unless told to stop with the client), and its response body
+    // (dropped unread) is drained and stored.
     Detachable {
         fut: Some(Box::pin(work)),
         polling: false,
+        detach: config.disconnect == Disconnect::Finish,
         config,
     }
-    .await
 }
 
-/// A future that, dropped before it ends, finishes on a tracked task instead.
+/// A future that, dropped before it ends, finishes on a tracked task instead (when
+/// `detach`; otherwise it is dropped).
 struct Detachable<T: Send + 'static> {
     fut: Option<BoxFuture<T>>,
     polling: bool,
+    detach: bool,
     config: Arc<Runtime>,
 }
 
@@ -658,7 +675,7 @@ impl<T: Send + 'static> Future for Detachable<T> {
 
 impl<T: Send + 'static> Drop for Detachable<T> {
     fn drop(&mut self) {
-        if let Some(fut) = self.fut.take().filter(|_| !self.polling) {
+        if let Some(fut) = self.fut.take().filter(|_| self.detach && !self.polling) {
             self.config.work.spawn("detached operation", async move {
                 drop(fut.await);
             });

@@ -473,7 +473,9 @@ impl Call<'_> {
         let inner = Runner {
             operation: Arc::new(Mutex::new(Some(operation))),
         };
-        let Ok(res) = crate::flow::flow(inner, parts, body, Some(key), runtime, false).await;
+        let traced = !tracing::Span::current().is_disabled();
+        let Ok(res) =
+            crate::flow::flow(inner, parts, body, Some(key), runtime, false, traced).await;
         let outcome = res
             .extensions()
             .get::<IdempotencyOutcome>()

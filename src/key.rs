@@ -219,7 +219,10 @@ pub fn parse_key(
             max: max_len,
         });
     }
-    if !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+    // A bare token was checked byte by byte above; an sf-string may hold any character
+    // RFC 9651 allows, which is printable ASCII and space, but say so here all the same.
+    if matches!(key, std::borrow::Cow::Owned(_)) && !key.bytes().all(|b| (0x20..=0x7e).contains(&b))
+    {
         return Err(KeyError::NotPrintable);
     }
     Ok(IdempotencyKey::new(&key))
@@ -471,14 +474,13 @@ impl StoreKey {
         Self(Arc::from(s))
     }
 
-    /// The shared text, for a store that keeps the key (no copy).
-    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     /// The key a store holds as `text` (a store's own keys, already validated when stored).
     #[allow(dead_code)]
     pub(crate) fn from_shared(text: Arc<str>) -> Self {
         Self(text)
     }
 
+    /// The shared text, for a store that keeps the key (no copy).
     #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn shared(&self) -> &Arc<str> {
         &self.0

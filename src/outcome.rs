@@ -78,3 +78,18 @@ pub(crate) fn mark<B>(mut res: Response<B>, outcome: IdempotencyOutcome) -> Resp
     res.extensions_mut().insert(outcome);
     res
 }
+
+/// [`mark`], on `spare` emptied and made the response's extensions (those the response
+/// had kept): a request's extensions, whose map is already allocated, serve an answer the
+/// layer writes in the request's place.
+pub(crate) fn mark_reusing<B>(
+    mut res: Response<B>,
+    outcome: IdempotencyOutcome,
+    mut spare: http::Extensions,
+) -> Response<B> {
+    spare.clear();
+    spare.extend(std::mem::take(res.extensions_mut()));
+    spare.insert(outcome);
+    *res.extensions_mut() = spare;
+    res
+}

@@ -55,6 +55,28 @@ pub struct Record {
     trailers: Option<HeaderMap>,
     fingerprint: Fingerprint,
     tombstone: bool,
+    /// The headers a replay of this record carries, made at the first replay and kept
+    /// with the record (a record kept in memory is replayed by cloning them).
+    replay: ReplayHeaders,
+}
+
+/// A cache of [`Record`]'s replay headers: made once from the fields it is kept beside,
+/// which never change once a record is made, so it takes no part in comparing records.
+#[derive(Clone, Default)]
+struct ReplayHeaders(std::sync::OnceLock<Box<HeaderMap>>);
+
+impl PartialEq for ReplayHeaders {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ReplayHeaders {}
+
+impl std::fmt::Debug for ReplayHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("..")
+    }
 }
 
 /// A record could not be decoded.
@@ -105,6 +127,7 @@ impl Record {
             trailers,
             fingerprint: Fingerprint::from_bytes([0; 32]),
             tombstone: false,
+            replay: ReplayHeaders::default(),
         }
     }
 
@@ -150,6 +173,11 @@ impl Record {
     /// Whether this record is a tombstone (the body was too large to keep).
     pub fn is_tombstone(&self) -> bool {
         self.tombstone
+    }
+
+    /// The headers a replay of this record carries, made by `make` the first time.
+    pub(crate) fn replay_headers(&self, make: impl FnOnce(&Self) -> HeaderMap) -> &HeaderMap {
+        self.replay.0.get_or_init(|| Box::new(make(self)))
     }
 
     /// An estimate of the bytes this record occupies, used for memory bounds.
@@ -241,6 +269,7 @@ impl Record {
             trailers,
             fingerprint: Fingerprint::from_bytes(fingerprint),
             tombstone: flags & FLAG_TOMBSTONE != 0,
+            replay: ReplayHeaders::default(),
         })
     }
 }

@@ -2,13 +2,16 @@
 //! ([`crate::flow`]).
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
+use pin_project_lite::pin_project;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -174,9 +177,19 @@ where
             "url.path" = parts.uri.path(),
             "http.response.status_code" = tracing::field::Empty,
         );
-        let fut = covered(inner, parts, body, key, Arc::clone(config), grpc, generated);
+        let traced = !span.is_disabled();
+        let fut = covered(
+            inner,
+            parts,
+            body,
+            key,
+            Arc::clone(config),
+            grpc,
+            generated,
+            traced,
+        );
         // One allocation for the whole covered path; the span only when someone listens.
-        if span.is_disabled() {
+        if !traced {
             ResponseFuture::covered(Box::pin(fut))
         } else {
             ResponseFuture::covered(Box::pin(fut.instrument(span)))
@@ -184,8 +197,14 @@ where
     }
 }
 
-/// The covered path, with the generated key echoed and the outcome traced.
-async fn covered<S, ReqBody, ResBody>(
+/// The covered path, with the generated key echoed and the outcome traced (recorded on the
+/// request's span when `traced`: when no subscriber wants it, it is not looked up).
+///
+/// A function that returns the flow's future wrapped, not an `async fn`: an `async fn`
+/// would keep its arguments beside the flow's own copies of them, in the one allocation
+/// every covered request makes.
+#[allow(clippy::too_many_arguments)]
+fn covered<S, ReqBody, ResBody>(
     inner: S,
     parts: Parts,
     body: ReqBody,
@@ -193,7 +212,8 @@ async fn covered<S, ReqBody, ResBody>(
     config: Arc<Runtime>,
     grpc: bool,
     generated: bool,
-) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+    traced: bool,
+) -> Covered<impl Future<Output = Result<Response<IdempotencyBody<ResBody>>, S::Error>>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -207,36 +227,64 @@ where
         .as_ref()
         .filter(|_| generated)
         .map(|key| (config.header.clone(), key.to_header_value()));
-    let mut res = flow(inner, parts, body, key, config, grpc).await?;
-    if let Some((name, value)) = echo {
-        res.headers_mut().insert(name, value);
+    Covered {
+        fut: flow(inner, parts, body, key, config, grpc, traced),
+        echo,
+        traced,
     }
-    if let Some(&outcome) = res.extensions().get::<IdempotencyOutcome>() {
-        let span = tracing::Span::current();
-        span.record("idempotency.outcome", outcome.as_str());
-        span.record(
-            "idempotency.replayed",
-            matches!(
-                outcome,
-                IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered
-            ),
-        );
-        span.record("http.response.status_code", res.status().as_u16());
-        crate::metrics::outcome(outcome);
-        match outcome {
-            IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered => {
-                tracing::info!(status = res.status().as_u16(), "replayed the stored answer");
-            }
-            IdempotencyOutcome::InFlight => {
-                tracing::info!("the first request with this key still runs: 409");
-            }
-            IdempotencyOutcome::Mismatch => {
-                tracing::warn!("the key was used before with another payload: 422");
-            }
-            _ => {}
+}
+
+pin_project! {
+    /// The flow's future, then the generated key echoed and the outcome traced.
+    struct Covered<F> {
+        #[pin]
+        fut: F,
+        echo: Option<(HeaderName, HeaderValue)>,
+        traced: bool,
+    }
+}
+
+impl<F, B, E> Future for Covered<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = ready!(this.fut.poll(cx))?;
+        if let Some((name, value)) = this.echo.take() {
+            res.headers_mut().insert(name, value);
         }
+        if let Some(&outcome) = res.extensions().get::<IdempotencyOutcome>() {
+            if *this.traced {
+                let span = tracing::Span::current();
+                span.record("idempotency.outcome", outcome.as_str());
+                span.record(
+                    "idempotency.replayed",
+                    matches!(
+                        outcome,
+                        IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered
+                    ),
+                );
+                span.record("http.response.status_code", res.status().as_u16());
+            }
+            crate::metrics::outcome(outcome);
+            match outcome {
+                IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered => {
+                    tracing::info!(status = res.status().as_u16(), "replayed the stored answer");
+                }
+                IdempotencyOutcome::InFlight => {
+                    tracing::info!("the first request with this key still runs: 409");
+                }
+                IdempotencyOutcome::Mismatch => {
+                    tracing::warn!("the key was used before with another payload: 422");
+                }
+                _ => {}
+            }
+        }
+        Poll::Ready(Ok(res))
     }
-    Ok(res)
 }
 
 fn reject<F, B, E>(config: &Runtime, grpc: bool, err: KeyError) -> ResponseFuture<F, B, E> {

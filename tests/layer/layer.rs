@@ -1177,3 +1177,82 @@ async fn canonical_json_fingerprints_ignore_serialisation() {
     assert_problem(&changed, 422, "key-reused");
     assert_eq!(counter.runs(), 1);
 }
+
+/// A value an outer layer put in the request's extensions (a caller's identity, say).
+#[derive(Clone, Debug, PartialEq)]
+struct CallerSecret(&'static str);
+
+/// Replays, `409` and `422` are answered with the request's extension map emptied and
+/// reused (no map allocated for the outcome): nothing the request carried may leave in the
+/// response, only the outcome.
+#[tokio::test]
+async fn answers_the_layer_writes_carry_no_request_extension() {
+    let counter = Counter::default();
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::from_millis(300)));
+    let with_secret = |key: &str, body: &str| {
+        let mut req = post(Some(key), body);
+        req.extensions_mut().insert(CallerSecret("alice's token"));
+        req
+    };
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        let req = with_secret("k-ext", "{\"a\":1}");
+        async move { svc.oneshot(req).await.unwrap() }
+    });
+    common::eventually("the first request runs", || counter.runs() == 1).await;
+    // 409: the first still runs.
+    let busy = svc
+        .clone()
+        .oneshot(with_secret("k-ext", "{\"a\":1}"))
+        .await
+        .unwrap();
+    assert_eq!(busy.status(), StatusCode::CONFLICT);
+    assert!(busy.extensions().get::<CallerSecret>().is_none());
+    assert_eq!(
+        busy.extensions().get::<IdempotencyOutcome>(),
+        Some(&IdempotencyOutcome::InFlight)
+    );
+    let first = first.await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first = common::collect(first).await;
+    // Replays, twice (the second from the headers the record keeps once made).
+    for _ in 0..2 {
+        let again = svc
+            .clone()
+            .oneshot(with_secret("k-ext", "{\"a\":1}"))
+            .await
+            .unwrap();
+        assert!(again.extensions().get::<CallerSecret>().is_none());
+        assert_eq!(
+            again.extensions().get::<IdempotencyOutcome>(),
+            Some(&IdempotencyOutcome::Replayed)
+        );
+        let again = common::collect(again).await;
+        assert!(again.replayed());
+        assert_eq!(again.body, first.body);
+        assert_eq!(again.headers["content-type"], "application/json");
+        assert_eq!(
+            again.headers["content-length"],
+            first.body.len().to_string().as_str()
+        );
+        assert_eq!(
+            again.headers.get_all("idempotent-replayed").iter().count(),
+            1
+        );
+    }
+    // 422: another payload under the key.
+    let other = svc
+        .clone()
+        .oneshot(with_secret("k-ext", "{\"a\":2}"))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(other.extensions().get::<CallerSecret>().is_none());
+    assert_eq!(
+        other.extensions().get::<IdempotencyOutcome>(),
+        Some(&IdempotencyOutcome::Mismatch)
+    );
+    assert_eq!(counter.runs(), 1);
+}
