@@ -112,7 +112,8 @@ where
                 Err(None) => {
                     // No key in the body, and keys are optional: the request runs unprotected.
                     let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
-                    let res = inner.call(req).await?;
+                    // Boxed: a rare path, kept out of the request's future.
+                    let res = Box::pin(inner.call(req)).await?;
                     return Ok(mark(
                         res.map(IdempotencyBody::passthrough),
                         IdempotencyOutcome::PassedThrough,
@@ -129,14 +130,12 @@ where
             },
         };
         let store_key = StoreKey::new(&scope, key.as_str());
-        let span = if traced {
-            tracing::Span::current()
-        } else {
-            tracing::Span::none()
-        };
+        // The span is looked up where it is recorded on, not kept across the claim: the
+        // future, allocated for every covered request, holds no more than it must.
         if traced {
             let hash = xxhash_rust::xxh3::xxh3_64(store_key.as_str().as_bytes());
-            span.record("idempotency.key_hash", format!("{hash:016x}").as_str());
+            tracing::Span::current()
+                .record("idempotency.key_hash", format!("{hash:016x}").as_str());
         }
         let fingerprint = config.fingerprint_of(&parts, &bytes);
         let ttl = config.ttl_of(&parts);
@@ -160,7 +159,7 @@ where
             )
             .await;
         if let Some(started) = claim_started {
-            span.record(
+            tracing::Span::current().record(
                 "idempotency.store.claim_ms",
                 started.elapsed().as_secs_f64() * 1000.0,
             );
@@ -302,7 +301,10 @@ where
                     let unsettled = config.recover.as_ref().map(|_| {
                         Unsettled::new(store_key.clone(), &parts.method, &parts.uri, &parts.headers)
                     });
-                    let found = Box::pin(outcome_unknown(
+                    // The answer is out of the future's state before the next wait: a
+                    // `match` on a local would keep it there, across the withdrawal and the
+                    // new claim below.
+                    match Box::pin(outcome_unknown(
                         &config,
                         ttl,
                         grpc,
@@ -311,48 +313,47 @@ where
                         fingerprint,
                         held,
                     ))
-                    .await;
-                    match found {
+                    .await
+                    {
                         Unknown::Answer(res) => {
                             pending.not_ours();
                             return Ok(res);
                         }
-                        // The hook proved the operation never made its effects: its commit is
-                        // withdrawn (fenced by the token that made it; a retry that withdrew it
-                        // first makes this one find the key in flight), and the key claimed anew.
-                        Unknown::NeverRan => {
-                            rerun = true;
-                            match config.revoke(pending.key(), committed_by).await {
-                                Ok(()) => tracing::info!(
-                                    key = pending.key().client_key(),
-                                    "the recovery hook found the committed operation never ran: \
-                                 its commit is withdrawn and this retry runs it"
-                                ),
-                                Err(StoreError::LeaseLost) => {}
-                                // Never run unprotected here, whatever the failure policy: the
-                                // key was committed, and the withdrawal may have landed.
-                                Err(err) => {
-                                    pending.not_ours();
-                                    tracing::warn!(
-                                        key = key.as_str(),
-                                        error = %ErrorChain(&err),
-                                        "withdrawing a commit the recovery hook found never ran \
-                                         failed; refusing the request"
-                                    );
-                                    return Ok(store_unavailable(&config, grpc));
-                                }
-                            }
-                            claim = config
-                                .claim(
-                                    pending.key(),
-                                    &fingerprint,
-                                    pending.token(),
-                                    pending.lease(),
-                                )
-                                .await;
-                            continue;
+                        Unknown::NeverRan => {}
+                    }
+                    // The hook proved the operation never made its effects: its commit is
+                    // withdrawn (fenced by the token that made it; a retry that withdrew it
+                    // first makes this one find the key in flight), and the key claimed anew.
+                    rerun = true;
+                    match config.revoke(pending.key(), committed_by).await {
+                        Ok(()) => tracing::info!(
+                            key = pending.key().client_key(),
+                            "the recovery hook found the committed operation never ran: \
+                             its commit is withdrawn and this retry runs it"
+                        ),
+                        Err(StoreError::LeaseLost) => {}
+                        // Never run unprotected here, whatever the failure policy: the
+                        // key was committed, and the withdrawal may have landed.
+                        Err(err) => {
+                            pending.not_ours();
+                            tracing::warn!(
+                                key = key.as_str(),
+                                error = %ErrorChain(&err),
+                                "withdrawing a commit the recovery hook found never ran \
+                                 failed; refusing the request"
+                            );
+                            return Ok(store_unavailable(&config, grpc));
                         }
                     }
+                    claim = config
+                        .claim(
+                            pending.key(),
+                            &fingerprint,
+                            pending.token(),
+                            pending.lease(),
+                        )
+                        .await;
+                    continue;
                 }
                 Claim::InFlight {
                     fingerprint: held,

@@ -9,6 +9,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use crate::body::IdempotencyBody;
+use crate::service::Echo;
 
 type Covered<B, E> =
     Pin<Box<dyn Future<Output = Result<Response<IdempotencyBody<B>>, E>> + Send + 'static>>;
@@ -30,7 +31,12 @@ pin_project! {
     enum State<F, B, E> {
         Passthrough { #[pin] fut: F },
         Ready { res: Option<Response<IdempotencyBody<B>>> },
-        Covered { fut: Covered<B, E> },
+        Covered {
+            fut: Covered<B, E>,
+            // `Some` for the flow of a request with a key: its answer is observed
+            // (`crate::service::observe`) with this echo and tracing.
+            observe: Option<(Echo, Option<tracing::Span>)>,
+        },
     }
 }
 
@@ -49,7 +55,18 @@ impl<F, B, E> ResponseFuture<F, B, E> {
 
     pub(crate) fn covered(fut: Covered<B, E>) -> Self {
         Self {
-            state: State::Covered { fut },
+            state: State::Covered { fut, observe: None },
+        }
+    }
+
+    /// The flow of a request with a key, whose answer gets `echo` and is traced (on
+    /// `span`, the request's, when a subscriber wants it).
+    pub(crate) fn observed(fut: Covered<B, E>, echo: Echo, span: Option<tracing::Span>) -> Self {
+        Self {
+            state: State::Covered {
+                fut,
+                observe: Some((echo, span)),
+            },
         }
     }
 }
@@ -82,7 +99,13 @@ where
             StateProj::Ready { res } => Poll::Ready(Ok(res
                 .take()
                 .expect("ResponseFuture polled after completion"))),
-            StateProj::Covered { fut } => fut.as_mut().poll(cx),
+            StateProj::Covered { fut, observe } => {
+                let mut res = ready!(fut.as_mut().poll(cx))?;
+                if let Some((echo, span)) = observe.take() {
+                    crate::service::observe(&mut res, echo, span);
+                }
+                Poll::Ready(Ok(res))
+            }
         }
     }
 }

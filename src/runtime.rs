@@ -130,11 +130,13 @@ impl Runtime {
         let timer = crate::metrics::Timer::start();
         let result = match self.claim_direct(key, fingerprint, token, lease) {
             Some(claim) => claim,
+            // Boxed: a store across the network pays one allocation more, and the memory
+            // store's claim (no wait) keeps the request's future small.
             None => {
-                bounded(
+                Box::pin(bounded(
                     self.store_timeout,
                     self.store.claim(key, fingerprint, token, lease),
-                )
+                ))
                 .await
             }
         };
@@ -153,10 +155,11 @@ impl Runtime {
         timeout: Duration,
     ) -> Result<Claim, StoreError> {
         let timer = crate::metrics::Timer::start();
-        let result = bounded(
+        // Boxed: a rare path, kept out of the request's future.
+        let result = Box::pin(bounded(
             timeout.saturating_add(self.store_timeout),
             self.store.wait(key, fingerprint, token, lease, timeout),
-        )
+        ))
         .await;
         timer.store_call(&*self.store, "wait", &result);
         result
@@ -185,7 +188,8 @@ impl Runtime {
 
     /// Frees `key` held with `token`, its commit point included.
     pub(crate) async fn revoke(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
-        self.call("revoke", self.store.revoke(key, token)).await
+        // Boxed: a rare path, kept out of the request's future.
+        Box::pin(self.call("revoke", self.store.revoke(key, token))).await
     }
 
     /// Declares the commit point of the claim on `key` held with `token`, kept for `ttl`

@@ -2,16 +2,12 @@
 //! ([`crate::flow`]).
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::request::Parts;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body::Body;
-use pin_project_lite::pin_project;
 use tower_service::Service;
 use tracing::Instrument;
 
@@ -178,112 +174,60 @@ where
             "http.response.status_code" = tracing::field::Empty,
         );
         let traced = !span.is_disabled();
-        let fut = covered(
-            inner,
-            parts,
-            body,
-            key,
-            Arc::clone(config),
-            grpc,
-            generated,
-            traced,
-        );
+        let echo = key
+            .as_ref()
+            .filter(|_| generated)
+            .map(|key| (config.header.clone(), key.to_header_value()));
+        let fut = flow(inner, parts, body, key, Arc::clone(config), grpc, traced);
         // One allocation for the whole covered path; the span only when someone listens.
         if !traced {
-            ResponseFuture::covered(Box::pin(fut))
+            ResponseFuture::observed(Box::pin(fut), echo, None)
         } else {
-            ResponseFuture::covered(Box::pin(fut.instrument(span)))
+            let observed = Some(span.clone());
+            ResponseFuture::observed(Box::pin(fut.instrument(span)), echo, observed)
         }
     }
 }
 
-/// The covered path, with the generated key echoed and the outcome traced (recorded on the
-/// request's span when `traced`: when no subscriber wants it, it is not looked up).
-///
-/// A function that returns the flow's future wrapped, not an `async fn`: an `async fn`
-/// would keep its arguments beside the flow's own copies of them, in the one allocation
-/// every covered request makes.
-#[allow(clippy::too_many_arguments)]
-fn covered<S, ReqBody, ResBody>(
-    inner: S,
-    parts: Parts,
-    body: ReqBody,
-    key: Option<IdempotencyKey>,
-    config: Arc<Runtime>,
-    grpc: bool,
-    generated: bool,
-    traced: bool,
-) -> Covered<impl Future<Output = Result<Response<IdempotencyBody<ResBody>>, S::Error>>>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ReqBody: Body<Data = Bytes> + RebuildBody + Send + 'static,
-    ReqBody::Error: Into<crate::body::BoxError>,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Send,
-{
-    let echo = key
-        .as_ref()
-        .filter(|_| generated)
-        .map(|key| (config.header.clone(), key.to_header_value()));
-    Covered {
-        fut: flow(inner, parts, body, key, config, grpc, traced),
-        echo,
-        traced,
+/// The key the layer generated, echoed on the answer (header name and value).
+pub(crate) type Echo = Option<(HeaderName, HeaderValue)>;
+
+/// What the answer of a covered request gets once the flow gives it: the generated key
+/// echoed, and the outcome counted and traced (recorded on the request's span, `Some` when
+/// a subscriber wants it). Done by the response future, outside the flow's boxed future,
+/// which then holds the flow alone.
+pub(crate) fn observe<B>(res: &mut Response<B>, echo: Echo, span: Option<tracing::Span>) {
+    if let Some((name, value)) = echo {
+        res.headers_mut().insert(name, value);
     }
-}
-
-pin_project! {
-    /// The flow's future, then the generated key echoed and the outcome traced.
-    struct Covered<F> {
-        #[pin]
-        fut: F,
-        echo: Option<(HeaderName, HeaderValue)>,
-        traced: bool,
+    let Some(&outcome) = res.extensions().get::<IdempotencyOutcome>() else {
+        return;
+    };
+    // The events below belong to the request's span, as they did inside the flow.
+    let _entered = span.as_ref().map(tracing::Span::enter);
+    if let Some(span) = &span {
+        span.record("idempotency.outcome", outcome.as_str());
+        span.record(
+            "idempotency.replayed",
+            matches!(
+                outcome,
+                IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered
+            ),
+        );
+        span.record("http.response.status_code", res.status().as_u16());
     }
-}
-
-impl<F, B, E> Future for Covered<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<B>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut res = ready!(this.fut.poll(cx))?;
-        if let Some((name, value)) = this.echo.take() {
-            res.headers_mut().insert(name, value);
+    crate::metrics::outcome(outcome);
+    match outcome {
+        IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered => {
+            tracing::info!(status = res.status().as_u16(), "replayed the stored answer");
         }
-        if let Some(&outcome) = res.extensions().get::<IdempotencyOutcome>() {
-            if *this.traced {
-                let span = tracing::Span::current();
-                span.record("idempotency.outcome", outcome.as_str());
-                span.record(
-                    "idempotency.replayed",
-                    matches!(
-                        outcome,
-                        IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered
-                    ),
-                );
-                span.record("http.response.status_code", res.status().as_u16());
-            }
-            crate::metrics::outcome(outcome);
-            match outcome {
-                IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered => {
-                    tracing::info!(status = res.status().as_u16(), "replayed the stored answer");
-                }
-                IdempotencyOutcome::InFlight => {
-                    tracing::info!("the first request with this key still runs: 409");
-                }
-                IdempotencyOutcome::Mismatch => {
-                    tracing::warn!("the key was used before with another payload: 422");
-                }
-                _ => {}
-            }
+        IdempotencyOutcome::InFlight => {
+            tracing::info!("the first request with this key still runs: 409");
         }
-        Poll::Ready(Ok(res))
+        IdempotencyOutcome::Mismatch => {
+            tracing::warn!("the key was used before with another payload: 422");
+        }
+        _ => {}
     }
 }
 
