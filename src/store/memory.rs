@@ -99,6 +99,8 @@ struct Inner {
     seq: AtomicU64,
     sweep_interval: Duration,
     sweeper_started: Arc<AtomicBool>,
+    /// Background sweeps so far (every [`WALK_EVERY`]th walks the whole map).
+    sweeps: AtomicU64,
     /// Completed records in the order they were stored: the eviction order.
     queue: Mutex<VecDeque<Queued>>,
     evictions: AtomicU64,
@@ -176,6 +178,13 @@ impl MemoryStoreBuilder {
 
     /// How often expired entries are swept. Default: 10 seconds.
     ///
+    /// A sweep takes the expired records off the front of the store's eviction queue (work
+    /// in proportion to what expired, not to what the store holds); every 30th walks every
+    /// entry, for claims their owner never ended and records stored with a TTL shorter than
+    /// one stored before them (until then, such an entry is invisible to claims but still
+    /// counts against [`max_bytes`](Self::max_bytes)). [`MemoryStore::sweep`] walks every
+    /// entry at once.
+    ///
     /// ```
     /// use std::time::Duration;
     /// let store = tower_idempotency::MemoryStore::builder()
@@ -198,6 +207,7 @@ impl MemoryStoreBuilder {
                 seq: AtomicU64::new(0),
                 sweep_interval: self.sweep_interval,
                 sweeper_started: Arc::new(AtomicBool::new(false)),
+                sweeps: AtomicU64::new(0),
                 queue: Mutex::new(VecDeque::new()),
                 evictions: AtomicU64::new(0),
                 refusals: AtomicU64::new(0),
@@ -332,7 +342,7 @@ impl MemoryStore {
             &self.inner,
             interval,
             |inner| {
-                inner.sweep(Instant::now());
+                inner.sweep_tick(Instant::now());
                 std::future::ready(())
             },
         );
@@ -474,7 +484,62 @@ impl Completion {
     }
 }
 
+/// How many background sweeps in a row remove expired records from the front of the
+/// eviction queue alone, before one walks the whole map.
+const WALK_EVERY: u64 = 30;
+
+/// How many queued records one lock of the eviction queue hands over to be swept.
+const SWEEP_BATCH: usize = 1024;
+
 impl Inner {
+    /// One background sweep. Most take the expired records off the front of the eviction
+    /// queue, which is in order of completion, so in order of expiry for records stored with
+    /// one TTL: work in proportion to what expired, with one shard locked at a time for one
+    /// removal, however many records the store holds. Every [`WALK_EVERY`]th walks the whole
+    /// map (a shard locked at a time) for what the queue does not order: claims whose owner
+    /// never came back, and records stored with a TTL shorter than one stored before them.
+    fn sweep_tick(&self, now: Instant) {
+        let tick = self.sweeps.fetch_add(1, Ordering::Relaxed);
+        if tick % WALK_EVERY == WALK_EVERY - 1 {
+            self.sweep(now);
+        } else {
+            self.sweep_queue(now);
+        }
+    }
+
+    /// Removes the expired records at the front of the eviction queue; answers how many.
+    fn sweep_queue(&self, now: Instant) -> u64 {
+        let mut removed = 0;
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                while batch.len() < SWEEP_BATCH
+                    && queue.front().is_some_and(|q| q.expires_at <= now)
+                {
+                    batch.extend(queue.pop_front());
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            for q in batch.drain(..) {
+                // The record queued, if the key still holds it (not replaced since) and it has
+                // expired.
+                let gone = self.map.remove_if(&q.key, |_, e| {
+                    e.seq == q.seq && e.slot.gone_at().is_some_and(|at| at <= now)
+                });
+                if let Some((_, mut entry)) = gone {
+                    entry.wake();
+                    self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+                    removed += 1;
+                }
+            }
+        }
+        crate::metrics::memory_size(self.bytes.load(Ordering::Relaxed), self.map.len());
+        removed
+    }
+
     /// Removes every expired entry; answers how many.
     fn sweep(&self, now: Instant) -> u64 {
         let mut removed = 0;
@@ -996,5 +1061,91 @@ mod tests {
         let claim = waiter.await.unwrap().unwrap();
         assert!(matches!(claim, Claim::Completed(_)));
         assert!(Instant::now() - started < Duration::from_millis(5));
+    }
+
+    /// Stores a record under `k` for `ttl`.
+    async fn stored(store: &MemoryStore, k: &str, ttl: Duration) {
+        let Claim::Acquired(t) = store
+            .claim(&key(k), &fp(), LeaseToken::new(), LEASE)
+            .await
+            .unwrap()
+        else {
+            panic!("{k} is taken")
+        };
+        store.complete(&key(k), t, record(10), ttl).await.unwrap();
+    }
+
+    /// A background sweep between walks removes what expired from the front of the queue
+    /// (and never a live record, nor a record stored again under the same key since).
+    #[tokio::test(start_paused = true)]
+    async fn sweeps_between_walks_take_expired_records_off_the_queue() {
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(1))
+            .build();
+        stored(&store, "a", Duration::from_millis(1500)).await;
+        stored(&store, "b", Duration::from_millis(1500)).await;
+        // Expires after "a" and "b", so it stays.
+        stored(&store, "c", Duration::from_secs(3600)).await;
+        // "b" stored again after it expired: its queued entry is no longer the key's.
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        stored(&store, "b", Duration::from_secs(3600)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(store.inner.sweeps.load(Ordering::Relaxed), 3);
+        assert_eq!(store.len(), 2, "only \"a\" went");
+        for k in ["b", "c"] {
+            let claim = store
+                .claim(&key(k), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap();
+            assert!(matches!(claim, Claim::Completed(_)), "{k} is kept");
+        }
+        let expected = store.inner.map.iter().map(|e| e.size).sum::<usize>();
+        assert_eq!(store.bytes(), expected);
+    }
+
+    /// What the queue does not order is swept by the walk every [`WALK_EVERY`]th sweep: a
+    /// record stored with a TTL shorter than the one before it, and a claim its owner never
+    /// ended (once past its retention).
+    #[tokio::test(start_paused = true)]
+    async fn the_periodic_walk_sweeps_lapsed_claims_and_records_out_of_ttl_order() {
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(1))
+            .build();
+        stored(&store, "long", Duration::from_secs(3 * 3600)).await;
+        stored(&store, "short", Duration::from_secs(2)).await;
+        let Claim::Acquired(_abandoned) = store
+            .claim(
+                &key("orphan"),
+                &fp(),
+                LeaseToken::new(),
+                Duration::from_secs(1),
+            )
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        // Past the orphan's retention and the short record's TTL, but before the walk.
+        let walk = Duration::from_secs(WALK_EVERY);
+        tokio::time::sleep(walk - Duration::from_millis(1500)).await;
+        assert_eq!(
+            store.len(),
+            3,
+            "behind a longer-lived record, out of the queue's reach"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(store.len(), 2, "the walk removed the short-lived record");
+        // The orphan is kept for its owner for an hour past its lease, then walked away.
+        tokio::time::sleep(super::super::ORPHAN_RETENTION + walk).await;
+        assert_eq!(store.len(), 1, "a walk removed the orphan");
+        let claim = store
+            .claim(&key("long"), &fp(), LeaseToken::new(), LEASE)
+            .await
+            .unwrap();
+        assert!(matches!(claim, Claim::Completed(_)));
+        assert_eq!(
+            store.bytes(),
+            store.inner.map.iter().map(|e| e.size).sum::<usize>()
+        );
     }
 }
