@@ -168,11 +168,9 @@ impl<B> IdempotencyBody<B> {
         }
     }
 
-    pub(crate) fn live(inner: Recorder<B>) -> Self {
+    pub(crate) fn live(inner: Box<Recorder<B>>) -> Self {
         Self {
-            kind: Kind::Live {
-                inner: Box::new(inner),
-            },
+            kind: Kind::Live { inner },
         }
     }
 

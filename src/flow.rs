@@ -621,7 +621,9 @@ where
                 if claimed.config().announce_expiry {
                     announce_expiry(claimed.config(), &mut parts, claimed.ttl());
                 }
-                let mut recorder = Recorder::new(body, &parts, claimed);
+                // Boxed before it is primed (the body keeps it boxed): the operation's
+                // future then holds a pointer across the wait, not the recorder.
+                let mut recorder = Box::new(Recorder::new(body, &parts, claimed));
                 // A body complete at once leaves with its head, after its record is stored.
                 recorder.prime().await;
                 let res = Response::from_parts(parts, IdempotencyBody::live(recorder));

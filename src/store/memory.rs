@@ -90,9 +90,57 @@ pub struct MemoryStoreBuilder {
     sweep_interval: Duration,
 }
 
+/// A key of the map: its text, with its hash computed once per store call (a keyed
+/// SipHash, as `std`'s maps use: clients choose their keys) rather than once per map
+/// operation (a first request looks its key up three times).
+#[derive(Clone, Debug)]
+struct MapKey {
+    hash: u64,
+    text: Arc<str>,
+}
+
+impl std::hash::Hash for MapKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialEq for MapKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.text == other.text
+    }
+}
+
+impl Eq for MapKey {}
+
+/// The map's hasher: a [`MapKey`] brings its hash, which this hands on as it is.
+#[derive(Clone, Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is called (by `MapKey`); this is here because it must be.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Map = DashMap<MapKey, Entry, std::hash::BuildHasherDefault<Prehashed>>;
+
 #[derive(Debug)]
 struct Inner {
-    map: DashMap<Arc<str>, Entry>,
+    map: Map,
+    /// The keyed hash of [`MapKey`], random per store.
+    hasher: std::hash::RandomState,
     bytes: AtomicUsize,
     max_bytes: usize,
     min_retention: Duration,
@@ -110,7 +158,7 @@ struct Inner {
 /// A completed record's place in the eviction queue.
 #[derive(Debug)]
 struct Queued {
-    key: Arc<str>,
+    key: MapKey,
     /// The record's `seq`: a newer entry under the same key is not this record.
     seq: u64,
     /// When the record leaves the window (or expires, if sooner): it may be evicted then.
@@ -200,7 +248,8 @@ impl MemoryStoreBuilder {
     pub fn build(self) -> MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
-                map: DashMap::new(),
+                map: Map::default(),
+                hasher: std::hash::RandomState::new(),
                 bytes: AtomicUsize::new(0),
                 max_bytes: self.max_bytes,
                 min_retention: self.min_retention,
@@ -299,7 +348,7 @@ impl MemoryStore {
         let now = Instant::now();
         let mut smallest: BTreeMap<Arc<str>, KeyState> = BTreeMap::new();
         for entry in self.inner.map.iter() {
-            let key = entry.key();
+            let key = &entry.key().text;
             if after.is_some_and(|after| &**key <= after) {
                 continue;
             }
@@ -372,12 +421,16 @@ impl MemoryStore {
         ttl: Duration,
     ) -> Result<(), (StoreError, Record)> {
         let mut completion = self.inner.completion(key, record, ttl);
-        let stored = self.inner.map.get_mut(key.as_str()).and_then(|mut entry| {
-            let record = Arc::clone(&completion.record);
-            machine::complete(&mut entry.slot, completion.now, token, record, ttl).ok()?;
-            completion.account(&self.inner, &mut entry);
-            Some(Arc::clone(entry.key()))
-        });
+        let stored = self
+            .inner
+            .map
+            .get_mut(&self.inner.key(key))
+            .and_then(|mut entry| {
+                let record = Arc::clone(&completion.record);
+                machine::complete(&mut entry.slot, completion.now, token, record, ttl).ok()?;
+                completion.account(&self.inner, &mut entry);
+                Some(entry.key().clone())
+            });
         match stored {
             Some(key) => {
                 self.inner.enqueue(key, &completion);
@@ -399,8 +452,9 @@ impl MemoryStore {
     ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let inner = &self.inner;
-        // Replays and duplicates only read: no key copy, no write lock.
-        if let Some(entry) = inner.map.get(key.as_str())
+        let map_key = inner.key(key);
+        // Replays and duplicates only read: no write lock.
+        if let Some(entry) = inner.map.get(&map_key)
             && let Some(answer) = machine::peek(&entry.slot, now)
         {
             return Ok(answer.into_claim(token));
@@ -418,15 +472,12 @@ impl MemoryStore {
             );
             return Err(StoreError::Full);
         }
-        let mut entry = inner
-            .map
-            .entry(Arc::clone(key.shared()))
-            .or_insert_with(|| Entry {
-                slot: Slot::Free,
-                waiters: None,
-                size: 0,
-                seq: 0,
-            });
+        let mut entry = inner.map.entry(map_key).or_insert_with(|| Entry {
+            slot: Slot::Free,
+            waiters: None,
+            size: 0,
+            seq: 0,
+        });
         let claimed = machine::claim(&mut entry.slot, now, fingerprint, token, lease);
         if claimed == Claimed::Acquired {
             // Whatever the key held before (an expired record, a claim taken over) is gone.
@@ -448,11 +499,14 @@ impl MemoryStore {
         transition: impl FnOnce(&mut Slot<Arc<Record>, Instant>) -> T,
     ) -> Option<T> {
         let mut out = None;
-        let removed = self.inner.map.remove_if_mut(key.as_str(), |_, entry| {
-            out = Some(transition(&mut entry.slot));
-            entry.wake();
-            matches!(entry.slot, Slot::Free)
-        });
+        let removed = self
+            .inner
+            .map
+            .remove_if_mut(&self.inner.key(key), |_, entry| {
+                out = Some(transition(&mut entry.slot));
+                entry.wake();
+                matches!(entry.slot, Slot::Free)
+            });
         if let Some((_, entry)) = removed {
             self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
         }
@@ -492,6 +546,15 @@ const WALK_EVERY: u64 = 30;
 const SWEEP_BATCH: usize = 1024;
 
 impl Inner {
+    /// `key` as the map holds it (its text shared, its hash computed).
+    fn key(&self, key: &StoreKey) -> MapKey {
+        use std::hash::BuildHasher;
+        MapKey {
+            hash: self.hasher.hash_one(key.as_str()),
+            text: Arc::clone(key.shared()),
+        }
+    }
+
     /// One background sweep. Most take the expired records off the front of the eviction
     /// queue, which is in order of completion, so in order of expiry for records stored with
     /// one TTL: work in proportion to what expired, with one shard locked at a time for one
@@ -609,7 +672,7 @@ impl Inner {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::memory_eviction();
                     tracing::debug!(
-                        key = key.split_once(':').map_or(&*key, |(_, k)| k),
+                        key = key.text.split_once(':').map_or(&*key.text, |(_, k)| k),
                         "memory store full: evicted a record older than the replay window"
                     );
                 }
@@ -642,7 +705,7 @@ impl Inner {
     }
 
     /// Puts a stored record in the eviction queue, then evicts what the cap asks for.
-    fn enqueue(&self, key: Arc<str>, completion: &Completion) {
+    fn enqueue(&self, key: MapKey, completion: &Completion) {
         let window_end = time::add(completion.now, self.min_retention);
         self.queue
             .lock()
@@ -712,7 +775,7 @@ impl IdempotencyStore for MemoryStore {
         let mut entry = self
             .inner
             .map
-            .get_mut(key.as_str())
+            .get_mut(&self.inner.key(key))
             .ok_or(StoreError::LeaseLost)?;
         machine::commit(&mut entry.slot, Instant::now(), token, ttl)?;
         Ok(())
@@ -725,7 +788,7 @@ impl IdempotencyStore for MemoryStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let mut completion = self.inner.completion(key, record, ttl);
-        let Some(mut entry) = self.inner.map.get_mut(key.as_str()) else {
+        let Some(mut entry) = self.inner.map.get_mut(&self.inner.key(key)) else {
             return Ok(false);
         };
         let record = Arc::clone(&completion.record);
@@ -733,14 +796,14 @@ impl IdempotencyStore for MemoryStore {
             return Ok(false);
         }
         completion.account(&self.inner, &mut entry);
-        let key = Arc::clone(entry.key());
+        let key = entry.key().clone();
         drop(entry);
         self.inner.enqueue(key, &completion);
         Ok(true)
     }
 
     async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
-        Ok(match self.inner.map.get(key.as_str()) {
+        Ok(match self.inner.map.get(&self.inner.key(key)) {
             Some(entry) => machine::inspect(&entry.slot, Instant::now()),
             None => KeyState::Free,
         })
@@ -792,7 +855,7 @@ impl IdempotencyStore for MemoryStore {
         let mut entry = self
             .inner
             .map
-            .get_mut(key.as_str())
+            .get_mut(&self.inner.key(key))
             .ok_or(StoreError::LeaseLost)?;
         machine::extend(&mut entry.slot, Instant::now(), token, lease)?;
         Ok(())
@@ -809,9 +872,10 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<Claim, StoreError> {
         self.ensure_sweeper();
         let deadline = time::deadline_after(timeout);
+        let map_key = self.inner.key(key);
         loop {
             // Register interest before looking, so that no wake-up is missed.
-            let registered = self.inner.map.get_mut(key.as_str()).and_then(|mut e| {
+            let registered = self.inner.map.get_mut(&map_key).and_then(|mut e| {
                 let Slot::Held(held) = &e.slot else {
                     return None;
                 };
@@ -1147,5 +1211,35 @@ mod tests {
             store.bytes(),
             store.inner.map.iter().map(|e| e.size).sum::<usize>()
         );
+    }
+
+    /// Two keys whose hashes collide are still two entries: a key is its text, the hash
+    /// only where to look (else a collision would answer one caller with another's record).
+    #[test]
+    fn keys_with_colliding_hashes_stay_apart() {
+        let map = Map::default();
+        let entry = |seq| Entry {
+            slot: Slot::Free,
+            waiters: None,
+            size: 0,
+            seq,
+        };
+        let a = MapKey {
+            hash: 7,
+            text: Arc::from("anon:a"),
+        };
+        let b = MapKey {
+            hash: 7,
+            text: Arc::from("anon:b"),
+        };
+        map.insert(a.clone(), entry(1));
+        map.insert(b.clone(), entry(2));
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.get(&a).map(|e| e.seq), Some(1));
+        assert_eq!(map.get(&b).map(|e| e.seq), Some(2));
+        // The same text with its real hash is the same key, found wherever it is stored.
+        let store = MemoryStore::new();
+        assert_eq!(store.inner.key(&key("k")), store.inner.key(&key("k")));
+        assert_ne!(store.inner.key(&key("k")), store.inner.key(&key("l")));
     }
 }
