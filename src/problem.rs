@@ -516,6 +516,7 @@ impl Problem {
             return Rendered {
                 body: Bytes::new(),
                 grpc_message: HeaderValue::try_from(message).ok(),
+                length: None,
             };
         }
         let mut body = String::with_capacity(200 + self.detail.len());
@@ -553,6 +554,7 @@ impl Problem {
             }
         }
         Rendered {
+            length: Some(HeaderValue::from(body.len())),
             body: Bytes::from(body),
             grpc_message: None,
         }
@@ -584,6 +586,11 @@ impl Problem {
         };
         let (type_base, link) = (style.type_base, style.link);
         let mut res = Response::new(rendered.body);
+        // Room for the fields below without growing the map.
+        *res.headers_mut() = http::HeaderMap::with_capacity(4);
+        if let Some(length) = rendered.length {
+            res.headers_mut().insert(header::CONTENT_LENGTH, length);
+        }
         let h = res.headers_mut();
         if grpc {
             h.insert(
@@ -618,7 +625,7 @@ impl Problem {
                 .as_secs()
                 .saturating_add(u64::from(after.subsec_nanos() > 0));
             res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                .insert(header::RETRY_AFTER, seconds(secs.max(1)));
             if grpc {
                 // gRPC's own form (gRFC A6), which gRPC clients' retry policies obey: the
                 // same pause, in milliseconds.
@@ -632,11 +639,25 @@ impl Problem {
     }
 }
 
+/// `n` as a header value (`Retry-After`): up to a minute, the same value shared from
+/// the first time it was made.
+fn seconds(n: u64) -> HeaderValue {
+    static SMALL: [std::sync::OnceLock<HeaderValue>; 61] =
+        [const { std::sync::OnceLock::new() }; 61];
+    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
+        Some(slot) => slot.get_or_init(|| HeaderValue::from(n)).clone(),
+        None => HeaderValue::from(n),
+    }
+}
+
 /// A problem's body, or its gRPC message, as rendered.
 #[derive(Clone)]
 struct Rendered {
     body: Bytes,
     grpc_message: Option<HeaderValue>,
+    /// The body's `Content-Length` (not for gRPC), made with it: a cached answer shares it
+    /// rather than have the server make it again.
+    length: Option<HeaderValue>,
 }
 
 /// The answers with a static detail that a layer gives most (409 and 422), rendered once,

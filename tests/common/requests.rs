@@ -58,6 +58,10 @@ pub fn assert_problem(answer: &Answer, status: u16, slug: &str) {
         matches!(status, 409 | 503),
         "Retry-After on {status}"
     );
+    // Framed by its own length where the layer says one (a cached answer shares it).
+    if let Some(length) = answer.headers.get("content-length") {
+        assert_eq!(length.to_str().unwrap(), answer.body.len().to_string());
+    }
     let json = answer.json();
     assert_eq!(json["status"], status);
     assert!(

@@ -1210,6 +1210,11 @@ async fn answers_the_layer_writes_carry_no_request_extension() {
         .unwrap();
     assert_eq!(busy.status(), StatusCode::CONFLICT);
     assert!(busy.extensions().get::<CallerSecret>().is_none());
+    let retry_after = busy.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse::<u64>();
+    assert!(matches!(retry_after, Ok(1..=60)), "{retry_after:?}");
     assert_eq!(
         busy.extensions().get::<IdempotencyOutcome>(),
         Some(&IdempotencyOutcome::InFlight)
@@ -1254,5 +1259,6 @@ async fn answers_the_layer_writes_carry_no_request_extension() {
         other.extensions().get::<IdempotencyOutcome>(),
         Some(&IdempotencyOutcome::Mismatch)
     );
+    common::assert_problem(&common::collect(other).await, 422, "key-reused");
     assert_eq!(counter.runs(), 1);
 }
