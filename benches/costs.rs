@@ -19,7 +19,9 @@
 //! sharing one router and store), for the bare router and the layer, in alternating rounds.
 //!
 //! With arguments `<case> <calls>` the binary only makes `calls` calls of one case (what
-//! `scripts/instructions.sh` runs under callgrind, counting inside `measured` alone).
+//! `scripts/instructions.sh` runs under callgrind, counting inside `measured` alone);
+//! `hash-64k <calls>` makes `calls` passes of XXH3-128 over 64 KiB instead, the reference
+//! of the 64 KiB target. The allocation table ends with that hash's throughput.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -311,6 +313,12 @@ fn main() {
         scaling();
         return;
     }
+    if let [hash, calls] = args.as_slice()
+        && hash == "hash-64k"
+    {
+        black_box(measured_hash(&body_of(65536), calls.parse().expect("a number")));
+        return;
+    }
     if let [name, calls] = args.as_slice() {
         let case = CASES
             .iter()
@@ -331,6 +339,36 @@ fn main() {
             allocations as f64 / CALLS as f64
         );
     }
+    println!();
+    println!(
+        "XXH3-128 over 64 KiB (the fingerprint's hash): {:.2} GB/s",
+        hash_throughput()
+    );
+}
+
+/// One pass of XXH3-128 (what the layer fingerprints with) over `body`, `calls` times:
+/// `scripts/instructions.sh` counts it beside the 64 KiB cases, the reference of the
+/// target for large bodies (bare plus one pass of the hash).
+#[inline(never)]
+fn measured_hash(body: &[u8], calls: usize) -> u128 {
+    let mut acc = 0u128;
+    for _ in 0..calls {
+        acc ^= xxhash_rust::xxh3::xxh3_128(black_box(body));
+    }
+    acc
+}
+
+/// The hash's own throughput over 64 KiB, in GB/s (wall clock, best of five runs).
+fn hash_throughput() -> f64 {
+    let body = body_of(65536);
+    let passes = 4000;
+    (0..5)
+        .map(|_| {
+            let started = std::time::Instant::now();
+            black_box(measured_hash(&body, passes));
+            (body.len() * passes) as f64 / started.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
 }
 
 /// First requests per second on distinct keys, one worker thread against two, bare and

@@ -31,3 +31,16 @@ for c in $cases; do
   fi
   printf '| %s | %d | %s |\n' "$c" "$n" "$ratio"
 done
+# The reference of the 64 KiB target: one pass of the fingerprint's hash over the body.
+if [[ -z "${1:-}" || "hash-64k" == "${1:-}"* ]]; then
+  total=$(valgrind --tool=callgrind --toggle-collect='costs::measured*' \
+    --callgrind-out-file="$tmp/out" "$bin" hash-64k "$CALLS" 2>&1 |
+    sed -n 's/.*Collected : \([0-9]*\).*/\1/p')
+  hash=$((total / CALLS))
+  printf '| hash-64k (XXH3-128, one pass) | %d | |\n' "$hash"
+  for c in first-64k replay-64k; do
+    if [[ -n "${per[$c/layer]:-}" && -n "${per[$c/bare]:-}" ]]; then
+      python3 -c "print(f'| $c/layer ÷ (bare + hash) | | {${per[$c/layer]}/(${per[$c/bare]}+$hash):.2f} |')"
+    fi
+  done
+fi
