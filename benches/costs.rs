@@ -316,7 +316,10 @@ fn main() {
     if let [hash, calls] = args.as_slice()
         && hash == "hash-64k"
     {
-        black_box(measured_hash(&body_of(65536), calls.parse().expect("a number")));
+        black_box(measured_hash(
+            &body_of(65536),
+            calls.parse().expect("a number"),
+        ));
         return;
     }
     if let [name, calls] = args.as_slice() {
