@@ -201,10 +201,11 @@ pub fn parse_key(
             None => return Err(KeyError::NotSfString),
         }
     } else {
-        if !bytes
-            .iter()
-            .all(|b| (0x21..=0x7e).contains(b) && *b != b'"')
-        {
+        // Every byte looked at (no early exit), so that the check runs many bytes at a time.
+        let printable = bytes.iter().fold(true, |ok, &b| {
+            ok & (b.wrapping_sub(0x21) < 0x5e) & (b != b'"')
+        });
+        if !printable {
             return Err(KeyError::NotPrintable);
         }
         // Checked above: every byte is printable ASCII.
@@ -557,6 +558,21 @@ impl fmt::Display for StoreKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bare key takes exactly the visible ASCII characters but `"`, whatever byte stands
+    /// where (the check looks at every byte, by arithmetic, not by a range test).
+    #[test]
+    fn a_bare_key_takes_every_visible_ascii_byte_but_a_quote_and_no_other() {
+        for b in 0..=255u8 {
+            let bytes = [b'k', b, b'y'];
+            let Ok(value) = HeaderValue::from_bytes(&bytes) else {
+                continue;
+            };
+            let parsed = parse_key(&value, KeyParsing::default(), 64);
+            let expected = (0x21..=0x7e).contains(&b) && b != b'"';
+            assert_eq!(parsed.is_ok(), expected, "byte {b:#04x}: {parsed:?}");
+        }
+    }
 
     #[test]
     fn store_key_debug_never_shows_the_scope() {
