@@ -340,9 +340,10 @@ mod tests {
     fn small_and_large_requests_hash_as_the_stream_does() {
         let body: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
         // Around the stack buffer's end: the method, path and type take 8 + 4, 8 + 7 and
-        // 8 + 16 bytes, so a body of 461 bytes fills it exactly.
+        // 8 + 16 bytes, and the body's length 8, so a body of 1,989 bytes fills its 2,048
+        // exactly.
         for size in [
-            0, 1, 100, 400, 459, 460, 461, 462, 463, 500, 512, 513, 4096, 70_000,
+            0, 1, 100, 400, 461, 512, 1024, 1987, 1988, 1989, 1990, 1991, 2048, 4096, 70_000,
         ] {
             let fields: [&[u8]; 4] = [b"POST", b"/orders", b"application/json", &body[..size]];
             assert_eq!(
@@ -351,8 +352,10 @@ mod tests {
                 "body of {size}"
             );
         }
-        // A large first field, then small ones.
+        // A large first field, then small ones; one past the buffer, then small ones.
         let fields: [&[u8]; 3] = [&body[..600], b"x", b""];
+        assert_eq!(Fingerprint::of_fields(fields), streamed(&fields));
+        let fields: [&[u8]; 3] = [&body[..3000], b"x", b"yz"];
         assert_eq!(Fingerprint::of_fields(fields), streamed(&fields));
         let none: [&[u8]; 0] = [];
         assert_eq!(Fingerprint::of_fields(none), streamed(&none));
