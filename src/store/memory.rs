@@ -144,7 +144,6 @@ struct Inner {
     bytes: AtomicUsize,
     max_bytes: usize,
     min_retention: Duration,
-    seq: AtomicU64,
     sweep_interval: Duration,
     sweeper_started: Arc<AtomicBool>,
     /// Background sweeps so far (every [`WALK_EVERY`]th walks the whole map).
@@ -253,7 +252,6 @@ impl MemoryStoreBuilder {
                 bytes: AtomicUsize::new(0),
                 max_bytes: self.max_bytes,
                 min_retention: self.min_retention,
-                seq: AtomicU64::new(0),
                 sweep_interval: self.sweep_interval,
                 sweeper_started: Arc::new(AtomicBool::new(false)),
                 sweeps: AtomicU64::new(0),
@@ -482,9 +480,11 @@ impl MemoryStore {
         if claimed == Claimed::Acquired {
             // Whatever the key held before (an expired record, a claim taken over) is gone.
             entry.wake();
-            inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+            if entry.size != 0 {
+                inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+            }
             entry.size = size;
-            entry.seq = inner.seq.fetch_add(1, Ordering::Relaxed);
+            entry.seq = next_seq();
         } else {
             inner.bytes.fetch_sub(size, Ordering::Relaxed);
         }
@@ -528,14 +528,48 @@ impl Completion {
     /// Counts the record in `entry`, which now holds it, and wakes the entry's waiters.
     fn account(&mut self, inner: &Inner, entry: &mut Entry) {
         entry.wake();
-        inner.bytes.fetch_add(self.size, Ordering::Relaxed);
-        inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+        // One update of the shared count, not two: every worker thread writes it.
+        match self.size.cmp(&entry.size) {
+            std::cmp::Ordering::Greater => {
+                inner
+                    .bytes
+                    .fetch_add(self.size - entry.size, Ordering::Relaxed);
+            }
+            std::cmp::Ordering::Less => {
+                inner
+                    .bytes
+                    .fetch_sub(entry.size - self.size, Ordering::Relaxed);
+            }
+            std::cmp::Ordering::Equal => {}
+        }
         entry.size = self.size;
         entry.seq = self.seq;
         if let Slot::Completed { expires_at, .. } = entry.slot {
             self.expires_at = expires_at;
         }
     }
+}
+
+/// A number no other call answers in this process, to tell an entry's record from a
+/// newer one under the same key: taken from a block of numbers the calling thread holds
+/// (the shared counter is written once per 1,024 numbers, not by every claim and completion
+/// of every worker thread). Never 0, which a new entry starts with.
+fn next_seq() -> u64 {
+    use std::cell::Cell;
+    const BLOCK: u64 = 1024;
+    static NEXT_BLOCK: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static RANGE: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    }
+    RANGE.with(|range| {
+        let (mut next, mut end) = range.get();
+        if next == end {
+            next = NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed);
+            end = next + BLOCK;
+        }
+        range.set((next + 1, end));
+        next
+    })
 }
 
 /// How many background sweeps in a row remove expired records from the front of the
@@ -698,7 +732,7 @@ impl Inner {
         Completion {
             size: record.size() + overhead,
             record,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            seq: next_seq(),
             now,
             expires_at: time::add(now, ttl),
         }
@@ -1241,5 +1275,23 @@ mod tests {
         let store = MemoryStore::new();
         assert_eq!(store.inner.key(&key("k")), store.inner.key(&key("k")));
         assert_ne!(store.inner.key(&key("k")), store.inner.key(&key("l")));
+    }
+
+    /// Numbers told apart by equality must never repeat, whatever thread takes them and
+    /// however many blocks they span.
+    #[test]
+    fn seq_numbers_never_repeat_across_threads() {
+        let taken: Vec<Vec<u64>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..3000).map(|_| next_seq()).collect::<Vec<_>>()))
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let mut all: Vec<u64> = taken.into_iter().flatten().collect();
+        assert!(!all.contains(&0));
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n);
     }
 }
