@@ -91,15 +91,17 @@ pub(crate) fn replay_reusing<B>(
     ));
     *res.status_mut() = record.status();
     // Made once per record (a record the memory store keeps is replayed by a clone).
-    *res.headers_mut() = record
-        .replay_headers(|record| {
-            // Framed by its body, never by what the record says (see `replay_headers`).
-            let mut headers = replay_headers(record);
-            headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
-            headers
-        })
-        .clone();
+    *res.headers_mut() = record.replay_headers(replay_map).clone();
     mark_reusing(res, IdempotencyOutcome::Replayed, spare)
+}
+
+/// Every header a replay of `record` carries: [`replay_headers`], and the mark that it is
+/// a replay.
+pub(crate) fn replay_map(record: &Record) -> HeaderMap {
+    // Framed by its body, never by what the record says (see `replay_headers`).
+    let mut headers = replay_headers(record);
+    headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    headers
 }
 
 /// The headers a replay of `record` carries: the stored ones, less any field a record

@@ -5,11 +5,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::Response;
+use http::{HeaderName, HeaderValue, Response};
 use pin_project_lite::pin_project;
 
 use crate::body::IdempotencyBody;
-use crate::service::Echo;
+use crate::outcome::IdempotencyOutcome;
 
 type Covered<B, E> =
     Pin<Box<dyn Future<Output = Result<Response<IdempotencyBody<B>>, E>> + Send + 'static>>;
@@ -34,7 +34,7 @@ pin_project! {
         Covered {
             fut: Covered<B, E>,
             // `Some` for the flow of a request with a key: its answer is observed
-            // (`crate::service::observe`) with this echo and tracing.
+            // (`observe`) with this echo and tracing.
             observe: Option<(Echo, Option<tracing::Span>)>,
         },
     }
@@ -102,10 +102,52 @@ where
             StateProj::Covered { fut, observe } => {
                 let mut res = ready!(fut.as_mut().poll(cx))?;
                 if let Some((echo, span)) = observe.take() {
-                    crate::service::observe(&mut res, echo, span);
+                    self::observe(&mut res, echo, span);
                 }
                 Poll::Ready(Ok(res))
             }
         }
+    }
+}
+
+/// The key the layer generated, echoed on the answer (header name and value).
+pub(crate) type Echo = Option<(HeaderName, HeaderValue)>;
+
+/// What the answer of a covered request gets once the flow gives it: the generated key
+/// echoed, and the outcome counted and traced (recorded on the request's span, `Some` when
+/// a subscriber wants it). Done by the response future, outside the flow's boxed future,
+/// which then holds the flow alone.
+pub(crate) fn observe<B>(res: &mut Response<B>, echo: Echo, span: Option<tracing::Span>) {
+    if let Some((name, value)) = echo {
+        res.headers_mut().insert(name, value);
+    }
+    let Some(&outcome) = res.extensions().get::<IdempotencyOutcome>() else {
+        return;
+    };
+    // The events below belong to the request's span, as they did inside the flow.
+    let _entered = span.as_ref().map(tracing::Span::enter);
+    if let Some(span) = &span {
+        span.record("idempotency.outcome", outcome.as_str());
+        span.record(
+            "idempotency.replayed",
+            matches!(
+                outcome,
+                IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered
+            ),
+        );
+        span.record("http.response.status_code", res.status().as_u16());
+    }
+    crate::metrics::outcome(outcome);
+    match outcome {
+        IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered => {
+            tracing::info!(status = res.status().as_u16(), "replayed the stored answer");
+        }
+        IdempotencyOutcome::InFlight => {
+            tracing::info!("the first request with this key still runs: 409");
+        }
+        IdempotencyOutcome::Mismatch => {
+            tracing::warn!("the key was used before with another payload: 422");
+        }
+        _ => {}
     }
 }

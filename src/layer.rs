@@ -747,6 +747,12 @@ impl IdempotencyLayer {
     pub(crate) fn runtime(&self) -> Arc<Runtime> {
         let parts = &*self.parts;
         let runtime = parts.runtime.get_or_init(|| {
+            // The embedded store makes a record's replay headers when it hands the record
+            // out for a replay, and counts them (the store knows no HTTP answers).
+            #[cfg(feature = "memory")]
+            if let Some(memory) = &parts.memory {
+                memory.make_replay_headers_with(crate::answer::replay_map);
+            }
             Arc::new(Runtime::new(
                 parts.settings.clone(),
                 Arc::clone(&parts.store),

@@ -62,8 +62,9 @@ pub struct Record {
 
 /// A cache of [`Record`]'s replay headers: made once from the fields it is kept beside,
 /// which never change once a record is made, so it takes no part in comparing records.
+/// Beside them, the bytes a store counted for them when they were made (0 if none did).
 #[derive(Clone, Default)]
-struct ReplayHeaders(std::sync::OnceLock<Box<HeaderMap>>);
+struct ReplayHeaders(std::sync::OnceLock<(Box<HeaderMap>, usize)>);
 
 impl PartialEq for ReplayHeaders {
     fn eq(&self, _: &Self) -> bool {
@@ -177,7 +178,41 @@ impl Record {
 
     /// The headers a replay of this record carries, made by `make` the first time.
     pub(crate) fn replay_headers(&self, make: impl FnOnce(&Self) -> HeaderMap) -> &HeaderMap {
-        self.replay.0.get_or_init(|| Box::new(make(self)))
+        &self.replay.0.get_or_init(|| (Box::new(make(self)), 0)).0
+    }
+
+    /// [`replay_headers`](Self::replay_headers), for a store that keeps the record and counts
+    /// its bytes: if they are made here, `count` is told what they take (an estimate, as
+    /// [`size`](Self::size) is), and [`replay_bytes`](Self::replay_bytes) answers it from
+    /// then on.
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
+    pub(crate) fn replay_headers_counted(
+        &self,
+        make: impl FnOnce(&Self) -> HeaderMap,
+        count: impl FnOnce(usize),
+    ) -> &HeaderMap {
+        &self
+            .replay
+            .0
+            .get_or_init(|| {
+                let headers = make(self);
+                // The map, and a bucket per field it has room for (a name, a value, the
+                // hash and links); the values' bytes are mostly the record's own, shared.
+                let bucket =
+                    std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + 16;
+                let bytes = std::mem::size_of::<HeaderMap>() + headers.capacity() * bucket;
+                count(bytes);
+                (Box::new(headers), bytes)
+            })
+            .0
+    }
+
+    /// The bytes counted for this record's replay headers by
+    /// [`replay_headers_counted`](Self::replay_headers_counted) (0 if they were not made
+    /// there).
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
+    pub(crate) fn replay_bytes(&self) -> usize {
+        self.replay.0.get().map_or(0, |(_, bytes)| *bytes)
     }
 
     /// An estimate of the bytes this record occupies, used for memory bounds.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 use tracing::Instrument;
@@ -186,48 +186,6 @@ where
             let observed = Some(span.clone());
             ResponseFuture::observed(Box::pin(fut.instrument(span)), echo, observed)
         }
-    }
-}
-
-/// The key the layer generated, echoed on the answer (header name and value).
-pub(crate) type Echo = Option<(HeaderName, HeaderValue)>;
-
-/// What the answer of a covered request gets once the flow gives it: the generated key
-/// echoed, and the outcome counted and traced (recorded on the request's span, `Some` when
-/// a subscriber wants it). Done by the response future, outside the flow's boxed future,
-/// which then holds the flow alone.
-pub(crate) fn observe<B>(res: &mut Response<B>, echo: Echo, span: Option<tracing::Span>) {
-    if let Some((name, value)) = echo {
-        res.headers_mut().insert(name, value);
-    }
-    let Some(&outcome) = res.extensions().get::<IdempotencyOutcome>() else {
-        return;
-    };
-    // The events below belong to the request's span, as they did inside the flow.
-    let _entered = span.as_ref().map(tracing::Span::enter);
-    if let Some(span) = &span {
-        span.record("idempotency.outcome", outcome.as_str());
-        span.record(
-            "idempotency.replayed",
-            matches!(
-                outcome,
-                IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered
-            ),
-        );
-        span.record("http.response.status_code", res.status().as_u16());
-    }
-    crate::metrics::outcome(outcome);
-    match outcome {
-        IdempotencyOutcome::Replayed | IdempotencyOutcome::Recovered => {
-            tracing::info!(status = res.status().as_u16(), "replayed the stored answer");
-        }
-        IdempotencyOutcome::InFlight => {
-            tracing::info!("the first request with this key still runs: 409");
-        }
-        IdempotencyOutcome::Mismatch => {
-            tracing::warn!("the key was used before with another payload: 422");
-        }
-        _ => {}
     }
 }
 

@@ -141,6 +141,9 @@ struct Inner {
     map: Map,
     /// The keyed hash of [`MapKey`], random per store.
     hasher: std::hash::RandomState,
+    /// What makes a record's replay headers, given by the layer the store serves (see
+    /// [`MemoryStore::make_replay_headers_with`]).
+    replay_map: std::sync::OnceLock<fn(&Record) -> http::HeaderMap>,
     bytes: AtomicUsize,
     max_bytes: usize,
     min_retention: Duration,
@@ -178,6 +181,15 @@ struct Entry {
 }
 
 impl Entry {
+    /// The bytes counted for this entry: its size, and its record's replay headers if the
+    /// store made them (see `MemoryStore::claim_now`).
+    fn counted(&self) -> usize {
+        match &self.slot {
+            Slot::Completed { record, .. } => self.size + record.replay_bytes(),
+            _ => self.size,
+        }
+    }
+
     fn wake(&mut self) {
         if let Some(n) = self.waiters.take() {
             n.notify_waiters();
@@ -249,6 +261,7 @@ impl MemoryStoreBuilder {
             inner: Arc::new(Inner {
                 map: Map::default(),
                 hasher: std::hash::RandomState::new(),
+                replay_map: std::sync::OnceLock::new(),
                 bytes: AtomicUsize::new(0),
                 max_bytes: self.max_bytes,
                 min_retention: self.min_retention,
@@ -395,6 +408,13 @@ impl MemoryStore {
         );
     }
 
+    /// Makes a record's replay headers with `make` when the store hands the record out for
+    /// a replay (once per record), counting them against the cap for as long as the record
+    /// lives. Set by the layer this store serves; the first layer's is kept.
+    pub(crate) fn make_replay_headers_with(&self, make: fn(&Record) -> http::HeaderMap) {
+        let _ = self.inner.replay_map.set(make);
+    }
+
     /// [`IdempotencyStore::claim`], called directly by the layer.
     pub(crate) fn claim_direct(
         &self,
@@ -455,6 +475,14 @@ impl MemoryStore {
         if let Some(entry) = inner.map.get(&map_key)
             && let Some(answer) = machine::peek(&entry.slot, now)
         {
+            // A record about to be replayed gets its replay headers here, once, and the
+            // store counts them (they live as long as the record); the entry's removal
+            // gives them back (`Entry::counted`).
+            if let (Claimed::Completed(record), Some(&make)) = (&answer, inner.replay_map.get()) {
+                record.replay_headers_counted(make, |bytes| {
+                    inner.bytes.fetch_add(bytes, Ordering::Relaxed);
+                });
+            }
             return Ok(answer.into_claim(token));
         }
         // Room for a new claim is reserved before the entry is locked (making room takes
@@ -476,12 +504,14 @@ impl MemoryStore {
             size: 0,
             seq: 0,
         });
+        // Counted before the claim replaces what the key held.
+        let counted = entry.counted();
         let claimed = machine::claim(&mut entry.slot, now, fingerprint, token, lease);
         if claimed == Claimed::Acquired {
             // Whatever the key held before (an expired record, a claim taken over) is gone.
             entry.wake();
-            if entry.size != 0 {
-                inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+            if counted != 0 {
+                inner.bytes.fetch_sub(counted, Ordering::Relaxed);
             }
             entry.size = size;
             entry.seq = next_seq();
@@ -503,12 +533,22 @@ impl MemoryStore {
             .inner
             .map
             .remove_if_mut(&self.inner.key(key), |_, entry| {
+                let before = entry.counted();
                 out = Some(transition(&mut entry.slot));
+                // A record the transition took out takes its replay headers with it.
+                let after = entry.counted();
+                if after < before {
+                    self.inner
+                        .bytes
+                        .fetch_sub(before - after, Ordering::Relaxed);
+                }
                 entry.wake();
                 matches!(entry.slot, Slot::Free)
             });
         if let Some((_, entry)) = removed {
-            self.inner.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+            self.inner
+                .bytes
+                .fetch_sub(entry.counted(), Ordering::Relaxed);
         }
         out
     }
@@ -628,7 +668,7 @@ impl Inner {
                 });
                 if let Some((_, mut entry)) = gone {
                     entry.wake();
-                    self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+                    self.bytes.fetch_sub(entry.counted(), Ordering::Relaxed);
                     removed += 1;
                 }
             }
@@ -647,7 +687,7 @@ impl Inner {
             }
             removed += 1;
             entry.wake();
-            self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+            self.bytes.fetch_sub(entry.counted(), Ordering::Relaxed);
             false
         });
         // The queue forgets expired records (gone from the map now) from its front.
@@ -701,7 +741,7 @@ impl Inner {
                 e.seq == q.seq && matches!(e.slot, Slot::Completed { .. })
             });
             if let Some((key, entry)) = removed {
-                self.bytes.fetch_sub(entry.size, Ordering::Relaxed);
+                self.bytes.fetch_sub(entry.counted(), Ordering::Relaxed);
                 if entry.slot.gone_at().is_some_and(|at| at > now) {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                     crate::metrics::memory_eviction();
@@ -1197,7 +1237,7 @@ mod tests {
                 .unwrap();
             assert!(matches!(claim, Claim::Completed(_)), "{k} is kept");
         }
-        let expected = store.inner.map.iter().map(|e| e.size).sum::<usize>();
+        let expected = store.inner.map.iter().map(|e| e.counted()).sum::<usize>();
         assert_eq!(store.bytes(), expected);
     }
 
@@ -1243,7 +1283,7 @@ mod tests {
         assert!(matches!(claim, Claim::Completed(_)));
         assert_eq!(
             store.bytes(),
-            store.inner.map.iter().map(|e| e.size).sum::<usize>()
+            store.inner.map.iter().map(|e| e.counted()).sum::<usize>()
         );
     }
 
@@ -1293,5 +1333,57 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), n);
+    }
+
+    /// A replay makes its record's replay headers once; the store counts them as long as
+    /// the record lives, and gives them back however the record goes (purged, replaced by
+    /// a new claim once expired, swept).
+    #[tokio::test(start_paused = true)]
+    async fn replay_headers_are_counted_once_and_given_back() {
+        let store = MemoryStore::new();
+        // What the layer sets when it is built on the store.
+        store.make_replay_headers_with(crate::answer::replay_map);
+        let counted =
+            |store: &MemoryStore| store.inner.map.iter().map(|e| e.counted()).sum::<usize>();
+        let replay = |store: MemoryStore, k: &'static str| async move {
+            let claim = store
+                .claim(&key(k), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap();
+            assert!(matches!(claim, Claim::Completed(_)), "{k} replays");
+        };
+        stored(&store, "p", TTL).await;
+        let before = store.bytes();
+        replay(store.clone(), "p").await;
+        let after = store.bytes();
+        assert!(after > before, "the replay headers are counted");
+        replay(store.clone(), "p").await;
+        assert_eq!(store.bytes(), after, "and only once");
+        assert_eq!(store.bytes(), counted(&store));
+        assert!(store.purge(&key("p")).await.unwrap());
+        assert_eq!(store.bytes(), 0, "purged with its replay headers");
+
+        // Replaced by a new claim once expired.
+        stored(&store, "e", Duration::from_secs(2)).await;
+        replay(store.clone(), "e").await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let Claim::Acquired(_) = store
+            .claim(&key("e"), &fp(), LeaseToken::new(), LEASE)
+            .await
+            .unwrap()
+        else {
+            panic!("the expired key is claimed anew")
+        };
+        assert_eq!(store.bytes(), counted(&store));
+        assert_eq!(store.bytes(), key("e").as_str().len() + ENTRY_OVERHEAD);
+        assert!(store.purge(&key("e")).await.unwrap());
+
+        // Swept once expired.
+        stored(&store, "s", Duration::from_secs(2)).await;
+        replay(store.clone(), "s").await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        store.sweep();
+        assert_eq!(store.len(), 0);
+        assert_eq!(store.bytes(), 0, "swept with its replay headers");
     }
 }

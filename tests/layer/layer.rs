@@ -1262,3 +1262,29 @@ async fn answers_the_layer_writes_carry_no_request_extension() {
     common::assert_problem(&common::collect(other).await, 422, "key-reused");
     assert_eq!(counter.runs(), 1);
 }
+
+/// The memory store counts what a replay makes once per record (its replay headers)
+/// against its cap, and gives it back with the record: the byte count never drifts.
+#[tokio::test]
+async fn the_memory_store_counts_replay_headers_and_gives_them_back() {
+    let store = MemoryStore::new();
+    let counter = Counter::default();
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
+    assert_eq!(call(&svc, post(Some("k-bytes"), "{}")).await.status, 201);
+    let stored = store.bytes();
+    assert!(call(&svc, post(Some("k-bytes"), "{}")).await.replayed());
+    let replayed = store.bytes();
+    assert!(replayed > stored, "{replayed} > {stored}");
+    assert!(call(&svc, post(Some("k-bytes"), "{}")).await.replayed());
+    assert_eq!(store.bytes(), replayed, "counted once");
+    let key = tower_idempotency::store::StoreKey::new(&Scope::anonymous(), "k-bytes");
+    assert!(
+        tower_idempotency::IdempotencyStore::purge(&store, &key)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.bytes(), 0);
+    assert_eq!(counter.runs(), 1);
+}
