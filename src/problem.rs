@@ -372,6 +372,17 @@ impl Profile {
         }
     }
 
+    /// [`content_type`](Self::content_type) as a header value, made at compile time (a
+    /// value made from a `&'static str` at run time is checked byte by byte every time).
+    fn content_type_value(self) -> HeaderValue {
+        const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
+        const JSON: HeaderValue = HeaderValue::from_static("application/json");
+        match self {
+            Self::Rfc9457 => PROBLEM_JSON,
+            Self::Stripe | Self::AgenticCommerce => JSON,
+        }
+    }
+
     /// The machine-readable code of `kind`'s answer: for RFC 9457 the kind's
     /// [`slug`](ProblemKind::slug) (the last part of its `type` URI); for the others the
     /// body's `code`, the profile's own where its specification names one for the
@@ -607,10 +618,7 @@ impl Problem {
         } else {
             *res.status_mut() = style.profile.status(self.kind);
             let h = res.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(style.profile.content_type()),
-            );
+            h.insert(header::CONTENT_TYPE, style.profile.content_type_value());
             if link
                 && let Ok(v) = HeaderValue::try_from(format!(
                     "<{type_base}{}>; rel=\"describedby\"",
