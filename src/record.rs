@@ -64,7 +64,7 @@ pub struct Record {
 /// which never change once a record is made, so it takes no part in comparing records.
 /// Beside them, the bytes a store counted for them when they were made (0 if none did).
 #[derive(Clone, Default)]
-struct ReplayHeaders(std::sync::OnceLock<(Box<HeaderMap>, usize)>);
+struct ReplayHeaders(std::sync::OnceLock<Box<(HeaderMap, usize)>>);
 
 impl PartialEq for ReplayHeaders {
     fn eq(&self, _: &Self) -> bool {
@@ -178,7 +178,7 @@ impl Record {
 
     /// The headers a replay of this record carries, made by `make` the first time.
     pub(crate) fn replay_headers(&self, make: impl FnOnce(&Self) -> HeaderMap) -> &HeaderMap {
-        &self.replay.0.get_or_init(|| (Box::new(make(self)), 0)).0
+        &self.replay.0.get_or_init(|| Box::new((make(self), 0))).0
     }
 
     /// [`replay_headers`](Self::replay_headers), for a store that keeps the record and counts
@@ -202,7 +202,7 @@ impl Record {
                     std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + 16;
                 let bytes = std::mem::size_of::<HeaderMap>() + headers.capacity() * bucket;
                 count(bytes);
-                (Box::new(headers), bytes)
+                Box::new((headers, bytes))
             })
             .0
     }
@@ -212,7 +212,7 @@ impl Record {
     /// there).
     #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn replay_bytes(&self) -> usize {
-        self.replay.0.get().map_or(0, |(_, bytes)| *bytes)
+        self.replay.0.get().map_or(0, |cached| cached.1)
     }
 
     /// An estimate of the bytes this record occupies, used for memory bounds.

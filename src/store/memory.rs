@@ -19,7 +19,9 @@ use crate::time;
 
 /// Bytes counted for an entry besides its key and record: the map slot, its place in the
 /// eviction queue, the allocations of the record and its header map, and allocator slack,
-/// as measured (see BENCHMARKS.md: the memory bench holds the process within 1.3× the cap).
+/// as measured (see BENCHMARKS.md, the memory bench: a record is counted at a little more
+/// than the process spends on it; under a million keys churned through the cap, the
+/// allocator's slack leaves the process at up to about 1.4× the cap).
 const ENTRY_OVERHEAD: usize = 480;
 
 /// The default [`min_retention`](MemoryStoreBuilder::min_retention): five minutes.
@@ -160,7 +162,9 @@ struct Inner {
 /// A completed record's place in the eviction queue.
 #[derive(Debug)]
 struct Queued {
-    key: MapKey,
+    /// The key's text (its hash is computed again when the record is taken off the queue:
+    /// eight bytes less per record held).
+    key: Arc<str>,
     /// The record's `seq`: a newer entry under the same key is not this record.
     seq: u64,
     /// When the record leaves the window (or expires, if sooner): it may be evicted then.
@@ -622,10 +626,15 @@ const SWEEP_BATCH: usize = 1024;
 impl Inner {
     /// `key` as the map holds it (its text shared, its hash computed).
     fn key(&self, key: &StoreKey) -> MapKey {
+        self.key_of(key.shared())
+    }
+
+    /// The map's key for `text`.
+    fn key_of(&self, text: &Arc<str>) -> MapKey {
         use std::hash::BuildHasher;
         MapKey {
-            hash: self.hasher.hash_one(key.as_str()),
-            text: Arc::clone(key.shared()),
+            hash: self.hasher.hash_one(&**text),
+            text: Arc::clone(text),
         }
     }
 
@@ -663,7 +672,7 @@ impl Inner {
             for q in batch.drain(..) {
                 // The record queued, if the key still holds it (not replaced since) and it has
                 // expired.
-                let gone = self.map.remove_if(&q.key, |_, e| {
+                let gone = self.map.remove_if(&self.key_of(&q.key), |_, e| {
                     e.seq == q.seq && e.slot.gone_at().is_some_and(|at| at <= now)
                 });
                 if let Some((_, mut entry)) = gone {
@@ -737,7 +746,7 @@ impl Inner {
             let Some(q) = queue.pop_front() else {
                 return false;
             };
-            let removed = self.map.remove_if(&q.key, |_, e| {
+            let removed = self.map.remove_if(&self.key_of(&q.key), |_, e| {
                 e.seq == q.seq && matches!(e.slot, Slot::Completed { .. })
             });
             if let Some((key, entry)) = removed {
@@ -785,7 +794,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push_back(Queued {
-                key,
+                key: key.text,
                 seq: completion.seq,
                 evictable_at: window_end.min(completion.expires_at),
                 expires_at: completion.expires_at,
