@@ -32,6 +32,8 @@ pub(crate) struct PendingClaim<'a> {
     token: LeaseToken,
     /// The lease the claim asks for (the request's).
     lease: Duration,
+    /// The key's hash in the embedded memory store ([`Runtime::key_hash`]).
+    hash: u64,
     armed: bool,
 }
 
@@ -39,6 +41,7 @@ impl<'a> PendingClaim<'a> {
     pub(crate) fn new(config: &'a Arc<Runtime>, key: StoreKey, lease: Duration) -> Self {
         Self {
             config,
+            hash: config.key_hash(&key),
             key,
             token: LeaseToken::new(),
             lease,
@@ -55,6 +58,11 @@ impl<'a> PendingClaim<'a> {
         &self.key
     }
 
+    /// The key's hash in the embedded memory store ([`Runtime::key_hash`]).
+    pub(crate) fn hash(&self) -> u64 {
+        self.hash
+    }
+
     pub(crate) fn token(&self) -> LeaseToken {
         self.token
     }
@@ -65,8 +73,15 @@ impl<'a> PendingClaim<'a> {
         self.armed = false;
     }
 
-    /// The store answered that this claim owns the key.
-    pub(crate) fn acquired(mut self, fingerprint: Fingerprint, ttl: Duration) -> Claimed {
+    /// The store answered that this claim owns the key. `traced`: the request's span is
+    /// enabled (a lost lease is recorded on it; nothing is, otherwise, as for every other
+    /// attribute).
+    pub(crate) fn acquired(
+        mut self,
+        fingerprint: Fingerprint,
+        ttl: Duration,
+        traced: bool,
+    ) -> Claimed {
         self.armed = false;
         let key = self.key.take();
         Claimed::new(
@@ -74,7 +89,8 @@ impl<'a> PendingClaim<'a> {
             key,
             self.token,
             fingerprint,
-            (ttl, self.lease),
+            (ttl, self.lease, self.hash),
+            traced,
         )
     }
 
@@ -143,6 +159,8 @@ pub(crate) struct Claimed {
     /// allocation per claim, and one reference to the layer's configuration.
     shared: Arc<Shared>,
     fingerprint: Fingerprint,
+    /// The key's hash in the embedded memory store ([`Runtime::key_hash`]).
+    hash: u64,
     registration: Option<Registration>,
     settled: bool,
     /// The request's span (`idempotency.lease_lost` is recorded on it).
@@ -155,16 +173,22 @@ impl Claimed {
         key: StoreKey,
         token: LeaseToken,
         fingerprint: Fingerprint,
-        (ttl, lease): (Duration, Duration),
+        (ttl, lease, hash): (Duration, Duration, u64),
+        traced: bool,
     ) -> Self {
         // The request's span, kept to record a lost lease found after the response left.
-        let span = tracing::Span::current();
+        let span = if traced {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        };
         let registration = config
             .keeper
             .register(&key, token, lease, || config.renewal());
         Self {
             shared: Shared::new(config, key, token, ttl),
             fingerprint,
+            hash,
             registration: Some(registration),
             settled: false,
             span,
@@ -181,6 +205,7 @@ impl Claimed {
         ttl: Duration,
     ) -> Self {
         Self {
+            hash: config.key_hash(&key),
             shared: Shared::new(config, key, token, ttl),
             fingerprint: *record.fingerprint(),
             registration: None,
@@ -257,6 +282,7 @@ impl Claimed {
         let timer = crate::metrics::Timer::start();
         match self.shared.config.complete_direct(
             &self.shared.key,
+            self.hash,
             self.shared.token,
             record,
             self.shared.ttl,
@@ -282,6 +308,7 @@ impl Claimed {
         let timer = crate::metrics::Timer::start();
         let record = match self.shared.config.complete_direct(
             &self.shared.key,
+            self.hash,
             self.shared.token,
             record,
             self.shared.ttl,
@@ -435,7 +462,10 @@ async fn store_if_free(
     ttl: Duration,
 ) -> bool {
     let token = LeaseToken::new();
-    match config.claim(key, &fingerprint, token, config.lease).await {
+    match config
+        .claim(key, config.key_hash(key), &fingerprint, token, config.lease)
+        .await
+    {
         Ok(Claim::Acquired(_)) => {
             let stored = config.complete(key, token, record.clone(), ttl).await;
             if stored.is_ok() {

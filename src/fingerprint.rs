@@ -336,6 +336,31 @@ mod tests {
         Fingerprint(out)
     }
 
+    /// Fingerprints are stored: a retry after an upgrade must fingerprint as its first
+    /// request did before it. Pinned to digests made apart from this crate (Python's
+    /// `xxhash.xxh3_128` over the length-prefixed fields), laid out and streamed.
+    #[test]
+    fn fingerprints_stay_the_digests_stored_records_hold() {
+        let body: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let small: [&[u8]; 4] = [
+            b"POST",
+            b"/orders?x=1",
+            b"application/json",
+            b"{\"amount\":12}",
+        ];
+        let large: [&[u8]; 4] = [b"POST", b"/orders", b"application/json", &body];
+        assert_eq!(
+            Fingerprint::of_fields(small).to_hex()[2..34],
+            *"c8dc79d7968c2980d4507cdd9dbfff13"
+        );
+        assert_eq!(
+            Fingerprint::of_fields(large).to_hex()[2..34],
+            *"9d331a89f6e75c1cbf81ab5f7a903b55"
+        );
+        assert_eq!(Fingerprint::of_fields(small), streamed(&small));
+        assert_eq!(Fingerprint::of_fields(large), streamed(&large));
+    }
+
     #[test]
     fn small_and_large_requests_hash_as_the_stream_does() {
         let body: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();

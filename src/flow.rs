@@ -129,7 +129,7 @@ where
                 }
             },
         };
-        let store_key = StoreKey::new(&scope, key.as_str());
+        let store_key = StoreKey::of(&scope, &key);
         // The span is looked up where it is recorded on, not kept across the claim: the
         // future, allocated for every covered request, holds no more than it must.
         if traced {
@@ -153,6 +153,7 @@ where
         let mut claim = config
             .claim(
                 pending.key(),
+                pending.hash(),
                 &fingerprint,
                 pending.token(),
                 pending.lease(),
@@ -217,7 +218,7 @@ where
             match found {
                 Claim::Acquired(token) if token == pending.token() => {
                     let req = request(parts, bytes);
-                    return run(inner, req, key, pending.acquired(fingerprint, ttl)).await;
+                    return run(inner, req, key, pending.acquired(fingerprint, ttl, traced)).await;
                 }
                 Claim::Acquired(_) => {
                     // A store that ignores the caller's token breaks the contract; nothing it
@@ -348,6 +349,7 @@ where
                     claim = config
                         .claim(
                             pending.key(),
+                            pending.hash(),
                             &fingerprint,
                             pending.token(),
                             pending.lease(),

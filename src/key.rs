@@ -46,6 +46,18 @@ impl KeyText {
         }
     }
 
+    /// A key already checked to be printable ASCII, from its bytes: no UTF-8 check again.
+    fn from_ascii(text: &[u8]) -> Self {
+        match u8::try_from(text.len()) {
+            Ok(len) if text.len() <= INLINE => {
+                let mut bytes = [0; INLINE];
+                bytes[..text.len()].copy_from_slice(text);
+                Self::Inline { len, bytes }
+            }
+            _ => Self::Heap(String::from_utf8_lossy(text).into()),
+        }
+    }
+
     fn as_str(&self) -> &str {
         match self {
             // Always whole characters of a `str` (copied from one above).
@@ -53,6 +65,14 @@ impl KeyText {
                 std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
             }
             Self::Heap(text) => text,
+        }
+    }
+
+    /// The text's bytes, without the UTF-8 check [`as_str`](Self::as_str) makes.
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Self::Heap(text) => text.as_bytes(),
         }
     }
 }
@@ -79,6 +99,12 @@ impl IdempotencyKey {
 
     fn new(text: &str) -> Self {
         Self(KeyText::new(text))
+    }
+
+    /// The key's text as bytes (no UTF-8 check: for the store key made from it, which
+    /// checks the whole once).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
     }
 
     /// The key of a call of [`function::Idempotent`](crate::function::Idempotent): any
@@ -192,15 +218,7 @@ pub fn parse_key(
     max_len: usize,
 ) -> Result<IdempotencyKey, KeyError> {
     let bytes = value.as_bytes();
-    let key = if bytes.first() == Some(&b'"') || parsing == KeyParsing::Strict {
-        let item: sfv::Item = sfv::Parser::new(bytes)
-            .parse()
-            .map_err(|_| KeyError::NotSfString)?;
-        match item.bare_item.as_string() {
-            Some(s) => std::borrow::Cow::Owned(s.as_str().to_owned()),
-            None => return Err(KeyError::NotSfString),
-        }
-    } else {
+    if bytes.first() != Some(&b'"') && parsing != KeyParsing::Strict {
         // Every byte looked at (no early exit), so that the check runs many bytes at a time.
         let printable = bytes.iter().fold(true, |ok, &b| {
             ok & (b.wrapping_sub(0x21) < 0x5e) & (b != b'"')
@@ -208,8 +226,26 @@ pub fn parse_key(
         if !printable {
             return Err(KeyError::NotPrintable);
         }
-        // Checked above: every byte is printable ASCII.
-        std::borrow::Cow::Borrowed(std::str::from_utf8(bytes).map_err(|_| KeyError::NotPrintable)?)
+        if bytes.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if bytes.len() > max_len {
+            return Err(KeyError::TooLong {
+                len: bytes.len(),
+                max: max_len,
+            });
+        }
+        // Printable ASCII, checked above: taken as it is, with no UTF-8 check.
+        return Ok(IdempotencyKey(KeyText::from_ascii(bytes)));
+    }
+    let key = {
+        let item: sfv::Item = sfv::Parser::new(bytes)
+            .parse()
+            .map_err(|_| KeyError::NotSfString)?;
+        match item.bare_item.as_string() {
+            Some(s) => s.as_str().to_owned(),
+            None => return Err(KeyError::NotSfString),
+        }
     };
     if key.is_empty() {
         return Err(KeyError::Empty);
@@ -220,10 +256,9 @@ pub fn parse_key(
             max: max_len,
         });
     }
-    // A bare token was checked byte by byte above; an sf-string may hold any character
-    // RFC 9651 allows, which is printable ASCII and space, but say so here all the same.
-    if matches!(key, std::borrow::Cow::Owned(_)) && !key.bytes().all(|b| (0x20..=0x7e).contains(&b))
-    {
+    // An sf-string may hold any character RFC 9651 allows, which is printable ASCII and
+    // space, but say so here all the same.
+    if !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
         return Err(KeyError::NotPrintable);
     }
     Ok(IdempotencyKey::new(&key))
@@ -457,22 +492,33 @@ impl StoreKey {
     /// assert!(a.as_str().ends_with(":k1"));
     /// ```
     pub fn new(scope: &Scope, key: &str) -> Self {
+        Self::joined(scope, key.as_bytes())
+    }
+
+    /// The store key for a request's key in a scope (its text taken as bytes: the whole is
+    /// checked once, here).
+    pub(crate) fn of(scope: &Scope, key: &IdempotencyKey) -> Self {
+        Self::joined(scope, key.as_bytes())
+    }
+
+    /// `scope:key`, where `key` is the bytes of a `str`.
+    fn joined(scope: &Scope, key: &[u8]) -> Self {
         let (scope, len) = (&*scope.0, scope.0.len() + 1 + key.len());
         // Written on the stack and copied once into its shared allocation.
         let mut buf = [0u8; 384];
         if let Some(out) = buf.get_mut(..len) {
             out[..scope.len()].copy_from_slice(scope.as_bytes());
             out[scope.len()] = b':';
-            out[scope.len() + 1..].copy_from_slice(key.as_bytes());
+            out[scope.len() + 1..].copy_from_slice(key);
             // Both halves are `str`s and `:` is ASCII.
             let text = std::str::from_utf8(out).unwrap_or_default();
             return Self(Arc::from(text));
         }
-        let mut s = String::with_capacity(len);
-        s.push_str(scope);
-        s.push(':');
-        s.push_str(key);
-        Self(Arc::from(s))
+        let mut s = Vec::with_capacity(len);
+        s.extend_from_slice(scope.as_bytes());
+        s.push(b':');
+        s.extend_from_slice(key);
+        Self(Arc::from(String::from_utf8_lossy(&s)))
     }
 
     /// The key a store holds as `text` (a store's own keys, already validated when stored).
@@ -652,6 +698,17 @@ mod tests {
             Err(KeyError::TooLong { len: 256, max: 255 })
         );
         assert!(parse("x".repeat(255).as_bytes(), KeyParsing::Lenient).is_ok());
+        // Kept inline up to 62 bytes, on the heap past them: the same text either way, and
+        // the store key made from its bytes is the one made from its text.
+        for len in [1, 61, 62, 63, 200, 255] {
+            let text: String = (0..len).map(|i| (b'!' + (i % 90) as u8) as char).collect();
+            let text = text.replace('"', "#");
+            let key = parse(text.as_bytes(), KeyParsing::Lenient).unwrap();
+            assert_eq!(key.as_str(), text);
+            assert_eq!(key.as_bytes(), text.as_bytes());
+            let scope = Scope::of(b"alice");
+            assert_eq!(StoreKey::of(&scope, &key), StoreKey::new(&scope, &text));
+        }
     }
 
     #[test]

@@ -61,21 +61,34 @@ impl Runtime {
         }
     }
 
+    /// The hash of `key` in the embedded memory store's map, when it is this layer's store
+    /// (0 otherwise): computed once per request, for its claim and its completion.
+    #[inline]
+    pub(crate) fn key_hash(&self, key: &StoreKey) -> u64 {
+        #[cfg(feature = "memory")]
+        if let Some(memory) = &self.memory {
+            return memory.hash_of(key);
+        }
+        let _ = key;
+        0
+    }
+
     /// Claims through the embedded memory store directly (no boxed future), when it is
-    /// this layer's store; `None` otherwise.
+    /// this layer's store; `None` otherwise. `hash` is [`key_hash`](Self::key_hash).
     #[inline]
     pub(crate) fn claim_direct(
         &self,
         key: &StoreKey,
+        hash: u64,
         fingerprint: &Fingerprint,
         token: LeaseToken,
         lease: Duration,
     ) -> Option<Result<Claim, StoreError>> {
         #[cfg(feature = "memory")]
         if let Some(memory) = &self.memory {
-            return Some(memory.claim_direct(key, fingerprint, token, lease));
+            return Some(memory.claim_direct(key, hash, fingerprint, token, lease));
         }
-        let _ = (key, fingerprint, token, lease);
+        let _ = (key, hash, fingerprint, token, lease);
         None
     }
 
@@ -89,15 +102,16 @@ impl Runtime {
     pub(crate) fn complete_direct(
         &self,
         key: &StoreKey,
+        hash: u64,
         token: LeaseToken,
         record: Record,
         ttl: Duration,
     ) -> Result<Result<(), (StoreError, Record)>, Record> {
         #[cfg(feature = "memory")]
         if let Some(memory) = &self.memory {
-            return Ok(memory.complete_owned(key, token, record, ttl));
+            return Ok(memory.complete_owned(key, hash, token, record, ttl));
         }
-        let _ = (key, token, ttl);
+        let _ = (key, hash, token, ttl);
         Err(record)
     }
 
@@ -119,16 +133,17 @@ impl Runtime {
     // no call site passes them by hand.
 
     /// Claims `key` for `lease` (the request's, see `Settings::lease_of`; directly on the
-    /// embedded memory store).
+    /// embedded memory store, with `hash`, [`key_hash`](Self::key_hash)).
     pub(crate) async fn claim(
         &self,
         key: &StoreKey,
+        hash: u64,
         fingerprint: &Fingerprint,
         token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let timer = crate::metrics::Timer::start();
-        let result = match self.claim_direct(key, fingerprint, token, lease) {
+        let result = match self.claim_direct(key, hash, fingerprint, token, lease) {
             Some(claim) => claim,
             // Boxed: a store across the network pays one allocation more, and the memory
             // store's claim (no wait) keeps the request's future small.

@@ -419,16 +419,26 @@ impl MemoryStore {
         let _ = self.inner.replay_map.set(make);
     }
 
-    /// [`IdempotencyStore::claim`], called directly by the layer.
+    /// The hash of `key` in this store's map ([`claim_direct`](Self::claim_direct) and
+    /// [`complete_owned`](Self::complete_owned) take it, so that a request hashes its key
+    /// once for both).
+    pub(crate) fn hash_of(&self, key: &StoreKey) -> u64 {
+        use std::hash::BuildHasher;
+        self.inner.hasher.hash_one(key.as_str())
+    }
+
+    /// [`IdempotencyStore::claim`], called directly by the layer; `hash` is
+    /// [`hash_of`](Self::hash_of) the key.
     pub(crate) fn claim_direct(
         &self,
         key: &StoreKey,
+        hash: u64,
         fingerprint: &Fingerprint,
         token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.ensure_sweeper();
-        self.claim_now(key, fingerprint, token, lease)
+        self.claim_now(key, hash, fingerprint, token, lease)
     }
 
     /// [`IdempotencyStore::complete`], handing the record back (as it would have been
@@ -438,6 +448,7 @@ impl MemoryStore {
     pub(crate) fn complete_owned(
         &self,
         key: &StoreKey,
+        hash: u64,
         token: LeaseToken,
         record: Record,
         ttl: Duration,
@@ -446,7 +457,7 @@ impl MemoryStore {
         let stored = self
             .inner
             .map
-            .get_mut(&self.inner.key(key))
+            .get_mut(&self.inner.key_hashed(key, hash))
             .and_then(|mut entry| {
                 let record = Arc::clone(&completion.record);
                 machine::complete(&mut entry.slot, completion.now, token, record, ttl).ok()?;
@@ -468,13 +479,14 @@ impl MemoryStore {
     fn claim_now(
         &self,
         key: &StoreKey,
+        hash: u64,
         fingerprint: &Fingerprint,
         token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let inner = &self.inner;
-        let map_key = inner.key(key);
+        let map_key = inner.key_hashed(key, hash);
         // Replays and duplicates only read: no write lock.
         if let Some(entry) = inner.map.get(&map_key)
             && let Some(answer) = machine::peek(&entry.slot, now)
@@ -629,6 +641,16 @@ impl Inner {
         self.key_of(key.shared())
     }
 
+    /// The map's key for `key`, whose hash was computed already (by
+    /// [`MemoryStore::hash_of`]).
+    fn key_hashed(&self, key: &StoreKey, hash: u64) -> MapKey {
+        debug_assert_eq!(hash, self.key(key).hash, "a hash of another store");
+        MapKey {
+            hash,
+            text: Arc::clone(key.shared()),
+        }
+    }
+
     /// The map's key for `text`.
     fn key_of(&self, text: &Arc<str>) -> MapKey {
         use std::hash::BuildHasher;
@@ -770,16 +792,20 @@ impl Inner {
     /// copied to a buffer of its own, and its place in time.
     fn completion(&self, key: &StoreKey, record: Record, ttl: Duration) -> Completion {
         let overhead = key.as_str().len() + ENTRY_OVERHEAD;
-        let record = if record.size() + overhead > self.max_bytes {
-            Record::tombstone(record.status(), record.headers().clone())
-                .with_fingerprint(*record.fingerprint())
+        // Sized once (a walk of the headers); again only for a tombstone made instead.
+        let mut size = record.size();
+        let record = if size + overhead > self.max_bytes {
+            let tombstone = Record::tombstone(record.status(), record.headers().clone())
+                .with_fingerprint(*record.fingerprint());
+            size = tombstone.size();
+            tombstone
         } else {
             record
         };
         let record = Arc::new(record.with_own_body());
         let now = Instant::now();
         Completion {
-            size: record.size() + overhead,
+            size: size + overhead,
             record,
             seq: next_seq(),
             now,
@@ -822,7 +848,7 @@ impl IdempotencyStore for MemoryStore {
         token: LeaseToken,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.claim_direct(key, fingerprint, token, lease)
+        self.claim_direct(key, self.hash_of(key), fingerprint, token, lease)
     }
 
     async fn complete(
@@ -832,7 +858,7 @@ impl IdempotencyStore for MemoryStore {
         record: Record,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.complete_owned(key, token, record, ttl)
+        self.complete_owned(key, self.hash_of(key), token, record, ttl)
             .map_err(|(err, _)| err)
     }
 
@@ -955,7 +981,8 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<Claim, StoreError> {
         self.ensure_sweeper();
         let deadline = time::deadline_after(timeout);
-        let map_key = self.inner.key(key);
+        let hash = self.hash_of(key);
+        let map_key = self.inner.key_hashed(key, hash);
         loop {
             // Register interest before looking, so that no wake-up is missed.
             let registered = self.inner.map.get_mut(&map_key).and_then(|mut e| {
@@ -967,7 +994,7 @@ impl IdempotencyStore for MemoryStore {
                 Some((Arc::clone(notify), lease_end))
             });
             let Some((notify, lease_end)) = registered else {
-                let claim = self.claim_now(key, fingerprint, token, lease)?;
+                let claim = self.claim_now(key, hash, fingerprint, token, lease)?;
                 if matches!(claim, Claim::InFlight { .. }) && Instant::now() < deadline {
                     continue;
                 }
@@ -976,7 +1003,7 @@ impl IdempotencyStore for MemoryStore {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let claim = self.claim_now(key, fingerprint, token, lease)?;
+            let claim = self.claim_now(key, hash, fingerprint, token, lease)?;
             if !matches!(claim, Claim::InFlight { .. }) {
                 return Ok(claim);
             }
