@@ -67,6 +67,12 @@ async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> {
                 .map_err(|_| format!("IDEMPOTENCY_MEMORY_MAX_MB: not a number: {mb:?}"))?;
             store = store.max_bytes(mb.saturating_mul(1 << 20));
         }
+        if let Ok(ms) = std::env::var("IDEMPOTENCY_MEMORY_MIN_RETENTION_MS") {
+            let ms: u64 = ms.parse().map_err(|_| {
+                format!("IDEMPOTENCY_MEMORY_MIN_RETENTION_MS: not a number: {ms:?}")
+            })?;
+            store = store.min_retention(std::time::Duration::from_millis(ms));
+        }
         return Ok(Arc::new(store.build()));
     }
     tower_idempotency::store::open(url)

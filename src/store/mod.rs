@@ -500,8 +500,9 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// with a growing pause (5 ms doubling up to 250 ms); the stores of this crate replace
     /// it: the memory store and, within a process, every shared store wake their waiters
     /// directly; Redis (pub/sub) and PostgreSQL (`LISTEN`/`NOTIFY`) wake those of other
-    /// instances too; MySQL, which has no push channel, polls from 1 ms growing by half up
-    /// to 100 ms.
+    /// instances too; MySQL, which has no push channel, looks at every waited-on key of a
+    /// process in one statement per millisecond while anyone waits (polling from 1 ms
+    /// growing by half up to 100 ms if that fails).
     async fn wait(
         &self,
         key: &StoreKey,

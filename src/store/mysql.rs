@@ -146,11 +146,24 @@
 //!
 //! # Waiting
 //!
-//! MySQL has no channel to push the end of a key to another connection, so a duplicate in
-//! wait mode ([`IdempotencyStore::wait`]) polls: its first look again comes 1 ms after the
-//! first, and each pause is half as long again as the one before, up to 100 ms, so that it
-//! lags the end of the key by at most about half the time it already waited. Waiters
-//! in the process that ended the key are woken at once.
+//! MySQL has no channel to push the end of a key to another connection (nothing like
+//! `LISTEN`/`NOTIFY`, and a named lock would need a connection held for every claim in
+//! flight). So while duplicates of a process wait in wait mode ([`IdempotencyStore::wait`])
+//! on keys held elsewhere, one task per store looks at all of those keys in one statement
+//! every millisecond:
+//!
+//! ```sql
+//! SELECT `key`, token FROM `idempotency_records` WHERE token IS NOT NULL AND `key` IN (?, …)
+//! ```
+//!
+//! and wakes the waiters of each key whose holder is gone (completed, released, revoked,
+//! settled, purged or taken over). A waiter on another instance gets the answer about
+//! 2 ms after it is stored (BENCHMARKS.md). The task runs only while someone waits, with
+//! one statement per look however many wait (up to 256 keys a statement); nobody waiting,
+//! it sends nothing, and a request's round trips stay those above. Waiters in the process
+//! that ended the key are woken at once, without it. If a look fails or takes more than a
+//! second, every waiter looks again at once and then polls (1 ms, each pause half as long
+//! again as the one before, up to 100 ms) until a look is tried again a second later.
 //!
 //! # Example
 //!
@@ -181,15 +194,18 @@ use sqlx::{AssertSqlSafe, Connection, MySqlConnection, MySqlPool, Row};
 use super::sql::{
     CLAIM_ATTEMPTS, ClaimContention, ClaimRow, StateRow, derived_name, micros, split_table,
 };
-use super::wakeup::{Polling, Wait, Wakeups, wait_woken};
+use super::wakeup::{Polling, Push, Wait, Wakeups, wait_woken};
 use super::{Claim, IdempotencyStore, KeyState, LeaseToken, ORPHAN_RETENTION, StoreError};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::record::Record;
+#[path = "mysql_watch.rs"]
+mod watch;
+use watch::MySqlWatch;
 
-/// How a duplicate polls a key that another instance holds: MySQL has no push channel, so
-/// it starts at 1 ms and grows by half each time, up to 100 ms, so that it never lags
-/// the end of the key by much more than half the time it already waited.
+/// How a duplicate polls a key that another instance holds when the store's watcher
+/// ([`watch`]) is lost: from 1 ms, growing by half each time, up to 100 ms, so that it
+/// never lags the end of the key by much more than half the time it already waited.
 const POLLING: Polling = Polling {
     first: Duration::from_millis(1),
     grow_percent: 150,
@@ -248,8 +264,11 @@ struct Inner {
     config: Config,
     sql: Result<Sql, InvalidTableName>,
     sweeper_started: Arc<AtomicBool>,
-    /// The duplicates of this process waiting on a key, woken by its end here.
-    wakeups: Wakeups,
+    /// The duplicates of this process waiting on a key, woken by its end here, or by the
+    /// watcher when it ends on another instance.
+    wakeups: Arc<Wakeups>,
+    /// Looks at the keys waited on while anyone waits (`None` for an invalid table name).
+    watch: Option<MySqlWatch>,
 }
 
 /// The statements, built once for the table.
@@ -553,12 +572,17 @@ impl MySqlStore {
     }
 
     fn from_config(config: Config) -> Self {
+        let wakeups = Arc::new(Wakeups::default());
+        let watch = Names::new(&config.table)
+            .ok()
+            .map(|names| MySqlWatch::new(config.pool.clone(), names.table(), Arc::clone(&wakeups)));
         Self {
             inner: Arc::new(Inner {
                 sql: Sql::new(&config.table),
                 config,
                 sweeper_started: Arc::new(AtomicBool::new(false)),
-                wakeups: Wakeups::default(),
+                wakeups,
+                watch,
             }),
         }
     }
@@ -982,7 +1006,8 @@ impl IdempotencyStore for MySqlStore {
             lease,
             timeout,
         };
-        wait_woken(self, &self.inner.wakeups, key.as_str(), None, POLLING, wait).await
+        let push = self.inner.watch.as_ref().map(|w| w as &dyn Push);
+        wait_woken(self, &self.inner.wakeups, key.as_str(), push, POLLING, wait).await
     }
 
     async fn commit(

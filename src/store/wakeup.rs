@@ -197,6 +197,7 @@ pub(crate) struct Polling {
 
 impl Polling {
     /// The trait's default: 5 ms doubling up to 250 ms.
+    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
     pub(crate) const DEFAULT: Self = Self {
         first: Duration::from_millis(5),
         grow_percent: 200,

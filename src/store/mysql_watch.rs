@@ -1,0 +1,374 @@
+//! Waiters on other instances woken by a watcher: MySQL has no push channel (nothing like
+//! `LISTEN`/`NOTIFY` or pub/sub, and a named lock needs a connection held for every claim in
+//! flight), so while duplicates of this process wait on keys held elsewhere, one task per
+//! store looks at all of those keys in one statement every [`TICK`] and wakes the waiters of
+//! each key whose holder is gone (completed, released, revoked, settled, purged or taken
+//! over). It runs only while someone waits: a store nobody waits on sends nothing, and the
+//! round trips of a request stay what they were. Each waiter still looks again at the end
+//! of its holder's lease and every [`PUSHED_RECHECK`](super::wakeup::PUSHED_RECHECK); when
+//! the watcher's statement fails, its subscriptions end, every waiter looks again at once,
+//! and waiters poll on the store's schedule until a watcher starts again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::{AssertSqlSafe, MySqlPool, Row};
+use tokio::time::Instant;
+
+use crate::store::wakeup::{Push, Subscription, Wakeups};
+
+/// The pause between two looks of the watcher.
+pub(super) const TICK: Duration = Duration::from_millis(1);
+
+/// The longest a look may take: past it the watcher counts as lost.
+const LOOK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// After a lost watcher, how long waiters poll before a watcher is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The most keys one statement looks at (more take several statements per look).
+const BATCH: usize = 256;
+
+/// The watcher of one store (shared by its clones).
+pub(super) struct MySqlWatch {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    pool: MySqlPool,
+    /// The quoted table.
+    table: String,
+    wakeups: Arc<Wakeups>,
+    state: Mutex<State>,
+    /// Looks made so far (for tests: none while nobody waits).
+    looks: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    /// The keys waited on (as the store spells them, which is also the row's key), with how
+    /// many subscriptions hold each and the holder's token at the last look.
+    keys: HashMap<Box<str>, Watched>,
+    /// Whether a watcher task runs.
+    running: bool,
+    /// Cleared when the running watcher is lost: the subscriptions it served end.
+    alive: Arc<AtomicBool>,
+    /// When the last watcher was lost.
+    lost_at: Option<Instant>,
+}
+
+struct Watched {
+    subscriptions: usize,
+    /// `None` before the first look; then the holder's token (`None`: nobody holds it).
+    last: Option<Option<Vec<u8>>>,
+}
+
+impl MySqlWatch {
+    pub(super) fn new(pool: MySqlPool, table: String, wakeups: Arc<Wakeups>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                pool,
+                table,
+                wakeups,
+                state: Mutex::new(State::default()),
+                looks: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Looks made so far.
+    #[cfg(test)]
+    pub(super) fn looks(&self) -> u64 {
+        self.shared.looks.load(Ordering::SeqCst)
+    }
+
+    /// Whether a watcher task runs.
+    #[cfg(test)]
+    pub(super) fn running(&self) -> bool {
+        self.shared.lock().running
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unwatch(&self, name: &str) {
+        let mut state = self.lock();
+        if let Some(watched) = state.keys.get_mut(name) {
+            watched.subscriptions -= 1;
+            if watched.subscriptions == 0 {
+                state.keys.remove(name);
+            }
+        }
+    }
+
+    /// The holders' tokens of the keys of `names` that are held (a row with a token).
+    async fn holders(&self, names: &[Box<str>]) -> Result<HashMap<Vec<u8>, Vec<u8>>, sqlx::Error> {
+        let mut held = HashMap::new();
+        for batch in names.chunks(BATCH) {
+            // Padded to a power of two with the last key, so that a handful of statements
+            // (each prepared once per connection) serve every count.
+            let slots = batch.len().next_power_of_two();
+            let marks = vec!["?"; slots].join(",");
+            let sql = format!(
+                "SELECT `key`, token FROM {} WHERE token IS NOT NULL AND `key` IN ({marks})",
+                self.table
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for i in 0..slots {
+                let name = &batch[i.min(batch.len() - 1)];
+                query = query.bind(name.as_bytes());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let key: Vec<u8> = row.try_get(0)?;
+                let token: Option<Vec<u8>> = row.try_get(1)?;
+                if let Some(token) = token {
+                    held.insert(key, token);
+                }
+            }
+        }
+        Ok(held)
+    }
+}
+
+/// Looks at every key waited on, every [`TICK`], while there is one; wakes the waiters of
+/// each whose holder changed since the last look (or that nobody holds at the first).
+async fn watch(shared: Arc<Shared>) {
+    loop {
+        let names: Vec<Box<str>> = {
+            let mut state = shared.lock();
+            if state.keys.is_empty() {
+                state.running = false;
+                return;
+            }
+            state.keys.keys().cloned().collect()
+        };
+        shared.looks.fetch_add(1, Ordering::SeqCst);
+        let held = match tokio::time::timeout(LOOK_TIMEOUT, shared.holders(&names)).await {
+            Ok(Ok(held)) => held,
+            Ok(Err(err)) => return lost(&shared, &err.to_string()),
+            Err(_) => return lost(&shared, "it took more than a second"),
+        };
+        let mut changed = Vec::new();
+        {
+            let mut state = shared.lock();
+            for name in names {
+                let Some(watched) = state.keys.get_mut(&name) else {
+                    continue;
+                };
+                let now = held.get(name.as_bytes()).cloned();
+                let wake = match &watched.last {
+                    None => now.is_none(),
+                    Some(before) => *before != now,
+                };
+                watched.last = Some(now);
+                if wake {
+                    changed.push(name);
+                }
+            }
+        }
+        for name in changed {
+            shared.wakeups.wake(&name);
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// The watcher is lost: its subscriptions end and every waiter looks again now, then polls
+/// until a watcher is tried again.
+fn lost(shared: &Shared, why: &str) {
+    tracing::warn!(
+        error = why,
+        "the idempotency store's watcher of waited-on keys failed; waiters poll meanwhile"
+    );
+    {
+        let mut state = shared.lock();
+        state.alive.store(false, Ordering::SeqCst);
+        state.running = false;
+        state.lost_at = Some(Instant::now());
+        for watched in state.keys.values_mut() {
+            watched.last = None;
+        }
+    }
+    shared.wakeups.wake_all();
+}
+
+#[async_trait]
+impl Push for MySqlWatch {
+    async fn subscribe(&self, name: &str) -> Option<Subscription> {
+        let mut state = self.shared.lock();
+        if state.lost_at.is_some_and(|at| at.elapsed() < RETRY_AFTER) {
+            return None;
+        }
+        if !state.running {
+            state.running = true;
+            state.lost_at = None;
+            state.alive = Arc::new(AtomicBool::new(true));
+            tokio::spawn(watch(Arc::clone(&self.shared)));
+        }
+        state
+            .keys
+            .entry(name.into())
+            .or_insert(Watched {
+                subscriptions: 0,
+                last: None,
+            })
+            .subscriptions += 1;
+        let alive = Arc::clone(&state.alive);
+        drop(state);
+        let shared = Arc::clone(&self.shared);
+        let name: Box<str> = name.into();
+        Some(Subscription::new(
+            alive,
+            Some(Box::new(move || shared.unwatch(&name))),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::MySqlStore;
+    use super::*;
+    use crate::fingerprint::Fingerprint;
+    use crate::key::{Scope, StoreKey};
+    use crate::store::{Claim, IdempotencyStore, LeaseToken, Record};
+
+    /// Two instances (each on a pool of its own) on a table of this test's own, dropped at
+    /// the end; `None` without `MYSQL_URL`.
+    async fn instances(table: &str) -> Option<(MySqlStore, MySqlStore)> {
+        let Ok(url) = std::env::var("MYSQL_URL") else {
+            eprintln!("skipped: MYSQL_URL not set");
+            return None;
+        };
+        let pool = || async {
+            MySqlPool::connect(&url)
+                .await
+                .expect("connect to MYSQL_URL")
+        };
+        let a = MySqlStore::new(pool().await).table(table);
+        let b = MySqlStore::new(pool().await).table(table);
+        for statement in a.drop_sql().unwrap() {
+            sqlx::query(AssertSqlSafe(statement))
+                .execute(&a.inner.config.pool)
+                .await
+                .expect("drop what an earlier run left");
+        }
+        a.migrate().await.expect("migrate");
+        Some((a, b))
+    }
+
+    async fn drop_table(store: &MySqlStore) {
+        for statement in store.drop_sql().unwrap() {
+            let _ = sqlx::query(AssertSqlSafe(statement))
+                .execute(&store.inner.config.pool)
+                .await;
+        }
+    }
+
+    fn watch_of(store: &MySqlStore) -> &MySqlWatch {
+        store.inner.watch.as_ref().expect("a valid table")
+    }
+
+    /// What the watcher is for: a waiter on one instance hears of the end of a key held on
+    /// another, with nothing else to wake it (no completion in its own process, no poll:
+    /// this looks at its wake-ups alone).
+    #[tokio::test]
+    async fn a_completion_on_another_instance_wakes_the_waiters_here() {
+        let Some((a, b)) = instances("watch_wakes_waiters").await else {
+            return;
+        };
+        let key = StoreKey::new(&Scope::anonymous(), "held-elsewhere");
+        let fingerprint = Fingerprint::from_bytes([3; 32]);
+        let lease = Duration::from_secs(30);
+        let Claim::Acquired(token) = a
+            .claim(&key, &fingerprint, LeaseToken::new(), lease)
+            .await
+            .unwrap()
+        else {
+            panic!("acquired");
+        };
+        let mut interest = b.inner.wakeups.register(key.as_str());
+        interest.seen();
+        let subscription = watch_of(&b)
+            .subscribe(key.as_str())
+            .await
+            .expect("a watcher starts");
+        // While the key stays held, the watcher looks and wakes nobody.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), interest.woken())
+                .await
+                .is_err(),
+            "a key still held wakes no one"
+        );
+        assert!(watch_of(&b).looks() > 10, "it looks every tick meanwhile");
+        let record = Record::new(
+            http::StatusCode::OK,
+            http::HeaderMap::new(),
+            bytes::Bytes::from_static(b"done"),
+            None,
+        );
+        a.complete(&key, token, record, lease).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), interest.woken())
+            .await
+            .expect("the completion on the other instance wakes the waiter here");
+        // Nobody waits any more: the watcher stops, and looks no more.
+        drop(subscription);
+        drop(interest);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while watch_of(&b).running() {
+            assert!(Instant::now() < deadline, "the watcher stops");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let looks = watch_of(&b).looks();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(watch_of(&b).looks(), looks, "no look while nobody waits");
+        drop_table(&a).await;
+    }
+
+    /// A waiter through the store's `wait`, on another instance than the holder, with a
+    /// release there: it wakes and takes the key (a takeover or a release is a change of
+    /// holder too).
+    #[tokio::test]
+    async fn a_release_on_another_instance_hands_the_key_to_a_waiter_here() {
+        let Some((a, b)) = instances("watch_release").await else {
+            return;
+        };
+        let key = StoreKey::new(&Scope::anonymous(), "released-elsewhere");
+        let fingerprint = Fingerprint::from_bytes([4; 32]);
+        let lease = Duration::from_secs(30);
+        let Claim::Acquired(token) = a
+            .claim(&key, &fingerprint, LeaseToken::new(), lease)
+            .await
+            .unwrap()
+        else {
+            panic!("acquired");
+        };
+        let waiter = {
+            let (b, key) = (b.clone(), key.clone());
+            tokio::spawn(async move {
+                b.wait(
+                    &key,
+                    &fingerprint,
+                    LeaseToken::new(),
+                    lease,
+                    Duration::from_secs(20),
+                )
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a.release(&key, token).await.unwrap();
+        let claim = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the waiter ends")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(claim, Claim::Acquired(_)), "{claim:?}");
+        drop_table(&a).await;
+    }
+}
