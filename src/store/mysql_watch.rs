@@ -330,6 +330,119 @@ mod tests {
         drop_table(&a).await;
     }
 
+    /// More keys waited on than one statement looks at (256): every waiter gets the answer
+    /// of its own key, none another's, and the watcher stops once they all have.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiters_on_more_keys_than_a_statement_holds_each_get_their_own_answer() {
+        let Some((a, b)) = instances("watch_many").await else {
+            return;
+        };
+        let lease = Duration::from_secs(30);
+        let fingerprint = Fingerprint::from_bytes([5; 32]);
+        let mut held = Vec::new();
+        for i in 0..300 {
+            let key = StoreKey::new(&Scope::anonymous(), &format!("many-{i}"));
+            let Claim::Acquired(token) = a
+                .claim(&key, &fingerprint, LeaseToken::new(), lease)
+                .await
+                .unwrap()
+            else {
+                panic!("acquired");
+            };
+            held.push((key, token));
+        }
+        let waiters: Vec<_> = held
+            .iter()
+            .map(|(key, _)| {
+                let (b, key) = (b.clone(), key.clone());
+                tokio::spawn(async move {
+                    b.wait(
+                        &key,
+                        &fingerprint,
+                        LeaseToken::new(),
+                        lease,
+                        Duration::from_secs(60),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (key, token) in &held {
+            let body = bytes::Bytes::from(format!("answer of {}", key.as_str()));
+            let record = Record::new(http::StatusCode::OK, http::HeaderMap::new(), body, None);
+            a.complete(key, *token, record, lease).await.unwrap();
+        }
+        for ((key, _), waiter) in held.iter().zip(waiters) {
+            let claim = tokio::time::timeout(Duration::from_secs(30), waiter)
+                .await
+                .expect("every waiter ends")
+                .unwrap()
+                .unwrap();
+            let Claim::Completed(record) = claim else {
+                panic!("{key:?}: {claim:?}");
+            };
+            assert_eq!(
+                record.body().as_ref(),
+                format!("answer of {}", key.as_str()).as_bytes()
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while watch_of(&b).running() {
+            assert!(Instant::now() < deadline, "the watcher stops");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop_table(&a).await;
+    }
+
+    /// A waiter dropped mid-wait (its request cancelled) takes its key off the watch: the
+    /// watcher stops and sends nothing more.
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_nothing_watched() {
+        let Some((a, b)) = instances("watch_cancel").await else {
+            return;
+        };
+        let key = StoreKey::new(&Scope::anonymous(), "cancelled");
+        let fingerprint = Fingerprint::from_bytes([6; 32]);
+        let lease = Duration::from_secs(30);
+        let Claim::Acquired(_) = a
+            .claim(&key, &fingerprint, LeaseToken::new(), lease)
+            .await
+            .unwrap()
+        else {
+            panic!("acquired");
+        };
+        let waiter = {
+            let (b, key) = (b.clone(), key.clone());
+            tokio::spawn(async move {
+                b.wait(
+                    &key,
+                    &fingerprint,
+                    LeaseToken::new(),
+                    lease,
+                    Duration::from_secs(60),
+                )
+                .await
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !watch_of(&b).running() {
+            assert!(Instant::now() < deadline, "the wait starts a watcher");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        waiter.abort();
+        let _ = waiter.await;
+        while watch_of(&b).running() {
+            assert!(
+                Instant::now() < deadline,
+                "the watcher stops with its last waiter"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(watch_of(&b).shared.lock().keys.is_empty());
+        drop_table(&a).await;
+    }
+
     /// A waiter through the store's `wait`, on another instance than the holder, with a
     /// release there: it wakes and takes the key (a takeover or a release is a change of
     /// holder too).
