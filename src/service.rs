@@ -161,7 +161,13 @@ where
         // Attributes named after OpenTelemetry's HTTP conventions where they fit.
         // No attribute holds the client's key or scope: a hash of the store key stands for
         // them (README, "Observability").
-        let span = tracing::info_span!(
+        // No span at all while no subscriber takes spans of this level: a disabled span
+        // still costs its making and its drop (and with tracing's `log` feature, which axum's
+        // default features turn on, each is offered to `log` as well).
+        let span = if !tracing::level_enabled!(tracing::Level::INFO) {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
             "idempotency",
             "idempotency.key_hash" = tracing::field::Empty,
             "idempotency.outcome" = tracing::field::Empty,
@@ -172,7 +178,8 @@ where
             "http.request.method" = %parts.method,
             "url.path" = parts.uri.path(),
             "http.response.status_code" = tracing::field::Empty,
-        );
+            )
+        };
         let traced = !span.is_disabled();
         let echo = key
             .as_ref()
