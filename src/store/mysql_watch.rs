@@ -58,6 +58,8 @@ struct State {
     alive: Arc<AtomicBool>,
     /// When the last watcher was lost.
     lost_at: Option<Instant>,
+    /// The number of the watcher task last started.
+    generation: u64,
 }
 
 struct Watched {
@@ -136,9 +138,28 @@ impl Shared {
     }
 }
 
+/// The watcher task `generation`'s hold on the shared state: if the task is dropped before
+/// it ends (its runtime shut down, polled or not), the watcher is marked stopped, its
+/// subscriptions end, and the next subscription starts a watcher anew.
+struct Task {
+    shared: Arc<Shared>,
+    generation: u64,
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        if state.running && state.generation == self.generation {
+            state.running = false;
+            state.alive.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Looks at every key waited on, every [`TICK`], while there is one; wakes the waiters of
 /// each whose holder changed since the last look (or that nobody holds at the first).
-async fn watch(shared: Arc<Shared>) {
+async fn watch(task: Task) {
+    let shared = &task.shared;
     loop {
         let names: Vec<Box<str>> = {
             let mut state = shared.lock();
@@ -151,8 +172,8 @@ async fn watch(shared: Arc<Shared>) {
         shared.looks.fetch_add(1, Ordering::SeqCst);
         let held = match tokio::time::timeout(LOOK_TIMEOUT, shared.holders(&names)).await {
             Ok(Ok(held)) => held,
-            Ok(Err(err)) => return lost(&shared, &err.to_string()),
-            Err(_) => return lost(&shared, "it took more than a second"),
+            Ok(Err(err)) => return lost(shared, &err.to_string()),
+            Err(_) => return lost(shared, "it took more than a second"),
         };
         let mut changed = Vec::new();
         {
@@ -209,7 +230,11 @@ impl Push for MySqlWatch {
             state.running = true;
             state.lost_at = None;
             state.alive = Arc::new(AtomicBool::new(true));
-            tokio::spawn(watch(Arc::clone(&self.shared)));
+            state.generation += 1;
+            tokio::spawn(watch(Task {
+                shared: Arc::clone(&self.shared),
+                generation: state.generation,
+            }));
         }
         state
             .keys
@@ -441,6 +466,48 @@ mod tests {
         }
         assert!(watch_of(&b).shared.lock().keys.is_empty());
         drop_table(&a).await;
+    }
+
+    /// A watcher whose runtime shuts down (a store kept across runtimes, as tests and
+    /// short-lived tools do) is not counted as running: its subscriptions end, and the next
+    /// wait, on another runtime, starts a watcher of its own.
+    #[test]
+    fn a_watcher_dropped_with_its_runtime_is_started_again() {
+        let Ok(url) = std::env::var("MYSQL_URL") else {
+            eprintln!("skipped: MYSQL_URL not set");
+            return;
+        };
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let pool = {
+            let _context = first.enter();
+            sqlx::mysql::MySqlPoolOptions::new()
+                .connect_lazy(&url)
+                .expect("MYSQL_URL")
+        };
+        let watch = MySqlWatch::new(pool, "`watch_dropped`".into(), Arc::new(Wakeups::default()));
+        // Started, never polled: the runtime goes before the task's first look.
+        let subscription = first
+            .block_on(watch.subscribe("k"))
+            .expect("a watcher starts");
+        assert!(watch.running());
+        drop(first);
+        assert!(
+            !watch.running(),
+            "a task dropped with its runtime does not run"
+        );
+        assert!(!subscription.alive(), "its subscriptions end");
+        drop(subscription);
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        second.block_on(async {
+            let again = watch.subscribe("k").await.expect("a watcher starts again");
+            assert!(watch.running() && again.alive());
+        });
     }
 
     /// A waiter through the store's `wait`, on another instance than the holder, with a

@@ -158,7 +158,7 @@ impl Subscription {
         Self { alive, on_drop }
     }
 
-    fn alive(&self) -> bool {
+    pub(super) fn alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
     }
 }
