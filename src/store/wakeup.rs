@@ -5,8 +5,9 @@
 //! - its own process: a store that completes, releases, revokes, settles or purges a key
 //!   wakes the waiters of that key in the same process at once ([`Wakeups::wake`]);
 //! - other instances, through a push channel of the backend ([`Push`]: Redis pub/sub,
-//!   PostgreSQL `LISTEN`/`NOTIFY`), which the store's background listener turns into the
-//!   same wake.
+//!   PostgreSQL `LISTEN`/`NOTIFY`; on MySQL, which has none, a watcher that looks at every
+//!   waited-on key in one statement a millisecond), which the store's background task turns
+//!   into the same wake.
 //!
 //! A waiter registers its interest before it looks at the key, so no wake between its
 //! look and its sleep is missed. It still looks again when the holder's lease ends (the
