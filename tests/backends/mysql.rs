@@ -530,8 +530,9 @@ async fn claims_on(pool: &MySqlPool) -> i64 {
 /// A waiter on another instance than the holder hears of the completion from the store's
 /// watcher (one look at every waited-on key per millisecond, while anyone waits), not by
 /// polling: over a two-second hold it claims once at first, once per 500 ms recheck of the
-/// holder's remaining lease, and once when woken. Polling from 1 ms growing by half up to
-/// 100 ms, as every waiter did before, makes about thirty claims in the same hold. (The
+/// holder's remaining lease, and once when woken (about 6; at most 12 is allowed, for a
+/// loaded machine). Polling from 1 ms growing by half up to 100 ms, as every waiter did
+/// before, makes about thirty claims in the same hold. (The
 /// latency is in BENCHMARKS.md, `cargo bench --bench wakeup`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_on_another_instance_is_woken_by_the_watcher_not_by_polling() {
@@ -581,7 +582,7 @@ async fn a_waiter_on_another_instance_is_woken_by_the_watcher_not_by_polling() {
     assert_eq!(stored.body().as_ref(), b"stored elsewhere");
     let claims = claims_on(&one).await - before;
     assert!(
-        (2..=8).contains(&claims),
+        (2..=12).contains(&claims),
         "the waiter made {claims} claims in a two-second hold: it polled instead of being woken"
     );
     MySqlStore::drop_table(&pool, &table).await;
