@@ -530,7 +530,7 @@ async fn claims_on(pool: &MySqlPool) -> i64 {
 /// A waiter on another instance than the holder hears of the completion from the store's
 /// watcher (one look at every waited-on key per millisecond, while anyone waits), not by
 /// polling: over a two-second hold it claims once at first, once per 500 ms recheck of the
-/// holder's remaining lease, and once when woken (about 6; at most 12 is allowed, for a
+/// holder's remaining lease, and once when woken (5 here; at most 12 is allowed, for a
 /// loaded machine). Polling from 1 ms growing by half up to 100 ms, as every waiter did
 /// before, makes about thirty claims in the same hold. (The
 /// latency is in BENCHMARKS.md, `cargo bench --bench wakeup`.)
