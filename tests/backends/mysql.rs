@@ -532,8 +532,8 @@ async fn claims_on(pool: &MySqlPool) -> i64 {
 /// polling: over a two-second hold it claims once at first, once per 500 ms recheck of the
 /// holder's remaining lease, and once when woken (5 here; at most 12 is allowed, for a
 /// loaded machine). Polling from 1 ms growing by half up to 100 ms, as every waiter did
-/// before, makes about thirty claims in the same hold. (The
-/// latency is in BENCHMARKS.md, `cargo bench --bench wakeup`.)
+/// before, makes about thirty claims in the same hold. (The latency is in BENCHMARKS.md,
+/// `cargo bench --bench wakeup`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_on_another_instance_is_woken_by_the_watcher_not_by_polling() {
     let Some(url) = mysql_url() else { return };
