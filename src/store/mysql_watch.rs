@@ -299,6 +299,43 @@ mod tests {
         store.inner.watch.as_ref().expect("a valid table")
     }
 
+    const LEASE: Duration = Duration::from_secs(30);
+
+    /// Claims the free `key` on `store`, which must be acquired.
+    async fn acquire(store: &MySqlStore, key: &StoreKey, fingerprint: &Fingerprint) -> LeaseToken {
+        match store
+            .claim(key, fingerprint, LeaseToken::new(), LEASE)
+            .await
+        {
+            Ok(Claim::Acquired(token)) => token,
+            other => panic!("expected to acquire {key:?}, got {other:?}"),
+        }
+    }
+
+    /// A duplicate waiting on `key` through `store`'s `wait`, on a task of its own.
+    fn waiter(
+        store: &MySqlStore,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        timeout: Duration,
+    ) -> tokio::task::JoinHandle<Result<Claim, crate::store::StoreError>> {
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move {
+            store
+                .wait(&key, &fingerprint, LeaseToken::new(), LEASE, timeout)
+                .await
+        })
+    }
+
+    /// Waits up to ten seconds for `store`'s watcher to be running (or not).
+    async fn until_running(store: &MySqlStore, running: bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while watch_of(store).running() != running {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// What the watcher is for: a waiter on one instance hears of the end of a key held on
     /// another, with nothing else to wake it (no completion in its own process, no poll:
     /// this looks at its wake-ups alone).
@@ -309,14 +346,7 @@ mod tests {
         };
         let key = StoreKey::new(&Scope::anonymous(), "held-elsewhere");
         let fingerprint = Fingerprint::from_bytes([3; 32]);
-        let lease = Duration::from_secs(30);
-        let Claim::Acquired(token) = a
-            .claim(&key, &fingerprint, LeaseToken::new(), lease)
-            .await
-            .unwrap()
-        else {
-            panic!("acquired");
-        };
+        let token = acquire(&a, &key, &fingerprint).await;
         let mut interest = b.inner.wakeups.register(key.as_str());
         interest.seen();
         let subscription = watch_of(&b)
@@ -337,18 +367,14 @@ mod tests {
             bytes::Bytes::from_static(b"done"),
             None,
         );
-        a.complete(&key, token, record, lease).await.unwrap();
+        a.complete(&key, token, record, LEASE).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), interest.woken())
             .await
             .expect("the completion on the other instance wakes the waiter here");
         // Nobody waits any more: the watcher stops, and looks no more.
         drop(subscription);
         drop(interest);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while watch_of(&b).running() {
-            assert!(Instant::now() < deadline, "the watcher stops");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_running(&b, false, "the watcher stops").await;
         let looks = watch_of(&b).looks();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(watch_of(&b).looks(), looks, "no look while nobody waits");
@@ -362,41 +388,22 @@ mod tests {
         let Some((a, b)) = instances("watch_many").await else {
             return;
         };
-        let lease = Duration::from_secs(30);
         let fingerprint = Fingerprint::from_bytes([5; 32]);
         let mut held = Vec::new();
         for i in 0..300 {
             let key = StoreKey::new(&Scope::anonymous(), &format!("many-{i}"));
-            let Claim::Acquired(token) = a
-                .claim(&key, &fingerprint, LeaseToken::new(), lease)
-                .await
-                .unwrap()
-            else {
-                panic!("acquired");
-            };
+            let token = acquire(&a, &key, &fingerprint).await;
             held.push((key, token));
         }
         let waiters: Vec<_> = held
             .iter()
-            .map(|(key, _)| {
-                let (b, key) = (b.clone(), key.clone());
-                tokio::spawn(async move {
-                    b.wait(
-                        &key,
-                        &fingerprint,
-                        LeaseToken::new(),
-                        lease,
-                        Duration::from_secs(60),
-                    )
-                    .await
-                })
-            })
+            .map(|(key, _)| waiter(&b, key, fingerprint, Duration::from_secs(60)))
             .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
         for (key, token) in &held {
             let body = bytes::Bytes::from(format!("answer of {}", key.as_str()));
             let record = Record::new(http::StatusCode::OK, http::HeaderMap::new(), body, None);
-            a.complete(key, *token, record, lease).await.unwrap();
+            a.complete(key, *token, record, LEASE).await.unwrap();
         }
         for ((key, _), waiter) in held.iter().zip(waiters) {
             let claim = tokio::time::timeout(Duration::from_secs(30), waiter)
@@ -412,11 +419,7 @@ mod tests {
                 format!("answer of {}", key.as_str()).as_bytes()
             );
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while watch_of(&b).running() {
-            assert!(Instant::now() < deadline, "the watcher stops");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_running(&b, false, "the watcher stops").await;
         drop_table(&a).await;
     }
 
@@ -429,41 +432,12 @@ mod tests {
         };
         let key = StoreKey::new(&Scope::anonymous(), "cancelled");
         let fingerprint = Fingerprint::from_bytes([6; 32]);
-        let lease = Duration::from_secs(30);
-        let Claim::Acquired(_) = a
-            .claim(&key, &fingerprint, LeaseToken::new(), lease)
-            .await
-            .unwrap()
-        else {
-            panic!("acquired");
-        };
-        let waiter = {
-            let (b, key) = (b.clone(), key.clone());
-            tokio::spawn(async move {
-                b.wait(
-                    &key,
-                    &fingerprint,
-                    LeaseToken::new(),
-                    lease,
-                    Duration::from_secs(60),
-                )
-                .await
-            })
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !watch_of(&b).running() {
-            assert!(Instant::now() < deadline, "the wait starts a watcher");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        acquire(&a, &key, &fingerprint).await;
+        let waiter = waiter(&b, &key, fingerprint, Duration::from_secs(60));
+        until_running(&b, true, "the wait starts a watcher").await;
         waiter.abort();
         let _ = waiter.await;
-        while watch_of(&b).running() {
-            assert!(
-                Instant::now() < deadline,
-                "the watcher stops with its last waiter"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_running(&b, false, "the watcher stops with its last waiter").await;
         assert!(watch_of(&b).shared.lock().keys.is_empty());
         drop_table(&a).await;
     }
@@ -520,27 +494,8 @@ mod tests {
         };
         let key = StoreKey::new(&Scope::anonymous(), "released-elsewhere");
         let fingerprint = Fingerprint::from_bytes([4; 32]);
-        let lease = Duration::from_secs(30);
-        let Claim::Acquired(token) = a
-            .claim(&key, &fingerprint, LeaseToken::new(), lease)
-            .await
-            .unwrap()
-        else {
-            panic!("acquired");
-        };
-        let waiter = {
-            let (b, key) = (b.clone(), key.clone());
-            tokio::spawn(async move {
-                b.wait(
-                    &key,
-                    &fingerprint,
-                    LeaseToken::new(),
-                    lease,
-                    Duration::from_secs(20),
-                )
-                .await
-            })
-        };
+        let token = acquire(&a, &key, &fingerprint).await;
+        let waiter = waiter(&b, &key, fingerprint, Duration::from_secs(20));
         tokio::time::sleep(Duration::from_millis(200)).await;
         a.release(&key, token).await.unwrap();
         let claim = tokio::time::timeout(Duration::from_secs(10), waiter)

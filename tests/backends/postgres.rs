@@ -17,7 +17,7 @@ use tower_idempotency::sqlx::{self, PgPool};
 use tower_idempotency::store::{Claim, LeaseToken, StoreKey};
 use tower_idempotency::{IdempotencyStore, PostgresStore, Scope, StoreError};
 
-use crate::sql_scenarios::{self, SqlStore, acquire, fp, pool, private_table};
+use crate::sql_scenarios::{self, SqlStore, acquire, fp, pool, private_table, waiter};
 
 impl SqlStore for PostgresStore {
     type Pool = PgPool;
@@ -335,22 +335,6 @@ async fn store_through(url: &str, port: u16, table: &str) -> PostgresStore {
         .sweep_interval(Duration::ZERO)
 }
 
-fn waiter(store: &PostgresStore, k: &StoreKey) -> tokio::task::JoinHandle<Claim> {
-    let (store, k) = (store.clone(), k.clone());
-    tokio::spawn(async move {
-        store
-            .wait(
-                &k,
-                &fp(1),
-                LeaseToken::new(),
-                Duration::from_secs(30),
-                Duration::from_secs(10),
-            )
-            .await
-            .expect("wait")
-    })
-}
-
 /// Two instances on one database: the waiter on the second hears of the first's
 /// completion, and of its release, through `LISTEN`/`NOTIFY`. Counted on the wire: its
 /// statements are a mark and a claim at first, a claim per 500 ms recheck of the holder's
@@ -376,7 +360,7 @@ async fn a_waiter_on_another_instance_is_woken_by_notify_not_by_polling() {
         let k = StoreKey::new(&Scope::anonymous(), k);
         let token = acquire(&first, &k, lease).await;
         wire.take();
-        let waiting = waiter(&second, &k);
+        let waiting = waiter(&second, &k, Duration::from_secs(10));
         tokio::time::sleep(Duration::from_secs(2)).await;
         if what == "completion" {
             first
@@ -427,7 +411,7 @@ async fn a_killed_listener_loses_no_waiter() {
     let lease = Duration::from_secs(30);
     let k = StoreKey::new(&Scope::anonymous(), "killed-listener");
     let token = acquire(&first, &k, lease).await;
-    let waiting = waiter(&second, &k);
+    let waiting = waiter(&second, &k, Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = listeners(admin.clone(), channel.clone()).await;
     assert_eq!(before.len(), 1, "one listener for the waiting instance");

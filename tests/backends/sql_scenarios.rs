@@ -127,6 +127,28 @@ pub async fn acquire<S: IdempotencyStore>(store: &S, k: &StoreKey, lease: Durati
     }
 }
 
+/// A duplicate of `k` (fingerprint `fp(1)`) waiting on `store` for up to `timeout`, on a
+/// task of its own; the task ends with the claim it got (and fails if the wait did).
+pub fn waiter<S: IdempotencyStore + Clone + 'static>(
+    store: &S,
+    k: &StoreKey,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<Claim> {
+    let (store, k) = (store.clone(), k.clone());
+    tokio::spawn(async move {
+        store
+            .wait(
+                &k,
+                &fp(1),
+                LeaseToken::new(),
+                Duration::from_secs(30),
+                timeout,
+            )
+            .await
+            .expect("wait")
+    })
+}
+
 /// Runs each operation of `store` once, calling `after(what)` after each: first
 /// `"warm-up"`, once every statement has run (so the connection has prepared them all), then
 /// `"claim"`, `"claim of a key in flight"`, `"extend"`, `"complete"`, `"replay"`, `"claim of
