@@ -87,17 +87,33 @@ impl Push for RedisPush {
         control
             .send(Control::Subscribe(name.into(), confirm))
             .ok()?;
+        // From here the listener counts this subscription: it is taken back exactly once,
+        // whatever becomes of this call (refused, timed out, or dropped while it waits for
+        // the confirmation, when a wait is cancelled).
+        let taken_back = Unsubscribe {
+            control,
+            name: Some(name.into()),
+        };
         match tokio::time::timeout(SUBSCRIBE_TIMEOUT, confirmed).await {
-            Ok(Ok(true)) => {
-                let name: Box<str> = name.into();
-                Some(Subscription::new(
-                    alive,
-                    Some(Box::new(move || {
-                        let _ = control.send(Control::Unsubscribe(name));
-                    })),
-                ))
-            }
+            Ok(Ok(true)) => Some(Subscription::new(
+                alive,
+                Some(Box::new(move || drop(taken_back))),
+            )),
             _ => None,
+        }
+    }
+}
+
+/// Sends the listener the `UNSUBSCRIBE` of one subscription it counted, when dropped.
+struct Unsubscribe {
+    control: mpsc::UnboundedSender<Control>,
+    name: Option<Box<str>>,
+}
+
+impl Drop for Unsubscribe {
+    fn drop(&mut self) {
+        if let Some(name) = self.name.take() {
+            let _ = self.control.send(Control::Unsubscribe(name));
         }
     }
 }
@@ -143,17 +159,10 @@ async fn listen(
                         break;
                     }
                 }
-                if confirm.send(true).is_ok() {
-                    channels.insert(name, count + 1);
-                } else if count == 0 {
-                    // The waiter was dropped (its wait cancelled) before it heard: no one
-                    // will unsubscribe for it.
-                    let unsubscribed =
-                        tokio::time::timeout(SUBSCRIBE_TIMEOUT, sink.unsubscribe(&*name)).await;
-                    if !matches!(unsubscribed, Ok(Ok(()))) {
-                        break;
-                    }
-                }
+                // Counted whether or not the waiter still hears it: its `Unsubscribe`
+                // comes back in either case.
+                channels.insert(name, count + 1);
+                let _ = confirm.send(true);
             }
             Event::Command(Some(Control::Unsubscribe(name))) => {
                 if let Some(count) = channels.get_mut(&name) {
