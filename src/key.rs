@@ -226,42 +226,33 @@ pub fn parse_key(
         if !printable {
             return Err(KeyError::NotPrintable);
         }
-        if bytes.is_empty() {
-            return Err(KeyError::Empty);
-        }
-        if bytes.len() > max_len {
-            return Err(KeyError::TooLong {
-                len: bytes.len(),
-                max: max_len,
-            });
-        }
+        check_length(bytes.len(), max_len)?;
         // Printable ASCII, checked above: taken as it is, with no UTF-8 check.
         return Ok(IdempotencyKey(KeyText::from_ascii(bytes)));
     }
-    let key = {
-        let item: sfv::Item = sfv::Parser::new(bytes)
-            .parse()
-            .map_err(|_| KeyError::NotSfString)?;
-        match item.bare_item.as_string() {
-            Some(s) => s.as_str().to_owned(),
-            None => return Err(KeyError::NotSfString),
-        }
+    let item: sfv::Item = sfv::Parser::new(bytes)
+        .parse()
+        .map_err(|_| KeyError::NotSfString)?;
+    let Some(key) = item.bare_item.as_string() else {
+        return Err(KeyError::NotSfString);
     };
-    if key.is_empty() {
-        return Err(KeyError::Empty);
-    }
-    if key.len() > max_len {
-        return Err(KeyError::TooLong {
-            len: key.len(),
-            max: max_len,
-        });
-    }
+    let key = key.as_str();
+    check_length(key.len(), max_len)?;
     // An sf-string may hold any character RFC 9651 allows, which is printable ASCII and
     // space, but say so here all the same.
     if !key.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
         return Err(KeyError::NotPrintable);
     }
-    Ok(IdempotencyKey::new(&key))
+    Ok(IdempotencyKey::new(key))
+}
+
+/// A key of `len` bytes is neither empty nor longer than `max`.
+fn check_length(len: usize, max: usize) -> Result<(), KeyError> {
+    match len {
+        0 => Err(KeyError::Empty),
+        len if len > max => Err(KeyError::TooLong { len, max }),
+        _ => Ok(()),
+    }
 }
 
 /// Who sent a request: keys are only ever shared within one scope.
