@@ -94,14 +94,22 @@ fn routes() -> Router {
 enum Stack {
     Bare,
     Noop,
+    /// The layer as axum users add it: answering in axum's `Body` (`for_axum`).
     Layer,
+    /// The layer answering in its own `IdempotencyBody`, which axum boxes again.
+    Plain,
 }
 
 fn router(stack: Stack, store: &MemoryStore) -> Router {
     match stack {
         Stack::Bare => routes(),
         Stack::Noop => routes().layer(tower::layer::layer_fn(|s| s)),
-        Stack::Layer => {
+        Stack::Layer => routes().layer(
+            IdempotencyLayer::new(store.clone())
+                .share_keys_across_callers()
+                .for_axum(),
+        ),
+        Stack::Plain => {
             routes().layer(IdempotencyLayer::new(store.clone()).share_keys_across_callers())
         }
     }
@@ -143,6 +151,11 @@ const CASES: &[Case] = &[
         send: Send::Get,
     },
     Case {
+        name: "get/plain",
+        stack: Stack::Plain,
+        send: Send::Get,
+    },
+    Case {
         name: "first-0/bare",
         stack: Stack::Bare,
         send: Send::First(0),
@@ -150,6 +163,11 @@ const CASES: &[Case] = &[
     Case {
         name: "first-0/layer",
         stack: Stack::Layer,
+        send: Send::First(0),
+    },
+    Case {
+        name: "first-0/plain",
+        stack: Stack::Plain,
         send: Send::First(0),
     },
     Case {
@@ -171,6 +189,11 @@ const CASES: &[Case] = &[
         name: "first-64k/layer",
         stack: Stack::Layer,
         send: Send::First(65536),
+    },
+    Case {
+        name: "first-1k/plain",
+        stack: Stack::Plain,
+        send: Send::First(1024),
     },
     Case {
         name: "replay-1k/bare",
@@ -238,7 +261,7 @@ fn run(case: &Case, calls: usize) -> u64 {
     let (app, requests) = rt.block_on(async {
         let store = MemoryStore::new();
         let app = router(case.stack, &store);
-        let layered = matches!(case.stack, Stack::Layer);
+        let layered = matches!(case.stack, Stack::Layer | Stack::Plain);
         let (method, size) = match case.send {
             Send::Get => (Method::GET, 0),
             Send::First(n) | Send::Replay(n) => (Method::POST, n),

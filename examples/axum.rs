@@ -467,16 +467,21 @@ pub fn app_on(
         .route("/orders", post(create_order).get(list_orders))
         .route("/orders/{id}", get(show_order));
     let router = match layer {
-        Some(layer) => router.layer(layer.recover_with(move |unsettled| {
-            let orders = orders.clone();
-            async move {
-                let order = orders.find(unsettled.scope(), unsettled.key()).await?;
-                Ok(order.map(|order| {
+        Some(layer) => router.layer(
+            layer
+                .recover_with(move |unsettled| {
+                    let orders = orders.clone();
+                    async move {
+                        let order = orders.find(unsettled.scope(), unsettled.key()).await?;
+                        Ok(order.map(|order| {
                     tracing::info!(order = %order.id, "recovered the answer of a committed order");
                     created(&order)
                 }))
-            }
-        })),
+                    }
+                })
+                // Answers in axum's own body type: the `GET`s pass through without a box.
+                .for_axum(),
+        ),
         None => router,
     };
     router.with_state(state)

@@ -174,6 +174,16 @@ impl<B> IdempotencyBody<B> {
         }
     }
 
+    /// The inner service's body when the layer passed it through untouched, else this
+    /// body as it was.
+    #[cfg(feature = "axum")]
+    pub(crate) fn into_passthrough(self) -> Result<B, Self> {
+        match self.kind {
+            Kind::Passthrough { inner } => Ok(inner),
+            kind => Err(Self { kind }),
+        }
+    }
+
     pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         Self {
             kind: Kind::Full {

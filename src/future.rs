@@ -84,6 +84,40 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
     }
 }
 
+impl<F, B, E> ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    /// Polls for the answer with its body made by `passthrough` when the inner service's
+    /// body is passed through untouched, else by `wrap`: one move of the response either
+    /// way, whatever the body type it ends in.
+    #[inline(always)]
+    pub(crate) fn poll_with<O>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        passthrough: impl FnOnce(B) -> O,
+        wrap: impl FnOnce(IdempotencyBody<B>) -> O,
+    ) -> Poll<Result<Response<O>, E>> {
+        match self.project().state.project() {
+            StateProj::Passthrough { fut } => {
+                let res = ready!(fut.poll(cx))?;
+                Poll::Ready(Ok(res.map(passthrough)))
+            }
+            StateProj::Ready { res } => Poll::Ready(Ok(res
+                .take()
+                .expect("ResponseFuture polled after completion")
+                .map(wrap))),
+            StateProj::Covered { fut, observe } => {
+                let mut res = ready!(fut.as_mut().poll(cx))?;
+                if let Some((echo, span)) = observe.take() {
+                    self::observe(&mut res, echo, span);
+                }
+                Poll::Ready(Ok(res.map(wrap)))
+            }
+        }
+    }
+}
+
 impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
@@ -91,22 +125,7 @@ where
     type Output = Result<Response<IdempotencyBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Passthrough { fut } => {
-                let res = ready!(fut.poll(cx))?;
-                Poll::Ready(Ok(res.map(IdempotencyBody::passthrough)))
-            }
-            StateProj::Ready { res } => Poll::Ready(Ok(res
-                .take()
-                .expect("ResponseFuture polled after completion"))),
-            StateProj::Covered { fut, observe } => {
-                let mut res = ready!(fut.as_mut().poll(cx))?;
-                if let Some((echo, span)) = observe.take() {
-                    self::observe(&mut res, echo, span);
-                }
-                Poll::Ready(Ok(res))
-            }
-        }
+        self.poll_with(cx, IdempotencyBody::passthrough, |body| body)
     }
 }
 

@@ -21,7 +21,12 @@
 //!
 //! let app: Router = Router::new()
 //!     .route("/payments", post(|body: String| async move { format!("charged {body}") }))
-//!     .layer(IdempotencyLayer::new(MemoryStore::new()).scope_by_principal::<UserId>());
+//!     .layer(
+//!         IdempotencyLayer::new(MemoryStore::new())
+//!             .scope_by_principal::<UserId>()
+//!             // On axum: answer in axum's own body type (no extra box per response).
+//!             .for_axum(),
+//!     );
 //! ```
 //!
 //! # What a request goes through
@@ -156,7 +161,7 @@
 //! | Feature | Default | What it adds |
 //! |---|---|---|
 //! | `memory` | yes | [`MemoryStore`] |
-//! | `axum` | yes | [`RebuildBody`] for axum's body |
+//! | `axum` | yes | [`RebuildBody`] for axum's body, and [`IdempotencyLayer::for_axum`] |
 //! | `tonic` | no | [`RebuildBody`] for tonic's body |
 //! | `redis` | no | `RedisStore`, and `redis` re-exported |
 //! | `postgres` | no | `PostgresStore`, and `sqlx` re-exported |
@@ -175,6 +180,8 @@
 #![warn(rust_2018_idioms)]
 
 mod answer;
+#[cfg(feature = "axum")]
+mod axum_body;
 pub mod body;
 mod claim;
 #[cfg(feature = "client")]
@@ -215,6 +222,9 @@ mod time;
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use async_nats;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub use axum_body::{AxumIdempotency, AxumIdempotencyLayer, AxumResponseFuture};
 pub use body::{IdempotencyBody, RebuildBody};
 pub use fingerprint::Fingerprint;
 #[cfg(feature = "axum")]

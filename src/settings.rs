@@ -26,9 +26,56 @@ pub(crate) type LeaseFn = dyn Fn(&Parts) -> Option<Duration> + Send + Sync;
 #[derive(Clone)]
 pub(crate) enum Cover {
     /// HTTP requests with these methods; gRPC calls only when listed in `grpc_methods`.
-    Methods(Vec<Method>),
+    Methods(MethodSet),
     /// Whatever the user's function says, gRPC calls included.
     When(Arc<CoverFn>),
+}
+
+/// A set of HTTP methods: the standard ones as bits (told apart with one table lookup,
+/// on every request the layer sees), the extension ones in a list.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct MethodSet {
+    standard: u16,
+    extensions: Vec<Method>,
+}
+
+impl MethodSet {
+    /// The bit of a standard method, 0 for an extension method.
+    fn bit(method: &Method) -> u16 {
+        match *method {
+            Method::OPTIONS => 1,
+            Method::GET => 1 << 1,
+            Method::POST => 1 << 2,
+            Method::PUT => 1 << 3,
+            Method::DELETE => 1 << 4,
+            Method::HEAD => 1 << 5,
+            Method::TRACE => 1 << 6,
+            Method::CONNECT => 1 << 7,
+            Method::PATCH => 1 << 8,
+            _ => 0,
+        }
+    }
+
+    pub(crate) fn contains(&self, method: &Method) -> bool {
+        match Self::bit(method) {
+            0 => self.extensions.contains(method),
+            bit => self.standard & bit != 0,
+        }
+    }
+}
+
+impl FromIterator<Method> for MethodSet {
+    fn from_iter<I: IntoIterator<Item = Method>>(methods: I) -> Self {
+        let mut set = Self::default();
+        for method in methods {
+            match Self::bit(&method) {
+                0 if !set.extensions.contains(&method) => set.extensions.push(method),
+                0 => {}
+                bit => set.standard |= bit,
+            }
+        }
+        set
+    }
 }
 
 /// How the layer tells callers apart.
@@ -94,7 +141,7 @@ impl Default for Settings {
             lease_by: None,
             announce_expiry: false,
             missing: MissingKey::Required,
-            cover: Cover::Methods(vec![Method::POST, Method::PATCH]),
+            cover: Cover::Methods([Method::POST, Method::PATCH].into_iter().collect()),
             grpc_methods: Arc::from([]),
             scope: ScopeRule::Unset,
             fingerprint: None,
@@ -205,5 +252,60 @@ impl Settings {
             Some(f) => f(parts, body),
             None => Fingerprint::of_request(parts, body),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::Method;
+
+    use super::MethodSet;
+
+    const STANDARD: [Method; 9] = [
+        Method::OPTIONS,
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::TRACE,
+        Method::CONNECT,
+        Method::PATCH,
+    ];
+
+    /// Each standard method is told apart from every other, alone and in any pair.
+    #[test]
+    fn a_method_set_holds_exactly_the_methods_it_was_given() {
+        for a in &STANDARD {
+            for b in &STANDARD {
+                let set: MethodSet = [a.clone(), b.clone()].into_iter().collect();
+                for m in &STANDARD {
+                    assert_eq!(set.contains(m), m == a || m == b, "{m} in {{{a}, {b}}}");
+                }
+            }
+        }
+        let none: MethodSet = std::iter::empty().collect();
+        assert!(STANDARD.iter().all(|m| !none.contains(m)));
+    }
+
+    /// Extension methods (any token, case-sensitive) are held beside the standard ones;
+    /// one that looks like a standard method in another case is not that method.
+    #[test]
+    fn extension_methods_are_matched_by_their_exact_name() {
+        let purge = Method::from_bytes(b"PURGE").unwrap();
+        let long = Method::from_bytes(b"A-VERY-LONG-EXTENSION-METHOD-NAME").unwrap();
+        let lower_post = Method::from_bytes(b"post").unwrap();
+        let set: MethodSet = [purge.clone(), long.clone(), purge.clone(), Method::PUT]
+            .into_iter()
+            .collect();
+        assert!(set.contains(&purge));
+        assert!(set.contains(&long));
+        assert!(set.contains(&Method::PUT));
+        assert!(!set.contains(&Method::POST));
+        assert!(!set.contains(&lower_post));
+        assert!(!set.contains(&Method::from_bytes(b"PURGEX").unwrap()));
+        let only_lower: MethodSet = [lower_post.clone()].into_iter().collect();
+        assert!(only_lower.contains(&lower_post));
+        assert!(!only_lower.contains(&Method::POST));
     }
 }

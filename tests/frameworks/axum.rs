@@ -21,6 +21,7 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
+use tower::ServiceExt;
 use tower_idempotency::policy::InFlight;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
@@ -304,4 +305,258 @@ async fn the_demo_keeps_its_orders_in_mysql() {
         .filter(|o| *o == id)
         .collect();
     assert_eq!(ids, [id.as_str()], "one order under the key");
+}
+
+// ---- `IdempotencyLayer::for_axum`: the layer answering in axum's own `Body` ----
+
+/// A body of frames given in advance: data, trailers, or an error midway.
+struct Frames(std::collections::VecDeque<Result<http_body::Frame<Bytes>, std::io::Error>>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front())
+    }
+}
+
+fn listing_trailers() -> HeaderMap {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-listing-count", "2".parse().unwrap());
+    trailers
+}
+
+/// `POST /orders` counted; `GET /orders` streamed in two chunks and a trailer; `GET /broken`
+/// failing after its first chunk; `POST /held` that never answers once it has told `held`.
+fn streaming_routes(counter: &Arc<AtomicUsize>, held: &Arc<tokio::sync::Notify>) -> Router {
+    let held = Arc::clone(held);
+    Router::new()
+        .route(
+            "/orders",
+            counting_router(counter).get(|| async {
+                Body::new(Frames(
+                    [
+                        Ok(http_body::Frame::data(Bytes::from_static(b"[1,"))),
+                        Ok(http_body::Frame::data(Bytes::from_static(b"2]"))),
+                        Ok(http_body::Frame::trailers(listing_trailers())),
+                    ]
+                    .into(),
+                ))
+            }),
+        )
+        .route(
+            "/broken",
+            axum::routing::get(|| async {
+                Body::new(Frames(
+                    [
+                        Ok(http_body::Frame::data(Bytes::from_static(b"[1,"))),
+                        Err(std::io::Error::other("the listing broke")),
+                    ]
+                    .into(),
+                ))
+            }),
+        )
+        .route(
+            "/held",
+            post(move || {
+                let held = Arc::clone(&held);
+                async move {
+                    held.notify_one();
+                    std::future::pending::<StatusCode>().await
+                }
+            }),
+        )
+}
+
+fn wire_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &'static str,
+) -> Request<Full<Bytes>> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .header("te", "trailers");
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    req.body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+/// Every answer the layer gives, and every answer it passes through, is the same whether
+/// it answers in its own body type or in axum's: status, headers, body and trailers, over
+/// HTTP/1.1 and HTTP/2. Only the type changes, never what a caller gets.
+#[tokio::test]
+async fn for_axum_answers_as_the_plain_layer_does_over_http1_and_http2() {
+    let held = Arc::new(tokio::sync::Notify::new());
+    let plain_runs = Arc::new(AtomicUsize::new(0));
+    let axum_runs = Arc::new(AtomicUsize::new(0));
+    let layer = || {
+        IdempotencyLayer::new(MemoryStore::new())
+            .share_keys_across_callers()
+            .max_key_len(64)
+    };
+    let plain = common::serve(streaming_routes(&plain_runs, &held).layer(layer())).await;
+    let for_axum =
+        common::serve(streaming_routes(&axum_runs, &held).layer(layer().for_axum())).await;
+    let long_key = "k".repeat(65);
+    for h2 in [false, true] {
+        let first = if h2 { "h2-first" } else { "h1-first" };
+        let missing = if h2 { "h2-missing" } else { "h1-missing" };
+        let cases: [(&str, &str, Option<&str>, &'static str, u16); 9] = [
+            ("POST", "/orders", Some(first), "{\"n\":1}", 201),
+            ("POST", "/orders", Some(first), "{\"n\":1}", 201),
+            ("POST", "/orders", Some(first), "{\"n\":2}", 422),
+            ("POST", "/orders", None, "{}", 400),
+            ("POST", "/orders", Some(&long_key), "{}", 400),
+            ("GET", "/orders", None, "", 200),
+            ("POST", "/nope", Some(missing), "{}", 404),
+            ("POST", "/nope", Some(missing), "{}", 404),
+            ("GET", "/nope", None, "", 404),
+        ];
+        for (method, path, key, body, status) in cases {
+            let a = common::send_over_tcp(plain, h2, wire_request(plain, method, path, key, body))
+                .await;
+            let b = common::send_over_tcp(
+                for_axum,
+                h2,
+                wire_request(for_axum, method, path, key, body),
+            )
+            .await;
+            let what = format!("{method} {path} {key:?} {body} (h2: {h2})");
+            assert_eq!(a.status, status, "{what}");
+            assert_eq!(b.status, a.status, "{what}");
+            assert_eq!(b.body, a.body, "{what}");
+            assert_eq!(b.replayed(), a.replayed(), "{what}");
+            let mut a_headers = a.headers.clone();
+            let mut b_headers = b.headers.clone();
+            a_headers.remove("date");
+            b_headers.remove("date");
+            assert_eq!(b_headers, a_headers, "{what}");
+            assert_eq!(b.trailers, a.trailers, "{what}");
+            if h2 && method == "GET" && path == "/orders" {
+                assert_eq!(b.body, "[1,2]");
+                assert_eq!(b.trailers, Some(listing_trailers()), "{what}");
+            }
+        }
+    }
+    // One run per protocol on each: the replay, the conflict and the refusals ran nothing.
+    assert_eq!(plain_runs.load(Ordering::SeqCst), 2);
+    assert_eq!(axum_runs.load(Ordering::SeqCst), 2);
+
+    // A duplicate of a request still running is refused alike.
+    for addr in [plain, for_axum] {
+        let first = tokio::spawn(common::send_over_tcp(
+            addr,
+            true,
+            wire_request(addr, "POST", "/held", Some("held"), "{}"),
+        ));
+        held.notified().await;
+        let duplicate = common::send_over_tcp(
+            addr,
+            true,
+            wire_request(addr, "POST", "/held", Some("held"), "{}"),
+        )
+        .await;
+        assert_eq!(duplicate.status, StatusCode::CONFLICT);
+        assert!(duplicate.headers.contains_key("retry-after"));
+        first.abort();
+    }
+}
+
+/// A response the layer passes through keeps its failure: a body that breaks midway is an
+/// error for the caller, not a shorter body that looks complete.
+#[tokio::test]
+async fn a_passed_through_body_that_breaks_still_fails_through_for_axum() {
+    let held = Arc::new(tokio::sync::Notify::new());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = streaming_routes(&runs, &held).layer(
+        IdempotencyLayer::new(MemoryStore::new())
+            .share_keys_across_callers()
+            .for_axum(),
+    );
+    let res = app
+        .clone()
+        .oneshot(Request::get("/broken").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let err = res.into_body().collect().await.unwrap_err();
+    assert!(err.to_string().contains("the listing broke"), "{err}");
+    // Over the wire the connection is cut rather than the body ended.
+    let addr = common::serve(app).await;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // (hyper may not have sent the head yet when the body breaks: then the whole answer
+    // is the error.)
+    if let Ok(res) = sender
+        .send_request(wire_request(addr, "GET", "/broken", None, ""))
+        .await
+    {
+        assert!(res.into_body().collect().await.is_err());
+    }
+}
+
+/// The layer `for_axum` made from a layer is that layer: a record stored through one is
+/// replayed through the other, a claim held through one is seen through the other, and
+/// the original's `detached_work` waits for work started through the other.
+#[tokio::test]
+async fn for_axum_shares_records_claims_and_detached_work_with_its_layer() {
+    let held = Arc::new(tokio::sync::Notify::new());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers();
+    let work = layer.detached_work();
+    let plain = streaming_routes(&runs, &held).layer(layer.clone());
+    let for_axum_layer = layer.clone().for_axum();
+    assert!(format!("{:?}", for_axum_layer.get_ref()).contains("IdempotencyLayer"));
+    let via_axum = streaming_routes(&runs, &held).layer(for_axum_layer);
+
+    let a = call(&plain, post_req(Some("shared"), "{}")).await;
+    let b = call(&via_axum, post_req(Some("shared"), "{}")).await;
+    assert_eq!(a.status, StatusCode::CREATED);
+    assert!(
+        b.replayed(),
+        "the record stored through the plain layer was not replayed"
+    );
+    assert_eq!(b.body, a.body);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    let first = tokio::spawn({
+        let via_axum = via_axum.clone();
+        async move {
+            via_axum
+                .oneshot(
+                    Request::post("/held")
+                        .header("idempotency-key", "held")
+                        .body(Body::from("{}"))
+                        .unwrap(),
+                )
+                .await
+        }
+    });
+    held.notified().await;
+    let duplicate = call(
+        &plain,
+        Request::post("/held")
+            .header("idempotency-key", "held")
+            .body(Body::from("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(duplicate.status, StatusCode::CONFLICT);
+    first.abort();
+    // The aborted first request left its release to the detached work, which the
+    // original layer's handle waits for.
+    work.shutdown(Duration::from_secs(5)).await.unwrap();
 }

@@ -10,10 +10,13 @@ mod common {
     // The framework tests call and collect; the counting handlers are for the layer's tests.
     #[allow(dead_code)]
     mod requests;
+    #[allow(dead_code)]
+    mod tcp;
 
     #[cfg(feature = "client")]
     pub use counting_server::*;
     pub use requests::*;
+    pub use tcp::*;
 }
 
 // The examples more than one module drives, or whose name a module already has: loaded once.
