@@ -34,7 +34,7 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, MemoryStore, REPLAYED_HEADER};
+use tower_idempotency::{IdempotencyClaim, IdempotencyLayer, MemoryStore, REPLAYED_HEADER};
 
 /// Counts allocations (and reallocations, which allocate) made by the whole process.
 struct Counting;
@@ -81,12 +81,25 @@ async fn create(body: Bytes) -> impl IntoResponse {
     )
 }
 
+/// The same, declaring its commit point first when the layer gave it a claim.
+async fn create_committed(
+    claim: Option<axum::Extension<IdempotencyClaim>>,
+    body: Bytes,
+) -> impl IntoResponse {
+    if let Some(axum::Extension(claim)) = claim {
+        claim.commit().await.expect("the commit point is declared");
+    }
+    create(body).await
+}
+
 async fn list() -> &'static str {
     "[]"
 }
 
 fn routes() -> Router {
-    Router::new().route("/orders", post(create).get(list))
+    Router::new()
+        .route("/orders", post(create).get(list))
+        .route("/committed", post(create_committed))
 }
 
 /// How a case's router is built.
@@ -122,6 +135,9 @@ enum Send {
     Get,
     /// A `POST` with a fresh key each call, and a body of this size.
     First(usize),
+    /// A `POST` with a fresh key each call and a 1 KiB body, to a handler that declares
+    /// its commit point.
+    Committed,
     /// The same `POST` each call, answered once before the count.
     Replay(usize),
     /// A `POST` whose key is held by a claim that never ends.
@@ -181,6 +197,16 @@ const CASES: &[Case] = &[
         send: Send::First(1024),
     },
     Case {
+        name: "commit-1k/bare",
+        stack: Stack::Bare,
+        send: Send::Committed,
+    },
+    Case {
+        name: "commit-1k/layer",
+        stack: Stack::Layer,
+        send: Send::Committed,
+    },
+    Case {
         name: "first-64k/bare",
         stack: Stack::Bare,
         send: Send::First(65536),
@@ -233,10 +259,10 @@ fn body_of(size: usize) -> Bytes {
 
 /// Keys are built before the calls (and the same length every time), so that what is
 /// counted is the call alone.
-fn request(method: Method, key: Option<&str>, body: &Bytes) -> Request<Body> {
+fn request(method: Method, path: &str, key: Option<&str>, body: &Bytes) -> Request<Body> {
     let mut b = Request::builder()
         .method(method)
-        .uri("/orders")
+        .uri(path)
         .header(CONTENT_TYPE, "application/json");
     if let Some(key) = key {
         b = b.header("idempotency-key", key);
@@ -265,24 +291,30 @@ fn run(case: &Case, calls: usize) -> u64 {
         let (method, size) = match case.send {
             Send::Get => (Method::GET, 0),
             Send::First(n) | Send::Replay(n) => (Method::POST, n),
-            Send::InFlight => (Method::POST, 1024),
+            Send::InFlight | Send::Committed => (Method::POST, 1024),
         };
         let body = body_of(size);
+        let path = match case.send {
+            Send::Committed => "/committed",
+            _ => "/orders",
+        };
         let keys: Vec<String> = match case.send {
             Send::Get => vec![],
-            Send::First(_) => (0..calls + 1).map(|i| format!("costs-{i:012}")).collect(),
+            Send::First(_) | Send::Committed => {
+                (0..calls + 1).map(|i| format!("costs-{i:012}")).collect()
+            }
             Send::Replay(_) | Send::InFlight => vec!["costs-000000000000".to_owned()],
         };
         let key_of = |i: usize| match case.send {
             Send::Get => None,
-            Send::First(_) => Some(keys[i].as_str()),
+            Send::First(_) | Send::Committed => Some(keys[i].as_str()),
             _ => Some(keys[0].as_str()),
         };
         // The expected answer, once, before counting (it also warms up the runtime).
         match case.send {
             Send::InFlight if layered => {
                 // A first request that never ends holds the key.
-                let held = request(Method::POST, key_of(0), &body);
+                let held = request(Method::POST, path, key_of(0), &body);
                 let hold = Router::new()
                     .route(
                         "/orders",
@@ -291,23 +323,24 @@ fn run(case: &Case, calls: usize) -> u64 {
                     .layer(IdempotencyLayer::new(store.clone()).share_keys_across_callers());
                 tokio::spawn(async move { hold.oneshot(held).await });
                 tokio::task::yield_now().await;
-                let (status, _, _) = call(&app, request(method.clone(), key_of(0), &body)).await;
+                let (status, _, _) =
+                    call(&app, request(method.clone(), path, key_of(0), &body)).await;
                 assert_eq!(status, StatusCode::CONFLICT);
             }
             _ => {
                 let (status, _, _) =
-                    call(&app, request(method.clone(), key_of(calls), &body)).await;
+                    call(&app, request(method.clone(), path, key_of(calls), &body)).await;
                 assert!(status.is_success(), "{status}");
                 if let (Send::Replay(_), true) = (case.send, layered) {
                     let (_, replayed, body) =
-                        call(&app, request(method.clone(), key_of(0), &body)).await;
+                        call(&app, request(method.clone(), path, key_of(0), &body)).await;
                     assert!(replayed);
                     assert_eq!(body, RESPONSE);
                 }
             }
         }
         let requests: Vec<Request<Body>> = (0..calls)
-            .map(|i| request(method.clone(), key_of(i), &body))
+            .map(|i| request(method.clone(), path, key_of(i), &body))
             .collect();
         (app, requests)
     });
@@ -427,7 +460,8 @@ fn scaling() {
                                 tokio::task::spawn_local(async move {
                                     for i in 0..PER_TASK / workers {
                                         let key = format!("scale-{w:02}-{t:04}-{i:08}");
-                                        let req = request(Method::POST, Some(&key), &body);
+                                        let req =
+                                            request(Method::POST, "/orders", Some(&key), &body);
                                         let (status, _, _) = call(&app, req).await;
                                         assert_eq!(status, StatusCode::CREATED);
                                     }

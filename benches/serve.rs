@@ -105,7 +105,11 @@ fn main() {
         let app = Router::new().route("/orders", post(create_order));
         let app = if layer_on {
             let store = open_store(&store_url).await?;
-            app.layer(IdempotencyLayer::new(store).share_keys_across_callers())
+            app.layer(
+                IdempotencyLayer::new(store)
+                    .share_keys_across_callers()
+                    .for_axum(),
+            )
         } else {
             app
         };

@@ -159,8 +159,6 @@ pub(crate) struct Claimed {
     /// allocation per claim, and one reference to the layer's configuration.
     shared: Arc<Shared>,
     fingerprint: Fingerprint,
-    /// The key's hash in the embedded memory store ([`Runtime::key_hash`]).
-    hash: u64,
     registration: Option<Registration>,
     settled: bool,
     /// The request's span (`idempotency.lease_lost` is recorded on it).
@@ -186,9 +184,8 @@ impl Claimed {
             .keeper
             .register(&key, token, lease, || config.renewal());
         Self {
-            shared: Shared::new(config, key, token, ttl),
+            shared: Shared::new(config, key, token, ttl, hash),
             fingerprint,
-            hash,
             registration: Some(registration),
             settled: false,
             span,
@@ -204,9 +201,9 @@ impl Claimed {
         record: &Record,
         ttl: Duration,
     ) -> Self {
+        let hash = config.key_hash(&key);
         Self {
-            hash: config.key_hash(&key),
-            shared: Shared::new(config, key, token, ttl),
+            shared: Shared::new(config, key, token, ttl, hash),
             fingerprint: *record.fingerprint(),
             registration: None,
             settled: false,
@@ -282,7 +279,7 @@ impl Claimed {
         let timer = crate::metrics::Timer::start();
         match self.shared.config.complete_direct(
             &self.shared.key,
-            self.hash,
+            self.shared.hash,
             self.shared.token,
             record,
             self.shared.ttl,
@@ -308,7 +305,7 @@ impl Claimed {
         let timer = crate::metrics::Timer::start();
         let record = match self.shared.config.complete_direct(
             &self.shared.key,
-            self.hash,
+            self.shared.hash,
             self.shared.token,
             record,
             self.shared.ttl,

@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     /// How long this claim's record (or commit) is kept: the layer's TTL, or the request's
     /// own ([`IdempotencyLayer::ttl_by`](crate::IdempotencyLayer::ttl_by)).
     pub(crate) ttl: std::time::Duration,
+    /// The key's hash in the embedded memory store ([`Runtime::key_hash`]).
+    pub(crate) hash: u64,
     commit: AtomicU8,
 }
 
@@ -41,12 +43,14 @@ impl Shared {
         key: StoreKey,
         token: LeaseToken,
         ttl: std::time::Duration,
+        hash: u64,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
             key,
             token,
             ttl,
+            hash,
             commit: AtomicU8::new(NOT_COMMITTED),
         })
     }
@@ -176,7 +180,7 @@ impl IdempotencyClaim {
     /// Committing twice is the same as once.
     pub async fn commit(&self) -> Result<(), StoreError> {
         let s = &self.shared;
-        match s.config.commit(&s.key, s.token, s.ttl).await {
+        match s.config.commit(&s.key, s.hash, s.token, s.ttl).await {
             Ok(()) => {}
             // A definite answer: nothing was committed.
             Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),

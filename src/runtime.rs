@@ -209,12 +209,23 @@ impl Runtime {
 
     /// Declares the commit point of the claim on `key` held with `token`, kept for `ttl`
     /// (the claim's TTL).
+    /// Declares the commit point of the claim of `token` on `key` (directly on the
+    /// embedded memory store, with `hash`, [`key_hash`](Self::key_hash)).
     pub(crate) async fn commit(
         &self,
         key: &StoreKey,
+        hash: u64,
         token: LeaseToken,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        #[cfg(feature = "memory")]
+        if let Some(memory) = &self.memory {
+            let timer = crate::metrics::Timer::start();
+            let result = memory.commit_direct(key, hash, token, ttl);
+            timer.store_call(&*self.store, "commit", &result);
+            return result;
+        }
+        let _ = hash;
         self.call("commit", self.store.commit(key, token, ttl))
             .await
     }

@@ -476,6 +476,24 @@ impl MemoryStore {
         }
     }
 
+    /// [`IdempotencyStore::commit`], called directly by the layer; `hash` is
+    /// [`hash_of`](Self::hash_of) the key.
+    pub(crate) fn commit_direct(
+        &self,
+        key: &StoreKey,
+        hash: u64,
+        token: LeaseToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut entry = self
+            .inner
+            .map
+            .get_mut(&self.inner.key_hashed(key, hash))
+            .ok_or(StoreError::LeaseLost)?;
+        machine::commit(&mut entry.slot, Instant::now(), token, ttl)?;
+        Ok(())
+    }
+
     fn claim_now(
         &self,
         key: &StoreKey,
@@ -881,13 +899,7 @@ impl IdempotencyStore for MemoryStore {
         token: LeaseToken,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut entry = self
-            .inner
-            .map
-            .get_mut(&self.inner.key(key))
-            .ok_or(StoreError::LeaseLost)?;
-        machine::commit(&mut entry.slot, Instant::now(), token, ttl)?;
-        Ok(())
+        self.commit_direct(key, self.hash_of(key), token, ttl)
     }
 
     async fn settle(
