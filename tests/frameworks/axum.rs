@@ -560,3 +560,37 @@ async fn for_axum_shares_records_claims_and_detached_work_with_its_layer() {
     // original layer's handle waits for.
     work.shutdown(Duration::from_secs(5)).await.unwrap();
 }
+
+/// `axum::body::Body::from` an `IdempotencyBody` (for a stack that maps response bodies
+/// itself) keeps what the body carries: a passed-through body's frames and trailers, and a
+/// replayed body.
+#[tokio::test]
+async fn an_idempotency_body_converts_into_axums_body_with_its_frames() {
+    let held = Arc::new(tokio::sync::Notify::new());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = tower::Layer::layer(
+        &IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers(),
+        streaming_routes(&runs, &held),
+    );
+    let listing = svc
+        .clone()
+        .oneshot(Request::get("/orders").body(Body::empty()).unwrap())
+        .await
+        .unwrap()
+        .map(Body::from);
+    let listing = listing.into_body().collect().await.unwrap();
+    assert_eq!(listing.trailers(), Some(&listing_trailers()));
+    assert_eq!(listing.to_bytes(), "[1,2]");
+    for _ in 0..2 {
+        let created = svc
+            .clone()
+            .oneshot(post_req(Some("converted"), "{}"))
+            .await
+            .unwrap()
+            .map(Body::from);
+        assert_eq!(created.status(), StatusCode::CREATED);
+        let body = created.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "created 0");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -90,7 +90,11 @@ pub fn build(wrapper: usize) -> Built {
         OURS => {
             use tower_idempotency::{IdempotencyLayer, MemoryStore};
             let store = MemoryStore::builder().max_bytes(OUR_MAX_BYTES).build();
-            let layer = |store| IdempotencyLayer::new(store).share_keys_across_callers();
+            let layer = |store| {
+                IdempotencyLayer::new(store)
+                    .share_keys_across_callers()
+                    .for_axum()
+            };
             Built {
                 router: orders(OURS).layer(layer(store.clone())),
                 never_ending: Some(never_ending().layer(layer(store))),
