@@ -332,7 +332,12 @@ impl Claimed {
             .complete_until(&record, inline_until, &mut failures)
             .await
         {
-            Ok(()) => self.stored(failures),
+            Ok(()) => {
+                self.shared
+                    .config
+                    .cache_stored(&self.shared.key, record, self.shared.ttl);
+                self.stored(failures)
+            }
             Err(StoreError::LeaseLost) => Box::pin(self.taken_over(failures > 0, record)).await,
             Err(err) => {
                 tracing::warn!(
@@ -351,7 +356,12 @@ impl Claimed {
     async fn complete_retrying(mut self, record: Record, mut failures: u32) {
         let give_up = crate::time::deadline_after(COMPLETION_RETRY_WINDOW);
         match self.complete_until(&record, give_up, &mut failures).await {
-            Ok(()) => self.stored(failures),
+            Ok(()) => {
+                self.shared
+                    .config
+                    .cache_stored(&self.shared.key, record, self.shared.ttl);
+                self.stored(failures)
+            }
             Err(StoreError::LeaseLost) => self.taken_over(true, record).await,
             Err(err) => {
                 self.settle();

@@ -593,6 +593,36 @@ impl IdempotencyLayer {
         self.edit(|c| c.lease_by = Some(Arc::new(f)))
     }
 
+    /// Answers retries of records this instance stored or replayed from its own memory,
+    /// for up to `max_age` after it got each, without a store round trip; `max_bytes`
+    /// bounds what is kept (the oldest go first). Default: off. Needs the `memory` feature
+    /// (on by default); ignored on the embedded [`MemoryStore`](crate::MemoryStore), whose
+    /// records are in memory already.
+    ///
+    /// A completed record does not change in the store, so a copy is the answer the store
+    /// would give, checked the same way (the whole store key, so never another caller's;
+    /// the fingerprint, so another payload is still `422`). What it changes: **a record
+    /// deleted from the store** (by an operator, with the `keys` tool) **or expired there
+    /// is still replayed by an instance that holds a copy, for up to `max_age`**; a copy
+    /// never outlives the TTL it was stored with, and retries answered from a copy are
+    /// answered during a store outage too. Tombstones and records that are not a plain
+    /// answer are never cached. Worth it where retries come in bursts (clients retrying
+    /// hard after a timeout) on a store across the network: each replay then costs what a
+    /// replay costs on the memory store.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// // Keep up to 32 MiB of answers, each for 10 s after it was stored or first replayed.
+    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    ///     .cache_replays(32 << 20, Duration::from_secs(10));
+    /// ```
+    #[cfg(feature = "memory")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+    pub fn cache_replays(self, max_bytes: usize, max_age: Duration) -> Self {
+        self.edit(|c| c.replay_cache = Some((max_bytes, max_age)))
+    }
+
     /// Tells clients how long their key is kept: a storable answer (the first one and every
     /// replay) carries `Idempotency-Expires`, an HTTP-date until which the key is kept at
     /// least (the request's TTL from when its answer began). Default: off.

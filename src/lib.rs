@@ -212,6 +212,8 @@ pub mod problem;
 pub mod record;
 mod record_body;
 mod recover;
+#[cfg(feature = "memory")]
+mod replay_cache;
 mod runtime;
 mod service;
 mod settings;

@@ -6,6 +6,7 @@
 //! | `idempotency_requests_total` | counter | `outcome` | covered requests, by `IdempotencyOutcome` (`executed`, `replayed`, `in_flight`, `mismatch`, `outcome_unknown`, …) |
 //! | `idempotency_store_call_duration_seconds` | histogram | `op`, `backend`, `result` | each store call the layer makes (`claim`, `wait`, `complete`, `release`, `extend`, `commit`, `settle`), by [`backend_name`](crate::IdempotencyStore::backend_name); `result` is `ok` or `error` |
 //! | `idempotency_lost_leases_total` | counter | | an operation found its key taken over when it came to store its outcome |
+//! | `idempotency_replay_cache_hits_total` | counter | | a retry answered from the replay cache ([`IdempotencyLayer::cache_replays`](crate::IdempotencyLayer::cache_replays)), with no store call |
 //! | `idempotency_completion_retries_total` | counter | | failed attempts to store an outcome that were retried |
 //! | `idempotency_orphan_releases_total` | counter | | claims released after their reply was lost |
 //! | `idempotency_unknown_outcomes_total` | counter | | committed operations that ended without a stored outcome |
@@ -87,6 +88,9 @@ counters! {
     orphan_release => "idempotency_orphan_releases_total";
     /// A committed operation ended without a stored outcome.
     unknown_outcome => "idempotency_unknown_outcomes_total";
+    /// A retry was answered from the replay cache, without a store call.
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
+    replay_cache_hit => "idempotency_replay_cache_hits_total";
 }
 
 /// A recovery hook ran: `recovered`, `none` or `error`.

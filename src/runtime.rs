@@ -26,6 +26,10 @@ pub(crate) struct Runtime {
     /// calls are made directly, without a boxed future each.
     #[cfg(feature = "memory")]
     pub(crate) memory: Option<crate::MemoryStore>,
+    /// Copies of completed records, answered without a store call
+    /// ([`IdempotencyLayer::cache_replays`](crate::IdempotencyLayer::cache_replays)).
+    #[cfg(feature = "memory")]
+    replay_cache: Option<crate::replay_cache::ReplayCache>,
     /// Whether the missing scope rule was logged already.
     pub(crate) scope_warned: std::sync::atomic::AtomicBool,
     /// The 409 and 422 answers, rendered once.
@@ -49,11 +53,18 @@ impl Runtime {
         #[cfg(feature = "memory")] memory: Option<crate::MemoryStore>,
         work: DetachedWork,
     ) -> Self {
+        #[cfg(feature = "memory")]
+        let replay_cache = match (settings.replay_cache, &memory) {
+            (Some((bytes, age)), None) => crate::replay_cache::ReplayCache::new(bytes, age),
+            _ => None,
+        };
         Self {
             settings,
             store,
             #[cfg(feature = "memory")]
             memory,
+            #[cfg(feature = "memory")]
+            replay_cache,
             scope_warned: Default::default(),
             problems: Default::default(),
             keeper: Arc::new(LeaseKeeper::new()),
@@ -148,15 +159,42 @@ impl Runtime {
             // Boxed: a store across the network pays one allocation more, and the memory
             // store's claim (no wait) keeps the request's future small.
             None => {
-                Box::pin(bounded(
+                #[cfg(feature = "memory")]
+                if let Some(record) = self.replay_cache.as_ref().and_then(|c| c.get(key)) {
+                    crate::metrics::replay_cache_hit();
+                    return Ok(Claim::Completed(record));
+                }
+                let result = Box::pin(bounded(
                     self.store_timeout,
                     self.store.claim(key, fingerprint, token, lease),
                 ))
-                .await
+                .await;
+                self.cache_answer(key, &result);
+                result
             }
         };
         timer.store_call(&*self.store, "claim", &result);
         result
+    }
+
+    /// Keeps a completed record the store answered, when replays are cached.
+    fn cache_answer(&self, key: &StoreKey, answer: &Result<Claim, StoreError>) {
+        #[cfg(feature = "memory")]
+        if let (Some(cache), Ok(Claim::Completed(record))) = (&self.replay_cache, answer) {
+            cache.put(key, Arc::clone(record), None);
+        }
+        #[cfg(not(feature = "memory"))]
+        let _ = (key, answer);
+    }
+
+    /// Keeps `record`, just stored under `key` for `ttl`, when replays are cached.
+    pub(crate) fn cache_stored(&self, key: &StoreKey, record: Record, ttl: Duration) {
+        #[cfg(feature = "memory")]
+        if let Some(cache) = &self.replay_cache {
+            cache.put(key, Arc::new(record), Some(ttl));
+        }
+        #[cfg(not(feature = "memory"))]
+        let _ = (key, record, ttl);
     }
 
     /// Waits up to `timeout` for `key` to finish, then claims it: the whole wait is bounded by
@@ -176,6 +214,7 @@ impl Runtime {
             self.store.wait(key, fingerprint, token, lease, timeout),
         ))
         .await;
+        self.cache_answer(key, &result);
         timer.store_call(&*self.store, "wait", &result);
         result
     }
@@ -207,8 +246,6 @@ impl Runtime {
         Box::pin(self.call("revoke", self.store.revoke(key, token))).await
     }
 
-    /// Declares the commit point of the claim on `key` held with `token`, kept for `ttl`
-    /// (the claim's TTL).
     /// Declares the commit point of the claim of `token` on `key` (directly on the
     /// embedded memory store, with `hash`, [`key_hash`](Self::key_hash)).
     pub(crate) async fn commit(

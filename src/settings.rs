@@ -102,6 +102,9 @@ pub(crate) struct Settings {
     pub(crate) lease_by: Option<Arc<LeaseFn>>,
     /// Whether storable answers carry `Idempotency-Expires`.
     pub(crate) announce_expiry: bool,
+    /// `cache_replays`: the cache's bytes and the age of its copies.
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
+    pub(crate) replay_cache: Option<(usize, Duration)>,
     /// Where in a JSON body the key is, instead of a header.
     pub(crate) key_pointer: Option<Arc<str>>,
     pub(crate) missing: MissingKey,
@@ -140,6 +143,7 @@ impl Default for Settings {
             ttl_by: None,
             lease_by: None,
             announce_expiry: false,
+            replay_cache: None,
             missing: MissingKey::Required,
             cover: Cover::Methods([Method::POST, Method::PATCH].into_iter().collect()),
             grpc_methods: Arc::from([]),

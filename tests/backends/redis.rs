@@ -393,6 +393,80 @@ async fn one_round_trip_per_operation() {
     assert_eq!(script_calls(&mut admin).await, (3, 0, 1), "the next claim");
 }
 
+/// With `cache_replays`, a retry on an instance that stored or replayed the record costs no
+/// Redis round trip: counted on a private server's `INFO commandstats`. Retries answered
+/// from copies go on while the server is down; a new key is refused meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_replays_cost_no_redis_round_trip() {
+    let Some(_) = redis_url() else { return };
+    let mut server = PrivateRedis::start();
+    let mut admin = redis::Client::open(server.url())
+        .expect("a url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("an admin connection");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let instance = async || {
+        let store = RedisStore::connect(&server.url()).await.expect("connect");
+        let handler = {
+            let runs = Arc::clone(&runs);
+            tower::service_fn(move |_req: Request<Body>| {
+                let n = runs.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(StatusCode::CREATED)
+                            .body(Body::from(format!("run {n}")))
+                            .expect("a response"),
+                    )
+                }
+            })
+        };
+        IdempotencyLayer::new(store)
+            .share_keys_across_callers()
+            .store_timeout(Duration::from_millis(300))
+            .cache_replays(1 << 20, Duration::from_secs(60))
+            .layer(tower::util::BoxCloneSyncService::new(handler))
+    };
+    let (a, b) = (instance().await, instance().await);
+    reset_stats(&mut admin).await;
+    let (first, body) = send(&a, "cached").await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert_eq!(script_calls(&mut admin).await.0, 2, "claim and completion");
+    for _ in 0..10 {
+        let (res, again) = send(&a, "cached").await;
+        assert!(replayed(&res));
+        assert_eq!(again, body);
+    }
+    assert_eq!(
+        script_calls(&mut admin).await.0,
+        2,
+        "a cached retry reached Redis"
+    );
+    let (res, from_redis) = send(&b, "cached").await;
+    assert!(replayed(&res));
+    assert_eq!(from_redis, body);
+    assert_eq!(
+        script_calls(&mut admin).await.0,
+        3,
+        "the other instance's first retry"
+    );
+    for _ in 0..10 {
+        assert_eq!(send(&b, "cached").await.1, body);
+    }
+    assert_eq!(script_calls(&mut admin).await.0, 3);
+
+    server.kill();
+    for svc in [&a, &b] {
+        let (res, during) = send(svc, "cached").await;
+        assert!(replayed(&res), "a copy was not answered with Redis down");
+        assert_eq!(during, body);
+    }
+    let (res, _) = send(&a, "new-during-outage").await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_carry_the_prefix_and_stale_tokens_are_lost() {
     let Some(url) = redis_url() else { return };

@@ -35,5 +35,6 @@ mod memory_window;
 mod metrics;
 mod profiles;
 mod read_your_writes;
+mod replay_cache;
 mod secrets;
 mod trailers;
