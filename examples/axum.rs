@@ -25,6 +25,9 @@
 //!   without the old one: a retry of an old order is refused, never run again);
 //! - `IDEMPOTENCY_MEMORY_MAX_MB` (default 64): the memory store's cap (a load test of new
 //!   keys fills the default one in about a second, and then gets `503 store-full`);
+//! - `IDEMPOTENCY_REPLAY_CACHE_MB` (default off): answer retries from this instance's own
+//!   copies of records, up to this many MiB, each for `IDEMPOTENCY_REPLAY_CACHE_MS`
+//!   (default 10000) at most (`cache_replays`; a purged record is still replayed that long);
 //! - `IDEMPOTENCY_LAYER` (default `on`): `off` serves the same routes without the layer,
 //!   for load comparisons;
 //! - `RUST_LOG` (default `info`): which events are logged (lost leases, store failures and
@@ -275,6 +278,8 @@ pub struct Settings {
     pub after_commit: Duration,
     /// `IDEMPOTENCY_ENCRYPTION_KEYS`: `ID:KEY,…` to seal the records at rest.
     pub encryption_keys: Option<String>,
+    /// `IDEMPOTENCY_REPLAY_CACHE_MB` and `_MS`: the replay cache's bytes and age, if on.
+    pub replay_cache: Option<(usize, Duration)>,
 }
 
 impl Settings {
@@ -314,6 +319,24 @@ impl Settings {
                 ));
             }
         };
+        let replay_cache = match var("IDEMPOTENCY_REPLAY_CACHE_MB") {
+            None => None,
+            Some(v) => {
+                let mb: usize = v.parse().map_err(|_| {
+                    format!("IDEMPOTENCY_REPLAY_CACHE_MB must be a number of MiB, not {v:?}")
+                })?;
+                let ms: u64 = match var("IDEMPOTENCY_REPLAY_CACHE_MS") {
+                    None => 10_000,
+                    Some(v) => v.parse().map_err(|_| {
+                        format!(
+                            "IDEMPOTENCY_REPLAY_CACHE_MS must be a number of milliseconds, \
+                             not {v:?}"
+                        )
+                    })?,
+                };
+                Some((mb.saturating_mul(1 << 20), Duration::from_millis(ms)))
+            }
+        };
         let layer = match var("IDEMPOTENCY_LAYER").as_deref() {
             None | Some("on") => true,
             Some("off") => false,
@@ -332,6 +355,7 @@ impl Settings {
             lease: Duration::from_millis(lease_ms),
             after_commit: Duration::from_millis(after_commit_ms),
             encryption_keys: var("IDEMPOTENCY_ENCRYPTION_KEYS"),
+            replay_cache,
         })
     }
 }
@@ -573,6 +597,10 @@ async fn serve() -> Result<(), String> {
         .share_keys_across_callers()
         .on_in_flight(settings.in_flight)
         .lease(settings.lease);
+    let layer = match settings.replay_cache {
+        Some((bytes, age)) => layer.cache_replays(bytes, age),
+        None => layer,
+    };
     let layer = match &settings.encryption_keys {
         None => layer,
         #[cfg(feature = "encryption")]

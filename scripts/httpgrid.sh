@@ -9,7 +9,9 @@
 #   memory-new   the memory store, a new key per request (every request is a first one);
 #   memory-replay the memory store, one key for every request (all but the first replay);
 #   redis-new    with REDIS_URL: Redis, a new key per request;
-#   redis-replay with REDIS_URL: Redis, one key for every request.
+#   redis-replay with REDIS_URL: Redis, one key for every request;
+#   redis-replay-cached  the same with `cache_replays` on (IDEMPOTENCY_REPLAY_CACHE_MB=64):
+#                the demo answers retries from its own copy, not from Redis.
 # `POST /orders` declares a commit point (one more store call per first request); the demo
 # has no covered route without one. So three more runs use benches/serve.rs, the demo's
 # handler less its commit point (`plain` below), against its own layer-off baseline:
@@ -36,7 +38,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 (( CONNECTIONS >= THREADS && CONNECTIONS <= 256 )) || { echo "CONNECTIONS must be THREADS..256" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
 
-RUNS="${RUNS:-off memory-new memory-replay redis-new redis-replay plain-off plain-memory-new plain-redis-new}"
+RUNS="${RUNS:-off memory-new memory-replay redis-new redis-replay redis-replay-cached plain-off plain-memory-new plain-redis-new}"
 FEATURES=()
 if [[ -n "${REDIS_URL:-}" ]]; then
     FEATURES=(--features redis)
@@ -142,12 +144,16 @@ for rep in $(seq 1 "$REPS"); do
             memory-replay) layer=on store=memory mode=same ;;
             redis-new) layer=on store="$REDIS_URL" mode=unique ;;
             redis-replay) layer=on store="$REDIS_URL" mode=same ;;
+            redis-replay-cached) layer=on store="$REDIS_URL" mode=same ;;
             plain-off) layer=off store=memory mode=unique ;;
             plain-memory-new) layer=on store=memory mode=unique ;;
             plain-redis-new) layer=on store="$REDIS_URL" mode=unique ;;
             *) echo "unknown run $run" >&2; exit 2 ;;
         esac
         id="$(date +%s%N)"
+        cache=""
+        [[ "$run" == *-cached ]] && cache=64
+        export IDEMPOTENCY_REPLAY_CACHE_MB="$cache"
         if [[ "$run" == plain-* ]]; then
             start_server "$SERVE" "$layer" "$store" --serve
         else
