@@ -615,7 +615,10 @@ where
     req.extensions_mut().insert(key);
     req.extensions_mut().insert(claimed.handle());
     let fut = inner.call(req);
-    let config = Arc::clone(claimed.config());
+    // The claim's own shared state, not another count on the layer's runtime, which every
+    // worker thread's requests write.
+    let shared = claimed.handle();
+    let detach = claimed.config().disconnect == Disconnect::Finish;
     let work = async move {
         match fut.await {
             Ok(res) => {
@@ -645,8 +648,8 @@ where
     Detachable {
         fut: Some(Box::pin(work)),
         polling: false,
-        detach: config.disconnect == Disconnect::Finish,
-        config,
+        detach,
+        claim: shared,
     }
 }
 
@@ -656,7 +659,8 @@ struct Detachable<T: Send + 'static> {
     fut: Option<BoxFuture<T>>,
     polling: bool,
     detach: bool,
-    config: Arc<Runtime>,
+    /// The claim the operation runs under; its runtime runs the detached operation.
+    claim: crate::handle::IdempotencyClaim,
 }
 
 impl<T: Send + 'static> Future for Detachable<T> {
@@ -681,7 +685,7 @@ impl<T: Send + 'static> Future for Detachable<T> {
 impl<T: Send + 'static> Drop for Detachable<T> {
     fn drop(&mut self) {
         if let Some(fut) = self.fut.take().filter(|_| self.detach && !self.polling) {
-            self.config.work.spawn("detached operation", async move {
+            self.claim.work().spawn("detached operation", async move {
                 drop(fut.await);
             });
         }

@@ -131,6 +131,11 @@ impl IdempotencyClaim {
         Self { shared }
     }
 
+    /// Where work that outlives the request runs (the layer's detached work).
+    pub(crate) fn work(&self) -> &crate::tasks::DetachedWork {
+        &self.shared.config.work
+    }
+
     /// The client's key (without the scope).
     pub fn key(&self) -> &str {
         self.shared.key.client_key()

@@ -651,7 +651,9 @@ pub async fn app(settings: &Settings) -> Result<(Router, DetachedWork), String> 
     let router = Router::new()
         .fallback(forward)
         .with_state(Arc::new(upstream))
-        .layer(layer)
+        // axum's own body type: the requests the layer passes through (every GET) keep
+        // the upstream's body as it is.
+        .layer(layer.for_axum())
         .layer(axum::middleware::from_fn(refuse_dot_segments));
     Ok((router, work))
 }
