@@ -237,7 +237,7 @@ mod tests {
     /// Tombstones (an answer withheld, an operation cut short) are never cached: what a
     /// retry gets for them is decided by the store each time.
     #[test]
-    fn tombstones_and_oversized_records_are_not_cached() {
+    fn tombstones_sealed_and_oversized_records_are_not_cached() {
         let cache = ReplayCache::new(4096, Duration::from_secs(60)).unwrap();
         let tomb = Arc::new(Record::tombstone(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -245,6 +245,11 @@ mod tests {
         ));
         cache.put(&key("tomb"), tomb, None);
         cache.put(&key("big"), record(8192), None);
+        // A sealed record no store opened is refused by the flow, each time it is met.
+        let mut headers = HeaderMap::new();
+        headers.insert(crate::record::SEALED_HEADER, "v1".parse().unwrap());
+        let sealed = Arc::new(Record::new(StatusCode::OK, headers, Bytes::new(), None));
+        cache.put(&key("sealed"), sealed, None);
         assert_eq!(cache.len(), 0);
         assert_eq!(cache.bytes(), 0);
     }

@@ -278,3 +278,59 @@ async fn a_timeout_right_outside_the_layer_composes() {
     assert!(replay.replayed());
     assert_eq!(payments.rows.load(Ordering::SeqCst), 1);
 }
+
+/// The recommended stack with the layer answering in axum's own body (`for_axum`): the
+/// same answers, with tower-http's layers on either side (the body limit's `Limited` body
+/// rebuilt, the timeout's empty `408`, compression of a replay), and the payment run once
+/// per caller and key.
+#[tokio::test]
+async fn the_recommended_stack_composes_with_for_axum() {
+    let payments = Payments::default();
+    let app = Router::new()
+        .route("/payments", post(pay))
+        .with_state(payments.clone())
+        .layer(
+            ServiceBuilder::new()
+                .layer(TraceLayer::new_for_http())
+                .layer(CorsLayer::permissive())
+                .layer(CompressionLayer::new())
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Duration::from_millis(150),
+                ))
+                .layer(axum::middleware::from_fn(authenticate))
+                .layer(RequestBodyLimitLayer::new(1024))
+                .layer(idempotency().for_axum()),
+        );
+    let first = send(&app, payment(Some("alice"), "k1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&app, payment(Some("alice"), "k1")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    let bob = send(&app, payment(Some("bob"), "k1")).await;
+    assert!(!bob.replayed(), "bob must not get alice's payment");
+    assert_eq!(send(&app, payment(None, "k1")).await.status, 401);
+
+    let chunks = futures_stream(vec!["x".repeat(2048).into_bytes(); 2]);
+    let streamed = http::Request::post("/payments")
+        .header("x-user", "alice")
+        .header("idempotency-key", "big")
+        .body(chunks)
+        .unwrap();
+    assert_eq!(send(&app, streamed).await.status, 413);
+
+    let mut gzip = payment(Some("alice"), "k1");
+    gzip.headers_mut()
+        .insert("accept-encoding", "gzip".parse().unwrap());
+    let compressed = send(&app, gzip).await;
+    assert!(compressed.replayed());
+    assert_eq!(compressed.headers["content-encoding"], "gzip");
+
+    let mut slow = payment(Some("alice"), "slow");
+    slow.headers_mut()
+        .insert("x-delay-ms", "400".parse().unwrap());
+    assert_eq!(send(&app, slow).await.status, 408);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(send(&app, payment(Some("alice"), "slow")).await.replayed());
+    assert_eq!(payments.rows.load(Ordering::SeqCst), 3);
+}

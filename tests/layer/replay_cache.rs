@@ -328,3 +328,50 @@ async fn a_cached_replay_is_the_stored_replay_over_http1_and_http2() {
     }
     assert_eq!(counter.runs(), 2);
 }
+
+/// Settings a user can choose that leave nothing to cache: no room (every retry goes to the
+/// store), room for less than any record, and ages of zero or beyond any clock (clamped,
+/// no overflow). Every one answers as the store does.
+#[tokio::test]
+async fn cache_settings_at_their_extremes_answer_as_the_store_does() {
+    for (bytes, age, cached) in [
+        (0, AGE, false),
+        (1, AGE, false),
+        (1 << 20, Duration::ZERO, false),
+        (1 << 20, Duration::MAX, true),
+        (usize::MAX, Duration::from_nanos(1), false),
+    ] {
+        let counter = Counter::default();
+        let store = FaultStore::new(MemoryStore::new());
+        let svc = IdempotencyLayer::new(store.clone())
+            .share_keys_across_callers()
+            .cache_replays(bytes, age)
+            .layer(counter.service(Duration::ZERO));
+        let first = call(&svc, post(Some("k"), "{}")).await;
+        for _ in 0..3 {
+            let again = call(&svc, post(Some("k"), "{}")).await;
+            assert!(again.replayed(), "({bytes}, {age:?})");
+            assert_eq!(again.body, first.body);
+        }
+        let expected = if cached { 1 } else { 4 };
+        assert_eq!(claims(&store), expected, "({bytes}, {age:?})");
+        assert_eq!(counter.runs(), 1);
+    }
+}
+
+/// On the embedded memory store the setting changes nothing: its records are in memory.
+#[tokio::test]
+async fn the_memory_store_answers_alike_with_the_cache_set() {
+    let counter = Counter::default();
+    let store = MemoryStore::new();
+    let svc = IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .cache_replays(1 << 20, Duration::from_millis(300))
+        .layer(counter.service(Duration::ZERO));
+    call(&svc, post(Some("k"), "{}")).await;
+    // A purge is seen at once: no copy outlives it.
+    let key = StoreKey::new(&Scope::anonymous(), "k");
+    assert!(store.purge(&key).await.unwrap());
+    assert!(!call(&svc, post(Some("k"), "{}")).await.replayed());
+    assert_eq!(counter.runs(), 2);
+}
