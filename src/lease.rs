@@ -82,34 +82,21 @@ fn shard_of(id: u64) -> usize {
 /// A registration number no other registration in this process has, whose shard is the
 /// calling thread's own: each worker thread registers and unregisters its requests' claims
 /// in a shard (and under a lock) the other workers seldom touch, and takes numbers from a
-/// block it holds (the shared counter is written once per 1,024 numbers), so a first
+/// block it holds ([`crate::numbers`]), so a first
 /// request writes no cache line that another worker's first request writes too. A request
 /// that moves to another thread still finds its registration by its number.
 fn next_id() -> u64 {
     use std::cell::Cell;
-    const BLOCK: u64 = 1024;
     static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
     static NEXT_THREAD: AtomicU64 = AtomicU64::new(0);
     thread_local! {
-        // (the thread's shard, the next number of its block, the block's end)
-        static IDS: Cell<Option<(u64, u64, u64)>> = const { Cell::new(None) };
+        // The thread's shard, and its block of numbers (next, end).
+        static SHARD: u64 = NEXT_THREAD.fetch_add(1, Ordering::Relaxed) % SHARDS as u64;
+        static RANGE: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     }
-    IDS.with(|ids| {
-        let (shard, mut next, mut end) = ids.get().unwrap_or_else(|| {
-            (
-                NEXT_THREAD.fetch_add(1, Ordering::Relaxed) % SHARDS as u64,
-                0,
-                0,
-            )
-        });
-        if next == end {
-            next = NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed);
-            end = next + BLOCK;
-        }
-        ids.set(Some((shard, next + 1, end)));
-        // Unique: `next` is, across threads; the shard goes in the low bits.
-        next * SHARDS as u64 + shard
-    })
+    let next = RANGE.with(|range| crate::numbers::next_from(&NEXT_BLOCK, range));
+    // Unique: `next` is, across threads; the shard goes in the low bits.
+    next * SHARDS as u64 + SHARD.with(|shard| *shard)
 }
 
 /// A claim registered with the keeper, by number: [`LeaseKeeper::unregister`] stops its

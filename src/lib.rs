@@ -202,6 +202,7 @@ pub mod key;
 mod layer;
 mod lease;
 pub mod metrics;
+mod numbers;
 #[cfg(feature = "openapi")]
 #[cfg_attr(docsrs, doc(cfg(feature = "openapi")))]
 pub mod openapi;

@@ -630,20 +630,11 @@ impl Completion {
 /// of every worker thread). Never 0, which a new entry starts with.
 fn next_seq() -> u64 {
     use std::cell::Cell;
-    const BLOCK: u64 = 1024;
     static NEXT_BLOCK: AtomicU64 = AtomicU64::new(1);
     thread_local! {
         static RANGE: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     }
-    RANGE.with(|range| {
-        let (mut next, mut end) = range.get();
-        if next == end {
-            next = NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed);
-            end = next + BLOCK;
-        }
-        range.set((next + 1, end));
-        next
-    })
+    RANGE.with(|range| crate::numbers::next_from(&NEXT_BLOCK, range))
 }
 
 /// How many background sweeps in a row remove expired records from the front of the

@@ -78,24 +78,32 @@ fn idempotency() -> IdempotencyLayer {
     IdempotencyLayer::new(MemoryStore::new()).scope_by_principal::<UserId>()
 }
 
-/// The recommended stack, in one `ServiceBuilder`.
+/// The recommended stack, in one `ServiceBuilder`, with `$idempotency` innermost (a macro:
+/// the plain layer and `for_axum`'s are of different types).
+macro_rules! recommended_with {
+    ($payments:expr, $timeout:expr, $idempotency:expr) => {
+        Router::new()
+            .route("/payments", post(pay))
+            .with_state($payments)
+            .layer(
+                ServiceBuilder::new()
+                    .layer(TraceLayer::new_for_http())
+                    .layer(CorsLayer::permissive())
+                    .layer(CompressionLayer::new())
+                    .layer(TimeoutLayer::with_status_code(
+                        StatusCode::REQUEST_TIMEOUT,
+                        $timeout,
+                    ))
+                    .layer(axum::middleware::from_fn(authenticate))
+                    .layer(RequestBodyLimitLayer::new(1024))
+                    .layer($idempotency),
+            )
+    };
+}
+
+/// The recommended stack.
 fn recommended(payments: Payments, timeout: Duration) -> Router {
-    Router::new()
-        .route("/payments", post(pay))
-        .with_state(payments)
-        .layer(
-            ServiceBuilder::new()
-                .layer(TraceLayer::new_for_http())
-                .layer(CorsLayer::permissive())
-                .layer(CompressionLayer::new())
-                .layer(TimeoutLayer::with_status_code(
-                    StatusCode::REQUEST_TIMEOUT,
-                    timeout,
-                ))
-                .layer(axum::middleware::from_fn(authenticate))
-                .layer(RequestBodyLimitLayer::new(1024))
-                .layer(idempotency()),
-        )
+    recommended_with!(payments, timeout, idempotency())
 }
 
 fn payment(user: Option<&str>, key: &str) -> http::Request<Body> {
@@ -286,22 +294,11 @@ async fn a_timeout_right_outside_the_layer_composes() {
 #[tokio::test]
 async fn the_recommended_stack_composes_with_for_axum() {
     let payments = Payments::default();
-    let app = Router::new()
-        .route("/payments", post(pay))
-        .with_state(payments.clone())
-        .layer(
-            ServiceBuilder::new()
-                .layer(TraceLayer::new_for_http())
-                .layer(CorsLayer::permissive())
-                .layer(CompressionLayer::new())
-                .layer(TimeoutLayer::with_status_code(
-                    StatusCode::REQUEST_TIMEOUT,
-                    Duration::from_millis(150),
-                ))
-                .layer(axum::middleware::from_fn(authenticate))
-                .layer(RequestBodyLimitLayer::new(1024))
-                .layer(idempotency().for_axum()),
-        );
+    let app = recommended_with!(
+        payments.clone(),
+        Duration::from_millis(150),
+        idempotency().for_axum()
+    );
     let first = send(&app, payment(Some("alice"), "k1")).await;
     assert_eq!(first.status, StatusCode::CREATED);
     let retry = send(&app, payment(Some("alice"), "k1")).await;

@@ -17,6 +17,13 @@ use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, Scope};
 
 const AGE: Duration = Duration::from_secs(60);
 
+/// The layer on `store`, keys shared by all callers, with copies kept up to `age`.
+fn cached(store: &FaultStore<MemoryStore>, age: Duration) -> IdempotencyLayer {
+    IdempotencyLayer::new(store.clone())
+        .share_keys_across_callers()
+        .cache_replays(1 << 20, age)
+}
+
 fn claims(store: &FaultStore<MemoryStore>) -> usize {
     store.faults.claims.load(Ordering::SeqCst)
 }
@@ -28,10 +35,7 @@ fn claims(store: &FaultStore<MemoryStore>) -> usize {
 async fn cached_replays_make_no_store_call() {
     let counter = Counter::default();
     let store = FaultStore::new(MemoryStore::new());
-    let svc = IdempotencyLayer::new(store.clone())
-        .share_keys_across_callers()
-        .cache_replays(1 << 20, AGE)
-        .layer(counter.service(Duration::ZERO));
+    let svc = cached(&store, AGE).layer(counter.service(Duration::ZERO));
     let first = call(&svc, post(Some("k"), "{\"n\":1}")).await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert_eq!(claims(&store), 1);
@@ -65,12 +69,7 @@ async fn cached_replays_make_no_store_call() {
 async fn a_record_replayed_from_the_store_is_cached_by_the_instance_that_replayed_it() {
     let counter = Counter::default();
     let store = FaultStore::new(MemoryStore::new());
-    let instance = || {
-        IdempotencyLayer::new(store.clone())
-            .share_keys_across_callers()
-            .cache_replays(1 << 20, AGE)
-            .layer(counter.service(Duration::ZERO))
-    };
+    let instance = || cached(&store, AGE).layer(counter.service(Duration::ZERO));
     let (a, b) = (instance(), instance());
     let first = call(&a, post(Some("k"), "{}")).await;
     let from_store = call(&b, post(Some("k"), "{}")).await;
@@ -91,10 +90,7 @@ async fn a_record_replayed_from_the_store_is_cached_by_the_instance_that_replaye
 async fn another_payload_under_a_cached_key_is_still_refused() {
     let counter = Counter::default();
     let store = FaultStore::new(MemoryStore::new());
-    let svc = IdempotencyLayer::new(store.clone())
-        .share_keys_across_callers()
-        .cache_replays(1 << 20, AGE)
-        .layer(counter.service(Duration::ZERO));
+    let svc = cached(&store, AGE).layer(counter.service(Duration::ZERO));
     call(&svc, post(Some("k"), "{\"amount\":10}")).await;
     assert!(
         call(&svc, post(Some("k"), "{\"amount\":10}"))
@@ -153,10 +149,7 @@ async fn a_deleted_record_is_replayed_from_a_copy_for_max_age_at_most() {
     let counter = Counter::default();
     let store = FaultStore::new(MemoryStore::new());
     let age = Duration::from_millis(300);
-    let svc = IdempotencyLayer::new(store.clone())
-        .share_keys_across_callers()
-        .cache_replays(1 << 20, age)
-        .layer(counter.service(Duration::ZERO));
+    let svc = cached(&store, age).layer(counter.service(Duration::ZERO));
     let first = call(&svc, post(Some("k"), "{}")).await;
     let key = StoreKey::new(&Scope::anonymous(), "k");
     assert!(store.purge(&key).await.unwrap(), "the record was stored");
@@ -193,10 +186,7 @@ async fn a_copy_never_outlives_the_records_ttl() {
 async fn cached_replays_are_answered_through_a_store_outage() {
     let counter = Counter::default();
     let store = FaultStore::new(MemoryStore::new());
-    let svc = IdempotencyLayer::new(store.clone())
-        .share_keys_across_callers()
-        .cache_replays(1 << 20, AGE)
-        .layer(counter.service(Duration::ZERO));
+    let svc = cached(&store, AGE).layer(counter.service(Duration::ZERO));
     let first = call(&svc, post(Some("k"), "{}")).await;
     store.faults.claim_failures.store(1000, Ordering::SeqCst);
     let cached = call(&svc, post(Some("k"), "{}")).await;
@@ -227,10 +217,7 @@ async fn answers_that_are_not_stored_are_not_cached() {
         })
     };
     let store = FaultStore::new(MemoryStore::new());
-    let svc = IdempotencyLayer::new(store.clone())
-        .share_keys_across_callers()
-        .cache_replays(1 << 20, AGE)
-        .layer(failing);
+    let svc = cached(&store, AGE).layer(failing);
     for _ in 0..3 {
         let answer = call(&svc, post(Some("k"), "{}")).await;
         assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -245,10 +232,7 @@ async fn answers_that_are_not_stored_are_not_cached() {
 async fn one_key_hammered_with_the_cache_on_runs_once() {
     let counter = Counter::default();
     let store = FaultStore::new(MemoryStore::new());
-    let svc = IdempotencyLayer::new(store.clone())
-        .share_keys_across_callers()
-        .cache_replays(1 << 20, AGE)
-        .layer(counter.service(Duration::from_millis(100)));
+    let svc = cached(&store, AGE).layer(counter.service(Duration::from_millis(100)));
     let wave = |svc: &_| {
         let tasks: Vec<_> = (0..32)
             .map(|_| {
