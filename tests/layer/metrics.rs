@@ -314,3 +314,43 @@ async fn no_label_takes_a_client_chosen_value() {
         }
     }
 }
+
+/// Retries answered from the replay cache are counted, and make no store call: the claim
+/// histogram counts the store's calls only.
+#[tokio::test]
+async fn replays_answered_from_the_cache_are_counted() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _recorder = metrics::set_default_local_recorder(&recorder);
+
+    let store = FaultStore::new(MemoryStore::new());
+    let app = Router::new()
+        .route("/orders", post(|| async { (StatusCode::CREATED, "made") }))
+        .layer(
+            IdempotencyLayer::new(store.clone())
+                .share_keys_across_callers()
+                .cache_replays(1 << 20, Duration::from_secs(60)),
+        );
+    for _ in 0..4 {
+        call(&app, post_req(Some("k"), "{}")).await;
+    }
+    let counts = snapshot(&snapshotter);
+    assert_eq!(
+        counts.get("idempotency_replay_cache_hits_total{}"),
+        Some(&3.0),
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts.get("idempotency_requests_total{outcome=replayed}"),
+        Some(&3.0)
+    );
+    let claim_calls: f64 = counts
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("idempotency_store_call_duration_seconds") && k.contains("op=claim")
+        })
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(claim_calls, 1.0, "{counts:?}");
+    assert_eq!(store.faults.claims.load(Ordering::SeqCst), 1);
+}
