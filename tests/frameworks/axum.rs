@@ -594,3 +594,28 @@ async fn an_idempotency_body_converts_into_axums_body_with_its_frames() {
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// `for_axum`'s layer goes wherever the plain one does: `Router::route_layer` and
+/// `MethodRouter::layer` too.
+#[tokio::test]
+async fn for_axum_works_as_a_route_layer_and_a_method_router_layer() {
+    let counter = Arc::new(AtomicUsize::new(0));
+    let layer = || {
+        IdempotencyLayer::new(MemoryStore::new())
+            .share_keys_across_callers()
+            .for_axum()
+    };
+    let by_route: Router = Router::new()
+        .route("/orders", counting_router(&counter))
+        .route_layer(layer());
+    let by_method: Router =
+        Router::new().route("/orders", counting_router(&counter).layer(layer()));
+    for app in [by_route, by_method] {
+        let first = call(&app, post_req(Some("k"), "{}")).await;
+        let again = call(&app, post_req(Some("k"), "{}")).await;
+        assert!(again.replayed());
+        assert_eq!(again.body, first.body);
+        assert_eq!(call(&app, post_req(None, "{}")).await.status, 400);
+    }
+    assert_eq!(counter.load(Ordering::SeqCst), 2);
+}
