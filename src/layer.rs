@@ -613,9 +613,12 @@ impl IdempotencyLayer {
     /// ```
     /// use std::time::Duration;
     ///
-    /// // Keep up to 32 MiB of answers, each for 10 s after it was stored or first replayed.
-    /// let layer = tower_idempotency::IdempotencyLayer::default()
+    /// # async fn run(store: std::sync::Arc<dyn tower_idempotency::IdempotencyStore>) {
+    /// // `store`: a store across the network (Redis, PostgreSQL, MySQL). Keep up to 32 MiB
+    /// // of answers, each for 10 s after it was stored or first replayed.
+    /// let layer = tower_idempotency::IdempotencyLayer::new(store)
     ///     .cache_replays(32 << 20, Duration::from_secs(10));
+    /// # }
     /// ```
     #[cfg(feature = "memory")]
     #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
