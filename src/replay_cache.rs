@@ -10,8 +10,9 @@
 //! another caller's or another payload's.
 //!
 //! Bounded in bytes: every record is counted at its size plus [`ENTRY_OVERHEAD`], and the
-//! oldest are dropped first (records are kept in the order they were cached, and an entry's
-//! age bound is the same for all, so that order is also the order they go stale in).
+//! oldest are dropped first (records are kept in the order they were cached, which is the
+//! order they reach `max_age` in; a copy a shorter TTL caps goes stale sooner, and is
+//! dropped when it is looked up or reaches the front, counted until then).
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -12,6 +12,7 @@ use axum::body::Body;
 use common::{Counter, FaultStore, assert_problem, call, post};
 use http::{Request, Response, StatusCode};
 use tower::Layer;
+use tower_idempotency::policy::InFlight;
 use tower_idempotency::store::StoreKey;
 use tower_idempotency::{IdempotencyLayer, IdempotencyStore, MemoryStore, Scope};
 
@@ -358,4 +359,35 @@ async fn the_memory_store_answers_alike_with_the_cache_set() {
     assert!(store.purge(&key).await.unwrap());
     assert!(!call(&svc, post(Some("k"), "{}")).await.replayed());
     assert_eq!(counter.runs(), 2);
+}
+
+/// A duplicate that waited (`InFlight::Wait`) for another instance's run keeps the answer it
+/// was woken with: its next retries are answered from the copy, with no claim.
+#[tokio::test]
+async fn an_answer_a_waiter_got_is_cached_too() {
+    let counter = Counter::default();
+    let store = FaultStore::new(MemoryStore::new());
+    let runner = cached(&store, AGE).layer(counter.service(Duration::from_millis(200)));
+    let waiter = cached(&store, AGE)
+        .on_in_flight(InFlight::Wait(Duration::from_secs(5)))
+        .layer(counter.service(Duration::ZERO));
+    let first = tokio::spawn({
+        let runner = runner.clone();
+        async move { call(&runner, post(Some("k"), "{}")).await }
+    });
+    common::eventually("the first request holds the key", || claims(&store) == 1).await;
+    let waited = call(&waiter, post(Some("k"), "{}")).await;
+    let first = first.await.unwrap();
+    assert!(waited.replayed());
+    assert_eq!(waited.body, first.body);
+    let claims_after_wait = claims(&store);
+    for _ in 0..3 {
+        assert_eq!(call(&waiter, post(Some("k"), "{}")).await.body, first.body);
+    }
+    assert_eq!(
+        claims(&store),
+        claims_after_wait,
+        "the waiter's retries called the store"
+    );
+    assert_eq!(counter.runs(), 1);
 }
