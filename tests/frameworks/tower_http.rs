@@ -120,22 +120,28 @@ async fn send(app: &Router, req: http::Request<Body>) -> Answer {
     collect(app.clone().oneshot(req).await.unwrap()).await
 }
 
+/// Alice pays under `k1` and her retry is replayed; Bob's `k1` is his own payment; a caller
+/// the auth layer does not know gets 401 before the layer.
+async fn one_payment_per_caller(app: &Router) {
+    let first = send(app, payment(Some("alice"), "k1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(app, payment(Some("alice"), "k1")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    let bob = send(app, payment(Some("bob"), "k1")).await;
+    assert_eq!(bob.status, StatusCode::CREATED);
+    assert!(!bob.replayed(), "bob must not get alice's payment");
+    assert_ne!(bob.body, first.body);
+    assert_eq!(send(app, payment(None, "k1")).await.status, 401);
+}
+
 /// One execution per key, no cross-user replay, 401 before the layer for an unknown
 /// caller, 413 over the body limit whether the length is declared or not.
 #[tokio::test]
 async fn the_recommended_stack_runs_each_key_once_per_caller() {
     let payments = Payments::default();
     let app = recommended(payments.clone(), Duration::from_secs(5));
-    let first = send(&app, payment(Some("alice"), "k1")).await;
-    assert_eq!(first.status, StatusCode::CREATED);
-    let retry = send(&app, payment(Some("alice"), "k1")).await;
-    assert!(retry.replayed());
-    assert_eq!(retry.body, first.body);
-    let bob = send(&app, payment(Some("bob"), "k1")).await;
-    assert_eq!(bob.status, StatusCode::CREATED);
-    assert!(!bob.replayed(), "bob must not get alice's payment");
-    assert_ne!(bob.body, first.body);
-    assert_eq!(send(&app, payment(None, "k1")).await.status, 401);
+    one_payment_per_caller(&app).await;
     assert_eq!(payments.rows.load(Ordering::SeqCst), 2);
 
     // Over the limit with a declared length: tower-http answers 413 itself.
@@ -299,14 +305,7 @@ async fn the_recommended_stack_composes_with_for_axum() {
         Duration::from_millis(150),
         idempotency().for_axum()
     );
-    let first = send(&app, payment(Some("alice"), "k1")).await;
-    assert_eq!(first.status, StatusCode::CREATED);
-    let retry = send(&app, payment(Some("alice"), "k1")).await;
-    assert!(retry.replayed());
-    assert_eq!(retry.body, first.body);
-    let bob = send(&app, payment(Some("bob"), "k1")).await;
-    assert!(!bob.replayed(), "bob must not get alice's payment");
-    assert_eq!(send(&app, payment(None, "k1")).await.status, 401);
+    one_payment_per_caller(&app).await;
 
     let chunks = futures_stream(vec!["x".repeat(2048).into_bytes(); 2]);
     let streamed = http::Request::post("/payments")
