@@ -655,6 +655,13 @@ where
 
 /// A future that, dropped before it ends, finishes on a tracked task instead (when
 /// `detach`; otherwise it is dropped).
+///
+/// A box of its own, not a part of the flow's future: that one, allocated for every covered
+/// request, is 1,024 bytes, the largest size glibc's per-thread cache serves. With the
+/// operation's future inside it (measured: the claim handed to the response future through
+/// a thread-local slot, which went on with the whole flow) it grew to 1,728 bytes, and every
+/// covered request, replays and `409`s included, took glibc's slower path: about 1,100 more
+/// instructions on a replay, for one allocation fewer on a first request.
 struct Detachable<T: Send + 'static> {
     fut: Option<BoxFuture<T>>,
     polling: bool,

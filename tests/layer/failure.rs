@@ -181,6 +181,160 @@ async fn disconnect_can_release_instead() {
     assert_eq!(retry.status, 201);
 }
 
+/// Two layers, one inside the other's operation, each with its own store and its own
+/// choice for a client that leaves: each layer's choice holds for its own claim, whatever
+/// the other chose (the response future of each takes its own operation's claim, never
+/// the other's).
+#[tokio::test]
+async fn nested_layers_each_keep_their_own_choice_when_the_client_leaves() {
+    for (outer_finishes, inner_finishes) in [(true, true), (false, true), (true, false)] {
+        let (outer_store, inner_store) = (MemoryStore::new(), MemoryStore::new());
+        let choice = |finish: bool| {
+            if finish {
+                Disconnect::Finish
+            } else {
+                Disconnect::Release
+            }
+        };
+        let tracked = Runs::default();
+        let inner = IdempotencyLayer::new(inner_store.clone())
+            .share_keys_across_callers()
+            .on_disconnect(choice(inner_finishes))
+            .layer(tracked.handler(Duration::from_millis(150)));
+        let svc = IdempotencyLayer::new(outer_store.clone())
+            .share_keys_across_callers()
+            .on_disconnect(choice(outer_finishes))
+            .layer(inner);
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(40),
+            svc.clone().oneshot(post(Some("nested"), "{}")),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let case = format!("outer finishes: {outer_finishes}, inner finishes: {inner_finishes}");
+        // The operation goes on if either layer finishes it (the outer's operation holds
+        // the inner's whole call).
+        assert_eq!(tracked.started(), 1, "{case}");
+        assert_eq!(tracked.finished(), 1, "{case}");
+        for (store, finishes, which) in [
+            (&outer_store, outer_finishes, "outer"),
+            (&inner_store, inner_finishes || outer_finishes, "inner"),
+        ] {
+            let state = store.inspect(&store_key("nested")).await.unwrap();
+            assert_eq!(
+                matches!(state, tower_idempotency::store::KeyState::Completed { .. }),
+                finishes,
+                "{case}: the {which} store holds the record ({state:?})"
+            );
+        }
+        // Whatever was kept, a retry gets the one run's answer; nothing runs twice.
+        let retry = call(&svc, post(Some("nested"), "{}")).await;
+        assert_eq!(retry.body, "run 0", "{case}");
+        assert_eq!(tracked.started(), 1, "{case}");
+    }
+}
+
+/// An operation that panics after it has waited (and so after the layer was told to finish
+/// it if its client left) is dropped with the panic: never polled again on a task, where it
+/// would only panic once more.
+#[tokio::test]
+async fn an_operation_that_panics_after_waiting_is_never_polled_again() {
+    static RESUMED: AtomicUsize = AtomicUsize::new(0);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.to_string().contains("resumed after panicking") {
+            RESUMED.fetch_add(1, Ordering::SeqCst);
+        }
+        previous(info);
+    }));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers();
+    let work = layer.detached_work();
+    let svc = layer.layer(tower::service_fn({
+        let calls = Arc::clone(&calls);
+        move |_req: Request<Body>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if n == 0 {
+                    panic!("handler bug after a wait");
+                }
+                Ok::<_, Infallible>(Response::new(Body::from("ok")))
+            }
+        }
+    }));
+    let task = tokio::spawn({
+        let svc = svc.clone();
+        async move { svc.oneshot(post(Some("late-panic"), "{}")).await }
+    });
+    assert!(
+        task.await.unwrap_err().is_panic(),
+        "the panic reaches the caller"
+    );
+    eventually("the released key's work ends", || work.pending() == 0).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        RESUMED.load(Ordering::SeqCst),
+        0,
+        "a panicked operation was polled again"
+    );
+    let answer = call(&svc, post(Some("late-panic"), "{}")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(
+        !answer.replayed(),
+        "the panic released the key: the retry runs"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// A duplicate dropped while it waits for the first request's answer (wait mode) is gone:
+/// it never runs the operation later, on a task, after the first request released the key.
+#[tokio::test]
+async fn a_waiter_whose_client_leaves_never_runs_later() {
+    let tracked = Runs::default();
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .on_in_flight(InFlight::Wait(Duration::from_secs(2)))
+        .layer(tower::service_fn({
+            let tracked = tracked.clone();
+            move |_req: Request<Body>| {
+                let tracked = tracked.clone();
+                async move {
+                    let n = tracked.started.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    tracked.finished.fetch_add(1, Ordering::SeqCst);
+                    // The first run fails: its key is released, as a waiter would find.
+                    let status = if n == 0 { 503 } else { 201 };
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Body::from(format!("run {n}")))
+                            .unwrap(),
+                    )
+                }
+            }
+        }));
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { call(&svc, post(Some("waiter"), "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let waiter = tokio::time::timeout(
+        Duration::from_millis(40),
+        svc.clone().oneshot(post(Some("waiter"), "{}")),
+    )
+    .await;
+    assert!(waiter.is_err(), "the waiter's client left while it waited");
+    assert_eq!(first.await.unwrap().status, 503);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        tracked.started(),
+        1,
+        "the departed waiter never ran the operation"
+    );
+}
+
 #[tokio::test]
 async fn an_unread_body_is_drained_and_stored() {
     let (tx, rx) = mpsc::channel(4);
