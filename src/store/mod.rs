@@ -52,9 +52,9 @@ impl LeaseToken {
     /// A fresh token, unique within the process and, with overwhelming probability,
     /// across processes: 64 random bits drawn once per process, and 64 bits that are a
     /// bijective mix of a number no other call in the process gets with 64 more random
-    /// bits. Cheaper than asking the operating system for randomness on every claim, and
-    /// the number comes from the calling thread's own block ([`crate::numbers`]), so
-    /// worker threads making tokens side by side write no shared cache line for each.
+    /// bits. Cheaper than asking the operating system for randomness on every claim; and
+    /// the number comes from a block of numbers the calling thread holds, so worker threads
+    /// making tokens side by side write no shared cache line for each.
     pub fn new() -> Self {
         use std::cell::Cell;
         use std::sync::OnceLock;
