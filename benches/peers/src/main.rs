@@ -854,8 +854,9 @@ answer) and has no in-flight lock (a duplicate while the first runs executes the
 again), so it does not do the same work. ᶜ cratestack-axum reads the whole body, \
 fingerprints it (SHA-256) and locks the key in flight like ours, but holds no lease (a \
 first request whose caller goes away leaves its key answering 409 until the record's TTL, \
-24 h here) and finishes nothing after the caller leaves; its store is this harness's own \
-`Mutex<HashMap>` (no cap, no byte accounting, no eviction queue). idempotent reads and \
+24 h here) and finishes nothing after the caller leaves; its store is the fastest this \
+harness could write for it (a `DashMap` read-locked first, tokens from a counter; no cap, \
+no byte accounting, no eviction queue). idempotent reads and \
 fingerprints the body (XXH3-128) and locks in flight, and runs every keyed request in a \
 task of its own. Ours also accounts every record's bytes against a cap (raised here), \
 keeps a lease alive while the handler runs and finishes a first request in a task when \
