@@ -85,8 +85,30 @@ impl Frames {
         self.more.clear();
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Frame<Bytes>> {
-        self.first.iter().chain(&self.more)
+    /// The bytes of the data frames held. (The frame kept inline is looked at without
+    /// walking the queue, which most bodies leave empty: `size_hint` asks this of every
+    /// first response.)
+    fn data_len(&self) -> u64 {
+        let first = self
+            .first
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, |d| d.len() as u64);
+        if self.more.is_empty() {
+            return first;
+        }
+        first
+            + self
+                .more
+                .iter()
+                .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+                .sum::<u64>()
+    }
+
+    /// Whether a trailers frame is held.
+    fn has_trailers(&self) -> bool {
+        self.first.as_ref().is_some_and(Frame::is_trailers)
+            || (!self.more.is_empty() && self.more.iter().any(Frame::is_trailers))
     }
 }
 
@@ -477,12 +499,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let held: u64 = self
-            .held
-            .iter()
-            .chain(self.ready.iter())
-            .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
-            .sum();
+        let held = self.held.data_len() + self.ready.data_len();
         match &self.inner {
             Some(inner) => {
                 let hint = inner.size_hint();
@@ -496,12 +513,7 @@ where
             // A body that ends with trailers gets no exact length: hyper would turn it into
             // a `content-length` the service's own answer did not have (gRPC never sends
             // one, and a client reading by length can stop before the trailers).
-            None if self
-                .held
-                .iter()
-                .chain(self.ready.iter())
-                .any(Frame::is_trailers) =>
-            {
+            None if self.held.has_trailers() || self.ready.has_trailers() => {
                 let mut out = SizeHint::new();
                 out.set_lower(held);
                 out
@@ -535,5 +547,43 @@ impl<B> Drop for Recorder<B> {
             // Dropping the claim releases it.
             _ => drop(recording),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize) -> Frame<Bytes> {
+        Frame::data(Bytes::from(vec![b'x'; n]))
+    }
+
+    fn trailers() -> Frame<Bytes> {
+        Frame::trailers(HeaderMap::new())
+    }
+
+    /// The held frames' length and trailers are found wherever the frames sit: the one
+    /// kept inline, the queue behind it, or both (what `size_hint` reports from).
+    #[test]
+    fn held_frames_are_counted_inline_and_queued() {
+        let mut frames = Frames::default();
+        assert_eq!((frames.data_len(), frames.has_trailers()), (0, false));
+        frames.push_back(data(3));
+        assert_eq!((frames.data_len(), frames.has_trailers()), (3, false));
+        frames.push_back(data(4));
+        frames.push_back(trailers());
+        assert_eq!((frames.data_len(), frames.has_trailers()), (7, true));
+        // The inline frame taken: the queue alone is looked at.
+        assert_eq!(
+            frames
+                .pop_front()
+                .and_then(|f| f.into_data().ok())
+                .map(|d| d.len()),
+            Some(3)
+        );
+        assert_eq!((frames.data_len(), frames.has_trailers()), (4, true));
+        frames.clear();
+        frames.push_back(trailers());
+        assert_eq!((frames.data_len(), frames.has_trailers()), (0, true));
     }
 }
