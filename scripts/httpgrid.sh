@@ -17,7 +17,12 @@
 # handler less its commit point (`plain` below), against its own layer-off baseline:
 #   plain-off, plain-memory-new, plain-redis-new (the last with REDIS_URL).
 # Prints one line per run and a summary: the median req/s of each run over the repetitions,
-# as a share of `off` from the same repetition, with p50 and p99.
+# as a share of `off` from the same repetition, with p50 and p99, and the CPU a request
+# cost the server, wrk and (runs on Redis) the Redis server: each process's user + system
+# time over the run (the server's and Redis's from /proc/PID/stat, wrk's from the shell's
+# reaped children), divided by the requests served. On a machine whose cores the three
+# share, that bounds what a ratio to layer off can be. Redis's CPU is read from the process
+# listening on REDIS_URL's port, on this machine.
 #
 # Settings: DURATION (seconds per run, default 10, 1..60), REPS (default 3, 1..10),
 # THREADS (wrk threads, 2), CONNECTIONS (32), PORT (3957), RUNS (the runs to make, space
@@ -43,7 +48,7 @@ FEATURES=()
 if [[ -n "${REDIS_URL:-}" ]]; then
     FEATURES=(--features redis)
 else
-    RUNS="$(tr ' ' '\n' <<<"$RUNS" | grep -v '^redis' | tr '\n' ' ')"
+    RUNS="$(tr ' ' '\n' <<<"$RUNS" | grep -v redis | tr '\n' ' ')"
 fi
 nice -n 10 cargo build --release --example axum "${FEATURES[@]}" >&2
 DEMO="$CARGO_TARGET_DIR/release/examples/axum"
@@ -135,6 +140,25 @@ forget_redis_keys() {
         xargs -r -n 1000 redis-cli -u "$REDIS_URL" unlink >/dev/null
 }
 
+# User + system clock ticks of process $1.
+ticks() {
+    awk '{print $14 + $15}' "/proc/$1/stat"
+}
+# User + system seconds of this shell's reaped children so far, into CHILDREN (`times` run
+# in this shell, not in a command substitution's subshell, which has children of its own).
+children_seconds() {
+    times >"$WORK/times"
+    CHILDREN=$(sed -n 2p "$WORK/times" | python3 -c 'import re,sys
+print(sum(int(m)*60+float(s) for m,s in re.findall(r"(\d+)m([\d.]+)s", sys.stdin.read())))')
+}
+HZ=$(getconf CLK_TCK)
+REDIS_PID=""
+if grep -q redis <<<"$RUNS"; then
+    redis_port=$(sed -E 's#^redis://([^@/]*@)?[^:/]+:?([0-9]*).*#\2#' <<<"$REDIS_URL")
+    REDIS_PID=$(ss -ltnpH "sport = :${redis_port:-6379}" | sed -nE 's/.*pid=([0-9]+).*/\1/p' | head -1)
+    [[ -n "$REDIS_PID" ]] || echo "no process of this machine listens on Redis's port: its CPU is not read" >&2
+fi
+
 echo "# httpgrid: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $REPS repetitions, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for rep in $(seq 1 "$REPS"); do
     for run in $RUNS; do
@@ -159,9 +183,21 @@ for rep in $(seq 1 "$REPS"); do
         else
             start_server "$DEMO" "$layer" "$store"
         fi
+        s0=$(ticks "$SERVER_PID")
+        r0=0
+        [[ -n "$REDIS_PID" ]] && r0=$(ticks "$REDIS_PID")
+        children_seconds
+        c0=$CHILDREN
         line=$(RUN_ID="$id" KEY_MODE="$mode" timeout $((DURATION + 30)) \
             wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$WORK/orders.lua" \
             "http://127.0.0.1:$PORT/orders" | grep '^RESULT' | sed 's/^RESULT //')
+        children_seconds
+        c1=$CHILDREN
+        s1=$(ticks "$SERVER_PID")
+        r1=0
+        [[ -n "$REDIS_PID" ]] && r1=$(ticks "$REDIS_PID")
+        [[ "$store" == redis* && -n "$REDIS_PID" ]] || r1=$r0
+        line="$line server_s=$(python3 -c "print(($s1 - $s0) / $HZ)") redis_s=$(python3 -c "print(($r1 - $r0) / $HZ)") wrk_s=$(python3 -c "print($c1 - $c0)")"
         stop_server
         [[ "$store" == redis* ]] && forget_redis_keys "$id"
         echo "rep=$rep run=$run $line" | tee -a "$WORK/results"
@@ -175,8 +211,10 @@ import statistics, sys
 rows = [dict(kv.split("=", 1) for kv in line.split()) for line in open(sys.argv[1])]
 runs = sys.argv[2].split()
 print()
-print("| run | req/s (median of %d) | × its layer off (median of the per-repetition ratios) | p50 µs | p99 µs (median; range) | non-2xx |" % len({r["rep"] for r in rows}))
-print("|---|---:|---:|---:|---:|---:|")
+print("| run | req/s (median of %d) | × its layer off (median of the per-repetition ratios) | p50 µs | p99 µs (median; range) | non-2xx | CPU µs per request: server / Redis / wrk (median) |" % len({r["rep"] for r in rows}))
+print("|---|---:|---:|---:|---:|---:|---:|")
+def cpu(rs, key):
+    return statistics.median(float(r[key]) * 1e6 / int(r["requests"]) for r in rs)
 base = {name: {r["rep"]: float(r["rps"]) for r in rows if r["run"] == name} for name in ("off", "plain-off")}
 for run in runs:
     rs = [r for r in rows if r["run"] == run]
@@ -188,5 +226,6 @@ for run in runs:
     p50 = statistics.median(int(r["p50_us"]) for r in rs)
     p99s = sorted(int(r["p99_us"]) for r in rs)
     non2xx = sum(int(r["non2xx"]) for r in rs)
-    print(f"| {run} | {rps:,.0f} | {ratio:.2f} | {p50:,.0f} | {statistics.median(p99s):,.0f} ({p99s[0]:,}–{p99s[-1]:,}) | {non2xx} |")
+    redis = f"{cpu(rs, 'redis_s'):.1f}" if "redis" in run else "—"
+    print(f"| {run} | {rps:,.0f} | {ratio:.2f} | {p50:,.0f} | {statistics.median(p99s):,.0f} ({p99s[0]:,}–{p99s[-1]:,}) | {non2xx} | {cpu(rs, 'server_s'):.1f} / {redis} / {cpu(rs, 'wrk_s'):.1f} |")
 PY
