@@ -501,9 +501,22 @@ async fn store_if_free(
 
 impl Drop for Claimed {
     fn drop(&mut self) {
-        if self.settled {
-            return;
+        if !self.settled {
+            self.let_go();
         }
+    }
+}
+
+impl Claimed {
+    /// Dropped unsettled: withdraws the commit it may have made, or releases the key, on a
+    /// tracked task.
+    ///
+    /// Out of line and cold: the futures it spawns are built on the stack, and inlined
+    /// into `drop`, which every first request runs, their kilobytes would push what runs
+    /// after it onto cache lines nothing else touches.
+    #[cold]
+    #[inline(never)]
+    fn let_go(&mut self) {
         let config = Arc::clone(&self.shared.config);
         let (key, token) = (self.shared.key.clone(), self.shared.token);
         let work = config.work.clone();

@@ -229,9 +229,20 @@ impl<B> Recorder<B> {
                 },
                 Settle::Release => record,
             };
-            self.work = Some(claimed.config().work.clone());
-            self.completing = Some(Box::pin(settle.apply(claimed, record)));
+            self.settle_later(settle, claimed, record);
         }
+    }
+
+    /// Boxes the store call that did not end at once, for `poll_next` to drive.
+    ///
+    /// Out of line: the future is built on the stack before it is boxed, and inlined, its
+    /// kilobytes would be part of the frame of `finish` and `poll_next` on every first
+    /// request, pushing what they call onto cache lines nothing else touches.
+    #[cold]
+    #[inline(never)]
+    fn settle_later(&mut self, settle: Settle, claimed: Claimed, record: Record) {
+        self.work = Some(claimed.config().work.clone());
+        self.completing = Some(Box::pin(settle.apply(claimed, record)));
     }
 }
 
@@ -268,6 +279,16 @@ where
 }
 
 impl Recording {
+    /// Settles a body that failed or panicked, on a tracked task.
+    ///
+    /// Out of line, for the reason given at [`Recorder::settle_later`].
+    #[cold]
+    #[inline(never)]
+    fn fail_later(self, what: &'static str) {
+        let work = self.claimed.config().work.clone();
+        work.spawn(what, self.fail());
+    }
+
     fn observe(&mut self, frame: &Frame<Bytes>) {
         if let Some(data) = frame.data_ref() {
             if self.overflow {
@@ -455,8 +476,7 @@ where
                     this.inner = None;
                     this.held.clear();
                     if let Some(recording) = this.recording.take() {
-                        let work = recording.claimed.config().work.clone();
-                        work.spawn("settle a failed body", recording.fail());
+                        recording.fail_later("settle a failed body");
                     }
                     return Poll::Ready(Some(Err(err)));
                 }
@@ -538,8 +558,7 @@ impl<B> Drop for Recorder<B> {
         if self.polling {
             // The inner body panicked: never poll it again; settle the claim once.
             self.inner = None;
-            let work = recording.claimed.config().work.clone();
-            work.spawn("settle a panicked body", recording.fail());
+            recording.fail_later("settle a panicked body");
             return;
         }
         match (recording.claimed.config().disconnect, self.inner.take()) {
