@@ -17,7 +17,11 @@
 //! - `PEERS_RUNTIMES` (`current,multi`);
 //! - `PEERS_ROUNDS` (12), `PEERS_BATCH_MS` (15);
 //! - arguments keep only the cases whose name contains one of them
-//!   (`cargo run --release -- replay 409`).
+//!   (`cargo run --release -- replay 409`);
+//! - `PEERS_PROFILE=<calls>`: no grid; for the first configuration and the first case
+//!   kept, each wrapper (or those whose name contains `PEERS_PROFILE_WRAPPERS`) sends
+//!   `<calls>` requests inside [`profiled`], for an instruction count by callgrind
+//!   (`valgrind --tool=callgrind --toggle-collect='*profiled*' <binary>`).
 
 mod alloc;
 mod cratestack_store;
@@ -636,6 +640,60 @@ fn list<T>(name: &str, default: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<
         .collect()
 }
 
+/// Sends `calls` requests of one case to each wrapper (or those named in
+/// `PEERS_PROFILE_WRAPPERS`), each inside [`profiled`], and prints what was sent.
+fn profile(calls: usize, case: &Case, records: usize, headers: bool, runtime: Runtime) {
+    let rt = match runtime {
+        Runtime::Current => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Runtime::Multi => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+    }
+    .expect("a Tokio runtime");
+    let config = Config {
+        records,
+        headers,
+        runtime,
+    };
+    let requests = Requests {
+        extra: headers.then(ExtraHeaders::new),
+    };
+    let only = std::env::var("PEERS_PROFILE_WRAPPERS").unwrap_or_default();
+    let cases = std::slice::from_ref(case);
+    let subjects = rt.block_on(subjects(cases, &requests, &config));
+    for subject in &subjects {
+        let name = NAMES[subject.wrapper];
+        if !only.is_empty() && !only.split(',').any(|w| name.contains(w)) {
+            continue;
+        }
+        let (status, _) = expected(subject.wrapper, case.kind);
+        let warm = subject.batch(&requests, 0, case, 100);
+        rt.block_on(run(runtime, &subject.router, warm, status));
+        let batch = subject.batch(&requests, 0, case, calls);
+        let unexpected = profiled(&rt, runtime, &subject.router, batch, status);
+        println!(
+            "{name} / {} ({}): {calls} calls, {unexpected} not {status}",
+            case.name,
+            config.title()
+        );
+    }
+}
+
+/// The calls callgrind counts (`--toggle-collect='*profiled*'`).
+#[inline(never)]
+fn profiled(
+    rt: &tokio::runtime::Runtime,
+    runtime: Runtime,
+    router: &Router,
+    batch: Vec<Request<Body>>,
+    status: StatusCode,
+) -> usize {
+    rt.block_on(run(runtime, router, batch, status)).1
+}
+
 /// What one configuration measured.
 struct Outcome {
     config: Config,
@@ -693,6 +751,14 @@ fn main() {
     if cases.is_empty() {
         eprintln!("no case matches {filters:?}");
         std::process::exit(2);
+    }
+
+    if let Some(calls) = std::env::var("PEERS_PROFILE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        profile(calls, &cases[0], records[0], headers[0], runtimes[0]);
+        return;
     }
 
     let started = Instant::now();
