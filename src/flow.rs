@@ -61,44 +61,11 @@ where
         // Keys are kept apart per caller: a caller the layer cannot identify is refused, never
         // put in a scope it might share with another.
         let Some(scope) = config.scope_of(&parts) else {
-            tracing::debug!(
-                key = key.as_ref().map(|k| k.as_str()),
-                "caller unknown; refusing the request"
-            );
-            return Ok(problem(
-                &config,
-                grpc,
-                Problem::new(
-                    ProblemKind::CallerUnknown,
-                    "The caller of this request cannot be identified, so its Idempotency-Key \
-                 cannot be kept apart from other callers' keys; nothing was done.",
-                ),
-                IdempotencyOutcome::Rejected,
-            ));
+            return Ok(caller_unknown(&config, grpc, key.as_ref()));
         };
         let bytes = match buffer(body, config.max_request_body).await {
             Ok(bytes) => bytes,
-            Err(BufferError::TooLarge) => {
-                let detail = format!(
-                    "The request body is larger than {} bytes, the most this endpoint accepts.",
-                    config.max_request_body
-                );
-                return Ok(problem(
-                    &config,
-                    grpc,
-                    Problem::new(ProblemKind::RequestTooLarge, detail),
-                    IdempotencyOutcome::Rejected,
-                ));
-            }
-            Err(BufferError::Read(err)) => {
-                let detail = format!("The request body could not be read: {err}");
-                return Ok(problem(
-                    &config,
-                    grpc,
-                    Problem::new(ProblemKind::BodyUnreadable, detail),
-                    IdempotencyOutcome::Rejected,
-                ));
-            }
+            Err(err) => return Ok(body_refused(&config, grpc, err)),
         };
         let key = match key {
             Some(key) => key,
@@ -180,33 +147,7 @@ where
                 // changed, and running unprotected could run a duplicate.
                 Err(StoreError::Full) => {
                     pending.not_ours();
-                    let key = key.as_str();
-                    // The truth about when a new key may fit: the memory store knows when its
-                    // oldest record leaves the replay window; others get the configured hint.
-                    #[cfg(feature = "memory")]
-                    let after = config
-                        .memory
-                        .as_ref()
-                        .and_then(crate::MemoryStore::room_in)
-                        .unwrap_or(config.retry_after);
-                    #[cfg(not(feature = "memory"))]
-                    let after = config.retry_after;
-                    tracing::warn!(
-                        key,
-                        retry_after_s = after.as_secs(),
-                        "idempotency store is full; refusing the request"
-                    );
-                    return Ok(problem(
-                        &config,
-                        grpc,
-                        Problem::new(
-                            ProblemKind::StoreFull,
-                            "The idempotency store has no room for a new key right now; nothing \
-                         was done. Retry after Retry-After, when room may be free.",
-                        )
-                        .retry_after(after),
-                        IdempotencyOutcome::StoreFull,
-                    ));
+                    return Ok(store_full(&config, grpc, key.as_str()));
                 }
                 Err(err) => {
                     pending.failed();
@@ -234,11 +175,7 @@ where
                     if record.headers().contains_key(crate::record::SEALED_HEADER) =>
                 {
                     pending.not_ours();
-                    let err = crate::record::DecodeError::Sealed(
-                        "a sealed record, and this layer's store does not open sealed records"
-                            .to_owned(),
-                    );
-                    return Ok(unreadable(&config, grpc, key.as_str(), &err));
+                    return Ok(sealed(&config, grpc, key.as_str()));
                 }
                 Claim::Completed(record) => {
                     pending.not_ours();
@@ -246,47 +183,7 @@ where
                         return Ok(mismatch(&config, grpc, parts.extensions));
                     }
                     if record.is_tombstone() {
-                        let grpc_cut = crate::problem::is_grpc(record.headers())
-                            && record
-                                .headers()
-                                .get("grpc-status")
-                                .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok())
-                                .is_some_and(|c| (config.grpc_maybe_ran)(c));
-                        let withheld = record
-                            .headers()
-                            .contains_key(crate::handle::WITHHELD_HEADER);
-                        let detail = if withheld {
-                            format!(
-                                "The operation ran and answered {}; that answer was delivered to \
-                             the first request only and is not kept (it held a secret). It \
-                             will not run again with this key.",
-                                record.status()
-                            )
-                        } else if grpc_cut {
-                            "The call was cut off midway (its deadline ran out) and may have run; \
-                         its outcome is not known. It will not run again with this key."
-                                .to_owned()
-                        } else if (config.maybe_ran)(record.status()) {
-                            format!(
-                                "The operation was cut off midway (it answered {}) and may have \
-                             run; its outcome is not known. It will not run again with this \
-                             key.",
-                                record.status()
-                            )
-                        } else {
-                            format!(
-                                "The operation ran and answered {}, but its response could not be \
-                             kept for replay. It will not run again with this key.",
-                                record.status()
-                            )
-                        };
-                        return Ok(problem_reusing(
-                            &config,
-                            grpc,
-                            Problem::new(ProblemKind::ResponseNotStored, detail),
-                            IdempotencyOutcome::NotStored,
-                            parts.extensions,
-                        ));
+                        return Ok(not_stored(&config, grpc, &record, parts.extensions));
                     }
                     return Ok(replay_reusing(&record, parts.extensions));
                 }
@@ -381,15 +278,10 @@ where
                         }
                         _ => {
                             pending.not_ours();
-                            let after = lease_remaining
-                                .map_or(config.retry_after, |l| l.min(config.retry_after));
-                            let detail = "A request with this Idempotency-Key is still being \
-                                      processed; retry later to get its result.";
-                            return Ok(problem_reusing(
+                            return Ok(key_in_use(
                                 &config,
                                 grpc,
-                                Problem::new(ProblemKind::KeyInUse, detail).retry_after(after),
-                                IdempotencyOutcome::InFlight,
+                                lease_remaining,
                                 parts.extensions,
                             ));
                         }
@@ -400,6 +292,172 @@ where
     }
 }
 
+// The answers below are the flow's rarer branches, out of line and cold: each builds its
+// answer (a problem document, a formatted detail, a log event's fields) on the stack, and
+// inlined into the flow they would all be part of its frame on every covered request,
+// pushing everything the flow calls onto cache lines nothing else touches.
+
+/// The caller cannot be identified: refused, never put in a scope it might share.
+#[cold]
+#[inline(never)]
+fn caller_unknown<B>(
+    config: &Runtime,
+    grpc: bool,
+    key: Option<&IdempotencyKey>,
+) -> Response<IdempotencyBody<B>> {
+    tracing::debug!(
+        key = key.map(|k| k.as_str()),
+        "caller unknown; refusing the request"
+    );
+    problem(
+        config,
+        grpc,
+        Problem::new(
+            ProblemKind::CallerUnknown,
+            "The caller of this request cannot be identified, so its Idempotency-Key cannot be \
+             kept apart from other callers' keys; nothing was done.",
+        ),
+        IdempotencyOutcome::Rejected,
+    )
+}
+
+/// The request body was too large or could not be read.
+#[cold]
+#[inline(never)]
+fn body_refused<B>(config: &Runtime, grpc: bool, err: BufferError) -> Response<IdempotencyBody<B>> {
+    let problem_of = match err {
+        BufferError::TooLarge => Problem::new(
+            ProblemKind::RequestTooLarge,
+            format!(
+                "The request body is larger than {} bytes, the most this endpoint accepts.",
+                config.max_request_body
+            ),
+        ),
+        BufferError::Read(err) => Problem::new(
+            ProblemKind::BodyUnreadable,
+            format!("The request body could not be read: {err}"),
+        ),
+    };
+    problem(config, grpc, problem_of, IdempotencyOutcome::Rejected)
+}
+
+/// The store refused a new claim to keep its recent records: nothing was changed.
+#[cold]
+#[inline(never)]
+fn store_full<B>(config: &Runtime, grpc: bool, key: &str) -> Response<IdempotencyBody<B>> {
+    // The truth about when a new key may fit: the memory store knows when its oldest record
+    // leaves the replay window; others get the configured hint.
+    #[cfg(feature = "memory")]
+    let after = config
+        .memory
+        .as_ref()
+        .and_then(crate::MemoryStore::room_in)
+        .unwrap_or(config.retry_after);
+    #[cfg(not(feature = "memory"))]
+    let after = config.retry_after;
+    tracing::warn!(
+        key,
+        retry_after_s = after.as_secs(),
+        "idempotency store is full; refusing the request"
+    );
+    problem(
+        config,
+        grpc,
+        Problem::new(
+            ProblemKind::StoreFull,
+            "The idempotency store has no room for a new key right now; nothing was done. \
+             Retry after Retry-After, when room may be free.",
+        )
+        .retry_after(after),
+        IdempotencyOutcome::StoreFull,
+    )
+}
+
+/// A sealed record no store opened: never replayed as ciphertext, never run again.
+#[cold]
+#[inline(never)]
+fn sealed<B>(config: &Runtime, grpc: bool, key: &str) -> Response<IdempotencyBody<B>> {
+    let err = crate::record::DecodeError::Sealed(
+        "a sealed record, and this layer's store does not open sealed records".to_owned(),
+    );
+    unreadable(config, grpc, key, &err)
+}
+
+/// The key's record is a tombstone: the operation ran (or may have), and its answer is
+/// not kept.
+#[cold]
+#[inline(never)]
+fn not_stored<B>(
+    config: &Runtime,
+    grpc: bool,
+    record: &Record,
+    spare: http::Extensions,
+) -> Response<IdempotencyBody<B>> {
+    let grpc_cut = crate::problem::is_grpc(record.headers())
+        && record
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok())
+            .is_some_and(|c| (config.grpc_maybe_ran)(c));
+    let withheld = record
+        .headers()
+        .contains_key(crate::handle::WITHHELD_HEADER);
+    let detail = if withheld {
+        format!(
+            "The operation ran and answered {}; that answer was delivered to the first \
+             request only and is not kept (it held a secret). It will not run again with \
+             this key.",
+            record.status()
+        )
+    } else if grpc_cut {
+        "The call was cut off midway (its deadline ran out) and may have run; its outcome is \
+         not known. It will not run again with this key."
+            .to_owned()
+    } else if (config.maybe_ran)(record.status()) {
+        format!(
+            "The operation was cut off midway (it answered {}) and may have run; its outcome \
+             is not known. It will not run again with this key.",
+            record.status()
+        )
+    } else {
+        format!(
+            "The operation ran and answered {}, but its response could not be kept for \
+             replay. It will not run again with this key.",
+            record.status()
+        )
+    };
+    problem_reusing(
+        config,
+        grpc,
+        Problem::new(ProblemKind::ResponseNotStored, detail),
+        IdempotencyOutcome::NotStored,
+        spare,
+    )
+}
+
+/// The key is held by a request still running: `409` with `Retry-After`.
+#[cold]
+#[inline(never)]
+fn key_in_use<B>(
+    config: &Runtime,
+    grpc: bool,
+    lease_remaining: Option<std::time::Duration>,
+    spare: http::Extensions,
+) -> Response<IdempotencyBody<B>> {
+    let after = lease_remaining.map_or(config.retry_after, |l| l.min(config.retry_after));
+    let detail = "A request with this Idempotency-Key is still being processed; retry later \
+                  to get its result.";
+    problem_reusing(
+        config,
+        grpc,
+        Problem::new(ProblemKind::KeyInUse, detail).retry_after(after),
+        IdempotencyOutcome::InFlight,
+        spare,
+    )
+}
+
+#[cold]
+#[inline(never)]
 fn unreadable<B>(
     config: &Runtime,
     grpc: bool,
