@@ -20,8 +20,9 @@
 //!   (`cargo run --release -- replay 409`);
 //! - `PEERS_PROFILE=<calls>`: no grid; for the first configuration and the first case
 //!   kept, each wrapper (or those whose name contains `PEERS_PROFILE_WRAPPERS`) sends
-//!   `<calls>` requests inside [`profiled`], for an instruction count by callgrind
-//!   (`valgrind --tool=callgrind --toggle-collect='*profiled*' <binary>`).
+//!   `<calls>` requests inside [`profiled`] and prints the time per call; for an
+//!   instruction count by callgrind (`valgrind --tool=callgrind
+//!   --toggle-collect='*profiled*' <binary>`), or a wall-clock comparison of two builds.
 
 mod alloc;
 mod cratestack_store;
@@ -673,11 +674,14 @@ fn profile(calls: usize, case: &Case, records: usize, headers: bool, runtime: Ru
         let warm = subject.batch(&requests, 0, case, 100);
         rt.block_on(run(runtime, &subject.router, warm, status));
         let batch = subject.batch(&requests, 0, case, calls);
+        let started = Instant::now();
         let unexpected = profiled(&rt, runtime, &subject.router, batch, status);
+        let took = started.elapsed();
         println!(
-            "{name} / {} ({}): {calls} calls, {unexpected} not {status}",
+            "{name} / {} ({}): {calls} calls, {unexpected} not {status}, {:.0} ns per call",
             case.name,
-            config.title()
+            config.title(),
+            took.as_nanos() as f64 / calls as f64
         );
     }
 }
