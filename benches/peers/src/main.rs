@@ -96,6 +96,20 @@ impl Runtime {
             Self::Multi => "2 workers, 2 tasks",
         }
     }
+
+    /// A Tokio runtime of this kind.
+    fn build(self) -> tokio::runtime::Runtime {
+        match self {
+            Self::Current => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            Self::Multi => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build(),
+        }
+        .expect("a Tokio runtime")
+    }
 }
 
 /// One configuration of the grid.
@@ -644,16 +658,7 @@ fn list<T>(name: &str, default: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<
 /// Sends `calls` requests of one case to each wrapper (or those named in
 /// `PEERS_PROFILE_WRAPPERS`), each inside [`profiled`], and prints what was sent.
 fn profile(calls: usize, case: &Case, records: usize, headers: bool, runtime: Runtime) {
-    let rt = match runtime {
-        Runtime::Current => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        Runtime::Multi => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build(),
-    }
-    .expect("a Tokio runtime");
+    let rt = runtime.build();
     let config = Config {
         records,
         headers,
@@ -782,16 +787,7 @@ fn main() {
     println!();
     let mut outcomes = Vec::new();
     for &runtime in &runtimes {
-        let rt = match runtime {
-            Runtime::Current => tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build(),
-            Runtime::Multi => tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build(),
-        }
-        .expect("a Tokio runtime");
+        let rt = runtime.build();
         for &records in &records {
             // Large stores are prefilled once for both header settings.
             let pool = (records > REBUILD_UP_TO).then(|| {
