@@ -22,7 +22,8 @@
 //!   kept, each wrapper (or those whose name contains `PEERS_PROFILE_WRAPPERS`) sends
 //!   `<calls>` requests inside [`profiled`] and prints the time per call; for an
 //!   instruction count by callgrind (`valgrind --tool=callgrind
-//!   --toggle-collect='*profiled*' <binary>`), or a wall-clock comparison of two builds.
+//!   --toggle-collect='*profiled*' <binary>`; current-thread only, as callgrind counts
+//!   the calling thread), or a wall-clock comparison of two builds.
 
 mod alloc;
 mod cratestack_store;
@@ -762,10 +763,13 @@ fn main() {
         std::process::exit(2);
     }
 
-    if let Some(calls) = std::env::var("PEERS_PROFILE")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
+    if let Ok(raw) = std::env::var("PEERS_PROFILE") {
+        let Some(calls) = raw.trim().parse::<usize>().ok().filter(|&n| n > 0) else {
+            eprintln!(
+                "PEERS_PROFILE: cannot read {raw:?} (expected a number of calls, like \"2000\")"
+            );
+            std::process::exit(2);
+        };
         profile(calls, &cases[0], records[0], headers[0], runtimes[0]);
         return;
     }
