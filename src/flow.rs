@@ -29,6 +29,30 @@ use crate::store::{Claim, ErrorChain, KeyState, StoreError};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// The future `make` gives, in a box allocated before it is made, so that it can be
+/// written there: not made on the stack, then copied whole into memory just taken from
+/// the allocator.
+#[inline(always)]
+pub(crate) fn in_box<T>(make: impl FnOnce() -> T) -> Box<T> {
+    let slot = Box::new_uninit();
+    Box::write(slot, make())
+}
+
+/// The future `make` gives, made and boxed in a frame of its own: a rarer branch's
+/// future, made inline, would be part of the frame of every poll of the future that awaits
+/// it (the flow's poll had a 1,808-byte slot for such futures), and what that poll calls
+/// would sit that much deeper in the stack on every request.
+#[cold]
+#[inline(never)]
+fn boxed_cold<'a, F>(
+    make: impl FnOnce() -> F,
+) -> Pin<Box<dyn Future<Output = F::Output> + Send + 'a>>
+where
+    F: Future + Send + 'a,
+{
+    Box::pin(make())
+}
+
 /// The path of a covered request with a key (`None`: the key is in the body, read once it
 /// is buffered, see [`IdempotencyLayer::key_from_json`](crate::IdempotencyLayer)).
 /// `traced`: the request's span is enabled (attributes are recorded on it).
@@ -80,7 +104,7 @@ where
                     // No key in the body, and keys are optional: the request runs unprotected.
                     let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
                     // Boxed: a rare path, kept out of the request's future.
-                    let res = Box::pin(inner.call(req)).await?;
+                    let res = boxed_cold(|| inner.call(req)).await?;
                     return Ok(mark(
                         res.map(IdempotencyBody::passthrough),
                         IdempotencyOutcome::PassedThrough,
@@ -152,7 +176,7 @@ where
                 Err(err) => {
                     pending.failed();
                     let req = request(parts, bytes);
-                    return Box::pin(store_failed(inner, req, key, &config, grpc, err)).await;
+                    return boxed_cold(|| store_failed(inner, req, key, &config, grpc, err)).await;
                 }
                 Ok(found) => found,
             };
@@ -167,7 +191,7 @@ where
                     pending.failed();
                     let err = StoreError::backend(ForeignToken);
                     let req = request(parts, bytes);
-                    return Box::pin(store_failed(inner, req, key, &config, grpc, err)).await;
+                    return boxed_cold(|| store_failed(inner, req, key, &config, grpc, err)).await;
                 }
                 // A sealed record no store opened (an instance without the key ring, in a fleet
                 // turning encryption on): never replayed as ciphertext, never run again.
@@ -202,15 +226,17 @@ where
                     // The answer is out of the future's state before the next wait: a
                     // `match` on a local would keep it there, across the withdrawal and the
                     // new claim below.
-                    match Box::pin(outcome_unknown(
-                        &config,
-                        ttl,
-                        grpc,
-                        unsettled.filter(|_| !rerun),
-                        store_key,
-                        fingerprint,
-                        held,
-                    ))
+                    match boxed_cold(|| {
+                        outcome_unknown(
+                            &config,
+                            ttl,
+                            grpc,
+                            unsettled.filter(|_| !rerun),
+                            store_key,
+                            fingerprint,
+                            held,
+                        )
+                    })
                     .await
                     {
                         Unknown::Answer(res) => {
@@ -677,7 +703,7 @@ where
     // worker thread's requests write.
     let shared = claimed.handle();
     let detach = claimed.config().disconnect == Disconnect::Finish;
-    let work = async move {
+    let work = in_box(move || async move {
         match fut.await {
             Ok(res) => {
                 let (mut parts, body) = res.into_parts();
@@ -686,7 +712,7 @@ where
                 }
                 // Boxed before it is primed (the body keeps it boxed): the operation's
                 // future then holds a pointer across the wait, not the recorder.
-                let mut recorder = Box::new(Recorder::new(body, &parts, claimed));
+                let mut recorder = Recorder::boxed(body, &parts, claimed);
                 // A body complete at once leaves with its head, after its record is stored.
                 recorder.prime().await;
                 let res = Response::from_parts(parts, IdempotencyBody::live(recorder));
@@ -695,16 +721,16 @@ where
             Err(err) => {
                 // Boxed: the release is a large future on a rare path, and the whole
                 // operation's future would be its size.
-                Box::pin(claimed.release(None)).await;
+                boxed_cold(|| claimed.release(None)).await;
                 Err(err)
             }
         }
-    };
+    });
     // If the client goes away and this future is dropped, the operation goes on by itself
     // on a tracked task (unless told to stop with the client), and its response body
     // (dropped unread) is drained and stored.
     Detachable {
-        fut: Some(Box::pin(work)),
+        fut: Some(Box::into_pin(work)),
         polling: false,
         detach,
         claim: shared,

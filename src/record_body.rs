@@ -136,7 +136,15 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Send,
 {
-    pub(crate) fn new(body: B, parts: &http::response::Parts, claimed: Claimed) -> Self {
+    /// A recorder in a box, made in a frame of its own: made inline, its 712 bytes would be
+    /// part of the frame of the operation's every poll, and everything the recorder calls
+    /// as it stores the record (on the first poll) would run that much deeper in the stack.
+    #[inline(never)]
+    pub(crate) fn boxed(body: B, parts: &http::response::Parts, claimed: Claimed) -> Box<Self> {
+        Box::new(Self::new(body, parts, claimed))
+    }
+
+    fn new(body: B, parts: &http::response::Parts, claimed: Claimed) -> Self {
         let config = claimed.config();
         let headers = replayed_headers(config, &parts.headers);
         let declared = parts

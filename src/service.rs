@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::answer::problem;
 use crate::body::{IdempotencyBody, RebuildBody};
-use crate::flow::flow;
+use crate::flow::{flow, in_box};
 use crate::future::ResponseFuture;
 use crate::key::{IdempotencyKey, KeyError, parse_key};
 use crate::outcome::{IdempotencyOutcome, mark};
@@ -185,12 +185,16 @@ where
             .as_ref()
             .filter(|_| generated)
             .map(|key| (config.header.clone(), key.to_header_value()));
-        let fut = flow(inner, parts, body, key, Arc::clone(config), grpc, traced);
+        let config = Arc::clone(config);
         // One allocation for the whole covered path; the span only when someone listens.
         if !traced {
-            ResponseFuture::observed(Box::pin(fut), echo, None)
+            let fut = Box::into_pin(in_box(|| {
+                flow(inner, parts, body, key, config, grpc, false)
+            }));
+            ResponseFuture::observed(fut, echo, None)
         } else {
             let observed = Some(span.clone());
+            let fut = flow(inner, parts, body, key, config, grpc, true);
             ResponseFuture::observed(Box::pin(fut.instrument(span)), echo, observed)
         }
     }
