@@ -53,6 +53,37 @@ where
     Box::pin(make())
 }
 
+/// What the flow of a request comes to: the layer's answer, or the operation that owns
+/// the claim, to run.
+///
+/// The operation is handed out rather than awaited inside the flow, so that the response
+/// future polls it directly: every poll of the operation (running the service, storing the
+/// record) then runs without the flow's frame above it in the stack, and the flow's future
+/// is freed before the operation runs.
+pub(crate) enum Flowed<B, E> {
+    /// The layer's answer: a replay, a refusal, an unprotected run's response.
+    Answer(Response<IdempotencyBody<B>>),
+    /// The operation that owns the claim, not yet polled.
+    Run(Operation<B, E>),
+}
+
+/// The operation that owns a claim: the service's call, then its response recorded.
+pub(crate) type Operation<B, E> = Detachable<Result<Response<IdempotencyBody<B>>, E>>;
+
+impl<B, E> Flowed<B, E> {
+    /// The response: the answer, or the operation's once it has run.
+    pub(crate) async fn response(self) -> Result<Response<IdempotencyBody<B>>, E> {
+        match self {
+            Flowed::Answer(res) => Ok(res),
+            Flowed::Run(operation) => operation.await,
+        }
+    }
+}
+
+fn answer<B, E>(res: Response<IdempotencyBody<B>>) -> Result<Flowed<B, E>, E> {
+    Ok(Flowed::Answer(res))
+}
+
 /// The path of a covered request with a key (`None`: the key is in the body, read once it
 /// is buffered, see [`IdempotencyLayer::key_from_json`](crate::IdempotencyLayer)).
 /// `traced`: the request's span is enabled (attributes are recorded on it).
@@ -71,7 +102,7 @@ pub(crate) fn flow<S, ReqBody, ResBody>(
     config: Arc<Runtime>,
     grpc: bool,
     traced: bool,
-) -> impl Future<Output = Result<Response<IdempotencyBody<ResBody>>, S::Error>>
+) -> impl Future<Output = Result<Flowed<ResBody, S::Error>, S::Error>>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -85,11 +116,11 @@ where
         // Keys are kept apart per caller: a caller the layer cannot identify is refused, never
         // put in a scope it might share with another.
         let Some(scope) = config.scope_of(&parts) else {
-            return Ok(caller_unknown(&config, grpc, key.as_ref()));
+            return answer(caller_unknown(&config, grpc, key.as_ref()));
         };
         let bytes = match buffer(body, config.max_request_body).await {
             Ok(bytes) => bytes,
-            Err(err) => return Ok(body_refused(&config, grpc, err)),
+            Err(err) => return answer(body_refused(&config, grpc, err)),
         };
         let key = match key {
             Some(key) => key,
@@ -105,13 +136,13 @@ where
                     let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
                     // Boxed: a rare path, kept out of the request's future.
                     let res = boxed_cold(|| inner.call(req)).await?;
-                    return Ok(mark(
+                    return answer(mark(
                         res.map(IdempotencyBody::passthrough),
                         IdempotencyOutcome::PassedThrough,
                     ));
                 }
                 Err(Some(refused)) => {
-                    return Ok(problem(
+                    return answer(problem(
                         &config,
                         grpc,
                         refused,
@@ -165,25 +196,28 @@ where
                 // policy, it must not run again.
                 Err(StoreError::Decode(err)) => {
                     pending.not_ours();
-                    return Ok(unreadable(&config, grpc, key.as_str(), &err));
+                    return answer(unreadable(&config, grpc, key.as_str(), &err));
                 }
                 // The store refused a new claim to keep its recent records: nothing was
                 // changed, and running unprotected could run a duplicate.
                 Err(StoreError::Full) => {
                     pending.not_ours();
-                    return Ok(store_full(&config, grpc, key.as_str()));
+                    return answer(store_full(&config, grpc, key.as_str()));
                 }
                 Err(err) => {
                     pending.failed();
                     let req = request(parts, bytes);
-                    return boxed_cold(|| store_failed(inner, req, key, &config, grpc, err)).await;
+                    return boxed_cold(|| store_failed(inner, req, key, &config, grpc, err))
+                        .await
+                        .map(Flowed::Answer);
                 }
                 Ok(found) => found,
             };
             match found {
                 Claim::Acquired(token) if token == pending.token() => {
                     let req = request(parts, bytes);
-                    return run(inner, req, key, pending.acquired(fingerprint, ttl, traced)).await;
+                    let claimed = pending.acquired(fingerprint, ttl, traced);
+                    return Ok(Flowed::Run(run(inner, req, key, claimed)));
                 }
                 Claim::Acquired(_) => {
                     // A store that ignores the caller's token breaks the contract; nothing it
@@ -191,7 +225,9 @@ where
                     pending.failed();
                     let err = StoreError::backend(ForeignToken);
                     let req = request(parts, bytes);
-                    return boxed_cold(|| store_failed(inner, req, key, &config, grpc, err)).await;
+                    return boxed_cold(|| store_failed(inner, req, key, &config, grpc, err))
+                        .await
+                        .map(Flowed::Answer);
                 }
                 // A sealed record no store opened (an instance without the key ring, in a fleet
                 // turning encryption on): never replayed as ciphertext, never run again.
@@ -199,17 +235,17 @@ where
                     if record.headers().contains_key(crate::record::SEALED_HEADER) =>
                 {
                     pending.not_ours();
-                    return Ok(sealed(&config, grpc, key.as_str()));
+                    return answer(sealed(&config, grpc, key.as_str()));
                 }
                 Claim::Completed(record) => {
                     pending.not_ours();
                     if !same_request(&config, &parts, &bytes, fingerprint, record.fingerprint()) {
-                        return Ok(mismatch(&config, grpc, parts.extensions));
+                        return answer(mismatch(&config, grpc, parts.extensions));
                     }
                     if record.is_tombstone() {
-                        return Ok(not_stored(&config, grpc, &record, parts.extensions));
+                        return answer(not_stored(&config, grpc, &record, parts.extensions));
                     }
-                    return Ok(replay_reusing(&record, parts.extensions));
+                    return answer(replay_reusing(&record, parts.extensions));
                 }
                 Claim::OutcomeUnknown {
                     fingerprint: held,
@@ -218,7 +254,7 @@ where
                     let store_key = pending.key().clone();
                     if !same_request(&config, &parts, &bytes, fingerprint, &held) {
                         pending.not_ours();
-                        return Ok(mismatch(&config, grpc, parts.extensions));
+                        return answer(mismatch(&config, grpc, parts.extensions));
                     }
                     let unsettled = config.recover.as_ref().map(|_| {
                         Unsettled::new(store_key.clone(), &parts.method, &parts.uri, &parts.headers)
@@ -241,7 +277,7 @@ where
                     {
                         Unknown::Answer(res) => {
                             pending.not_ours();
-                            return Ok(res);
+                            return answer(res);
                         }
                         Unknown::NeverRan => {}
                     }
@@ -266,7 +302,7 @@ where
                                 "withdrawing a commit the recovery hook found never ran \
                                  failed; refusing the request"
                             );
-                            return Ok(store_unavailable(&config, grpc));
+                            return answer(store_unavailable(&config, grpc));
                         }
                     }
                     claim = config
@@ -286,7 +322,7 @@ where
                 } => {
                     if !same_request(&config, &parts, &bytes, fingerprint, &held) {
                         pending.not_ours();
-                        return Ok(mismatch(&config, grpc, parts.extensions));
+                        return answer(mismatch(&config, grpc, parts.extensions));
                     }
                     match config.in_flight {
                         InFlight::Wait(timeout) if !waited => {
@@ -304,7 +340,7 @@ where
                         }
                         _ => {
                             pending.not_ours();
-                            return Ok(key_in_use(
+                            return answer(key_in_use(
                                 &config,
                                 grpc,
                                 lease_remaining,
@@ -732,7 +768,8 @@ where
     Detachable {
         fut: Some(Box::into_pin(work)),
         polling: false,
-        detach,
+        detach: detach
+            .then_some(finish_detached::<Result<Response<IdempotencyBody<ResBody>>, S::Error>>),
         claim: shared,
     }
 }
@@ -746,15 +783,25 @@ where
 /// a thread-local slot, which went on with the whole flow) it grew to 1,728 bytes, and every
 /// covered request, replays and `409`s included, took glibc's slower path: about 1,100 more
 /// instructions on a replay, for one allocation fewer on a first request.
-struct Detachable<T: Send + 'static> {
+pub(crate) struct Detachable<T> {
     fut: Option<BoxFuture<T>>,
     polling: bool,
-    detach: bool,
+    /// Runs the operation on by itself if this is dropped before it ends (`None`: told to
+    /// stop with the client). A function made where the output is known to be `Send` and
+    /// `'static`, so that this type, held by the public response future, needs no bounds.
+    detach: Option<fn(BoxFuture<T>, &crate::handle::IdempotencyClaim)>,
     /// The claim the operation runs under; its runtime runs the detached operation.
     claim: crate::handle::IdempotencyClaim,
 }
 
-impl<T: Send + 'static> Future for Detachable<T> {
+/// Runs a dropped operation to its end on a tracked task of its claim's runtime.
+fn finish_detached<T: Send + 'static>(fut: BoxFuture<T>, claim: &crate::handle::IdempotencyClaim) {
+    claim.work().spawn("detached operation", async move {
+        drop(fut.await);
+    });
+}
+
+impl<T> Future for Detachable<T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
@@ -773,12 +820,12 @@ impl<T: Send + 'static> Future for Detachable<T> {
     }
 }
 
-impl<T: Send + 'static> Drop for Detachable<T> {
+impl<T> Drop for Detachable<T> {
     fn drop(&mut self) {
-        if let Some(fut) = self.fut.take().filter(|_| self.detach && !self.polling) {
-            self.claim.work().spawn("detached operation", async move {
-                drop(fut.await);
-            });
+        if let (Some(fut), Some(detach)) = (self.fut.take(), self.detach)
+            && !self.polling
+        {
+            detach(fut, &self.claim);
         }
     }
 }

@@ -474,8 +474,9 @@ impl Call<'_> {
             operation: Arc::new(Mutex::new(Some(operation))),
         };
         let traced = !tracing::Span::current().is_disabled();
-        let Ok(res) =
+        let Ok(flowed) =
             crate::flow::flow(inner, parts, body, Some(key), runtime, false, traced).await;
+        let Ok(res) = flowed.response().await;
         let outcome = res
             .extensions()
             .get::<IdempotencyOutcome>()

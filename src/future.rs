@@ -9,10 +9,13 @@ use http::{HeaderName, HeaderValue, Response};
 use pin_project_lite::pin_project;
 
 use crate::body::IdempotencyBody;
+use crate::flow::{Flowed, Operation};
 use crate::outcome::IdempotencyOutcome;
 
-type Covered<B, E> =
-    Pin<Box<dyn Future<Output = Result<Response<IdempotencyBody<B>>, E>> + Send + 'static>>;
+type Covered<B, E> = Pin<Box<dyn Future<Output = Result<Flowed<B, E>, E>> + Send + 'static>>;
+
+/// What the answer of a flow gets once it is given (see [`observe`]).
+type Observe = Option<(Echo, Option<tracing::Span>)>;
 
 pin_project! {
     /// The response future of [`Idempotency`](crate::Idempotency).
@@ -35,7 +38,13 @@ pin_project! {
             fut: Covered<B, E>,
             // `Some` for the flow of a request with a key: its answer is observed
             // (`observe`) with this echo and tracing.
-            observe: Option<(Echo, Option<tracing::Span>)>,
+            observe: Observe,
+        },
+        // The operation the flow handed out, polled here (in the request's span, if
+        // traced) rather than inside the flow's future.
+        Running {
+            operation: Operation<B, E>,
+            observe: Observe,
         },
     }
 }
@@ -77,6 +86,7 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
             State::Passthrough { .. } => "Passthrough",
             State::Ready { .. } => "Ready",
             State::Covered { .. } => "Covered",
+            State::Running { .. } => "Running",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -98,22 +108,34 @@ where
         passthrough: impl FnOnce(B) -> O,
         wrap: impl FnOnce(IdempotencyBody<B>) -> O,
     ) -> Poll<Result<Response<O>, E>> {
-        match self.project().state.project() {
+        let mut state = self.project().state;
+        let (operation, observe) = match state.as_mut().project() {
             StateProj::Passthrough { fut } => {
                 let res = ready!(fut.poll(cx))?;
-                Poll::Ready(Ok(res.map(passthrough)))
+                return Poll::Ready(Ok(res.map(passthrough)));
             }
-            StateProj::Ready { res } => Poll::Ready(Ok(res
-                .take()
-                .expect("ResponseFuture polled after completion")
-                .map(wrap))),
-            StateProj::Covered { fut, observe } => {
-                let mut res = ready!(fut.as_mut().poll(cx))?;
-                if let Some((echo, span)) = observe.take() {
-                    self::observe(&mut res, echo, span);
-                }
-                Poll::Ready(Ok(res.map(wrap)))
+            StateProj::Ready { res } => {
+                return Poll::Ready(Ok(res
+                    .take()
+                    .expect("ResponseFuture polled after completion")
+                    .map(wrap)));
             }
+            StateProj::Covered { fut, observe } => match ready!(fut.as_mut().poll(cx))? {
+                Flowed::Answer(res) => return Poll::Ready(Ok(answered(res, observe).map(wrap))),
+                // The flow is done with (its box freed); the operation runs from here on,
+                // polled at once.
+                Flowed::Run(operation) => (operation, observe.take()),
+            },
+            StateProj::Running { operation, observe } => {
+                return poll_operation(operation, observe, cx).map_ok(|res| res.map(wrap));
+            }
+        };
+        state.set(State::Running { operation, observe });
+        match state.project() {
+            StateProj::Running { operation, observe } => {
+                poll_operation(operation, observe, cx).map_ok(|res| res.map(wrap))
+            }
+            _ => unreachable!("the state was set to running above"),
         }
     }
 }
@@ -127,6 +149,32 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.poll_with(cx, IdempotencyBody::passthrough, |body| body)
     }
+}
+
+/// Polls the operation a flow handed out, in the request's span when it is traced, and
+/// observes its answer.
+fn poll_operation<B, E>(
+    operation: &mut Operation<B, E>,
+    observe: &mut Observe,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Response<IdempotencyBody<B>>, E>> {
+    let span = observe.as_ref().and_then(|(_, span)| span.as_ref());
+    let res = {
+        let _entered = span.map(tracing::Span::enter);
+        ready!(Pin::new(operation).poll(cx))?
+    };
+    Poll::Ready(Ok(answered(res, observe)))
+}
+
+/// A flow's answer, observed (once) if it is to be.
+fn answered<B>(
+    mut res: Response<IdempotencyBody<B>>,
+    observe: &mut Observe,
+) -> Response<IdempotencyBody<B>> {
+    if let Some((echo, span)) = observe.take() {
+        self::observe(&mut res, echo, span);
+    }
+    res
 }
 
 /// The key the layer generated, echoed on the answer (header name and value).

@@ -52,7 +52,9 @@ pub struct Record {
     status: StatusCode,
     headers: HeaderMap,
     body: Bytes,
-    trailers: Option<HeaderMap>,
+    /// Boxed: rare (gRPC's), and a record is moved through several frames on its way to
+    /// the store, each a copy of it.
+    trailers: Option<Box<HeaderMap>>,
     fingerprint: Fingerprint,
     tombstone: bool,
     /// The headers a replay of this record carries, made at the first replay and kept
@@ -121,6 +123,16 @@ impl Record {
         body: Bytes,
         trailers: Option<HeaderMap>,
     ) -> Self {
+        Self::with_boxed_trailers(status, headers, body, trailers.map(Box::new))
+    }
+
+    /// [`Record::new`] with trailers already boxed.
+    pub(crate) fn with_boxed_trailers(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        trailers: Option<Box<HeaderMap>>,
+    ) -> Self {
         Self {
             status,
             headers,
@@ -163,7 +175,7 @@ impl Record {
 
     /// The response trailers, if the body ended with some.
     pub fn trailers(&self) -> Option<&HeaderMap> {
-        self.trailers.as_ref()
+        self.trailers.as_deref()
     }
 
     /// The fingerprint of the request that produced this record.
@@ -225,18 +237,17 @@ impl Record {
         std::mem::size_of::<Self>()
             + self.body.len()
             + map_size(&self.headers)
-            + self.trailers.as_ref().map_or(0, map_size)
+            + self.trailers.as_deref().map_or(0, map_size)
     }
 
-    /// The record with its body copied into a buffer of its own, of the body's exact size: a
+    /// Copies the record's body into a buffer of its own, of the body's exact size: a
     /// body sliced from a larger buffer (what tonic's encoder yields) would otherwise keep
     /// all of that buffer alive. For a store that keeps records in memory.
     #[cfg_attr(not(feature = "memory"), allow(dead_code))]
-    pub(crate) fn with_own_body(mut self) -> Self {
+    pub(crate) fn own_body(&mut self) {
         if !self.body.is_empty() {
             self.body = Bytes::copy_from_slice(&self.body);
         }
-        self
     }
 
     /// Encodes the record in the versioned binary format that [`Record::decode`] reads.
@@ -263,7 +274,7 @@ impl Record {
         encode_map(&mut out, &self.headers);
         out.put_u64(self.body.len() as u64);
         out.put_slice(&self.body);
-        if let Some(trailers) = &self.trailers {
+        if let Some(trailers) = self.trailers.as_deref() {
             encode_map(&mut out, trailers);
         }
         out.to_vec()
@@ -290,7 +301,7 @@ impl Record {
         let body_len = usize::try_from(get_u64(buf)?).map_err(|_| DecodeError::Truncated)?;
         let body = Bytes::copy_from_slice(take(buf, body_len)?);
         let trailers = if flags & FLAG_TRAILERS != 0 {
-            Some(decode_map(buf)?)
+            Some(Box::new(decode_map(buf)?))
         } else {
             None
         };

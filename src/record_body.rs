@@ -124,7 +124,8 @@ pub(crate) struct Recording {
     chunks: Vec<Bytes>,
     len: usize,
     overflow: bool,
-    trailers: Option<HeaderMap>,
+    /// Boxed, as the record's: rare, and the recording is moved as it is stored.
+    trailers: Option<Box<HeaderMap>>,
     /// The answer carried [`MayHaveRun`]: stored whatever its status.
     may_have_run: bool,
     /// The answer carried [`DeliverOnce`](crate::DeliverOnce): a tombstone is kept instead.
@@ -226,18 +227,26 @@ impl<B> Recorder<B> {
     /// The inner body ended: start storing.
     fn finish(&mut self) {
         self.inner = None;
+        // The record is made from the recording where it lies (in the recorder's box), not
+        // from a copy of it on the stack, which every call below would sit under.
+        let Some(recording) = self.recording.as_mut() else {
+            return;
+        };
+        let (record, settle) = recording.outcome();
+        // Stored at once when the store answers at once (the embedded memory store):
+        // no future to box and poll.
+        let record = match settle {
+            Settle::Complete => match recording.claimed.complete_now(record) {
+                Ok(()) => {
+                    self.recording = None;
+                    return;
+                }
+                Err(record) => record,
+            },
+            Settle::Release => record,
+        };
         if let Some(recording) = self.recording.take() {
-            let (mut claimed, record, settle) = recording.outcome();
-            // Stored at once when the store answers at once (the embedded memory store):
-            // no future to box and poll.
-            let record = match settle {
-                Settle::Complete => match claimed.complete_now(record) {
-                    Ok(()) => return,
-                    Err(record) => record,
-                },
-                Settle::Release => record,
-            };
-            self.settle_later(settle, claimed, record);
+            self.settle_later(settle, recording.claimed, record);
         }
     }
 
@@ -317,7 +326,7 @@ impl Recording {
         } else if let Some(trailers) = frame.trailers_ref() {
             match &mut self.trailers {
                 Some(existing) => existing.extend(trailers.clone()),
-                None => self.trailers = Some(trailers.clone()),
+                None => self.trailers = Some(Box::new(trailers.clone())),
             }
         }
     }
@@ -358,18 +367,21 @@ impl Recording {
 
     /// The body ended: the outcome to store, or to release the key with if it is not
     /// storable (a key past its commit point is not released: the answer is stored after
-    /// all).
-    fn outcome(self) -> (Claimed, Record, Settle) {
+    /// all). What it is made of is taken out of the recording, which keeps its claim.
+    fn outcome(&mut self) -> (Record, Settle) {
         let fingerprint = self.claimed.fingerprint();
-        if self.maybe_ran() {
-            let record = Record::tombstone(self.status, self.headers).with_fingerprint(fingerprint);
-            return (self.claimed, record, Settle::Complete);
-        }
-        let settle = if self.storable() || self.may_have_run {
+        // Decided before anything is taken: both look at the headers and trailers.
+        let maybe_ran = self.maybe_ran();
+        let settle = if maybe_ran || self.storable() || self.may_have_run {
             Settle::Complete
         } else {
             Settle::Release
         };
+        let headers = std::mem::take(&mut self.headers);
+        if maybe_ran {
+            let record = Record::tombstone(self.status, headers).with_fingerprint(fingerprint);
+            return (record, Settle::Complete);
+        }
         let record = if self.deliver_once {
             let mut withheld = http::HeaderMap::with_capacity(1);
             withheld.insert(
@@ -378,9 +390,9 @@ impl Recording {
             );
             Record::tombstone(self.status, withheld)
         } else if self.overflow {
-            Record::tombstone(self.status, self.headers)
+            Record::tombstone(self.status, headers)
         } else {
-            let body = match (self.first, self.chunks.is_empty()) {
+            let body = match (self.first.take(), self.chunks.is_empty()) {
                 (None, _) => Bytes::new(),
                 (Some(first), true) => first,
                 (Some(first), false) => {
@@ -392,10 +404,10 @@ impl Recording {
                     buf.freeze()
                 }
             };
-            Record::new(self.status, self.headers, body, self.trailers)
+            Record::with_boxed_trailers(self.status, headers, body, self.trailers.take())
         }
         .with_fingerprint(fingerprint);
-        (self.claimed, record, settle)
+        (record, settle)
     }
 
     /// The body failed (or panicked) midway. A status that is not storable releases the

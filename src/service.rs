@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::answer::problem;
 use crate::body::{IdempotencyBody, RebuildBody};
-use crate::flow::{flow, in_box};
+use crate::flow::{Flowed, flow, in_box};
 use crate::future::ResponseFuture;
 use crate::key::{IdempotencyKey, KeyError, parse_key};
 use crate::outcome::{IdempotencyOutcome, mark};
@@ -136,10 +136,10 @@ where
                         return ResponseFuture::covered(Box::pin(async move {
                             let res = inner.call(Request::from_parts(parts, body)).await?;
                             crate::metrics::outcome(IdempotencyOutcome::PassedThrough);
-                            Ok(mark(
+                            Ok(Flowed::Answer(mark(
                                 res.map(IdempotencyBody::passthrough),
                                 IdempotencyOutcome::PassedThrough,
-                            ))
+                            )))
                         }));
                     }
                     MissingKey::Generate => {

@@ -469,10 +469,7 @@ impl MemoryStore {
                 self.inner.enqueue(key, &completion);
                 Ok(())
             }
-            None => {
-                let record = Arc::try_unwrap(completion.record).unwrap_or_else(|r| (*r).clone());
-                Err((StoreError::LeaseLost, record))
-            }
+            None => Err(lease_lost(completion.record)),
         }
     }
 
@@ -799,19 +796,17 @@ impl Inner {
 
     /// A record about to be stored under `key`: a tombstone if it could never fit, its body
     /// copied to a buffer of its own, and its place in time.
-    fn completion(&self, key: &StoreKey, record: Record, ttl: Duration) -> Completion {
+    fn completion(&self, key: &StoreKey, mut record: Record, ttl: Duration) -> Completion {
         let overhead = key.as_str().len() + ENTRY_OVERHEAD;
         // Sized once (a walk of the headers); again only for a tombstone made instead.
         let mut size = record.size();
-        let record = if size + overhead > self.max_bytes {
-            let tombstone = Record::tombstone(record.status(), record.headers().clone())
-                .with_fingerprint(*record.fingerprint());
-            size = tombstone.size();
-            tombstone
-        } else {
-            record
-        };
-        let record = Arc::new(record.with_own_body());
+        if size + overhead > self.max_bytes {
+            record = too_large(&record);
+            size = record.size();
+        }
+        // In place: every copy of the record is a copy in this frame.
+        record.own_body();
+        let record = Arc::new(record);
         let now = Instant::now();
         Completion {
             size: size + overhead,
@@ -846,6 +841,23 @@ impl Inner {
             }
         }
     }
+}
+
+/// The tombstone stored instead of a record that could never fit under the cap.
+#[cold]
+#[inline(never)]
+fn too_large(record: &Record) -> Record {
+    Record::tombstone(record.status(), record.headers().clone())
+        .with_fingerprint(*record.fingerprint())
+}
+
+/// A completion whose token no longer owns its key: the record handed back, as it would
+/// have been stored. Out of line, as the record's copy it makes.
+#[cold]
+#[inline(never)]
+fn lease_lost(record: Arc<Record>) -> (StoreError, Record) {
+    let record = Arc::try_unwrap(record).unwrap_or_else(|r| (*r).clone());
+    (StoreError::LeaseLost, record)
 }
 
 #[async_trait]
