@@ -22,7 +22,8 @@ pin_project! {
     ///
     /// Uncovered requests poll the inner future in place, with no allocation; answers the
     /// layer gives at once are ready; covered requests, which await the store, run as one
-    /// boxed future (every store call is an `async_trait` future already).
+    /// boxed future (every store call is an `async_trait` future already), and a first
+    /// request's operation, which that future hands out, as another.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         state: State<F, B, E>,
