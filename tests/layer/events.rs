@@ -379,3 +379,66 @@ async fn a_lost_lease_is_an_attribute_of_the_requests_span() {
     })
     .await;
 }
+
+/// Every event's message and the name of the span it was emitted in.
+#[derive(Clone, Default)]
+struct EventSpans(Arc<Mutex<Vec<(String, Option<String>)>>>);
+
+impl<S> tracing_subscriber::Layer<S> for EventSpans
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+        let mut fields = Vec::new();
+        event.record(&mut Fields(&mut fields));
+        let message = fields
+            .into_iter()
+            .find(|(n, _)| n == "message")
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        let span = ctx.event_span(event).map(|s| s.name().to_owned());
+        self.0.lock().unwrap().push((message, span));
+    }
+}
+
+/// What the wrapped service logs while it runs belongs to the request's `idempotency`
+/// span, on the first run (the operation the response future polls) as everywhere else:
+/// a user's traces keep their handler's events under the request that caused them.
+#[tokio::test(flavor = "current_thread")]
+async fn the_services_events_belong_to_the_requests_span() {
+    let events = EventSpans::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(events.clone()));
+    let handler = tower::service_fn(|_req: http::Request<axum::body::Body>| async {
+        tracing::info!("the handler ran");
+        // Pending once: the rest of its run is a later poll of the operation.
+        tokio::task::yield_now().await;
+        tracing::info!("the handler answers");
+        Ok::<_, std::convert::Infallible>(
+            http::Response::builder()
+                .status(201)
+                .body(axum::body::Body::from("{\"id\":1}"))
+                .unwrap(),
+        )
+    });
+    let svc = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(handler);
+    assert_eq!(call(&svc, request("spanned-1")).await.status, 201);
+    assert!(call(&svc, request("spanned-1")).await.replayed());
+
+    let events = events.0.lock().unwrap().clone();
+    for message in ["the handler ran", "the handler answers"] {
+        let found: Vec<_> = events.iter().filter(|(m, _)| m == message).collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "{message:?} once (the replay runs nothing): {events:?}"
+        );
+        assert_eq!(
+            found[0].1.as_deref(),
+            Some("idempotency"),
+            "{message:?} outside the request's span: {events:?}"
+        );
+    }
+}
