@@ -29,9 +29,9 @@ use crate::store::{Claim, ErrorChain, KeyState, StoreError};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// The future `make` gives, in a box allocated before it is made, so that it can be
-/// written there: not made on the stack, then copied whole into memory just taken from
-/// the allocator.
+/// What `make` gives (a future, here), in a box allocated before it is made, so that it
+/// can be written there: not made on the stack, then copied whole into memory just taken
+/// from the allocator.
 #[inline(always)]
 pub(crate) fn in_box<T>(make: impl FnOnce() -> T) -> Box<T> {
     let slot = Box::new_uninit();
@@ -80,6 +80,7 @@ impl<B, E> Flowed<B, E> {
     }
 }
 
+/// The flow ends with the layer's answer.
 fn answer<B, E>(res: Response<IdempotencyBody<B>>) -> Result<Flowed<B, E>, E> {
     Ok(Flowed::Answer(res))
 }

@@ -380,9 +380,12 @@ async fn a_lost_lease_is_an_attribute_of_the_requests_span() {
     .await;
 }
 
-/// Every event's message and the name of the span it was emitted in.
+/// An event's message, and the name of the span it was emitted in.
+type EventInSpan = (String, Option<String>);
+
+/// Every event, with the span it was emitted in.
 #[derive(Clone, Default)]
-struct EventSpans(Arc<Mutex<Vec<(String, Option<String>)>>>);
+struct EventSpans(Arc<Mutex<Vec<EventInSpan>>>);
 
 impl<S> tracing_subscriber::Layer<S> for EventSpans
 where
