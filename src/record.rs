@@ -237,7 +237,11 @@ impl Record {
         std::mem::size_of::<Self>()
             + self.body.len()
             + map_size(&self.headers)
-            + self.trailers.as_deref().map_or(0, map_size)
+            // The trailers' map is boxed, outside the record's own size.
+            + self
+                .trailers
+                .as_deref()
+                .map_or(0, |t| std::mem::size_of::<HeaderMap>() + map_size(t))
     }
 
     /// Copies the record's body into a buffer of its own, of the body's exact size: a
@@ -421,6 +425,28 @@ mod tests {
         assert_eq!(decoded, record);
         let order: Vec<_> = decoded.headers().get_all("x-multi").iter().collect();
         assert_eq!(order, ["one", "two"]);
+    }
+
+    /// The memory store's cap counts a record's trailers, map and all, though the record
+    /// keeps them boxed outside its own size.
+    #[test]
+    fn a_records_size_counts_its_boxed_trailers() {
+        let with = tricky();
+        let trailers = with.trailers().unwrap().clone();
+        let without = Record::new(
+            with.status(),
+            with.headers().clone(),
+            with.body().clone(),
+            None,
+        );
+        let entries: usize = trailers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum();
+        assert_eq!(
+            with.size() - without.size(),
+            std::mem::size_of::<HeaderMap>() + entries
+        );
     }
 
     #[test]
