@@ -137,7 +137,7 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Send,
 {
-    /// A recorder in a box, made in a frame of its own: made inline, its 712 bytes would be
+    /// A recorder in a box, made in a frame of its own: made inline, its 624 bytes would be
     /// part of the frame of the operation's every poll, and everything the recorder calls
     /// as it stores the record (on the first poll) would run that much deeper in the stack.
     #[inline(never)]
