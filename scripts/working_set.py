@@ -22,6 +22,7 @@ import bisect
 import collections
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,10 @@ def main():
     if args.calls < 10:
         sys.exit("--calls: at least 10 (the first and last windows are dropped)")
 
+    if not os.path.isfile(args.binary):
+        sys.exit(f"{args.binary}: no such file (build benches/peers with --release first)")
+    if shutil.which("valgrind") is None or shutil.which("nm") is None:
+        sys.exit("valgrind and nm must be installed (apt-get install valgrind binutils)")
     syms = symbols(args.binary)
     addrs = [a for a, _ in syms]
     entry = re.compile(ENTRIES[args.wrapper])
@@ -85,11 +90,14 @@ def main():
     )
     with tempfile.TemporaryDirectory() as tmp:
         trace = os.path.join(tmp, "lackey.log")
-        subprocess.run(
+        run = subprocess.run(
             ["valgrind", "--tool=lackey", "--trace-mem=yes", f"--log-file={trace}",
              args.binary, args.case],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
+        if run.returncode != 0:
+            sys.exit(f"the harness exited with {run.returncode} (is {args.case!r} one of its "
+                     f"cases?): {run.stderr.strip()[-500:]}")
         windows, current, last_own = [], None, 0
         with open(trace) as f:
             for line in f:
