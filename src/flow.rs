@@ -29,9 +29,10 @@ use crate::store::{Claim, ErrorChain, KeyState, StoreError};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// What `make` gives (a future, here), in a box allocated before it is made, so that it
-/// can be written there: not made on the stack, then copied whole into memory just taken
-/// from the allocator.
+/// The future `make` gives, in a box allocated before it is made, so that it can be
+/// written there: not made on the stack, then copied whole into memory just taken from
+/// the allocator. (For the flow's future; the operation's, boxed in [`run`] the plain
+/// way, measured no different.)
 #[inline(always)]
 pub(crate) fn in_box<T>(make: impl FnOnce() -> T) -> Box<T> {
     let slot = Box::new_uninit();
@@ -740,7 +741,7 @@ where
     // worker thread's requests write.
     let shared = claimed.handle();
     let detach = claimed.config().disconnect == Disconnect::Finish;
-    let work = in_box(move || async move {
+    let work = async move {
         match fut.await {
             Ok(res) => {
                 let (mut parts, body) = res.into_parts();
@@ -762,12 +763,12 @@ where
                 Err(err)
             }
         }
-    });
+    };
     // If the client goes away and this future is dropped, the operation goes on by itself
     // on a tracked task (unless told to stop with the client), and its response body
     // (dropped unread) is drained and stored.
     Detachable {
-        fut: Some(Box::into_pin(work)),
+        fut: Some(Box::pin(work)),
         polling: false,
         detach: detach
             .then_some(finish_detached::<Result<Response<IdempotencyBody<ResBody>>, S::Error>>),
