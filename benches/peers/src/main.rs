@@ -23,7 +23,11 @@
 //!   `<calls>` requests inside [`profiled`] and prints the time per call; for an
 //!   instruction count by callgrind (`valgrind --tool=callgrind
 //!   --toggle-collect='*profiled*' <binary>`; current-thread only, as callgrind counts
-//!   the calling thread), or a wall-clock comparison of two builds.
+//!   the calling thread), or a wall-clock comparison of two builds. It prints the minor
+//!   page faults per call beside the time (Linux);
+//! - `PEERS_PERF_CTL`, `PEERS_PERF_ACK` (profile mode): the control and acknowledgement
+//!   FIFOs of a `perf record -D -1 --control fifo:<ctl>,<ack>` running this binary, turned
+//!   on around the calls alone (not the prefill, the building of the requests, the drop).
 
 mod alloc;
 mod cratestack_store;
@@ -705,16 +709,67 @@ fn profile(calls: usize, case: &Case, records: usize, headers: bool, runtime: Ru
         let warm = subject.batch(&requests, 0, case, 100);
         rt.block_on(run(runtime, &subject.router, warm, status));
         let batch = subject.batch(&requests, 0, case, calls);
+        let faults = minor_faults();
+        perf_control("enable");
         let started = Instant::now();
         let unexpected = profiled(&rt, runtime, &subject.router, batch, status);
         let took = started.elapsed();
+        perf_control("disable");
+        let faults = minor_faults()
+            .zip(faults)
+            .map(|(after, before)| after - before);
         println!(
-            "{name} / {} ({}): {calls} calls, {unexpected} not {status}, {:.0} ns per call",
+            "{name} / {} ({}): {calls} calls, {unexpected} not {status}, {:.0} ns per call{}",
             case.name,
             config.title(),
-            took.as_nanos() as f64 / calls as f64
+            took.as_nanos() as f64 / calls as f64,
+            faults.map_or(String::new(), |f| format!(
+                ", {:.3} page faults per call",
+                f as f64 / calls as f64
+            ))
         );
     }
+}
+
+/// Turns `perf record` on or off around the calls, when `PEERS_PERF_CTL` names the control
+/// FIFO of a `perf record -D -1 --control fifo:<ctl>,<ack>` that runs this process (and
+/// `PEERS_PERF_ACK` its acknowledgement FIFO, awaited): the profile then holds the calls
+/// alone, not the prefill, the building of the requests or the store's drop.
+fn perf_control(command: &str) {
+    use std::io::{Read, Write};
+    let Ok(ctl) = std::env::var("PEERS_PERF_CTL") else {
+        return;
+    };
+    let sent = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&ctl)
+        .and_then(|mut fifo| fifo.write_all(format!("{command}\n").as_bytes()));
+    if let Err(err) = sent {
+        eprintln!("PEERS_PERF_CTL: cannot write {command:?} to {ctl:?}: {err}");
+        std::process::exit(2);
+    }
+    if let Ok(ack) = std::env::var("PEERS_PERF_ACK") {
+        let mut answer = [0u8; 4];
+        if let Err(err) =
+            std::fs::File::open(&ack).and_then(|mut fifo| fifo.read_exact(&mut answer))
+        {
+            eprintln!("PEERS_PERF_ACK: no acknowledgement on {ack:?}: {err}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The process's minor page faults so far (Linux: `/proc/self/stat`), `None` elsewhere.
+fn minor_faults() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command's name, which is in parentheses and may hold spaces:
+    // `minflt` is the 10th field of the line, the 8th after the name.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(7)?
+        .parse()
+        .ok()
 }
 
 /// The calls callgrind counts (`--toggle-collect='*profiled*'`).
