@@ -45,8 +45,12 @@ mod wakeup;
 /// [`IdempotencyStore::release`] and [`IdempotencyStore::extend`] only act when the token
 /// still owns the claim, so an owner whose lease ran out cannot overwrite the work of the
 /// owner after it (fencing).
+///
+/// Held as two 64-bit halves (high, low), not one `u128`: a `u128` is aligned to 16 bytes,
+/// and every structure that holds a token (each in-flight entry of the memory store's map,
+/// the claims and futures of a request) would be padded to a multiple of 16 for it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct LeaseToken(u128);
+pub struct LeaseToken([u64; 2]);
 
 impl LeaseToken {
     /// A fresh token, unique within the process and, with overwhelming probability,
@@ -71,22 +75,30 @@ impl LeaseToken {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
-        Self(seed ^ u128::from(z))
+        Self::from_u128(seed ^ u128::from(z))
+    }
+
+    const fn from_u128(n: u128) -> Self {
+        Self([(n >> 64) as u64, n as u64])
+    }
+
+    const fn as_u128(self) -> u128 {
+        ((self.0[0] as u128) << 64) | self.0[1] as u128
     }
 
     /// A token from its 16 bytes (as a backend stored them).
     pub const fn from_bytes(bytes: [u8; 16]) -> Self {
-        Self(u128::from_be_bytes(bytes))
+        Self::from_u128(u128::from_be_bytes(bytes))
     }
 
     /// The token's 16 bytes.
     pub const fn to_bytes(self) -> [u8; 16] {
-        self.0.to_be_bytes()
+        self.as_u128().to_be_bytes()
     }
 
     /// The token as 32 hexadecimal digits.
     pub fn to_hex(self) -> String {
-        format!("{:032x}", self.0)
+        format!("{:032x}", self.as_u128())
     }
 
     /// Parses the 32 hexadecimal digits written by [`LeaseToken::to_hex`].
@@ -94,7 +106,7 @@ impl LeaseToken {
         if s.len() != 32 {
             return None;
         }
-        u128::from_str_radix(s, 16).ok().map(Self)
+        u128::from_str_radix(s, 16).ok().map(Self::from_u128)
     }
 }
 
@@ -110,8 +122,8 @@ impl fmt::Debug for LeaseToken {
         write!(
             f,
             "LeaseToken({:08x}…{:08x})",
-            (self.0 >> 96) as u32,
-            self.0 as u32
+            (self.0[0] >> 32) as u32,
+            self.0[1] as u32
         )
     }
 }
@@ -672,6 +684,24 @@ mod tests {
         assert_eq!(LeaseToken::from_bytes(a.to_bytes()), a);
         assert_eq!(LeaseToken::from_hex(&a.to_hex()), Some(a));
         assert_eq!(LeaseToken::from_hex("zz"), None);
+    }
+
+    /// Tokens stored by an earlier version (as bytes in SQL, as hex in Redis) read back as
+    /// the same token: the bytes are big-endian, high half first, whatever the token holds
+    /// them as.
+    #[test]
+    fn a_tokens_stored_forms_are_unchanged() {
+        let bytes: [u8; 16] = std::array::from_fn(|i| i as u8 + 1);
+        let token = LeaseToken::from_bytes(bytes);
+        assert_eq!(token.to_bytes(), bytes);
+        assert_eq!(token.to_hex(), "0102030405060708090a0b0c0d0e0f10");
+        assert_eq!(
+            LeaseToken::from_hex("0102030405060708090a0b0c0d0e0f10"),
+            Some(token)
+        );
+        assert_eq!(format!("{token:?}"), "LeaseToken(01020304…0d0e0f10)");
+        // Eight-byte aligned: an entry that holds one is not padded to 16.
+        assert_eq!(std::mem::align_of::<LeaseToken>(), 8);
     }
 
     /// Threads take tokens from blocks of their own: no two threads, and no two calls of a
