@@ -677,14 +677,18 @@ impl Inner {
     }
 
     /// `at` on the store's clock.
+    #[inline]
     fn tick(&self, at: Instant) -> Tick {
-        let since = |a: Instant, b: Instant| {
-            i64::try_from(a.saturating_duration_since(b).as_nanos()).unwrap_or(i64::MAX)
-        };
-        if at >= self.epoch {
-            Tick(since(at, self.epoch))
-        } else {
-            Tick(-since(self.epoch, at))
+        /// Whole nanoseconds, in 64-bit arithmetic (no `u128`): up to 292 years, which
+        /// no process is from its store's birth.
+        #[inline]
+        fn nanos(d: Duration) -> i64 {
+            const MAX_SECS: u64 = i64::MAX as u64 / 1_000_000_000 - 1;
+            d.as_secs().min(MAX_SECS) as i64 * 1_000_000_000 + i64::from(d.subsec_nanos())
+        }
+        match at.checked_duration_since(self.epoch) {
+            Some(since) => Tick(nanos(since)),
+            None => Tick(-nanos(self.epoch.duration_since(at))),
         }
     }
 
