@@ -34,11 +34,13 @@ const MIN_MIN_RETENTION: Duration = Duration::from_secs(1);
 /// A moment on a store's own clock: nanoseconds from the moment the store was built
 /// (negative before it, so that a clock read in another runtime still orders right).
 ///
-/// Eight bytes where an `Instant` takes sixteen: every entry of the map holds two or three
+/// Eight bytes where an `Instant` takes sixteen: every entry of the map holds up to three
 /// (a lease's end, a commit point's, a record's expiry) and every place in the eviction
-/// queue two, so a store of a million records holds some 40 MB less, and a first request
-/// moves that much less memory when the map grows. ±292 years around the store's birth,
-/// against durations of at most ten years ([`MAX_DURATION`](crate::store::MAX_DURATION)).
+/// queue two. With the lease token no longer aligned to 16 bytes, an entry of the map is
+/// 128 bytes instead of 160 and a place in the queue 40 instead of 56: 56 bytes less of
+/// resident memory per record (BENCHMARKS.md), and a fifth less copied each time the map
+/// grows. ±292 years around the store's birth, against durations of at most ten years
+/// ([`MAX_DURATION`](crate::store::MAX_DURATION)).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 struct Tick(i64);
 
@@ -1502,8 +1504,9 @@ mod tests {
     /// What a store holds per key: the map's entry and its place in the eviction queue.
     /// Each time in them is eight bytes (the store's own clock) and the lease token is not
     /// aligned to sixteen: an entry of the map was 160 bytes with `Instant`s and a `u128`
-    /// token, 128 now, and a place in the queue 56 bytes, 40 now. A million records hold
-    /// some 40 MB less, and every growth of the map moves a fifth less.
+    /// token, 128 now, and a place in the queue 56 bytes, 40 now. A record takes 56 bytes
+    /// less of resident memory (BENCHMARKS.md), and every growth of the map copies a fifth
+    /// less.
     #[test]
     fn a_keys_entry_and_its_place_in_the_queue_stay_small() {
         assert!(
