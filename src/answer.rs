@@ -117,17 +117,13 @@ pub(crate) fn replay_map(record: &Record) -> HeaderMap {
 ///   chunks or DATA frames for trailers);
 /// - `Transfer-Encoding` is never replayed.
 pub(crate) fn replay_headers(record: &Record) -> HeaderMap {
-    let stored = record.headers();
-    let mut headers = if stored.keys().all(is_replayable_header) {
+    let stored = record.fields();
+    let mut headers = if stored.iter().all(|(name, _)| is_replayable_header(name)) {
         // Room for the two fields a replay adds (`Content-Length`, `Idempotent-Replayed`),
         // so that neither grows the map.
-        let mut headers = HeaderMap::with_capacity(stored.len() + 2);
-        for (name, value) in stored {
-            headers.append(name.clone(), value.clone());
-        }
-        headers
+        stored.to_map(2)
     } else {
-        storable_headers(stored, |_| true)
+        storable_headers(&stored.to_map(0), |_| true)
     };
     let status = record.status();
     let has_content = !(status.is_informational()

@@ -234,7 +234,9 @@ where
                 // A sealed record no store opened (an instance without the key ring, in a fleet
                 // turning encryption on): never replayed as ciphertext, never run again.
                 Claim::Completed(record)
-                    if record.headers().contains_key(crate::record::SEALED_HEADER) =>
+                    if record
+                        .fields()
+                        .contains(crate::record::SEALED_HEADER.as_str()) =>
                 {
                     pending.not_ours();
                     return answer(sealed(&config, grpc, key.as_str()));
@@ -457,15 +459,15 @@ fn not_stored<B>(
     record: &Record,
     spare: http::Extensions,
 ) -> Response<IdempotencyBody<B>> {
-    let grpc_cut = crate::problem::is_grpc(record.headers())
-        && record
-            .headers()
+    let fields = record.fields();
+    let grpc_cut = fields
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        && fields
             .get("grpc-status")
             .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok())
             .is_some_and(|c| (config.grpc_maybe_ran)(c));
-    let withheld = record
-        .headers()
-        .contains_key(crate::handle::WITHHELD_HEADER);
+    let withheld = fields.contains(crate::handle::WITHHELD_HEADER.as_str());
     let detail = if withheld {
         format!(
             "The operation ran and answered {}; that answer was delivered to the first \
@@ -598,8 +600,8 @@ async fn outcome_unknown<B>(
                 crate::metrics::recovery("recovered");
                 let (parts, body) = res.into_parts();
                 let headers = crate::record_body::replayed_headers(config, &parts.headers);
-                let record =
-                    Record::new(parts.status, headers, body, None).with_fingerprint(fingerprint);
+                let record = Record::of_fields(parts.status, headers, body, None)
+                    .with_fingerprint(fingerprint);
                 let settled = config.settle(&key, record.clone(), ttl).await;
                 match settled {
                     Ok(true) => {

@@ -210,6 +210,25 @@ pub(crate) fn storable_headers(
     kept
 }
 
+/// [`storable_headers`] as a record keeps them: the kept fields in one allocation of
+/// their exact size, no map made (the common case, where every field is kept, makes one
+/// allocation where a map's copy makes two).
+pub(crate) fn storable_fields(
+    headers: &http::HeaderMap,
+    wanted: impl Fn(&http::HeaderName) -> bool,
+) -> crate::record::Fields {
+    if headers
+        .keys()
+        .all(|name| is_replayable_header(name) && wanted(name))
+    {
+        return crate::record::Fields::kept_from(headers, |_| true);
+    }
+    let named = connection_fields(headers);
+    crate::record::Fields::kept_from(headers, |name| {
+        is_replayable_header(name) && !named.contains(name) && wanted(name)
+    })
+}
+
 /// The shortest record TTL a request may ask for: one second.
 pub(crate) const MIN_RECORD_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 

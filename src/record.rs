@@ -26,6 +26,9 @@ use crate::fingerprint::Fingerprint;
 /// values that are not UTF-8 included), the body as [`Bytes`] and the trailers, together with
 /// the fingerprint of the request that produced it.
 ///
+/// Two records are equal when their status, headers (every value, in the order given),
+/// body, trailers, fingerprint and tombstone mark are.
+///
 /// A record whose body was over the layer's response limit is a *tombstone*: it keeps the
 /// status and headers but no body, so that a retry learns the operation already ran and is
 /// never run twice.
@@ -50,7 +53,10 @@ use crate::fingerprint::Fingerprint;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     status: StatusCode,
-    headers: HeaderMap,
+    /// The headers as a record keeps them (see [`Fields`]).
+    headers: Fields,
+    /// The headers as a map, for [`Record::headers`]: made the first time it is asked for.
+    map: HeadersAsMap,
     body: Bytes,
     /// Boxed: rare (gRPC's), and a record is moved through several frames on its way to
     /// the store, each a copy of it.
@@ -77,6 +83,116 @@ impl PartialEq for ReplayHeaders {
 impl Eq for ReplayHeaders {}
 
 impl std::fmt::Debug for ReplayHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("..")
+    }
+}
+
+/// A record's headers as it keeps them: the (name, value) pairs in their order, duplicate
+/// names included, in one allocation of their exact size.
+///
+/// A `HeaderMap` takes 96 bytes inline and two allocations, one of them 104 bytes per
+/// field: a record that holds one for as long as its key is kept (a day, by default) pays
+/// about 190 bytes more for two fields, and a first request one allocation more. The crate
+/// reads the pairs; [`Record::headers`] makes the map for whoever asks.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(crate) struct Fields(Box<[(HeaderName, HeaderValue)]>);
+
+impl Fields {
+    /// The fields of `map`, in its order (each name's values together, in order).
+    pub(crate) fn from_map(map: HeaderMap) -> Self {
+        let mut fields = Vec::with_capacity(map.len());
+        let mut name: Option<HeaderName> = None;
+        for (next, value) in map {
+            if next.is_some() {
+                name = next;
+            }
+            // A map's first value always comes with its name.
+            if let Some(name) = &name {
+                fields.push((name.clone(), value));
+            }
+        }
+        Self(fields.into_boxed_slice())
+    }
+
+    /// The fields of `map` that `keep` keeps, in its order.
+    pub(crate) fn kept_from(map: &HeaderMap, keep: impl Fn(&HeaderName) -> bool) -> Self {
+        let mut fields = Vec::with_capacity(map.len());
+        for (name, value) in map {
+            if keep(name) {
+                fields.push((name.clone(), value.clone()));
+            }
+        }
+        Self(fields.into_boxed_slice())
+    }
+
+    /// One field.
+    pub(crate) fn one(name: HeaderName, value: HeaderValue) -> Self {
+        Self(Box::new([(name, value)]))
+    }
+
+    /// The first value under `name` (its lowercase form).
+    pub(crate) fn get(&self, name: &str) -> Option<&HeaderValue> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// Whether a field is named `name` (its lowercase form).
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// The fields, in order.
+    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = (&HeaderName, &HeaderValue)> {
+        self.0.iter().map(|(n, v)| (n, v))
+    }
+
+    /// How many fields (values) there are.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The fields as a map (`extra` more fields of room).
+    ///
+    /// Every record's fields fit a map: they come from one, or from an encoding refused if
+    /// they would not ([`Record::decode`]). So no field is left out here, and nothing
+    /// panics: room is asked for, not demanded (many values under one name need less room
+    /// than their count), and each field is offered with `try_append`.
+    pub(crate) fn to_map(&self, extra: usize) -> HeaderMap {
+        let mut map = HeaderMap::try_with_capacity(self.0.len() + extra).unwrap_or_default();
+        for (name, value) in self.iter() {
+            let _fits = map.try_append(name.clone(), value.clone());
+        }
+        map
+    }
+}
+
+impl std::fmt::Debug for Fields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// [`Record::headers`]'s map, made from the record's fields when first asked for; it takes
+/// no part in comparing records.
+#[derive(Default)]
+struct HeadersAsMap(std::sync::OnceLock<Box<HeaderMap>>);
+
+impl Clone for HeadersAsMap {
+    fn clone(&self) -> Self {
+        // Made again if the copy is asked for it: the fields are the record.
+        Self::default()
+    }
+}
+
+impl PartialEq for HeadersAsMap {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for HeadersAsMap {}
+
+impl std::fmt::Debug for HeadersAsMap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("..")
     }
@@ -123,19 +239,25 @@ impl Record {
         body: Bytes,
         trailers: Option<HeaderMap>,
     ) -> Self {
-        Self::with_boxed_trailers(status, headers, body, trailers.map(Box::new))
+        Self::of_fields(
+            status,
+            Fields::from_map(headers),
+            body,
+            trailers.map(Box::new),
+        )
     }
 
-    /// [`Record::new`] with trailers already boxed.
-    pub(crate) fn with_boxed_trailers(
+    /// [`Record::new`] with its headers as a record keeps them, and trailers already boxed.
+    pub(crate) fn of_fields(
         status: StatusCode,
-        headers: HeaderMap,
+        headers: Fields,
         body: Bytes,
         trailers: Option<Box<HeaderMap>>,
     ) -> Self {
         Self {
             status,
             headers,
+            map: HeadersAsMap::default(),
             body,
             trailers,
             fingerprint: Fingerprint::from_bytes([0; 32]),
@@ -146,9 +268,14 @@ impl Record {
 
     /// A tombstone: the operation ran, but its body was too large to keep.
     pub fn tombstone(status: StatusCode, headers: HeaderMap) -> Self {
+        Self::tombstone_of(status, Fields::from_map(headers))
+    }
+
+    /// [`Record::tombstone`] with its headers as a record keeps them.
+    pub(crate) fn tombstone_of(status: StatusCode, headers: Fields) -> Self {
         Self {
             tombstone: true,
-            ..Self::new(status, headers, Bytes::new(), None)
+            ..Self::of_fields(status, headers, Bytes::new(), None)
         }
     }
 
@@ -164,7 +291,15 @@ impl Record {
     }
 
     /// The response headers, in the order they were produced.
+    ///
+    /// A record keeps its headers in a form smaller than a map (it may be kept for a day):
+    /// the map is made the first time it is asked for, and kept with the record.
     pub fn headers(&self) -> &HeaderMap {
+        self.map.0.get_or_init(|| Box::new(self.headers.to_map(0)))
+    }
+
+    /// The response headers as the record keeps them (no map made).
+    pub(crate) fn fields(&self) -> &Fields {
         &self.headers
     }
 
@@ -229,19 +364,17 @@ impl Record {
 
     /// An estimate of the bytes this record occupies, used for memory bounds.
     pub fn size(&self) -> usize {
-        fn map_size(map: &HeaderMap) -> usize {
-            map.iter()
-                .map(|(n, v)| n.as_str().len() + v.len() + 32)
-                .sum()
+        fn map_size<'a>(fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>) -> usize {
+            fields.map(|(n, v)| n.as_str().len() + v.len() + 32).sum()
         }
         std::mem::size_of::<Self>()
             + self.body.len()
-            + map_size(&self.headers)
+            + map_size(self.headers.iter())
             // The trailers' map is boxed, outside the record's own size.
             + self
                 .trailers
                 .as_deref()
-                .map_or(0, |t| std::mem::size_of::<HeaderMap>() + map_size(t))
+                .map_or(0, |t| std::mem::size_of::<HeaderMap>() + map_size(t.iter()))
     }
 
     /// Copies the record's body into a buffer of its own, of the body's exact size: a
@@ -275,11 +408,11 @@ impl Record {
         out.put_u8(flags);
         out.put_u16(self.status.as_u16());
         out.put_slice(self.fingerprint.as_bytes());
-        encode_map(&mut out, &self.headers);
+        encode_fields(&mut out, self.headers.len(), self.headers.iter());
         out.put_u64(self.body.len() as u64);
         out.put_slice(&self.body);
         if let Some(trailers) = self.trailers.as_deref() {
-            encode_map(&mut out, trailers);
+            encode_fields(&mut out, trailers.len(), trailers.iter());
         }
         out.to_vec()
     }
@@ -301,7 +434,7 @@ impl Record {
         let fingerprint: [u8; 32] = take(buf, 32)?
             .try_into()
             .map_err(|_| DecodeError::Truncated)?;
-        let headers = decode_map(buf)?;
+        let headers = decode_fields(buf)?;
         let body_len = usize::try_from(get_u64(buf)?).map_err(|_| DecodeError::Truncated)?;
         let body = Bytes::copy_from_slice(take(buf, body_len)?);
         let trailers = if flags & FLAG_TRAILERS != 0 {
@@ -315,6 +448,7 @@ impl Record {
         Ok(Self {
             status,
             headers,
+            map: HeadersAsMap::default(),
             body,
             trailers,
             fingerprint: Fingerprint::from_bytes(fingerprint),
@@ -324,14 +458,50 @@ impl Record {
     }
 }
 
-fn encode_map(out: &mut BytesMut, map: &HeaderMap) {
-    out.put_u32(map.len() as u32);
-    for (name, value) in map {
+fn encode_fields<'a>(
+    out: &mut BytesMut,
+    len: usize,
+    fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) {
+    out.put_u32(len as u32);
+    for (name, value) in fields {
         out.put_u16(name.as_str().len() as u16);
         out.put_slice(name.as_str().as_bytes());
         out.put_u32(value.len() as u32);
         out.put_slice(value.as_bytes());
     }
+}
+
+/// The headers of an encoded record, as a record keeps them. Refused, as the trailers' map
+/// is, when no map could hold them ([`Record::headers`] makes one).
+fn decode_fields(buf: &mut &[u8]) -> Result<Fields, DecodeError> {
+    let count = get_u32(buf)? as usize;
+    // Every entry takes at least six bytes: do not trust a huge count.
+    if count > buf.len() / 6 {
+        return Err(DecodeError::Truncated);
+    }
+    let mut fields = Vec::with_capacity(count);
+    for _ in 0..count {
+        let name_len = get_u16(buf)? as usize;
+        let name = HeaderName::from_bytes(take(buf, name_len)?)
+            .map_err(|_| DecodeError::Invalid("header name"))?;
+        let value_len = get_u32(buf)? as usize;
+        let value = HeaderValue::from_bytes(take(buf, value_len)?)
+            .map_err(|_| DecodeError::Invalid("header value"))?;
+        fields.push((name, value));
+    }
+    let fields = Fields(fields.into_boxed_slice());
+    // A map holds at most 32,768 names and panics past that; fewer values than that are
+    // fewer names. More are rare: checked the way a map would take them.
+    if fields.len() > 1 << 15 {
+        let too_many = |_| DecodeError::Invalid("more header values than a header map holds");
+        let mut map = HeaderMap::new();
+        for (name, value) in fields.iter() {
+            map.try_append(name.clone(), value.clone())
+                .map_err(too_many)?;
+        }
+    }
+    Ok(fields)
 }
 
 fn decode_map(buf: &mut &[u8]) -> Result<HeaderMap, DecodeError> {
@@ -447,6 +617,71 @@ mod tests {
             with.size() - without.size(),
             std::mem::size_of::<HeaderMap>() + entries
         );
+    }
+
+    /// A record keeps its headers as pairs in one allocation, not as a map: 128 bytes of
+    /// record where a map made it 192, and one allocation for two fields where a map takes
+    /// two (its index and its buckets of 104 bytes each).
+    #[test]
+    fn a_record_keeps_its_headers_small() {
+        assert!(
+            std::mem::size_of::<Record>() <= 128,
+            "a record is {} bytes",
+            std::mem::size_of::<Record>()
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.insert("location", HeaderValue::from_static("/orders/1"));
+        let record = Record::new(StatusCode::CREATED, headers.clone(), Bytes::new(), None);
+        assert_eq!(
+            std::mem::size_of_val(&*record.fields().0),
+            2 * std::mem::size_of::<(HeaderName, HeaderValue)>()
+        );
+        // The map, for whoever asks, is the map the record was made from.
+        assert_eq!(record.headers(), &headers);
+    }
+
+    /// The map a record makes of its fields is the one it was made from: every value in
+    /// order, duplicate names, bytes that are not UTF-8, whatever the record went through
+    /// (made, encoded, decoded, cloned); and asking twice makes it once.
+    #[test]
+    fn a_records_headers_come_back_as_they_were_given() {
+        let record = tricky();
+        let mut given = HeaderMap::new();
+        given.append("x-multi", HeaderValue::from_static("one"));
+        given.append("x-multi", HeaderValue::from_static("two"));
+        given.append(
+            "x-bytes",
+            HeaderValue::from_bytes(&[0xff, 0xfe, b'a']).unwrap(),
+        );
+        given.append("content-type", HeaderValue::from_static("application/json"));
+        for copy in [
+            record.clone(),
+            Record::decode(&record.encode()).unwrap(),
+            Record::new(
+                record.status(),
+                record.headers().clone(),
+                record.body().clone(),
+                None,
+            ),
+        ] {
+            assert_eq!(copy.headers(), &given);
+            let order: Vec<_> = copy
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            let kept: Vec<_> = copy
+                .fields()
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            assert_eq!(order, kept, "the map's order is the record's");
+            assert!(std::ptr::eq(copy.headers(), copy.headers()), "made once");
+        }
+        assert_eq!(record.fields().get("x-multi").unwrap(), "one");
+        assert!(record.fields().contains("content-type"));
+        assert!(!record.fields().contains("x-absent"));
     }
 
     #[test]

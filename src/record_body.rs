@@ -20,9 +20,8 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::claim::Claimed;
 use crate::handle::MayHaveRun;
-use crate::policy::{Disconnect, storable_headers};
-use crate::problem::is_grpc;
-use crate::record::Record;
+use crate::policy::{Disconnect, storable_fields};
+use crate::record::{Fields, Record};
 use crate::tasks::DetachedWork;
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -116,7 +115,7 @@ impl Frames {
 pub(crate) struct Recording {
     claimed: Claimed,
     status: StatusCode,
-    headers: HeaderMap,
+    headers: Fields,
     /// Whether the answer is a gRPC one (its content type).
     grpc: bool,
     /// The body's first chunk, and the others (most bodies are one chunk: no allocation).
@@ -158,7 +157,9 @@ where
             recording: Some(Recording {
                 claimed,
                 status: parts.status,
-                grpc: is_grpc(&headers),
+                grpc: headers
+                    .get("content-type")
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
                 headers,
                 first: None,
                 chunks: Vec::new(),
@@ -379,18 +380,17 @@ impl Recording {
         };
         let headers = std::mem::take(&mut self.headers);
         if maybe_ran {
-            let record = Record::tombstone(self.status, headers).with_fingerprint(fingerprint);
+            let record = Record::tombstone_of(self.status, headers).with_fingerprint(fingerprint);
             return (record, Settle::Complete);
         }
         let record = if self.deliver_once {
-            let mut withheld = http::HeaderMap::with_capacity(1);
-            withheld.insert(
+            let withheld = Fields::one(
                 crate::handle::WITHHELD_HEADER,
                 http::HeaderValue::from_static("1"),
             );
-            Record::tombstone(self.status, withheld)
+            Record::tombstone_of(self.status, withheld)
         } else if self.overflow {
-            Record::tombstone(self.status, headers)
+            Record::tombstone_of(self.status, headers)
         } else {
             let body = match (self.first.take(), self.chunks.is_empty()) {
                 (None, _) => Bytes::new(),
@@ -404,7 +404,7 @@ impl Recording {
                     buf.freeze()
                 }
             };
-            Record::with_boxed_trailers(self.status, headers, body, self.trailers.take())
+            Record::of_fields(self.status, headers, body, self.trailers.take())
         }
         .with_fingerprint(fingerprint);
         (record, settle)
@@ -416,7 +416,7 @@ impl Recording {
     async fn fail(self) {
         let release = !self.storable() && !self.maybe_ran() && !self.may_have_run;
         let fingerprint = self.claimed.fingerprint();
-        let record = Record::tombstone(self.status, self.headers).with_fingerprint(fingerprint);
+        let record = Record::tombstone_of(self.status, self.headers).with_fingerprint(fingerprint);
         if release {
             self.claimed.release(Some(record)).await;
         } else {
@@ -445,10 +445,10 @@ impl Settle {
 /// (`Content-Length`, `Transfer-Encoding`), not `Date`, and chosen by the layer's filter
 /// ([`default_replay_header`](crate::policy::default_replay_header) unless set). Both the
 /// handler's answers and the recovery hook's are kept through this.
-pub(crate) fn replayed_headers(config: &crate::runtime::Runtime, all: &HeaderMap) -> HeaderMap {
+pub(crate) fn replayed_headers(config: &crate::runtime::Runtime, all: &HeaderMap) -> Fields {
     match &config.replay_header {
-        Some(f) => storable_headers(all, |name| f(name)),
-        None => storable_headers(all, crate::policy::default_replay_header),
+        Some(f) => storable_fields(all, |name| f(name)),
+        None => storable_fields(all, crate::policy::default_replay_header),
     }
 }
 

@@ -84,7 +84,11 @@ impl ReplayCache {
     /// that are not a plain answer (tombstones, sealed records no store opened) and records
     /// larger than the whole cache are not kept.
     pub(crate) fn put(&self, key: &StoreKey, record: Arc<Record>, ttl: Option<Duration>) {
-        if record.is_tombstone() || record.headers().contains_key(crate::record::SEALED_HEADER) {
+        if record.is_tombstone()
+            || record
+                .fields()
+                .contains(crate::record::SEALED_HEADER.as_str())
+        {
             return;
         }
         let size = record.size() + key.as_str().len() + ENTRY_OVERHEAD;

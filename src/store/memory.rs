@@ -910,7 +910,7 @@ impl Inner {
 #[cold]
 #[inline(never)]
 fn too_large(record: &Record) -> Record {
-    Record::tombstone(record.status(), record.headers().clone())
+    Record::tombstone_of(record.status(), record.fields().clone())
         .with_fingerprint(*record.fingerprint())
 }
 

@@ -510,7 +510,7 @@ fn headers_json(record: &Record) -> String {
         out.push('"');
     }
     let mut out = String::from("[");
-    for (i, (name, value)) in record.headers().iter().enumerate() {
+    for (i, (name, value)) in record.fields().iter().enumerate() {
         if i > 0 {
             out.push(',');
         }

@@ -805,9 +805,10 @@ fn read_state(row: &PgRow) -> Result<KeyState, StoreError> {
 /// The readable columns of a record: its status, and its headers' names and values (as
 /// text, non-UTF-8 bytes replaced).
 fn readable(record: &Record) -> (i16, Vec<String>, Vec<String>) {
-    let mut names = Vec::with_capacity(record.headers().len());
-    let mut values = Vec::with_capacity(record.headers().len());
-    for (name, value) in record.headers() {
+    let fields = record.fields();
+    let mut names = Vec::with_capacity(fields.len());
+    let mut values = Vec::with_capacity(fields.len());
+    for (name, value) in fields.iter() {
         names.push(name.as_str().to_owned());
         values.push(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }

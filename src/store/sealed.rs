@@ -243,8 +243,8 @@ pub(crate) fn seal(ring: &Keyring, key: &StoreKey, record: &Record) -> Record {
     let mut body = BytesMut::with_capacity(NONCE_LEN + ciphertext.len());
     body.put_slice(nonce.as_slice());
     body.put_slice(&ciphertext);
-    let (status, headers) = (outer.status(), outer.headers().clone());
-    Record::new(status, headers, body.freeze(), None).with_fingerprint(*record.fingerprint())
+    let (status, headers) = (outer.status(), outer.fields().clone());
+    Record::of_fields(status, headers, body.freeze(), None).with_fingerprint(*record.fingerprint())
 }
 
 /// Opens a sealed `record` stored under `key`; a plaintext one is answered as it is when
@@ -255,7 +255,7 @@ pub(crate) fn open(
     record: Record,
     accept_plaintext: bool,
 ) -> Result<Record, DecodeError> {
-    let Some(id) = record.headers().get(SEALED_HEADER) else {
+    let Some(id) = record.fields().get(SEALED_HEADER.as_str()) else {
         return if accept_plaintext {
             Ok(record)
         } else {
