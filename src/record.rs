@@ -480,7 +480,9 @@ fn decode_fields(buf: &mut &[u8]) -> Result<Fields, DecodeError> {
     if count > buf.len() / 6 {
         return Err(DecodeError::Truncated);
     }
-    let mut fields = Vec::with_capacity(count);
+    // Room for a few: a crafted count may ask for far more than its bytes could hold
+    // once decoded (a pair takes 72 bytes, its encoding as few as six).
+    let mut fields = Vec::with_capacity(count.min(64));
     for _ in 0..count {
         let name_len = get_u16(buf)? as usize;
         let name = HeaderName::from_bytes(take(buf, name_len)?)
