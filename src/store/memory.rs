@@ -405,7 +405,7 @@ impl MemoryStore {
             {
                 continue;
             }
-            let state = machine::inspect(&entry.slot, now);
+            let state = handed_out(machine::inspect(&entry.slot, now));
             if matches!(state, KeyState::Free) {
                 continue;
             }
@@ -906,6 +906,20 @@ impl Inner {
     }
 }
 
+/// A key's state as `inspect` and `list` hand it out: a stored record is a copy, not the
+/// store's own. An operator's tool that asks a record for its headers as a map
+/// ([`Record::headers`], made and kept with the record when first asked) then keeps that
+/// map in its copy, not in memory the store holds without counting it.
+fn handed_out(state: KeyState) -> KeyState {
+    match state {
+        KeyState::Completed { record, expires_in } => KeyState::Completed {
+            record: Arc::new(Record::clone(&record)),
+            expires_in,
+        },
+        other => other,
+    }
+}
+
 /// The tombstone stored instead of a record that could never fit under the cap.
 #[cold]
 #[inline(never)]
@@ -991,7 +1005,7 @@ impl IdempotencyStore for MemoryStore {
 
     async fn inspect(&self, key: &StoreKey) -> Result<KeyState, StoreError> {
         Ok(match self.inner.map.get(&self.inner.key(key)) {
-            Some(entry) => machine::inspect(&entry.slot, self.inner.now()),
+            Some(entry) => handed_out(machine::inspect(&entry.slot, self.inner.now())),
             None => KeyState::Free,
         })
     }
@@ -1554,5 +1568,38 @@ mod tests {
             Tick(i64::MIN).until(Tick(i64::MAX)),
             Duration::from_nanos(u64::MAX)
         );
+    }
+
+    /// A record the store holds is never the one `inspect` or `list` hands out: asking
+    /// that one for its headers as a map (made and kept with the record) leaves the
+    /// store's memory, and its count, as they were.
+    #[tokio::test]
+    async fn inspected_records_are_copies_and_leave_the_count_exact() {
+        let store = MemoryStore::new();
+        complete_new(&store, "k", 10).await;
+        let before = store.bytes();
+        let held = {
+            let entry = store.inner.map.get(&store.inner.key(&key("k"))).unwrap();
+            let Slot::Completed { record, .. } = &entry.slot else {
+                panic!("stored")
+            };
+            Arc::clone(record)
+        };
+        let KeyState::Completed { record, .. } = store.inspect(&key("k")).await.unwrap() else {
+            panic!("completed")
+        };
+        assert!(!Arc::ptr_eq(&record, &held), "inspect hands out a copy");
+        assert_eq!(*record, *held);
+        assert!(record.headers().is_empty());
+        let page = store
+            .list(&crate::store::ListFilter::default(), None)
+            .await
+            .unwrap();
+        let listed = page.entries.first().expect("listed");
+        let KeyState::Completed { record, .. } = &listed.state else {
+            panic!("completed")
+        };
+        assert!(!Arc::ptr_eq(record, &held), "list hands out a copy");
+        assert_eq!(store.bytes(), before);
     }
 }
