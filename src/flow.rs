@@ -460,9 +460,7 @@ fn not_stored<B>(
     spare: http::Extensions,
 ) -> Response<IdempotencyBody<B>> {
     let fields = record.fields();
-    let grpc_cut = fields
-        .get("content-type")
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    let grpc_cut = fields.is_grpc()
         && fields
             .get("grpc-status")
             .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok())

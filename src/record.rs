@@ -68,25 +68,37 @@ pub struct Record {
     replay: ReplayHeaders,
 }
 
-/// A cache of [`Record`]'s replay headers: made once from the fields it is kept beside,
-/// which never change once a record is made, so it takes no part in comparing records.
-/// Beside them, the bytes a store counted for them when they were made (0 if none did).
-#[derive(Clone, Default)]
-struct ReplayHeaders(std::sync::OnceLock<Box<(HeaderMap, usize)>>);
+/// Something a [`Record`] makes once from its other fields, which never change once a
+/// record is made, and keeps: it takes no part in comparing records.
+#[derive(Clone)]
+struct Cached<T>(std::sync::OnceLock<Box<T>>);
 
-impl PartialEq for ReplayHeaders {
+impl<T> Default for Cached<T> {
+    fn default() -> Self {
+        Self(std::sync::OnceLock::new())
+    }
+}
+
+impl<T> PartialEq for Cached<T> {
     fn eq(&self, _: &Self) -> bool {
         true
     }
 }
 
-impl Eq for ReplayHeaders {}
+impl<T> Eq for Cached<T> {}
 
-impl std::fmt::Debug for ReplayHeaders {
+impl<T> std::fmt::Debug for Cached<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("..")
     }
 }
+
+/// A record's replay headers, made at its first replay, and beside them the bytes a store
+/// counted for them when they were made (0 if none did).
+type ReplayHeaders = Cached<(HeaderMap, usize)>;
+
+/// [`Record::headers`]'s map, made from the record's fields when first asked for.
+type HeadersAsMap = Cached<HeaderMap>;
 
 /// A record's headers as it keeps them: the (name, value) pairs in their order, duplicate
 /// names included, in one allocation of their exact size.
@@ -136,6 +148,13 @@ impl Fields {
         self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
+    /// Whether the content type is gRPC's (as [`is_grpc`](crate::problem::is_grpc) tells of
+    /// a map).
+    pub(crate) fn is_grpc(&self) -> bool {
+        self.get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    }
+
     /// Whether a field is named `name` (its lowercase form).
     pub(crate) fn contains(&self, name: &str) -> bool {
         self.get(name).is_some()
@@ -169,32 +188,6 @@ impl Fields {
 impl std::fmt::Debug for Fields {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map().entries(self.iter()).finish()
-    }
-}
-
-/// [`Record::headers`]'s map, made from the record's fields when first asked for; it takes
-/// no part in comparing records.
-#[derive(Default)]
-struct HeadersAsMap(std::sync::OnceLock<Box<HeaderMap>>);
-
-impl Clone for HeadersAsMap {
-    fn clone(&self) -> Self {
-        // Made again if the copy is asked for it: the fields are the record.
-        Self::default()
-    }
-}
-
-impl PartialEq for HeadersAsMap {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for HeadersAsMap {}
-
-impl std::fmt::Debug for HeadersAsMap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("..")
     }
 }
 
@@ -506,26 +499,9 @@ fn decode_fields(buf: &mut &[u8]) -> Result<Fields, DecodeError> {
     Ok(fields)
 }
 
+/// The trailers of an encoded record, as a map: its fields, checked as the headers are.
 fn decode_map(buf: &mut &[u8]) -> Result<HeaderMap, DecodeError> {
-    let count = get_u32(buf)? as usize;
-    // Every entry takes at least six bytes: do not trust a huge count.
-    if count > buf.len() / 6 {
-        return Err(DecodeError::Truncated);
-    }
-    // A map holds at most 32,768 values and panics past that: reserve modestly, and let
-    // `try_append` refuse (never panic) what no map can hold.
-    let too_many = |_| DecodeError::Invalid("more header values than a header map holds");
-    let mut map = HeaderMap::try_with_capacity(count.min(64)).map_err(too_many)?;
-    for _ in 0..count {
-        let name_len = get_u16(buf)? as usize;
-        let name = HeaderName::from_bytes(take(buf, name_len)?)
-            .map_err(|_| DecodeError::Invalid("header name"))?;
-        let value_len = get_u32(buf)? as usize;
-        let value = HeaderValue::from_bytes(take(buf, value_len)?)
-            .map_err(|_| DecodeError::Invalid("header value"))?;
-        map.try_append(name, value).map_err(too_many)?;
-    }
-    Ok(map)
+    Ok(decode_fields(buf)?.to_map(0))
 }
 
 fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], DecodeError> {
@@ -569,7 +545,8 @@ fn get_u32(buf: &mut &[u8]) -> Result<u32, DecodeError> {
 mod tests {
     use super::*;
 
-    fn tricky() -> Record {
+    /// Duplicate names, a value that is not UTF-8, in an order that is not the names'.
+    fn tricky_headers() -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.append("x-multi", HeaderValue::from_static("one"));
         headers.append("x-multi", HeaderValue::from_static("two"));
@@ -578,6 +555,11 @@ mod tests {
             HeaderValue::from_bytes(&[0xff, 0xfe, b'a']).unwrap(),
         );
         headers.append("content-type", HeaderValue::from_static("application/json"));
+        headers
+    }
+
+    fn tricky() -> Record {
+        let headers = tricky_headers();
         let mut trailers = HeaderMap::new();
         trailers.append("grpc-status", HeaderValue::from_static("3"));
         trailers.append("grpc-message", HeaderValue::from_static("bad%20thing"));
@@ -649,14 +631,7 @@ mod tests {
     #[test]
     fn a_records_headers_come_back_as_they_were_given() {
         let record = tricky();
-        let mut given = HeaderMap::new();
-        given.append("x-multi", HeaderValue::from_static("one"));
-        given.append("x-multi", HeaderValue::from_static("two"));
-        given.append(
-            "x-bytes",
-            HeaderValue::from_bytes(&[0xff, 0xfe, b'a']).unwrap(),
-        );
-        given.append("content-type", HeaderValue::from_static("application/json"));
+        let given = tricky_headers();
         for copy in [
             record.clone(),
             Record::decode(&record.encode()).unwrap(),

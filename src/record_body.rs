@@ -157,9 +157,7 @@ where
             recording: Some(Recording {
                 claimed,
                 status: parts.status,
-                grpc: headers
-                    .get("content-type")
-                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")),
+                grpc: headers.is_grpc(),
                 headers,
                 first: None,
                 chunks: Vec::new(),
