@@ -483,7 +483,10 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
             .concurrency(4),
         )
     };
-    // A supervisor: the consumer connects again whenever its connection fails.
+    // A supervisor: the consumer connects again whenever its connection fails. It watches
+    // the connection as well as the consumer: cut under load, a consumer's stream of
+    // deliveries may never end (seen: `run` still waiting 30 s after the cut), and a
+    // supervisor that only waits for it would never connect again.
     let supervisor = {
         let worker = Arc::clone(&worker);
         let queue = bench.queue.clone();
@@ -505,7 +508,15 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
                         )
                         .await
                 {
-                    let _ = worker.run(deliveries).await;
+                    let lost = async {
+                        while conn.status().connected() {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = worker.run(deliveries) => {}
+                        () = lost => {}
+                    }
                     let _ = conn.close(200, "reconnecting".into()).await;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
