@@ -138,11 +138,12 @@ where
 
     /// Handles deliveries until the consumer ends (or fails: its error is returned).
     ///
-    /// A consumer's stream of deliveries does not always end when its connection is cut:
-    /// this crate's tests saw `run` still waiting 30 s after a cut, under load. A supervisor
-    /// that connects again should watch the connection too
-    /// (`Connection::status().connected()`) and drop `run` when it is lost. The broker
-    /// requeues what was not acknowledged, and the records answer the redeliveries.
+    /// `run` does not always return when its connection is cut: this crate's tests saw it
+    /// still waiting 30 s after a cut, under load (on the stream of deliveries or on
+    /// settling a delivery over the dead channel; which, was not found). A supervisor that
+    /// connects again should watch the connection too (`Connection::status().connected()`)
+    /// and drop `run` when it is lost. The broker requeues what was not acknowledged, and
+    /// the records answer the redeliveries.
     pub async fn run<S, SE>(&self, messages: S) -> Result<(), SE>
     where
         S: Stream<Item = Result<Delivery, SE>>,

@@ -484,9 +484,9 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
         )
     };
     // A supervisor: the consumer connects again whenever its connection fails. It watches
-    // the connection as well as the consumer: cut under load, a consumer's stream of
-    // deliveries may never end (seen: `run` still waiting 30 s after the cut), and a
-    // supervisor that only waits for it would never connect again.
+    // the connection as well as the consumer: cut under load, `run` may never return (seen:
+    // still waiting 30 s after the cut), and a supervisor that only waits for it would
+    // never connect again.
     let supervisor = {
         let worker = Arc::clone(&worker);
         let queue = bench.queue.clone();
