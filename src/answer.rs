@@ -7,7 +7,7 @@ use http::{Extensions, HeaderMap, HeaderValue, Response, StatusCode};
 
 use crate::body::IdempotencyBody;
 use crate::outcome::{IdempotencyOutcome, REPLAYED_HEADER, mark_reusing};
-use crate::policy::{is_replayable_header, storable_headers};
+use crate::policy::{is_replayable_header, storable_fields};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::Record;
 use crate::runtime::Runtime;
@@ -123,7 +123,7 @@ pub(crate) fn replay_headers(record: &Record) -> HeaderMap {
         // so that neither grows the map.
         stored.to_map(2)
     } else {
-        storable_headers(&stored.to_map(0), |_| true)
+        storable_fields(&stored.to_map(0), |_| true).to_map(2)
     };
     let status = record.status();
     let has_content = !(status.is_informational()
