@@ -657,6 +657,22 @@ mod tests {
             assert_eq!(order, kept, "the map's order is the record's");
             assert!(std::ptr::eq(copy.headers(), copy.headers()), "made once");
         }
+        // Equal records hold the same values in the same order, across names too (as
+        // the type's documentation says).
+        let mut reordered = HeaderMap::new();
+        reordered.append("content-type", HeaderValue::from_static("application/json"));
+        for (name, value) in &given {
+            if name != "content-type" {
+                reordered.append(name.clone(), value.clone());
+            }
+        }
+        assert_eq!(reordered, given, "the same map, to http");
+        let other = Record::new(record.status(), reordered, record.body().clone(), None)
+            .with_fingerprint(*record.fingerprint());
+        let same = Record::new(record.status(), given.clone(), record.body().clone(), None)
+            .with_fingerprint(*record.fingerprint());
+        assert_ne!(other, same, "another order is another record");
+        assert_eq!(same.clone(), same);
         assert_eq!(record.fields().get("x-multi").unwrap(), "one");
         assert!(record.fields().contains("content-type"));
         assert!(!record.fields().contains("x-absent"));
