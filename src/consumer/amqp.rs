@@ -138,12 +138,12 @@ where
 
     /// Handles deliveries until the consumer ends (or fails: its error is returned).
     ///
-    /// `run` does not always return when its connection is cut: this crate's tests saw it
-    /// still waiting 30 s after a cut, under load (on the stream of deliveries or on
-    /// settling a delivery over the dead channel; which, was not found). A supervisor that
-    /// connects again should watch the connection too (`Connection::status().connected()`)
-    /// and drop `run` when it is lost. The broker requeues what was not acknowledged, and
-    /// the records answer the redeliveries.
+    /// When the connection is cut, `run` answers the stream's error, so a supervisor that
+    /// connects again needs only wait for it. Settling each delivery is bounded by the
+    /// settings' [settle timeout](ConsumerSettings::settle_timeout): lapin was seen never
+    /// to answer an acknowledgement sent as the connection was cut, and with every handler
+    /// slot waiting on one, nothing read the stream. A delivery whose settling timed out
+    /// comes back, and its record answers it.
     pub async fn run<S, SE>(&self, messages: S) -> Result<(), SE>
     where
         S: Stream<Item = Result<Delivery, SE>>,
@@ -170,39 +170,42 @@ where
                 decide(&result, deliveries, &self.settings)
             }
         };
-        let settled = match &settle {
-            Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
-            Settle::Retry(delay) => {
-                // AMQP has no delayed requeue: wait it out, holding the delivery.
-                tokio::time::sleep(*delay).await;
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
-            }
-            Settle::DeadLetter(reason) => {
-                self.settings
-                    .dead_letter(DeadLetter {
-                        key,
-                        source: format!("{}/{}", delivery.exchange, delivery.routing_key),
-                        payload,
-                        deliveries,
-                        reason: reason.clone(),
-                    })
-                    .await;
-                delivery
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
+        if let Settle::Retry(delay) = &settle {
+            // AMQP has no delayed requeue: wait it out, holding the delivery.
+            tokio::time::sleep(*delay).await;
+        }
+        let settling = async {
+            match &settle {
+                Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+                Settle::Retry(_) => {
+                    delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await
+                }
+                Settle::DeadLetter(_) => {
+                    delivery
+                        .acker
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await
+                }
             }
         };
-        if let Err(err) = settled {
-            // The delivery comes back; its record (if any) answers it then.
-            tracing::warn!(error = %err, "settling a RabbitMQ delivery failed");
+        if let Settle::DeadLetter(reason) = &settle {
+            self.settings
+                .dead_letter(DeadLetter {
+                    key,
+                    source: format!("{}/{}", delivery.exchange, delivery.routing_key),
+                    payload,
+                    deliveries,
+                    reason: reason.clone(),
+                })
+                .await;
         }
+        self.settings.settle("RabbitMQ", settling).await;
         settle
     }
 

@@ -111,6 +111,7 @@ type DeadLetterFn = dyn Fn(DeadLetter) -> Pin<Box<dyn Future<Output = ()> + Send
 pub struct ConsumerSettings {
     pub(crate) max_deliveries: u64,
     pub(crate) retry_delay: Duration,
+    pub(crate) settle_timeout: Duration,
     pub(crate) dead_letter: Option<Arc<DeadLetterFn>>,
 }
 
@@ -119,6 +120,7 @@ impl fmt::Debug for ConsumerSettings {
         f.debug_struct("ConsumerSettings")
             .field("max_deliveries", &self.max_deliveries)
             .field("retry_delay", &self.retry_delay)
+            .field("settle_timeout", &self.settle_timeout)
             .field("dead_letter", &self.dead_letter.is_some())
             .finish()
     }
@@ -129,6 +131,7 @@ impl Default for ConsumerSettings {
         Self {
             max_deliveries: 10,
             retry_delay: Duration::from_secs(1),
+            settle_timeout: Duration::from_secs(5),
             dead_letter: None,
         }
     }
@@ -147,6 +150,51 @@ impl ConsumerSettings {
     pub fn retry_delay(mut self, delay: Duration) -> Self {
         self.retry_delay = crate::time::clamp_duration(delay);
         self
+    }
+
+    /// How long telling the broker what became of a message (acknowledge, redeliver, give
+    /// up) may take before the consumer stops waiting and moves on. Default: five seconds.
+    /// At least one millisecond.
+    ///
+    /// A message whose settling timed out stays unacknowledged: the broker delivers it again
+    /// (when the connection closes, or to another consumer), and its record answers it then
+    /// without running the handler. The bound is what lets a consumer notice a cut
+    /// connection: RabbitMQ's client was seen never to answer an acknowledgement sent as its
+    /// connection was cut, and with every handler slot waiting on one, nothing read the
+    /// stream's error. NATS's client queues acknowledgements, so there the bound is rarely
+    /// reached.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::consumer::ConsumerSettings;
+    ///
+    /// let settings = ConsumerSettings::default().settle_timeout(Duration::from_secs(2));
+    /// # let _ = settings;
+    /// ```
+    pub fn settle_timeout(mut self, timeout: Duration) -> Self {
+        self.settle_timeout = crate::time::clamp_duration(timeout).max(Duration::from_millis(1));
+        self
+    }
+
+    /// Waits at most the settle timeout for `settling` (a broker's acknowledgement, sent
+    /// to `broker`); a failure or a timeout is logged, and the message comes back.
+    pub(crate) async fn settle<T, E>(
+        &self,
+        broker: &'static str,
+        settling: impl Future<Output = Result<T, E>>,
+    ) where
+        E: fmt::Display,
+    {
+        match tokio::time::timeout(self.settle_timeout, settling).await {
+            Ok(Ok(_)) => {}
+            // The message comes back; its record (if any) answers it then.
+            Ok(Err(err)) => tracing::warn!(error = %err, broker, "settling a message failed"),
+            Err(_) => tracing::warn!(
+                timeout = ?self.settle_timeout,
+                broker,
+                "settling a message timed out; the broker will deliver it again"
+            ),
+        }
     }
 
     /// Called with every message the consumer gives up on, before the broker is told to
@@ -221,6 +269,31 @@ mod tests {
     use super::*;
 
     type Ended = Result<Output<()>, CallError<()>>;
+
+    /// A broker's acknowledgement that never answers holds the consumer for the settle
+    /// timeout, not for good; a zero timeout is raised to a millisecond.
+    #[tokio::test(start_paused = true)]
+    async fn a_settle_that_never_answers_ends_at_the_settle_timeout() {
+        let settings = ConsumerSettings::default();
+        assert_eq!(settings.settle_timeout, Duration::from_secs(5));
+        let started = tokio::time::Instant::now();
+        settings
+            .settle("test", std::future::pending::<Result<(), std::io::Error>>())
+            .await;
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+
+        let zero = ConsumerSettings::default().settle_timeout(Duration::ZERO);
+        assert_eq!(zero.settle_timeout, Duration::from_millis(1));
+        let huge = ConsumerSettings::default().settle_timeout(Duration::MAX);
+        assert_eq!(huge.settle_timeout, crate::time::MAX_DURATION);
+        // An answer, failed or not, ends it at once.
+        let started = tokio::time::Instant::now();
+        zero.settle("test", async {
+            Err::<(), _>(std::io::Error::other("gone"))
+        })
+        .await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
 
     fn ok() -> Ended {
         Ok(Output {

@@ -178,10 +178,7 @@ where
                 AckKind::Term
             }
         };
-        if let Err(err) = msg.ack_with(kind).await {
-            // The message comes back; its record (if any) answers it then.
-            tracing::warn!(error = %err, "settling a JetStream message failed");
-        }
+        self.settings.settle("JetStream", msg.ack_with(kind)).await;
         settle
     }
 

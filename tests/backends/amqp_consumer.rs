@@ -479,14 +479,18 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
                     Ok::<_, StoreError>(())
                 }
             })
-            .settings(ConsumerSettings::default().retry_delay(Duration::from_millis(50)))
+            .settings(
+                ConsumerSettings::default()
+                    .retry_delay(Duration::from_millis(50))
+                    .settle_timeout(Duration::from_millis(300)),
+            )
             .concurrency(4),
         )
     };
-    // A supervisor: the consumer connects again whenever its connection fails. It watches
-    // the connection as well as the consumer: cut under load, `run` may never return (seen:
-    // still waiting 30 s after the cut), and a supervisor that only waits for it would
-    // never connect again.
+    // A supervisor: the consumer connects again whenever `run` returns. It does not watch
+    // the connection: `run` must notice the cut itself. Before acknowledgements were
+    // bounded by the settle timeout, it sometimes did not (every handler slot waiting on an
+    // acknowledgement that never completed; 5 failures in 57 runs with both cores busy).
     let supervisor = {
         let worker = Arc::clone(&worker);
         let queue = bench.queue.clone();
@@ -508,15 +512,7 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
                         )
                         .await
                 {
-                    let lost = async {
-                        while conn.status().connected() {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    };
-                    tokio::select! {
-                        _ = worker.run(deliveries) => {}
-                        () = lost => {}
-                    }
+                    let _ = worker.run(deliveries).await;
                     let _ = conn.close(200, "reconnecting".into()).await;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -542,6 +538,118 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     supervisor.abort();
     proxy.drop_all();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bench.ready().await, 0, "every delivery settled");
+    {
+        let effects = effects.lock().unwrap();
+        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
+    }
+    bench.delete().await;
+}
+
+/// Every handler slot is busy when the consumer's connection is cut, so each settles its
+/// delivery over a dead connection: `run` still returns (a settle is bounded by the
+/// settings' settle timeout), so that a supervisor that only waits for `run` connects again.
+/// Then a consumer on a live connection settles every message, and no key runs twice.
+#[tokio::test]
+async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    for n in 0..8 {
+        bench
+            .publish(Some(&format!("s{n}")), &format!("s{n}"))
+            .await;
+    }
+    let authority = bench
+        .url
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    let upstream: std::net::SocketAddr = authority.parse().expect("AMQP_URL is amqp://…@host:port");
+    let proxy = crate::common::FaultProxy::start(upstream).await;
+    let via_proxy = bench
+        .url
+        .replace(&authority, &format!("127.0.0.1:{}", proxy.port));
+    let effects: Effects = Arc::default();
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let worker = {
+        let (effects, started) = (Arc::clone(&effects), Arc::clone(&started));
+        Arc::new(
+            AmqpConsumer::new(&layer, move |payload: Bytes, _claim: IdempotencyClaim| {
+                let (effects, started) = (Arc::clone(&effects), Arc::clone(&started));
+                let mut gate = gate_rx.clone();
+                async move {
+                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = gate.wait_for(|open| *open).await;
+                    effect(&effects, &payload);
+                    Ok::<_, StoreError>(())
+                }
+            })
+            .settings(ConsumerSettings::default().settle_timeout(Duration::from_millis(300)))
+            .concurrency(4),
+        )
+    };
+    let conn = Connection::connect(&via_proxy, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .basic_qos(8, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let deliveries = channel
+        .basic_consume(
+            bench.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let run = {
+        let worker = Arc::clone(&worker);
+        tokio::spawn(async move { worker.run(deliveries).await.is_err() })
+    };
+    assert!(
+        until(Duration::from_secs(10), || started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 4)
+        .await,
+        "four handlers run at once"
+    );
+    // The four handlers finish as the connection is cut, and settle over it.
+    gate_tx.send(true).unwrap();
+    proxy.drop_all();
+    let ended = tokio::time::timeout(Duration::from_secs(10), run).await;
+    let failed = ended
+        .expect("run returns once its connection is cut")
+        .unwrap();
+    assert!(failed, "run answers the connection's failure");
+    assert!(!conn.status().connected());
+
+    // Another instance on a live connection: every message is settled, each key ran once.
+    let (conn, deliveries) = bench.deliveries().await;
+    let again = tokio::spawn({
+        let worker = Arc::clone(&worker);
+        async move { worker.run(deliveries).await }
+    });
+    assert!(
+        until(Duration::from_secs(20), || effects.lock().unwrap().len()
+            == 8)
+        .await,
+        "every message handled: {:?}",
+        effects.lock().unwrap()
+    );
+    // Let the last acknowledgements go out, then stop: what was not acknowledged would be
+    // ready again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    again.abort();
+    let _ = conn.close(200, "done".into()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(bench.ready().await, 0, "every delivery settled");
     {
