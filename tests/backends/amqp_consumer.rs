@@ -658,3 +658,64 @@ async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
     }
     bench.delete().await;
 }
+
+/// A consumer with nothing to do when its connection fails: cut (the broker's connections
+/// dropped) or silent (traffic blackholed, as a paused broker or a dead network path would
+/// leave it; noticed by AMQP heartbeats, one second here). `run` returns either way.
+#[tokio::test]
+async fn run_returns_when_an_idle_consumers_connection_is_cut_or_goes_silent() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    let authority = bench
+        .url
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    let upstream: std::net::SocketAddr = authority.parse().expect("AMQP_URL is amqp://…@host:port");
+    for silent in [false, true] {
+        let proxy = crate::common::FaultProxy::start(upstream).await;
+        let via_proxy = bench
+            .url
+            .replace(&authority, &format!("127.0.0.1:{}", proxy.port));
+        let via_proxy = if via_proxy.contains('?') {
+            format!("{via_proxy}&heartbeat=1")
+        } else {
+            format!("{via_proxy}?heartbeat=1")
+        };
+        let effects: Effects = Arc::default();
+        let worker = counting_consumer(&MemoryStore::new(), &effects);
+        let conn = Connection::connect(&via_proxy, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        let deliveries = channel
+            .basic_consume(
+                bench.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let run = tokio::spawn(async move { worker.run(deliveries).await.is_err() });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if silent {
+            proxy.blackhole();
+        } else {
+            proxy.drop_all();
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(10), run).await;
+        let failed = ended
+            .unwrap_or_else(|_| panic!("run returns (silent: {silent})"))
+            .unwrap();
+        assert!(
+            failed,
+            "run answers the connection's failure (silent: {silent})"
+        );
+        proxy.drop_all();
+    }
+    bench.delete().await;
+}
