@@ -574,3 +574,75 @@ async fn until_effects(effects: &Effects, at_least: usize, within: Duration) -> 
     }
     true
 }
+
+/// Every handler slot is busy when the consumer's connection is cut, so each settles its
+/// message while the client is disconnected. The client keeps reconnecting (through the
+/// proxy, refused meanwhile); once the server answers again, every message is settled
+/// (acknowledged, or redelivered after the acknowledgement wait and answered from its
+/// record) and no key runs twice, with no supervisor at all: the same `run` goes on.
+#[tokio::test]
+async fn a_cut_while_every_slot_settles_loses_no_message_and_runs_none_twice() {
+    let Some(bench) = Bench::new(Duration::from_millis(800)).await else {
+        return;
+    };
+    for n in 0..8 {
+        bench
+            .publish(Some(&format!("s{n}")), &format!("s{n}"))
+            .await;
+    }
+    let upstream: std::net::SocketAddr = bench
+        .url
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("NATS_URL is nats://host:port");
+    let proxy = crate::common::FaultProxy::start(upstream).await;
+    let effects: Effects = Arc::default();
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let worker = {
+        let (effects, started) = (Arc::clone(&effects), Arc::clone(&started));
+        JetStreamConsumer::new(
+            &layer,
+            move |msg: async_nats::Message, _claim: IdempotencyClaim| {
+                let (effects, started) = (Arc::clone(&effects), Arc::clone(&started));
+                let mut gate = gate_rx.clone();
+                async move {
+                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = gate.wait_for(|open| *open).await;
+                    effect(&effects, &msg.payload);
+                    Ok::<_, StoreError>(())
+                }
+            },
+        )
+        .key_from_header("Idempotency-Key")
+        .settings(settings().settle_timeout(Duration::from_millis(300)))
+        .concurrency(4)
+    };
+    let (_client, consumer) = bench
+        .consumer_at(&format!("nats://127.0.0.1:{}", proxy.port))
+        .await;
+    let messages = consumer.messages().await.unwrap();
+    let run = tokio::spawn(async move { worker.run(messages).await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while started.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "four handlers run at once"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.drop_all();
+    gate_tx.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.pass();
+    assert!(
+        bench.drained(Duration::from_secs(30)).await,
+        "every message settled: {:?}",
+        effects.lock().unwrap()
+    );
+    run.abort();
+    let effects = effects.lock().unwrap();
+    assert_eq!(effects.len(), 8, "{effects:?}");
+    assert!(effects.values().all(|&n| n == 1), "{effects:?}");
+}
