@@ -20,6 +20,10 @@
 //! then tells the broker to stop redelivering (JetStream `TERM`; AMQP `reject` without
 //! requeue, which routes to the queue's dead-letter exchange if it has one).
 //!
+//! Telling the broker any of these takes at most [`ConsumerSettings::settle_timeout`]. A
+//! message whose settling failed or timed out (its connection was cut, say) stays
+//! unacknowledged: the broker delivers it again, and its record answers it then.
+//!
 //! Brokers: NATS JetStream ([`nats`], feature `nats`) and RabbitMQ ([`amqp`], feature
 //! `amqp`).
 

@@ -121,7 +121,8 @@ where
         self
     }
 
-    /// How messages are settled: deliveries before giving up, retry delay, dead-letter hook.
+    /// How messages are settled: deliveries before giving up, retry delay, how long settling
+    /// may take, dead-letter hook.
     pub fn settings(mut self, settings: ConsumerSettings) -> Self {
         self.settings = settings;
         self
