@@ -11,9 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tower_idempotency::consumer::amqp::AmqpConsumer;
-use tower_idempotency::consumer::{ConsumerSettings, DeadLetter, DeadReason};
+use tower_idempotency::consumer::{ConsumerSettings, DeadLetter, DeadReason, Settle};
 use tower_idempotency::lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use tower_idempotency::lapin::types::{AMQPValue, FieldTable};
@@ -182,6 +182,31 @@ fn counting_consumer(
     .concurrency(8)
 }
 
+/// Handles `deliveries` as `run` does (eight at once, as `counting_consumer` sets), and
+/// counts the deliveries settled for good (acknowledged or dead-lettered, not requeued), so
+/// that a test waits for that count rather than for time to pass.
+async fn settling<H>(
+    worker: AmqpConsumer<H>,
+    deliveries: tower_idempotency::lapin::Consumer,
+    settled: Arc<std::sync::atomic::AtomicUsize>,
+) where
+    H: Fn(Bytes, IdempotencyClaim) -> Handled + Send + Sync + 'static,
+{
+    let worker = &worker;
+    deliveries
+        .for_each_concurrent(8, |delivery| {
+            let settled = &settled;
+            async move {
+                if let Ok(delivery) = delivery
+                    && !matches!(worker.handle(delivery).await, Settle::Retry(_))
+                {
+                    settled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        })
+        .await;
+}
+
 #[tokio::test]
 async fn duplicates_published_on_purpose_run_their_handler_once() {
     let Some(bench) = Bench::new().await else {
@@ -195,16 +220,17 @@ async fn duplicates_published_on_purpose_run_their_handler_once() {
         }
     }
     let effects: Effects = Arc::default();
+    let settled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let worker = counting_consumer(&MemoryStore::new(), &effects);
     let (conn, deliveries) = bench.deliveries().await;
-    let task = tokio::spawn(async move { worker.run(deliveries).await });
+    let task = tokio::spawn(settling(worker, deliveries, Arc::clone(&settled)));
     assert!(
-        until(Duration::from_secs(20), || effects.lock().unwrap().len()
-            == 20)
+        until(Duration::from_secs(20), || settled
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 60)
         .await
     );
     // Every delivery settled: none comes back once the consumer is gone.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     task.abort();
     conn.close(200, "done".into()).await.unwrap();
     assert_eq!(bench.ready().await, 0);
@@ -225,21 +251,22 @@ async fn two_consumers_of_one_queue_sharing_a_store_run_each_key_once() {
         }
     }
     let (store, effects): (MemoryStore, Effects) = (MemoryStore::new(), Arc::default());
+    let settled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut running = Vec::new();
     for _ in 0..2 {
         let worker = counting_consumer(&store, &effects);
         let (conn, deliveries) = bench.deliveries().await;
         running.push((
             conn,
-            tokio::spawn(async move { worker.run(deliveries).await }),
+            tokio::spawn(settling(worker, deliveries, Arc::clone(&settled))),
         ));
     }
     assert!(
-        until(Duration::from_secs(30), || effects.lock().unwrap().len()
-            == 25)
+        until(Duration::from_secs(30), || settled
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 100)
         .await
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
     for (conn, task) in running {
         task.abort();
         conn.close(200, "done".into()).await.unwrap();
@@ -633,7 +660,19 @@ async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
     assert!(!conn.status().connected());
 
     // Another instance on a live connection: every message is settled, each key ran once.
-    let (conn, deliveries) = bench.deliveries().await;
+    let conn = Connection::connect(&bench.url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let deliveries = channel
+        .basic_consume(
+            bench.queue.as_str().into(),
+            "again".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     let again = tokio::spawn({
         let worker = Arc::clone(&worker);
         async move { worker.run(deliveries).await }
@@ -645,11 +684,18 @@ async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
         "every message handled: {:?}",
         effects.lock().unwrap()
     );
-    // Let the last acknowledgements go out, then stop: what was not acknowledged would be
-    // ready again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    again.abort();
-    let _ = conn.close(200, "done".into()).await;
+    // Stop consuming: the stream ends, and `run` returns once the deliveries it holds are
+    // settled. What was not acknowledged would be ready again after the close.
+    channel
+        .basic_cancel("again".into(), BasicCancelOptions::default())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), again)
+        .await
+        .expect("run ends after the cancel")
+        .unwrap()
+        .unwrap();
+    conn.close(200, "done".into()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(bench.ready().await, 0, "every delivery settled");
     {
