@@ -144,7 +144,7 @@ where
     /// settings' [settle timeout](ConsumerSettings::settle_timeout): lapin was seen never
     /// to answer an acknowledgement sent as the connection was cut, and with every handler
     /// slot waiting on one, nothing read the stream. A delivery whose settling timed out
-    /// comes back, and its record answers it.
+    /// comes back; a handled one is answered from its record then.
     pub async fn run<S, SE>(&self, messages: S) -> Result<(), SE>
     where
         S: Stream<Item = Result<Delivery, SE>>,

@@ -22,7 +22,8 @@
 //!
 //! Telling the broker any of these takes at most [`ConsumerSettings::settle_timeout`]. A
 //! message whose settling failed or timed out (its connection was cut, say) stays
-//! unacknowledged: the broker delivers it again, and its record answers it then.
+//! unsettled: the broker delivers it again, and a handled one is answered from its record
+//! then, without running the handler again.
 //!
 //! Brokers: NATS JetStream ([`nats`], feature `nats`) and RabbitMQ ([`amqp`], feature
 //! `amqp`).
@@ -160,9 +161,10 @@ impl ConsumerSettings {
     /// up) may take before the consumer stops waiting and moves on. Default: five seconds.
     /// At least one millisecond.
     ///
-    /// A message whose settling timed out stays unacknowledged: the broker delivers it again
-    /// (when the connection closes, or to another consumer), and its record answers it then
-    /// without running the handler. The bound is what lets a consumer notice a cut
+    /// A message whose settling timed out stays unsettled: the broker delivers it again
+    /// (when the connection closes, or to another consumer), and it is settled then as it
+    /// would have been: a handled one is answered from its record without running the
+    /// handler, and one given up on goes to the dead-letter hook again. The bound is what lets a consumer notice a cut
     /// connection: RabbitMQ's client was seen never to answer an acknowledgement sent as its
     /// connection was cut, and with every handler slot waiting on one, nothing read the
     /// stream's error. NATS's client queues acknowledgements, so there the bound is rarely
