@@ -109,6 +109,24 @@ impl Bench {
         (conn, consumer)
     }
 
+    /// A fault proxy in front of the broker, and this bench's URL through it.
+    async fn proxied(&self) -> (crate::common::FaultProxy, String) {
+        let authority = self
+            .url
+            .rsplit('@')
+            .next()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_owned();
+        let upstream: std::net::SocketAddr =
+            authority.parse().expect("AMQP_URL is amqp://…@host:port");
+        let proxy = crate::common::FaultProxy::start(upstream).await;
+        let url = self
+            .url
+            .replace(&authority, &format!("127.0.0.1:{}", proxy.port));
+        (proxy, url)
+    }
+
     /// Ready messages (unacknowledged ones come back when their connection closes).
     async fn ready(&self) -> u32 {
         self.channel
@@ -480,18 +498,7 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
                 .await;
         }
     }
-    let authority = bench
-        .url
-        .rsplit('@')
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_owned();
-    let upstream: std::net::SocketAddr = authority.parse().expect("AMQP_URL is amqp://…@host:port");
-    let proxy = crate::common::FaultProxy::start(upstream).await;
-    let via_proxy = bench
-        .url
-        .replace(&authority, &format!("127.0.0.1:{}", proxy.port));
+    let (proxy, via_proxy) = bench.proxied().await;
     let effects: Effects = Arc::default();
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .on_in_flight(tower_idempotency::InFlight::Wait(Duration::from_secs(5)));
@@ -588,31 +595,17 @@ async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
             .publish(Some(&format!("s{n}")), &format!("s{n}"))
             .await;
     }
-    let authority = bench
-        .url
-        .rsplit('@')
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_owned();
-    let upstream: std::net::SocketAddr = authority.parse().expect("AMQP_URL is amqp://…@host:port");
-    let proxy = crate::common::FaultProxy::start(upstream).await;
-    let via_proxy = bench
-        .url
-        .replace(&authority, &format!("127.0.0.1:{}", proxy.port));
+    let (proxy, via_proxy) = bench.proxied().await;
     let effects: Effects = Arc::default();
-    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let gate = crate::common::Gate::new();
     let layer = IdempotencyLayer::new(MemoryStore::new());
     let worker = {
-        let (effects, started) = (Arc::clone(&effects), Arc::clone(&started));
+        let (effects, gate) = (Arc::clone(&effects), Arc::clone(&gate));
         Arc::new(
             AmqpConsumer::new(&layer, move |payload: Bytes, _claim: IdempotencyClaim| {
-                let (effects, started) = (Arc::clone(&effects), Arc::clone(&started));
-                let mut gate = gate_rx.clone();
+                let (effects, gate) = (Arc::clone(&effects), Arc::clone(&gate));
                 async move {
-                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let _ = gate.wait_for(|open| *open).await;
+                    gate.pass().await;
                     effect(&effects, &payload);
                     Ok::<_, StoreError>(())
                 }
@@ -643,14 +636,11 @@ async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
         tokio::spawn(async move { worker.run(deliveries).await.is_err() })
     };
     assert!(
-        until(Duration::from_secs(10), || started
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 4)
-        .await,
+        until(Duration::from_secs(10), || gate.arrived() == 4).await,
         "four handlers run at once"
     );
     // The four handlers finish as the connection is cut, and settle over it.
-    gate_tx.send(true).unwrap();
+    gate.open();
     proxy.drop_all();
     let ended = tokio::time::timeout(Duration::from_secs(10), run).await;
     let failed = ended
@@ -713,19 +703,8 @@ async fn run_returns_when_an_idle_consumers_connection_is_cut_or_goes_silent() {
     let Some(bench) = Bench::new().await else {
         return;
     };
-    let authority = bench
-        .url
-        .rsplit('@')
-        .next()
-        .unwrap()
-        .trim_end_matches('/')
-        .to_owned();
-    let upstream: std::net::SocketAddr = authority.parse().expect("AMQP_URL is amqp://…@host:port");
     for silent in [false, true] {
-        let proxy = crate::common::FaultProxy::start(upstream).await;
-        let via_proxy = bench
-            .url
-            .replace(&authority, &format!("127.0.0.1:{}", proxy.port));
+        let (proxy, via_proxy) = bench.proxied().await;
         let via_proxy = if via_proxy.contains('?') {
             format!("{via_proxy}&heartbeat=1")
         } else {

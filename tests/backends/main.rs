@@ -21,6 +21,7 @@ mod common {
         allow(dead_code, unused_imports)
     )]
     mod fault_store;
+    mod gate;
     // The store tests look at statuses and bodies; the counting handler and the channel-fed
     // body are for the layer's tests.
     #[allow(dead_code)]
@@ -29,6 +30,7 @@ mod common {
     mod servers;
 
     pub use fault_store::*;
+    pub use gate::*;
     pub use requests::*;
     pub use scenarios::*;
     pub use servers::*;

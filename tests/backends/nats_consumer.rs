@@ -105,6 +105,18 @@ impl Bench {
             .expect("published");
     }
 
+    /// A fault proxy in front of the server, and its URL.
+    async fn proxied(&self) -> (crate::common::FaultProxy, String) {
+        let upstream: std::net::SocketAddr = self
+            .url
+            .trim_start_matches("nats://")
+            .parse()
+            .expect("NATS_URL is nats://host:port");
+        let proxy = crate::common::FaultProxy::start(upstream).await;
+        let url = format!("nats://127.0.0.1:{}", proxy.port);
+        (proxy, url)
+    }
+
     /// Waits until every message was acknowledged or terminated.
     async fn drained(&self, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
@@ -494,13 +506,7 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
                 .await;
         }
     }
-    let upstream: std::net::SocketAddr = bench
-        .url
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("NATS_URL is nats://host:port");
-    let proxy = crate::common::FaultProxy::start(upstream).await;
-    let via_proxy = format!("nats://127.0.0.1:{}", proxy.port);
+    let (proxy, via_proxy) = bench.proxied().await;
     let effects: Effects = Arc::default();
     let layer = IdempotencyLayer::new(MemoryStore::new())
         .on_in_flight(tower_idempotency::InFlight::Wait(Duration::from_secs(5)));
@@ -590,26 +596,18 @@ async fn a_cut_while_every_slot_settles_loses_no_message_and_runs_none_twice() {
             .publish(Some(&format!("s{n}")), &format!("s{n}"))
             .await;
     }
-    let upstream: std::net::SocketAddr = bench
-        .url
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("NATS_URL is nats://host:port");
-    let proxy = crate::common::FaultProxy::start(upstream).await;
+    let (proxy, via_proxy) = bench.proxied().await;
     let effects: Effects = Arc::default();
-    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let gate = crate::common::Gate::new();
     let layer = IdempotencyLayer::new(MemoryStore::new());
     let worker = {
-        let (effects, started) = (Arc::clone(&effects), Arc::clone(&started));
+        let (effects, gate) = (Arc::clone(&effects), Arc::clone(&gate));
         JetStreamConsumer::new(
             &layer,
             move |msg: async_nats::Message, _claim: IdempotencyClaim| {
-                let (effects, started) = (Arc::clone(&effects), Arc::clone(&started));
-                let mut gate = gate_rx.clone();
+                let (effects, gate) = (Arc::clone(&effects), Arc::clone(&gate));
                 async move {
-                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let _ = gate.wait_for(|open| *open).await;
+                    gate.pass().await;
                     effect(&effects, &msg.payload);
                     Ok::<_, StoreError>(())
                 }
@@ -619,13 +617,11 @@ async fn a_cut_while_every_slot_settles_loses_no_message_and_runs_none_twice() {
         .settings(settings().settle_timeout(Duration::from_millis(300)))
         .concurrency(4)
     };
-    let (_client, consumer) = bench
-        .consumer_at(&format!("nats://127.0.0.1:{}", proxy.port))
-        .await;
+    let (_client, consumer) = bench.consumer_at(&via_proxy).await;
     let messages = consumer.messages().await.unwrap();
     let run = tokio::spawn(async move { worker.run(messages).await });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while started.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+    while gate.arrived() < 4 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "four handlers run at once"
@@ -633,7 +629,7 @@ async fn a_cut_while_every_slot_settles_loses_no_message_and_runs_none_twice() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     proxy.drop_all();
-    gate_tx.send(true).unwrap();
+    gate.open();
     tokio::time::sleep(Duration::from_millis(700)).await;
     proxy.pass();
     assert!(
