@@ -40,7 +40,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::{Stream, TryStreamExt};
+use futures_util::Stream;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
@@ -139,22 +139,22 @@ where
 
     /// Handles deliveries until the consumer ends (or fails: its error is returned).
     ///
-    /// When the connection is cut, `run` answers the stream's error, so a supervisor that
-    /// connects again needs only wait for it. Settling each delivery is bounded by the
-    /// settings' [settle timeout](ConsumerSettings::settle_timeout): lapin was seen never
-    /// to answer an acknowledgement sent as the connection was cut, and with every handler
-    /// slot waiting on one, nothing read the stream. A delivery whose settling timed out
-    /// comes back; a handled one is answered from its record then.
+    /// When the connection is cut, `run` takes no more deliveries, lets the handlers in hand
+    /// finish (their records are stored: the store is not the broker), and answers the
+    /// stream's error, so a supervisor that connects again needs only wait for it. Settling
+    /// each delivery is bounded by the settings' [settle
+    /// timeout](ConsumerSettings::settle_timeout): lapin was seen never to answer an
+    /// acknowledgement sent as the connection was cut, and with every handler slot waiting
+    /// on one, nothing read the stream. The broker delivers again what was not
+    /// acknowledged, and a handled delivery is answered from its record then.
     pub async fn run<S, SE>(&self, messages: S) -> Result<(), SE>
     where
         S: Stream<Item = Result<Delivery, SE>>,
     {
-        messages
-            .try_for_each_concurrent(self.concurrency, |msg| async move {
-                self.handle(msg).await;
-                Ok(())
-            })
-            .await
+        super::run_each(messages, self.concurrency, |msg| async move {
+            self.handle(msg).await;
+        })
+        .await
     }
 
     /// Handles one delivery: runs the handler once for its key, then acknowledges it (after
@@ -176,7 +176,7 @@ where
             tokio::time::sleep(*delay).await;
         }
         let settling = async {
-            match &settle {
+            let sent = match &settle {
                 Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
                 Settle::Retry(_) => {
                     delivery
@@ -193,6 +193,13 @@ where
                         .reject(BasicRejectOptions { requeue: false })
                         .await
                 }
+            };
+            // lapin answers `false` when the channel is closed (or the delivery was settled
+            // already) and it sent nothing.
+            match sent {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("the channel is closed: nothing was sent".to_owned()),
+                Err(err) => Err(err.to_string()),
             }
         };
         if let Settle::DeadLetter(reason) = &settle {

@@ -20,10 +20,11 @@
 //! then tells the broker to stop redelivering (JetStream `TERM`; AMQP `reject` without
 //! requeue, which routes to the queue's dead-letter exchange if it has one).
 //!
-//! Telling the broker any of these takes at most [`ConsumerSettings::settle_timeout`]. A
-//! message whose settling failed or timed out (its connection was cut, say) stays
-//! unsettled: the broker delivers it again, and a handled one is answered from its record
-//! then, without running the handler again.
+//! Telling the broker any of these is waited for at most
+//! [`ConsumerSettings::settle_timeout`]. A message whose settling failed (its connection was
+//! cut, say) is delivered again, and a handled one is answered from its record then,
+//! without running the handler again. When the stream of messages fails, a consumer's `run`
+//! takes no more messages, lets the handlers in hand finish, and answers the error.
 //!
 //! Brokers: NATS JetStream ([`nats`], feature `nats`) and RabbitMQ ([`amqp`], feature
 //! `amqp`).
@@ -161,14 +162,17 @@ impl ConsumerSettings {
     /// up) may take before the consumer stops waiting and moves on. Default: five seconds.
     /// At least one millisecond.
     ///
-    /// A message whose settling timed out stays unsettled: the broker delivers it again
-    /// (when the connection closes, or to another consumer), and it is settled then as it
-    /// would have been: a handled one is answered from its record without running the
-    /// handler, and one given up on goes to the dead-letter hook again. The bound is what lets a consumer notice a cut
-    /// connection: RabbitMQ's client was seen never to answer an acknowledgement sent as its
-    /// connection was cut, and with every handler slot waiting on one, nothing read the
-    /// stream's error. NATS's client queues acknowledgements, so there the bound is rarely
-    /// reached.
+    /// The consumer stops waiting, not the broker's client: what it was sending may still
+    /// reach the broker. Either the message is settled then, or the broker delivers it again
+    /// (RabbitMQ when the channel closes, JetStream after the acknowledgement wait), and it
+    /// is settled then as it would have been: a handled one is answered from its record
+    /// without running the handler, one given up on goes to the dead-letter hook again. No
+    /// value makes a handler run twice.
+    ///
+    /// The bound is what lets a consumer notice a cut connection: RabbitMQ's client was seen
+    /// never to answer an acknowledgement sent as its connection was cut, and with every
+    /// handler slot waiting on one, nothing read the stream's error. NATS's client queues
+    /// acknowledgements, so there the bound is rarely reached.
     ///
     /// ```
     /// use std::time::Duration;
@@ -198,7 +202,7 @@ impl ConsumerSettings {
             Err(_) => tracing::warn!(
                 timeout = ?self.settle_timeout,
                 broker,
-                "settling a message timed out; the broker will deliver it again"
+                "settling a message timed out; it is settled late or delivered again"
             ),
         }
     }
@@ -228,6 +232,36 @@ impl ConsumerSettings {
             hook(letter).await;
         }
     }
+}
+
+/// Handles `messages`, up to `concurrency` at once, with `handle`, until the stream ends or
+/// fails. On a failure no more messages are taken, and the ones in hand are handled to their
+/// end (their records stored, their settling bounded by the settle timeout) before the
+/// stream's error is answered: a broker connection that fails does not cancel a handler
+/// halfway, past its commit point perhaps, when its store is still there to keep its outcome.
+pub(crate) async fn run_each<S, M, SE, F, Fut>(
+    messages: S,
+    concurrency: usize,
+    handle: F,
+) -> Result<(), SE>
+where
+    S: futures_util::Stream<Item = Result<M, SE>>,
+    F: FnMut(M) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    use futures_util::StreamExt;
+    let mut failed = None;
+    let until_failed = messages.scan((), |(), message| {
+        std::future::ready(match message {
+            Ok(message) => Some(message),
+            Err(err) => {
+                failed = Some(err);
+                None
+            }
+        })
+    });
+    until_failed.for_each_concurrent(concurrency, handle).await;
+    failed.map_or(Ok(()), Err)
 }
 
 /// What becomes of a message whose handler's call ended with `result`, on its
@@ -299,6 +333,34 @@ mod tests {
         })
         .await;
         assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    /// A stream that fails while messages are being handled: the ones in hand are handled to
+    /// their end before the error is answered, and none after the failure is taken.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_stream_lets_the_messages_in_hand_finish() {
+        use std::sync::Mutex;
+        let done = Mutex::new(Vec::new());
+        let messages = futures_util::stream::iter([Ok(1), Ok(2), Err("cut"), Ok(3)]);
+        let started = tokio::time::Instant::now();
+        let answer = run_each(messages, 4, |n: u32| {
+            let done = &done;
+            async move {
+                tokio::time::sleep(Duration::from_secs(u64::from(n))).await;
+                done.lock().unwrap().push(n);
+            }
+        })
+        .await;
+        assert_eq!(answer, Err("cut"));
+        assert_eq!(
+            *done.lock().unwrap(),
+            [1, 2],
+            "both finished, the third never taken"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+
+        let all = futures_util::stream::iter([Ok::<u32, &str>(1), Ok(2)]);
+        assert_eq!(run_each(all, 1, |_| async {}).await, Ok(()));
     }
 
     fn ok() -> Ended {

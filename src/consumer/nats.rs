@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
-use futures_util::{Stream, TryStreamExt};
+use futures_util::Stream;
 
 use super::{ConsumerSettings, DeadLetter, DeadReason, Settle, decide};
 use crate::function::{CallError, Idempotent, Output};
@@ -135,17 +135,17 @@ where
         self
     }
 
-    /// Handles messages until the stream ends (or fails: its error is returned).
+    /// Handles messages until the stream ends (or fails: its error is returned). On a
+    /// failure it takes no more messages, and lets the handlers in hand finish before it
+    /// answers the error.
     pub async fn run<S, SE>(&self, messages: S) -> Result<(), SE>
     where
         S: Stream<Item = Result<jetstream::Message, SE>>,
     {
-        messages
-            .try_for_each_concurrent(self.concurrency, |msg| async move {
-                self.handle(msg).await;
-                Ok(())
-            })
-            .await
+        super::run_each(messages, self.concurrency, |msg| async move {
+            self.handle(msg).await;
+        })
+        .await
     }
 
     /// Handles one message: runs the handler once for its key, then acknowledges it (after

@@ -203,12 +203,14 @@ fn counting_consumer(
 /// Handles `deliveries` as `run` does (eight at once, as `counting_consumer` sets), and
 /// counts the deliveries settled for good (acknowledged or dead-lettered, not requeued), so
 /// that a test waits for that count rather than for time to pass.
-async fn settling<H>(
-    worker: AmqpConsumer<H>,
+async fn settling<H, Fut, E>(
+    worker: Arc<AmqpConsumer<H>>,
     deliveries: tower_idempotency::lapin::Consumer,
     settled: Arc<std::sync::atomic::AtomicUsize>,
 ) where
-    H: Fn(Bytes, IdempotencyClaim) -> Handled + Send + Sync + 'static,
+    H: Fn(Bytes, IdempotencyClaim) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
     let worker = &worker;
     deliveries
@@ -241,7 +243,7 @@ async fn duplicates_published_on_purpose_run_their_handler_once() {
     let settled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let worker = counting_consumer(&MemoryStore::new(), &effects);
     let (conn, deliveries) = bench.deliveries().await;
-    let task = tokio::spawn(settling(worker, deliveries, Arc::clone(&settled)));
+    let task = tokio::spawn(settling(Arc::new(worker), deliveries, Arc::clone(&settled)));
     assert!(
         until(Duration::from_secs(20), || settled
             .load(std::sync::atomic::Ordering::SeqCst)
@@ -252,7 +254,11 @@ async fn duplicates_published_on_purpose_run_their_handler_once() {
     task.abort();
     conn.close(200, "done".into()).await.unwrap();
     assert_eq!(bench.ready().await, 0);
-    assert!(effects.lock().unwrap().values().all(|&n| n == 1));
+    {
+        let effects = effects.lock().unwrap();
+        assert_eq!(effects.len(), 20, "every key ran: {effects:?}");
+        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
+    }
     bench.delete().await;
 }
 
@@ -276,7 +282,7 @@ async fn two_consumers_of_one_queue_sharing_a_store_run_each_key_once() {
         let (conn, deliveries) = bench.deliveries().await;
         running.push((
             conn,
-            tokio::spawn(settling(worker, deliveries, Arc::clone(&settled))),
+            tokio::spawn(settling(Arc::new(worker), deliveries, Arc::clone(&settled))),
         ));
     }
     assert!(
@@ -292,6 +298,7 @@ async fn two_consumers_of_one_queue_sharing_a_store_run_each_key_once() {
     assert_eq!(bench.ready().await, 0);
     {
         let effects = effects.lock().unwrap();
+        assert_eq!(effects.len(), 25, "every key ran: {effects:?}");
         assert!(effects.values().all(|&n| n == 1), "{effects:?}");
     }
     bench.delete().await;
@@ -741,6 +748,118 @@ async fn run_returns_when_an_idle_consumers_connection_is_cut_or_goes_silent() {
             "run answers the connection's failure (silent: {silent})"
         );
         proxy.drop_all();
+    }
+    bench.delete().await;
+}
+
+/// Handlers past their commit point when the consumer's connection is cut: `run` takes no
+/// more deliveries but lets them finish (their records are stored; the store is not the
+/// broker) before it answers the cut. The redeliveries are then acknowledged from the
+/// records: nothing runs twice, nothing is dead-lettered as of unknown outcome.
+#[tokio::test]
+async fn handlers_in_hand_when_the_connection_is_cut_finish_and_their_records_answer() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    for n in 0..4 {
+        bench
+            .publish(Some(&format!("h{n}")), &format!("h{n}"))
+            .await;
+    }
+    let (proxy, via_proxy) = bench.proxied().await;
+    let effects: Effects = Arc::default();
+    let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
+    let gate = crate::common::Gate::new();
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let worker = {
+        let (effects, gate, dead) = (Arc::clone(&effects), Arc::clone(&gate), Arc::clone(&dead));
+        Arc::new(
+            AmqpConsumer::new(&layer, move |payload: Bytes, claim: IdempotencyClaim| {
+                let (effects, gate) = (Arc::clone(&effects), Arc::clone(&gate));
+                async move {
+                    claim.commit().await?;
+                    gate.pass().await;
+                    effect(&effects, &payload);
+                    Ok::<_, StoreError>(())
+                }
+            })
+            .settings(
+                ConsumerSettings::default()
+                    .max_deliveries(2)
+                    .settle_timeout(Duration::from_millis(300))
+                    .on_dead_letter(move |letter| {
+                        let dead = Arc::clone(&dead);
+                        async move { dead.lock().unwrap().push(letter) }
+                    }),
+            )
+            // More slots than messages: the stream is read while the handlers run.
+            .concurrency(8),
+        )
+    };
+    let conn = Connection::connect(&via_proxy, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .basic_qos(8, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let deliveries = channel
+        .basic_consume(
+            bench.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let run = {
+        let worker = Arc::clone(&worker);
+        tokio::spawn(async move { worker.run(deliveries).await.is_err() })
+    };
+    assert!(
+        until(Duration::from_secs(10), || gate.arrived() == 4).await,
+        "four handlers past their commit point"
+    );
+    proxy.drop_all();
+    assert!(
+        until(Duration::from_secs(10), || !conn.status().connected()).await,
+        "the client sees its connection cut"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !run.is_finished(),
+        "run waits for the handlers in hand instead of cancelling them"
+    );
+    gate.open();
+    let failed = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("run returns once its handlers are done")
+        .unwrap();
+    assert!(failed, "run answers the connection's failure");
+    assert_eq!(effects.lock().unwrap().len(), 4);
+
+    // Another instance: the redeliveries are answered from the records.
+    let settled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (conn, deliveries) = bench.deliveries().await;
+    let again = tokio::spawn(settling(
+        Arc::clone(&worker),
+        deliveries,
+        Arc::clone(&settled),
+    ));
+    assert!(
+        until(Duration::from_secs(20), || settled
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 4)
+        .await
+    );
+    again.abort();
+    conn.close(200, "done".into()).await.unwrap();
+    assert_eq!(bench.ready().await, 0, "every delivery settled");
+    assert!(dead.lock().unwrap().is_empty(), "nothing dead-lettered");
+    {
+        let effects = effects.lock().unwrap();
+        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
     }
     bench.delete().await;
 }
