@@ -38,6 +38,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -141,7 +142,10 @@ where
     ///
     /// When the connection is cut, `run` takes no more deliveries, lets the handlers in hand
     /// finish (their records are stored: the store is not the broker), and answers the
-    /// stream's error, so a supervisor that connects again needs only wait for it. Settling
+    /// stream's error, so a supervisor that connects again needs only wait for it. It
+    /// returns once those handlers return: a handler that may wait for good on the lost
+    /// connection (a publish to it, say) should bound that wait itself, or `run` be wrapped
+    /// in a timeout, which drops the handlers still running. Settling
     /// each delivery is bounded by the settings' [settle
     /// timeout](ConsumerSettings::settle_timeout): lapin was seen never to answer an
     /// acknowledgement sent as the connection was cut, and with every handler slot waiting
@@ -172,8 +176,17 @@ where
             }
         };
         if let Settle::Retry(delay) = &settle {
-            // AMQP has no delayed requeue: wait it out, holding the delivery.
-            tokio::time::sleep(*delay).await;
+            // AMQP has no delayed requeue: wait it out, holding the delivery, unless its
+            // channel closes meanwhile (the broker requeues it then, and nothing could be
+            // sent), so that a cut connection does not hold `run` for the whole delay.
+            let until = tokio::time::Instant::now() + *delay;
+            while delivery.acker.usable() {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+            }
         }
         let settling = async {
             let sent = match &settle {
@@ -198,7 +211,10 @@ where
             // already) and it sent nothing.
             match sent {
                 Ok(true) => Ok(()),
-                Ok(false) => Err("the channel is closed: nothing was sent".to_owned()),
+                Ok(false) => Err(
+                    "nothing was sent: the channel is closed or the delivery was settled already"
+                        .to_owned(),
+                ),
                 Err(err) => Err(err.to_string()),
             }
         };

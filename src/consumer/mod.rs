@@ -236,9 +236,9 @@ impl ConsumerSettings {
 
 /// Handles `messages`, up to `concurrency` at once, with `handle`, until the stream ends or
 /// fails. On a failure no more messages are taken, and the ones in hand are handled to their
-/// end (their records stored, their settling bounded by the settle timeout) before the
-/// stream's error is answered: a broker connection that fails does not cancel a handler
-/// halfway, past its commit point perhaps, when its store is still there to keep its outcome.
+/// end (their records stored, then settled as usual) before the stream's error is answered:
+/// a broker connection that fails does not cancel a handler halfway, past its commit point
+/// perhaps, when its store is still there to keep its outcome.
 pub(crate) async fn run_each<S, M, SE, F, Fut>(
     messages: S,
     concurrency: usize,

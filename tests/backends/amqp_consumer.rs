@@ -863,3 +863,67 @@ async fn handlers_in_hand_when_the_connection_is_cut_finish_and_their_records_an
     }
     bench.delete().await;
 }
+
+/// Handlers that failed before their commit point wait out a long retry delay before the
+/// message is requeued (AMQP has no delayed requeue). When the connection is cut meanwhile,
+/// the wait ends with it: nothing could be sent, and the broker requeues the messages
+/// itself, so `run` returns at once rather than after the whole delay.
+#[tokio::test]
+async fn a_retry_delay_in_progress_ends_when_the_connection_is_cut() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    for n in 0..2 {
+        bench
+            .publish(Some(&format!("r{n}")), &format!("r{n}"))
+            .await;
+    }
+    let (proxy, via_proxy) = bench.proxied().await;
+    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let worker = {
+        let failures = Arc::clone(&failures);
+        AmqpConsumer::new(&layer, move |_payload: Bytes, _claim: IdempotencyClaim| {
+            let failures = Arc::clone(&failures);
+            async move {
+                failures.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Err::<(), _>("not yet")
+            }
+        })
+        .settings(ConsumerSettings::default().retry_delay(Duration::from_secs(60)))
+        .concurrency(4)
+    };
+    let conn = Connection::connect(&via_proxy, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let deliveries = channel
+        .basic_consume(
+            bench.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let run = tokio::spawn(async move { worker.run(deliveries).await.is_err() });
+    assert!(
+        until(Duration::from_secs(10), || failures
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 2)
+        .await
+    );
+    proxy.drop_all();
+    let failed = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("run returns long before the 60 s retry delay")
+        .unwrap();
+    assert!(failed, "run answers the connection's failure");
+    // The broker requeued both, each still to be handled.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bench.ready().await != 2 {
+        assert!(tokio::time::Instant::now() < deadline, "both requeued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bench.delete().await;
+}
