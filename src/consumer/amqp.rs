@@ -142,15 +142,16 @@ where
     ///
     /// When the connection is cut, `run` takes no more deliveries, lets the handlers in hand
     /// finish (their records are stored: the store is not the broker), and answers the
-    /// stream's error, so a supervisor that connects again needs only wait for it. It
-    /// returns once those handlers return: a handler that may wait for good on the lost
+    /// stream's error, so a supervisor that connects again needs only wait for it.
+    ///
+    /// It returns once those handlers return: a handler that may wait for good on the lost
     /// connection (a publish to it, say) should bound that wait itself, or `run` be wrapped
-    /// in a timeout, which drops the handlers still running. Settling
-    /// each delivery is bounded by the settings' [settle
-    /// timeout](ConsumerSettings::settle_timeout): lapin was seen never to answer an
-    /// acknowledgement sent as the connection was cut, and with every handler slot waiting
-    /// on one, nothing read the stream. The broker delivers again what was not
-    /// acknowledged, and a handled delivery is answered from its record then.
+    /// in a timeout, which drops the handlers still running. Settling each delivery is
+    /// bounded by the settings' [settle timeout](ConsumerSettings::settle_timeout): lapin
+    /// was seen never to answer an acknowledgement sent as the connection was cut, and with
+    /// every handler slot waiting on one, nothing read the stream. The broker delivers
+    /// again what was not acknowledged, and a handled delivery is answered from its record
+    /// then.
     pub async fn run<S, SE>(&self, messages: S) -> Result<(), SE>
     where
         S: Stream<Item = Result<Delivery, SE>>,
@@ -179,7 +180,7 @@ where
             // AMQP has no delayed requeue: wait it out, holding the delivery, unless its
             // channel closes meanwhile (the broker requeues it then, and nothing could be
             // sent), so that a cut connection does not hold `run` for the whole delay.
-            let until = tokio::time::Instant::now() + *delay;
+            let until = crate::time::deadline_after(*delay);
             while delivery.acker.usable() {
                 let left = until.saturating_duration_since(tokio::time::Instant::now());
                 if left.is_zero() {
