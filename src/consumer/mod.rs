@@ -187,7 +187,8 @@ impl ConsumerSettings {
     }
 
     /// Waits at most the settle timeout for `settling` (a broker's acknowledgement, sent
-    /// to `broker`); a failure or a timeout is logged, and the message comes back.
+    /// to `broker`); a failure or a timeout is logged (the message is then settled late or
+    /// delivered again).
     pub(crate) async fn settle<T, E>(
         &self,
         broker: &'static str,
