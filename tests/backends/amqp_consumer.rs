@@ -87,9 +87,28 @@ impl Bench {
             .unwrap();
     }
 
+    /// Publishes `count` messages keyed `{prefix}0`, `{prefix}1`…, each with its key as
+    /// its payload.
+    async fn publish_keyed(&self, prefix: &str, count: usize) {
+        for n in 0..count {
+            let key = format!("{prefix}{n}");
+            self.publish(Some(&key), &key).await;
+        }
+    }
+
     /// A consumer of the queue on a connection of its own (as another instance would have).
     async fn deliveries(&self) -> (Connection, tower_idempotency::lapin::Consumer) {
-        let conn = Connection::connect(&self.url, ConnectionProperties::default())
+        let (conn, _channel, consumer) = self.deliveries_at(&self.url).await;
+        (conn, consumer)
+    }
+
+    /// A consumer of the queue on a connection of its own to `url` (a fault proxy, say),
+    /// with its channel (to cancel the consumer on).
+    async fn deliveries_at(
+        &self,
+        url: &str,
+    ) -> (Connection, Channel, tower_idempotency::lapin::Consumer) {
+        let conn = Connection::connect(url, ConnectionProperties::default())
             .await
             .unwrap();
         let channel = conn.create_channel().await.unwrap();
@@ -106,7 +125,7 @@ impl Bench {
             )
             .await
             .unwrap();
-        (conn, consumer)
+        (conn, channel, consumer)
     }
 
     /// A fault proxy in front of the broker, and this bench's URL through it.
@@ -160,6 +179,13 @@ fn effect(effects: &Effects, payload: &Bytes) -> usize {
         .or_default();
     *n += 1;
     *n
+}
+
+/// Every one of `keys` keys made its effect, and none twice.
+fn each_ran_once(effects: &Effects, keys: usize) {
+    let effects = effects.lock().unwrap();
+    assert_eq!(effects.len(), keys, "every key ran: {effects:?}");
+    assert!(effects.values().all(|&n| n == 1), "{effects:?}");
 }
 
 /// Waits until `done` holds, for at most `within`.
@@ -233,11 +259,7 @@ async fn duplicates_published_on_purpose_run_their_handler_once() {
         return;
     };
     for _ in 0..3 {
-        for n in 0..20 {
-            bench
-                .publish(Some(&format!("o{n}")), &format!("o{n}"))
-                .await;
-        }
+        bench.publish_keyed("o", 20).await;
     }
     let effects: Effects = Arc::default();
     let settled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -254,11 +276,7 @@ async fn duplicates_published_on_purpose_run_their_handler_once() {
     task.abort();
     conn.close(200, "done".into()).await.unwrap();
     assert_eq!(bench.ready().await, 0);
-    {
-        let effects = effects.lock().unwrap();
-        assert_eq!(effects.len(), 20, "every key ran: {effects:?}");
-        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
-    }
+    each_ran_once(&effects, 20);
     bench.delete().await;
 }
 
@@ -268,11 +286,7 @@ async fn two_consumers_of_one_queue_sharing_a_store_run_each_key_once() {
         return;
     };
     for _ in 0..4 {
-        for n in 0..25 {
-            bench
-                .publish(Some(&format!("k{n}")), &format!("k{n}"))
-                .await;
-        }
+        bench.publish_keyed("k", 25).await;
     }
     let (store, effects): (MemoryStore, Effects) = (MemoryStore::new(), Arc::default());
     let settled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -296,11 +310,7 @@ async fn two_consumers_of_one_queue_sharing_a_store_run_each_key_once() {
         conn.close(200, "done".into()).await.unwrap();
     }
     assert_eq!(bench.ready().await, 0);
-    {
-        let effects = effects.lock().unwrap();
-        assert_eq!(effects.len(), 25, "every key ran: {effects:?}");
-        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
-    }
+    each_ran_once(&effects, 25);
     bench.delete().await;
 }
 
@@ -499,11 +509,7 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
         return;
     };
     for _ in 0..2 {
-        for n in 0..40 {
-            bench
-                .publish(Some(&format!("c{n}")), &format!("c{n}"))
-                .await;
-        }
+        bench.publish_keyed("c", 40).await;
     }
     let (proxy, via_proxy) = bench.proxied().await;
     let effects: Effects = Arc::default();
@@ -581,10 +587,7 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
     proxy.drop_all();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(bench.ready().await, 0, "every delivery settled");
-    {
-        let effects = effects.lock().unwrap();
-        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
-    }
+    each_ran_once(&effects, 40);
     bench.delete().await;
 }
 
@@ -597,11 +600,7 @@ async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
     let Some(bench) = Bench::new().await else {
         return;
     };
-    for n in 0..8 {
-        bench
-            .publish(Some(&format!("s{n}")), &format!("s{n}"))
-            .await;
-    }
+    bench.publish_keyed("s", 8).await;
     let (proxy, via_proxy) = bench.proxied().await;
     let effects: Effects = Arc::default();
     let gate = crate::common::Gate::new();
@@ -621,23 +620,7 @@ async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
             .concurrency(4),
         )
     };
-    let conn = Connection::connect(&via_proxy, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .basic_qos(8, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let deliveries = channel
-        .basic_consume(
-            bench.queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (conn, _channel, deliveries) = bench.deliveries_at(&via_proxy).await;
     let run = {
         let worker = Arc::clone(&worker);
         tokio::spawn(async move { worker.run(deliveries).await.is_err() })
@@ -657,19 +640,8 @@ async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
     assert!(!conn.status().connected());
 
     // Another instance on a live connection: every message is settled, each key ran once.
-    let conn = Connection::connect(&bench.url, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let deliveries = channel
-        .basic_consume(
-            bench.queue.as_str().into(),
-            "again".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (conn, channel, deliveries) = bench.deliveries_at(&bench.url).await;
+    let tag = deliveries.tag();
     let again = tokio::spawn({
         let worker = Arc::clone(&worker);
         async move { worker.run(deliveries).await }
@@ -684,7 +656,7 @@ async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
     // Stop consuming: the stream ends, and `run` returns once the deliveries it holds are
     // settled. What was not acknowledged would be ready again after the close.
     channel
-        .basic_cancel("again".into(), BasicCancelOptions::default())
+        .basic_cancel(tag, BasicCancelOptions::default())
         .await
         .unwrap();
     tokio::time::timeout(Duration::from_secs(10), again)
@@ -695,10 +667,7 @@ async fn run_returns_when_its_connection_is_cut_while_every_slot_settles() {
     conn.close(200, "done".into()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(bench.ready().await, 0, "every delivery settled");
-    {
-        let effects = effects.lock().unwrap();
-        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
-    }
+    each_ran_once(&effects, 8);
     bench.delete().await;
 }
 
@@ -719,19 +688,7 @@ async fn run_returns_when_an_idle_consumers_connection_is_cut_or_goes_silent() {
         };
         let effects: Effects = Arc::default();
         let worker = counting_consumer(&MemoryStore::new(), &effects);
-        let conn = Connection::connect(&via_proxy, ConnectionProperties::default())
-            .await
-            .unwrap();
-        let channel = conn.create_channel().await.unwrap();
-        let deliveries = channel
-            .basic_consume(
-                bench.queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let (_conn, _channel, deliveries) = bench.deliveries_at(&via_proxy).await;
         let run = tokio::spawn(async move { worker.run(deliveries).await.is_err() });
         tokio::time::sleep(Duration::from_millis(200)).await;
         if silent {
@@ -761,11 +718,7 @@ async fn handlers_in_hand_when_the_connection_is_cut_finish_and_their_records_an
     let Some(bench) = Bench::new().await else {
         return;
     };
-    for n in 0..4 {
-        bench
-            .publish(Some(&format!("h{n}")), &format!("h{n}"))
-            .await;
-    }
+    bench.publish_keyed("h", 4).await;
     let (proxy, via_proxy) = bench.proxied().await;
     let effects: Effects = Arc::default();
     let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
@@ -796,23 +749,7 @@ async fn handlers_in_hand_when_the_connection_is_cut_finish_and_their_records_an
             .concurrency(8),
         )
     };
-    let conn = Connection::connect(&via_proxy, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .basic_qos(8, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let deliveries = channel
-        .basic_consume(
-            bench.queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (conn, _channel, deliveries) = bench.deliveries_at(&via_proxy).await;
     let run = {
         let worker = Arc::clone(&worker);
         tokio::spawn(async move { worker.run(deliveries).await.is_err() })
@@ -857,10 +794,7 @@ async fn handlers_in_hand_when_the_connection_is_cut_finish_and_their_records_an
     conn.close(200, "done".into()).await.unwrap();
     assert_eq!(bench.ready().await, 0, "every delivery settled");
     assert!(dead.lock().unwrap().is_empty(), "nothing dead-lettered");
-    {
-        let effects = effects.lock().unwrap();
-        assert!(effects.values().all(|&n| n == 1), "{effects:?}");
-    }
+    each_ran_once(&effects, 4);
     bench.delete().await;
 }
 
@@ -873,11 +807,7 @@ async fn a_retry_delay_in_progress_ends_when_the_connection_is_cut() {
     let Some(bench) = Bench::new().await else {
         return;
     };
-    for n in 0..2 {
-        bench
-            .publish(Some(&format!("r{n}")), &format!("r{n}"))
-            .await;
-    }
+    bench.publish_keyed("r", 2).await;
     let (proxy, via_proxy) = bench.proxied().await;
     let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let layer = IdempotencyLayer::new(MemoryStore::new());
@@ -893,19 +823,7 @@ async fn a_retry_delay_in_progress_ends_when_the_connection_is_cut() {
         .settings(ConsumerSettings::default().retry_delay(Duration::from_secs(60)))
         .concurrency(4)
     };
-    let conn = Connection::connect(&via_proxy, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    let deliveries = channel
-        .basic_consume(
-            bench.queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (_conn, _channel, deliveries) = bench.deliveries_at(&via_proxy).await;
     let run = tokio::spawn(async move { worker.run(deliveries).await.is_err() });
     assert!(
         until(Duration::from_secs(10), || failures

@@ -105,6 +105,15 @@ impl Bench {
             .expect("published");
     }
 
+    /// Publishes `count` messages keyed `{prefix}0`, `{prefix}1`…, each with its key as
+    /// its payload.
+    async fn publish_keyed(&self, prefix: &str, count: usize) {
+        for n in 0..count {
+            let key = format!("{prefix}{n}");
+            self.publish(Some(&key), &key).await;
+        }
+    }
+
     /// A fault proxy in front of the server, and its URL.
     async fn proxied(&self) -> (crate::common::FaultProxy, String) {
         let upstream: std::net::SocketAddr = self
@@ -218,11 +227,7 @@ async fn two_consumers_of_one_durable_consumer_sharing_a_store_run_each_key_once
         return;
     };
     for _ in 0..4 {
-        for n in 0..25 {
-            bench
-                .publish(Some(&format!("k{n}")), &format!("k{n}"))
-                .await;
-        }
+        bench.publish_keyed("k", 25).await;
     }
     let store = MemoryStore::new();
     let effects: Effects = Arc::default();
@@ -500,11 +505,7 @@ async fn a_connection_cut_mid_stream_loses_no_message_and_runs_none_twice() {
         return;
     };
     for _ in 0..2 {
-        for n in 0..40 {
-            bench
-                .publish(Some(&format!("c{n}")), &format!("c{n}"))
-                .await;
-        }
+        bench.publish_keyed("c", 40).await;
     }
     let (proxy, via_proxy) = bench.proxied().await;
     let effects: Effects = Arc::default();
@@ -591,11 +592,7 @@ async fn a_cut_while_every_slot_settles_loses_no_message_and_runs_none_twice() {
     let Some(bench) = Bench::new(Duration::from_millis(800)).await else {
         return;
     };
-    for n in 0..8 {
-        bench
-            .publish(Some(&format!("s{n}")), &format!("s{n}"))
-            .await;
-    }
+    bench.publish_keyed("s", 8).await;
     let (proxy, via_proxy) = bench.proxied().await;
     let effects: Effects = Arc::default();
     let gate = crate::common::Gate::new();
