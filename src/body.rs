@@ -46,7 +46,12 @@ pub trait RebuildBody: Sized {
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl RebuildBody for axum_core::body::Body {
+    /// An empty body is axum's own empty one, which takes no allocation (a body of bytes
+    /// is boxed): the same frames, size hint and end.
     fn from_bytes(bytes: Bytes) -> Self {
+        if bytes.is_empty() {
+            return axum_core::body::Body::empty();
+        }
         axum_core::body::Body::from(bytes)
     }
 }
@@ -371,5 +376,20 @@ mod tests {
             70_000
         );
         assert_eq!(joined_capacity(&declared, 100, 2), 100);
+    }
+
+    /// What a handler sees of a rebuilt axum body, empty or not: its bytes, an exact size
+    /// hint, and its end (an empty one is axum's own empty body, not a box of bytes).
+    #[cfg(feature = "axum")]
+    #[tokio::test]
+    async fn a_rebuilt_axum_body_yields_its_bytes_and_its_exact_size() {
+        use http_body_util::BodyExt;
+        for bytes in [Bytes::new(), Bytes::from_static(b"{\"amount\":12}")] {
+            let body = axum_core::body::Body::from_bytes(bytes.clone());
+            assert_eq!(body.size_hint().exact(), Some(bytes.len() as u64));
+            assert_eq!(body.is_end_stream(), bytes.is_empty());
+            let collected = body.collect().await.expect("a rebuilt body never fails");
+            assert_eq!(collected.to_bytes(), bytes);
+        }
     }
 }
