@@ -6,7 +6,15 @@
 //! a declared `Content-Length` (after which an HTTP/1.1 server stops polling the body), or
 //! the end itself. That frame is held back while the record is stored (within the
 //! store-call bound), so a client that has the whole response and retries at once always
-//! meets the stored record, never `409`.
+//! meets the stored record, never `409`. A head that says there is no body (`204`, `304`,
+//! `Content-Length: 0`) is the whole response: it is stored before it leaves, and its body
+//! is not read.
+//!
+//! The server frames the response by the head, or by the exact size this body tells it
+//! once the inner body has ended. It is told none while an error is still to come, or when
+//! the body is not the length its head declared: the server then does what it does without
+//! the layer (cuts the body off, or ends the connection), and the recording is settled as a
+//! failed body.
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -196,6 +204,20 @@ where
     {
         const MAX_FRAMES: usize = 16;
         const MAX_BYTES: usize = 64 * 1024;
+        // A head that says there is no body (a `204`, a `304`, `Content-Length: 0`) is all a
+        // server sends: it never reads the body, and drops it. So the recording does not
+        // read it either: the answer is stored as its head says, before the head leaves
+        // (otherwise a body whose end came later was dropped unread, and its key was
+        // released or answered `409` after the client had the whole answer).
+        if self.inner.is_some()
+            && let Some(recording) = &self.recording
+            && (matches!(
+                recording.status,
+                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+            ) || self.declared == Some(0))
+        {
+            self.finish();
+        }
         let mut bytes = 0usize;
         std::future::poll_fn(|cx| {
             loop {
@@ -371,7 +393,13 @@ impl Recording {
         let fingerprint = self.claimed.fingerprint();
         // Decided before anything is taken: both look at the headers and trailers.
         let maybe_ran = self.maybe_ran();
-        let settle = if maybe_ran || self.storable() || self.may_have_run {
+        // A gRPC answer that ended without a status (a broken one) is kept as it came: the
+        // service answered, so it may have run, and a retry gets what the first client got.
+        let settle = if maybe_ran
+            || self.storable()
+            || self.may_have_run
+            || self.grpc_code() == Some(None)
+        {
             Settle::Complete
         } else {
             Settle::Release
@@ -412,7 +440,13 @@ impl Recording {
     /// key, so a retry runs (unless the operation committed); otherwise the operation ran
     /// but its response is broken, and a tombstone keeps it from running twice.
     async fn fail(self) {
-        let release = !self.storable() && !self.maybe_ran() && !self.may_have_run;
+        // A gRPC answer that failed before its status: the service answered, so it may have
+        // run; its key is not released (a tombstone is kept), as for an HTTP answer whose
+        // status is stored.
+        let release = !self.storable()
+            && !self.maybe_ran()
+            && !self.may_have_run
+            && self.grpc_code() != Some(None);
         let fingerprint = self.claimed.fingerprint();
         let record = Record::tombstone_of(self.status, self.headers).with_fingerprint(fingerprint);
         if release {
@@ -479,7 +513,7 @@ where
                     }
                     if frame.is_trailers() || inner.is_end_stream() {
                         this.held.push_back(frame);
-                        this.finish();
+                        this.ended();
                         continue;
                     }
                     // The declared length is complete: an HTTP/1.1 server stops here, so
@@ -498,9 +532,25 @@ where
                     }
                     return Poll::Ready(Some(Err(err)));
                 }
-                None => this.finish(),
+                None => this.ended(),
             }
         }
+    }
+
+    /// The inner body ended. A body whose length is not the one its head declared is a
+    /// broken answer: the server frames it by the head, as it would without the layer
+    /// (it cuts it short, or ends the connection), so the client does not get it whole,
+    /// and it is settled as a failed body (a tombstone, or the key released for a status
+    /// that is not stored), never stored as if it were whole. Any other is stored.
+    fn ended(&mut self) {
+        if self.declared.is_some_and(|d| d != self.sent) {
+            self.inner = None;
+            if let Some(recording) = self.recording.take() {
+                recording.fail_later("settle a body that is not the length its head declared");
+            }
+            return;
+        }
+        self.finish();
     }
 }
 
@@ -551,7 +601,18 @@ where
             // A body that ends with trailers gets no exact length: hyper would turn it into
             // a `content-length` the service's own answer did not have (gRPC never sends
             // one, and a client reading by length can stop before the trailers).
-            None if self.held.has_trailers() || self.ready.has_trailers() => {
+            // Nor a body with an error still to give (read ahead by `prime`), nor one whose
+            // length is not the one its head declared: an HTTP/1.1 server takes an exact
+            // hint as the body's length and frames the answer by it, so the error would
+            // never be seen (a failed body would look whole) and a wrong length would leave
+            // the client waiting for bytes that never come, or with stray bytes on its
+            // connection. Without one, the server frames it by its head, as it would
+            // without the layer.
+            None if self.held.has_trailers()
+                || self.ready.has_trailers()
+                || self.ready_error.is_some()
+                || self.declared.is_some_and(|d| d != self.sent) =>
+            {
                 let mut out = SizeHint::new();
                 out.set_lower(held);
                 out

@@ -27,6 +27,7 @@ mod events;
 mod failure;
 mod faults;
 mod fingerprint_upgrade;
+mod framing;
 mod function;
 mod headers;
 mod layer;
