@@ -90,8 +90,13 @@ pub(crate) fn replay_reusing<B>(
         record.trailers().cloned(),
     ));
     *res.status_mut() = record.status();
-    // Made once per record (a record the memory store keeps is replayed by a clone).
-    *res.headers_mut() = record.replay_headers(replay_map).clone();
+    // Made once per record where the memory store kept them with it (replayed by a
+    // clone); made for this replay otherwise (a record read from a store, or one the store
+    // had no room to keep them with).
+    *res.headers_mut() = match record.kept_replay_headers() {
+        Some(kept) => kept.clone(),
+        None => replay_map(record),
+    };
     mark_reusing(res, IdempotencyOutcome::Replayed, spare)
 }
 

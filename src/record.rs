@@ -317,40 +317,31 @@ impl Record {
         self.tombstone
     }
 
-    /// The headers a replay of this record carries, made by `make` the first time.
-    pub(crate) fn replay_headers(&self, make: impl FnOnce(&Self) -> HeaderMap) -> &HeaderMap {
-        &self.replay.0.get_or_init(|| Box::new((make(self), 0))).0
+    /// The headers a replay of this record carries, if they were made and kept with it
+    /// ([`keep_replay_headers`](Self::keep_replay_headers)).
+    pub(crate) fn kept_replay_headers(&self) -> Option<&HeaderMap> {
+        self.replay.0.get().map(|kept| &kept.0)
     }
 
-    /// [`replay_headers`](Self::replay_headers), for a store that keeps the record and counts
-    /// its bytes: if they are made here, `count` is told what they take (an estimate, as
-    /// [`size`](Self::size) is), and [`replay_bytes`](Self::replay_bytes) answers it from
-    /// then on.
+    /// What keeping `headers` as a record's replay headers takes (an estimate, as
+    /// [`size`](Self::size) is): the map, and a bucket per field it has room for (a name, a
+    /// value, the hash and links); the values' bytes are mostly the record's own, shared.
     #[cfg_attr(not(feature = "memory"), allow(dead_code))]
-    pub(crate) fn replay_headers_counted(
-        &self,
-        make: impl FnOnce(&Self) -> HeaderMap,
-        count: impl FnOnce(usize),
-    ) -> &HeaderMap {
-        &self
-            .replay
-            .0
-            .get_or_init(|| {
-                let headers = make(self);
-                // The map, and a bucket per field it has room for (a name, a value, the
-                // hash and links); the values' bytes are mostly the record's own, shared.
-                let bucket =
-                    std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + 16;
-                let bytes = std::mem::size_of::<HeaderMap>() + headers.capacity() * bucket;
-                count(bytes);
-                Box::new((headers, bytes))
-            })
-            .0
+    pub(crate) fn replay_headers_size(headers: &HeaderMap) -> usize {
+        let bucket = std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + 16;
+        std::mem::size_of::<HeaderMap>() + headers.capacity() * bucket
+    }
+
+    /// Keeps `headers` with the record as its replay headers, counted as `bytes` (answered
+    /// by [`replay_bytes`](Self::replay_bytes) from then on): for a store that keeps the
+    /// record and counts its bytes. False, and nothing kept, when it has some already.
+    #[cfg_attr(not(feature = "memory"), allow(dead_code))]
+    pub(crate) fn keep_replay_headers(&self, headers: HeaderMap, bytes: usize) -> bool {
+        self.replay.0.set(Box::new((headers, bytes))).is_ok()
     }
 
     /// The bytes counted for this record's replay headers by
-    /// [`replay_headers_counted`](Self::replay_headers_counted) (0 if they were not made
-    /// there).
+    /// [`keep_replay_headers`](Self::keep_replay_headers) (0 if none were kept).
     #[cfg_attr(not(feature = "memory"), allow(dead_code))]
     pub(crate) fn replay_bytes(&self) -> usize {
         self.replay.0.get().map_or(0, |cached| cached.1)

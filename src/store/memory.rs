@@ -80,7 +80,8 @@ impl machine::Moment for Tick {
 ///   [`refusals`](MemoryStore::refusals).
 /// - A completion is never refused, since its operation already ran: the records of
 ///   operations that were running when the store filled up may take it past the cap, by at
-///   most their own size.
+///   most their own size. A replay never does: the headers a replay carries are kept with
+///   its record (and counted) only while they fit, and made for each replay past that.
 /// - The byte count is what the store holds: a record's body is copied into a buffer of
 ///   its exact size, so a body sliced from a larger buffer does not pin it.
 /// - A record larger than the whole cap is kept as a tombstone (status and headers).
@@ -185,6 +186,15 @@ struct Inner {
     sweeps: AtomicU64,
     /// Completed records in the order they were stored: the eviction order.
     queue: Mutex<VecDeque<Queued>>,
+    /// A record was queued that expires before the one queued ahead of it (records stored
+    /// with different TTLs): then records can expire, and be evictable, behind one that is
+    /// not, where neither the sweeps between walks nor the eviction, which both look at the
+    /// front of the queue, reach them.
+    disordered: AtomicBool,
+    /// A claim was refused while the queue is disordered: the next sweep walks the map
+    /// (rather than at its turn, up to [`WALK_EVERY`] sweeps later), so that records expired
+    /// behind a longer-lived one give their room back.
+    walk_soon: AtomicBool,
     evictions: AtomicU64,
     refusals: AtomicU64,
 }
@@ -275,8 +285,10 @@ impl MemoryStoreBuilder {
     /// in proportion to what expired, not to what the store holds); every 30th walks every
     /// entry, for claims their owner never ended and records stored with a TTL shorter than
     /// one stored before them (until then, such an entry is invisible to claims but still
-    /// counts against [`max_bytes`](Self::max_bytes)). [`MemoryStore::sweep`] walks every
-    /// entry at once.
+    /// counts against [`max_bytes`](Self::max_bytes)). When records with different TTLs
+    /// are stored and the store refuses a claim as full, the next sweep walks every entry,
+    /// so that records expired behind a longer-lived one give their room back within one
+    /// interval. [`MemoryStore::sweep`] walks every entry at once.
     ///
     /// ```
     /// use std::time::Duration;
@@ -304,6 +316,8 @@ impl MemoryStoreBuilder {
                 sweeper_started: Arc::new(AtomicBool::new(false)),
                 sweeps: AtomicU64::new(0),
                 queue: Mutex::new(VecDeque::new()),
+                disordered: AtomicBool::new(false),
+                walk_soon: AtomicBool::new(false),
                 evictions: AtomicU64::new(0),
                 refusals: AtomicU64::new(0),
             }),
@@ -539,11 +553,19 @@ impl MemoryStore {
         {
             // A record about to be replayed gets its replay headers here, once, and the
             // store counts them (they live as long as the record); the entry's removal
-            // gives them back (`Entry::counted`).
-            if let (Claimed::Completed(record), Some(&make)) = (&answer, inner.replay_map.get()) {
-                record.replay_headers_counted(make, |bytes| {
-                    inner.bytes.fetch_add(bytes, Ordering::Relaxed);
-                });
+            // gives them back (`Entry::counted`). They are kept only while they fit under
+            // the cap (no room is made here: that would take other entries' locks, and
+            // this one is held), so replays never take the store past it; past it, each
+            // replay makes them again.
+            if let (Claimed::Completed(record), Some(&make)) = (&answer, inner.replay_map.get())
+                && record.kept_replay_headers().is_none()
+            {
+                let headers = make(record);
+                let bytes = Record::replay_headers_size(&headers);
+                // Another replay of the record may keep its own first: then these go.
+                if inner.count_if_room(bytes) && !record.keep_replay_headers(headers, bytes) {
+                    inner.bytes.fetch_sub(bytes, Ordering::Relaxed);
+                }
             }
             return Ok(answer.into_claim(token));
         }
@@ -552,6 +574,9 @@ impl MemoryStore {
         let size = key.as_str().len() + ENTRY_OVERHEAD;
         if !inner.reserve(size, now) {
             inner.refusals.fetch_add(1, Ordering::Relaxed);
+            if inner.disordered.load(Ordering::Relaxed) {
+                inner.walk_soon.store(true, Ordering::Relaxed);
+            }
             tracing::debug!(
                 key = key.client_key(),
                 bytes = inner.bytes.load(Ordering::Relaxed),
@@ -737,7 +762,7 @@ impl Inner {
     /// never came back, and records stored with a TTL shorter than one stored before them.
     fn sweep_tick(&self, now: Tick) {
         let tick = self.sweeps.fetch_add(1, Ordering::Relaxed);
-        if tick % WALK_EVERY == WALK_EVERY - 1 {
+        if tick % WALK_EVERY == WALK_EVERY - 1 || self.walk_soon.swap(false, Ordering::Relaxed) {
             self.sweep(now);
         } else {
             self.sweep_queue(now);
@@ -780,9 +805,11 @@ impl Inner {
     /// Removes every expired entry; answers how many.
     fn sweep(&self, now: Tick) -> u64 {
         let mut removed = 0;
+        let mut completed = 0;
         self.map.retain(|_, entry| {
             // A lapsed claim nobody took over stays for its owner a while longer.
             if entry.slot.gone_at().is_some_and(|at| at > now) {
+                completed += usize::from(matches!(entry.slot, Slot::Completed { .. }));
                 return true;
             }
             removed += 1;
@@ -790,14 +817,37 @@ impl Inner {
             self.bytes.fetch_sub(entry.counted(), Ordering::Relaxed);
             false
         });
-        // The queue forgets expired records (gone from the map now) from its front.
+        // The queue forgets expired records (gone from the map now) from its front; and,
+        // when records expired behind longer-lived ones have left it holding more places
+        // than records (by half), from everywhere: a walk through the queue, once per as
+        // many places as it frees.
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         while queue.front().is_some_and(|q| q.expires_at <= now) {
             queue.pop_front();
         }
+        if queue.len() > completed + completed / 2 + SWEEP_BATCH {
+            queue.retain(|q| q.expires_at > now);
+        }
         drop(queue);
         crate::metrics::memory_size(self.bytes.load(Ordering::Relaxed), self.map.len());
         removed
+    }
+
+    /// Counts `size` more bytes if they fit under the cap as it stands (nothing evicted).
+    fn count_if_room(&self, size: usize) -> bool {
+        let mut current = self.bytes.load(Ordering::Relaxed);
+        while current.saturating_add(size) <= self.max_bytes {
+            match self.bytes.compare_exchange_weak(
+                current,
+                current + size,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+        false
     }
 
     /// Counts `size` more bytes if they fit under the cap, making room first by evicting
@@ -883,15 +933,21 @@ impl Inner {
     /// Puts a stored record in the eviction queue, then evicts what the cap asks for.
     fn enqueue(&self, key: MapKey, completion: &Completion) {
         let window_end = completion.now.after(self.min_retention);
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(Queued {
-                key: key.text,
-                seq: completion.seq,
-                evictable_at: window_end.min(completion.expires_at),
-                expires_at: completion.expires_at,
-            });
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if queue
+            .back()
+            .is_some_and(|back| back.expires_at > completion.expires_at)
+            && !self.disordered.load(Ordering::Relaxed)
+        {
+            self.disordered.store(true, Ordering::Relaxed);
+        }
+        queue.push_back(Queued {
+            key: key.text,
+            seq: completion.seq,
+            evictable_at: window_end.min(completion.expires_at),
+            expires_at: completion.expires_at,
+        });
+        drop(queue);
         self.after_complete(completion.now);
     }
 
@@ -1601,5 +1657,128 @@ mod tests {
         };
         assert!(!Arc::ptr_eq(record, &held), "list hands out a copy");
         assert_eq!(store.bytes(), before);
+    }
+
+    /// Records stored with different TTLs (a day for payments, an hour for the rest, as
+    /// `ttl_by` allows): the eviction queue keeps no place for a record the store no longer
+    /// holds once a walk has removed it, however long the record ahead of it lives. (Before,
+    /// places behind a long-lived record stayed until it expired: one per completion of the
+    /// day, none of it counted against the cap.)
+    #[tokio::test(start_paused = true)]
+    async fn the_eviction_queue_keeps_no_place_for_records_swept_behind_a_longer_lived_one() {
+        let store = MemoryStore::builder()
+            .sweep_interval(Duration::from_secs(1))
+            .build();
+        stored(&store, "payment", Duration::from_secs(24 * 3600)).await;
+        for i in 0..5_000 {
+            stored(&store, &format!("short-{i}"), Duration::from_secs(1)).await;
+        }
+        // Past their TTL and past a walk.
+        tokio::time::sleep(Duration::from_secs(WALK_EVERY + 2)).await;
+        assert_eq!(store.len(), 1, "the walk removed the expired records");
+        let queued = store.inner.queue.lock().unwrap().len();
+        assert!(queued <= 1, "{queued} places queued for 1 record held");
+        // What the queue still holds is what the store holds: the long-lived record stays
+        // evictable once it leaves the window.
+        assert!(matches!(
+            store
+                .claim(&key("payment"), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap(),
+            Claim::Completed(_)
+        ));
+    }
+
+    /// A full store refuses a new claim to keep the records inside the replay window, not
+    /// records already expired: when shorter-lived records expire behind a longer-lived
+    /// one still inside the window, the claims refused meanwhile get room at the next
+    /// sweep, not only at the next walk (thirty sweeps later). The longer-lived record
+    /// stays.
+    #[tokio::test(start_paused = true)]
+    async fn records_expired_behind_one_inside_the_window_make_room_at_the_next_sweep() {
+        let store = MemoryStore::builder()
+            .max_bytes(10_000)
+            .min_retention(Duration::from_secs(300))
+            .sweep_interval(Duration::from_secs(1))
+            .build();
+        stored(&store, "long", Duration::from_secs(3600)).await;
+        let mut short = 0;
+        loop {
+            let k = format!("short-{short}");
+            match store.claim(&key(&k), &fp(), LeaseToken::new(), LEASE).await {
+                Ok(Claim::Acquired(t)) => {
+                    store
+                        .complete(&key(&k), t, record(10), Duration::from_secs(1))
+                        .await
+                        .unwrap();
+                    short += 1;
+                }
+                Err(StoreError::Full) => break,
+                other => panic!("{k}: {other:?}"),
+            }
+        }
+        assert!(short > 2, "{short} records filled the store");
+        // Every short record expires; the long one stays inside its window. A few sweeps
+        // later (well before the thirtieth), the refused claim gets in.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let Ok(Claim::Acquired(_)) = store
+            .claim(&key("new"), &fp(), LeaseToken::new(), LEASE)
+            .await
+        else {
+            panic!("still refused: {} bytes of {}", store.bytes(), 10_000)
+        };
+        assert!(matches!(
+            store
+                .claim(&key("long"), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap(),
+            Claim::Completed(_)
+        ));
+    }
+
+    /// Replays never take the store past its cap: a record's replay headers are kept (and
+    /// counted) only while they fit; past that, each replay makes them again, and they are
+    /// the same headers.
+    #[tokio::test(start_paused = true)]
+    async fn replays_of_a_full_store_stay_under_its_cap() {
+        const CAP: usize = 20_000;
+        let store = MemoryStore::builder()
+            .max_bytes(CAP)
+            .min_retention(Duration::from_secs(300))
+            .build();
+        store.make_replay_headers_with(crate::answer::replay_map);
+        let mut stored_keys = Vec::new();
+        loop {
+            let k = format!("k{}", stored_keys.len());
+            match store.claim(&key(&k), &fp(), LeaseToken::new(), LEASE).await {
+                Ok(Claim::Acquired(t)) => {
+                    let mut headers = HeaderMap::new();
+                    headers.insert("content-type", "application/json".parse().unwrap());
+                    let answer = Record::new(StatusCode::CREATED, headers, Bytes::from("{}"), None)
+                        .with_fingerprint(fp());
+                    store.complete(&key(&k), t, answer, TTL).await.unwrap();
+                    stored_keys.push(k);
+                }
+                Err(StoreError::Full) => break,
+                other => panic!("{k}: {other:?}"),
+            }
+        }
+        assert!(stored_keys.len() > 10);
+        for k in &stored_keys {
+            let Claim::Completed(record) = store
+                .claim(&key(k), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap()
+            else {
+                panic!("{k} replays")
+            };
+            assert!(store.bytes() <= CAP, "{} bytes of {CAP}", store.bytes());
+            let replayed = crate::answer::replay::<http_body_util::Empty<Bytes>>(&record);
+            assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+            assert_eq!(replayed.headers()["content-type"], "application/json");
+            assert_eq!(replayed.headers()["content-length"], "2");
+        }
+        let counted = store.inner.map.iter().map(|e| e.counted()).sum::<usize>();
+        assert_eq!(store.bytes(), counted);
     }
 }
