@@ -736,6 +736,7 @@ where
 {
     req.extensions_mut().insert(key);
     req.extensions_mut().insert(claimed.handle());
+    let head = req.method() == http::Method::HEAD;
     let fut = inner.call(req);
     // The claim's own shared state, not another count on the layer's runtime, which every
     // worker thread's requests write.
@@ -750,7 +751,7 @@ where
                 }
                 // Boxed before it is primed (the body keeps it boxed): the operation's
                 // future then holds a pointer across the wait, not the recorder.
-                let mut recorder = Recorder::boxed(body, &parts, claimed);
+                let mut recorder = Recorder::boxed(body, &parts, claimed, head);
                 // A body complete at once leaves with its head, after its record is stored.
                 recorder.prime().await;
                 let res = Response::from_parts(parts, IdempotencyBody::live(recorder));

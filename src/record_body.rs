@@ -148,18 +148,31 @@ where
     /// part of the frame of the operation's every poll, and everything the recorder calls
     /// as it stores the record (on the first poll) would run that much deeper in the stack.
     #[inline(never)]
-    pub(crate) fn boxed(body: B, parts: &http::response::Parts, claimed: Claimed) -> Box<Self> {
-        Box::new(Self::new(body, parts, claimed))
+    ///
+    /// `head`: the answer is to a `HEAD` request, which has no body whatever its head says
+    /// (its `Content-Length` is the length a `GET` would have): a server sends the head
+    /// alone.
+    pub(crate) fn boxed(
+        body: B,
+        parts: &http::response::Parts,
+        claimed: Claimed,
+        head: bool,
+    ) -> Box<Self> {
+        Box::new(Self::new(body, parts, claimed, head))
     }
 
-    fn new(body: B, parts: &http::response::Parts, claimed: Claimed) -> Self {
+    fn new(body: B, parts: &http::response::Parts, claimed: Claimed, head: bool) -> Self {
         let config = claimed.config();
         let headers = replayed_headers(config, &parts.headers);
-        let declared = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-            .or_else(|| body.size_hint().exact());
+        let declared = if head {
+            Some(0)
+        } else {
+            parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .or_else(|| body.size_hint().exact())
+        };
         Self {
             inner: Some(Box::pin(body)),
             recording: Some(Recording {
@@ -204,8 +217,8 @@ where
     {
         const MAX_FRAMES: usize = 16;
         const MAX_BYTES: usize = 64 * 1024;
-        // A head that says there is no body (a `204`, a `304`, `Content-Length: 0`) is all a
-        // server sends: it never reads the body, and drops it. So the recording does not
+        // A head that says there is no body (a `204`, a `304`, `Content-Length: 0`, an
+        // answer to `HEAD`) is all a server sends: it never reads the body, and drops it. So the recording does not
         // read it either: the answer is stored as its head says, before the head leaves
         // (otherwise a body whose end came later was dropped unread, and its key was
         // released or answered `409` after the client had the whole answer).

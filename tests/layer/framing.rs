@@ -229,3 +229,41 @@ async fn a_grpc_answer_without_its_status_never_runs_twice() {
         assert_eq!(runs.load(SeqCst), 1, "{case}: the operation ran once");
     }
 }
+
+/// A covered `HEAD` request, answered as HTTP says (the `Content-Length` a `GET` would
+/// have, and no body): the answer is stored as the head it is, and a retry is its replay,
+/// not a refusal as a body shorter than its head declares.
+#[tokio::test]
+async fn a_covered_head_request_is_stored_as_its_head() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let handler = tower::service_fn(move |_req: Request<Body>| {
+        counted.fetch_add(1, SeqCst);
+        async {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-length", "5")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+        }
+    });
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .methods([http::Method::HEAD]);
+    let addr = serve(layer.layer(handler)).await;
+    let head = || {
+        Request::head("/orders")
+            .header("host", "127.0.0.1")
+            .header("idempotency-key", "h")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let first = send_over_tcp(addr, false, head()).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(first.body.is_empty());
+    let retry = send_over_tcp(addr, false, head()).await;
+    assert_eq!(retry.status, StatusCode::OK, "the retry of a HEAD");
+    assert!(retry.replayed());
+    assert_eq!(runs.load(SeqCst), 1);
+}
