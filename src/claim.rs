@@ -258,17 +258,25 @@ impl Claimed {
         {
             return self.complete(record).await;
         }
+        if self.shared.in_doubt() {
+            return self.withdraw().await;
+        }
         let config = Arc::clone(&self.shared.config);
         let (key, token) = (self.shared.key.clone(), self.shared.token);
-        if self.shared.in_doubt() {
-            let registration = self.registration.take();
-            self.settled = true;
-            return withdraw(config, key, token, registration, false).await;
-        }
         self.settle();
         let fallback = fallback.filter(|_| !self.shared.in_transaction());
         let ttl = self.shared.ttl;
         release(config, key, token, fallback, false, ttl).await;
+    }
+
+    /// Withdraws a commit point in doubt, holding the key meanwhile, then frees it
+    /// ([`withdraw`]).
+    async fn withdraw(mut self) {
+        let config = Arc::clone(&self.shared.config);
+        let (key, token) = (self.shared.key.clone(), self.shared.token);
+        let registration = self.registration.take();
+        self.settled = true;
+        withdraw(config, key, token, registration, false).await;
     }
 
     /// Stores the outcome at once if the store answers at once (the embedded memory store)
@@ -276,6 +284,10 @@ impl Claimed {
     // The record handed back is the point: no copy is kept for the attempt.
     #[allow(clippy::result_large_err)]
     pub(crate) fn complete_now(&mut self, record: Record) -> Result<(), Record> {
+        // A commit point in doubt is withdrawn, never bound to an answer ([`complete`]).
+        if self.shared.in_doubt() {
+            return Err(record);
+        }
         let timer = crate::metrics::Timer::start();
         match self.shared.config.complete_direct(
             &self.shared.key,
@@ -300,6 +312,13 @@ impl Claimed {
     /// [`COMPLETION_RETRY_WINDOW`], keeping the lease alive, so that the response is not
     /// held for a whole outage and the key never runs twice meanwhile.
     pub(crate) async fn complete(mut self, record: Record) {
+        // The operation was told its commit point failed (it may land yet), so it made no
+        // effects, whatever it answered (a `200` saying "not charged", a `503`): the commit
+        // is withdrawn and the key freed, so that a retry runs the operation, and the answer
+        // is never stored ([`IdempotencyClaim::commit`](crate::IdempotencyClaim::commit)).
+        if self.shared.in_doubt() {
+            return Box::pin(self.withdraw()).await;
+        }
         // The embedded memory store: one direct call, which hands the record back if it
         // refuses, so that no copy of it is made for the attempt.
         let timer = crate::metrics::Timer::start();

@@ -171,8 +171,10 @@ impl IdempotencyClaim {
     /// broke after it was sent), the layer withdraws it once the operation ends
     /// ([`IdempotencyStore::revoke`](crate::store::IdempotencyStore::revoke), fenced by the
     /// token and retried like a completion), holding the key meanwhile, so a retry runs the
-    /// operation instead of being told a failure or `outcome-unknown`. The operation's error
-    /// answer is never stored for such a key.
+    /// operation instead of being told a failure or `outcome-unknown`. The operation's
+    /// answer is never stored for such a key, whatever its status (a `200` saying "not
+    /// charged" included). A call dropped before the store answers (a timeout of the
+    /// handler's own) counts as one that failed: should it land, it is withdrawn too.
     ///
     /// With a store that is not your database, a commit point cannot be atomic with your
     /// effects. Call it **before** the step that cannot be undone to get *at most once* (a
@@ -185,18 +187,30 @@ impl IdempotencyClaim {
     /// Committing twice is the same as once.
     pub async fn commit(&self) -> Result<(), StoreError> {
         let s = &self.shared;
+        // In doubt while the command is out: if this future is dropped before the store
+        // answers (a timeout of the handler's own), the command may land yet, and is
+        // withdrawn when the operation ends, as after an error.
+        let was_not_committed = s
+            .commit
+            .compare_exchange(NOT_COMMITTED, IN_DOUBT, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
         match s.config.commit(&s.key, s.hash, s.token, s.ttl).await {
             Ok(()) => {}
             // A definite answer: nothing was committed.
-            Err(StoreError::LeaseLost) => return Err(StoreError::LeaseLost),
+            Err(StoreError::LeaseLost) => {
+                if was_not_committed {
+                    let _ = s.commit.compare_exchange(
+                        IN_DOUBT,
+                        NOT_COMMITTED,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
+                return Err(StoreError::LeaseLost);
+            }
             Err(err) => {
-                // The command may still land: it is withdrawn when the operation ends.
-                let _ = s.commit.compare_exchange(
-                    NOT_COMMITTED,
-                    IN_DOUBT,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+                // The command may still land: it is withdrawn when the operation ends
+                // (the state says so since the command went out).
                 tracing::warn!(
                     key = self.key(),
                     error = %crate::store::ErrorChain(&err),

@@ -813,3 +813,132 @@ async fn a_failed_withdrawal_never_runs_unprotected_even_failing_open() {
     assert_eq!(retry.status, StatusCode::CREATED);
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
+
+/// Retries until the key is no longer in flight (a withdrawal holds it meanwhile).
+async fn settled_answer(app: &Router) -> Answer {
+    for _ in 0..200 {
+        let answer = call(app, post_req(Some("k"), "{}")).await;
+        if answer.status != StatusCode::CONFLICT {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the key stayed in flight");
+}
+
+/// A handler told its commit point failed makes no effects and answers as it likes; with
+/// the crate's own example (`commit().await.map_err(..)?` in a handler answering
+/// `Result<String, String>`) that answer is a `200` "not charged". The commit, which landed
+/// after its call timed out, is withdrawn and that answer is never stored: a retry runs,
+/// and charges once. (Before, the `200` was stored and replayed to every retry, and the
+/// charge never ran.)
+#[tokio::test]
+async fn an_answer_after_a_commit_in_doubt_is_never_stored_whatever_its_status() {
+    let wire = PausedWire::new(MemoryStore::new());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let charges = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let (on_wire, runs, charges) = (wire.clone(), runs.clone(), charges.clone());
+        Router::new()
+            .route(
+                "/orders",
+                post(move |claim: IdempotencyClaim, body: String| {
+                    let (wire, runs, charges) = (on_wire.clone(), runs.clone(), charges.clone());
+                    async move {
+                        if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                            wire.pause();
+                        }
+                        claim
+                            .commit()
+                            .await
+                            .map_err(|e| format!("not charged: {e}"))?;
+                        charges.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, String>(format!("charged {body}"))
+                    }
+                }),
+            )
+            .layer(
+                IdempotencyLayer::new(wire.clone())
+                    .share_keys_across_callers()
+                    .lease(Duration::from_millis(400))
+                    .store_timeout(Duration::from_millis(100)),
+            )
+    };
+    let first = {
+        let app = app.clone();
+        tokio::spawn(async move { call(&app, post_req(Some("k"), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The commit lands now.
+    wire.resume();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(first.text().starts_with("not charged"), "{}", first.text());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let retry = settled_answer(&app).await;
+    assert_eq!(
+        retry.text(),
+        "charged {}",
+        "the retry ran: {:?}",
+        retry.outcome
+    );
+    assert_eq!(charges.load(Ordering::SeqCst), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// A handler that stops waiting for its commit point (a timeout of its own, which drops
+/// the call) makes no effects; the command, which lands afterwards, is withdrawn as if the
+/// call had failed, so its `503` is not bound to the key: a retry runs. (Before, the layer
+/// took the dropped call for no commit, the late commit made the key committed, and the
+/// `503` was stored and replayed for good.)
+#[tokio::test]
+async fn a_commit_the_handler_stopped_waiting_for_is_withdrawn() {
+    let wire = PausedWire::new(MemoryStore::new());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let created = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let (on_wire, runs, created) = (wire.clone(), runs.clone(), created.clone());
+        Router::new()
+            .route(
+                "/orders",
+                post(move |claim: IdempotencyClaim| {
+                    let (wire, runs, created) = (on_wire.clone(), runs.clone(), created.clone());
+                    async move {
+                        if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                            wire.pause();
+                            let wire = wire.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                wire.resume();
+                            });
+                        }
+                        match tokio::time::timeout(Duration::from_millis(50), claim.commit()).await
+                        {
+                            Ok(Ok(())) => {
+                                created.fetch_add(1, Ordering::SeqCst);
+                                (StatusCode::CREATED, "created")
+                            }
+                            _ => (StatusCode::SERVICE_UNAVAILABLE, "not created, retry"),
+                        }
+                    }
+                }),
+            )
+            .layer(
+                IdempotencyLayer::new(wire.clone())
+                    .share_keys_across_callers()
+                    .lease(Duration::from_millis(400))
+                    .store_timeout(Duration::from_secs(2)),
+            )
+    };
+    let first = call(&app, post_req(Some("k"), "{}")).await;
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let retry = settled_answer(&app).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "the retry ran: {:?}",
+        retry.outcome
+    );
+    assert_eq!(created.load(Ordering::SeqCst), 1);
+}
