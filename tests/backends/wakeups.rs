@@ -370,3 +370,87 @@ async fn cancelled_waits_leave_no_subscription_behind() {
         "pushed after the cancellations: {claims} claims"
     );
 }
+
+/// A least-privilege ACL user that may write keys but not publish (Redis 7 gives new users
+/// no channels): every call that ends a key answers as it did its work (before, the
+/// script's refused `PUBLISH` turned a done completion, release, commit withdrawal,
+/// settlement or purge into an error after the write), and a waiter still gets the answer,
+/// by polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_refused_publish_still_ends_keys_and_is_answered_truthfully() {
+    if !redis_here() {
+        return;
+    }
+    let server = PrivateRedis::start();
+    let mut admin = admin(&server).await;
+    let _: () = redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER",
+                "app",
+                "on",
+                ">pw",
+                "~*",
+                "+@all",
+                "resetchannels",
+            ][..],
+        )
+        .query_async(&mut admin)
+        .await
+        .expect("a user without channels");
+    let url = format!("redis://app:pw@127.0.0.1:{}", server.port);
+    let store = RedisStore::connect(&url).await.expect("connect as app");
+
+    // Completed: answered Ok, and stored.
+    let k = key("acl-complete");
+    let token = acquire(&store, &k).await;
+    store
+        .complete(&k, token, record(b"done"), LONG)
+        .await
+        .expect("a done completion answers Ok");
+    let Claim::Completed(stored) = store
+        .claim(&k, &fp(1), LeaseToken::new(), LONG)
+        .await
+        .unwrap()
+    else {
+        panic!("the record is stored")
+    };
+    assert_eq!(stored.body(), &b"done"[..]);
+
+    // Released: answered Ok, and the key is free.
+    let k = key("acl-release");
+    let token = acquire(&store, &k).await;
+    store
+        .release(&k, token)
+        .await
+        .expect("a done release answers Ok");
+    assert!(matches!(
+        store
+            .claim(&k, &fp(1), LeaseToken::new(), LONG)
+            .await
+            .unwrap(),
+        Claim::Acquired(_)
+    ));
+
+    // Purged: answered true.
+    assert!(store.purge(&key("acl-complete")).await.expect("purge"));
+
+    // A waiter on another instance is answered without a wake-up.
+    let other = RedisStore::connect(&url).await.expect("connect as app");
+    let k = key("acl-wait");
+    let token = acquire(&store, &k).await;
+    let waiting = waiter(&other, &k);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    store
+        .complete(&k, token, record(b"late"), LONG)
+        .await
+        .expect("complete");
+    let Claim::Completed(stored) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiter is answered")
+        .unwrap()
+    else {
+        panic!("the waiter gets the stored answer");
+    };
+    assert_eq!(stored.body(), &b"late"[..]);
+}

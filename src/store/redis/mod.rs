@@ -59,7 +59,10 @@
 //! store, opened at the first wait; one `SUBSCRIBE` per key waited on, however many wait on
 //! it) before it claims, and the scripts that end a key (`complete`, `release`, `revoke`,
 //! `settle`, and `purge`) `PUBLISH` an empty message on that channel, inside the script, so
-//! at no extra round trip. It claims again when the message arrives (a tenth of a
+//! at no extra round trip. A `PUBLISH` the server refuses (an ACL user without channel
+//! permissions, Redis 7's default for new users) is ignored: the key's change stands and
+//! the call answers as it would otherwise, and waiters elsewhere find it by polling. It
+//! claims again when the message arrives (a tenth of a
 //! millisecond on loopback, see BENCHMARKS.md), when the holder's lease ends, and at least
 //! every 500 ms as a safety net. Waiters in the process that ended the key are woken
 //! directly. When the pub/sub connection is lost, every waiter looks again and subscribes
@@ -776,24 +779,21 @@ impl IdempotencyStore for RedisStore {
     async fn purge(&self, key: &StoreKey) -> Result<bool, StoreError> {
         let mut con = self.conn.clone();
         let name = self.redis_key(key);
-        let removed: i64 = if self.publishes() {
-            let (removed, _listeners): (i64, i64) = redis::pipe()
-                .cmd("DEL")
-                .arg(&name)
-                .cmd("PUBLISH")
+        let removed: i64 = redis::cmd("DEL")
+            .arg(&name)
+            .query_async(&mut con)
+            .await
+            .map_err(StoreError::backend)?;
+        if self.publishes() {
+            // After the key is gone, and whatever the answer: a `PUBLISH` the server refuses
+            // (an ACL user without channel permissions) must not turn a done purge into an
+            // error. An operator's command, rare: a second round trip.
+            let _listeners: redis::RedisResult<i64> = redis::cmd("PUBLISH")
                 .arg(&name)
                 .arg("")
                 .query_async(&mut con)
-                .await
-                .map_err(StoreError::backend)?;
-            removed
-        } else {
-            redis::cmd("DEL")
-                .arg(&name)
-                .query_async(&mut con)
-                .await
-                .map_err(StoreError::backend)?
-        };
+                .await;
+        }
         self.push.wakeups.wake(&name);
         Ok(removed > 0)
     }

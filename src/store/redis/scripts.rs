@@ -70,7 +70,7 @@ if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-if ARGV[4] == '1' then redis.call('PUBLISH', KEYS[1], '') end
+if ARGV[4] == '1' then redis.pcall('PUBLISH', KEYS[1], '') end
 return 1
 "#;
 
@@ -87,11 +87,11 @@ if redis.call('GETRANGE', KEYS[1], 49, 49) == 'K' then
   local deadline = tonumber(string.sub(v, 51)) or now
   redis.call('SET', KEYS[1], string.sub(v, 1, 50) .. string.format('%.0f', math.min(deadline, now)),
     'KEEPTTL')
-  if ARGV[2] == '1' then redis.call('PUBLISH', KEYS[1], '') end
+  if ARGV[2] == '1' then redis.pcall('PUBLISH', KEYS[1], '') end
   return 2
 end
 redis.call('DEL', KEYS[1])
-if ARGV[2] == '1' then redis.call('PUBLISH', KEYS[1], '') end
+if ARGV[2] == '1' then redis.pcall('PUBLISH', KEYS[1], '') end
 return 1
 "#;
 
@@ -132,7 +132,7 @@ if deadline and deadline > now then
 end
 local px = math.max(tonumber(ARGV[2]), redis.call('PTTL', KEYS[1]))
 redis.call('SET', KEYS[1], ARGV[1], 'PX', string.format('%.0f', px))
-if ARGV[3] == '1' then redis.call('PUBLISH', KEYS[1], '') end
+if ARGV[3] == '1' then redis.pcall('PUBLISH', KEYS[1], '') end
 return 1
 "#;
 
@@ -143,7 +143,7 @@ if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-if ARGV[2] == '1' then redis.call('PUBLISH', KEYS[1], '') end
+if ARGV[2] == '1' then redis.pcall('PUBLISH', KEYS[1], '') end
 return 1
 "#;
 
