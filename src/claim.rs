@@ -73,6 +73,14 @@ impl<'a> PendingClaim<'a> {
         self.armed = false;
     }
 
+    /// Whether a claim of ours may be on the wire: dropped while it is, this claim releases
+    /// the key in the background until a lease has passed. Between claims (a wait that
+    /// cannot claim behind the caller's back, the recovery hook) nothing of ours is out,
+    /// and a caller that leaves leaves nothing to release.
+    pub(crate) fn set_on_the_wire(&mut self, on_the_wire: bool) {
+        self.armed = on_the_wire;
+    }
+
     /// The store answered that this claim owns the key. `traced`: the request's span is
     /// enabled (a lost lease is recorded on it; nothing is, otherwise, as for every other
     /// attribute).

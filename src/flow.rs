@@ -172,7 +172,7 @@ where
 
         // The token is made here, before the claim is sent: if the answer never comes, the
         // claim that may have landed is released by it (on every path, drops included).
-        let pending = PendingClaim::new(&config, store_key, lease);
+        let mut pending = PendingClaim::new(&config, store_key, lease);
         let claim_started = traced.then(std::time::Instant::now);
         let mut claim = config
             .claim(
@@ -331,6 +331,17 @@ where
                     match config.in_flight {
                         InFlight::Wait(timeout) if !waited => {
                             waited = true;
+                            // The embedded memory store claims for a waiter in the same
+                            // poll that ends its wait, never on a wire: a waiter whose
+                            // client leaves meanwhile left nothing to release. (A shared
+                            // store's claim may be on the wire then: it stays armed.)
+                            #[cfg(feature = "memory")]
+                            let in_process = config.memory.is_some();
+                            #[cfg(not(feature = "memory"))]
+                            let in_process = false;
+                            if in_process {
+                                pending.set_on_the_wire(false);
+                            }
                             claim = config
                                 .wait(
                                     pending.key(),
@@ -340,6 +351,7 @@ where
                                     timeout,
                                 )
                                 .await;
+                            pending.set_on_the_wire(true);
                             continue;
                         }
                         _ => {

@@ -691,3 +691,47 @@ async fn a_response_body_failing_midway_leaves_a_tombstone() {
     common::assert_problem(&retry, 410, "response-not-stored");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// A duplicate waiting in wait mode whose client gives up leaves nothing behind on the
+/// embedded memory store: graceful shutdown is not held up by it, however long the lease.
+/// (Before, the waiter's drop started a background release that looked again every two
+/// seconds for one and a half leases, and `shutdown` answered `Unfinished`.)
+#[tokio::test]
+async fn a_waiter_whose_client_leaves_leaves_nothing_for_shutdown_to_wait_for() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .share_keys_across_callers()
+        .on_in_flight(InFlight::Wait(Duration::from_secs(60)))
+        .lease_by(|_| Some(Duration::from_secs(3600)));
+    let work = layer.detached_work();
+    let opened = Arc::clone(&gate);
+    let app = axum::Router::new()
+        .route(
+            "/orders",
+            axum::routing::post(move || {
+                let opened = Arc::clone(&opened);
+                async move {
+                    opened.notified().await;
+                    "done"
+                }
+            }),
+        )
+        .layer(layer);
+    let first = {
+        let app = app.clone();
+        tokio::spawn(async move { call(&app, post(Some("k"), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The waiter's client gives up after 100 ms.
+    let waiter = app.clone().oneshot(post(Some("k"), "{}"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), waiter)
+            .await
+            .is_err(),
+        "the duplicate waits"
+    );
+    gate.notify_one();
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    let ended = work.shutdown(Duration::from_secs(2)).await;
+    assert!(ended.is_ok(), "{ended:?}");
+}
