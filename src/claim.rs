@@ -580,6 +580,16 @@ async fn withdraw(
     if let Some(registration) = registration {
         config.keeper.settling(registration);
     }
+    // Awaited inline, this may be dropped before it ends (the operation's future dropped:
+    // a client gone under `Disconnect::Release`): the withdrawal then goes on on a tracked
+    // task, so that the key ends free and its lease stops being renewed.
+    let unfinished = (!detached).then(|| Unfinished {
+        config: Arc::clone(&config),
+        key: key.clone(),
+        token,
+        registration,
+        done: false,
+    });
     let mut failures = 0;
     let inline = if detached {
         COMPLETION_RETRY_WINDOW
@@ -587,6 +597,9 @@ async fn withdraw(
         config.store_timeout
     };
     let result = revoke_until(&config, &key, token, inline, &mut failures).await;
+    if let Some(mut unfinished) = unfinished {
+        unfinished.done = true;
+    }
     if detached || !matches!(&result, Err(e) if !matches!(e, StoreError::LeaseLost)) {
         return withdrawn(&config, &key, registration, failures, &result);
     }
@@ -602,6 +615,37 @@ async fn withdraw(
             revoke_until(&config, &key, token, COMPLETION_RETRY_WINDOW, &mut failures).await;
         withdrawn(&config, &key, registration, failures, &result);
     });
+}
+
+/// A withdrawal awaited inline that has not got its answer: dropped, it goes on on a
+/// tracked task.
+struct Unfinished {
+    config: Arc<Runtime>,
+    key: StoreKey,
+    token: LeaseToken,
+    registration: Option<Registration>,
+    /// The withdrawal got its answer: nothing to go on with.
+    done: bool,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let config = Arc::clone(&self.config);
+        let work = config.work.clone();
+        work.spawn(
+            "withdraw commit",
+            withdraw(
+                config,
+                self.key.clone(),
+                self.token,
+                self.registration.take(),
+                true,
+            ),
+        );
+    }
 }
 
 async fn revoke_until(

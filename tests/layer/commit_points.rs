@@ -942,3 +942,70 @@ async fn a_commit_the_handler_stopped_waiting_for_is_withdrawn() {
     );
     assert_eq!(created.load(Ordering::SeqCst), 1);
 }
+
+/// An operation that fails after its commit point could not be confirmed (the command
+/// landed after its call timed out), whose client leaves while the commit is being
+/// withdrawn and the store refuses the withdrawal for a while (the layer releases with the
+/// client, `Disconnect::Release`): the withdrawal goes on by itself, so the key ends free
+/// and a retry runs. (Before, the dropped withdrawal left the key's lease renewed for good:
+/// every retry got `409` until the process ended.)
+#[tokio::test]
+async fn a_withdrawal_whose_client_leaves_goes_on_and_frees_the_key() {
+    use tower::ServiceExt;
+    use tower_idempotency::policy::Disconnect;
+
+    let wire = PausedWire::new(MemoryStore::new());
+    let store = FaultStore::new(wire.clone());
+    let faults = Arc::clone(&store.faults);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = {
+        let (on_wire, runs, on_faults) = (wire.clone(), runs.clone(), Arc::clone(&faults));
+        let handler = tower::service_fn(move |req: Request<axum::body::Body>| {
+            let (wire, runs, faults) = (on_wire.clone(), runs.clone(), Arc::clone(&on_faults));
+            async move {
+                let claim = req.extensions().get::<IdempotencyClaim>().cloned().unwrap();
+                if runs.fetch_add(1, Ordering::SeqCst) > 0 {
+                    return Ok(http::Response::new(axum::body::Body::from("ran")));
+                }
+                wire.pause();
+                // Not confirmed (the store is paused): no effects; the operation fails.
+                assert!(claim.commit().await.is_err());
+                // The commit lands now, and the store refuses to withdraw it for a while.
+                faults.revoke_failures.store(usize::MAX, Ordering::SeqCst);
+                wire.resume();
+                Err(std::io::Error::other("not done"))
+            }
+        });
+        tower::Layer::layer(
+            &IdempotencyLayer::new(store)
+                .share_keys_across_callers()
+                .lease(Duration::from_millis(400))
+                .store_timeout(Duration::from_millis(300))
+                .on_disconnect(Disconnect::Release),
+            handler,
+        )
+    };
+    // The client leaves while the withdrawal is tried inline (from about 300 ms to 600).
+    let first = tokio::time::timeout(
+        Duration::from_millis(450),
+        svc.clone().oneshot(post_req(Some("k"), "{}")),
+    )
+    .await;
+    assert!(first.is_err(), "the client left before the answer");
+    // The store takes withdrawals again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    faults.revoke_failures.store(0, Ordering::SeqCst);
+    let mut answer = None;
+    for _ in 0..200 {
+        let res = svc.clone().oneshot(post_req(Some("k"), "{}")).await;
+        if let Ok(res) = res
+            && res.status() != StatusCode::CONFLICT
+        {
+            answer = Some(res.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(answer, Some(StatusCode::OK), "a retry ran");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
