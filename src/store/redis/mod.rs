@@ -895,6 +895,14 @@ fn wait_millis(timeout: Duration) -> u64 {
 /// with [`StoreError::Backend`]; the record is on the primary all the same, so retries
 /// replay it, and the layer calls `complete` again (a key that already holds the same
 /// record answers done), which waits again.
+///
+/// **Known limit:** `WAIT` and `WAITAOF` block the connection they are sent on until they
+/// answer, and the store sends every call of the process on one multiplexed connection
+/// (one per node on a cluster). So while a completion waits, every other call of the
+/// process waits behind it: with replicas behind or missing, up to `timeout` per
+/// completion, and completions one after another. Keep `timeout` short (tens of
+/// milliseconds) next to the store-call bound, or keep durable completions to a store of
+/// their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Durability {
