@@ -7,8 +7,8 @@
 //! the end itself. That frame is held back while the record is stored (within the
 //! store-call bound), so a client that has the whole response and retries at once always
 //! meets the stored record, never `409`. A head that says there is no body (`204`, `304`,
-//! `Content-Length: 0`) is the whole response: it is stored before it leaves, and its body
-//! is not read.
+//! `Content-Length: 0`, an answer to `HEAD`) is the whole response: it is stored before it
+//! leaves, and its body is not read.
 //!
 //! The server frames the response by the head, or by the exact size this body tells it
 //! once the inner body has ended. It is told none while an error is still to come, or when
@@ -147,11 +147,11 @@ where
     /// A recorder in a box, made in a frame of its own: made inline, its 624 bytes would be
     /// part of the frame of the operation's every poll, and everything the recorder calls
     /// as it stores the record (on the first poll) would run that much deeper in the stack.
-    #[inline(never)]
     ///
     /// `head`: the answer is to a `HEAD` request, which has no body whatever its head says
     /// (its `Content-Length` is the length a `GET` would have): a server sends the head
     /// alone.
+    #[inline(never)]
     pub(crate) fn boxed(
         body: B,
         parts: &http::response::Parts,
@@ -218,10 +218,11 @@ where
         const MAX_FRAMES: usize = 16;
         const MAX_BYTES: usize = 64 * 1024;
         // A head that says there is no body (a `204`, a `304`, `Content-Length: 0`, an
-        // answer to `HEAD`) is all a server sends: it never reads the body, and drops it. So the recording does not
-        // read it either: the answer is stored as its head says, before the head leaves
-        // (otherwise a body whose end came later was dropped unread, and its key was
-        // released or answered `409` after the client had the whole answer).
+        // answer to `HEAD`) is all a server sends: it never reads the body, and drops it.
+        // So the recording does not read it either: the answer is stored as its head says,
+        // before the head leaves (otherwise a body whose end came later was dropped unread,
+        // and its key was released or answered `409` after the client had the whole
+        // answer).
         if self.inner.is_some()
             && let Some(recording) = &self.recording
             && (matches!(
