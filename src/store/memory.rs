@@ -1659,6 +1659,34 @@ mod tests {
         assert_eq!(store.bytes(), before);
     }
 
+    /// Whether a claim of `k` finds its record.
+    async fn replays(store: &MemoryStore, k: &str) -> bool {
+        matches!(
+            store
+                .claim(&key(k), &fp(), LeaseToken::new(), LEASE)
+                .await
+                .unwrap(),
+            Claim::Completed(_)
+        )
+    }
+
+    /// Stores `answer()` for `ttl` under new keys until the store refuses a claim as full;
+    /// answers the keys stored.
+    async fn fill(store: &MemoryStore, answer: impl Fn() -> Record, ttl: Duration) -> Vec<String> {
+        let mut keys = Vec::new();
+        loop {
+            let k = format!("fill-{}", keys.len());
+            match store.claim(&key(&k), &fp(), LeaseToken::new(), LEASE).await {
+                Ok(Claim::Acquired(t)) => {
+                    store.complete(&key(&k), t, answer(), ttl).await.unwrap();
+                    keys.push(k);
+                }
+                Err(StoreError::Full) => return keys,
+                other => panic!("{k}: {other:?}"),
+            }
+        }
+    }
+
     /// Records stored with different TTLs (a day for payments, an hour for the rest, as
     /// `ttl_by` allows): the eviction queue keeps no place for a record the store no longer
     /// holds once a walk has removed it, however long the record ahead of it lives. (Before,
@@ -1680,13 +1708,7 @@ mod tests {
         assert!(queued <= 1, "{queued} places queued for 1 record held");
         // What the queue still holds is what the store holds: the long-lived record stays
         // evictable once it leaves the window.
-        assert!(matches!(
-            store
-                .claim(&key("payment"), &fp(), LeaseToken::new(), LEASE)
-                .await
-                .unwrap(),
-            Claim::Completed(_)
-        ));
+        assert!(replays(&store, "payment").await);
     }
 
     /// A full store refuses a new claim to keep the records inside the replay window, not
@@ -1702,22 +1724,8 @@ mod tests {
             .sweep_interval(Duration::from_secs(1))
             .build();
         stored(&store, "long", Duration::from_secs(3600)).await;
-        let mut short = 0;
-        loop {
-            let k = format!("short-{short}");
-            match store.claim(&key(&k), &fp(), LeaseToken::new(), LEASE).await {
-                Ok(Claim::Acquired(t)) => {
-                    store
-                        .complete(&key(&k), t, record(10), Duration::from_secs(1))
-                        .await
-                        .unwrap();
-                    short += 1;
-                }
-                Err(StoreError::Full) => break,
-                other => panic!("{k}: {other:?}"),
-            }
-        }
-        assert!(short > 2, "{short} records filled the store");
+        let short = fill(&store, || record(10), Duration::from_secs(1)).await;
+        assert!(short.len() > 2, "{} records filled the store", short.len());
         // Every short record expires; the long one stays inside its window. A few sweeps
         // later (well before the thirtieth), the refused claim gets in.
         tokio::time::sleep(Duration::from_secs(4)).await;
@@ -1727,13 +1735,7 @@ mod tests {
         else {
             panic!("still refused: {} bytes of {}", store.bytes(), 10_000)
         };
-        assert!(matches!(
-            store
-                .claim(&key("long"), &fp(), LeaseToken::new(), LEASE)
-                .await
-                .unwrap(),
-            Claim::Completed(_)
-        ));
+        assert!(replays(&store, "long").await);
     }
 
     /// Replays never take the store past its cap: a record's replay headers are kept (and
@@ -1747,22 +1749,13 @@ mod tests {
             .min_retention(Duration::from_secs(300))
             .build();
         store.make_replay_headers_with(crate::answer::replay_map);
-        let mut stored_keys = Vec::new();
-        loop {
-            let k = format!("k{}", stored_keys.len());
-            match store.claim(&key(&k), &fp(), LeaseToken::new(), LEASE).await {
-                Ok(Claim::Acquired(t)) => {
-                    let mut headers = HeaderMap::new();
-                    headers.insert("content-type", "application/json".parse().unwrap());
-                    let answer = Record::new(StatusCode::CREATED, headers, Bytes::from("{}"), None)
-                        .with_fingerprint(fp());
-                    store.complete(&key(&k), t, answer, TTL).await.unwrap();
-                    stored_keys.push(k);
-                }
-                Err(StoreError::Full) => break,
-                other => panic!("{k}: {other:?}"),
-            }
-        }
+        let answer = || {
+            let mut headers = HeaderMap::new();
+            headers.insert("content-type", "application/json".parse().unwrap());
+            Record::new(StatusCode::CREATED, headers, Bytes::from("{}"), None)
+                .with_fingerprint(fp())
+        };
+        let stored_keys = fill(&store, answer, TTL).await;
         assert!(stored_keys.len() > 10);
         for k in &stored_keys {
             let Claim::Completed(record) = store

@@ -216,3 +216,18 @@ impl http_body::Body for ChannelBody {
         self.0.poll_recv(cx).map(|f| f.map(Ok))
     }
 }
+
+/// A body of frames given in advance, each at once: data, trailers, or an error midway.
+pub struct Frames(pub std::collections::VecDeque<Result<http_body::Frame<Bytes>, std::io::Error>>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front())
+    }
+}

@@ -309,21 +309,6 @@ async fn the_demo_keeps_its_orders_in_mysql() {
 
 // ---- `IdempotencyLayer::for_axum`: the layer answering in axum's own `Body` ----
 
-/// A body of frames given in advance: data, trailers, or an error midway.
-struct Frames(std::collections::VecDeque<Result<http_body::Frame<Bytes>, std::io::Error>>);
-
-impl http_body::Body for Frames {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        std::task::Poll::Ready(self.0.pop_front())
-    }
-}
-
 fn listing_trailers() -> HeaderMap {
     let mut trailers = HeaderMap::new();
     trailers.insert("x-listing-count", "2".parse().unwrap());
@@ -338,7 +323,7 @@ fn streaming_routes(counter: &Arc<AtomicUsize>, held: &Arc<tokio::sync::Notify>)
         .route(
             "/orders",
             counting_router(counter).get(|| async {
-                Body::new(Frames(
+                Body::new(common::Frames(
                     [
                         Ok(http_body::Frame::data(Bytes::from_static(b"[1,"))),
                         Ok(http_body::Frame::data(Bytes::from_static(b"2]"))),
@@ -351,7 +336,7 @@ fn streaming_routes(counter: &Arc<AtomicUsize>, held: &Arc<tokio::sync::Notify>)
         .route(
             "/broken",
             axum::routing::get(|| async {
-                Body::new(Frames(
+                Body::new(common::Frames(
                     [
                         Ok(http_body::Frame::data(Bytes::from_static(b"[1,"))),
                         Err(std::io::Error::other("the listing broke")),

@@ -2,7 +2,6 @@
 //! the client gets what it would get without the layer (never a failed body passed off as
 //! whole, never a hang), and a retry never runs the operation again.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -17,7 +16,7 @@ use tower::{Layer, ServiceExt};
 use tower_idempotency::policy::Disconnect;
 use tower_idempotency::{IdempotencyLayer, IdempotencyOutcome, MemoryStore};
 
-use crate::common::{ChannelBody, WireAnswer, send_over_tcp, serve};
+use crate::common::{ChannelBody, Frames, WireAnswer, send_over_tcp, serve};
 
 fn post(key: &str) -> Request<Full<Bytes>> {
     Request::post("/orders")
@@ -26,21 +25,6 @@ fn post(key: &str) -> Request<Full<Bytes>> {
         .header("idempotency-key", key)
         .body(Full::new(Bytes::from_static(b"{}")))
         .unwrap()
-}
-
-/// A body that gives these frames or errors, in order, each at once.
-struct Script(VecDeque<Result<Frame<Bytes>, std::io::Error>>);
-
-impl http_body::Body for Script {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        std::task::Poll::Ready(self.0.pop_front())
-    }
 }
 
 fn data(bytes: &'static [u8]) -> Result<Frame<Bytes>, std::io::Error> {
@@ -138,7 +122,7 @@ async fn a_failed_or_misframed_body_fails_as_it_would_without_the_layer() {
                     if let Some(length) = length {
                         res = res.header("content-length", length);
                     }
-                    Ok::<_, Infallible>(res.body(Body::new(Script(frames().into()))).unwrap())
+                    Ok::<_, Infallible>(res.body(Body::new(Frames(frames().into()))).unwrap())
                 }
             })
         };
@@ -205,7 +189,7 @@ async fn a_grpc_answer_without_its_status_never_runs_twice() {
                 Ok::<_, Infallible>(
                     Response::builder()
                         .header("content-type", "application/grpc")
-                        .body(Body::new(Script(frames().into())))
+                        .body(Body::new(Frames(frames().into())))
                         .unwrap(),
                 )
             }
