@@ -853,27 +853,12 @@ impl Inner {
     /// Counts `size` more bytes if they fit under the cap, making room first by evicting
     /// records older than the window (oldest first). False when they do not fit.
     fn reserve(&self, size: usize, now: Tick) -> bool {
-        let mut current = self.bytes.load(Ordering::Relaxed);
-        loop {
-            if current.saturating_add(size) <= self.max_bytes {
-                match self.bytes.compare_exchange_weak(
-                    current,
-                    current + size,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => return true,
-                    Err(actual) => {
-                        current = actual;
-                        continue;
-                    }
-                }
-            }
+        while !self.count_if_room(size) {
             if !self.evict_one(now) {
                 return false;
             }
-            current = self.bytes.load(Ordering::Relaxed);
         }
+        true
     }
 
     /// Evicts the oldest record if it is past the window (or expired); false when the
