@@ -572,7 +572,7 @@ impl MemoryStore {
         // Room for a new claim is reserved before the entry is locked (making room takes
         // other entries' locks), and given back if the key turns out to be taken.
         let size = key.as_str().len() + ENTRY_OVERHEAD;
-        if !inner.reserve(size, now) {
+        if !inner.reserve(size, now) && !inner.reserve_in_place_of_expired(&map_key, size, now) {
             inner.refusals.fetch_add(1, Ordering::Relaxed);
             if inner.disordered.load(Ordering::Relaxed) {
                 inner.walk_soon.store(true, Ordering::Relaxed);
@@ -831,6 +831,22 @@ impl Inner {
         drop(queue);
         crate::metrics::memory_size(self.bytes.load(Ordering::Relaxed), self.map.len());
         removed
+    }
+
+    /// [`reserve`](Self::reserve) for a claim of `key` that found no room: if the key's own
+    /// entry has expired (a record past its TTL, a claim past its lease and contest), it is
+    /// removed first, as a sweep would, and its room is the claim's. (A full store otherwise
+    /// refused the claim that would replace the key's own expired record.)
+    fn reserve_in_place_of_expired(&self, key: &MapKey, size: usize, now: Tick) -> bool {
+        let gone = self.map.remove_if(key, |_, entry| {
+            entry.slot.gone_at().is_some_and(|at| at <= now)
+        });
+        let Some((_, mut entry)) = gone else {
+            return false;
+        };
+        entry.wake();
+        self.bytes.fetch_sub(entry.counted(), Ordering::Relaxed);
+        self.reserve(size, now)
     }
 
     /// Counts `size` more bytes if they fit under the cap as it stands (nothing evicted).
@@ -1720,6 +1736,31 @@ mod tests {
         else {
             panic!("still refused: {} bytes of {}", store.bytes(), 10_000)
         };
+        assert!(replays(&store, "long").await);
+    }
+
+    /// A full store takes a claim that replaces the key's own expired record: its room is
+    /// the claim's, whatever the records ahead of it in the queue. (Before, the claim was
+    /// refused while a longer-lived record inside the window stood first in the queue.)
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_takes_the_claim_that_replaces_the_keys_own_expired_record() {
+        let store = MemoryStore::builder()
+            .max_bytes(10_000)
+            .min_retention(Duration::from_secs(300))
+            .sweep_interval(Duration::from_secs(3600))
+            .build();
+        stored(&store, "long", Duration::from_secs(3600)).await;
+        stored(&store, "own", Duration::from_secs(1)).await;
+        let rest = fill(&store, || record(10), Duration::from_secs(3600)).await;
+        assert!(!rest.is_empty());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let claim = store
+            .claim(&key("own"), &fp(), LeaseToken::new(), LEASE)
+            .await;
+        assert!(matches!(claim, Ok(Claim::Acquired(_))), "{claim:?}");
+        let counted = store.inner.map.iter().map(|e| e.counted()).sum::<usize>();
+        assert_eq!(store.bytes(), counted);
+        assert!(store.bytes() <= 10_000);
         assert!(replays(&store, "long").await);
     }
 
