@@ -455,6 +455,13 @@ where
                     return result;
                 };
                 tokio::time::sleep(pause).await;
+                // The attempt's body may have been read on meanwhile (a connection still
+                // writing it after an early answer), past what is kept: then no copy of the
+                // whole is left to send again, and this attempt was the one.
+                if !lock(&tee).resendable() {
+                    lock(&tee).finish();
+                    return result;
+                }
             }
         })
     }

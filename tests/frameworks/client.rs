@@ -325,3 +325,100 @@ async fn keys_the_client_sends_are_accepted_by_every_parsing_mode_of_the_server(
         "{refused}"
     );
 }
+
+/// A streaming body that the first attempt's connection goes on reading during the backoff
+/// pause (as hyper's HTTP/1.1 client writes the rest of a body after an early `503`), past
+/// what `BufferedRetryLayer` keeps: no whole copy is left, so nothing is sent again. (Before,
+/// the retry went out under the same key with only the rest of the body: the server ran the
+/// operation on the wrong data.)
+#[tokio::test]
+async fn a_body_read_past_what_is_kept_during_the_pause_is_not_sent_again_from_its_middle() {
+    use http_body_util::combinators::UnsyncBoxBody;
+    use std::sync::{Arc, Mutex};
+    use tower::Layer;
+    use tower_idempotency::client::BufferedRetryLayer;
+
+    type Body = UnsyncBoxBody<Bytes, std::convert::Infallible>;
+
+    /// A body fed from a channel, a frame per message.
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl http_body::Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|d| d.map(|d| Ok(http_body::Frame::data(d))))
+        }
+    }
+
+    let reads: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+    let seen = Arc::clone(&reads);
+    let inner = tower::service_fn(move |req: http::Request<Body>| {
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let first = {
+            let mut seen = seen.lock().unwrap();
+            seen.push(Arc::clone(&got));
+            seen.len() == 1
+        };
+        async move {
+            let mut body = req.into_body();
+            if first {
+                // One frame read, a `503` at once, and the connection reads on.
+                let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+                got.lock().unwrap().extend_from_slice(&frame);
+                tokio::spawn(async move {
+                    while let Some(Ok(frame)) = body.frame().await {
+                        got.lock()
+                            .unwrap()
+                            .extend_from_slice(&frame.into_data().unwrap());
+                    }
+                });
+                return Ok::<_, BoxError>(http::Response::builder().status(503).body(()).unwrap());
+            }
+            while let Some(Ok(frame)) = body.frame().await {
+                got.lock()
+                    .unwrap()
+                    .extend_from_slice(&frame.into_data().unwrap());
+            }
+            Ok(http::Response::builder().status(200).body(()).unwrap())
+        }
+    });
+    let (feed, rx) = tokio::sync::mpsc::unbounded_channel();
+    feed.send(Bytes::from("ab")).unwrap();
+    let req = http::Request::post("/upload")
+        .header("idempotency-key", "\"k\"")
+        .body(Fed(rx).boxed_unsync())
+        .unwrap();
+    let policy = RetryPolicy::new().backoff(Duration::from_millis(300), Duration::from_millis(300));
+    let call = tokio::spawn(
+        BufferedRetryLayer::new(policy)
+            .max_body(4)
+            .layer(inner)
+            .oneshot(req),
+    );
+    // In the pause: the first attempt's connection reads past the 4 bytes kept.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    feed.send(Bytes::from("cdef")).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    feed.send(Bytes::from("gh")).unwrap();
+    drop(feed);
+    let res = call.await.unwrap().unwrap();
+    let reads: Vec<Vec<u8>> = reads
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.lock().unwrap().clone())
+        .collect();
+    assert_eq!(
+        res.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the one attempt's answer"
+    );
+    assert_eq!(reads.len(), 1, "sent once: {reads:?}");
+}
