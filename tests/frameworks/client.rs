@@ -357,7 +357,9 @@ async fn a_body_read_past_what_is_kept_during_the_pause_is_not_sent_again_from_i
         }
     }
 
-    let reads: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+    /// What each attempt's body gave the server.
+    type Reads = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
+    let reads: Reads = Arc::default();
     let seen = Arc::clone(&reads);
     let inner = tower::service_fn(move |req: http::Request<Body>| {
         let got = Arc::new(Mutex::new(Vec::new()));
