@@ -659,6 +659,14 @@ impl PostgresStore {
     /// until your transaction ends, so keep the transaction short (the lease keeper's
     /// renewals wait for it).
     ///
+    /// At `REPEATABLE READ` or `SERIALIZABLE`, the statement fails with SQLSTATE `40001`
+    /// ("could not serialize access due to concurrent update", a
+    /// [`StoreError::Backend`]) when your transaction read anything before it and the row
+    /// changed since: the lease keeper renewed the key, or a duplicate in wait mode marked
+    /// it. Roll back, as for any error. Calling `commit_in` first in the transaction (it
+    /// locks the row, so renewals wait), or running the transaction at `READ COMMITTED`
+    /// (PostgreSQL's default), avoids it.
+    ///
     /// `claim` must come from a layer on this store (the same table).
     ///
     /// ```no_run
