@@ -904,13 +904,26 @@ impl IdempotencyStore for PostgresStore {
 
     async fn release(&self, key: &StoreKey, token: LeaseToken) -> Result<(), StoreError> {
         let sql = self.inner.sql()?;
-        let (gone, kept, _announced): (i64, i64, i64) =
-            sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.release)))
-                .bind(key.as_str())
-                .bind(token.to_bytes().to_vec())
-                .fetch_one(&self.inner.config.pool)
-                .await
-                .map_err(StoreError::backend)?;
+        let release = || async {
+            let (gone, kept, _announced): (i64, i64, i64) =
+                sqlx::query_as(AssertSqlSafe(Arc::clone(&sql.release)))
+                    .bind(key.as_str())
+                    .bind(token.to_bytes().to_vec())
+                    .fetch_one(&self.inner.config.pool)
+                    .await
+                    .map_err(StoreError::backend)?;
+            Ok::<_, StoreError>((gone, kept))
+        };
+        let (mut gone, mut kept) = release().await?;
+        if gone + kept == 0 {
+            // Both parts of the statement judge the row by the snapshot it started with: one
+            // that waited on the row lock of an application's transaction declaring the
+            // commit point (`commit_in`), which then committed, took nothing, although the
+            // row is ours and committed now. Once more, on a snapshot of now (fenced by the
+            // token, so nothing else is touched): rare, since it only follows a lost lease
+            // or such a race.
+            (gone, kept) = release().await?;
+        }
         if gone + kept > 0 {
             self.wake_here(key);
         }

@@ -461,3 +461,50 @@ async fn through_the_layer_round_trips_are_two_three_with_a_commit_point_and_one
     .await;
     PostgresStore::drop_table(store.pool(), &table).await;
 }
+
+/// A release that waits on the row lock of an application's transaction which declares the
+/// commit point (`commit_in`) and then commits: the release answers `Committed`, as it does
+/// once the commit is in, and ends the lease, so that retries get the outcome at once. (Before,
+/// both parts of the release judged the row by the snapshot the statement started with, took
+/// nothing, and the release answered `LeaseLost` while the lease ran on.)
+#[tokio::test]
+async fn a_release_waiting_on_a_commit_in_transaction_answers_committed() {
+    let Some(url) = database_url() else { return };
+    let pool = pool::<PostgresStore>(&url).await;
+    let table = private_table("relcommit");
+    let store = PostgresStore::new(pool.clone()).table(&table);
+    store.migrate().await.expect("migrate");
+    let k = StoreKey::new(&Scope::anonymous(), "in-tx");
+    let token = acquire(&store, &k, Duration::from_secs(30)).await;
+    // The application's transaction: the commit point, as `commit_in` writes it.
+    let mut tx = pool.begin().await.expect("a transaction");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE \"{table}\" SET committed = true, lease_until = expires_at \
+         WHERE key = $1 AND token = $2"
+    )))
+    .bind(k.as_str())
+    .bind(token.to_bytes().to_vec())
+    .execute(&mut *tx)
+    .await
+    .expect("the commit point");
+    let releasing = {
+        let (store, k) = (store.clone(), k.clone());
+        tokio::spawn(async move { store.release(&k, token).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await.expect("the application commits");
+    let released = releasing.await.unwrap();
+    assert!(
+        matches!(released, Err(StoreError::Committed)),
+        "{released:?}"
+    );
+    // The lease ended: a retry finds the key's outcome unknown at once.
+    let retry = store
+        .claim(&k, &fp(1), LeaseToken::new(), Duration::from_secs(30))
+        .await;
+    assert!(
+        matches!(retry, Ok(Claim::OutcomeUnknown { .. })),
+        "{retry:?}"
+    );
+    PostgresStore::drop_table(&pool, &table).await;
+}
