@@ -137,19 +137,27 @@ impl PrivateRedis {
 
     /// A server with these arguments after the defaults (a later argument wins), such as
     /// `["--appendonly", "yes"]` or `["--replicaof", "127.0.0.1", "6390"]`.
+    ///
+    /// A free port found is free only until another test takes it: a server that could not
+    /// listen on it (it exits at once) is started again on another, a few times.
     pub fn start_with(args: &[&str]) -> Self {
-        let port = Self::free_port();
         let dir = std::env::temp_dir().join(format!(
-            "tower-idempotency-redis-{port}-{}",
+            "tower-idempotency-redis-{}",
             uuid::Uuid::new_v4().simple()
         ));
         std::fs::create_dir_all(&dir).expect("a directory for the private redis-server");
         let mut server = Self {
             child: None,
-            port,
+            port: Self::free_port(),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             dir,
         };
+        for _ in 0..4 {
+            if server.try_start() {
+                return server;
+            }
+            server.port = Self::free_port();
+        }
         server.restart();
         server
     }
@@ -160,6 +168,16 @@ impl PrivateRedis {
 
     /// Starts the server (again) on its port and waits until it accepts connections.
     pub fn restart(&mut self) {
+        assert!(
+            self.try_start(),
+            "redis-server exited at once on port {}",
+            self.port
+        );
+    }
+
+    /// Starts the server on its port and waits until it accepts connections; false when it
+    /// exited at once (its port was taken).
+    fn try_start(&mut self) -> bool {
         assert!(self.child.is_none(), "the server is already running");
         let child = std::process::Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -172,8 +190,14 @@ impl PrivateRedis {
             .spawn()
             .expect("redis-server must be on PATH");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(child) = &mut self.child
+                && child.try_wait().is_ok_and(|status| status.is_some())
+            {
+                self.child = None;
+                return false;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "redis-server did not start on port {}",
@@ -181,6 +205,7 @@ impl PrivateRedis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     pub fn kill(&mut self) {
