@@ -35,10 +35,15 @@ fn broken() -> Result<Frame<Bytes>, std::io::Error> {
     Err(std::io::Error::other("the body broke"))
 }
 
-/// What a client over HTTP/1.1 got within three seconds: the answer, `Err` when the
-/// connection failed it (an incomplete body), `None` when it was still waiting.
-async fn within(addr: std::net::SocketAddr, key: &str) -> Option<Result<WireAnswer, String>> {
-    let sent = tokio::spawn(send_over_tcp(addr, false, post(key)));
+/// What a client over HTTP/1.1 (HTTP/2 when `h2`) got within three seconds: the answer,
+/// `Err` when the connection failed it (an incomplete body), `None` when it was still
+/// waiting.
+async fn within(
+    addr: std::net::SocketAddr,
+    h2: bool,
+    key: &str,
+) -> Option<Result<WireAnswer, String>> {
+    let sent = tokio::spawn(send_over_tcp(addr, h2, post(key)));
     match tokio::time::timeout(Duration::from_secs(3), sent).await {
         Err(_) => None,
         Ok(Ok(answer)) => Some(Ok(answer)),
@@ -93,8 +98,8 @@ async fn an_answer_without_a_body_by_its_head_is_stored_before_it_leaves() {
     }
 }
 
-/// Bodies that fail, or whose length is not the one their head declares, over HTTP/1.1: the
-/// client sees what it sees without the layer (the answer cut off or failed, never passed
+/// Bodies that fail, or whose length is not the one their head declares, over HTTP/1.1 and
+/// HTTP/2: the client sees what it sees without the layer (the answer cut off or failed, never passed
 /// off as whole, never left waiting), and a retry is refused without running again (a
 /// tombstone: `410`), not answered with bytes the first client never got.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,7 +118,8 @@ async fn a_failed_or_misframed_body_fails_as_it_would_without_the_layer() {
             vec![data(b"hello world")]
         }),
     ];
-    for (case, length, frames) in cases {
+    for ((case, length, frames), h2) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
+        let case = format!("{case} (h2={h2})");
         let handler = |runs: Arc<AtomicUsize>| {
             tower::service_fn(move |_req: Request<Body>| {
                 runs.fetch_add(1, SeqCst);
@@ -134,8 +140,10 @@ async fn a_failed_or_misframed_body_fails_as_it_would_without_the_layer() {
                 .layer(handler(Arc::clone(&runs))),
         )
         .await;
-        let without = within(bare, "k").await.expect("the bare server answers");
-        let with = within(layered, "k")
+        let without = within(bare, h2, "k")
+            .await
+            .expect("the bare server answers");
+        let with = within(layered, h2, "k")
             .await
             .unwrap_or_else(|| panic!("{case}: the client was left waiting"));
         match (&without, &with) {
@@ -150,7 +158,7 @@ async fn a_failed_or_misframed_body_fails_as_it_would_without_the_layer() {
             (Ok(_), Err(_)) => {}
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let retry = within(layered, "k")
+        let retry = within(layered, h2, "k")
             .await
             .unwrap_or_else(|| panic!("{case}: the retry was left waiting"))
             .unwrap_or_else(|e| panic!("{case}: the retry failed: {e}"));
