@@ -112,8 +112,12 @@ pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// [`RetryBody`], the caller's body with a copy kept for retries.
 ///
 /// Implemented for tonic's body (feature `tonic`), axum's (feature `axum`), and
-/// `http-body-util`'s `BoxBody` and `UnsyncBoxBody`. A body held whole, such as
-/// `Full<Bytes>`, needs no copy: use [`RetryPolicy`] with tower's `RetryLayer`.
+/// `http-body-util`'s `BoxBody` and `UnsyncBoxBody` whose error is a boxed error (or any
+/// error type made from one). A body held whole, such as `Full<Bytes>`, needs no copy: use
+/// [`RetryPolicy`] with tower's `RetryLayer`.
+///
+/// A [`RetryBody`] fails with a boxed error: the caller's body's own, or [`AttemptGivenUp`].
+/// A body type with another error type wraps it in its own, as below.
 ///
 /// ```
 /// use bytes::Bytes;
@@ -135,11 +139,11 @@ pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// impl WrapBody for MyBody {
 ///     fn wrap(body: RetryBody<Self>) -> Self {
-///         MyBody(body.boxed_unsync())
+///         MyBody(body.map_err(std::io::Error::other).boxed_unsync())
 ///     }
 /// }
 /// ```
-pub trait WrapBody: http_body::Body<Data = Bytes> + Sized {
+pub trait WrapBody: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Sized {
     /// A body of this type yielding what `body` yields.
     fn wrap(body: RetryBody<Self>) -> Self;
 }
@@ -160,23 +164,42 @@ impl WrapBody for axum_core::body::Body {
     }
 }
 
-impl<E: 'static> WrapBody for http_body_util::combinators::BoxBody<Bytes, E> {
+impl<E> WrapBody for http_body_util::combinators::BoxBody<Bytes, E>
+where
+    E: From<BoxError> + Into<BoxError> + 'static,
+{
     fn wrap(body: RetryBody<Self>) -> Self {
-        http_body_util::combinators::BoxBody::new(body)
+        use http_body_util::BodyExt;
+        http_body_util::combinators::BoxBody::new(body.map_err(E::from))
     }
 }
 
-impl<E: 'static> WrapBody for http_body_util::combinators::UnsyncBoxBody<Bytes, E> {
+impl<E> WrapBody for http_body_util::combinators::UnsyncBoxBody<Bytes, E>
+where
+    E: From<BoxError> + Into<BoxError> + 'static,
+{
     fn wrap(body: RetryBody<Self>) -> Self {
-        http_body_util::combinators::UnsyncBoxBody::new(body)
+        use http_body_util::BodyExt;
+        http_body_util::combinators::UnsyncBoxBody::new(body.map_err(E::from))
     }
 }
+
+/// The error of a [`RetryBody`] whose attempt was given up while its body was still being
+/// sent (the attempt's answer came first, and a later attempt sends the body now).
+///
+/// The transport that was sending it stops with this error: an HTTP/2 stream is reset, an
+/// HTTP/1.1 connection closed, so the server sees the body fail, never a cut-off body
+/// passed off as whole, and the stream or connection is not held open for a body that will
+/// not come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("this attempt was given up: a later attempt of the same call sends the body")]
+pub struct AttemptGivenUp;
 
 /// A request body as [`BufferedRetry`] sends it: what the caller's body yields, as it comes
 /// (after the kept copy, on a retry), while a copy is kept for another attempt.
 ///
-/// The body of an attempt that was given up (a later attempt has started) yields nothing
-/// more and never ends: ending it would tell the server a cut-off body was whole.
+/// It fails with a boxed error: the caller's body's own, or [`AttemptGivenUp`] once a later
+/// attempt has started (ending it instead would tell the server a cut-off body was whole).
 pub struct RetryBody<B> {
     tee: Arc<std::sync::Mutex<Tee<B>>>,
     attempt: u64,
@@ -208,6 +231,10 @@ pub(super) struct Tee<B> {
     recording: bool,
     ended: bool,
     failed: bool,
+    /// The task of the current attempt's body while it waits on the source: woken when
+    /// the attempt is given up, which the source will not do (it wakes the reader of the
+    /// next attempt now).
+    waiting: Option<std::task::Waker>,
 }
 
 /// A frame of the caller's body, kept.
@@ -248,6 +275,7 @@ impl<B> Tee<B> {
             recording: true,
             ended: false,
             failed: false,
+            waiting: None,
         }
     }
 
@@ -261,6 +289,10 @@ impl<B> Tee<B> {
         let mut this = lock(tee);
         this.attempt += 1;
         this.sent = 0;
+        if let Some(given_up) = this.waiting.take() {
+            // Whatever still sends the given-up body learns that it fails.
+            given_up.wake();
+        }
         RetryBody {
             tee: Arc::clone(tee),
             attempt: this.attempt,
@@ -330,19 +362,20 @@ pub(super) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
 
 impl<B> http_body::Body for RetryBody<B>
 where
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes, Error: Into<BoxError>>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let mut tee = lock(&self.tee);
         if tee.attempt != self.attempt {
-            // Given up: a later attempt reads the body now.
-            return Poll::Pending;
+            // Given up: a later attempt reads the body now. Failing stops whatever still
+            // sends this one (a stream reset, a connection closed).
+            return Poll::Ready(Some(Err(Box::new(AttemptGivenUp))));
         }
         if tee.recording {
             if let Some(kept) = tee.kept.get(tee.sent).cloned() {
@@ -363,13 +396,16 @@ where
             }
             Poll::Ready(Some(Err(err))) => {
                 tee.failed = true;
-                Poll::Ready(Some(Err(err)))
+                Poll::Ready(Some(Err(err.into())))
             }
             Poll::Ready(None) => {
                 tee.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                tee.waiting = Some(cx.waker().clone());
+                Poll::Pending
+            }
         }
     }
 

@@ -263,7 +263,7 @@ mod tests {
 
     impl http_body::Body for Fed {
         type Data = Bytes;
-        type Error = std::convert::Infallible;
+        type Error = BoxError;
 
         fn poll_frame(
             mut self: std::pin::Pin<&mut Self>,
@@ -275,7 +275,7 @@ mod tests {
         }
     }
 
-    type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
+    type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
     /// What one attempt of the scripted service does: read `frames` frames of the body (all
     /// of it if `None`), then answer `status`, or fail if it is `None`.
@@ -348,7 +348,9 @@ mod tests {
     async fn a_body_that_ended_within_the_bound_is_sent_again() {
         use http_body_util::BodyExt;
         let (inner, read) = scripted(&[FAIL, OK]);
-        let body = http_body_util::Full::new(Bytes::from_static(b"abc")).boxed_unsync();
+        let body = http_body_util::Full::new(Bytes::from_static(b"abc"))
+            .map_err(BoxError::from)
+            .boxed_unsync();
         let res = BufferedRetryLayer::new(quick())
             .layer(inner)
             .oneshot(keyed(body))
@@ -458,12 +460,10 @@ mod tests {
         assert_eq!(lock(&tee_).kept_bytes, 3);
         // A retry resends the copy, exactly.
         let mut again = Tee::next_attempt(&tee_);
-        assert!(
-            std::pin::Pin::new(&mut body)
-                .poll_frame(&mut cx)
-                .is_pending(),
-            "given up"
-        );
+        let Poll::Ready(Some(Err(err))) = std::pin::Pin::new(&mut body).poll_frame(&mut cx) else {
+            panic!("given up: fails")
+        };
+        assert!(err.downcast_ref::<AttemptGivenUp>().is_some(), "{err}");
         assert_eq!(again.size_hint().exact(), Some(3));
         let frame = std::pin::Pin::new(&mut again).poll_frame(&mut cx);
         let Poll::Ready(Some(Ok(frame))) = frame else {

@@ -338,14 +338,14 @@ async fn a_body_read_past_what_is_kept_during_the_pause_is_not_sent_again_from_i
     use tower::Layer;
     use tower_idempotency::client::BufferedRetryLayer;
 
-    type Body = UnsyncBoxBody<Bytes, std::convert::Infallible>;
+    type Body = UnsyncBoxBody<Bytes, BoxError>;
 
     /// A body fed from a channel, a frame per message.
     struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
 
     impl http_body::Body for Fed {
         type Data = Bytes;
-        type Error = std::convert::Infallible;
+        type Error = BoxError;
 
         fn poll_frame(
             mut self: std::pin::Pin<&mut Self>,
@@ -423,4 +423,152 @@ async fn a_body_read_past_what_is_kept_during_the_pause_is_not_sent_again_from_i
         "the one attempt's answer"
     );
     assert_eq!(reads.len(), 1, "sent once: {reads:?}");
+}
+
+/// How a server saw the end of a request body it read on after answering.
+#[derive(Debug, Clone, PartialEq)]
+enum BodyEnd {
+    /// Not ended yet.
+    Open,
+    /// Ended whole, with these bytes.
+    Whole(Vec<u8>),
+    /// Cut off: the connection or stream failed before the body ended.
+    Cut,
+}
+
+/// An attempt that `BufferedRetryLayer` gave up while its connection was still sending its
+/// body (the server answered `503` after one frame and read on) is cut off on the wire, over
+/// HTTP/1.1 and HTTP/2: the server sees the body fail, never a cut-off body passed off as
+/// whole, and the connection or stream is not held open for good. (Before, the given-up
+/// body yielded nothing more and never ended: the HTTP/2 stream, or the HTTP/1.1
+/// connection, stayed open with a body that never came, and the server's read of it never
+/// returned.)
+#[tokio::test]
+async fn a_given_up_attempt_is_cut_off_on_the_wire_not_left_open() {
+    use http_body_util::combinators::UnsyncBoxBody;
+    use std::sync::{Arc, Mutex};
+    use tower::Layer;
+    use tower_idempotency::client::BufferedRetryLayer;
+
+    /// A body fed from a channel, a frame per message.
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl http_body::Body for Fed {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|d| d.map(|d| Ok(http_body::Frame::data(d))))
+        }
+    }
+
+    for h2 in [false, true] {
+        let ends: Arc<Mutex<Vec<Arc<Mutex<BodyEnd>>>>> = Arc::default();
+        let seen = Arc::clone(&ends);
+        let server = tower::service_fn(move |req: http::Request<axum::body::Body>| {
+            let end = Arc::new(Mutex::new(BodyEnd::Open));
+            let first = {
+                let mut seen = seen.lock().unwrap();
+                seen.push(Arc::clone(&end));
+                seen.len() == 1
+            };
+            async move {
+                let mut body = req.into_body();
+                let mut got = Vec::new();
+                if first {
+                    // One frame, a `503` at once, and the body read on in the background.
+                    let frame = body.frame().await.unwrap().unwrap();
+                    got.extend_from_slice(&frame.into_data().unwrap());
+                    tokio::spawn(async move {
+                        loop {
+                            match body.frame().await {
+                                Some(Ok(frame)) => {
+                                    if let Ok(data) = frame.into_data() {
+                                        got.extend_from_slice(&data);
+                                    }
+                                }
+                                Some(Err(_)) => {
+                                    *end.lock().unwrap() = BodyEnd::Cut;
+                                    return;
+                                }
+                                None => {
+                                    *end.lock().unwrap() = BodyEnd::Whole(got);
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                    return Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .status(503)
+                            .body(axum::body::Body::empty())
+                            .unwrap(),
+                    );
+                }
+                let whole = body.collect().await.map(|b| b.to_bytes().to_vec());
+                *end.lock().unwrap() = match whole {
+                    Ok(bytes) => BodyEnd::Whole(bytes),
+                    Err(_) => BodyEnd::Cut,
+                };
+                Ok(http::Response::new(axum::body::Body::empty()))
+            }
+        });
+        let addr = common::serve(server).await;
+
+        let http = Client::builder(TokioExecutor::new())
+            .http2_only(h2)
+            .build_http::<UnsyncBoxBody<Bytes, BoxError>>();
+        let policy =
+            RetryPolicy::new().backoff(Duration::from_millis(20), Duration::from_millis(20));
+        let (feed, rx) = tokio::sync::mpsc::unbounded_channel();
+        feed.send(Bytes::from("ab")).unwrap();
+        let req = http::Request::post(format!("http://{addr}/upload"))
+            .header("idempotency-key", "\"k\"")
+            .body(Fed(rx).boxed_unsync())
+            .unwrap();
+        let call = tokio::spawn(BufferedRetryLayer::new(policy).layer(http).oneshot(req));
+        // The retry has started (it resent the copy and waits for more) before the rest.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while ends.lock().unwrap().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("a second attempt");
+        feed.send(Bytes::from("cd")).unwrap();
+        drop(feed);
+        let res = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("the call ends")
+            .unwrap()
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "h2 {h2}");
+        let ends: Vec<_> = ends.lock().unwrap().clone();
+        assert_eq!(
+            *ends[1].lock().unwrap(),
+            BodyEnd::Whole(b"abcd".to_vec()),
+            "the retry sent the whole body (h2 {h2})"
+        );
+        // The given-up attempt's body: cut off soon, never passed off as whole.
+        let first = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                let end = ends[0].lock().unwrap().clone();
+                if end != BodyEnd::Open {
+                    return end;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert_eq!(
+            first,
+            Ok(BodyEnd::Cut),
+            "the given-up attempt's body is cut off on the wire (h2 {h2})"
+        );
+    }
 }
