@@ -414,6 +414,77 @@ async fn an_upstream_that_was_down_runs_the_retry_once_it_is_up() {
     assert_eq!(state.runs.load(Ordering::SeqCst), 1);
 }
 
+/// An upstream whose name takes longer to resolve than `connect_timeout` allows: nothing was
+/// sent, so the answer is `502 upstream-unreachable` and the key is released; once the name
+/// resolves, a retry with the key runs upstream once. (Before, the connect timeout bounded
+/// the TCP connection alone: the resolver's wait ran into the upstream timeout, and the
+/// gateway stored a `504` "may have run" under the key, replayed to every retry, though
+/// nothing had reached the upstream.)
+#[tokio::test]
+async fn an_upstream_name_resolved_too_slowly_is_502_and_the_key_is_released() {
+    use std::sync::atomic::AtomicBool;
+    let state = Upstream::default();
+    let addr = upstream(state.clone()).await;
+    let slow = Arc::new(AtomicBool::new(true));
+    let resolver = {
+        let slow = Arc::clone(&slow);
+        tower::service_fn(
+            move |name: hyper_util::client::legacy::connect::dns::Name| {
+                let slow = slow.load(Ordering::SeqCst);
+                async move {
+                    assert_eq!(name.as_str(), "payments.test");
+                    if slow {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Box::new(std::iter::once(
+                        addr,
+                    ))
+                        as gateway::Addresses)
+                }
+            },
+        )
+    };
+    let mut settings = settings(addr);
+    settings.upstream = format!("http://payments.test:{}/api", addr.port())
+        .parse()
+        .unwrap();
+    settings.upstream_timeout = Duration::from_millis(600);
+    settings.connect_timeout = Duration::from_millis(200);
+    let (app, _work) = gateway::app_resolving(&settings, gateway::Resolver::new(resolver))
+        .await
+        .unwrap();
+    let listener = TcpListener::bind(settings.listen).await.unwrap();
+    let gw = listener.local_addr().unwrap();
+    tokio::spawn(gateway::serve(listener, app, std::future::pending()));
+    let pay = || {
+        send(
+            "POST",
+            format!("http://{gw}/payments"),
+            Some("pay-dns"),
+            "{}",
+        )
+    };
+
+    let first = pay().await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY, "{}", first.body);
+    assert!(
+        first.body.contains("upstream-unreachable"),
+        "{}",
+        first.body
+    );
+    assert!(!first.headers.contains_key("idempotent-replayed"));
+    assert_eq!(state.runs.load(Ordering::SeqCst), 0, "nothing was sent");
+
+    // The name resolves again: the retry is sent, once.
+    slow.store(false, Ordering::SeqCst);
+    let retry = pay().await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.body);
+    let again = pay().await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(state.runs.load(Ordering::SeqCst), 1, "ran once");
+}
+
 #[tokio::test]
 async fn a_hung_upstream_times_out_and_keeps_the_key() {
     let runs = Arc::new(AtomicUsize::new(0));

@@ -61,9 +61,10 @@
 //!
 //! # When the upstream fails
 //!
-//! - **Connecting fails** (refused, unreachable, connect timeout): nothing reached the
-//!   upstream. The answer is `502 upstream-unreachable`, the key is released, and a retry
-//!   with the same key is sent upstream again.
+//! - **Connecting fails** (the name not resolved, refused, unreachable, or not resolved and
+//!   connected within `UPSTREAM_CONNECT_TIMEOUT_MS`): nothing reached the upstream. The
+//!   answer is `502 upstream-unreachable`, the key is released, and a retry with the same
+//!   key is sent upstream again.
 //! - **The upstream fails after the request was sent** (it closes the connection, resets it,
 //!   or sends no valid answer): it may have run. The gateway answers `502 upstream-failed`
 //!   marked [`MayHaveRun`](tower_idempotency::MayHaveRun), so that answer is stored under
@@ -118,6 +119,7 @@ use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::ServiceExt;
 use tower_http::timeout::TimeoutBody;
@@ -297,7 +299,7 @@ pub async fn open_store(url: &str) -> Result<Arc<dyn IdempotencyStore>, String> 
 /// Where requests go, and the client that takes them there.
 struct Upstream {
     base: Uri,
-    client: Client<HttpConnector, Body>,
+    client: Client<BoundedConnect, Body>,
     trust_forwarded: bool,
     /// How long the upstream has to begin its answer, and the longest pause in its body.
     timeout: Duration,
@@ -540,7 +542,7 @@ async fn forward(State(upstream): State<Arc<Upstream>>, req: Request) -> Respons
             // tombstone (the operation ran), or, for a 5xx, the key is released.
             Response::from_parts(parts, Body::new(TimeoutBody::new(upstream.timeout, body)))
         }
-        // Nothing reached the upstream (connection refused, no route, connect timeout):
+        // Nothing reached the upstream (no address, refused, no route, connect timeout):
         // the 502 is not storable, so the key is released and a retry is sent again.
         Ok(Err(err)) if err.is_connect() => {
             tracing::warn!(error = %chain(&err), "upstream unreachable");
@@ -620,9 +622,71 @@ fn chain(err: &dyn std::error::Error) -> String {
     out
 }
 
+/// Turns the upstream's host name into its addresses: the system's resolver
+/// ([`app`]), or another ([`app_resolving`]).
+pub type Resolver = tower::util::BoxCloneSyncService<Name, Addresses, BoxError>;
+
+/// The addresses a [`Resolver`] found.
+pub type Addresses = Box<dyn Iterator<Item = SocketAddr> + Send>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Connects to the upstream, the name resolved and the connection made within one bound
+/// (`connect_timeout`): a resolver that hangs ends as a connect error (`502`, nothing was
+/// sent, the key is released), never as the upstream timeout (`504`, stored as a request
+/// that may have run).
+#[derive(Clone)]
+struct BoundedConnect {
+    connector: HttpConnector<Resolver>,
+    limit: Duration,
+}
+
+impl tower::Service<Uri> for BoundedConnect {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        tower::Service::poll_ready(&mut self.connector, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = tower::Service::call(&mut self.connector, uri);
+        let limit = self.limit;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(format!(
+                    "the upstream's name was not resolved and connected within {} ms",
+                    limit.as_millis()
+                )
+                .into()),
+            }
+        })
+    }
+}
+
 /// The gateway's router (every path forwarded, behind the layer), and the layer's detached
-/// work, to finish at shutdown.
+/// work, to finish at shutdown. The upstream's name is resolved by the system's resolver.
 pub async fn app(settings: &Settings) -> Result<(Router, DetachedWork), String> {
+    let system = tower::service_fn(|name: Name| async move {
+        let addresses = tower::Service::call(&mut GaiResolver::new(), name).await?;
+        Ok::<_, BoxError>(Box::new(addresses) as Addresses)
+    });
+    app_resolving(settings, Resolver::new(system)).await
+}
+
+/// [`app`], with the upstream's name resolved by `resolver`, within `connect_timeout` as
+/// connecting is.
+pub async fn app_resolving(
+    settings: &Settings,
+    resolver: Resolver,
+) -> Result<(Router, DetachedWork), String> {
     let store = open_store(&settings.store).await?;
     let mut layer = IdempotencyLayer::new(store)
         .lease(settings.lease)
@@ -639,9 +703,13 @@ pub async fn app(settings: &Settings) -> Result<(Router, DetachedWork), String> 
         layer = layer.missing_key(MissingKey::Generate);
     }
     let work = layer.detached_work();
-    let mut connector = HttpConnector::new();
+    let mut connector = HttpConnector::new_with_resolver(resolver);
     connector.set_connect_timeout(Some(settings.connect_timeout));
     connector.set_nodelay(true);
+    let connector = BoundedConnect {
+        connector,
+        limit: settings.connect_timeout,
+    };
     let upstream = Upstream {
         base: settings.upstream.clone(),
         client: Client::builder(TokioExecutor::new()).build(connector),

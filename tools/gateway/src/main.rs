@@ -90,7 +90,8 @@ struct Cli {
     /// [default: 30000].
     #[arg(long, env = "UPSTREAM_TIMEOUT_MS", value_name = "MS")]
     upstream_timeout_ms: Option<String>,
-    /// How long connecting to the upstream may take; shorter than --upstream-timeout-ms
+    /// How long resolving the upstream's name and connecting to it may take, together;
+    /// shorter than --upstream-timeout-ms
     /// [default: 5000, or half the upstream timeout if less].
     #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT_MS", value_name = "MS")]
     upstream_connect_timeout_ms: Option<String>,
