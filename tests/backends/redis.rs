@@ -969,6 +969,140 @@ async fn complete_waits_for_replicas() {
         .expect("completing again, once the replica is back, is done");
 }
 
+/// A completion waiting for a replica (`WAIT`) holds up no other call of the store: a claim
+/// of another key is answered while the wait goes on. (Before, the wait went out on the one
+/// connection every call of the process shares, and the server answers nothing behind a
+/// `WAIT` until it returns: every call waited up to its timeout.)
+#[tokio::test]
+async fn a_durability_wait_holds_up_no_other_call() {
+    use tower_idempotency::store::redis::Durability;
+    if redis_url().is_none() {
+        return;
+    }
+    // No replica: every wait for one lasts its whole timeout.
+    let primary = PrivateRedis::start();
+    let store = RedisStore::connect(&primary.url())
+        .await
+        .expect("connect")
+        .durability(Durability::Replicated {
+            replicas: 1,
+            timeout: Duration::from_millis(1500),
+        });
+    let key = StoreKey::new(&Scope::anonymous(), "waits-for-a-replica");
+    let (token, record) = complete_one(&store, &key).await;
+    let waiting = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .complete(&key, token, record, Duration::from_secs(60))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let other = StoreKey::new(&Scope::anonymous(), "another-key");
+    let claimed = tokio::time::timeout(
+        Duration::from_millis(700),
+        store.claim(
+            &other,
+            &Fingerprint::from_bytes([1; 32]),
+            LeaseToken::new(),
+            Duration::from_secs(5),
+        ),
+    )
+    .await;
+    assert!(
+        matches!(claimed, Ok(Ok(Claim::Acquired(_)))),
+        "the claim is answered during the wait: {claimed:?}"
+    );
+    assert!(!waiting.is_finished(), "the wait goes on meanwhile");
+    let err = waiting
+        .await
+        .unwrap()
+        .expect_err("no replica acknowledged the record");
+    let chain = format!("{:?}", std::error::Error::source(&err));
+    assert!(chain.contains("0 of 1 replicas"), "{chain}");
+}
+
+/// A durability wait cut off by the server's death fails at once, and the completion after
+/// the server is back is done: the connection that failed is not handed to it again.
+#[tokio::test]
+async fn a_durability_wait_cut_by_a_restart_fails_and_the_next_one_reconnects() {
+    use tower_idempotency::store::redis::Durability;
+    if redis_url().is_none() {
+        return;
+    }
+    let mut server = PrivateRedis::start();
+    let store = RedisStore::connect(&server.url())
+        .await
+        .expect("connect")
+        .durability(Durability::Replicated {
+            replicas: 1,
+            timeout: Duration::from_secs(5),
+        });
+    let key = StoreKey::new(&Scope::anonymous(), "cut-off");
+    let (token, record) = complete_one(&store, &key).await;
+    let waiting = {
+        let store = store.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            store
+                .complete(&key, token, record, Duration::from_secs(60))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.kill();
+    let cut = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("the wait ends with its connection")
+        .unwrap();
+    assert!(cut.is_err(), "{cut:?}");
+
+    server.restart();
+    // The same pool, with a wait that any server passes (no replica asked for).
+    let store = store.durability(Durability::Replicated {
+        replicas: 0,
+        timeout: Duration::from_millis(100),
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (token, record) = loop {
+        let token = LeaseToken::new();
+        match store
+            .claim(
+                &key,
+                &Fingerprint::from_bytes([9; 32]),
+                token,
+                Duration::from_secs(5),
+            )
+            .await
+        {
+            Ok(Claim::Acquired(_)) => {
+                break (
+                    token,
+                    Record::new(
+                        StatusCode::CREATED,
+                        http::HeaderMap::new(),
+                        Bytes::from_static(b"again"),
+                        None,
+                    ),
+                );
+            }
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no claim after the restart: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    store
+        .complete(&key, token, record.clone(), Duration::from_secs(60))
+        .await
+        .expect("a completion on a new connection");
+    assert_replays(&store, &key, &record, "the record after the restart").await;
+}
+
 /// `Durability::Fsynced` waits with `WAITAOF`: on Redis 7.2 or later the record is on disk
 /// when `complete` returns; an older server refuses the command, and `complete` says so.
 #[tokio::test]

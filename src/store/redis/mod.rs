@@ -143,7 +143,7 @@ mod scripts;
 mod walk;
 
 use super::wakeup::{Polling, Wait, wait_woken};
-use connection::{Connection, Waiter, cluster_slot};
+use connection::{Connection, WaitPool, Waiter, cluster_slot};
 use push::RedisPush;
 use scripts::*;
 
@@ -175,6 +175,9 @@ pub struct RedisStore {
     prefix: Arc<str>,
     durability: Durability,
     push: Arc<RedisPush>,
+    /// Connections of their own for the completions that wait for durability, when the
+    /// store knows its server's client (one server, not a cluster).
+    waits: Option<Arc<WaitPool>>,
 }
 
 /// The risks of the server behind `con` (see [`RedisStore::check_server`]).
@@ -276,6 +279,7 @@ impl RedisStore {
             prefix: Arc::from(DEFAULT_PREFIX),
             durability: Durability::Acknowledged,
             push: Arc::new(RedisPush::new(None)),
+            waits: None,
         };
         store.load_scripts().await?;
         store.warn_of_risks().await;
@@ -384,6 +388,7 @@ impl RedisStore {
             .await
             .map_err(StoreError::backend)?;
         let mut store = Self::new(manager);
+        store.waits = Some(Arc::new(WaitPool::new(client.clone())));
         store.push = Arc::new(RedisPush::new(Some(client)));
         store.load_scripts().await?;
         Ok(store)
@@ -415,6 +420,7 @@ impl RedisStore {
             prefix: Arc::from(DEFAULT_PREFIX),
             durability: Durability::Acknowledged,
             push: Arc::new(RedisPush::new(None)),
+            waits: None,
         }
     }
 
@@ -422,7 +428,9 @@ impl RedisStore {
     /// mode are woken by the end of the key they wait on instead of polling (see
     /// [the module documentation](crate::store::redis)). [`connect`](Self::connect) sets it;
     /// a store built with [`new`](Self::new) has none until this is called. Use the client
-    /// of the same server (or proxy) as the connection.
+    /// of the same server (or proxy) as the connection. Completions that wait for
+    /// [`durability`](Self::durability) open their own connections with it too (see
+    /// [`Durability`]). Ignored on a cluster.
     ///
     /// ```no_run
     /// use tower_idempotency::RedisStore;
@@ -437,6 +445,7 @@ impl RedisStore {
     /// ```
     pub fn pubsub(mut self, client: redis::Client) -> Self {
         if matches!(self.conn, Connection::Single(_)) {
+            self.waits = Some(Arc::new(WaitPool::new(client.clone())));
             self.push = Arc::new(RedisPush::new(Some(client)));
         }
         self
@@ -515,13 +524,21 @@ impl RedisStore {
             conn: self.conn.clone(),
             slot,
         };
+        self.wait_on(&mut con).await
+    }
+
+    /// The wait of [`Durability`], sent on `con` (whose writes it counts).
+    async fn wait_on(
+        &self,
+        con: &mut (impl redis::aio::ConnectionLike + Send),
+    ) -> Result<(), StoreError> {
         match self.durability {
             Durability::Acknowledged => Ok(()),
             Durability::Replicated { replicas, timeout } => {
                 let acked: u64 = redis::cmd("WAIT")
                     .arg(replicas)
                     .arg(wait_millis(timeout))
-                    .query_async(&mut con)
+                    .query_async(con)
                     .await
                     .map_err(StoreError::backend)?;
                 if acked >= u64::from(replicas) {
@@ -541,7 +558,7 @@ impl RedisStore {
                     .arg(u8::from(local))
                     .arg(replicas)
                     .arg(wait_millis(timeout))
-                    .query_async(&mut con)
+                    .query_async(con)
                     .await
                     .map_err(StoreError::backend)?;
                 if on_disk >= u64::from(local) && on_replicas >= u64::from(replicas) {
@@ -561,14 +578,63 @@ impl RedisStore {
     /// 2 is committed (release only).
     async fn fenced(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<(), StoreError> {
         let mut con = self.conn.clone();
-        let done: i64 = invocation
-            .invoke_async(&mut con)
+        fenced_on(&mut con, invocation).await
+    }
+
+    /// The pool a completion takes a connection from to store its record and wait on it:
+    /// `None` when it does not wait, or the store has no pool (a cluster, or a store from
+    /// [`new`](Self::new) without [`pubsub`](Self::pubsub)).
+    fn waits(&self) -> Option<&WaitPool> {
+        match self.durability {
+            Durability::Acknowledged => None,
+            _ => self.waits.as_deref(),
+        }
+    }
+
+    /// How long the wait of [`Durability`] may last.
+    fn wait_timeout(&self) -> Duration {
+        match self.durability {
+            Durability::Acknowledged => Duration::ZERO,
+            Durability::Replicated { timeout, .. } | Durability::Fsynced { timeout, .. } => timeout,
+        }
+    }
+
+    /// Writes with `invocation` on a connection of `pool` and waits there for the write to
+    /// be durable; `written` says from the script's answer whether it wrote (or found) the
+    /// record, so that the wait follows. The connection goes back to the pool unless a
+    /// command on it failed.
+    async fn write_and_wait(
+        &self,
+        pool: &WaitPool,
+        name: &str,
+        invocation: &redis::ScriptInvocation<'_>,
+        written: impl FnOnce(i64) -> Result<bool, StoreError>,
+    ) -> Result<bool, StoreError> {
+        let mut taken = pool
+            .take(self.wait_timeout())
             .await
             .map_err(StoreError::backend)?;
-        match done {
-            1 => Ok(()),
-            2 => Err(StoreError::Committed),
-            _ => Err(StoreError::LeaseLost),
+        let answer: i64 = invocation
+            .invoke_async(&mut taken.con)
+            .await
+            .map_err(StoreError::backend)?;
+        if !written(answer)? {
+            pool.give_back(taken);
+            return Ok(false);
+        }
+        self.push.wakeups.wake(name);
+        match self.wait_on(&mut taken.con).await {
+            Ok(()) => {
+                pool.give_back(taken);
+                Ok(true)
+            }
+            Err(err) => {
+                // A wait that fell short answered: the connection is sound.
+                if err_is_not_durable(&err) {
+                    pool.give_back(taken);
+                }
+                Err(err)
+            }
         }
     }
 
@@ -635,16 +701,20 @@ impl IdempotencyStore for RedisStore {
     ) -> Result<(), StoreError> {
         let value = Self::record_value(&record);
         let name = self.redis_key(key);
-        self.fenced(
-            SCRIPTS
-                .complete
-                .key(&name)
-                .arg(&owner_prefix(token)[..])
-                .arg(value)
-                .arg(millis(ttl))
-                .arg(self.announce()),
-        )
-        .await?;
+        let mut invocation = SCRIPTS.complete.key(&name);
+        invocation
+            .arg(&owner_prefix(token)[..])
+            .arg(value)
+            .arg(millis(ttl))
+            .arg(self.announce());
+        if let Some(pool) = self.waits() {
+            self.write_and_wait(pool, &name, &invocation, |done| {
+                fence_answer(done).map(|()| true)
+            })
+            .await?;
+            return Ok(());
+        }
+        self.fenced(&invocation).await?;
         self.push.wakeups.wake(&name);
         self.wait_durable(key).await
     }
@@ -749,12 +819,17 @@ impl IdempotencyStore for RedisStore {
     ) -> Result<bool, StoreError> {
         let mut con = self.conn.clone();
         let name = self.redis_key(key);
-        let done: i64 = SCRIPTS
-            .settle
-            .key(&name)
+        let mut invocation = SCRIPTS.settle.key(&name);
+        invocation
             .arg(Self::record_value(&record))
             .arg(millis(ttl))
-            .arg(self.announce())
+            .arg(self.announce());
+        if let Some(pool) = self.waits() {
+            return self
+                .write_and_wait(pool, &name, &invocation, |done| Ok(done == 1))
+                .await;
+        }
+        let done: i64 = invocation
             .invoke_async(&mut con)
             .await
             .map_err(StoreError::backend)?;
@@ -878,6 +953,32 @@ fn parse_inspect(reply: Value) -> Result<KeyState, StoreError> {
     }
 }
 
+/// Runs a fencing script on `con`: 1 is done, 0 is lost, 2 is committed (release only).
+async fn fenced_on(
+    con: &mut (impl redis::aio::ConnectionLike + Send),
+    invocation: &redis::ScriptInvocation<'_>,
+) -> Result<(), StoreError> {
+    let done: i64 = invocation
+        .invoke_async(con)
+        .await
+        .map_err(StoreError::backend)?;
+    fence_answer(done)
+}
+
+/// What a fencing script's answer means.
+fn fence_answer(done: i64) -> Result<(), StoreError> {
+    match done {
+        1 => Ok(()),
+        2 => Err(StoreError::Committed),
+        _ => Err(StoreError::LeaseLost),
+    }
+}
+
+/// Whether `err` is a durability wait that answered, short of what it asked.
+fn err_is_not_durable(err: &StoreError) -> bool {
+    std::error::Error::source(err).is_some_and(|source| source.is::<NotDurable>())
+}
+
 /// A timeout for `WAIT` / `WAITAOF` in milliseconds: at least 1, since 0 waits forever.
 fn wait_millis(timeout: Duration) -> u64 {
     millis(timeout)
@@ -896,13 +997,18 @@ fn wait_millis(timeout: Duration) -> u64 {
 /// replay it, and the layer calls `complete` again (a key that already holds the same
 /// record answers done), which waits again.
 ///
-/// **Known limit:** `WAIT` and `WAITAOF` block the connection they are sent on until they
-/// answer, and the store sends every call of the process on one multiplexed connection
-/// (one per node on a cluster). So while a completion waits, every other call of the
-/// process waits behind it: with replicas behind or missing, up to `timeout` per
-/// completion, and completions one after another. Keep `timeout` short (tens of
-/// milliseconds) next to the store-call bound, or keep durable completions to a store of
-/// their own.
+/// `WAIT` and `WAITAOF` count the writes of the connection they are sent on, and the server
+/// answers nothing else on that connection until they return. So on one server, a
+/// completion that waits takes a connection of its own from a pool (up to 16 at once; more
+/// queue for one), stores its record there and waits there: the store's shared connection,
+/// which carries every other call, is never held up, and the wait always covers the record
+/// just written. A connection whose command failed is closed, not reused.
+///
+/// **Known limit:** a store with no client to open those connections with (on a Redis
+/// Cluster, or built with [`RedisStore::new`] and no [`pubsub`](RedisStore::pubsub)) waits on
+/// its shared connection (on a cluster, the shared connection to the key's primary): every
+/// other call sent there waits behind it, up to `timeout` per completion. Keep `timeout`
+/// short (tens of milliseconds) next to the store-call bound there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Durability {
