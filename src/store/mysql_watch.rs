@@ -3,7 +3,7 @@
 //! flight), so while duplicates of this process wait on keys held elsewhere, one task per
 //! store looks at all of those keys in one statement every [`TICK`] and wakes the waiters of
 //! each key whose holder is gone (completed, released, revoked, settled, purged or taken
-//! over). It runs only while someone waits: a store nobody waits on sends nothing, and the
+//! over) or whose committed claim's lease was ended by its release. It runs only while someone waits: a store nobody waits on sends nothing, and the
 //! round trips of a request stay what they were. Each waiter still looks again at the end
 //! of its holder's lease and every [`PUSHED_RECHECK`](super::wakeup::PUSHED_RECHECK); when
 //! the watcher's statement fails, its subscriptions end, every waiter looks again at once,
@@ -64,9 +64,13 @@ struct State {
 
 struct Watched {
     subscriptions: usize,
-    /// `None` before the first look; then the holder's token (`None`: nobody holds it).
-    last: Option<Option<Vec<u8>>>,
+    /// `None` before the first look; then the holder (`None`: nobody holds it).
+    last: Option<Option<Holder>>,
 }
+
+/// Who holds a key, as the watcher sees it: the token, and a committed claim's lease end
+/// (which its release moves to now, the token kept).
+type Holder = (Vec<u8>, Option<String>);
 
 impl MySqlWatch {
     pub(super) fn new(pool: MySqlPool, table: String, wakeups: Arc<Wakeups>) -> Self {
@@ -109,8 +113,8 @@ impl Shared {
         }
     }
 
-    /// The holders' tokens of the keys of `names` that are held (a row with a token).
-    async fn holders(&self, names: &[Box<str>]) -> Result<HashMap<Vec<u8>, Vec<u8>>, sqlx::Error> {
+    /// The holders of the keys of `names` that are held (a row with a token).
+    async fn holders(&self, names: &[Box<str>]) -> Result<HashMap<Vec<u8>, Holder>, sqlx::Error> {
         let mut held = HashMap::new();
         for batch in names.chunks(BATCH) {
             // Padded to a power of two with the last key, so that a handful of statements
@@ -118,7 +122,8 @@ impl Shared {
             let slots = batch.len().next_power_of_two();
             let marks = vec!["?"; slots].join(",");
             let sql = format!(
-                "SELECT `key`, token FROM {} WHERE token IS NOT NULL AND `key` IN ({marks})",
+                "SELECT `key`, token, CAST(lease_until AS CHAR) FROM {} \
+                 WHERE token IS NOT NULL AND `key` IN ({marks})",
                 self.table
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
@@ -129,8 +134,9 @@ impl Shared {
             for row in query.fetch_all(&self.pool).await? {
                 let key: Vec<u8> = row.try_get(0)?;
                 let token: Option<Vec<u8>> = row.try_get(1)?;
+                let lease_until: Option<String> = row.try_get(2)?;
                 if let Some(token) = token {
-                    held.insert(key, token);
+                    held.insert(key, (token, lease_until));
                 }
             }
         }
@@ -378,6 +384,42 @@ mod tests {
         let looks = watch_of(&b).looks();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(watch_of(&b).looks(), looks, "no look while nobody waits");
+        drop_table(&a).await;
+    }
+
+    /// The release of a committed claim on another instance keeps its token but ends its
+    /// lease now: that wakes the waiters here too, which look again and find the lease
+    /// over. (Before, the watcher compared tokens alone and woke nobody: the waiters heard
+    /// of it only at their next recheck, up to half a second later.)
+    #[tokio::test]
+    async fn a_committed_claim_released_on_another_instance_wakes_the_waiters_here() {
+        let Some((a, b)) = instances("watch_committed_release").await else {
+            return;
+        };
+        let key = StoreKey::new(&Scope::anonymous(), "committed-elsewhere");
+        let fingerprint = Fingerprint::from_bytes([7; 32]);
+        let token = acquire(&a, &key, &fingerprint).await;
+        a.commit(&key, token, LEASE).await.unwrap();
+        let mut interest = b.inner.wakeups.register(key.as_str());
+        interest.seen();
+        let _subscription = watch_of(&b)
+            .subscribe(key.as_str())
+            .await
+            .expect("a watcher starts");
+        // The first look, which finds the key held, wakes nobody.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), interest.woken())
+                .await
+                .is_err(),
+            "a key still held wakes no one"
+        );
+        assert!(matches!(
+            a.release(&key, token).await,
+            Err(crate::store::StoreError::Committed)
+        ));
+        tokio::time::timeout(Duration::from_secs(2), interest.woken())
+            .await
+            .expect("the end of the committed claim's lease wakes the waiter here");
         drop_table(&a).await;
     }
 
