@@ -537,7 +537,9 @@ impl PostgresStore {
     /// `[A-Za-z_][A-Za-z0-9_]*` (at most 63 bytes). Default: `idempotency_records`.
     ///
     /// The name is quoted in every statement, so it is used exactly as given (case
-    /// included). An invalid name does not panic: [`migrate`](Self::migrate) and every
+    /// included). Instances sharing the table should spell it the same way: its
+    /// [`notify_channel`](Self::notify_channel) comes from the name. An invalid name does
+    /// not panic: [`migrate`](Self::migrate) and every
     /// operation then fail with [`StoreError::Backend`] wrapping an [`InvalidTableName`].
     ///
     /// ```no_run
@@ -599,7 +601,11 @@ impl PostgresStore {
 
     /// The channel on which the end of a key that a duplicate waits on (in wait mode) is
     /// announced with `NOTIFY`, its payload the key's SHA-256 in hex; `None` for an invalid
-    /// table name. One per table, the same on every instance.
+    /// table name. One per table name as given to [`table`](Self::table), the same on every
+    /// instance that spells it the same way: give every instance the same spelling
+    /// (`billing.idempotency_keys` on one and `idempotency_keys` with `billing` on the
+    /// search path on another is one table with two channels, and their waiters hear of
+    /// each other's ends only by polling, every 500 ms).
     ///
     /// ```no_run
     /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
