@@ -580,6 +580,12 @@ impl Service<Request<Full<Bytes>>> for Runner {
             };
             let mut res = Response::new(Full::new(bytes));
             *res.status_mut() = status;
+            // The result is kept or the key released by the function's rule, not by the
+            // layer's policies for HTTP answers.
+            res.extensions_mut()
+                .insert(crate::record_body::FunctionAnswer {
+                    keep: status == StatusCode::OK,
+                });
             if unencodable {
                 res.headers_mut()
                     .insert(UNENCODABLE, http::HeaderValue::from_static("1"));

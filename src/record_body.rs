@@ -137,6 +137,19 @@ pub(crate) struct Recording {
     may_have_run: bool,
     /// The answer carried [`DeliverOnce`](crate::DeliverOnce): a tombstone is kept instead.
     deliver_once: bool,
+    /// The answer is a [`FunctionAnswer`]: whether it is kept, whatever the layer's status
+    /// policies say.
+    function: Option<bool>,
+}
+
+/// The mark of an answer of [`function`](crate::function)'s runner, which stands for an
+/// operation's result with an HTTP response: whether the result is kept (`Ok`, or a result
+/// that could not be encoded) or the key released (`Err`, unless past its commit point).
+/// The layer's HTTP policies (`storable_when`, `maybe_ran_when`, `replay_headers`) are for
+/// HTTP answers, and do not apply: all of its headers are kept for replay.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FunctionAnswer {
+    pub(crate) keep: bool,
 }
 
 impl<B> Recorder<B>
@@ -163,7 +176,12 @@ where
 
     fn new(body: B, parts: &http::response::Parts, claimed: Claimed, head: bool) -> Self {
         let config = claimed.config();
-        let headers = replayed_headers(config, &parts.headers);
+        let function = parts.extensions.get::<FunctionAnswer>().map(|f| f.keep);
+        let headers = if function.is_some() {
+            storable_fields(&parts.headers, |_| true)
+        } else {
+            replayed_headers(config, &parts.headers)
+        };
         let declared = if head {
             Some(0)
         } else {
@@ -190,6 +208,7 @@ where
                     .extensions
                     .get::<crate::handle::DeliverOnce>()
                     .is_some(),
+                function,
             }),
             completing: None,
             held: Frames::default(),
@@ -382,6 +401,9 @@ impl Recording {
     }
 
     fn storable(&self) -> bool {
+        if let Some(keep) = self.function {
+            return keep;
+        }
         let config = self.claimed.config();
         match self.grpc_code() {
             Some(code) => code.is_some_and(|c| (config.grpc_storable)(c)),
@@ -393,6 +415,9 @@ impl Recording {
     /// layer: HTTP `408`, gRPC `DEADLINE_EXCEEDED` by default): it may have run, so its key
     /// must not be released.
     fn maybe_ran(&self) -> bool {
+        if self.function.is_some() {
+            return false;
+        }
         let config = self.claimed.config();
         match self.grpc_code() {
             Some(code) => code.is_some_and(|c| (config.grpc_maybe_ran)(c)),

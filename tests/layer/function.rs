@@ -698,3 +698,84 @@ async fn a_failing_store_under_fail_open_still_runs_no_call_unprotected() {
     assert!(!out.replayed);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+/// A layer shared with HTTP routes may store `5xx` answers (`storable_when`): a function's
+/// `Err` still frees its key (no commit point was passed), and a retry runs. (Before, the
+/// runner's `500` for `Err` went through the layer's HTTP policy: the error was stored and
+/// replayed, and a consumer acknowledged a message whose work was never done.)
+#[tokio::test]
+async fn an_error_frees_its_key_whatever_the_layers_storable_policy() {
+    let calls = calls(IdempotencyLayer::new(MemoryStore::new()).storable_when(|_| true));
+    let failed = calls
+        .key("k")
+        .run(|_| async { Err::<Bytes, _>(Bytes::from("card service down")) })
+        .await;
+    assert!(
+        matches!(
+            failed,
+            Err(CallError::Operation {
+                replayed: false,
+                ..
+            })
+        ),
+        "{failed:?}"
+    );
+    let retry = calls
+        .key("k")
+        .run(|_| async { Ok::<_, Bytes>(Bytes::from("charged")) })
+        .await;
+    assert!(
+        matches!(&retry, Ok(out) if out.value == "charged" && !out.replayed),
+        "the retry runs: {retry:?}"
+    );
+}
+
+/// The same with `maybe_ran_when` naming `5xx` (a timeout layer answering `504`): a
+/// function's `Err` is not taken for an operation cut off midway, so no tombstone is kept.
+#[tokio::test]
+async fn an_error_frees_its_key_whatever_the_layers_maybe_ran_policy() {
+    let calls =
+        calls(IdempotencyLayer::new(MemoryStore::new()).maybe_ran_when(|s| s.is_server_error()));
+    let _ = calls
+        .key("k")
+        .run(|_| async { Err::<Bytes, _>(Bytes::from("card service down")) })
+        .await;
+    let retry = calls
+        .key("k")
+        .run(|_| async { Ok::<_, Bytes>(Bytes::from("charged")) })
+        .await;
+    assert!(
+        matches!(&retry, Ok(out) if out.value == "charged" && !out.replayed),
+        "the retry runs: {retry:?}"
+    );
+}
+
+/// A result the codec could not encode is replayed as `NotStored` whatever the layer's
+/// `replay_headers` keeps. (Before, the mark that says so was filtered out with the other
+/// headers, and the retry read an empty value as the stored result.)
+#[tokio::test]
+async fn an_unencodable_result_is_never_replayed_as_an_empty_value() {
+    use tower_idempotency::function::{CodecError, FnCodec};
+    let calls = calls(
+        IdempotencyLayer::new(MemoryStore::new())
+            .replay_headers(|name| name == http::header::CONTENT_TYPE),
+    );
+    let codec = || {
+        FnCodec::new(
+            |_: &Bytes| Err(CodecError("cannot encode".into())),
+            |b: &Bytes| Ok(b.clone()),
+        )
+    };
+    let runs = Arc::new(AtomicUsize::new(0));
+    let _ = calls
+        .key("k")
+        .run_with(codec(), counted(&runs, Duration::ZERO, "made"))
+        .await
+        .unwrap();
+    let again = calls
+        .key("k")
+        .run_with(codec(), counted(&runs, Duration::ZERO, "made twice"))
+        .await;
+    assert!(matches!(again, Err(CallError::NotStored)), "{again:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "ran once");
+}
