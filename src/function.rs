@@ -158,8 +158,9 @@ impl<T> Output<T> {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallError<E> {
-    /// The operation answered `Err`. When `replayed` is false it ran in this call (and the
-    /// key was freed, unless it passed its commit point); when true it is a committed
+    /// The operation answered `Err`. When `replayed` is false it ran in this call, and the
+    /// key was freed unless it passed its commit point (`committed`: then its error is
+    /// stored, and it never runs again with this key); when true it is a committed
     /// operation's stored error.
     #[error("the operation failed")]
     Operation {
@@ -167,6 +168,9 @@ pub enum CallError<E> {
         error: E,
         /// Whether it is a stored error, replayed.
         replayed: bool,
+        /// Whether the operation passed its commit point: its error is kept under the key
+        /// (always true when `replayed`).
+        committed: bool,
     },
     /// Another call with this key is running: try again after `retry_after`.
     #[error("a call with this idempotency key is still running")]
@@ -369,11 +373,15 @@ impl Call<'_> {
         // call returns it as made, not as decoded (and an error that cannot be encoded is
         // still returned).
         let made: Made<T, E> = Arc::new(Mutex::new(None));
+        let committed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let operation: Operation = {
             let (codec, made) = (Arc::clone(&codec), Arc::clone(&made));
+            let committed = Arc::clone(&committed);
             Box::new(move |claim| {
                 Box::pin(async move {
+                    let watched = claim.clone();
                     let result = op(claim).await;
+                    committed.store(watched.is_committed(), std::sync::atomic::Ordering::Release);
                     let encoded = match &result {
                         Ok(value) => Codec::<T>::encode(&*codec, value),
                         Err(error) => Codec::<E>::encode(&*codec, error),
@@ -409,6 +417,7 @@ impl Call<'_> {
             (_, Some(Err(error))) => Err(CallError::Operation {
                 error,
                 replayed: false,
+                committed: committed.load(std::sync::atomic::Ordering::Acquire),
             }),
             (IdempotencyOutcome::Executed, None) => Err(CallError::Rejected(
                 "the operation did not finish".to_owned(),
@@ -426,6 +435,7 @@ impl Call<'_> {
                         Ok(error) => Err(CallError::Operation {
                             error,
                             replayed: true,
+                            committed: true,
                         }),
                         Err(err) => Err(CallError::Codec(err)),
                     }
@@ -869,6 +879,7 @@ where
                 _ => Err(ServiceError::Idempotency(CallError::Operation {
                     error: body,
                     replayed: true,
+                    committed: true,
                 })),
             }
         })

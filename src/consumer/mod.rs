@@ -10,7 +10,7 @@
 //! | ran and its record is stored, or was replayed | acknowledged: **after** the record is stored |
 //! | the handler failed before its commit point (the key was freed) | redelivered (after the retry delay): it runs again |
 //! | the handler failed after its commit point (its error is stored) | acknowledged: it never runs again |
-//! | another consumer holds the key | redelivered after the lease's `Retry-After` |
+//! | another consumer holds the key | redelivered after the lease's `Retry-After`, not counted against [`ConsumerSettings::max_deliveries`] |
 //! | the store is unavailable | redelivered after the retry delay: nothing ran |
 //! | passed its commit point and crashed (outcome unknown) | redelivered until [`ConsumerSettings::max_deliveries`], then dead-lettered; never run again |
 //! | no key, a bad key, or a changed payload under a seen key | dead-lettered at once: no redelivery could help |
@@ -283,11 +283,15 @@ pub fn decide<T, E>(
     match result {
         Ok(_) => Settle::Ack,
         // Its error is stored: it passed its commit point, and never runs again.
-        Err(CallError::Operation { replayed: true, .. }) => Settle::Ack,
-        Err(CallError::Operation {
-            replayed: false, ..
-        }) => retry(settings.retry_delay),
-        Err(CallError::InFlight { retry_after }) => retry(*retry_after),
+        Err(CallError::Operation { replayed: true, .. })
+        | Err(CallError::Operation {
+            committed: true, ..
+        }) => Settle::Ack,
+        Err(CallError::Operation { .. }) => retry(settings.retry_delay),
+        // Another delivery of this message (or another message with its key) runs: this
+        // one must not use up the deliveries, or a message still running could be
+        // dead-lettered, and lost if that run then fails before its commit point.
+        Err(CallError::InFlight { retry_after }) => Settle::Retry(*retry_after),
         Err(CallError::StoreUnavailable { retry_after }) => {
             retry((*retry_after).max(settings.retry_delay))
         }
@@ -382,6 +386,7 @@ mod tests {
                 Err(CallError::Operation {
                     error: (),
                     replayed: false,
+                    committed: false,
                 }),
                 Some(1),
                 Settle::Retry(d),
@@ -390,6 +395,7 @@ mod tests {
                 Err(CallError::Operation {
                     error: (),
                     replayed: false,
+                    committed: false,
                 }),
                 Some(3),
                 Settle::DeadLetter(DeadReason::TooManyDeliveries),
@@ -398,8 +404,28 @@ mod tests {
                 Err(CallError::Operation {
                     error: (),
                     replayed: true,
+                    committed: true,
                 }),
                 Some(1),
+                Settle::Ack,
+            ),
+            // Failed after its commit point: its error is stored, on any delivery.
+            (
+                Err(CallError::Operation {
+                    error: (),
+                    replayed: false,
+                    committed: true,
+                }),
+                Some(1),
+                Settle::Ack,
+            ),
+            (
+                Err(CallError::Operation {
+                    error: (),
+                    replayed: false,
+                    committed: true,
+                }),
+                Some(3),
                 Settle::Ack,
             ),
             (
@@ -407,6 +433,15 @@ mod tests {
                     retry_after: Duration::from_secs(5),
                 }),
                 None,
+                Settle::Retry(Duration::from_secs(5)),
+            ),
+            // Another delivery of it still runs: redelivered, whatever the count (it is
+            // that delivery's to succeed or fail).
+            (
+                Err(CallError::InFlight {
+                    retry_after: Duration::from_secs(5),
+                }),
+                Some(3),
                 Settle::Retry(Duration::from_secs(5)),
             ),
             (Err(CallError::OutcomeUnknown), Some(2), Settle::Retry(d)),

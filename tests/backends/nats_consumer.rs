@@ -639,3 +639,93 @@ async fn a_cut_while_every_slot_settles_loses_no_message_and_runs_none_twice() {
     assert_eq!(effects.len(), 8, "{effects:?}");
     assert!(effects.values().all(|&n| n == 1), "{effects:?}");
 }
+
+/// A handler that fails after its commit point has its error stored: its message is
+/// acknowledged on that delivery, never redelivered nor dead-lettered. (Before, such an
+/// error was taken for one before the commit point: redelivered, then dead-lettered as
+/// `TooManyDeliveries` although it was handled.)
+#[tokio::test]
+async fn an_error_after_the_commit_point_is_acknowledged_on_its_first_delivery() {
+    use futures_util::StreamExt;
+    let Some(bench) = Bench::new(Duration::from_secs(5)).await else {
+        return;
+    };
+    bench.publish(Some("refund-1"), "refund-1").await;
+    let worker = JetStreamConsumer::new(
+        &IdempotencyLayer::new(MemoryStore::new()),
+        |_msg: async_nats::Message, claim: IdempotencyClaim| async move {
+            claim.commit().await.map_err(|e| e.to_string())?;
+            Err::<(), String>("declined after the charge was recorded".into())
+        },
+    )
+    .key_from_header("Idempotency-Key")
+    .settings(settings().max_deliveries(1));
+    let (_client, consumer) = bench.consumer().await;
+    let mut messages = consumer.messages().await.unwrap();
+    let msg = messages.next().await.unwrap().unwrap();
+    let settle = worker.handle(msg).await;
+    assert_eq!(
+        settle,
+        tower_idempotency::consumer::Settle::Ack,
+        "its error is stored: it should be acknowledged"
+    );
+}
+
+/// A handler slower than the ack wait: JetStream redelivers the message while the first
+/// delivery still runs. Those redeliveries find the key in flight; they do not use up
+/// `max_deliveries`, so the message is not dead-lettered (`TERM`) while its first delivery
+/// runs, and when that delivery fails before its commit point the message runs again.
+/// (Before, the redeliveries counted: the message was dead-lettered and never handled.)
+#[tokio::test]
+async fn redeliveries_while_the_first_delivery_runs_never_dead_letter_it() {
+    let Some(bench) = Bench::new(Duration::from_millis(500)).await else {
+        return;
+    };
+    bench.publish(Some("slow-1"), "slow-1").await;
+    let effects: Effects = Arc::default();
+    let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let worker = {
+        let (effects, dead, attempts) = (
+            Arc::clone(&effects),
+            Arc::clone(&dead),
+            Arc::clone(&attempts),
+        );
+        JetStreamConsumer::new(
+            &IdempotencyLayer::new(MemoryStore::new()),
+            move |msg: async_nats::Message, _claim: IdempotencyClaim| {
+                let (effects, attempts) = (Arc::clone(&effects), Arc::clone(&attempts));
+                async move {
+                    if attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        return Err("the mail server timed out");
+                    }
+                    effect(&effects, &msg.payload);
+                    Ok(())
+                }
+            },
+        )
+        .key_from_header("Idempotency-Key")
+        .concurrency(4)
+        .settings(settings().max_deliveries(3).on_dead_letter(move |letter| {
+            let dead = Arc::clone(&dead);
+            async move { dead.lock().unwrap().push(letter) }
+        }))
+    };
+    let (_client, consumer) = bench.consumer().await;
+    let messages = consumer.messages().await.unwrap();
+    let task = tokio::spawn(async move { worker.run(messages).await });
+    let _ = until_effects(&effects, 1, Duration::from_secs(10)).await;
+    task.abort();
+    let dead: Vec<_> = dead
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.reason.clone())
+        .collect();
+    assert_eq!(
+        effects.lock().unwrap().get("slow-1").copied(),
+        Some(1),
+        "the message was never handled: dead-lettered {dead:?} while its first delivery ran"
+    );
+}

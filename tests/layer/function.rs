@@ -135,11 +135,17 @@ async fn an_error_frees_the_key_so_a_retry_runs_again() {
         .key("k")
         .run(|_| async { Err::<Bytes, _>(Bytes::from("card service down")) })
         .await;
-    let Err(CallError::Operation { error, replayed }) = failed else {
+    let Err(CallError::Operation {
+        error,
+        replayed,
+        committed,
+    }) = failed
+    else {
         panic!("expected the operation's error, got {failed:?}");
     };
     assert_eq!(error, "card service down");
     assert!(!replayed);
+    assert!(!committed, "no commit point: the key is freed");
     let retry = calls
         .key("k")
         .run(|_| async { Ok::<_, Bytes>(Bytes::from("charged")) })
@@ -159,19 +165,26 @@ async fn an_error_after_the_commit_point_is_stored_and_the_operation_never_runs_
             Err::<Bytes, _>(Bytes::from("declined after charging"))
         })
         .await;
-    assert!(matches!(
-        failed,
-        Err(CallError::Operation {
-            replayed: false,
-            ..
-        })
-    ));
+    assert!(
+        matches!(
+            failed,
+            Err(CallError::Operation {
+                replayed: false,
+                committed: true,
+                ..
+            })
+        ),
+        "its own error, said to be past its commit point (kept): {failed:?}"
+    );
     let runs = Arc::new(AtomicUsize::new(0));
     let retry = calls
         .key("k")
         .run(counted(&runs, Duration::ZERO, "charged"))
         .await;
-    let Err(CallError::Operation { error, replayed }) = retry else {
+    let Err(CallError::Operation {
+        error, replayed, ..
+    }) = retry
+    else {
         panic!("expected the stored error, got {retry:?}");
     };
     assert_eq!(error, "declined after charging");
