@@ -120,7 +120,7 @@ pub struct Cli {
         env = "IDEMPOTENCY_KEYS_TIMEOUT",
         value_name = "DURATION",
         default_value = "3s",
-        value_parser = parse_duration,
+        value_parser = parse_timeout,
         global = true
     )]
     timeout: Duration,
@@ -316,6 +316,17 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
 
 /// A duration: a whole number with a unit (`ms`, `s`, `m`, `h`, `d`), several in a row
 /// (`1h30m`), or a bare number of seconds.
+/// A `--timeout`: a duration ([`parse_duration`]) from 1 ms to 24 h. Shorter, every call
+/// would time out; longer is no bound at all (and a duration near the largest one would
+/// overflow the tool's own margins).
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(24 * 3600) {
+        return Err(format!("{text:?} is not a timeout between 1ms and 24h"));
+    }
+    Ok(timeout)
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
@@ -712,13 +723,25 @@ pub async fn run(cli: Cli, out: &mut Out<'_>) -> Result<u8, Failure> {
             let what = format!("purge {key} (a retry with this key runs the operation again)");
             cli.can_confirm(&what)?;
             let store = cli.open().await?;
-            let state = call(cli.timeout, store.inspect(&key)).await?;
-            if matches!(state, KeyState::Free) {
-                report_purge(out, json, &key, false)?;
-                return Ok(EXIT_NOTHING);
-            }
-            if !cli.yes {
-                eprintln!("{}", describe(&key, &state).trim_end());
+            // Purging never reads the record: one that cannot be read (damaged, sealed
+            // under keys the tool was not given, plain where records are sealed) is what
+            // an operator purges most of all.
+            let state = call(cli.timeout, async {
+                match store.inspect(&key).await {
+                    Ok(state) => Ok(Ok(state)),
+                    Err(StoreError::Decode(err)) => Ok(Err(err)),
+                    Err(err) => Err(err),
+                }
+            })
+            .await?;
+            match &state {
+                Ok(KeyState::Free) => {
+                    report_purge(out, json, &key, false)?;
+                    return Ok(EXIT_NOTHING);
+                }
+                Ok(state) if !cli.yes => eprintln!("{}", describe(&key, state).trim_end()),
+                Ok(_) => {}
+                Err(err) => eprintln!("{key}: a record that cannot be read ({err})"),
             }
             cli.confirm(&what)?;
             let purged = call(cli.timeout, store.purge(&key)).await?;

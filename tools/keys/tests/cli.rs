@@ -617,6 +617,29 @@ async fn sealed_records_open_with_the_services_keys() {
         &[("IDEMPOTENCY_ENCRYPTION_KEYS", "k1:not-a-key")],
     );
     assert_eq!(code(&out), 2, "{}", stderr(&out));
+    // A record the tool cannot read (other keys) is purged all the same: purging never
+    // reads it. (Found by review: the purge stopped with exit 5 and removed nothing.)
+    let out = keys_env(
+        &[&base[..], &["purge", &done, "--yes"]].concat(),
+        &[(
+            "IDEMPOTENCY_ENCRYPTION_KEYS",
+            "k9:AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+        )],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        stderr(&out).is_empty() || stderr(&out).contains("cannot be read"),
+        "{}",
+        stderr(&out)
+    );
+    let gone = sealed
+        .inspect(&StoreKey::new(&Scope::anonymous(), &done))
+        .await
+        .unwrap();
+    assert!(
+        matches!(gone, tower_idempotency::store::KeyState::Free),
+        "{gone:?}"
+    );
 }
 
 #[test]
@@ -695,6 +718,22 @@ fn misuse_is_a_usage_error_that_touches_nothing() {
         (
             &["inspect", "k", "--store", store, "--timeout", "x"],
             "bad timeout",
+        ),
+        // Found by review: past a day the tool panicked adding its connect margin.
+        (
+            &[
+                "inspect",
+                "k",
+                "--store",
+                store,
+                "--timeout",
+                "18446744073709551615s999ms",
+            ],
+            "a timeout past any sense",
+        ),
+        (
+            &["inspect", "k", "--store", store, "--timeout", "0s"],
+            "a zero timeout",
         ),
     ] {
         let started = Instant::now();
