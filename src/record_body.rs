@@ -178,7 +178,7 @@ where
         let config = claimed.config();
         let function = parts.extensions.get::<FunctionAnswer>().map(|f| f.keep);
         let headers = if function.is_some() {
-            storable_fields(&parts.headers, |_| true)
+            storable_fields(&parts.headers, |name| !is_sealed_marker(name))
         } else {
             replayed_headers(config, &parts.headers)
         };
@@ -518,9 +518,18 @@ impl Settle {
 /// handler's answers and the recovery hook's are kept through this.
 pub(crate) fn replayed_headers(config: &crate::runtime::Runtime, all: &HeaderMap) -> Fields {
     match &config.replay_header {
-        Some(f) => storable_fields(all, |name| f(name)),
-        None => storable_fields(all, crate::policy::default_replay_header),
+        Some(f) => storable_fields(all, |name| f(name) && !is_sealed_marker(name)),
+        None => storable_fields(all, |name| {
+            crate::policy::default_replay_header(name) && !is_sealed_marker(name)
+        }),
     }
+}
+
+/// The marker of a sealed record (`idempotency-sealed`) is the store's, never an answer's:
+/// an answer that carries one of its own (a handler's, an upstream's) would be stored as a
+/// sealed record that no ring opens, and every retry refused.
+fn is_sealed_marker(name: &http::HeaderName) -> bool {
+    name.as_str() == crate::record::SEALED_HEADER.as_str()
 }
 
 impl<B> Recorder<B>

@@ -9,6 +9,13 @@
 //! and its key id: a sealed record copied under another key, or with another status, does
 //! not open.
 //!
+//! **What it does not protect.** Someone who can write to the store cannot make a key replay
+//! an answer of their choosing, but can keep it from replaying: delete its record (a retry
+//! runs again), or write a tombstone carrying the marker (a store that could not keep a
+//! sealed body keeps its status alone, so a tombstone has no ciphertext to check: a retry
+//! is told `410` that the answer was not kept). Key ids read from the store are checked as
+//! a ring's are before any [`Keyring::with_lookup`] is asked for one.
+//!
 //! **Why XChaCha20-Poly1305**: its 192-bit nonces can be drawn at random for every record
 //! with no practical risk of reuse, however many records a key seals (AES-GCM's 96-bit
 //! random nonces cap a key at about 2³² messages), and it runs in constant time in software
@@ -265,6 +272,13 @@ pub(crate) fn open(
         };
     };
     let id = id.to_str().unwrap_or("").to_owned();
+    // Whoever can write to the store chooses the id: one no ring could hold is refused
+    // before any lookup is asked for it.
+    if check_id(&id).is_err() {
+        return Err(DecodeError::Sealed(format!(
+            "sealed under {id:?}, which is not a key id"
+        )));
+    }
     let cipher = ring
         .key(&id)
         .ok_or_else(|| DecodeError::Sealed(format!("sealed under key {id:?}, not in the ring")))?;
@@ -569,6 +583,32 @@ mod tests {
         let sealed = seal(&old, &k, &record(b"kept"));
         let ring = ring().with_lookup(|id| (id == "old").then_some([4; 32]));
         assert_eq!(open(&ring, &k, sealed, false).unwrap().body(), "kept");
+    }
+
+    /// Key ids are read from the store, which whoever can write to it chooses: one a ring
+    /// could not be built with (a path into a secrets manager, an empty one) is refused
+    /// before the lookup is asked for it. (Found by review: the lookup was asked for
+    /// `../../prod/db-password` and `""`.)
+    #[test]
+    fn the_lookup_is_never_asked_for_an_id_a_ring_would_refuse() {
+        use std::sync::Mutex;
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let ring = ring().with_lookup({
+            let seen = Arc::clone(&seen);
+            move |id| {
+                seen.lock().unwrap().push(id.to_owned());
+                None
+            }
+        });
+        let k = StoreKey::new(&Scope::anonymous(), "a");
+        for id in ["../../prod/db-password", "", "k 1"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(SEALED_HEADER, HeaderValue::from_str(id).unwrap());
+            let stored = Record::new(StatusCode::OK, headers, Bytes::from(vec![0; 64]), None);
+            assert!(open(&ring, &k, stored, false).is_err());
+        }
+        let seen = seen.lock().unwrap();
+        assert!(seen.is_empty(), "the lookup was asked for {seen:?}");
     }
 
     proptest! {

@@ -79,3 +79,34 @@ async fn a_failed_answer_marked_deliver_once_still_frees_its_key() {
     assert_eq!(retry.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(runs.load(Ordering::SeqCst), 2, "not stored: the retry ran");
 }
+
+/// A handler's own response header named `idempotency-sealed` (the at-rest marker) is not
+/// kept: the retry gets the replay, not `500 record-unreadable`, with no encryption
+/// configured at all. (Found by review: every retry of such an answer was refused as a
+/// sealed record the layer could not open.)
+#[tokio::test]
+async fn a_response_header_named_like_the_sealed_marker_still_replays() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = {
+        let runs = Arc::clone(&runs);
+        ServiceBuilder::new()
+            .layer(IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers())
+            .service_fn(move |_req: Request<Body>| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(StatusCode::CREATED)
+                            .header("idempotency-sealed", "upstream-value")
+                            .body(Body::from("created"))
+                            .unwrap(),
+                    )
+                }
+            })
+    };
+    let first = call(&svc, post(Some("marker-1"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = call(&svc, post(Some("marker-1"), "{}")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.text());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
