@@ -51,7 +51,8 @@ use crate::function::{CallError, Idempotent, Output};
 use crate::handle::IdempotencyClaim;
 use crate::key::Scope;
 
-type KeyFn = dyn Fn(&Delivery) -> Option<String> + Send + Sync;
+/// A delivery's key, or why it has none that can be used.
+type KeyFn = dyn Fn(&Delivery) -> Result<String, DeadReason> + Send + Sync;
 
 /// Consumes RabbitMQ deliveries, running `handler` once per message key.
 pub struct AmqpConsumer<H> {
@@ -92,6 +93,7 @@ where
                     .as_ref()
                     .map(|id| id.as_str().to_owned())
                     .filter(|id| !id.is_empty())
+                    .ok_or(DeadReason::NoKey)
             }),
             scope: None,
             settings: ConsumerSettings::default(),
@@ -99,7 +101,10 @@ where
         }
     }
 
-    /// Keys messages by this header (a string) instead of `message_id`.
+    /// Keys messages by this header (a string, or an integer) instead of `message_id`. A
+    /// string that is not UTF-8 text is refused (the message is dead-lettered with
+    /// [`DeadReason::BadKey`]): made text, two different byte strings could become one key,
+    /// and the second message be taken for a retry of the first.
     pub fn key_from_header(mut self, name: impl Into<String>) -> Self {
         let name = name.into();
         self.key = Arc::new(move |msg| header(msg, &name));
@@ -112,7 +117,7 @@ where
         mut self,
         f: impl Fn(&Delivery) -> Option<String> + Send + Sync + 'static,
     ) -> Self {
-        self.key = Arc::new(f);
+        self.key = Arc::new(move |d| f(d).ok_or(DeadReason::NoKey));
         self
     }
 
@@ -170,8 +175,8 @@ where
         let key = (self.key)(&delivery);
         let payload = Bytes::from(delivery.data.clone());
         let settle = match &key {
-            None => Settle::DeadLetter(DeadReason::NoKey),
-            Some(key) => {
+            Err(reason) => Settle::DeadLetter(reason.clone()),
+            Ok(key) => {
                 let result = self.call(key, payload.clone()).await;
                 decide(&result, deliveries, &self.settings)
             }
@@ -222,7 +227,7 @@ where
         if let Settle::DeadLetter(reason) = &settle {
             self.settings
                 .dead_letter(DeadLetter {
-                    key,
+                    key: key.ok(),
                     source: format!("{}/{}", delivery.exchange, delivery.routing_key),
                     payload,
                     deliveries,
@@ -250,16 +255,25 @@ where
     }
 }
 
-fn header(delivery: &Delivery, name: &str) -> Option<String> {
-    let value = delivery.properties.headers().as_ref()?.inner().get(name)?;
+fn header(delivery: &Delivery, name: &str) -> Result<String, DeadReason> {
+    let value = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(name))
+        .ok_or(DeadReason::NoKey)?;
     let text = match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        // Never made text with replacement characters: two keys would become one.
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec())
+            .map_err(|_| DeadReason::BadKey(format!("the {name} header is not UTF-8 text")))?,
         AMQPValue::ShortString(s) => s.as_str().to_owned(),
         AMQPValue::LongLongInt(n) => n.to_string(),
         AMQPValue::LongInt(n) => n.to_string(),
-        _ => return None,
+        _ => return Err(DeadReason::NoKey),
     };
-    Some(text).filter(|t| !t.is_empty())
+    Some(text)
+        .filter(|t| !t.is_empty())
+        .ok_or(DeadReason::NoKey)
 }
 
 /// The `x-delivery-count` quorum queues set (0 on the first delivery), as a count of

@@ -845,3 +845,64 @@ async fn a_retry_delay_in_progress_ends_when_the_connection_is_cut() {
     }
     bench.delete().await;
 }
+
+/// Two messages whose header keys are different byte strings that are not UTF-8 are never
+/// taken for one: neither runs, each is dead-lettered as a bad key, and the handler never
+/// runs for either. (Before, both keys were made text with replacement characters, became
+/// one key, and the second message was acknowledged as a replay of the first: its work was
+/// lost.)
+#[tokio::test]
+async fn header_keys_that_are_not_utf8_are_refused_never_merged() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    for key in [vec![0xffu8, b'A'], vec![0xfeu8, b'A']] {
+        let mut headers = FieldTable::default();
+        headers.insert("Idempotency-Key".into(), AMQPValue::LongString(key.into()));
+        bench
+            .channel
+            .basic_publish(
+                "".into(),
+                bench.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                b"credit 10",
+                BasicProperties::default().with_headers(headers),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let effects: Effects = Arc::default();
+    let dead: Arc<Mutex<Vec<DeadReason>>> = Arc::default();
+    let worker = {
+        let dead = Arc::clone(&dead);
+        Arc::new(
+            counting_consumer(&MemoryStore::new(), &effects)
+                .key_from_header("Idempotency-Key")
+                .settings(ConsumerSettings::default().on_dead_letter(move |letter| {
+                    let dead = Arc::clone(&dead);
+                    async move { dead.lock().unwrap().push(letter.reason) }
+                })),
+        )
+    };
+    let (_conn, deliveries) = bench.deliveries().await;
+    let settled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let task = tokio::spawn(settling(worker, deliveries, Arc::clone(&settled)));
+    assert!(
+        until(Duration::from_secs(10), || {
+            settled.load(std::sync::atomic::Ordering::SeqCst) == 2
+        })
+        .await
+    );
+    task.abort();
+    assert!(effects.lock().unwrap().is_empty(), "neither ran");
+    let dead = dead.lock().unwrap().clone();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(
+        dead.iter()
+            .all(|r| matches!(r, DeadReason::BadKey(why) if why.contains("UTF-8"))),
+        "{dead:?}"
+    );
+    bench.delete().await;
+}
