@@ -177,7 +177,7 @@ where
         let settle = match &key {
             Err(reason) => Settle::DeadLetter(reason.clone()),
             Ok(key) => {
-                let result = self.call(key, payload.clone()).await;
+                let result = super::unwinding(self.call(key, payload.clone())).await;
                 decide(&result, deliveries, &self.settings)
             }
         };

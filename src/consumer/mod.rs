@@ -9,6 +9,7 @@
 //! |---|---|
 //! | ran and its record is stored, or was replayed | acknowledged: **after** the record is stored |
 //! | the handler failed before its commit point (the key was freed) | redelivered (after the retry delay): it runs again |
+//! | the handler panicked | as a failure: redelivered, then dead-lettered after [`ConsumerSettings::max_deliveries`]; the consumer goes on |
 //! | the handler failed after its commit point (its error is stored) | acknowledged: it never runs again |
 //! | another consumer holds the key | redelivered after the lease's `Retry-After`, not counted against [`ConsumerSettings::max_deliveries`] |
 //! | the store is unavailable | redelivered after the retry delay: nothing ran |
@@ -263,6 +264,37 @@ where
     });
     until_failed.for_each_concurrent(concurrency, handle).await;
     failed.map_or(Ok(()), Err)
+}
+
+/// Runs a handler's call, a panic in it taken for the handler's failure before its commit
+/// point (logged at `error`): the message is delivered again, and dead-lettered after
+/// [`ConsumerSettings::max_deliveries`], while the consumer goes on with its other
+/// messages. (The key was freed as the panic unwound, or, past a commit point, kept: a
+/// later delivery then finds the outcome unknown.)
+pub(crate) async fn unwinding<F>(call: F) -> Result<Output<Bytes>, CallError<Bytes>>
+where
+    F: Future<Output = Result<Output<Bytes>, CallError<Bytes>>>,
+{
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(call).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned());
+            tracing::error!(
+                panic = %what,
+                "a message's handler panicked; the message is delivered again"
+            );
+            Err(CallError::Operation {
+                error: Bytes::from(format!("the handler panicked: {what}")),
+                replayed: false,
+                committed: false,
+            })
+        }
+    }
 }
 
 /// What becomes of a message whose handler's call ended with `result`, on its

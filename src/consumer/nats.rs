@@ -159,7 +159,7 @@ where
         let settle = match (self.key)(&msg.message) {
             None => Settle::DeadLetter(DeadReason::NoKey),
             Some(key) => {
-                let result = self.call(&key, &msg.message).await;
+                let result = super::unwinding(self.call(&key, &msg.message)).await;
                 decide(&result, deliveries, &self.settings)
             }
         };

@@ -729,3 +729,68 @@ async fn redeliveries_while_the_first_delivery_runs_never_dead_letter_it() {
         "the message was never handled: dead-lettered {dead:?} while its first delivery ran"
     );
 }
+
+/// A poison message whose handler panics before its commit point, every time, is taken for
+/// one whose handler fails: delivered again, then handed to the dead-letter hook after
+/// `max_deliveries`, and `run` goes on. (Before, the panic went through `run`, which ended
+/// with it, dropping the other handlers in hand; each restart met the message again and
+/// ended the same way, and it never reached the hook.) A supervisor restarts `run` here
+/// each time it ends, as one would in production.
+#[tokio::test]
+async fn a_handler_that_always_panics_is_dead_lettered_after_max_deliveries() {
+    let Some(bench) = Bench::new(Duration::from_millis(300)).await else {
+        return;
+    };
+    bench.publish(Some("poison"), "poison").await;
+    let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let worker = {
+        let (dead, runs) = (Arc::clone(&dead), Arc::clone(&runs));
+        Arc::new(
+            JetStreamConsumer::new(
+                &IdempotencyLayer::new(MemoryStore::new()),
+                move |_msg: async_nats::Message, _claim: IdempotencyClaim| {
+                    let runs = Arc::clone(&runs);
+                    async move {
+                        runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if true {
+                            panic!("bug: cannot parse this payload");
+                        }
+                        Ok::<_, StoreError>(())
+                    }
+                },
+            )
+            .key_from_header("Idempotency-Key")
+            .settings(settings().max_deliveries(2).on_dead_letter(move |letter| {
+                let dead = Arc::clone(&dead);
+                async move { dead.lock().unwrap().push(letter) }
+            })),
+        )
+    };
+    for _ in 0..6 {
+        let (_client, consumer) = bench.consumer().await;
+        let messages = consumer.messages().await.unwrap();
+        let w = Arc::clone(&worker);
+        let task = tokio::spawn(async move { w.run(messages).await });
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while !task.is_finished() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        task.abort();
+        if !dead.lock().unwrap().is_empty() {
+            break;
+        }
+    }
+    assert_eq!(
+        runs.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one run per delivery allowed"
+    );
+    assert_eq!(
+        dead.lock().unwrap().len(),
+        1,
+        "a poison message should reach the dead-letter hook after 2 deliveries"
+    );
+}
