@@ -189,6 +189,12 @@ pub enum CallError<E> {
     /// The key, or the input, was refused before anything ran.
     #[error("the call was refused: {0}")]
     Rejected(String),
+    /// The input is larger than the layer's
+    /// [`max_request_body`](crate::IdempotencyLayer::max_request_body) (it is read whole
+    /// to fingerprint it): nothing ran. Raise the bound on the layer the calls are made
+    /// over.
+    #[error("the input is too large: {0}")]
+    TooLarge(String),
     /// The operation ran before, but its result was too large to keep.
     #[error("the operation ran before, but its result was not kept")]
     NotStored,
@@ -517,6 +523,9 @@ impl Call<'_> {
             IdempotencyOutcome::RecordUnreadable => Err(CallError::RecordUnreadable),
             IdempotencyOutcome::StoreUnavailable | IdempotencyOutcome::StoreFull => {
                 Err(CallError::StoreUnavailable { retry_after })
+            }
+            IdempotencyOutcome::Rejected if status == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(CallError::TooLarge(problem_detail(&body)))
             }
             IdempotencyOutcome::Rejected => Err(CallError::Rejected(problem_detail(&body))),
         }

@@ -15,6 +15,7 @@
 //! | the store is unavailable | redelivered after the retry delay: nothing ran |
 //! | passed its commit point and crashed (outcome unknown) | redelivered until [`ConsumerSettings::max_deliveries`], then dead-lettered; never run again |
 //! | no key, a bad key, or a changed payload under a seen key | dead-lettered at once: no redelivery could help |
+//! | a payload over the layer's [`max_request_body`](crate::IdempotencyLayer::max_request_body) (1 MiB by default) | dead-lettered at once as [`DeadReason::TooLarge`]: nothing ran; raise the bound to take such messages |
 //! | ran before but its record cannot be read | acknowledged, logged: it never runs again |
 //!
 //! Dead-lettering calls the consumer's dead-letter hook with the message and the reason,
@@ -76,6 +77,11 @@ pub enum DeadReason {
     /// It kept being redelivered (its handler kept failing, or the store kept failing) for
     /// this many deliveries.
     TooManyDeliveries,
+    /// Its payload is larger than the layer's
+    /// [`max_request_body`](crate::IdempotencyLayer::max_request_body) (1 MiB by default),
+    /// which bounds what is read to fingerprint it: nothing ran. Raise it on the layer the
+    /// consumer is built over to take such messages.
+    TooLarge(String),
 }
 
 impl fmt::Display for DeadReason {
@@ -91,6 +97,7 @@ impl fmt::Display for DeadReason {
                  run again",
             ),
             Self::TooManyDeliveries => f.write_str("the message was delivered too many times"),
+            Self::TooLarge(why) => write!(f, "the message is too large: {why}"),
         }
     }
 }
@@ -334,6 +341,7 @@ pub fn decide<T, E>(
         Err(CallError::OutcomeUnknown) => Settle::Retry(settings.retry_delay),
         Err(CallError::Mismatch) => Settle::DeadLetter(DeadReason::PayloadChanged),
         Err(CallError::Rejected(why)) => Settle::DeadLetter(DeadReason::BadKey(why.clone())),
+        Err(CallError::TooLarge(why)) => Settle::DeadLetter(DeadReason::TooLarge(why.clone())),
         // It ran before; what it answered is lost or unreadable, but it must not run again.
         Err(CallError::NotStored | CallError::RecordUnreadable | CallError::Codec(_)) => {
             Settle::Ack

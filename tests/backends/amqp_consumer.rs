@@ -906,3 +906,59 @@ async fn header_keys_that_are_not_utf8_are_refused_never_merged() {
     );
     bench.delete().await;
 }
+
+/// A RabbitMQ message of 2 MiB with a good key, over the layer's `max_request_body`
+/// (1 MiB): dead-lettered at once as too large, saying so, and its handler never runs.
+/// (Before, it was dead-lettered as a bad key.)
+#[tokio::test]
+async fn a_message_over_the_body_bound_is_dead_lettered_as_too_large_not_as_a_bad_key() {
+    let Some(bench) = Bench::new().await else {
+        return;
+    };
+    let big = "x".repeat(2 << 20);
+    bench.publish(Some("big-1"), &big).await;
+    let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
+    let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let worker = {
+        let (dead, ran) = (Arc::clone(&dead), Arc::clone(&ran));
+        Arc::new(
+            AmqpConsumer::new(
+                &IdempotencyLayer::new(MemoryStore::new()),
+                move |_payload: Bytes, _claim: IdempotencyClaim| {
+                    let ran = Arc::clone(&ran);
+                    async move {
+                        ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        Ok::<_, StoreError>(())
+                    }
+                },
+            )
+            .settings(ConsumerSettings::default().on_dead_letter(move |letter| {
+                let dead = Arc::clone(&dead);
+                async move { dead.lock().unwrap().push(letter) }
+            })),
+        )
+    };
+    let (_conn, mut deliveries) = bench.deliveries().await;
+    let delivery = deliveries.next().await.unwrap().unwrap();
+    let settle = worker.handle(delivery).await;
+    let reasons: Vec<_> = dead
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.reason.clone())
+        .collect();
+    assert!(
+        matches!(&settle, Settle::DeadLetter(DeadReason::TooLarge(why)) if why.contains("1048576")),
+        "{settle:?}"
+    );
+    assert!(
+        matches!(reasons[..], [DeadReason::TooLarge(_)]),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        ran.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing ran"
+    );
+    bench.delete().await;
+}

@@ -402,8 +402,9 @@ async fn an_input_over_the_limit_is_refused() {
         .input(vec![0u8; 9])
         .run(|_| async { Ok::<_, Bytes>(Bytes::new()) })
         .await;
+    // Too large, said so: not a refused key (a consumer dead-letters it as too large).
     assert!(
-        matches!(&refused, Err(CallError::Rejected(why)) if why.contains("8 bytes")),
+        matches!(&refused, Err(CallError::TooLarge(why)) if why.contains("8 bytes")),
         "{refused:?}"
     );
 }
