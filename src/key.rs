@@ -218,7 +218,14 @@ pub fn parse_key(
     max_len: usize,
 ) -> Result<IdempotencyKey, KeyError> {
     let bytes = value.as_bytes();
-    if bytes.first() != Some(&b'"') && parsing != KeyParsing::Strict {
+    // What the value starts with past any leading space, as an RFC 9651 parser sees it: a
+    // quoted key after a space (kept by a value built in code, or sent over HTTP/2) is an
+    // sf-string in every mode.
+    let first = match bytes.first() {
+        Some(b' ' | b'\t') => bytes.iter().copied().find(|b| !matches!(b, b' ' | b'\t')),
+        first => first.copied(),
+    };
+    if first != Some(b'"') && parsing != KeyParsing::Strict {
         // Every byte looked at (no early exit), so that the check runs many bytes at a time.
         let printable = bytes.iter().fold(true, |ok, &b| {
             ok & (b.wrapping_sub(0x21) < 0x5e) & (b != b'"')
@@ -594,6 +601,30 @@ impl fmt::Display for StoreKey {
 
 #[cfg(test)]
 mod tests {
+    /// Lenient parsing takes every key strict parsing takes: a quoted key after spaces
+    /// or tabs (kept by a value built in code, or sent over HTTP/2) included. (Found by
+    /// review: lenient looked at the first byte alone and refused it as not printable.)
+    #[test]
+    fn lenient_takes_every_key_strict_takes_spaces_before_the_quote_included() {
+        for raw in [&b" \"abc\""[..], b"\t\"abc\"", b"  \"abc\"  ", b"\"abc\""] {
+            let value = HeaderValue::from_bytes(raw).unwrap();
+            let strict = parse_key(&value, KeyParsing::Strict, 255);
+            let lenient = parse_key(&value, KeyParsing::Lenient, 255);
+            if strict.is_ok() {
+                assert_eq!(lenient, strict, "{raw:?}");
+            }
+        }
+        let spaced = HeaderValue::from_static("  \"abc\"");
+        assert_eq!(
+            parse_key(&spaced, KeyParsing::Lenient, 255).map(|k| k.as_str().to_owned()),
+            Ok("abc".to_owned())
+        );
+        // A bare key after a space is still refused, in both modes.
+        let spaced = HeaderValue::from_static(" abc");
+        assert!(parse_key(&spaced, KeyParsing::Lenient, 255).is_err());
+        assert!(parse_key(&spaced, KeyParsing::Strict, 255).is_err());
+    }
+
     use super::*;
 
     /// A bare key takes exactly the visible ASCII characters but `"`, whatever byte stands

@@ -192,7 +192,8 @@ impl IdempotencyLayer {
     /// number, an object, a body that is not JSON, or an empty string is a `400
     /// invalid-key` problem; no value there (or `null`) is `400 missing-key`, or, with
     /// [`MissingKey::Optional`], the request runs unprotected. Nothing runs in the `400`
-    /// cases. [`MissingKey::Generate`] has no meaning here and counts as required.
+    /// cases. [`MissingKey::Generate`] has no meaning here and counts as required. A
+    /// pointer given without its leading `/` (`"id"`) is read as if it had one (`"/id"`).
     ///
     /// ```
     /// let webhooks = tower_idempotency::IdempotencyLayer::default()
@@ -202,7 +203,13 @@ impl IdempotencyLayer {
     #[cfg(feature = "json")]
     #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
     pub fn key_from_json(self, pointer: impl Into<String>) -> Self {
-        let pointer: Arc<str> = pointer.into().into();
+        let mut pointer = pointer.into();
+        if !pointer.is_empty() && !pointer.starts_with('/') {
+            // Not an RFC 6901 pointer, which would find nothing in any body, and leave
+            // every request without a key: "id" can only mean "/id".
+            pointer.insert(0, '/');
+        }
+        let pointer: Arc<str> = pointer.into();
         self.edit(|c| c.key_pointer = Some(pointer))
     }
 
@@ -246,14 +253,26 @@ impl IdempotencyLayer {
     /// The gRPC methods covered, by full path (`/package.Service/Method`, as tonic's
     /// generated `SERVICE_NAME` and method names make it); every other gRPC call passes
     /// through untouched. Default: none, so that reads and streaming calls, which must not
-    /// be buffered, are never covered by accident. List unary methods that change state.
+    /// be buffered, are never covered by accident. List unary methods that change state. A
+    /// path given without its leading `/` gets one.
     ///
     /// ```
     /// let layer = tower_idempotency::IdempotencyLayer::default()
     ///     .grpc_methods(["/orders.Orders/CreateOrder", "/orders.Orders/CancelOrder"]);
     /// ```
     pub fn grpc_methods(self, paths: impl IntoIterator<Item = impl Into<String>>) -> Self {
-        let paths: Arc<[String]> = paths.into_iter().map(Into::into).collect();
+        let paths: Arc<[String]> = paths
+            .into_iter()
+            .map(|path| {
+                let mut path: String = path.into();
+                // `package.Service/Method`, as `SERVICE_NAME` and a method name make it
+                // joined by hand: a request's path always starts with `/`.
+                if !path.starts_with('/') {
+                    path.insert(0, '/');
+                }
+                path
+            })
+            .collect();
         self.edit(|c| c.grpc_methods = paths)
     }
 

@@ -1288,3 +1288,53 @@ async fn the_memory_store_counts_replay_headers_and_gives_them_back() {
     assert_eq!(store.bytes(), 0);
     assert_eq!(counter.runs(), 1);
 }
+
+/// A JSON pointer given without its leading `/` (`"id"`, RFC 6901 wants `"/id"`) still
+/// finds the key: the same event twice runs once. (Found by review: the pointer found
+/// nothing in any body, and under `MissingKey::Optional` every request ran unprotected,
+/// with no word said.)
+#[cfg(feature = "json")]
+#[tokio::test]
+async fn a_json_pointer_given_without_its_slash_still_finds_the_key() {
+    let counter = Counter::default();
+    let svc = IdempotencyLayer::new(tower_idempotency::MemoryStore::new())
+        .share_keys_across_callers()
+        .missing_key(MissingKey::Optional)
+        .key_from_json("id")
+        .layer(counter.service(Duration::ZERO));
+    let event = r#"{"id":"evt_1","amount":5}"#;
+    let req = || {
+        Request::post("/webhooks")
+            .header("content-type", "application/json")
+            .body(Body::from(event))
+            .unwrap()
+    };
+    let first = call(&svc, req()).await;
+    let second = call(&svc, req()).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(second.replayed(), "{:?}", second.outcome);
+    assert_eq!(counter.runs(), 1, "ran once");
+}
+
+/// A gRPC method listed without its leading `/` (`orders.Orders/CreateOrder`, as a service
+/// name and a method joined by hand make it) is covered all the same. (Found by review: it
+/// matched no request's path, and its calls ran again on every retry.)
+#[tokio::test]
+async fn a_grpc_method_listed_without_its_leading_slash_is_covered() {
+    let counter = Counter::default();
+    let svc = IdempotencyLayer::new(tower_idempotency::MemoryStore::new())
+        .share_keys_across_callers()
+        .grpc_methods(["orders.Orders/CreateOrder"])
+        .layer(counter.service(Duration::ZERO));
+    let req = || {
+        Request::post("/orders.Orders/CreateOrder")
+            .header("content-type", "application/grpc")
+            .header("idempotency-key", "k")
+            .body(Body::from(&b"\0\0\0\0\0"[..]))
+            .unwrap()
+    };
+    let _ = call(&svc, req()).await;
+    let second = call(&svc, req()).await;
+    assert!(second.replayed(), "{:?}", second.outcome);
+    assert_eq!(counter.runs(), 1, "ran once");
+}
