@@ -470,7 +470,10 @@ impl fmt::Debug for Scope {
 
 /// The key under which a store keeps an operation: the caller's scope and the client's key.
 ///
-/// Its text form is `scope:key`; it is printable ASCII, at most 64 + 1 + the key limit long.
+/// Its text form is `scope:key`: the scope (`anon`, or 64 hexadecimal digits) and the key,
+/// text without control characters (a header's key is printable ASCII; a key read from a
+/// JSON body, a function's or a message's may hold any other character). At most 64 + 1 +
+/// the key limit characters long.
 ///
 /// Cloning one is a reference count: the layer, the store and the lease keeper share one
 /// copy of the text.
@@ -539,7 +542,7 @@ impl StoreKey {
     /// A key as a store keeps it (`scope:key`, as [`as_str`](Self::as_str) writes it and as
     /// it shows in a Redis key name or a PostgreSQL row), for operators' tools. `None` when
     /// the scope is not `anon` or 64 lowercase hexadecimal digits, or the key is empty or
-    /// not printable ASCII.
+    /// holds a control character.
     ///
     /// ```
     /// use tower_idempotency::{Scope};
@@ -557,7 +560,9 @@ impl StoreKey {
                 && scope
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-        let key_ok = !key.is_empty() && key.bytes().all(|b| (0x20..0x7f).contains(&b));
+        // Every key the layer stores: a header's printable ASCII, and the text without
+        // control characters of a body's, a function's or a message's key.
+        let key_ok = !key.is_empty() && !key.chars().any(char::is_control);
         (scope_ok && key_ok).then(|| Self(Arc::from(text)))
     }
 
@@ -601,6 +606,32 @@ impl fmt::Display for StoreKey {
 
 #[cfg(test)]
 mod tests {
+    /// Every key the layer stores is one a store's listing reads back: keys read from a
+    /// JSON body, a function's or a message's may hold any character but a control one.
+    /// (Found by review: `from_stored` took printable ASCII alone, so the listings of Redis,
+    /// PostgreSQL and MySQL skipped `évt_1` without a word, and the keys tool could not
+    /// name it.)
+    #[test]
+    fn every_key_the_layer_stores_is_read_back_from_the_store() {
+        for id in [
+            "évt_1",
+            "tab\u{a0}nbsp",
+            "emoji-🙂",
+            "plain-1",
+            "with space",
+        ] {
+            let key = IdempotencyKey::from_call(id, 255).unwrap();
+            let stored = StoreKey::new(&Scope::anonymous(), key.as_str());
+            assert_eq!(
+                StoreKey::from_stored(stored.as_str()),
+                Some(stored.clone()),
+                "{id}"
+            );
+        }
+        assert_eq!(StoreKey::from_stored("anon:bell\u{7}"), None);
+        assert_eq!(StoreKey::from_stored("anon:"), None);
+    }
+
     /// Lenient parsing takes every key strict parsing takes: a quoted key after spaces
     /// or tabs (kept by a value built in code, or sent over HTTP/2) included. (Found by
     /// review: lenient looked at the first byte alone and refused it as not printable.)

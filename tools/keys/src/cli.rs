@@ -404,10 +404,12 @@ impl KeyArgs {
             });
         }
         let key = self.key.as_deref().unwrap_or_default();
-        if key.is_empty() || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        if key.is_empty() || key.chars().any(char::is_control) {
             return Err(fail(
                 EXIT_USAGE,
-                format!("{key:?} is not an idempotency key: printable ASCII, not empty"),
+                format!(
+                    "{key:?} is not an idempotency key: text without control characters, not empty"
+                ),
             ));
         }
         let scope = match &self.principal {
