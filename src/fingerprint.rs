@@ -218,7 +218,10 @@ impl Fingerprint {
     /// without parameters, and the body as canonical JSON (object keys sorted, no
     /// whitespace), so that a client that serialises the same document differently (key
     /// order, spacing, escapes) is not refused with `422`. A body that is not JSON counts
-    /// by its bytes. Numbers count as written: `1` and `1.0` differ.
+    /// by its bytes. Numbers count as written: `1` and `1.0` differ. A body with a number
+    /// that a parse would change (more digits than a 64-bit float holds, as in
+    /// `1.000000000000000001`; an exponent; a trailing zero) counts by its bytes too, so
+    /// that two different amounts never count as one.
     ///
     /// ```
     /// use tower_idempotency::Fingerprint;
@@ -236,6 +239,7 @@ impl Fingerprint {
     pub fn of_canonical_json(parts: &Parts, body: &[u8]) -> Self {
         let canonical = serde_json::from_slice::<serde_json::Value>(body)
             .ok()
+            .filter(|_| numbers_survive_parsing(body))
             .map(canonical_json);
         let media_type = media_type(parts);
         Self::of_fields([
@@ -250,6 +254,48 @@ impl Fingerprint {
     pub fn to_hex(&self) -> String {
         hex(&self.0)
     }
+}
+
+/// Whether every number in `json` (valid JSON) is written as its parsed value is written
+/// again: then its canonical form loses nothing. A number a parse would change (more
+/// digits than an `f64` holds, an integer past 64 bits, `1e2`, `1.50`) could make two
+/// different documents one.
+#[cfg(feature = "json")]
+fn numbers_survive_parsing(json: &[u8]) -> bool {
+    let (mut i, mut in_string) = (0, false);
+    while i < json.len() {
+        let b = json[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < json.len()
+                    && matches!(json[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                let text = std::str::from_utf8(&json[start..i]).unwrap_or("");
+                match serde_json::from_str::<serde_json::Number>(text) {
+                    Ok(number) if number.to_string() == text => {}
+                    _ => return false,
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    true
 }
 
 /// `value` as JSON text with every object's keys sorted: the same text for the same value,
@@ -339,6 +385,37 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// Two documents whose numbers differ only past what a 64-bit float holds (or past 64
+    /// bits) fingerprint apart: their canonical forms would be one, so they count by their
+    /// bytes. Documents whose numbers survive parsing still count by their canonical form.
+    /// (Found by review: `1.000000000000000001` and `1.000000000000000002` were one
+    /// amount, and the second request got the first's answer instead of `422`.)
+    #[cfg(feature = "json")]
+    #[test]
+    fn canonical_json_never_makes_two_amounts_one() {
+        let (parts, ()) = http::Request::post("/pay").body(()).unwrap().into_parts();
+        let of = |body: &str| Fingerprint::of_canonical_json(&parts, body.as_bytes());
+        for (a, b) in [
+            (
+                r#"{"amount":1.000000000000000001}"#,
+                r#"{"amount":1.000000000000000002}"#,
+            ),
+            (
+                r#"{"amount":100000000000000000001}"#,
+                r#"{"amount":100000000000000000002}"#,
+            ),
+            (r#"{"amount":1e2}"#, r#"{"amount":100.0}"#),
+            (r#"{"amount":1.50}"#, r#"{"amount":1.5}"#),
+        ] {
+            assert_ne!(of(a), of(b), "{a} and {b}");
+        }
+        // Numbers that survive parsing: key order and spacing still do not count.
+        assert_eq!(
+            of(r#"{"amount": 12.5, "n": -3, "tags": ["a\"1", 7]}"#),
+            of(r#"{"tags":["a\"1",7],"n":-3,"amount":12.5}"#)
+        );
+    }
+
     use super::*;
 
     /// The digest the streaming hasher gives for the fields, as every fingerprint was made
