@@ -2,19 +2,33 @@
 //!
 //! # The hash, and why it is safe
 //!
-//! A fingerprint only has to tell apart the requests of **one caller under one key**: keys
-//! are scoped per caller, so a fingerprint is never compared with another caller's. Two
-//! properties matter:
+//! A fingerprint has to tell apart the requests sent under **one key in one scope**. Where
+//! keys are scoped per caller (by credential or principal), that is one caller's requests.
+//! Two properties matter:
 //!
 //! - **Accidental collisions** must not happen: two different payloads a client sends under
 //!   one key must fingerprint differently, or the second would get the first's answer
 //!   instead of `422`. A 128-bit hash makes that a 2⁻¹²⁸ chance per pair.
-//! - **Crafted collisions** only fool their maker: a caller who builds two payloads with one
-//!   fingerprint gets, under its own key, the answer of its own first payload. It can reach
-//!   no one else's keys or answers.
+//! - **Crafted collisions** only fool their maker where the scope is one caller's: a
+//!   caller who builds two payloads with one fingerprint gets, under its own key, the
+//!   answer of its own first payload. It can reach no one else's keys or answers.
 //!
-//! So a cryptographic hash buys nothing here, and its cost is the whole cost of a large
-//! body (SHA-256 runs at about 1.7 GB/s with SHA-NI: 38 µs per 64 KiB). The fingerprints
+//! So for a scope of one caller a cryptographic hash buys nothing, and its cost is the
+//! whole cost of a large body (SHA-256 runs at about 1.7 GB/s with SHA-NI: 38 µs per
+//! 64 KiB).
+//!
+//! **A scope several callers share** ([`share_keys_across_callers`], or a
+//! [`scope_by`] that groups callers, such as a tenant) is another matter. Its callers
+//! already reach each other's keys: one who learns another's key and payload can take the
+//! key first, and the other gets `422`. With a fast hash it can do worse, and build a
+//! payload of its own with the other's fingerprint (XXH3's secret is public, and such a
+//! pair takes microseconds): the other is then answered with its result as a replay, not
+//! with `422`. Where the callers of a shared scope do not trust each other, use
+//! [`Fingerprint::of_request_sha256`], a cryptographic hash, with which no one can build
+//! such a pair.
+//!
+//! [`share_keys_across_callers`]: crate::IdempotencyLayer::share_keys_across_callers
+//! [`scope_by`]: crate::IdempotencyLayer::scope_by The fingerprints
 //! of this crate are **XXH3-128** (`xxhash-rust`), several times faster (see
 //! BENCHMARKS.md), over the same length-prefixed fields as before.
 //!
@@ -169,6 +183,28 @@ impl Fingerprint {
             .get(http::header::CONTENT_TYPE)
             .map_or(&[][..], |v| v.as_bytes());
         Self::of_fields([parts.method.as_str().as_bytes(), path, content_type, body])
+    }
+
+    /// The fields of [`of_request`](Self::of_request) hashed with SHA-256, a cryptographic
+    /// hash, for a scope several callers share who do not trust each other: no one can
+    /// build a payload with another's fingerprint (see [the module docs](self)). Slower on
+    /// large bodies (about 38 µs per 64 KiB with SHA-NI). Its digests are untagged, as
+    /// those of earlier versions were ([`is_legacy`](Self::is_legacy) is true).
+    ///
+    /// ```
+    /// use tower_idempotency::Fingerprint;
+    ///
+    /// let (parts, ()) = http::Request::post("/orders").body(()).unwrap().into_parts();
+    /// assert_ne!(
+    ///     Fingerprint::of_request_sha256(&parts, b"{\"amount\":1}"),
+    ///     Fingerprint::of_request_sha256(&parts, b"{\"amount\":2}"),
+    /// );
+    /// let tenants = tower_idempotency::IdempotencyLayer::default()
+    ///     .share_keys_across_callers()
+    ///     .fingerprint_with(|parts, body| Fingerprint::of_request_sha256(parts, body));
+    /// ```
+    pub fn of_request_sha256(parts: &Parts, body: &[u8]) -> Self {
+        legacy(|| Self::of_request(parts, body))
     }
 
     /// A preset that ignores the parameters of the media type: `application/json;
