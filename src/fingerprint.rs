@@ -15,7 +15,8 @@
 //!
 //! So for a scope of one caller a cryptographic hash buys nothing, and its cost is the
 //! whole cost of a large body (SHA-256 runs at about 1.7 GB/s with SHA-NI: 38 µs per
-//! 64 KiB).
+//! 64 KiB). The fingerprints of this crate are **XXH3-128** (`xxhash-rust`), several times
+//! faster (see BENCHMARKS.md), over the same length-prefixed fields as before.
 //!
 //! **A scope several callers share** ([`share_keys_across_callers`], or a
 //! [`scope_by`] that groups callers, such as a tenant) is another matter. Its callers
@@ -28,9 +29,7 @@
 //! such a pair.
 //!
 //! [`share_keys_across_callers`]: crate::IdempotencyLayer::share_keys_across_callers
-//! [`scope_by`]: crate::IdempotencyLayer::scope_by The fingerprints
-//! of this crate are **XXH3-128** (`xxhash-rust`), several times faster (see
-//! BENCHMARKS.md), over the same length-prefixed fields as before.
+//! [`scope_by`]: crate::IdempotencyLayer::scope_by
 //!
 //! # Tagged, so that the hash can change
 //!
