@@ -13,12 +13,26 @@ use crate::key::StoreKey;
 /// A committed operation with no stored outcome, as a recovery hook
 /// ([`IdempotencyLayer::recover_with`](crate::IdempotencyLayer::recover_with)) is given
 /// it: the key and the retry that found it so.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` shows the retry's header names, not their values: a hook that logs it
+/// (`?unsettled`) never writes a credential (`Authorization`, `Cookie`) to the logs.
+#[derive(Clone)]
 pub struct Unsettled {
     key: StoreKey,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+}
+
+impl std::fmt::Debug for Unsettled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unsettled")
+            .field("key", &self.key)
+            .field("method", &self.method)
+            .field("uri", &self.uri)
+            .field("header_names", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Unsettled {
@@ -126,4 +140,32 @@ where
         let fut = f(unsettled);
         Box::pin(async move { fut.await.map(Into::into) }) as RecoveryFuture
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::Scope;
+
+    /// A hook that logs what it was given (`?unsettled`) writes no credential: the
+    /// headers' names show, not their values, and the key shows without its scope.
+    /// (Found by review: the derived `Debug` printed `Authorization` and `Cookie` whole.)
+    #[test]
+    fn logging_an_unsettled_operation_writes_no_credential() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", "Bearer s3cr3t-token".parse().unwrap());
+        headers.insert("cookie", "session=hunter2".parse().unwrap());
+        let key = StoreKey::new(&Scope::of(b"alice"), "order-1");
+        let unsettled = Unsettled::new(key, &Method::POST, &"/orders".parse().unwrap(), &headers);
+        let logged = format!("{unsettled:?}");
+        assert!(
+            logged.contains("authorization") && logged.contains("order-1"),
+            "{logged}"
+        );
+        assert!(
+            !logged.contains("s3cr3t") && !logged.contains("hunter2"),
+            "{logged}"
+        );
+        assert!(!logged.contains(Scope::of(b"alice").as_str()), "{logged}");
+    }
 }
