@@ -65,7 +65,14 @@ pub struct JetStreamConsumer<H> {
     scope: Option<Scope>,
     settings: ConsumerSettings,
     concurrency: usize,
+    /// How often a message whose handler still runs is told to JetStream to be in
+    /// progress; `None`: never.
+    progress_every: Option<std::time::Duration>,
 }
+
+/// The default of [`JetStreamConsumer::in_progress_every`]: a third of JetStream's default
+/// ack wait (30 s).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl<H> fmt::Debug for JetStreamConsumer<H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -73,6 +80,7 @@ impl<H> fmt::Debug for JetStreamConsumer<H> {
             .field("scope", &self.scope)
             .field("settings", &self.settings)
             .field("concurrency", &self.concurrency)
+            .field("progress_every", &self.progress_every)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +101,7 @@ where
             scope: None,
             settings: ConsumerSettings::default(),
             concurrency: 1,
+            progress_every: Some(PROGRESS_EVERY),
         }
     }
 
@@ -135,6 +144,30 @@ where
         self
     }
 
+    /// While a message's handler runs, tell JetStream every `every` that the message is in
+    /// progress (`+WPI`), so that it is not delivered again when the consumer's ack wait
+    /// runs out: keep `every` shorter than the ack wait (30 s by default). Default: 10 s;
+    /// zero turns it off. A message delivered again while its handler runs finds its key
+    /// in flight and is delivered later; it never runs twice, but each such delivery is a
+    /// round trip for nothing.
+    ///
+    /// ```no_run
+    /// # use tower_idempotency::consumer::nats::JetStreamConsumer;
+    /// # use tower_idempotency::{IdempotencyClaim, IdempotencyLayer, MemoryStore};
+    /// use std::time::Duration;
+    /// let reports = JetStreamConsumer::new(
+    ///     &IdempotencyLayer::new(MemoryStore::new()),
+    ///     |_msg: tower_idempotency::async_nats::Message, _claim: IdempotencyClaim| async move {
+    ///         Ok::<_, tower_idempotency::StoreError>(())
+    ///     },
+    /// )
+    /// .in_progress_every(Duration::from_secs(5)); // for an ack wait of 15 s
+    /// ```
+    pub fn in_progress_every(mut self, every: std::time::Duration) -> Self {
+        self.progress_every = (!every.is_zero()).then(|| crate::time::clamp_duration(every));
+        self
+    }
+
     /// Handles messages until the stream ends (or fails: its error is returned). On a
     /// failure it takes no more messages, and lets the handlers in hand finish before it
     /// answers the error.
@@ -159,7 +192,17 @@ where
         let settle = match (self.key)(&msg.message) {
             None => Settle::DeadLetter(DeadReason::NoKey),
             Some(key) => {
-                let result = super::unwinding(self.call(&key, &msg.message)).await;
+                let work = std::pin::pin!(super::unwinding(self.call(&key, &msg.message)));
+                let result = match self.progress_every {
+                    None => work.await,
+                    Some(every) => {
+                        let progress = std::pin::pin!(self.keep_in_progress(&msg, every));
+                        match futures_util::future::select(work, progress).await {
+                            futures_util::future::Either::Left((result, _)) => result,
+                            futures_util::future::Either::Right((never, _)) => match never {},
+                        }
+                    }
+                };
                 decide(&result, deliveries, &self.settings)
             }
         };
@@ -181,6 +224,21 @@ where
         };
         self.settings.settle("JetStream", msg.ack_with(kind)).await;
         settle
+    }
+
+    /// Tells JetStream every `every` that `msg` is in progress, for as long as it is polled
+    /// (its handler runs); each telling is bounded as settling is.
+    async fn keep_in_progress(
+        &self,
+        msg: &jetstream::Message,
+        every: std::time::Duration,
+    ) -> std::convert::Infallible {
+        loop {
+            tokio::time::sleep(every).await;
+            self.settings
+                .settle("JetStream", msg.ack_with(AckKind::Progress))
+                .await;
+        }
     }
 
     async fn call(

@@ -794,3 +794,57 @@ async fn a_handler_that_always_panics_is_dead_lettered_after_max_deliveries() {
         "a poison message should reach the dead-letter hook after 2 deliveries"
     );
 }
+
+/// A handler slower than the consumer's ack wait (2 s against 500 ms): with
+/// `in_progress_every` shorter than the ack wait, JetStream is told the message is in
+/// progress and delivers it once; with it off, it delivers it again every ack wait while
+/// the handler runs (each redelivery finds the key in flight; none runs the handler). The
+/// handler runs once either way. Counted on the stream of messages itself.
+#[tokio::test]
+async fn a_handler_slower_than_the_ack_wait_is_kept_in_progress_not_delivered_again() {
+    use futures_util::StreamExt;
+    for (every, redelivered) in [(Duration::from_millis(150), false), (Duration::ZERO, true)] {
+        let Some(bench) = Bench::new(Duration::from_millis(500)).await else {
+            return;
+        };
+        bench.publish(Some("slow-report"), "slow-report").await;
+        let effects: Effects = Arc::default();
+        let worker = {
+            let effects = Arc::clone(&effects);
+            JetStreamConsumer::new(
+                &IdempotencyLayer::new(MemoryStore::new()),
+                move |msg: async_nats::Message, _claim: IdempotencyClaim| {
+                    let effects = Arc::clone(&effects);
+                    async move {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        effect(&effects, &msg.payload);
+                        Ok::<_, StoreError>(())
+                    }
+                },
+            )
+            .key_from_header("Idempotency-Key")
+            .concurrency(4)
+            .in_progress_every(every)
+            .settings(settings())
+        };
+        let (_client, consumer) = bench.consumer().await;
+        let delivered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let messages = {
+            let delivered = Arc::clone(&delivered);
+            consumer.messages().await.unwrap().inspect(move |_| {
+                delivered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        let task = tokio::spawn(async move { worker.run(messages).await });
+        assert!(until_effects(&effects, 1, Duration::from_secs(10)).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        task.abort();
+        let delivered = delivered.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(effects.lock().unwrap()["slow-report"], 1, "ran once");
+        if redelivered {
+            assert!(delivered > 1, "without it, delivered again: {delivered}");
+        } else {
+            assert_eq!(delivered, 1, "kept in progress, delivered once");
+        }
+    }
+}
