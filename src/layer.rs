@@ -616,7 +616,9 @@ impl IdempotencyLayer {
     /// for up to `max_age` after it got each, without a store round trip; `max_bytes`
     /// bounds what is kept (the oldest go first). Default: off. Needs the `memory` feature
     /// (on by default); ignored on the embedded [`MemoryStore`](crate::MemoryStore), whose
-    /// records are in memory already.
+    /// records are in memory already (but for one whose records are sealed with
+    /// [`encrypt_records`](Self::encrypt_records): there a copy spares opening the record,
+    /// and a purge is seen as late as on any store).
     ///
     /// A completed record does not change in the store, so a copy is the answer the store
     /// would give, checked the same way (the whole store key, so never another caller's;
