@@ -152,6 +152,8 @@ pub fn default_replay_header(name: &http::HeaderName) -> bool {
 /// first answer's connection (the fixed hop-by-hop set of RFC 9110 §7.6.1; the fields a
 /// `Connection` header names are found by [`connection_fields`]), the framing
 /// (`Content-Length`, `Transfer-Encoding`: a replay is framed by its own body) and `Date`.
+/// `Trailer` is kept: it is not hop-by-hop, and an HTTP/1.1 server sends only the trailer
+/// fields it names.
 pub(crate) fn is_replayable_header(name: &http::HeaderName) -> bool {
     use http::header;
     !(name == header::CONNECTION
@@ -159,7 +161,6 @@ pub(crate) fn is_replayable_header(name: &http::HeaderName) -> bool {
         || name == header::CONTENT_LENGTH
         || name == header::UPGRADE
         || name == header::TE
-        || name == header::TRAILER
         || name == header::PROXY_AUTHENTICATE
         || name == header::DATE
         || name.as_str() == "keep-alive"

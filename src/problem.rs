@@ -743,11 +743,48 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-/// Whether a request is a gRPC call, by its content type.
+/// Whether a request (or an answer) is a gRPC one, by its content type: the media type
+/// `application/grpc`, with a subtype (`+proto`) or parameters, or gRPC-Web's
+/// (`application/grpc-web`, `application/grpc-web-text`), in any case; not another type
+/// that merely starts the same (`application/grpcfoo`).
 pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .is_some_and(|v| is_grpc_type(v.as_bytes()))
+}
+
+fn is_grpc_type(value: &[u8]) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    const WEB: &[u8] = b"-web";
+    if value.len() < GRPC.len() || !value[..GRPC.len()].eq_ignore_ascii_case(GRPC) {
+        return false;
+    }
+    let mut rest = &value[GRPC.len()..];
+    if rest.len() >= WEB.len() && rest[..WEB.len()].eq_ignore_ascii_case(WEB) {
+        rest = &rest[WEB.len()..];
+        if rest.len() >= 5 && rest[..5].eq_ignore_ascii_case(b"-text") {
+            rest = &rest[5..];
+        }
+    }
+    matches!(rest.first(), None | Some(b'+' | b';' | b' ' | b'\t'))
+}
+
+/// Whether a request is a gRPC call for coverage: a gRPC content type ([`is_grpc`]) on a
+/// path of gRPC's shape, `/Service/Method`. A client's content type alone does not take an
+/// HTTP route (`/orders`) out of the layer's coverage.
+pub(crate) fn is_grpc_call(headers: &http::HeaderMap, path: &str) -> bool {
+    is_grpc(headers) && grpc_shaped(path)
+}
+
+fn grpc_shaped(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let mut segments = rest.split('/');
+    matches!(
+        (segments.next(), segments.next(), segments.next()),
+        (Some(service), Some(method), None) if !service.is_empty() && !method.is_empty()
+    )
 }
 
 /// Every kind, for the documentation checks.

@@ -518,11 +518,26 @@ impl Settle {
 /// handler's answers and the recovery hook's are kept through this.
 pub(crate) fn replayed_headers(config: &crate::runtime::Runtime, all: &HeaderMap) -> Fields {
     match &config.replay_header {
+        // A gRPC answer's own fields are kept whatever the filter says: without its content
+        // type it would be judged as an HTTP answer (a trailers-only `UNAVAILABLE` stored as
+        // a `200`), and without its status a replay would be a gRPC answer with none.
+        Some(f) if crate::problem::is_grpc(all) => storable_fields(all, |name| {
+            (f(name) || is_grpc_own(name)) && !is_sealed_marker(name)
+        }),
         Some(f) => storable_fields(all, |name| f(name) && !is_sealed_marker(name)),
         None => storable_fields(all, |name| {
             crate::policy::default_replay_header(name) && !is_sealed_marker(name)
         }),
     }
+}
+
+/// The fields that make an answer a gRPC one and say how its call ended.
+fn is_grpc_own(name: &http::HeaderName) -> bool {
+    name == http::header::CONTENT_TYPE
+        || matches!(
+            name.as_str(),
+            "grpc-status" | "grpc-message" | "grpc-status-details-bin"
+        )
 }
 
 /// The marker of a sealed record (`idempotency-sealed`) is the store's, never an answer's:

@@ -190,7 +190,7 @@ impl Settings {
         if !by_method && self.grpc_methods.is_empty() {
             return (Some(false), None);
         }
-        let grpc = crate::problem::is_grpc(headers);
+        let grpc = crate::problem::is_grpc_call(headers, uri.path());
         if grpc && self.grpc_methods.iter().any(|m| m == uri.path()) {
             return (Some(true), Some(true));
         }
@@ -201,7 +201,7 @@ impl Settings {
     }
 
     pub(crate) fn covers(&self, parts: &Parts) -> bool {
-        if crate::problem::is_grpc(&parts.headers) {
+        if crate::problem::is_grpc_call(&parts.headers, parts.uri.path()) {
             // Every gRPC call is a POST, and a streaming one cannot be buffered and replayed:
             // a gRPC method is covered only when it was chosen.
             if self.grpc_methods.iter().any(|m| m == parts.uri.path()) {

@@ -1396,3 +1396,87 @@ async fn a_body_crafted_to_collide_gets_422_with_the_cryptographic_fingerprint()
     assert_eq!(second.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(counter.runs(), 1);
 }
+
+/// An HTTP route stays covered whatever content type a client labels its request with:
+/// `application/grpc-web+json` or `application/grpcfoo` on `POST /orders` still needs its
+/// key (`400` without one), and a retry with one is replayed. (Found by review: any
+/// content type starting `application/grpc` took the request out of the layer, as an
+/// unlisted gRPC call: no key needed, and every retry ran again.)
+#[tokio::test]
+async fn a_grpc_content_type_does_not_take_an_http_route_out_of_coverage() {
+    let counter = Counter::default();
+    let app = IdempotencyLayer::new(tower_idempotency::MemoryStore::new())
+        .share_keys_across_callers()
+        .layer(counter.service(Duration::ZERO));
+    for (i, ct) in [
+        "application/grpc-web+json",
+        "application/grpcfoo",
+        "application/grpc",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let key = format!("k-{i}");
+        let req = |key: Option<&str>| {
+            let mut b = Request::post("/orders").header("content-type", ct);
+            if let Some(k) = key {
+                b = b.header("idempotency-key", k);
+            }
+            b.body(Body::from("{\"amount\":1}")).unwrap()
+        };
+        let before = counter.runs();
+        let missing = call(&app, req(None)).await;
+        let _first = call(&app, req(Some(&key))).await;
+        let again = call(&app, req(Some(&key))).await;
+        assert_eq!(counter.runs() - before, 1, "{ct}: ran once");
+        assert!(again.replayed(), "{ct}: {:?}", again.outcome);
+        assert_eq!(
+            missing.status,
+            StatusCode::BAD_REQUEST,
+            "{ct}: a key is required"
+        );
+    }
+}
+
+/// A gRPC `UNAVAILABLE` (trailers-only, as tonic answers it) is never stored, whatever
+/// `replay_headers` keeps: a filter that leaves `content-type` out no longer makes the
+/// layer judge it as an HTTP `200`. (Found by review: it was stored and replayed, and the
+/// retry that should have run never did.)
+#[tokio::test]
+async fn a_grpc_unavailable_is_never_stored_whatever_replay_headers_keeps() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = Arc::clone(&runs);
+        tower::service_fn(move |_req: Request<Body>| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "14")
+                        .header("grpc-message", "warehouse%20down")
+                        .body(Body::empty())
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let app = IdempotencyLayer::new(tower_idempotency::MemoryStore::new())
+        .share_keys_across_callers()
+        .grpc_methods(["/orders.v1.Orders/CreateOrder"])
+        .replay_headers(|name| name != "content-type")
+        .layer(handler);
+    let grpc_call = || {
+        Request::post("/orders.v1.Orders/CreateOrder")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("idempotency-key", "u-1")
+            .body(Body::from(Bytes::from_static(b"\0\0\0\0\x02\x08\x01")))
+            .unwrap()
+    };
+    let first = call(&app, grpc_call()).await;
+    assert_eq!(first.headers["grpc-status"], "14");
+    let again = call(&app, grpc_call()).await;
+    assert!(!again.replayed(), "{:?}", again.headers);
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "the retry ran");
+}

@@ -133,8 +133,9 @@ async fn data_and_trailers_are_replayed() {
         again.headers()["content-type"],
         first_headers["content-type"]
     );
-    // `Trailer` is a hop-by-hop field: not replayed.
-    assert!(again.headers().get("trailer").is_none());
+    // `Trailer` is not a hop-by-hop field (RFC 9110 §6.6.2): replayed as the first answer
+    // had it, so that an HTTP/1.1 server sends the trailers it names.
+    assert_eq!(again.headers().get("trailer"), first_headers.get("trailer"));
     let again = again.into_body().collect().await.unwrap();
     assert_eq!(again.trailers().cloned(), first_trailers);
     assert_eq!(again.to_bytes(), first);
@@ -181,4 +182,70 @@ async fn a_retryable_status_with_trailers_is_not_stored() {
         assert_eq!(body.trailers().cloned(), Some(trailers()));
     }
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// A handler answering `200 text/csv` with data and trailers, announced by `Trailer` (an
+/// HTTP/1.1 server sends no trailer field its response's `Trailer` does not name).
+fn csv_with_a_checksum(
+    runs: Arc<AtomicUsize>,
+) -> impl Service<
+    Request<axum::body::Body>,
+    Response = Response<axum::body::Body>,
+    Error = Infallible,
+    Future = impl Send + 'static,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_req: Request<axum::body::Body>| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut t = HeaderMap::new();
+            t.insert("x-checksum", HeaderValue::from_static("sha256=5d41"));
+            let body = axum::body::Body::new(
+                Full::new(Bytes::from_static(b"id,item\n"))
+                    .with_trailers(async move { Some(Ok::<_, Infallible>(t)) }),
+            );
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "text/csv")
+                    .header("trailer", "x-checksum")
+                    .body(body)
+                    .unwrap(),
+            )
+        }
+    })
+}
+
+/// Over real HTTP/1.1 and HTTP/2, a replay carries the trailers the first answer carried.
+/// (Found by review: the layer dropped `Trailer` from replays as if it were hop-by-hop,
+/// and hyper's HTTP/1.1 server sends no trailer a response's `Trailer` does not name: the
+/// first answer had its checksum, the replay none.)
+#[tokio::test]
+async fn a_replay_over_the_wire_carries_its_trailers_http1_and_http2() {
+    for h2 in [false, true] {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let svc = tower::ServiceBuilder::new()
+            .layer(IdempotencyLayer::new(MemoryStore::new()).share_keys_across_callers())
+            .service(csv_with_a_checksum(Arc::clone(&runs)));
+        let addr = crate::common::serve(svc).await;
+        let req = || {
+            Request::post(format!("http://{addr}/reports"))
+                .header("host", addr.to_string())
+                .header("te", "trailers")
+                .header("idempotency-key", "r-1")
+                .body(Full::new(Bytes::from_static(b"month=11")))
+                .unwrap()
+        };
+        let first = crate::common::send_over_tcp(addr, h2, req()).await;
+        let again = crate::common::send_over_tcp(addr, h2, req()).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(again.replayed());
+        assert_eq!(
+            first.trailers.as_ref().map(|t| t["x-checksum"].clone()),
+            Some(HeaderValue::from_static("sha256=5d41")),
+            "h2 {h2}: {first:?}"
+        );
+        assert_eq!(again.trailers, first.trailers, "h2 {h2}: {again:?}");
+        assert_eq!(again.body, first.body);
+    }
 }
