@@ -284,7 +284,11 @@ impl Claimed {
         let (key, token) = (self.shared.key.clone(), self.shared.token);
         let registration = self.registration.take();
         self.settled = true;
-        withdraw(config, key, token, registration, false).await;
+        let beat = Heartbeat {
+            config: Arc::clone(&config),
+            registration,
+        };
+        withdraw(config, key, token, beat, false).await;
     }
 
     /// Stores the outcome at once if the store answers at once (the embedded memory store)
@@ -552,7 +556,16 @@ impl Claimed {
             self.settled = true;
             work.spawn(
                 "withdraw commit",
-                withdraw(config, key, token, registration, true),
+                withdraw(
+                    Arc::clone(&config),
+                    key,
+                    token,
+                    Heartbeat {
+                        config,
+                        registration,
+                    },
+                    true,
+                ),
             );
             return;
         }
@@ -574,22 +587,33 @@ async fn withdraw(
     config: Arc<Runtime>,
     key: StoreKey,
     token: LeaseToken,
-    registration: Option<Registration>,
+    beat: Heartbeat,
     detached: bool,
 ) {
-    if let Some(registration) = registration {
+    if let Some(registration) = beat.registration {
         config.keeper.settling(registration);
     }
     // Awaited inline, this may be dropped before it ends (the operation's future dropped:
     // a client gone under `Disconnect::Release`): the withdrawal then goes on on a tracked
-    // task, so that the key ends free and its lease stops being renewed.
-    let unfinished = (!detached).then(|| Unfinished {
-        config: Arc::clone(&config),
-        key: key.clone(),
-        token,
-        registration,
-        done: false,
-    });
+    // task, which takes the heartbeat along, so that the key ends free and its lease stops
+    // being renewed. Detached, a withdrawal dropped before its end (its runtime shut
+    // down) stops the heartbeat as it goes: the lease then runs out, never renewed for a
+    // claim nobody settles.
+    let (mut unfinished, mut beat) = if detached {
+        (None, beat)
+    } else {
+        let unfinished = Unfinished {
+            key: key.clone(),
+            token,
+            beat: Some(beat),
+            done: false,
+        };
+        let idle = Heartbeat {
+            config: Arc::clone(&config),
+            registration: None,
+        };
+        (Some(unfinished), idle)
+    };
     let mut failures = 0;
     let inline = if detached {
         COMPLETION_RETRY_WINDOW
@@ -597,11 +621,14 @@ async fn withdraw(
         config.store_timeout
     };
     let result = revoke_until(&config, &key, token, inline, &mut failures).await;
-    if let Some(mut unfinished) = unfinished {
+    if let Some(unfinished) = &mut unfinished {
         unfinished.done = true;
+        if let Some(taken) = unfinished.beat.take() {
+            beat = taken;
+        }
     }
     if detached || !matches!(&result, Err(e) if !matches!(e, StoreError::LeaseLost)) {
-        return withdrawn(&config, &key, registration, failures, &result);
+        return withdrawn(&config, &key, beat.take(), failures, &result);
     }
     tracing::warn!(
         key = key.client_key(),
@@ -611,39 +638,60 @@ async fn withdraw(
     );
     let work = config.work.clone();
     work.spawn("withdraw commit", async move {
+        let mut beat = beat;
         let result =
             revoke_until(&config, &key, token, COMPLETION_RETRY_WINDOW, &mut failures).await;
-        withdrawn(&config, &key, registration, failures, &result);
+        withdrawn(&config, &key, beat.take(), failures, &result);
     });
 }
 
-/// A withdrawal awaited inline that has not got its answer: dropped, it goes on on a
-/// tracked task.
-struct Unfinished {
+/// The lease keeper's registration of a claim being withdrawn: stopped when dropped, so
+/// that a withdrawal dropped before its end (its runtime shut down, or no runtime took the
+/// task) leaves no heartbeat renewing a claim nobody will settle.
+struct Heartbeat {
     config: Arc<Runtime>,
+    registration: Option<Registration>,
+}
+
+impl Heartbeat {
+    /// The registration, which the caller now stops itself.
+    fn take(&mut self) -> Option<Registration> {
+        self.registration.take()
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        if let Some(registration) = self.registration.take() {
+            self.config.keeper.unregister(registration);
+        }
+    }
+}
+
+/// A withdrawal awaited inline that has not got its answer: dropped, it goes on on a
+/// tracked task, with the heartbeat.
+struct Unfinished {
     key: StoreKey,
     token: LeaseToken,
-    registration: Option<Registration>,
+    beat: Option<Heartbeat>,
     /// The withdrawal got its answer: nothing to go on with.
     done: bool,
 }
 
 impl Drop for Unfinished {
     fn drop(&mut self) {
+        let Some(beat) = self.beat.take() else {
+            return;
+        };
         if self.done {
             return;
         }
-        let config = Arc::clone(&self.config);
+        let config = Arc::clone(&beat.config);
         let work = config.work.clone();
+        // The heartbeat goes into the task: if no runtime takes it, it stops with it.
         work.spawn(
             "withdraw commit",
-            withdraw(
-                config,
-                self.key.clone(),
-                self.token,
-                self.registration.take(),
-                true,
-            ),
+            withdraw(config, self.key.clone(), self.token, beat, true),
         );
     }
 }

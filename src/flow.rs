@@ -324,6 +324,8 @@ where
                     fingerprint: held,
                     lease_remaining,
                 } => {
+                    // Its holder's heartbeats go on, whichever runtime they started on.
+                    config.keeper.keep_running(|| config.renewal());
                     if !same_request(&config, &parts, &bytes, fingerprint, &held) {
                         pending.not_ours();
                         return answer(mismatch(&config, grpc, parts.extensions));

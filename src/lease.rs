@@ -154,15 +154,25 @@ impl LeaseKeeper {
             },
         );
         // The keeper's task starts with the first registration; later ones only look.
-        if !self.started.load(Ordering::Acquire) {
-            let renewal = renewal();
-            let period = renewal.lease / 3;
-            crate::periodic::ensure_running(&self.started, self, period, move |keeper| {
-                keeper.renew_due(&renewal, period);
-                std::future::ready(())
-            });
-        }
+        self.keep_running(renewal);
         Registration(id)
+    }
+
+    /// Starts the keeper's task on the current runtime unless it runs. Called with every
+    /// registration, and by every request that finds a key in flight: a keeper whose
+    /// runtime shut down (a layer used from several runtimes) is started again on a live
+    /// one before a claim left without heartbeats can be taken over, since a takeover
+    /// needs a request that finds the key in flight first. One atomic load when it runs.
+    pub(crate) fn keep_running(self: &Arc<Self>, renewal: impl FnOnce() -> Renewal) {
+        if self.started.load(Ordering::Acquire) {
+            return;
+        }
+        let renewal = renewal();
+        let period = renewal.lease / 3;
+        crate::periodic::ensure_running(&self.started, self, period, move |keeper| {
+            keeper.renew_due(&renewal, period);
+            std::future::ready(())
+        });
     }
 
     /// Stops renewing a registered claim.
@@ -214,6 +224,19 @@ async fn renew(
     key: StoreKey,
     token: LeaseToken,
 ) {
+    // Dropped before it ends (its runtime shut down mid-call), the renewal lets the next
+    // keeper renew the claim: otherwise it would stay marked as being renewed for good.
+    struct Renewing(Weak<LeaseKeeper>, u64);
+    impl Drop for Renewing {
+        fn drop(&mut self) {
+            if let Some(keeper) = self.0.upgrade()
+                && let Some(held) = keeper.shard(self.1).get_mut(&self.1)
+            {
+                held.renewing = false;
+            }
+        }
+    }
+    let _renewing = Renewing(keeper.clone(), id);
     let mut pause = FIRST_RETRY.min(period);
     let mut failures = 0u32;
     loop {

@@ -37,5 +37,6 @@ mod metrics;
 mod profiles;
 mod read_your_writes;
 mod replay_cache;
+mod runtimes;
 mod secrets;
 mod trailers;
