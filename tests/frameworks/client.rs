@@ -326,6 +326,24 @@ async fn keys_the_client_sends_are_accepted_by_every_parsing_mode_of_the_server(
     );
 }
 
+/// A request body fed from a channel, a frame per message: a stream the caller goes on
+/// producing while attempts are made.
+struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+impl http_body::Body for Fed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|d| d.map(|d| Ok(http_body::Frame::data(d))))
+    }
+}
+
 /// A streaming body that the first attempt's connection goes on reading during the backoff
 /// pause (as hyper's HTTP/1.1 client writes the rest of a body after an early `503`), past
 /// what `BufferedRetryLayer` keeps: no whole copy is left, so nothing is sent again. (Before,
@@ -339,23 +357,6 @@ async fn a_body_read_past_what_is_kept_during_the_pause_is_not_sent_again_from_i
     use tower_idempotency::client::BufferedRetryLayer;
 
     type Body = UnsyncBoxBody<Bytes, BoxError>;
-
-    /// A body fed from a channel, a frame per message.
-    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
-
-    impl http_body::Body for Fed {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-            self.0
-                .poll_recv(cx)
-                .map(|d| d.map(|d| Ok(http_body::Frame::data(d))))
-        }
-    }
 
     /// What each attempt's body gave the server.
     type Reads = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
@@ -449,23 +450,6 @@ async fn a_given_up_attempt_is_cut_off_on_the_wire_not_left_open() {
     use std::sync::{Arc, Mutex};
     use tower::Layer;
     use tower_idempotency::client::BufferedRetryLayer;
-
-    /// A body fed from a channel, a frame per message.
-    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
-
-    impl http_body::Body for Fed {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-            self.0
-                .poll_recv(cx)
-                .map(|d| d.map(|d| Ok(http_body::Frame::data(d))))
-        }
-    }
 
     for h2 in [false, true] {
         let ends: Arc<Mutex<Vec<Arc<Mutex<BodyEnd>>>>> = Arc::default();
