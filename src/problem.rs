@@ -756,7 +756,12 @@ pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
 fn is_grpc_type(value: &[u8]) -> bool {
     const GRPC: &[u8] = b"application/grpc";
     const WEB: &[u8] = b"-web";
-    if value.len() < GRPC.len() || !value[..GRPC.len()].eq_ignore_ascii_case(GRPC) {
+    // Most content types differ at the `g` of `grpc` (`application/json`): one byte looked
+    // at before the whole prefix.
+    if value.len() < GRPC.len()
+        || value[12].to_ascii_lowercase() != b'g'
+        || !value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
+    {
         return false;
     }
     let mut rest = &value[GRPC.len()..];
