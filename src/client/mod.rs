@@ -65,6 +65,40 @@ pub use policy::*;
 
 #[cfg(test)]
 mod tests {
+    /// `Retry-After` as an HTTP-date (RFC 9110 §10.2.3, as proxies and other servers send
+    /// it) counts as well as seconds: a `409` carrying one is the key in use, retried, and a
+    /// `503` waits for the date. (Found by review: the date was not read, so such a `409`
+    /// was final and a `503` retried after the bare backoff.)
+    #[test]
+    fn a_retry_after_given_as_a_date_is_honoured() {
+        use std::time::SystemTime;
+        let answer = |status: u16, retry_after: &str| {
+            Response::builder()
+                .status(status)
+                .header("retry-after", retry_after)
+                .body(())
+                .unwrap()
+        };
+        let in_3s = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3));
+        assert!(
+            matches!(verdict(&answer(409, &in_3s)), Verdict::Retry(Some(_))),
+            "409 with Retry-After: {in_3s}"
+        );
+        let in_20s = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(20));
+        let v = verdict(&answer(503, &in_20s));
+        assert!(
+            matches!(v, Verdict::Retry(Some(d)) if d >= Duration::from_secs(15)),
+            "503 with Retry-After: {in_20s} gave {v:?}"
+        );
+        // A date past: at once. Garbage: not read (a 409 with it stays final).
+        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(60));
+        assert_eq!(
+            verdict(&answer(503, &past)),
+            Verdict::Retry(Some(Duration::ZERO))
+        );
+        assert_eq!(verdict(&answer(409, "soon")), Verdict::Stop);
+    }
+
     use std::sync::Arc;
     use std::task::{Context, Poll};
     use std::time::Duration;

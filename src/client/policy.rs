@@ -120,16 +120,18 @@ pub(super) fn verdict_of(status: StatusCode, headers: &http::HeaderMap) -> Verdi
     }
 }
 
-/// `Retry-After` in seconds (the form this crate's server sends); an HTTP date is not read.
+/// `Retry-After`: in seconds (the form this crate's server sends), or an HTTP-date (RFC
+/// 9110 §10.2.3; one past means now). Anything else is not read.
 pub(super) fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let secs = headers
-        .get(RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()?;
-    Some(Duration::from_secs(secs))
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// A [`tower::retry::Policy`] that sends a call again with the same key while its outcome is
