@@ -759,7 +759,7 @@ fn is_grpc_type(value: &[u8]) -> bool {
     // Most content types differ at the `g` of `grpc` (`application/json`): one byte looked
     // at before the whole prefix.
     if value.len() < GRPC.len()
-        || value[12].to_ascii_lowercase() != b'g'
+        || !value[12].eq_ignore_ascii_case(&b'g')
         || !value[..GRPC.len()].eq_ignore_ascii_case(GRPC)
     {
         return false;
