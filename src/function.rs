@@ -691,23 +691,26 @@ impl Identity {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServiceError<E> {
-    /// The inner service failed in this call (the key was freed, unless its operation
-    /// passed its commit point).
+    /// The inner service failed in this call: the key was freed, and a retry runs it again
+    /// (an inner service is given no claim, so it has no commit point).
     #[error("the inner service failed")]
     Inner(#[source] E),
     /// The request had no identity: the reason, and nothing ran.
     #[error("the request cannot be identified: {0}")]
     Unidentified(String),
-    /// The layer answered instead of the service: in flight, mismatch, outcome unknown,
-    /// store unavailable… An inner error stored after a commit point is replayed as
-    /// [`CallError::Operation`] with empty bytes (the error itself is not kept).
+    /// The layer answered instead of the service: in flight, mismatch, store unavailable…
     #[error(transparent)]
     Idempotency(CallError<Bytes>),
 }
 
 /// A [`Layer`](tower_layer::Layer) that makes any `Service<Req>` idempotent, HTTP or not (a
 /// queue consumer's handler, a job runner): `identify` reads each request's key, scope and
-/// input, and `codec` stores the response. Built on [`Idempotent`], with its guarantees.
+/// input, and `codec` stores the response. Built on [`Idempotent`], with its guarantees,
+/// but for commit points: the inner service is given no
+/// [`IdempotencyClaim`](crate::IdempotencyClaim), so any error it answers frees the key and
+/// a retry runs it again, as does a crash midway once the lease runs out. An operation with
+/// effects that must not be made twice once begun uses [`Idempotent`] itself, whose
+/// operation gets the claim and can declare its commit point.
 ///
 /// ```
 /// use bytes::Bytes;
