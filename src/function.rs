@@ -707,7 +707,7 @@ pub enum ServiceError<E> {
 /// queue consumer's handler, a job runner): `identify` reads each request's key, scope and
 /// input, and `codec` stores the response. Built on [`Idempotent`], with its guarantees,
 /// but for commit points: the inner service is given no
-/// [`IdempotencyClaim`](crate::IdempotencyClaim), so any error it answers frees the key and
+/// [`IdempotencyClaim`], so any error it answers frees the key and
 /// a retry runs it again, as does a crash midway once the lease runs out. An operation with
 /// effects that must not be made twice once begun uses [`Idempotent`] itself, whose
 /// operation gets the claim and can declare its commit point.
