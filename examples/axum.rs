@@ -117,18 +117,21 @@ impl OrderBook {
         Self::Memory(Arc::default())
     }
 
-    /// The order created under `scope` and `key`, if any.
+    /// The newest order created under `scope` and `key`, if any: a key is used again once
+    /// its record expired or was purged, and its older orders are not this operation's.
     pub async fn find(&self, scope: &str, key: &str) -> Result<Option<Order>, String> {
         match self {
             Self::Memory(orders) => Ok(orders
                 .lock()
                 .expect("orders lock poisoned")
                 .iter()
+                .rev()
                 .find(|(s, k, _)| s == scope && k == key)
                 .map(|(_, _, o)| o.clone())),
             #[cfg(feature = "postgres")]
             Self::Postgres(store) => tower_idempotency::sqlx::query_as::<_, (String, String, i64)>(
-                "SELECT id, item, amount FROM demo_orders WHERE scope = $1 AND idem_key = $2",
+                "SELECT id, item, amount FROM demo_orders WHERE scope = $1 AND idem_key = $2 \
+                 ORDER BY created_at DESC, id DESC LIMIT 1",
             )
             .bind(scope)
             .bind(key)
@@ -138,7 +141,8 @@ impl OrderBook {
             .map_err(|e| e.to_string()),
             #[cfg(feature = "mysql")]
             Self::MySql(store) => tower_idempotency::sqlx::query_as::<_, (String, String, i64)>(
-                "SELECT id, item, amount FROM demo_orders WHERE scope = ? AND idem_key = ?",
+                "SELECT id, item, amount FROM demo_orders WHERE scope = ? AND idem_key = ? \
+                 ORDER BY created_at DESC, id DESC LIMIT 1",
             )
             .bind(scope)
             .bind(key)
@@ -362,6 +366,15 @@ impl Settings {
 
 /// A store, and where the orders live beside it.
 pub type Backend = (Arc<dyn IdempotencyStore>, OrderBook);
+
+/// The line the demo starts with: where it listens, and its store, the URL's password
+/// never shown.
+pub fn banner(addr: std::net::SocketAddr, store: &str) -> String {
+    format!(
+        "orders demo listening on http://{addr} (store: {})",
+        tower_idempotency::store::redact_password(store)
+    )
+}
 
 /// Opens the store named by `IDEMPOTENCY_STORE`, and the order book that goes with it.
 ///
@@ -622,10 +635,7 @@ async fn serve() -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    println!(
-        "orders demo listening on http://{addr} (store: {})",
-        settings.store
-    );
+    println!("{}", banner(addr, &settings.store));
     println!(
         "try: curl -i -X POST http://{addr}/orders -H 'Idempotency-Key: order-1' \
          -H 'Content-Type: application/json' -d '{{\"item\":\"book\",\"amount\":12}}'"

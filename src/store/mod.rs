@@ -19,7 +19,7 @@ pub use list::{
     Cursor, ListFilter, ListPage, ListedKey, StateFilter, VacuumPage, list_all, vacuum_all,
 };
 mod open;
-pub use open::{OpenError, OpenOptions, open, open_with};
+pub use open::{OpenError, OpenOptions, open, open_with, redact_password};
 
 // What a store of your own works with, in one place.
 pub use crate::fingerprint::Fingerprint;

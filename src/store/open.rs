@@ -286,7 +286,22 @@ async fn mysql(url: &str, options: &OpenOptions) -> Result<Arc<dyn IdempotencySt
     })
 }
 
-/// `url` with the password of its user information (`user:password@`) replaced by `***`.
+/// `url` with the password of its user information (`user:password@`) replaced by `***`:
+/// a store URL as a program may print or log it.
+///
+/// ```
+/// use tower_idempotency::store::redact_password;
+///
+/// assert_eq!(
+///     redact_password("postgres://app:s3cr3t@db:5432/orders"),
+///     "postgres://app:***@db:5432/orders"
+/// );
+/// assert_eq!(redact_password("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+/// ```
+pub fn redact_password(url: &str) -> String {
+    redacted(url)
+}
+
 fn redacted(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();

@@ -604,3 +604,63 @@ async fn for_axum_works_as_a_route_layer_and_a_method_router_layer() {
     }
     assert_eq!(counter.load(Ordering::SeqCst), 2);
 }
+
+/// A key used again once its record went (expired, or purged by an operator) names the
+/// newest order made under it: the recovery hook, which finds an order by its key, never
+/// answers a new operation with an older one. On the memory book, and on PostgreSQL with
+/// `DATABASE_URL`. (Found by review: the book answered the first order ever made under the
+/// key, so a crash after the commit point of the new order had every retry replay the old
+/// order's item and amount.)
+#[tokio::test]
+async fn a_key_used_again_names_its_newest_order() {
+    let mut stores = vec!["memory".to_owned()];
+    #[cfg(feature = "postgres")]
+    if let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+        stores.push(url);
+    }
+    for url in stores {
+        let (store, orders) = demo::open_store(&url)
+            .await
+            .expect("the demo opens its store");
+        let layer =
+            IdempotencyLayer::new(std::sync::Arc::clone(&store)).share_keys_across_callers();
+        let app = demo::app_on(orders.clone(), Some(layer), Duration::ZERO, Duration::ZERO);
+        let key = format!("reused-{}", uuid::Uuid::new_v4());
+        let old = call(&app, post_req(Some(&key), r#"{"item":"book","amount":12}"#)).await;
+        assert_eq!(old.status, StatusCode::CREATED, "{url}: {}", old.text());
+        let stored =
+            tower_idempotency::store::StoreKey::new(&tower_idempotency::Scope::anonymous(), &key);
+        assert!(store.purge(&stored).await.unwrap(), "{url}: purged");
+        let new = call(
+            &app,
+            post_req(Some(&key), r#"{"item":"piano","amount":99999}"#),
+        )
+        .await;
+        assert_eq!(new.status, StatusCode::CREATED, "{url}: {}", new.text());
+        let found = orders
+            .find(tower_idempotency::Scope::anonymous().as_str(), &key)
+            .await
+            .expect("read the book")
+            .expect("an order under the key");
+        assert_eq!(
+            Some(found.id.as_str()),
+            new.json()["id"].as_str(),
+            "{url}: the newest order"
+        );
+        assert_eq!(found.item, "piano", "{url}");
+    }
+}
+
+/// The demo's first line names its store without the URL's password. (Found by review: it
+/// printed `IDEMPOTENCY_STORE` as given, password included.)
+#[test]
+fn the_demo_never_prints_its_stores_password() {
+    let addr: SocketAddr = "127.0.0.1:3000".parse().unwrap();
+    let line = demo::banner(addr, "postgres://postgres:s3cr3t@127.0.0.1:5432/test");
+    assert!(!line.contains("s3cr3t"), "{line}");
+    assert!(
+        line.contains("postgres://postgres:***@127.0.0.1:5432/test"),
+        "{line}"
+    );
+    assert!(demo::banner(addr, "memory").contains("(store: memory)"));
+}

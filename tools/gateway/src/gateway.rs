@@ -800,7 +800,7 @@ pub async fn run(settings: Settings) -> u8 {
     tracing::info!(
         listen = %settings.listen,
         upstream = %settings.upstream,
-        store = %settings.store,
+        store = %tower_idempotency::store::redact_password(&settings.store),
         "gateway ready"
     );
     serve(listener, app, async {
