@@ -116,6 +116,40 @@ async fn a_tool_call_repeated_by_an_agent_sends_once() {
     assert_eq!(counts.tool_calls.load(Ordering::SeqCst), 1);
 }
 
+/// An agent repeats a tool call as JSON-RPC wants it repeated: with a new request id, and
+/// perhaps serialised anew. The invoice is sent once, the retry gets the first run's result
+/// answered under its own id (a client matches answers to requests by id), over HTTP/1.1
+/// and HTTP/2; a call with other arguments under the key is still `422`. (Found by review:
+/// the whole body was fingerprinted, its `id` included, so every real retry was `422`, and
+/// a replay carried the first request's id.)
+#[tokio::test]
+async fn a_tool_call_repeated_with_a_new_request_id_is_answered_under_that_id() {
+    for h2 in [false, true] {
+        let (addr, counts) = receiver().await;
+        let call = |id: u32, to: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"send_invoice","arguments":{{"to":"{to}"}},"_meta":{{"idempotencyKey":"inv-7"}}}}}}"#
+            )
+        };
+        let first = send_over_tcp(addr, h2, post("/rpc", &call(7, "acme"))).await;
+        assert_eq!(first.status, StatusCode::OK);
+        // The same call, a new id, its fields in another order.
+        let respaced = r#"{"params":{"_meta":{"idempotencyKey":"inv-7"},"arguments":{"to":"acme"},"name":"send_invoice"},"method":"tools/call","id":8,"jsonrpc":"2.0"}"#;
+        let again = send_over_tcp(addr, h2, post("/rpc", respaced)).await;
+        assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+        assert!(again.replayed());
+        let first: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
+        let again: serde_json::Value = serde_json::from_slice(&again.body).unwrap();
+        assert_eq!(first["id"], 7);
+        assert_eq!(again["id"], 8, "answered under the retry's own id");
+        assert_eq!(again["result"], first["result"]);
+        assert_eq!(counts.tool_calls.load(Ordering::SeqCst), 1, "sent once");
+        let other = send_over_tcp(addr, h2, post("/rpc", &call(9, "globex"))).await;
+        assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(counts.tool_calls.load(Ordering::SeqCst), 1);
+    }
+}
+
 #[tokio::test]
 async fn a_header_key_is_ignored_when_the_key_is_in_the_body() {
     let (addr, counts) = receiver().await;
