@@ -109,6 +109,9 @@ impl reqwest_middleware::Middleware for IdempotencyMiddleware {
             let Some(pause) = policy.after_attempt(answer) else {
                 return result;
             };
+            // The answer that is retried is not needed during the pause: its connection (or
+            // HTTP/2 stream) goes back now, not up to `Retry-After` later.
+            drop(result);
             tokio::time::sleep(pause).await;
         }
     }
