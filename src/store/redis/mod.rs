@@ -618,9 +618,17 @@ impl RedisStore {
             .invoke_async(&mut taken.con)
             .await
             .map_err(StoreError::backend)?;
-        if !written(answer)? {
-            pool.give_back(taken);
-            return Ok(false);
+        // The script answered: the connection is sound, whatever the answer says.
+        match written(answer) {
+            Ok(true) => {}
+            Ok(false) => {
+                pool.give_back(taken);
+                return Ok(false);
+            }
+            Err(err) => {
+                pool.give_back(taken);
+                return Err(err);
+            }
         }
         self.push.wakeups.wake(name);
         match self.wait_on(&mut taken.con).await {
