@@ -774,21 +774,18 @@ fn is_grpc_type(value: &[u8]) -> bool {
     matches!(rest.first(), None | Some(b'+' | b';' | b' ' | b'\t'))
 }
 
-/// Whether a request is a gRPC call for coverage: a gRPC content type ([`is_grpc`]) on a
-/// path of gRPC's shape, `/Service/Method`. A client's content type alone does not take an
-/// HTTP route (`/orders`) out of the layer's coverage.
-pub(crate) fn is_grpc_call(headers: &http::HeaderMap, path: &str) -> bool {
-    is_grpc(headers) && grpc_shaped(path)
-}
-
-fn grpc_shaped(path: &str) -> bool {
+/// Whether `path` can be a gRPC method's: `/Service/Method`, or longer (a server behind a
+/// path prefix). A request with a gRPC content type ([`is_grpc`]) counts as a gRPC call for
+/// coverage only on such a path: a client's content type alone does not take a route of
+/// one segment (`/orders`) out of the layer's coverage.
+pub(crate) fn grpc_shaped(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };
-    let mut segments = rest.split('/');
+    let mut segments = rest.rsplit('/');
     matches!(
-        (segments.next(), segments.next(), segments.next()),
-        (Some(service), Some(method), None) if !service.is_empty() && !method.is_empty()
+        (segments.next(), segments.next()),
+        (Some(method), Some(service)) if !service.is_empty() && !method.is_empty()
     )
 }
 

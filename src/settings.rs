@@ -190,10 +190,12 @@ impl Settings {
         if !by_method && self.grpc_methods.is_empty() {
             return (Some(false), None);
         }
-        let grpc = crate::problem::is_grpc_call(headers, uri.path());
-        if grpc && self.grpc_methods.iter().any(|m| m == uri.path()) {
+        // A listed method is covered whatever its path looks like.
+        let grpc_type = crate::problem::is_grpc(headers);
+        if grpc_type && self.grpc_methods.iter().any(|m| m == uri.path()) {
             return (Some(true), Some(true));
         }
+        let grpc = grpc_type && crate::problem::grpc_shaped(uri.path());
         match &self.cover {
             Cover::Methods(_) => (Some(!grpc && by_method), Some(grpc)),
             Cover::When(_) => (None, Some(grpc)),
@@ -201,12 +203,13 @@ impl Settings {
     }
 
     pub(crate) fn covers(&self, parts: &Parts) -> bool {
-        if crate::problem::is_grpc_call(&parts.headers, parts.uri.path()) {
+        let grpc_type = crate::problem::is_grpc(&parts.headers);
+        if grpc_type && self.grpc_methods.iter().any(|m| m == parts.uri.path()) {
+            return true;
+        }
+        if grpc_type && crate::problem::grpc_shaped(parts.uri.path()) {
             // Every gRPC call is a POST, and a streaming one cannot be buffered and replayed:
             // a gRPC method is covered only when it was chosen.
-            if self.grpc_methods.iter().any(|m| m == parts.uri.path()) {
-                return true;
-            }
             return match &self.cover {
                 Cover::When(f) => f(parts),
                 Cover::Methods(_) => false,

@@ -1436,6 +1436,18 @@ async fn a_grpc_content_type_does_not_take_an_http_route_out_of_coverage() {
             "{ct}: a key is required"
         );
     }
+    // A gRPC call on a method's path, behind a prefix or not, is still left alone unless
+    // listed (a streaming call must never be buffered): no key asked for.
+    for path in ["/orders.v1.Orders/Watch", "/api/orders.v1.Orders/Watch"] {
+        let before = counter.runs();
+        let call_it = Request::post(path)
+            .header("content-type", "application/grpc")
+            .body(Body::from(&b"\0\0\0\0\0"[..]))
+            .unwrap();
+        let answer = call(&app, call_it).await;
+        assert_eq!(counter.runs() - before, 1, "{path}: passed through");
+        assert_ne!(answer.status, StatusCode::BAD_REQUEST, "{path}");
+    }
 }
 
 /// A gRPC `UNAVAILABLE` (trailers-only, as tonic answers it) is never stored, whatever
