@@ -187,6 +187,10 @@ impl IdempotencyClaim {
     /// Committing twice is the same as once.
     pub async fn commit(&self) -> Result<(), StoreError> {
         let s = &self.shared;
+        if s.commit.load(Ordering::Acquire) == CONFIRMED {
+            // Confirmed already: the same as once, with no store call that could fail.
+            return Ok(());
+        }
         // In doubt while the command is out: if this future is dropped before the store
         // answers (a timeout of the handler's own), the command may land yet, and is
         // withdrawn when the operation ends, as after an error.

@@ -1009,3 +1009,41 @@ async fn a_withdrawal_whose_client_leaves_goes_on_and_frees_the_key() {
     assert_eq!(answer, Some(StatusCode::OK), "a retry ran");
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
+
+/// Committing twice is the same as once, as `commit`'s docs say: a second call after a
+/// confirmed one answers `Ok` without the store, even while the store is cut off, and the
+/// answer is stored and replayed. (Found by review: the second call went to the store and
+/// answered `Err` for a key that was committed, against "an error means not committed".)
+#[tokio::test]
+async fn committing_again_after_a_confirmed_commit_is_ok_without_the_store() {
+    let store = FaultStore::new(MemoryStore::new());
+    let faults = Arc::clone(&store.faults);
+    let seen = Arc::new(Mutex::new(None));
+    let app = {
+        let (faults, seen) = (Arc::clone(&faults), Arc::clone(&seen));
+        Router::new().route(
+            "/orders",
+            post(move |claim: IdempotencyClaim| {
+                let (faults, seen) = (Arc::clone(&faults), Arc::clone(&seen));
+                async move {
+                    claim.commit().await.expect("the commit point");
+                    faults.cut_off.store(true, Ordering::SeqCst);
+                    let again = claim.commit().await;
+                    faults.cut_off.store(false, Ordering::SeqCst);
+                    *seen.lock().unwrap() = Some(again.is_ok());
+                    (StatusCode::CREATED, "made")
+                }
+            }),
+        )
+    }
+    .layer(layer(store, 5_000));
+    let first = call(&app, post_req(Some("twice"), "{}")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        Some(true),
+        "the second commit answered Ok"
+    );
+    let retry = call(&app, post_req(Some("twice"), "{}")).await;
+    assert!(retry.replayed(), "{:?}", retry.outcome);
+}
