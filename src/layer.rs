@@ -797,6 +797,12 @@ impl IdempotencyLayer {
 }
 
 impl IdempotencyLayer {
+    /// The layer's settings, as its builder left them.
+    #[cfg_attr(not(feature = "openapi"), allow(dead_code))]
+    pub(crate) fn settings(&self) -> &crate::settings::Settings {
+        &self.parts.settings
+    }
+
     /// The running parts of this layer's services, made once.
     pub(crate) fn runtime(&self) -> Arc<Runtime> {
         let parts = &*self.parts;

@@ -122,6 +122,89 @@ pub fn document(api: &mut OpenApi, methods: &[Method]) -> usize {
 /// assert!(json.contains("idempotency_conflict") && json.contains("IdempotencyAgenticCommerceError"));
 /// ```
 pub fn document_with_profile(api: &mut OpenApi, methods: &[Method], profile: Profile) -> usize {
+    document_with(
+        api,
+        &|m| methods.contains(m),
+        &Contract::default_for(profile),
+    )
+}
+
+/// [`document`], as `layer` is set: the methods it covers (those of
+/// [`methods`](crate::IdempotencyLayer::methods); none when it covers by a
+/// [`cover_when`](crate::IdempotencyLayer::cover_when) function, which only the request can
+/// answer), its key header ([`header_name`](crate::IdempotencyLayer::header_name)), whether
+/// a key is required ([`missing_key`](crate::IdempotencyLayer::missing_key)) and its
+/// [`problem_profile`](crate::IdempotencyLayer::problem_profile).
+///
+/// ```
+/// use http::HeaderName;
+/// use tower_idempotency::openapi::document_layer;
+/// use tower_idempotency::{IdempotencyLayer, MissingKey};
+/// use utoipa::openapi::path::OperationBuilder;
+/// use utoipa::openapi::response::ResponseBuilder;
+/// use utoipa::openapi::{HttpMethod, OpenApiBuilder, PathItem, PathsBuilder};
+///
+/// let layer = IdempotencyLayer::default()
+///     .header_name(HeaderName::from_static("x-request-key"))
+///     .missing_key(MissingKey::Optional);
+/// let mut api = OpenApiBuilder::new()
+///     .paths(PathsBuilder::new().path(
+///         "/orders",
+///         PathItem::new(
+///             HttpMethod::Post,
+///             OperationBuilder::new().response("201", ResponseBuilder::new().description("created")),
+///         ),
+///     ))
+///     .build();
+/// assert_eq!(document_layer(&mut api, &layer), 1);
+/// let json = api.to_json().unwrap();
+/// assert!(json.contains("x-request-key") && !json.contains("Idempotency-Key"));
+/// ```
+pub fn document_layer(api: &mut OpenApi, layer: &crate::IdempotencyLayer) -> usize {
+    let settings = layer.settings();
+    let contract = Contract {
+        profile: settings.problem_profile,
+        header: settings.header.as_str().to_owned(),
+        required: matches!(settings.missing, crate::policy::MissingKey::Required)
+            || settings.key_pointer.is_some(),
+        in_body: settings.key_pointer.as_deref().map(str::to_owned),
+    };
+    match &settings.cover {
+        crate::settings::Cover::Methods(methods) => {
+            document_with(api, &|m| methods.contains(m), &contract)
+        }
+        crate::settings::Cover::When(_) => 0,
+    }
+}
+
+/// What the documentation says of a layer's key.
+struct Contract {
+    profile: Profile,
+    /// The key's header.
+    header: String,
+    /// Whether a request without a key is refused.
+    required: bool,
+    /// The JSON pointer of a key read from the body, instead of the header.
+    in_body: Option<String>,
+}
+
+impl Contract {
+    fn default_for(profile: Profile) -> Self {
+        Self {
+            profile,
+            header: "Idempotency-Key".to_owned(),
+            required: true,
+            in_body: None,
+        }
+    }
+}
+
+fn document_with(
+    api: &mut OpenApi,
+    covered: &dyn Fn(&Method) -> bool,
+    contract: &Contract,
+) -> usize {
+    let profile = contract.profile;
     let mut documented = 0;
     for item in api.paths.paths.values_mut() {
         let operations = [
@@ -133,9 +216,9 @@ pub fn document_with_profile(api: &mut OpenApi, methods: &[Method], profile: Pro
         ];
         for (method, operation) in operations {
             if let Some(operation) = operation
-                && methods.contains(&method)
+                && covered(&method)
             {
-                document_operation_with_profile(operation, profile);
+                document_operation_for(operation, contract);
                 documented += 1;
             }
         }
@@ -151,6 +234,10 @@ pub fn document_with_profile(api: &mut OpenApi, methods: &[Method], profile: Pro
     }
     documented
 }
+
+/// How the problem responses this module adds begin their description (the layer's own
+/// refusals, never a stored answer).
+const LAYERS_ANSWER: &str = "The idempotency layer's answer";
 
 fn string() -> utoipa::openapi::schema::Object {
     ObjectBuilder::new().schema_type(Type::String).build()
@@ -243,32 +330,61 @@ pub fn document_operation(operation: &mut Operation) {
 
 /// Adds the contract to one operation, for a layer whose answers follow `profile`.
 pub fn document_operation_with_profile(operation: &mut Operation, profile: Profile) {
-    let parameters = operation.parameters.get_or_insert_with(Vec::new);
-    let has_key = parameters.iter().any(|p| match p {
-        RefOr::T(p) => p.name.eq_ignore_ascii_case("idempotency-key"),
-        RefOr::Ref(_) => false,
-    });
-    if !has_key {
-        parameters.push(RefOr::T(
-            ParameterBuilder::new()
-                .name("Idempotency-Key")
-                .parameter_in(ParameterIn::Header)
-                .required(Required::True)
-                .description(Some(
-                    "A unique key for this operation; a retry with the same key and payload \
-                     gets the first answer, replayed.",
-                ))
-                .schema(Some(string()))
-                .build(),
-        ));
+    document_operation_for(operation, &Contract::default_for(profile));
+}
+
+fn document_operation_for(operation: &mut Operation, contract: &Contract) {
+    let profile = contract.profile;
+    if contract.in_body.is_none() {
+        let parameters = operation.parameters.get_or_insert_with(Vec::new);
+        let has_key = parameters.iter().any(|p| match p {
+            RefOr::T(p) => p.name.eq_ignore_ascii_case(&contract.header),
+            RefOr::Ref(_) => false,
+        });
+        if !has_key {
+            let what = if contract.required {
+                "A unique key for this operation; a retry with the same key and payload \
+                 gets the first answer, replayed."
+            } else {
+                "A unique key for this operation; a retry with the same key and payload \
+                 gets the first answer, replayed. Without one the request is not protected."
+            };
+            parameters.push(RefOr::T(
+                ParameterBuilder::new()
+                    .name(&contract.header)
+                    .parameter_in(ParameterIn::Header)
+                    .required(if contract.required {
+                        Required::True
+                    } else {
+                        Required::False
+                    })
+                    .description(Some(what))
+                    .schema(Some(string()))
+                    .build(),
+            ));
+        }
+    } else if let Some(pointer) = &contract.in_body {
+        let note = format!(
+            "The idempotency key is read from the JSON body, at `{pointer}`: a retry with the \
+             same key and payload gets the first answer, replayed."
+        );
+        operation.description = Some(match operation.description.take() {
+            Some(description) if !description.contains(&note) => {
+                format!("{description}\n\n{note}")
+            }
+            Some(description) => description,
+            None => note,
+        });
     }
+    // Every answer the operation documents may be a stored one, replayed (a `4xx` it
+    // answered is stored as its `2xx` are).
     let replayed = HeaderBuilder::new()
         .schema(Some(string()))
         .description(Some("`true` on an answer replayed from a first request."))
         .build();
-    for (status, response) in operation.responses.responses.iter_mut() {
-        if status.starts_with('2')
-            && let RefOr::T(response) = response
+    for response in operation.responses.responses.values_mut() {
+        if let RefOr::T(response) = response
+            && !response.description.starts_with(LAYERS_ANSWER)
         {
             response
                 .headers
@@ -296,10 +412,7 @@ pub fn document_operation_with_profile(operation: &mut Operation, profile: Profi
         }
         let codes: Vec<&str> = kinds.iter().map(|&k| profile.code(k)).collect();
         let mut response = ResponseBuilder::new()
-            .description(format!(
-                "The idempotency layer's answer ({}).",
-                codes.join(", ")
-            ))
+            .description(format!("{LAYERS_ANSWER} ({}).", codes.join(", ")))
             .content(
                 profile.content_type(),
                 ContentBuilder::new()

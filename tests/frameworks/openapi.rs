@@ -193,3 +193,68 @@ async fn the_document_follows_the_layers_problem_profile() {
         }
     }
 }
+
+/// `document_layer` documents the layer as it is set: its own key header, optional when
+/// keys are (found by review: the helpers always wrote a required `Idempotency-Key`,
+/// whatever `header_name` and `missing_key` said), the key in the body for
+/// `key_from_json`, nothing for `cover_when`; and `Idempotent-Replayed` on every answer the
+/// operation documents (a stored `404` is replayed too), not on the layer's own refusals.
+#[cfg(feature = "json")]
+#[test]
+fn the_document_follows_the_layers_key_settings() {
+    use http::HeaderName;
+    use tower_idempotency::openapi::document_layer;
+    use tower_idempotency::{IdempotencyLayer, MissingKey};
+    use utoipa::openapi::path::OperationBuilder;
+    use utoipa::openapi::response::ResponseBuilder;
+    use utoipa::openapi::{HttpMethod, OpenApi, OpenApiBuilder, PathItem, PathsBuilder};
+
+    let api = || {
+        OpenApiBuilder::new()
+            .paths(
+                PathsBuilder::new().path(
+                    "/orders",
+                    PathItem::new(
+                        HttpMethod::Post,
+                        OperationBuilder::new()
+                            .response("201", ResponseBuilder::new().description("created"))
+                            .response("404", ResponseBuilder::new().description("no such cart")),
+                    ),
+                ),
+            )
+            .build()
+    };
+    let json = |api: &OpenApi| serde_json::to_value(api).unwrap();
+
+    let layer = IdempotencyLayer::default()
+        .header_name(HeaderName::from_static("x-request-key"))
+        .missing_key(MissingKey::Optional);
+    let mut doc = api();
+    assert_eq!(document_layer(&mut doc, &layer), 1);
+    let post = &json(&doc)["paths"]["/orders"]["post"];
+    let params = post["parameters"].as_array().unwrap();
+    assert_eq!(params.len(), 1, "{params:?}");
+    assert_eq!(params[0]["name"], "x-request-key");
+    assert_ne!(params[0]["required"], true, "an optional key");
+    for status in ["201", "404"] {
+        assert!(
+            post["responses"][status]["headers"]["Idempotent-Replayed"].is_object(),
+            "{status}"
+        );
+    }
+    assert!(post["responses"]["409"]["headers"]["Idempotent-Replayed"].is_null());
+    let once = serde_json::to_string(&doc).unwrap();
+    document_layer(&mut doc, &layer);
+    assert_eq!(serde_json::to_string(&doc).unwrap(), once, "twice is once");
+
+    let body_keys = IdempotencyLayer::default().key_from_json("/id");
+    let mut doc = api();
+    document_layer(&mut doc, &body_keys);
+    let post = &json(&doc)["paths"]["/orders"]["post"];
+    assert!(post["parameters"].as_array().is_none_or(|p| p.is_empty()));
+    assert!(post["description"].as_str().unwrap().contains("`/id`"));
+
+    let by_function = IdempotencyLayer::default().cover_when(|_| true);
+    let mut doc = api();
+    assert_eq!(document_layer(&mut doc, &by_function), 0);
+}
