@@ -428,9 +428,16 @@ fn open_memory() -> Result<Backend, String> {
     Ok((Arc::new(store.build()), OrderBook::memory()))
 }
 
+/// How long the demo waits for its database to take a connection before it says it cannot.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[cfg(feature = "postgres")]
 async fn open_postgres(url: &str) -> Result<Backend, String> {
-    let pool = tower_idempotency::sqlx::PgPool::connect(url)
+    // A database that does not answer is said within seconds, not sqlx's 30.
+    let pool = tower_idempotency::sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect(url)
         .await
         .map_err(|e| format!("IDEMPOTENCY_STORE: cannot connect to PostgreSQL: {e}"))?;
     let store = tower_idempotency::PostgresStore::new(pool.clone());
@@ -456,7 +463,9 @@ async fn open_mysql(url: &str) -> Result<Backend, String> {
         Some(rest) => format!("mysql://{rest}"),
         None => url.to_owned(),
     };
-    let pool = tower_idempotency::sqlx::MySqlPool::connect(&sqlx_url)
+    let pool = tower_idempotency::sqlx::mysql::MySqlPoolOptions::new()
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect(&sqlx_url)
         .await
         .map_err(|e| format!("IDEMPOTENCY_STORE: cannot connect to MySQL: {e}"))?;
     let store = tower_idempotency::MySqlStore::new(pool.clone());

@@ -664,3 +664,24 @@ fn the_demo_never_prints_its_stores_password() {
     );
     assert!(demo::banner(addr, "memory").contains("(store: memory)"));
 }
+
+/// A database that does not answer is said within seconds: the demo gives up on it after
+/// its 5 s connect bound, with a message naming the store. (Found by review: it waited
+/// sqlx's 30 s before saying anything.)
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn the_demo_says_at_once_that_its_database_does_not_answer() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let started = std::time::Instant::now();
+    let refused = demo::open_store(&format!("postgres://postgres@{closed}/none")).await;
+    let err = refused.err().expect("no database there");
+    assert!(err.contains("cannot connect to PostgreSQL"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "said after {:?}",
+        started.elapsed()
+    );
+}
