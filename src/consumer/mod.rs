@@ -219,6 +219,10 @@ impl ConsumerSettings {
     /// Called with every message the consumer gives up on, before the broker is told to
     /// stop delivering it (keep it somewhere, alert someone). Without one, such messages are
     /// logged at `error`.
+    ///
+    /// The hook is awaited without a bound, since what it does may rightly take a while:
+    /// one that never returns holds its message and a handler slot for good, so bound its
+    /// own calls (a write to a store that hangs, say).
     pub fn on_dead_letter<F, Fut>(mut self, f: F) -> Self
     where
         F: Fn(DeadLetter) -> Fut + Send + Sync + 'static,
