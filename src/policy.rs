@@ -153,10 +153,13 @@ pub fn default_replay_header(name: &http::HeaderName) -> bool {
 /// `Connection` header names are found by [`connection_fields`]), the framing
 /// (`Content-Length`, `Transfer-Encoding`: a replay is framed by its own body) and `Date`.
 /// `Trailer` is kept: it is not hop-by-hop, and an HTTP/1.1 server sends only the trailer
-/// fields it names.
+/// fields it names. Nor is the marker of a sealed record (`idempotency-sealed`) ever kept
+/// from an answer: it is the store's, and a handler's or an upstream's own would make the
+/// record pass for a sealed one that no ring opens, every retry refused.
 pub(crate) fn is_replayable_header(name: &http::HeaderName) -> bool {
     use http::header;
     !(name == header::CONNECTION
+        || name == crate::record::SEALED_HEADER
         || name == header::TRANSFER_ENCODING
         || name == header::CONTENT_LENGTH
         || name == header::UPGRADE

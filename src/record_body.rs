@@ -178,7 +178,7 @@ where
         let config = claimed.config();
         let function = parts.extensions.get::<FunctionAnswer>().map(|f| f.keep);
         let headers = if function.is_some() {
-            storable_fields(&parts.headers, |name| !is_sealed_marker(name))
+            storable_fields(&parts.headers, |_| true)
         } else {
             replayed_headers(config, &parts.headers)
         };
@@ -521,13 +521,11 @@ pub(crate) fn replayed_headers(config: &crate::runtime::Runtime, all: &HeaderMap
         // A gRPC answer's own fields are kept whatever the filter says: without its content
         // type it would be judged as an HTTP answer (a trailers-only `UNAVAILABLE` stored as
         // a `200`), and without its status a replay would be a gRPC answer with none.
-        Some(f) if crate::problem::is_grpc(all) => storable_fields(all, |name| {
-            (f(name) || is_grpc_own(name)) && !is_sealed_marker(name)
-        }),
-        Some(f) => storable_fields(all, |name| f(name) && !is_sealed_marker(name)),
-        None => storable_fields(all, |name| {
-            crate::policy::default_replay_header(name) && !is_sealed_marker(name)
-        }),
+        Some(f) if crate::problem::is_grpc(all) => {
+            storable_fields(all, |name| f(name) || is_grpc_own(name))
+        }
+        Some(f) => storable_fields(all, |name| f(name)),
+        None => storable_fields(all, crate::policy::default_replay_header),
     }
 }
 
@@ -538,13 +536,6 @@ fn is_grpc_own(name: &http::HeaderName) -> bool {
             name.as_str(),
             "grpc-status" | "grpc-message" | "grpc-status-details-bin"
         )
-}
-
-/// The marker of a sealed record (`idempotency-sealed`) is the store's, never an answer's:
-/// an answer that carries one of its own (a handler's, an upstream's) would be stored as a
-/// sealed record that no ring opens, and every retry refused.
-fn is_sealed_marker(name: &http::HeaderName) -> bool {
-    name.as_str() == crate::record::SEALED_HEADER.as_str()
 }
 
 impl<B> Recorder<B>
