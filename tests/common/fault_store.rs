@@ -23,6 +23,8 @@ pub struct Faults {
     pub extend_failures: AtomicUsize,
     /// Delay every complete by this many milliseconds.
     pub complete_delay_ms: AtomicUsize,
+    /// Delay every extend by this many milliseconds (read when the extend starts).
+    pub extend_delay_ms: AtomicUsize,
     /// Delay the reply of every complete by this many milliseconds (the record is stored at
     /// once, as when a reply is slow on the wire).
     pub complete_reply_delay_ms: AtomicUsize,
@@ -195,6 +197,10 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultStore<S> {
         self.cut_off()?;
         if take(&self.faults.extend_failures) {
             return Err(StoreError::backend(Injected));
+        }
+        let delay = self.faults.extend_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay as u64)).await;
         }
         self.inner.extend(key, token, lease).await
     }

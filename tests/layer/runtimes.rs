@@ -161,3 +161,70 @@ fn a_withdrawal_dropped_with_its_runtime_leaves_no_heartbeat_behind() {
         );
     });
 }
+
+/// A renewal dropped in the middle of its store call, with the runtime it ran on, leaves
+/// its claim renewable: the keeper started again on another runtime renews it, and the
+/// operation, still running, runs once. (Found by review: the claim stayed marked as being
+/// renewed, so no keeper renewed it again, and a retry took it over.)
+#[test]
+fn a_renewal_dropped_mid_call_with_its_runtime_leaves_the_claim_renewable() {
+    use std::sync::atomic::Ordering;
+
+    use crate::common::FaultStore;
+
+    let store = FaultStore::new(MemoryStore::new());
+    let faults = std::sync::Arc::clone(&store.faults);
+    let counter = Counter::default();
+    let svc = ServiceBuilder::new()
+        .layer(
+            IdempotencyLayer::new(store)
+                .share_keys_across_callers()
+                .lease(Duration::from_millis(300))
+                .store_timeout(Duration::from_secs(5)),
+        )
+        .service(tower::service_fn({
+            let count = std::sync::Arc::clone(&counter.0);
+            move |req: http::Request<axum::body::Body>| {
+                let count = std::sync::Arc::clone(&count);
+                async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    if req.headers()["idempotency-key"] == "k" {
+                        tokio::time::sleep(Duration::from_millis(2000)).await;
+                    }
+                    Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::from(
+                        "ok",
+                    )))
+                }
+            }
+        }));
+    let serving = multi_thread();
+    let short_lived = multi_thread();
+    // The keeper starts on the short-lived runtime; its renewals run there.
+    short_lived.block_on(async { call(&svc, post(Some("warm"), "{}")).await });
+    // Every extend hangs: the renewal of `k` is mid-call when that runtime ends.
+    faults.extend_delay_ms.store(60_000, Ordering::SeqCst);
+    let first = {
+        let svc = svc.clone();
+        serving.spawn(async move { call(&svc, post(Some("k"), "{}")).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while faults.extends.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no renewal started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(short_lived);
+    faults.extend_delay_ms.store(0, Ordering::SeqCst);
+    serving.block_on(async {
+        // Past the lease, while the first still runs: a contest, then a retry.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let _contest = call(&svc, post(Some("k"), "{}")).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _retry = call(&svc, post(Some("k"), "{}")).await;
+        first.await.unwrap();
+    });
+    assert_eq!(
+        counter.runs(),
+        2,
+        "the running operation was run a second time"
+    );
+}
