@@ -172,6 +172,18 @@ fn effect(effects: &Effects, payload: &Bytes) {
         .or_default() += 1;
 }
 
+/// `settings` with a dead-letter hook that keeps every letter in `dead`.
+fn keeping_dead_letters(
+    settings: ConsumerSettings,
+    dead: &Arc<Mutex<Vec<DeadLetter>>>,
+) -> ConsumerSettings {
+    let dead = Arc::clone(dead);
+    settings.on_dead_letter(move |letter| {
+        let dead = Arc::clone(&dead);
+        async move { dead.lock().unwrap().push(letter) }
+    })
+}
+
 fn settings() -> ConsumerSettings {
     ConsumerSettings::default()
         .retry_delay(Duration::from_millis(50))
@@ -407,7 +419,7 @@ async fn a_crash_past_the_commit_point_is_dead_lettered_never_run_again() {
     let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
     let layer = IdempotencyLayer::new(MemoryStore::new()).lease(Duration::from_millis(100));
     let worker = {
-        let (effects, dead) = (Arc::clone(&effects), Arc::clone(&dead));
+        let effects = Arc::clone(&effects);
         JetStreamConsumer::new(
             &layer,
             move |msg: async_nats::Message, claim: IdempotencyClaim| {
@@ -424,10 +436,7 @@ async fn a_crash_past_the_commit_point_is_dead_lettered_never_run_again() {
             },
         )
         .key_from_header("Idempotency-Key")
-        .settings(settings().max_deliveries(3).on_dead_letter(move |letter| {
-            let dead = Arc::clone(&dead);
-            async move { dead.lock().unwrap().push(letter) }
-        }))
+        .settings(keeping_dead_letters(settings().max_deliveries(3), &dead))
     };
     let worker = Arc::new(worker);
     // Each instance handles messages until it crashes; a new one takes over.
@@ -461,7 +470,7 @@ async fn messages_without_a_key_or_with_a_changed_payload_are_dead_lettered_at_o
     let effects: Effects = Arc::default();
     let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
     let worker = {
-        let (effects, dead) = (Arc::clone(&effects), Arc::clone(&dead));
+        let effects = Arc::clone(&effects);
         JetStreamConsumer::new(
             &IdempotencyLayer::new(MemoryStore::new()),
             move |msg: async_nats::Message, _claim: IdempotencyClaim| {
@@ -473,10 +482,7 @@ async fn messages_without_a_key_or_with_a_changed_payload_are_dead_lettered_at_o
             },
         )
         .key_from_header("Idempotency-Key")
-        .settings(settings().on_dead_letter(move |letter| {
-            let dead = Arc::clone(&dead);
-            async move { dead.lock().unwrap().push(letter) }
-        }))
+        .settings(keeping_dead_letters(settings(), &dead))
     };
     let (_client, consumer) = bench.consumer().await;
     let messages = consumer.messages().await.unwrap();
@@ -686,11 +692,7 @@ async fn redeliveries_while_the_first_delivery_runs_never_dead_letter_it() {
     let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
     let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let worker = {
-        let (effects, dead, attempts) = (
-            Arc::clone(&effects),
-            Arc::clone(&dead),
-            Arc::clone(&attempts),
-        );
+        let (effects, attempts) = (Arc::clone(&effects), Arc::clone(&attempts));
         JetStreamConsumer::new(
             &IdempotencyLayer::new(MemoryStore::new()),
             move |msg: async_nats::Message, _claim: IdempotencyClaim| {
@@ -707,10 +709,7 @@ async fn redeliveries_while_the_first_delivery_runs_never_dead_letter_it() {
         )
         .key_from_header("Idempotency-Key")
         .concurrency(4)
-        .settings(settings().max_deliveries(3).on_dead_letter(move |letter| {
-            let dead = Arc::clone(&dead);
-            async move { dead.lock().unwrap().push(letter) }
-        }))
+        .settings(keeping_dead_letters(settings().max_deliveries(3), &dead))
     };
     let (_client, consumer) = bench.consumer().await;
     let messages = consumer.messages().await.unwrap();
@@ -745,7 +744,7 @@ async fn a_handler_that_always_panics_is_dead_lettered_after_max_deliveries() {
     let dead: Arc<Mutex<Vec<DeadLetter>>> = Arc::default();
     let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let worker = {
-        let (dead, runs) = (Arc::clone(&dead), Arc::clone(&runs));
+        let runs = Arc::clone(&runs);
         Arc::new(
             JetStreamConsumer::new(
                 &IdempotencyLayer::new(MemoryStore::new()),
@@ -761,10 +760,7 @@ async fn a_handler_that_always_panics_is_dead_lettered_after_max_deliveries() {
                 },
             )
             .key_from_header("Idempotency-Key")
-            .settings(settings().max_deliveries(2).on_dead_letter(move |letter| {
-                let dead = Arc::clone(&dead);
-                async move { dead.lock().unwrap().push(letter) }
-            })),
+            .settings(keeping_dead_letters(settings().max_deliveries(2), &dead)),
         )
     };
     for _ in 0..6 {
