@@ -1023,6 +1023,65 @@ async fn a_durability_wait_holds_up_no_other_call() {
     assert!(chain.contains("0 of 1 replicas"), "{chain}");
 }
 
+/// Completions that wait for durability open at most 16 connections of their own, however
+/// many wait at once (the others queue for one), as the README says; all of them end, each
+/// with the wait's answer.
+#[tokio::test]
+async fn durability_waits_open_at_most_sixteen_connections() {
+    use tower_idempotency::store::redis::Durability;
+    if redis_url().is_none() {
+        return;
+    }
+    let server = PrivateRedis::start();
+    let store = RedisStore::connect(&server.url())
+        .await
+        .expect("connect")
+        .durability(Durability::Replicated {
+            replicas: 1,
+            timeout: Duration::from_millis(500),
+        });
+    let mut admin = admin(&server.url()).await;
+    let clients = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let before = clients(info);
+    let mut waiting = Vec::new();
+    for i in 0..30 {
+        let key = StoreKey::new(&Scope::anonymous(), &format!("many-{i}"));
+        let (token, record) = complete_one(&store, &key).await;
+        let store = store.clone();
+        waiting.push(tokio::spawn(async move {
+            store
+                .complete(&key, token, record, Duration::from_secs(60))
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let during = clients(info);
+    assert!(
+        during > before && during <= before + 16,
+        "{during} clients while 30 completions wait ({before} before)"
+    );
+    for waited in waiting {
+        let err = waited.await.unwrap().expect_err("no replica");
+        let chain = format!("{:?}", std::error::Error::source(&err));
+        assert!(chain.contains("0 of 1 replicas"), "{chain}");
+    }
+}
+
 /// A durability wait cut off by the server's death fails at once, and the completion after
 /// the server is back is done: the connection that failed is not handed to it again.
 #[tokio::test]
