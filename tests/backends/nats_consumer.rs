@@ -799,6 +799,15 @@ async fn a_handler_that_always_panics_is_dead_lettered_after_max_deliveries() {
 #[tokio::test]
 async fn a_handler_slower_than_the_ack_wait_is_kept_in_progress_not_delivered_again() {
     use futures_util::StreamExt;
+    // The default, as the README says: every 10 s.
+    let default = JetStreamConsumer::new(
+        &IdempotencyLayer::new(MemoryStore::new()),
+        |_msg: async_nats::Message, _claim: IdempotencyClaim| async { Ok::<_, StoreError>(()) },
+    );
+    assert!(
+        format!("{default:?}").contains("progress_every: Some(10s)"),
+        "{default:?}"
+    );
     for (every, redelivered) in [(Duration::from_millis(150), false), (Duration::ZERO, true)] {
         let Some(bench) = Bench::new(Duration::from_millis(500)).await else {
             return;
